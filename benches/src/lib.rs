@@ -1,0 +1,1 @@
+//! Load-bench support: a closed-loop HTTP load generator with latency percentiles.

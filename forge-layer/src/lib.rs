@@ -1,0 +1,1 @@
+//! Forge's engine: everything between the proxy and the store that does not speak HTTP itself.

@@ -1,0 +1,346 @@
+//! `forge.toml`: the raw serde shape (unknown keys refused) and its validation into [`Config`].
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use forge_router::{CanaryShare, Route, Student, Target};
+use serde::Deserialize;
+
+/// The embedded default: the simulated upstream in-process and two ready routes. `forge serve`
+/// with no `--config` runs this, so a fresh machine needs no set-up.
+pub const DEFAULT_CONFIG: &str = include_str!("../forge.default.toml");
+
+/// A config file that could not be read or is invalid. The message names the key.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    /// TOML syntax, an unknown key, or a value of the wrong type.
+    #[error("invalid config: {0}")]
+    Parse(#[from] toml::de::Error),
+    /// Well-formed, but inconsistent.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+fn invalid(message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(message.into())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    upstreams: Vec<RawUpstream>,
+    #[serde(default)]
+    routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawServer {
+    listen: String,
+    max_body_bytes: usize,
+    max_in_flight: usize,
+    shutdown_grace_secs: u64,
+    passthrough_upstream: Option<String>,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            max_body_bytes: 10 * 1024 * 1024,
+            max_in_flight: 1024,
+            shutdown_grace_secs: 30,
+            passthrough_upstream: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    name: String,
+    base_url: Option<String>,
+    #[serde(default)]
+    sim: bool,
+    api_key_env: Option<String>,
+    #[serde(default = "default_connect_ms")]
+    connect_timeout_ms: u64,
+    #[serde(default = "default_first_byte_ms")]
+    first_byte_timeout_ms: u64,
+    #[serde(default = "default_idle_ms")]
+    idle_timeout_ms: u64,
+}
+
+fn default_connect_ms() -> u64 {
+    5_000
+}
+fn default_first_byte_ms() -> u64 {
+    300_000
+}
+fn default_idle_ms() -> u64 {
+    60_000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    alias: String,
+    teacher: Target,
+    #[serde(default)]
+    students: Vec<RawStudent>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStudent {
+    upstream: String,
+    model: String,
+    #[serde(default)]
+    percent: f64,
+}
+
+/// The validated runtime config.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The proxy listener and its limits.
+    pub server: ServerConfig,
+    /// Where models are served.
+    pub upstreams: Vec<UpstreamConfig>,
+    /// The routes the table starts with.
+    pub routes: Vec<Route>,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The proxy address.
+    pub listen: SocketAddr,
+    /// Requests with a larger body get a 413.
+    pub max_body_bytes: usize,
+    /// Requests beyond this many in flight (streams count until they end) get a fast 503.
+    pub max_in_flight: usize,
+    /// How long in-flight requests may run on after SIGTERM/SIGINT.
+    pub shutdown_grace: Duration,
+    /// The upstream that other `/v1/*` paths are passed to; `None` turns passthrough off.
+    pub passthrough_upstream: Option<String>,
+}
+
+/// Where an upstream lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// An OpenAI-compatible base URL, ending before the endpoint path (`…/v1`).
+    Url(String),
+    /// The built-in simulated upstream, started in-process on a loopback port.
+    Sim,
+}
+
+/// `[[upstreams]]`.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// The name routes refer to.
+    pub name: String,
+    /// Its address.
+    pub endpoint: Endpoint,
+    /// The environment variable holding its API key, read at start-up.
+    pub api_key_env: Option<String>,
+    /// Its timeouts.
+    pub timeouts: Timeouts,
+}
+
+/// The three upstream timeouts. None is a total timeout: streams may run for as long as the
+/// upstream keeps sending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// To establish the TCP (and TLS) connection.
+    pub connect: Duration,
+    /// From sending the request to the response headers.
+    pub first_byte: Duration,
+    /// Between two body chunks.
+    pub idle: Duration,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text)
+    }
+
+    /// The embedded default (see [`DEFAULT_CONFIG`]).
+    pub fn embedded_default() -> Result<Self, ConfigError> {
+        Self::from_toml(DEFAULT_CONFIG)
+    }
+
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text)?;
+        Self::validate(raw)
+    }
+
+    fn validate(raw: RawConfig) -> Result<Self, ConfigError> {
+        let listen = raw
+            .server
+            .listen
+            .parse()
+            .map_err(|_| invalid(format!("server.listen `{}` is not an address like 127.0.0.1:8080", raw.server.listen)))?;
+        if raw.server.max_body_bytes == 0 {
+            return Err(invalid("server.max_body_bytes must be at least 1"));
+        }
+        if raw.server.max_in_flight == 0 {
+            return Err(invalid("server.max_in_flight must be at least 1"));
+        }
+
+        let mut upstreams: Vec<UpstreamConfig> = Vec::with_capacity(raw.upstreams.len());
+        for up in raw.upstreams {
+            if up.name.trim().is_empty() {
+                return Err(invalid("an upstream has an empty name"));
+            }
+            if upstreams.iter().any(|u| u.name == up.name) {
+                return Err(invalid(format!("upstream `{}` is defined twice", up.name)));
+            }
+            let endpoint = match (up.base_url, up.sim) {
+                (Some(url), false) => Endpoint::Url(validate_base_url(&up.name, &url)?),
+                (None, true) => Endpoint::Sim,
+                (Some(_), true) => {
+                    return Err(invalid(format!("upstream `{}`: set either base_url or sim = true, not both", up.name)));
+                }
+                (None, false) => {
+                    return Err(invalid(format!("upstream `{}` needs base_url (or sim = true)", up.name)));
+                }
+            };
+            for (key, ms) in [
+                ("connect_timeout_ms", up.connect_timeout_ms),
+                ("first_byte_timeout_ms", up.first_byte_timeout_ms),
+                ("idle_timeout_ms", up.idle_timeout_ms),
+            ] {
+                if ms == 0 {
+                    return Err(invalid(format!("upstream `{}`: {key} must be at least 1", up.name)));
+                }
+            }
+            upstreams.push(UpstreamConfig {
+                name: up.name,
+                endpoint,
+                api_key_env: up.api_key_env.filter(|v| !v.is_empty()),
+                timeouts: Timeouts {
+                    connect: Duration::from_millis(up.connect_timeout_ms),
+                    first_byte: Duration::from_millis(up.first_byte_timeout_ms),
+                    idle: Duration::from_millis(up.idle_timeout_ms),
+                },
+            });
+        }
+        if upstreams.is_empty() {
+            return Err(invalid("at least one [[upstreams]] entry is needed"));
+        }
+
+        let passthrough_upstream = match raw.server.passthrough_upstream {
+            Some(name) if name.is_empty() => None,
+            Some(name) => {
+                if !upstreams.iter().any(|u| u.name == name) {
+                    return Err(invalid(format!("server.passthrough_upstream names unknown upstream `{name}`")));
+                }
+                Some(name)
+            }
+            None => upstreams.first().map(|u| u.name.clone()),
+        };
+
+        let mut routes = Vec::with_capacity(raw.routes.len());
+        for r in raw.routes {
+            let mut route = Route::new(r.alias, r.teacher);
+            for s in r.students {
+                let share = CanaryShare::from_percent(s.percent)
+                    .map_err(|e| invalid(format!("route `{}`: {e}", route.alias)))?;
+                route = route.with_student(Student::new(Target::new(s.upstream, s.model), share));
+            }
+            routes.push(route);
+        }
+        // Check the routes the way the router will, so a bad table fails at load, naming the route.
+        forge_router::RoutingTable::new(0, routes.clone(), &upstreams.iter().map(|u| u.name.clone()).collect())
+            .map_err(|e| invalid(e.to_string()))?;
+
+        Ok(Config {
+            server: ServerConfig {
+                listen,
+                max_body_bytes: raw.server.max_body_bytes,
+                max_in_flight: raw.server.max_in_flight,
+                shutdown_grace: Duration::from_secs(raw.server.shutdown_grace_secs),
+                passthrough_upstream,
+            },
+            upstreams,
+            routes,
+        })
+    }
+}
+
+fn validate_base_url(name: &str, url: &str) -> Result<String, ConfigError> {
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|e| invalid(format!("upstream `{name}`: base_url `{url}` is not a URL ({e})")))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
+        return Err(invalid(format!("upstream `{name}`: base_url must be an http(s) URL with a host")));
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(invalid(format!("upstream `{name}`: base_url must not have a query or fragment")));
+    }
+    Ok(url.trim_end_matches('/').to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let config = Config::embedded_default().unwrap();
+        assert_eq!(config.upstreams[0].endpoint, Endpoint::Sim);
+        assert!(!config.routes.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_that_names_it() {
+        let err = Config::from_toml("[server]\nlisten = \"127.0.0.1:1\"\nmax_bodyy = 3\n").unwrap_err();
+        assert!(err.to_string().contains("max_bodyy"), "{err}");
+        let err = Config::from_toml("[[upstreams]]\nname = \"a\"\nsim = true\nkey = \"x\"\n").unwrap_err();
+        assert!(err.to_string().contains("key"), "{err}");
+    }
+
+    #[test]
+    fn inconsistent_configs_are_refused() {
+        let up = "[[upstreams]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:9/v1\"\n";
+        let cases = [
+            (String::new(), "at least one"),
+            (format!("{up}{up}"), "defined twice"),
+            ("[[upstreams]]\nname = \"a\"\nbase_url = \"ftp://x\"\n".to_string(), "http(s)"),
+            ("[[upstreams]]\nname = \"a\"\n".to_string(), "needs base_url"),
+            (format!("{up}[[routes]]\nalias = \"m\"\nteacher = {{ upstream = \"b\", model = \"x\" }}\n"), "unknown upstream `b`"),
+            (format!("{up}[[routes]]\nalias = \"m\"\nteacher = {{ upstream = \"a\", model = \"x\" }}\nstudents = [{{ upstream = \"a\", model = \"y\", percent = 101.0 }}]\n"), "outside"),
+            (format!("[server]\npassthrough_upstream = \"zz\"\n{up}"), "passthrough_upstream"),
+            (format!("[server]\nlisten = \"nope\"\n{up}"), "server.listen"),
+        ];
+        for (text, needle) in cases {
+            let err = Config::from_toml(&text).unwrap_err().to_string();
+            assert!(err.contains(needle), "expected `{needle}` in `{err}` for:\n{text}");
+        }
+    }
+
+    #[test]
+    fn defaults_and_trailing_slash() {
+        let c = Config::from_toml("[[upstreams]]\nname = \"a\"\nbase_url = \"https://api.example.com/v1/\"\napi_key_env = \"K\"\n").unwrap();
+        assert_eq!(c.upstreams[0].endpoint, Endpoint::Url("https://api.example.com/v1".into()));
+        assert_eq!(c.server.max_body_bytes, 10 * 1024 * 1024);
+        assert_eq!(c.server.passthrough_upstream.as_deref(), Some("a"));
+        assert_eq!(c.upstreams[0].timeouts.idle, Duration::from_secs(60));
+    }
+}

@@ -1,0 +1,181 @@
+//! The gateway's one error type: it knows its status, who was at fault, and renders OpenAI-shaped JSON.
+
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+use serde::Serialize;
+
+/// Who caused an error: decides the log level and is recorded in metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The request was wrong; nothing for an operator to do.
+    Client,
+    /// The upstream failed or was too slow.
+    Upstream,
+    /// Forge itself is overloaded or broken.
+    Gateway,
+}
+
+/// Every error the gateway answers with. The message is safe to show to the client: no
+/// internals, no upstream URLs, no keys.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The body is not valid JSON, or not the shape the endpoint expects.
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<&'static str>,
+    },
+    /// No route has this alias.
+    #[error("The model `{0}` does not exist or you do not have access to it.")]
+    ModelNotFound(String),
+    /// No such endpoint.
+    #[error("Unknown request URL: {method} {path}.")]
+    UnknownPath { method: String, path: String },
+    /// The request body is larger than `server.max_body_bytes`.
+    #[error("Request body exceeds the limit of {limit} bytes.")]
+    BodyTooLarge { limit: usize },
+    /// The in-flight cap is reached; the client should retry shortly.
+    #[error("Forge is serving its maximum number of requests; retry shortly.")]
+    Overloaded,
+    /// Forge could not connect to the upstream, or the connection failed.
+    #[error("The upstream could not be reached.")]
+    UpstreamUnreachable,
+    /// The upstream did not answer in time.
+    #[error("The upstream did not respond within {0} ms.")]
+    UpstreamTimeout(u64),
+    /// The client must send a valid key.
+    #[error("Incorrect or missing API key.")]
+    Unauthorized,
+}
+
+impl Error {
+    /// A 400 with a message and, where one field is to blame, its name.
+    pub fn invalid(message: impl Into<String>, param: Option<&'static str>) -> Self {
+        Error::InvalidRequest {
+            message: message.into(),
+            param,
+        }
+    }
+
+    /// The HTTP status this error is answered with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            Error::ModelNotFound(_) | Error::UnknownPath { .. } => StatusCode::NOT_FOUND,
+            Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Error::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
+            Error::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Error::Unauthorized => StatusCode::UNAUTHORIZED,
+        }
+    }
+
+    /// Who was at fault.
+    pub fn fault(&self) -> Fault {
+        match self {
+            Error::UpstreamUnreachable | Error::UpstreamTimeout(_) => Fault::Upstream,
+            Error::Overloaded => Fault::Gateway,
+            _ => Fault::Client,
+        }
+    }
+
+    /// The OpenAI `error.type`.
+    fn kind(&self) -> &'static str {
+        match self.fault() {
+            Fault::Client => "invalid_request_error",
+            Fault::Upstream | Fault::Gateway => "server_error",
+        }
+    }
+
+    /// The OpenAI `error.code`.
+    fn code(&self) -> Option<&'static str> {
+        Some(match self {
+            Error::InvalidRequest { .. } => return None,
+            Error::ModelNotFound(_) => "model_not_found",
+            Error::UnknownPath { .. } => "unknown_url",
+            Error::BodyTooLarge { .. } => "request_too_large",
+            Error::Overloaded => "overloaded",
+            Error::UpstreamUnreachable => "upstream_unreachable",
+            Error::UpstreamTimeout(_) => "upstream_timeout",
+            Error::Unauthorized => "invalid_api_key",
+        })
+    }
+
+    fn param(&self) -> Option<&'static str> {
+        match self {
+            Error::InvalidRequest { param, .. } => *param,
+            Error::ModelNotFound(_) => Some("model"),
+            _ => None,
+        }
+    }
+
+    /// The OpenAI error body, `{"error":{"message","type","param","code"}}`.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: ErrorDetail {
+                message: self.to_string(),
+                kind: self.kind(),
+                param: self.param(),
+                code: self.code(),
+            },
+        }
+    }
+}
+
+/// The OpenAI error envelope. All four inner keys are always present (null where unset).
+#[derive(Debug, Serialize)]
+pub struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize)]
+struct ErrorDetail {
+    message: String,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    param: Option<&'static str>,
+    code: Option<&'static str>,
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        match self.fault() {
+            Fault::Client => tracing::debug!(status = status.as_u16(), error = %self, "request refused"),
+            Fault::Upstream => tracing::warn!(status = status.as_u16(), error = %self, "upstream failure"),
+            Fault::Gateway => tracing::warn!(status = status.as_u16(), error = %self, "gateway refused request"),
+        }
+        let body = match serde_json::to_vec(&self.body()) {
+            Ok(body) => body,
+            // Serialising a struct of strings cannot fail; keep a valid body regardless.
+            Err(_) => br#"{"error":{"message":"internal error","type":"server_error","param":null,"code":null}}"#.to_vec(),
+        };
+        let mut response = (status, body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if matches!(self, Error::Overloaded) {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            headers.insert("x-should-retry", HeaderValue::from_static("true"));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_has_all_four_keys() {
+        let v = serde_json::to_value(Error::ModelNotFound("x".into()).body()).unwrap();
+        let e = &v["error"];
+        assert_eq!(e["code"], "model_not_found");
+        assert_eq!(e["type"], "invalid_request_error");
+        assert_eq!(e["param"], "model");
+        assert!(e["message"].as_str().unwrap().contains("`x`"));
+        let v = serde_json::to_value(Error::invalid("bad", None).body()).unwrap();
+        assert!(v["error"].get("code").unwrap().is_null());
+        assert!(v["error"].get("param").unwrap().is_null());
+    }
+}

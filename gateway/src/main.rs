@@ -1,0 +1,114 @@
+//! The `forge` binary: parses the command line and runs the chosen command.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use forge_gateway::config::Config;
+use forge_gateway::env::{ENV_FORGE_CONFIG, ENV_FORGE_LOG};
+use forge_gateway::sim::{SimConfig, SimUpstream};
+
+#[derive(Debug, Parser)]
+#[command(name = "forge", version, about = "An OpenAI-compatible LLM gateway that distills its own traffic.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway. With no config, an embedded default on the simulated upstream.
+    Serve {
+        /// The config file (forge.toml).
+        #[arg(long, env = ENV_FORGE_CONFIG)]
+        config: Option<PathBuf>,
+        /// Print the embedded default config and exit.
+        #[arg(long)]
+        print_default_config: bool,
+    },
+    /// Run the simulated OpenAI-compatible upstream on its own.
+    SimUpstream {
+        /// The address to listen on.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        listen: SocketAddr,
+        /// A TOML file of model behaviours and fine-tuning timings.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env(ENV_FORGE_LOG)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Logs go to stderr: stdout carries only what a command prints for its user.
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+
+    match Cli::parse().command {
+        Command::Serve {
+            print_default_config: true,
+            ..
+        } => {
+            print!("{}", forge_gateway::config::DEFAULT_CONFIG);
+            Ok(())
+        }
+        Command::Serve { config, .. } => serve(config).await,
+        Command::SimUpstream { listen, config } => sim_upstream(listen, config).await,
+    }
+}
+
+async fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = match &path {
+        Some(path) => Config::load(path)?,
+        None => {
+            tracing::info!("no --config given: running the embedded default on the simulated upstream");
+            Config::embedded_default()?
+        }
+    };
+    let gateway = forge_gateway::server::start(config).await?;
+    println!("Forge is ready. Point your OpenAI client's base_url at {}", gateway.base_url());
+    shutdown_signal().await;
+    tracing::info!("signal received: draining");
+    gateway.shutdown().await;
+    Ok(())
+}
+
+async fn sim_upstream(listen: SocketAddr, path: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = match &path {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            SimConfig::from_toml_str(&text).map_err(|e| anyhow::anyhow!("invalid sim config: {e}"))?
+        }
+        None => SimConfig::default(),
+    };
+    let sim = SimUpstream::start(config, listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    println!("Simulated upstream listening at {}", sim.base_url());
+    shutdown_signal().await;
+    sim.shutdown().await;
+    Ok(())
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

@@ -1,0 +1,63 @@
+//! Prometheus metrics for the proxy, rendered as text on `GET /metrics`.
+
+use std::sync::atomic::AtomicI64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Labels of `forge_requests_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `chat`, `models` or `passthrough`.
+    pub endpoint: &'static str,
+    /// The HTTP status the client received.
+    pub status: u16,
+}
+
+/// All of the gateway's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Requests answered, by endpoint and status.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Requests being served now (a stream counts until it ends).
+    pub in_flight: Gauge<i64, AtomicI64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("forge");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register("requests", "Requests answered, by endpoint and status", requests.clone());
+        let in_flight = Gauge::<i64, AtomicI64>::default();
+        registry.register("in_flight", "Requests being served now; a stream counts until it ends", in_flight.clone());
+        Self {
+            registry,
+            requests,
+            in_flight,
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts one answered request.
+    pub fn record(&self, endpoint: &'static str, status: http::StatusCode) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                endpoint,
+                status: status.as_u16(),
+            })
+            .inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,135 @@
+//! The proxy port: OpenAI-compatible endpoints that route each request to its upstream.
+
+pub mod body;
+mod chat;
+mod limit;
+mod passthrough;
+pub mod request;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{Method, StatusCode, Uri, header};
+use axum::middleware;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::upstream::{Upstream, Upstreams};
+
+pub use limit::InFlight;
+
+/// What every proxy handler shares.
+#[derive(Debug, Clone)]
+pub struct ProxyState {
+    /// The live routing table.
+    pub router: forge_router::Router,
+    /// Upstream clients by name.
+    pub upstreams: Upstreams,
+    /// Where other `/v1/*` requests go, if anywhere.
+    pub passthrough: Option<Arc<Upstream>>,
+    /// `server.max_body_bytes`.
+    pub max_body_bytes: usize,
+    /// Counters and gauges.
+    pub metrics: Arc<Metrics>,
+}
+
+/// The proxy's routes. The in-flight cap covers the `/v1` endpoints, not health or metrics,
+/// so an overloaded gateway can still be observed.
+pub fn app(state: ProxyState, max_in_flight: usize) -> Router {
+    let cap = InFlight::new(max_in_flight, Arc::clone(&state.metrics));
+    let v1 = Router::new()
+        .route("/v1/chat/completions", post(chat::completions))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{model}", get(get_model))
+        .route("/v1/{*rest}", any(passthrough::forward))
+        .route_layer(middleware::from_fn_with_state(cap, limit::limit_in_flight));
+    Router::new()
+        .merge(v1)
+        .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
+        .route("/metrics", get(metrics))
+        .fallback(unknown_path)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+/// Reads a whole request body, refusing it with a 413 as soon as it passes `limit`.
+pub async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, Error> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(Error::BodyTooLarge { limit }),
+        Err(_) => Err(Error::invalid("The request body could not be read completely.", None)),
+    }
+}
+
+/// A 413 before reading anything, when `Content-Length` already says too much.
+pub fn check_declared_length(headers: &http::HeaderMap, limit: usize) -> Result<(), Error> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(n) if n > limit as u64 => Err(Error::BodyTooLarge { limit }),
+        _ => Ok(()),
+    }
+}
+
+#[derive(serde::Serialize)]
+struct ModelObject<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    owned_by: &'static str,
+}
+
+fn model_object(alias: &str) -> ModelObject<'_> {
+    ModelObject {
+        id: alias,
+        object: "model",
+        created: 0,
+        owned_by: "forge",
+    }
+}
+
+async fn list_models(State(state): State<ProxyState>) -> Response {
+    let table = state.router.load();
+    let data: Vec<ModelObject<'_>> = table.routes().map(|r| model_object(&r.alias)).collect();
+    state.metrics.record("models", StatusCode::OK);
+    axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()
+}
+
+async fn get_model(State(state): State<ProxyState>, Path(model): Path<String>) -> Response {
+    let table = state.router.load();
+    let response = match table.route(&model) {
+        Some(route) => axum::Json(model_object(&route.alias)).into_response(),
+        None => Error::ModelNotFound(model).into_response(),
+    };
+    state.metrics.record("models", response.status());
+    response
+}
+
+async fn metrics(State(state): State<ProxyState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn unknown_path(method: Method, uri: Uri) -> Response {
+    Error::UnknownPath {
+        method: method.to_string(),
+        path: uri.path().to_string(),
+    }
+    .into_response()
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    let mut response = Error::invalid(format!("Method {method} is not allowed on {}.", uri.path()), None).into_response();
+    *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+    response
+}

@@ -1,0 +1,180 @@
+//! A chat request parsed just enough to route it, and re-emitted with only `model` changed.
+
+use bytes::Bytes;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+use crate::error::Error;
+
+/// The top level of a chat completions body: each key with its value as raw JSON text.
+///
+/// Values are borrowed, not parsed into a tree, so every value except `model` is forwarded
+/// byte for byte (numbers keep their spelling, `arguments` strings are never re-serialised), and
+/// parsing costs one validating pass over the body.
+#[derive(Debug)]
+pub struct ChatRequest<'a> {
+    entries: Vec<(String, &'a RawValue)>,
+    model: String,
+    stream: bool,
+}
+
+impl<'a> ChatRequest<'a> {
+    /// Parses and checks the fields the gateway relies on. Errors are 400s naming the field.
+    pub fn parse(body: &'a [u8]) -> Result<Self, Error> {
+        let TopLevel(entries) = serde_json::from_slice(body).map_err(|e| {
+            Error::invalid(
+                format!("We could not parse the JSON body of your request: {e}."),
+                None,
+            )
+        })?;
+        let mut model = None;
+        let mut messages = false;
+        let mut stream = false;
+        for (i, (key, value)) in entries.iter().enumerate() {
+            if entries[..i].iter().any(|(k, _)| k == key) {
+                // Two parsers may pick different duplicates; refuse rather than guess which one
+                // the upstream will honour.
+                return Err(Error::invalid(format!("Duplicate key `{key}` in the request body."), None));
+            }
+            match key.as_str() {
+                "model" => {
+                    let name: String = serde_json::from_str(value.get())
+                        .map_err(|_| Error::invalid("`model` must be a string.", Some("model")))?;
+                    model = Some(name);
+                }
+                "messages" => {
+                    let list: Vec<&RawValue> = serde_json::from_str(value.get())
+                        .map_err(|_| Error::invalid("`messages` must be an array.", Some("messages")))?;
+                    if list.is_empty() {
+                        return Err(Error::invalid("`messages` must contain at least one message.", Some("messages")));
+                    }
+                    messages = true;
+                }
+                "stream" => {
+                    let flag: Option<bool> = serde_json::from_str(value.get())
+                        .map_err(|_| Error::invalid("`stream` must be a boolean.", Some("stream")))?;
+                    stream = flag.unwrap_or(false);
+                }
+                _ => {}
+            }
+        }
+        let model = match model {
+            Some(m) if !m.is_empty() => m,
+            _ => return Err(Error::invalid("you must provide a model parameter", Some("model"))),
+        };
+        if !messages {
+            return Err(Error::invalid("Missing required parameter: 'messages'.", Some("messages")));
+        }
+        Ok(Self { entries, model, stream })
+    }
+
+    /// The model the client asked for: a route alias.
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
+    /// Whether the client asked for a stream.
+    pub fn is_stream(&self) -> bool {
+        self.stream
+    }
+
+    /// A top-level string field, such as `user` or `safety_identifier`.
+    pub fn string_field(&self, key: &str) -> Option<String> {
+        self.entries
+            .iter()
+            .find(|(k, _)| k == key)
+            .and_then(|(_, v)| serde_json::from_str::<String>(v.get()).ok())
+    }
+
+    /// The body to send upstream: the same keys and values, with `model` replaced.
+    pub fn with_model(&self, model: &str) -> Bytes {
+        let extra = model.len() + 2;
+        let size = self.entries.iter().map(|(k, v)| k.len() + v.get().len() + 4).sum::<usize>() + extra;
+        let mut out = Vec::with_capacity(size);
+        out.push(b'{');
+        for (i, (key, value)) in self.entries.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_json_string(&mut out, key);
+            out.push(b':');
+            if key == "model" {
+                write_json_string(&mut out, model);
+            } else {
+                out.extend_from_slice(value.get().as_bytes());
+            }
+        }
+        out.push(b'}');
+        Bytes::from(out)
+    }
+}
+
+fn write_json_string(out: &mut Vec<u8>, s: &str) {
+    // Serialising a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+struct TopLevel<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'de> de::Deserialize<'de> for TopLevel<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct EntriesVisitor;
+        impl<'de> Visitor<'de> for EntriesVisitor {
+            type Value = TopLevel<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some(entry) = map.next_entry::<String, &'de RawValue>()? {
+                    entries.push(entry);
+                }
+                Ok(TopLevel(entries))
+            }
+        }
+        deserializer.deserialize_map(EntriesVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(body: &str) -> String {
+        let e = ChatRequest::parse(body.as_bytes()).unwrap_err();
+        assert_eq!(e.status(), http::StatusCode::BAD_REQUEST);
+        e.to_string()
+    }
+
+    #[test]
+    fn rewrites_only_model_and_keeps_every_other_byte() {
+        let body = r#"{"model":"alias","messages":[{"role":"user","content":"hi \u00e9"}],"temperature":1.50,"n":2,"stream":true,"tools":[{"type":"function","function":{"name":"f","parameters":{"a":1e3}}}]}"#;
+        let req = ChatRequest::parse(body.as_bytes()).unwrap();
+        assert_eq!(req.model(), "alias");
+        assert!(req.is_stream());
+        let out = req.with_model("gpt-\"4o\"");
+        let expected = body.replace(r#""model":"alias""#, r#""model":"gpt-\"4o\"""#);
+        assert_eq!(std::str::from_utf8(&out).unwrap(), expected);
+    }
+
+    #[test]
+    fn malformed_bodies_are_400s_naming_the_field() {
+        assert!(err("{not json").contains("parse"));
+        assert!(err("[1,2]").contains("parse"));
+        assert!(err(r#"{"messages":[{"role":"user","content":"x"}]}"#).contains("model"));
+        assert!(err(r#"{"model":7,"messages":[]}"#).contains("model"));
+        assert!(err(r#"{"model":"m"}"#).contains("messages"));
+        assert!(err(r#"{"model":"m","messages":[]}"#).contains("at least one"));
+        assert!(err(r#"{"model":"m","messages":{}}"#).contains("array"));
+        assert!(err(r#"{"model":"m","messages":[{}],"stream":"yes"}"#).contains("stream"));
+        assert!(err(r#"{"model":"a","model":"b","messages":[{}]}"#).contains("Duplicate"));
+        assert!(err("{\"model\":\"m\",\"messages\":[{}]} trailing").contains("parse"));
+    }
+
+    #[test]
+    fn user_field_is_readable() {
+        let req = ChatRequest::parse(br#"{"model":"m","messages":[1],"user":"u-1","stream":null}"#).unwrap();
+        assert_eq!(req.string_field("user").as_deref(), Some("u-1"));
+        assert!(!req.is_stream());
+    }
+}

@@ -1,0 +1,195 @@
+//! Starting and stopping the gateway: upstreams, routing table, the proxy listener, graceful drain.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::config::{Config, Endpoint};
+use crate::metrics::Metrics;
+use crate::proxy::{self, ProxyState};
+use crate::sim::{SimConfig, SimHandle, SimUpstream};
+use crate::upstream::{Upstream, Upstreams};
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// An upstream's key variable is unset, or its client could not be built.
+    #[error("{0}")]
+    Upstream(String),
+    /// The routes do not validate.
+    #[error("invalid routes: {0}")]
+    Routes(#[from] forge_router::RouteError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// How long a client has to send its request headers; stops slowloris connections.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running gateway. Dropping it does not stop it; call [`RunningGateway::shutdown`].
+#[derive(Debug)]
+pub struct RunningGateway {
+    addr: SocketAddr,
+    router: forge_router::Router,
+    stop: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<()>,
+    sims: Vec<SimHandle>,
+}
+
+impl RunningGateway {
+    /// The proxy's bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR/v1`, what apps use as their `base_url`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// The live routing table.
+    pub fn router(&self) -> &forge_router::Router {
+        &self.router
+    }
+
+    /// The simulated upstreams started for `sim = true` upstreams.
+    pub fn sims(&self) -> &[SimHandle] {
+        &self.sims
+    }
+
+    /// Stops accepting, lets in-flight requests finish within the grace period, then returns.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.server.await;
+        for sim in self.sims {
+            sim.shutdown().await;
+        }
+    }
+}
+
+/// Starts the gateway described by `config`.
+pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
+    // Installing twice (several gateways in one test process) is harmless; the first one wins.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
+    let mut upstreams = Upstreams::default();
+    let mut sims = Vec::new();
+    for up in &config.upstreams {
+        let base_url = match &up.endpoint {
+            Endpoint::Url(url) => url.clone(),
+            Endpoint::Sim => {
+                let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+                let sim = SimUpstream::start(SimConfig::default(), loopback)
+                    .await
+                    .map_err(|source| StartError::Bind { addr: loopback, source })?;
+                tracing::info!(upstream = %up.name, addr = %sim.addr(), "simulated upstream started");
+                let url = sim.base_url();
+                sims.push(sim);
+                url
+            }
+        };
+        let key = match &up.api_key_env {
+            Some(var) => Some(std::env::var(var).map_err(|_| {
+                StartError::Upstream(format!(
+                    "upstream `{}`: environment variable {var} (api_key_env) is not set",
+                    up.name
+                ))
+            })?),
+            None => None,
+        };
+        let upstream = Upstream::new(&up.name, &base_url, key.as_deref(), up.timeouts)
+            .map_err(|e| StartError::Upstream(e.to_string()))?;
+        upstreams.insert(upstream);
+    }
+    let router = forge_router::Router::new(config.routes.clone(), upstreams.names().map(str::to_string))?;
+    let passthrough = config
+        .server
+        .passthrough_upstream
+        .as_deref()
+        .and_then(|name| upstreams.get(name).cloned());
+
+    let state = ProxyState {
+        router: router.clone(),
+        upstreams,
+        passthrough,
+        max_body_bytes: config.server.max_body_bytes,
+        metrics: Arc::new(Metrics::default()),
+    };
+    let app = proxy::app(state, config.server.max_in_flight);
+
+    let listen = config.server.listen;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|source| StartError::Bind { addr: listen, source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr: listen, source })?;
+    let (stop, stopped) = watch::channel(false);
+    let server = tokio::spawn(serve(listener, app, stopped, config.server.shutdown_grace));
+    tracing::info!(%addr, routes = router.load().routes().count(), "forge is listening");
+    Ok(RunningGateway {
+        addr,
+        router,
+        stop,
+        server,
+        sims,
+    })
+}
+
+/// The accept loop. Each connection is tracked both by the graceful watcher (to ask it to close
+/// after its current response) and by a `JoinSet` (to cut it when the grace period runs out).
+async fn serve(listener: TcpListener, app: axum::Router, mut stop: watch::Receiver<bool>, grace: Duration) {
+    let graceful = GracefulShutdown::new();
+    let mut connections = JoinSet::new();
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _peer) = match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // Usually EMFILE: back off briefly instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let service = TowerToHyperService::new(app.clone());
+                let conn = http.serve_connection(TokioIo::new(stream), service);
+                let watched = graceful.watch(conn);
+                connections.spawn(async move {
+                    if let Err(e) = watched.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            _ = stop.changed() => break,
+        }
+    }
+    drop(listener);
+    tracing::info!(open = connections.len(), grace_secs = grace.as_secs(), "shutting down: draining connections");
+    tokio::select! {
+        () = graceful.shutdown() => tracing::info!("all connections drained"),
+        () = tokio::time::sleep(grace) => {
+            tracing::warn!(cut = connections.len(), "grace period over: cutting the remaining connections");
+        }
+    }
+    connections.shutdown().await;
+}

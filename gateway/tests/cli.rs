@@ -1,0 +1,113 @@
+//! The `forge` binary as an operator runs it: config errors, the upstream key from the
+//! environment, and a SIGTERM drain with streams in flight.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use forge_gateway::sim::{ModelBehavior, SimConfig, SimUpstream};
+
+const FORGE: &str = env!("CARGO_BIN_EXE_forge");
+
+/// Kills the child if a test fails half-way, so no gateway outlives its test.
+struct Forge(Child);
+
+impl Drop for Forge {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `forge serve --config FILE` and returns it with the base URL it printed.
+fn serve(config: &str, env: &[(&str, &str)]) -> (Forge, String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("forge.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = Command::new(FORGE)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no URL in {line:?}"))
+        .to_string();
+    (Forge(child), url, dir)
+}
+
+fn run_to_failure(config: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("forge.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(FORGE).args(["serve", "--config"]).arg(&path).env_remove("FORGE_TEST_MISSING").output().unwrap();
+    assert!(!out.status.success(), "forge should refuse this config");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn config(sim_url: &str, key_env: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_secs = 60\n\n[[upstreams]]\nname = \"sim\"\nbase_url = \"{sim_url}\"\napi_key_env = \"{key_env}\"\n\n[[routes]]\nalias = \"a\"\nteacher = {{ upstream = \"sim\", model = \"trickle\" }}\n"
+    )
+}
+
+#[test]
+fn bad_configs_are_refused_with_a_message_naming_the_problem() {
+    let stderr = run_to_failure("[server]\nlisten = \"127.0.0.1:0\"\nlisten_port = 1\n");
+    assert!(stderr.contains("listen_port"), "{stderr}");
+    let stderr = run_to_failure(&config("http://127.0.0.1:9/v1", "FORGE_TEST_MISSING"));
+    assert!(stderr.contains("FORGE_TEST_MISSING"), "{stderr}");
+}
+
+#[tokio::test]
+async fn upstream_key_comes_from_env_and_sigterm_drains_streams() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let trickle = ModelBehavior { chunk_delay: Duration::from_millis(100), words: 30, ..ModelBehavior::default() };
+    let sim = SimUpstream::start(
+        SimConfig {
+            models: [("trickle".to_string(), trickle)].into_iter().collect(),
+            api_key: Some("sk-upstream-test".into()),
+            ..SimConfig::default()
+        },
+        ([127, 0, 0, 1], 0).into(),
+    )
+    .await
+    .unwrap();
+    let (mut forge, base, _dir) = serve(&config(&sim.base_url(), "FORGE_TEST_UPSTREAM_KEY"), &[("FORGE_TEST_UPSTREAM_KEY", "sk-upstream-test")]);
+    let http = reqwest::Client::new();
+    let body = serde_json::json!({"model": "a", "messages": [{"role": "user", "content": "hi"}], "stream": true});
+
+    // The sim refuses any other key, so a 200 proves the env key was sent; the client's wasn't.
+    let resp = http
+        .post(format!("{base}/chat/completions"))
+        .bearer_auth("sk-client-key")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let auth: Vec<String> = sim.requests()[0]
+        .headers
+        .iter()
+        .filter(|(k, _)| k == "authorization")
+        .map(|(_, v)| v.clone())
+        .collect();
+    assert_eq!(auth, vec!["Bearer sk-upstream-test".to_string()]);
+    let stream = tokio::spawn(async move { resp.text().await.unwrap() });
+
+    let pid = forge.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let text = stream.await.unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"), "stream cut by SIGTERM: {text}");
+    let status = tokio::task::spawn_blocking(move || forge.0.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "forge exited with {status}");
+    assert!(http.get(format!("{base}/models")).send().await.is_err(), "still accepting after exit");
+}

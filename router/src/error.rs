@@ -1,0 +1,35 @@
+//! Why a routing table was refused.
+
+/// A routing table that failed validation. The table in force stays as it was.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RouteError {
+    /// The alias is empty.
+    #[error("a route has an empty alias")]
+    EmptyAlias,
+    /// Two routes share one alias.
+    #[error("route `{0}` is defined twice")]
+    DuplicateAlias(String),
+    /// A target names a model that is empty.
+    #[error("route `{alias}` has a target with an empty model name")]
+    EmptyModel { alias: String },
+    /// A target names an upstream that the config does not define.
+    #[error("route `{alias}` names unknown upstream `{upstream}`")]
+    UnknownUpstream { alias: String, upstream: String },
+    /// The same student target appears twice, or a student is the teacher itself.
+    #[error("route `{alias}` lists target `{upstream}/{model}` twice")]
+    DuplicateTarget {
+        alias: String,
+        upstream: String,
+        model: String,
+    },
+    /// The student shares add up to more than the whole.
+    #[error("route `{alias}`: student shares add up to {total_bp} basis points, more than 10000")]
+    SharesOverflow { alias: String, total_bp: u32 },
+    /// A share outside 0–100%.
+    #[error("share {0} is outside 0–100 percent")]
+    ShareOutOfRange(String),
+    /// The alias is not in the table.
+    #[error("no route for alias `{0}`")]
+    UnknownAlias(String),
+}

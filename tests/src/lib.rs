@@ -1,0 +1,89 @@
+//! Shared helpers for the end-to-end tests: start the simulated upstream and the gateway on loopback.
+
+use std::time::Duration;
+
+use forge_gateway::config::Config;
+use forge_gateway::server::RunningGateway;
+use forge_gateway::sim::{SimConfig, SimHandle, SimUpstream};
+
+/// How long any asynchronous effect may take before a test gives up. Generous: the machine is
+/// shared and noisy, and a passing test never waits this long.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Starts a simulated upstream on `127.0.0.1:0`.
+pub async fn start_sim(config: SimConfig) -> SimHandle {
+    SimUpstream::start(config, ([127, 0, 0, 1], 0).into())
+        .await
+        .expect("start the simulated upstream")
+}
+
+/// A config with one upstream `sim` at `sim_url`, the `[server]` keys given, and routes
+/// `alias -> model` for each pair. Extra TOML (more upstreams, routes) can follow.
+pub fn config_text(sim_url: &str, server: &str, routes: &[(&str, &str)]) -> String {
+    let mut text = format!("[server]\nlisten = \"127.0.0.1:0\"\n{server}\n\n[[upstreams]]\nname = \"sim\"\nbase_url = \"{sim_url}\"\n");
+    for (alias, model) in routes {
+        text.push_str(&format!(
+            "\n[[routes]]\nalias = \"{alias}\"\nteacher = {{ upstream = \"sim\", model = \"{model}\" }}\n"
+        ));
+    }
+    text
+}
+
+/// Starts the real gateway from TOML text.
+pub async fn start_gateway(toml: &str) -> RunningGateway {
+    let config = Config::from_toml(toml).expect("valid test config");
+    forge_gateway::server::start(config).await.expect("start the gateway")
+}
+
+/// A client like an app's: pooled, no proxy, and with a timeout only as a hang guard.
+pub fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .timeout(DEADLINE)
+        .build()
+        .expect("build the test client")
+}
+
+/// A minimal chat body.
+pub fn chat_body(model: &str, prompt: &str, stream: bool) -> serde_json::Value {
+    serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "stream": stream,
+    })
+}
+
+/// Polls `check` until it returns true, panicking with `what` after [`DEADLINE`].
+pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let start = tokio::time::Instant::now();
+    while !check() {
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The `data:` payloads of an SSE body, in order.
+pub fn sse_events(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|event| event.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Replaces each occurrence of the response id and `created` timestamp of `from` with those of
+/// `to`, so that two answers to the same request can be compared byte for byte.
+pub fn align_ids(from: &str, to: &str) -> String {
+    let field = |text: &str, key: &str| -> Option<String> {
+        let start = text.find(key)? + key.len();
+        let rest = &text[start..];
+        let end = rest.find([',', '}'])?;
+        Some(rest[..end].to_string())
+    };
+    let mut out = from.to_string();
+    for key in ["\"id\":", "\"created\":"] {
+        if let (Some(a), Some(b)) = (field(from, key), field(to, key)) {
+            out = out.replace(&format!("{key}{a}"), &format!("{key}{b}"));
+        }
+    }
+    out
+}
