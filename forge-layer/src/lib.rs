@@ -1,1 +1,8 @@
 //! Forge's engine: everything between the proxy and the store that does not speak HTTP itself.
+
+pub mod capture;
+pub mod reassemble;
+pub mod redact;
+pub mod sse;
+pub mod store;
+pub mod trace;

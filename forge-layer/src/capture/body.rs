@@ -1,0 +1,126 @@
+//! `CaptureBody`: forwards every frame untouched and finishes the trace exactly once.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use super::{BodyEnd, CaptureSession, DurableAck, TraceSink};
+
+pin_project! {
+    /// The response body, teed into the capture session.
+    ///
+    /// The session is taken out of its `Option` when the trace is finished, so whichever end
+    /// comes first (the last frame, trailers, an error, or `Drop`) finishes it, and no other can.
+    pub struct CaptureBody<B, K: TraceSink> {
+        #[pin]
+        inner: B,
+        session: Option<(CaptureSession, K)>,
+        // In durable mode: the commit the end of the body waits for.
+        commit: Option<DurableAck>,
+    }
+
+    impl<B, K: TraceSink> PinnedDrop for CaptureBody<B, K> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some((session, sink)) = this.session.take() {
+                // The client went away before the end; nothing can wait for the commit now.
+                drop(sink.submit(session.finish(BodyEnd::Dropped)));
+            }
+        }
+    }
+}
+
+impl<B: Body, K: TraceSink> CaptureBody<B, K> {
+    /// Captures `inner` into `session`. An already-empty body is finished at once, since the
+    /// server may never poll it.
+    pub fn new(inner: B, session: CaptureSession, sink: K) -> Self {
+        let mut body = Self {
+            session: Some((session, sink)),
+            commit: None,
+            inner,
+        };
+        if body.inner.is_end_stream() {
+            body.commit = finish(&mut body.session, BodyEnd::Complete);
+        }
+        body
+    }
+}
+
+impl<B, K: TraceSink> CaptureBody<B, K> {
+    /// A body that is not captured.
+    pub fn passthrough(inner: B) -> Self {
+        Self {
+            inner,
+            session: None,
+            commit: None,
+        }
+    }
+}
+
+fn finish<K: TraceSink>(session: &mut Option<(CaptureSession, K)>, end: BodyEnd) -> Option<DurableAck> {
+    let (session, sink) = session.take()?;
+    sink.submit(session.finish(end))
+}
+
+impl<B, K> Body for CaptureBody<B, K>
+where
+    B: Body<Data = Bytes>,
+    K: TraceSink,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let mut this = self.project();
+        if let Some(commit) = this.commit.as_mut() {
+            let committed = ready!(commit.as_mut().poll(cx));
+            if !committed {
+                tracing::warn!("durable capture: the trace could not be committed");
+            }
+            *this.commit = None;
+            return Poll::Ready(None);
+        }
+        match ready!(this.inner.as_mut().poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    if let Some((session, _)) = this.session.as_mut() {
+                        session.on_chunk(data);
+                    }
+                    // The server stops polling a body that reports its end, so finish now.
+                    if this.inner.is_end_stream() {
+                        *this.commit = finish(this.session, BodyEnd::Complete);
+                    }
+                } else if frame.is_trailers() {
+                    *this.commit = finish(this.session, BodyEnd::Complete);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => {
+                // The connection is failing; don't hold the error back for the commit.
+                drop(finish(this.session, BodyEnd::Failed));
+                Poll::Ready(Some(Err(e)))
+            }
+            None => {
+                if let Some(mut commit) = finish(this.session, BodyEnd::Complete) {
+                    if commit.as_mut().poll(cx).is_pending() {
+                        *this.commit = Some(commit);
+                        return Poll::Pending;
+                    }
+                }
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // Until a durable commit is acknowledged, the body is not over.
+        self.commit.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,211 @@
+//! The engine-neutral capture of one exchange: request bytes in, response chunks, then an end.
+//!
+//! Any front end (the tower layer here, a pingora module later) drives the same session, so
+//! there is one parser and one set of rules for what a trace is.
+
+use bytes::Bytes;
+use forge_router::Arm;
+use tokio::time::Instant;
+
+use crate::reassemble::{FinalResponse, StreamReassembler};
+use crate::redact::Redactor;
+use crate::trace::{Outcome, Trace, TraceId};
+
+/// What the router decided and who asked: known before the upstream is called.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExchangeMeta {
+    /// The tenant of the client key, if any.
+    pub tenant: Option<String>,
+    /// The client key's id, if any (never the key).
+    pub key_id: Option<String>,
+    /// The alias the client asked for.
+    pub alias: String,
+    /// The upstream that serves it.
+    pub upstream: String,
+    /// The model sent upstream.
+    pub model: String,
+    /// Teacher or student.
+    pub arm: Arm,
+    /// The routing table version that decided.
+    pub route_version: u64,
+    /// Whether the client asked for a stream.
+    pub stream: bool,
+}
+
+/// How the response body ended, as the front end saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyEnd {
+    /// The last frame arrived (with or without trailers).
+    Complete,
+    /// The body failed (the upstream broke or stalled).
+    Failed,
+    /// The client dropped the body before its end.
+    Dropped,
+}
+
+/// One exchange being captured.
+#[derive(Debug)]
+pub struct CaptureSession {
+    id: TraceId,
+    meta: ExchangeMeta,
+    request: Bytes,
+    started: Instant,
+    time_ms: u64,
+    ttfb_us: u64,
+    status: u16,
+    is_sse: bool,
+    chunks: Vec<Bytes>,
+    captured: usize,
+    cap: usize,
+    over_cap: bool,
+}
+
+impl CaptureSession {
+    /// Starts a session when the request has been read. `cap` bounds the response bytes kept.
+    pub fn new(meta: ExchangeMeta, request: Bytes, cap: usize) -> Self {
+        let id = TraceId::generate();
+        Self {
+            time_ms: id.timestamp_ms(),
+            id,
+            meta,
+            request,
+            started: Instant::now(),
+            ttfb_us: 0,
+            status: 0,
+            is_sse: false,
+            chunks: Vec::new(),
+            captured: 0,
+            cap,
+            over_cap: false,
+        }
+    }
+
+    /// The trace id, sent to the client as `x-forge-trace-id`.
+    pub fn id(&self) -> TraceId {
+        self.id
+    }
+
+    /// The response head arrived.
+    pub fn on_response(&mut self, status: u16, is_sse: bool) {
+        self.status = status;
+        self.is_sse = is_sse;
+        self.ttfb_us = micros(self.started.elapsed());
+    }
+
+    /// A body chunk passed to the client. Keeping it is a reference-count bump, not a copy.
+    pub fn on_chunk(&mut self, chunk: &Bytes) {
+        if self.captured + chunk.len() > self.cap {
+            self.over_cap = true;
+            return;
+        }
+        self.captured += chunk.len();
+        self.chunks.push(chunk.clone());
+    }
+
+    /// The exchange ended: the raw material of a trace, for the writer to finish off the hot path.
+    pub fn finish(self, end: BodyEnd) -> PendingTrace {
+        PendingTrace {
+            id: self.id,
+            time_ms: self.time_ms,
+            meta: self.meta,
+            request: self.request,
+            status: self.status,
+            is_sse: self.is_sse,
+            chunks: self.chunks,
+            over_cap: self.over_cap,
+            end,
+            latency_us: micros(self.started.elapsed()),
+            ttfb_us: self.ttfb_us,
+        }
+    }
+}
+
+fn micros(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// A finished exchange not yet parsed, redacted or stored.
+#[derive(Debug)]
+pub struct PendingTrace {
+    id: TraceId,
+    time_ms: u64,
+    meta: ExchangeMeta,
+    request: Bytes,
+    status: u16,
+    is_sse: bool,
+    chunks: Vec<Bytes>,
+    over_cap: bool,
+    end: BodyEnd,
+    latency_us: u64,
+    ttfb_us: u64,
+}
+
+impl PendingTrace {
+    /// Its id.
+    pub fn id(&self) -> TraceId {
+        self.id
+    }
+
+    /// Reassembles the response, decides the outcome and redacts: the trace as it is stored.
+    pub fn into_trace(self, redactor: &Redactor, max_event_bytes: usize) -> Trace {
+        let response = if self.is_sse {
+            let mut r = StreamReassembler::new(max_event_bytes);
+            for chunk in &self.chunks {
+                r.feed(chunk);
+            }
+            r.finish()
+        } else if self.chunks.len() == 1 {
+            FinalResponse::from_json(&self.chunks[0])
+        } else {
+            FinalResponse::from_json(&self.chunks.concat())
+        };
+        let outcome = match self.end {
+            BodyEnd::Dropped => Outcome::Cancelled,
+            BodyEnd::Failed => Outcome::Errored,
+            BodyEnd::Complete if !(200..300).contains(&self.status) || response.error.is_some() => Outcome::Errored,
+            BodyEnd::Complete if self.over_cap || !response.complete => Outcome::Truncated,
+            BodyEnd::Complete => Outcome::Completed,
+        };
+        let mut request = serde_json::from_slice(&self.request).unwrap_or(serde_json::Value::Null);
+        redactor.redact_json(&mut request);
+        let mut response = response;
+        redact_response(redactor, &mut response);
+        Trace {
+            id: self.id,
+            time_ms: self.time_ms,
+            tenant: self.meta.tenant,
+            key_id: self.meta.key_id,
+            alias: self.meta.alias,
+            upstream: self.meta.upstream,
+            model: self.meta.model,
+            arm: self.meta.arm,
+            route_version: self.meta.route_version,
+            stream: self.meta.stream,
+            request,
+            response,
+            status: self.status,
+            latency_us: self.latency_us,
+            ttfb_us: self.ttfb_us,
+            outcome,
+        }
+    }
+}
+
+fn redact_response(redactor: &Redactor, response: &mut FinalResponse) {
+    let mut fix = |s: &mut String| {
+        if let Some(clean) = redactor.redact_str(s) {
+            *s = clean;
+        }
+    };
+    for choice in &mut response.choices {
+        let m = &mut choice.message;
+        m.content.iter_mut().for_each(&mut fix);
+        m.refusal.iter_mut().for_each(&mut fix);
+        for call in &mut m.tool_calls {
+            fix(&mut call.function.arguments);
+        }
+    }
+    if let Some(error) = &mut response.error {
+        redactor.redact_json(error);
+    }
+}

@@ -1,0 +1,22 @@
+//! What receives finished exchanges: the store's writer, or anything else that implements it.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use super::PendingTrace;
+
+/// The future a `durable` response end waits on: true once the trace is committed.
+pub type DurableAck = Pin<Box<dyn Future<Output = bool> + Send>>;
+
+/// Receives each finished exchange exactly once. Must not block.
+pub trait TraceSink: Clone + Send + Sync + 'static {
+    /// Takes the trace. Returning a future makes the response's end wait for it (durable
+    /// capture); `None` lets the response end at once.
+    fn submit(&self, trace: PendingTrace) -> Option<DurableAck>;
+}
+
+impl TraceSink for crate::store::TraceWriter {
+    fn submit(&self, trace: PendingTrace) -> Option<DurableAck> {
+        crate::store::TraceWriter::submit(self, trace)
+    }
+}

@@ -1,0 +1,175 @@
+//! The body wrapper's ends: empty, trailers, early drop, an error, and a full queue.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use forge_router::Arm;
+use http::{HeaderMap, Response};
+use http_body::{Body as _, Frame};
+use http_body_util::{BodyExt, Full, StreamBody};
+use tower::{Layer, ServiceExt};
+
+use super::*;
+use crate::redact::Redactor;
+use crate::trace::Outcome;
+
+#[derive(Clone, Default)]
+struct Collect(Arc<Mutex<Vec<PendingTrace>>>);
+
+impl TraceSink for Collect {
+    fn submit(&self, trace: PendingTrace) -> Option<DurableAck> {
+        self.0.lock().unwrap().push(trace);
+        None
+    }
+}
+
+impl Collect {
+    fn outcomes(&self) -> Vec<Outcome> {
+        self.0
+            .lock()
+            .unwrap()
+            .drain(..)
+            .map(|t| t.into_trace(&Redactor::default(), 1 << 20).outcome)
+            .collect()
+    }
+}
+
+fn meta(stream: bool) -> ExchangeMeta {
+    ExchangeMeta {
+        tenant: Some("t".into()),
+        key_id: None,
+        alias: "a".into(),
+        upstream: "u".into(),
+        model: "m".into(),
+        arm: Arm::Teacher,
+        route_version: 3,
+        stream,
+    }
+}
+
+fn session() -> CaptureSession {
+    let mut s = CaptureSession::new(meta(false), Bytes::from_static(b"{\"model\":\"a\",\"messages\":[]}"), 1 << 20);
+    s.on_response(200, false);
+    s
+}
+
+type Frames = Vec<Result<Frame<Bytes>, std::io::Error>>;
+
+fn streamed(frames: Frames) -> StreamBody<futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, std::io::Error>>>> {
+    StreamBody::new(futures_util::stream::iter(frames))
+}
+
+const OK_BODY: &[u8] = br#"{"choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}]}"#;
+
+#[tokio::test]
+async fn empty_body_is_finished_without_being_polled() {
+    let sink = Collect::default();
+    let body = CaptureBody::new(Full::new(Bytes::new()), session(), sink.clone());
+    assert!(body.is_end_stream());
+    assert_eq!(sink.0.lock().unwrap().len(), 1, "finished at construction");
+    drop(body);
+    // An empty 200 is not a chat completion: it parses to nothing, and Drop adds no second trace.
+    assert_eq!(sink.outcomes().len(), 1);
+}
+
+#[tokio::test]
+async fn full_body_is_completed_once() {
+    let sink = Collect::default();
+    let body = CaptureBody::new(Full::new(Bytes::from_static(OK_BODY)), session(), sink.clone());
+    let bytes = body.collect().await.unwrap().to_bytes();
+    assert_eq!(bytes.as_ref(), OK_BODY, "the client gets the bytes untouched");
+    assert_eq!(sink.outcomes(), vec![Outcome::Completed]);
+}
+
+#[tokio::test]
+async fn trailers_finish_the_trace() {
+    let sink = Collect::default();
+    let frames: Frames = vec![Ok(Frame::data(Bytes::from_static(OK_BODY))), Ok(Frame::trailers(HeaderMap::new()))];
+    let collected = CaptureBody::new(streamed(frames), session(), sink.clone()).collect().await.unwrap();
+    assert!(collected.trailers().is_some());
+    assert_eq!(sink.outcomes(), vec![Outcome::Completed]);
+}
+
+#[tokio::test]
+async fn early_drop_is_cancelled() {
+    let sink = Collect::default();
+    let frames: Frames = vec![Ok(Frame::data(Bytes::from_static(b"{\"choi"))), Ok(Frame::data(Bytes::from_static(b"ces\":[]}")))];
+    let mut body = CaptureBody::new(streamed(frames), session(), sink.clone());
+    let first = body.frame().await.unwrap().unwrap();
+    assert_eq!(first.into_data().unwrap().as_ref(), b"{\"choi");
+    assert!(sink.0.lock().unwrap().is_empty(), "nothing finished mid-body");
+    drop(body);
+    assert_eq!(sink.outcomes(), vec![Outcome::Cancelled]);
+}
+
+#[tokio::test]
+async fn body_error_is_errored_and_passed_on() {
+    let sink = Collect::default();
+    let frames: Frames = vec![Ok(Frame::data(Bytes::from_static(b"{"))), Err(std::io::Error::other("reset"))];
+    let err = CaptureBody::new(streamed(frames), session(), sink.clone()).collect().await.unwrap_err();
+    assert_eq!(err.to_string(), "reset");
+    assert_eq!(sink.outcomes(), vec![Outcome::Errored]);
+}
+
+#[tokio::test]
+async fn layer_adds_the_trace_id_and_skips_requests_without_meta() {
+    let sink = Collect::default();
+    let upstream = tower::service_fn(|_req: http::Request<Bytes>| async {
+        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(OK_BODY))))
+    });
+    let service = CaptureLayer::new(sink.clone(), 1 << 20).layer(upstream);
+
+    let plain = service.clone().oneshot(http::Request::new(Bytes::new())).await.unwrap();
+    assert!(!plain.headers().contains_key(TRACE_ID_HEADER));
+    plain.into_body().collect().await.unwrap();
+    assert!(sink.0.lock().unwrap().is_empty());
+
+    let mut request = http::Request::new(Bytes::from_static(b"{}"));
+    request.extensions_mut().insert(meta(false));
+    let response = service.oneshot(request).await.unwrap();
+    let id = response.headers()[TRACE_ID_HEADER].to_str().unwrap().to_string();
+    response.into_body().collect().await.unwrap();
+    let traces = sink.0.lock().unwrap().drain(..).collect::<Vec<_>>();
+    assert_eq!(traces.len(), 1);
+    assert_eq!(traces[0].id().to_string(), id);
+}
+
+#[tokio::test]
+async fn capture_cap_truncates_the_trace_not_the_response() {
+    let sink = Collect::default();
+    let mut s = CaptureSession::new(meta(false), Bytes::from_static(b"{}"), 10);
+    s.on_response(200, false);
+    let bytes = CaptureBody::new(Full::new(Bytes::from_static(OK_BODY)), s, sink.clone())
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(bytes.as_ref(), OK_BODY);
+    assert_eq!(sink.outcomes(), vec![Outcome::Truncated]);
+}
+
+#[tokio::test]
+async fn full_queue_drops_and_counts_while_the_body_flows() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = crate::store::Store::open_dir(dir.path()).unwrap();
+    // Hold redb's write lock so the writer stalls and its queue (capacity 1) fills.
+    let stall = store.hold_write_lock().unwrap();
+    let config = crate::store::WriterConfig { queue_capacity: 1, batch_max: 1, ..Default::default() };
+    let (writer, task) = crate::store::TraceWriter::start(store.clone(), config);
+    for _ in 0..20 {
+        let body = CaptureBody::new(Full::new(Bytes::from_static(OK_BODY)), session(), writer.clone());
+        let bytes = body.collect().await.unwrap().to_bytes();
+        assert_eq!(bytes.as_ref(), OK_BODY, "the client is served whatever the queue does");
+    }
+    let during = writer.counters();
+    assert_eq!(during.eligible, 20);
+    assert!(during.dropped >= 18, "at most the queue and one batch fit: {during:?}");
+    let counters = writer.counters_handle();
+    drop(stall);
+    drop(writer);
+    task.join().await;
+    let done = counters.snapshot();
+    assert_eq!(done.captured + done.dropped + done.failed, done.eligible);
+    assert_eq!((done.pending, done.failed), (0, 0));
+    assert_eq!(store.trace_count().unwrap(), done.captured, "every trace not dropped was written");
+}

@@ -1,0 +1,391 @@
+//! Rebuilds the final assistant message of an exchange, from a chat SSE stream or a JSON body.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::sse::SseParser;
+
+/// One tool call of the final message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    /// `call_…`.
+    pub id: String,
+    /// Always `function` for chat completions.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The function name and its JSON-encoded arguments, kept as the exact string received.
+    pub function: FunctionCall,
+}
+
+/// A function call's name and arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionCall {
+    /// The function name.
+    pub name: String,
+    /// The arguments, a JSON-encoded string, never re-serialised.
+    pub arguments: String,
+}
+
+/// The assistant's final message for one choice.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AssistantMessage {
+    /// The text, if any.
+    pub content: Option<String>,
+    /// A refusal, if the model refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<String>,
+    /// Tool calls, in index order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+}
+
+/// One choice of the final response.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FinalChoice {
+    /// The choice index (`n > 1` gives several).
+    pub index: u32,
+    /// The reassembled message.
+    pub message: AssistantMessage,
+    /// `stop`, `length`, `tool_calls`, `content_filter`…; `None` if the stream was cut.
+    pub finish_reason: Option<String>,
+}
+
+/// What the client received, reassembled.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FinalResponse {
+    /// The model name the upstream reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Choices in index order.
+    pub choices: Vec<FinalChoice>,
+    /// The usage object, if the upstream sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Value>,
+    /// An upstream error object: the whole error body, or a mid-stream `error` event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<Value>,
+    /// For streams: whether `[DONE]` arrived. Always true for a complete JSON body.
+    pub complete: bool,
+}
+
+impl FinalResponse {
+    /// Parses a non-stream response body (a `chat.completion`, or an error body).
+    pub fn from_json(body: &[u8]) -> Self {
+        let Ok(value) = serde_json::from_slice::<Value>(body) else {
+            return Self::default();
+        };
+        let mut out = FinalResponse {
+            model: value["model"].as_str().map(str::to_string),
+            usage: value.get("usage").filter(|u| u.is_object()).cloned(),
+            error: value.get("error").filter(|e| !e.is_null()).cloned(),
+            complete: true,
+            choices: Vec::new(),
+        };
+        for choice in value["choices"].as_array().into_iter().flatten() {
+            let message = &choice["message"];
+            let tool_calls = message["tool_calls"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|call| ToolCall {
+                    id: str_of(&call["id"]),
+                    kind: call["type"].as_str().unwrap_or("function").to_string(),
+                    function: FunctionCall {
+                        name: str_of(&call["function"]["name"]),
+                        arguments: str_of(&call["function"]["arguments"]),
+                    },
+                })
+                .collect();
+            out.choices.push(FinalChoice {
+                index: index_of(choice),
+                message: AssistantMessage {
+                    content: message["content"].as_str().map(str::to_string),
+                    refusal: message["refusal"].as_str().map(str::to_string),
+                    tool_calls,
+                },
+                finish_reason: choice["finish_reason"].as_str().map(str::to_string),
+            });
+        }
+        out.choices.sort_by_key(|c| c.index);
+        out
+    }
+}
+
+fn str_of(v: &Value) -> String {
+    v.as_str().unwrap_or_default().to_string()
+}
+
+fn index_of(v: &Value) -> u32 {
+    v["index"].as_u64().and_then(|i| u32::try_from(i).ok()).unwrap_or(0)
+}
+
+#[derive(Debug, Default)]
+struct ToolAcc {
+    id: String,
+    kind: String,
+    name: String,
+    arguments: String,
+}
+
+#[derive(Debug, Default)]
+struct ChoiceAcc {
+    content: Option<String>,
+    refusal: Option<String>,
+    tool_calls: BTreeMap<u32, ToolAcc>,
+    finish_reason: Option<String>,
+}
+
+/// Reassembles a chat completion stream fed in arbitrary byte chunks.
+#[derive(Debug)]
+pub struct StreamReassembler {
+    parser: SseParser,
+    model: Option<String>,
+    choices: BTreeMap<u32, ChoiceAcc>,
+    usage: Option<Value>,
+    error: Option<Value>,
+    done: bool,
+}
+
+impl StreamReassembler {
+    /// A reassembler whose pending-event buffer is capped at `max_event_bytes`.
+    pub fn new(max_event_bytes: usize) -> Self {
+        Self {
+            parser: SseParser::new(max_event_bytes),
+            model: None,
+            choices: BTreeMap::new(),
+            usage: None,
+            error: None,
+            done: false,
+        }
+    }
+
+    /// Feeds one chunk of the stream.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        let Self {
+            parser,
+            model,
+            choices,
+            usage,
+            error,
+            done,
+        } = self;
+        parser.feed(bytes, &mut |data| {
+            if data.starts_with("[DONE]") {
+                *done = true;
+                return;
+            }
+            let Ok(chunk) = serde_json::from_str::<Value>(data) else {
+                return;
+            };
+            if let Some(e) = chunk.get("error").filter(|e| !e.is_null()) {
+                *error = Some(e.clone());
+            }
+            if model.is_none() {
+                *model = chunk["model"].as_str().map(str::to_string);
+            }
+            if let Some(u) = chunk.get("usage").filter(|u| u.is_object()) {
+                *usage = Some(u.clone());
+            }
+            for choice in chunk["choices"].as_array().into_iter().flatten() {
+                apply_delta(choices.entry(index_of(choice)).or_default(), choice);
+            }
+        });
+    }
+
+    /// Whether an event was too large to keep (the message is then incomplete).
+    pub fn overflowed(&self) -> bool {
+        self.parser.overflowed()
+    }
+
+    /// The final response as received so far.
+    pub fn finish(self) -> FinalResponse {
+        let choices = self
+            .choices
+            .into_iter()
+            .map(|(index, acc)| FinalChoice {
+                index,
+                message: AssistantMessage {
+                    content: acc.content,
+                    refusal: acc.refusal,
+                    tool_calls: acc
+                        .tool_calls
+                        .into_values()
+                        .map(|t| ToolCall {
+                            id: t.id,
+                            kind: if t.kind.is_empty() { "function".into() } else { t.kind },
+                            function: FunctionCall {
+                                name: t.name,
+                                arguments: t.arguments,
+                            },
+                        })
+                        .collect(),
+                },
+                finish_reason: acc.finish_reason,
+            })
+            .collect();
+        FinalResponse {
+            model: self.model,
+            choices,
+            usage: self.usage,
+            error: self.error,
+            complete: self.done,
+        }
+    }
+}
+
+fn apply_delta(acc: &mut ChoiceAcc, choice: &Value) {
+    let delta = &choice["delta"];
+    if let Some(text) = delta["content"].as_str() {
+        acc.content.get_or_insert_with(String::new).push_str(text);
+    }
+    if let Some(text) = delta["refusal"].as_str() {
+        acc.refusal.get_or_insert_with(String::new).push_str(text);
+    }
+    for frag in delta["tool_calls"].as_array().into_iter().flatten() {
+        let tool = acc.tool_calls.entry(index_of(frag)).or_default();
+        // id, type and name come with the first fragment of an index; later ones add arguments.
+        if let Some(id) = frag["id"].as_str().filter(|_| tool.id.is_empty()) {
+            tool.id = id.to_string();
+        }
+        if let Some(kind) = frag["type"].as_str().filter(|_| tool.kind.is_empty()) {
+            tool.kind = kind.to_string();
+        }
+        if let Some(name) = frag["function"]["name"].as_str().filter(|_| tool.name.is_empty()) {
+            tool.name = name.to_string();
+        }
+        if let Some(args) = frag["function"]["arguments"].as_str() {
+            tool.arguments.push_str(args);
+        }
+    }
+    if let Some(reason) = choice["finish_reason"].as_str() {
+        acc.finish_reason = Some(reason.to_string());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    /// A stream with two choices, text with multi-byte characters, parallel tool calls, a
+    /// refusal, and a usage chunk, framed with the given line ending.
+    fn stream(eol: &str) -> Vec<u8> {
+        let chunk = |choices: Value| json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m-1", "choices": choices});
+        let events = vec![
+            chunk(json!([{"index": 0, "delta": {"role": "assistant", "content": "", "refusal": null}, "finish_reason": null}])),
+            chunk(json!([{"index": 1, "delta": {"role": "assistant", "content": null, "tool_calls": [{"index": 0, "id": "call_a", "type": "function", "function": {"name": "f", "arguments": ""}}]}, "finish_reason": null}])),
+            chunk(json!([{"index": 0, "delta": {"content": "Grüße, "}, "finish_reason": null}])),
+            chunk(json!([{"index": 1, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\"q\":"}}]}, "finish_reason": null}])),
+            chunk(json!([{"index": 0, "delta": {"content": "世界 😀"}, "finish_reason": null}])),
+            chunk(json!([{"index": 1, "delta": {"tool_calls": [{"index": 1, "id": "call_b", "type": "function", "function": {"name": "g", "arguments": "{}"}}]}, "finish_reason": null}])),
+            chunk(json!([{"index": 1, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "\"é\"}"}}]}, "finish_reason": null}])),
+            chunk(json!([{"index": 0, "delta": {}, "finish_reason": "stop"}])),
+            chunk(json!([{"index": 1, "delta": {}, "finish_reason": "tool_calls"}])),
+            json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}}),
+        ];
+        let mut out = String::new();
+        for e in events {
+            out.push_str(&format!("data: {e}{eol}{eol}"));
+        }
+        out.push_str(&format!("data: [DONE]{eol}{eol}"));
+        out.into_bytes()
+    }
+
+    fn expected() -> FinalResponse {
+        FinalResponse {
+            model: Some("m-1".into()),
+            choices: vec![
+                FinalChoice {
+                    index: 0,
+                    message: AssistantMessage { content: Some("Grüße, 世界 😀".into()), refusal: None, tool_calls: vec![] },
+                    finish_reason: Some("stop".into()),
+                },
+                FinalChoice {
+                    index: 1,
+                    message: AssistantMessage {
+                        content: None,
+                        refusal: None,
+                        tool_calls: vec![
+                            ToolCall { id: "call_a".into(), kind: "function".into(), function: FunctionCall { name: "f".into(), arguments: "{\"q\":\"é\"}".into() } },
+                            ToolCall { id: "call_b".into(), kind: "function".into(), function: FunctionCall { name: "g".into(), arguments: "{}".into() } },
+                        ],
+                    },
+                    finish_reason: Some("tool_calls".into()),
+                },
+            ],
+            usage: Some(json!({"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8})),
+            error: None,
+            complete: true,
+        }
+    }
+
+    fn reassemble(chunks: &[&[u8]]) -> FinalResponse {
+        let mut r = StreamReassembler::new(1 << 20);
+        for c in chunks {
+            r.feed(c);
+        }
+        r.finish()
+    }
+
+    #[test]
+    fn whole_stream_reassembles() {
+        for eol in ["\n", "\r\n", "\r"] {
+            assert_eq!(reassemble(&[&stream(eol)]), expected(), "eol {eol:?}");
+        }
+    }
+
+    #[test]
+    fn every_single_split_point_gives_the_same_message() {
+        for eol in ["\n", "\r\n"] {
+            let bytes = stream(eol);
+            for i in 0..=bytes.len() {
+                assert_eq!(reassemble(&[&bytes[..i], &bytes[i..]]), expected(), "split at {i}");
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_chunking_gives_the_same_message(eol in prop::sample::select(vec!["\n", "\r\n", "\r"]), cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..40)) {
+            let bytes = stream(eol);
+            let mut points: Vec<usize> = cuts.iter().map(|c| c.index(bytes.len() + 1)).collect();
+            points.sort_unstable();
+            let mut chunks = Vec::new();
+            let mut last = 0;
+            for p in points {
+                chunks.push(&bytes[last..p]);
+                last = p;
+            }
+            chunks.push(&bytes[last..]);
+            prop_assert_eq!(reassemble(&chunks), expected());
+        }
+    }
+
+    #[test]
+    fn cut_stream_and_mid_stream_error_are_visible() {
+        let bytes = stream("\n");
+        let cut = reassemble(&[&bytes[..bytes.len() / 2]]);
+        assert!(!cut.complete);
+        let err = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\ndata: {\"error\":{\"message\":\"boom\",\"type\":\"server_error\"}}\n\n";
+        let r = reassemble(&[err]);
+        assert_eq!(r.error.unwrap()["message"], "boom");
+        assert_eq!(r.choices[0].message.content.as_deref(), Some("hi"));
+        assert!(!r.complete);
+    }
+
+    #[test]
+    fn non_stream_body_parses_to_the_same_shape() {
+        let body = json!({"id": "x", "object": "chat.completion", "model": "m-1", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "Grüße, 世界 😀", "refusal": null}, "finish_reason": "stop", "logprobs": null},
+            {"index": 1, "message": {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_a", "type": "function", "function": {"name": "f", "arguments": "{\"q\":\"é\"}"}},
+                {"id": "call_b", "type": "function", "function": {"name": "g", "arguments": "{}"}}]}, "finish_reason": "tool_calls"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}});
+        assert_eq!(FinalResponse::from_json(body.to_string().as_bytes()), expected());
+        let error = FinalResponse::from_json(br#"{"error":{"message":"no","type":"x","param":null,"code":null}}"#);
+        assert_eq!(error.error.unwrap()["message"], "no");
+    }
+}

@@ -1,0 +1,275 @@
+//! Removes secrets and, as configured, personal data from text before it is stored.
+//!
+//! Secrets (API keys, bearer tokens, JWTs) are always redacted. Each match is replaced with
+//! `[REDACTED:kind]`. Candidates for cards and IBANs are checked (Luhn, ISO 7064 mod 97) so
+//! that ordinary long numbers are left alone.
+
+use std::sync::OnceLock;
+
+use regex::{Regex, RegexSet};
+use serde_json::Value;
+
+/// A kind of sensitive string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// `sk-ant-…`
+    AnthropicKey,
+    /// `sk-…`, `sk-proj-…`
+    OpenaiKey,
+    /// `AKIA…`/`ASIA…` access key ids and `aws_secret_access_key = …`.
+    AwsKey,
+    /// `ghp_…`, `github_pat_…`
+    GithubToken,
+    /// `eyJ….eyJ….…`
+    Jwt,
+    /// `Bearer …`
+    BearerToken,
+    /// Email addresses.
+    Email,
+    /// Phone numbers.
+    Phone,
+    /// Payment card numbers that pass the Luhn check.
+    Card,
+    /// IBANs that pass the mod-97 check.
+    Iban,
+    /// IPv4 and IPv6 addresses.
+    Ip,
+}
+
+impl Kind {
+    /// Every kind, secrets first: a secret inside a longer match is caught before PII rules run.
+    pub const ALL: [Kind; 11] = [
+        Kind::AnthropicKey,
+        Kind::OpenaiKey,
+        Kind::AwsKey,
+        Kind::GithubToken,
+        Kind::Jwt,
+        Kind::BearerToken,
+        Kind::Email,
+        Kind::Card,
+        Kind::Iban,
+        Kind::Ip,
+        Kind::Phone,
+    ];
+
+    /// The PII kinds, which config may switch off.
+    pub const PII: [Kind; 5] = [Kind::Email, Kind::Phone, Kind::Card, Kind::Iban, Kind::Ip];
+
+    /// The name used in `[REDACTED:…]` and in config.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::AnthropicKey => "anthropic_key",
+            Kind::OpenaiKey => "openai_key",
+            Kind::AwsKey => "aws_key",
+            Kind::GithubToken => "github_token",
+            Kind::Jwt => "jwt",
+            Kind::BearerToken => "bearer_token",
+            Kind::Email => "email",
+            Kind::Phone => "phone",
+            Kind::Card => "card",
+            Kind::Iban => "iban",
+            Kind::Ip => "ip",
+        }
+    }
+
+    /// Parses a config name.
+    pub fn from_name(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    fn pattern(self) -> &'static str {
+        match self {
+            Kind::AnthropicKey => r"\bsk-ant-[A-Za-z0-9_-]{20,}",
+            Kind::OpenaiKey => r"\bsk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}",
+            Kind::AwsKey => r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|(?i:aws_secret_access_key)\s*[:=]\s*[A-Za-z0-9/+=]{40}",
+            Kind::GithubToken => r"\b(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})",
+            Kind::Jwt => r"\beyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}",
+            Kind::BearerToken => r"(?i:\bbearer)\s+[A-Za-z0-9._~+/=-]{16,}",
+            Kind::Email => r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b",
+            // International (+CC …), US with a bracketed area code, or US with - or . separators;
+            // bare digit groups with spaces are too often other numbers.
+            Kind::Phone => r"\+\d{1,3}[ .-]?(?:\(\d{1,4}\)|\d{1,4})(?:[ .-]?\d{2,4}){2,4}\b|\(\d{3}\)[ .-]?\d{3}[ .-]\d{4}\b|\b\d{3}[.-]\d{3}[.-]\d{4}\b",
+            Kind::Card => r"\b\d(?:[ -]?\d){12,18}\b",
+            Kind::Iban => r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b",
+            Kind::Ip => r"\b(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\b|\b(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}\b|\b(?:[0-9A-Fa-f]{1,4}:){1,6}:(?:[0-9A-Fa-f]{1,4}:){0,5}[0-9A-Fa-f]{1,4}\b",
+        }
+    }
+
+    /// Extra checks that a regex cannot express.
+    fn accepts(self, candidate: &str) -> bool {
+        match self {
+            Kind::Card => luhn_valid(candidate),
+            Kind::Iban => iban_valid(candidate),
+            Kind::Phone => (7..=15).contains(&candidate.chars().filter(char::is_ascii_digit).count()),
+            _ => true,
+        }
+    }
+}
+
+struct Compiled {
+    set: RegexSet,
+    each: Vec<(Kind, Regex)>,
+}
+
+fn compiled() -> &'static Compiled {
+    static COMPILED: OnceLock<Compiled> = OnceLock::new();
+    COMPILED.get_or_init(|| {
+        let each: Vec<(Kind, Regex)> = Kind::ALL
+            .iter()
+            .filter_map(|&k| Regex::new(k.pattern()).ok().map(|r| (k, r)))
+            .collect();
+        // The patterns are constants tested below; an empty set would only redact nothing.
+        let set = RegexSet::new(each.iter().map(|(k, _)| k.pattern())).unwrap_or_else(|_| RegexSet::empty());
+        Compiled { set, each }
+    })
+}
+
+/// What to redact.
+#[derive(Debug, Clone)]
+pub struct Redactor {
+    /// Indexed like [`Kind::ALL`].
+    enabled: [bool; Kind::ALL.len()],
+}
+
+impl Default for Redactor {
+    /// Secrets and every PII kind.
+    fn default() -> Self {
+        Self {
+            enabled: [true; Kind::ALL.len()],
+        }
+    }
+}
+
+impl Redactor {
+    /// Secrets always, plus the PII kinds listed.
+    pub fn with_pii(pii: &[Kind]) -> Self {
+        let mut enabled = [true; Kind::ALL.len()];
+        for (i, kind) in Kind::ALL.iter().enumerate() {
+            if Kind::PII.contains(kind) {
+                enabled[i] = pii.contains(kind);
+            }
+        }
+        Self { enabled }
+    }
+
+    /// Redacts one string; returns `None` when it holds nothing to redact (the common case,
+    /// decided in a single pass).
+    pub fn redact_str(&self, text: &str) -> Option<String> {
+        let compiled = compiled();
+        let hits = compiled.set.matches(text);
+        if !hits.matched_any() {
+            return None;
+        }
+        let mut out: Option<String> = None;
+        for (i, (kind, regex)) in compiled.each.iter().enumerate() {
+            if !self.enabled[i] || !hits.matched(i) {
+                continue;
+            }
+            let current = out.as_deref().unwrap_or(text);
+            let replaced = regex.replace_all(current, |caps: &regex::Captures<'_>| {
+                let m = &caps[0];
+                if kind.accepts(m) {
+                    format!("[REDACTED:{}]", kind.name())
+                } else {
+                    m.to_string()
+                }
+            });
+            if let std::borrow::Cow::Owned(s) = replaced {
+                out = Some(s);
+            }
+        }
+        out.filter(|s| s != text)
+    }
+
+    /// Redacts every string value in a JSON tree, in place (object keys are left as they are).
+    pub fn redact_json(&self, value: &mut Value) {
+        match value {
+            Value::String(s) => {
+                if let Some(clean) = self.redact_str(s) {
+                    *s = clean;
+                }
+            }
+            Value::Array(items) => items.iter_mut().for_each(|v| self.redact_json(v)),
+            Value::Object(map) => map.values_mut().for_each(|v| self.redact_json(v)),
+            _ => {}
+        }
+    }
+}
+
+fn luhn_valid(candidate: &str) -> bool {
+    let digits: Vec<u32> = candidate.chars().filter_map(|c| c.to_digit(10)).collect();
+    if !(13..=19).contains(&digits.len()) {
+        return false;
+    }
+    let sum: u32 = digits
+        .iter()
+        .rev()
+        .enumerate()
+        .map(|(i, &d)| if i % 2 == 1 { if d * 2 > 9 { d * 2 - 9 } else { d * 2 } } else { d })
+        .sum();
+    sum % 10 == 0
+}
+
+fn iban_valid(candidate: &str) -> bool {
+    let compact: Vec<char> = candidate.chars().filter(|c| !c.is_whitespace()).collect();
+    if !(15..=34).contains(&compact.len()) {
+        return false;
+    }
+    let rearranged = compact[4..].iter().chain(&compact[..4]);
+    let mut remainder: u64 = 0;
+    for c in rearranged {
+        let Some(v) = c.to_digit(36) else { return false };
+        remainder = if v >= 10 { (remainder * 100 + u64::from(v)) % 97 } else { (remainder * 10 + u64::from(v)) % 97 };
+    }
+    remainder == 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn redact(text: &str) -> String {
+        Redactor::default().redact_str(text).unwrap_or_else(|| text.to_string())
+    }
+
+    #[test]
+    fn secrets_are_replaced_by_kind() {
+        let cases = [
+            ("key sk-proj-abcdefghijklmnopqrstuvwxyz123456 here", "openai_key"),
+            ("sk-ant-api03-abcdefghijklmnopqrstuvwxyz", "anthropic_key"),
+            ("id AKIAIOSFODNN7EXAMPLE ok", "aws_key"),
+            ("aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "aws_key"),
+            ("ghp_abcdefghijklmnopqrstuvwxyz0123456789", "github_token"),
+            ("Authorization: Bearer abc.def-ghi_jkl~mno+pqr", "bearer_token"),
+            ("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U", "jwt"),
+        ];
+        for (text, kind) in cases {
+            let out = redact(text);
+            assert!(out.contains(&format!("[REDACTED:{kind}]")), "{text} -> {out}");
+        }
+    }
+
+    #[test]
+    fn checksums_separate_cards_and_ibans_from_other_numbers() {
+        assert_eq!(redact("card 4111 1111 1111 1111."), "card [REDACTED:card].");
+        assert_eq!(redact("order 4111 1111 1111 1112"), "order 4111 1111 1111 1112");
+        assert_eq!(redact("IBAN GB82 WEST 1234 5698 7654 32"), "IBAN [REDACTED:iban]");
+        assert_eq!(redact("GB82 WEST 1234 5698 7654 33"), "GB82 WEST 1234 5698 7654 33");
+    }
+
+    #[test]
+    fn pii_can_be_switched_off_but_secrets_cannot() {
+        let r = Redactor::with_pii(&[]);
+        let text = "mail a@b.io key sk-abcdefghijklmnopqrstuvwxyz";
+        assert_eq!(r.redact_str(text).unwrap(), "mail a@b.io key [REDACTED:openai_key]");
+    }
+
+    #[test]
+    fn json_strings_are_redacted_and_keys_kept() {
+        let mut v = serde_json::json!({"messages": [{"role": "user", "content": "reach me at jo@example.com"}], "n": 1});
+        Redactor::default().redact_json(&mut v);
+        assert_eq!(v["messages"][0]["content"], "reach me at [REDACTED:email]");
+        assert_eq!(v["messages"][0]["role"], "user");
+    }
+}

@@ -1,0 +1,110 @@
+//! Feedback from people and evaluation scores from graders, keyed by the trace they judge.
+
+use redb::{ReadableDatabase, ReadableTable};
+use serde::{Deserialize, Serialize};
+
+use super::{EVALUATIONS, FEEDBACK, Store, StoreError, TRACES, db_err};
+use crate::trace::TraceId;
+
+/// One piece of feedback on a trace. The latest one for a trace is the one grading uses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Feedback {
+    /// The trace judged.
+    pub trace_id: TraceId,
+    /// 0–100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<f64>,
+    /// A person approved (or rejected) the answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved: Option<bool>,
+    /// Free text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+    /// Unix milliseconds when it was recorded.
+    pub time_ms: u64,
+}
+
+/// A grader's score for a trace.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Evaluation {
+    /// The trace judged.
+    pub trace_id: TraceId,
+    /// 0–100.
+    pub score: f64,
+    /// Who scored it, e.g. `judge:gpt-4o`.
+    pub source: String,
+    /// Unix milliseconds when it was recorded.
+    pub time_ms: u64,
+}
+
+impl Store {
+    /// Records feedback for an existing trace, in the same transaction that checks it exists.
+    pub fn add_feedback(&self, feedback: &Feedback) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(feedback)?;
+        let trace = feedback.trace_id;
+        self.write(|txn| {
+            if txn.open_table(TRACES).map_err(db_err)?.get(trace.as_u128()).map_err(db_err)?.is_none() {
+                return Err(StoreError::NoSuchTrace(trace));
+            }
+            let mut table = txn.open_table(FEEDBACK).map_err(db_err)?;
+            table
+                .insert((trace.as_u128(), TraceId::generate().as_u128()), bytes.as_slice())
+                .map_err(db_err)?;
+            Ok(())
+        })
+    }
+
+    /// All feedback for a trace, oldest first.
+    pub fn feedback(&self, trace: TraceId) -> Result<Vec<Feedback>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(FEEDBACK).map_err(db_err)?;
+        let key = trace.as_u128();
+        let mut out = Vec::new();
+        for entry in table.range((key, 0)..=(key, u128::MAX)).map_err(db_err)? {
+            let (_, v) = entry.map_err(db_err)?;
+            out.push(serde_json::from_slice(v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// The latest feedback for a trace.
+    pub fn latest_feedback(&self, trace: TraceId) -> Result<Option<Feedback>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(FEEDBACK).map_err(db_err)?;
+        let key = trace.as_u128();
+        match table.range((key, 0)..=(key, u128::MAX)).map_err(db_err)?.next_back() {
+            Some(entry) => {
+                let (_, v) = entry.map_err(db_err)?;
+                Ok(Some(serde_json::from_slice(v.value())?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Records an evaluation result.
+    pub fn add_evaluation(&self, evaluation: &Evaluation) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(evaluation)?;
+        let trace = evaluation.trace_id;
+        self.write(|txn| {
+            let mut table = txn.open_table(EVALUATIONS).map_err(db_err)?;
+            table
+                .insert((trace.as_u128(), TraceId::generate().as_u128()), bytes.as_slice())
+                .map_err(db_err)?;
+            Ok(())
+        })
+    }
+
+    /// The latest evaluation of a trace.
+    pub fn latest_evaluation(&self, trace: TraceId) -> Result<Option<Evaluation>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(EVALUATIONS).map_err(db_err)?;
+        let key = trace.as_u128();
+        match table.range((key, 0)..=(key, u128::MAX)).map_err(db_err)?.next_back() {
+            Some(entry) => {
+                let (_, v) = entry.map_err(db_err)?;
+                Ok(Some(serde_json::from_slice(v.value())?))
+            }
+            None => Ok(None),
+        }
+    }
+}

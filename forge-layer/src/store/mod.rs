@@ -1,0 +1,211 @@
+//! The embedded redb store: traces, feedback and evaluations, with crash-safe commits.
+//!
+//! Every write transaction uses two-phase commit (redb recommends it when attackers influence
+//! the data, and prompts are user text) and quick repair, so reopening after `kill -9` reads the
+//! saved allocator state instead of walking the whole file.
+
+mod feedback;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+use crate::trace::{Trace, TraceId};
+
+pub use feedback::{Evaluation, Feedback};
+pub use writer::{CaptureCounters, CaptureMode, CounterSnapshot, TraceWriter, WriterConfig, WriterTask};
+
+/// Traces by id (a ULID as u128, so key order is time order); values are JSON.
+const TRACES: TableDefinition<u128, &[u8]> = TableDefinition::new("traces");
+/// Feedback by (trace id, feedback id); the last entry of a trace is the latest.
+const FEEDBACK: TableDefinition<(u128, u128), &[u8]> = TableDefinition::new("feedback");
+/// Evaluation results by (trace id, evaluation id).
+const EVALUATIONS: TableDefinition<(u128, u128), &[u8]> = TableDefinition::new("evaluations");
+
+/// The file name inside `capture.data_dir`.
+pub const STORE_FILE: &str = "forge.redb";
+
+/// A store operation that failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// Another process (usually a running gateway) has the file open.
+    #[error(
+        "the store {0} is open in another process (a running gateway?); read it through the admin API instead (GET /admin/traces, or `forge traces --admin URL`)"
+    )]
+    InUse(PathBuf),
+    /// The data directory could not be created.
+    #[error("cannot create data directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// redb failed.
+    #[error("store error: {0}")]
+    Redb(#[from] redb::Error),
+    /// A stored value could not be decoded.
+    #[error("corrupt record: {0}")]
+    Decode(#[from] serde_json::Error),
+    /// The trace does not exist.
+    #[error("no trace with id {0}")]
+    NoSuchTrace(TraceId),
+}
+
+fn db_err<E: Into<redb::Error>>(e: E) -> StoreError {
+    StoreError::Redb(e.into())
+}
+
+/// A handle to the open store; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    db: Arc<Database>,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens (or creates) `DIR/forge.redb`, creating `DIR` if needed.
+    pub fn open_dir(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        Self::open(&dir.join(STORE_FILE))
+    }
+
+    /// Opens (or creates) the store file at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(path.to_path_buf()),
+            other => db_err(other),
+        })?;
+        let store = Self {
+            db: Arc::new(db),
+            path: path.to_path_buf(),
+        };
+        // Create the tables up front so that readers never meet a missing table.
+        store.write(|txn| {
+            txn.open_table(TRACES).map_err(db_err)?;
+            txn.open_table(FEEDBACK).map_err(db_err)?;
+            txn.open_table(EVALUATIONS).map_err(db_err)?;
+            Ok(())
+        })?;
+        Ok(store)
+    }
+
+    /// The file path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` in one durable write transaction.
+    fn write<T>(&self, f: impl FnOnce(&redb::WriteTransaction) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let mut txn = self.db.begin_write().map_err(db_err)?;
+        txn.set_two_phase_commit(true);
+        txn.set_quick_repair(true);
+        txn.set_durability(Durability::Immediate).map_err(db_err)?;
+        let out = f(&txn)?;
+        txn.commit().map_err(db_err)?;
+        Ok(out)
+    }
+
+    /// Holds redb's write lock until the guard is dropped; every writer waits meanwhile. For
+    /// fault-injection tests (a stalled store) and maintenance.
+    pub fn hold_write_lock(&self) -> Result<WriteLock, StoreError> {
+        Ok(WriteLock(Some(self.db.begin_write().map_err(db_err)?)))
+    }
+
+    /// Stores already-encoded traces in one transaction: all of them or none.
+    pub fn insert_encoded(&self, batch: &[(TraceId, Vec<u8>)]) -> Result<(), StoreError> {
+        self.write(|txn| {
+            let mut table = txn.open_table(TRACES).map_err(db_err)?;
+            for (id, bytes) in batch {
+                table.insert(id.as_u128(), bytes.as_slice()).map_err(db_err)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// One trace.
+    pub fn trace(&self, id: TraceId) -> Result<Option<Trace>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(TRACES).map_err(db_err)?;
+        match table.get(id.as_u128()).map_err(db_err)? {
+            Some(v) => Ok(Some(serde_json::from_slice(v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether a trace exists.
+    pub fn has_trace(&self, id: TraceId) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(TRACES).map_err(db_err)?;
+        Ok(table.get(id.as_u128()).map_err(db_err)?.is_some())
+    }
+
+    /// How many traces are stored.
+    pub fn trace_count(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(TRACES).map_err(db_err)?;
+        table.len().map_err(db_err)
+    }
+
+    /// Up to `limit` traces, newest first, older than `before` when given, that pass `keep`.
+    pub fn recent_traces(
+        &self,
+        before: Option<TraceId>,
+        limit: usize,
+        mut keep: impl FnMut(&Trace) -> bool,
+    ) -> Result<Vec<Trace>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(TRACES).map_err(db_err)?;
+        let upper = before.map_or(u128::MAX, TraceId::as_u128);
+        let mut out = Vec::new();
+        for entry in table.range(..upper).map_err(db_err)?.rev() {
+            if out.len() >= limit {
+                break;
+            }
+            let (_, v) = entry.map_err(db_err)?;
+            let trace: Trace = serde_json::from_slice(v.value())?;
+            if keep(&trace) {
+                out.push(trace);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Calls `f` on every trace, oldest first, one at a time: memory stays flat however many
+    /// traces there are. `f` returns `false` to stop early.
+    pub fn for_each_trace(&self, mut f: impl FnMut(Trace) -> bool) -> Result<(), StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(TRACES).map_err(db_err)?;
+        for entry in table.iter().map_err(db_err)? {
+            let (_, v) = entry.map_err(db_err)?;
+            if !f(serde_json::from_slice(v.value())?) {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// See [`Store::hold_write_lock`].
+pub struct WriteLock(Option<redb::WriteTransaction>);
+
+impl std::fmt::Debug for WriteLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WriteLock")
+    }
+}
+
+impl Drop for WriteLock {
+    fn drop(&mut self) {
+        if let Some(txn) = self.0.take() {
+            let _ = txn.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

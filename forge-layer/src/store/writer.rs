@@ -1,0 +1,297 @@
+//! The single trace writer: a bounded queue in, one redb transaction per batch out.
+//!
+//! The request path only ever calls [`TraceWriter::submit`], which never blocks in `async` mode:
+//! a full queue drops the trace and counts it. Every trace handed to `submit` ends up in exactly
+//! one of `captured`, `dropped` or `failed`, so once the queue is drained
+//! `captured + dropped + failed == eligible` holds exactly.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::{Store, StoreError};
+use crate::capture::{DurableAck, PendingTrace};
+use crate::redact::Redactor;
+use crate::trace::TraceId;
+
+/// What the end of a response waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CaptureMode {
+    /// Never wait: a full queue drops the trace (counted).
+    #[default]
+    Async,
+    /// The response's end waits for the commit that holds its trace.
+    Durable,
+}
+
+/// Writer settings.
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    /// `async` or `durable`.
+    pub mode: CaptureMode,
+    /// Traces that may wait for the writer.
+    pub queue_capacity: usize,
+    /// At most this many traces per transaction.
+    pub batch_max: usize,
+    /// In `async` mode, how long to gather a batch after its first trace. `durable` commits as
+    /// soon as the queue is empty, since a client waits on every commit.
+    pub flush_interval: Duration,
+    /// What to redact before the write.
+    pub redactor: Redactor,
+    /// The cap on one SSE event while reassembling.
+    pub max_event_bytes: usize,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        Self {
+            mode: CaptureMode::Async,
+            queue_capacity: 8192,
+            batch_max: 512,
+            flush_interval: Duration::from_millis(5),
+            redactor: Redactor::default(),
+            max_event_bytes: 1 << 20,
+        }
+    }
+}
+
+/// The capture counters.
+#[derive(Debug, Default)]
+pub struct CaptureCounters {
+    eligible: AtomicU64,
+    captured: AtomicU64,
+    dropped: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// The counters at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct CounterSnapshot {
+    /// Exchanges that finished and were handed to the writer.
+    pub eligible: u64,
+    /// Committed to the store.
+    pub captured: u64,
+    /// Dropped because the queue was full (or the writer had stopped).
+    pub dropped: u64,
+    /// Lost to a failed commit (after retries).
+    pub failed: u64,
+    /// Queued or being written: `eligible - captured - dropped - failed`.
+    pub pending: u64,
+}
+
+impl CaptureCounters {
+    /// Reads all four counters. `eligible` is read last, so `pending` is never negative.
+    pub fn snapshot(&self) -> CounterSnapshot {
+        let captured = self.captured.load(Ordering::Acquire);
+        let dropped = self.dropped.load(Ordering::Acquire);
+        let failed = self.failed.load(Ordering::Acquire);
+        let eligible = self.eligible.load(Ordering::Acquire);
+        CounterSnapshot {
+            eligible,
+            captured,
+            dropped,
+            failed,
+            pending: eligible.saturating_sub(captured + dropped + failed),
+        }
+    }
+}
+
+struct Job {
+    trace: PendingTrace,
+    ack: Option<oneshot::Sender<bool>>,
+}
+
+/// The handle the capture layer submits to. Cheap to clone. The writer stops, after writing
+/// what is queued, when every handle is dropped.
+#[derive(Debug, Clone)]
+pub struct TraceWriter {
+    tx: mpsc::Sender<Job>,
+    counters: Arc<CaptureCounters>,
+    mode: CaptureMode,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job").field("trace", &self.trace.id()).finish()
+    }
+}
+
+/// The writer's task; await [`WriterTask::join`] after dropping every [`TraceWriter`] to flush.
+#[derive(Debug)]
+pub struct WriterTask(JoinHandle<()>);
+
+impl WriterTask {
+    /// Waits until everything queued is written.
+    pub async fn join(self) {
+        if let Err(e) = self.0.await {
+            tracing::error!(error = %e, "trace writer task failed");
+        }
+    }
+}
+
+impl TraceWriter {
+    /// Starts the writer on `store`.
+    pub fn start(store: Store, config: WriterConfig) -> (TraceWriter, WriterTask) {
+        let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
+        let counters = Arc::new(CaptureCounters::default());
+        let writer = TraceWriter {
+            tx,
+            counters: Arc::clone(&counters),
+            mode: config.mode,
+        };
+        let task = tokio::spawn(run(store, config, rx, counters));
+        (writer, WriterTask(task))
+    }
+
+    /// The mode.
+    pub fn mode(&self) -> CaptureMode {
+        self.mode
+    }
+
+    /// The counters now.
+    pub fn counters(&self) -> CounterSnapshot {
+        self.counters.snapshot()
+    }
+
+    /// The live counters, readable after every writer handle is gone (for metrics and shutdown).
+    pub fn counters_handle(&self) -> Arc<CaptureCounters> {
+        Arc::clone(&self.counters)
+    }
+
+    /// Hands a finished exchange to the writer; never blocks.
+    ///
+    /// In `async` mode it returns `None`, and a full queue drops the trace (counted). In
+    /// `durable` mode it returns the future the response's end waits for: the commit of this
+    /// trace, and first, if the queue is full, room in it. Dropping that future never loses
+    /// count: a queued trace is still written, and one still waiting for room is counted dropped.
+    pub fn submit(&self, trace: PendingTrace) -> Option<DurableAck> {
+        self.counters.eligible.fetch_add(1, Ordering::AcqRel);
+        let (ack, done) = match self.mode {
+            CaptureMode::Async => (None, None),
+            CaptureMode::Durable => {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            }
+        };
+        let job = match self.tx.try_send(Job { trace, ack }) {
+            Ok(()) => return done.map(|rx| Box::pin(async move { rx.await.unwrap_or(false) }) as DurableAck),
+            Err(mpsc::error::TrySendError::Full(job)) if self.mode == CaptureMode::Durable => job,
+            Err(mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job)) => {
+                self.counters.dropped.fetch_add(1, Ordering::AcqRel);
+                tracing::warn!(trace_id = %job.trace.id(), "capture queue full or closed: trace dropped");
+                return done.map(|_| Box::pin(std::future::ready(false)) as DurableAck);
+            }
+        };
+        let tx = self.tx.clone();
+        let unsent = Unsent(Some(Arc::clone(&self.counters)));
+        Some(Box::pin(async move {
+            let mut unsent = unsent;
+            let sent = tx.send(job).await.is_ok();
+            if sent {
+                unsent.0 = None;
+            }
+            match done {
+                Some(rx) if sent => rx.await.unwrap_or(false),
+                _ => false,
+            }
+        }))
+    }
+}
+
+/// Counts a durable trace as dropped if its wait for queue room ends before it got in.
+struct Unsent(Option<Arc<CaptureCounters>>);
+
+impl Drop for Unsent {
+    fn drop(&mut self) {
+        if let Some(counters) = self.0.take() {
+            counters.dropped.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}
+
+async fn run(store: Store, config: WriterConfig, mut rx: mpsc::Receiver<Job>, counters: Arc<CaptureCounters>) {
+    let config = Arc::new(config);
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + config.flush_interval;
+        while batch.len() < config.batch_max {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) if config.mode == CaptureMode::Durable => break,
+                Err(_) => match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(job)) => batch.push(job),
+                    Ok(None) | Err(_) => break,
+                },
+            }
+        }
+        let store = store.clone();
+        let config = Arc::clone(&config);
+        let counters = Arc::clone(&counters);
+        // redb is synchronous: encode and commit off the async workers.
+        let written = tokio::task::spawn_blocking(move || write_batch(&store, &config, &counters, batch)).await;
+        if let Err(e) = written {
+            tracing::error!(error = %e, "trace batch task failed");
+        }
+    }
+    tracing::debug!("trace writer stopped: queue closed and drained");
+}
+
+fn write_batch(store: &Store, config: &WriterConfig, counters: &CaptureCounters, batch: Vec<Job>) {
+    let mut acks = Vec::new();
+    let mut encoded: Vec<(TraceId, Vec<u8>)> = Vec::with_capacity(batch.len());
+    let mut unencodable = 0u64;
+    for job in batch {
+        let id = job.trace.id();
+        let trace = job.trace.into_trace(&config.redactor, config.max_event_bytes);
+        match serde_json::to_vec(&trace) {
+            Ok(bytes) => {
+                encoded.push((id, bytes));
+                acks.extend(job.ack);
+            }
+            Err(e) => {
+                unencodable += 1;
+                tracing::error!(trace_id = %id, error = %e, "trace could not be encoded");
+                if let Some(ack) = job.ack {
+                    let _ = ack.send(false);
+                }
+            }
+        }
+    }
+    counters.failed.fetch_add(unencodable, Ordering::AcqRel);
+    let n = encoded.len() as u64;
+    let ok = commit_with_retry(store, &encoded).is_ok();
+    if ok {
+        counters.captured.fetch_add(n, Ordering::AcqRel);
+    } else {
+        counters.failed.fetch_add(n, Ordering::AcqRel);
+    }
+    for ack in acks {
+        let _ = ack.send(ok);
+    }
+}
+
+/// A failed commit is retried twice with a short pause; a transient error (a full disk that an
+/// operator is clearing) should not cost traces if it clears quickly.
+fn commit_with_retry(store: &Store, batch: &[(TraceId, Vec<u8>)]) -> Result<(), StoreError> {
+    let mut pause = Duration::from_millis(20);
+    for attempt in 1..=3 {
+        match store.insert_encoded(batch) {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt < 3 => {
+                tracing::warn!(error = %e, attempt, traces = batch.len(), "trace commit failed; retrying");
+                std::thread::sleep(pause);
+                pause *= 5;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, traces = batch.len(), "trace commit failed: traces lost (counted as failed)");
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}

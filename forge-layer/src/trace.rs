@@ -1,0 +1,166 @@
+//! The trace record: one captured exchange, as it is stored and exported.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::{Mutex, PoisonError};
+
+use forge_router::Arm;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::Value;
+
+use crate::reassemble::FinalResponse;
+
+/// A trace id: a ULID, so ids sort by creation time (the store's key order is time order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TraceId(u128);
+
+impl TraceId {
+    /// A new id for now, greater than every id this process made before: within one
+    /// millisecond the random part is incremented, so ids never sort out of creation order.
+    pub fn generate() -> Self {
+        static GENERATOR: Mutex<ulid::Generator> = Mutex::new(ulid::Generator::new());
+        let mut generator = GENERATOR.lock().unwrap_or_else(PoisonError::into_inner);
+        // Overflow needs 2^80 ids in one millisecond; fall back to a fresh random id.
+        let id = generator.generate().unwrap_or_else(|_| ulid::Ulid::new());
+        Self(id.into())
+    }
+
+    /// The id as a 128-bit key.
+    pub fn as_u128(self) -> u128 {
+        self.0
+    }
+
+    /// From a 128-bit key.
+    pub fn from_u128(v: u128) -> Self {
+        Self(v)
+    }
+
+    /// Milliseconds since the Unix epoch when the id was made.
+    pub fn timestamp_ms(self) -> u64 {
+        ulid::Ulid::from(self.0).timestamp_ms()
+    }
+}
+
+impl fmt::Display for TraceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", ulid::Ulid::from(self.0))
+    }
+}
+
+/// A string that is not a trace id.
+#[derive(Debug, thiserror::Error)]
+#[error("not a trace id (expected a 26-character ULID)")]
+pub struct BadTraceId;
+
+impl FromStr for TraceId {
+    type Err = BadTraceId;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ulid::Ulid::from_string(s).map(|u| Self(u.into())).map_err(|_| BadTraceId)
+    }
+}
+
+impl Serialize for TraceId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for TraceId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// How an exchange ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The whole response reached the client, with a 2xx status and no error event.
+    Completed,
+    /// A non-2xx status, an upstream failure, or an error event mid-stream.
+    Errored,
+    /// The client went away before the response ended.
+    Cancelled,
+    /// The response ended, but what was captured is incomplete: the capture cap was reached, or
+    /// the stream ended without `[DONE]`.
+    Truncated,
+}
+
+impl Outcome {
+    /// The snake_case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::Errored => "errored",
+            Outcome::Cancelled => "cancelled",
+            Outcome::Truncated => "truncated",
+        }
+    }
+}
+
+/// One captured exchange, with secrets and configured PII already redacted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Trace {
+    /// Sorts by time.
+    pub id: TraceId,
+    /// Unix milliseconds when the request arrived.
+    pub time_ms: u64,
+    /// The tenant of the client key, if client keys are configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// The client key's id (never the key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    /// The alias the client asked for.
+    pub alias: String,
+    /// The upstream that served it.
+    pub upstream: String,
+    /// The model sent upstream.
+    pub model: String,
+    /// Teacher or student: only teacher traces are training candidates.
+    pub arm: Arm,
+    /// The routing table version that decided the arm.
+    pub route_version: u64,
+    /// Whether the client asked for a stream.
+    pub stream: bool,
+    /// The request body as JSON (redacted).
+    pub request: Value,
+    /// The final message(s) the client received (redacted).
+    pub response: FinalResponse,
+    /// The HTTP status the client received.
+    pub status: u16,
+    /// From the request to the end of the response, in microseconds.
+    pub latency_us: u64,
+    /// From the request to the response headers, in microseconds.
+    pub ttfb_us: u64,
+    /// How it ended.
+    pub outcome: Outcome,
+}
+
+impl Trace {
+    /// Whether this exchange may ever become training data.
+    pub fn is_teacher(&self) -> bool {
+        self.arm == Arm::Teacher
+    }
+
+    /// The `finish_reason` of the first choice.
+    pub fn finish_reason(&self) -> Option<&str> {
+        self.response.choices.first().and_then(|c| c.finish_reason.as_deref())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_sort_by_time_and_round_trip_as_text() {
+        let ids: Vec<TraceId> = (0..1000).map(|_| TraceId::generate()).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "monotonic within a millisecond");
+        let a = ids[0];
+        assert_eq!(a.to_string().parse::<TraceId>().unwrap(), a);
+        assert_eq!(a.to_string().len(), 26);
+        assert!("not-an-id".parse::<TraceId>().is_err());
+    }
+}
