@@ -1,1 +1,508 @@
 //! Load-bench support: a closed-loop HTTP load generator with latency percentiles.
+//!
+//! Each worker owns one keep-alive HTTP/1.1 connection and sends chat completions back-to-back,
+//! so the offered load is exactly `concurrency` requests in flight. [`run`] loads one target
+//! and returns its [`Stats`]; [`Comparison`] sets a direct run beside a run through Forge.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper::header::{CONTENT_TYPE, HOST, HeaderValue, InvalidHeaderValue};
+use hyper::{Method, Request, StatusCode, Uri};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+/// Seconds measured per run (one target, one cell); fractions allowed.
+pub const ENV_FORGE_BENCH_SECS: &str = "FORGE_BENCH_SECS";
+
+const CHAT_PATH: &str = "/v1/chat/completions";
+
+/// Bounds every request, so a stuck server costs one error, not a hung bench.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Pause after a failed connect, so a dead target does not turn the worker into a busy loop.
+const RECONNECT_BACKOFF: Duration = Duration::from_millis(10);
+
+/// The end of an OpenAI stream. A stream without it was cut short, even with a 200.
+const STREAM_END: &[u8] = b"data: [DONE]";
+
+/// Whether the client asks for the whole answer at once or as an SSE stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `"stream": false`: one JSON body.
+    NonStream,
+    /// `"stream": true`: SSE chunks ending in `data: [DONE]`.
+    Stream,
+}
+
+impl Mode {
+    /// Both modes, in the order the bench runs them.
+    pub const ALL: [Mode; 2] = [Mode::NonStream, Mode::Stream];
+
+    /// A short name for tables.
+    pub fn label(self) -> &'static str {
+        match self {
+            Mode::NonStream => "non-stream",
+            Mode::Stream => "stream",
+        }
+    }
+
+    fn is_stream(self) -> bool {
+        self == Mode::Stream
+    }
+}
+
+/// One bench cell: what is asked, and how many connections ask it at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cell {
+    /// Stream or not.
+    pub mode: Mode,
+    /// Connections, each with one request in flight.
+    pub concurrency: usize,
+}
+
+impl fmt::Display for Cell {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} c={}", self.mode.label(), self.concurrency)
+    }
+}
+
+/// A server under load, and the model name it knows the bench model by.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// What the reports call it.
+    pub name: &'static str,
+    addr: SocketAddr,
+    host: HeaderValue,
+    model: String,
+}
+
+impl Target {
+    /// A server listening on `addr` that serves chat completions for `model`.
+    pub fn new(
+        name: &'static str,
+        addr: SocketAddr,
+        model: &str,
+    ) -> Result<Self, InvalidHeaderValue> {
+        Ok(Self {
+            name,
+            addr,
+            host: HeaderValue::try_from(addr.to_string())?,
+            model: model.to_string(),
+        })
+    }
+
+    fn chat_body(&self, mode: Mode) -> Bytes {
+        Bytes::from(format!(
+            r#"{{"model":"{}","messages":[{{"role":"user","content":"Tell me about load testing."}}],"stream":{}}}"#,
+            self.model,
+            mode.is_stream()
+        ))
+    }
+
+    fn request(&self, body: &Bytes) -> Request<Full<Bytes>> {
+        let mut request = Request::new(Full::new(body.clone()));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = Uri::from_static(CHAT_PATH);
+        let headers = request.headers_mut();
+        headers.insert(HOST, self.host.clone());
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        request
+    }
+}
+
+/// How long one run lasts. Only requests that finish inside the measured window count.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// Load applied but not measured: connects, pools and caches settle here.
+    pub warmup: Duration,
+    /// The measured window.
+    pub measure: Duration,
+}
+
+/// Why one request failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// The TCP connect failed.
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    /// The HTTP exchange failed (the connection broke, or the response was malformed).
+    #[error("http: {0}")]
+    Http(#[from] hyper::Error),
+    /// The server answered with a non-2xx status.
+    #[error("status {0}")]
+    Status(StatusCode),
+    /// A 2xx response with no body.
+    #[error("empty body")]
+    EmptyBody,
+    /// A stream that ended without `data: [DONE]`.
+    #[error("stream ended without `data: [DONE]`")]
+    UnfinishedStream,
+    /// No complete response in time.
+    #[error("no complete response within {REQUEST_TIMEOUT:?}")]
+    Timeout,
+    /// A worker task panicked.
+    #[error("load worker failed: {0}")]
+    Worker(String),
+}
+
+/// One successful request.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    finished: Instant,
+    /// From sending the request to the last body byte.
+    latency: Duration,
+    /// From sending the request to the first body byte.
+    first_byte: Duration,
+}
+
+/// Sorted durations, for nearest-rank percentiles.
+#[derive(Debug, Clone, Default)]
+pub struct Distribution(Vec<Duration>);
+
+impl Distribution {
+    /// Sorts `samples`.
+    pub fn new(mut samples: Vec<Duration>) -> Self {
+        samples.sort_unstable();
+        Self(samples)
+    }
+
+    /// How many samples.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True with no samples.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The nearest-rank percentile: the smallest sample with at least `pct`% of samples at or
+    /// below it. Always an observed value, never interpolated. `None` with no samples.
+    pub fn percentile(&self, pct: usize) -> Option<Duration> {
+        let rank = (self.0.len() * pct.min(100)).div_ceil(100).max(1);
+        self.0.get(rank - 1).copied()
+    }
+
+    /// The median.
+    pub fn p50(&self) -> Option<Duration> {
+        self.percentile(50)
+    }
+
+    /// The 99th percentile.
+    pub fn p99(&self) -> Option<Duration> {
+        self.percentile(99)
+    }
+}
+
+/// What one run of one target measured.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    /// Send to last body byte, for requests that finished in the window.
+    pub latency: Distribution,
+    /// Send to first body byte, for the same requests.
+    pub first_byte: Distribution,
+    /// Failed requests, in warm-up and window alike: any error makes the run suspect.
+    pub errors: u64,
+    /// The first error seen, to say what went wrong.
+    pub first_error: Option<String>,
+    /// TCP connections opened. More than the concurrency means keep-alive broke somewhere.
+    pub connections: u64,
+    /// The measured window.
+    pub window: Duration,
+}
+
+impl Stats {
+    /// Completed requests per second over the window.
+    pub fn throughput(&self) -> f64 {
+        let secs = self.window.as_secs_f64();
+        if secs > 0.0 {
+            self.latency.len() as f64 / secs
+        } else {
+            0.0
+        }
+    }
+}
+
+/// What one worker saw, before the workers are merged into [`Stats`].
+#[derive(Debug, Default)]
+struct Tally {
+    samples: Vec<Sample>,
+    errors: u64,
+    first_error: Option<String>,
+    connections: u64,
+}
+
+impl Tally {
+    fn error(&mut self, error: &RequestError) {
+        self.errors += 1;
+        self.first_error.get_or_insert_with(|| error.to_string());
+    }
+
+    fn merge(&mut self, other: Tally) {
+        self.samples.extend(other.samples);
+        self.errors += other.errors;
+        self.connections += other.connections;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+    }
+
+    fn into_stats(self, window_start: Instant, window: Duration) -> Stats {
+        let window_end = window_start + window;
+        let measured: Vec<Sample> = self
+            .samples
+            .into_iter()
+            .filter(|s| s.finished >= window_start && s.finished <= window_end)
+            .collect();
+        Stats {
+            latency: Distribution::new(measured.iter().map(|s| s.latency).collect()),
+            first_byte: Distribution::new(measured.iter().map(|s| s.first_byte).collect()),
+            errors: self.errors,
+            first_error: self.first_error,
+            connections: self.connections,
+            window,
+        }
+    }
+}
+
+/// Loads `target` with `concurrency` closed-loop workers for the warm-up plus the window.
+pub async fn run(target: &Target, cell: Cell, timing: Timing) -> Stats {
+    let window_start = Instant::now() + timing.warmup;
+    let stop = window_start + timing.measure;
+    let body = target.chat_body(cell.mode);
+    let mut workers = JoinSet::new();
+    for _ in 0..cell.concurrency {
+        workers.spawn(worker(target.clone(), body.clone(), cell.mode, stop));
+    }
+    let mut tally = Tally::default();
+    while let Some(done) = workers.join_next().await {
+        match done {
+            Ok(worker) => tally.merge(worker),
+            Err(e) => tally.error(&RequestError::Worker(e.to_string())),
+        }
+    }
+    tally.into_stats(window_start, timing.measure)
+}
+
+/// Sends requests back-to-back over one connection until `stop`; reconnects after any error.
+async fn worker(target: Target, body: Bytes, mode: Mode, stop: Instant) -> Tally {
+    let mut tally = Tally::default();
+    let mut connection: Option<Connection> = None;
+    while Instant::now() < stop {
+        let open = match &mut connection {
+            Some(open) => open,
+            None => match Connection::open(target.addr).await {
+                Ok(fresh) => {
+                    tally.connections += 1;
+                    connection.insert(fresh)
+                }
+                Err(e) => {
+                    tally.error(&e);
+                    tokio::time::sleep(RECONNECT_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        let exchange = open.exchange(target.request(&body), mode);
+        match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
+            Ok(Ok(sample)) => tally.samples.push(sample),
+            Ok(Err(e)) => {
+                tally.error(&e);
+                connection = None;
+            }
+            Err(_elapsed) => {
+                tally.error(&RequestError::Timeout);
+                connection = None;
+            }
+        }
+    }
+    tally
+}
+
+/// One keep-alive HTTP/1.1 client connection. Dropping it aborts its driver task.
+struct Connection {
+    sender: SendRequest<Full<Bytes>>,
+    _driver: JoinSet<()>,
+}
+
+impl Connection {
+    async fn open(addr: SocketAddr) -> Result<Self, RequestError> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(RequestError::Connect)?;
+        // Without it, Nagle holds back small request writes and adds delay unrelated to Forge.
+        stream.set_nodelay(true).map_err(RequestError::Connect)?;
+        let (sender, driver) = http1::handshake(TokioIo::new(stream)).await?;
+        let mut tasks = JoinSet::new();
+        tasks.spawn(async move {
+            // Its error also reaches the pending request, which counts it.
+            let _ = driver.await;
+        });
+        Ok(Self {
+            sender,
+            _driver: tasks,
+        })
+    }
+
+    /// Sends one request and reads its body to the end.
+    async fn exchange(
+        &mut self,
+        request: Request<Full<Bytes>>,
+        mode: Mode,
+    ) -> Result<Sample, RequestError> {
+        self.sender.ready().await?;
+        let sent = Instant::now();
+        let response = self.sender.send_request(request).await?;
+        let status = response.status();
+        let mut body = response.into_body();
+        let mut first_byte = None;
+        let mut tail = Tail::default();
+        while let Some(frame) = body.frame().await {
+            if let Some(data) = frame?.data_ref() {
+                first_byte.get_or_insert_with(|| sent.elapsed());
+                tail.push(data);
+            }
+        }
+        let finished = Instant::now();
+        if !status.is_success() {
+            return Err(RequestError::Status(status));
+        }
+        let first_byte = first_byte.ok_or(RequestError::EmptyBody)?;
+        if mode.is_stream() && !tail.ends_stream() {
+            return Err(RequestError::UnfinishedStream);
+        }
+        Ok(Sample {
+            finished,
+            latency: finished - sent,
+            first_byte,
+        })
+    }
+}
+
+/// The last bytes of a body, enough to see how it ended without buffering all of it.
+#[derive(Debug, Default)]
+struct Tail(Vec<u8>);
+
+impl Tail {
+    const KEEP: usize = 32;
+
+    fn push(&mut self, data: &[u8]) {
+        self.0
+            .extend_from_slice(&data[data.len().saturating_sub(Self::KEEP)..]);
+        let excess = self.0.len().saturating_sub(Self::KEEP);
+        self.0.drain(..excess);
+    }
+
+    fn ends_stream(&self) -> bool {
+        self.0.trim_ascii_end().ends_with(STREAM_END)
+    }
+}
+
+/// The same cell run direct to the upstream and through Forge.
+#[derive(Debug, Clone)]
+pub struct Comparison {
+    /// What was run.
+    pub cell: Cell,
+    /// Straight to the upstream.
+    pub direct: Stats,
+    /// Through the gateway.
+    pub forge: Stats,
+}
+
+impl Comparison {
+    /// Forge throughput as a percentage of direct.
+    pub fn throughput_pct(&self) -> f64 {
+        let direct = self.direct.throughput();
+        if direct > 0.0 {
+            100.0 * self.forge.throughput() / direct
+        } else {
+            0.0
+        }
+    }
+
+    /// Milliseconds Forge adds at the median; negative when Forge measured faster.
+    pub fn added_p50_ms(&self) -> Option<f64> {
+        added_ms(self.direct.latency.p50(), self.forge.latency.p50())
+    }
+
+    /// Milliseconds Forge adds at p99.
+    pub fn added_p99_ms(&self) -> Option<f64> {
+        added_ms(self.direct.latency.p99(), self.forge.latency.p99())
+    }
+
+    /// Errors on both sides.
+    pub fn errors(&self) -> u64 {
+        self.direct.errors + self.forge.errors
+    }
+}
+
+fn added_ms(direct: Option<Duration>, forge: Option<Duration>) -> Option<f64> {
+    Some(millis(forge?) - millis(direct?))
+}
+
+/// A duration in milliseconds, for printing.
+pub fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(values: impl IntoIterator<Item = u64>) -> Distribution {
+        Distribution::new(values.into_iter().map(Duration::from_millis).collect())
+    }
+
+    #[test]
+    fn percentiles_of_one_to_a_hundred_are_their_rank() {
+        let d = ms((1..=100).rev());
+        assert_eq!(d.p50(), Some(Duration::from_millis(50)));
+        assert_eq!(d.p99(), Some(Duration::from_millis(99)));
+        assert_eq!(d.percentile(100), Some(Duration::from_millis(100)));
+        assert_eq!(d.percentile(1), Some(Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn percentile_rounds_rank_up_on_small_samples() {
+        let d = ms([40, 10, 30, 20]);
+        assert_eq!(d.p50(), Some(Duration::from_millis(20)));
+        assert_eq!(d.percentile(51), Some(Duration::from_millis(30)));
+        assert_eq!(d.p99(), Some(Duration::from_millis(40)));
+    }
+
+    #[test]
+    fn p99_of_ten_samples_is_the_maximum() {
+        let d = ms([5, 1, 9, 3, 7, 2, 8, 4, 6, 1000]);
+        assert_eq!(d.p50(), Some(Duration::from_millis(5)));
+        assert_eq!(d.percentile(90), Some(Duration::from_millis(9)));
+        assert_eq!(d.p99(), Some(Duration::from_millis(1000)));
+    }
+
+    #[test]
+    fn percentile_edges() {
+        assert_eq!(Distribution::default().p50(), None);
+        let one = ms([7]);
+        assert_eq!(one.percentile(0), Some(Duration::from_millis(7)));
+        assert_eq!(one.p99(), Some(Duration::from_millis(7)));
+        assert_eq!(ms([1, 2]).percentile(250), Some(Duration::from_millis(2)));
+    }
+
+    #[test]
+    fn tail_sees_the_stream_end_across_frames() {
+        let mut tail = Tail::default();
+        tail.push(&[b'x'; 100]);
+        tail.push(b"data: [DO");
+        tail.push(b"NE]\n\n");
+        assert!(tail.ends_stream());
+        tail.push(b"data: {}\n\n");
+        assert!(!tail.ends_stream());
+    }
+}

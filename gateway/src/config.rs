@@ -1,9 +1,11 @@
 //! `forge.toml`: the raw serde shape (unknown keys refused) and its validation into [`Config`].
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use forge_layer::redact::Kind;
+use forge_layer::store::{CaptureMode, WriterConfig};
 use forge_router::{CanaryShare, Route, Student, Target};
 use serde::Deserialize;
 
@@ -42,6 +44,50 @@ struct RawConfig {
     upstreams: Vec<RawUpstream>,
     #[serde(default)]
     routes: Vec<RawRoute>,
+    #[serde(default)]
+    capture: RawCapture,
+    #[serde(default)]
+    clients: Vec<RawClient>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawCapture {
+    enabled: bool,
+    data_dir: PathBuf,
+    mode: CaptureMode,
+    queue_capacity: usize,
+    batch_max: usize,
+    flush_interval_ms: u64,
+    max_response_bytes: usize,
+    max_event_bytes: usize,
+    redact_pii: Vec<String>,
+}
+
+impl Default for RawCapture {
+    fn default() -> Self {
+        let writer = WriterConfig::default();
+        Self {
+            enabled: true,
+            data_dir: PathBuf::from("forge-data"),
+            mode: writer.mode,
+            queue_capacity: writer.queue_capacity,
+            batch_max: writer.batch_max,
+            flush_interval_ms: u64::try_from(writer.flush_interval.as_millis()).unwrap_or(5),
+            max_response_bytes: 4 * 1024 * 1024,
+            max_event_bytes: writer.max_event_bytes,
+            redact_pii: Kind::PII.iter().map(|k| k.name().to_string()).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClient {
+    id: String,
+    tenant: Option<String>,
+    key_env: Option<String>,
+    key_sha256: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -52,6 +98,7 @@ struct RawServer {
     max_in_flight: usize,
     shutdown_grace_secs: u64,
     passthrough_upstream: Option<String>,
+    admin_listen: String,
 }
 
 impl Default for RawServer {
@@ -62,6 +109,7 @@ impl Default for RawServer {
             max_in_flight: 1024,
             shutdown_grace_secs: 30,
             passthrough_upstream: None,
+            admin_listen: "127.0.0.1:8081".into(),
         }
     }
 }
@@ -119,6 +167,32 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     /// The routes the table starts with.
     pub routes: Vec<Route>,
+    /// `[capture]`: `None` when capture is off.
+    pub capture: Option<CaptureConfig>,
+    /// `[[clients]]`: the keys apps must present. Empty means no client auth.
+    pub clients: Vec<ClientConfig>,
+}
+
+/// `[capture]`.
+#[derive(Debug, Clone)]
+pub struct CaptureConfig {
+    /// Where the store lives.
+    pub data_dir: PathBuf,
+    /// The writer's settings (mode, queue, batching, redaction).
+    pub writer: WriterConfig,
+    /// Response bytes kept per exchange; past that the trace is marked truncated.
+    pub max_response_bytes: usize,
+}
+
+/// `[[clients]]`: one app key.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The id recorded in traces (never the key).
+    pub id: String,
+    /// The tenant its traces belong to.
+    pub tenant: Option<String>,
+    /// SHA-256 of the key: the gateway never keeps the key itself.
+    pub key_sha256: [u8; 32],
 }
 
 /// `[server]`.
@@ -134,6 +208,10 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// The upstream that other `/v1/*` paths are passed to; `None` turns passthrough off.
     pub passthrough_upstream: Option<String>,
+    /// The admin API address; it starts only when `FORGE_ADMIN_TOKEN` is set.
+    pub admin_listen: SocketAddr,
+    /// The admin bearer token, read from `FORGE_ADMIN_TOKEN` at load. `None`: no admin API.
+    pub admin_token: Option<crate::auth::Secret>,
 }
 
 /// Where an upstream lives.
@@ -271,8 +349,21 @@ impl Config {
         forge_router::RoutingTable::new(0, routes.clone(), &upstreams.iter().map(|u| u.name.clone()).collect())
             .map_err(|e| invalid(e.to_string()))?;
 
+        let admin_listen = raw.server.admin_listen.parse().map_err(|_| {
+            invalid(format!("server.admin_listen `{}` is not an address like 127.0.0.1:8081", raw.server.admin_listen))
+        })?;
+        let capture = validate_capture(raw.capture)?;
+        let clients = validate_clients(raw.clients)?;
+
         Ok(Config {
+            capture,
+            clients,
             server: ServerConfig {
+                admin_listen,
+                admin_token: std::env::var(crate::env::ENV_FORGE_ADMIN_TOKEN)
+                    .ok()
+                    .filter(|t| !t.is_empty())
+                    .map(|t| crate::auth::Secret::new(&t)),
                 listen,
                 max_body_bytes: raw.server.max_body_bytes,
                 max_in_flight: raw.server.max_in_flight,
@@ -283,6 +374,83 @@ impl Config {
             routes,
         })
     }
+}
+
+fn validate_capture(raw: RawCapture) -> Result<Option<CaptureConfig>, ConfigError> {
+    if !raw.enabled {
+        return Ok(None);
+    }
+    for (key, value) in [
+        ("queue_capacity", raw.queue_capacity),
+        ("batch_max", raw.batch_max),
+        ("max_response_bytes", raw.max_response_bytes),
+        ("max_event_bytes", raw.max_event_bytes),
+    ] {
+        if value == 0 {
+            return Err(invalid(format!("capture.{key} must be at least 1")));
+        }
+    }
+    let mut pii = Vec::new();
+    for name in &raw.redact_pii {
+        match Kind::from_name(name).filter(|k| Kind::PII.contains(k)) {
+            Some(kind) => pii.push(kind),
+            None => {
+                return Err(invalid(format!(
+                    "capture.redact_pii: unknown kind `{name}` (known: email, phone, card, iban, ip)"
+                )));
+            }
+        }
+    }
+    Ok(Some(CaptureConfig {
+        data_dir: raw.data_dir,
+        max_response_bytes: raw.max_response_bytes,
+        writer: WriterConfig {
+            mode: raw.mode,
+            queue_capacity: raw.queue_capacity,
+            batch_max: raw.batch_max,
+            flush_interval: Duration::from_millis(raw.flush_interval_ms),
+            redactor: forge_layer::redact::Redactor::with_pii(&pii),
+            max_event_bytes: raw.max_event_bytes,
+        },
+    }))
+}
+
+fn validate_clients(raw: Vec<RawClient>) -> Result<Vec<ClientConfig>, ConfigError> {
+    let mut clients: Vec<ClientConfig> = Vec::with_capacity(raw.len());
+    for c in raw {
+        if c.id.trim().is_empty() {
+            return Err(invalid("a [[clients]] entry has an empty id"));
+        }
+        if clients.iter().any(|k| k.id == c.id) {
+            return Err(invalid(format!("client `{}` is defined twice", c.id)));
+        }
+        let key_sha256 = match (c.key_env, c.key_sha256) {
+            (Some(var), None) => {
+                let key = std::env::var(&var)
+                    .map_err(|_| invalid(format!("client `{}`: environment variable {var} (key_env) is not set", c.id)))?;
+                if key.is_empty() {
+                    return Err(invalid(format!("client `{}`: {var} is empty", c.id)));
+                }
+                crate::auth::sha256(key.as_bytes())
+            }
+            (None, Some(hex_digest)) => {
+                hex::decode(hex_digest.trim())
+                    .ok()
+                    .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                    .ok_or_else(|| invalid(format!("client `{}`: key_sha256 must be 64 hex characters", c.id)))?
+            }
+            _ => return Err(invalid(format!("client `{}`: set exactly one of key_env or key_sha256", c.id))),
+        };
+        if clients.iter().any(|k| k.key_sha256 == key_sha256) {
+            return Err(invalid(format!("client `{}` has the same key as another client", c.id)));
+        }
+        clients.push(ClientConfig {
+            id: c.id,
+            tenant: c.tenant.filter(|t| !t.is_empty()),
+            key_sha256,
+        });
+    }
+    Ok(clients)
 }
 
 fn validate_base_url(name: &str, url: &str) -> Result<String, ConfigError> {

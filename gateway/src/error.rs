@@ -47,6 +47,12 @@ pub enum Error {
     /// The client must send a valid key.
     #[error("Incorrect or missing API key.")]
     Unauthorized,
+    /// No trace with this id (or not one the caller's tenant may see).
+    #[error("No trace with id `{0}`.")]
+    TraceNotFound(String),
+    /// Forge failed internally (the store); the details are logged, not shown.
+    #[error("Forge could not complete the request; the error is in its log.")]
+    Internal,
 }
 
 impl Error {
@@ -62,12 +68,13 @@ impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
             Error::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
-            Error::ModelNotFound(_) | Error::UnknownPath { .. } => StatusCode::NOT_FOUND,
+            Error::ModelNotFound(_) | Error::UnknownPath { .. } | Error::TraceNotFound(_) => StatusCode::NOT_FOUND,
             Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Error::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             Error::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Error::Unauthorized => StatusCode::UNAUTHORIZED,
+            Error::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -75,7 +82,7 @@ impl Error {
     pub fn fault(&self) -> Fault {
         match self {
             Error::UpstreamUnreachable | Error::UpstreamTimeout(_) => Fault::Upstream,
-            Error::Overloaded => Fault::Gateway,
+            Error::Overloaded | Error::Internal => Fault::Gateway,
             _ => Fault::Client,
         }
     }
@@ -99,6 +106,8 @@ impl Error {
             Error::UpstreamUnreachable => "upstream_unreachable",
             Error::UpstreamTimeout(_) => "upstream_timeout",
             Error::Unauthorized => "invalid_api_key",
+            Error::TraceNotFound(_) => "trace_not_found",
+            Error::Internal => "internal_error",
         })
     }
 
@@ -106,6 +115,7 @@ impl Error {
         match self {
             Error::InvalidRequest { param, .. } => *param,
             Error::ModelNotFound(_) => Some("model"),
+            Error::TraceNotFound(_) => Some("trace_id"),
             _ => None,
         }
     }

@@ -12,6 +12,8 @@
 //! # Ok(()) }
 //! ```
 
+pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod env;
 pub mod error;

@@ -1,6 +1,13 @@
 //! Prometheus metrics for the proxy, rendered as text on `GET /metrics`.
 
+use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
+
+use forge_layer::store::CaptureCounters;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -53,11 +60,43 @@ impl Metrics {
             .inc();
     }
 
+    /// Exports the capture counters; their equation `captured + dropped + failed + pending ==
+    /// eligible` holds in every scrape.
+    pub fn register_capture(&mut self, counters: Arc<CaptureCounters>) {
+        self.registry.register_collector(Box::new(CaptureCollector(counters)));
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[derive(Debug)]
+struct CaptureCollector(Arc<CaptureCounters>);
+
+impl Collector for CaptureCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let c = self.0.snapshot();
+        for (name, help, value) in [
+            ("capture_eligible", "Finished chat exchanges handed to the trace writer", c.eligible),
+            ("capture_captured", "Traces committed to the store", c.captured),
+            ("capture_dropped", "Traces dropped because the capture queue was full", c.dropped),
+            ("capture_failed", "Traces lost to a failed commit", c.failed),
+        ] {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
+        }
+        let pending = ConstGauge::new(i64::try_from(c.pending).unwrap_or(i64::MAX));
+        pending.encode(encoder.encode_descriptor(
+            "capture_pending",
+            "Traces queued or being written",
+            None,
+            pending.metric_type(),
+        )?)?;
+        Ok(())
     }
 }

@@ -12,8 +12,15 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use forge_layer::capture::CaptureLayer;
+use forge_layer::store::{CaptureCounters, CounterSnapshot, Store, TraceWriter, WriterTask};
+use tower::Layer;
+
+use crate::admin::{self, AdminState};
+use crate::auth::ClientKeys;
 use crate::config::{Config, Endpoint};
 use crate::metrics::Metrics;
+use crate::proxy::exchange::{Sink, UpstreamCall};
 use crate::proxy::{self, ProxyState};
 use crate::sim::{SimConfig, SimHandle, SimUpstream};
 use crate::upstream::{Upstream, Upstreams};
@@ -28,6 +35,9 @@ pub enum StartError {
     /// The routes do not validate.
     #[error("invalid routes: {0}")]
     Routes(#[from] forge_router::RouteError),
+    /// The trace store could not be opened.
+    #[error("capture store: {0}")]
+    Store(#[from] forge_layer::store::StoreError),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -43,9 +53,13 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct RunningGateway {
     addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     router: forge_router::Router,
+    store: Option<Store>,
+    counters: Option<Arc<CaptureCounters>>,
     stop: watch::Sender<bool>,
-    server: tokio::task::JoinHandle<()>,
+    servers: Vec<tokio::task::JoinHandle<()>>,
+    writer: Option<WriterTask>,
     sims: Vec<SimHandle>,
 }
 
@@ -60,9 +74,24 @@ impl RunningGateway {
         format!("http://{}/v1", self.addr)
     }
 
+    /// The admin API's address, if it started (it needs `FORGE_ADMIN_TOKEN`).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
     /// The live routing table.
     pub fn router(&self) -> &forge_router::Router {
         &self.router
+    }
+
+    /// The trace store, when capture is on.
+    pub fn store(&self) -> Option<&Store> {
+        self.store.as_ref()
+    }
+
+    /// The capture counters now, when capture is on.
+    pub fn capture_counters(&self) -> Option<CounterSnapshot> {
+        self.counters.as_ref().map(|c| c.snapshot())
     }
 
     /// The simulated upstreams started for `sim = true` upstreams.
@@ -70,10 +99,20 @@ impl RunningGateway {
         &self.sims
     }
 
-    /// Stops accepting, lets in-flight requests finish within the grace period, then returns.
+    /// Stops accepting, lets in-flight requests finish within the grace period, writes every
+    /// queued trace, then returns.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
-        let _ = self.server.await;
+        for server in self.servers {
+            let _ = server.await;
+        }
+        // The servers held the last writer handles; with them gone the writer drains and stops.
+        if let Some(writer) = self.writer {
+            writer.join().await;
+        }
+        if let Some(counters) = &self.counters {
+            tracing::info!(counters = ?counters.snapshot(), "capture flushed");
+        }
         for sim in self.sims {
             sim.shutdown().await;
         }
@@ -121,32 +160,78 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         .as_deref()
         .and_then(|name| upstreams.get(name).cloned());
 
+    let mut metrics = Metrics::default();
+    let (store, sink, writer, counters) = match &config.capture {
+        Some(capture) => {
+            let store = Store::open_dir(&capture.data_dir)?;
+            let (writer, task) = TraceWriter::start(store.clone(), capture.writer.clone());
+            let counters = writer.counters_handle();
+            metrics.register_capture(Arc::clone(&counters));
+            tracing::info!(path = %store.path().display(), mode = ?capture.writer.mode, "capture on");
+            (Some(store), Sink::Writer(writer), Some(task), Some(counters))
+        }
+        None => {
+            tracing::info!("capture off");
+            (None, Sink::Off, None, None)
+        }
+    };
+    let max_response_bytes = config.capture.as_ref().map_or(0, |c| c.max_response_bytes);
     let state = ProxyState {
         router: router.clone(),
         upstreams,
         passthrough,
         max_body_bytes: config.server.max_body_bytes,
-        metrics: Arc::new(Metrics::default()),
+        metrics: Arc::new(metrics),
+        exchange: CaptureLayer::new(sink, max_response_bytes).layer(UpstreamCall),
+        capture_enabled: store.is_some(),
+        store: store.clone(),
+        keys: ClientKeys::new(&config.clients),
     };
     let app = proxy::app(state, config.server.max_in_flight);
 
-    let listen = config.server.listen;
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|source| StartError::Bind { addr: listen, source })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|source| StartError::Bind { addr: listen, source })?;
     let (stop, stopped) = watch::channel(false);
-    let server = tokio::spawn(serve(listener, app, stopped, config.server.shutdown_grace));
+    let grace = config.server.shutdown_grace;
+    let (listener, addr) = bind(config.server.listen).await?;
+    let mut servers = vec![tokio::spawn(serve(listener, app, stopped.clone(), grace))];
+
+    let admin_addr = match &config.server.admin_token {
+        Some(token) => {
+            let admin = admin::app(
+                AdminState {
+                    router: router.clone(),
+                    store: store.clone(),
+                    counters: counters.clone(),
+                },
+                token.clone(),
+            );
+            let (listener, admin_addr) = bind(config.server.admin_listen).await?;
+            servers.push(tokio::spawn(serve(listener, admin, stopped, grace)));
+            tracing::info!(addr = %admin_addr, "admin API listening");
+            Some(admin_addr)
+        }
+        None => {
+            tracing::info!("admin API off: set FORGE_ADMIN_TOKEN to enable it");
+            None
+        }
+    };
     tracing::info!(%addr, routes = router.load().routes().count(), "forge is listening");
     Ok(RunningGateway {
         addr,
+        admin_addr,
         router,
+        store,
+        counters,
         stop,
-        server,
+        servers,
+        writer,
         sims,
     })
+}
+
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
+    let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+    let bound = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
+    Ok((listener, bound))
 }
 
 /// The accept loop. Each connection is tracked both by the graceful watcher (to ask it to close

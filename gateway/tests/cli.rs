@@ -53,9 +53,10 @@ fn run_to_failure(config: &str) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-fn config(sim_url: &str, key_env: &str) -> String {
+fn config(sim_url: &str, key_env: &str, data_dir: &std::path::Path) -> String {
     format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_secs = 60\n\n[[upstreams]]\nname = \"sim\"\nbase_url = \"{sim_url}\"\napi_key_env = \"{key_env}\"\n\n[[routes]]\nalias = \"a\"\nteacher = {{ upstream = \"sim\", model = \"trickle\" }}\n"
+        "[capture]\ndata_dir = {:?}\n\n[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_secs = 60\n\n[[upstreams]]\nname = \"sim\"\nbase_url = \"{sim_url}\"\napi_key_env = \"{key_env}\"\n\n[[routes]]\nalias = \"a\"\nteacher = {{ upstream = \"sim\", model = \"trickle\" }}\n",
+        data_dir.display().to_string()
     )
 }
 
@@ -63,7 +64,8 @@ fn config(sim_url: &str, key_env: &str) -> String {
 fn bad_configs_are_refused_with_a_message_naming_the_problem() {
     let stderr = run_to_failure("[server]\nlisten = \"127.0.0.1:0\"\nlisten_port = 1\n");
     assert!(stderr.contains("listen_port"), "{stderr}");
-    let stderr = run_to_failure(&config("http://127.0.0.1:9/v1", "FORGE_TEST_MISSING"));
+    let dir = tempfile::tempdir().unwrap();
+    let stderr = run_to_failure(&config("http://127.0.0.1:9/v1", "FORGE_TEST_MISSING", dir.path()));
     assert!(stderr.contains("FORGE_TEST_MISSING"), "{stderr}");
 }
 
@@ -81,7 +83,11 @@ async fn upstream_key_comes_from_env_and_sigterm_drains_streams() {
     )
     .await
     .unwrap();
-    let (mut forge, base, _dir) = serve(&config(&sim.base_url(), "FORGE_TEST_UPSTREAM_KEY"), &[("FORGE_TEST_UPSTREAM_KEY", "sk-upstream-test")]);
+    let data = tempfile::tempdir().unwrap();
+    let (mut forge, base, _dir) = serve(
+        &config(&sim.base_url(), "FORGE_TEST_UPSTREAM_KEY", data.path()),
+        &[("FORGE_TEST_UPSTREAM_KEY", "sk-upstream-test")],
+    );
     let http = reqwest::Client::new();
     let body = serde_json::json!({"model": "a", "messages": [{"role": "user", "content": "hi"}], "stream": true});
 

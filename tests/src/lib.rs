@@ -1,4 +1,6 @@
 //! Shared helpers for the end-to-end tests: start the simulated upstream and the gateway on loopback.
+// Test support: a failed set-up step should stop the test with its message.
+#![allow(clippy::expect_used)]
 
 use std::time::Duration;
 
@@ -29,10 +31,51 @@ pub fn config_text(sim_url: &str, server: &str, routes: &[(&str, &str)]) -> Stri
     text
 }
 
-/// Starts the real gateway from TOML text.
-pub async fn start_gateway(toml: &str) -> RunningGateway {
-    let config = Config::from_toml(toml).expect("valid test config");
-    forge_gateway::server::start(config).await.expect("start the gateway")
+/// A gateway started for a test, with its data directory, removed when it is dropped.
+#[derive(Debug)]
+pub struct TestGateway {
+    gateway: RunningGateway,
+    dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for TestGateway {
+    type Target = RunningGateway;
+    fn deref(&self) -> &RunningGateway {
+        &self.gateway
+    }
+}
+
+impl TestGateway {
+    /// The data directory (capture store).
+    pub fn data_dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Shuts the gateway down gracefully (flushing capture), keeping the data directory.
+    pub async fn shutdown(self) -> tempfile::TempDir {
+        self.gateway.shutdown().await;
+        self.dir
+    }
+}
+
+/// Starts the real gateway from TOML text. Unless the text has its own `[capture]` section,
+/// capture is on, into a fresh temporary directory.
+pub async fn start_gateway(toml: &str) -> TestGateway {
+    start_gateway_with(toml, |_| {}).await
+}
+
+/// Like [`start_gateway`], with a chance to adjust the parsed config (e.g. the admin token,
+/// which production reads from the environment).
+pub async fn start_gateway_with(toml: &str, adjust: impl FnOnce(&mut Config)) -> TestGateway {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut text = toml.to_string();
+    if !text.contains("[capture]") {
+        text.push_str(&format!("\n[capture]\ndata_dir = {:?}\n", dir.path().display().to_string()));
+    }
+    let mut config = Config::from_toml(&text).expect("valid test config");
+    adjust(&mut config);
+    let gateway = forge_gateway::server::start(config).await.expect("start the gateway");
+    TestGateway { gateway, dir }
 }
 
 /// A client like an app's: pooled, no proxy, and with a timeout only as a hang guard.

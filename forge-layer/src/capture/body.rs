@@ -104,11 +104,11 @@ where
                 Poll::Ready(Some(Err(e)))
             }
             None => {
-                if let Some(mut commit) = finish(this.session, BodyEnd::Complete) {
-                    if commit.as_mut().poll(cx).is_pending() {
-                        *this.commit = Some(commit);
-                        return Poll::Pending;
-                    }
+                if let Some(mut commit) = finish(this.session, BodyEnd::Complete)
+                    && commit.as_mut().poll(cx).is_pending()
+                {
+                    *this.commit = Some(commit);
+                    return Poll::Pending;
                 }
                 Poll::Ready(None)
             }

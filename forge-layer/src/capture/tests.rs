@@ -54,8 +54,9 @@ fn session() -> CaptureSession {
 }
 
 type Frames = Vec<Result<Frame<Bytes>, std::io::Error>>;
+type Streamed = StreamBody<futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, std::io::Error>>>>;
 
-fn streamed(frames: Frames) -> StreamBody<futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, std::io::Error>>>> {
+fn streamed(frames: Frames) -> Streamed {
     StreamBody::new(futures_util::stream::iter(frames))
 }
 

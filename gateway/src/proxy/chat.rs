@@ -2,20 +2,29 @@
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, Method, header};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
+use forge_layer::capture::ExchangeMeta;
 use forge_router::StickyKey;
+use tower::ServiceExt;
 
+use super::exchange::Routed;
 use super::request::ChatRequest;
 use super::{ProxyState, check_declared_length, read_body};
+use crate::auth::Caller;
 use crate::error::Error;
-use crate::upstream::full_body;
 
 /// The header a client may set to pin its canary arm.
 pub const STICKY_HEADER: &str = "x-forge-sticky-key";
 
-pub async fn completions(State(state): State<ProxyState>, headers: HeaderMap, body: Body) -> Response {
-    let response = match forward(&state, &headers, body).await {
+pub async fn completions(
+    State(state): State<ProxyState>,
+    caller: Option<axum::Extension<Caller>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let caller = caller.map(|axum::Extension(c)| c).unwrap_or_default();
+    let response = match forward(&state, caller, &headers, body).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
     };
@@ -23,7 +32,7 @@ pub async fn completions(State(state): State<ProxyState>, headers: HeaderMap, bo
     response
 }
 
-async fn forward(state: &ProxyState, headers: &HeaderMap, body: Body) -> Result<Response, Error> {
+async fn forward(state: &ProxyState, caller: Caller, headers: &HeaderMap, body: Body) -> Result<Response, Error> {
     check_declared_length(headers, state.max_body_bytes)?;
     let bytes = read_body(body, state.max_body_bytes).await?;
     let request = ChatRequest::parse(&bytes)?;
@@ -37,7 +46,7 @@ async fn forward(state: &ProxyState, headers: &HeaderMap, body: Body) -> Result<
         // Only one arm: skip looking for a key.
         StickyKey::Point(0)
     } else {
-        sticky_owned = sticky_key(headers, &request);
+        sticky_owned = sticky_key(headers, &request, &caller);
         match &sticky_owned {
             Some(k) => StickyKey::Key(k.as_bytes()),
             None => StickyKey::Point(rand::random_range(0..10_000)),
@@ -49,25 +58,32 @@ async fn forward(state: &ProxyState, headers: &HeaderMap, body: Body) -> Result<
         .get(&decision.target.upstream)
         .ok_or(Error::UpstreamUnreachable)?;
 
-    let mut upstream_headers = HeaderMap::with_capacity(2);
-    upstream_headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    upstream_headers.insert(
-        header::ACCEPT,
-        if request.is_stream() {
-            HeaderValue::from_static("text/event-stream")
-        } else {
-            HeaderValue::from_static("application/json")
-        },
-    );
-    let out = request.with_model(&decision.target.model);
-    let response = upstream
-        .send(Method::POST, "/chat/completions", upstream_headers, full_body(out))
-        .await?;
+    let mut exchange = http::Request::new(request.with_model(&decision.target.model));
+    exchange.extensions_mut().insert(Routed {
+        upstream: upstream.clone(),
+        stream: request.is_stream(),
+    });
+    if state.capture_enabled {
+        exchange.extensions_mut().insert(ExchangeMeta {
+            tenant: caller.tenant,
+            key_id: caller.key_id,
+            alias: alias.to_string(),
+            upstream: decision.target.upstream.clone(),
+            model: decision.target.model.clone(),
+            arm: decision.arm,
+            route_version: decision.version,
+            stream: request.is_stream(),
+        });
+    }
+    let response = match state.exchange.clone().oneshot(exchange).await {
+        Ok(response) => response,
+        Err(never) => match never {},
+    };
     Ok(response.map(Body::new))
 }
 
-/// The sticky key, in order of precedence: the header, then `user`, then `safety_identifier`.
-fn sticky_key(headers: &HeaderMap, request: &ChatRequest<'_>) -> Option<String> {
+/// The sticky key, in order of precedence: the header, `user`, `safety_identifier`, the client key.
+fn sticky_key(headers: &HeaderMap, request: &ChatRequest<'_>, caller: &Caller) -> Option<String> {
     headers
         .get(STICKY_HEADER)
         .and_then(|v| v.to_str().ok())
@@ -75,4 +91,5 @@ fn sticky_key(headers: &HeaderMap, request: &ChatRequest<'_>) -> Option<String> 
         .map(str::to_string)
         .or_else(|| request.string_field("user").filter(|v| !v.is_empty()))
         .or_else(|| request.string_field("safety_identifier").filter(|v| !v.is_empty()))
+        .or_else(|| caller.key_id.clone())
 }

@@ -2,6 +2,8 @@
 
 pub mod body;
 mod chat;
+pub mod exchange;
+pub mod feedback;
 mod limit;
 mod passthrough;
 pub mod request;
@@ -17,6 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
+use crate::auth::{self, ClientKeys};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::upstream::{Upstream, Upstreams};
@@ -36,18 +39,29 @@ pub struct ProxyState {
     pub max_body_bytes: usize,
     /// Counters and gauges.
     pub metrics: Arc<Metrics>,
+    /// The upstream call, wrapped by the capture layer.
+    pub exchange: exchange::Exchange,
+    /// Whether chat exchanges are captured.
+    pub capture_enabled: bool,
+    /// The trace store, when capture is on.
+    pub store: Option<forge_layer::store::Store>,
+    /// App keys; empty means no authentication.
+    pub keys: ClientKeys,
 }
 
 /// The proxy's routes. The in-flight cap covers the `/v1` endpoints, not health or metrics,
-/// so an overloaded gateway can still be observed.
+/// so an overloaded gateway can still be observed. Client keys are checked before the cap,
+/// so unauthenticated traffic cannot take the slots.
 pub fn app(state: ProxyState, max_in_flight: usize) -> Router {
     let cap = InFlight::new(max_in_flight, Arc::clone(&state.metrics));
     let v1 = Router::new()
         .route("/v1/chat/completions", post(chat::completions))
+        .route("/v1/feedback", post(feedback::submit))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{model}", get(get_model))
         .route("/v1/{*rest}", any(passthrough::forward))
-        .route_layer(middleware::from_fn_with_state(cap, limit::limit_in_flight));
+        .route_layer(middleware::from_fn_with_state(cap, limit::limit_in_flight))
+        .route_layer(middleware::from_fn_with_state(state.keys.clone(), auth::authenticate));
     Router::new()
         .merge(v1)
         .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))

@@ -49,18 +49,6 @@ impl ApiError {
         self
     }
 
-    pub(crate) fn status(&self) -> StatusCode {
-        self.status
-    }
-
-    pub(crate) fn message(&self) -> &str {
-        &self.message
-    }
-
-    pub(crate) fn param(&self) -> Option<&str> {
-        self.param.as_deref()
-    }
-
     /// The body was not a JSON object; OpenAI's own wording.
     pub(crate) fn unparsable_json() -> Self {
         Self::invalid_request(
@@ -78,7 +66,11 @@ impl ApiError {
     }
 
     /// `expected` reads as a noun phrase: "a string", "an array of objects".
-    pub(crate) fn invalid_type(param: impl Into<Cow<'static, str>>, expected: &str, got: &serde_json::Value) -> Self {
+    pub(crate) fn invalid_type(
+        param: impl Into<Cow<'static, str>>,
+        expected: &str,
+        got: &serde_json::Value,
+    ) -> Self {
         let param = param.into();
         Self::invalid_request(format!(
             "Invalid type for '{param}': expected {expected}, but got {} instead.",
@@ -88,8 +80,13 @@ impl ApiError {
         .with_code("invalid_type")
     }
 
-    pub(crate) fn invalid_value(param: impl Into<Cow<'static, str>>, message: impl Into<Cow<'static, str>>) -> Self {
-        Self::invalid_request(message).with_param(param).with_code("invalid_value")
+    pub(crate) fn invalid_value(
+        param: impl Into<Cow<'static, str>>,
+        message: impl Into<Cow<'static, str>>,
+    ) -> Self {
+        Self::invalid_request(message)
+            .with_param(param)
+            .with_code("invalid_value")
     }
 
     pub(crate) fn not_found(message: impl Into<Cow<'static, str>>) -> Self {
@@ -175,12 +172,18 @@ impl ApiError {
             _ if status.is_server_error() => Self::new(
                 status,
                 SERVER_ERROR,
-                format!("The simulated upstream failed with status {}.", status.as_u16()),
+                format!(
+                    "The simulated upstream failed with status {}.",
+                    status.as_u16()
+                ),
             ),
             _ => Self::new(
                 status,
                 INVALID_REQUEST,
-                format!("The simulated upstream refused the request with status {}.", status.as_u16()),
+                format!(
+                    "The simulated upstream refused the request with status {}.",
+                    status.as_u16()
+                ),
             ),
         }
     }

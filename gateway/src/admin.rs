@@ -1,0 +1,134 @@
+//! The admin API, on its own listener (loopback by default), behind `FORGE_ADMIN_TOKEN`.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, Query, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use forge_layer::store::{CaptureCounters, Store};
+use forge_layer::trace::{Outcome, Trace, TraceId};
+use serde::Deserialize;
+
+use crate::auth::{Secret, admin_token_matches};
+use crate::error::Error;
+
+/// What the admin handlers share.
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    /// The live routing table.
+    pub router: forge_router::Router,
+    /// The trace store, when capture is on.
+    pub store: Option<Store>,
+    /// The capture counters, when capture is on.
+    pub counters: Option<Arc<CaptureCounters>>,
+}
+
+/// The admin routes, all behind the token.
+pub fn app(state: AdminState, token: Secret) -> Router {
+    Router::new()
+        .route("/admin/traces", get(list_traces))
+        .route("/admin/traces/{id}", get(get_trace))
+        .route("/admin/stats", get(stats))
+        .fallback(|uri: http::Uri| async move {
+            Error::UnknownPath {
+                method: "?".into(),
+                path: uri.path().to_string(),
+            }
+        })
+        .layer(middleware::from_fn_with_state(token, require_token))
+        .with_state(state)
+}
+
+async fn require_token(State(token): State<Secret>, request: Request, next: Next) -> Response {
+    if admin_token_matches(request.headers(), token.expose()) {
+        next.run(request).await
+    } else {
+        Error::Unauthorized.into_response()
+    }
+}
+
+/// The most traces one page returns.
+const MAX_PAGE: usize = 1000;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TraceQuery {
+    limit: Option<usize>,
+    before: Option<String>,
+    tenant: Option<String>,
+    alias: Option<String>,
+    arm: Option<String>,
+    outcome: Option<Outcome>,
+}
+
+async fn list_traces(State(state): State<AdminState>, query: Result<Query<TraceQuery>, axum::extract::rejection::QueryRejection>) -> Response {
+    let Query(query) = match query {
+        Ok(q) => q,
+        Err(e) => return Error::invalid(e.body_text(), None).into_response(),
+    };
+    let Some(store) = state.store else {
+        return Error::invalid("Capture is off: there are no traces.", None).into_response();
+    };
+    let limit = query.limit.unwrap_or(50).clamp(1, MAX_PAGE);
+    let before = match query.before.as_deref().map(str::parse::<TraceId>) {
+        Some(Err(_)) => return Error::invalid("`before` must be a trace id.", Some("before")).into_response(),
+        Some(Ok(id)) => Some(id),
+        None => None,
+    };
+    let keep = move |t: &Trace| {
+        query.tenant.as_ref().is_none_or(|x| t.tenant.as_ref() == Some(x))
+            && query.alias.as_ref().is_none_or(|x| &t.alias == x)
+            && query.arm.as_deref().is_none_or(|x| t.arm.kind() == x)
+            && query.outcome.is_none_or(|x| t.outcome == x)
+    };
+    // One extra tells whether another page exists.
+    let result = tokio::task::spawn_blocking(move || store.recent_traces(before, limit + 1, keep)).await;
+    match result {
+        Ok(Ok(mut traces)) => {
+            let has_more = traces.len() > limit;
+            traces.truncate(limit);
+            let last_id = traces.last().map(|t| t.id.to_string());
+            axum::Json(serde_json::json!({"object": "list", "data": traces, "has_more": has_more, "last_id": last_id}))
+                .into_response()
+        }
+        Ok(Err(e)) => store_error(&e),
+        Err(_) => Error::Internal.into_response(),
+    }
+}
+
+async fn get_trace(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
+    let (Some(store), Ok(trace_id)) = (state.store, id.parse::<TraceId>()) else {
+        return Error::TraceNotFound(id).into_response();
+    };
+    match tokio::task::spawn_blocking(move || store.trace(trace_id)).await {
+        Ok(Ok(Some(trace))) => axum::Json(trace).into_response(),
+        Ok(Ok(None)) => Error::TraceNotFound(id).into_response(),
+        Ok(Err(e)) => store_error(&e),
+        Err(_) => Error::Internal.into_response(),
+    }
+}
+
+async fn stats(State(state): State<AdminState>) -> Response {
+    let stored = match state.store {
+        Some(store) => match tokio::task::spawn_blocking(move || store.trace_count()).await {
+            Ok(Ok(n)) => Some(n),
+            Ok(Err(e)) => return store_error(&e),
+            Err(_) => return Error::Internal.into_response(),
+        },
+        None => None,
+    };
+    let table = state.router.load();
+    axum::Json(serde_json::json!({
+        "capture": state.counters.map(|c| c.snapshot()),
+        "traces_stored": stored,
+        "routes": {"version": table.version(), "aliases": table.routes().count()},
+    }))
+    .into_response()
+}
+
+fn store_error(e: &forge_layer::store::StoreError) -> Response {
+    tracing::error!(error = %e, "admin: store read failed");
+    Error::Internal.into_response()
+}

@@ -1,0 +1,80 @@
+//! The routed upstream call as a tower service, so the capture layer can wrap it.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use axum::response::IntoResponse;
+use bytes::Bytes;
+use forge_layer::capture::{Capture, DurableAck, PendingTrace, TraceSink};
+use forge_layer::store::TraceWriter;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, header};
+use tower::Service;
+
+use crate::upstream::{Upstream, full_body};
+
+/// Where a routed request goes; set by the chat handler as a request extension.
+#[derive(Debug, Clone)]
+pub struct Routed {
+    /// The upstream client.
+    pub upstream: Arc<Upstream>,
+    /// Whether the client asked for a stream.
+    pub stream: bool,
+}
+
+/// Sends a routed chat body (already rewritten for its target) upstream. Gateway errors
+/// (502, 504) become OpenAI-shaped responses here, so the capture layer records them as the
+/// client saw them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UpstreamCall;
+
+impl Service<Request<Bytes>> for UpstreamCall {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
+        Box::pin(async move {
+            let Some(routed) = request.extensions().get::<Routed>().cloned() else {
+                return Ok(crate::error::Error::UpstreamUnreachable.into_response());
+            };
+            let mut headers = HeaderMap::with_capacity(2);
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            let accept = if routed.stream { "text/event-stream" } else { "application/json" };
+            headers.insert(header::ACCEPT, HeaderValue::from_static(accept));
+            let body = full_body(request.into_body());
+            Ok(match routed.upstream.send(Method::POST, "/chat/completions", headers, body).await {
+                Ok(response) => response.map(Body::new),
+                Err(e) => e.into_response(),
+            })
+        })
+    }
+}
+
+/// Where finished traces go: the store's writer, or nowhere when capture is off.
+#[derive(Debug, Clone)]
+pub enum Sink {
+    /// Capture is off; requests carry no exchange metadata, so nothing is submitted.
+    Off,
+    /// The store's writer.
+    Writer(TraceWriter),
+}
+
+impl TraceSink for Sink {
+    fn submit(&self, trace: PendingTrace) -> Option<DurableAck> {
+        match self {
+            Sink::Off => None,
+            Sink::Writer(writer) => writer.submit(trace),
+        }
+    }
+}
+
+/// The captured upstream call.
+pub type Exchange = Capture<UpstreamCall, Sink>;

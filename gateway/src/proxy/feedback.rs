@@ -1,0 +1,114 @@
+//! `POST /v1/feedback`: a score or an approval for a captured trace.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use forge_layer::store::{Feedback, Store, StoreError};
+use forge_layer::trace::TraceId;
+use http::StatusCode;
+use serde::Deserialize;
+
+use super::{ProxyState, read_body};
+use crate::auth::Caller;
+use crate::error::Error;
+
+/// The longest comment kept.
+const MAX_COMMENT_CHARS: usize = 4096;
+
+/// How long feedback on a just-finished exchange waits for its trace to be written.
+const WAIT_FOR_TRACE: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FeedbackRequest {
+    trace_id: String,
+    score: Option<f64>,
+    approved: Option<bool>,
+    comment: Option<String>,
+}
+
+pub async fn submit(State(state): State<ProxyState>, caller: Option<axum::Extension<Caller>>, body: Body) -> Response {
+    let caller = caller.map(|axum::Extension(c)| c).unwrap_or_default();
+    match record(&state, caller, body).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn record(state: &ProxyState, caller: Caller, body: Body) -> Result<Response, Error> {
+    let bytes = read_body(body, state.max_body_bytes).await?;
+    let request: FeedbackRequest = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::invalid(format!("Invalid feedback body: {e}."), None))?;
+    let trace_id: TraceId = request
+        .trace_id
+        .parse()
+        .map_err(|_| Error::invalid("`trace_id` must be the x-forge-trace-id of a response.", Some("trace_id")))?;
+    if let Some(score) = request.score
+        && (!score.is_finite() || !(0.0..=100.0).contains(&score))
+    {
+        return Err(Error::invalid("`score` must be a number from 0 to 100.", Some("score")));
+    }
+    if request.score.is_none() && request.approved.is_none() {
+        return Err(Error::invalid("Give a `score`, `approved`, or both.", None));
+    }
+    if request.comment.as_ref().is_some_and(|c| c.chars().count() > MAX_COMMENT_CHARS) {
+        return Err(Error::invalid(
+            format!("`comment` is longer than {MAX_COMMENT_CHARS} characters."),
+            Some("comment"),
+        ));
+    }
+    let Some(store) = state.store.clone() else {
+        return Err(Error::TraceNotFound(request.trace_id));
+    };
+    let feedback = Feedback {
+        trace_id,
+        score: request.score,
+        approved: request.approved,
+        comment: request.comment,
+        time_ms: now_ms(),
+    };
+    let result = tokio::task::spawn_blocking(move || save(&store, &caller, &feedback))
+        .await
+        .map_err(|_| Error::Internal)?;
+    match result {
+        Ok(()) => Ok((
+            StatusCode::OK,
+            axum::Json(serde_json::json!({"object": "feedback", "trace_id": request.trace_id, "recorded": true})),
+        )
+            .into_response()),
+        Err(StoreError::NoSuchTrace(_)) => Err(Error::TraceNotFound(request.trace_id)),
+        Err(e) => {
+            tracing::error!(error = %e, "feedback could not be stored");
+            Err(Error::Internal)
+        }
+    }
+}
+
+/// Checks the trace belongs to the caller's tenant, then stores the feedback. A trace from the
+/// last few seconds may still be in the writer's queue, so it is waited for briefly.
+fn save(store: &Store, caller: &Caller, feedback: &Feedback) -> Result<(), StoreError> {
+    let id = feedback.trace_id;
+    let recent = now_ms().saturating_sub(id.timestamp_ms()) < 60_000;
+    let deadline = std::time::Instant::now() + WAIT_FOR_TRACE;
+    let trace = loop {
+        match store.trace(id)? {
+            Some(trace) => break trace,
+            None if recent && std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            None => return Err(StoreError::NoSuchTrace(id)),
+        }
+    };
+    if caller.tenant.is_some() && trace.tenant != caller.tenant {
+        // Another tenant's trace is reported as missing, not as forbidden: no existence leak.
+        return Err(StoreError::NoSuchTrace(id));
+    }
+    store.add_feedback(feedback)
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

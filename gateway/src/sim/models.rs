@@ -1,0 +1,82 @@
+//! `GET /v1/models`: the configured models, a few base models, and every fine-tuned model that succeeded.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::response::Response;
+use http::StatusCode;
+use serde::Serialize;
+use tokio::time::Instant;
+
+use super::error::ApiError;
+use super::reply;
+use super::state::{SimState, Storage};
+
+/// Always listed, so that a default config still looks like OpenAI.
+const BASE_MODELS: &[&str] = &["gpt-4o", "gpt-4o-mini"];
+/// A fixed creation time for models the simulated upstream did not train.
+const BASE_CREATED: u64 = 1_715_367_049;
+
+#[derive(Serialize)]
+struct ModelView {
+    id: String,
+    object: &'static str,
+    created: u64,
+    owned_by: &'static str,
+}
+
+#[derive(Serialize)]
+struct ModelList {
+    object: &'static str,
+    data: Vec<ModelView>,
+}
+
+fn all_models(state: &SimState) -> Vec<ModelView> {
+    let mut models: Vec<ModelView> = Vec::new();
+    let mut add = |id: String, created: u64, owned_by: &'static str| {
+        if !models.iter().any(|model| model.id == id) {
+            models.push(ModelView {
+                id,
+                object: "model",
+                created,
+                owned_by,
+            });
+        }
+    };
+    for base in BASE_MODELS {
+        add((*base).to_owned(), BASE_CREATED, "system");
+    }
+    for configured in state.configured_models() {
+        add(configured, BASE_CREATED, "system");
+    }
+    let fine_tuned = {
+        let mut guard = state.storage();
+        let Storage { files, jobs } = &mut *guard;
+        jobs.succeeded_models(Instant::now(), files)
+    };
+    for (model, created) in fine_tuned {
+        add(model, created, "forge-sim");
+    }
+    models
+}
+
+pub(crate) async fn list(State(state): State<Arc<SimState>>) -> Response {
+    reply::json(
+        StatusCode::OK,
+        &ModelList {
+            object: "list",
+            data: all_models(&state),
+        },
+    )
+}
+
+pub(crate) async fn retrieve(
+    State(state): State<Arc<SimState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let model = all_models(&state)
+        .into_iter()
+        .find(|model| model.id == id)
+        .ok_or_else(|| ApiError::model_not_found(&id))?;
+    Ok(reply::json(StatusCode::OK, &model))
+}
