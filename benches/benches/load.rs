@@ -98,6 +98,7 @@ shutdown_grace_secs = 1
 
 [capture]
 data_dir = {capture_dir:?}
+enabled = false
 
 [[upstreams]]
 name = "sim"

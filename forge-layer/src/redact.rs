@@ -47,8 +47,9 @@ impl Kind {
         Kind::Jwt,
         Kind::BearerToken,
         Kind::Email,
-        Kind::Card,
+        // An IBAN's digits can pass Luhn, so IBANs are matched before cards.
         Kind::Iban,
+        Kind::Card,
         Kind::Ip,
         Kind::Phone,
     ];

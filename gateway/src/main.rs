@@ -1,10 +1,12 @@
 //! The `forge` binary: parses the command line and runs the chosen command.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use forge_gateway::cli::traces;
 use forge_gateway::config::Config;
 use forge_gateway::env::{ENV_FORGE_CONFIG, ENV_FORGE_LOG};
 use forge_gateway::sim::{SimConfig, SimUpstream};
@@ -27,6 +29,17 @@ enum Command {
         #[arg(long)]
         print_default_config: bool,
     },
+    /// Read captured traces: from the data directory, or a running gateway's admin API.
+    Traces {
+        #[command(subcommand)]
+        action: TracesAction,
+        /// The data directory (`capture.data_dir`). The gateway must be stopped to read it.
+        #[arg(long, global = true, default_value = "forge-data", conflicts_with = "admin")]
+        data_dir: PathBuf,
+        /// A running gateway's admin API, e.g. http://127.0.0.1:8081 (token from FORGE_ADMIN_TOKEN).
+        #[arg(long, global = true)]
+        admin: Option<String>,
+    },
     /// Run the simulated OpenAI-compatible upstream on its own.
     SimUpstream {
         /// The address to listen on.
@@ -38,12 +51,35 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum TracesAction {
+    /// The newest traces, one per line.
+    List {
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// One trace as JSON.
+    Show {
+        /// The trace id (the x-forge-trace-id response header).
+        id: String,
+    },
+    /// Counts by outcome, arm and alias.
+    Stats,
+    /// Every trace as JSON lines on stdout (progress on stderr).
+    Export,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_env(ENV_FORGE_LOG)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Logs go to stderr: stdout carries only what a command prints for its user.
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
 
     match Cli::parse().command {
         Command::Serve {
@@ -55,6 +91,19 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Serve { config, .. } => serve(config).await,
         Command::SimUpstream { listen, config } => sim_upstream(listen, config).await,
+        Command::Traces { action, data_dir, admin } => {
+            let source = match admin {
+                Some(url) => traces::Source::Admin(url),
+                None => traces::Source::DataDir(data_dir),
+            };
+            let action = match action {
+                TracesAction::List { limit } => traces::Action::List { limit },
+                TracesAction::Show { id } => traces::Action::Show { id },
+                TracesAction::Stats => traces::Action::Stats,
+                TracesAction::Export => traces::Action::Export,
+            };
+            Ok(traces::run(source, action).await?)
+        }
     }
 }
 

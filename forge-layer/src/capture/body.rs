@@ -18,8 +18,13 @@ pin_project! {
         #[pin]
         inner: B,
         session: Option<(CaptureSession, K)>,
-        // In durable mode: the commit the end of the body waits for.
+        // In durable mode: the commit the end of the body waits for…
         commit: Option<DurableAck>,
+        // …and the last data frame, held back until then: a client that knows the length
+        // (Content-Length) has the whole response once it has the last byte.
+        held: Option<Frame<Bytes>>,
+        // Bytes still due when the length is known in advance.
+        remaining: Option<u64>,
     }
 
     impl<B, K: TraceSink> PinnedDrop for CaptureBody<B, K> {
@@ -40,6 +45,8 @@ impl<B: Body, K: TraceSink> CaptureBody<B, K> {
         let mut body = Self {
             session: Some((session, sink)),
             commit: None,
+            held: None,
+            remaining: inner.size_hint().exact(),
             inner,
         };
         if body.inner.is_end_stream() {
@@ -56,6 +63,8 @@ impl<B, K: TraceSink> CaptureBody<B, K> {
             inner,
             session: None,
             commit: None,
+            held: None,
+            remaining: None,
         }
     }
 }
@@ -81,20 +90,27 @@ where
                 tracing::warn!("durable capture: the trace could not be committed");
             }
             *this.commit = None;
-            return Poll::Ready(None);
+            return Poll::Ready(this.held.take().map(Ok));
         }
         match ready!(this.inner.as_mut().poll_frame(cx)) {
             Some(Ok(frame)) => {
+                let mut last = frame.is_trailers();
                 if let Some(data) = frame.data_ref() {
                     if let Some((session, _)) = this.session.as_mut() {
                         session.on_chunk(data);
                     }
-                    // The server stops polling a body that reports its end, so finish now.
-                    if this.inner.is_end_stream() {
-                        *this.commit = finish(this.session, BodyEnd::Complete);
+                    if let Some(remaining) = this.remaining.as_mut() {
+                        *remaining = remaining.saturating_sub(data.len() as u64);
                     }
-                } else if frame.is_trailers() {
-                    *this.commit = finish(this.session, BodyEnd::Complete);
+                    // The server stops polling a body that reports its end, so finish now.
+                    last = this.inner.is_end_stream() || *this.remaining == Some(0);
+                }
+                if last && let Some(mut commit) = finish(this.session, BodyEnd::Complete) {
+                    if commit.as_mut().poll(cx).is_pending() {
+                        *this.commit = Some(commit);
+                        *this.held = Some(frame);
+                        return Poll::Pending;
+                    }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -117,7 +133,7 @@ where
 
     fn is_end_stream(&self) -> bool {
         // Until a durable commit is acknowledged, the body is not over.
-        self.commit.is_none() && self.inner.is_end_stream()
+        self.commit.is_none() && self.held.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -174,3 +174,50 @@ async fn full_queue_drops_and_counts_while_the_body_flows() {
     assert_eq!((done.pending, done.failed), (0, 0));
     assert_eq!(store.trace_count().unwrap(), done.captured, "every trace not dropped was written");
 }
+
+/// A sink whose commits are acknowledged by hand, like a slow durable writer.
+#[derive(Clone, Default)]
+struct ManualCommit(Arc<Mutex<Vec<tokio::sync::oneshot::Sender<bool>>>>);
+
+impl TraceSink for ManualCommit {
+    fn submit(&self, _trace: PendingTrace) -> Option<DurableAck> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.0.lock().unwrap().push(tx);
+        Some(Box::pin(async move { rx.await.unwrap_or(false) }))
+    }
+}
+
+#[tokio::test]
+async fn durable_end_holds_the_last_bytes_until_the_commit() {
+    // Regression: with a Content-Length body the client had the whole response (and could
+    // count it as delivered) before the commit, because the last frame went out first.
+    let sink = ManualCommit::default();
+    let frames: Frames = vec![Ok(Frame::data(Bytes::from_static(b"{\"a\":"))), Ok(Frame::data(Bytes::from_static(b"1}")))];
+    let body = http_body_util::combinators::BoxBody::new(streamed(frames));
+    // A body that knows its length, as one with Content-Length does.
+    struct Sized<B>(B);
+    impl<B: http_body::Body + Unpin> http_body::Body for Sized<B> {
+        type Data = B::Data;
+        type Error = B::Error;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+            std::pin::Pin::new(&mut self.0).poll_frame(cx)
+        }
+        fn size_hint(&self) -> http_body::SizeHint {
+            http_body::SizeHint::with_exact(7)
+        }
+    }
+    let mut body = CaptureBody::new(Sized(body), session(), sink.clone());
+    let first = body.frame().await.unwrap().unwrap();
+    assert_eq!(first.into_data().unwrap().as_ref(), b"{\"a\":");
+    let mut next = Box::pin(body.frame());
+    let held = futures_util::poll!(next.as_mut());
+    assert!(held.is_pending(), "the last frame waits for the commit");
+    let ack = sink.0.lock().unwrap().pop().expect("trace submitted at the last frame");
+    ack.send(true).unwrap();
+    let last = next.await.unwrap().unwrap();
+    assert_eq!(last.into_data().unwrap().as_ref(), b"1}");
+    assert!(body.frame().await.is_none());
+}

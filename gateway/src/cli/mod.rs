@@ -1,0 +1,3 @@
+//! Command implementations behind the `forge` binary's subcommands (the binary only parses).
+
+pub mod traces;

@@ -1,0 +1,187 @@
+//! `forge traces list|show|stats|export`: read the store directly, or through the admin API.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+
+use forge_layer::store::Store;
+use forge_layer::trace::{Trace, TraceId};
+
+use crate::env::ENV_FORGE_ADMIN_TOKEN;
+
+/// Where traces are read from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// The data directory: the gateway must not be running (it holds the file's lock).
+    DataDir(PathBuf),
+    /// A running gateway's admin API, e.g. `http://127.0.0.1:8081`.
+    Admin(String),
+}
+
+/// What to do.
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// The newest traces, one line each.
+    List { limit: usize },
+    /// One trace, as pretty JSON.
+    Show { id: String },
+    /// Counts by outcome, arm and alias (store) or the live counters (admin API).
+    Stats,
+    /// Every trace as a JSON line on stdout; progress on stderr.
+    Export,
+}
+
+/// Errors of the traces command, with what to do about them.
+#[derive(Debug, thiserror::Error)]
+pub enum TracesError {
+    /// Opening or reading the store failed.
+    #[error(transparent)]
+    Store(#[from] forge_layer::store::StoreError),
+    /// The admin API could not be used.
+    #[error("admin API: {0}")]
+    Admin(String),
+    /// Writing to stdout failed (e.g. a closed pipe).
+    #[error("output: {0}")]
+    Output(#[from] std::io::Error),
+    /// The trace id was not found or malformed.
+    #[error("no trace {0}")]
+    NotFound(String),
+}
+
+/// Runs the command, writing to stdout.
+pub async fn run(source: Source, action: Action) -> Result<(), TracesError> {
+    match source {
+        Source::DataDir(dir) => {
+            let store = Store::open_dir(&dir)?;
+            tokio::task::spawn_blocking(move || from_store(&store, action))
+                .await
+                .map_err(|e| TracesError::Admin(e.to_string()))?
+        }
+        Source::Admin(url) => from_admin(url.trim_end_matches('/'), action).await,
+    }
+}
+
+fn line(t: &Trace) -> String {
+    format!(
+        "{}  {:<14} {:<8} {:>3}  {:<9} {:>7.1} ms  {}",
+        t.id,
+        t.alias,
+        t.arm.kind(),
+        t.status,
+        t.outcome.name(),
+        t.latency_us as f64 / 1000.0,
+        t.tenant.as_deref().unwrap_or("-")
+    )
+}
+
+fn from_store(store: &Store, action: Action) -> Result<(), TracesError> {
+    let mut out = std::io::stdout().lock();
+    match action {
+        Action::List { limit } => {
+            for t in store.recent_traces(None, limit, |_| true)? {
+                writeln!(out, "{}", line(&t))?;
+            }
+        }
+        Action::Show { id } => {
+            let trace_id: TraceId = id.parse().map_err(|_| TracesError::NotFound(id.clone()))?;
+            let trace = store.trace(trace_id)?.ok_or(TracesError::NotFound(id))?;
+            writeln!(out, "{}", serde_json::to_string_pretty(&trace).unwrap_or_default())?;
+        }
+        Action::Stats => {
+            let mut by: BTreeMap<(&'static str, String), u64> = BTreeMap::new();
+            let mut total = 0u64;
+            store.for_each_trace(|t| {
+                total += 1;
+                *by.entry(("outcome", t.outcome.name().to_string())).or_default() += 1;
+                *by.entry(("arm", t.arm.kind().to_string())).or_default() += 1;
+                *by.entry(("alias", t.alias)).or_default() += 1;
+                true
+            })?;
+            writeln!(out, "traces: {total}")?;
+            for ((group, name), n) in by {
+                writeln!(out, "  {group:<8} {name:<20} {n}")?;
+            }
+        }
+        Action::Export => {
+            let total = store.trace_count()?;
+            let mut done = 0u64;
+            let mut failure = None;
+            store.for_each_trace(|t| {
+                let written = serde_json::to_writer(&mut out, &t)
+                    .map_err(std::io::Error::other)
+                    .and_then(|()| out.write_all(b"\n"));
+                if let Err(e) = written {
+                    failure = Some(e);
+                    return false;
+                }
+                done += 1;
+                if done.is_multiple_of(10_000) {
+                    eprintln!("exported {done}/{total}");
+                }
+                true
+            })?;
+            if let Some(e) = failure {
+                return Err(e.into());
+            }
+            eprintln!("exported {done} traces");
+        }
+    }
+    Ok(())
+}
+
+async fn from_admin(base: &str, action: Action) -> Result<(), TracesError> {
+    let token = std::env::var(ENV_FORGE_ADMIN_TOKEN)
+        .map_err(|_| TracesError::Admin(format!("set {ENV_FORGE_ADMIN_TOKEN} to the gateway's admin token")))?;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::new();
+    let get = |path: String| {
+        let request = http.get(format!("{base}{path}")).bearer_auth(&token);
+        async move {
+            let resp = request.send().await.map_err(|e| TracesError::Admin(e.to_string()))?;
+            let status = resp.status();
+            let body: serde_json::Value = resp.json().await.map_err(|e| TracesError::Admin(e.to_string()))?;
+            if !status.is_success() {
+                return Err(TracesError::Admin(format!("{status}: {}", body["error"]["message"])));
+            }
+            Ok(body)
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    match action {
+        Action::List { limit } => {
+            let page = get(format!("/admin/traces?limit={limit}")).await?;
+            for value in page["data"].as_array().into_iter().flatten() {
+                if let Ok(t) = serde_json::from_value::<Trace>(value.clone()) {
+                    writeln!(out, "{}", line(&t))?;
+                }
+            }
+        }
+        Action::Show { id } => {
+            let trace = get(format!("/admin/traces/{id}")).await?;
+            writeln!(out, "{}", serde_json::to_string_pretty(&trace).unwrap_or_default())?;
+        }
+        Action::Stats => {
+            let stats = get("/admin/stats".to_string()).await?;
+            writeln!(out, "{}", serde_json::to_string_pretty(&stats).unwrap_or_default())?;
+        }
+        Action::Export => {
+            // Pages go newest first; `before` walks back to the oldest.
+            let mut before: Option<String> = None;
+            let mut done = 0u64;
+            loop {
+                let cursor = before.as_deref().map(|b| format!("&before={b}")).unwrap_or_default();
+                let page = get(format!("/admin/traces?limit=1000{cursor}")).await?;
+                for value in page["data"].as_array().into_iter().flatten() {
+                    writeln!(out, "{value}")?;
+                    done += 1;
+                }
+                eprintln!("exported {done}");
+                match page["last_id"].as_str() {
+                    Some(last) if page["has_more"] == true => before = Some(last.to_string()),
+                    _ => break,
+                }
+            }
+        }
+    }
+    Ok(())
+}
