@@ -105,12 +105,13 @@ where
                     // The server stops polling a body that reports its end, so finish now.
                     last = this.inner.is_end_stream() || *this.remaining == Some(0);
                 }
-                if last && let Some(mut commit) = finish(this.session, BodyEnd::Complete) {
-                    if commit.as_mut().poll(cx).is_pending() {
-                        *this.commit = Some(commit);
-                        *this.held = Some(frame);
-                        return Poll::Pending;
-                    }
+                if last
+                    && let Some(mut commit) = finish(this.session, BodyEnd::Complete)
+                    && commit.as_mut().poll(cx).is_pending()
+                {
+                    *this.commit = Some(commit);
+                    *this.held = Some(frame);
+                    return Poll::Pending;
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

@@ -1,0 +1,70 @@
+//! The simulated training curve: per-step metrics, checkpoint metrics and the result CSV.
+
+use serde::Serialize;
+
+use super::job::TrainingPlan;
+
+/// The loss curve: deterministic, decreasing, and flattening out, like a healthy run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+struct StepMetrics {
+    step: u64,
+    train_loss: f64,
+    train_mean_token_accuracy: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    valid_loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    valid_mean_token_accuracy: Option<f64>,
+    total_steps: u64,
+}
+
+impl StepMetrics {
+    fn at(step: u64, plan: &TrainingPlan) -> Self {
+        let total = plan.resolved.total_steps;
+        let progress = step as f64 / total.max(1) as f64;
+        let decay = (-4.0 * progress).exp();
+        let train_loss = round6(0.25 + 1.75 * decay);
+        let train_accuracy = round6(0.55 + 0.4 * (1.0 - decay));
+        Self {
+            step,
+            train_loss,
+            train_mean_token_accuracy: train_accuracy,
+            valid_loss: plan.has_validation.then(|| round6(train_loss + 0.05)),
+            valid_mean_token_accuracy: plan.has_validation.then(|| round6(train_accuracy - 0.02)),
+            total_steps: total,
+        }
+    }
+}
+
+fn round6(value: f64) -> f64 {
+    (value * 1e6).round() / 1e6
+}
+
+#[derive(Serialize)]
+struct CheckpointMetrics {
+    step: u64,
+    train_loss: f64,
+    train_mean_token_accuracy: f64,
+    valid_loss: Option<f64>,
+    valid_mean_token_accuracy: Option<f64>,
+    full_valid_loss: Option<f64>,
+    full_valid_mean_token_accuracy: Option<f64>,
+}
+
+/// `step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy`, a row per step, with
+/// empty validation cells when the job has no validation file.
+fn result_csv(plan: &TrainingPlan) -> String {
+    let mut csv = String::from(RESULT_HEADER);
+    for step in 1..=plan.resolved.total_steps {
+        let metrics = StepMetrics::at(step, plan);
+        let cell = |value: Option<f64>| value.map(|v| format!("{v:.6}")).unwrap_or_default();
+        csv.push_str(&format!(
+            "{step},{:.6},{:.6},{},{}\n",
+            metrics.train_loss,
+            metrics.train_mean_token_accuracy,
+            cell(metrics.valid_loss),
+            cell(metrics.valid_mean_token_accuracy),
+        ));
+    }
+    csv
+}
+

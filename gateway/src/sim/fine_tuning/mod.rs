@@ -1,0 +1,245 @@
+//! Fine-tuning jobs (openai-wire.md §4): a timed state machine with events, checkpoints and a result CSV.
+//!
+//! A job's state is not driven by background tasks: every read first advances the job to the
+//! present from the time elapsed in its phase, emitting the events it passed on the way. So all
+//! endpoints see one consistent state under the storage lock, events are in order by
+//! construction, and nothing is left running after shutdown.
+
+mod job;
+mod metrics;
+mod request;
+
+use std::sync::Arc;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::response::Response;
+use bytes::Bytes;
+use http::StatusCode;
+use serde_json::Value;
+use tokio::time::Instant;
+
+use super::error::ApiError;
+use super::files::FileStore;
+use super::reply::{self, CursorList, List, ListQuery};
+use super::state::{SimState, Storage};
+use job::{EventView, FineTuneJob, check_inputs};
+use request::JobRequest;
+
+/// Every job, in creation order.
+#[derive(Default)]
+pub(crate) struct JobStore {
+    jobs: Vec<FineTuneJob>,
+}
+
+impl JobStore {
+    /// `(model, created_at)` of every job that has succeeded by `now`.
+    pub(crate) fn succeeded_models(
+        &mut self,
+        now: Instant,
+        files: &mut FileStore,
+    ) -> Vec<(String, u64)> {
+        self.jobs
+            .iter_mut()
+            .filter_map(|job| {
+                job.advance(now, files);
+                Some((job.fine_tuned_model.clone()?, job.finished_at?))
+            })
+            .collect()
+    }
+
+    fn find(&mut self, id: &str) -> Result<&mut FineTuneJob, ApiError> {
+        self.jobs
+            .iter_mut()
+            .find(|job| job.id == id)
+            .ok_or_else(|| {
+                ApiError::not_found(format!("No such fine-tuning job: {id}"))
+                    .with_param("fine_tuning_job_id")
+            })
+    }
+}
+
+type ListParams = Result<Query<Vec<(String, String)>>, QueryRejection>;
+
+fn list_query(query: ListParams) -> Result<ListQuery, ApiError> {
+    let Query(pairs) = query.map_err(|err| ApiError::invalid_request(err.body_text()))?;
+    Ok(ListQuery::new(pairs))
+}
+
+pub(crate) async fn create(
+    State(state): State<Arc<SimState>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let request = JobRequest::parse(&reply::json_object(&body)?)?;
+    let (training, validation) = {
+        let storage = state.storage();
+        let training = storage
+            .files
+            .fine_tune_input(&request.training_file, "training_file")?;
+        let validation = match &request.validation_file {
+            Some(id) => Some(storage.files.fine_tune_input(id, "validation_file")?),
+            None => None,
+        };
+        (training, validation)
+    };
+    // Validated outside the lock: a large file must not stall every other endpoint.
+    let inputs = check_inputs(&training, validation.as_ref(), request.hyperparameters);
+    let job = FineTuneJob::new(request, inputs, state.fine_tune, Instant::now());
+    let response = reply::json(StatusCode::OK, &job.view());
+    state.storage().jobs.jobs.push(job);
+    Ok(response)
+}
+
+pub(crate) async fn list(
+    State(state): State<Arc<SimState>>,
+    query: ListParams,
+) -> Result<Response, ApiError> {
+    let query = list_query(query)?;
+    let limit = query.limit(20, 10_000)?;
+    let wanted: Vec<(&str, &str)> = query
+        .pairs()
+        .filter_map(|(key, value)| Some((key.strip_prefix("metadata[")?.strip_suffix(']')?, value)))
+        .collect();
+    let now = Instant::now();
+    let mut guard = state.storage();
+    let Storage { files, jobs } = &mut *guard;
+    for job in &mut jobs.jobs {
+        job.advance(now, files);
+    }
+    let matching = jobs.jobs.iter().rev().filter(|job| {
+        wanted.iter().all(|(key, value)| {
+            job.metadata
+                .as_ref()
+                .and_then(|metadata| metadata.get(*key))
+                .and_then(Value::as_str)
+                == Some(*value)
+        })
+    });
+    let (data, has_more) = reply::page(matching, query.after(), limit, |job| &job.id);
+    Ok(reply::json(
+        StatusCode::OK,
+        &List {
+            object: "list",
+            data: data.into_iter().map(FineTuneJob::view).collect(),
+            has_more,
+        },
+    ))
+}
+
+/// Runs `action` on the job, brought up to date first, and answers with the job.
+fn with_job(
+    state: &SimState,
+    id: &str,
+    action: impl FnOnce(&mut FineTuneJob, Instant) -> Result<(), ApiError>,
+) -> Result<Response, ApiError> {
+    let now = Instant::now();
+    let mut guard = state.storage();
+    let Storage { files, jobs } = &mut *guard;
+    let job = jobs.find(id)?;
+    job.advance(now, files);
+    action(job, now)?;
+    Ok(reply::json(StatusCode::OK, &job.view()))
+}
+
+pub(crate) async fn retrieve(
+    State(state): State<Arc<SimState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    with_job(&state, &id, |_, _| Ok(()))
+}
+
+pub(crate) async fn cancel(
+    State(state): State<Arc<SimState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    with_job(&state, &id, FineTuneJob::cancel)
+}
+
+pub(crate) async fn pause(
+    State(state): State<Arc<SimState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    with_job(&state, &id, FineTuneJob::pause)
+}
+
+pub(crate) async fn resume(
+    State(state): State<Arc<SimState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    with_job(&state, &id, FineTuneJob::resume)
+}
+
+pub(crate) async fn events(
+    State(state): State<Arc<SimState>>,
+    Path(id): Path<String>,
+    query: ListParams,
+) -> Result<Response, ApiError> {
+    let query = list_query(query)?;
+    let limit = query.limit(20, 10_000)?;
+    let now = Instant::now();
+    let mut guard = state.storage();
+    let Storage { files, jobs } = &mut *guard;
+    let job = jobs.find(&id)?;
+    job.advance(now, files);
+    let (data, has_more) = reply::page(job.events.iter().rev(), query.after(), limit, |event| {
+        &event.id
+    });
+    Ok(reply::json(
+        StatusCode::OK,
+        &List {
+            object: "list",
+            data: data.into_iter().map(EventView::from).collect(),
+            has_more,
+        },
+    ))
+}
+
+pub(crate) async fn checkpoints(
+    State(state): State<Arc<SimState>>,
+    Path(id): Path<String>,
+    query: ListParams,
+) -> Result<Response, ApiError> {
+    let query = list_query(query)?;
+    let limit = query.limit(10, 10_000)?;
+    let now = Instant::now();
+    let mut guard = state.storage();
+    let Storage { files, jobs } = &mut *guard;
+    let job = jobs.find(&id)?;
+    job.advance(now, files);
+    let (data, has_more) = reply::page(
+        job.checkpoints.iter().rev(),
+        query.after(),
+        limit,
+        |checkpoint| &checkpoint.id,
+    );
+    let data: Vec<CheckpointView<'_>> = data
+        .into_iter()
+        .map(|checkpoint| CheckpointView {
+            object: "fine_tuning.job.checkpoint",
+            id: &checkpoint.id,
+            created_at: checkpoint.created_at,
+            fine_tuned_model_checkpoint: &checkpoint.model,
+            step_number: checkpoint.metrics.step,
+            metrics: CheckpointMetrics {
+                step: checkpoint.metrics.step,
+                train_loss: checkpoint.metrics.train_loss,
+                train_mean_token_accuracy: checkpoint.metrics.train_mean_token_accuracy,
+                valid_loss: checkpoint.metrics.valid_loss,
+                valid_mean_token_accuracy: checkpoint.metrics.valid_mean_token_accuracy,
+                full_valid_loss: checkpoint.metrics.valid_loss,
+                full_valid_mean_token_accuracy: checkpoint.metrics.valid_mean_token_accuracy,
+            },
+            fine_tuning_job_id: &job.id,
+        })
+        .collect();
+    Ok(reply::json(
+        StatusCode::OK,
+        &CursorList {
+            object: "list",
+            first_id: data.first().map(|checkpoint| checkpoint.id),
+            last_id: data.last().map(|checkpoint| checkpoint.id),
+            data,
+            has_more,
+        },
+    ))
+}
