@@ -98,7 +98,6 @@ shutdown_grace_secs = 1
 
 [capture]
 data_dir = {capture_dir:?}
-enabled = false
 
 [[upstreams]]
 name = "sim"

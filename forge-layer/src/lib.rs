@@ -1,6 +1,7 @@
 //! Forge's engine: everything between the proxy and the store that does not speak HTTP itself.
 
 pub mod capture;
+pub mod guard;
 pub mod reassemble;
 pub mod redact;
 pub mod sse;

@@ -118,7 +118,10 @@ fn str_of(v: &Value) -> String {
 }
 
 fn index_of(v: &Value) -> u32 {
-    v["index"].as_u64().and_then(|i| u32::try_from(i).ok()).unwrap_or(0)
+    v["index"]
+        .as_u64()
+        .and_then(|i| u32::try_from(i).ok())
+        .unwrap_or(0)
 }
 
 #[derive(Debug, Default)]
@@ -214,7 +217,11 @@ impl StreamReassembler {
                         .into_values()
                         .map(|t| ToolCall {
                             id: t.id,
-                            kind: if t.kind.is_empty() { "function".into() } else { t.kind },
+                            kind: if t.kind.is_empty() {
+                                "function".into()
+                            } else {
+                                t.kind
+                            },
                             function: FunctionCall {
                                 name: t.name,
                                 arguments: t.arguments,
@@ -252,7 +259,10 @@ fn apply_delta(acc: &mut ChoiceAcc, choice: &Value) {
         if let Some(kind) = frag["type"].as_str().filter(|_| tool.kind.is_empty()) {
             tool.kind = kind.to_string();
         }
-        if let Some(name) = frag["function"]["name"].as_str().filter(|_| tool.name.is_empty()) {
+        if let Some(name) = frag["function"]["name"]
+            .as_str()
+            .filter(|_| tool.name.is_empty())
+        {
             tool.name = name.to_string();
         }
         if let Some(args) = frag["function"]["arguments"].as_str() {
@@ -275,13 +285,23 @@ mod tests {
     fn stream(eol: &str) -> Vec<u8> {
         let chunk = |choices: Value| json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m-1", "choices": choices});
         let events = vec![
-            chunk(json!([{"index": 0, "delta": {"role": "assistant", "content": "", "refusal": null}, "finish_reason": null}])),
-            chunk(json!([{"index": 1, "delta": {"role": "assistant", "content": null, "tool_calls": [{"index": 0, "id": "call_a", "type": "function", "function": {"name": "f", "arguments": ""}}]}, "finish_reason": null}])),
+            chunk(
+                json!([{"index": 0, "delta": {"role": "assistant", "content": "", "refusal": null}, "finish_reason": null}]),
+            ),
+            chunk(
+                json!([{"index": 1, "delta": {"role": "assistant", "content": null, "tool_calls": [{"index": 0, "id": "call_a", "type": "function", "function": {"name": "f", "arguments": ""}}]}, "finish_reason": null}]),
+            ),
             chunk(json!([{"index": 0, "delta": {"content": "Grüße, "}, "finish_reason": null}])),
-            chunk(json!([{"index": 1, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\"q\":"}}]}, "finish_reason": null}])),
+            chunk(
+                json!([{"index": 1, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\"q\":"}}]}, "finish_reason": null}]),
+            ),
             chunk(json!([{"index": 0, "delta": {"content": "世界 😀"}, "finish_reason": null}])),
-            chunk(json!([{"index": 1, "delta": {"tool_calls": [{"index": 1, "id": "call_b", "type": "function", "function": {"name": "g", "arguments": "{}"}}]}, "finish_reason": null}])),
-            chunk(json!([{"index": 1, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "\"é\"}"}}]}, "finish_reason": null}])),
+            chunk(
+                json!([{"index": 1, "delta": {"tool_calls": [{"index": 1, "id": "call_b", "type": "function", "function": {"name": "g", "arguments": "{}"}}]}, "finish_reason": null}]),
+            ),
+            chunk(
+                json!([{"index": 1, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "\"é\"}"}}]}, "finish_reason": null}]),
+            ),
             chunk(json!([{"index": 0, "delta": {}, "finish_reason": "stop"}])),
             chunk(json!([{"index": 1, "delta": {}, "finish_reason": "tool_calls"}])),
             json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}}),
@@ -300,7 +320,11 @@ mod tests {
             choices: vec![
                 FinalChoice {
                     index: 0,
-                    message: AssistantMessage { content: Some("Grüße, 世界 😀".into()), refusal: None, tool_calls: vec![] },
+                    message: AssistantMessage {
+                        content: Some("Grüße, 世界 😀".into()),
+                        refusal: None,
+                        tool_calls: vec![],
+                    },
                     finish_reason: Some("stop".into()),
                 },
                 FinalChoice {
@@ -309,8 +333,22 @@ mod tests {
                         content: None,
                         refusal: None,
                         tool_calls: vec![
-                            ToolCall { id: "call_a".into(), kind: "function".into(), function: FunctionCall { name: "f".into(), arguments: "{\"q\":\"é\"}".into() } },
-                            ToolCall { id: "call_b".into(), kind: "function".into(), function: FunctionCall { name: "g".into(), arguments: "{}".into() } },
+                            ToolCall {
+                                id: "call_a".into(),
+                                kind: "function".into(),
+                                function: FunctionCall {
+                                    name: "f".into(),
+                                    arguments: "{\"q\":\"é\"}".into(),
+                                },
+                            },
+                            ToolCall {
+                                id: "call_b".into(),
+                                kind: "function".into(),
+                                function: FunctionCall {
+                                    name: "g".into(),
+                                    arguments: "{}".into(),
+                                },
+                            },
                         ],
                     },
                     finish_reason: Some("tool_calls".into()),
@@ -342,7 +380,11 @@ mod tests {
         for eol in ["\n", "\r\n"] {
             let bytes = stream(eol);
             for i in 0..=bytes.len() {
-                assert_eq!(reassemble(&[&bytes[..i], &bytes[i..]]), expected(), "split at {i}");
+                assert_eq!(
+                    reassemble(&[&bytes[..i], &bytes[i..]]),
+                    expected(),
+                    "split at {i}"
+                );
             }
         }
     }
@@ -384,8 +426,13 @@ mod tests {
                 {"id": "call_a", "type": "function", "function": {"name": "f", "arguments": "{\"q\":\"é\"}"}},
                 {"id": "call_b", "type": "function", "function": {"name": "g", "arguments": "{}"}}]}, "finish_reason": "tool_calls"}],
             "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}});
-        assert_eq!(FinalResponse::from_json(body.to_string().as_bytes()), expected());
-        let error = FinalResponse::from_json(br#"{"error":{"message":"no","type":"x","param":null,"code":null}}"#);
+        assert_eq!(
+            FinalResponse::from_json(body.to_string().as_bytes()),
+            expected()
+        );
+        let error = FinalResponse::from_json(
+            br#"{"error":{"message":"no","type":"x","param":null,"code":null}}"#,
+        );
         assert_eq!(error.error.unwrap()["message"], "no");
     }
 }

@@ -83,17 +83,25 @@ impl Kind {
         match self {
             Kind::AnthropicKey => r"\bsk-ant-[A-Za-z0-9_-]{20,}",
             Kind::OpenaiKey => r"\bsk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}",
-            Kind::AwsKey => r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|(?i:aws_secret_access_key)\s*[:=]\s*[A-Za-z0-9/+=]{40}",
-            Kind::GithubToken => r"\b(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})",
+            Kind::AwsKey => {
+                r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|(?i:aws_secret_access_key)\s*[:=]\s*[A-Za-z0-9/+=]{40}"
+            }
+            Kind::GithubToken => {
+                r"\b(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})"
+            }
             Kind::Jwt => r"\beyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}",
             Kind::BearerToken => r"(?i:\bbearer)\s+[A-Za-z0-9._~+/=-]{16,}",
             Kind::Email => r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b",
             // International (+CC …), US with a bracketed area code, or US with - or . separators;
             // bare digit groups with spaces are too often other numbers.
-            Kind::Phone => r"\+\d{1,3}[ .-]?(?:\(\d{1,4}\)|\d{1,4})(?:[ .-]?\d{2,4}){2,4}\b|\(\d{3}\)[ .-]?\d{3}[ .-]\d{4}\b|\b\d{3}[.-]\d{3}[.-]\d{4}\b",
+            Kind::Phone => {
+                r"\+\d{1,3}[ .-]?(?:\(\d{1,4}\)|\d{1,4})(?:[ .-]?\d{2,4}){2,4}\b|\(\d{3}\)[ .-]?\d{3}[ .-]\d{4}\b|\b\d{3}[.-]\d{3}[.-]\d{4}\b"
+            }
             Kind::Card => r"\b\d(?:[ -]?\d){12,18}\b",
             Kind::Iban => r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b",
-            Kind::Ip => r"\b(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\b|\b(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}\b|\b(?:[0-9A-Fa-f]{1,4}:){1,6}:(?:[0-9A-Fa-f]{1,4}:){0,5}[0-9A-Fa-f]{1,4}\b",
+            Kind::Ip => {
+                r"\b(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\b|\b(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}\b|\b(?:[0-9A-Fa-f]{1,4}:){1,6}:(?:[0-9A-Fa-f]{1,4}:){0,5}[0-9A-Fa-f]{1,4}\b"
+            }
         }
     }
 
@@ -102,7 +110,9 @@ impl Kind {
         match self {
             Kind::Card => luhn_valid(candidate),
             Kind::Iban => iban_valid(candidate),
-            Kind::Phone => (7..=15).contains(&candidate.chars().filter(char::is_ascii_digit).count()),
+            Kind::Phone => {
+                (7..=15).contains(&candidate.chars().filter(char::is_ascii_digit).count())
+            }
             _ => true,
         }
     }
@@ -121,7 +131,8 @@ fn compiled() -> &'static Compiled {
             .filter_map(|&k| Regex::new(k.pattern()).ok().map(|r| (k, r)))
             .collect();
         // The patterns are constants tested below; an empty set would only redact nothing.
-        let set = RegexSet::new(each.iter().map(|(k, _)| k.pattern())).unwrap_or_else(|_| RegexSet::empty());
+        let set = RegexSet::new(each.iter().map(|(k, _)| k.pattern()))
+            .unwrap_or_else(|_| RegexSet::empty());
         Compiled { set, each }
     })
 }
@@ -207,7 +218,13 @@ fn luhn_valid(candidate: &str) -> bool {
         .iter()
         .rev()
         .enumerate()
-        .map(|(i, &d)| if i % 2 == 1 { if d * 2 > 9 { d * 2 - 9 } else { d * 2 } } else { d })
+        .map(|(i, &d)| {
+            if i % 2 == 1 {
+                if d * 2 > 9 { d * 2 - 9 } else { d * 2 }
+            } else {
+                d
+            }
+        })
         .sum();
     sum.is_multiple_of(10)
 }
@@ -220,8 +237,14 @@ fn iban_valid(candidate: &str) -> bool {
     let rearranged = compact[4..].iter().chain(&compact[..4]);
     let mut remainder: u64 = 0;
     for c in rearranged {
-        let Some(v) = c.to_digit(36) else { return false };
-        remainder = if v >= 10 { (remainder * 100 + u64::from(v)) % 97 } else { (remainder * 10 + u64::from(v)) % 97 };
+        let Some(v) = c.to_digit(36) else {
+            return false;
+        };
+        remainder = if v >= 10 {
+            (remainder * 100 + u64::from(v)) % 97
+        } else {
+            (remainder * 10 + u64::from(v)) % 97
+        };
     }
     remainder == 1
 }
@@ -231,39 +254,68 @@ mod tests {
     use super::*;
 
     fn redact(text: &str) -> String {
-        Redactor::default().redact_str(text).unwrap_or_else(|| text.to_string())
+        Redactor::default()
+            .redact_str(text)
+            .unwrap_or_else(|| text.to_string())
     }
 
     #[test]
     fn secrets_are_replaced_by_kind() {
         let cases = [
-            ("key sk-proj-abcdefghijklmnopqrstuvwxyz123456 here", "openai_key"),
+            (
+                "key sk-proj-abcdefghijklmnopqrstuvwxyz123456 here",
+                "openai_key",
+            ),
             ("sk-ant-api03-abcdefghijklmnopqrstuvwxyz", "anthropic_key"),
             ("id AKIAIOSFODNN7EXAMPLE ok", "aws_key"),
-            ("aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "aws_key"),
+            (
+                "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+                "aws_key",
+            ),
             ("ghp_abcdefghijklmnopqrstuvwxyz0123456789", "github_token"),
-            ("Authorization: Bearer abc.def-ghi_jkl~mno+pqr", "bearer_token"),
-            ("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U", "jwt"),
+            (
+                "Authorization: Bearer abc.def-ghi_jkl~mno+pqr",
+                "bearer_token",
+            ),
+            (
+                "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
+                "jwt",
+            ),
         ];
         for (text, kind) in cases {
             let out = redact(text);
-            assert!(out.contains(&format!("[REDACTED:{kind}]")), "{text} -> {out}");
+            assert!(
+                out.contains(&format!("[REDACTED:{kind}]")),
+                "{text} -> {out}"
+            );
         }
     }
 
     #[test]
     fn checksums_separate_cards_and_ibans_from_other_numbers() {
         assert_eq!(redact("card 4111 1111 1111 1111."), "card [REDACTED:card].");
-        assert_eq!(redact("order 4111 1111 1111 1112"), "order 4111 1111 1111 1112");
-        assert_eq!(redact("IBAN GB82 WEST 1234 5698 7654 32"), "IBAN [REDACTED:iban]");
-        assert_eq!(redact("GB82 WEST 1234 5698 7654 33"), "GB82 WEST 1234 5698 7654 33");
+        assert_eq!(
+            redact("order 4111 1111 1111 1112"),
+            "order 4111 1111 1111 1112"
+        );
+        assert_eq!(
+            redact("IBAN GB82 WEST 1234 5698 7654 32"),
+            "IBAN [REDACTED:iban]"
+        );
+        assert_eq!(
+            redact("GB82 WEST 1234 5698 7654 33"),
+            "GB82 WEST 1234 5698 7654 33"
+        );
     }
 
     #[test]
     fn pii_can_be_switched_off_but_secrets_cannot() {
         let r = Redactor::with_pii(&[]);
         let text = "mail a@b.io key sk-abcdefghijklmnopqrstuvwxyz";
-        assert_eq!(r.redact_str(text).unwrap(), "mail a@b.io key [REDACTED:openai_key]");
+        assert_eq!(
+            r.redact_str(text).unwrap(),
+            "mail a@b.io key [REDACTED:openai_key]"
+        );
     }
 
     #[test]

@@ -143,7 +143,11 @@ mod tests {
         assert_eq!(whole.len(), 3);
         for i in 0..=stream.len() {
             for j in i..=stream.len() {
-                assert_eq!(parse_in(&[&stream[..i], &stream[i..j], &stream[j..]]), whole, "split at {i},{j}");
+                assert_eq!(
+                    parse_in(&[&stream[..i], &stream[i..j], &stream[j..]]),
+                    whole,
+                    "split at {i},{j}"
+                );
             }
         }
     }
@@ -152,7 +156,10 @@ mod tests {
     fn oversized_event_is_capped_and_reported() {
         let mut parser = SseParser::new(16);
         let mut events = Vec::new();
-        parser.feed(b"data: a\ndata: 0123456789abcdefghij\n\ndata: ok\n\n", &mut |e| events.push(e.to_string()));
+        parser.feed(
+            b"data: a\ndata: 0123456789abcdefghij\n\ndata: ok\n\n",
+            &mut |e| events.push(e.to_string()),
+        );
         assert!(parser.overflowed());
         // The oversized event is dropped whole, not dispatched as its first line.
         assert_eq!(events, vec!["ok"]);

@@ -55,7 +55,9 @@ pub struct BadTraceId;
 impl FromStr for TraceId {
     type Err = BadTraceId;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        ulid::Ulid::from_string(s).map(|u| Self(u.into())).map_err(|_| BadTraceId)
+        ulid::Ulid::from_string(s)
+            .map(|u| Self(u.into()))
+            .map_err(|_| BadTraceId)
     }
 }
 
@@ -146,7 +148,10 @@ impl Trace {
 
     /// The `finish_reason` of the first choice.
     pub fn finish_reason(&self) -> Option<&str> {
-        self.response.choices.first().and_then(|c| c.finish_reason.as_deref())
+        self.response
+            .choices
+            .first()
+            .and_then(|c| c.finish_reason.as_deref())
     }
 }
 
@@ -157,7 +162,10 @@ mod tests {
     #[test]
     fn ids_sort_by_time_and_round_trip_as_text() {
         let ids: Vec<TraceId> = (0..1000).map(|_| TraceId::generate()).collect();
-        assert!(ids.windows(2).all(|w| w[0] < w[1]), "monotonic within a millisecond");
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "monotonic within a millisecond"
+        );
         let a = ids[0];
         assert_eq!(a.to_string().parse::<TraceId>().unwrap(), a);
         assert_eq!(a.to_string().len(), 26);

@@ -13,11 +13,15 @@ fn pick<'a>(rng: &mut StdRng, items: &[&'a str]) -> &'a str {
 
 fn alnum(rng: &mut StdRng, n: usize) -> String {
     const SET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
-    (0..n).map(|_| SET[rng.random_range(0..SET.len())] as char).collect()
+    (0..n)
+        .map(|_| SET[rng.random_range(0..SET.len())] as char)
+        .collect()
 }
 
 fn digits(rng: &mut StdRng, n: usize) -> String {
-    (0..n).map(|_| char::from(b'0' + rng.random_range(0..10u8))).collect()
+    (0..n)
+        .map(|_| char::from(b'0' + rng.random_range(0..10u8)))
+        .collect()
 }
 
 fn luhn_complete(prefix_and_body: &str) -> String {
@@ -28,16 +32,23 @@ fn luhn_complete(prefix_and_body: &str) -> String {
         .enumerate()
         .map(|(i, c)| {
             let d = c.to_digit(10).unwrap();
-            if i % 2 == 0 { if d * 2 > 9 { d * 2 - 9 } else { d * 2 } } else { d }
+            if i % 2 == 0 {
+                if d * 2 > 9 { d * 2 - 9 } else { d * 2 }
+            } else {
+                d
+            }
         })
         .sum();
     format!("{prefix_and_body}{}", (10 - sum % 10) % 10)
 }
 
 fn iban(rng: &mut StdRng) -> String {
-    let (country, len) = [("DE", 18), ("GB", 18), ("FR", 23), ("NL", 14), ("ES", 20)][rng.random_range(0..5)];
+    let (country, len) =
+        [("DE", 18), ("GB", 18), ("FR", 23), ("NL", 14), ("ES", 20)][rng.random_range(0..5)];
     let bban: String = if country == "GB" || country == "NL" {
-        let bank: String = (0..4).map(|_| char::from(b'A' + rng.random_range(0..26u8))).collect();
+        let bank: String = (0..4)
+            .map(|_| char::from(b'A' + rng.random_range(0..26u8)))
+            .collect();
         format!("{bank}{}", digits(rng, len - 4))
     } else {
         digits(rng, len)
@@ -47,10 +58,17 @@ fn iban(rng: &mut StdRng) -> String {
         .chars()
         .map(|c| c.to_digit(36).unwrap().to_string())
         .collect();
-    let rem = numeric.chars().fold(0u64, |acc, c| (acc * 10 + u64::from(c.to_digit(10).unwrap())) % 97);
+    let rem = numeric.chars().fold(0u64, |acc, c| {
+        (acc * 10 + u64::from(c.to_digit(10).unwrap())) % 97
+    });
     let compact = format!("{country}{:02}{bban}", 98 - rem);
     if rng.random_bool(0.5) {
-        compact.as_bytes().chunks(4).map(|c| std::str::from_utf8(c).unwrap()).collect::<Vec<_>>().join(" ")
+        compact
+            .as_bytes()
+            .chunks(4)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect::<Vec<_>>()
+            .join(" ")
     } else {
         compact
     }
@@ -77,7 +95,13 @@ fn sample(kind: Kind, rng: &mut StdRng) -> String {
                 2 => format!("{a}-{b}-{c}"),
                 3 => format!("{a}.{b}.{c}"),
                 4 => format!("+44 20 {} {}", digits(rng, 4), digits(rng, 4)),
-                _ => format!("+33 1 {} {} {} {}", digits(rng, 2), digits(rng, 2), digits(rng, 2), digits(rng, 2)),
+                _ => format!(
+                    "+33 1 {} {} {} {}",
+                    digits(rng, 2),
+                    digits(rng, 2),
+                    digits(rng, 2),
+                    digits(rng, 2)
+                ),
             }
         }
         Kind::Card => {
@@ -87,41 +111,143 @@ fn sample(kind: Kind, rng: &mut StdRng) -> String {
                 _ => luhn_complete(&format!("37{}", digits(rng, 12))),
             };
             let sep = pick(rng, &["", " ", "-"]);
-            raw.as_bytes().chunks(4).map(|c| std::str::from_utf8(c).unwrap()).collect::<Vec<_>>().join(sep)
+            raw.as_bytes()
+                .chunks(4)
+                .map(|c| std::str::from_utf8(c).unwrap())
+                .collect::<Vec<_>>()
+                .join(sep)
         }
         Kind::Iban => iban(rng),
         Kind::Ip => {
             if rng.random_bool(0.6) {
-                format!("{}.{}.{}.{}", rng.random_range(1..=255), rng.random_range(0..=255), rng.random_range(0..=255), rng.random_range(1..=254))
+                format!(
+                    "{}.{}.{}.{}",
+                    rng.random_range(1..=255),
+                    rng.random_range(0..=255),
+                    rng.random_range(0..=255),
+                    rng.random_range(1..=254)
+                )
             } else if rng.random_bool(0.5) {
-                (0..8).map(|_| format!("{:x}", rng.random_range(0..=0xffffu32))).collect::<Vec<_>>().join(":")
+                (0..8)
+                    .map(|_| format!("{:x}", rng.random_range(0..=0xffffu32)))
+                    .collect::<Vec<_>>()
+                    .join(":")
             } else {
-                format!("2001:db8::{:x}:{:x}", rng.random_range(1..=0xffffu32), rng.random_range(1..=0xffffu32))
+                format!(
+                    "2001:db8::{:x}:{:x}",
+                    rng.random_range(1..=0xffffu32),
+                    rng.random_range(1..=0xffffu32)
+                )
             }
         }
         Kind::OpenaiKey => format!("sk-proj-{}", alnum(rng, 40)),
         Kind::AnthropicKey => format!("sk-ant-api03-{}", alnum(rng, 40)),
         Kind::AwsKey => format!("AKIA{}", alnum(rng, 16).to_uppercase()),
         Kind::GithubToken => format!("ghp_{}", alnum(rng, 36)),
-        Kind::Jwt => format!("eyJ{}.eyJ{}.{}", alnum(rng, 20), alnum(rng, 30), alnum(rng, 43)),
+        Kind::Jwt => format!(
+            "eyJ{}.eyJ{}.{}",
+            alnum(rng, 20),
+            alnum(rng, 30),
+            alnum(rng, 43)
+        ),
         Kind::BearerToken => format!("Bearer {}", alnum(rng, 32)),
     }
 }
 
 fn clean_sentence(rng: &mut StdRng) -> String {
     let templates: [&dyn Fn(&mut StdRng) -> String; 12] = [
-        &|r| format!("The invoice total is ${}.{:02} due on 2024-{:02}-{:02}.", r.random_range(1..9999), r.random_range(0..100), r.random_range(1..13), r.random_range(1..29)),
-        &|r| format!("Upgrade to version {}.{}.{} before Friday.", r.random_range(0..20), r.random_range(0..50), r.random_range(0..100)),
-        &|r| format!("Order #{} shipped {} items to ZIP {}.", r.random_range(10_000..999_999), r.random_range(1..40), r.random_range(10_000..99_999)),
-        &|r| format!("The meeting is at {:02}:{:02} in room {}.", r.random_range(0..24), r.random_range(0..60), r.random_range(100..999)),
-        &|r| format!("We grew {}% year over year, to {} users.", r.random_range(1..300), r.random_range(1000..9_000_000)),
-        &|r| format!("Pi is about 3.{} and e about 2.{}.", r.random_range(1000..99999), r.random_range(1000..99999)),
-        &|r| format!("See section {}.{} on page {} of the manual.", r.random_range(1..30), r.random_range(1..20), r.random_range(1..900)),
-        &|r| format!("Ticket ORD-{}-{} was closed after {} days.", r.random_range(2019..2026), r.random_range(1000..9999), r.random_range(1..90)),
-        &|r| format!("Use the key named `{}` in the settings page.", pick(r, &["api_key", "secret_name", "token_id"])),
-        &|r| format!("The build took {} seconds on {} cores with {} GB of RAM.", r.random_range(10..999), r.random_range(1..64), r.random_range(1..512)),
-        &|r| format!("Call the function with n={} and k={}.", r.random_range(1..1000), r.random_range(1..100)),
-        &|r| format!("Request id {} failed at step {} of {}.", alnum(r, 12), r.random_range(1..10), r.random_range(10..20)),
+        &|r| {
+            format!(
+                "The invoice total is ${}.{:02} due on 2024-{:02}-{:02}.",
+                r.random_range(1..9999),
+                r.random_range(0..100),
+                r.random_range(1..13),
+                r.random_range(1..29)
+            )
+        },
+        &|r| {
+            format!(
+                "Upgrade to version {}.{}.{} before Friday.",
+                r.random_range(0..20),
+                r.random_range(0..50),
+                r.random_range(0..100)
+            )
+        },
+        &|r| {
+            format!(
+                "Order #{} shipped {} items to ZIP {}.",
+                r.random_range(10_000..999_999),
+                r.random_range(1..40),
+                r.random_range(10_000..99_999)
+            )
+        },
+        &|r| {
+            format!(
+                "The meeting is at {:02}:{:02} in room {}.",
+                r.random_range(0..24),
+                r.random_range(0..60),
+                r.random_range(100..999)
+            )
+        },
+        &|r| {
+            format!(
+                "We grew {}% year over year, to {} users.",
+                r.random_range(1..300),
+                r.random_range(1000..9_000_000)
+            )
+        },
+        &|r| {
+            format!(
+                "Pi is about 3.{} and e about 2.{}.",
+                r.random_range(1000..99999),
+                r.random_range(1000..99999)
+            )
+        },
+        &|r| {
+            format!(
+                "See section {}.{} on page {} of the manual.",
+                r.random_range(1..30),
+                r.random_range(1..20),
+                r.random_range(1..900)
+            )
+        },
+        &|r| {
+            format!(
+                "Ticket ORD-{}-{} was closed after {} days.",
+                r.random_range(2019..2026),
+                r.random_range(1000..9999),
+                r.random_range(1..90)
+            )
+        },
+        &|r| {
+            format!(
+                "Use the key named `{}` in the settings page.",
+                pick(r, &["api_key", "secret_name", "token_id"])
+            )
+        },
+        &|r| {
+            format!(
+                "The build took {} seconds on {} cores with {} GB of RAM.",
+                r.random_range(10..999),
+                r.random_range(1..64),
+                r.random_range(1..512)
+            )
+        },
+        &|r| {
+            format!(
+                "Call the function with n={} and k={}.",
+                r.random_range(1..1000),
+                r.random_range(1..100)
+            )
+        },
+        &|r| {
+            format!(
+                "Request id {} failed at step {} of {}.",
+                alnum(r, 12),
+                r.random_range(1..10),
+                r.random_range(10..20)
+            )
+        },
     ];
     let i = rng.random_range(0..templates.len());
     templates[i](rng)
@@ -136,15 +262,29 @@ fn recall_and_false_positives_per_type() {
         let mut found = 0;
         for _ in 0..N {
             let value = sample(kind, &mut rng);
-            let text = format!("{} {value}{}", pick(&mut rng, &["Contact:", "My value is", "Use", "->"]), pick(&mut rng, &[".", ",", " thanks", ""]));
+            let text = format!(
+                "{} {value}{}",
+                pick(&mut rng, &["Contact:", "My value is", "Use", "->"]),
+                pick(&mut rng, &[".", ",", " thanks", ""])
+            );
             let out = redactor.redact_str(&text).unwrap_or_else(|| text.clone());
             if !out.contains(&value) && out.contains(&format!("[REDACTED:{}]", kind.name())) {
                 found += 1;
             }
         }
         let recall = found as f64 / N as f64;
-        report.push(format!("{:<14} recall {:>6.1}%", kind.name(), recall * 100.0));
-        assert!(recall >= 0.99, "{} recall {:.1}% < 99%\n{}", kind.name(), recall * 100.0, report.join("\n"));
+        report.push(format!(
+            "{:<14} recall {:>6.1}%",
+            kind.name(),
+            recall * 100.0
+        ));
+        assert!(
+            recall >= 0.99,
+            "{} recall {:.1}% < 99%\n{}",
+            kind.name(),
+            recall * 100.0,
+            report.join("\n")
+        );
     }
     let mut flagged = 0;
     for _ in 0..N {

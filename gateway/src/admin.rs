@@ -63,7 +63,10 @@ struct TraceQuery {
     outcome: Option<Outcome>,
 }
 
-async fn list_traces(State(state): State<AdminState>, query: Result<Query<TraceQuery>, axum::extract::rejection::QueryRejection>) -> Response {
+async fn list_traces(
+    State(state): State<AdminState>,
+    query: Result<Query<TraceQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
     let Query(query) = match query {
         Ok(q) => q,
         Err(e) => return Error::invalid(e.body_text(), None).into_response(),
@@ -73,18 +76,24 @@ async fn list_traces(State(state): State<AdminState>, query: Result<Query<TraceQ
     };
     let limit = query.limit.unwrap_or(50).clamp(1, MAX_PAGE);
     let before = match query.before.as_deref().map(str::parse::<TraceId>) {
-        Some(Err(_)) => return Error::invalid("`before` must be a trace id.", Some("before")).into_response(),
+        Some(Err(_)) => {
+            return Error::invalid("`before` must be a trace id.", Some("before")).into_response();
+        }
         Some(Ok(id)) => Some(id),
         None => None,
     };
     let keep = move |t: &Trace| {
-        query.tenant.as_ref().is_none_or(|x| t.tenant.as_ref() == Some(x))
+        query
+            .tenant
+            .as_ref()
+            .is_none_or(|x| t.tenant.as_ref() == Some(x))
             && query.alias.as_ref().is_none_or(|x| &t.alias == x)
             && query.arm.as_deref().is_none_or(|x| t.arm.kind() == x)
             && query.outcome.is_none_or(|x| t.outcome == x)
     };
     // One extra tells whether another page exists.
-    let result = tokio::task::spawn_blocking(move || store.recent_traces(before, limit + 1, keep)).await;
+    let result =
+        tokio::task::spawn_blocking(move || store.recent_traces(before, limit + 1, keep)).await;
     match result {
         Ok(Ok(mut traces)) => {
             let has_more = traces.len() > limit;

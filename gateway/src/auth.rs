@@ -91,16 +91,26 @@ impl ClientKeys {
 
 /// The key from `Authorization: Bearer …`, or Azure-style `api-key`.
 fn presented_key(headers: &HeaderMap) -> Option<&str> {
-    if let Some(v) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+    if let Some(v) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
         let (scheme, key) = v.split_once(' ')?;
         return scheme.eq_ignore_ascii_case("bearer").then_some(key.trim());
     }
-    headers.get("api-key").and_then(|v| v.to_str().ok()).map(str::trim)
+    headers
+        .get("api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
 }
 
 /// Middleware: with keys configured, a request without a valid key gets a 401; the caller is
 /// attached to the request for the handlers.
-pub async fn authenticate(State(keys): State<ClientKeys>, mut request: Request, next: Next) -> Response {
+pub async fn authenticate(
+    State(keys): State<ClientKeys>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     if keys.enabled() {
         match keys.identify(request.headers()) {
             Some(caller) => {
@@ -145,19 +155,36 @@ mod tests {
             tenant: Some("t1".into()),
             key_sha256: sha256(b"sk-app"),
         }]);
-        let caller = keys.identify(&headers("authorization", "Bearer sk-app")).unwrap();
+        let caller = keys
+            .identify(&headers("authorization", "Bearer sk-app"))
+            .unwrap();
         assert_eq!(caller.tenant.as_deref(), Some("t1"));
         assert!(keys.identify(&headers("api-key", "sk-app")).is_some());
-        assert!(keys.identify(&headers("authorization", "Bearer sk-other")).is_none());
-        assert!(keys.identify(&headers("authorization", "Basic sk-app")).is_none());
+        assert!(
+            keys.identify(&headers("authorization", "Bearer sk-other"))
+                .is_none()
+        );
+        assert!(
+            keys.identify(&headers("authorization", "Basic sk-app"))
+                .is_none()
+        );
         assert!(keys.identify(&HeaderMap::new()).is_none());
     }
 
     #[test]
     fn admin_token_must_match_exactly() {
-        assert!(admin_token_matches(&headers("authorization", "Bearer s3cret"), "s3cret"));
-        assert!(!admin_token_matches(&headers("authorization", "Bearer s3cre"), "s3cret"));
-        assert!(!admin_token_matches(&headers("authorization", "s3cret"), "s3cret"));
+        assert!(admin_token_matches(
+            &headers("authorization", "Bearer s3cret"),
+            "s3cret"
+        ));
+        assert!(!admin_token_matches(
+            &headers("authorization", "Bearer s3cre"),
+            "s3cret"
+        ));
+        assert!(!admin_token_matches(
+            &headers("authorization", "s3cret"),
+            "s3cret"
+        ));
         assert!(!admin_token_matches(&HeaderMap::new(), "s3cret"));
     }
 }

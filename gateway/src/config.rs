@@ -270,11 +270,12 @@ impl Config {
     }
 
     fn validate(raw: RawConfig) -> Result<Self, ConfigError> {
-        let listen = raw
-            .server
-            .listen
-            .parse()
-            .map_err(|_| invalid(format!("server.listen `{}` is not an address like 127.0.0.1:8080", raw.server.listen)))?;
+        let listen = raw.server.listen.parse().map_err(|_| {
+            invalid(format!(
+                "server.listen `{}` is not an address like 127.0.0.1:8080",
+                raw.server.listen
+            ))
+        })?;
         if raw.server.max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes must be at least 1"));
         }
@@ -294,10 +295,16 @@ impl Config {
                 (Some(url), false) => Endpoint::Url(validate_base_url(&up.name, &url)?),
                 (None, true) => Endpoint::Sim,
                 (Some(_), true) => {
-                    return Err(invalid(format!("upstream `{}`: set either base_url or sim = true, not both", up.name)));
+                    return Err(invalid(format!(
+                        "upstream `{}`: set either base_url or sim = true, not both",
+                        up.name
+                    )));
                 }
                 (None, false) => {
-                    return Err(invalid(format!("upstream `{}` needs base_url (or sim = true)", up.name)));
+                    return Err(invalid(format!(
+                        "upstream `{}` needs base_url (or sim = true)",
+                        up.name
+                    )));
                 }
             };
             for (key, ms) in [
@@ -306,7 +313,10 @@ impl Config {
                 ("idle_timeout_ms", up.idle_timeout_ms),
             ] {
                 if ms == 0 {
-                    return Err(invalid(format!("upstream `{}`: {key} must be at least 1", up.name)));
+                    return Err(invalid(format!(
+                        "upstream `{}`: {key} must be at least 1",
+                        up.name
+                    )));
                 }
             }
             upstreams.push(UpstreamConfig {
@@ -328,7 +338,9 @@ impl Config {
             Some(name) if name.is_empty() => None,
             Some(name) => {
                 if !upstreams.iter().any(|u| u.name == name) {
-                    return Err(invalid(format!("server.passthrough_upstream names unknown upstream `{name}`")));
+                    return Err(invalid(format!(
+                        "server.passthrough_upstream names unknown upstream `{name}`"
+                    )));
                 }
                 Some(name)
             }
@@ -346,11 +358,18 @@ impl Config {
             routes.push(route);
         }
         // Check the routes the way the router will, so a bad table fails at load, naming the route.
-        forge_router::RoutingTable::new(0, routes.clone(), &upstreams.iter().map(|u| u.name.clone()).collect())
-            .map_err(|e| invalid(e.to_string()))?;
+        forge_router::RoutingTable::new(
+            0,
+            routes.clone(),
+            &upstreams.iter().map(|u| u.name.clone()).collect(),
+        )
+        .map_err(|e| invalid(e.to_string()))?;
 
         let admin_listen = raw.server.admin_listen.parse().map_err(|_| {
-            invalid(format!("server.admin_listen `{}` is not an address like 127.0.0.1:8081", raw.server.admin_listen))
+            invalid(format!(
+                "server.admin_listen `{}` is not an address like 127.0.0.1:8081",
+                raw.server.admin_listen
+            ))
         })?;
         let capture = validate_capture(raw.capture)?;
         let clients = validate_clients(raw.clients)?;
@@ -426,23 +445,38 @@ fn validate_clients(raw: Vec<RawClient>) -> Result<Vec<ClientConfig>, ConfigErro
         }
         let key_sha256 = match (c.key_env, c.key_sha256) {
             (Some(var), None) => {
-                let key = std::env::var(&var)
-                    .map_err(|_| invalid(format!("client `{}`: environment variable {var} (key_env) is not set", c.id)))?;
+                let key = std::env::var(&var).map_err(|_| {
+                    invalid(format!(
+                        "client `{}`: environment variable {var} (key_env) is not set",
+                        c.id
+                    ))
+                })?;
                 if key.is_empty() {
                     return Err(invalid(format!("client `{}`: {var} is empty", c.id)));
                 }
                 crate::auth::sha256(key.as_bytes())
             }
-            (None, Some(hex_digest)) => {
-                hex::decode(hex_digest.trim())
-                    .ok()
-                    .and_then(|b| <[u8; 32]>::try_from(b).ok())
-                    .ok_or_else(|| invalid(format!("client `{}`: key_sha256 must be 64 hex characters", c.id)))?
+            (None, Some(hex_digest)) => hex::decode(hex_digest.trim())
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "client `{}`: key_sha256 must be 64 hex characters",
+                        c.id
+                    ))
+                })?,
+            _ => {
+                return Err(invalid(format!(
+                    "client `{}`: set exactly one of key_env or key_sha256",
+                    c.id
+                )));
             }
-            _ => return Err(invalid(format!("client `{}`: set exactly one of key_env or key_sha256", c.id))),
         };
         if clients.iter().any(|k| k.key_sha256 == key_sha256) {
-            return Err(invalid(format!("client `{}` has the same key as another client", c.id)));
+            return Err(invalid(format!(
+                "client `{}` has the same key as another client",
+                c.id
+            )));
         }
         clients.push(ClientConfig {
             id: c.id,
@@ -454,13 +488,20 @@ fn validate_clients(raw: Vec<RawClient>) -> Result<Vec<ClientConfig>, ConfigErro
 }
 
 fn validate_base_url(name: &str, url: &str) -> Result<String, ConfigError> {
-    let parsed = reqwest::Url::parse(url)
-        .map_err(|e| invalid(format!("upstream `{name}`: base_url `{url}` is not a URL ({e})")))?;
+    let parsed = reqwest::Url::parse(url).map_err(|e| {
+        invalid(format!(
+            "upstream `{name}`: base_url `{url}` is not a URL ({e})"
+        ))
+    })?;
     if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
-        return Err(invalid(format!("upstream `{name}`: base_url must be an http(s) URL with a host")));
+        return Err(invalid(format!(
+            "upstream `{name}`: base_url must be an http(s) URL with a host"
+        )));
     }
     if parsed.query().is_some() || parsed.fragment().is_some() {
-        return Err(invalid(format!("upstream `{name}`: base_url must not have a query or fragment")));
+        return Err(invalid(format!(
+            "upstream `{name}`: base_url must not have a query or fragment"
+        )));
     }
     Ok(url.trim_end_matches('/').to_string())
 }
@@ -478,9 +519,11 @@ mod tests {
 
     #[test]
     fn unknown_key_is_an_error_that_names_it() {
-        let err = Config::from_toml("[server]\nlisten = \"127.0.0.1:1\"\nmax_bodyy = 3\n").unwrap_err();
+        let err =
+            Config::from_toml("[server]\nlisten = \"127.0.0.1:1\"\nmax_bodyy = 3\n").unwrap_err();
         assert!(err.to_string().contains("max_bodyy"), "{err}");
-        let err = Config::from_toml("[[upstreams]]\nname = \"a\"\nsim = true\nkey = \"x\"\n").unwrap_err();
+        let err = Config::from_toml("[[upstreams]]\nname = \"a\"\nsim = true\nkey = \"x\"\n")
+            .unwrap_err();
         assert!(err.to_string().contains("key"), "{err}");
     }
 
@@ -490,23 +533,51 @@ mod tests {
         let cases = [
             (String::new(), "at least one"),
             (format!("{up}{up}"), "defined twice"),
-            ("[[upstreams]]\nname = \"a\"\nbase_url = \"ftp://x\"\n".to_string(), "http(s)"),
-            ("[[upstreams]]\nname = \"a\"\n".to_string(), "needs base_url"),
-            (format!("{up}[[routes]]\nalias = \"m\"\nteacher = {{ upstream = \"b\", model = \"x\" }}\n"), "unknown upstream `b`"),
-            (format!("{up}[[routes]]\nalias = \"m\"\nteacher = {{ upstream = \"a\", model = \"x\" }}\nstudents = [{{ upstream = \"a\", model = \"y\", percent = 101.0 }}]\n"), "outside"),
-            (format!("[server]\npassthrough_upstream = \"zz\"\n{up}"), "passthrough_upstream"),
-            (format!("[server]\nlisten = \"nope\"\n{up}"), "server.listen"),
+            (
+                "[[upstreams]]\nname = \"a\"\nbase_url = \"ftp://x\"\n".to_string(),
+                "http(s)",
+            ),
+            (
+                "[[upstreams]]\nname = \"a\"\n".to_string(),
+                "needs base_url",
+            ),
+            (
+                format!(
+                    "{up}[[routes]]\nalias = \"m\"\nteacher = {{ upstream = \"b\", model = \"x\" }}\n"
+                ),
+                "unknown upstream `b`",
+            ),
+            (
+                format!(
+                    "{up}[[routes]]\nalias = \"m\"\nteacher = {{ upstream = \"a\", model = \"x\" }}\nstudents = [{{ upstream = \"a\", model = \"y\", percent = 101.0 }}]\n"
+                ),
+                "outside",
+            ),
+            (
+                format!("[server]\npassthrough_upstream = \"zz\"\n{up}"),
+                "passthrough_upstream",
+            ),
+            (
+                format!("[server]\nlisten = \"nope\"\n{up}"),
+                "server.listen",
+            ),
         ];
         for (text, needle) in cases {
             let err = Config::from_toml(&text).unwrap_err().to_string();
-            assert!(err.contains(needle), "expected `{needle}` in `{err}` for:\n{text}");
+            assert!(
+                err.contains(needle),
+                "expected `{needle}` in `{err}` for:\n{text}"
+            );
         }
     }
 
     #[test]
     fn defaults_and_trailing_slash() {
         let c = Config::from_toml("[[upstreams]]\nname = \"a\"\nbase_url = \"https://api.example.com/v1/\"\napi_key_env = \"K\"\n").unwrap();
-        assert_eq!(c.upstreams[0].endpoint, Endpoint::Url("https://api.example.com/v1".into()));
+        assert_eq!(
+            c.upstreams[0].endpoint,
+            Endpoint::Url("https://api.example.com/v1".into())
+        );
         assert_eq!(c.server.max_body_bytes, 10 * 1024 * 1024);
         assert_eq!(c.server.passthrough_upstream.as_deref(), Some("a"));
         assert_eq!(c.upstreams[0].timeouts.idle, Duration::from_secs(60));

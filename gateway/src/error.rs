@@ -68,7 +68,9 @@ impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
             Error::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
-            Error::ModelNotFound(_) | Error::UnknownPath { .. } | Error::TraceNotFound(_) => StatusCode::NOT_FOUND,
+            Error::ModelNotFound(_) | Error::UnknownPath { .. } | Error::TraceNotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
             Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Error::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
@@ -152,9 +154,15 @@ impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let status = self.status();
         match self.fault() {
-            Fault::Client => tracing::debug!(status = status.as_u16(), error = %self, "request refused"),
-            Fault::Upstream => tracing::warn!(status = status.as_u16(), error = %self, "upstream failure"),
-            Fault::Gateway => tracing::warn!(status = status.as_u16(), error = %self, "gateway refused request"),
+            Fault::Client => {
+                tracing::debug!(status = status.as_u16(), error = %self, "request refused")
+            }
+            Fault::Upstream => {
+                tracing::warn!(status = status.as_u16(), error = %self, "upstream failure")
+            }
+            Fault::Gateway => {
+                tracing::warn!(status = status.as_u16(), error = %self, "gateway refused request")
+            }
         }
         let body = match serde_json::to_vec(&self.body()) {
             Ok(body) => body,
@@ -163,7 +171,10 @@ impl IntoResponse for Error {
         };
         let mut response = (status, body).into_response();
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         if matches!(self, Error::Overloaded) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             headers.insert("x-should-retry", HeaderValue::from_static("true"));

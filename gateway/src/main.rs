@@ -12,7 +12,11 @@ use forge_gateway::env::{ENV_FORGE_CONFIG, ENV_FORGE_LOG};
 use forge_gateway::sim::{SimConfig, SimUpstream};
 
 #[derive(Debug, Parser)]
-#[command(name = "forge", version, about = "An OpenAI-compatible LLM gateway that distills its own traffic.")]
+#[command(
+    name = "forge",
+    version,
+    about = "An OpenAI-compatible LLM gateway that distills its own traffic."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -34,7 +38,12 @@ enum Command {
         #[command(subcommand)]
         action: TracesAction,
         /// The data directory (`capture.data_dir`). The gateway must be stopped to read it.
-        #[arg(long, global = true, default_value = "forge-data", conflicts_with = "admin")]
+        #[arg(
+            long,
+            global = true,
+            default_value = "forge-data",
+            conflicts_with = "admin"
+        )]
         data_dir: PathBuf,
         /// A running gateway's admin API, e.g. http://127.0.0.1:8081 (token from FORGE_ADMIN_TOKEN).
         #[arg(long, global = true)]
@@ -91,7 +100,11 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Serve { config, .. } => serve(config).await,
         Command::SimUpstream { listen, config } => sim_upstream(listen, config).await,
-        Command::Traces { action, data_dir, admin } => {
+        Command::Traces {
+            action,
+            data_dir,
+            admin,
+        } => {
             let source = match admin {
                 Some(url) => traces::Source::Admin(url),
                 None => traces::Source::DataDir(data_dir),
@@ -111,12 +124,17 @@ async fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = match &path {
         Some(path) => Config::load(path)?,
         None => {
-            tracing::info!("no --config given: running the embedded default on the simulated upstream");
+            tracing::info!(
+                "no --config given: running the embedded default on the simulated upstream"
+            );
             Config::embedded_default()?
         }
     };
     let gateway = forge_gateway::server::start(config).await?;
-    println!("Forge is ready. Point your OpenAI client's base_url at {}", gateway.base_url());
+    println!(
+        "Forge is ready. Point your OpenAI client's base_url at {}",
+        gateway.base_url()
+    );
     shutdown_signal().await;
     tracing::info!("signal received: draining");
     gateway.shutdown().await;
@@ -126,12 +144,16 @@ async fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
 async fn sim_upstream(listen: SocketAddr, path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = match &path {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-            SimConfig::from_toml_str(&text).map_err(|e| anyhow::anyhow!("invalid sim config: {e}"))?
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            SimConfig::from_toml_str(&text)
+                .map_err(|e| anyhow::anyhow!("invalid sim config: {e}"))?
         }
         None => SimConfig::default(),
     };
-    let sim = SimUpstream::start(config, listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    let sim = SimUpstream::start(config, listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
     println!("Simulated upstream listening at {}", sim.base_url());
     shutdown_signal().await;
     sim.shutdown().await;

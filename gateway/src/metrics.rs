@@ -38,9 +38,17 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("forge");
         let requests = Family::<RequestLabels, Counter>::default();
-        registry.register("requests", "Requests answered, by endpoint and status", requests.clone());
+        registry.register(
+            "requests",
+            "Requests answered, by endpoint and status",
+            requests.clone(),
+        );
         let in_flight = Gauge::<i64, AtomicI64>::default();
-        registry.register("in_flight", "Requests being served now; a stream counts until it ends", in_flight.clone());
+        registry.register(
+            "in_flight",
+            "Requests being served now; a stream counts until it ends",
+            in_flight.clone(),
+        );
         Self {
             registry,
             requests,
@@ -63,7 +71,8 @@ impl Metrics {
     /// Exports the capture counters; their equation `captured + dropped + failed + pending ==
     /// eligible` holds in every scrape.
     pub fn register_capture(&mut self, counters: Arc<CaptureCounters>) {
-        self.registry.register_collector(Box::new(CaptureCollector(counters)));
+        self.registry
+            .register_collector(Box::new(CaptureCollector(counters)));
     }
 
     /// The Prometheus text exposition.
@@ -82,13 +91,30 @@ impl Collector for CaptureCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let c = self.0.snapshot();
         for (name, help, value) in [
-            ("capture_eligible", "Finished chat exchanges handed to the trace writer", c.eligible),
-            ("capture_captured", "Traces committed to the store", c.captured),
-            ("capture_dropped", "Traces dropped because the capture queue was full", c.dropped),
+            (
+                "capture_eligible",
+                "Finished chat exchanges handed to the trace writer",
+                c.eligible,
+            ),
+            (
+                "capture_captured",
+                "Traces committed to the store",
+                c.captured,
+            ),
+            (
+                "capture_dropped",
+                "Traces dropped because the capture queue was full",
+                c.dropped,
+            ),
             ("capture_failed", "Traces lost to a failed commit", c.failed),
         ] {
             let counter = ConstCounter::new(value);
-            counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
+            counter.encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                counter.metric_type(),
+            )?)?;
         }
         let pending = ConstGauge::new(i64::try_from(c.pending).unwrap_or(i64::MAX));
         pending.encode(encoder.encode_descriptor(

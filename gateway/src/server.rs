@@ -133,7 +133,10 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
                 let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
                 let sim = SimUpstream::start(SimConfig::default(), loopback)
                     .await
-                    .map_err(|source| StartError::Bind { addr: loopback, source })?;
+                    .map_err(|source| StartError::Bind {
+                        addr: loopback,
+                        source,
+                    })?;
                 tracing::info!(upstream = %up.name, addr = %sim.addr(), "simulated upstream started");
                 let url = sim.base_url();
                 sims.push(sim);
@@ -153,7 +156,8 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             .map_err(|e| StartError::Upstream(e.to_string()))?;
         upstreams.insert(upstream);
     }
-    let router = forge_router::Router::new(config.routes.clone(), upstreams.names().map(str::to_string))?;
+    let router =
+        forge_router::Router::new(config.routes.clone(), upstreams.names().map(str::to_string))?;
     let passthrough = config
         .server
         .passthrough_upstream
@@ -168,7 +172,12 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             let counters = writer.counters_handle();
             metrics.register_capture(Arc::clone(&counters));
             tracing::info!(path = %store.path().display(), mode = ?capture.writer.mode, "capture on");
-            (Some(store), Sink::Writer(writer), Some(task), Some(counters))
+            (
+                Some(store),
+                Sink::Writer(writer),
+                Some(task),
+                Some(counters),
+            )
         }
         None => {
             tracing::info!("capture off");
@@ -229,18 +238,28 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
 }
 
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
-    let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
-    let bound = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr, source })?;
     Ok((listener, bound))
 }
 
 /// The accept loop. Each connection is tracked both by the graceful watcher (to ask it to close
 /// after its current response) and by a `JoinSet` (to cut it when the grace period runs out).
-async fn serve(listener: TcpListener, app: axum::Router, mut stop: watch::Receiver<bool>, grace: Duration) {
+async fn serve(
+    listener: TcpListener,
+    app: axum::Router,
+    mut stop: watch::Receiver<bool>,
+    grace: Duration,
+) {
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
     let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
 
     loop {
         tokio::select! {
@@ -269,7 +288,11 @@ async fn serve(listener: TcpListener, app: axum::Router, mut stop: watch::Receiv
         }
     }
     drop(listener);
-    tracing::info!(open = connections.len(), grace_secs = grace.as_secs(), "shutting down: draining connections");
+    tracing::info!(
+        open = connections.len(),
+        grace_secs = grace.as_secs(),
+        "shutting down: draining connections"
+    );
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections drained"),
         () = tokio::time::sleep(grace) => {

@@ -44,8 +44,9 @@ impl Upstream {
         };
         let auth = api_key
             .map(|key| {
-                let mut value = HeaderValue::from_str(&format!("Bearer {key}"))
-                    .map_err(|_| setup_err("the API key has characters not allowed in a header".into()))?;
+                let mut value = HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
+                    setup_err("the API key has characters not allowed in a header".into())
+                })?;
                 value.set_sensitive(true);
                 Ok(value)
             })
@@ -98,7 +99,9 @@ impl Upstream {
         let first_byte = self.timeouts.first_byte;
         let response = match tokio::time::timeout(first_byte, request.send()).await {
             Err(_) => return Err(Error::UpstreamTimeout(millis(first_byte))),
-            Ok(Err(e)) if e.is_timeout() => return Err(Error::UpstreamTimeout(millis(self.timeouts.connect))),
+            Ok(Err(e)) if e.is_timeout() => {
+                return Err(Error::UpstreamTimeout(millis(self.timeouts.connect)));
+            }
             Ok(Err(e)) => {
                 tracing::warn!(upstream = %self.name, error = %e, "upstream request failed");
                 return Err(Error::UpstreamUnreachable);
@@ -129,7 +132,11 @@ fn millis(d: Duration) -> u64 {
 
 /// Credentials a client sent are for Forge, never for the upstream.
 pub fn strip_credentials(headers: &mut HeaderMap) {
-    for name in [header::AUTHORIZATION, header::COOKIE, header::PROXY_AUTHORIZATION] {
+    for name in [
+        header::AUTHORIZATION,
+        header::COOKIE,
+        header::PROXY_AUTHORIZATION,
+    ] {
         headers.remove(name);
     }
     headers.remove("api-key");
@@ -171,7 +178,8 @@ pub struct Upstreams {
 impl Upstreams {
     /// Adds an upstream.
     pub fn insert(&mut self, upstream: Upstream) {
-        self.by_name.insert(upstream.name.clone(), Arc::new(upstream));
+        self.by_name
+            .insert(upstream.name.clone(), Arc::new(upstream));
     }
 
     /// The upstream with this name.
@@ -197,10 +205,16 @@ mod tests {
     #[test]
     fn hop_by_hop_and_connection_named_headers_are_removed() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-private"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
         h.insert("x-private", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.insert("x-request-id", HeaderValue::from_static("abc"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
@@ -210,7 +224,10 @@ mod tests {
     #[test]
     fn client_credentials_are_stripped() {
         let mut h = HeaderMap::new();
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer client"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer client"),
+        );
         h.insert("api-key", HeaderValue::from_static("k"));
         h.insert(header::COOKIE, HeaderValue::from_static("c=1"));
         h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));

@@ -43,8 +43,14 @@ fn serve(config: &str, dir: &Path, env: &[(&str, &str)]) -> (Forge, String) {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let url = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap().to_string();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap()
+        .to_string();
     (Forge(child), url)
 }
 
@@ -55,7 +61,9 @@ fn chat(prompt: &str, stream: bool) -> serde_json::Value {
 #[tokio::test]
 async fn durable_mode_keeps_every_answered_exchange_across_kill_9() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let sim = SimUpstream::start(SimConfig::default(), ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let sim = SimUpstream::start(SimConfig::default(), ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let (mut forge, base) = serve(&config(&sim.base_url(), &data, "durable"), dir.path(), &[]);
@@ -68,10 +76,19 @@ async fn durable_mode_keeps_every_answered_exchange_across_kill_9() {
         let (http, base, acknowledged) = (http.clone(), base.clone(), Arc::clone(&acknowledged));
         workers.push(tokio::spawn(async move {
             for i in 0.. {
-                let Ok(resp) = http.post(format!("{base}/chat/completions")).json(&chat(&format!("w{w} q{i}"), i % 2 == 0)).send().await else {
+                let Ok(resp) = http
+                    .post(format!("{base}/chat/completions"))
+                    .json(&chat(&format!("w{w} q{i}"), i % 2 == 0))
+                    .send()
+                    .await
+                else {
                     return;
                 };
-                let id: TraceId = resp.headers()["x-forge-trace-id"].to_str().unwrap().parse().unwrap();
+                let id: TraceId = resp.headers()["x-forge-trace-id"]
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
                 let Ok(body) = resp.text().await else { return };
                 // A stream is whole only with its terminator; a cut one was not acknowledged.
                 if i % 2 == 0 && !body.ends_with("data: [DONE]\n\n") {
@@ -83,7 +100,10 @@ async fn durable_mode_keeps_every_answered_exchange_across_kill_9() {
     }
     let start = tokio::time::Instant::now();
     while acknowledged.lock().unwrap().len() < 150 {
-        assert!(start.elapsed() < forge_tests_deadline(), "load did not progress");
+        assert!(
+            start.elapsed() < forge_tests_deadline(),
+            "load did not progress"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     forge.0.kill().unwrap(); // SIGKILL, mid-load
@@ -96,8 +116,16 @@ async fn durable_mode_keeps_every_answered_exchange_across_kill_9() {
     let store = Store::open_dir(&data).expect("the store reopens after kill -9");
     println!("reopen after kill -9 took {:?}", opened.elapsed());
     let acknowledged = acknowledged.lock().unwrap().clone();
-    let missing: Vec<_> = acknowledged.iter().filter(|id| store.trace(**id).unwrap().is_none()).collect();
-    assert!(missing.is_empty(), "{} of {} acknowledged exchanges missing: {missing:?}", missing.len(), acknowledged.len());
+    let missing: Vec<_> = acknowledged
+        .iter()
+        .filter(|id| store.trace(**id).unwrap().is_none())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged exchanges missing: {missing:?}",
+        missing.len(),
+        acknowledged.len()
+    );
     assert!(store.trace_count().unwrap() >= acknowledged.len() as u64);
 }
 
@@ -108,11 +136,17 @@ fn forge_tests_deadline() -> std::time::Duration {
 #[tokio::test]
 async fn secrets_stay_out_of_logs_store_and_exports_and_the_cli_reads_both_ways() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let sim = SimUpstream::start(SimConfig::default(), ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let sim = SimUpstream::start(SimConfig::default(), ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let text = config(&sim.base_url(), &data, "async");
-    let (mut forge, base) = serve(&text, dir.path(), &[("FORGE_LOG", "debug"), ("FORGE_ADMIN_TOKEN", "adm1n-t0ken")]);
+    let (mut forge, base) = serve(
+        &text,
+        dir.path(),
+        &[("FORGE_LOG", "debug"), ("FORGE_ADMIN_TOKEN", "adm1n-t0ken")],
+    );
 
     let header_secret = "sk-proj-HEADERsecret0123456789abcdef";
     let prompt_secret = "ghp_PROMPTsecret0123456789abcdefghijklmn";
@@ -124,18 +158,34 @@ async fn secrets_stay_out_of_logs_store_and_exports_and_the_cli_reads_both_ways(
             .bearer_auth(header_secret)
             .header("api-key", header_secret)
             .header("cookie", format!("session={header_secret}"))
-            .json(&chat(&format!("please use {prompt_secret} for the repo"), stream))
+            .json(&chat(
+                &format!("please use {prompt_secret} for the repo"),
+                stream,
+            ))
             .send()
             .await
             .unwrap();
-        ids.push(resp.headers()["x-forge-trace-id"].to_str().unwrap().to_string());
+        ids.push(
+            resp.headers()["x-forge-trace-id"]
+                .to_str()
+                .unwrap()
+                .to_string(),
+        );
         resp.text().await.unwrap();
     }
 
     // While it runs, the file is locked: the CLI says how to read through the admin API…
-    let busy = Command::new(FORGE).args(["traces", "list", "--data-dir"]).arg(&data).output().unwrap();
+    let busy = Command::new(FORGE)
+        .args(["traces", "list", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
     assert!(!busy.status.success());
-    assert!(String::from_utf8_lossy(&busy.stderr).contains("--admin"), "{}", String::from_utf8_lossy(&busy.stderr));
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("--admin"),
+        "{}",
+        String::from_utf8_lossy(&busy.stderr)
+    );
     // …and through it, the export holds both traces, redacted.
     let log = std::fs::read_to_string(dir.path().join("forge.log")).unwrap();
     let admin_addr = log
@@ -148,7 +198,12 @@ async fn secrets_stay_out_of_logs_store_and_exports_and_the_cli_reads_both_ways(
         let admin_addr = admin_addr.clone();
         move || {
             Command::new(FORGE)
-                .args(["traces", "export", "--admin", &format!("http://{admin_addr}")])
+                .args([
+                    "traces",
+                    "export",
+                    "--admin",
+                    &format!("http://{admin_addr}"),
+                ])
                 .env("FORGE_ADMIN_TOKEN", "adm1n-t0ken")
                 .output()
                 .unwrap()
@@ -157,28 +212,56 @@ async fn secrets_stay_out_of_logs_store_and_exports_and_the_cli_reads_both_ways(
     .await
     .unwrap();
     let live_export = String::from_utf8_lossy(&live.stdout).into_owned();
-    assert!(live.status.success(), "{}", String::from_utf8_lossy(&live.stderr));
+    assert!(
+        live.status.success(),
+        "{}",
+        String::from_utf8_lossy(&live.stderr)
+    );
     assert_eq!(live_export.lines().count(), 2, "{live_export}");
 
-    assert!(Command::new("kill").args(["-TERM", &forge.0.id().to_string()]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &forge.0.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
     assert!(forge.0.wait().unwrap().success());
 
-    let offline = Command::new(FORGE).args(["traces", "export", "--data-dir"]).arg(&data).output().unwrap();
-    assert!(offline.status.success(), "{}", String::from_utf8_lossy(&offline.stderr));
+    let offline = Command::new(FORGE)
+        .args(["traces", "export", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        offline.status.success(),
+        "{}",
+        String::from_utf8_lossy(&offline.stderr)
+    );
     let export = String::from_utf8_lossy(&offline.stdout).into_owned();
     assert_eq!(export.lines().count(), 2);
     for id in &ids {
         assert!(export.contains(id.as_str()));
     }
     assert!(export.contains("[REDACTED:github_token]"), "{export}");
-    let stats = Command::new(FORGE).args(["traces", "stats", "--data-dir"]).arg(&data).output().unwrap();
+    let stats = Command::new(FORGE)
+        .args(["traces", "stats", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&stats.stdout).contains("traces: 2"));
 
     let log = std::fs::read_to_string(dir.path().join("forge.log")).unwrap();
     let file = std::fs::read(data.join(forge_layer::store::STORE_FILE)).unwrap();
     for secret in [header_secret, prompt_secret] {
         assert!(!log.contains(secret), "secret in the log");
-        assert!(!export.contains(secret) && !live_export.contains(secret), "secret in an export");
-        assert!(!file.windows(secret.len()).any(|w| w == secret.as_bytes()), "secret in the redb file");
+        assert!(
+            !export.contains(secret) && !live_export.contains(secret),
+            "secret in an export"
+        );
+        assert!(
+            !file.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "secret in the redb file"
+        );
     }
 }

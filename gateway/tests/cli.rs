@@ -48,7 +48,12 @@ fn run_to_failure(config: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("forge.toml");
     std::fs::write(&path, config).unwrap();
-    let out = Command::new(FORGE).args(["serve", "--config"]).arg(&path).env_remove("FORGE_TEST_MISSING").output().unwrap();
+    let out = Command::new(FORGE)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env_remove("FORGE_TEST_MISSING")
+        .output()
+        .unwrap();
     assert!(!out.status.success(), "forge should refuse this config");
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -65,14 +70,22 @@ fn bad_configs_are_refused_with_a_message_naming_the_problem() {
     let stderr = run_to_failure("[server]\nlisten = \"127.0.0.1:0\"\nlisten_port = 1\n");
     assert!(stderr.contains("listen_port"), "{stderr}");
     let dir = tempfile::tempdir().unwrap();
-    let stderr = run_to_failure(&config("http://127.0.0.1:9/v1", "FORGE_TEST_MISSING", dir.path()));
+    let stderr = run_to_failure(&config(
+        "http://127.0.0.1:9/v1",
+        "FORGE_TEST_MISSING",
+        dir.path(),
+    ));
     assert!(stderr.contains("FORGE_TEST_MISSING"), "{stderr}");
 }
 
 #[tokio::test]
 async fn upstream_key_comes_from_env_and_sigterm_drains_streams() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let trickle = ModelBehavior { chunk_delay: Duration::from_millis(100), words: 30, ..ModelBehavior::default() };
+    let trickle = ModelBehavior {
+        chunk_delay: Duration::from_millis(100),
+        words: 30,
+        ..ModelBehavior::default()
+    };
     let sim = SimUpstream::start(
         SimConfig {
             models: [("trickle".to_string(), trickle)].into_iter().collect(),
@@ -110,10 +123,25 @@ async fn upstream_key_comes_from_env_and_sigterm_drains_streams() {
     let stream = tokio::spawn(async move { resp.text().await.unwrap() });
 
     let pid = forge.0.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let text = stream.await.unwrap();
-    assert!(text.ends_with("data: [DONE]\n\n"), "stream cut by SIGTERM: {text}");
-    let status = tokio::task::spawn_blocking(move || forge.0.wait()).await.unwrap().unwrap();
+    assert!(
+        text.ends_with("data: [DONE]\n\n"),
+        "stream cut by SIGTERM: {text}"
+    );
+    let status = tokio::task::spawn_blocking(move || forge.0.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(status.success(), "forge exited with {status}");
-    assert!(http.get(format!("{base}/models")).send().await.is_err(), "still accepting after exit");
+    assert!(
+        http.get(format!("{base}/models")).send().await.is_err(),
+        "still accepting after exit"
+    );
 }

@@ -29,7 +29,11 @@ impl Router {
     }
 
     /// Like [`Router::new`], resuming the version count from a stored table.
-    pub fn with_version<I, S>(routes: Vec<Route>, upstreams: I, version: u64) -> Result<Self, RouteError>
+    pub fn with_version<I, S>(
+        routes: Vec<Route>,
+        upstreams: I,
+        version: u64,
+    ) -> Result<Self, RouteError>
     where
         I: IntoIterator<Item = S>,
         S: Into<String>,
@@ -54,6 +58,18 @@ impl Router {
     where
         F: FnOnce(&mut Vec<Route>) -> Result<(), RouteError>,
     {
+        self.update_with(edit, |_| Ok(()))
+    }
+
+    /// Like [`Router::update`], with a step between validation and the swap: `persist` sees the
+    /// validated next table and may refuse it (say, when it cannot be written down), in which
+    /// case the table in force stays. Updates are serialised, so versions never collide.
+    pub fn update_with<F, P, E>(&self, edit: F, persist: P) -> Result<Arc<RoutingTable>, E>
+    where
+        F: FnOnce(&mut Vec<Route>) -> Result<(), E>,
+        P: FnOnce(&RoutingTable) -> Result<(), E>,
+        E: From<RouteError>,
+    {
         // A poisoned lock only means an earlier editor panicked; the table itself is immutable.
         let _guard = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
         let current = self.current.load();
@@ -64,8 +80,14 @@ impl Router {
             routes,
             &self.known_upstreams,
         )?);
+        persist(&next)?;
         self.current.store(Arc::clone(&next));
         Ok(next)
+    }
+
+    /// Whether an upstream name is known (for callers that build targets).
+    pub fn knows_upstream(&self, name: &str) -> bool {
+        self.known_upstreams.contains(name)
     }
 }
 
@@ -95,14 +117,22 @@ mod tests {
         let before = router.load();
         router
             .update(|routes| {
-                routes[0].students.push(Student::new(Target::new("up", "s"), CanaryShare::FULL));
+                routes[0]
+                    .students
+                    .push(Student::new(Target::new("up", "s"), CanaryShare::FULL));
                 Ok(())
             })
             .unwrap();
         let after = router.load();
         assert_eq!(after.version(), 2);
-        assert_eq!(after.pick("a", StickyKey::Point(1)).unwrap().arm, Arm::Student(0));
+        assert_eq!(
+            after.pick("a", StickyKey::Point(1)).unwrap().arm,
+            Arm::Student(0)
+        );
         // The snapshot a request already holds is unchanged.
-        assert_eq!(before.pick("a", StickyKey::Point(1)).unwrap().arm, Arm::Teacher);
+        assert_eq!(
+            before.pick("a", StickyKey::Point(1)).unwrap().arm,
+            Arm::Teacher
+        );
     }
 }

@@ -21,9 +21,11 @@
 mod error;
 mod handle;
 mod share;
+mod spec;
 mod table;
 
 pub use error::RouteError;
 pub use handle::Router;
 pub use share::{CanaryShare, StickyKey};
+pub use spec::{RouteSpec, StudentSpec};
 pub use table::{Arm, Decision, Route, RoutingTable, Student, Target};

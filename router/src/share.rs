@@ -70,7 +70,10 @@ mod tests {
 
     #[test]
     fn percent_round_trips_and_bounds() {
-        assert_eq!(CanaryShare::from_percent(12.5).unwrap().basis_points(), 1250);
+        assert_eq!(
+            CanaryShare::from_percent(12.5).unwrap().basis_points(),
+            1250
+        );
         assert_eq!(CanaryShare::from_percent(100.0).unwrap(), CanaryShare::FULL);
         assert!(CanaryShare::from_percent(100.01).is_err());
         assert!(CanaryShare::from_percent(-0.5).is_err());

@@ -88,7 +88,8 @@ impl Route {
             return Err(RouteError::EmptyAlias);
         }
         let mut seen = HashSet::new();
-        for target in std::iter::once(&self.teacher).chain(self.students.iter().map(|s| &s.target)) {
+        for target in std::iter::once(&self.teacher).chain(self.students.iter().map(|s| &s.target))
+        {
             if target.model.trim().is_empty() {
                 return Err(RouteError::EmptyModel {
                     alias: alias.clone(),
@@ -263,9 +264,15 @@ mod tests {
         ));
         assert!(matches!(
             RoutingTable::new(1, vec![over], &ups).unwrap_err(),
-            RouteError::SharesOverflow { total_bp: 11000, .. }
+            RouteError::SharesOverflow {
+                total_bp: 11000,
+                ..
+            }
         ));
-        let same = route(10.0).with_student(Student::new(Target::new("up", "student"), CanaryShare::ZERO));
+        let same = route(10.0).with_student(Student::new(
+            Target::new("up", "student"),
+            CanaryShare::ZERO,
+        ));
         assert!(matches!(
             RoutingTable::new(1, vec![same], &ups).unwrap_err(),
             RouteError::DuplicateTarget { .. }
@@ -282,9 +289,15 @@ mod tests {
         let zero = RoutingTable::new(1, vec![route(0.0)], &ups).unwrap();
         let full = RoutingTable::new(2, vec![route(100.0)], &ups).unwrap();
         for p in 0..10_000 {
-            assert_eq!(zero.pick("a", StickyKey::Point(p)).unwrap().arm, Arm::Teacher);
+            assert_eq!(
+                zero.pick("a", StickyKey::Point(p)).unwrap().arm,
+                Arm::Teacher
+            );
             let d = full.pick("a", StickyKey::Point(p)).unwrap();
-            assert_eq!((d.arm, d.target.model.as_str(), d.version), (Arm::Student(0), "student", 2));
+            assert_eq!(
+                (d.arm, d.target.model.as_str(), d.version),
+                (Arm::Student(0), "student", 2)
+            );
         }
         assert!(zero.pick("missing", StickyKey::Point(0)).is_none());
     }

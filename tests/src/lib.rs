@@ -22,7 +22,9 @@ pub async fn start_sim(config: SimConfig) -> SimHandle {
 /// A config with one upstream `sim` at `sim_url`, the `[server]` keys given, and routes
 /// `alias -> model` for each pair. Extra TOML (more upstreams, routes) can follow.
 pub fn config_text(sim_url: &str, server: &str, routes: &[(&str, &str)]) -> String {
-    let mut text = format!("[server]\nlisten = \"127.0.0.1:0\"\n{server}\n\n[[upstreams]]\nname = \"sim\"\nbase_url = \"{sim_url}\"\n");
+    let mut text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n{server}\n\n[[upstreams]]\nname = \"sim\"\nbase_url = \"{sim_url}\"\n"
+    );
     for (alias, model) in routes {
         text.push_str(&format!(
             "\n[[routes]]\nalias = \"{alias}\"\nteacher = {{ upstream = \"sim\", model = \"{model}\" }}\n"
@@ -70,11 +72,16 @@ pub async fn start_gateway_with(toml: &str, adjust: impl FnOnce(&mut Config)) ->
     let dir = tempfile::tempdir().expect("temp dir");
     let mut text = toml.to_string();
     if !text.contains("[capture]") {
-        text.push_str(&format!("\n[capture]\ndata_dir = {:?}\n", dir.path().display().to_string()));
+        text.push_str(&format!(
+            "\n[capture]\ndata_dir = {:?}\n",
+            dir.path().display().to_string()
+        ));
     }
     let mut config = Config::from_toml(&text).expect("valid test config");
     adjust(&mut config);
-    let gateway = forge_gateway::server::start(config).await.expect("start the gateway");
+    let gateway = forge_gateway::server::start(config)
+        .await
+        .expect("start the gateway");
     TestGateway { gateway, dir }
 }
 

@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use forge_gateway::sim::{ModelBehavior, SimConfig};
 use forge_layer::trace::{Outcome, TraceId};
-use forge_tests::{chat_body, client, config_text, eventually, sse_events, start_gateway, start_gateway_with, start_sim};
+use forge_tests::{
+    chat_body, client, config_text, eventually, sse_events, start_gateway, start_gateway_with,
+    start_sim,
+};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
@@ -24,11 +27,20 @@ fn client_view(body: &str, stream: bool) -> BTreeMap<u64, ChoiceView> {
                 .as_array()
                 .into_iter()
                 .flatten()
-                .map(|t| (t["function"]["name"].as_str().unwrap().to_string(), t["function"]["arguments"].as_str().unwrap().to_string()))
+                .map(|t| {
+                    (
+                        t["function"]["name"].as_str().unwrap().to_string(),
+                        t["function"]["arguments"].as_str().unwrap().to_string(),
+                    )
+                })
                 .collect();
             out.insert(
                 c["index"].as_u64().unwrap(),
-                (c["message"]["content"].as_str().map(str::to_string), calls, c["finish_reason"].as_str().map(str::to_string)),
+                (
+                    c["message"]["content"].as_str().map(str::to_string),
+                    calls,
+                    c["finish_reason"].as_str().map(str::to_string),
+                ),
             );
         }
         return out;
@@ -43,9 +55,17 @@ fn client_view(body: &str, stream: bool) -> BTreeMap<u64, ChoiceView> {
             for frag in c["delta"]["tool_calls"].as_array().into_iter().flatten() {
                 let i = frag["index"].as_u64().unwrap() as usize;
                 if entry.1.len() <= i {
-                    entry.1.push((frag["function"]["name"].as_str().unwrap_or_default().to_string(), String::new()));
+                    entry.1.push((
+                        frag["function"]["name"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string(),
+                        String::new(),
+                    ));
                 }
-                entry.1[i].1.push_str(frag["function"]["arguments"].as_str().unwrap_or_default());
+                entry.1[i]
+                    .1
+                    .push_str(frag["function"]["arguments"].as_str().unwrap_or_default());
             }
             if let Some(r) = c["finish_reason"].as_str() {
                 entry.2 = Some(r.to_string());
@@ -78,32 +98,61 @@ async fn every_exchange_becomes_one_trace_equal_to_what_the_client_got() {
                 body.as_object_mut().unwrap().remove("stream_options");
             }
         }
-        let resp = http.post(format!("{}/chat/completions", gw.base_url())).json(&body).send().await.unwrap();
+        let resp = http
+            .post(format!("{}/chat/completions", gw.base_url()))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 200);
-        let id: TraceId = resp.headers()["x-forge-trace-id"].to_str().unwrap().parse().unwrap();
+        let id: TraceId = resp.headers()["x-forge-trace-id"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
         seen.push((id, stream, resp.text().await.unwrap()));
     }
-    eventually("all 12 traces committed", || gw.capture_counters().unwrap().captured == 12).await;
+    eventually("all 12 traces committed", || {
+        gw.capture_counters().unwrap().captured == 12
+    })
+    .await;
     let store = gw.store().unwrap();
     assert_eq!(store.trace_count().unwrap(), 12);
     for (id, stream, body) in &seen {
-        let trace = store.trace(*id).unwrap().expect("trace stored under the header's id");
+        let trace = store
+            .trace(*id)
+            .unwrap()
+            .expect("trace stored under the header's id");
         assert_eq!(trace.outcome, Outcome::Completed);
-        assert_eq!((trace.stream, trace.status, trace.alias.as_str()), (*stream, 200, "gpt-4o"));
+        assert_eq!(
+            (trace.stream, trace.status, trace.alias.as_str()),
+            (*stream, 200, "gpt-4o")
+        );
         let stored: BTreeMap<_, _> = trace
             .response
             .choices
             .iter()
             .map(|c| {
-                let calls = c.message.tool_calls.iter().map(|t| (t.function.name.clone(), t.function.arguments.clone())).collect();
-                (u64::from(c.index), (c.message.content.clone(), calls, c.finish_reason.clone()))
+                let calls = c
+                    .message
+                    .tool_calls
+                    .iter()
+                    .map(|t| (t.function.name.clone(), t.function.arguments.clone()))
+                    .collect();
+                (
+                    u64::from(c.index),
+                    (c.message.content.clone(), calls, c.finish_reason.clone()),
+                )
             })
             .collect();
         assert_eq!(stored, client_view(body, *stream), "trace {id}");
         assert!(trace.ttfb_us <= trace.latency_us);
     }
     let c = gw.capture_counters().unwrap();
-    assert_eq!((c.eligible, c.captured, c.dropped, c.failed), (12, 12, 0, 0));
+    assert_eq!(
+        (c.eligible, c.captured, c.dropped, c.failed),
+        (12, 12, 0, 0)
+    );
     gw.shutdown().await;
 }
 
@@ -124,7 +173,12 @@ async fn a_stalled_store_never_fails_a_request_and_every_drop_is_counted() {
         let http = http.clone();
         let url = url.clone();
         async move {
-            let resp = http.post(&url).json(&chat_body("m", &format!("q{i}"), i % 2 == 0)).send().await.unwrap();
+            let resp = http
+                .post(&url)
+                .json(&chat_body("m", &format!("q{i}"), i % 2 == 0))
+                .send()
+                .await
+                .unwrap();
             let status = resp.status();
             let body = resp.text().await.unwrap();
             assert!(body.contains("choices"), "a whole answer: {body}");
@@ -132,27 +186,61 @@ async fn a_stalled_store_never_fails_a_request_and_every_drop_is_counted() {
         }
     });
     let statuses = futures_util::future::join_all(requests).await;
-    assert!(statuses.iter().all(|s| *s == 200), "100% success while the store is stalled: {statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "100% success while the store is stalled: {statuses:?}"
+    );
     let during = gw.capture_counters().unwrap();
     assert_eq!(during.eligible, 40);
-    assert!(during.dropped > 0, "the full queue dropped traces: {during:?}");
+    assert!(
+        during.dropped > 0,
+        "the full queue dropped traces: {during:?}"
+    );
     drop(stall);
-    eventually("the writer catches up", || gw.capture_counters().unwrap().pending == 0).await;
+    eventually("the writer catches up", || {
+        gw.capture_counters().unwrap().pending == 0
+    })
+    .await;
     let after = gw.capture_counters().unwrap();
-    assert_eq!(after.captured + after.dropped + after.failed, after.eligible, "{after:?}");
-    assert_eq!(after.dropped, during.dropped, "nothing was dropped after the stall ended");
+    assert_eq!(
+        after.captured + after.dropped + after.failed,
+        after.eligible,
+        "{after:?}"
+    );
+    assert_eq!(
+        after.dropped, during.dropped,
+        "nothing was dropped after the stall ended"
+    );
     assert_eq!(gw.store().unwrap().trace_count().unwrap(), after.captured);
 
-    let metrics = http.get(format!("http://{}/metrics", gw.addr())).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains(&format!("forge_capture_dropped_total {}", after.dropped)), "{metrics}");
+    let metrics = http
+        .get(format!("http://{}/metrics", gw.addr()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(&format!("forge_capture_dropped_total {}", after.dropped)),
+        "{metrics}"
+    );
     assert!(metrics.contains(&format!("forge_capture_eligible_total {}", after.eligible)));
     gw.shutdown().await;
 }
 
 #[tokio::test]
 async fn a_client_that_leaves_mid_stream_is_recorded_as_cancelled() {
-    let trickle = ModelBehavior { chunk_delay: Duration::from_millis(50), words: 40, ..ModelBehavior::default() };
-    let sim = start_sim(SimConfig { models: [("trickle".to_string(), trickle)].into(), ..SimConfig::default() }).await;
+    let trickle = ModelBehavior {
+        chunk_delay: Duration::from_millis(50),
+        words: 40,
+        ..ModelBehavior::default()
+    };
+    let sim = start_sim(SimConfig {
+        models: [("trickle".to_string(), trickle)].into(),
+        ..SimConfig::default()
+    })
+    .await;
     let gw = start_gateway(&config_text(&sim.base_url(), "", &[("t", "trickle")])).await;
     let resp = client()
         .post(format!("{}/chat/completions", gw.base_url()))
@@ -160,36 +248,82 @@ async fn a_client_that_leaves_mid_stream_is_recorded_as_cancelled() {
         .send()
         .await
         .unwrap();
-    let id: TraceId = resp.headers()["x-forge-trace-id"].to_str().unwrap().parse().unwrap();
+    let id: TraceId = resp.headers()["x-forge-trace-id"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     let mut body = resp.bytes_stream();
     body.next().await.unwrap().unwrap();
     drop(body);
-    eventually("the cancelled trace is committed", || gw.capture_counters().unwrap().captured == 1).await;
-    assert_eq!(gw.store().unwrap().trace(id).unwrap().unwrap().outcome, Outcome::Cancelled);
+    eventually("the cancelled trace is committed", || {
+        gw.capture_counters().unwrap().captured == 1
+    })
+    .await;
+    assert_eq!(
+        gw.store().unwrap().trace(id).unwrap().unwrap().outcome,
+        Outcome::Cancelled
+    );
     gw.shutdown().await;
 }
 
 #[tokio::test]
 async fn upstream_errors_are_captured_as_errored() {
-    let failing = ModelBehavior { fail_status: Some(500), ..ModelBehavior::default() };
-    let breaks = ModelBehavior { error_after_chunks: Some(3), ..ModelBehavior::default() };
-    let sim = start_sim(SimConfig { models: [("failing".to_string(), failing), ("breaks".to_string(), breaks)].into(), ..SimConfig::default() }).await;
-    let gw = start_gateway(&config_text(&sim.base_url(), "", &[("f", "failing"), ("b", "breaks")])).await;
+    let failing = ModelBehavior {
+        fail_status: Some(500),
+        ..ModelBehavior::default()
+    };
+    let breaks = ModelBehavior {
+        error_after_chunks: Some(3),
+        ..ModelBehavior::default()
+    };
+    let sim = start_sim(SimConfig {
+        models: [
+            ("failing".to_string(), failing),
+            ("breaks".to_string(), breaks),
+        ]
+        .into(),
+        ..SimConfig::default()
+    })
+    .await;
+    let gw = start_gateway(&config_text(
+        &sim.base_url(),
+        "",
+        &[("f", "failing"), ("b", "breaks")],
+    ))
+    .await;
     let http = client();
     let mut ids = Vec::new();
     for (model, stream) in [("f", false), ("b", true)] {
-        let resp = http.post(format!("{}/chat/completions", gw.base_url())).json(&chat_body(model, "x", stream)).send().await.unwrap();
-        ids.push(resp.headers()["x-forge-trace-id"].to_str().unwrap().parse::<TraceId>().unwrap());
+        let resp = http
+            .post(format!("{}/chat/completions", gw.base_url()))
+            .json(&chat_body(model, "x", stream))
+            .send()
+            .await
+            .unwrap();
+        ids.push(
+            resp.headers()["x-forge-trace-id"]
+                .to_str()
+                .unwrap()
+                .parse::<TraceId>()
+                .unwrap(),
+        );
         resp.text().await.unwrap();
     }
-    eventually("both traces committed", || gw.capture_counters().unwrap().captured == 2).await;
+    eventually("both traces committed", || {
+        gw.capture_counters().unwrap().captured == 2
+    })
+    .await;
     let store = gw.store().unwrap();
     let failed = store.trace(ids[0]).unwrap().unwrap();
     assert_eq!((failed.outcome, failed.status), (Outcome::Errored, 500));
     assert!(failed.response.error.is_some());
     let broken = store.trace(ids[1]).unwrap().unwrap();
     assert_eq!((broken.outcome, broken.status), (Outcome::Errored, 200));
-    assert!(broken.response.choices[0].message.content.is_some(), "the part before the error is kept");
+    assert!(
+        broken.response.choices[0].message.content.is_some(),
+        "the part before the error is kept"
+    );
     gw.shutdown().await;
 }
 
@@ -198,21 +332,48 @@ async fn feedback_is_validated_and_the_latest_wins() {
     let sim = start_sim(SimConfig::default()).await;
     let gw = start_gateway(&config_text(&sim.base_url(), "", &[("m", "gpt-4o")])).await;
     let http = client();
-    let resp = http.post(format!("{}/chat/completions", gw.base_url())).json(&chat_body("m", "hi", false)).send().await.unwrap();
-    let id = resp.headers()["x-forge-trace-id"].to_str().unwrap().to_string();
+    let resp = http
+        .post(format!("{}/chat/completions", gw.base_url()))
+        .json(&chat_body("m", "hi", false))
+        .send()
+        .await
+        .unwrap();
+    let id = resp.headers()["x-forge-trace-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
     resp.text().await.unwrap();
 
-    let post = |body: Value| http.post(format!("{}/feedback", gw.base_url())).json(&body).send();
+    let post = |body: Value| {
+        http.post(format!("{}/feedback", gw.base_url()))
+            .json(&body)
+            .send()
+    };
     // Sent at once: the trace may still be queued, and feedback waits for it.
-    assert_eq!(post(json!({"trace_id": id, "score": 40})).await.unwrap().status(), 200);
-    assert_eq!(post(json!({"trace_id": id, "score": 97, "approved": true, "comment": "great"})).await.unwrap().status(), 200);
+    assert_eq!(
+        post(json!({"trace_id": id, "score": 40}))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        post(json!({"trace_id": id, "score": 97, "approved": true, "comment": "great"}))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     let cases = [
         (json!({"trace_id": id, "score": 101}), 400),
         (json!({"trace_id": id, "score": -1}), 400),
         (json!({"trace_id": id}), 400),
         (json!({"trace_id": "nope", "score": 5}), 400),
         (json!({"trace_id": id, "score": 5, "extra": 1}), 400),
-        (json!({"trace_id": TraceId::generate().to_string(), "score": 5}), 404),
+        (
+            json!({"trace_id": TraceId::generate().to_string(), "score": 5}),
+            404,
+        ),
     ];
     for (body, status) in cases {
         let resp = post(body.clone()).await.unwrap();
@@ -220,8 +381,16 @@ async fn feedback_is_validated_and_the_latest_wins() {
         let err: Value = resp.json().await.unwrap();
         assert!(err["error"]["message"].is_string(), "{err}");
     }
-    let latest = gw.store().unwrap().latest_feedback(id.parse().unwrap()).unwrap().unwrap();
-    assert_eq!((latest.score, latest.approved, latest.comment.as_deref()), (Some(97.0), Some(true), Some("great")));
+    let latest = gw
+        .store()
+        .unwrap()
+        .latest_feedback(id.parse().unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (latest.score, latest.approved, latest.comment.as_deref()),
+        (Some(97.0), Some(true), Some("great"))
+    );
     gw.shutdown().await;
 }
 
@@ -230,52 +399,140 @@ async fn client_keys_map_to_tenants_and_secrets_never_reach_the_store() {
     let sim = start_sim(SimConfig::default()).await;
     let key_a = "sk-tenantA-0123456789abcdefghij";
     let key_b = "sk-tenantB-0123456789abcdefghij";
-    let digest = |k: &str| forge_gateway::auth::sha256(k.as_bytes()).iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let digest = |k: &str| {
+        forge_gateway::auth::sha256(k.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
     let text = format!(
         "{}\n[[clients]]\nid = \"app-a\"\ntenant = \"A\"\nkey_sha256 = \"{}\"\n\n[[clients]]\nid = \"app-b\"\ntenant = \"B\"\nkey_sha256 = \"{}\"\n",
         config_text(&sim.base_url(), "", &[("m", "gpt-4o")]),
         digest(key_a),
         digest(key_b)
     );
-    let gw = start_gateway_with(&text, |c| c.server.admin_token = Some(forge_gateway::auth::Secret::new("admin-secret"))).await;
+    let gw = start_gateway_with(&text, |c| {
+        c.server.admin_token = Some(forge_gateway::auth::Secret::new("admin-secret"))
+    })
+    .await;
     let http = client();
     let url = format!("{}/chat/completions", gw.base_url());
     let secret = "sk-proj-PLANTEDsecretKEY0123456789abcd";
     let prompt = format!("my key is {secret} and mail me at someone@example.com");
 
-    assert_eq!(http.post(&url).json(&chat_body("m", "x", false)).send().await.unwrap().status(), 401);
-    assert_eq!(http.post(&url).bearer_auth("sk-wrong").json(&chat_body("m", "x", false)).send().await.unwrap().status(), 401);
-    let resp = http.post(&url).bearer_auth(key_a).json(&chat_body("m", &prompt, false)).send().await.unwrap();
+    assert_eq!(
+        http.post(&url)
+            .json(&chat_body("m", "x", false))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        http.post(&url)
+            .bearer_auth("sk-wrong")
+            .json(&chat_body("m", "x", false))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    let resp = http
+        .post(&url)
+        .bearer_auth(key_a)
+        .json(&chat_body("m", &prompt, false))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
-    let id = resp.headers()["x-forge-trace-id"].to_str().unwrap().to_string();
+    let id = resp.headers()["x-forge-trace-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
     resp.text().await.unwrap();
     // The upstream saw neither app key.
-    assert!(sim.requests().iter().all(|r| r.headers.iter().all(|(_, v)| !v.contains("tenantA"))));
+    assert!(
+        sim.requests()
+            .iter()
+            .all(|r| r.headers.iter().all(|(_, v)| !v.contains("tenantA")))
+    );
 
     // Tenant B cannot attach feedback to tenant A's trace: it does not exist for B.
     let fb = json!({"trace_id": id, "score": 99});
-    let as_b = http.post(format!("{}/feedback", gw.base_url())).bearer_auth(key_b).json(&fb).send().await.unwrap();
+    let as_b = http
+        .post(format!("{}/feedback", gw.base_url()))
+        .bearer_auth(key_b)
+        .json(&fb)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(as_b.status(), 404);
-    let as_a = http.post(format!("{}/feedback", gw.base_url())).bearer_auth(key_a).json(&fb).send().await.unwrap();
+    let as_a = http
+        .post(format!("{}/feedback", gw.base_url()))
+        .bearer_auth(key_a)
+        .json(&fb)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(as_a.status(), 200);
 
-    let trace = gw.store().unwrap().trace(id.parse().unwrap()).unwrap().unwrap();
-    assert_eq!((trace.tenant.as_deref(), trace.key_id.as_deref()), (Some("A"), Some("app-a")));
+    let trace = gw
+        .store()
+        .unwrap()
+        .trace(id.parse().unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (trace.tenant.as_deref(), trace.key_id.as_deref()),
+        (Some("A"), Some("app-a"))
+    );
     let stored_prompt = trace.request["messages"][0]["content"].as_str().unwrap();
-    assert_eq!(stored_prompt, "my key is [REDACTED:openai_key] and mail me at [REDACTED:email]");
+    assert_eq!(
+        stored_prompt,
+        "my key is [REDACTED:openai_key] and mail me at [REDACTED:email]"
+    );
 
     // The admin API exports the trace, redacted; it needs the token and is not on the proxy port.
     let admin = format!("http://{}/admin/traces?tenant=A", gw.admin_addr().unwrap());
     assert_eq!(http.get(&admin).send().await.unwrap().status(), 401);
-    assert_eq!(http.get(&admin).bearer_auth("wrong").send().await.unwrap().status(), 401);
-    let export = http.get(&admin).bearer_auth("admin-secret").send().await.unwrap().text().await.unwrap();
-    assert!(export.contains(&id) && !export.contains(secret) && !export.contains(key_a), "{export}");
-    let on_proxy = http.get(format!("http://{}/admin/traces", gw.addr())).bearer_auth("admin-secret").send().await.unwrap();
+    assert_eq!(
+        http.get(&admin)
+            .bearer_auth("wrong")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    let export = http
+        .get(&admin)
+        .bearer_auth("admin-secret")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        export.contains(&id) && !export.contains(secret) && !export.contains(key_a),
+        "{export}"
+    );
+    let on_proxy = http
+        .get(format!("http://{}/admin/traces", gw.addr()))
+        .bearer_auth("admin-secret")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(on_proxy.status(), 404);
 
     let dir = gw.shutdown().await;
     let bytes = std::fs::read(dir.path().join(forge_layer::store::STORE_FILE)).unwrap();
     for needle in [secret, key_a, key_b, "someone@example.com"] {
-        assert!(!bytes.windows(needle.len()).any(|w| w == needle.as_bytes()), "{needle} found in the redb file");
+        assert!(
+            !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+            "{needle} found in the redb file"
+        );
     }
 }

@@ -5,13 +5,18 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use forge_gateway::sim::{ModelBehavior, SimConfig};
-use forge_tests::{align_ids, chat_body, client, config_text, eventually, sse_events, start_gateway, start_sim};
+use forge_tests::{
+    align_ids, chat_body, client, config_text, eventually, sse_events, start_gateway, start_sim,
+};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 fn behaviors(pairs: &[(&str, ModelBehavior)]) -> SimConfig {
     SimConfig {
-        models: pairs.iter().map(|(m, b)| (m.to_string(), b.clone())).collect::<HashMap<_, _>>(),
+        models: pairs
+            .iter()
+            .map(|(m, b)| (m.to_string(), b.clone()))
+            .collect::<HashMap<_, _>>(),
         ..SimConfig::default()
     }
 }
@@ -37,7 +42,10 @@ async fn non_stream_and_stream_reach_the_client_byte_for_byte() {
             .unwrap();
         assert_eq!(via.status(), 200);
         assert_eq!(via.status(), direct.status());
-        assert_eq!(via.headers()["content-type"], direct.headers()["content-type"]);
+        assert_eq!(
+            via.headers()["content-type"],
+            direct.headers()["content-type"]
+        );
         let via = via.text().await.unwrap();
         let direct = direct.text().await.unwrap();
         assert_eq!(align_ids(&via, &direct), direct, "stream={stream}");
@@ -73,7 +81,10 @@ async fn tool_call_streams_and_n_choices_pass_through_intact() {
         .json()
         .await
         .unwrap();
-    let expected_calls = whole["choices"][0]["message"]["tool_calls"].as_array().unwrap().clone();
+    let expected_calls = whole["choices"][0]["message"]["tool_calls"]
+        .as_array()
+        .unwrap()
+        .clone();
     assert_eq!(expected_calls.len(), 2, "parallel tool calls: {whole}");
     assert_eq!(whole["choices"][0]["finish_reason"], "tool_calls");
 
@@ -99,18 +110,33 @@ async fn tool_call_streams_and_n_choices_pass_through_intact() {
             if let Some(reason) = choice["finish_reason"].as_str() {
                 finish = Some(reason.to_string());
             }
-            for frag in choice["delta"]["tool_calls"].as_array().into_iter().flatten() {
+            for frag in choice["delta"]["tool_calls"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
                 let i = frag["index"].as_u64().unwrap() as usize;
                 if i == calls.len() {
                     calls.push((
-                        frag["id"].as_str().expect("first fragment has the id").to_string(),
-                        frag["function"]["name"].as_str().expect("first fragment has the name").to_string(),
+                        frag["id"]
+                            .as_str()
+                            .expect("first fragment has the id")
+                            .to_string(),
+                        frag["function"]["name"]
+                            .as_str()
+                            .expect("first fragment has the name")
+                            .to_string(),
                         String::new(),
                     ));
                 } else {
-                    assert!(frag.get("id").is_none(), "later fragments carry only the index");
+                    assert!(
+                        frag.get("id").is_none(),
+                        "later fragments carry only the index"
+                    );
                 }
-                calls[i].2.push_str(frag["function"]["arguments"].as_str().unwrap_or(""));
+                calls[i]
+                    .2
+                    .push_str(frag["function"]["arguments"].as_str().unwrap_or(""));
             }
         }
     }
@@ -134,7 +160,12 @@ async fn tool_call_streams_and_n_choices_pass_through_intact() {
         .json()
         .await
         .unwrap();
-    let indices: Vec<u64> = whole["choices"].as_array().unwrap().iter().map(|c| c["index"].as_u64().unwrap()).collect();
+    let indices: Vec<u64> = whole["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["index"].as_u64().unwrap())
+        .collect();
     assert_eq!(indices, vec![0, 1, 2]);
     body["stream"] = json!(true);
     body["stream_options"] = json!({"include_usage": true});
@@ -157,21 +188,33 @@ async fn tool_call_streams_and_n_choices_pass_through_intact() {
         }
         for choice in chunk["choices"].as_array().unwrap() {
             let text = choice["delta"]["content"].as_str().unwrap_or("");
-            content.entry(choice["index"].as_u64().unwrap()).or_default().push_str(text);
+            content
+                .entry(choice["index"].as_u64().unwrap())
+                .or_default()
+                .push_str(text);
         }
     }
     assert_eq!(usage_chunks, 1);
     for (i, choice) in whole["choices"].as_array().unwrap().iter().enumerate() {
-        assert_eq!(content[&(i as u64)], choice["message"]["content"].as_str().unwrap());
+        assert_eq!(
+            content[&(i as u64)],
+            choice["message"]["content"].as_str().unwrap()
+        );
     }
     gw.shutdown().await;
 }
 
 async fn error_of(resp: reqwest::Response) -> (u16, Value) {
     let status = resp.status().as_u16();
-    assert_eq!(resp.headers()["content-type"], "application/json", "status {status}");
+    assert_eq!(
+        resp.headers()["content-type"],
+        "application/json",
+        "status {status}"
+    );
     let body: Value = resp.json().await.unwrap();
-    let err = body["error"].as_object().unwrap_or_else(|| panic!("OpenAI error shape: {body}"));
+    let err = body["error"]
+        .as_object()
+        .unwrap_or_else(|| panic!("OpenAI error shape: {body}"));
     for key in ["message", "type", "param", "code"] {
         assert!(err.contains_key(key), "error.{key} missing in {body}");
     }
@@ -189,11 +232,25 @@ async fn malformed_requests_get_openai_shaped_400s_and_404s() {
         (r#"{"messages":[{"role":"user","content":"x"}]}"#, 400, None),
         (r#"{"model":"a"}"#, 400, None),
         (r#"{"model":"a","messages":"hi"}"#, 400, None),
-        (r#"{"model":"nope","messages":[{"role":"user","content":"x"}]}"#, 404, Some("model_not_found")),
-        (r#"{"model":"a","model":"b","messages":[{"role":"user","content":"x"}]}"#, 400, None),
+        (
+            r#"{"model":"nope","messages":[{"role":"user","content":"x"}]}"#,
+            404,
+            Some("model_not_found"),
+        ),
+        (
+            r#"{"model":"a","model":"b","messages":[{"role":"user","content":"x"}]}"#,
+            400,
+            None,
+        ),
     ];
     for (body, status, code) in cases {
-        let resp = http.post(&url).header("content-type", "application/json").body(body).send().await.unwrap();
+        let resp = http
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
         let (got, err) = error_of(resp).await;
         assert_eq!(got, status, "{body} -> {err}");
         if let Some(code) = code {
@@ -203,12 +260,28 @@ async fn malformed_requests_get_openai_shaped_400s_and_404s() {
     // None of the refused requests reached the upstream.
     assert_eq!(sim.request_count(), 0);
 
-    let (status, err) = error_of(http.get(format!("http://{}/nowhere", gw.addr())).send().await.unwrap()).await;
-    assert_eq!((status, err["error"]["code"].as_str()), (404, Some("unknown_url")));
+    let (status, err) = error_of(
+        http.get(format!("http://{}/nowhere", gw.addr()))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (404, Some("unknown_url"))
+    );
     let (status, _) = error_of(http.get(&url).send().await.unwrap()).await;
     assert_eq!(status, 405);
 
-    let models: Value = http.get(format!("{}/models", gw.base_url())).send().await.unwrap().json().await.unwrap();
+    let models: Value = http
+        .get(format!("{}/models", gw.base_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(models["object"], "list");
     assert_eq!(models["data"][0]["id"], "a");
     gw.shutdown().await;
@@ -216,18 +289,45 @@ async fn malformed_requests_get_openai_shaped_400s_and_404s() {
 
 #[tokio::test]
 async fn upstream_failures_map_to_502_504_or_pass_through() {
-    let slow = ModelBehavior { first_byte_delay: Duration::from_secs(5), ..ModelBehavior::default() };
-    let stalls = ModelBehavior { chunk_delay: Duration::from_secs(5), words: 3, ..ModelBehavior::default() };
-    let limited = ModelBehavior { fail_status: Some(429), ..ModelBehavior::default() };
-    let breaks = ModelBehavior { error_after_chunks: Some(2), ..ModelBehavior::default() };
-    let sim = start_sim(behaviors(&[("slow", slow), ("stalls", stalls), ("limited", limited), ("breaks", breaks)])).await;
+    let slow = ModelBehavior {
+        first_byte_delay: Duration::from_secs(5),
+        ..ModelBehavior::default()
+    };
+    let stalls = ModelBehavior {
+        chunk_delay: Duration::from_secs(5),
+        words: 3,
+        ..ModelBehavior::default()
+    };
+    let limited = ModelBehavior {
+        fail_status: Some(429),
+        ..ModelBehavior::default()
+    };
+    let breaks = ModelBehavior {
+        error_after_chunks: Some(2),
+        ..ModelBehavior::default()
+    };
+    let sim = start_sim(behaviors(&[
+        ("slow", slow),
+        ("stalls", stalls),
+        ("limited", limited),
+        ("breaks", breaks),
+    ]))
+    .await;
 
     // A port that was just bound and released: nothing listens there.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let mut text = config_text(
         &sim.base_url(),
         "",
-        &[("slow", "slow"), ("stalls", "stalls"), ("limited", "limited"), ("breaks", "breaks")],
+        &[
+            ("slow", "slow"),
+            ("stalls", "stalls"),
+            ("limited", "limited"),
+            ("breaks", "breaks"),
+        ],
     );
     text = text.replace(
         "base_url = \"",
@@ -239,16 +339,31 @@ async fn upstream_failures_map_to_502_504_or_pass_through() {
     let gw = start_gateway(&text).await;
     let http = client();
     let url = format!("{}/chat/completions", gw.base_url());
-    let post = |model: &str, stream: bool| http.post(&url).json(&chat_body(model, "hello", stream)).send();
+    let post = |model: &str, stream: bool| {
+        http.post(&url)
+            .json(&chat_body(model, "hello", stream))
+            .send()
+    };
 
     let (status, err) = error_of(post("dead", false).await.unwrap()).await;
-    assert_eq!((status, err["error"]["code"].as_str()), (502, Some("upstream_unreachable")));
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (502, Some("upstream_unreachable"))
+    );
     let (status, err) = error_of(post("slow", false).await.unwrap()).await;
-    assert_eq!((status, err["error"]["code"].as_str()), (504, Some("upstream_timeout")));
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (504, Some("upstream_timeout"))
+    );
 
     // The upstream's own error passes through untouched, headers included.
     let resp = post("limited", false).await.unwrap();
-    assert_eq!(resp.headers().get("retry-after").map(|v| v.to_str().unwrap()), Some("1"));
+    assert_eq!(
+        resp.headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap()),
+        Some("1")
+    );
     let via = resp.text().await.unwrap();
     let direct = http
         .post(format!("{}/chat/completions", sim.base_url()))
@@ -279,7 +394,10 @@ async fn upstream_failures_map_to_502_504_or_pass_through() {
 
 #[tokio::test]
 async fn body_limit_is_a_413_and_in_flight_cap_a_fast_503() {
-    let held = ModelBehavior { first_byte_delay: Duration::from_secs(3), ..ModelBehavior::default() };
+    let held = ModelBehavior {
+        first_byte_delay: Duration::from_secs(3),
+        ..ModelBehavior::default()
+    };
     let sim = start_sim(behaviors(&[("held", held)])).await;
     let gw = start_gateway(&config_text(
         &sim.base_url(),
@@ -292,32 +410,73 @@ async fn body_limit_is_a_413_and_in_flight_cap_a_fast_503() {
 
     let big = chat_body("fast", &"x".repeat(4096), false);
     let (status, err) = error_of(http.post(&url).json(&big).send().await.unwrap()).await;
-    assert_eq!((status, err["error"]["code"].as_str()), (413, Some("request_too_large")));
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (413, Some("request_too_large"))
+    );
     // A chunked body with no Content-Length is cut off at the limit too.
-    let chunks = futures_util::stream::iter((0..8).map(|_| Ok::<_, std::io::Error>(vec![b' '; 512])));
-    let resp = http.post(&url).body(reqwest::Body::wrap_stream(chunks)).send().await.unwrap();
+    let chunks =
+        futures_util::stream::iter((0..8).map(|_| Ok::<_, std::io::Error>(vec![b' '; 512])));
+    let resp = http
+        .post(&url)
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_of(resp).await.0, 413);
 
     // Two slow requests hold both slots; the third is refused at once, not queued.
-    let first = tokio::spawn(http.post(&url).json(&chat_body("held", "one", false)).send());
-    let second = tokio::spawn(http.post(&url).json(&chat_body("held", "two", false)).send());
-    eventually("both slow requests reach the upstream", || sim.request_count() == 2).await;
-    let resp = http.post(&url).json(&chat_body("fast", "three", false)).send().await.unwrap();
+    let first = tokio::spawn(
+        http.post(&url)
+            .json(&chat_body("held", "one", false))
+            .send(),
+    );
+    let second = tokio::spawn(
+        http.post(&url)
+            .json(&chat_body("held", "two", false))
+            .send(),
+    );
+    eventually("both slow requests reach the upstream", || {
+        sim.request_count() == 2
+    })
+    .await;
+    let resp = http
+        .post(&url)
+        .json(&chat_body("fast", "three", false))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.headers()["retry-after"], "1");
     let (status, err) = error_of(resp).await;
-    assert_eq!((status, err["error"]["code"].as_str()), (503, Some("overloaded")));
-    assert_eq!(sim.request_count(), 2, "the refused request never reached the upstream");
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (503, Some("overloaded"))
+    );
+    assert_eq!(
+        sim.request_count(),
+        2,
+        "the refused request never reached the upstream"
+    );
     assert_eq!(first.await.unwrap().unwrap().status(), 200);
     assert_eq!(second.await.unwrap().unwrap().status(), 200);
     // Slots are released when the responses end.
-    let resp = http.post(&url).json(&chat_body("fast", "four", false)).send().await.unwrap();
+    let resp = http
+        .post(&url)
+        .json(&chat_body("fast", "four", false))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     gw.shutdown().await;
 }
 
 #[tokio::test]
 async fn first_chunk_reaches_the_client_before_the_stream_ends() {
-    let trickle = ModelBehavior { chunk_delay: Duration::from_millis(150), words: 12, ..ModelBehavior::default() };
+    let trickle = ModelBehavior {
+        chunk_delay: Duration::from_millis(150),
+        words: 12,
+        ..ModelBehavior::default()
+    };
     let sim = start_sim(behaviors(&[("trickle", trickle)])).await;
     let gw = start_gateway(&config_text(&sim.base_url(), "", &[("t", "trickle")])).await;
     let resp = client()
@@ -337,8 +496,14 @@ async fn first_chunk_reaches_the_client_before_the_stream_ends() {
     all.extend_from_slice(&rest);
     let total = sse_events(&String::from_utf8_lossy(&all)).len();
     // 12 words, 150 ms apart: a gateway that buffered would deliver them all in one piece.
-    assert!(total >= 14, "role + 12 words + finish + [DONE], got {total}");
-    assert!(first_events <= 3, "first read held {first_events} of {total} events: the stream was buffered");
+    assert!(
+        total >= 14,
+        "role + 12 words + finish + [DONE], got {total}"
+    );
+    assert!(
+        first_events <= 3,
+        "first read held {first_events} of {total} events: the stream was buffered"
+    );
     gw.shutdown().await;
 }
 
@@ -363,7 +528,13 @@ async fn body_fields_cannot_redirect_the_gateway() {
     assert_eq!(real.request_count(), 1);
     // The client's own key never travels upstream.
     let seen = &real.requests()[0];
-    assert!(seen.headers.iter().all(|(_, v)| !v.contains("sk-client-secret")), "{:?}", seen.headers);
+    assert!(
+        seen.headers
+            .iter()
+            .all(|(_, v)| !v.contains("sk-client-secret")),
+        "{:?}",
+        seen.headers
+    );
     gw.shutdown().await;
 }
 
@@ -374,15 +545,37 @@ async fn other_v1_paths_pass_through_to_the_upstream() {
     let http = client();
     let form = reqwest::multipart::Form::new()
         .text("purpose", "fine-tune")
-        .part("file", reqwest::multipart::Part::bytes(b"{\"messages\":[]}\n".to_vec()).file_name("d.jsonl"));
-    let file: Value = http.post(format!("{}/files", gw.base_url())).multipart(form).send().await.unwrap().json().await.unwrap();
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(b"{\"messages\":[]}\n".to_vec()).file_name("d.jsonl"),
+        );
+    let file: Value = http
+        .post(format!("{}/files", gw.base_url()))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(file["object"], "file", "{file}");
     let id = file["id"].as_str().unwrap();
-    let content = http.get(format!("{}/files/{id}/content", gw.base_url())).send().await.unwrap();
+    let content = http
+        .get(format!("{}/files/{id}/content", gw.base_url()))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(content.status(), 200);
-    assert_eq!(content.bytes().await.unwrap().as_ref(), b"{\"messages\":[]}\n");
+    assert_eq!(
+        content.bytes().await.unwrap().as_ref(),
+        b"{\"messages\":[]}\n"
+    );
     // The upstream's 404 for an unknown file passes through as it is.
-    let resp = http.get(format!("{}/files/file-missing", gw.base_url())).send().await.unwrap();
+    let resp = http
+        .get(format!("{}/files/file-missing", gw.base_url()))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_of(resp).await.0, 404);
     gw.shutdown().await;
 }
@@ -390,16 +583,30 @@ async fn other_v1_paths_pass_through_to_the_upstream() {
 #[tokio::test]
 async fn shutdown_refuses_new_connections_and_lets_streams_finish() {
     // 30 words, 100 ms apart: the streams are still running when the listener closes.
-    let trickle = ModelBehavior { chunk_delay: Duration::from_millis(100), words: 30, ..ModelBehavior::default() };
+    let trickle = ModelBehavior {
+        chunk_delay: Duration::from_millis(100),
+        words: 30,
+        ..ModelBehavior::default()
+    };
     let sim = start_sim(behaviors(&[("trickle", trickle)])).await;
-    let gw = start_gateway(&config_text(&sim.base_url(), "shutdown_grace_secs = 60", &[("t", "trickle")])).await;
+    let gw = start_gateway(&config_text(
+        &sim.base_url(),
+        "shutdown_grace_secs = 60",
+        &[("t", "trickle")],
+    ))
+    .await;
     let addr = gw.addr();
     let url = format!("{}/chat/completions", gw.base_url());
     let http = client();
 
     let mut streams = Vec::new();
     for i in 0..3 {
-        let resp = http.post(&url).json(&chat_body("t", &format!("stream {i}"), true)).send().await.unwrap();
+        let resp = http
+            .post(&url)
+            .json(&chat_body("t", &format!("stream {i}"), true))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 200);
         streams.push(tokio::spawn(async move { resp.text().await.unwrap() }));
     }
@@ -407,10 +614,16 @@ async fn shutdown_refuses_new_connections_and_lets_streams_finish() {
     // The listener closes while the streams are still running.
     let start = tokio::time::Instant::now();
     while tokio::net::TcpStream::connect(addr).await.is_ok() {
-        assert!(start.elapsed() < forge_tests::DEADLINE, "listener still accepting");
+        assert!(
+            start.elapsed() < forge_tests::DEADLINE,
+            "listener still accepting"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(!shutdown.is_finished(), "shutdown returned before in-flight streams ended");
+    assert!(
+        !shutdown.is_finished(),
+        "shutdown returned before in-flight streams ended"
+    );
     for stream in streams {
         let text = stream.await.unwrap();
         assert!(text.ends_with("data: [DONE]\n\n"), "stream cut: {text}");

@@ -14,15 +14,34 @@ fn python_with_openai() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
     let venv = target.join("sdk-venv");
     let python = venv.join("bin/python");
-    let ready = || Command::new(&python).args(["-c", "import openai"]).status().is_ok_and(|s| s.success());
+    let ready = || {
+        Command::new(&python)
+            .args(["-c", "import openai"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
     if !ready() {
-        let made = Command::new("python3").args(["-m", "venv"]).arg(&venv).status().expect("python3 is needed for the SDK test");
+        let made = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("python3 is needed for the SDK test");
         assert!(made.success(), "python3 -m venv failed");
         let installed = Command::new(&python)
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "openai>=1.40,<3"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "openai>=1.40,<3",
+            ])
             .status()
             .unwrap();
-        assert!(installed.success(), "pip install openai failed (the registry must be reachable)");
+        assert!(
+            installed.success(),
+            "pip install openai failed (the registry must be reachable)"
+        );
     }
     assert!(ready(), "openai is not importable in {}", venv.display());
     python
@@ -68,14 +87,23 @@ print(json.dumps(out))
 
 #[tokio::test]
 async fn openai_python_sdk_works_unchanged() {
-    let python = tokio::task::spawn_blocking(python_with_openai).await.unwrap();
-    let sim = start_sim(SimConfig::default()).await;
-    let gw = start_gateway(&config_text(&sim.base_url(), "", &[("gpt-4o", "gpt-4o"), ("mini", "gpt-4o-mini")])).await;
-    let base = gw.base_url();
-    let output = tokio::task::spawn_blocking(move || Command::new(python).args(["-c", SCRIPT, &base]).output())
+    let python = tokio::task::spawn_blocking(python_with_openai)
         .await
-        .unwrap()
         .unwrap();
+    let sim = start_sim(SimConfig::default()).await;
+    let gw = start_gateway(&config_text(
+        &sim.base_url(),
+        "",
+        &[("gpt-4o", "gpt-4o"), ("mini", "gpt-4o-mini")],
+    ))
+    .await;
+    let base = gw.base_url();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(python).args(["-c", SCRIPT, &base]).output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "SDK script failed:\n{stderr}");
     let out: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
@@ -83,7 +111,10 @@ async fn openai_python_sdk_works_unchanged() {
     let text = out["text"].as_str().unwrap();
     assert!(!text.is_empty());
     assert_eq!(out["finish"], "stop");
-    assert_eq!(out["streamed"], text, "streamed content equals the non-stream answer");
+    assert_eq!(
+        out["streamed"], text,
+        "streamed content equals the non-stream answer"
+    );
     assert!(out["usage"].as_u64().unwrap() > 0);
     assert_eq!(out["tool"], serde_json::json!(["lookup", true]));
     assert_eq!(out["not_found"], "model_not_found");

@@ -69,7 +69,10 @@ impl<B, K: TraceSink> CaptureBody<B, K> {
     }
 }
 
-fn finish<K: TraceSink>(session: &mut Option<(CaptureSession, K)>, end: BodyEnd) -> Option<DurableAck> {
+fn finish<K: TraceSink>(
+    session: &mut Option<(CaptureSession, K)>,
+    end: BodyEnd,
+) -> Option<DurableAck> {
     let (session, sink) = session.take()?;
     sink.submit(session.finish(end))
 }
@@ -82,7 +85,10 @@ where
     type Data = Bytes;
     type Error = B::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let mut this = self.project();
         if let Some(commit) = this.commit.as_mut() {
             let committed = ready!(commit.as_mut().poll(cx));

@@ -50,7 +50,9 @@ where
                 if let Ok(value) = HeaderValue::from_str(&session.id().to_string()) {
                     response.headers_mut().insert(TRACE_ID_HEADER, value);
                 }
-                Poll::Ready(Ok(response.map(|body| CaptureBody::new(body, session, sink))))
+                Poll::Ready(Ok(
+                    response.map(|body| CaptureBody::new(body, session, sink))
+                ))
             }
             Err(e) => {
                 // No response to wait on: the trace is submitted without waiting even if durable.

@@ -46,7 +46,12 @@ where
             .extensions()
             .get::<ExchangeMeta>()
             .cloned()
-            .map(|meta| (CaptureSession::new(meta, request.body().clone(), self.max_response_bytes), self.sink.clone()));
+            .map(|meta| {
+                (
+                    CaptureSession::new(meta, request.body().clone(), self.max_response_bytes),
+                    self.sink.clone(),
+                )
+            });
         ResponseFuture::new(self.inner.call(request), session)
     }
 }

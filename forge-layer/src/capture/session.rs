@@ -162,7 +162,9 @@ impl PendingTrace {
         let outcome = match self.end {
             BodyEnd::Dropped => Outcome::Cancelled,
             BodyEnd::Failed => Outcome::Errored,
-            BodyEnd::Complete if !(200..300).contains(&self.status) || response.error.is_some() => Outcome::Errored,
+            BodyEnd::Complete if !(200..300).contains(&self.status) || response.error.is_some() => {
+                Outcome::Errored
+            }
             BodyEnd::Complete if self.over_cap || !response.complete => Outcome::Truncated,
             BodyEnd::Complete => Outcome::Completed,
         };

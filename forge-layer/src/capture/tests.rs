@@ -48,13 +48,19 @@ fn meta(stream: bool) -> ExchangeMeta {
 }
 
 fn session() -> CaptureSession {
-    let mut s = CaptureSession::new(meta(false), Bytes::from_static(b"{\"model\":\"a\",\"messages\":[]}"), 1 << 20);
+    let mut s = CaptureSession::new(
+        meta(false),
+        Bytes::from_static(b"{\"model\":\"a\",\"messages\":[]}"),
+        1 << 20,
+    );
     s.on_response(200, false);
     s
 }
 
 type Frames = Vec<Result<Frame<Bytes>, std::io::Error>>;
-type Streamed = StreamBody<futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, std::io::Error>>>>;
+type Streamed = StreamBody<
+    futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, std::io::Error>>>,
+>;
 
 fn streamed(frames: Frames) -> Streamed {
     StreamBody::new(futures_util::stream::iter(frames))
@@ -76,17 +82,31 @@ async fn empty_body_is_finished_without_being_polled() {
 #[tokio::test]
 async fn full_body_is_completed_once() {
     let sink = Collect::default();
-    let body = CaptureBody::new(Full::new(Bytes::from_static(OK_BODY)), session(), sink.clone());
+    let body = CaptureBody::new(
+        Full::new(Bytes::from_static(OK_BODY)),
+        session(),
+        sink.clone(),
+    );
     let bytes = body.collect().await.unwrap().to_bytes();
-    assert_eq!(bytes.as_ref(), OK_BODY, "the client gets the bytes untouched");
+    assert_eq!(
+        bytes.as_ref(),
+        OK_BODY,
+        "the client gets the bytes untouched"
+    );
     assert_eq!(sink.outcomes(), vec![Outcome::Completed]);
 }
 
 #[tokio::test]
 async fn trailers_finish_the_trace() {
     let sink = Collect::default();
-    let frames: Frames = vec![Ok(Frame::data(Bytes::from_static(OK_BODY))), Ok(Frame::trailers(HeaderMap::new()))];
-    let collected = CaptureBody::new(streamed(frames), session(), sink.clone()).collect().await.unwrap();
+    let frames: Frames = vec![
+        Ok(Frame::data(Bytes::from_static(OK_BODY))),
+        Ok(Frame::trailers(HeaderMap::new())),
+    ];
+    let collected = CaptureBody::new(streamed(frames), session(), sink.clone())
+        .collect()
+        .await
+        .unwrap();
     assert!(collected.trailers().is_some());
     assert_eq!(sink.outcomes(), vec![Outcome::Completed]);
 }
@@ -94,11 +114,17 @@ async fn trailers_finish_the_trace() {
 #[tokio::test]
 async fn early_drop_is_cancelled() {
     let sink = Collect::default();
-    let frames: Frames = vec![Ok(Frame::data(Bytes::from_static(b"{\"choi"))), Ok(Frame::data(Bytes::from_static(b"ces\":[]}")))];
+    let frames: Frames = vec![
+        Ok(Frame::data(Bytes::from_static(b"{\"choi"))),
+        Ok(Frame::data(Bytes::from_static(b"ces\":[]}"))),
+    ];
     let mut body = CaptureBody::new(streamed(frames), session(), sink.clone());
     let first = body.frame().await.unwrap().unwrap();
     assert_eq!(first.into_data().unwrap().as_ref(), b"{\"choi");
-    assert!(sink.0.lock().unwrap().is_empty(), "nothing finished mid-body");
+    assert!(
+        sink.0.lock().unwrap().is_empty(),
+        "nothing finished mid-body"
+    );
     drop(body);
     assert_eq!(sink.outcomes(), vec![Outcome::Cancelled]);
 }
@@ -106,8 +132,14 @@ async fn early_drop_is_cancelled() {
 #[tokio::test]
 async fn body_error_is_errored_and_passed_on() {
     let sink = Collect::default();
-    let frames: Frames = vec![Ok(Frame::data(Bytes::from_static(b"{"))), Err(std::io::Error::other("reset"))];
-    let err = CaptureBody::new(streamed(frames), session(), sink.clone()).collect().await.unwrap_err();
+    let frames: Frames = vec![
+        Ok(Frame::data(Bytes::from_static(b"{"))),
+        Err(std::io::Error::other("reset")),
+    ];
+    let err = CaptureBody::new(streamed(frames), session(), sink.clone())
+        .collect()
+        .await
+        .unwrap_err();
     assert_eq!(err.to_string(), "reset");
     assert_eq!(sink.outcomes(), vec![Outcome::Errored]);
 }
@@ -120,7 +152,11 @@ async fn layer_adds_the_trace_id_and_skips_requests_without_meta() {
     });
     let service = CaptureLayer::new(sink.clone(), 1 << 20).layer(upstream);
 
-    let plain = service.clone().oneshot(http::Request::new(Bytes::new())).await.unwrap();
+    let plain = service
+        .clone()
+        .oneshot(http::Request::new(Bytes::new()))
+        .await
+        .unwrap();
     assert!(!plain.headers().contains_key(TRACE_ID_HEADER));
     plain.into_body().collect().await.unwrap();
     assert!(sink.0.lock().unwrap().is_empty());
@@ -128,7 +164,10 @@ async fn layer_adds_the_trace_id_and_skips_requests_without_meta() {
     let mut request = http::Request::new(Bytes::from_static(b"{}"));
     request.extensions_mut().insert(meta(false));
     let response = service.oneshot(request).await.unwrap();
-    let id = response.headers()[TRACE_ID_HEADER].to_str().unwrap().to_string();
+    let id = response.headers()[TRACE_ID_HEADER]
+        .to_str()
+        .unwrap()
+        .to_string();
     response.into_body().collect().await.unwrap();
     let traces = sink.0.lock().unwrap().drain(..).collect::<Vec<_>>();
     assert_eq!(traces.len(), 1);
@@ -155,16 +194,31 @@ async fn full_queue_drops_and_counts_while_the_body_flows() {
     let store = crate::store::Store::open_dir(dir.path()).unwrap();
     // Hold redb's write lock so the writer stalls and its queue (capacity 1) fills.
     let stall = store.hold_write_lock().unwrap();
-    let config = crate::store::WriterConfig { queue_capacity: 1, batch_max: 1, ..Default::default() };
+    let config = crate::store::WriterConfig {
+        queue_capacity: 1,
+        batch_max: 1,
+        ..Default::default()
+    };
     let (writer, task) = crate::store::TraceWriter::start(store.clone(), config);
     for _ in 0..20 {
-        let body = CaptureBody::new(Full::new(Bytes::from_static(OK_BODY)), session(), writer.clone());
+        let body = CaptureBody::new(
+            Full::new(Bytes::from_static(OK_BODY)),
+            session(),
+            writer.clone(),
+        );
         let bytes = body.collect().await.unwrap().to_bytes();
-        assert_eq!(bytes.as_ref(), OK_BODY, "the client is served whatever the queue does");
+        assert_eq!(
+            bytes.as_ref(),
+            OK_BODY,
+            "the client is served whatever the queue does"
+        );
     }
     let during = writer.counters();
     assert_eq!(during.eligible, 20);
-    assert!(during.dropped >= 18, "at most the queue and one batch fit: {during:?}");
+    assert!(
+        during.dropped >= 18,
+        "at most the queue and one batch fit: {during:?}"
+    );
     let counters = writer.counters_handle();
     drop(stall);
     drop(writer);
@@ -172,7 +226,11 @@ async fn full_queue_drops_and_counts_while_the_body_flows() {
     let done = counters.snapshot();
     assert_eq!(done.captured + done.dropped + done.failed, done.eligible);
     assert_eq!((done.pending, done.failed), (0, 0));
-    assert_eq!(store.trace_count().unwrap(), done.captured, "every trace not dropped was written");
+    assert_eq!(
+        store.trace_count().unwrap(),
+        done.captured,
+        "every trace not dropped was written"
+    );
 }
 
 /// A sink whose commits are acknowledged by hand, like a slow durable writer.
@@ -192,7 +250,10 @@ async fn durable_end_holds_the_last_bytes_until_the_commit() {
     // Regression: with a Content-Length body the client had the whole response (and could
     // count it as delivered) before the commit, because the last frame went out first.
     let sink = ManualCommit::default();
-    let frames: Frames = vec![Ok(Frame::data(Bytes::from_static(b"{\"a\":"))), Ok(Frame::data(Bytes::from_static(b"1}")))];
+    let frames: Frames = vec![
+        Ok(Frame::data(Bytes::from_static(b"{\"a\":"))),
+        Ok(Frame::data(Bytes::from_static(b"1}"))),
+    ];
     let body = http_body_util::combinators::BoxBody::new(streamed(frames));
     // A body that knows its length, as one with Content-Length does.
     struct Sized<B>(B);
@@ -215,7 +276,12 @@ async fn durable_end_holds_the_last_bytes_until_the_commit() {
     let mut next = Box::pin(body.frame());
     let held = futures_util::poll!(next.as_mut());
     assert!(held.is_pending(), "the last frame waits for the commit");
-    let ack = sink.0.lock().unwrap().pop().expect("trace submitted at the last frame");
+    let ack = sink
+        .0
+        .lock()
+        .unwrap()
+        .pop()
+        .expect("trace submitted at the last frame");
     ack.send(true).unwrap();
     let last = next.await.unwrap().unwrap();
     assert_eq!(last.into_data().unwrap().as_ref(), b"1}");

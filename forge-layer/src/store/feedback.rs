@@ -43,12 +43,21 @@ impl Store {
         let bytes = serde_json::to_vec(feedback)?;
         let trace = feedback.trace_id;
         self.write(|txn| {
-            if txn.open_table(TRACES).map_err(db_err)?.get(trace.as_u128()).map_err(db_err)?.is_none() {
+            if txn
+                .open_table(TRACES)
+                .map_err(db_err)?
+                .get(trace.as_u128())
+                .map_err(db_err)?
+                .is_none()
+            {
                 return Err(StoreError::NoSuchTrace(trace));
             }
             let mut table = txn.open_table(FEEDBACK).map_err(db_err)?;
             table
-                .insert((trace.as_u128(), TraceId::generate().as_u128()), bytes.as_slice())
+                .insert(
+                    (trace.as_u128(), TraceId::generate().as_u128()),
+                    bytes.as_slice(),
+                )
                 .map_err(db_err)?;
             Ok(())
         })
@@ -72,7 +81,11 @@ impl Store {
         let txn = self.db.begin_read().map_err(db_err)?;
         let table = txn.open_table(FEEDBACK).map_err(db_err)?;
         let key = trace.as_u128();
-        match table.range((key, 0)..=(key, u128::MAX)).map_err(db_err)?.next_back() {
+        match table
+            .range((key, 0)..=(key, u128::MAX))
+            .map_err(db_err)?
+            .next_back()
+        {
             Some(entry) => {
                 let (_, v) = entry.map_err(db_err)?;
                 Ok(Some(serde_json::from_slice(v.value())?))
@@ -88,7 +101,10 @@ impl Store {
         self.write(|txn| {
             let mut table = txn.open_table(EVALUATIONS).map_err(db_err)?;
             table
-                .insert((trace.as_u128(), TraceId::generate().as_u128()), bytes.as_slice())
+                .insert(
+                    (trace.as_u128(), TraceId::generate().as_u128()),
+                    bytes.as_slice(),
+                )
                 .map_err(db_err)?;
             Ok(())
         })
@@ -99,7 +115,11 @@ impl Store {
         let txn = self.db.begin_read().map_err(db_err)?;
         let table = txn.open_table(EVALUATIONS).map_err(db_err)?;
         let key = trace.as_u128();
-        match table.range((key, 0)..=(key, u128::MAX)).map_err(db_err)?.next_back() {
+        match table
+            .range((key, 0)..=(key, u128::MAX))
+            .map_err(db_err)?
+            .next_back()
+        {
             Some(entry) => {
                 let (_, v) = entry.map_err(db_err)?;
                 Ok(Some(serde_json::from_slice(v.value())?))

@@ -5,17 +5,23 @@
 //! saved allocator state instead of walking the whole file.
 
 mod feedback;
+mod routes;
 mod writer;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
 
 use crate::trace::{Trace, TraceId};
 
 pub use feedback::{Evaluation, Feedback};
-pub use writer::{CaptureCounters, CaptureMode, CounterSnapshot, TraceWriter, WriterConfig, WriterTask};
+pub use routes::RouteChange;
+pub use writer::{
+    CaptureCounters, CaptureMode, CounterSnapshot, TraceWriter, WriterConfig, WriterTask,
+};
 
 /// Traces by id (a ULID as u128, so key order is time order); values are JSON.
 const TRACES: TableDefinition<u128, &[u8]> = TableDefinition::new("traces");
@@ -23,6 +29,10 @@ const TRACES: TableDefinition<u128, &[u8]> = TableDefinition::new("traces");
 const FEEDBACK: TableDefinition<(u128, u128), &[u8]> = TableDefinition::new("feedback");
 /// Evaluation results by (trace id, evaluation id).
 const EVALUATIONS: TableDefinition<(u128, u128), &[u8]> = TableDefinition::new("evaluations");
+/// The routing table in force, under the key `current`.
+const ROUTES: TableDefinition<&str, &[u8]> = TableDefinition::new("routes");
+/// Every accepted routing change, by table version.
+const ROUTE_HISTORY: TableDefinition<u64, &[u8]> = TableDefinition::new("route_history");
 
 /// The file name inside `capture.data_dir`.
 pub const STORE_FILE: &str = "forge.redb";
@@ -89,6 +99,8 @@ impl Store {
             txn.open_table(TRACES).map_err(db_err)?;
             txn.open_table(FEEDBACK).map_err(db_err)?;
             txn.open_table(EVALUATIONS).map_err(db_err)?;
+            txn.open_table(ROUTES).map_err(db_err)?;
+            txn.open_table(ROUTE_HISTORY).map_err(db_err)?;
             Ok(())
         })?;
         Ok(store)
@@ -100,7 +112,10 @@ impl Store {
     }
 
     /// Runs `f` in one durable write transaction.
-    fn write<T>(&self, f: impl FnOnce(&redb::WriteTransaction) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let mut txn = self.db.begin_write().map_err(db_err)?;
         txn.set_two_phase_commit(true);
         txn.set_quick_repair(true);
@@ -121,7 +136,9 @@ impl Store {
         self.write(|txn| {
             let mut table = txn.open_table(TRACES).map_err(db_err)?;
             for (id, bytes) in batch {
-                table.insert(id.as_u128(), bytes.as_slice()).map_err(db_err)?;
+                table
+                    .insert(id.as_u128(), bytes.as_slice())
+                    .map_err(db_err)?;
             }
             Ok(())
         })

@@ -19,14 +19,19 @@ fn pending(content: &str) -> crate::capture::PendingTrace {
         route_version: 1,
         stream: false,
     };
-    let request = format!(r#"{{"model":"a","messages":[{{"role":"user","content":"{content}"}}]}}"#);
+    let request =
+        format!(r#"{{"model":"a","messages":[{{"role":"user","content":"{content}"}}]}}"#);
     let mut s = CaptureSession::new(meta, Bytes::from(request), 1 << 20);
     s.on_response(200, false);
     s.on_chunk(&Bytes::from_static(br#"{"choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}]}"#));
     s.finish(BodyEnd::Complete)
 }
 
-async fn write_all(store: &Store, config: WriterConfig, traces: Vec<crate::capture::PendingTrace>) -> CounterSnapshot {
+async fn write_all(
+    store: &Store,
+    config: WriterConfig,
+    traces: Vec<crate::capture::PendingTrace>,
+) -> CounterSnapshot {
     let (writer, task) = TraceWriter::start(store.clone(), config);
     let counters = writer.counters_handle();
     for t in traces {
@@ -43,29 +48,47 @@ async fn write_all(store: &Store, config: WriterConfig, traces: Vec<crate::captu
 async fn traces_round_trip_newest_first_and_redacted() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open_dir(dir.path()).unwrap();
-    let traces: Vec<_> = (0..5).map(|i| pending(&format!("q{i} sk-abcdefghijklmnopqrstuvwx{i}"))).collect();
+    let traces: Vec<_> = (0..5)
+        .map(|i| pending(&format!("q{i} sk-abcdefghijklmnopqrstuvwx{i}")))
+        .collect();
     let ids: Vec<_> = traces.iter().map(|t| t.id()).collect();
     let counts = write_all(&store, WriterConfig::default(), traces).await;
-    assert_eq!((counts.eligible, counts.captured, counts.pending), (5, 5, 0));
+    assert_eq!(
+        (counts.eligible, counts.captured, counts.pending),
+        (5, 5, 0)
+    );
 
     let recent = store.recent_traces(None, 3, |_| true).unwrap();
-    assert_eq!(recent.iter().map(|t| t.id).collect::<Vec<_>>(), vec![ids[4], ids[3], ids[2]]);
+    assert_eq!(
+        recent.iter().map(|t| t.id).collect::<Vec<_>>(),
+        vec![ids[4], ids[3], ids[2]]
+    );
     let older = store.recent_traces(Some(ids[2]), 10, |_| true).unwrap();
     assert_eq!(older.len(), 2);
     let one = store.trace(ids[0]).unwrap().unwrap();
-    assert_eq!(one.request["messages"][0]["content"], "q0 [REDACTED:openai_key]");
-    assert_eq!(one.response.choices[0].message.content.as_deref(), Some("ok"));
+    assert_eq!(
+        one.request["messages"][0]["content"],
+        "q0 [REDACTED:openai_key]"
+    );
+    assert_eq!(
+        one.response.choices[0].message.content.as_deref(),
+        Some("ok")
+    );
     assert_eq!(one.key_id.as_deref(), Some("app"));
     let mut seen = Vec::new();
-    store.for_each_trace(|t| {
-        seen.push(t.id);
-        true
-    })
-    .unwrap();
+    store
+        .for_each_trace(|t| {
+            seen.push(t.id);
+            true
+        })
+        .unwrap();
     assert_eq!(seen, ids, "export order is oldest first");
     let bytes = std::fs::read(store.path()).unwrap();
     let needle = b"sk-abcdefghijklmnopqrstuvwx";
-    assert!(!bytes.windows(needle.len()).any(|w| w == needle), "no key in the file's bytes");
+    assert!(
+        !bytes.windows(needle.len()).any(|w| w == needle),
+        "no key in the file's bytes"
+    );
 }
 
 #[tokio::test]
@@ -75,22 +98,50 @@ async fn feedback_needs_a_trace_and_the_latest_wins() {
     let t = pending("hello");
     let id = t.id();
     write_all(&store, WriterConfig::default(), vec![t]).await;
-    let fb = |score: f64| Feedback { trace_id: id, score: Some(score), approved: None, comment: None, time_ms: 0 };
+    let fb = |score: f64| Feedback {
+        trace_id: id,
+        score: Some(score),
+        approved: None,
+        comment: None,
+        time_ms: 0,
+    };
     store.add_feedback(&fb(40.0)).unwrap();
     store.add_feedback(&fb(95.0)).unwrap();
-    assert_eq!(store.latest_feedback(id).unwrap().unwrap().score, Some(95.0));
+    assert_eq!(
+        store.latest_feedback(id).unwrap().unwrap().score,
+        Some(95.0)
+    );
     assert_eq!(store.feedback(id).unwrap().len(), 2);
-    let missing = Feedback { trace_id: crate::trace::TraceId::generate(), ..fb(1.0) };
-    assert!(matches!(store.add_feedback(&missing), Err(StoreError::NoSuchTrace(_))));
+    let missing = Feedback {
+        trace_id: crate::trace::TraceId::generate(),
+        ..fb(1.0)
+    };
+    assert!(matches!(
+        store.add_feedback(&missing),
+        Err(StoreError::NoSuchTrace(_))
+    ));
 }
 
 #[tokio::test]
 async fn durable_mode_acknowledges_each_commit() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open_dir(dir.path()).unwrap();
-    let config = WriterConfig { mode: CaptureMode::Durable, queue_capacity: 2, ..Default::default() };
-    let counts = write_all(&store, config, (0..10).map(|i| pending(&format!("d{i}"))).collect()).await;
-    assert_eq!((counts.captured, counts.dropped), (10, 0), "durable mode waits for room instead of dropping");
+    let config = WriterConfig {
+        mode: CaptureMode::Durable,
+        queue_capacity: 2,
+        ..Default::default()
+    };
+    let counts = write_all(
+        &store,
+        config,
+        (0..10).map(|i| pending(&format!("d{i}"))).collect(),
+    )
+    .await;
+    assert_eq!(
+        (counts.captured, counts.dropped),
+        (10, 0),
+        "durable mode waits for room instead of dropping"
+    );
     assert_eq!(store.trace_count().unwrap(), 10);
 }
 
@@ -108,11 +159,18 @@ async fn dropped_durable_wait_counts_as_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open_dir(dir.path()).unwrap();
     let stall = store.hold_write_lock().unwrap();
-    let config = WriterConfig { mode: CaptureMode::Durable, queue_capacity: 1, batch_max: 1, ..Default::default() };
+    let config = WriterConfig {
+        mode: CaptureMode::Durable,
+        queue_capacity: 1,
+        batch_max: 1,
+        ..Default::default()
+    };
     let (writer, task) = TraceWriter::start(store.clone(), config);
     let counters = writer.counters_handle();
     // The first is taken by the (stalled) writer, the second fills the queue, the third waits.
-    let acks: Vec<_> = (0..3).map(|i| writer.submit(pending(&format!("w{i}")))).collect();
+    let acks: Vec<_> = (0..3)
+        .map(|i| writer.submit(pending(&format!("w{i}"))))
+        .collect();
     tokio::time::sleep(Duration::from_millis(50)).await;
     drop(acks);
     drop(stall);

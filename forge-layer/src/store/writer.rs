@@ -117,7 +117,9 @@ pub struct TraceWriter {
 
 impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Job").field("trace", &self.trace.id()).finish()
+        f.debug_struct("Job")
+            .field("trace", &self.trace.id())
+            .finish()
     }
 }
 
@@ -179,7 +181,10 @@ impl TraceWriter {
             }
         };
         let job = match self.tx.try_send(Job { trace, ack }) {
-            Ok(()) => return done.map(|rx| Box::pin(async move { rx.await.unwrap_or(false) }) as DurableAck),
+            Ok(()) => {
+                return done
+                    .map(|rx| Box::pin(async move { rx.await.unwrap_or(false) }) as DurableAck);
+            }
             Err(mpsc::error::TrySendError::Full(job)) if self.mode == CaptureMode::Durable => job,
             Err(mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job)) => {
                 self.counters.dropped.fetch_add(1, Ordering::AcqRel);
@@ -214,7 +219,12 @@ impl Drop for Unsent {
     }
 }
 
-async fn run(store: Store, config: WriterConfig, mut rx: mpsc::Receiver<Job>, counters: Arc<CaptureCounters>) {
+async fn run(
+    store: Store,
+    config: WriterConfig,
+    mut rx: mpsc::Receiver<Job>,
+    counters: Arc<CaptureCounters>,
+) {
     let config = Arc::new(config);
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
@@ -233,7 +243,9 @@ async fn run(store: Store, config: WriterConfig, mut rx: mpsc::Receiver<Job>, co
         let config = Arc::clone(&config);
         let counters = Arc::clone(&counters);
         // redb is synchronous: encode and commit off the async workers.
-        let written = tokio::task::spawn_blocking(move || write_batch(&store, &config, &counters, batch)).await;
+        let written =
+            tokio::task::spawn_blocking(move || write_batch(&store, &config, &counters, batch))
+                .await;
         if let Err(e) = written {
             tracing::error!(error = %e, "trace batch task failed");
         }
@@ -247,7 +259,9 @@ fn write_batch(store: &Store, config: &WriterConfig, counters: &CaptureCounters,
     let mut unencodable = 0u64;
     for job in batch {
         let id = job.trace.id();
-        let trace = job.trace.into_trace(&config.redactor, config.max_event_bytes);
+        let trace = job
+            .trace
+            .into_trace(&config.redactor, config.max_event_bytes);
         match serde_json::to_vec(&trace) {
             Ok(bytes) => {
                 encoded.push((id, bytes));

@@ -85,14 +85,19 @@ fn from_store(store: &Store, action: Action) -> Result<(), TracesError> {
         Action::Show { id } => {
             let trace_id: TraceId = id.parse().map_err(|_| TracesError::NotFound(id.clone()))?;
             let trace = store.trace(trace_id)?.ok_or(TracesError::NotFound(id))?;
-            writeln!(out, "{}", serde_json::to_string_pretty(&trace).unwrap_or_default())?;
+            writeln!(
+                out,
+                "{}",
+                serde_json::to_string_pretty(&trace).unwrap_or_default()
+            )?;
         }
         Action::Stats => {
             let mut by: BTreeMap<(&'static str, String), u64> = BTreeMap::new();
             let mut total = 0u64;
             store.for_each_trace(|t| {
                 total += 1;
-                *by.entry(("outcome", t.outcome.name().to_string())).or_default() += 1;
+                *by.entry(("outcome", t.outcome.name().to_string()))
+                    .or_default() += 1;
                 *by.entry(("arm", t.arm.kind().to_string())).or_default() += 1;
                 *by.entry(("alias", t.alias)).or_default() += 1;
                 true
@@ -130,18 +135,30 @@ fn from_store(store: &Store, action: Action) -> Result<(), TracesError> {
 }
 
 async fn from_admin(base: &str, action: Action) -> Result<(), TracesError> {
-    let token = std::env::var(ENV_FORGE_ADMIN_TOKEN)
-        .map_err(|_| TracesError::Admin(format!("set {ENV_FORGE_ADMIN_TOKEN} to the gateway's admin token")))?;
+    let token = std::env::var(ENV_FORGE_ADMIN_TOKEN).map_err(|_| {
+        TracesError::Admin(format!(
+            "set {ENV_FORGE_ADMIN_TOKEN} to the gateway's admin token"
+        ))
+    })?;
     let _ = rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::new();
     let get = |path: String| {
         let request = http.get(format!("{base}{path}")).bearer_auth(&token);
         async move {
-            let resp = request.send().await.map_err(|e| TracesError::Admin(e.to_string()))?;
+            let resp = request
+                .send()
+                .await
+                .map_err(|e| TracesError::Admin(e.to_string()))?;
             let status = resp.status();
-            let body: serde_json::Value = resp.json().await.map_err(|e| TracesError::Admin(e.to_string()))?;
+            let body: serde_json::Value = resp
+                .json()
+                .await
+                .map_err(|e| TracesError::Admin(e.to_string()))?;
             if !status.is_success() {
-                return Err(TracesError::Admin(format!("{status}: {}", body["error"]["message"])));
+                return Err(TracesError::Admin(format!(
+                    "{status}: {}",
+                    body["error"]["message"]
+                )));
             }
             Ok(body)
         }
@@ -158,18 +175,29 @@ async fn from_admin(base: &str, action: Action) -> Result<(), TracesError> {
         }
         Action::Show { id } => {
             let trace = get(format!("/admin/traces/{id}")).await?;
-            writeln!(out, "{}", serde_json::to_string_pretty(&trace).unwrap_or_default())?;
+            writeln!(
+                out,
+                "{}",
+                serde_json::to_string_pretty(&trace).unwrap_or_default()
+            )?;
         }
         Action::Stats => {
             let stats = get("/admin/stats".to_string()).await?;
-            writeln!(out, "{}", serde_json::to_string_pretty(&stats).unwrap_or_default())?;
+            writeln!(
+                out,
+                "{}",
+                serde_json::to_string_pretty(&stats).unwrap_or_default()
+            )?;
         }
         Action::Export => {
             // Pages go newest first; `before` walks back to the oldest.
             let mut before: Option<String> = None;
             let mut done = 0u64;
             loop {
-                let cursor = before.as_deref().map(|b| format!("&before={b}")).unwrap_or_default();
+                let cursor = before
+                    .as_deref()
+                    .map(|b| format!("&before={b}"))
+                    .unwrap_or_default();
                 let page = get(format!("/admin/traces?limit=1000{cursor}")).await?;
                 for value in page["data"].as_array().into_iter().flatten() {
                     writeln!(out, "{value}")?;

@@ -64,7 +64,10 @@ impl Body for UpstreamBody {
     type Data = Bytes;
     type Error = UpstreamBodyError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let mut this = self.project();
         if *this.done {
             return Poll::Ready(None);
@@ -89,8 +92,12 @@ impl Body for UpstreamBody {
         tracing::warn!(error = %failure, "upstream body ended early");
         if *this.is_sse {
             let message = match failure {
-                UpstreamBodyError::Idle(d) => format!("The upstream stream stalled for {} ms.", d.as_millis()),
-                UpstreamBodyError::Upstream(_) => "The upstream connection failed mid-stream.".to_string(),
+                UpstreamBodyError::Idle(d) => {
+                    format!("The upstream stream stalled for {} ms.", d.as_millis())
+                }
+                UpstreamBodyError::Upstream(_) => {
+                    "The upstream connection failed mid-stream.".to_string()
+                }
             };
             Poll::Ready(Some(Ok(Frame::data(sse_error_event(&message)))))
         } else {

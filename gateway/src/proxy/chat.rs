@@ -32,7 +32,12 @@ pub async fn completions(
     response
 }
 
-async fn forward(state: &ProxyState, caller: Caller, headers: &HeaderMap, body: Body) -> Result<Response, Error> {
+async fn forward(
+    state: &ProxyState,
+    caller: Caller,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, Error> {
     check_declared_length(headers, state.max_body_bytes)?;
     let bytes = read_body(body, state.max_body_bytes).await?;
     let request = ChatRequest::parse(&bytes)?;
@@ -40,7 +45,9 @@ async fn forward(state: &ProxyState, caller: Caller, headers: &HeaderMap, body: 
     // One snapshot for the whole request: the route and the version recorded come from it.
     let table = state.router.load();
     let alias = request.model();
-    let route = table.route(alias).ok_or_else(|| Error::ModelNotFound(alias.to_string()))?;
+    let route = table
+        .route(alias)
+        .ok_or_else(|| Error::ModelNotFound(alias.to_string()))?;
     let sticky_owned;
     let key = if route.students.is_empty() {
         // Only one arm: skip looking for a key.
@@ -52,7 +59,9 @@ async fn forward(state: &ProxyState, caller: Caller, headers: &HeaderMap, body: 
             None => StickyKey::Point(rand::random_range(0..10_000)),
         }
     };
-    let decision = table.pick(alias, key).ok_or_else(|| Error::ModelNotFound(alias.to_string()))?;
+    let decision = table
+        .pick(alias, key)
+        .ok_or_else(|| Error::ModelNotFound(alias.to_string()))?;
     let upstream = state
         .upstreams
         .get(&decision.target.upstream)
@@ -90,6 +99,10 @@ fn sticky_key(headers: &HeaderMap, request: &ChatRequest<'_>, caller: &Caller) -
         .filter(|v| !v.is_empty())
         .map(str::to_string)
         .or_else(|| request.string_field("user").filter(|v| !v.is_empty()))
-        .or_else(|| request.string_field("safety_identifier").filter(|v| !v.is_empty()))
+        .or_else(|| {
+            request
+                .string_field("safety_identifier")
+                .filter(|v| !v.is_empty())
+        })
         .or_else(|| caller.key_id.clone())
 }

@@ -46,14 +46,27 @@ impl Service<Request<Bytes>> for UpstreamCall {
                 return Ok(crate::error::Error::UpstreamUnreachable.into_response());
             };
             let mut headers = HeaderMap::with_capacity(2);
-            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            let accept = if routed.stream { "text/event-stream" } else { "application/json" };
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            let accept = if routed.stream {
+                "text/event-stream"
+            } else {
+                "application/json"
+            };
             headers.insert(header::ACCEPT, HeaderValue::from_static(accept));
             let body = full_body(request.into_body());
-            Ok(match routed.upstream.send(Method::POST, "/chat/completions", headers, body).await {
-                Ok(response) => response.map(Body::new),
-                Err(e) => e.into_response(),
-            })
+            Ok(
+                match routed
+                    .upstream
+                    .send(Method::POST, "/chat/completions", headers, body)
+                    .await
+                {
+                    Ok(response) => response.map(Body::new),
+                    Err(e) => e.into_response(),
+                },
+            )
         })
     }
 }

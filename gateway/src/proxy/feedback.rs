@@ -29,7 +29,11 @@ struct FeedbackRequest {
     comment: Option<String>,
 }
 
-pub async fn submit(State(state): State<ProxyState>, caller: Option<axum::Extension<Caller>>, body: Body) -> Response {
+pub async fn submit(
+    State(state): State<ProxyState>,
+    caller: Option<axum::Extension<Caller>>,
+    body: Body,
+) -> Response {
     let caller = caller.map(|axum::Extension(c)| c).unwrap_or_default();
     match record(&state, caller, body).await {
         Ok(response) => response,
@@ -41,19 +45,28 @@ async fn record(state: &ProxyState, caller: Caller, body: Body) -> Result<Respon
     let bytes = read_body(body, state.max_body_bytes).await?;
     let request: FeedbackRequest = serde_json::from_slice(&bytes)
         .map_err(|e| Error::invalid(format!("Invalid feedback body: {e}."), None))?;
-    let trace_id: TraceId = request
-        .trace_id
-        .parse()
-        .map_err(|_| Error::invalid("`trace_id` must be the x-forge-trace-id of a response.", Some("trace_id")))?;
+    let trace_id: TraceId = request.trace_id.parse().map_err(|_| {
+        Error::invalid(
+            "`trace_id` must be the x-forge-trace-id of a response.",
+            Some("trace_id"),
+        )
+    })?;
     if let Some(score) = request.score
         && (!score.is_finite() || !(0.0..=100.0).contains(&score))
     {
-        return Err(Error::invalid("`score` must be a number from 0 to 100.", Some("score")));
+        return Err(Error::invalid(
+            "`score` must be a number from 0 to 100.",
+            Some("score"),
+        ));
     }
     if request.score.is_none() && request.approved.is_none() {
         return Err(Error::invalid("Give a `score`, `approved`, or both.", None));
     }
-    if request.comment.as_ref().is_some_and(|c| c.chars().count() > MAX_COMMENT_CHARS) {
+    if request
+        .comment
+        .as_ref()
+        .is_some_and(|c| c.chars().count() > MAX_COMMENT_CHARS)
+    {
         return Err(Error::invalid(
             format!("`comment` is longer than {MAX_COMMENT_CHARS} characters."),
             Some("comment"),
@@ -95,7 +108,9 @@ fn save(store: &Store, caller: &Caller, feedback: &Feedback) -> Result<(), Store
     let trace = loop {
         match store.trace(id)? {
             Some(trace) => break trace,
-            None if recent && std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            None if recent && std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
             None => return Err(StoreError::NoSuchTrace(id)),
         }
     };

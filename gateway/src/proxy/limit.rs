@@ -35,7 +35,11 @@ impl InFlight {
 
 /// Middleware: takes a permit or refuses at once. The permit lives in the response body, so a
 /// stream holds its slot until its last byte, not just until its headers.
-pub async fn limit_in_flight(State(cap): State<InFlight>, request: Request, next: Next) -> Response {
+pub async fn limit_in_flight(
+    State(cap): State<InFlight>,
+    request: Request,
+    next: Next,
+) -> Response {
     let Ok(permit) = Arc::clone(&cap.permits).try_acquire_owned() else {
         return Error::Overloaded.into_response();
     };
@@ -44,7 +48,9 @@ pub async fn limit_in_flight(State(cap): State<InFlight>, request: Request, next
         _permit: permit,
         metrics: Arc::clone(&cap.metrics),
     };
-    next.run(request).await.map(|inner| Body::new(PermitBody { inner, _slot: slot }))
+    next.run(request)
+        .await
+        .map(|inner| Body::new(PermitBody { inner, _slot: slot }))
 }
 
 /// Frees the permit and the gauge together, whenever the body is dropped.
@@ -71,7 +77,10 @@ impl http_body::Body for PermitBody {
     type Data = Bytes;
     type Error = axum::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         self.project().inner.poll_frame(cx)
     }
 

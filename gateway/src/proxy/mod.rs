@@ -61,10 +61,16 @@ pub fn app(state: ProxyState, max_in_flight: usize) -> Router {
         .route("/v1/models/{model}", get(get_model))
         .route("/v1/{*rest}", any(passthrough::forward))
         .route_layer(middleware::from_fn_with_state(cap, limit::limit_in_flight))
-        .route_layer(middleware::from_fn_with_state(state.keys.clone(), auth::authenticate));
+        .route_layer(middleware::from_fn_with_state(
+            state.keys.clone(),
+            auth::authenticate,
+        ));
     Router::new()
         .merge(v1)
-        .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
+        .route(
+            "/healthz",
+            get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+        )
         .route("/metrics", get(metrics))
         .fallback(unknown_path)
         .method_not_allowed_fallback(method_not_allowed)
@@ -75,8 +81,13 @@ pub fn app(state: ProxyState, max_in_flight: usize) -> Router {
 pub async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, Error> {
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(Error::BodyTooLarge { limit }),
-        Err(_) => Err(Error::invalid("The request body could not be read completely.", None)),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(Error::BodyTooLarge { limit })
+        }
+        Err(_) => Err(Error::invalid(
+            "The request body could not be read completely.",
+            None,
+        )),
     }
 }
 
@@ -128,7 +139,10 @@ async fn get_model(State(state): State<ProxyState>, Path(model): Path<String>) -
 
 async fn metrics(State(state): State<ProxyState>) -> Response {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.metrics.render(),
     )
         .into_response()
@@ -143,7 +157,11 @@ async fn unknown_path(method: Method, uri: Uri) -> Response {
 }
 
 async fn method_not_allowed(method: Method, uri: Uri) -> Response {
-    let mut response = Error::invalid(format!("Method {method} is not allowed on {}.", uri.path()), None).into_response();
+    let mut response = Error::invalid(
+        format!("Method {method} is not allowed on {}.", uri.path()),
+        None,
+    )
+    .into_response();
     *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
     response
 }

@@ -38,6 +38,8 @@ async fn send(state: &ProxyState, request: Request) -> Result<Response, Error> {
     headers.remove(header::HOST);
     headers.remove(header::CONTENT_LENGTH);
     headers.remove(header::ACCEPT_ENCODING);
-    let response = upstream.send(parts.method, suffix, headers, full_body(bytes)).await?;
+    let response = upstream
+        .send(parts.method, suffix, headers, full_body(bytes))
+        .await?;
     Ok(response.map(Body::new))
 }

@@ -34,7 +34,10 @@ impl<'a> ChatRequest<'a> {
             if entries[..i].iter().any(|(k, _)| k == key) {
                 // Two parsers may pick different duplicates; refuse rather than guess which one
                 // the upstream will honour.
-                return Err(Error::invalid(format!("Duplicate key `{key}` in the request body."), None));
+                return Err(Error::invalid(
+                    format!("Duplicate key `{key}` in the request body."),
+                    None,
+                ));
             }
             match key.as_str() {
                 "model" => {
@@ -43,16 +46,21 @@ impl<'a> ChatRequest<'a> {
                     model = Some(name);
                 }
                 "messages" => {
-                    let list: Vec<&RawValue> = serde_json::from_str(value.get())
-                        .map_err(|_| Error::invalid("`messages` must be an array.", Some("messages")))?;
+                    let list: Vec<&RawValue> = serde_json::from_str(value.get()).map_err(|_| {
+                        Error::invalid("`messages` must be an array.", Some("messages"))
+                    })?;
                     if list.is_empty() {
-                        return Err(Error::invalid("`messages` must contain at least one message.", Some("messages")));
+                        return Err(Error::invalid(
+                            "`messages` must contain at least one message.",
+                            Some("messages"),
+                        ));
                     }
                     messages = true;
                 }
                 "stream" => {
-                    let flag: Option<bool> = serde_json::from_str(value.get())
-                        .map_err(|_| Error::invalid("`stream` must be a boolean.", Some("stream")))?;
+                    let flag: Option<bool> = serde_json::from_str(value.get()).map_err(|_| {
+                        Error::invalid("`stream` must be a boolean.", Some("stream"))
+                    })?;
                     stream = flag.unwrap_or(false);
                 }
                 _ => {}
@@ -60,12 +68,24 @@ impl<'a> ChatRequest<'a> {
         }
         let model = match model {
             Some(m) if !m.is_empty() => m,
-            _ => return Err(Error::invalid("you must provide a model parameter", Some("model"))),
+            _ => {
+                return Err(Error::invalid(
+                    "you must provide a model parameter",
+                    Some("model"),
+                ));
+            }
         };
         if !messages {
-            return Err(Error::invalid("Missing required parameter: 'messages'.", Some("messages")));
+            return Err(Error::invalid(
+                "Missing required parameter: 'messages'.",
+                Some("messages"),
+            ));
         }
-        Ok(Self { entries, model, stream })
+        Ok(Self {
+            entries,
+            model,
+            stream,
+        })
     }
 
     /// The model the client asked for: a route alias.
@@ -89,7 +109,12 @@ impl<'a> ChatRequest<'a> {
     /// The body to send upstream: the same keys and values, with `model` replaced.
     pub fn with_model(&self, model: &str) -> Bytes {
         let extra = model.len() + 2;
-        let size = self.entries.iter().map(|(k, v)| k.len() + v.get().len() + 4).sum::<usize>() + extra;
+        let size = self
+            .entries
+            .iter()
+            .map(|(k, v)| k.len() + v.get().len() + 4)
+            .sum::<usize>()
+            + extra;
         let mut out = Vec::with_capacity(size);
         out.push(b'{');
         for (i, (key, value)) in self.entries.iter().enumerate() {
@@ -173,7 +198,8 @@ mod tests {
 
     #[test]
     fn user_field_is_readable() {
-        let req = ChatRequest::parse(br#"{"model":"m","messages":[1],"user":"u-1","stream":null}"#).unwrap();
+        let req = ChatRequest::parse(br#"{"model":"m","messages":[1],"user":"u-1","stream":null}"#)
+            .unwrap();
         assert_eq!(req.string_field("user").as_deref(), Some("u-1"));
         assert!(!req.is_stream());
     }

@@ -20,7 +20,6 @@ const ORGANIZATION: &str = "org-forge-sim";
 /// The org slug inside fine-tuned model names: `ft:<base>:forge-sim:<suffix>:<id>`.
 const ORG_SLUG: &str = "forge-sim";
 const RESULT_FILENAME: &str = "step_metrics.csv";
-const RESULT_HEADER: &str = "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n";
 /// OpenAI keeps the checkpoints of the last three epochs.
 const KEPT_CHECKPOINT_EPOCHS: u64 = 3;
 /// Metrics events are thinned so that a long job logs about this many.
@@ -57,21 +56,21 @@ impl Phase {
 
 /// What the files of a job hold, once they passed validation.
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct TrainingPlan {
+pub(super) struct TrainingPlan {
     dataset: DatasetStats,
-    has_validation: bool,
-    resolved: Resolved,
+    pub(super) has_validation: bool,
+    pub(super) resolved: Resolved,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-struct JobFailure {
+pub(super) struct JobFailure {
     code: &'static str,
     message: String,
     param: Option<&'static str>,
 }
 
 /// Validates the files now; the job reveals the outcome when `validating_files` ends.
-fn check_inputs(
+pub(super) fn check_inputs(
     training: &[u8],
     validation: Option<&Bytes>,
     requested: Hyperparameters,
@@ -96,23 +95,23 @@ fn check_inputs(
     })
 }
 
-struct Checkpoint {
-    id: String,
+pub(super) struct Checkpoint {
+    pub(super) id: String,
     created_at: u64,
     model: String,
     metrics: StepMetrics,
 }
 
-struct JobEvent {
-    id: String,
+pub(super) struct JobEvent {
+    pub(super) id: String,
     created_at: u64,
     level: &'static str,
     message: String,
     metrics: Option<StepMetrics>,
 }
 
-struct FineTuneJob {
-    id: String,
+pub(super) struct FineTuneJob {
+    pub(super) id: String,
     model: String,
     created_at: u64,
     /// The instant and wall time of creation: event times are derived from both, so that a
@@ -123,7 +122,7 @@ struct FineTuneJob {
     validation_file: Option<String>,
     suffix: Option<String>,
     seed: u64,
-    metadata: Option<Value>,
+    pub(super) metadata: Option<Value>,
     integrations: Option<Value>,
     requested: Hyperparameters,
     timings: FineTuneTimings,
@@ -135,17 +134,17 @@ struct FineTuneJob {
     /// Time spent running before the current phase; a paused job resumes where it stopped.
     ran_before: Duration,
     steps_done: u64,
-    events: Vec<JobEvent>,
-    checkpoints: Vec<Checkpoint>,
-    finished_at: Option<u64>,
-    fine_tuned_model: Option<String>,
+    pub(super) events: Vec<JobEvent>,
+    pub(super) checkpoints: Vec<Checkpoint>,
+    pub(super) finished_at: Option<u64>,
+    pub(super) fine_tuned_model: Option<String>,
     result_files: Vec<String>,
     trained_tokens: Option<u64>,
     error: Option<JobFailure>,
 }
 
 impl FineTuneJob {
-    fn new(
+    pub(super) fn new(
         request: JobRequest,
         inputs: Result<TrainingPlan, JobFailure>,
         timings: FineTuneTimings,
@@ -235,7 +234,7 @@ impl FineTuneJob {
     }
 
     /// Brings the job up to `now`, passing through every phase whose time is over.
-    fn advance(&mut self, now: Instant, files: &mut FileStore) {
+    pub(super) fn advance(&mut self, now: Instant, files: &mut FileStore) {
         loop {
             match self.phase {
                 Phase::ValidatingFiles => {
@@ -371,7 +370,7 @@ impl FineTuneJob {
         self.enter(Phase::Failed, at);
     }
 
-    fn cancel(&mut self, now: Instant) -> Result<(), ApiError> {
+    pub(super) fn cancel(&mut self, now: Instant) -> Result<(), ApiError> {
         if self.phase.is_final() {
             return Err(ApiError::invalid_request(format!(
                 "Job {} has already {} and cannot be cancelled.",
@@ -386,7 +385,7 @@ impl FineTuneJob {
         Ok(())
     }
 
-    fn pause(&mut self, now: Instant) -> Result<(), ApiError> {
+    pub(super) fn pause(&mut self, now: Instant) -> Result<(), ApiError> {
         if self.phase != Phase::Running {
             return Err(ApiError::invalid_request(format!(
                 "Only a running job can be paused; job {} is {}.",
@@ -401,7 +400,7 @@ impl FineTuneJob {
         Ok(())
     }
 
-    fn resume(&mut self, now: Instant) -> Result<(), ApiError> {
+    pub(super) fn resume(&mut self, now: Instant) -> Result<(), ApiError> {
         if self.phase != Phase::Paused {
             return Err(ApiError::invalid_request(format!(
                 "Only a paused job can be resumed; job {} is {}.",
@@ -415,7 +414,7 @@ impl FineTuneJob {
         Ok(())
     }
 
-    fn view(&self) -> JobView<'_> {
+    pub(super) fn view(&self) -> JobView<'_> {
         // "auto" is shown until validation has read the file that settles it.
         let hyperparameters = match (&self.inputs, self.phase) {
             (Ok(plan), phase) if phase != Phase::ValidatingFiles => {
@@ -455,7 +454,7 @@ impl FineTuneJob {
 }
 
 #[derive(Serialize)]
-struct JobView<'a> {
+pub(super) struct JobView<'a> {
     object: &'static str,
     id: &'a str,
     model: &'a str,
@@ -491,7 +490,7 @@ struct SupervisedView {
 }
 
 #[derive(Serialize)]
-struct EventView<'a> {
+pub(super) struct EventView<'a> {
     object: &'static str,
     id: &'a str,
     created_at: u64,
@@ -521,7 +520,7 @@ impl<'a> From<&'a JobEvent> for EventView<'a> {
 }
 
 #[derive(Serialize)]
-struct CheckpointView<'a> {
+pub(super) struct CheckpointView<'a> {
     object: &'static str,
     id: &'a str,
     created_at: u64,
@@ -531,3 +530,16 @@ struct CheckpointView<'a> {
     fine_tuning_job_id: &'a str,
 }
 
+impl Checkpoint {
+    pub(super) fn view<'a>(&'a self, job_id: &'a str) -> CheckpointView<'a> {
+        CheckpointView {
+            object: "fine_tuning.job.checkpoint",
+            id: &self.id,
+            created_at: self.created_at,
+            fine_tuned_model_checkpoint: &self.model,
+            step_number: self.metrics.step,
+            metrics: CheckpointMetrics::from(&self.metrics),
+            fine_tuning_job_id: job_id,
+        }
+    }
+}

@@ -4,21 +4,23 @@ use serde::Serialize;
 
 use super::job::TrainingPlan;
 
+const RESULT_HEADER: &str = "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n";
+
 /// The loss curve: deterministic, decreasing, and flattening out, like a healthy run.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-struct StepMetrics {
-    step: u64,
-    train_loss: f64,
+pub(super) struct StepMetrics {
+    pub(super) step: u64,
+    pub(super) train_loss: f64,
     train_mean_token_accuracy: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
-    valid_loss: Option<f64>,
+    pub(super) valid_loss: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     valid_mean_token_accuracy: Option<f64>,
     total_steps: u64,
 }
 
 impl StepMetrics {
-    fn at(step: u64, plan: &TrainingPlan) -> Self {
+    pub(super) fn at(step: u64, plan: &TrainingPlan) -> Self {
         let total = plan.resolved.total_steps;
         let progress = step as f64 / total.max(1) as f64;
         let decay = (-4.0 * progress).exp();
@@ -39,8 +41,9 @@ fn round6(value: f64) -> f64 {
     (value * 1e6).round() / 1e6
 }
 
+/// A checkpoint's `metrics`: every key OpenAI documents, null where there is no validation file.
 #[derive(Serialize)]
-struct CheckpointMetrics {
+pub(super) struct CheckpointMetrics {
     step: u64,
     train_loss: f64,
     train_mean_token_accuracy: f64,
@@ -50,9 +53,24 @@ struct CheckpointMetrics {
     full_valid_mean_token_accuracy: Option<f64>,
 }
 
+impl From<&StepMetrics> for CheckpointMetrics {
+    fn from(metrics: &StepMetrics) -> Self {
+        Self {
+            step: metrics.step,
+            train_loss: metrics.train_loss,
+            train_mean_token_accuracy: metrics.train_mean_token_accuracy,
+            valid_loss: metrics.valid_loss,
+            valid_mean_token_accuracy: metrics.valid_mean_token_accuracy,
+            // The simulated validation set is always evaluated in full.
+            full_valid_loss: metrics.valid_loss,
+            full_valid_mean_token_accuracy: metrics.valid_mean_token_accuracy,
+        }
+    }
+}
+
 /// `step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy`, a row per step, with
 /// empty validation cells when the job has no validation file.
-fn result_csv(plan: &TrainingPlan) -> String {
+pub(super) fn result_csv(plan: &TrainingPlan) -> String {
     let mut csv = String::from(RESULT_HEADER);
     for step in 1..=plan.resolved.total_steps {
         let metrics = StepMetrics::at(step, plan);
@@ -67,4 +85,3 @@ fn result_csv(plan: &TrainingPlan) -> String {
     }
     csv
 }
-

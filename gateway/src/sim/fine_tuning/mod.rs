@@ -206,39 +206,22 @@ pub(crate) async fn checkpoints(
     let Storage { files, jobs } = &mut *guard;
     let job = jobs.find(&id)?;
     job.advance(now, files);
-    let (data, has_more) = reply::page(
+    let (page, has_more) = reply::page(
         job.checkpoints.iter().rev(),
         query.after(),
         limit,
         |checkpoint| &checkpoint.id,
     );
-    let data: Vec<CheckpointView<'_>> = data
-        .into_iter()
-        .map(|checkpoint| CheckpointView {
-            object: "fine_tuning.job.checkpoint",
-            id: &checkpoint.id,
-            created_at: checkpoint.created_at,
-            fine_tuned_model_checkpoint: &checkpoint.model,
-            step_number: checkpoint.metrics.step,
-            metrics: CheckpointMetrics {
-                step: checkpoint.metrics.step,
-                train_loss: checkpoint.metrics.train_loss,
-                train_mean_token_accuracy: checkpoint.metrics.train_mean_token_accuracy,
-                valid_loss: checkpoint.metrics.valid_loss,
-                valid_mean_token_accuracy: checkpoint.metrics.valid_mean_token_accuracy,
-                full_valid_loss: checkpoint.metrics.valid_loss,
-                full_valid_mean_token_accuracy: checkpoint.metrics.valid_mean_token_accuracy,
-            },
-            fine_tuning_job_id: &job.id,
-        })
-        .collect();
     Ok(reply::json(
         StatusCode::OK,
         &CursorList {
             object: "list",
-            first_id: data.first().map(|checkpoint| checkpoint.id),
-            last_id: data.last().map(|checkpoint| checkpoint.id),
-            data,
+            first_id: page.first().map(|checkpoint| checkpoint.id.as_str()),
+            last_id: page.last().map(|checkpoint| checkpoint.id.as_str()),
+            data: page
+                .iter()
+                .map(|checkpoint| checkpoint.view(&job.id))
+                .collect(),
             has_more,
         },
     ))

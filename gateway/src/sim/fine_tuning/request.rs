@@ -24,14 +24,14 @@ impl Serialize for Setting {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-struct Hyperparameters {
+pub(super) struct Hyperparameters {
     n_epochs: Setting,
     batch_size: Setting,
     learning_rate_multiplier: Setting,
 }
 
 impl Hyperparameters {
-    const AUTO: Self = Self {
+    pub(super) const AUTO: Self = Self {
         n_epochs: Setting::Auto,
         batch_size: Setting::Auto,
         learning_rate_multiplier: Setting::Auto,
@@ -75,7 +75,7 @@ impl Hyperparameters {
     }
 
     /// What "auto" means for a file of `examples` examples.
-    fn resolve(self, examples: usize) -> Resolved {
+    pub(super) fn resolve(self, examples: usize) -> Resolved {
         let examples = examples as u64;
         let n_epochs = match self.n_epochs {
             Setting::Integer(n) => n,
@@ -115,16 +115,16 @@ fn integer_setting(value: &Value, param: &str, min: u64, max: u64) -> Result<Set
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct Resolved {
-    n_epochs: u64,
+pub(super) struct Resolved {
+    pub(super) n_epochs: u64,
     batch_size: u64,
     learning_rate_multiplier: f64,
-    steps_per_epoch: u64,
-    total_steps: u64,
+    pub(super) steps_per_epoch: u64,
+    pub(super) total_steps: u64,
 }
 
 impl Resolved {
-    fn as_hyperparameters(&self) -> Hyperparameters {
+    pub(super) fn as_hyperparameters(&self) -> Hyperparameters {
         Hyperparameters {
             n_epochs: Setting::Integer(self.n_epochs),
             batch_size: Setting::Integer(self.batch_size),
@@ -134,19 +134,19 @@ impl Resolved {
 }
 
 /// A validated `POST /fine_tuning/jobs` body.
-struct JobRequest {
-    model: String,
-    training_file: String,
-    validation_file: Option<String>,
-    suffix: Option<String>,
-    seed: Option<u64>,
-    metadata: Option<Value>,
-    integrations: Option<Value>,
-    hyperparameters: Hyperparameters,
+pub(super) struct JobRequest {
+    pub(super) model: String,
+    pub(super) training_file: String,
+    pub(super) validation_file: Option<String>,
+    pub(super) suffix: Option<String>,
+    pub(super) seed: Option<u64>,
+    pub(super) metadata: Option<Value>,
+    pub(super) integrations: Option<Value>,
+    pub(super) hyperparameters: Hyperparameters,
 }
 
 impl JobRequest {
-    fn parse(request: &Map<String, Value>) -> Result<Self, ApiError> {
+    pub(super) fn parse(request: &Map<String, Value>) -> Result<Self, ApiError> {
         const KNOWN: &[&str] = &[
             "model",
             "training_file",
@@ -322,4 +322,3 @@ fn check_metadata(value: &Value) -> Result<Value, ApiError> {
     }
     Ok(value.clone())
 }
-

@@ -1,0 +1,422 @@
+//! The canary guard: watches each student against its teacher and steps its share up or rolls it
+//! back, by itself.
+//!
+//! Exchanges and feedback are recorded per arm as they finish. At each check, a student whose
+//! step has lasted the interval and seen the minimum traffic is judged on three gates: success
+//! rate, p99 latency against the teacher's, and mean feedback against the teacher's. Passing
+//! moves it to the next step of the plan; failing `max_failed_checks` times in a row rolls it
+//! back to 0. A step without enough traffic is *unverified*: neither passed nor failed.
+//! [`Guard::check`] only decides; the caller applies each [`Action`] through the router.
+
+mod window;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use forge_router::{CanaryShare, RoutingTable};
+use serde::Serialize;
+use tokio::time::Instant;
+
+pub use window::ArmWindow;
+
+/// The guard's settings.
+#[derive(Debug, Clone)]
+pub struct GuardConfig {
+    /// The shares a student climbs through; the last is usually 100%.
+    pub steps: Vec<CanaryShare>,
+    /// The shortest time a step lasts before it is judged.
+    pub interval: Duration,
+    /// The fewest student exchanges a step needs before it is judged.
+    pub min_requests: u64,
+    /// Gate: the student's success rate must be at least this.
+    pub min_success_rate: f64,
+    /// Gate: the student's p99 may be at most this multiple of the teacher's…
+    pub max_p99_ratio: f64,
+    /// …or exceed it by at most this much (small absolute differences are noise).
+    pub latency_slack: Duration,
+    /// Gate: the student's mean feedback may trail the teacher's by at most this many points.
+    pub max_feedback_drop: f64,
+    /// Failed checks in a row before the rollback.
+    pub max_failed_checks: u32,
+    /// Aliases the guard leaves alone.
+    pub manual: HashSet<String>,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        Self {
+            steps: [1.0, 5.0, 10.0, 25.0, 50.0, 100.0]
+                .into_iter()
+                .filter_map(|p| CanaryShare::from_percent(p).ok())
+                .collect(),
+            interval: Duration::from_secs(300),
+            min_requests: 100,
+            min_success_rate: 0.99,
+            max_p99_ratio: 1.2,
+            latency_slack: Duration::from_millis(25),
+            max_feedback_drop: 5.0,
+            max_failed_checks: 2,
+            manual: HashSet::new(),
+        }
+    }
+}
+
+/// A change the guard wants made to a route.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Action {
+    /// The alias.
+    pub alias: String,
+    /// The student's model.
+    pub model: String,
+    /// Its new share.
+    pub share: CanaryShare,
+    /// What kind of decision this is.
+    pub kind: EventKind,
+}
+
+/// What the guard decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// Not enough traffic to judge the step.
+    Unverified,
+    /// All gates passed; the share goes up a step.
+    SteppedUp,
+    /// The last step passed: the student has all the traffic.
+    Promoted,
+    /// A gate failed; one more in a row rolls back.
+    FailedCheck,
+    /// Gates failed too often: the share is back to 0.
+    RolledBack,
+}
+
+/// One decision, as the admin API shows it and the log records it.
+#[derive(Debug, Clone, Serialize)]
+pub struct GuardEvent {
+    /// Unix milliseconds.
+    pub time_ms: u64,
+    /// The alias.
+    pub alias: String,
+    /// The student's model.
+    pub model: String,
+    /// The decision.
+    pub kind: EventKind,
+    /// The student's share after the decision, in percent.
+    pub percent: f64,
+    /// The figures behind it.
+    pub detail: String,
+}
+
+#[derive(Debug, Default)]
+struct RouteStats {
+    /// By model: the teacher's and each student's window.
+    arms: HashMap<String, ArmWindow>,
+}
+
+#[derive(Debug)]
+struct StudentState {
+    step_started: Instant,
+    failed_checks: u32,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    stats: HashMap<String, RouteStats>,
+    students: HashMap<(String, String), StudentState>,
+    events: VecDeque<GuardEvent>,
+    manual: HashSet<String>,
+}
+
+/// How many events are kept for the admin API.
+const MAX_EVENTS: usize = 1000;
+
+/// The guard. Recording takes one short lock; checks run on the caller's schedule.
+#[derive(Debug)]
+pub struct Guard {
+    config: GuardConfig,
+    state: Mutex<State>,
+}
+
+impl Guard {
+    /// A guard with these settings.
+    pub fn new(config: GuardConfig) -> Self {
+        let manual = config.manual.clone();
+        Self {
+            config,
+            state: Mutex::new(State {
+                manual,
+                ..State::default()
+            }),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &GuardConfig {
+        &self.config
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records one finished exchange of `model` on `alias`.
+    pub fn record(&self, alias: &str, model: &str, latency_us: u64, failed: bool) {
+        let mut state = self.lock();
+        if let Some(w) = window(&mut state, alias, model) {
+            w.record(latency_us, failed);
+        }
+    }
+
+    /// Records a feedback score for an exchange of `model` on `alias`.
+    pub fn record_feedback(&self, alias: &str, model: &str, score: f64) {
+        let mut state = self.lock();
+        if let Some(w) = window(&mut state, alias, model) {
+            w.record_feedback(score);
+        }
+    }
+
+    /// Puts an alias in manual mode (`true`) or back under the guard.
+    pub fn set_manual(&self, alias: &str, manual: bool) {
+        let mut state = self.lock();
+        if manual {
+            state.manual.insert(alias.to_string());
+        } else {
+            state.manual.remove(alias);
+        }
+    }
+
+    /// Whether an alias is in manual mode.
+    pub fn is_manual(&self, alias: &str) -> bool {
+        self.lock().manual.contains(alias)
+    }
+
+    /// Restarts a student's step (its windows and its clock), e.g. after an operator set its
+    /// share by hand.
+    pub fn restart_step(&self, alias: &str, model: &str) {
+        let mut state = self.lock();
+        state
+            .students
+            .remove(&(alias.to_string(), model.to_string()));
+        if let Some(route) = state.stats.get_mut(alias) {
+            route.arms.clear();
+        }
+    }
+
+    /// The most recent events, newest last.
+    pub fn events(&self) -> Vec<GuardEvent> {
+        self.lock().events.iter().cloned().collect()
+    }
+
+    /// Judges every student in canary (share above 0 and below 100%) on `table`, and returns
+    /// the share changes to make. Events are recorded for every decision, including unverified
+    /// steps.
+    pub fn check(&self, table: &RoutingTable, now_ms: u64) -> Vec<Action> {
+        let mut state = self.lock();
+        let mut actions = Vec::new();
+        let now = Instant::now();
+        for route in table.routes() {
+            if state.manual.contains(&route.alias) {
+                continue;
+            }
+            for student in &route.students {
+                let share = student.share;
+                if share == CanaryShare::ZERO || share == CanaryShare::FULL {
+                    continue;
+                }
+                let key = (route.alias.clone(), student.target.model.clone());
+                let started = state
+                    .students
+                    .entry(key.clone())
+                    .or_insert(StudentState {
+                        step_started: now,
+                        failed_checks: 0,
+                    })
+                    .step_started;
+                if now.duration_since(started) < self.config.interval {
+                    continue;
+                }
+                let stats = state.stats.entry(route.alias.clone()).or_default();
+                let student_w = stats
+                    .arms
+                    .get(&student.target.model)
+                    .cloned()
+                    .unwrap_or_default();
+                let teacher_w = stats
+                    .arms
+                    .get(&route.teacher.model)
+                    .cloned()
+                    .unwrap_or_default();
+                let mut event = |kind: EventKind, share: CanaryShare, detail: String| GuardEvent {
+                    time_ms: now_ms,
+                    alias: route.alias.clone(),
+                    model: student.target.model.clone(),
+                    kind,
+                    percent: share.percent(),
+                    detail,
+                };
+                if student_w.requests < self.config.min_requests {
+                    let e = event(
+                        EventKind::Unverified,
+                        share,
+                        format!(
+                            "{} student requests of the {} needed",
+                            student_w.requests, self.config.min_requests
+                        ),
+                    );
+                    push_event(&mut state, e);
+                    continue;
+                }
+                let verdict = self.judge(&student_w, &teacher_w);
+                let student_state = state.students.entry(key.clone()).or_insert(StudentState {
+                    step_started: now,
+                    failed_checks: 0,
+                });
+                student_state.step_started = now;
+                let (kind, next) = match verdict {
+                    Ok(summary) => {
+                        student_state.failed_checks = 0;
+                        let next = self.next_step(share);
+                        let kind = if next == CanaryShare::FULL {
+                            EventKind::Promoted
+                        } else {
+                            EventKind::SteppedUp
+                        };
+                        (Some((kind, next)), summary)
+                    }
+                    Err(reason) => {
+                        student_state.failed_checks += 1;
+                        if student_state.failed_checks >= self.config.max_failed_checks {
+                            (Some((EventKind::RolledBack, CanaryShare::ZERO)), reason)
+                        } else {
+                            (None, reason)
+                        }
+                    }
+                };
+                if let Some(route_stats) = state.stats.get_mut(&route.alias) {
+                    route_stats.arms.clear();
+                }
+                match kind {
+                    Some((kind, share)) => {
+                        if kind == EventKind::RolledBack {
+                            state.students.remove(&key);
+                        }
+                        let e = event(kind, share, next);
+                        push_event(&mut state, e);
+                        actions.push(Action {
+                            alias: route.alias.clone(),
+                            model: student.target.model.clone(),
+                            share,
+                            kind,
+                        });
+                    }
+                    None => {
+                        let e = event(EventKind::FailedCheck, share, next);
+                        push_event(&mut state, e);
+                    }
+                }
+            }
+        }
+        actions
+    }
+
+    /// The next share in the plan above `share` (100% past the end).
+    fn next_step(&self, share: CanaryShare) -> CanaryShare {
+        self.config
+            .steps
+            .iter()
+            .copied()
+            .find(|s| *s > share)
+            .unwrap_or(CanaryShare::FULL)
+    }
+
+    /// `Ok(summary)` if every gate passes, else `Err(the failed gates)`.
+    fn judge(&self, student: &ArmWindow, teacher: &ArmWindow) -> Result<String, String> {
+        let mut failed = Vec::new();
+        let mut notes = Vec::new();
+        let success = student.success_rate().unwrap_or(0.0);
+        notes.push(format!(
+            "success {:.2}% over {} requests",
+            success * 100.0,
+            student.requests
+        ));
+        if success < self.config.min_success_rate {
+            failed.push(format!(
+                "success {:.2}% < {:.2}%",
+                success * 100.0,
+                self.config.min_success_rate * 100.0
+            ));
+        }
+        match (student.p99_us(), teacher.p99_us()) {
+            (Some(s), Some(t)) => {
+                let slack =
+                    u64::try_from(self.config.latency_slack.as_micros()).unwrap_or(u64::MAX);
+                let limit =
+                    ((t as f64 * self.config.max_p99_ratio) as u64).max(t.saturating_add(slack));
+                notes.push(format!(
+                    "p99 {:.1} ms vs teacher {:.1} ms",
+                    s as f64 / 1000.0,
+                    t as f64 / 1000.0
+                ));
+                if s > limit {
+                    failed.push(format!(
+                        "p99 {:.1} ms > {:.1} ms allowed",
+                        s as f64 / 1000.0,
+                        limit as f64 / 1000.0
+                    ));
+                }
+            }
+            _ => notes.push("no teacher latency to compare".into()),
+        }
+        if let (Some(s), Some(t)) = (student.mean_feedback(), teacher.mean_feedback()) {
+            notes.push(format!("feedback {s:.1} vs teacher {t:.1}"));
+            if s < t - self.config.max_feedback_drop {
+                failed.push(format!(
+                    "feedback {s:.1} trails the teacher's {t:.1} by more than {}",
+                    self.config.max_feedback_drop
+                ));
+            }
+        }
+        if failed.is_empty() {
+            Ok(notes.join("; "))
+        } else {
+            Err(failed.join("; "))
+        }
+    }
+}
+
+fn window<'s>(state: &'s mut State, alias: &str, model: &str) -> Option<&'s mut ArmWindow> {
+    // Look up before inserting, so the common case allocates nothing.
+    if !state.stats.contains_key(alias) {
+        state.stats.insert(alias.to_string(), RouteStats::default());
+    }
+    let route = state.stats.get_mut(alias)?;
+    if !route.arms.contains_key(model) {
+        route.arms.insert(model.to_string(), ArmWindow::default());
+    }
+    route.arms.get_mut(model)
+}
+
+fn push_event(state: &mut State, event: GuardEvent) {
+    match event.kind {
+        EventKind::Unverified => {
+            tracing::info!(alias = %event.alias, model = %event.model, detail = %event.detail, "canary step unverified")
+        }
+        EventKind::FailedCheck => {
+            tracing::warn!(alias = %event.alias, model = %event.model, detail = %event.detail, "canary check failed")
+        }
+        EventKind::RolledBack => {
+            tracing::warn!(alias = %event.alias, model = %event.model, detail = %event.detail, "canary rolled back to 0%")
+        }
+        EventKind::SteppedUp | EventKind::Promoted => {
+            tracing::info!(alias = %event.alias, model = %event.model, percent = event.percent, detail = %event.detail, "canary stepped up")
+        }
+    }
+    if state.events.len() == MAX_EVENTS {
+        state.events.pop_front();
+    }
+    state.events.push_back(event);
+}
+
+#[cfg(test)]
+mod tests;

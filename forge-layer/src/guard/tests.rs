@@ -1,0 +1,145 @@
+//! The guard's decisions on a real routing table, with the clock paused.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use forge_router::{CanaryShare, Route, RoutingTable, Student, Target};
+
+use super::*;
+
+fn table(percent: f64) -> RoutingTable {
+    let route = Route::new("a", Target::new("up", "teacher")).with_student(Student::new(
+        Target::new("up", "student"),
+        CanaryShare::from_percent(percent).unwrap(),
+    ));
+    RoutingTable::new(1, vec![route], &HashSet::from(["up".to_string()])).unwrap()
+}
+
+fn config() -> GuardConfig {
+    GuardConfig {
+        interval: Duration::from_secs(10),
+        min_requests: 50,
+        ..GuardConfig::default()
+    }
+}
+
+fn traffic(guard: &Guard, student_errors_every: Option<u64>) {
+    for i in 0..100 {
+        guard.record("a", "teacher", 1000, false);
+        let failed = student_errors_every.is_some_and(|n| i % n == 0);
+        guard.record("a", "student", 1000, failed);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn healthy_student_climbs_the_plan_to_promotion() {
+    let guard = Guard::new(config());
+    let mut share = 1.0;
+    let mut seen = Vec::new();
+    while share < 100.0 {
+        assert!(
+            guard.check(&table(share), 0).is_empty(),
+            "judged before the interval"
+        );
+        tokio::time::advance(Duration::from_secs(11)).await;
+        traffic(&guard, None);
+        let actions = guard.check(&table(share), 0);
+        assert_eq!(actions.len(), 1, "at {share}%: {:?}", guard.events());
+        share = actions[0].share.percent();
+        seen.push((actions[0].kind, share));
+    }
+    assert_eq!(
+        seen,
+        vec![
+            (EventKind::SteppedUp, 5.0),
+            (EventKind::SteppedUp, 10.0),
+            (EventKind::SteppedUp, 25.0),
+            (EventKind::SteppedUp, 50.0),
+            (EventKind::Promoted, 100.0)
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn five_percent_errors_roll_back_on_the_second_check() {
+    let guard = Guard::new(config());
+    assert!(guard.check(&table(10.0), 0).is_empty());
+    tokio::time::advance(Duration::from_secs(11)).await;
+    traffic(&guard, Some(20));
+    assert!(
+        guard.check(&table(10.0), 0).is_empty(),
+        "one failed check is not a rollback"
+    );
+    assert_eq!(guard.events().last().unwrap().kind, EventKind::FailedCheck);
+    tokio::time::advance(Duration::from_secs(11)).await;
+    traffic(&guard, Some(20));
+    let actions = guard.check(&table(10.0), 0);
+    assert_eq!(actions.len(), 1);
+    assert_eq!(
+        (actions[0].kind, actions[0].share),
+        (EventKind::RolledBack, CanaryShare::ZERO)
+    );
+    assert!(
+        guard
+            .events()
+            .last()
+            .unwrap()
+            .detail
+            .contains("success 95.00%")
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_traffic_is_unverified_not_passed() {
+    let guard = Guard::new(config());
+    guard.check(&table(5.0), 0);
+    tokio::time::advance(Duration::from_secs(11)).await;
+    for _ in 0..10 {
+        guard.record("a", "student", 1000, false);
+    }
+    assert!(guard.check(&table(5.0), 0).is_empty());
+    let last = guard.events().last().cloned().unwrap();
+    assert_eq!(last.kind, EventKind::Unverified);
+    assert!(last.detail.contains("10 student requests"));
+    // The traffic keeps counting toward the same step.
+    for _ in 0..40 {
+        guard.record("a", "student", 1000, false);
+    }
+    assert_eq!(guard.check(&table(5.0), 0)[0].kind, EventKind::SteppedUp);
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_or_worse_rated_students_fail_their_gates() {
+    let guard = Guard::new(GuardConfig {
+        max_failed_checks: 1,
+        ..config()
+    });
+    guard.check(&table(5.0), 0);
+    tokio::time::advance(Duration::from_secs(11)).await;
+    for _ in 0..100 {
+        guard.record("a", "teacher", 100_000, false);
+        guard.record("a", "student", 200_000, false);
+    }
+    let actions = guard.check(&table(5.0), 0);
+    assert_eq!(actions[0].kind, EventKind::RolledBack);
+    assert!(guard.events().last().unwrap().detail.contains("p99"));
+
+    guard.check(&table(5.0), 0);
+    tokio::time::advance(Duration::from_secs(11)).await;
+    traffic(&guard, None);
+    guard.record_feedback("a", "teacher", 95.0);
+    guard.record_feedback("a", "student", 70.0);
+    let actions = guard.check(&table(5.0), 0);
+    assert_eq!(actions[0].kind, EventKind::RolledBack);
+    assert!(guard.events().last().unwrap().detail.contains("feedback"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn manual_aliases_are_left_alone() {
+    let guard = Guard::new(config());
+    guard.set_manual("a", true);
+    tokio::time::advance(Duration::from_secs(11)).await;
+    traffic(&guard, Some(2));
+    assert!(guard.check(&table(5.0), 0).is_empty());
+    assert!(guard.events().is_empty());
+}
