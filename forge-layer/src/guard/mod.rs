@@ -247,7 +247,7 @@ impl Guard {
                     .get(&route.teacher.model)
                     .cloned()
                     .unwrap_or_default();
-                let mut event = |kind: EventKind, share: CanaryShare, detail: String| GuardEvent {
+                let event = |kind: EventKind, share: CanaryShare, detail: String| GuardEvent {
                     time_ms: now_ms,
                     alias: route.alias.clone(),
                     model: student.target.model.clone(),
