@@ -4,9 +4,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use forge_layer::guard::GuardConfig;
 use forge_layer::redact::Kind;
 use forge_layer::store::{CaptureMode, WriterConfig};
-use forge_router::{CanaryShare, Route, Student, Target};
+use forge_router::{CanaryShare, Route, RouteSpec};
 use serde::Deserialize;
 
 /// The embedded default: the simulated upstream in-process and two ready routes. `forge serve`
@@ -43,7 +44,9 @@ struct RawConfig {
     #[serde(default)]
     upstreams: Vec<RawUpstream>,
     #[serde(default)]
-    routes: Vec<RawRoute>,
+    routes: Vec<RouteSpec>,
+    #[serde(default)]
+    guard: RawGuard,
     #[serde(default)]
     capture: RawCapture,
     #[serde(default)]
@@ -99,6 +102,7 @@ struct RawServer {
     shutdown_grace_secs: u64,
     passthrough_upstream: Option<String>,
     admin_listen: String,
+    routes_from_config: RoutesFromConfig,
 }
 
 impl Default for RawServer {
@@ -110,6 +114,7 @@ impl Default for RawServer {
             shutdown_grace_secs: 30,
             passthrough_upstream: None,
             admin_listen: "127.0.0.1:8081".into(),
+            routes_from_config: RoutesFromConfig::IfEmpty,
         }
     }
 }
@@ -141,21 +146,48 @@ fn default_idle_ms() -> u64 {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRoute {
-    alias: String,
-    teacher: Target,
-    #[serde(default)]
-    students: Vec<RawStudent>,
+#[serde(deny_unknown_fields, default)]
+struct RawGuard {
+    enabled: bool,
+    interval_secs: f64,
+    min_requests: u64,
+    steps: Vec<f64>,
+    min_success_rate: f64,
+    max_p99_ratio: f64,
+    latency_slack_ms: u64,
+    max_feedback_drop: f64,
+    max_failed_checks: u32,
+    manual: Vec<String>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawStudent {
-    upstream: String,
-    model: String,
-    #[serde(default)]
-    percent: f64,
+impl Default for RawGuard {
+    fn default() -> Self {
+        let d = GuardConfig::default();
+        Self {
+            enabled: true,
+            interval_secs: d.interval.as_secs_f64(),
+            min_requests: d.min_requests,
+            steps: d.steps.iter().map(|s| s.percent()).collect(),
+            min_success_rate: d.min_success_rate,
+            max_p99_ratio: d.max_p99_ratio,
+            latency_slack_ms: u64::try_from(d.latency_slack.as_millis()).unwrap_or(25),
+            max_feedback_drop: d.max_feedback_drop,
+            max_failed_checks: d.max_failed_checks,
+            manual: Vec::new(),
+        }
+    }
+}
+
+/// When the `[[routes]]` of the config file are used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoutesFromConfig {
+    /// Only when the store holds no routing table yet (first start); afterwards the stored
+    /// table, with every change made through the admin API, the guard or the distiller, wins.
+    #[default]
+    IfEmpty,
+    /// Always: the config's routes replace the stored table at start (recorded in the history).
+    Always,
 }
 
 /// The validated runtime config.
@@ -171,6 +203,8 @@ pub struct Config {
     pub capture: Option<CaptureConfig>,
     /// `[[clients]]`: the keys apps must present. Empty means no client auth.
     pub clients: Vec<ClientConfig>,
+    /// `[guard]`: `None` when the canary guard is off.
+    pub guard: Option<GuardConfig>,
 }
 
 /// `[capture]`.
@@ -212,6 +246,8 @@ pub struct ServerConfig {
     pub admin_listen: SocketAddr,
     /// The admin bearer token, read from `FORGE_ADMIN_TOKEN` at load. `None`: no admin API.
     pub admin_token: Option<crate::auth::Secret>,
+    /// Whether `[[routes]]` seed or replace the stored routing table.
+    pub routes_from_config: RoutesFromConfig,
 }
 
 /// Where an upstream lives.
@@ -348,14 +384,11 @@ impl Config {
         };
 
         let mut routes = Vec::with_capacity(raw.routes.len());
-        for r in raw.routes {
-            let mut route = Route::new(r.alias, r.teacher);
-            for s in r.students {
-                let share = CanaryShare::from_percent(s.percent)
-                    .map_err(|e| invalid(format!("route `{}`: {e}", route.alias)))?;
-                route = route.with_student(Student::new(Target::new(s.upstream, s.model), share));
-            }
-            routes.push(route);
+        for spec in &raw.routes {
+            routes.push(
+                spec.to_route()
+                    .map_err(|e| invalid(format!("route `{}`: {e}", spec.alias)))?,
+            );
         }
         // Check the routes the way the router will, so a bad table fails at load, naming the route.
         forge_router::RoutingTable::new(
@@ -372,13 +405,16 @@ impl Config {
             ))
         })?;
         let capture = validate_capture(raw.capture)?;
+        let guard = validate_guard(raw.guard)?;
         let clients = validate_clients(raw.clients)?;
 
         Ok(Config {
             capture,
             clients,
+            guard,
             server: ServerConfig {
                 admin_listen,
+                routes_from_config: raw.server.routes_from_config,
                 admin_token: std::env::var(crate::env::ENV_FORGE_ADMIN_TOKEN)
                     .ok()
                     .filter(|t| !t.is_empty())
@@ -431,6 +467,49 @@ fn validate_capture(raw: RawCapture) -> Result<Option<CaptureConfig>, ConfigErro
             redactor: forge_layer::redact::Redactor::with_pii(&pii),
             max_event_bytes: raw.max_event_bytes,
         },
+    }))
+}
+
+fn validate_guard(raw: RawGuard) -> Result<Option<GuardConfig>, ConfigError> {
+    if !raw.enabled {
+        return Ok(None);
+    }
+    if !(raw.interval_secs.is_finite() && raw.interval_secs > 0.0) {
+        return Err(invalid("guard.interval_secs must be a positive number"));
+    }
+    let mut steps = Vec::with_capacity(raw.steps.len());
+    for p in &raw.steps {
+        let share =
+            CanaryShare::from_percent(*p).map_err(|e| invalid(format!("guard.steps: {e}")))?;
+        if steps.last().is_some_and(|last| *last >= share) || share == CanaryShare::ZERO {
+            return Err(invalid("guard.steps must rise strictly, above 0"));
+        }
+        steps.push(share);
+    }
+    if steps.is_empty() {
+        return Err(invalid("guard.steps needs at least one step"));
+    }
+    if !(0.0..=1.0).contains(&raw.min_success_rate) {
+        return Err(invalid(
+            "guard.min_success_rate is a fraction from 0 to 1 (0.99 = 99%)",
+        ));
+    }
+    if !(raw.max_p99_ratio.is_finite() && raw.max_p99_ratio >= 1.0) {
+        return Err(invalid("guard.max_p99_ratio must be at least 1"));
+    }
+    if raw.max_failed_checks == 0 {
+        return Err(invalid("guard.max_failed_checks must be at least 1"));
+    }
+    Ok(Some(GuardConfig {
+        steps,
+        interval: Duration::from_secs_f64(raw.interval_secs),
+        min_requests: raw.min_requests,
+        min_success_rate: raw.min_success_rate,
+        max_p99_ratio: raw.max_p99_ratio,
+        latency_slack: Duration::from_millis(raw.latency_slack_ms),
+        max_feedback_drop: raw.max_feedback_drop,
+        max_failed_checks: raw.max_failed_checks,
+        manual: raw.manual.into_iter().collect(),
     }))
 }
 

@@ -20,6 +20,7 @@ pub mod env;
 pub mod error;
 pub mod metrics;
 pub mod proxy;
+pub mod routes;
 pub mod server;
 pub mod sim;
 pub mod upstream;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use forge_gateway::cli::traces;
+use forge_gateway::cli::{routes, traces};
 use forge_gateway::config::Config;
 use forge_gateway::env::{ENV_FORGE_CONFIG, ENV_FORGE_LOG};
 use forge_gateway::sim::{SimConfig, SimUpstream};
@@ -49,6 +49,14 @@ enum Command {
         #[arg(long, global = true)]
         admin: Option<String>,
     },
+    /// Show or steer the routing table of a running gateway (admin API; token from FORGE_ADMIN_TOKEN).
+    Routes {
+        #[command(subcommand)]
+        action: RoutesAction,
+        /// The admin API's address.
+        #[arg(long, global = true, default_value = "http://127.0.0.1:8081")]
+        admin: String,
+    },
     /// Run the simulated OpenAI-compatible upstream on its own.
     SimUpstream {
         /// The address to listen on.
@@ -79,6 +87,38 @@ enum TracesAction {
     Export,
 }
 
+#[derive(Debug, Subcommand)]
+enum RoutesAction {
+    /// The table, its change history and the guard's events.
+    Show,
+    /// Set a student's share of an alias's traffic.
+    SetCanary {
+        /// The alias.
+        alias: String,
+        /// The share, 0–100.
+        percent: f64,
+        /// The student, when the route has several.
+        #[arg(long)]
+        model: Option<String>,
+    },
+    /// Give the student all the traffic (the teacher stays for a rollback).
+    Promote {
+        /// The alias.
+        alias: String,
+        /// The student, when the route has several.
+        #[arg(long)]
+        model: Option<String>,
+    },
+    /// Send the student's share back to 0.
+    Rollback {
+        /// The alias.
+        alias: String,
+        /// The student; every student when absent.
+        #[arg(long)]
+        model: Option<String>,
+    },
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_env(ENV_FORGE_LOG)
@@ -100,6 +140,27 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Serve { config, .. } => serve(config).await,
         Command::SimUpstream { listen, config } => sim_upstream(listen, config).await,
+        Command::Routes { action, admin } => {
+            let action = match action {
+                RoutesAction::Show => routes::Action::Show,
+                RoutesAction::SetCanary {
+                    alias,
+                    percent,
+                    model,
+                } => routes::Action::SetCanary {
+                    alias,
+                    percent,
+                    model,
+                },
+                RoutesAction::Promote { alias, model } => routes::Action::Promote { alias, model },
+                RoutesAction::Rollback { alias, model } => {
+                    routes::Action::Rollback { alias, model }
+                }
+            };
+            routes::run(&admin, action)
+                .await
+                .map_err(anyhow::Error::msg)
+        }
         Command::Traces {
             action,
             data_dir,

@@ -18,12 +18,15 @@ use tower::Layer;
 
 use crate::admin::{self, AdminState};
 use crate::auth::ClientKeys;
-use crate::config::{Config, Endpoint};
+use crate::config::{Config, Endpoint, RoutesFromConfig};
 use crate::metrics::Metrics;
 use crate::proxy::exchange::{Sink, UpstreamCall};
 use crate::proxy::{self, ProxyState};
+use crate::routes::RouteControl;
 use crate::sim::{SimConfig, SimHandle, SimUpstream};
 use crate::upstream::{Upstream, Upstreams};
+use forge_layer::guard::Guard;
+use forge_layer::store::RouteChange;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +38,9 @@ pub enum StartError {
     /// The routes do not validate.
     #[error("invalid routes: {0}")]
     Routes(#[from] forge_router::RouteError),
+    /// The stored routing table does not fit the config.
+    #[error("{0}")]
+    StoredRoutes(String),
     /// The trace store could not be opened.
     #[error("capture store: {0}")]
     Store(#[from] forge_layer::store::StoreError),
@@ -55,6 +61,7 @@ pub struct RunningGateway {
     addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
     router: forge_router::Router,
+    control: RouteControl,
     store: Option<Store>,
     counters: Option<Arc<CaptureCounters>>,
     stop: watch::Sender<bool>,
@@ -82,6 +89,11 @@ impl RunningGateway {
     /// The live routing table.
     pub fn router(&self) -> &forge_router::Router {
         &self.router
+    }
+
+    /// The routing control (the admin API's way to change routes).
+    pub fn control(&self) -> &RouteControl {
+        &self.control
     }
 
     /// The trace store, when capture is on.
@@ -156,8 +168,6 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             .map_err(|e| StartError::Upstream(e.to_string()))?;
         upstreams.insert(upstream);
     }
-    let router =
-        forge_router::Router::new(config.routes.clone(), upstreams.names().map(str::to_string))?;
     let passthrough = config
         .server
         .passthrough_upstream
@@ -165,26 +175,36 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         .and_then(|name| upstreams.get(name).cloned());
 
     let mut metrics = Metrics::default();
-    let (store, sink, writer, counters) = match &config.capture {
+    let (store, writer, writer_task, counters) = match &config.capture {
         Some(capture) => {
             let store = Store::open_dir(&capture.data_dir)?;
             let (writer, task) = TraceWriter::start(store.clone(), capture.writer.clone());
             let counters = writer.counters_handle();
             metrics.register_capture(Arc::clone(&counters));
             tracing::info!(path = %store.path().display(), mode = ?capture.writer.mode, "capture on");
-            (
-                Some(store),
-                Sink::Writer(writer),
-                Some(task),
-                Some(counters),
-            )
+            (Some(store), Some(writer), Some(task), Some(counters))
         }
         None => {
             tracing::info!("capture off");
-            (None, Sink::Off, None, None)
+            (None, None, None, None)
         }
     };
-    let max_response_bytes = config.capture.as_ref().map_or(0, |c| c.max_response_bytes);
+    let router = load_routes(
+        &config,
+        store.as_ref(),
+        upstreams.names().map(str::to_string).collect(),
+    )?;
+    let guard = config.guard.clone().map(|g| Arc::new(Guard::new(g)));
+    let control = RouteControl::new(router.clone(), store.clone(), guard.clone());
+
+    let max_response_bytes = config
+        .capture
+        .as_ref()
+        .map_or(1 << 20, |c| c.max_response_bytes);
+    let sink = Sink {
+        writer,
+        guard: guard.clone(),
+    };
     let state = ProxyState {
         router: router.clone(),
         upstreams,
@@ -192,9 +212,10 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         max_body_bytes: config.server.max_body_bytes,
         metrics: Arc::new(metrics),
         exchange: CaptureLayer::new(sink, max_response_bytes).layer(UpstreamCall),
-        capture_enabled: store.is_some(),
+        capture_enabled: store.is_some() || guard.is_some(),
         store: store.clone(),
         keys: ClientKeys::new(&config.clients),
+        guard: guard.clone(),
     };
     let app = proxy::app(state, config.server.max_in_flight);
 
@@ -202,14 +223,22 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     let grace = config.server.shutdown_grace;
     let (listener, addr) = bind(config.server.listen).await?;
     let mut servers = vec![tokio::spawn(serve(listener, app, stopped.clone(), grace))];
+    if let Some(guard) = &guard {
+        servers.push(tokio::spawn(run_guard(
+            Arc::clone(guard),
+            control.clone(),
+            stopped.clone(),
+        )));
+    }
 
     let admin_addr = match &config.server.admin_token {
         Some(token) => {
             let admin = admin::app(
                 AdminState {
-                    router: router.clone(),
+                    control: control.clone(),
                     store: store.clone(),
                     counters: counters.clone(),
+                    guard: guard.clone(),
                 },
                 token.clone(),
             );
@@ -223,18 +252,97 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             None
         }
     };
-    tracing::info!(%addr, routes = router.load().routes().count(), "forge is listening");
+    tracing::info!(%addr, routes = router.load().routes().count(), version = router.load().version(), "forge is listening");
     Ok(RunningGateway {
         addr,
         admin_addr,
         router,
+        control,
         store,
         counters,
         stop,
         servers,
-        writer,
+        writer: writer_task,
         sims,
     })
+}
+
+/// The routing table to start with: the stored one, unless there is none or the config says
+/// its `[[routes]]` always win. A table taken from config is written to the store as a change.
+fn load_routes(
+    config: &Config,
+    store: Option<&Store>,
+    upstreams: Vec<String>,
+) -> Result<forge_router::Router, StartError> {
+    let saved = match store {
+        Some(store) => store.load_routes()?,
+        None => None,
+    };
+    if let Some(saved) = &saved
+        && config.server.routes_from_config == RoutesFromConfig::IfEmpty
+    {
+        let routes = saved
+            .routes
+            .iter()
+            .map(forge_router::RouteSpec::to_route)
+            .collect::<Result<Vec<_>, _>>()?;
+        let router = forge_router::Router::with_version(routes, upstreams, saved.version).map_err(|e| {
+            StartError::StoredRoutes(format!(
+                "{e}; the stored routing table (version {}) no longer fits this config. Set server.routes_from_config = \"always\" to replace it with the config's routes",
+                saved.version
+            ))
+        })?;
+        tracing::info!(
+            version = saved.version,
+            "routing table restored from the store"
+        );
+        return Ok(router);
+    }
+    let version = saved.as_ref().map_or(1, |s| s.version + 1);
+    let router = forge_router::Router::with_version(config.routes.clone(), upstreams, version)?;
+    if let Some(store) = store {
+        let table = router.load();
+        store.save_routes(&RouteChange {
+            version,
+            time_ms: crate::proxy::feedback::now_ms(),
+            actor: "config".into(),
+            action: "routes from the config file".into(),
+            alias: None,
+            routes: table.routes().map(forge_router::RouteSpec::from).collect(),
+        })?;
+    }
+    Ok(router)
+}
+
+/// Runs the guard's checks until shutdown, applying each decision through the route control.
+async fn run_guard(guard: Arc<Guard>, control: RouteControl, mut stop: watch::Receiver<bool>) {
+    // Check a few times per interval so a step is judged soon after it is due.
+    let every =
+        (guard.config().interval / 4).clamp(Duration::from_millis(10), Duration::from_secs(5));
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let table = control.router().load();
+        for action in guard.check(&table, crate::proxy::feedback::now_ms()) {
+            let kind = format!("{:?}", action.kind).to_lowercase();
+            if let Err(e) = control
+                .set_share(
+                    &action.alias,
+                    Some(&action.model),
+                    action.share,
+                    "guard",
+                    None,
+                )
+                .await
+            {
+                tracing::error!(alias = %action.alias, model = %action.model, error = %e, decision = %kind, "guard decision could not be applied");
+            }
+        }
+    }
 }
 
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {

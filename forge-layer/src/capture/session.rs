@@ -146,6 +146,27 @@ impl PendingTrace {
         self.id
     }
 
+    /// Who asked and where it went.
+    pub fn meta(&self) -> &ExchangeMeta {
+        &self.meta
+    }
+
+    /// The status the client received.
+    pub fn status(&self) -> u16 {
+        self.status
+    }
+
+    /// From the request to the end of the response, in microseconds.
+    pub fn latency_us(&self) -> u64 {
+        self.latency_us
+    }
+
+    /// Whether the exchange failed in a way that is the serving side's fault: a 5xx (including
+    /// Forge's own 502/504) or a body that broke. What the canary guard counts as an error.
+    pub fn failed_upstream(&self) -> bool {
+        self.status >= 500 || self.end == BodyEnd::Failed
+    }
+
     /// Reassembles the response, decides the outcome and redacts: the trace as it is stored.
     pub fn into_trace(self, redactor: &Redactor, max_event_bytes: usize) -> Trace {
         let response = if self.is_sse {

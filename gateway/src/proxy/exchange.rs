@@ -10,6 +10,7 @@ use axum::body::Body;
 use axum::response::IntoResponse;
 use bytes::Bytes;
 use forge_layer::capture::{Capture, DurableAck, PendingTrace, TraceSink};
+use forge_layer::guard::Guard;
 use forge_layer::store::TraceWriter;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, header};
 use tower::Service;
@@ -71,21 +72,28 @@ impl Service<Request<Bytes>> for UpstreamCall {
     }
 }
 
-/// Where finished traces go: the store's writer, or nowhere when capture is off.
-#[derive(Debug, Clone)]
-pub enum Sink {
-    /// Capture is off; requests carry no exchange metadata, so nothing is submitted.
-    Off,
-    /// The store's writer.
-    Writer(TraceWriter),
+/// Where finished exchanges go: the canary guard's statistics and the store's writer, either
+/// of which may be off.
+#[derive(Debug, Clone, Default)]
+pub struct Sink {
+    /// The trace writer, when capture is on.
+    pub writer: Option<TraceWriter>,
+    /// The canary guard, when it is on.
+    pub guard: Option<Arc<Guard>>,
 }
 
 impl TraceSink for Sink {
     fn submit(&self, trace: PendingTrace) -> Option<DurableAck> {
-        match self {
-            Sink::Off => None,
-            Sink::Writer(writer) => writer.submit(trace),
+        if let Some(guard) = &self.guard {
+            let meta = trace.meta();
+            guard.record(
+                &meta.alias,
+                &meta.model,
+                trace.latency_us(),
+                trace.failed_upstream(),
+            );
         }
+        self.writer.as_ref().and_then(|w| w.submit(trace))
     }
 }
 

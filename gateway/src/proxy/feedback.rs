@@ -6,7 +6,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use forge_layer::store::{Feedback, Store, StoreError};
-use forge_layer::trace::TraceId;
+use forge_layer::trace::{Trace, TraceId};
 use http::StatusCode;
 use serde::Deserialize;
 
@@ -82,15 +82,21 @@ async fn record(state: &ProxyState, caller: Caller, body: Body) -> Result<Respon
         comment: request.comment,
         time_ms: now_ms(),
     };
+    let score = feedback.score;
     let result = tokio::task::spawn_blocking(move || save(&store, &caller, &feedback))
         .await
         .map_err(|_| Error::Internal)?;
     match result {
-        Ok(()) => Ok((
+        Ok(trace) => {
+            if let (Some(guard), Some(score)) = (&state.guard, score) {
+                guard.record_feedback(&trace.alias, &trace.model, score);
+            }
+            Ok((
             StatusCode::OK,
             axum::Json(serde_json::json!({"object": "feedback", "trace_id": request.trace_id, "recorded": true})),
         )
-            .into_response()),
+            .into_response())
+        }
         Err(StoreError::NoSuchTrace(_)) => Err(Error::TraceNotFound(request.trace_id)),
         Err(e) => {
             tracing::error!(error = %e, "feedback could not be stored");
@@ -101,7 +107,7 @@ async fn record(state: &ProxyState, caller: Caller, body: Body) -> Result<Respon
 
 /// Checks the trace belongs to the caller's tenant, then stores the feedback. A trace from the
 /// last few seconds may still be in the writer's queue, so it is waited for briefly.
-fn save(store: &Store, caller: &Caller, feedback: &Feedback) -> Result<(), StoreError> {
+fn save(store: &Store, caller: &Caller, feedback: &Feedback) -> Result<Trace, StoreError> {
     let id = feedback.trace_id;
     let recent = now_ms().saturating_sub(id.timestamp_ms()) < 60_000;
     let deadline = std::time::Instant::now() + WAIT_FOR_TRACE;
@@ -118,7 +124,8 @@ fn save(store: &Store, caller: &Caller, feedback: &Feedback) -> Result<(), Store
         // Another tenant's trace is reported as missing, not as forbidden: no existence leak.
         return Err(StoreError::NoSuchTrace(id));
     }
-    store.add_feedback(feedback)
+    store.add_feedback(feedback)?;
+    Ok(trace)
 }
 
 /// Unix milliseconds now.

@@ -41,8 +41,10 @@ pub struct ProxyState {
     pub metrics: Arc<Metrics>,
     /// The upstream call, wrapped by the capture layer.
     pub exchange: exchange::Exchange,
-    /// Whether chat exchanges are captured.
+    /// Whether chat exchanges go through a capture session (for the store, the guard, or both).
     pub capture_enabled: bool,
+    /// The canary guard, fed by feedback too.
+    pub guard: Option<Arc<forge_layer::guard::Guard>>,
     /// The trace store, when capture is on.
     pub store: Option<forge_layer::store::Store>,
     /// App keys; empty means no authentication.

@@ -38,7 +38,9 @@ pub(crate) async fn create(State(state): State<Arc<SimState>>, body: Bytes) -> R
     if !behavior.first_byte_delay.is_zero() {
         tokio::time::sleep(behavior.first_byte_delay).await;
     }
-    if let Some(status) = behavior.fail_status {
+    if let Some(status) = behavior.fail_status
+        && state.fails_now(model, behavior.fail_every)
+    {
         return ApiError::injected(status, model).into_response();
     }
     let request = match ChatRequest::parse(model, &request) {

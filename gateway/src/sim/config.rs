@@ -43,6 +43,9 @@ pub struct ModelBehavior {
     /// Answer every request with this status and an OpenAI-shaped error. 429 and 503 carry
     /// `retry-after: 1`; 429 and 5xx carry `x-should-retry: true`.
     pub fail_status: Option<u16>,
+    /// With `fail_status`: fail only every Nth request to this model (20 = 5% of requests), so
+    /// a model can be made unreliable rather than down. `None` or 1 fails every request.
+    pub fail_every: Option<u64>,
     /// Streams only: after this many content chunks (words or tool-argument fragments), send a
     /// `data: {"error":{…}}` event and end the body without `[DONE]`.
     pub error_after_chunks: Option<usize>,
@@ -58,6 +61,7 @@ impl Default for ModelBehavior {
             first_byte_delay: Duration::ZERO,
             chunk_delay: Duration::ZERO,
             fail_status: None,
+            fail_every: None,
             error_after_chunks: None,
             quality: Quality::Good,
             words: 24,
@@ -108,6 +112,7 @@ impl SimConfig {
     /// first_byte_delay_ms = 0         # before the response headers
     /// chunk_delay_ms = 0              # between SSE events
     /// fail_status = 503               # answer every request with this error status (400-599)
+    /// fail_every = 20                  # with fail_status: only every 20th request fails (5%)
     /// error_after_chunks = 5          # streams: error event after this many content chunks
     /// quality = "good"                # "good" or "poor"
     /// words = 24                      # words per text answer (at least 1)
@@ -143,6 +148,7 @@ struct RawBehavior {
     first_byte_delay_ms: Option<u64>,
     chunk_delay_ms: Option<u64>,
     fail_status: Option<u16>,
+    fail_every: Option<u64>,
     error_after_chunks: Option<usize>,
     quality: Option<Quality>,
     words: Option<usize>,
@@ -192,6 +198,9 @@ impl RawBehavior {
                 "{table}.fail_status: {status} is not an error status (400-599)"
             ));
         }
+        if self.fail_every == Some(0) {
+            return Err(format!("{table}.fail_every: must be at least 1"));
+        }
         if self.words == Some(0) {
             return Err(format!("{table}.words: must be at least 1"));
         }
@@ -203,6 +212,7 @@ impl RawBehavior {
                 .chunk_delay_ms
                 .map_or(defaults.chunk_delay, Duration::from_millis),
             fail_status: self.fail_status,
+            fail_every: self.fail_every,
             error_after_chunks: self.error_after_chunks,
             quality: self.quality.unwrap_or(defaults.quality),
             words: self.words.unwrap_or(defaults.words),
@@ -258,6 +268,7 @@ mod tests {
                 first_byte_delay: Duration::from_millis(5),
                 chunk_delay: Duration::from_millis(7),
                 fail_status: None,
+                fail_every: None,
                 error_after_chunks: Some(3),
                 quality: Quality::Poor,
                 words: 9,

@@ -18,6 +18,8 @@ pub(crate) struct SimState {
     api_key: Option<String>,
     pub(crate) journal: RequestJournal,
     storage: Mutex<Storage>,
+    /// Requests per model, for `fail_every`.
+    served: Mutex<HashMap<String, u64>>,
 }
 
 /// Files and jobs live under one lock because a job that succeeds writes its result file.
@@ -36,6 +38,7 @@ impl SimState {
             api_key: config.api_key,
             journal: RequestJournal::default(),
             storage: Mutex::new(Storage::default()),
+            served: Mutex::new(HashMap::new()),
         }
     }
 
@@ -54,6 +57,18 @@ impl SimState {
             },
             None => self.default_behavior.clone(),
         }
+    }
+
+    /// Whether this request to `model` is one that `fail_every` makes fail.
+    pub(crate) fn fails_now(&self, model: &str, every: Option<u64>) -> bool {
+        let every = every.unwrap_or(1).max(1);
+        if every == 1 {
+            return true;
+        }
+        let mut served = self.served.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = served.entry(model.to_owned()).or_insert(0);
+        *n += 1;
+        n.is_multiple_of(every)
     }
 
     pub(crate) fn set_behavior(&self, model: &str, behavior: ModelBehavior) {

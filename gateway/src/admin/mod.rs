@@ -6,19 +6,25 @@ use axum::Router;
 use axum::extract::{Path, Query, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post, put};
 use forge_layer::store::{CaptureCounters, Store};
 use forge_layer::trace::{Outcome, Trace, TraceId};
 use serde::Deserialize;
 
 use crate::auth::{Secret, admin_token_matches};
+use crate::routes::RouteControl;
+use forge_layer::guard::Guard;
+
+mod routes;
 use crate::error::Error;
 
 /// What the admin handlers share.
 #[derive(Debug, Clone)]
 pub struct AdminState {
-    /// The live routing table.
-    pub router: forge_router::Router,
+    /// Reads and changes the routing table.
+    pub control: RouteControl,
+    /// The canary guard, when it is on.
+    pub guard: Option<Arc<Guard>>,
     /// The trace store, when capture is on.
     pub store: Option<Store>,
     /// The capture counters, when capture is on.
@@ -31,6 +37,12 @@ pub fn app(state: AdminState, token: Secret) -> Router {
         .route("/admin/traces", get(list_traces))
         .route("/admin/traces/{id}", get(get_trace))
         .route("/admin/stats", get(stats))
+        .route("/admin/routes", get(routes::list))
+        .route("/admin/routes/{alias}", put(routes::put))
+        .route("/admin/routes/{alias}/canary", put(routes::canary))
+        .route("/admin/routes/{alias}/promote", post(routes::promote))
+        .route("/admin/routes/{alias}/rollback", post(routes::rollback))
+        .route("/admin/routes/{alias}/guard", put(routes::guard_mode))
         .fallback(|uri: http::Uri| async move {
             Error::UnknownPath {
                 method: "?".into(),
@@ -128,7 +140,7 @@ async fn stats(State(state): State<AdminState>) -> Response {
         },
         None => None,
     };
-    let table = state.router.load();
+    let table = state.control.router().load();
     axum::Json(serde_json::json!({
         "capture": state.counters.map(|c| c.snapshot()),
         "traces_stored": stored,

@@ -1,0 +1,264 @@
+//! The admin API's routing endpoints: read the table and its history, change routes and shares.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use forge_router::{CanaryShare, RouteSpec, RoutingTable};
+use http::StatusCode;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use super::AdminState;
+use crate::routes::RouteUpdateError;
+
+/// An admin error: OpenAI-shaped JSON with the status the cause calls for.
+fn error(status: StatusCode, code: &'static str, message: String) -> Response {
+    let body = serde_json::json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": code}});
+    (status, Json(body)).into_response()
+}
+
+fn update_error(e: &RouteUpdateError) -> Response {
+    match e {
+        RouteUpdateError::Invalid(_) => {
+            error(StatusCode::BAD_REQUEST, "invalid_route", e.to_string())
+        }
+        RouteUpdateError::UnknownAlias(_) => {
+            error(StatusCode::NOT_FOUND, "route_not_found", e.to_string())
+        }
+        RouteUpdateError::Conflict(_) => error(StatusCode::CONFLICT, "conflict", e.to_string()),
+        RouteUpdateError::Store(_) => {
+            tracing::error!(error = %e, "routing change not stored");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "the change could not be stored; see the log".into(),
+            )
+        }
+    }
+}
+
+/// A request body that is not the JSON the endpoint expects: answered with a 400.
+struct BadBody(String);
+
+impl IntoResponse for BadBody {
+    fn into_response(self) -> Response {
+        error(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            format!("invalid JSON body: {}", self.0),
+        )
+    }
+}
+
+/// Parses a JSON body. An empty body is `{}`.
+fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, BadBody> {
+    let bytes: &[u8] = if bytes.is_empty() { b"{}" } else { bytes };
+    serde_json::from_slice(bytes).map_err(|e| BadBody(e.to_string()))
+}
+
+fn table_json(table: &RoutingTable) -> serde_json::Value {
+    let routes: Vec<RouteSpec> = table.routes().map(RouteSpec::from).collect();
+    serde_json::json!({"version": table.version(), "routes": routes})
+}
+
+fn applied(result: Result<std::sync::Arc<RoutingTable>, RouteUpdateError>) -> Response {
+    match result {
+        Ok(table) => Json(table_json(&table)).into_response(),
+        Err(e) => update_error(&e),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryQuery {
+    history: Option<usize>,
+}
+
+/// `GET /admin/routes`: the table in force, its change history and the guard's events.
+pub async fn list(
+    State(state): State<AdminState>,
+    query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let limit = match query {
+        Ok(Query(q)) => q.history.unwrap_or(50).min(1000),
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()),
+    };
+    let table = state.control.router().load();
+    let history = match state.control.history(limit).await {
+        Ok(h) => h,
+        Err(e) => return update_error(&RouteUpdateError::Store(e)),
+    };
+    let mut out = table_json(&table);
+    out["history"] = serde_json::to_value(history).unwrap_or_default();
+    if let Some(guard) = &state.guard {
+        let manual: Vec<String> = table
+            .routes()
+            .filter(|r| guard.is_manual(&r.alias))
+            .map(|r| r.alias.clone())
+            .collect();
+        out["guard"] = serde_json::json!({"events": guard.events(), "manual": manual});
+    }
+    Json(out).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutRoute {
+    #[serde(default)]
+    alias: Option<String>,
+    teacher: forge_router::Target,
+    #[serde(default)]
+    students: Vec<forge_router::StudentSpec>,
+    #[serde(default)]
+    expected_version: Option<u64>,
+}
+
+/// `PUT /admin/routes/{alias}`: create or replace a route.
+pub async fn put(
+    State(state): State<AdminState>,
+    Path(alias): Path<String>,
+    bytes: Bytes,
+) -> Response {
+    let request: PutRoute = match body(&bytes) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    if request.alias.as_ref().is_some_and(|a| *a != alias) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "the body's alias differs from the path's".into(),
+        );
+    }
+    let spec = RouteSpec {
+        alias,
+        teacher: request.teacher,
+        students: request.students,
+    };
+    applied(
+        state
+            .control
+            .put_route(spec, "admin", request.expected_version)
+            .await,
+    )
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Canary {
+    percent: f64,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    expected_version: Option<u64>,
+}
+
+/// `PUT /admin/routes/{alias}/canary` with `{"percent": 12.5}` (and `"model"` when the route
+/// has several students).
+pub async fn canary(
+    State(state): State<AdminState>,
+    Path(alias): Path<String>,
+    bytes: Bytes,
+) -> Response {
+    let request: Canary = match body(&bytes) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let share = match CanaryShare::from_percent(request.percent) {
+        Ok(s) => s,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_route", e.to_string()),
+    };
+    applied(
+        state
+            .control
+            .set_share(
+                &alias,
+                request.model.as_deref(),
+                share,
+                "admin",
+                request.expected_version,
+            )
+            .await,
+    )
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Which {
+    #[serde(default)]
+    model: Option<String>,
+}
+
+/// `POST /admin/routes/{alias}/promote`: the student takes 100%; the teacher stays for rollback.
+pub async fn promote(
+    State(state): State<AdminState>,
+    Path(alias): Path<String>,
+    bytes: Bytes,
+) -> Response {
+    let which: Which = match body(&bytes) {
+        Ok(w) => w,
+        Err(e) => return e.into_response(),
+    };
+    applied(
+        state
+            .control
+            .promote(&alias, which.model.as_deref(), "admin")
+            .await,
+    )
+}
+
+/// `POST /admin/routes/{alias}/rollback`: the student (or every student) goes to 0.
+pub async fn rollback(
+    State(state): State<AdminState>,
+    Path(alias): Path<String>,
+    bytes: Bytes,
+) -> Response {
+    let which: Which = match body(&bytes) {
+        Ok(w) => w,
+        Err(e) => return e.into_response(),
+    };
+    applied(
+        state
+            .control
+            .rollback(&alias, which.model.as_deref(), "admin")
+            .await,
+    )
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+enum Mode {
+    Auto,
+    Manual,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GuardMode {
+    mode: Mode,
+}
+
+/// `PUT /admin/routes/{alias}/guard` with `{"mode": "manual" | "auto"}`.
+pub async fn guard_mode(
+    State(state): State<AdminState>,
+    Path(alias): Path<String>,
+    bytes: Bytes,
+) -> Response {
+    let request: GuardMode = match body(&bytes) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let Some(guard) = &state.guard else {
+        return error(
+            StatusCode::CONFLICT,
+            "guard_off",
+            "the canary guard is off ([guard] enabled = false)".into(),
+        );
+    };
+    if state.control.router().load().route(&alias).is_none() {
+        return update_error(&RouteUpdateError::UnknownAlias(alias));
+    }
+    guard.set_manual(&alias, matches!(request.mode, Mode::Manual));
+    Json(serde_json::json!({"alias": alias, "mode": if guard.is_manual(&alias) { "manual" } else { "auto" }})).into_response()
+}

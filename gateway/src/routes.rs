@@ -1,0 +1,304 @@
+//! Changing the live routing table: validated, written to the store, then swapped in, whether
+//! the change comes from the admin API, the canary guard or the distiller.
+
+use std::sync::Arc;
+
+use forge_layer::guard::Guard;
+use forge_layer::store::{RouteChange, Store, StoreError};
+use forge_router::{CanaryShare, Route, RouteError, RouteSpec, Router, RoutingTable};
+
+use crate::proxy::feedback::now_ms;
+
+/// Why a routing change was refused. The table in force is unchanged in every case.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RouteUpdateError {
+    /// The result would not be a valid table (unknown upstream, shares over 100%, …).
+    #[error("{0}")]
+    Invalid(#[from] RouteError),
+    /// No route has this alias.
+    #[error("no route for alias `{0}`")]
+    UnknownAlias(String),
+    /// The change does not fit the route's current state (no student, several students and
+    /// none named, or the table moved on since the version the caller expected).
+    #[error("{0}")]
+    Conflict(String),
+    /// The change could not be written down, so it was not made.
+    #[error("the change could not be stored: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// The one way routes change at run time.
+#[derive(Debug, Clone)]
+pub struct RouteControl {
+    router: Router,
+    store: Option<Store>,
+    guard: Option<Arc<Guard>>,
+}
+
+/// Which student a canary operation acts on.
+fn student_index(route: &Route, model: Option<&str>) -> Result<usize, RouteUpdateError> {
+    match (model, route.students.len()) {
+        (Some(m), _) => route
+            .students
+            .iter()
+            .position(|s| s.target.model == m)
+            .ok_or_else(|| {
+                RouteUpdateError::Conflict(format!("route `{}` has no student `{m}`", route.alias))
+            }),
+        (None, 0) => Err(RouteUpdateError::Conflict(format!(
+            "route `{}` has no student",
+            route.alias
+        ))),
+        (None, 1) => Ok(0),
+        (None, n) => Err(RouteUpdateError::Conflict(format!(
+            "route `{}` has {n} students: name one with \"model\"",
+            route.alias
+        ))),
+    }
+}
+
+fn route_mut<'r>(routes: &'r mut [Route], alias: &str) -> Result<&'r mut Route, RouteUpdateError> {
+    routes
+        .iter_mut()
+        .find(|r| r.alias == alias)
+        .ok_or_else(|| RouteUpdateError::UnknownAlias(alias.to_string()))
+}
+
+impl RouteControl {
+    /// Control over `router`, persisting to `store` when there is one.
+    pub fn new(router: Router, store: Option<Store>, guard: Option<Arc<Guard>>) -> Self {
+        Self {
+            router,
+            store,
+            guard,
+        }
+    }
+
+    /// The live router.
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// Applies `edit` to the routes, then validates, stores and swaps. Runs the store write on
+    /// the blocking pool.
+    async fn apply<F>(
+        &self,
+        actor: &str,
+        action: String,
+        alias: Option<String>,
+        expected_version: Option<u64>,
+        edit: F,
+    ) -> Result<Arc<RoutingTable>, RouteUpdateError>
+    where
+        F: FnOnce(&mut Vec<Route>) -> Result<(), RouteUpdateError> + Send + 'static,
+    {
+        let router = self.router.clone();
+        let store = self.store.clone();
+        let actor = actor.to_string();
+        let result = tokio::task::spawn_blocking(move || {
+            router.update_with(
+                |routes| {
+                    if let Some(expected) = expected_version {
+                        let current = router.load().version();
+                        if current != expected {
+                            return Err(RouteUpdateError::Conflict(format!(
+                                "the table is at version {current}, not {expected}"
+                            )));
+                        }
+                    }
+                    edit(routes)
+                },
+                |next| {
+                    let Some(store) = &store else { return Ok(()) };
+                    let change = RouteChange {
+                        version: next.version(),
+                        time_ms: now_ms(),
+                        actor: actor.clone(),
+                        action: action.clone(),
+                        alias: alias.clone(),
+                        routes: next.routes().map(RouteSpec::from).collect(),
+                    };
+                    store.save_routes(&change)?;
+                    tracing::info!(version = change.version, actor = %change.actor, action = %change.action, "routing table updated");
+                    Ok(())
+                },
+            )
+        })
+        .await;
+        result.unwrap_or_else(|e| {
+            Err(RouteUpdateError::Conflict(format!(
+                "update task failed: {e}"
+            )))
+        })
+    }
+
+    /// Creates or replaces one route.
+    pub async fn put_route(
+        &self,
+        spec: RouteSpec,
+        actor: &str,
+        expected_version: Option<u64>,
+    ) -> Result<Arc<RoutingTable>, RouteUpdateError> {
+        let route = spec.to_route()?;
+        let alias = spec.alias.clone();
+        self.apply(
+            actor,
+            format!("put route `{alias}`"),
+            Some(alias.clone()),
+            expected_version,
+            move |routes| {
+                match routes.iter_mut().find(|r| r.alias == alias) {
+                    Some(existing) => *existing = route,
+                    None => routes.push(route),
+                }
+                Ok(())
+            },
+        )
+        .await
+    }
+
+    /// Sets one student's share. The guard starts its step afresh from there.
+    pub async fn set_share(
+        &self,
+        alias: &str,
+        model: Option<&str>,
+        share: CanaryShare,
+        actor: &str,
+        expected_version: Option<u64>,
+    ) -> Result<Arc<RoutingTable>, RouteUpdateError> {
+        let (alias_owned, model_owned) = (alias.to_string(), model.map(str::to_string));
+        let action = format!(
+            "set canary {}%{}",
+            share.percent(),
+            model.map(|m| format!(" for {m}")).unwrap_or_default()
+        );
+        let chosen = Arc::new(std::sync::Mutex::new(String::new()));
+        let chosen_in = Arc::clone(&chosen);
+        let table = self
+            .apply(
+                actor,
+                action,
+                Some(alias.to_string()),
+                expected_version,
+                move |routes| {
+                    let route = route_mut(routes, &alias_owned)?;
+                    let i = student_index(route, model_owned.as_deref())?;
+                    route.students[i].share = share;
+                    if let Ok(mut c) = chosen_in.lock() {
+                        c.clone_from(&route.students[i].target.model);
+                    }
+                    Ok(())
+                },
+            )
+            .await?;
+        if let (Some(guard), Ok(model)) = (&self.guard, chosen.lock()) {
+            guard.restart_step(alias, &model);
+        }
+        Ok(table)
+    }
+
+    /// The student takes all the traffic; the teacher stays in the route for a rollback.
+    pub async fn promote(
+        &self,
+        alias: &str,
+        model: Option<&str>,
+        actor: &str,
+    ) -> Result<Arc<RoutingTable>, RouteUpdateError> {
+        let (alias_owned, model_owned) = (alias.to_string(), model.map(str::to_string));
+        self.apply(
+            actor,
+            "promote".into(),
+            Some(alias.to_string()),
+            None,
+            move |routes| {
+                let route = route_mut(routes, &alias_owned)?;
+                let i = student_index(route, model_owned.as_deref())?;
+                for (j, s) in route.students.iter_mut().enumerate() {
+                    s.share = if i == j {
+                        CanaryShare::FULL
+                    } else {
+                        CanaryShare::ZERO
+                    };
+                }
+                Ok(())
+            },
+        )
+        .await
+    }
+
+    /// The named student (or every student) goes back to 0; the teacher takes the traffic.
+    pub async fn rollback(
+        &self,
+        alias: &str,
+        model: Option<&str>,
+        actor: &str,
+    ) -> Result<Arc<RoutingTable>, RouteUpdateError> {
+        let (alias_owned, model_owned) = (alias.to_string(), model.map(str::to_string));
+        self.apply(
+            actor,
+            "rollback".into(),
+            Some(alias.to_string()),
+            None,
+            move |routes| {
+                let route = route_mut(routes, &alias_owned)?;
+                match model_owned {
+                    Some(_) => {
+                        let i = student_index(route, model_owned.as_deref())?;
+                        route.students[i].share = CanaryShare::ZERO;
+                    }
+                    None => route
+                        .students
+                        .iter_mut()
+                        .for_each(|s| s.share = CanaryShare::ZERO),
+                }
+                Ok(())
+            },
+        )
+        .await
+    }
+
+    /// Adds a student at `share` (or updates its share if it is there already).
+    pub async fn add_student(
+        &self,
+        alias: &str,
+        target: forge_router::Target,
+        share: CanaryShare,
+        actor: &str,
+    ) -> Result<Arc<RoutingTable>, RouteUpdateError> {
+        let alias_owned = alias.to_string();
+        let action = format!(
+            "add student {}/{} at {}%",
+            target.upstream,
+            target.model,
+            share.percent()
+        );
+        self.apply(
+            actor,
+            action,
+            Some(alias.to_string()),
+            None,
+            move |routes| {
+                let route = route_mut(routes, &alias_owned)?;
+                match route.students.iter_mut().find(|s| s.target == target) {
+                    Some(s) => s.share = share,
+                    None => route
+                        .students
+                        .push(forge_router::Student::new(target, share)),
+                }
+                Ok(())
+            },
+        )
+        .await
+    }
+
+    /// The latest changes, newest first (empty without a store).
+    pub async fn history(&self, limit: usize) -> Result<Vec<RouteChange>, StoreError> {
+        let Some(store) = self.store.clone() else {
+            return Ok(Vec::new());
+        };
+        tokio::task::spawn_blocking(move || store.route_history(limit))
+            .await
+            .unwrap_or_else(|_| Ok(Vec::new()))
+    }
+}

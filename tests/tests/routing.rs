@@ -1,0 +1,508 @@
+//! Live routing end to end: sticky canary, hot swaps under load, the admin API, restarts, and
+//! the guard, with the simulated upstream serving a teacher and a student.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use forge_gateway::auth::Secret;
+use forge_gateway::sim::{ModelBehavior, SimConfig};
+use forge_router::{CanaryShare, RouteSpec, Router, StickyKey};
+use forge_tests::{chat_body, client, eventually, start_gateway_with, start_sim};
+use serde_json::{Value, json};
+
+const TOKEN: &str = "test-admin-token";
+
+fn canary_config(sim_url: &str, percent: f64, extra: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{extra}\n\n[[upstreams]]\nname = \"sim\"\nbase_url = \"{sim_url}\"\n\n[[routes]]\nalias = \"chat\"\nteacher = {{ upstream = \"sim\", model = \"teacher\" }}\nstudents = [{{ upstream = \"sim\", model = \"student\", percent = {percent} }}]\n"
+    )
+}
+
+fn with_admin(config: &mut forge_gateway::config::Config) {
+    config.server.admin_token = Some(Secret::new(TOKEN));
+}
+
+/// Sends one request with a sticky key and returns the model that answered.
+async fn answered_by(http: &reqwest::Client, base: &str, key: &str) -> String {
+    let resp = http
+        .post(format!("{base}/chat/completions"))
+        .header("x-forge-sticky-key", key)
+        .json(&chat_body("chat", "hello", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    body["model"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn sticky_keys_keep_their_arm_and_raising_the_share_only_moves_teacher_keys() {
+    let sim = start_sim(SimConfig::default()).await;
+    let gw = start_gateway_with(
+        &canary_config(&sim.base_url(), 20.0, "[guard]\nenabled = false"),
+        with_admin,
+    )
+    .await;
+    let http = client();
+    let keys: Vec<String> = (0..200).map(|i| format!("user-{i}")).collect();
+    let mut before = HashMap::new();
+    for key in &keys {
+        let model = answered_by(&http, &gw.base_url(), key).await;
+        for _ in 0..2 {
+            assert_eq!(
+                answered_by(&http, &gw.base_url(), key).await,
+                model,
+                "key {key} changed arm"
+            );
+        }
+        before.insert(key.clone(), model);
+    }
+    let students = before.values().filter(|m| *m == "student").count();
+    assert!(
+        (20..=60).contains(&students),
+        "about 20% of 200 keys: {students}"
+    );
+
+    let admin = format!(
+        "http://{}/admin/routes/chat/canary",
+        gw.admin_addr().unwrap()
+    );
+    let resp = http
+        .put(&admin)
+        .bearer_auth(TOKEN)
+        .json(&json!({"percent": 50.0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut moved = 0;
+    for key in &keys {
+        let now = answered_by(&http, &gw.base_url(), key).await;
+        assert!(
+            !(before[key] == "student" && now == "teacher"),
+            "key {key} moved student -> teacher"
+        );
+        moved += usize::from(before[key] != now);
+    }
+    assert!(moved > 20, "raising 20% -> 50% moved {moved} keys");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn thousands_of_swaps_under_load_fail_nothing_and_each_trace_has_one_version() {
+    let sim = start_sim(SimConfig::default()).await;
+    let gw = start_gateway_with(
+        &canary_config(&sim.base_url(), 0.0, "[guard]\nenabled = false"),
+        with_admin,
+    )
+    .await;
+    let http = client();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for w in 0..4 {
+        let (http, base, stop, sent) = (
+            http.clone(),
+            gw.base_url(),
+            Arc::clone(&stop),
+            Arc::clone(&sent),
+        );
+        workers.push(tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let stream = i.is_multiple_of(2);
+                let mut body = chat_body("chat", "swap me", stream);
+                // The sticky key travels in `user`, so the trace keeps it for the check below.
+                body["user"] = json!(format!("w{w}-k{}", i % 50));
+                let resp = http
+                    .post(format!("{base}/chat/completions"))
+                    .json(&body)
+                    .send()
+                    .await
+                    .expect("request failed during swaps");
+                assert_eq!(resp.status(), 200);
+                let body = resp.text().await.expect("body cut during swaps");
+                if stream {
+                    assert!(body.ends_with("data: [DONE]\n\n"), "stream cut: {body}");
+                }
+                sent.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+        }));
+    }
+    let control = gw.control().clone();
+    let swaps = 2000u32;
+    for s in 0..swaps {
+        let share = CanaryShare::from_basis_points(((s * 37) % 10_001) as u16).unwrap();
+        control
+            .set_share("chat", None, share, "test", None)
+            .await
+            .unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+    let sent = sent.load(Ordering::Relaxed);
+    assert!(sent > 50, "traffic flowed during the swaps: {sent}");
+    assert_eq!(gw.router().load().version(), 1 + u64::from(swaps));
+
+    // Rebuild every version's table from the stored history and check each trace's arm is the
+    // one its recorded version picks for its key: one snapshot decided both.
+    eventually("all traces written", || {
+        gw.capture_counters().unwrap().pending == 0
+    })
+    .await;
+    let store = gw.store().unwrap();
+    let history = store.route_history(usize::MAX).unwrap();
+    assert_eq!(history.len() as u32, swaps + 1);
+    let tables: HashMap<u64, Arc<forge_router::RoutingTable>> = history
+        .iter()
+        .map(|change| {
+            let routes = change
+                .routes
+                .iter()
+                .map(|r| RouteSpec::to_route(r).unwrap())
+                .collect();
+            (
+                change.version,
+                Router::with_version(routes, ["sim"], change.version)
+                    .unwrap()
+                    .load(),
+            )
+        })
+        .collect();
+    let mut checked = 0;
+    store
+        .for_each_trace(|t| {
+            let table = &tables[&t.route_version];
+            let key = t.request["user"].as_str().unwrap();
+            let expected = table.pick("chat", StickyKey::Key(key.as_bytes())).unwrap();
+            assert_eq!(
+                (t.arm, t.model.as_str()),
+                (expected.arm, expected.target.model.as_str()),
+                "trace {} (version {}) does not match its version's pick",
+                t.id,
+                t.route_version
+            );
+            checked += 1;
+            true
+        })
+        .unwrap();
+    assert_eq!(checked, sent);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn admin_api_validates_authenticates_and_survives_a_restart() {
+    let sim = start_sim(SimConfig::default()).await;
+    let text = canary_config(&sim.base_url(), 5.0, "[guard]\nenabled = false");
+    let gw = start_gateway_with(&text, with_admin).await;
+    let http = client();
+    let admin = format!("http://{}", gw.admin_addr().unwrap());
+
+    for auth in [None, Some("wrong")] {
+        let mut req = http.get(format!("{admin}/admin/routes"));
+        if let Some(token) = auth {
+            req = req.bearer_auth(token);
+        }
+        assert_eq!(req.send().await.unwrap().status(), 401);
+    }
+    let proxy_side = http
+        .get(format!("http://{}/admin/routes", gw.addr()))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        proxy_side.status(),
+        404,
+        "admin paths are not on the proxy port"
+    );
+
+    let put = |path: &str, body: Value| {
+        http.put(format!("{admin}{path}"))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+    };
+    let post = |path: &str| {
+        http.post(format!("{admin}{path}"))
+            .bearer_auth(TOKEN)
+            .send()
+    };
+    // Invalid updates: 400, and the table in force is unchanged.
+    let version = gw.router().load().version();
+    assert_eq!(
+        put("/admin/routes/chat/canary", json!({"percent": 150}))
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    assert_eq!(
+        put(
+            "/admin/routes/chat",
+            json!({"teacher": {"upstream": "nowhere", "model": "m"}})
+        )
+        .await
+        .unwrap()
+        .status(),
+        400
+    );
+    assert_eq!(
+        put("/admin/routes/chat/canary", json!({"percent": "x"}))
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    assert_eq!(
+        put("/admin/routes/missing/canary", json!({"percent": 5}))
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(
+        put(
+            "/admin/routes/chat/canary",
+            json!({"percent": 5, "expected_version": 999})
+        )
+        .await
+        .unwrap()
+        .status(),
+        409
+    );
+    assert_eq!(gw.router().load().version(), version);
+
+    // A route without students cannot be promoted: 409.
+    let created = put(
+        "/admin/routes/solo",
+        json!({"teacher": {"upstream": "sim", "model": "teacher"}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(created.status(), 200);
+    assert_eq!(
+        post("/admin/routes/solo/promote").await.unwrap().status(),
+        409
+    );
+
+    assert_eq!(
+        put("/admin/routes/chat/canary", json!({"percent": 12.5}))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let promoted: Value = post("/admin/routes/chat/promote")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(promoted["routes"][0]["students"][0]["percent"], 100.0);
+    assert_eq!(
+        promoted["routes"][0]["teacher"]["model"], "teacher",
+        "the teacher stays for a rollback"
+    );
+    assert_eq!(
+        answered_by(&http, &gw.base_url(), "anyone").await,
+        "student"
+    );
+    let rolled: Value = post("/admin/routes/chat/rollback")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(rolled["routes"][0]["students"][0]["percent"], 0.0);
+    assert_eq!(
+        answered_by(&http, &gw.base_url(), "anyone").await,
+        "teacher"
+    );
+    assert_eq!(
+        put("/admin/routes/chat/canary", json!({"percent": 33}))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    let listed: Value = http
+        .get(format!("{admin}/admin/routes"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let last_version = listed["version"].as_u64().unwrap();
+    let actions: Vec<&str> = listed["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["action"].as_str().unwrap())
+        .collect();
+    assert!(actions[0].starts_with("set canary 33"), "{actions:?}");
+    assert!(actions.contains(&"promote") && actions.contains(&"rollback"));
+
+    // Restart on the same data: the last table comes back, not the config's 5%.
+    let dir = gw.shutdown().await;
+    let text_same_dir = format!(
+        "{text}\n[capture]\ndata_dir = {:?}\n",
+        dir.path().display().to_string()
+    );
+    let again = start_gateway_with(&text_same_dir, with_admin).await;
+    let table = again.router().load();
+    assert_eq!(table.version(), last_version);
+    assert_eq!(
+        table.route("chat").unwrap().students[0].share.percent(),
+        33.0
+    );
+    assert!(table.route("solo").is_some());
+    again.shutdown().await;
+
+    // Asked for explicitly, the config's routes win (and the change is in the history).
+    let forced = text_same_dir.replace("[server]\n", "[server]\nroutes_from_config = \"always\"\n");
+    let third = start_gateway_with(&forced, with_admin).await;
+    let table = third.router().load();
+    assert_eq!(table.version(), last_version + 1);
+    assert_eq!(
+        table.route("chat").unwrap().students[0].share.percent(),
+        5.0
+    );
+    assert!(table.route("solo").is_none());
+    third.shutdown().await;
+    drop(dir);
+}
+
+#[tokio::test]
+async fn the_guard_rolls_back_a_failing_student_without_failing_teacher_requests() {
+    let flaky = ModelBehavior {
+        fail_status: Some(503),
+        fail_every: Some(20),
+        ..ModelBehavior::default()
+    };
+    let sim = start_sim(SimConfig {
+        models: [("student".to_string(), flaky)].into(),
+        ..SimConfig::default()
+    })
+    .await;
+    let guard = "[guard]\ninterval_secs = 0.3\nmin_requests = 40\nsteps = [50.0, 100.0]\n";
+    let gw = start_gateway_with(&canary_config(&sim.base_url(), 50.0, guard), with_admin).await;
+    let http = client();
+    let mut teacher_failures = 0;
+    let mut i = 0u64;
+    let start = tokio::time::Instant::now();
+    while gw.router().load().route("chat").unwrap().students[0].share != CanaryShare::ZERO {
+        assert!(
+            start.elapsed() < forge_tests::DEADLINE,
+            "no rollback; guard events: {}",
+            events(&http, &gw).await
+        );
+        let resp = http
+            .post(format!("{}/chat/completions", gw.base_url()))
+            .header("x-forge-sticky-key", format!("k{i}"))
+            .json(&chat_body("chat", "hi", false))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap();
+        if body["model"] == "teacher" && status != 200 {
+            teacher_failures += 1;
+        }
+        i += 1;
+    }
+    assert_eq!(teacher_failures, 0);
+    let log = events(&http, &gw).await;
+    let kinds: Vec<&str> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .filter(|k| *k != "unverified")
+        .collect();
+    assert_eq!(
+        kinds,
+        vec!["failed_check", "rolled_back"],
+        "rolled back on the second failed check: {log}"
+    );
+    gw.shutdown().await;
+}
+
+async fn events(http: &reqwest::Client, gw: &forge_tests::TestGateway) -> Value {
+    let routes: Value = http
+        .get(format!("http://{}/admin/routes", gw.admin_addr().unwrap()))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    routes["guard"]["events"].clone()
+}
+
+#[tokio::test]
+async fn the_guard_steps_a_healthy_student_up_through_the_plan() {
+    let sim = start_sim(SimConfig::default()).await;
+    let guard =
+        "[guard]\ninterval_secs = 0.2\nmin_requests = 10\nsteps = [10.0, 30.0, 60.0, 100.0]\n";
+    let gw = start_gateway_with(&canary_config(&sim.base_url(), 10.0, guard), with_admin).await;
+    let http = client();
+    let mut i = 0u64;
+    let start = tokio::time::Instant::now();
+    while gw.router().load().route("chat").unwrap().students[0].share != CanaryShare::FULL {
+        assert!(
+            start.elapsed() < forge_tests::DEADLINE,
+            "not promoted; events: {}",
+            events(&http, &gw).await
+        );
+        answered_by(&http, &gw.base_url(), &format!("k{i}")).await;
+        i += 1;
+    }
+    let log = events(&http, &gw).await;
+    let steps: Vec<f64> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "stepped_up" || e["kind"] == "promoted")
+        .map(|e| e["percent"].as_f64().unwrap())
+        .collect();
+    assert_eq!(steps, vec![30.0, 60.0, 100.0], "{log}");
+    let history = gw.store().unwrap().route_history(10).unwrap();
+    assert_eq!(history[0].actor, "guard");
+    gw.shutdown().await;
+}
+
+#[test]
+fn sticky_pick_share_is_within_one_point_over_100k_keys() {
+    // The same check as the router's unit test, on the public API the gateway uses.
+    let route = forge_router::Route::new("a", forge_router::Target::new("u", "t")).with_student(
+        forge_router::Student::new(
+            forge_router::Target::new("u", "s"),
+            CanaryShare::from_percent(7.5).unwrap(),
+        ),
+    );
+    let router = Router::new(vec![route], ["u"]).unwrap();
+    let table = router.load();
+    let n = 100_000;
+    let hits = (0..n)
+        .filter(|i| {
+            table
+                .pick("a", StickyKey::Key(format!("key-{i}").as_bytes()))
+                .unwrap()
+                .arm
+                != forge_router::Arm::Teacher
+        })
+        .count();
+    let percent = hits as f64 * 100.0 / n as f64;
+    assert!((percent - 7.5).abs() <= 1.0, "{percent}%");
+}
