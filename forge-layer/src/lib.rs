@@ -1,6 +1,9 @@
 //! Forge's engine: everything between the proxy and the store that does not speak HTTP itself.
 
 pub mod capture;
+pub mod dataset;
+pub mod distill;
+pub mod grade;
 pub mod guard;
 pub mod reassemble;
 pub mod redact;

@@ -5,6 +5,7 @@
 //! saved allocator state instead of walking the whole file.
 
 mod feedback;
+mod records;
 mod routes;
 mod writer;
 
@@ -33,6 +34,12 @@ const EVALUATIONS: TableDefinition<(u128, u128), &[u8]> = TableDefinition::new("
 const ROUTES: TableDefinition<&str, &[u8]> = TableDefinition::new("routes");
 /// Every accepted routing change, by table version.
 const ROUTE_HISTORY: TableDefinition<u64, &[u8]> = TableDefinition::new("route_history");
+/// Distillation jobs by id.
+const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
+/// The model registry by model id.
+const MODELS: TableDefinition<&str, &[u8]> = TableDefinition::new("models");
+/// Small named values: cursors and the like.
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 /// The file name inside `capture.data_dir`.
 pub const STORE_FILE: &str = "forge.redb";
@@ -101,6 +108,9 @@ impl Store {
             txn.open_table(EVALUATIONS).map_err(db_err)?;
             txn.open_table(ROUTES).map_err(db_err)?;
             txn.open_table(ROUTE_HISTORY).map_err(db_err)?;
+            txn.open_table(JOBS).map_err(db_err)?;
+            txn.open_table(MODELS).map_err(db_err)?;
+            txn.open_table(META).map_err(db_err)?;
             Ok(())
         })?;
         Ok(store)

@@ -1,0 +1,282 @@
+//! The dataset builder: golden traces streamed into validated OpenAI fine-tuning JSONL.
+//!
+//! Traces are read one at a time from a store snapshot, so memory stays flat however many
+//! there are. Each golden trace becomes one line ([`line::to_line`]), checked against the
+//! OpenAI rules ([`rules::check`]); a line that fails is skipped and its reason counted.
+//! Duplicates (by content hash) are dropped, and the train/validation split is decided by the
+//! same hash, so copies of one example can never land on both sides. One client key may
+//! contribute at most `max_key_share` of the lines (against poisoning). A manifest records the
+//! SHA-256 of every file and the counts; `provenance.jsonl` names the trace behind every line.
+
+pub mod line;
+pub mod rules;
+mod seen;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::grade::GoldenPolicy;
+use crate::store::{Store, StoreError};
+use crate::trace::{Trace, TraceId};
+use seen::Seen;
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct DatasetSpec {
+    /// The route alias whose teacher traffic is used.
+    pub route: String,
+    /// Only this tenant's traces, when set.
+    pub tenant: Option<String>,
+    /// Only traces after this one (the previous cut).
+    pub after: Option<TraceId>,
+    /// What makes a trace golden.
+    pub policy: GoldenPolicy,
+    /// Share of lines held out for validation, in percent.
+    pub validation_percent: f64,
+    /// The most of the dataset one client key may contribute (0–1). Applied only when traces
+    /// come from at least two keys; traces with no key count as one key.
+    pub max_key_share: f64,
+    /// The longest example, in estimated tokens.
+    pub max_tokens: usize,
+}
+
+impl DatasetSpec {
+    /// Defaults for a route: 10% validation, at most half from one key, 65,536 tokens.
+    pub fn new(route: impl Into<String>) -> Self {
+        Self {
+            route: route.into(),
+            tenant: None,
+            after: None,
+            policy: GoldenPolicy::default(),
+            validation_percent: 10.0,
+            max_key_share: 0.5,
+            max_tokens: rules::DEFAULT_MAX_TOKENS,
+        }
+    }
+
+    fn selects(&self, trace: &Trace) -> bool {
+        trace.alias == self.route && self.tenant.as_ref().is_none_or(|t| trace.tenant.as_ref() == Some(t))
+    }
+}
+
+/// One output file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileDigest {
+    /// Its path.
+    pub path: PathBuf,
+    /// Lines written.
+    pub lines: u64,
+    /// SHA-256 of its bytes, hex.
+    pub sha256: String,
+}
+
+/// What was built: the manifest, also written as `manifest.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// The dataset id (the distillation job's id).
+    pub id: String,
+    /// The route alias.
+    pub route: String,
+    /// The tenant filter, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Traces read (after the previous cut, for this route and tenant).
+    pub considered: u64,
+    /// Of those, golden.
+    pub golden: u64,
+    /// Golden traces left out as duplicates of an earlier line.
+    pub duplicates: u64,
+    /// Golden traces left out by the per-key share cap.
+    pub capped: u64,
+    /// Golden traces whose line broke a rule, by reason.
+    pub skipped: BTreeMap<String, u64>,
+    /// The training file.
+    pub train: FileDigest,
+    /// The validation file.
+    pub validation: FileDigest,
+    /// One line per written line: split, line number, trace id, key id.
+    pub provenance: FileDigest,
+    /// The newest trace read: the next dataset starts after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut: Option<TraceId>,
+}
+
+impl Manifest {
+    /// Lines written in both files.
+    pub fn examples(&self) -> u64 {
+        self.train.lines + self.validation.lines
+    }
+}
+
+/// Why a dataset could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DatasetError {
+    /// Reading traces failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Writing files failed.
+    #[error("dataset file: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A file being written, hashed as it goes.
+struct HashedFile {
+    path: PathBuf,
+    out: BufWriter<File>,
+    hash: Sha256,
+    lines: u64,
+}
+
+impl HashedFile {
+    fn create(path: PathBuf) -> std::io::Result<Self> {
+        Ok(Self {
+            out: BufWriter::new(File::create(&path)?),
+            path,
+            hash: Sha256::new(),
+            lines: 0,
+        })
+    }
+
+    fn write_line(&mut self, bytes: &[u8]) -> std::io::Result<u64> {
+        self.out.write_all(bytes)?;
+        self.out.write_all(b"\n")?;
+        self.hash.update(bytes);
+        self.hash.update(b"\n");
+        self.lines += 1;
+        Ok(self.lines)
+    }
+
+    fn finish(mut self) -> std::io::Result<FileDigest> {
+        self.out.flush()?;
+        self.out.get_ref().sync_all()?;
+        Ok(FileDigest {
+            path: self.path,
+            lines: self.lines,
+            sha256: hex::encode(self.hash.finalize()),
+        })
+    }
+}
+
+/// The per-key contribution limit, from a first pass over the candidates.
+fn key_caps(store: &Store, spec: &DatasetSpec) -> Result<Option<u64>, StoreError> {
+    let mut per_key: BTreeMap<Option<String>, u64> = BTreeMap::new();
+    let mut total = 0u64;
+    store.for_each_graded_trace(spec.after, |trace, fb, ev| {
+        if spec.selects(&trace) && spec.policy.is_golden(&trace, fb.as_ref(), ev.as_ref()) {
+            *per_key.entry(trace.key_id).or_default() += 1;
+            total += 1;
+        }
+        true
+    })?;
+    if per_key.len() < 2 {
+        return Ok(None);
+    }
+    Ok(Some(((total as f64 * spec.max_key_share).floor() as u64).max(1)))
+}
+
+/// Builds the dataset `id` into `dir/id/`, calling `progress(traces_read)` now and then.
+pub fn build(store: &Store, spec: &DatasetSpec, dir: &Path, id: &str, mut progress: impl FnMut(u64)) -> Result<Manifest, DatasetError> {
+    let out = dir.join(id);
+    std::fs::create_dir_all(&out)?;
+    let cap = key_caps(store, spec)?;
+    let mut train = HashedFile::create(out.join("train.jsonl"))?;
+    let mut validation = HashedFile::create(out.join("validation.jsonl"))?;
+    let mut provenance = HashedFile::create(out.join("provenance.jsonl"))?;
+    let mut seen = Seen::default();
+    let mut per_key: BTreeMap<Option<String>, u64> = BTreeMap::new();
+    let mut manifest = Manifest {
+        id: id.to_string(),
+        route: spec.route.clone(),
+        tenant: spec.tenant.clone(),
+        considered: 0,
+        golden: 0,
+        duplicates: 0,
+        capped: 0,
+        skipped: BTreeMap::new(),
+        train: FileDigest { path: PathBuf::new(), lines: 0, sha256: String::new() },
+        validation: FileDigest { path: PathBuf::new(), lines: 0, sha256: String::new() },
+        provenance: FileDigest { path: PathBuf::new(), lines: 0, sha256: String::new() },
+        cut: None,
+    };
+    let validation_bp = (spec.validation_percent.clamp(0.0, 100.0) * 100.0) as u64;
+    let mut read = 0u64;
+    let mut failure = None;
+    store.for_each_graded_trace(spec.after, |trace, fb, ev| {
+        read += 1;
+        if read.is_multiple_of(10_000) {
+            progress(read);
+        }
+        manifest.cut = Some(trace.id);
+        if !spec.selects(&trace) {
+            return true;
+        }
+        manifest.considered += 1;
+        if !spec.policy.is_golden(&trace, fb.as_ref(), ev.as_ref()) {
+            return true;
+        }
+        manifest.golden += 1;
+        let line = match line::to_line(&trace).and_then(|l| rules::check(&l, spec.max_tokens).map(|()| l)) {
+            Ok(line) => line,
+            Err(reason) => {
+                *manifest.skipped.entry(reason.to_string()).or_default() += 1;
+                return true;
+            }
+        };
+        let bytes = match serde_json::to_vec(&line) {
+            Ok(b) => b,
+            Err(_) => {
+                *manifest.skipped.entry("unserialisable".into()).or_default() += 1;
+                return true;
+            }
+        };
+        let hash: [u8; 32] = Sha256::digest(&bytes).into();
+        if seen.insert(&hash) {
+            manifest.duplicates += 1;
+            return true;
+        }
+        let contributed = per_key.entry(trace.key_id.clone()).or_default();
+        if cap.is_some_and(|c| *contributed >= c) {
+            manifest.capped += 1;
+            return true;
+        }
+        *contributed += 1;
+        let bucket = u64::from_le_bytes([hash[24], hash[25], hash[26], hash[27], hash[28], hash[29], hash[30], hash[31]]) % 10_000;
+        let (split, file) = if bucket < validation_bp { ("validation", &mut validation) } else { ("train", &mut train) };
+        let written = file.write_line(&bytes).and_then(|n| {
+            let record = serde_json::json!({"split": split, "line": n, "trace_id": trace.id, "key_id": trace.key_id});
+            provenance.write_line(record.to_string().as_bytes())
+        });
+        if let Err(e) = written {
+            failure = Some(e);
+            return false;
+        }
+        true
+    })?;
+    if let Some(e) = failure {
+        return Err(e.into());
+    }
+    progress(read);
+    manifest.train = train.finish()?;
+    manifest.validation = validation.finish()?;
+    manifest.provenance = provenance.finish()?;
+    let file = File::create(out.join("manifest.json"))?;
+    serde_json::to_writer_pretty(BufWriter::new(file), &manifest).map_err(std::io::Error::other)?;
+    Ok(manifest)
+}
+
+/// Recomputes a file's SHA-256, to verify a manifest.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut file = File::open(path)?;
+    let mut hash = Sha256::new();
+    std::io::copy(&mut file, &mut hash)?;
+    Ok(hex::encode(hash.finalize()))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,161 @@
+//! The `TrainingProvider` trait: what the distiller needs from a fine-tuning service.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A boxed future, so providers can be used as trait objects.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Hyperparameters; `None` leaves the choice to the provider (`"auto"`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hyperparameters {
+    /// Epochs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_epochs: Option<u32>,
+    /// Batch size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<u32>,
+    /// Learning-rate multiplier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learning_rate_multiplier: Option<f64>,
+}
+
+/// One training run to start.
+#[derive(Debug, Clone)]
+pub struct TrainingRequest {
+    /// Forge's job id; providers use it to name what they create (idempotency, tracing).
+    pub job_id: String,
+    /// The training JSONL on local disk.
+    pub train_file: PathBuf,
+    /// The validation JSONL, if the split produced one.
+    pub validation_file: Option<PathBuf>,
+    /// The base model to fine-tune (`gpt-4o-mini`, or a Hugging Face id for LoRA).
+    pub base_model: String,
+    /// A suffix for the model name.
+    pub suffix: Option<String>,
+    /// Hyperparameters.
+    pub hyperparameters: Hyperparameters,
+    /// Where a remote trainer (a Kubernetes Job) can download the training file from Forge,
+    /// and the bearer token that URL needs.
+    pub dataset_url: Option<(String, String)>,
+}
+
+/// What a provider returns once a run is accepted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Submitted {
+    /// The provider's own job id (`ftjob-…`, a Kubernetes Job name, …).
+    pub provider_job_id: String,
+    /// The uploaded training file's id, where there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training_file_id: Option<String>,
+}
+
+/// Where a provider's run stands.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProviderState {
+    /// Accepted, not yet training (validating, queued, pending).
+    Queued,
+    /// Training.
+    Running,
+    /// Done: the trained model's name on the provider (`ft:…`, an adapter path, …).
+    Succeeded {
+        /// The provider's model name or artifact location.
+        model: String,
+    },
+    /// Failed, with the provider's error.
+    Failed {
+        /// The provider's error message (and code, where there is one).
+        error: String,
+    },
+    /// Cancelled on the provider's side.
+    Cancelled,
+}
+
+/// One poll's answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    /// The state.
+    pub state: ProviderState,
+    /// The provider's own status word (`validating_files`, `running`, `Complete`, …).
+    pub provider_status: String,
+    /// Metrics known so far (train_loss, valid_loss, train_mean_token_accuracy, …).
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// A trained model, ready to be routed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deployed {
+    /// The Forge upstream that serves it.
+    pub upstream: String,
+    /// The model name to send there.
+    pub model: String,
+}
+
+/// A provider call that failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProviderError {
+    /// 429 (or 503 with `retry-after`): try again after the given time.
+    #[error("rate limited; retry after {0:?}")]
+    RateLimited(Duration),
+    /// The provider answered with an error status.
+    #[error("provider answered {status}: {message}")]
+    Http {
+        /// The HTTP status.
+        status: u16,
+        /// The provider's message.
+        message: String,
+    },
+    /// The provider could not be reached, or its answer could not be read.
+    #[error("provider unreachable: {0}")]
+    Transport(String),
+    /// Forge's side is wrong (a missing file, a bad setting).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl ProviderError {
+    /// Whether trying again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ProviderError::RateLimited(_) | ProviderError::Transport(_) => true,
+            ProviderError::Http { status, .. } => *status >= 500 || *status == 408 || *status == 409,
+            ProviderError::Invalid(_) => false,
+        }
+    }
+}
+
+/// A fine-tuning service: OpenAI, Azure OpenAI, a Kubernetes LoRA job served by vLLM, or the
+/// built-in simulation of OpenAI.
+pub trait TrainingProvider: Send + Sync + std::fmt::Debug {
+    /// A short name for logs and the registry (`openai`, `azure`, `kubernetes`, `sim`).
+    fn name(&self) -> &'static str;
+
+    /// Uploads the data and starts training.
+    fn submit<'a>(&'a self, request: &'a TrainingRequest) -> BoxFuture<'a, Result<Submitted, ProviderError>>;
+
+    /// Reads where the run stands.
+    fn poll<'a>(&'a self, provider_job_id: &'a str) -> BoxFuture<'a, Result<Progress, ProviderError>>;
+
+    /// Makes a trained model servable (Azure: a deployment; vLLM: load the adapter under a
+    /// versioned name) and says where Forge routes it. `job_id` is Forge's, for naming.
+    fn deploy<'a>(&'a self, job_id: &'a str, trained_model: &'a str) -> BoxFuture<'a, Result<Deployed, ProviderError>>;
+}
+
+/// Reads a `retry-after` header: seconds, or an HTTP date (then "a second").
+pub fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
+    if let Some(ms) = headers.get("retry-after-ms").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()) {
+        return Some(Duration::from_millis(ms));
+    }
+    let value = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?;
+    Some(match value.trim().parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => Duration::from_secs_f64(secs.min(3600.0)),
+        _ => Duration::from_secs(1),
+    })
+}

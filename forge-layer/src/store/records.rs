@@ -1,0 +1,114 @@
+//! Distillation records in the store: jobs, the model registry, cursors, and graded trace scans.
+
+use redb::{ReadableDatabase, ReadableTable};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{EVALUATIONS, FEEDBACK, JOBS, META, MODELS, Store, StoreError, TRACES, db_err};
+use crate::store::{Evaluation, Feedback};
+use crate::trace::{Trace, TraceId};
+
+impl Store {
+    fn put_json<T: Serialize>(&self, table: redb::TableDefinition<&str, &[u8]>, key: &str, value: &T) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(value)?;
+        self.write(|txn| {
+            txn.open_table(table).map_err(db_err)?.insert(key, bytes.as_slice()).map_err(db_err)?;
+            Ok(())
+        })
+    }
+
+    fn get_json<T: DeserializeOwned>(&self, table: redb::TableDefinition<&str, &[u8]>, key: &str) -> Result<Option<T>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let t = txn.open_table(table).map_err(db_err)?;
+        match t.get(key).map_err(db_err)? {
+            Some(v) => Ok(Some(serde_json::from_slice(v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn all_json<T: DeserializeOwned>(&self, table: redb::TableDefinition<&str, &[u8]>) -> Result<Vec<T>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let t = txn.open_table(table).map_err(db_err)?;
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(db_err)? {
+            let (_, v) = entry.map_err(db_err)?;
+            out.push(serde_json::from_slice(v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Writes a distillation job record (durably, before the change it records takes effect).
+    pub fn put_job<T: Serialize>(&self, id: &str, job: &T) -> Result<(), StoreError> {
+        self.put_json(JOBS, id, job)
+    }
+
+    /// One job record.
+    pub fn job<T: DeserializeOwned>(&self, id: &str) -> Result<Option<T>, StoreError> {
+        self.get_json(JOBS, id)
+    }
+
+    /// Every job record, oldest first (job ids sort by time).
+    pub fn jobs<T: DeserializeOwned>(&self) -> Result<Vec<T>, StoreError> {
+        self.all_json(JOBS)
+    }
+
+    /// Writes a model registry record.
+    pub fn put_model<T: Serialize>(&self, id: &str, model: &T) -> Result<(), StoreError> {
+        self.put_json(MODELS, id, model)
+    }
+
+    /// One registry record.
+    pub fn model<T: DeserializeOwned>(&self, id: &str) -> Result<Option<T>, StoreError> {
+        self.get_json(MODELS, id)
+    }
+
+    /// Every registry record.
+    pub fn models<T: DeserializeOwned>(&self) -> Result<Vec<T>, StoreError> {
+        self.all_json(MODELS)
+    }
+
+    /// Writes a small named value (a cursor, a counter).
+    pub fn put_meta<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StoreError> {
+        self.put_json(META, key, value)
+    }
+
+    /// Reads a small named value.
+    pub fn meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        self.get_json(META, key)
+    }
+
+    /// Calls `f` on every trace after `after` (oldest first) with its latest feedback and
+    /// evaluation, all from one consistent snapshot, one trace at a time.
+    pub fn for_each_graded_trace(
+        &self,
+        after: Option<TraceId>,
+        mut f: impl FnMut(Trace, Option<Feedback>, Option<Evaluation>) -> bool,
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let traces = txn.open_table(TRACES).map_err(db_err)?;
+        let feedback = txn.open_table(FEEDBACK).map_err(db_err)?;
+        let evaluations = txn.open_table(EVALUATIONS).map_err(db_err)?;
+        let start = after.map_or(0, |id| id.as_u128().saturating_add(1));
+        for entry in traces.range(start..).map_err(db_err)? {
+            let (k, v) = entry.map_err(db_err)?;
+            let key = k.value();
+            let latest_fb = match feedback.range((key, 0)..=(key, u128::MAX)).map_err(db_err)?.next_back() {
+                Some(e) => Some(serde_json::from_slice::<Feedback>(e.map_err(db_err)?.1.value())?),
+                None => None,
+            };
+            let latest_eval = match evaluations.range((key, 0)..=(key, u128::MAX)).map_err(db_err)?.next_back() {
+                Some(e) => Some(serde_json::from_slice::<Evaluation>(e.map_err(db_err)?.1.value())?),
+                None => None,
+            };
+            if !f(serde_json::from_slice(v.value())?, latest_fb, latest_eval) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a trace already has an evaluation.
+    pub fn has_evaluation(&self, trace: TraceId) -> Result<bool, StoreError> {
+        Ok(self.latest_evaluation(trace)?.is_some())
+    }
+}
