@@ -1,14 +1,18 @@
-//! Load bench: the simulated upstream direct vs through Forge, closed-loop, in one process and run.
+//! Load bench: the simulated upstream direct vs through Forge with capture off, `async` and `durable`.
 //!
-//! `cargo bench -p forge-benches --bench load`; `FORGE_BENCH_SECS` sets the measured seconds per
-//! run (default 3, plus 0.5 s warm-up). Both servers and the load generator share the machine, so
-//! the absolute figures are pessimistic; the Forge/direct ratios are what count.
+//! `cargo bench -p forge-benches --bench load`. Closed-loop, in one process and one run: per cell
+//! (mode × concurrency) each of the four targets is loaded in turn, in two rounds whose order is
+//! reversed (direct, off, async, durable; then durable … direct), so drift during a cell (a
+//! compile in the background, a growing store) falls on every target alike.
+//! `FORGE_BENCH_SECS` sets the measured seconds per target and cell, split over the two rounds
+//! (default 4, so 2 s per round, each after a 0.5 s warm-up; about 2 minutes in all). The servers,
+//! the store writers and the load generator share the machine, so absolute figures are
+//! pessimistic; the ratios are what count.
 //!
 //! Without `--bench` (as `cargo test --all-targets` runs it) it is a short smoke test instead,
-//! which fails on any request error.
+//! which fails on any request error, on any dropped trace and on counts that do not add up.
 
 use std::error::Error;
-use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -16,59 +20,235 @@ use forge_benches::{
     Cell, Comparison, ENV_FORGE_BENCH_SECS, Mode, Stats, Target, Timing, millis, run,
 };
 use forge_gateway::config::Config;
+use forge_gateway::server::RunningGateway;
 use forge_gateway::sim::{SimConfig, SimUpstream};
+use tempfile::TempDir;
 
 const CONCURRENCY: [usize; 3] = [1, 16, 64];
-const DEFAULT_SECS: f64 = 3.0;
+const DEFAULT_SECS: f64 = 4.0;
+const ROUNDS: usize = 2;
 const WARMUP: Duration = Duration::from_millis(500);
-const SMOKE: Timing = Timing {
-    warmup: Duration::from_millis(50),
-    measure: Duration::from_millis(100),
+/// One short round: enough to go through every path once.
+const SMOKE: Plan = Plan {
+    timing: Timing {
+        warmup: Duration::from_millis(50),
+        measure: Duration::from_millis(100),
+    },
+    rounds: 1,
 };
+/// Once the load stops, how long the writers may take to empty their queues.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 const SIM_MODEL: &str = "bench-model";
 const ALIAS: &str = "bench";
+
+/// The foundation issue's targets: Forge (capture off) against direct.
+const MIN_THROUGHPUT_PCT_AT_64: f64 = 35.0;
+const MAX_ADDED_P50_MS_AT_16: f64 = 0.3;
+const MAX_ADDED_P99_MS_AT_16: f64 = 1.0;
+/// The capture issue's target: `async` capture against capture off, at p50 and p99.
+const MAX_ASYNC_ADDED_PCT_AT_16: f64 = 5.0;
+
+/// What a run is loaded against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    /// The simulated upstream itself.
+    Direct,
+    /// Forge with `[capture] enabled = false`.
+    CaptureOff,
+    /// Forge with `async` capture: a full queue drops traces.
+    Async,
+    /// Forge with `durable` capture: each response's end waits for its commit.
+    Durable,
+}
+
+impl Variant {
+    /// In the order of a forward round.
+    const ALL: [Variant; 4] = [
+        Variant::Direct,
+        Variant::CaptureOff,
+        Variant::Async,
+        Variant::Durable,
+    ];
+    const FORGE: [Variant; 3] = [Variant::CaptureOff, Variant::Async, Variant::Durable];
+    const CAPTURING: [Variant; 2] = [Variant::Async, Variant::Durable];
+
+    fn label(self) -> &'static str {
+        match self {
+            Variant::Direct => "direct",
+            Variant::CaptureOff => "off",
+            Variant::Async => "async",
+            Variant::Durable => "durable",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The `[capture]` section of its gateway; `None` for direct.
+    fn capture_section(self, data_dir: &TempDir) -> Option<String> {
+        let dir = data_dir.path();
+        match self {
+            Variant::Direct => None,
+            Variant::CaptureOff => Some("enabled = false".into()),
+            Variant::Async => Some(format!("mode = \"async\"\ndata_dir = {dir:?}")),
+            Variant::Durable => Some(format!("mode = \"durable\"\ndata_dir = {dir:?}")),
+        }
+    }
+}
+
+/// How long each run lasts, and how many rounds a cell gets.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    timing: Timing,
+    rounds: usize,
+}
+
+/// One target under load: the sim itself, or a gateway of its own with its own store.
+struct Subject {
+    variant: Variant,
+    target: Target,
+    gateway: Option<RunningGateway>,
+    // Held so the store outlives the gateway; removed when the bench ends.
+    _data_dir: TempDir,
+}
+
+/// One cell's runs: per variant, one [`Stats`] per round, and the rounds pooled.
+struct CellResult {
+    cell: Cell,
+    rounds: [Vec<Stats>; 4],
+    pooled: [Stats; 4],
+}
+
+impl CellResult {
+    fn new(cell: Cell, rounds: [Vec<Stats>; 4]) -> Self {
+        let pooled = rounds.each_ref().map(|runs| Stats::pooled(runs.iter()));
+        Self {
+            cell,
+            rounds,
+            pooled,
+        }
+    }
+
+    fn stats(&self, variant: Variant) -> &Stats {
+        &self.pooled[variant.index()]
+    }
+
+    fn compare(&self, baseline: Variant, candidate: Variant) -> Comparison<'_> {
+        Comparison {
+            baseline: self.stats(baseline),
+            candidate: self.stats(candidate),
+        }
+    }
+
+    fn errors(&self) -> u64 {
+        self.pooled.iter().map(|s| s.errors).sum()
+    }
+
+    /// How far the median of one variant moved between the first two rounds, in percent of
+    /// their mean: the noise floor against which a few percent of added latency is read.
+    fn p50_spread_pct(&self, variant: Variant) -> Option<f64> {
+        let runs = &self.rounds[variant.index()];
+        let a = millis(runs.first()?.latency.p50()?);
+        let b = millis(runs.get(1)?.latency.p50()?);
+        let mean = (a + b) / 2.0;
+        (mean > 0.0).then(|| 100.0 * (a - b).abs() / mean)
+    }
+}
+
+/// What one capturing gateway counted, next to what the clients saw.
+struct Account {
+    variant: Variant,
+    /// Requests the clients completed against this gateway, warm-ups included.
+    served: u64,
+    counters: Option<forge_layer::store::CounterSnapshot>,
+    /// Traces in the store after shutdown.
+    stored: Option<u64>,
+}
+
+impl Account {
+    fn dropped(&self) -> u64 {
+        self.counters.map_or(0, |c| c.dropped)
+    }
+
+    /// Every exchange the clients completed became exactly one trace that is eligible, and
+    /// every eligible trace is accounted for and, if captured, is in the store.
+    fn balanced(&self) -> bool {
+        self.counters.is_some_and(|c| {
+            c.pending == 0
+                && c.captured + c.dropped + c.failed == c.eligible
+                && c.eligible == self.served
+                && self.stored == Some(c.captured)
+        })
+    }
+}
 
 #[tokio::main]
 async fn main() -> Result<ExitCode, Box<dyn Error>> {
     // `cargo bench` passes `--bench`; `cargo test --benches` does not. Other arguments are ignored.
     let measuring = std::env::args().any(|arg| arg == "--bench");
-    let timing = if measuring { measured_timing()? } else { SMOKE };
+    let plan = if measuring { measured_plan()? } else { SMOKE };
 
     let sim = SimUpstream::start(SimConfig::default(), "127.0.0.1:0".parse()?).await?;
-    let capture_dir = tempfile::tempdir()?;
-    let config = gateway_config(&sim.base_url(), capture_dir.path());
-    let gateway = forge_gateway::server::start(Config::from_toml(&config)?).await?;
-    let direct = Target::new("direct", sim.addr(), SIM_MODEL)?;
-    let forge = Target::new("forge", gateway.addr(), ALIAS)?;
+    let mut subjects = Vec::new();
+    for variant in Variant::ALL {
+        let data_dir = tempfile::tempdir()?;
+        let subject = match variant.capture_section(&data_dir) {
+            None => Subject {
+                variant,
+                target: Target::new(variant.label(), sim.addr(), SIM_MODEL)?,
+                gateway: None,
+                _data_dir: data_dir,
+            },
+            Some(capture) => {
+                let config = gateway_config(&sim.base_url(), &capture);
+                let gateway = forge_gateway::server::start(Config::from_toml(&config)?).await?;
+                Subject {
+                    variant,
+                    target: Target::new(variant.label(), gateway.addr(), ALIAS)?,
+                    gateway: Some(gateway),
+                    _data_dir: data_dir,
+                }
+            }
+        };
+        subjects.push(subject);
+    }
 
     let mut results = Vec::new();
     for mode in Mode::ALL {
         for concurrency in CONCURRENCY {
             let cell = Cell { mode, concurrency };
-            // Back-to-back, so whatever else the machine is doing hits both sides alike.
-            let comparison = Comparison {
-                cell,
-                direct: run(&direct, cell, timing).await,
-                forge: run(&forge, cell, timing).await,
-            };
-            print_cell(&comparison);
-            results.push(comparison);
+            let mut rounds: [Vec<Stats>; 4] = Default::default();
+            for round in 0..plan.rounds {
+                let forward = round % 2 == 0;
+                let order: Vec<&Subject> = if forward {
+                    subjects.iter().collect()
+                } else {
+                    subjects.iter().rev().collect()
+                };
+                for subject in order {
+                    let stats = run(&subject.target, cell, plan.timing).await;
+                    rounds[subject.variant.index()].push(stats);
+                }
+            }
+            let result = CellResult::new(cell, rounds);
+            print_cell(&result);
+            results.push(result);
         }
     }
-    let capture = gateway.capture_counters();
-    gateway.shutdown().await;
-    sim.shutdown().await;
-    // Dropped traces under load would mean the captured dataset is thinner than the traffic.
-    println!("forge capture counters at the end of the load: {capture:?}");
 
+    let accounts = settle(subjects, &results).await;
+    sim.shutdown().await;
+
+    print_accounts(&accounts);
     if measuring {
-        print_targets(&results);
-        print_markdown(&results, timing);
+        print_targets(&results, &accounts);
+        print_markdown(&results, &accounts, plan);
     }
-    Ok(report_errors(&results))
+    Ok(verdict_exit(&results, &accounts, measuring))
 }
 
-fn measured_timing() -> Result<Timing, String> {
+fn measured_plan() -> Result<Plan, String> {
     let secs = match std::env::var(ENV_FORGE_BENCH_SECS) {
         Ok(text) => text
             .trim()
@@ -78,16 +258,19 @@ fn measured_timing() -> Result<Timing, String> {
             .ok_or_else(|| format!("{ENV_FORGE_BENCH_SECS}={text:?}: want seconds in (0, 600]"))?,
         Err(_) => DEFAULT_SECS,
     };
-    Ok(Timing {
-        warmup: WARMUP,
-        measure: Duration::from_secs_f64(secs),
+    Ok(Plan {
+        timing: Timing {
+            warmup: WARMUP,
+            measure: Duration::from_secs_f64(secs / ROUNDS as f64),
+        },
+        rounds: ROUNDS,
     })
 }
 
-/// Forge as deployed (capture on, default settings), except: the limiter never sheds at this
-/// load, shutdown is bounded, the admin port cannot clash with a running Forge, and traces go to
-/// a temp dir rather than the working directory.
-fn gateway_config(sim_base_url: &str, capture_dir: &Path) -> String {
+/// Forge as deployed (default settings) with the given `[capture]` section, except: the limiter
+/// never sheds at this load, shutdown is bounded, and the admin port cannot clash with a running
+/// Forge.
+fn gateway_config(sim_base_url: &str, capture: &str) -> String {
     format!(
         r#"
 [server]
@@ -97,7 +280,7 @@ max_in_flight = 100000
 shutdown_grace_secs = 1
 
 [capture]
-data_dir = {capture_dir:?}
+{capture}
 
 [[upstreams]]
 name = "sim"
@@ -110,6 +293,53 @@ teacher = {{ upstream = "sim", model = "{SIM_MODEL}" }}
     )
 }
 
+/// Waits for each capturing gateway's queue to empty, reads its counters, shuts every gateway
+/// down, then counts what reached each store.
+async fn settle(subjects: Vec<Subject>, results: &[CellResult]) -> Vec<Account> {
+    let mut accounts = Vec::new();
+    let mut stores = Vec::new();
+    for subject in &subjects {
+        let Some(gateway) = &subject.gateway else {
+            continue;
+        };
+        if !Variant::CAPTURING.contains(&subject.variant) {
+            continue;
+        }
+        let served = results
+            .iter()
+            .map(|r| r.stats(subject.variant).requests)
+            .sum();
+        accounts.push(Account {
+            variant: subject.variant,
+            served,
+            counters: drained_counters(gateway).await,
+            stored: None,
+        });
+        stores.push(gateway.store().cloned());
+    }
+    for subject in subjects {
+        if let Some(gateway) = subject.gateway {
+            gateway.shutdown().await;
+        }
+    }
+    for (account, store) in accounts.iter_mut().zip(stores) {
+        account.stored = store.and_then(|s| s.trace_count().ok());
+    }
+    accounts
+}
+
+/// The counters once nothing is pending, or as they stand at the deadline.
+async fn drained_counters(gateway: &RunningGateway) -> Option<forge_layer::store::CounterSnapshot> {
+    let deadline = tokio::time::Instant::now() + DRAIN_DEADLINE;
+    loop {
+        let counters = gateway.capture_counters()?;
+        if counters.pending == 0 || tokio::time::Instant::now() >= deadline {
+            return Some(counters);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 fn ms(d: Option<Duration>) -> String {
     d.map_or_else(|| "n/a".into(), |d| format!("{:.3}", millis(d)))
 }
@@ -118,13 +348,18 @@ fn signed_ms(value: Option<f64>) -> String {
     value.map_or_else(|| "n/a".into(), |v| format!("{v:+.3}"))
 }
 
+fn signed_pct(value: Option<f64>) -> String {
+    value.map_or_else(|| "n/a".into(), |v| format!("{v:+.1}%"))
+}
+
 fn stats_line(name: &str, mode: Mode, stats: &Stats) -> String {
     let mut line = format!(
-        "  {name:<6} p50 {:>8} ms  p99 {:>8} ms  {:>9.0} req/s  errors {}",
+        "  {name:<7} p50 {:>8} ms  p99 {:>8} ms  {:>9.0} req/s  errors {}  conns {}",
         ms(stats.latency.p50()),
         ms(stats.latency.p99()),
         stats.throughput(),
         stats.errors,
+        stats.connections,
     );
     if mode == Mode::Stream {
         line += &format!("  ttfb p50 {} ms", ms(stats.first_byte.p50()));
@@ -135,111 +370,309 @@ fn stats_line(name: &str, mode: Mode, stats: &Stats) -> String {
     line
 }
 
-fn print_cell(c: &Comparison) {
-    println!("{}", c.cell);
-    println!("{}", stats_line("direct", c.cell.mode, &c.direct));
-    println!("{}", stats_line("forge", c.cell.mode, &c.forge));
+fn print_cell(r: &CellResult) {
+    println!("{}", r.cell);
+    for variant in Variant::ALL {
+        println!(
+            "{}",
+            stats_line(variant.label(), r.cell.mode, r.stats(variant))
+        );
+    }
+    let ratios: Vec<String> = Variant::FORGE
+        .iter()
+        .map(|&v| {
+            let c = r.compare(Variant::Direct, v);
+            format!("{} {:.1}%", v.label(), c.throughput_pct())
+        })
+        .collect();
+    println!("  throughput vs direct: {}", ratios.join("  "));
+    let off = r.compare(Variant::Direct, Variant::CaptureOff);
     println!(
-        "  forge/direct throughput {:.1}%  added p50 {} ms  added p99 {} ms  connections {}/{}",
-        c.throughput_pct(),
-        signed_ms(c.added_p50_ms()),
-        signed_ms(c.added_p99_ms()),
-        c.direct.connections,
-        c.forge.connections,
+        "  off over direct:     p50 {} ms  p99 {} ms",
+        signed_ms(off.added_p50_ms()),
+        signed_ms(off.added_p99_ms()),
     );
+    for variant in Variant::CAPTURING {
+        let c = r.compare(Variant::CaptureOff, variant);
+        println!(
+            "  {:<7} over off:    p50 {} ms ({})  p99 {} ms ({})",
+            variant.label(),
+            signed_ms(c.added_p50_ms()),
+            signed_pct(c.added_p50_pct()),
+            signed_ms(c.added_p99_ms()),
+            signed_pct(c.added_p99_pct()),
+        );
+    }
 }
 
-fn find(results: &[Comparison], mode: Mode, concurrency: usize) -> Option<&Comparison> {
+fn find(results: &[CellResult], mode: Mode, concurrency: usize) -> Option<&CellResult> {
     results
         .iter()
-        .find(|c| c.cell == Cell { mode, concurrency })
+        .find(|r| r.cell == Cell { mode, concurrency })
 }
 
 fn verdict(met: Option<bool>) -> &'static str {
     match met {
         Some(true) => "PASS",
         Some(false) => "MISS",
-        None => "n/a",
+        None => "n/a ",
     }
 }
 
-/// The issue's targets, reported, not asserted: a loaded CI box should not fail the build.
-fn print_targets(results: &[Comparison]) {
+/// The issues' targets, reported, not asserted: a loaded CI box should not fail the build.
+fn print_targets(results: &[CellResult], accounts: &[Account]) {
     println!();
     println!("Targets");
-    let keep = find(results, Mode::NonStream, 64).map(Comparison::throughput_pct);
+    let keep = find(results, Mode::NonStream, 64).map(|r| {
+        r.compare(Variant::Direct, Variant::CaptureOff)
+            .throughput_pct()
+    });
     println!(
-        "  {}  non-stream c=64: forge keeps >= 35% of direct throughput ({})",
-        verdict(keep.map(|pct| pct >= 35.0)),
+        "  {}  non-stream c=64: forge (capture off) keeps >= {MIN_THROUGHPUT_PCT_AT_64}% of direct throughput ({})",
+        verdict(keep.map(|pct| pct >= MIN_THROUGHPUT_PCT_AT_64)),
         keep.map_or_else(|| "n/a".into(), |pct| format!("{pct:.1}%")),
     );
     for mode in Mode::ALL {
-        let cell = find(results, mode, 16);
-        let p50 = cell.and_then(Comparison::added_p50_ms);
-        let p99 = cell.and_then(Comparison::added_p99_ms);
         let label = mode.label();
+        let cell = find(results, mode, 16);
+        let off = cell.map(|r| r.compare(Variant::Direct, Variant::CaptureOff));
+        let p50 = off.and_then(|c| c.added_p50_ms());
+        let p99 = off.and_then(|c| c.added_p99_ms());
         println!(
-            "  {}  {label} c=16: forge adds <= 0.3 ms at p50 ({} ms)",
-            verdict(p50.map(|v| v <= 0.3)),
+            "  {}  {label} c=16: forge (capture off) adds <= {MAX_ADDED_P50_MS_AT_16} ms at p50 over direct ({} ms)",
+            verdict(p50.map(|v| v <= MAX_ADDED_P50_MS_AT_16)),
             signed_ms(p50)
         );
         println!(
-            "  {}  {label} c=16: forge adds <= 1 ms at p99 ({} ms)",
-            verdict(p99.map(|v| v <= 1.0)),
+            "  {}  {label} c=16: forge (capture off) adds <= {MAX_ADDED_P99_MS_AT_16} ms at p99 over direct ({} ms)",
+            verdict(p99.map(|v| v <= MAX_ADDED_P99_MS_AT_16)),
             signed_ms(p99)
+        );
+    }
+    for mode in Mode::ALL {
+        let label = mode.label();
+        let cell = find(results, mode, 16);
+        let noise = cell
+            .and_then(|r| r.p50_spread_pct(Variant::CaptureOff))
+            .map_or_else(String::new, |pct| {
+                format!("; capture-off p50 moved {pct:.1}% between rounds")
+            });
+        let capture = cell.map(|r| r.compare(Variant::CaptureOff, Variant::Async));
+        for (name, pct, added) in [
+            (
+                "p50",
+                capture.and_then(|c| c.added_p50_pct()),
+                capture.and_then(|c| c.added_p50_ms()),
+            ),
+            (
+                "p99",
+                capture.and_then(|c| c.added_p99_pct()),
+                capture.and_then(|c| c.added_p99_ms()),
+            ),
+        ] {
+            println!(
+                "  {}  {label} c=16: async capture adds <= {MAX_ASYNC_ADDED_PCT_AT_16}% at {name} over capture off ({}, {} ms{noise})",
+                verdict(pct.map(|v| v <= MAX_ASYNC_ADDED_PCT_AT_16)),
+                signed_pct(pct),
+                signed_ms(added),
+            );
+        }
+    }
+    let drops: Vec<String> = accounts
+        .iter()
+        .map(|a| format!("{} {}", a.variant.label(), a.dropped()))
+        .collect();
+    println!(
+        "  {}  no dropped traces ({})",
+        verdict(Some(accounts.iter().all(|a| a.dropped() == 0))),
+        drops.join(", ")
+    );
+}
+
+fn print_accounts(accounts: &[Account]) {
+    println!();
+    println!("Capture counters at the end (after the queues drained)");
+    for a in accounts {
+        let counters = a.counters.map_or_else(
+            || "no counters".into(),
+            |c| {
+                format!(
+                    "eligible {} captured {} dropped {} failed {} pending {}",
+                    c.eligible, c.captured, c.dropped, c.failed, c.pending
+                )
+            },
+        );
+        let stored = a
+            .stored
+            .map_or_else(|| "n/a".into(), |n: u64| n.to_string());
+        println!(
+            "  {:<7} {counters}; client-completed {}; stored {stored}  {}",
+            a.variant.label(),
+            a.served,
+            if a.balanced() { "OK" } else { "MISMATCH" },
+        );
+    }
+    for a in accounts.iter().filter(|a| a.dropped() > 0) {
+        eprintln!();
+        eprintln!(
+            "!!!!!!!! {}: {} TRACES DROPPED: the capture queue overflowed at this load !!!!!!!!",
+            a.variant.label(),
+            a.dropped()
+        );
+    }
+    for a in accounts.iter().filter(|a| !a.balanced()) {
+        eprintln!();
+        eprintln!(
+            "!!!!!!!! {}: CAPTURE COUNTS DO NOT ADD UP (client-completed {}, counters {:?}, stored {:?}) !!!!!!!!",
+            a.variant.label(),
+            a.served,
+            a.counters,
+            a.stored
         );
     }
 }
 
-fn print_markdown(results: &[Comparison], timing: Timing) {
+fn print_markdown(results: &[CellResult], accounts: &[Account], plan: Plan) {
+    println!();
+    println!("Direct vs Forge with capture off:");
     println!();
     println!(
         "| mode | conns | direct req/s | forge req/s | forge/direct | direct p50 ms | forge p50 ms | added p50 ms | direct p99 ms | forge p99 ms | added p99 ms | errors |"
     );
     println!("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
-    for c in results {
+    for r in results {
+        let direct = r.stats(Variant::Direct);
+        let off = r.stats(Variant::CaptureOff);
+        let c = r.compare(Variant::Direct, Variant::CaptureOff);
         println!(
             "| {} | {} | {:.0} | {:.0} | {:.1}% | {} | {} | {} | {} | {} | {} | {} |",
-            c.cell.mode.label(),
-            c.cell.concurrency,
-            c.direct.throughput(),
-            c.forge.throughput(),
+            r.cell.mode.label(),
+            r.cell.concurrency,
+            direct.throughput(),
+            off.throughput(),
             c.throughput_pct(),
-            ms(c.direct.latency.p50()),
-            ms(c.forge.latency.p50()),
+            ms(direct.latency.p50()),
+            ms(off.latency.p50()),
             signed_ms(c.added_p50_ms()),
-            ms(c.direct.latency.p99()),
-            ms(c.forge.latency.p99()),
+            ms(direct.latency.p99()),
+            ms(off.latency.p99()),
             signed_ms(c.added_p99_ms()),
-            c.errors(),
+            direct.errors + off.errors,
+        );
+    }
+    println!();
+    println!("Forge with capture off vs `async` vs `durable` (added latency is over capture off):");
+    println!();
+    println!(
+        "| mode | conns | req/s off / async / durable | % of direct off / async / durable | off p50 ms | async p50 ms | durable p50 ms | off p99 ms | async p99 ms | durable p99 ms | errors |"
+    );
+    println!("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    for r in results {
+        let throughput = Variant::FORGE
+            .map(|v| format!("{:.0}", r.stats(v).throughput()))
+            .join(" / ");
+        let share = Variant::FORGE
+            .map(|v| format!("{:.1}%", r.compare(Variant::Direct, v).throughput_pct()))
+            .join(" / ");
+        let off = r.stats(Variant::CaptureOff);
+        let with_added = |variant: Variant, p99: bool| {
+            let c = r.compare(Variant::CaptureOff, variant);
+            let (value, added_ms, added_pct) = if p99 {
+                (
+                    c.candidate.latency.p99(),
+                    c.added_p99_ms(),
+                    c.added_p99_pct(),
+                )
+            } else {
+                (
+                    c.candidate.latency.p50(),
+                    c.added_p50_ms(),
+                    c.added_p50_pct(),
+                )
+            };
+            format!(
+                "{} ({}, {})",
+                ms(value),
+                signed_ms(added_ms),
+                signed_pct(added_pct)
+            )
+        };
+        println!(
+            "| {} | {} | {throughput} | {share} | {} | {} | {} | {} | {} | {} | {} |",
+            r.cell.mode.label(),
+            r.cell.concurrency,
+            ms(off.latency.p50()),
+            with_added(Variant::Async, false),
+            with_added(Variant::Durable, false),
+            ms(off.latency.p99()),
+            with_added(Variant::Async, true),
+            with_added(Variant::Durable, true),
+            r.stats(Variant::Async).errors + r.stats(Variant::Durable).errors,
+        );
+    }
+    println!();
+    println!("Capture counters at the end of the run:");
+    println!();
+    println!(
+        "| gateway | client-completed | eligible | captured | dropped | failed | stored | adds up |"
+    );
+    println!("|---|--:|--:|--:|--:|--:|--:|---|");
+    for a in accounts {
+        let field = |f: fn(&forge_layer::store::CounterSnapshot) -> u64| {
+            a.counters
+                .as_ref()
+                .map_or_else(|| "n/a".into(), |c| f(c).to_string())
+        };
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            a.variant.label(),
+            a.served,
+            field(|c| c.eligible),
+            field(|c| c.captured),
+            field(|c| c.dropped),
+            field(|c| c.failed),
+            a.stored.map_or_else(|| "n/a".into(), |n| n.to_string()),
+            if a.balanced() { "yes" } else { "NO" },
         );
     }
     println!();
     println!(
-        "Command: {ENV_FORGE_BENCH_SECS}={} cargo bench -p forge-benches --bench load  ({} s warm-up per run; {} cores)",
-        timing.measure.as_secs_f64(),
-        timing.warmup.as_secs_f64(),
+        "Command: {ENV_FORGE_BENCH_SECS}={} cargo bench -p forge-benches --bench load  ({} rounds of {} s per target and cell, each after {} s of warm-up; {} cores)",
+        plan.timing.measure.as_secs_f64() * plan.rounds as f64,
+        plan.rounds,
+        plan.timing.measure.as_secs_f64(),
+        plan.timing.warmup.as_secs_f64(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
 }
 
-/// Figures from a run with errors are not comparable, so errors fail the run, loudly.
-fn report_errors(results: &[Comparison]) -> ExitCode {
-    let errors: u64 = results.iter().map(Comparison::errors).sum();
-    if errors == 0 {
-        return ExitCode::SUCCESS;
-    }
-    eprintln!();
-    eprintln!("!!!!!!!! {errors} REQUEST ERRORS: these figures are not valid !!!!!!!!");
-    for c in results.iter().filter(|c| c.errors() > 0) {
-        for (name, stats) in [("direct", &c.direct), ("forge", &c.forge)] {
-            if let Some(error) = &stats.first_error {
-                eprintln!(
-                    "  {} {name}: {} errors, first: {error}",
-                    c.cell, stats.errors
-                );
+/// Figures from a run with errors are not comparable, and counts that do not add up are a
+/// capture bug, so both fail the run, loudly. Drops fail only the smoke test: under a measured
+/// load they are a missed target, reported above.
+fn verdict_exit(results: &[CellResult], accounts: &[Account], measuring: bool) -> ExitCode {
+    let errors: u64 = results.iter().map(CellResult::errors).sum();
+    if errors > 0 {
+        eprintln!();
+        eprintln!("!!!!!!!! {errors} REQUEST ERRORS: these figures are not valid !!!!!!!!");
+        for r in results.iter().filter(|r| r.errors() > 0) {
+            for variant in Variant::ALL {
+                let stats = r.stats(variant);
+                if let Some(error) = &stats.first_error {
+                    eprintln!(
+                        "  {} {}: {} errors, first: {error}",
+                        r.cell,
+                        variant.label(),
+                        stats.errors
+                    );
+                }
             }
         }
     }
-    ExitCode::FAILURE
+    let unbalanced = accounts.iter().any(|a| !a.balanced());
+    let dropped = accounts.iter().any(|a| a.dropped() > 0);
+    if errors > 0 || unbalanced || (dropped && !measuring) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }

@@ -1,8 +1,13 @@
-//! Load-bench support: a closed-loop HTTP load generator with latency percentiles.
+//! Bench support: a closed-loop HTTP load generator with latency percentiles, and the criterion benches' fixtures.
 //!
 //! Each worker owns one keep-alive HTTP/1.1 connection and sends chat completions back-to-back,
 //! so the offered load is exactly `concurrency` requests in flight. [`run`] loads one target
-//! and returns its [`Stats`]; [`Comparison`] sets a direct run beside a run through Forge.
+//! and returns its [`Stats`]; [`Stats::pooled`] joins several runs of one target, and
+//! [`Comparison`] sets a candidate (say, Forge with capture on) beside a baseline (direct, or
+//! Forge with capture off). [`fixtures`] and [`recorder`] serve the criterion benches.
+
+pub mod fixtures;
+pub mod recorder;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -18,7 +23,7 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-/// Seconds measured per run (one target, one cell); fractions allowed.
+/// Seconds measured per target and cell, split over the bench's rounds; fractions allowed.
 pub const ENV_FORGE_BENCH_SECS: &str = "FORGE_BENCH_SECS";
 
 const CHAT_PATH: &str = "/v1/chat/completions";
@@ -164,7 +169,7 @@ struct Sample {
 }
 
 /// Sorted durations, for nearest-rank percentiles.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Distribution(Vec<Duration>);
 
 impl Distribution {
@@ -172,6 +177,16 @@ impl Distribution {
     pub fn new(mut samples: Vec<Duration>) -> Self {
         samples.sort_unstable();
         Self(samples)
+    }
+
+    /// All the samples of several distributions in one.
+    pub fn pooled<'a>(parts: impl IntoIterator<Item = &'a Distribution>) -> Self {
+        Self::new(
+            parts
+                .into_iter()
+                .flat_map(|d| d.0.iter().copied())
+                .collect(),
+        )
     }
 
     /// How many samples.
@@ -217,9 +232,26 @@ pub struct Stats {
     pub connections: u64,
     /// The measured window.
     pub window: Duration,
+    /// Every successful request, warm-up and stragglers after the window included: what the
+    /// server completed, for checking its own count (say, of captured traces) against.
+    pub requests: u64,
 }
 
 impl Stats {
+    /// Several runs of one target and cell as one: samples, errors, connections and windows
+    /// added up, so throughput is over the total window.
+    pub fn pooled<'a>(runs: impl IntoIterator<Item = &'a Stats> + Clone) -> Stats {
+        Stats {
+            latency: Distribution::pooled(runs.clone().into_iter().map(|s| &s.latency)),
+            first_byte: Distribution::pooled(runs.clone().into_iter().map(|s| &s.first_byte)),
+            errors: runs.clone().into_iter().map(|s| s.errors).sum(),
+            first_error: runs.clone().into_iter().find_map(|s| s.first_error.clone()),
+            connections: runs.clone().into_iter().map(|s| s.connections).sum(),
+            window: runs.clone().into_iter().map(|s| s.window).sum(),
+            requests: runs.into_iter().map(|s| s.requests).sum(),
+        }
+    }
+
     /// Completed requests per second over the window.
     pub fn throughput(&self) -> f64 {
         let secs = self.window.as_secs_f64();
@@ -257,6 +289,7 @@ impl Tally {
 
     fn into_stats(self, window_start: Instant, window: Duration) -> Stats {
         let window_end = window_start + window;
+        let requests = self.samples.len() as u64;
         let measured: Vec<Sample> = self
             .samples
             .into_iter()
@@ -269,6 +302,7 @@ impl Tally {
             first_error: self.first_error,
             connections: self.connections,
             window,
+            requests,
         }
     }
 }
@@ -406,46 +440,55 @@ impl Tail {
     }
 }
 
-/// The same cell run direct to the upstream and through Forge.
-#[derive(Debug, Clone)]
-pub struct Comparison {
-    /// What was run.
-    pub cell: Cell,
-    /// Straight to the upstream.
-    pub direct: Stats,
-    /// Through the gateway.
-    pub forge: Stats,
+/// One cell's figures for a candidate beside its baseline: Forge beside direct, or Forge with
+/// capture on beside Forge with capture off.
+#[derive(Debug, Clone, Copy)]
+pub struct Comparison<'a> {
+    /// What the candidate is measured against.
+    pub baseline: &'a Stats,
+    /// What is measured.
+    pub candidate: &'a Stats,
 }
 
-impl Comparison {
-    /// Forge throughput as a percentage of direct.
+impl Comparison<'_> {
+    /// Candidate throughput as a percentage of the baseline's.
     pub fn throughput_pct(&self) -> f64 {
-        let direct = self.direct.throughput();
-        if direct > 0.0 {
-            100.0 * self.forge.throughput() / direct
+        let baseline = self.baseline.throughput();
+        if baseline > 0.0 {
+            100.0 * self.candidate.throughput() / baseline
         } else {
             0.0
         }
     }
 
-    /// Milliseconds Forge adds at the median; negative when Forge measured faster.
+    /// Milliseconds the candidate adds at the median; negative when it measured faster.
     pub fn added_p50_ms(&self) -> Option<f64> {
-        added_ms(self.direct.latency.p50(), self.forge.latency.p50())
+        added_ms(self.baseline.latency.p50(), self.candidate.latency.p50())
     }
 
-    /// Milliseconds Forge adds at p99.
+    /// Milliseconds the candidate adds at p99.
     pub fn added_p99_ms(&self) -> Option<f64> {
-        added_ms(self.direct.latency.p99(), self.forge.latency.p99())
+        added_ms(self.baseline.latency.p99(), self.candidate.latency.p99())
     }
 
-    /// Errors on both sides.
-    pub fn errors(&self) -> u64 {
-        self.direct.errors + self.forge.errors
+    /// What the candidate adds at the median, as a percentage of the baseline's median.
+    pub fn added_p50_pct(&self) -> Option<f64> {
+        added_pct(self.baseline.latency.p50(), self.candidate.latency.p50())
+    }
+
+    /// What the candidate adds at p99, as a percentage of the baseline's p99.
+    pub fn added_p99_pct(&self) -> Option<f64> {
+        added_pct(self.baseline.latency.p99(), self.candidate.latency.p99())
     }
 }
 
-fn added_ms(direct: Option<Duration>, forge: Option<Duration>) -> Option<f64> {
-    Some(millis(forge?) - millis(direct?))
+fn added_pct(baseline: Option<Duration>, candidate: Option<Duration>) -> Option<f64> {
+    let (baseline, candidate) = (millis(baseline?), millis(candidate?));
+    (baseline > 0.0).then(|| 100.0 * (candidate - baseline) / baseline)
+}
+
+fn added_ms(baseline: Option<Duration>, candidate: Option<Duration>) -> Option<f64> {
+    Some(millis(candidate?) - millis(baseline?))
 }
 
 /// A duration in milliseconds, for printing.
@@ -493,6 +536,55 @@ mod tests {
         assert_eq!(one.percentile(0), Some(Duration::from_millis(7)));
         assert_eq!(one.p99(), Some(Duration::from_millis(7)));
         assert_eq!(ms([1, 2]).percentile(250), Some(Duration::from_millis(2)));
+    }
+
+    fn stats(latencies_ms: &[u64], window_ms: u64) -> Stats {
+        Stats {
+            latency: ms(latencies_ms.iter().copied()),
+            window: Duration::from_millis(window_ms),
+            requests: latencies_ms.len() as u64,
+            ..Stats::default()
+        }
+    }
+
+    #[test]
+    fn pooled_runs_add_up_samples_and_windows() {
+        let mut first = stats(&[1, 3], 1000);
+        first.errors = 1;
+        first.first_error = Some("first".into());
+        let mut second = stats(&[2, 4, 5, 6], 2000);
+        second.first_error = Some("second".into());
+        second.connections = 4;
+        let pooled = Stats::pooled([&first, &second]);
+        assert_eq!(pooled.latency, ms([1, 2, 3, 4, 5, 6]));
+        assert_eq!(pooled.window, Duration::from_millis(3000));
+        assert_eq!(pooled.throughput(), 2.0);
+        assert_eq!(
+            (pooled.errors, pooled.connections, pooled.requests),
+            (1, 4, 6)
+        );
+        assert_eq!(pooled.first_error.as_deref(), Some("first"));
+    }
+
+    #[test]
+    fn comparison_reports_ratio_and_added_latency() {
+        let baseline = stats(&[10, 10, 20], 1000);
+        let candidate = stats(&[11, 12, 25], 2000);
+        let c = Comparison {
+            baseline: &baseline,
+            candidate: &candidate,
+        };
+        assert_eq!(c.throughput_pct(), 50.0);
+        assert_eq!(c.added_p50_ms(), Some(2.0));
+        assert_eq!(c.added_p50_pct(), Some(20.0));
+        assert_eq!(c.added_p99_ms(), Some(5.0));
+        assert_eq!(c.added_p99_pct(), Some(25.0));
+        let empty = Stats::default();
+        let none = Comparison {
+            baseline: &empty,
+            candidate: &candidate,
+        };
+        assert_eq!((none.throughput_pct(), none.added_p50_pct()), (0.0, None));
     }
 
     #[test]

@@ -29,7 +29,12 @@ impl GoldenPolicy {
     }
 
     /// Whether the trace is golden, given its latest feedback and evaluation.
-    pub fn is_golden(&self, trace: &Trace, feedback: Option<&Feedback>, evaluation: Option<&Evaluation>) -> bool {
+    pub fn is_golden(
+        &self,
+        trace: &Trace,
+        feedback: Option<&Feedback>,
+        evaluation: Option<&Evaluation>,
+    ) -> bool {
         if !self.is_candidate(trace) {
             return false;
         }
@@ -37,7 +42,9 @@ impl GoldenPolicy {
             return false;
         }
         let approved = feedback.and_then(|f| f.approved) == Some(true);
-        let feedback_score = feedback.and_then(|f| f.score).is_some_and(|s| s > self.min_score);
+        let feedback_score = feedback
+            .and_then(|f| f.score)
+            .is_some_and(|s| s > self.min_score);
         let evaluation_score = evaluation.is_some_and(|e| e.score > self.min_score);
         approved || feedback_score || evaluation_score
     }
@@ -68,7 +75,10 @@ mod tests {
             response: FinalResponse {
                 choices: vec![FinalChoice {
                     index: 0,
-                    message: AssistantMessage { content: Some("x".into()), ..Default::default() },
+                    message: AssistantMessage {
+                        content: Some("x".into()),
+                        ..Default::default()
+                    },
                     finish_reason: Some(finish.into()),
                 }],
                 complete: true,
@@ -82,11 +92,22 @@ mod tests {
     }
 
     fn feedback(t: &Trace, score: Option<f64>, approved: Option<bool>) -> Feedback {
-        Feedback { trace_id: t.id, score, approved, comment: None, time_ms: 0 }
+        Feedback {
+            trace_id: t.id,
+            score,
+            approved,
+            comment: None,
+            time_ms: 0,
+        }
     }
 
     fn eval(t: &Trace, score: f64) -> Evaluation {
-        Evaluation { trace_id: t.id, score, source: "judge".into(), time_ms: 0 }
+        Evaluation {
+            trace_id: t.id,
+            score,
+            source: "judge".into(),
+            time_ms: 0,
+        }
     }
 
     #[test]
@@ -95,10 +116,20 @@ mod tests {
         let good = trace(Outcome::Completed, 200, "stop", Arm::Teacher);
         assert!(!p.is_golden(&good, None, None), "ungraded is not golden");
         assert!(p.is_golden(&good, Some(&feedback(&good, Some(95.0), None)), None));
-        assert!(!p.is_golden(&good, Some(&feedback(&good, Some(90.0), None)), None), "above 90, not at 90");
+        assert!(
+            !p.is_golden(&good, Some(&feedback(&good, Some(90.0), None)), None),
+            "above 90, not at 90"
+        );
         assert!(p.is_golden(&good, Some(&feedback(&good, None, Some(true))), None));
         assert!(p.is_golden(&good, None, Some(&eval(&good, 91.0))));
-        assert!(!p.is_golden(&good, Some(&feedback(&good, None, Some(false))), Some(&eval(&good, 99.0))), "a rejection wins");
+        assert!(
+            !p.is_golden(
+                &good,
+                Some(&feedback(&good, None, Some(false))),
+                Some(&eval(&good, 99.0))
+            ),
+            "a rejection wins"
+        );
         let high = Some(feedback(&good, Some(99.0), Some(true)));
         for bad in [
             trace(Outcome::Errored, 200, "stop", Arm::Teacher),
@@ -107,7 +138,11 @@ mod tests {
             trace(Outcome::Completed, 200, "stop", Arm::Student(0)),
             trace(Outcome::Truncated, 200, "stop", Arm::Teacher),
         ] {
-            assert!(!p.is_golden(&bad, high.as_ref(), None), "{:?}", (bad.outcome, bad.status, bad.arm));
+            assert!(
+                !p.is_golden(&bad, high.as_ref(), None),
+                "{:?}",
+                (bad.outcome, bad.status, bad.arm)
+            );
         }
     }
 }

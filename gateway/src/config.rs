@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use forge_layer::distill::{EvalMethod, Hyperparameters};
 use forge_layer::guard::GuardConfig;
 use forge_layer::redact::Kind;
 use forge_layer::store::{CaptureMode, WriterConfig};
@@ -47,6 +48,11 @@ struct RawConfig {
     routes: Vec<RouteSpec>,
     #[serde(default)]
     guard: RawGuard,
+    #[serde(default)]
+    distill: Vec<RawDistill>,
+    #[serde(default)]
+    distiller: RawDistiller,
+    judge: Option<RawJudge>,
     #[serde(default)]
     capture: RawCapture,
     #[serde(default)]
@@ -178,6 +184,181 @@ impl Default for RawGuard {
     }
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDistill {
+    route: String,
+    student_base_model: String,
+    provider: String,
+    upstream: String,
+    #[serde(default = "default_trigger_threshold")]
+    trigger_threshold: u64,
+    #[serde(default = "default_min_examples")]
+    min_examples: u64,
+    #[serde(default = "default_schedule")]
+    schedule: String,
+    #[serde(default = "default_golden_min_score")]
+    golden_min_score: f64,
+    #[serde(default = "default_eval_min_score")]
+    eval_min_score: f64,
+    eval_method: Option<EvalMethod>,
+    #[serde(default = "default_eval_max_prompts")]
+    eval_max_prompts: usize,
+    #[serde(default = "default_initial_canary")]
+    initial_canary_percent: f64,
+    suffix: Option<String>,
+    tenant: Option<String>,
+    #[serde(default = "default_validation_percent")]
+    validation_percent: f64,
+    #[serde(default = "default_max_key_share")]
+    max_key_share: f64,
+    #[serde(default)]
+    hyperparameters: Hyperparameters,
+    azure: Option<toml::Table>,
+    kubernetes: Option<toml::Table>,
+}
+
+fn default_trigger_threshold() -> u64 {
+    500
+}
+fn default_min_examples() -> u64 {
+    100
+}
+fn default_schedule() -> String {
+    "0 0 2 * * *".into()
+}
+fn default_golden_min_score() -> f64 {
+    90.0
+}
+fn default_eval_min_score() -> f64 {
+    80.0
+}
+fn default_eval_max_prompts() -> usize {
+    20
+}
+fn default_initial_canary() -> f64 {
+    10.0
+}
+fn default_validation_percent() -> f64 {
+    10.0
+}
+fn default_max_key_share() -> f64 {
+    0.5
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawDistiller {
+    check_every_secs: f64,
+    poll_initial_secs: f64,
+    poll_max_secs: f64,
+    dataset_url: Option<String>,
+}
+
+impl Default for RawDistiller {
+    fn default() -> Self {
+        Self {
+            check_every_secs: 60.0,
+            poll_initial_secs: 10.0,
+            poll_max_secs: 60.0,
+            dataset_url: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJudge {
+    upstream: String,
+    model: String,
+    #[serde(default = "default_sample_percent")]
+    sample_percent: f64,
+    #[serde(default = "default_per_minute")]
+    max_per_minute: u32,
+    #[serde(default = "default_per_day")]
+    max_per_day: u32,
+}
+
+fn default_sample_percent() -> f64 {
+    10.0
+}
+fn default_per_minute() -> u32 {
+    60
+}
+fn default_per_day() -> u32 {
+    5000
+}
+
+/// `[[distill]]`: one route's distillation, validated; the provider is built at start, once
+/// simulated upstreams have addresses.
+#[derive(Debug, Clone)]
+pub struct DistillConfig {
+    /// The route alias.
+    pub route: String,
+    /// The student base model.
+    pub base_model: String,
+    /// `openai`, `azure`, `kubernetes` or `sim`.
+    pub provider: String,
+    /// The upstream where the provider's API lives (openai, sim) and where students are served.
+    pub upstream: String,
+    /// Provider-specific settings (`[distill.azure]`, `[distill.kubernetes]`).
+    pub provider_settings: Option<toml::Table>,
+    /// New golden examples that start a job.
+    pub trigger_threshold: u64,
+    /// Fewest examples a dataset needs.
+    pub min_examples: u64,
+    /// The cron schedule, if any.
+    pub schedule: Option<cron::Schedule>,
+    /// Golden threshold.
+    pub golden_min_score: f64,
+    /// The held-out gate.
+    pub eval_min_score: f64,
+    /// How the gate scores.
+    pub eval_method: EvalMethod,
+    /// How many prompts the gate replays.
+    pub eval_max_prompts: usize,
+    /// The share a new student starts at.
+    pub initial_canary_percent: f64,
+    /// Model name suffix.
+    pub suffix: Option<String>,
+    /// Only this tenant's traces.
+    pub tenant: Option<String>,
+    /// Validation split, percent.
+    pub validation_percent: f64,
+    /// The most one client key may contribute.
+    pub max_key_share: f64,
+    /// Hyperparameters.
+    pub hyperparameters: Hyperparameters,
+}
+
+/// `[distiller]`.
+#[derive(Debug, Clone)]
+pub struct DistillerConfig {
+    /// How often thresholds and schedules are checked.
+    pub check_every: Duration,
+    /// First wait between provider polls.
+    pub poll_initial: Duration,
+    /// Longest wait between provider polls.
+    pub poll_max: Duration,
+    /// The admin API's public base URL, for remote trainers to fetch datasets from.
+    pub dataset_url: Option<String>,
+}
+
+/// `[judge]`.
+#[derive(Debug, Clone)]
+pub struct JudgeConfig {
+    /// The upstream.
+    pub upstream: String,
+    /// The model.
+    pub model: String,
+    /// Share of new teacher traces judged, percent.
+    pub sample_percent: f64,
+    /// Judgements per minute at most.
+    pub max_per_minute: u32,
+    /// Judgements per day at most (the cost cap).
+    pub max_per_day: u32,
+}
+
 /// When the `[[routes]]` of the config file are used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -205,6 +386,12 @@ pub struct Config {
     pub clients: Vec<ClientConfig>,
     /// `[guard]`: `None` when the canary guard is off.
     pub guard: Option<GuardConfig>,
+    /// `[[distill]]`.
+    pub distill: Vec<DistillConfig>,
+    /// `[distiller]`.
+    pub distiller: DistillerConfig,
+    /// `[judge]`.
+    pub judge: Option<JudgeConfig>,
 }
 
 /// `[capture]`.
@@ -406,12 +593,23 @@ impl Config {
         })?;
         let capture = validate_capture(raw.capture)?;
         let guard = validate_guard(raw.guard)?;
+        let judge = validate_judge(raw.judge, &upstreams)?;
+        let distill = validate_distill(raw.distill, &upstreams, &routes, judge.is_some())?;
+        let distiller = validate_distiller(raw.distiller)?;
+        if !distill.is_empty() && capture.is_none() {
+            return Err(invalid(
+                "[[distill]] needs capture: its datasets are built from captured traces",
+            ));
+        }
         let clients = validate_clients(raw.clients)?;
 
         Ok(Config {
             capture,
             clients,
             guard,
+            distill,
+            distiller,
+            judge,
             server: ServerConfig {
                 admin_listen,
                 routes_from_config: raw.server.routes_from_config,
@@ -511,6 +709,154 @@ fn validate_guard(raw: RawGuard) -> Result<Option<GuardConfig>, ConfigError> {
         max_failed_checks: raw.max_failed_checks,
         manual: raw.manual.into_iter().collect(),
     }))
+}
+
+fn secs(key: &str, value: f64) -> Result<Duration, ConfigError> {
+    if value.is_finite() && value > 0.0 {
+        Ok(Duration::from_secs_f64(value))
+    } else {
+        Err(invalid(format!(
+            "{key} must be a positive number of seconds"
+        )))
+    }
+}
+
+fn validate_distiller(raw: RawDistiller) -> Result<DistillerConfig, ConfigError> {
+    Ok(DistillerConfig {
+        check_every: secs("distiller.check_every_secs", raw.check_every_secs)?,
+        poll_initial: secs("distiller.poll_initial_secs", raw.poll_initial_secs)?,
+        poll_max: secs("distiller.poll_max_secs", raw.poll_max_secs)?,
+        dataset_url: raw.dataset_url.filter(|u| !u.is_empty()),
+    })
+}
+
+fn validate_judge(
+    raw: Option<RawJudge>,
+    upstreams: &[UpstreamConfig],
+) -> Result<Option<JudgeConfig>, ConfigError> {
+    let Some(raw) = raw else { return Ok(None) };
+    if !upstreams.iter().any(|u| u.name == raw.upstream) {
+        return Err(invalid(format!(
+            "judge.upstream names unknown upstream `{}`",
+            raw.upstream
+        )));
+    }
+    if !(0.0..=100.0).contains(&raw.sample_percent) {
+        return Err(invalid("judge.sample_percent must be 0–100"));
+    }
+    Ok(Some(JudgeConfig {
+        upstream: raw.upstream,
+        model: raw.model,
+        sample_percent: raw.sample_percent,
+        max_per_minute: raw.max_per_minute,
+        max_per_day: raw.max_per_day,
+    }))
+}
+
+fn validate_distill(
+    raw: Vec<RawDistill>,
+    upstreams: &[UpstreamConfig],
+    routes: &[Route],
+    judge: bool,
+) -> Result<Vec<DistillConfig>, ConfigError> {
+    let mut out: Vec<DistillConfig> = Vec::new();
+    for d in raw {
+        let at = |key: &str| format!("distill `{}`: {key}", d.route);
+        if !routes.iter().any(|r| r.alias == d.route) {
+            return Err(invalid(format!(
+                "[[distill]] route `{}` is not a route alias",
+                d.route
+            )));
+        }
+        if out.iter().any(|o| o.route == d.route) {
+            return Err(invalid(format!(
+                "[[distill]] route `{}` is configured twice",
+                d.route
+            )));
+        }
+        if !upstreams.iter().any(|u| u.name == d.upstream) {
+            return Err(invalid(at(&format!(
+                "upstream names unknown upstream `{}`",
+                d.upstream
+            ))));
+        }
+        let settings = match d.provider.as_str() {
+            "openai" | "sim" => {
+                if d.azure.is_some() || d.kubernetes.is_some() {
+                    return Err(invalid(at(
+                        "[distill.azure]/[distill.kubernetes] do not apply to this provider",
+                    )));
+                }
+                None
+            }
+            "azure" => Some(d.azure.ok_or_else(|| {
+                invalid(at("provider = \"azure\" needs a [distill.azure] table"))
+            })?),
+            "kubernetes" => Some(d.kubernetes.ok_or_else(|| {
+                invalid(at(
+                    "provider = \"kubernetes\" needs a [distill.kubernetes] table",
+                ))
+            })?),
+            other => {
+                return Err(invalid(at(&format!(
+                    "provider `{other}` is not one of openai, azure, kubernetes, sim"
+                ))));
+            }
+        };
+        let schedule =
+            forge_layer::distill::parse_schedule(&d.schedule).map_err(|e| invalid(at(&e)))?;
+        for (key, v) in [
+            ("eval_min_score", d.eval_min_score),
+            ("golden_min_score", d.golden_min_score),
+            ("validation_percent", d.validation_percent),
+            ("initial_canary_percent", d.initial_canary_percent),
+        ] {
+            if !(0.0..=100.0).contains(&v) {
+                return Err(invalid(at(&format!("{key} must be 0–100"))));
+            }
+        }
+        if !(0.0..=1.0).contains(&d.max_key_share) || d.max_key_share == 0.0 {
+            return Err(invalid(at(
+                "max_key_share is a fraction above 0, at most 1",
+            )));
+        }
+        if d.min_examples < 10 {
+            return Err(invalid(at(
+                "min_examples must be at least 10 (the fine-tuning minimum)",
+            )));
+        }
+        let eval_method = match d.eval_method {
+            Some(EvalMethod::Judge) if !judge => {
+                return Err(invalid(at(
+                    "eval_method = \"judge\" needs a [judge] section",
+                )));
+            }
+            Some(m) => m,
+            None if judge => EvalMethod::Judge,
+            None => EvalMethod::Similarity,
+        };
+        out.push(DistillConfig {
+            route: d.route,
+            base_model: d.student_base_model,
+            provider: d.provider,
+            upstream: d.upstream,
+            provider_settings: settings,
+            trigger_threshold: d.trigger_threshold.max(1),
+            min_examples: d.min_examples,
+            schedule,
+            golden_min_score: d.golden_min_score,
+            eval_min_score: d.eval_min_score,
+            eval_method,
+            eval_max_prompts: d.eval_max_prompts.max(1),
+            initial_canary_percent: d.initial_canary_percent,
+            suffix: d.suffix,
+            tenant: d.tenant,
+            validation_percent: d.validation_percent,
+            max_key_share: d.max_key_share,
+            hyperparameters: d.hyperparameters,
+        });
+    }
+    Ok(out)
 }
 
 fn validate_clients(raw: Vec<RawClient>) -> Result<Vec<ClientConfig>, ConfigError> {

@@ -16,6 +16,8 @@ pub mod admin;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod demo;
+pub mod distill;
 pub mod env;
 pub mod error;
 pub mod metrics;

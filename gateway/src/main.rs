@@ -24,6 +24,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The whole loop on the built-in simulated upstream, in under a minute, with no keys.
+    Demo,
     /// Run the gateway. With no config, an embedded default on the simulated upstream.
     Serve {
         /// The config file (forge.toml).
@@ -121,8 +123,15 @@ enum RoutesAction {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // The demo prints its own timeline; the gateway's logs would drown it unless asked for.
+    let default_filter = if matches!(cli.command, Command::Demo) {
+        "warn"
+    } else {
+        "info"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env(ENV_FORGE_LOG)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     // Logs go to stderr: stdout carries only what a command prints for its user.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -130,7 +139,7 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
 
-    match Cli::parse().command {
+    match cli.command {
         Command::Serve {
             print_default_config: true,
             ..
@@ -139,6 +148,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve { config, .. } => serve(config).await,
+        Command::Demo => forge_gateway::demo::run().await,
         Command::SimUpstream { listen, config } => sim_upstream(listen, config).await,
         Command::Routes { action, admin } => {
             let action = match action {

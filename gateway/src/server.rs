@@ -19,14 +19,22 @@ use tower::Layer;
 use crate::admin::{self, AdminState};
 use crate::auth::ClientKeys;
 use crate::config::{Config, Endpoint, RoutesFromConfig};
+use crate::distill::{RouteDeployer, UpstreamChat};
 use crate::metrics::Metrics;
 use crate::proxy::exchange::{Sink, UpstreamCall};
 use crate::proxy::{self, ProxyState};
 use crate::routes::RouteControl;
 use crate::sim::{SimConfig, SimHandle, SimUpstream};
 use crate::upstream::{Upstream, Upstreams};
+use forge_layer::dataset::DatasetSpec;
+use forge_layer::distill::providers::{OpenAiConfig, ProviderConfig, SecretString};
+use forge_layer::distill::{
+    ChatClient, DistillSettings, DistillationService, JudgeModel, ModelStatus, RouteDistill, judge,
+};
+use forge_layer::guard::EventKind;
 use forge_layer::guard::Guard;
 use forge_layer::store::RouteChange;
+use std::collections::HashMap;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +70,8 @@ pub struct RunningGateway {
     admin_addr: Option<SocketAddr>,
     router: forge_router::Router,
     control: RouteControl,
+    guard: Option<Arc<Guard>>,
+    distiller: Option<Arc<DistillationService>>,
     store: Option<Store>,
     counters: Option<Arc<CaptureCounters>>,
     stop: watch::Sender<bool>,
@@ -94,6 +104,16 @@ impl RunningGateway {
     /// The routing control (the admin API's way to change routes).
     pub fn control(&self) -> &RouteControl {
         &self.control
+    }
+
+    /// The canary guard, when it is on.
+    pub fn guard(&self) -> Option<&Arc<Guard>> {
+        self.guard.as_ref()
+    }
+
+    /// The distillation service, when routes are configured for it.
+    pub fn distiller(&self) -> Option<&Arc<DistillationService>> {
+        self.distiller.as_ref()
     }
 
     /// The trace store, when capture is on.
@@ -137,6 +157,8 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
 
     let mut upstreams = Upstreams::default();
+    // Where each upstream ended up and its key: the distiller's OpenAI-style providers use them.
+    let mut resolved: HashMap<String, (String, Option<String>)> = HashMap::new();
     let mut sims = Vec::new();
     for up in &config.upstreams {
         let base_url = match &up.endpoint {
@@ -167,6 +189,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         let upstream = Upstream::new(&up.name, &base_url, key.as_deref(), up.timeouts)
             .map_err(|e| StartError::Upstream(e.to_string()))?;
         upstreams.insert(upstream);
+        resolved.insert(up.name.clone(), (base_url, key));
     }
     let passthrough = config
         .server
@@ -197,6 +220,36 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     let guard = config.guard.clone().map(|g| Arc::new(Guard::new(g)));
     let control = RouteControl::new(router.clone(), store.clone(), guard.clone());
 
+    let (stop, stopped) = watch::channel(false);
+    let mut servers = Vec::new();
+    let distiller = match (&store, config.distill.is_empty()) {
+        (Some(store), false) => {
+            let service = start_distiller(&config, store, &resolved, &upstreams, &control)?;
+            servers.push(tokio::spawn(Arc::clone(&service).run(stopped.clone())));
+            if let Some(judge) = &config.judge {
+                let settings = judge::JudgeSettings {
+                    model: JudgeModel {
+                        upstream: judge.upstream.clone(),
+                        model: judge.model.clone(),
+                    },
+                    sample_percent: judge.sample_percent,
+                    max_per_minute: judge.max_per_minute,
+                    max_per_day: judge.max_per_day,
+                    every: config.distiller.check_every.min(Duration::from_secs(5)),
+                };
+                let chat: Arc<dyn ChatClient> = Arc::new(UpstreamChat::new(upstreams.clone()));
+                servers.push(tokio::spawn(judge::run(
+                    store.clone(),
+                    chat,
+                    settings,
+                    stopped.clone(),
+                )));
+            }
+            Some(service)
+        }
+        _ => None,
+    };
+
     let max_response_bytes = config
         .capture
         .as_ref()
@@ -219,14 +272,14 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     };
     let app = proxy::app(state, config.server.max_in_flight);
 
-    let (stop, stopped) = watch::channel(false);
     let grace = config.server.shutdown_grace;
     let (listener, addr) = bind(config.server.listen).await?;
-    let mut servers = vec![tokio::spawn(serve(listener, app, stopped.clone(), grace))];
+    servers.push(tokio::spawn(serve(listener, app, stopped.clone(), grace)));
     if let Some(guard) = &guard {
         servers.push(tokio::spawn(run_guard(
             Arc::clone(guard),
             control.clone(),
+            distiller.clone(),
             stopped.clone(),
         )));
     }
@@ -239,6 +292,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
                     store: store.clone(),
                     counters: counters.clone(),
                     guard: guard.clone(),
+                    distiller: distiller.clone(),
                 },
                 token.clone(),
             );
@@ -258,6 +312,8 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         admin_addr,
         router,
         control,
+        guard,
+        distiller,
         store,
         counters,
         stop,
@@ -314,8 +370,101 @@ fn load_routes(
     Ok(router)
 }
 
-/// Runs the guard's checks until shutdown, applying each decision through the route control.
-async fn run_guard(guard: Arc<Guard>, control: RouteControl, mut stop: watch::Receiver<bool>) {
+/// Builds the distillation service: one provider per `[[distill]]` route.
+fn start_distiller(
+    config: &Config,
+    store: &Store,
+    resolved: &HashMap<String, (String, Option<String>)>,
+    upstreams: &Upstreams,
+    control: &RouteControl,
+) -> Result<Arc<DistillationService>, StartError> {
+    let mut routes = Vec::new();
+    for d in &config.distill {
+        let provider_config: ProviderConfig = match d.provider.as_str() {
+            "openai" | "sim" => {
+                let (base_url, key) = resolved.get(&d.upstream).cloned().unwrap_or_default();
+                let settings = OpenAiConfig {
+                    base_url: Some(base_url),
+                    api_key: key.map(SecretString::new),
+                    upstream: Some(d.upstream.clone()),
+                    ..OpenAiConfig::default()
+                };
+                if d.provider == "sim" {
+                    ProviderConfig::Sim(settings)
+                } else {
+                    ProviderConfig::OpenAi(settings)
+                }
+            }
+            other => {
+                let mut table =
+                    serde_json::to_value(d.provider_settings.clone().unwrap_or_default())
+                        .map_err(|e| StartError::Upstream(format!("distill `{}`: {e}", d.route)))?;
+                table["provider"] = serde_json::Value::String(other.to_string());
+                serde_json::from_value(table).map_err(|e| {
+                    StartError::Upstream(format!("distill `{}` [distill.{other}]: {e}", d.route))
+                })?
+            }
+        };
+        let provider = provider_config
+            .build()
+            .map_err(|e| StartError::Upstream(format!("distill `{}`: {e}", d.route)))?;
+        let mut dataset = DatasetSpec::new(d.route.clone());
+        dataset.tenant = d.tenant.clone();
+        dataset.policy = forge_layer::distill::policy(d.golden_min_score);
+        dataset.validation_percent = d.validation_percent;
+        dataset.max_key_share = d.max_key_share;
+        routes.push(RouteDistill {
+            route: d.route.clone(),
+            base_model: d.base_model.clone(),
+            provider: Arc::from(provider),
+            trigger_threshold: d.trigger_threshold,
+            min_examples: d.min_examples,
+            schedule: d.schedule.clone(),
+            suffix: d.suffix.clone(),
+            hyperparameters: d.hyperparameters.clone(),
+            initial_canary_percent: d.initial_canary_percent,
+            eval_min_score: d.eval_min_score,
+            eval_method: d.eval_method.clone(),
+            eval_max_prompts: d.eval_max_prompts,
+            dataset,
+        });
+    }
+    let data_dir = config
+        .capture
+        .as_ref()
+        .map(|c| c.data_dir.clone())
+        .unwrap_or_default();
+    let settings = DistillSettings {
+        data_dir,
+        check_every: config.distiller.check_every,
+        poll_initial: config.distiller.poll_initial,
+        poll_max: config.distiller.poll_max,
+        dataset_url: match (&config.distiller.dataset_url, &config.server.admin_token) {
+            (Some(url), Some(token)) => Some((url.clone(), token.expose().to_string())),
+            _ => None,
+        },
+        judge: config.judge.as_ref().map(|j| JudgeModel {
+            upstream: j.upstream.clone(),
+            model: j.model.clone(),
+        }),
+    };
+    Ok(DistillationService::new(
+        store.clone(),
+        settings,
+        routes,
+        Arc::new(RouteDeployer::new(control.clone())),
+        Arc::new(UpstreamChat::new(upstreams.clone())),
+    ))
+}
+
+/// Runs the guard's checks until shutdown, applying each decision through the route control
+/// and recording it in the model registry.
+async fn run_guard(
+    guard: Arc<Guard>,
+    control: RouteControl,
+    registry: Option<Arc<DistillationService>>,
+    mut stop: watch::Receiver<bool>,
+) {
     // Check a few times per interval so a step is judged soon after it is due.
     let every =
         (guard.config().interval / 4).clamp(Duration::from_millis(10), Duration::from_secs(5));
@@ -340,6 +489,18 @@ async fn run_guard(guard: Arc<Guard>, control: RouteControl, mut stop: watch::Re
                 .await
             {
                 tracing::error!(alias = %action.alias, model = %action.model, error = %e, decision = %kind, "guard decision could not be applied");
+                continue;
+            }
+            let status = match action.kind {
+                EventKind::Promoted => Some(ModelStatus::Promoted),
+                EventKind::RolledBack => Some(ModelStatus::RolledBack),
+                _ => None,
+            };
+            if let (Some(registry), Some(status)) = (&registry, status)
+                && let Err(e) =
+                    registry.set_model_status(&action.model, status, &format!("guard: {kind}"))
+            {
+                tracing::error!(model = %action.model, error = %e, "registry not updated");
             }
         }
     }

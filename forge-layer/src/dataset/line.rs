@@ -20,7 +20,11 @@ fn allowed_keys(role: &str) -> &'static [&'static str] {
 /// final message, plus the request's function tools at line level. `Err` names why the trace
 /// cannot become a line.
 pub fn to_line(trace: &Trace) -> Result<Value, &'static str> {
-    let messages = trace.request.get("messages").and_then(Value::as_array).ok_or("no_messages")?;
+    let messages = trace
+        .request
+        .get("messages")
+        .and_then(Value::as_array)
+        .ok_or("no_messages")?;
     let mut out = Vec::with_capacity(messages.len() + 1);
     for message in messages {
         let obj = message.as_object().ok_or("bad_message")?;
@@ -48,19 +52,30 @@ pub fn to_line(trace: &Trace) -> Result<Value, &'static str> {
         answer.insert("content".into(), json!(content));
     }
     if !choice.message.tool_calls.is_empty() {
-        answer.insert("tool_calls".into(), serde_json::to_value(&choice.message.tool_calls).map_err(|_| "bad_tool_call")?);
+        answer.insert(
+            "tool_calls".into(),
+            serde_json::to_value(&choice.message.tool_calls).map_err(|_| "bad_tool_call")?,
+        );
     }
     out.push(Value::Object(answer));
 
     let mut line = Map::new();
     line.insert("messages".into(), Value::Array(out));
     if let Some(tools) = trace.request.get("tools").and_then(Value::as_array) {
-        let functions: Vec<Value> = tools.iter().filter(|t| t["type"] == "function").cloned().collect();
+        let functions: Vec<Value> = tools
+            .iter()
+            .filter(|t| t["type"] == "function")
+            .cloned()
+            .collect();
         if !functions.is_empty() {
             line.insert("tools".into(), Value::Array(functions));
         }
     }
-    if let Some(parallel) = trace.request.get("parallel_tool_calls").filter(|v| v.is_boolean()) {
+    if let Some(parallel) = trace
+        .request
+        .get("parallel_tool_calls")
+        .filter(|v| v.is_boolean())
+    {
         line.insert("parallel_tool_calls".into(), parallel.clone());
     }
     Ok(Value::Object(line))

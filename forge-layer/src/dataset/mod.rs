@@ -60,7 +60,11 @@ impl DatasetSpec {
     }
 
     fn selects(&self, trace: &Trace) -> bool {
-        trace.alias == self.route && self.tenant.as_ref().is_none_or(|t| trace.tenant.as_ref() == Some(t))
+        trace.alias == self.route
+            && self
+                .tenant
+                .as_ref()
+                .is_none_or(|t| trace.tenant.as_ref() == Some(t))
     }
 }
 
@@ -177,11 +181,19 @@ fn key_caps(store: &Store, spec: &DatasetSpec) -> Result<Option<u64>, StoreError
     if per_key.len() < 2 {
         return Ok(None);
     }
-    Ok(Some(((total as f64 * spec.max_key_share).floor() as u64).max(1)))
+    Ok(Some(
+        ((total as f64 * spec.max_key_share).floor() as u64).max(1),
+    ))
 }
 
 /// Builds the dataset `id` into `dir/id/`, calling `progress(traces_read)` now and then.
-pub fn build(store: &Store, spec: &DatasetSpec, dir: &Path, id: &str, mut progress: impl FnMut(u64)) -> Result<Manifest, DatasetError> {
+pub fn build(
+    store: &Store,
+    spec: &DatasetSpec,
+    dir: &Path,
+    id: &str,
+    mut progress: impl FnMut(u64),
+) -> Result<Manifest, DatasetError> {
     let out = dir.join(id);
     std::fs::create_dir_all(&out)?;
     let cap = key_caps(store, spec)?;
@@ -199,9 +211,21 @@ pub fn build(store: &Store, spec: &DatasetSpec, dir: &Path, id: &str, mut progre
         duplicates: 0,
         capped: 0,
         skipped: BTreeMap::new(),
-        train: FileDigest { path: PathBuf::new(), lines: 0, sha256: String::new() },
-        validation: FileDigest { path: PathBuf::new(), lines: 0, sha256: String::new() },
-        provenance: FileDigest { path: PathBuf::new(), lines: 0, sha256: String::new() },
+        train: FileDigest {
+            path: PathBuf::new(),
+            lines: 0,
+            sha256: String::new(),
+        },
+        validation: FileDigest {
+            path: PathBuf::new(),
+            lines: 0,
+            sha256: String::new(),
+        },
+        provenance: FileDigest {
+            path: PathBuf::new(),
+            lines: 0,
+            sha256: String::new(),
+        },
         cut: None,
     };
     let validation_bp = (spec.validation_percent.clamp(0.0, 100.0) * 100.0) as u64;

@@ -18,7 +18,10 @@ pub fn check(line: &Value, max_tokens: usize) -> Result<(), &'static str> {
             return Err("unknown_line_key");
         }
     }
-    let messages = obj.get("messages").and_then(Value::as_array).ok_or("missing_messages")?;
+    let messages = obj
+        .get("messages")
+        .and_then(Value::as_array)
+        .ok_or("missing_messages")?;
     if messages.is_empty() {
         return Err("missing_messages");
     }
@@ -27,7 +30,10 @@ pub fn check(line: &Value, max_tokens: usize) -> Result<(), &'static str> {
     let mut chars = 0usize;
     for message in messages {
         let m = message.as_object().ok_or("bad_message")?;
-        let role = m.get("role").and_then(Value::as_str).ok_or("missing_role")?;
+        let role = m
+            .get("role")
+            .and_then(Value::as_str)
+            .ok_or("missing_role")?;
         let content = m.get("content");
         chars += content.map_or(0, |c| c.to_string().len()) + 12;
         match role {
@@ -46,7 +52,10 @@ pub fn check(line: &Value, max_tokens: usize) -> Result<(), &'static str> {
                 }
                 match calls {
                     Some(calls) => {
-                        let calls = calls.as_array().filter(|c| !c.is_empty()).ok_or("bad_tool_call")?;
+                        let calls = calls
+                            .as_array()
+                            .filter(|c| !c.is_empty())
+                            .ok_or("bad_tool_call")?;
                         for call in calls {
                             call_ids.insert(check_tool_call(call)?);
                             chars += call.to_string().len();
@@ -60,7 +69,10 @@ pub fn check(line: &Value, max_tokens: usize) -> Result<(), &'static str> {
             }
             "tool" => {
                 check_keys(m, &["role", "content", "tool_call_id"])?;
-                let id = m.get("tool_call_id").and_then(Value::as_str).ok_or("missing_tool_call_id")?;
+                let id = m
+                    .get("tool_call_id")
+                    .and_then(Value::as_str)
+                    .ok_or("missing_tool_call_id")?;
                 if !call_ids.contains(id) {
                     return Err("orphan_tool_message");
                 }
@@ -81,7 +93,10 @@ pub fn check(line: &Value, max_tokens: usize) -> Result<(), &'static str> {
             chars += tool.to_string().len();
         }
     }
-    if obj.get("parallel_tool_calls").is_some_and(|v| !v.is_boolean()) {
+    if obj
+        .get("parallel_tool_calls")
+        .is_some_and(|v| !v.is_boolean())
+    {
         return Err("bad_parallel_tool_calls");
     }
     // About four characters a token for English text, the usual estimate without a tokenizer.
@@ -92,7 +107,11 @@ pub fn check(line: &Value, max_tokens: usize) -> Result<(), &'static str> {
 }
 
 fn check_keys(m: &serde_json::Map<String, Value>, allowed: &[&str]) -> Result<(), &'static str> {
-    if m.keys().all(|k| allowed.contains(&k.as_str())) { Ok(()) } else { Err("unknown_message_key") }
+    if m.keys().all(|k| allowed.contains(&k.as_str())) {
+        Ok(())
+    } else {
+        Err("unknown_message_key")
+    }
 }
 
 /// Content is a non-empty string, or a non-empty array of parts (`text`; `image_url` for users).
@@ -115,12 +134,17 @@ fn check_content(content: Option<&Value>, user: bool) -> Result<(), &'static str
 }
 
 fn check_tool_call(call: &Value) -> Result<String, &'static str> {
-    let id = call["id"].as_str().filter(|s| !s.is_empty()).ok_or("bad_tool_call")?;
+    let id = call["id"]
+        .as_str()
+        .filter(|s| !s.is_empty())
+        .ok_or("bad_tool_call")?;
     if call["type"] != "function" {
         return Err("bad_tool_call");
     }
     function_name(&call["function"]["name"])?;
-    let args = call["function"]["arguments"].as_str().ok_or("bad_tool_call")?;
+    let args = call["function"]["arguments"]
+        .as_str()
+        .ok_or("bad_tool_call")?;
     serde_json::from_str::<Value>(args).map_err(|_| "tool_arguments_not_json")?;
     Ok(id.to_string())
 }
@@ -128,7 +152,11 @@ fn check_tool_call(call: &Value) -> Result<String, &'static str> {
 /// `a-zA-Z0-9_-`, 1–64 characters.
 fn function_name(name: &Value) -> Result<(), &'static str> {
     let name = name.as_str().ok_or("bad_function_name")?;
-    let ok = !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
     if ok { Ok(()) } else { Err("bad_function_name") }
 }
 
@@ -160,17 +188,50 @@ mod tests {
         let cases = [
             (json!([1]), "not_an_object"),
             (json!({"messages": []}), "missing_messages"),
-            (json!({"messages": [{"role": "developer", "content": "x"}, {"role": "assistant", "content": "a"}]}), "unsupported_role"),
-            (json!({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}), "missing_content"),
-            (json!({"messages": [{"role": "user", "content": "q", "extra": 1}, {"role": "assistant", "content": "a"}]}), "unknown_message_key"),
-            (json!({"messages": [{"role": "user", "content": "q"}]}), "no_trained_assistant_message"),
-            (json!({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]}), "no_trained_assistant_message"),
-            (json!({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 2}]}), "bad_weight"),
-            (json!({"messages": [{"role": "user", "content": "q"}, {"role": "tool", "tool_call_id": "x", "content": "r"}, {"role": "assistant", "content": "a"}]}), "orphan_tool_message"),
-            (json!({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}]}), "tool_arguments_not_json"),
-            (json!({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "bad name", "arguments": "{}"}}]}]}), "bad_function_name"),
-            (json!({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "extra": true}), "unknown_line_key"),
-            (json!({"messages": [{"role": "user", "content": "q".repeat(400)}, {"role": "assistant", "content": "a"}]}), "too_many_tokens"),
+            (
+                json!({"messages": [{"role": "developer", "content": "x"}, {"role": "assistant", "content": "a"}]}),
+                "unsupported_role",
+            ),
+            (
+                json!({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}),
+                "missing_content",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "q", "extra": 1}, {"role": "assistant", "content": "a"}]}),
+                "unknown_message_key",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "q"}]}),
+                "no_trained_assistant_message",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]}),
+                "no_trained_assistant_message",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 2}]}),
+                "bad_weight",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "q"}, {"role": "tool", "tool_call_id": "x", "content": "r"}, {"role": "assistant", "content": "a"}]}),
+                "orphan_tool_message",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}]}),
+                "tool_arguments_not_json",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "bad name", "arguments": "{}"}}]}]}),
+                "bad_function_name",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "extra": true}),
+                "unknown_line_key",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "q".repeat(400)}, {"role": "assistant", "content": "a"}]}),
+                "too_many_tokens",
+            ),
         ];
         for (line, reason) in cases {
             assert_eq!(check(&line, 50), Err(reason), "{line}");

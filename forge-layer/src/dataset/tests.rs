@@ -27,7 +27,10 @@ fn trace(alias: &str, arm: Arm, key: Option<&str>, tenant: Option<&str>, prompt:
         response: FinalResponse {
             choices: vec![FinalChoice {
                 index: 0,
-                message: AssistantMessage { content: Some(format!("answer to {prompt}")), ..Default::default() },
+                message: AssistantMessage {
+                    content: Some(format!("answer to {prompt}")),
+                    ..Default::default()
+                },
                 finish_reason: Some("stop".into()),
             }],
             complete: true,
@@ -43,28 +46,73 @@ fn trace(alias: &str, arm: Arm, key: Option<&str>, tenant: Option<&str>, prompt:
 fn store_with(traces: &[Trace], approve: impl Fn(&Trace) -> bool) -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open_dir(dir.path()).unwrap();
-    let encoded: Vec<_> = traces.iter().map(|t| (t.id, serde_json::to_vec(t).unwrap())).collect();
+    let encoded: Vec<_> = traces
+        .iter()
+        .map(|t| (t.id, serde_json::to_vec(t).unwrap()))
+        .collect();
     store.insert_encoded(&encoded).unwrap();
     for t in traces.iter().filter(|t| approve(t)) {
-        store.add_feedback(&Feedback { trace_id: t.id, score: Some(95.0), approved: None, comment: None, time_ms: 0 }).unwrap();
+        store
+            .add_feedback(&Feedback {
+                trace_id: t.id,
+                score: Some(95.0),
+                approved: None,
+                comment: None,
+                time_ms: 0,
+            })
+            .unwrap();
     }
     (dir, store)
 }
 
 fn lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 #[test]
 fn only_golden_teacher_traces_of_the_route_and_tenant_become_valid_lines() {
     let mut traces = Vec::new();
     for i in 0..30 {
-        traces.push(trace("chat", Arm::Teacher, Some("k1"), Some("A"), &format!("q{i}")));
-        traces.push(trace("chat", Arm::Teacher, Some("k2"), Some("A"), &format!("r{i}")));
+        traces.push(trace(
+            "chat",
+            Arm::Teacher,
+            Some("k1"),
+            Some("A"),
+            &format!("q{i}"),
+        ));
+        traces.push(trace(
+            "chat",
+            Arm::Teacher,
+            Some("k2"),
+            Some("A"),
+            &format!("r{i}"),
+        ));
     }
-    traces.push(trace("chat", Arm::Student(0), Some("k1"), Some("A"), "student"));
-    traces.push(trace("other", Arm::Teacher, Some("k1"), Some("A"), "other route"));
-    traces.push(trace("chat", Arm::Teacher, Some("k3"), Some("B"), "tenant B"));
+    traces.push(trace(
+        "chat",
+        Arm::Student(0),
+        Some("k1"),
+        Some("A"),
+        "student",
+    ));
+    traces.push(trace(
+        "other",
+        Arm::Teacher,
+        Some("k1"),
+        Some("A"),
+        "other route",
+    ));
+    traces.push(trace(
+        "chat",
+        Arm::Teacher,
+        Some("k3"),
+        Some("B"),
+        "tenant B",
+    ));
     let ungraded = trace("chat", Arm::Teacher, Some("k1"), Some("A"), "not graded");
     traces.push(ungraded.clone());
     let (dir, store) = store_with(&traces, |t| t.id != ungraded.id);
@@ -74,12 +122,23 @@ fn only_golden_teacher_traces_of_the_route_and_tenant_become_valid_lines() {
     let m = build(&store, &spec, &out, "ds1", |_| {}).unwrap();
 
     assert_eq!((m.considered, m.golden, m.examples()), (62, 60, 60));
-    let all: Vec<Value> = lines(&m.train.path).into_iter().chain(lines(&m.validation.path)).collect();
+    let all: Vec<Value> = lines(&m.train.path)
+        .into_iter()
+        .chain(lines(&m.validation.path))
+        .collect();
     for line in &all {
         assert_eq!(rules::check(line, rules::DEFAULT_MAX_TOKENS), Ok(()));
-        assert_eq!(line["messages"][0]["role"], "system", "developer becomes system");
+        assert_eq!(
+            line["messages"][0]["role"], "system",
+            "developer becomes system"
+        );
         let text = line.to_string();
-        assert!(!text.contains("student") && !text.contains("other route") && !text.contains("tenant B") && !text.contains("not graded"));
+        assert!(
+            !text.contains("student")
+                && !text.contains("other route")
+                && !text.contains("tenant B")
+                && !text.contains("not graded")
+        );
     }
     // Provenance names the trace behind every line, and the manifest's hashes verify.
     let prov = lines(&m.provenance.path);
@@ -87,26 +146,48 @@ fn only_golden_teacher_traces_of_the_route_and_tenant_become_valid_lines() {
     for f in [&m.train, &m.validation, &m.provenance] {
         assert_eq!(sha256_file(&f.path).unwrap(), f.sha256);
     }
-    let manifest: Manifest = serde_json::from_slice(&std::fs::read(out.join("ds1/manifest.json")).unwrap()).unwrap();
+    let manifest: Manifest =
+        serde_json::from_slice(&std::fs::read(out.join("ds1/manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest, m);
-    assert!(m.validation.lines > 0 && m.train.lines > m.validation.lines, "about 10% held out: {m:?}");
+    assert!(
+        m.validation.lines > 0 && m.train.lines > m.validation.lines,
+        "about 10% held out: {m:?}"
+    );
 }
 
 #[test]
 fn duplicates_are_dropped_the_split_is_deterministic_and_the_cut_moves_on() {
-    let mut traces: Vec<Trace> = (0..40).map(|i| trace("chat", Arm::Teacher, None, None, &format!("q{}", i % 20))).collect();
+    let mut traces: Vec<Trace> = (0..40)
+        .map(|i| trace("chat", Arm::Teacher, None, None, &format!("q{}", i % 20)))
+        .collect();
     let (dir, store) = store_with(&traces, |_| true);
     let spec = DatasetSpec::new("chat");
     let a = build(&store, &spec, dir.path(), "a", |_| {}).unwrap();
     let b = build(&store, &spec, dir.path(), "b", |_| {}).unwrap();
     assert_eq!((a.examples(), a.duplicates), (20, 20));
-    assert_eq!((a.train.sha256.clone(), a.validation.sha256.clone()), (b.train.sha256, b.validation.sha256));
+    assert_eq!(
+        (a.train.sha256.clone(), a.validation.sha256.clone()),
+        (b.train.sha256, b.validation.sha256)
+    );
 
     // New traces only, after the cut.
     let newer = trace("chat", Arm::Teacher, None, None, "brand new");
-    store.insert_encoded(&[(newer.id, serde_json::to_vec(&newer).unwrap())]).unwrap();
-    store.add_feedback(&Feedback { trace_id: newer.id, score: None, approved: Some(true), comment: None, time_ms: 0 }).unwrap();
-    let next = DatasetSpec { after: a.cut, ..spec };
+    store
+        .insert_encoded(&[(newer.id, serde_json::to_vec(&newer).unwrap())])
+        .unwrap();
+    store
+        .add_feedback(&Feedback {
+            trace_id: newer.id,
+            score: None,
+            approved: Some(true),
+            comment: None,
+            time_ms: 0,
+        })
+        .unwrap();
+    let next = DatasetSpec {
+        after: a.cut,
+        ..spec
+    };
     let c = build(&store, &next, dir.path(), "c", |_| {}).unwrap();
     assert_eq!((c.considered, c.examples()), (1, 1));
     traces.push(newer);
@@ -114,8 +195,12 @@ fn duplicates_are_dropped_the_split_is_deterministic_and_the_cut_moves_on() {
 
 #[test]
 fn one_key_cannot_dominate_the_dataset() {
-    let mut traces: Vec<Trace> = (0..80).map(|i| trace("chat", Arm::Teacher, Some("loud"), None, &format!("l{i}"))).collect();
-    traces.extend((0..20).map(|i| trace("chat", Arm::Teacher, Some("quiet"), None, &format!("q{i}"))));
+    let mut traces: Vec<Trace> = (0..80)
+        .map(|i| trace("chat", Arm::Teacher, Some("loud"), None, &format!("l{i}")))
+        .collect();
+    traces.extend(
+        (0..20).map(|i| trace("chat", Arm::Teacher, Some("quiet"), None, &format!("q{i}"))),
+    );
     let (dir, store) = store_with(&traces, |_| true);
     let m = build(&store, &DatasetSpec::new("chat"), dir.path(), "d", |_| {}).unwrap();
     let prov = lines(&m.provenance.path);
@@ -137,18 +222,44 @@ fn tool_use_traces_become_valid_tool_lines() {
     calling.response.choices[0].message = AssistantMessage {
         content: None,
         refusal: None,
-        tool_calls: vec![ToolCall { id: "call_2".into(), kind: "function".into(), function: FunctionCall { name: "get_weather".into(), arguments: "{\"city\":\"Rome\"}".into() } }],
+        tool_calls: vec![ToolCall {
+            id: "call_2".into(),
+            kind: "function".into(),
+            function: FunctionCall {
+                name: "get_weather".into(),
+                arguments: "{\"city\":\"Rome\"}".into(),
+            },
+        }],
     };
     calling.response.choices[0].finish_reason = Some("tool_calls".into());
     calling.request["tools"] = t.request["tools"].clone();
     let (dir, store) = store_with(&[t, calling], |_| true);
-    let m = build(&store, &DatasetSpec { validation_percent: 0.0, ..DatasetSpec::new("chat") }, dir.path(), "t", |_| {}).unwrap();
+    let m = build(
+        &store,
+        &DatasetSpec {
+            validation_percent: 0.0,
+            ..DatasetSpec::new("chat")
+        },
+        dir.path(),
+        "t",
+        |_| {},
+    )
+    .unwrap();
     assert_eq!((m.examples(), m.skipped.len()), (2, 0), "{m:?}");
     let all = lines(&m.train.path);
     let first = &all[0];
-    assert_eq!(first["messages"][1]["weight"], 0, "earlier assistant turns are not trained on");
+    assert_eq!(
+        first["messages"][1]["weight"], 0,
+        "earlier assistant turns are not trained on"
+    );
     assert_eq!(first["messages"][2]["role"], "tool");
-    assert_eq!(first["messages"][3]["content"], "answer to weather in Paris?");
+    assert_eq!(
+        first["messages"][3]["content"],
+        "answer to weather in Paris?"
+    );
     assert_eq!(first["tools"][0]["function"]["name"], "get_weather");
-    assert_eq!(all[1]["messages"][2]["tool_calls"][0]["function"]["arguments"], "{\"city\":\"Rome\"}");
+    assert_eq!(
+        all[1]["messages"][2]["tool_calls"][0]["function"]["arguments"],
+        "{\"city\":\"Rome\"}"
+    );
 }

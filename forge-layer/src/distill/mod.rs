@@ -1,9 +1,20 @@
 //! The distillation loop: golden traces → dataset → fine-tuning job → registry → canary.
 
+pub mod evaluate;
+pub mod job;
+pub mod judge;
 pub mod provider;
 pub mod providers;
+mod service;
+
+pub use evaluate::{ChatClient, EvalMethod};
+pub use job::{DistillationJob, JobStatus, ModelRecord, ModelStatus};
+pub use service::{
+    Deployer, DistillError, DistillSettings, DistillationService, JudgeModel, RouteDistill,
+    parse_schedule, policy,
+};
 
 pub use provider::{
-    BoxFuture, Deployed, Hyperparameters, Progress, ProviderError, ProviderState, Submitted, TrainingProvider,
-    TrainingRequest, retry_after,
+    BoxFuture, Deployed, Hyperparameters, Progress, ProviderError, ProviderState, Submitted,
+    TrainingProvider, TrainingRequest, retry_after,
 };

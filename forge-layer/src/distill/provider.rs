@@ -125,7 +125,9 @@ impl ProviderError {
     pub fn is_transient(&self) -> bool {
         match self {
             ProviderError::RateLimited(_) | ProviderError::Transport(_) => true,
-            ProviderError::Http { status, .. } => *status >= 500 || *status == 408 || *status == 409,
+            ProviderError::Http { status, .. } => {
+                *status >= 500 || *status == 408 || *status == 409
+            }
             ProviderError::Invalid(_) => false,
         }
     }
@@ -138,19 +140,33 @@ pub trait TrainingProvider: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;
 
     /// Uploads the data and starts training.
-    fn submit<'a>(&'a self, request: &'a TrainingRequest) -> BoxFuture<'a, Result<Submitted, ProviderError>>;
+    fn submit<'a>(
+        &'a self,
+        request: &'a TrainingRequest,
+    ) -> BoxFuture<'a, Result<Submitted, ProviderError>>;
 
     /// Reads where the run stands.
-    fn poll<'a>(&'a self, provider_job_id: &'a str) -> BoxFuture<'a, Result<Progress, ProviderError>>;
+    fn poll<'a>(
+        &'a self,
+        provider_job_id: &'a str,
+    ) -> BoxFuture<'a, Result<Progress, ProviderError>>;
 
     /// Makes a trained model servable (Azure: a deployment; vLLM: load the adapter under a
     /// versioned name) and says where Forge routes it. `job_id` is Forge's, for naming.
-    fn deploy<'a>(&'a self, job_id: &'a str, trained_model: &'a str) -> BoxFuture<'a, Result<Deployed, ProviderError>>;
+    fn deploy<'a>(
+        &'a self,
+        job_id: &'a str,
+        trained_model: &'a str,
+    ) -> BoxFuture<'a, Result<Deployed, ProviderError>>;
 }
 
 /// Reads a `retry-after` header: seconds, or an HTTP date (then "a second").
 pub fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
-    if let Some(ms) = headers.get("retry-after-ms").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()) {
+    if let Some(ms) = headers
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
         return Some(Duration::from_millis(ms));
     }
     let value = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?;

@@ -9,15 +9,27 @@ use crate::store::{Evaluation, Feedback};
 use crate::trace::{Trace, TraceId};
 
 impl Store {
-    fn put_json<T: Serialize>(&self, table: redb::TableDefinition<&str, &[u8]>, key: &str, value: &T) -> Result<(), StoreError> {
+    fn put_json<T: Serialize>(
+        &self,
+        table: redb::TableDefinition<&str, &[u8]>,
+        key: &str,
+        value: &T,
+    ) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(value)?;
         self.write(|txn| {
-            txn.open_table(table).map_err(db_err)?.insert(key, bytes.as_slice()).map_err(db_err)?;
+            txn.open_table(table)
+                .map_err(db_err)?
+                .insert(key, bytes.as_slice())
+                .map_err(db_err)?;
             Ok(())
         })
     }
 
-    fn get_json<T: DeserializeOwned>(&self, table: redb::TableDefinition<&str, &[u8]>, key: &str) -> Result<Option<T>, StoreError> {
+    fn get_json<T: DeserializeOwned>(
+        &self,
+        table: redb::TableDefinition<&str, &[u8]>,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
         let t = txn.open_table(table).map_err(db_err)?;
         match t.get(key).map_err(db_err)? {
@@ -26,7 +38,10 @@ impl Store {
         }
     }
 
-    fn all_json<T: DeserializeOwned>(&self, table: redb::TableDefinition<&str, &[u8]>) -> Result<Vec<T>, StoreError> {
+    fn all_json<T: DeserializeOwned>(
+        &self,
+        table: redb::TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<T>, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
         let t = txn.open_table(table).map_err(db_err)?;
         let mut out = Vec::new();
@@ -92,12 +107,24 @@ impl Store {
         for entry in traces.range(start..).map_err(db_err)? {
             let (k, v) = entry.map_err(db_err)?;
             let key = k.value();
-            let latest_fb = match feedback.range((key, 0)..=(key, u128::MAX)).map_err(db_err)?.next_back() {
-                Some(e) => Some(serde_json::from_slice::<Feedback>(e.map_err(db_err)?.1.value())?),
+            let latest_fb = match feedback
+                .range((key, 0)..=(key, u128::MAX))
+                .map_err(db_err)?
+                .next_back()
+            {
+                Some(e) => Some(serde_json::from_slice::<Feedback>(
+                    e.map_err(db_err)?.1.value(),
+                )?),
                 None => None,
             };
-            let latest_eval = match evaluations.range((key, 0)..=(key, u128::MAX)).map_err(db_err)?.next_back() {
-                Some(e) => Some(serde_json::from_slice::<Evaluation>(e.map_err(db_err)?.1.value())?),
+            let latest_eval = match evaluations
+                .range((key, 0)..=(key, u128::MAX))
+                .map_err(db_err)?
+                .next_back()
+            {
+                Some(e) => Some(serde_json::from_slice::<Evaluation>(
+                    e.map_err(db_err)?.1.value(),
+                )?),
                 None => None,
             };
             if !f(serde_json::from_slice(v.value())?, latest_fb, latest_eval) {

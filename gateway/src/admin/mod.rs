@@ -15,6 +15,7 @@ use crate::auth::{Secret, admin_token_matches};
 use crate::routes::RouteControl;
 use forge_layer::guard::Guard;
 
+mod distill;
 mod routes;
 use crate::error::Error;
 
@@ -25,6 +26,8 @@ pub struct AdminState {
     pub control: RouteControl,
     /// The canary guard, when it is on.
     pub guard: Option<Arc<Guard>>,
+    /// The distillation service, when routes are configured for it.
+    pub distiller: Option<Arc<forge_layer::distill::DistillationService>>,
     /// The trace store, when capture is on.
     pub store: Option<Store>,
     /// The capture counters, when capture is on.
@@ -43,6 +46,11 @@ pub fn app(state: AdminState, token: Secret) -> Router {
         .route("/admin/routes/{alias}/promote", post(routes::promote))
         .route("/admin/routes/{alias}/rollback", post(routes::rollback))
         .route("/admin/routes/{alias}/guard", put(routes::guard_mode))
+        .route("/admin/jobs", get(distill::jobs))
+        .route("/admin/jobs/{id}", get(distill::job))
+        .route("/admin/distill/{alias}", post(distill::distill))
+        .route("/admin/models", get(distill::models))
+        .route("/admin/datasets/{file}", get(distill::dataset))
         .fallback(|uri: http::Uri| async move {
             Error::UnknownPath {
                 method: "?".into(),

@@ -34,6 +34,16 @@ pub(crate) async fn create(State(state): State<Arc<SimState>>, body: Bytes) -> R
         }
         Some(other) => return ApiError::invalid_type("model", "a string", other).into_response(),
     };
+    respond(&state, model, &request).await
+}
+
+/// Answers `request` as `model`, whatever the body's own `model` says: Azure picks the model
+/// by deployment, not by body.
+pub(crate) async fn respond(
+    state: &SimState,
+    model: &str,
+    request: &Map<String, Value>,
+) -> Response {
     let behavior = state.behavior(model);
     if !behavior.first_byte_delay.is_zero() {
         tokio::time::sleep(behavior.first_byte_delay).await;
@@ -43,7 +53,7 @@ pub(crate) async fn create(State(state): State<Arc<SimState>>, body: Bytes) -> R
     {
         return ApiError::injected(status, model).into_response();
     }
-    let request = match ChatRequest::parse(model, &request) {
+    let request = match ChatRequest::parse(model, request) {
         Ok(request) => request,
         Err(err) => return err.into_response(),
     };
@@ -485,9 +495,16 @@ impl Completion {
         } else {
             answer::last_user_text(request.messages)
         };
+        let judged = super::judge::score(request.messages);
         let replies: Vec<Reply> = (0..request.n)
             .map(|choice| {
-                if request.calls.is_empty() {
+                if let Some(score) = judged {
+                    Reply::Text(TextAnswer {
+                        content: score.to_string(),
+                        words: 1,
+                        truncated: false,
+                    })
+                } else if request.calls.is_empty() {
                     Reply::Text(answer::text_answer(
                         seed,
                         choice,

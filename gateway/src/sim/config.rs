@@ -1,4 +1,4 @@
-//! Configuration of the simulated upstream: per-model behaviour and fine-tuning timings, in code or TOML.
+//! Configuration of the simulated upstream: per-model behaviour, fine-tuning, Azure and cluster timings, and credentials, in code or TOML.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 /// Everything the simulated upstream can be told before it starts. The default: every model
-/// behaves as [`ModelBehavior::default`], no API key, [`FineTuneTimings::default`].
+/// behaves as [`ModelBehavior::default`], no API key or tokens, default timings.
 #[derive(Clone, PartialEq, Default)]
 pub struct SimConfig {
     /// Behaviour by exact model name.
@@ -17,9 +17,26 @@ pub struct SimConfig {
     /// How long each phase of a fine-tuning job lasts.
     pub fine_tune: FineTuneTimings,
     /// When set, every `/v1` request must carry `Authorization: Bearer <key>`, or it gets a 401
-    /// `invalid_api_key`.
+    /// `invalid_api_key`; and every Azure `/openai/…` request must carry `api-key: <key>`. When
+    /// unset, `/v1` is open and Azure still wants a non-empty `api-key` header.
     pub api_key: Option<String>,
+    /// How long Azure takes to process an uploaded file and to provision a deployment.
+    pub azure: AzureTimings,
+    /// The Entra token the ARM endpoints (`/subscriptions/…`) want as `Authorization: Bearer`.
+    /// When unset, any non-empty bearer token is accepted.
+    pub arm_token: Option<String>,
+    /// How long a Kubernetes Job's pod waits to be scheduled and then runs.
+    pub cluster: ClusterTimings,
+    /// The service-account token the Kubernetes endpoints (`/api/…`, `/apis/…`) want as
+    /// `Authorization: Bearer`. When unset, any non-empty bearer token is accepted.
+    pub cluster_token: Option<String>,
+    /// The base model vLLM serves, named as `parent` of every LoRA adapter in `/v1/models`;
+    /// [`DEFAULT_LORA_BASE_MODEL`] when unset.
+    pub lora_base_model: Option<String>,
 }
+
+/// The base model of LoRA adapters when [`SimConfig::lora_base_model`] is unset.
+pub const DEFAULT_LORA_BASE_MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
 
 // Hand-written so that the key never reaches a log line.
 impl fmt::Debug for SimConfig {
@@ -29,6 +46,14 @@ impl fmt::Debug for SimConfig {
             .field("default_behavior", &self.default_behavior)
             .field("fine_tune", &self.fine_tune)
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("azure", &self.azure)
+            .field("arm_token", &self.arm_token.as_ref().map(|_| "<redacted>"))
+            .field("cluster", &self.cluster)
+            .field(
+                "cluster_token",
+                &self.cluster_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("lora_base_model", &self.lora_base_model)
             .finish()
     }
 }
@@ -101,12 +126,52 @@ impl Default for FineTuneTimings {
     }
 }
 
+/// How long Azure OpenAI takes for the asynchronous steps a client has to poll.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AzureTimings {
+    /// From upload until the file's `status` turns from `pending` to `processed`.
+    pub file_processing: Duration,
+    /// From the ARM `PUT` until the deployment's `provisioningState` is `Succeeded`.
+    pub deployment: Duration,
+}
+
+impl Default for AzureTimings {
+    fn default() -> Self {
+        Self {
+            file_processing: Duration::from_secs(1),
+            deployment: Duration::from_secs(2),
+        }
+    }
+}
+
+/// How long a Kubernetes training Job takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClusterTimings {
+    /// From creation until the pod runs (scheduling, image pull); the Job is `active` meanwhile.
+    pub pending: Duration,
+    /// How long the training container runs. A dataset fetch that takes longer extends it.
+    pub running: Duration,
+}
+
+impl Default for ClusterTimings {
+    fn default() -> Self {
+        Self {
+            pending: Duration::from_secs(1),
+            running: Duration::from_secs(3),
+        }
+    }
+}
+
 impl SimConfig {
     /// Reads a configuration from TOML. Every key is optional; unknown keys are an error that
     /// names them.
     ///
     /// ```toml
-    /// api_key = "sk-sim"              # require `Authorization: Bearer sk-sim` on /v1
+    /// api_key = "sk-sim"              # require `Authorization: Bearer sk-sim` on /v1 and
+    ///                                 # `api-key: sk-sim` on Azure's /openai
+    /// arm_token = "entra-token"       # require this bearer token on ARM's /subscriptions
+    /// cluster_token = "sa-token"      # require this bearer token on Kubernetes' /api, /apis
+    /// lora_base_model = "meta-llama/Llama-3.1-8B-Instruct"  # `parent` of LoRA adapters
     ///
     /// [default_behavior]              # models not listed under [models]
     /// first_byte_delay_ms = 0         # before the response headers
@@ -124,6 +189,14 @@ impl SimConfig {
     /// validating_ms = 1000
     /// queued_ms = 1000
     /// running_ms = 3000
+    ///
+    /// [azure]
+    /// file_processing_ms = 1000       # upload: `pending` until `processed`
+    /// deployment_ms = 2000            # ARM deployment: `Creating` until `Succeeded`
+    ///
+    /// [cluster]
+    /// pending_ms = 1000               # Kubernetes Job: pod pending
+    /// running_ms = 3000               # Kubernetes Job: pod running
     /// ```
     pub fn from_toml_str(text: &str) -> Result<SimConfig, String> {
         let raw: RawSimConfig = toml::from_str(text)
@@ -140,6 +213,25 @@ struct RawSimConfig {
     #[serde(default)]
     models: HashMap<String, RawBehavior>,
     fine_tune: Option<RawTimings>,
+    arm_token: Option<String>,
+    cluster_token: Option<String>,
+    lora_base_model: Option<String>,
+    azure: Option<RawAzureTimings>,
+    cluster: Option<RawClusterTimings>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAzureTimings {
+    file_processing_ms: Option<u64>,
+    deployment_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClusterTimings {
+    pending_ms: Option<u64>,
+    running_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -167,6 +259,15 @@ impl RawSimConfig {
         if self.api_key.as_deref().is_some_and(str::is_empty) {
             return Err("api_key: must not be empty (leave it out to accept any request)".into());
         }
+        for (key, value) in [
+            ("arm_token", &self.arm_token),
+            ("cluster_token", &self.cluster_token),
+            ("lora_base_model", &self.lora_base_model),
+        ] {
+            if value.as_deref().is_some_and(str::is_empty) {
+                return Err(format!("{key}: must not be empty (leave it out instead)"));
+            }
+        }
         let default_behavior = match self.default_behavior {
             Some(raw) => raw.validate("default_behavior")?,
             None => ModelBehavior::default(),
@@ -179,13 +280,36 @@ impl RawSimConfig {
         let fine_tune = self
             .fine_tune
             .map_or_else(FineTuneTimings::default, RawTimings::resolve);
+        let azure = self.azure.map_or_else(AzureTimings::default, |raw| {
+            let defaults = AzureTimings::default();
+            AzureTimings {
+                file_processing: millis_or(raw.file_processing_ms, defaults.file_processing),
+                deployment: millis_or(raw.deployment_ms, defaults.deployment),
+            }
+        });
+        let cluster = self.cluster.map_or_else(ClusterTimings::default, |raw| {
+            let defaults = ClusterTimings::default();
+            ClusterTimings {
+                pending: millis_or(raw.pending_ms, defaults.pending),
+                running: millis_or(raw.running_ms, defaults.running),
+            }
+        });
         Ok(SimConfig {
             models,
             default_behavior,
             fine_tune,
             api_key: self.api_key,
+            azure,
+            arm_token: self.arm_token,
+            cluster,
+            cluster_token: self.cluster_token,
+            lora_base_model: self.lora_base_model,
         })
     }
+}
+
+fn millis_or(ms: Option<u64>, default: Duration) -> Duration {
+    ms.map_or(default, Duration::from_millis)
 }
 
 impl RawBehavior {
@@ -285,6 +409,42 @@ mod tests {
     }
 
     #[test]
+    fn toml_sets_azure_cluster_and_tokens() {
+        let config = SimConfig::from_toml_str(
+            r#"
+            arm_token = "entra"
+            cluster_token = "sa"
+            lora_base_model = "Qwen/Qwen2.5-7B-Instruct"
+            [azure]
+            file_processing_ms = 5
+            deployment_ms = 6
+            [cluster]
+            pending_ms = 7
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.arm_token.as_deref(), Some("entra"));
+        assert_eq!(config.cluster_token.as_deref(), Some("sa"));
+        assert_eq!(
+            config.lora_base_model.as_deref(),
+            Some("Qwen/Qwen2.5-7B-Instruct")
+        );
+        assert_eq!(
+            config.azure,
+            AzureTimings {
+                file_processing: Duration::from_millis(5),
+                deployment: Duration::from_millis(6),
+            }
+        );
+        assert_eq!(config.cluster.pending, Duration::from_millis(7));
+        assert_eq!(config.cluster.running, ClusterTimings::default().running);
+        let err = SimConfig::from_toml_str("[cluster]\nrun_ms = 5\n").unwrap_err();
+        assert!(err.contains("run_ms"), "{err}");
+        let err = SimConfig::from_toml_str("cluster_token = \"\"\n").unwrap_err();
+        assert!(err.contains("cluster_token"), "{err}");
+    }
+
+    #[test]
     fn empty_toml_is_the_default() {
         assert_eq!(SimConfig::from_toml_str("").unwrap(), SimConfig::default());
     }
@@ -312,8 +472,11 @@ mod tests {
     fn debug_hides_the_api_key() {
         let config = SimConfig {
             api_key: Some("sk-very-secret".into()),
+            arm_token: Some("entra-very-secret".into()),
+            cluster_token: Some("sa-very-secret".into()),
             ..SimConfig::default()
         };
-        assert!(!format!("{config:?}").contains("sk-very-secret"));
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("very-secret"), "{debug}");
     }
 }

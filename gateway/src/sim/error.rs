@@ -21,6 +21,8 @@ pub(crate) struct ApiError {
     kind: &'static str,
     param: Option<Cow<'static, str>>,
     code: Option<&'static str>,
+    /// `retry-after` in seconds when it is not the default 1 of 429 and 503.
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -31,6 +33,7 @@ impl ApiError {
             kind,
             param: None,
             code: None,
+            retry_after: None,
         }
     }
 
@@ -47,6 +50,31 @@ impl ApiError {
     pub(crate) fn with_code(mut self, code: &'static str) -> Self {
         self.code = Some(code);
         self
+    }
+
+    /// A 429 that asks to come back after `retry_after` seconds; `code` is OpenAI's
+    /// `rate_limit_exceeded` or Azure's `"429"`.
+    pub(crate) fn rate_limited(
+        message: impl Into<Cow<'static, str>>,
+        code: &'static str,
+        retry_after: u64,
+    ) -> Self {
+        let mut error =
+            Self::new(StatusCode::TOO_MANY_REQUESTS, "requests", message).with_code(code);
+        error.retry_after = Some(retry_after);
+        error
+    }
+
+    /// Azure's 401 for a missing or wrong `api-key`: Azure says the same for both.
+    pub(crate) fn azure_access_denied() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            INVALID_REQUEST,
+            "Access denied due to invalid subscription key or wrong API endpoint. Make sure to \
+             provide a valid key for an active subscription and use a correct regional API \
+             endpoint for your resource.",
+        )
+        .with_code("401")
     }
 
     /// The body was not a JSON object; OpenAI's own wording.
@@ -226,7 +254,9 @@ impl IntoResponse for ApiError {
         let mut response = reply::json(self.status, &self.envelope());
         let headers = response.headers_mut();
         // OpenAI's SDKs read these two headers to decide whether and when to retry.
-        if matches!(self.status.as_u16(), 429 | 503) {
+        if let Some(seconds) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        } else if matches!(self.status.as_u16(), 429 | 503) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if self.status == StatusCode::TOO_MANY_REQUESTS || self.status.is_server_error() {

@@ -1,4 +1,4 @@
-//! The Files API: multipart upload, list, retrieve, raw content and delete (openai-wire.md §3).
+//! The Files API: multipart upload, list, retrieve, raw content and delete (openai-wire.md §3), for OpenAI and Azure.
 
 use std::sync::Arc;
 
@@ -11,10 +11,11 @@ use axum::response::Response;
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
 use serde::Serialize;
+use tokio::time::Instant;
 
 use super::error::ApiError;
 use super::reply::{self, CursorList, ListQuery};
-use super::state::SimState;
+use super::state::{Flavor, SimState};
 
 const PURPOSES: &[&str] = &[
     "assistants",
@@ -26,10 +27,11 @@ const PURPOSES: &[&str] = &[
 ];
 const PURPOSES_MESSAGE: &str = "'{}' is not one of ['assistants', 'batch', 'fine-tune', 'vision', 'user_data', 'evals'] - 'purpose'";
 
-/// Every file, in upload order.
+/// Every file of one account, in upload order.
 #[derive(Default)]
 pub(crate) struct FileStore {
     files: Vec<StoredFile>,
+    flavor: Flavor,
 }
 
 pub(crate) struct StoredFile {
@@ -39,9 +41,25 @@ pub(crate) struct StoredFile {
     created_at: u64,
     expires_at: Option<u64>,
     content: Bytes,
+    /// Until then the file is `pending`, as Azure's asynchronous processing shows it.
+    ready_at: Option<Instant>,
+}
+
+/// A training or validation file, as a fine-tuning job sees it when it is created.
+pub(crate) struct FineTuneInput {
+    pub(crate) content: Bytes,
+    /// Azure has not finished processing it.
+    pub(crate) pending: bool,
 }
 
 impl FileStore {
+    pub(crate) fn new(flavor: Flavor) -> Self {
+        Self {
+            files: Vec::new(),
+            flavor,
+        }
+    }
+
     pub(crate) fn add(
         &mut self,
         filename: String,
@@ -50,13 +68,30 @@ impl FileStore {
         created_at: u64,
         expires_at: Option<u64>,
     ) -> &StoredFile {
+        self.push(filename, purpose, content, created_at, expires_at, None)
+    }
+
+    fn push(
+        &mut self,
+        filename: String,
+        purpose: &str,
+        content: Bytes,
+        created_at: u64,
+        expires_at: Option<u64>,
+        ready_at: Option<Instant>,
+    ) -> &StoredFile {
+        let id = match self.flavor {
+            Flavor::OpenAi => reply::random_id("file-", 22),
+            Flavor::Azure => reply::random_hex("file-", 32),
+        };
         self.files.push(StoredFile {
-            id: reply::random_id("file-", 22),
+            id,
             filename,
             purpose: purpose.to_owned(),
             created_at,
             expires_at,
             content,
+            ready_at,
         });
         let last = self.files.len() - 1;
         &self.files[last]
@@ -69,9 +104,14 @@ impl FileStore {
             .ok_or_else(|| no_such_file(id))
     }
 
-    /// The content of a file a fine-tuning job names in `param`; a missing file or one of
-    /// another purpose is a 400 on that parameter, as OpenAI answers.
-    pub(crate) fn fine_tune_input(&self, id: &str, param: &'static str) -> Result<Bytes, ApiError> {
+    /// A file a fine-tuning job names in `param`; a missing file or one of another purpose is
+    /// a 400 on that parameter, as OpenAI answers.
+    pub(crate) fn fine_tune_input(
+        &self,
+        id: &str,
+        param: &'static str,
+        now: Instant,
+    ) -> Result<FineTuneInput, ApiError> {
         let Some(file) = self.files.iter().find(|file| file.id == id) else {
             return Err(
                 ApiError::invalid_request(format!("invalid {param}: {id}")).with_param(param)
@@ -85,7 +125,10 @@ impl FileStore {
             ))
             .with_param(param));
         }
-        Ok(file.content.clone())
+        Ok(FineTuneInput {
+            content: file.content.clone(),
+            pending: !file.is_ready(now),
+        })
     }
 }
 
@@ -94,7 +137,11 @@ impl StoredFile {
         &self.id
     }
 
-    fn view(&self) -> FileView<'_> {
+    fn is_ready(&self, now: Instant) -> bool {
+        self.ready_at.is_none_or(|ready_at| now >= ready_at)
+    }
+
+    fn view(&self, now: Instant) -> FileView<'_> {
         FileView {
             object: "file",
             id: &self.id,
@@ -103,7 +150,11 @@ impl StoredFile {
             bytes: self.content.len(),
             created_at: self.created_at,
             expires_at: self.expires_at,
-            status: "processed",
+            status: if self.is_ready(now) {
+                "processed"
+            } else {
+                "pending"
+            },
             status_details: None,
         }
     }
@@ -133,10 +184,44 @@ fn multipart_error(err: &MultipartError) -> ApiError {
     ))
 }
 
-pub(crate) async fn upload(
-    State(state): State<Arc<SimState>>,
+/// A multipart upload, checked the way OpenAI checks it.
+pub(crate) struct Upload {
+    filename: String,
+    purpose: String,
+    content: Bytes,
+    expires_after_seconds: Option<u64>,
+}
+
+impl Upload {
+    /// Stores the file in `files` (it stays `pending` for `processing`, if given) and answers
+    /// with its id and the File object: 200 from OpenAI, 201 from Azure.
+    pub(crate) fn store(
+        self,
+        files: &mut FileStore,
+        processing: Option<std::time::Duration>,
+    ) -> (String, Response) {
+        let created_at = reply::unix_now();
+        let now = Instant::now();
+        let status = match files.flavor {
+            Flavor::OpenAi => StatusCode::OK,
+            Flavor::Azure => StatusCode::CREATED,
+        };
+        let stored = files.push(
+            self.filename,
+            &self.purpose,
+            self.content,
+            created_at,
+            self.expires_after_seconds
+                .map(|seconds| created_at + seconds),
+            processing.map(|processing| now + processing),
+        );
+        (stored.id.clone(), reply::json(status, &stored.view(now)))
+    }
+}
+
+pub(crate) async fn read_upload(
     multipart: Result<Multipart, MultipartRejection>,
-) -> Result<Response, ApiError> {
+) -> Result<Upload, ApiError> {
     let mut multipart = multipart.map_err(|err| {
         ApiError::invalid_request(format!(
             "Expected a multipart/form-data body with 'file' and 'purpose': {}",
@@ -198,16 +283,20 @@ pub(crate) async fn upload(
         )
         .with_param("file"));
     }
-    let created_at = reply::unix_now();
-    let mut storage = state.storage();
-    let stored = storage.files.add(
+    Ok(Upload {
         filename,
-        &purpose,
+        purpose,
         content,
-        created_at,
-        expires_after_seconds.map(|seconds| created_at + seconds),
-    );
-    Ok(reply::json(StatusCode::OK, &stored.view()))
+        expires_after_seconds,
+    })
+}
+
+pub(crate) async fn upload(
+    State(state): State<Arc<SimState>>,
+    multipart: Result<Multipart, MultipartRejection>,
+) -> Result<Response, ApiError> {
+    let upload = read_upload(multipart).await?;
+    Ok(upload.store(&mut state.storage().files, None).1)
 }
 
 pub(crate) async fn list(
@@ -244,7 +333,8 @@ pub(crate) async fn list(
         files.reverse();
     }
     let (data, has_more) = reply::page(files.into_iter(), query.after(), limit, |file| &file.id);
-    let data: Vec<FileView<'_>> = data.into_iter().map(StoredFile::view).collect();
+    let now = Instant::now();
+    let data: Vec<FileView<'_>> = data.into_iter().map(|file| file.view(now)).collect();
     Ok(reply::json(
         StatusCode::OK,
         &CursorList {
@@ -261,15 +351,25 @@ pub(crate) async fn retrieve(
     State(state): State<Arc<SimState>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let storage = state.storage();
-    Ok(reply::json(StatusCode::OK, &storage.files.get(&id)?.view()))
+    retrieve_from(&state.storage().files, &id)
+}
+
+pub(crate) fn retrieve_from(files: &FileStore, id: &str) -> Result<Response, ApiError> {
+    Ok(reply::json(
+        StatusCode::OK,
+        &files.get(id)?.view(Instant::now()),
+    ))
 }
 
 pub(crate) async fn content(
     State(state): State<Arc<SimState>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let content = state.storage().files.get(&id)?.content.clone();
+    content_from(&state.storage().files, &id)
+}
+
+pub(crate) fn content_from(files: &FileStore, id: &str) -> Result<Response, ApiError> {
+    let content = files.get(id)?.content.clone();
     let mut response = Response::new(Body::from(content));
     response.headers_mut().insert(
         header::CONTENT_TYPE,

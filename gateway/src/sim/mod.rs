@@ -1,7 +1,7 @@
-//! A faithful fake of the OpenAI API for the demo, the tests and the benches, so none of them needs a key or the internet.
+//! A faithful fake of OpenAI, Azure OpenAI, vLLM and a Kubernetes API server for the demo, the tests and the benches, so none of them needs a key or the internet.
 //!
-//! It speaks OpenAI's wire format (`shared/docs/openai-wire.md`) and checks what it receives the
-//! way OpenAI does:
+//! It speaks the wire formats of `shared/docs/openai-wire.md` and checks what it receives the
+//! way the real services do. OpenAI (§1–4):
 //!
 //! - `POST /v1/chat/completions`, streamed and not, with tool calls and deterministic answers:
 //!   the same model and messages always get the same text and tool arguments. Each model's
@@ -13,9 +13,38 @@
 //!   succeeded | failed | cancelled`, plus pause and resume) paced by [`FineTuneTimings`], with
 //!   events, checkpoints and a result CSV. The training file is checked with
 //!   [`validate_training_jsonl`]; a bad file fails the job at the end of `validating_files`.
+//!   A job fails half-way through `running` with `error.code = "training_failed"` when its
+//!   `suffix` contains `fail-training`, or when [`SimHandle::fail_next_fine_tuning_jobs`] said so.
 //!
-//! Every error, including unknown paths and wrong methods, is OpenAI-shaped JSON. With
-//! [`SimConfig::api_key`] set, every `/v1` request needs `Authorization: Bearer <key>`.
+//! On the same listener, under their own paths:
+//!
+//! - Azure OpenAI (§5) under `/openai/…`, with `api-key` auth and a required `api-version`:
+//!   files that are `pending` for a while, fine-tuning jobs whose models are named
+//!   `<base>.ft-<32 hex>` (a job on a `pending` file fails), and chat through a deployment,
+//!   `POST /openai/deployments/{name}/chat/completions`. Deployments are made through ARM,
+//!   `PUT /subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.CognitiveServices/accounts/{acct}/deployments/{name}`,
+//!   with a bearer token; they are `Creating` for [`AzureTimings::deployment`], then
+//!   `Succeeded`, and only then answer chat.
+//! - vLLM's LoRA endpoints (§6): `POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter`.
+//!   Adapters exist where a test put them ([`SimHandle::add_adapter_path`]) or where a
+//!   succeeded Kubernetes Job wrote them; loaded ones are listed by `/v1/models` with `root`
+//!   and `parent`, and answer chat well.
+//! - A Kubernetes API server (§7): `batch/v1` Jobs under `/apis/batch/v1/namespaces/{ns}/jobs`,
+//!   pods and pod logs under `/api/v1/namespaces/{ns}/pods`, with bearer-token auth and `Status`
+//!   errors. A Job runs for [`ClusterTimings`]; its container really downloads
+//!   `FORGE_DATASET_URL` (bearer `FORGE_DATASET_TOKEN`) and fails the Job with
+//!   `BackoffLimitExceeded` if that fails or the data is invalid; `FORGE_SIM_FAIL=1` fails it
+//!   too; on success the adapter is at `FORGE_OUTPUT_DIR` (or `/adapters/<job name>`). See
+//!   [`SimHandle::k8s_fetches`].
+//!
+//! Every error, including unknown paths and wrong methods, has the shape of the service the
+//! path belongs to: OpenAI's JSON for `/v1` and Azure, ARM's `{"error":{code,message}}`, and
+//! Kubernetes' `Status`. With [`SimConfig::api_key`] set, every `/v1` request needs
+//! `Authorization: Bearer <key>`. [`SimHandle::inject_rate_limit`] makes the next requests to
+//! the training APIs (`/v1/files*`, `/v1/fine_tuning/*`, Azure, ARM, Kubernetes) answer 429
+//! with `retry-after` and `x-should-retry: true`, each in its service's error shape. vLLM's
+//! endpoints sit under `/v1` and so take the `/v1` key; a Job's dataset download pointed at
+//! this server's own Files API is a request like any other, key and injected 429s included.
 //!
 //! ```
 //! use forge_gateway::sim::{ModelBehavior, Quality, SimConfig, SimUpstream};
@@ -36,13 +65,17 @@
 //! ```
 
 mod answer;
+mod arm;
+mod azure;
 mod chat;
+mod cluster;
 mod config;
 mod error;
 mod files;
 mod fine_tuning;
 mod journal;
 mod jsonl;
+mod judge;
 mod models;
 mod reply;
 mod routes;
@@ -50,6 +83,9 @@ mod state;
 mod stream;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_training;
+mod vllm;
 
 use std::fmt;
 use std::future::Future;
@@ -63,7 +99,15 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-pub use config::{FineTuneTimings, ModelBehavior, Quality, SimConfig};
+pub use cluster::{
+    DatasetFetch, ENV_FORGE_DATASET_TOKEN, ENV_FORGE_DATASET_URL, ENV_FORGE_OUTPUT_DIR,
+    ENV_FORGE_SIM_FAIL,
+};
+pub use config::{
+    AzureTimings, ClusterTimings, DEFAULT_LORA_BASE_MODEL, FineTuneTimings, ModelBehavior, Quality,
+    SimConfig,
+};
+pub use fine_tuning::FAIL_TRAINING_SUFFIX;
 pub use journal::RecordedRequest;
 pub use jsonl::{MIN_TRAINING_EXAMPLES, validate_training_jsonl};
 
@@ -80,9 +124,15 @@ impl SimUpstream {
         let (router, state) = routes::build(config);
         let (shutdown, signal) = oneshot::channel::<()>();
         // Dropping the handle drops the sender, which resolves the signal just like a send.
-        let task = tokio::spawn(serve_router(router, listener, async move {
-            let _ = signal.await;
-        }));
+        let served = Arc::clone(&state);
+        let task = tokio::spawn(async move {
+            let result = serve_router(router, listener, async move {
+                let _ = signal.await;
+            })
+            .await;
+            served.abort_tasks();
+            result
+        });
         Ok(SimHandle {
             addr,
             shutdown,
@@ -104,7 +154,10 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    serve_router(routes::build(config).0, listener, shutdown).await
+    let (router, state) = routes::build(config);
+    let result = serve_router(router, listener, shutdown).await;
+    state.abort_tasks();
+    result
 }
 
 async fn serve_router(
@@ -141,6 +194,42 @@ impl SimHandle {
     /// `http://127.0.0.1:PORT/v1`, the `base_url` an OpenAI client takes.
     pub fn base_url(&self) -> String {
         format!("http://{}/v1", self.addr)
+    }
+
+    /// `http://127.0.0.1:PORT`, the endpoint of Azure OpenAI, of ARM, and of the Kubernetes
+    /// API server, whose paths start at the root.
+    pub fn root_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Makes the next `n` requests to the training APIs (`/v1/files*`, `/v1/fine_tuning/*`,
+    /// Azure `/openai/…`, ARM `/subscriptions/…`, Kubernetes `/api/…` and `/apis/…`) answer 429
+    /// with `retry-after: <retry_after_secs>` and `x-should-retry: true`. Credentials are
+    /// checked first, so a refused request is not counted. Replaces any earlier injection.
+    pub fn inject_rate_limit(&self, n: usize, retry_after_secs: u64) {
+        self.state.inject_rate_limit(n, retry_after_secs);
+    }
+
+    /// How many requests an injected rate limit has refused so far.
+    pub fn rate_limited_count(&self) -> usize {
+        self.state.rate_limited_count()
+    }
+
+    /// Makes the next `n` fine-tuning jobs created (OpenAI or Azure) fail half-way through
+    /// `running` with `error.code = "training_failed"`, as a `suffix` containing
+    /// `fail-training` does. Replaces any earlier count.
+    pub fn fail_next_fine_tuning_jobs(&self, n: usize) {
+        self.state.fail_next_fine_tuning_jobs(n);
+    }
+
+    /// Every dataset download a Kubernetes Job's container made, oldest first.
+    pub fn k8s_fetches(&self) -> Vec<DatasetFetch> {
+        self.state.storage().cluster.fetches()
+    }
+
+    /// Makes `path` an adapter directory that `POST /v1/load_lora_adapter` can load.
+    pub fn add_adapter_path(&self, path: &str) {
+        self.state.storage().lora.add_path(path);
     }
 
     /// Every request received, oldest first; only the last 10,000 are kept.

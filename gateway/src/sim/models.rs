@@ -1,4 +1,4 @@
-//! `GET /v1/models`: the configured models, a few base models, and every fine-tuned model that succeeded.
+//! `GET /v1/models`: the configured models, a few base models, every fine-tuned model that succeeded, and vLLM's loaded LoRA adapters.
 
 use std::sync::Arc;
 
@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::error::ApiError;
 use super::reply;
-use super::state::{SimState, Storage};
+use super::state::SimState;
 
 /// Always listed, so that a default config still looks like OpenAI.
 const BASE_MODELS: &[&str] = &["gpt-4o", "gpt-4o-mini"];
@@ -23,6 +23,12 @@ struct ModelView {
     object: &'static str,
     created: u64,
     owned_by: &'static str,
+    /// vLLM only: the weights' path (the served name for the base model).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    root: Option<String>,
+    /// vLLM only: an adapter's base model; `null` for the base model itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parent: Option<Option<String>>,
 }
 
 #[derive(Serialize)]
@@ -40,6 +46,8 @@ fn all_models(state: &SimState) -> Vec<ModelView> {
                 object: "model",
                 created,
                 owned_by,
+                root: None,
+                parent: None,
             });
         }
     };
@@ -49,13 +57,39 @@ fn all_models(state: &SimState) -> Vec<ModelView> {
     for configured in state.configured_models() {
         add(configured, BASE_CREATED, "system");
     }
-    let fine_tuned = {
+    let (fine_tuned, adapters) = {
         let mut guard = state.storage();
-        let Storage { files, jobs } = &mut *guard;
-        jobs.succeeded_models(Instant::now(), files)
+        let storage = &mut *guard;
+        let fine_tuned = storage
+            .jobs
+            .succeeded_models(Instant::now(), &mut storage.files);
+        (fine_tuned, storage.lora.adapters())
     };
     for (model, created) in fine_tuned {
         add(model, created, "forge-sim");
+    }
+    // vLLM lists its base model, then every adapter under it.
+    if !adapters.is_empty() && !models.iter().any(|m| m.id == state.lora_base_model) {
+        models.push(ModelView {
+            id: state.lora_base_model.clone(),
+            object: "model",
+            created: BASE_CREATED,
+            owned_by: "vllm",
+            root: Some(state.lora_base_model.clone()),
+            parent: Some(None),
+        });
+    }
+    for adapter in adapters {
+        if !models.iter().any(|model| model.id == adapter.name) {
+            models.push(ModelView {
+                id: adapter.name,
+                object: "model",
+                created: adapter.created,
+                owned_by: "vllm",
+                root: Some(adapter.path),
+                parent: Some(Some(state.lora_base_model.clone())),
+            });
+        }
     }
     models
 }

@@ -61,6 +61,42 @@ pub(crate) fn random_id(prefix: &str, len: usize) -> String {
     id
 }
 
+/// `prefix` followed by `len` random lowercase hex digits, the shape of Azure's ids.
+pub(crate) fn random_hex(prefix: &str, len: usize) -> String {
+    const HEX: &[u8] = b"0123456789abcdef";
+    let mut rng = rand::rng();
+    let mut id = String::with_capacity(prefix.len() + len);
+    id.push_str(prefix);
+    for _ in 0..len {
+        id.push(char::from(HEX[rng.random_range(0..HEX.len())]));
+    }
+    id
+}
+
+/// `at` as RFC 3339 UTC with whole seconds (`2024-05-01T12:00:00Z`), as Kubernetes and ARM
+/// write timestamps.
+pub(crate) fn rfc3339(at: SystemTime) -> String {
+    let secs = unix_seconds(at);
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let rem = secs % 86_400;
+    // Howard Hinnant's days-to-civil algorithm, for the proleptic Gregorian calendar.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 /// Like [`random_id`], but drawn from `next`, for ids that must be reproducible.
 pub(crate) fn derived_id(prefix: &str, len: usize, mut next: impl FnMut() -> u64) -> String {
     let mut id = String::with_capacity(prefix.len() + len);

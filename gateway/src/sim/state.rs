@@ -1,32 +1,99 @@
-//! Shared state of one simulated upstream: behaviours, the API key, the request journal, files and jobs.
+//! Shared state of one simulated upstream: behaviours, credentials, injected failures, the request journal, and every store.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
 
 use http::HeaderMap;
+use tokio::task::AbortHandle;
 
-use super::config::{FineTuneTimings, ModelBehavior, Quality, SimConfig};
+use super::arm::DeploymentStore;
+use super::cluster::ClusterStore;
+use super::config::{
+    AzureTimings, ClusterTimings, DEFAULT_LORA_BASE_MODEL, FineTuneTimings, ModelBehavior, Quality,
+    SimConfig,
+};
 use super::error::ApiError;
 use super::files::FileStore;
 use super::fine_tuning::JobStore;
 use super::journal::RequestJournal;
+use super::vllm::LoraStore;
+
+/// Whose wire conventions an account follows: ids, model names, statuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Flavor {
+    #[default]
+    OpenAi,
+    Azure,
+}
 
 pub(crate) struct SimState {
     behaviors: RwLock<HashMap<String, ModelBehavior>>,
     default_behavior: ModelBehavior,
     pub(crate) fine_tune: FineTuneTimings,
+    pub(crate) azure: AzureTimings,
+    pub(crate) cluster: ClusterTimings,
+    pub(crate) lora_base_model: String,
     api_key: Option<String>,
+    arm_token: Option<String>,
+    cluster_token: Option<String>,
     pub(crate) journal: RequestJournal,
     storage: Mutex<Storage>,
     /// Requests per model, for `fail_every`.
     served: Mutex<HashMap<String, u64>>,
+    rate_limit: Mutex<RateLimit>,
+    rate_limited: AtomicUsize,
+    /// How many of the next fine-tuning jobs fail while running.
+    failing_jobs: AtomicUsize,
+    /// Background work (dataset fetches) to stop when the server stops.
+    tasks: Mutex<Vec<AbortHandle>>,
 }
 
-/// Files and jobs live under one lock because a job that succeeds writes its result file.
 #[derive(Default)]
+struct RateLimit {
+    remaining: usize,
+    retry_after_secs: u64,
+}
+
+/// Every store lives under one lock: a job that succeeds writes its result file, a deployment
+/// needs a succeeded job, and loading an adapter needs a finished Kubernetes Job.
 pub(crate) struct Storage {
     pub(crate) files: FileStore,
     pub(crate) jobs: JobStore,
+    pub(crate) azure: AzureAccount,
+    pub(crate) cluster: ClusterStore,
+    pub(crate) lora: LoraStore,
+}
+
+/// The Azure OpenAI resource: its own files and jobs, apart from OpenAI's, and its deployments.
+pub(crate) struct AzureAccount {
+    pub(crate) files: FileStore,
+    pub(crate) jobs: JobStore,
+    pub(crate) deployments: DeploymentStore,
+}
+
+impl Storage {
+    fn new() -> Self {
+        Self {
+            files: FileStore::new(Flavor::OpenAi),
+            jobs: JobStore::default(),
+            azure: AzureAccount {
+                files: FileStore::new(Flavor::Azure),
+                jobs: JobStore::default(),
+                deployments: DeploymentStore::default(),
+            },
+            cluster: ClusterStore::default(),
+            lora: LoraStore::default(),
+        }
+    }
+
+    /// The files and jobs of the account that `flavor` names.
+    pub(crate) fn account(&mut self, flavor: Flavor) -> (&mut FileStore, &mut JobStore) {
+        match flavor {
+            Flavor::OpenAi => (&mut self.files, &mut self.jobs),
+            Flavor::Azure => (&mut self.azure.files, &mut self.azure.jobs),
+        }
+    }
 }
 
 impl SimState {
@@ -35,27 +102,46 @@ impl SimState {
             behaviors: RwLock::new(config.models),
             default_behavior: config.default_behavior,
             fine_tune: config.fine_tune,
+            azure: config.azure,
+            cluster: config.cluster,
+            lora_base_model: config
+                .lora_base_model
+                .unwrap_or_else(|| DEFAULT_LORA_BASE_MODEL.to_owned()),
             api_key: config.api_key,
+            arm_token: config.arm_token,
+            cluster_token: config.cluster_token,
             journal: RequestJournal::default(),
-            storage: Mutex::new(Storage::default()),
+            storage: Mutex::new(Storage::new()),
             served: Mutex::new(HashMap::new()),
+            rate_limit: Mutex::new(RateLimit::default()),
+            rate_limited: AtomicUsize::new(0),
+            failing_jobs: AtomicUsize::new(0),
+            tasks: Mutex::new(Vec::new()),
         }
     }
 
-    /// Fine-tuned models answer well unless configured otherwise: they stand in for a student
-    /// that learned from a good teacher.
+    /// Fine-tuned models (OpenAI `ft:`, Azure `.ft-`, loaded LoRA adapters) answer well unless
+    /// configured otherwise: they stand in for a student that learned from a good teacher.
     pub(crate) fn behavior(&self, model: &str) -> ModelBehavior {
-        let behaviors = self
+        let configured = self
             .behaviors
             .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        match behaviors.get(model) {
-            Some(behavior) => behavior.clone(),
-            None if model.starts_with("ft:") => ModelBehavior {
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(model)
+            .cloned();
+        if let Some(behavior) = configured {
+            return behavior;
+        }
+        let fine_tuned = model.starts_with("ft:")
+            || model.contains(".ft-")
+            || self.storage().lora.is_loaded(model);
+        if fine_tuned {
+            ModelBehavior {
                 quality: Quality::Good,
                 ..self.default_behavior.clone()
-            },
-            None => self.default_behavior.clone(),
+            }
+        } else {
+            self.default_behavior.clone()
         }
     }
 
@@ -93,6 +179,89 @@ impl SimState {
         self.storage.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Makes the next `n` requests to the training APIs answer 429.
+    pub(crate) fn inject_rate_limit(&self, n: usize, retry_after_secs: u64) {
+        let mut limit = self
+            .rate_limit
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *limit = RateLimit {
+            remaining: n,
+            retry_after_secs,
+        };
+    }
+
+    /// Whether this request is one that an injected rate limit refuses, and if so after how
+    /// many seconds to retry. Counts the refusal.
+    pub(crate) fn take_rate_limit(&self) -> Option<u64> {
+        let mut limit = self
+            .rate_limit
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if limit.remaining == 0 {
+            return None;
+        }
+        limit.remaining -= 1;
+        self.rate_limited.fetch_add(1, Ordering::Relaxed);
+        Some(limit.retry_after_secs)
+    }
+
+    pub(crate) fn rate_limited_count(&self) -> usize {
+        self.rate_limited.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn fail_next_fine_tuning_jobs(&self, n: usize) {
+        self.failing_jobs.store(n, Ordering::Relaxed);
+    }
+
+    /// Whether the job being created is one of those told to fail; uses one up if so.
+    pub(crate) fn take_failing_job(&self) -> bool {
+        self.failing_jobs
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    /// Keeps `task` so that stopping the server stops it too.
+    pub(crate) fn track(&self, task: AbortHandle) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(PoisonError::into_inner);
+        tasks.retain(|task| !task.is_finished());
+        tasks.push(task);
+    }
+
+    pub(crate) fn abort_tasks(&self) {
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(PoisonError::into_inner));
+        for task in tasks {
+            task.abort();
+        }
+    }
+
+    /// Azure data plane: `api-key: <key>`, never a bearer token. Without a configured key any
+    /// non-empty key passes.
+    pub(crate) fn check_azure_key(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let presented = headers
+            .get("api-key")
+            .and_then(|value| value.to_str().ok())
+            .map(str::trim)
+            .filter(|key| !key.is_empty());
+        match (presented, &self.api_key) {
+            (None, _) => Err(ApiError::azure_access_denied()),
+            (Some(presented), Some(key)) if presented != key => {
+                Err(ApiError::azure_access_denied())
+            }
+            (Some(_), _) => Ok(()),
+        }
+    }
+
+    /// The ARM endpoints' Entra token check.
+    pub(crate) fn check_arm_token(&self, headers: &HeaderMap) -> Result<(), BearerRefusal> {
+        check_bearer(headers, self.arm_token.as_deref())
+    }
+
+    /// The Kubernetes API server's bearer token check.
+    pub(crate) fn check_cluster_token(&self, headers: &HeaderMap) -> Result<(), BearerRefusal> {
+        check_bearer(headers, self.cluster_token.as_deref())
+    }
+
     pub(crate) fn check_api_key(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         let Some(key) = &self.api_key else {
             return Ok(());
@@ -107,5 +276,29 @@ impl SimState {
             Some(presented) if presented == key => Ok(()),
             Some(presented) => Err(ApiError::incorrect_api_key(presented)),
         }
+    }
+}
+
+/// Why a bearer token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BearerRefusal {
+    Missing,
+    Wrong,
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|token| !token.is_empty())
+}
+
+fn check_bearer(headers: &HeaderMap, expected: Option<&str>) -> Result<(), BearerRefusal> {
+    match (bearer(headers), expected) {
+        (None, _) => Err(BearerRefusal::Missing),
+        (Some(token), Some(expected)) if token != expected => Err(BearerRefusal::Wrong),
+        (Some(_), _) => Ok(()),
     }
 }

@@ -8,21 +8,21 @@ use serde_json::{Value, json};
 
 use super::*;
 
-const DEADLINE: Duration = Duration::from_secs(30);
+pub(super) const DEADLINE: Duration = Duration::from_secs(30);
 
-fn client() -> reqwest::Client {
+pub(super) fn client() -> reqwest::Client {
     // reqwest is built without a default crypto provider; plain HTTP still needs one installed.
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::new()
 }
 
-async fn start(config: SimConfig) -> SimHandle {
+pub(super) async fn start(config: SimConfig) -> SimHandle {
     SimUpstream::start(config, ([127, 0, 0, 1], 0).into())
         .await
         .unwrap()
 }
 
-async fn post_json(sim: &SimHandle, path: &str, body: &Value) -> reqwest::Response {
+pub(super) async fn post_json(sim: &SimHandle, path: &str, body: &Value) -> reqwest::Response {
     client()
         .post(format!("{}{path}", sim.base_url()))
         .json(body)
@@ -31,7 +31,7 @@ async fn post_json(sim: &SimHandle, path: &str, body: &Value) -> reqwest::Respon
         .unwrap()
 }
 
-async fn get_json(sim: &SimHandle, path: &str) -> (u16, Value) {
+pub(super) async fn get_json(sim: &SimHandle, path: &str) -> (u16, Value) {
     let response = client()
         .get(format!("{}{path}", sim.base_url()))
         .send()
@@ -41,7 +41,7 @@ async fn get_json(sim: &SimHandle, path: &str) -> (u16, Value) {
     (status, response.json().await.unwrap())
 }
 
-async fn chat(sim: &SimHandle, body: &Value) -> Value {
+pub(super) async fn chat(sim: &SimHandle, body: &Value) -> Value {
     let response = post_json(sim, "/chat/completions", body).await;
     assert_eq!(response.status(), 200);
     response.json().await.unwrap()
@@ -82,7 +82,7 @@ fn json_chunks(events: &[String]) -> Vec<Value> {
         .collect()
 }
 
-fn question(text: &str) -> Value {
+pub(super) fn question(text: &str) -> Value {
     json!([{"role": "system", "content": "Be helpful."}, {"role": "user", "content": text}])
 }
 
@@ -811,7 +811,7 @@ async fn poor_quality_is_generic_and_fine_tuned_models_answer_well() {
 
 // ---- Files ----
 
-async fn upload(
+pub(super) async fn upload(
     sim: &SimHandle,
     filename: &str,
     purpose: &str,
@@ -828,7 +828,12 @@ async fn upload(
         .unwrap()
 }
 
-async fn upload_ok(sim: &SimHandle, filename: &str, purpose: &str, content: Vec<u8>) -> Value {
+pub(super) async fn upload_ok(
+    sim: &SimHandle,
+    filename: &str,
+    purpose: &str,
+    content: Vec<u8>,
+) -> Value {
     let response = upload(sim, filename, purpose, content).await;
     assert_eq!(response.status(), 200);
     response.json().await.unwrap()
@@ -948,7 +953,7 @@ async fn upload_needs_file_and_a_known_purpose() {
 
 // ---- Fine-tuning ----
 
-fn training_file(examples: usize) -> Vec<u8> {
+pub(super) fn training_file(examples: usize) -> Vec<u8> {
     let plain = json!({"messages": [
         {"role": "system", "content": "You are terse."},
         {"role": "user", "content": "Capital of France?"},
@@ -970,7 +975,7 @@ fn training_file(examples: usize) -> Vec<u8> {
         .into_bytes()
 }
 
-fn tiny_timings() -> SimConfig {
+pub(super) fn tiny_timings() -> SimConfig {
     SimConfig {
         fine_tune: FineTuneTimings {
             validating: Duration::from_millis(20),
@@ -981,7 +986,7 @@ fn tiny_timings() -> SimConfig {
     }
 }
 
-async fn create_job(sim: &SimHandle, body: &Value) -> Value {
+pub(super) async fn create_job(sim: &SimHandle, body: &Value) -> Value {
     let response = post_json(sim, "/fine_tuning/jobs", body).await;
     let status = response.status();
     let job: Value = response.json().await.unwrap();
@@ -990,7 +995,7 @@ async fn create_job(sim: &SimHandle, body: &Value) -> Value {
 }
 
 /// Polls the job until its status is final.
-async fn wait_for_final(sim: &SimHandle, id: &str) -> Value {
+pub(super) async fn wait_for_final(sim: &SimHandle, id: &str) -> Value {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
         let (status, job) = get_json(sim, &format!("/fine_tuning/jobs/{id}")).await;

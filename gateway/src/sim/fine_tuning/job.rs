@@ -15,6 +15,7 @@ use crate::sim::error::ApiError;
 use crate::sim::files::FileStore;
 use crate::sim::jsonl::{self, DatasetStats, MIN_TRAINING_EXAMPLES};
 use crate::sim::reply;
+use crate::sim::state::Flavor;
 
 const ORGANIZATION: &str = "org-forge-sim";
 /// The org slug inside fine-tuned model names: `ft:<base>:forge-sim:<suffix>:<id>`.
@@ -69,6 +70,24 @@ pub(super) struct JobFailure {
     param: Option<&'static str>,
 }
 
+impl JobFailure {
+    /// Azure fails a job whose file it has not finished processing.
+    pub(super) fn file_pending(id: &str, param: &'static str) -> Self {
+        let (code, file) = match param {
+            "validation_file" => ("invalid_validation_file", "validation"),
+            _ => ("invalid_training_file", "training"),
+        };
+        Self {
+            code,
+            message: format!(
+                "The {file} file {id} is not ready: its status is 'pending'. Wait until the file \
+                 is 'processed' before creating a fine-tuning job."
+            ),
+            param: Some(param),
+        }
+    }
+}
+
 /// Validates the files now; the job reveals the outcome when `validating_files` ends.
 pub(super) fn check_inputs(
     training: &[u8],
@@ -112,6 +131,9 @@ pub(super) struct JobEvent {
 
 pub(super) struct FineTuneJob {
     pub(super) id: String,
+    flavor: Flavor,
+    /// Fail half-way through `running`, as an injected training failure.
+    fails_in_training: bool,
     model: String,
     created_at: u64,
     /// The instant and wall time of creation: event times are derived from both, so that a
@@ -149,18 +171,30 @@ impl FineTuneJob {
         inputs: Result<TrainingPlan, JobFailure>,
         timings: FineTuneTimings,
         now: Instant,
+        flavor: Flavor,
+        fails_in_training: bool,
     ) -> Self {
-        let id = reply::random_id("ftjob-", 24);
-        // Continuing from a fine-tuned model names the result after the original base.
-        let base = match request.model.strip_prefix("ft:") {
-            Some(rest) => rest.split(':').next().unwrap_or(rest),
-            None => request.model.as_str(),
+        let (id, output_model) = match flavor {
+            Flavor::OpenAi => {
+                let id = reply::random_id("ftjob-", 24);
+                // Continuing from a fine-tuned model names the result after the original base.
+                let base = match request.model.strip_prefix("ft:") {
+                    Some(rest) => rest.split(':').next().unwrap_or(rest),
+                    None => request.model.as_str(),
+                };
+                let short_id = id.get(6..14).unwrap_or(&id);
+                let output_model = format!(
+                    "ft:{base}:{ORG_SLUG}:{}:{short_id}",
+                    request.suffix.as_deref().unwrap_or_default()
+                );
+                (id, output_model)
+            }
+            Flavor::Azure => {
+                let base = request.model.split(".ft-").next().unwrap_or(&request.model);
+                let output_model = reply::random_hex(&format!("{base}.ft-"), 32);
+                (reply::random_hex("ftjob-", 32), output_model)
+            }
         };
-        let short_id = id.get(6..14).unwrap_or(&id);
-        let output_model = format!(
-            "ft:{base}:{ORG_SLUG}:{}:{short_id}",
-            request.suffix.as_deref().unwrap_or_default()
-        );
         let born_wall = SystemTime::now();
         let mut job = Self {
             created_at: reply::unix_seconds(born_wall),
@@ -191,6 +225,8 @@ impl FineTuneJob {
             trained_tokens: None,
             error: None,
             id,
+            flavor,
+            fails_in_training,
         };
         job.log(now, format!("Created fine-tuning job: {}", job.id));
         let validating = match &job.validation_file {
@@ -219,8 +255,12 @@ impl FineTuneJob {
         message: String,
         metrics: Option<StepMetrics>,
     ) {
+        let id = match self.flavor {
+            Flavor::OpenAi => reply::random_id("ft-event-", 24),
+            Flavor::Azure => reply::random_hex("ftevent-", 32),
+        };
         self.events.push(JobEvent {
-            id: reply::random_id("ft-event-", 24),
+            id,
             created_at: self.unix_at(at),
             level,
             message,
@@ -248,7 +288,15 @@ impl FineTuneJob {
                             self.enter(Phase::Queued, end);
                         }
                         Err(failure) => {
-                            self.fail(end, failure);
+                            let file = match failure.param {
+                                Some("validation_file") => "validation",
+                                _ => "training",
+                            };
+                            let event = format!(
+                                "The job failed due to an invalid {file} file. {}",
+                                failure.message
+                            );
+                            self.fail(end, failure, event);
                             return;
                         }
                     }
@@ -267,6 +315,16 @@ impl FineTuneJob {
                     };
                     let total = self.timings.running;
                     let ran = self.ran_before + now.saturating_duration_since(self.phase_started);
+                    if self.fails_in_training {
+                        let fail_after = total / 2;
+                        self.report_steps(ran.min(fail_after), &plan);
+                        if ran >= fail_after {
+                            let end =
+                                self.phase_started + fail_after.saturating_sub(self.ran_before);
+                            self.fail_training(end, &plan);
+                        }
+                        return;
+                    }
                     self.report_steps(ran.min(total), &plan);
                     if ran >= total {
                         let end = self.phase_started + total.saturating_sub(self.ran_before);
@@ -308,8 +366,12 @@ impl FineTuneJob {
             }
             let epoch = step / per_epoch;
             if step % per_epoch == 0 && epoch + KEPT_CHECKPOINT_EPOCHS > plan.resolved.n_epochs {
+                let id = match self.flavor {
+                    Flavor::OpenAi => reply::random_id("ftckpt_", 24),
+                    Flavor::Azure => reply::random_hex("ftchkpt-", 32),
+                };
                 self.checkpoints.push(Checkpoint {
-                    id: reply::random_id("ftckpt_", 24),
+                    id,
                     created_at: self.unix_at(at),
                     model: format!("{}:ckpt-step-{step}", self.output_model),
                     metrics,
@@ -351,20 +413,25 @@ impl FineTuneJob {
         self.enter(Phase::Succeeded, at);
     }
 
-    fn fail(&mut self, at: Instant, failure: JobFailure) {
-        let file = match failure.param {
-            Some("validation_file") => "validation",
-            _ => "training",
-        };
-        self.push_event(
-            at,
-            "error",
-            format!(
-                "The job failed due to an invalid {file} file. {}",
-                failure.message
-            ),
-            None,
+    /// The injected failure: training stops at the step it reached, with `training_failed`.
+    fn fail_training(&mut self, at: Instant, plan: &TrainingPlan) {
+        let total = plan.resolved.total_steps;
+        let message = format!(
+            "Training failed at step {}/{total}: the trainer stopped with an internal error. \
+             Retry the job; if it keeps failing, contact support.",
+            self.steps_done
         );
+        let event = format!("The job failed during training. {message}");
+        let failure = JobFailure {
+            code: "training_failed",
+            message,
+            param: None,
+        };
+        self.fail(at, failure, event);
+    }
+
+    fn fail(&mut self, at: Instant, failure: JobFailure, event: String) {
+        self.push_event(at, "error", event, None);
         self.error = Some(failure);
         self.finished_at = Some(self.unix_at(at));
         self.enter(Phase::Failed, at);

@@ -1,4 +1,10 @@
-//! Fine-tuning jobs (openai-wire.md §4): a timed state machine with events, checkpoints and a result CSV.
+//! Fine-tuning jobs (openai-wire.md §4, and Azure's in §5): a timed state machine with events, checkpoints and a result CSV.
+//!
+//! OpenAI's and Azure's jobs share the state machine; they differ in their ids, the name of
+//! the model (`ft:<base>:<org>:<suffix>:<id>` against `<base>.ft-<32 hex>`), and in that Azure
+//! fails a job whose file is still `pending`. A job fails half-way through `running` with
+//! `training_failed` when its `suffix` contains `fail-training` or when the simulated upstream
+//! was told to fail the next jobs.
 //!
 //! A job's state is not driven by background tasks: every read first advances the job to the
 //! present from the time elapsed in its phase, emitting the events it passed on the way. So all
@@ -22,8 +28,8 @@ use tokio::time::Instant;
 use super::error::ApiError;
 use super::files::FileStore;
 use super::reply::{self, CursorList, List, ListQuery};
-use super::state::{SimState, Storage};
-use job::{EventView, FineTuneJob, check_inputs};
+use super::state::{Flavor, SimState};
+use job::{EventView, FineTuneJob, JobFailure, check_inputs};
 use request::JobRequest;
 
 /// Every job, in creation order.
@@ -59,7 +65,10 @@ impl JobStore {
     }
 }
 
-type ListParams = Result<Query<Vec<(String, String)>>, QueryRejection>;
+/// A fine-tuning job whose `suffix` contains this fails half-way through `running`.
+pub const FAIL_TRAINING_SUFFIX: &str = "fail-training";
+
+pub(crate) type ListParams = Result<Query<Vec<(String, String)>>, QueryRejection>;
 
 fn list_query(query: ListParams) -> Result<ListQuery, ApiError> {
     let Query(pairs) = query.map_err(|err| ApiError::invalid_request(err.body_text()))?;
@@ -70,28 +79,91 @@ pub(crate) async fn create(
     State(state): State<Arc<SimState>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let request = JobRequest::parse(&reply::json_object(&body)?)?;
+    create_in(&state, Flavor::OpenAi, &body)
+}
+
+pub(crate) fn create_in(
+    state: &SimState,
+    flavor: Flavor,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    let request = JobRequest::parse(&reply::json_object(body)?)?;
+    if flavor == Flavor::Azure
+        && request
+            .suffix
+            .as_ref()
+            .is_some_and(|suffix| suffix.chars().count() > 40)
+    {
+        return Err(ApiError::invalid_value(
+            "suffix",
+            "Invalid 'suffix': string too long. Expected a string with maximum length 40.",
+        ));
+    }
+    let now = Instant::now();
     let (training, validation) = {
-        let storage = state.storage();
-        let training = storage
-            .files
-            .fine_tune_input(&request.training_file, "training_file")?;
+        let mut storage = state.storage();
+        let (files, _) = storage.account(flavor);
+        let training = files.fine_tune_input(&request.training_file, "training_file", now)?;
         let validation = match &request.validation_file {
-            Some(id) => Some(storage.files.fine_tune_input(id, "validation_file")?),
+            Some(id) => Some(files.fine_tune_input(id, "validation_file", now)?),
             None => None,
         };
         (training, validation)
     };
-    // Validated outside the lock: a large file must not stall every other endpoint.
-    let inputs = check_inputs(&training, validation.as_ref(), request.hyperparameters);
-    let job = FineTuneJob::new(request, inputs, state.fine_tune, Instant::now());
-    let response = reply::json(StatusCode::OK, &job.view());
-    state.storage().jobs.jobs.push(job);
+    let inputs = if training.pending {
+        Err(JobFailure::file_pending(
+            &request.training_file,
+            "training_file",
+        ))
+    } else if let Some(id) = request
+        .validation_file
+        .as_deref()
+        .filter(|_| validation.as_ref().is_some_and(|file| file.pending))
+    {
+        Err(JobFailure::file_pending(id, "validation_file"))
+    } else {
+        // Validated outside the lock: a large file must not stall every other endpoint.
+        check_inputs(
+            &training.content,
+            validation.as_ref().map(|file| &file.content),
+            request.hyperparameters,
+        )
+    };
+    let fails_in_training = request
+        .suffix
+        .as_deref()
+        .is_some_and(|suffix| suffix.contains(FAIL_TRAINING_SUFFIX))
+        || state.take_failing_job();
+    let job = FineTuneJob::new(
+        request,
+        inputs,
+        state.fine_tune,
+        now,
+        flavor,
+        fails_in_training,
+    );
+    // Azure's create answers 201, OpenAI's 200.
+    let status = match flavor {
+        Flavor::OpenAi => StatusCode::OK,
+        Flavor::Azure => StatusCode::CREATED,
+    };
+    let response = reply::json(status, &job.view());
+    let mut storage = state.storage();
+    let (_, jobs) = storage.account(flavor);
+    jobs.jobs.push(job);
     Ok(response)
 }
 
 pub(crate) async fn list(
     State(state): State<Arc<SimState>>,
+    query: ListParams,
+) -> Result<Response, ApiError> {
+    list_in(&state, Flavor::OpenAi, query)
+}
+
+pub(crate) fn list_in(
+    state: &SimState,
+    flavor: Flavor,
     query: ListParams,
 ) -> Result<Response, ApiError> {
     let query = list_query(query)?;
@@ -102,7 +174,7 @@ pub(crate) async fn list(
         .collect();
     let now = Instant::now();
     let mut guard = state.storage();
-    let Storage { files, jobs } = &mut *guard;
+    let (files, jobs) = guard.account(flavor);
     for job in &mut jobs.jobs {
         job.advance(now, files);
     }
@@ -129,12 +201,13 @@ pub(crate) async fn list(
 /// Runs `action` on the job, brought up to date first, and answers with the job.
 fn with_job(
     state: &SimState,
+    flavor: Flavor,
     id: &str,
     action: impl FnOnce(&mut FineTuneJob, Instant) -> Result<(), ApiError>,
 ) -> Result<Response, ApiError> {
     let now = Instant::now();
     let mut guard = state.storage();
-    let Storage { files, jobs } = &mut *guard;
+    let (files, jobs) = guard.account(flavor);
     let job = jobs.find(id)?;
     job.advance(now, files);
     action(job, now)?;
@@ -145,28 +218,40 @@ pub(crate) async fn retrieve(
     State(state): State<Arc<SimState>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    with_job(&state, &id, |_, _| Ok(()))
+    retrieve_in(&state, Flavor::OpenAi, &id)
+}
+
+pub(crate) fn retrieve_in(
+    state: &SimState,
+    flavor: Flavor,
+    id: &str,
+) -> Result<Response, ApiError> {
+    with_job(state, flavor, id, |_, _| Ok(()))
 }
 
 pub(crate) async fn cancel(
     State(state): State<Arc<SimState>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    with_job(&state, &id, FineTuneJob::cancel)
+    cancel_in(&state, Flavor::OpenAi, &id)
+}
+
+pub(crate) fn cancel_in(state: &SimState, flavor: Flavor, id: &str) -> Result<Response, ApiError> {
+    with_job(state, flavor, id, FineTuneJob::cancel)
 }
 
 pub(crate) async fn pause(
     State(state): State<Arc<SimState>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    with_job(&state, &id, FineTuneJob::pause)
+    with_job(&state, Flavor::OpenAi, &id, FineTuneJob::pause)
 }
 
 pub(crate) async fn resume(
     State(state): State<Arc<SimState>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    with_job(&state, &id, FineTuneJob::resume)
+    with_job(&state, Flavor::OpenAi, &id, FineTuneJob::resume)
 }
 
 pub(crate) async fn events(
@@ -174,12 +259,21 @@ pub(crate) async fn events(
     Path(id): Path<String>,
     query: ListParams,
 ) -> Result<Response, ApiError> {
+    events_in(&state, Flavor::OpenAi, &id, query)
+}
+
+pub(crate) fn events_in(
+    state: &SimState,
+    flavor: Flavor,
+    id: &str,
+    query: ListParams,
+) -> Result<Response, ApiError> {
     let query = list_query(query)?;
     let limit = query.limit(20, 10_000)?;
     let now = Instant::now();
     let mut guard = state.storage();
-    let Storage { files, jobs } = &mut *guard;
-    let job = jobs.find(&id)?;
+    let (files, jobs) = guard.account(flavor);
+    let job = jobs.find(id)?;
     job.advance(now, files);
     let (data, has_more) = reply::page(job.events.iter().rev(), query.after(), limit, |event| {
         &event.id
@@ -199,12 +293,21 @@ pub(crate) async fn checkpoints(
     Path(id): Path<String>,
     query: ListParams,
 ) -> Result<Response, ApiError> {
+    checkpoints_in(&state, Flavor::OpenAi, &id, query)
+}
+
+pub(crate) fn checkpoints_in(
+    state: &SimState,
+    flavor: Flavor,
+    id: &str,
+    query: ListParams,
+) -> Result<Response, ApiError> {
     let query = list_query(query)?;
     let limit = query.limit(10, 10_000)?;
     let now = Instant::now();
     let mut guard = state.storage();
-    let Storage { files, jobs } = &mut *guard;
-    let job = jobs.find(&id)?;
+    let (files, jobs) = guard.account(flavor);
+    let job = jobs.find(id)?;
     job.advance(now, files);
     let (page, has_more) = reply::page(
         job.checkpoints.iter().rev(),

@@ -1,0 +1,204 @@
+//! Criterion: the trace writer's throughput in traces per second, into a real redb store.
+//!
+//! `cargo bench -p forge-benches --bench writer`. One `Store` in a temp dir and one
+//! `TraceWriter` in `async` mode, with a queue big enough that nothing is dropped. Each
+//! iteration submits a burst of finished exchanges (built beforehand, off the clock, as the
+//! capture layer hands them over) and ends when the counters say all of them are captured, so
+//! it covers reassembly, redaction, JSON encoding and the durable redb commits, as the gateway's
+//! writer does them. Bursts: 20 000 exchanges with a 2 KB JSON response (the target:
+//! at least 50 000 traces/s), and 2 000 exchanges with a 500-frame SSE response.
+//!
+//! The store keeps every trace of the run (it grows by a few hundred MB), so later samples write
+//! into a bigger file, as a long-running gateway would.
+
+// A bench binary: a failed setup should stop it at once, with the reason.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, SamplingMode, Throughput};
+use forge_benches::fixtures::{
+    MAX_EVENT_BYTES, chat_request, completion_json, exchange_meta, pending_trace, sse_frames,
+};
+use forge_benches::recorder::Recorder;
+use forge_layer::capture::PendingTrace;
+use forge_layer::redact::Redactor;
+use forge_layer::store::{CaptureMode, Store, TraceWriter, WriterConfig};
+
+const MIN_TRACES_PER_SEC: f64 = 50_000.0;
+/// How long one burst may take before the bench calls the writer stuck.
+const BURST_DEADLINE: Duration = Duration::from_secs(120);
+
+/// One kind of exchange and how many of them make a burst.
+struct Burst {
+    name: &'static str,
+    is_sse: bool,
+    frames: Vec<bytes::Bytes>,
+    size: u64,
+}
+
+impl Burst {
+    fn make(&self) -> Vec<PendingTrace> {
+        let meta = exchange_meta(self.is_sse);
+        let request = chat_request(self.is_sse);
+        (0..self.size)
+            .map(|_| pending_trace(&meta, &request, self.is_sse, &self.frames))
+            .collect()
+    }
+
+    /// The bytes one of its traces takes in the store.
+    fn stored_bytes(&self) -> usize {
+        let trace = pending_trace(
+            &exchange_meta(self.is_sse),
+            &chat_request(self.is_sse),
+            self.is_sse,
+            &self.frames,
+        );
+        serde_json::to_vec(&trace.into_trace(&Redactor::default(), MAX_EVENT_BYTES))
+            .unwrap()
+            .len()
+    }
+}
+
+/// Submits one burst and waits until the writer has committed all of it.
+fn write_burst(writer: &TraceWriter, traces: Vec<PendingTrace>) -> Duration {
+    let before = writer.counters();
+    assert_eq!(before.pending, 0, "the last burst is not written yet");
+    let target = before.captured + traces.len() as u64;
+    let start = Instant::now();
+    for trace in traces {
+        // `async` mode never makes the caller wait.
+        assert!(writer.submit(trace).is_none());
+    }
+    loop {
+        let now = writer.counters();
+        if now.captured >= target {
+            return start.elapsed();
+        }
+        assert_eq!(
+            (now.dropped, now.failed),
+            (before.dropped, before.failed),
+            "the writer dropped or failed traces: the figure would be meaningless"
+        );
+        assert!(start.elapsed() < BURST_DEADLINE, "the writer is stuck");
+        // Sleeping, not spinning, leaves the cores to the writer; 100 µs is noise on a burst.
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` does not, and criterion then
+    // runs each bench once as a test, so the bursts are kept small there.
+    let measuring =
+        std::env::args().any(|a| a == "--bench") && !std::env::args().any(|a| a == "--test");
+    let scale = if measuring { 1 } else { 100 };
+    let bursts = [
+        Burst {
+            name: "json_2k",
+            is_sse: false,
+            frames: vec![completion_json(2048)],
+            size: 20_000 / scale,
+        },
+        Burst {
+            name: "sse_500",
+            is_sse: true,
+            frames: sse_frames(500),
+            size: 2_000 / scale,
+        },
+    ];
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_dir(dir.path()).unwrap();
+    let queue = bursts.iter().map(|b| b.size).max().unwrap_or(1) as usize;
+    let config = WriterConfig {
+        mode: CaptureMode::Async,
+        queue_capacity: 2 * queue,
+        ..WriterConfig::default()
+    };
+    let batch_max = config.batch_max;
+    let flush_ms = config.flush_interval.as_millis();
+    let (writer, task) = {
+        let _runtime = runtime.enter();
+        TraceWriter::start(store.clone(), config)
+    };
+
+    let recorder = Recorder::default();
+    let mut c = Criterion::default().configure_from_args();
+    let mut group = c.benchmark_group("writer");
+    // A burst takes a good fraction of a second: few samples, each of a single burst.
+    group
+        .sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(5));
+    for burst in &bursts {
+        group.throughput(Throughput::Elements(burst.size));
+        group.bench_function(burst.name, |b| {
+            b.iter_custom(|iters| {
+                let mut elapsed = Duration::ZERO;
+                for _ in 0..iters {
+                    elapsed += write_burst(&writer, burst.make());
+                }
+                recorder.record(burst.name, iters * burst.size, elapsed)
+            })
+        });
+    }
+    group.finish();
+    c.final_summary();
+
+    let counters = writer.counters();
+    drop(writer);
+    runtime.block_on(task.join());
+    let stored = store.trace_count().unwrap();
+    assert_eq!(counters.captured, counters.eligible);
+    assert_eq!((counters.dropped, counters.failed), (0, 0));
+    assert_eq!(
+        stored, counters.captured,
+        "every captured trace is in the store"
+    );
+
+    if measuring {
+        println!();
+        println!(
+            "Trace writer, async mode, one redb store (batches of up to {batch_max}, flush after {flush_ms} ms; {} cores):",
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+        );
+        println!();
+        println!("| traces | per burst | stored bytes per trace | traces/s (median) |");
+        println!("|---|--:|--:|--:|");
+        for burst in &bursts {
+            let rate = recorder
+                .median_per_iter(burst.name)
+                .map(|d| 1.0 / d.as_secs_f64());
+            println!(
+                "| {} | {} | {} | {} |",
+                burst.name,
+                burst.size,
+                burst.stored_bytes(),
+                rate.map_or_else(|| "n/a".into(), |r| format!("{r:.0}")),
+            );
+        }
+        println!();
+        println!("Store at the end: {stored} traces, {counters:?}");
+        let json = recorder
+            .median_per_iter("json_2k")
+            .map(|d| 1.0 / d.as_secs_f64());
+        println!();
+        println!("Targets");
+        println!(
+            "  {}  the writer sustains >= {MIN_TRACES_PER_SEC:.0} traces/s of 2 KB traces ({})",
+            match json {
+                Some(r) if r >= MIN_TRACES_PER_SEC => "PASS",
+                Some(_) => "MISS",
+                None => "n/a ",
+            },
+            json.map_or_else(|| "n/a".into(), |r| format!("{r:.0}/s")),
+        );
+        println!();
+        println!("Command: cargo bench -p forge-benches --bench writer");
+    }
+}

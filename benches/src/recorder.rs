@@ -1,0 +1,131 @@
+//! Timings the criterion benches keep beside criterion's own, for the summaries and targets they print.
+//!
+//! criterion reports each bench on its own and keeps its estimates to itself; the README wants a
+//! comparison (capture beside passthrough) and the issues want targets checked. So each bench
+//! times its own iterations (`iter_custom`), hands the time to criterion, and records it here.
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+/// One criterion sample: so many iterations took so long.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    iters: u64,
+    elapsed: Duration,
+}
+
+/// Samples by bench name. Cheap to clone; clones share the samples.
+#[derive(Debug, Clone, Default)]
+pub struct Recorder(Arc<Mutex<BTreeMap<String, Vec<Sample>>>>);
+
+impl Recorder {
+    /// Records that `iters` iterations of `name` took `elapsed`, and returns `elapsed` for
+    /// criterion.
+    pub fn record(&self, name: &str, iters: u64, elapsed: Duration) -> Duration {
+        // A panic elsewhere cannot leave a half-written sample list, so poison is harmless.
+        let mut samples = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        samples
+            .entry(name.to_string())
+            .or_default()
+            .push(Sample { iters, elapsed });
+        elapsed
+    }
+
+    /// The median over the samples of the time per iteration. The first warm-up samples of a
+    /// few iterations each are noisy, and the median ignores them.
+    pub fn median_per_iter(&self, name: &str) -> Option<Duration> {
+        let samples = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut per_iter: Vec<f64> = samples
+            .get(name)?
+            .iter()
+            .filter(|s| s.iters > 0)
+            .map(|s| s.elapsed.as_secs_f64() / s.iters as f64)
+            .collect();
+        if per_iter.is_empty() {
+            return None;
+        }
+        per_iter.sort_by(f64::total_cmp);
+        Some(Duration::from_secs_f64(per_iter[per_iter.len() / 2]))
+    }
+}
+
+/// Inputs made per timed batch: enough that the two clock reads vanish against the batch,
+/// few enough that the inputs stay in cache.
+const BATCH: u64 = 32;
+
+/// Runs `routine` `iters` times, each on a fresh input from `setup`, and returns the time spent
+/// in `routine` alone: inputs are made, and outputs dropped, outside the clock, in batches
+/// (what criterion's `iter_batched` does, but with the time in hand).
+pub fn timed_batches<I, O>(
+    iters: u64,
+    mut setup: impl FnMut() -> I,
+    mut routine: impl FnMut(I) -> O,
+) -> Duration {
+    let mut total = Duration::ZERO;
+    let mut left = iters;
+    while left > 0 {
+        let n = left.min(BATCH);
+        let inputs: Vec<I> = (0..n).map(|_| setup()).collect();
+        let mut outputs = Vec::with_capacity(inputs.len());
+        let start = Instant::now();
+        for input in inputs {
+            outputs.push(black_box(routine(black_box(input))));
+        }
+        total += start.elapsed();
+        drop(outputs);
+        left -= n;
+    }
+    total
+}
+
+/// Formats a duration in the unit that keeps it readable: ns, µs or ms.
+pub fn human(d: Duration) -> String {
+    let ns = d.as_secs_f64() * 1e9;
+    if ns < 1e3 {
+        format!("{ns:.1} ns")
+    } else if ns < 1e6 {
+        format!("{:.2} µs", ns / 1e3)
+    } else {
+        format!("{:.2} ms", ns / 1e6)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_is_per_iteration_and_ignores_an_outlier() {
+        let r = Recorder::default();
+        r.record("x", 1, Duration::from_micros(900));
+        r.record("x", 10, Duration::from_micros(100));
+        r.record("x", 20, Duration::from_micros(220));
+        assert_eq!(r.median_per_iter("x"), Some(Duration::from_micros(11)));
+        assert_eq!(r.median_per_iter("y"), None);
+    }
+
+    #[test]
+    fn timed_batches_runs_the_routine_once_per_iteration() {
+        let mut made = 0;
+        let mut ran = Vec::new();
+        timed_batches(
+            70,
+            || {
+                made += 1;
+                made
+            },
+            |i| ran.push(i),
+        );
+        assert_eq!(made, 70);
+        assert_eq!(ran, (1..=70).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn human_picks_the_unit() {
+        assert_eq!(human(Duration::from_nanos(42)), "42.0 ns");
+        assert_eq!(human(Duration::from_nanos(4_200)), "4.20 µs");
+        assert_eq!(human(Duration::from_micros(4_200)), "4.20 ms");
+    }
+}

@@ -1,0 +1,156 @@
+//! The judge grader: a background task that scores a sample of new teacher traces with a judge
+//! model, rate-limited and capped per day. A judge failure records nothing, so it can never make
+//! a trace golden.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::evaluate::{ChatClient, judge_messages, parse_score, question_of};
+use super::service::{JudgeModel, now_ms};
+use crate::grade::GoldenPolicy;
+use crate::store::{Evaluation, Store};
+use crate::trace::{Trace, TraceId};
+
+/// The judge grader's settings.
+#[derive(Debug, Clone)]
+pub struct JudgeSettings {
+    /// The judge model.
+    pub model: JudgeModel,
+    /// Share of eligible new traces judged, percent (decided by trace id, so deterministic).
+    pub sample_percent: f64,
+    /// Judgements per minute at most.
+    pub max_per_minute: u32,
+    /// Judgements per day at most: the cost cap.
+    pub max_per_day: u32,
+    /// How often new traces are looked for.
+    pub every: Duration,
+}
+
+const CURSOR: &str = "judge_cursor";
+
+/// Runs the grader until `stop`.
+pub async fn run(
+    store: Store,
+    chat: Arc<dyn ChatClient>,
+    settings: JudgeSettings,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut minute = (Instant::now(), 0u32);
+    let mut day = (now_ms() / 86_400_000, 0u32);
+    let mut ticks = tokio::time::interval(settings.every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = ticks.tick() => {}
+        }
+        let cursor: Option<TraceId> = store.meta(CURSOR).ok().flatten();
+        let (batch, scanned) = match pending(&store, cursor, settings.sample_percent).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::error!(error = %e, "judge: cannot read traces");
+                continue;
+            }
+        };
+        let mut finished = true;
+        for trace in batch {
+            if minute.0.elapsed() >= Duration::from_secs(60) {
+                minute = (Instant::now(), 0);
+            }
+            let today = now_ms() / 86_400_000;
+            if day.0 != today {
+                day = (today, 0);
+            }
+            if day.1 >= settings.max_per_day || minute.1 >= settings.max_per_minute {
+                // The rest waits for the next window; the cursor stays before them.
+                finished = false;
+                break;
+            }
+            minute.1 += 1;
+            day.1 += 1;
+            let answer = trace
+                .response
+                .choices
+                .first()
+                .map(|c| match &c.message.content {
+                    Some(text) => text.clone(),
+                    None => serde_json::to_string(&c.message.tool_calls).unwrap_or_default(),
+                });
+            let question = question_of(&trace.request["messages"]);
+            let prompt = judge_messages(&question, &answer.unwrap_or_default(), None);
+            match chat
+                .complete(
+                    &settings.model.upstream,
+                    &settings.model.model,
+                    &prompt,
+                    None,
+                )
+                .await
+            {
+                Ok(reply) => match parse_score(&reply) {
+                    Some(score) => {
+                        let evaluation = Evaluation {
+                            trace_id: trace.id,
+                            score,
+                            source: format!("judge:{}", settings.model.model),
+                            time_ms: now_ms(),
+                        };
+                        if let Err(e) = store.add_evaluation(&evaluation) {
+                            tracing::error!(error = %e, "judge: evaluation not stored");
+                        }
+                    }
+                    None => {
+                        tracing::warn!(trace_id = %trace.id, reply = %reply.chars().take(80).collect::<String>(), "judge: no score in the reply")
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(trace_id = %trace.id, error = %e, "judge: request failed; trace left unjudged")
+                }
+            }
+            if let Err(e) = store.put_meta(CURSOR, &trace.id) {
+                tracing::error!(error = %e, "judge: cursor not stored");
+            }
+        }
+        // Traces that were not sampled are passed over for good.
+        if finished
+            && let Some(last) = scanned
+            && let Err(e) = store.put_meta(CURSOR, &last)
+        {
+            tracing::error!(error = %e, "judge: cursor not stored");
+        }
+    }
+}
+
+/// Teacher traces after the cursor that could be golden, sampled, without an evaluation yet;
+/// and the last trace looked at.
+async fn pending(
+    store: &Store,
+    cursor: Option<TraceId>,
+    sample_percent: f64,
+) -> Result<(Vec<Trace>, Option<TraceId>), String> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || {
+        let policy = GoldenPolicy::default();
+        let threshold = (sample_percent.clamp(0.0, 100.0) * 100.0) as u128;
+        let mut out = Vec::new();
+        let mut last = None;
+        store
+            .for_each_graded_trace(cursor, |trace, _, evaluation| {
+                last = Some(trace.id);
+                if evaluation.is_none()
+                    && policy.is_candidate(&trace)
+                    && trace.id.as_u128() % 10_000 < threshold
+                {
+                    out.push(trace);
+                }
+                out.len() < 500
+            })
+            .map_err(|e| e.to_string())?;
+        Ok((out, last))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}

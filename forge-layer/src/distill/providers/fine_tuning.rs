@@ -1,0 +1,419 @@
+//! The OpenAI-shaped Files and fine-tuning jobs API, shared by the OpenAI and Azure providers.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method};
+use reqwest::Url;
+use reqwest::multipart::{Form, Part};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::client::{self, MAX_BODY};
+use super::metrics::{metrics_from_events, parse_result_csv};
+use super::naming::slug;
+use crate::distill::provider::{Progress, ProviderError, ProviderState, TrainingRequest};
+
+/// A 429 on job creation is waited out this many times, when it asks for no more than
+/// `MAX_CREATE_WAIT`: giving up would throw away an upload that may have taken an hour.
+const CREATE_ATTEMPTS: usize = 3;
+const MAX_CREATE_WAIT: Duration = Duration::from_secs(60);
+/// Metrics events are near the top of the newest-first list once a job has finished.
+const EVENTS_PAGE: &str = "100";
+
+/// The two spellings of the same API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Dialect {
+    /// `method.supervised.hyperparameters` and `metadata`.
+    OpenAi,
+    /// Azure's GA `api-version`s take the top-level `hyperparameters` and no `metadata`.
+    Azure,
+}
+
+/// Where and how to call the API.
+#[derive(Debug)]
+pub(super) struct FineTuningApi {
+    pub(super) client: reqwest::Client,
+    /// `…/v1` for OpenAI, `{endpoint}/openai` for Azure.
+    base: Url,
+    api_version: Option<String>,
+    auth: Option<(HeaderName, HeaderValue)>,
+    timeout: Duration,
+    upload_timeout: Duration,
+    dialect: Dialect,
+}
+
+/// A File object; only what Forge reads.
+#[derive(Debug, Clone, Deserialize)]
+pub(super) struct FileObject {
+    pub(super) id: String,
+    #[serde(default)]
+    pub(super) status: Option<String>,
+    #[serde(default)]
+    pub(super) status_details: Option<Value>,
+}
+
+/// A fine-tuning job object; only what Forge reads, tolerant of nulls.
+#[derive(Debug, Clone, Deserialize)]
+pub(super) struct JobObject {
+    pub(super) id: String,
+    pub(super) status: String,
+    #[serde(default)]
+    pub(super) fine_tuned_model: Option<String>,
+    #[serde(default)]
+    pub(super) training_file: Option<String>,
+    #[serde(default)]
+    pub(super) result_files: Option<Vec<String>>,
+    #[serde(default)]
+    pub(super) error: Option<JobError>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub(super) struct JobError {
+    #[serde(default)]
+    code: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ListOf<T> {
+    data: Vec<T>,
+}
+
+impl FineTuningApi {
+    pub(super) fn new(
+        client: reqwest::Client,
+        base: Url,
+        api_version: Option<String>,
+        auth: Option<(HeaderName, HeaderValue)>,
+        timeout: Duration,
+        upload_timeout: Duration,
+        dialect: Dialect,
+    ) -> Self {
+        Self {
+            client,
+            base,
+            api_version,
+            auth,
+            timeout,
+            upload_timeout,
+            dialect,
+        }
+    }
+
+    fn url(&self, segments: &[&str], query: &[(&str, &str)]) -> Url {
+        let mut pairs: Vec<(&str, &str)> = query.to_vec();
+        if let Some(version) = &self.api_version {
+            pairs.push(("api-version", version));
+        }
+        client::endpoint(&self.base, segments, &pairs)
+    }
+
+    fn request(&self, method: Method, url: Url, timeout: Duration) -> reqwest::RequestBuilder {
+        let mut request = self.client.request(method, url).timeout(timeout);
+        if let Some((name, value)) = &self.auth {
+            request = request.header(name.clone(), value.clone());
+        }
+        request
+    }
+
+    /// Uploads a JSONL file for fine-tuning, streamed from disk.
+    pub(super) async fn upload(
+        &self,
+        path: &Path,
+        filename: &str,
+    ) -> Result<FileObject, ProviderError> {
+        let file = tokio::fs::File::open(path).await.map_err(|err| {
+            ProviderError::Invalid(format!("cannot open {}: {err}", path.display()))
+        })?;
+        let length = file
+            .metadata()
+            .await
+            .map_err(|err| {
+                ProviderError::Invalid(format!("cannot read {}: {err}", path.display()))
+            })?
+            .len();
+        let part = Part::stream_with_length(reqwest::Body::from(file), length)
+            .file_name(filename.to_owned())
+            .mime_str("application/octet-stream")
+            .map_err(|err| ProviderError::Invalid(err.to_string()))?;
+        let form = Form::new().text("purpose", "fine-tune").part("file", part);
+        let url = self.url(&["files"], &[]);
+        client::send_json(
+            self.request(Method::POST, url, self.upload_timeout)
+                .multipart(form),
+        )
+        .await
+    }
+
+    pub(super) async fn file(&self, id: &str) -> Result<FileObject, ProviderError> {
+        let url = self.url(&["files", id], &[]);
+        client::send_json(self.request(Method::GET, url, self.timeout)).await
+    }
+
+    /// Creates the job; a short 429 is waited out rather than losing the uploads.
+    pub(super) async fn create_job(&self, body: &Value) -> Result<JobObject, ProviderError> {
+        let mut attempt = 1;
+        loop {
+            let url = self.url(&["fine_tuning", "jobs"], &[]);
+            match client::send_json(self.request(Method::POST, url, self.timeout).json(body)).await
+            {
+                Err(ProviderError::RateLimited(wait))
+                    if attempt < CREATE_ATTEMPTS && wait <= MAX_CREATE_WAIT =>
+                {
+                    tracing::debug!(
+                        ?wait,
+                        attempt,
+                        "fine-tuning job creation rate limited; waiting"
+                    );
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    pub(super) async fn job(&self, id: &str) -> Result<JobObject, ProviderError> {
+        let url = self.url(&["fine_tuning", "jobs", id], &[]);
+        client::send_json(self.request(Method::GET, url, self.timeout)).await
+    }
+
+    /// The live job an earlier attempt at this submission created, found by its
+    /// `metadata.forge_job_id`. A provider that can't filter on metadata answers 4xx, which
+    /// counts as "none".
+    pub(super) async fn find_job(
+        &self,
+        forge_job_id: &str,
+    ) -> Result<Option<JobObject>, ProviderError> {
+        if self.dialect != Dialect::OpenAi {
+            return Ok(None);
+        }
+        let url = self.url(
+            &["fine_tuning", "jobs"],
+            &[("metadata[forge_job_id]", forge_job_id), ("limit", "10")],
+        );
+        let list: ListOf<JobObject> = match client::send_json(self.request(
+            Method::GET,
+            url,
+            self.timeout,
+        ))
+        .await
+        {
+            Ok(list) => list,
+            Err(ProviderError::Http { status, message }) if status < 500 => {
+                tracing::debug!(status, %message, "cannot look up earlier fine-tuning jobs; creating one");
+                return Ok(None);
+            }
+            Err(err) => return Err(err),
+        };
+        Ok(list
+            .data
+            .into_iter()
+            .find(|job| !matches!(job.status.as_str(), "failed" | "cancelled")))
+    }
+
+    /// The request body of `POST /fine_tuning/jobs`. "auto" hyperparameters are left out.
+    pub(super) fn job_body(
+        &self,
+        request: &TrainingRequest,
+        training_file: &str,
+        validation_file: Option<&str>,
+    ) -> Value {
+        let mut hyperparameters = Map::new();
+        let h = &request.hyperparameters;
+        if let Some(n) = h.n_epochs {
+            hyperparameters.insert("n_epochs".into(), json!(n));
+        }
+        if let Some(n) = h.batch_size {
+            hyperparameters.insert("batch_size".into(), json!(n));
+        }
+        if let Some(m) = h.learning_rate_multiplier {
+            hyperparameters.insert("learning_rate_multiplier".into(), json!(m));
+        }
+        let mut body = Map::new();
+        body.insert("model".into(), json!(request.base_model));
+        body.insert("training_file".into(), json!(training_file));
+        if let Some(validation) = validation_file {
+            body.insert("validation_file".into(), json!(validation));
+        }
+        if let Some(suffix) = &request.suffix {
+            body.insert("suffix".into(), json!(suffix));
+        }
+        match self.dialect {
+            Dialect::OpenAi => {
+                let mut supervised = Map::new();
+                if !hyperparameters.is_empty() {
+                    supervised.insert("hyperparameters".into(), Value::Object(hyperparameters));
+                }
+                body.insert(
+                    "method".into(),
+                    json!({"type": "supervised", "supervised": supervised}),
+                );
+                body.insert("metadata".into(), json!({"forge_job_id": request.job_id}));
+            }
+            Dialect::Azure => {
+                if !hyperparameters.is_empty() {
+                    body.insert("hyperparameters".into(), Value::Object(hyperparameters));
+                }
+            }
+        }
+        Value::Object(body)
+    }
+
+    /// Reads the job, and on success its metrics.
+    pub(super) async fn progress(&self, id: &str) -> Result<Progress, ProviderError> {
+        let job = self.job(id).await?;
+        let state = state_of(&job);
+        let metrics = match state {
+            ProviderState::Succeeded { .. } => self.metrics(&job).await?,
+            _ => BTreeMap::new(),
+        };
+        Ok(Progress {
+            state,
+            provider_status: job.status,
+            metrics,
+        })
+    }
+
+    /// The final metrics: from the result CSV, or else the newest metrics event. A missing
+    /// file or event only leaves the metrics empty; a 429 or an outage is returned, so that
+    /// the poll is tried again rather than the job recorded without them.
+    async fn metrics(&self, job: &JobObject) -> Result<BTreeMap<String, f64>, ProviderError> {
+        if let Some(file_id) = job.result_files.as_deref().and_then(<[String]>::first) {
+            match self.result_csv(file_id).await {
+                Ok(metrics) if !metrics.is_empty() => return Ok(metrics),
+                Ok(_) => {
+                    tracing::debug!(job = %job.id, file = %file_id, "result file has no known metrics")
+                }
+                Err(err @ (ProviderError::RateLimited(_) | ProviderError::Transport(_))) => {
+                    return Err(err);
+                }
+                Err(err) => {
+                    tracing::warn!(job = %job.id, file = %file_id, %err, "cannot read the result file")
+                }
+            }
+        }
+        let url = self.url(
+            &["fine_tuning", "jobs", &job.id, "events"],
+            &[("limit", EVENTS_PAGE)],
+        );
+        match client::send_json::<ListOf<Value>>(self.request(Method::GET, url, self.timeout)).await
+        {
+            Ok(events) => Ok(metrics_from_events(&events.data)),
+            Err(err @ (ProviderError::RateLimited(_) | ProviderError::Transport(_))) => Err(err),
+            Err(err) => {
+                tracing::warn!(job = %job.id, %err, "cannot read the job's events; no metrics");
+                Ok(BTreeMap::new())
+            }
+        }
+    }
+
+    async fn result_csv(&self, file_id: &str) -> Result<BTreeMap<String, f64>, ProviderError> {
+        let url = self.url(&["files", file_id, "content"], &[]);
+        let response = client::send(self.request(Method::GET, url, self.timeout)).await?;
+        let body = client::read_body(response, MAX_BODY).await?;
+        Ok(parse_result_content(&body))
+    }
+}
+
+/// Parses a result file as CSV, or as base64 of a CSV, which is how Azure serves it.
+pub(super) fn parse_result_content(body: &[u8]) -> BTreeMap<String, f64> {
+    let text = String::from_utf8_lossy(body);
+    let metrics = parse_result_csv(&text);
+    if !metrics.is_empty() {
+        return metrics;
+    }
+    match decode_base64(text.trim()) {
+        Some(decoded) => parse_result_csv(&String::from_utf8_lossy(&decoded)),
+        None => metrics,
+    }
+}
+
+/// Standard base64, padding optional, whitespace ignored; `None` if it isn't base64.
+fn decode_base64(text: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(text.len() / 4 * 3);
+    let mut buffer = 0u32;
+    let mut bits = 0u32;
+    for byte in text.bytes() {
+        let value = match byte {
+            b'A'..=b'Z' => byte - b'A',
+            b'a'..=b'z' => byte - b'a' + 26,
+            b'0'..=b'9' => byte - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            b'=' => break,
+            b' ' | b'\n' | b'\r' | b'\t' => continue,
+            _ => return None,
+        };
+        buffer = (buffer << 6) | u32::from(value);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push(((buffer >> bits) & 0xff) as u8);
+        }
+    }
+    Some(out)
+}
+
+/// Maps the job's `status` (OpenAI's words, and Azure's older `pending`/`notRunning`).
+pub(super) fn state_of(job: &JobObject) -> ProviderState {
+    match job.status.as_str() {
+        "running" => ProviderState::Running,
+        "succeeded" => match job
+            .fine_tuned_model
+            .as_deref()
+            .filter(|model| !model.is_empty())
+        {
+            Some(model) => ProviderState::Succeeded {
+                model: model.to_owned(),
+            },
+            None => ProviderState::Failed {
+                error: "the job succeeded but names no fine_tuned_model".into(),
+            },
+        },
+        "failed" => ProviderState::Failed {
+            error: failure_message(job.error.as_ref()),
+        },
+        "cancelled" | "canceled" => ProviderState::Cancelled,
+        // validating_files, queued, paused, pending, created, notRunning, and words to come.
+        _ => ProviderState::Queued,
+    }
+}
+
+fn failure_message(error: Option<&JobError>) -> String {
+    let code = error
+        .and_then(|e| e.code.as_deref())
+        .filter(|c| !c.is_empty());
+    let message = error
+        .and_then(|e| e.message.as_deref())
+        .filter(|m| !m.is_empty());
+    match (code, message) {
+        (Some(code), Some(message)) => format!("{code}: {message}"),
+        (Some(code), None) => code.to_owned(),
+        (None, Some(message)) => message.to_owned(),
+        (None, None) => "the provider reported the job failed without an error".into(),
+    }
+}
+
+/// `forge-<job>-train.jsonl`: the `.jsonl` ending is required, and the name says where the
+/// file came from on the provider's console.
+pub(super) fn upload_name(job_id: &str, part: &str) -> String {
+    let job = slug(job_id);
+    if job.is_empty() {
+        format!("forge-{part}.jsonl")
+    } else {
+        format!("forge-{job}-{part}.jsonl")
+    }
+}
+
+/// `FileObject.status_details` as text, for an error message.
+pub(super) fn details(file: &FileObject) -> String {
+    match &file.status_details {
+        Some(Value::String(text)) => text.clone(),
+        Some(Value::Null) | None => String::new(),
+        Some(other) => other.to_string(),
+    }
+}

@@ -1,0 +1,729 @@
+//! `DistillationService`: decides when a route is distilled and drives each job to its end.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use super::evaluate::{
+    ChatClient, EvalMethod, held_out, judge_messages, parse_score, question_of, similarity,
+};
+use super::job::{DistillationJob, JobStatus, ModelRecord, ModelStatus};
+use super::{
+    BoxFuture, Hyperparameters, ProviderError, ProviderState, TrainingProvider, TrainingRequest,
+};
+use crate::dataset::{self, DatasetSpec, Manifest};
+use crate::grade::GoldenPolicy;
+use crate::store::{Store, StoreError};
+use crate::trace::TraceId;
+
+/// Puts a trained model into a route's traffic (the gateway's routing control).
+pub trait Deployer: Send + Sync + std::fmt::Debug {
+    /// Adds `upstream/model` as a student of `alias` at `percent`, through the router's
+    /// validated swap.
+    fn add_student<'a>(
+        &'a self,
+        alias: &'a str,
+        upstream: &'a str,
+        model: &'a str,
+        percent: f64,
+    ) -> BoxFuture<'a, Result<(), String>>;
+
+    /// Whether a student of `alias` is in canary (above 0%, below 100%): its verdict is still
+    /// out, so automatic triggers wait rather than replace it.
+    fn canary_in_progress(&self, alias: &str) -> bool;
+}
+
+/// One route's distillation settings (`[[distill]]`).
+#[derive(Debug, Clone)]
+pub struct RouteDistill {
+    /// The alias.
+    pub route: String,
+    /// The student base model.
+    pub base_model: String,
+    /// Where training runs.
+    pub provider: Arc<dyn TrainingProvider>,
+    /// New golden examples since the last cut that start a job.
+    pub trigger_threshold: u64,
+    /// Fewest examples a dataset needs.
+    pub min_examples: u64,
+    /// A cron schedule (with seconds) that starts a job, if set.
+    pub schedule: Option<cron::Schedule>,
+    /// A suffix for the model name.
+    pub suffix: Option<String>,
+    /// Hyperparameters.
+    pub hyperparameters: Hyperparameters,
+    /// The canary share a student that passes the gate starts at.
+    pub initial_canary_percent: f64,
+    /// The gate's minimum score (0 turns the gate off).
+    pub eval_min_score: f64,
+    /// How the gate scores answers.
+    pub eval_method: EvalMethod,
+    /// How many held-out prompts the gate replays.
+    pub eval_max_prompts: usize,
+    /// Golden rule, tenant, split and key cap for the dataset.
+    pub dataset: DatasetSpec,
+}
+
+/// The judge used by the gate (and by the background grader).
+#[derive(Debug, Clone)]
+pub struct JudgeModel {
+    /// The Forge upstream.
+    pub upstream: String,
+    /// The model.
+    pub model: String,
+}
+
+/// Service-wide settings.
+#[derive(Debug, Clone)]
+pub struct DistillSettings {
+    /// Where datasets are written (`<data_dir>/datasets/<job>/`).
+    pub data_dir: PathBuf,
+    /// How often thresholds and schedules are checked.
+    pub check_every: Duration,
+    /// The first wait between provider polls; it grows 1.5× while nothing changes…
+    pub poll_initial: Duration,
+    /// …up to this.
+    pub poll_max: Duration,
+    /// The base of Forge's authenticated dataset URL (`http://admin/…`) and its token, for
+    /// remote trainers.
+    pub dataset_url: Option<(String, String)>,
+    /// The judge, when configured.
+    pub judge: Option<JudgeModel>,
+}
+
+/// Why a distillation request was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DistillError {
+    /// No `[[distill]]` block for the alias.
+    #[error("route `{0}` is not configured for distillation")]
+    NotConfigured(String),
+    /// A job for the route is still running.
+    #[error("route `{0}` already has an active job ({1})")]
+    Busy(String, String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The distillation loop for every configured route.
+#[derive(Debug)]
+pub struct DistillationService {
+    store: Store,
+    settings: DistillSettings,
+    routes: HashMap<String, RouteDistill>,
+    deployer: Arc<dyn Deployer>,
+    chat: Arc<dyn ChatClient>,
+    /// Routes with an active job: at most one each.
+    active: Mutex<HashSet<String>>,
+    queue: mpsc::UnboundedSender<DistillationJob>,
+    queued: Mutex<Option<mpsc::UnboundedReceiver<DistillationJob>>>,
+}
+
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl DistillationService {
+    /// A service over `routes`. Call [`DistillationService::run`] to start it.
+    pub fn new(
+        store: Store,
+        settings: DistillSettings,
+        routes: Vec<RouteDistill>,
+        deployer: Arc<dyn Deployer>,
+        chat: Arc<dyn ChatClient>,
+    ) -> Arc<Self> {
+        let (queue, queued) = mpsc::unbounded_channel();
+        Arc::new(Self {
+            store,
+            settings,
+            routes: routes.into_iter().map(|r| (r.route.clone(), r)).collect(),
+            deployer,
+            chat,
+            active: Mutex::new(HashSet::new()),
+            queue,
+            queued: Mutex::new(Some(queued)),
+        })
+    }
+
+    /// The routes configured for distillation.
+    pub fn routes(&self) -> impl Iterator<Item = &str> {
+        self.routes.keys().map(String::as_str)
+    }
+
+    /// Every job, newest first.
+    pub fn jobs(&self) -> Result<Vec<DistillationJob>, StoreError> {
+        let mut jobs: Vec<DistillationJob> = self.store.jobs()?;
+        jobs.reverse();
+        Ok(jobs)
+    }
+
+    /// One job.
+    pub fn job(&self, id: &str) -> Result<Option<DistillationJob>, StoreError> {
+        self.store.job(id)
+    }
+
+    /// Every registered model, newest first.
+    pub fn models(&self) -> Result<Vec<ModelRecord>, StoreError> {
+        let mut models: Vec<ModelRecord> = self.store.models()?;
+        models.sort_by_key(|m| std::cmp::Reverse(m.created_ms));
+        Ok(models)
+    }
+
+    /// Updates a registered model's status (the guard's and the operator's decisions).
+    pub fn set_model_status(
+        &self,
+        model: &str,
+        status: ModelStatus,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        if let Some(mut record) = self.store.model::<ModelRecord>(model)?
+            && record.status != status
+        {
+            record.status = status;
+            record.reason = Some(reason.to_string());
+            self.store.put_model(&record.id.clone(), &record)?;
+        }
+        Ok(())
+    }
+
+    /// The training file of a job's dataset.
+    pub fn dataset_file(&self, job_id: &str) -> PathBuf {
+        self.settings
+            .data_dir
+            .join("datasets")
+            .join(job_id)
+            .join("train.jsonl")
+    }
+
+    fn lock_active(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.active.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts a cycle for `alias` now. The job is recorded (COLLECTING) before this returns;
+    /// it then runs in the background.
+    pub fn trigger(&self, alias: &str, trigger: &str) -> Result<DistillationJob, DistillError> {
+        let route = self
+            .routes
+            .get(alias)
+            .ok_or_else(|| DistillError::NotConfigured(alias.to_string()))?;
+        {
+            let mut active = self.lock_active();
+            if active.contains(alias) {
+                let running = self
+                    .jobs()?
+                    .into_iter()
+                    .find(|j| j.route == alias && j.status.is_active())
+                    .map_or_else(|| "starting".to_string(), |j| j.id);
+                return Err(DistillError::Busy(alias.to_string(), running));
+            }
+            active.insert(alias.to_string());
+        }
+        let now = now_ms();
+        let job = DistillationJob {
+            id: format!("dj_{}", TraceId::generate()),
+            route: alias.to_string(),
+            trigger: trigger.to_string(),
+            status: JobStatus::Collecting,
+            provider: route.provider.name().to_string(),
+            base_model: route.base_model.clone(),
+            provider_job_id: None,
+            provider_status: None,
+            dataset_size: 0,
+            dataset: None,
+            cut: None,
+            resulting_model_id: None,
+            eval_metrics: BTreeMap::new(),
+            error: None,
+            created_ms: now,
+            updated_ms: now,
+            finished_ms: None,
+        };
+        if let Err(e) = self.store.put_job(&job.id, &job) {
+            self.lock_active().remove(alias);
+            return Err(e.into());
+        }
+        tracing::info!(job = %job.id, route = alias, trigger, "distillation job created");
+        let _ = self.queue.send(job.clone());
+        Ok(job)
+    }
+
+    /// The newest trace the route's last useful job read: its next dataset starts after it.
+    fn last_cut(&self, alias: &str) -> Result<Option<TraceId>, StoreError> {
+        let jobs: Vec<DistillationJob> = self.store.jobs()?;
+        Ok(jobs
+            .into_iter()
+            .rev()
+            .filter(|j| j.route == alias && j.status != JobStatus::Failed)
+            .find_map(|j| j.cut))
+    }
+
+    /// Golden examples of the route since its last cut.
+    pub fn golden_since_cut(&self, alias: &str) -> Result<u64, StoreError> {
+        let Some(route) = self.routes.get(alias) else {
+            return Ok(0);
+        };
+        let after = self.last_cut(alias)?;
+        let spec = &route.dataset;
+        let mut n = 0;
+        self.store.for_each_graded_trace(after, |t, fb, ev| {
+            if t.alias == spec.route
+                && spec
+                    .tenant
+                    .as_ref()
+                    .is_none_or(|x| t.tenant.as_ref() == Some(x))
+                && spec.policy.is_golden(&t, fb.as_ref(), ev.as_ref())
+            {
+                n += 1;
+            }
+            true
+        })?;
+        Ok(n)
+    }
+
+    /// Runs until `stop`: resumes interrupted jobs, checks thresholds and schedules, and runs
+    /// each job to its end. Jobs are tracked, so shutdown aborts them cleanly; a job in
+    /// TRAINING resumes polling at the next start.
+    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let Some(mut queued) = self
+            .queued
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        else {
+            return;
+        };
+        let mut running = JoinSet::new();
+        self.resume(&mut running);
+        let mut ticks = tokio::time::interval(self.settings.check_every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_check = chrono::Utc::now();
+        loop {
+            tokio::select! {
+                _ = stop.changed() => break,
+                Some(job) = queued.recv() => {
+                    let this = Arc::clone(&self);
+                    running.spawn(async move { this.execute(job).await });
+                }
+                Some(_) = running.join_next(), if !running.is_empty() => {}
+                _ = ticks.tick() => {
+                    let now = chrono::Utc::now();
+                    self.check_triggers(last_check, now).await;
+                    last_check = now;
+                }
+            }
+        }
+        running.shutdown().await;
+    }
+
+    fn resume(self: &Arc<Self>, running: &mut JoinSet<()>) {
+        let jobs: Vec<DistillationJob> = match self.store.jobs() {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read jobs to resume");
+                return;
+            }
+        };
+        for mut job in jobs.into_iter().filter(|j| j.status.is_active()) {
+            if !self.routes.contains_key(&job.route) {
+                continue;
+            }
+            match (&job.status, &job.provider_job_id) {
+                (JobStatus::Training, Some(_)) => {
+                    tracing::info!(job = %job.id, "resuming a training job after restart");
+                    self.lock_active().insert(job.route.clone());
+                    let this = Arc::clone(self);
+                    running.spawn(async move { this.finish_training(job).await });
+                }
+                _ => {
+                    // Interrupted before the provider had it: nothing to resume, and resubmitting
+                    // blindly could start a second paid run.
+                    self.fail(
+                        &mut job,
+                        "interrupted by a restart before the provider accepted it".into(),
+                    );
+                }
+            }
+        }
+    }
+
+    async fn check_triggers(
+        self: &Arc<Self>,
+        since: chrono::DateTime<chrono::Utc>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) {
+        for (alias, route) in &self.routes {
+            if self.lock_active().contains(alias) || self.deployer.canary_in_progress(alias) {
+                continue;
+            }
+            let due = route
+                .schedule
+                .as_ref()
+                .is_some_and(|s| s.after(&since).next().is_some_and(|t| t <= now));
+            let trigger = if due {
+                Some("schedule")
+            } else {
+                let (this, name) = (Arc::clone(self), alias.clone());
+                let count = tokio::task::spawn_blocking(move || this.golden_since_cut(&name)).await;
+                match count {
+                    Ok(Ok(n)) if n >= route.trigger_threshold => Some("threshold"),
+                    Ok(Ok(_)) => None,
+                    Err(e) => {
+                        tracing::error!(error = %e, route = %alias, "golden count task failed");
+                        None
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, route = %alias, "cannot count golden traces");
+                        None
+                    }
+                }
+            };
+            if let Some(trigger) = trigger
+                && let Err(e) = self.trigger(alias, trigger)
+            {
+                tracing::warn!(error = %e, route = %alias, "distillation not started");
+            }
+        }
+    }
+
+    fn save(&self, job: &mut DistillationJob) -> bool {
+        job.updated_ms = now_ms();
+        match self.store.put_job(&job.id, job) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(job = %job.id, error = %e, "job state could not be stored");
+                false
+            }
+        }
+    }
+
+    fn fail(&self, job: &mut DistillationJob, error: String) {
+        tracing::warn!(job = %job.id, route = %job.route, error = %error, "distillation job failed");
+        job.status = JobStatus::Failed;
+        job.error = Some(error);
+        job.finished_ms = Some(now_ms());
+        self.save(job);
+        self.lock_active().remove(&job.route);
+    }
+
+    /// COLLECTING → TRAINING → …: builds the dataset, submits it, then follows the run.
+    async fn execute(self: Arc<Self>, mut job: DistillationJob) {
+        let Some(route) = self.routes.get(&job.route).cloned() else {
+            return self.fail(&mut job, "route no longer configured".into());
+        };
+        let manifest = match self.collect(&route, &job).await {
+            Ok(m) => m,
+            Err(e) => return self.fail(&mut job, format!("dataset: {e}")),
+        };
+        job.dataset_size = manifest.examples();
+        job.cut = manifest.cut;
+        job.dataset = serde_json::to_value(&manifest).ok();
+        if manifest.examples() < route.min_examples {
+            return self.fail(
+                &mut job,
+                format!(
+                    "only {} training examples; min_examples is {}",
+                    manifest.examples(),
+                    route.min_examples
+                ),
+            );
+        }
+        // Recorded before the provider hears of it: a crash from here on is visible at restart.
+        job.status = JobStatus::Training;
+        if !self.save(&mut job) {
+            return self.fail(&mut job, "job state could not be stored".into());
+        }
+        let request = TrainingRequest {
+            job_id: job.id.clone(),
+            train_file: manifest.train.path.clone(),
+            validation_file: (manifest.validation.lines > 0)
+                .then(|| manifest.validation.path.clone()),
+            base_model: route.base_model.clone(),
+            suffix: route.suffix.clone(),
+            hyperparameters: route.hyperparameters.clone(),
+            dataset_url: self.settings.dataset_url.as_ref().map(|(base, token)| {
+                (
+                    format!(
+                        "{}/admin/datasets/{}.jsonl",
+                        base.trim_end_matches('/'),
+                        job.id
+                    ),
+                    token.clone(),
+                )
+            }),
+        };
+        let submitted = match retrying(
+            || route.provider.submit(&request),
+            self.settings.poll_initial,
+        )
+        .await
+        {
+            Ok(s) => s,
+            Err(e) => return self.fail(&mut job, format!("submit: {e}")),
+        };
+        tracing::info!(job = %job.id, provider_job = %submitted.provider_job_id, examples = job.dataset_size, "training submitted");
+        job.provider_job_id = Some(submitted.provider_job_id);
+        self.save(&mut job);
+        self.finish_training(job).await;
+    }
+
+    async fn collect(
+        &self,
+        route: &RouteDistill,
+        job: &DistillationJob,
+    ) -> Result<Manifest, String> {
+        let mut spec = route.dataset.clone();
+        spec.after = self.last_cut(&route.route).map_err(|e| e.to_string())?;
+        let (store, dir, id) = (
+            self.store.clone(),
+            self.settings.data_dir.join("datasets"),
+            job.id.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            dataset::build(
+                &store,
+                &spec,
+                &dir,
+                &id,
+                |n| tracing::info!(job = %id, traces_read = n, "building dataset"),
+            )
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+    }
+
+    /// TRAINING → COMPLETED | FAILED: polls the provider, then deploys, gates and routes.
+    async fn finish_training(self: Arc<Self>, mut job: DistillationJob) {
+        let Some(route) = self.routes.get(&job.route).cloned() else {
+            return;
+        };
+        let Some(provider_job) = job.provider_job_id.clone() else {
+            return self.fail(&mut job, "no provider job id".into());
+        };
+        let mut wait = self.settings.poll_initial;
+        let trained = loop {
+            tokio::time::sleep(wait).await;
+            match route.provider.poll(&provider_job).await {
+                Ok(progress) => {
+                    let changed =
+                        job.provider_status.as_deref() != Some(progress.provider_status.as_str());
+                    job.eval_metrics.extend(progress.metrics);
+                    if changed {
+                        tracing::info!(job = %job.id, status = %progress.provider_status, "provider status");
+                        job.provider_status = Some(progress.provider_status);
+                        self.save(&mut job);
+                        wait = self.settings.poll_initial;
+                    } else {
+                        wait = wait.mul_f64(1.5).min(self.settings.poll_max);
+                    }
+                    match progress.state {
+                        ProviderState::Succeeded { model } => break model,
+                        ProviderState::Failed { error } => {
+                            return self.fail(&mut job, format!("training failed: {error}"));
+                        }
+                        ProviderState::Cancelled => {
+                            return self
+                                .fail(&mut job, "training cancelled by the provider".into());
+                        }
+                        ProviderState::Queued | ProviderState::Running => {}
+                    }
+                }
+                Err(ProviderError::RateLimited(after)) => {
+                    wait = after.max(self.settings.poll_initial)
+                }
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(job = %job.id, error = %e, "poll failed; retrying");
+                    wait = wait.mul_f64(2.0).min(self.settings.poll_max);
+                }
+                Err(e) => return self.fail(&mut job, format!("poll: {e}")),
+            }
+        };
+        let deployed = match retrying(
+            || route.provider.deploy(&job.id, &trained),
+            self.settings.poll_initial,
+        )
+        .await
+        {
+            Ok(d) => d,
+            Err(e) => return self.fail(&mut job, format!("deploy {trained}: {e}")),
+        };
+        let mut record = ModelRecord {
+            id: deployed.model.clone(),
+            route: job.route.clone(),
+            upstream: deployed.upstream.clone(),
+            job_id: job.id.clone(),
+            base_model: route.base_model.clone(),
+            provider: route.provider.name().to_string(),
+            metrics: job.eval_metrics.clone(),
+            created_ms: now_ms(),
+            status: ModelStatus::Candidate,
+            reason: None,
+        };
+        job.resulting_model_id = Some(deployed.model.clone());
+        if let Err(e) = self.store.put_model(&record.id.clone(), &record) {
+            return self.fail(&mut job, format!("registry: {e}"));
+        }
+        tracing::info!(job = %job.id, model = %record.id, "model registered as candidate");
+
+        if route.eval_min_score > 0.0 {
+            match self
+                .evaluate(&route, &job, &deployed.upstream, &deployed.model)
+                .await
+            {
+                Ok(score) => {
+                    job.eval_metrics.insert("eval_score".into(), score);
+                    record.metrics.insert("eval_score".into(), score);
+                    if score < route.eval_min_score {
+                        let reason = format!(
+                            "held-out score {score:.1} is below eval_min_score {}",
+                            route.eval_min_score
+                        );
+                        tracing::warn!(job = %job.id, model = %record.id, %reason, "model stays a candidate");
+                        record.reason = Some(reason.clone());
+                        let _ = self.store.put_model(&record.id.clone(), &record);
+                        job.error = Some(reason);
+                        return self.complete(&mut job);
+                    }
+                }
+                Err(e) => {
+                    let reason = format!("evaluation failed: {e}");
+                    record.reason = Some(reason.clone());
+                    let _ = self.store.put_model(&record.id.clone(), &record);
+                    job.error = Some(reason);
+                    return self.complete(&mut job);
+                }
+            }
+        }
+        match self
+            .deployer
+            .add_student(
+                &job.route,
+                &deployed.upstream,
+                &deployed.model,
+                route.initial_canary_percent,
+            )
+            .await
+        {
+            Ok(()) => {
+                record.status = ModelStatus::Canary;
+                record.reason = Some(format!(
+                    "joined `{}` at {}%",
+                    job.route, route.initial_canary_percent
+                ));
+                tracing::info!(job = %job.id, model = %record.id, percent = route.initial_canary_percent, "student joined the route");
+            }
+            Err(e) => {
+                record.reason = Some(format!("could not join the route: {e}"));
+                job.error = record.reason.clone();
+            }
+        }
+        let _ = self.store.put_model(&record.id.clone(), &record);
+        self.complete(&mut job);
+    }
+
+    fn complete(&self, job: &mut DistillationJob) {
+        job.status = JobStatus::Completed;
+        job.finished_ms = Some(now_ms());
+        self.save(job);
+        self.lock_active().remove(&job.route);
+        tracing::info!(job = %job.id, route = %job.route, model = ?job.resulting_model_id, "distillation job completed");
+    }
+
+    /// The gate's score: the mean over held-out prompts of the student's answer against the
+    /// teacher's.
+    async fn evaluate(
+        &self,
+        route: &RouteDistill,
+        job: &DistillationJob,
+        upstream: &str,
+        model: &str,
+    ) -> Result<f64, String> {
+        let dir = self.settings.data_dir.join("datasets").join(&job.id);
+        let mut examples = held_out(&dir.join("validation.jsonl"), route.eval_max_prompts)
+            .map_err(|e| e.to_string())?;
+        if examples.is_empty() {
+            examples = held_out(&dir.join("train.jsonl"), route.eval_max_prompts)
+                .map_err(|e| e.to_string())?;
+        }
+        if examples.is_empty() {
+            return Err("no held-out prompts".into());
+        }
+        let mut total = 0.0;
+        for example in &examples {
+            let answer = self
+                .chat
+                .complete(upstream, model, &example.messages, example.tools.as_ref())
+                .await?;
+            total += match route.eval_method {
+                EvalMethod::Exact => {
+                    f64::from(u8::from(answer.trim() == example.reference.trim())) * 100.0
+                }
+                EvalMethod::Similarity => similarity(&answer, &example.reference),
+                EvalMethod::Judge => {
+                    let judge = self
+                        .settings
+                        .judge
+                        .as_ref()
+                        .ok_or("eval_method = judge needs a [judge]")?;
+                    let question = question_of(&example.messages);
+                    let prompt = judge_messages(&question, &answer, Some(&example.reference));
+                    let reply = self
+                        .chat
+                        .complete(&judge.upstream, &judge.model, &prompt, None)
+                        .await?;
+                    parse_score(&reply)
+                        .ok_or_else(|| format!("the judge's reply has no score: {reply:.80}"))?
+                }
+            };
+        }
+        Ok(total / examples.len() as f64)
+    }
+}
+
+/// Calls `f` until it succeeds or fails for good: waits out rate limits, and retries transient
+/// errors a few times with growing pauses.
+async fn retrying<'a, T, F>(mut f: F, first_pause: Duration) -> Result<T, ProviderError>
+where
+    F: FnMut() -> BoxFuture<'a, Result<T, ProviderError>>,
+{
+    let mut pause = first_pause;
+    let mut attempts = 0;
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(ProviderError::RateLimited(after)) if attempts < 20 => {
+                tokio::time::sleep(after).await
+            }
+            Err(e) if e.is_transient() && attempts < 5 => {
+                tracing::warn!(error = %e, attempt = attempts + 1, "provider call failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause = pause.mul_f64(2.0);
+            }
+            Err(e) => return Err(e),
+        }
+        attempts += 1;
+    }
+}
+
+/// Parses a cron schedule (six fields, with seconds); an empty string means none.
+pub fn parse_schedule(text: &str) -> Result<Option<cron::Schedule>, String> {
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    cron::Schedule::from_str(text)
+        .map(Some)
+        .map_err(|e| format!("schedule `{text}`: {e}"))
+}
+
+/// The golden rule with a threshold.
+pub fn policy(min_score: f64) -> GoldenPolicy {
+    GoldenPolicy { min_score }
+}

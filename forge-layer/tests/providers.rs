@@ -1,0 +1,920 @@
+//! The training providers end to end against the simulated upstream on loopback: OpenAI, Azure, Kubernetes + vLLM, and their failure paths.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use forge_gateway::sim::{
+    AzureTimings, ClusterTimings, FineTuneTimings, SimConfig, SimHandle, SimUpstream,
+};
+use forge_layer::distill::providers::{
+    AzureConfig, AzureDeploymentConfig, AzureProvider, KubernetesConfig, KubernetesProvider,
+    OpenAiConfig, OpenAiProvider, ProviderConfig, SecretString,
+};
+use forge_layer::distill::{
+    Hyperparameters, Progress, ProviderError, ProviderState, Submitted, TrainingProvider,
+    TrainingRequest,
+};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+const API_KEY: &str = "sk-forge-test";
+const ARM_TOKEN: &str = "arm-entra-token";
+const CLUSTER_TOKEN: &str = "sa-token";
+const DATASET_TOKEN: &str = "dataset-bearer";
+const AZURE_API_VERSION: &str = "2024-10-21";
+/// Generous: the simulated phases take milliseconds, but a loaded CI machine may not.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+async fn sim() -> SimHandle {
+    let tiny = Duration::from_millis(40);
+    let config = SimConfig {
+        fine_tune: FineTuneTimings {
+            validating: tiny,
+            queued: tiny,
+            running: tiny * 2,
+        },
+        azure: AzureTimings {
+            file_processing: Duration::from_millis(150),
+            deployment: Duration::from_millis(150),
+        },
+        cluster: ClusterTimings {
+            pending: tiny,
+            running: tiny * 2,
+        },
+        api_key: Some(API_KEY.into()),
+        arm_token: Some(ARM_TOKEN.into()),
+        cluster_token: Some(CLUSTER_TOKEN.into()),
+        ..SimConfig::default()
+    };
+    SimUpstream::start(config, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap()
+}
+
+fn line(i: usize) -> String {
+    json!({"messages": [
+        {"role": "system", "content": "You are a support bot."},
+        {"role": "user", "content": format!("How do I reset password number {i}?")},
+        {"role": "assistant", "content": format!("Open settings and choose reset ({i}).")},
+    ]})
+    .to_string()
+}
+
+fn jsonl(dir: &Path, name: &str, examples: usize) -> PathBuf {
+    let path = dir.join(name);
+    let mut file = std::fs::File::create(&path).unwrap();
+    for i in 0..examples {
+        writeln!(file, "{}", line(i)).unwrap();
+    }
+    path
+}
+
+fn request(
+    job_id: &str,
+    train: PathBuf,
+    validation: Option<PathBuf>,
+    base_model: &str,
+) -> TrainingRequest {
+    TrainingRequest {
+        job_id: job_id.into(),
+        train_file: train,
+        validation_file: validation,
+        base_model: base_model.into(),
+        suffix: Some("support".into()),
+        hyperparameters: Hyperparameters {
+            n_epochs: Some(2),
+            ..Hyperparameters::default()
+        },
+        dataset_url: None,
+    }
+}
+
+fn sim_provider(sim: &SimHandle) -> Box<dyn TrainingProvider> {
+    let config: ProviderConfig = serde_json::from_value(json!({
+        "provider": "sim",
+        "base_url": sim.base_url(),
+        "api_key": API_KEY,
+    }))
+    .unwrap();
+    config.build().unwrap()
+}
+
+/// Polls until the run is final, waiting out 429s as the distiller would.
+async fn until_final(provider: &dyn TrainingProvider, id: &str) -> Progress {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        assert!(Instant::now() < deadline, "{id} did not finish in time");
+        match provider.poll(id).await {
+            Ok(progress)
+                if !matches!(
+                    progress.state,
+                    ProviderState::Queued | ProviderState::Running
+                ) =>
+            {
+                return progress;
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(25)).await,
+            Err(ProviderError::RateLimited(wait)) => tokio::time::sleep(wait).await,
+            Err(err) => panic!("poll failed: {err}"),
+        }
+    }
+}
+
+fn posts_to(sim: &SimHandle, path_prefix: &str) -> Vec<forge_gateway::sim::RecordedRequest> {
+    sim.requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path.starts_with(path_prefix))
+        .collect()
+}
+
+// ---- OpenAI (and the sim) -------------------------------------------------------------
+
+#[tokio::test]
+async fn openai_uploads_trains_reports_metrics_and_deploys() {
+    let sim = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let provider = sim_provider(&sim);
+    assert_eq!(provider.name(), "sim");
+    let train = jsonl(dir.path(), "train.jsonl", 24);
+    let valid = jsonl(dir.path(), "valid.jsonl", 4);
+
+    let Submitted {
+        provider_job_id,
+        training_file_id,
+    } = provider
+        .submit(&request("01JOBOPENAI", train, Some(valid), "gpt-4o-mini"))
+        .await
+        .unwrap();
+    assert!(provider_job_id.starts_with("ftjob-"), "{provider_job_id}");
+    assert!(
+        training_file_id
+            .as_deref()
+            .is_some_and(|id| id.starts_with("file-"))
+    );
+
+    // Both uploads are multipart, `purpose=fine-tune`, `.jsonl`, with the key as a bearer token.
+    let uploads = posts_to(&sim, "/v1/files");
+    assert_eq!(uploads.len(), 2);
+    for upload in &uploads {
+        assert_eq!(
+            upload.header("authorization"),
+            Some(format!("Bearer {API_KEY}").as_str())
+        );
+        assert!(
+            upload
+                .header("content-type")
+                .unwrap()
+                .starts_with("multipart/form-data")
+        );
+        let body = String::from_utf8_lossy(&upload.body);
+        assert!(body.contains("fine-tune"), "{body}");
+        assert!(body.contains(".jsonl\""), "{body}");
+    }
+    let create = &posts_to(&sim, "/v1/fine_tuning/jobs")[0];
+    let body = create.json().unwrap();
+    assert_eq!(body["model"], "gpt-4o-mini");
+    assert_eq!(body["method"]["type"], "supervised");
+    assert_eq!(
+        body["method"]["supervised"]["hyperparameters"],
+        json!({"n_epochs": 2})
+    );
+    assert_eq!(body["metadata"]["forge_job_id"], "01JOBOPENAI");
+    assert_eq!(body["suffix"], "support");
+    assert!(
+        body["validation_file"]
+            .as_str()
+            .unwrap()
+            .starts_with("file-")
+    );
+
+    let progress = until_final(provider.as_ref(), &provider_job_id).await;
+    let ProviderState::Succeeded { model } = &progress.state else {
+        panic!("{progress:?}");
+    };
+    assert!(model.starts_with("ft:gpt-4o-mini"), "{model}");
+    assert!(model.contains(":support:"), "{model}");
+    assert_eq!(progress.provider_status, "succeeded");
+    for key in [
+        "train_loss",
+        "valid_loss",
+        "train_mean_token_accuracy",
+        "valid_mean_token_accuracy",
+    ] {
+        let value = progress.metrics.get(key).copied();
+        assert!(
+            value.is_some_and(|v| v > 0.0 && v.is_finite()),
+            "{key}: {:?}",
+            progress.metrics
+        );
+    }
+    // The metrics are the result CSV's last row, which the provider read by header name.
+    let csv_read = sim.requests().iter().any(|r| {
+        r.method == "GET" && r.path.starts_with("/v1/files/") && r.path.ends_with("/content")
+    });
+    assert!(csv_read, "the result CSV was not read");
+    // And they are the values of its last row, whatever the column order.
+    let http = reqwest::Client::new();
+    let job: Value = http
+        .get(format!(
+            "{}/fine_tuning/jobs/{provider_job_id}",
+            sim.base_url()
+        ))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let csv = http
+        .get(format!(
+            "{}/files/{}/content",
+            sim.base_url(),
+            job["result_files"][0].as_str().unwrap()
+        ))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    let last: Vec<&str> = csv.lines().last().unwrap().split(',').collect();
+    let cell = |name: &str| {
+        last[header.iter().position(|h| *h == name).unwrap()]
+            .parse::<f64>()
+            .unwrap()
+    };
+    assert_eq!(progress.metrics["train_loss"], cell("train_loss"));
+    assert_eq!(
+        progress.metrics["train_mean_token_accuracy"],
+        cell("train_accuracy")
+    );
+    assert_eq!(
+        progress.metrics["valid_mean_token_accuracy"],
+        cell("valid_mean_token_accuracy")
+    );
+
+    let deployed = provider.deploy("01JOBOPENAI", model).await.unwrap();
+    assert_eq!(deployed.upstream, "sim");
+    assert_eq!(&deployed.model, model);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn openai_resubmission_finds_the_job_an_earlier_attempt_created() {
+    let sim = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let provider = sim_provider(&sim);
+    let req = request(
+        "01JOBAGAIN",
+        jsonl(dir.path(), "t.jsonl", 12),
+        None,
+        "gpt-4o-mini",
+    );
+    let first = provider.submit(&req).await.unwrap();
+    let second = provider.submit(&req).await.unwrap();
+    assert_eq!(first.provider_job_id, second.provider_job_id);
+    assert_eq!(first.training_file_id, second.training_file_id);
+    assert_eq!(posts_to(&sim, "/v1/fine_tuning/jobs").len(), 1);
+    assert_eq!(posts_to(&sim, "/v1/files").len(), 1);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn openai_bad_data_fails_the_job_with_the_providers_error() {
+    let sim = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let provider = sim_provider(&sim);
+    // Fewer than the 10 examples OpenAI requires: accepted at upload, failed in validation.
+    let submitted = provider
+        .submit(&request(
+            "01JOBBAD",
+            jsonl(dir.path(), "t.jsonl", 3),
+            None,
+            "gpt-4o-mini",
+        ))
+        .await
+        .unwrap();
+    let progress = until_final(provider.as_ref(), &submitted.provider_job_id).await;
+    let ProviderState::Failed { error } = &progress.state else {
+        panic!("{progress:?}");
+    };
+    assert!(error.starts_with("invalid_training_file: "), "{error}");
+    assert_eq!(progress.provider_status, "failed");
+    assert!(progress.metrics.is_empty());
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn openai_training_failure_is_reported() {
+    let sim = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let provider = sim_provider(&sim);
+    sim.fail_next_fine_tuning_jobs(1);
+    let submitted = provider
+        .submit(&request(
+            "01JOBFAILRUN",
+            jsonl(dir.path(), "t.jsonl", 12),
+            None,
+            "gpt-4o-mini",
+        ))
+        .await
+        .unwrap();
+    let progress = until_final(provider.as_ref(), &submitted.provider_job_id).await;
+    let ProviderState::Failed { error } = &progress.state else {
+        panic!("{progress:?}");
+    };
+    assert!(error.starts_with("training_failed"), "{error}");
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn openai_429_gives_the_retry_after_duration() {
+    let sim = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let provider = sim_provider(&sim);
+    let req = request(
+        "01JOB429",
+        jsonl(dir.path(), "t.jsonl", 12),
+        None,
+        "gpt-4o-mini",
+    );
+
+    sim.inject_rate_limit(1, 7);
+    let err = provider.submit(&req).await.unwrap_err();
+    assert_eq!(err, ProviderError::RateLimited(Duration::from_secs(7)));
+    assert!(err.is_transient());
+
+    let submitted = provider.submit(&req).await.unwrap();
+    sim.inject_rate_limit(1, 3);
+    let err = provider.poll(&submitted.provider_job_id).await.unwrap_err();
+    assert_eq!(err, ProviderError::RateLimited(Duration::from_secs(3)));
+    assert_eq!(sim.rate_limited_count(), 2);
+    // The limit is over: the next poll answers.
+    provider.poll(&submitted.provider_job_id).await.unwrap();
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn openai_job_creation_waits_out_a_short_429_without_reuploading() {
+    // A stand-in for OpenAI that refuses the first job creation only, which the simulated
+    // upstream's "next n requests" injection can't single out.
+    #[derive(Clone, Default)]
+    struct Counts {
+        uploads: Arc<AtomicUsize>,
+        creates: Arc<AtomicUsize>,
+    }
+    async fn list() -> Json<Value> {
+        Json(json!({"object": "list", "data": [], "has_more": false}))
+    }
+    async fn upload(State(counts): State<Counts>) -> Json<Value> {
+        counts.uploads.fetch_add(1, Ordering::SeqCst);
+        Json(json!({"id": "file-1", "object": "file", "status": "processed"}))
+    }
+    async fn create(State(counts): State<Counts>) -> Response {
+        if counts.creates.fetch_add(1, Ordering::SeqCst) == 0 {
+            let body = json!({"error": {"message": "Rate limit reached", "type": "requests", "param": null, "code": "rate_limit_exceeded"}});
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("retry-after", "1")],
+                Json(body),
+            )
+                .into_response();
+        }
+        Json(json!({"id": "ftjob-1", "object": "fine_tuning.job", "status": "validating_files"}))
+            .into_response()
+    }
+    let counts = Counts::default();
+    let app = Router::new()
+        .route("/v1/files", post(upload))
+        .route("/v1/fine_tuning/jobs", get(list).post(create))
+        .with_state(counts.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base_url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+
+    let provider = OpenAiProvider::new(&OpenAiConfig {
+        base_url: Some(base_url),
+        api_key: Some(SecretString::new(API_KEY)),
+        ..OpenAiConfig::default()
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let submitted = provider
+        .submit(&request(
+            "01JOBCREATE429",
+            jsonl(dir.path(), "t.jsonl", 12),
+            None,
+            "gpt-4o-mini",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(submitted.provider_job_id, "ftjob-1");
+    assert_eq!(counts.creates.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        counts.uploads.load(Ordering::SeqCst),
+        1,
+        "the file must not be uploaded twice"
+    );
+    server.abort();
+}
+
+#[tokio::test]
+async fn unreachable_provider_is_a_transport_error() {
+    // A port nothing listens on: bound, then released.
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let provider = OpenAiProvider::sim(&OpenAiConfig {
+        base_url: Some(format!("http://127.0.0.1:{port}/v1")),
+        api_key: Some(SecretString::new(API_KEY)),
+        ..OpenAiConfig::default()
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let req = request(
+        "01JOBDOWN",
+        jsonl(dir.path(), "t.jsonl", 12),
+        None,
+        "gpt-4o-mini",
+    );
+    let err = provider.submit(&req).await.unwrap_err();
+    assert!(matches!(err, ProviderError::Transport(_)), "{err:?}");
+    assert!(err.is_transient());
+    let err = provider.poll("ftjob-x").await.unwrap_err();
+    assert!(matches!(err, ProviderError::Transport(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn wrong_key_and_missing_file_are_not_transient() {
+    let sim = sim().await;
+    let provider = OpenAiProvider::sim(&OpenAiConfig {
+        base_url: Some(sim.base_url()),
+        api_key: Some(SecretString::new("sk-wrong")),
+        ..OpenAiConfig::default()
+    })
+    .unwrap();
+    let err = provider.poll("ftjob-x").await.unwrap_err();
+    let ProviderError::Http { status, message } = &err else {
+        panic!("{err:?}");
+    };
+    assert_eq!(*status, 401);
+    assert!(!message.is_empty() && !message.contains('{'), "{message}");
+    assert!(!err.is_transient());
+    assert!(!format!("{provider:?}").contains("sk-wrong"));
+
+    let right = sim_provider(&sim);
+    let err = right.poll("ftjob-doesnotexist").await.unwrap_err();
+    assert!(
+        matches!(err, ProviderError::Http { status: 404, .. }),
+        "{err:?}"
+    );
+    let req = request(
+        "01JOBNOFILE",
+        PathBuf::from("/nonexistent/train.jsonl"),
+        None,
+        "gpt-4o-mini",
+    );
+    let err = right.submit(&req).await.unwrap_err();
+    assert!(matches!(err, ProviderError::Invalid(_)), "{err:?}");
+    sim.shutdown().await;
+}
+
+// ---- Azure ----------------------------------------------------------------------------
+
+fn azure(sim: &SimHandle, token: &str) -> AzureProvider {
+    AzureProvider::new(&AzureConfig {
+        endpoint: sim.root_url(),
+        api_key: Some(SecretString::new(API_KEY)),
+        deployment: AzureDeploymentConfig {
+            management_url: Some(sim.root_url()),
+            subscription_id: "00000000-0000-0000-0000-000000000000".into(),
+            resource_group: "forge-rg".into(),
+            account: "forge-aoai".into(),
+            token: Some(SecretString::new(token)),
+            ..AzureDeploymentConfig::default()
+        },
+        ..AzureConfig::default()
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn azure_waits_for_processed_files_trains_and_deploys() {
+    let sim = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let provider = azure(&sim, ARM_TOKEN);
+    assert_eq!(provider.name(), "azure");
+    let req = request(
+        "01JOBAZURE",
+        jsonl(dir.path(), "t.jsonl", 12),
+        Some(jsonl(dir.path(), "v.jsonl", 3)),
+        "gpt-4o-mini-2024-07-18",
+    );
+    let submitted = provider.submit(&req).await.unwrap();
+
+    // The upload used `api-key` and `api-version`, and the file was polled until processed
+    // before the job was created (a job on a pending file fails).
+    let requests = sim.requests();
+    let upload = requests
+        .iter()
+        .find(|r| r.method == "POST" && r.path.starts_with("/openai/files"))
+        .unwrap();
+    assert_eq!(upload.header("api-key"), Some(API_KEY));
+    assert_eq!(upload.header("authorization"), None);
+    assert!(
+        upload
+            .path
+            .contains(&format!("api-version={AZURE_API_VERSION}")),
+        "{}",
+        upload.path
+    );
+    let file_polls = requests
+        .iter()
+        .filter(|r| r.method == "GET" && r.path.starts_with("/openai/files/"))
+        .count();
+    assert!(file_polls >= 1, "the file's status was never read");
+
+    let progress = until_final(&provider, &submitted.provider_job_id).await;
+    let ProviderState::Succeeded { model } = &progress.state else {
+        panic!("{progress:?}");
+    };
+    assert!(model.contains(".ft-"), "{model}");
+    assert!(
+        progress.metrics.contains_key("train_loss"),
+        "{:?}",
+        progress.metrics
+    );
+
+    let deployed = provider.deploy("01JOBAZURE", model).await.unwrap();
+    assert_eq!(deployed.upstream, "azure");
+    assert_eq!(deployed.model, "forge-01jobazure");
+    let put = sim
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "PUT")
+        .unwrap();
+    assert_eq!(
+        put.header("authorization"),
+        Some(format!("Bearer {ARM_TOKEN}").as_str())
+    );
+    assert!(
+        put.path
+            .contains("/deployments/forge-01jobazure?api-version="),
+        "{}",
+        put.path
+    );
+    assert_eq!(
+        put.json().unwrap()["properties"]["model"]["name"],
+        model.as_str()
+    );
+
+    // Inference picks the model by deployment name.
+    let chat = reqwest::Client::new()
+        .post(format!(
+            "{}/openai/deployments/{}/chat/completions?api-version={AZURE_API_VERSION}",
+            sim.root_url(),
+            deployed.model
+        ))
+        .header("api-key", API_KEY)
+        .json(&json!({"messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(chat.status(), StatusCode::OK);
+    let answer: Value = chat.json().await.unwrap();
+    assert_eq!(answer["model"], model.as_str());
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn azure_deploy_is_idempotent_and_reports_429_and_bad_tokens() {
+    let sim = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let provider = azure(&sim, ARM_TOKEN);
+    let submitted = provider
+        .submit(&request(
+            "01JOBAZ2",
+            jsonl(dir.path(), "t.jsonl", 12),
+            None,
+            "gpt-4o-mini-2024-07-18",
+        ))
+        .await
+        .unwrap();
+    let ProviderState::Succeeded { model } = until_final(&provider, &submitted.provider_job_id)
+        .await
+        .state
+    else {
+        panic!("the job did not succeed");
+    };
+
+    let wrong = azure(&sim, "not-the-token");
+    let err = wrong.deploy("01JOBAZ2", &model).await.unwrap_err();
+    assert!(
+        matches!(err, ProviderError::Http { status: 401, .. }),
+        "{err:?}"
+    );
+
+    sim.inject_rate_limit(1, 2);
+    let err = provider.deploy("01JOBAZ2", &model).await.unwrap_err();
+    assert_eq!(err, ProviderError::RateLimited(Duration::from_secs(2)));
+    let first = provider.deploy("01JOBAZ2", &model).await.unwrap();
+    let again = provider.deploy("01JOBAZ2", &model).await.unwrap();
+    assert_eq!(first, again);
+    sim.shutdown().await;
+}
+
+// ---- Kubernetes + vLLM ----------------------------------------------------------------
+
+/// Forge's dataset endpoint, as the trainer sees it: the JSONL behind a bearer token.
+async fn dataset_server(body: String) -> (String, tokio::task::JoinHandle<()>) {
+    async fn serve(State(body): State<String>, headers: HeaderMap) -> Result<String, StatusCode> {
+        let expected = format!("Bearer {DATASET_TOKEN}");
+        match headers.get("authorization").and_then(|v| v.to_str().ok()) {
+            Some(value) if value == expected => Ok(body),
+            _ => Err(StatusCode::UNAUTHORIZED),
+        }
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "http://{}/admin/datasets/ds-1.jsonl",
+        listener.local_addr().unwrap()
+    );
+    let app = Router::new()
+        .route("/admin/datasets/ds-1.jsonl", get(serve))
+        .with_state(body);
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (url, task)
+}
+
+fn kubernetes(sim: &SimHandle, env: &[(&str, &str)]) -> KubernetesProvider {
+    KubernetesProvider::new(&KubernetesConfig {
+        api_server: Some(sim.root_url()),
+        namespace: Some("forge".into()),
+        token: Some(SecretString::new(CLUSTER_TOKEN)),
+        image: "ghcr.io/example/peft-trainer:1".into(),
+        env: env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        memory_limit: Some("64Gi".into()),
+        adapter_pvc: Some("forge-adapters".into()),
+        vllm_url: sim.base_url(),
+        // The simulated upstream's key guards its vLLM endpoints too, like `vllm --api-key`.
+        vllm_api_key: Some(SecretString::new(API_KEY)),
+        ..KubernetesConfig::default()
+    })
+    .unwrap()
+}
+
+fn k8s_request(job_id: &str, dataset_url: &str, token: &str) -> TrainingRequest {
+    TrainingRequest {
+        dataset_url: Some((dataset_url.to_owned(), token.to_owned())),
+        ..request(
+            job_id,
+            PathBuf::from("/unused.jsonl"),
+            None,
+            "meta-llama/Llama-3.1-8B-Instruct",
+        )
+    }
+}
+
+#[tokio::test]
+async fn kubernetes_trains_from_the_dataset_url_and_vllm_serves_the_adapter() {
+    let sim = sim().await;
+    let dataset: String = (0..12).map(|i| line(i) + "\n").collect();
+    let (dataset_url, server) = dataset_server(dataset).await;
+    let provider = kubernetes(&sim, &[]);
+    assert_eq!(provider.name(), "kubernetes");
+    let req = k8s_request("01JZ8X3Q4M5N6P7R8S9T7K2M9QXA", &dataset_url, DATASET_TOKEN);
+
+    let submitted = provider.submit(&req).await.unwrap();
+    assert_eq!(
+        submitted.provider_job_id,
+        "forge-train-01jz8x3q4m5n6p7r8s9t7k2m9qxa"
+    );
+    assert_eq!(submitted.training_file_id, None);
+    // A resubmission after a crash meets 409 AlreadyExists, which means "already created".
+    let again = provider.submit(&req).await.unwrap();
+    assert_eq!(again, submitted);
+
+    let create = posts_to(&sim, "/apis/batch/v1/namespaces/forge/jobs")[0].clone();
+    assert_eq!(
+        create.header("authorization"),
+        Some(format!("Bearer {CLUSTER_TOKEN}").as_str())
+    );
+    let manifest = create.json().unwrap();
+    assert_eq!(manifest["metadata"]["labels"]["app"], "forge-train");
+    assert_eq!(manifest["spec"]["backoffLimit"], 0);
+    assert_eq!(
+        manifest["spec"]["template"]["spec"]["restartPolicy"],
+        "Never"
+    );
+    let container = &manifest["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["resources"]["limits"]["nvidia.com/gpu"], 1);
+    assert_eq!(container["resources"]["limits"]["memory"], "64Gi");
+    assert_eq!(container["volumeMounts"][0]["mountPath"], "/adapters");
+
+    let progress = until_final(&provider, &submitted.provider_job_id).await;
+    let ProviderState::Succeeded { model: adapter } = &progress.state else {
+        panic!("{progress:?}");
+    };
+    assert_eq!(progress.provider_status, "Complete");
+    assert_eq!(adapter, "/adapters/llama-3-1-8b-instruct-forge-7k2m9qxa");
+
+    // The trainer really fetched the dataset with the token.
+    let fetches = sim.k8s_fetches();
+    assert_eq!(fetches.len(), 1, "{fetches:?}");
+    assert_eq!(fetches[0].url, dataset_url);
+    assert_eq!(fetches[0].token.as_deref(), Some(DATASET_TOKEN));
+    assert_eq!(fetches[0].status, Some(200));
+    assert_eq!(fetches[0].outcome, Ok(12));
+
+    let deployed = provider.deploy(&req.job_id, adapter).await.unwrap();
+    assert_eq!(deployed.upstream, "vllm");
+    assert_eq!(deployed.model, "llama-3-1-8b-instruct-forge-7k2m9qxa");
+    let load = posts_to(&sim, "/v1/load_lora_adapter")[0].json().unwrap();
+    assert_eq!(
+        load,
+        json!({"lora_name": deployed.model, "lora_path": adapter})
+    );
+    // Loading again is "already been loaded", which is success.
+    assert_eq!(
+        provider.deploy(&req.job_id, adapter).await.unwrap(),
+        deployed
+    );
+
+    // The adapter is listed and answers chat under its versioned name.
+    let http = reqwest::Client::new();
+    let models: Value = http
+        .get(format!("{}/models", sim.base_url()))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let listed = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == deployed.model.as_str())
+        .cloned();
+    assert_eq!(
+        listed.as_ref().map(|m| m["root"].clone()),
+        Some(json!(adapter)),
+        "{models}"
+    );
+    let chat = http
+        .post(format!("{}/chat/completions", sim.base_url()))
+        .bearer_auth(API_KEY)
+        .json(&json!({"model": deployed.model, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(chat.status(), StatusCode::OK);
+    let answer: Value = chat.json().await.unwrap();
+    assert_eq!(answer["model"], deployed.model.as_str());
+
+    server.abort();
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn kubernetes_backoff_limit_exceeded_is_a_failure() {
+    let sim = sim().await;
+    let dataset: String = (0..12).map(|i| line(i) + "\n").collect();
+    let (dataset_url, server) = dataset_server(dataset).await;
+
+    // The trainer fails at the end of its run.
+    let failing = kubernetes(&sim, &[("FORGE_SIM_FAIL", "1")]);
+    let submitted = failing
+        .submit(&k8s_request("01JOBKFAIL", &dataset_url, DATASET_TOKEN))
+        .await
+        .unwrap();
+    let progress = until_final(&failing, &submitted.provider_job_id).await;
+    let ProviderState::Failed { error } = &progress.state else {
+        panic!("{progress:?}");
+    };
+    assert!(error.starts_with("BackoffLimitExceeded"), "{error}");
+    assert_eq!(progress.provider_status, "Failed");
+
+    // The trainer is refused by the dataset endpoint.
+    let provider = kubernetes(&sim, &[]);
+    let submitted = provider
+        .submit(&k8s_request("01JOBKTOKEN", &dataset_url, "wrong-token"))
+        .await
+        .unwrap();
+    let progress = until_final(&provider, &submitted.provider_job_id).await;
+    let ProviderState::Failed { error } = &progress.state else {
+        panic!("{progress:?}");
+    };
+    assert!(
+        error.starts_with("BackoffLimitExceeded") && error.contains("401"),
+        "{error}"
+    );
+
+    server.abort();
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn kubernetes_refusals_map_to_provider_errors() {
+    let sim = sim().await;
+    let provider = kubernetes(&sim, &[]);
+    // No dataset URL: nothing for the trainer to download.
+    let err = provider
+        .submit(&request(
+            "01JOBNOURL",
+            PathBuf::from("/unused.jsonl"),
+            None,
+            "m",
+        ))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ProviderError::Invalid(_)), "{err:?}");
+
+    let err = provider.poll("forge-train-missing").await.unwrap_err();
+    assert!(
+        matches!(err, ProviderError::Http { status: 404, .. }),
+        "{err:?}"
+    );
+
+    sim.inject_rate_limit(1, 4);
+    let err = provider.poll("forge-train-missing").await.unwrap_err();
+    assert_eq!(err, ProviderError::RateLimited(Duration::from_secs(4)));
+
+    let bad_token = KubernetesProvider::new(&KubernetesConfig {
+        api_server: Some(sim.root_url()),
+        namespace: Some("forge".into()),
+        token: Some(SecretString::new("expired")),
+        image: "trainer".into(),
+        vllm_url: sim.base_url(),
+        ..KubernetesConfig::default()
+    })
+    .unwrap();
+    let err = bad_token.poll("forge-train-x").await.unwrap_err();
+    assert!(
+        matches!(err, ProviderError::Http { status: 401, .. }),
+        "{err:?}"
+    );
+
+    // vLLM can't load an adapter that isn't on its disk.
+    let err = provider
+        .deploy("01JOBNOADAPTER", "/adapters/nothing-here")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ProviderError::Http { status: 404, .. }),
+        "{err:?}"
+    );
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn kubernetes_token_file_is_reread_on_every_call() {
+    let sim = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "stale\n").unwrap();
+    let provider = KubernetesProvider::new(&KubernetesConfig {
+        api_server: Some(sim.root_url()),
+        namespace: Some("forge".into()),
+        token_file: Some(token_file.clone()),
+        image: "trainer".into(),
+        vllm_url: sim.base_url(),
+        ..KubernetesConfig::default()
+    })
+    .unwrap();
+    let err = provider.poll("forge-train-x").await.unwrap_err();
+    assert!(
+        matches!(err, ProviderError::Http { status: 401, .. }),
+        "{err:?}"
+    );
+    // The kubelet rotates the token in place.
+    std::fs::write(&token_file, format!("{CLUSTER_TOKEN}\n")).unwrap();
+    let err = provider.poll("forge-train-x").await.unwrap_err();
+    assert!(
+        matches!(err, ProviderError::Http { status: 404, .. }),
+        "{err:?}"
+    );
+    sim.shutdown().await;
+}

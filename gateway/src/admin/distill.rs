@@ -1,0 +1,154 @@
+//! The admin API's distillation endpoints: jobs, cycles on demand, the model registry, datasets.
+
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use forge_layer::distill::DistillError;
+use http::{StatusCode, header};
+
+use super::AdminState;
+
+fn error(status: StatusCode, code: &'static str, message: String) -> Response {
+    let body = serde_json::json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": code}});
+    (status, Json(body)).into_response()
+}
+
+/// The answer when no route is configured for distillation.
+fn distillation_off() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "distillation_off",
+        "no route is configured for distillation ([[distill]])".into(),
+    )
+}
+
+fn internal(e: &dyn std::fmt::Display) -> Response {
+    tracing::error!(error = %e, "admin: distillation store read failed");
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal_error",
+        "the store could not be read; see the log".into(),
+    )
+}
+
+/// `GET /admin/jobs`: every distillation job, newest first.
+pub async fn jobs(State(state): State<AdminState>) -> Response {
+    let Some(service) = state.distiller.clone() else {
+        return distillation_off();
+    };
+    match tokio::task::spawn_blocking(move || service.jobs()).await {
+        Ok(Ok(jobs)) => Json(serde_json::json!({"object": "list", "data": jobs})).into_response(),
+        Ok(Err(e)) => internal(&e),
+        Err(e) => internal(&e),
+    }
+}
+
+/// `GET /admin/jobs/{id}`.
+pub async fn job(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
+    let Some(service) = state.distiller.clone() else {
+        return distillation_off();
+    };
+    let lookup = id.clone();
+    match tokio::task::spawn_blocking(move || service.job(&lookup)).await {
+        Ok(Ok(Some(job))) => Json(job).into_response(),
+        Ok(Ok(None)) => error(
+            StatusCode::NOT_FOUND,
+            "job_not_found",
+            format!("no job `{id}`"),
+        ),
+        Ok(Err(e)) => internal(&e),
+        Err(e) => internal(&e),
+    }
+}
+
+/// `POST /admin/distill/{alias}`: start a cycle now (202 with the job; 409 if one is running).
+pub async fn distill(State(state): State<AdminState>, Path(alias): Path<String>) -> Response {
+    let Some(service) = state.distiller.clone() else {
+        return distillation_off();
+    };
+    match tokio::task::spawn_blocking(move || service.trigger(&alias, "admin")).await {
+        Ok(Ok(job)) => (StatusCode::ACCEPTED, Json(job)).into_response(),
+        Ok(Err(e @ DistillError::NotConfigured(_))) => {
+            error(StatusCode::NOT_FOUND, "route_not_found", e.to_string())
+        }
+        Ok(Err(e @ DistillError::Busy(..))) => {
+            error(StatusCode::CONFLICT, "job_active", e.to_string())
+        }
+        Ok(Err(e)) => internal(&e),
+        Err(e) => internal(&e),
+    }
+}
+
+/// `GET /admin/models`: the model registry.
+pub async fn models(State(state): State<AdminState>) -> Response {
+    let Some(service) = state.distiller.clone() else {
+        return distillation_off();
+    };
+    match tokio::task::spawn_blocking(move || service.models()).await {
+        Ok(Ok(models)) => {
+            Json(serde_json::json!({"object": "list", "data": models})).into_response()
+        }
+        Ok(Err(e)) => internal(&e),
+        Err(e) => internal(&e),
+    }
+}
+
+/// `GET /admin/datasets/{id}.jsonl`: a job's training file, streamed from disk. Remote trainers
+/// (a Kubernetes Job) fetch their data here with the admin token.
+pub async fn dataset(State(state): State<AdminState>, Path(file): Path<String>) -> Response {
+    let Some(service) = state.distiller.clone() else {
+        return distillation_off();
+    };
+    let Some(id) = file.strip_suffix(".jsonl") else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "dataset_not_found",
+            format!("no dataset `{file}`"),
+        );
+    };
+    // Job ids are `dj_` and a ULID: anything else (a `..`, a slash) is not a dataset.
+    let well_formed = id
+        .strip_prefix("dj_")
+        .is_some_and(|u| u.len() == 26 && u.bytes().all(|b| b.is_ascii_alphanumeric()));
+    if !well_formed {
+        return error(
+            StatusCode::NOT_FOUND,
+            "dataset_not_found",
+            format!("no dataset `{file}`"),
+        );
+    }
+    let path = service.dataset_file(id);
+    let Ok(file) = tokio::fs::File::open(&path).await else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "dataset_not_found",
+            format!("no dataset `{id}`"),
+        );
+    };
+    let len = file.metadata().await.map(|m| m.len()).ok();
+    let stream = futures_util::stream::unfold(file, |mut file| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 64 * 1024];
+        match file.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok::<_, std::io::Error>(bytes::Bytes::from(buf)), file))
+            }
+            Err(e) => Some((Err(e), file)),
+        }
+    });
+    let mut response = Body::from_stream(stream).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/jsonl"),
+    );
+    if let Some(len) = len {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, http::HeaderValue::from(len));
+    }
+    response
+}
