@@ -1,6 +1,5 @@
 //! The admin API's distillation endpoints: jobs, cycles on demand, the model registry, datasets.
 
-
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};

@@ -10,7 +10,8 @@ use serde::Deserialize;
 /// behaves as [`ModelBehavior::default`], no API key or tokens, default timings.
 #[derive(Clone, PartialEq, Default)]
 pub struct SimConfig {
-    /// Behaviour by exact model name.
+    /// Behaviour by exact model name. The key `fine-tuned` sets the behaviour of every model
+    /// this sim fine-tuned (which otherwise answer with Good quality).
     pub models: HashMap<String, ModelBehavior>,
     /// Behaviour of every model not in `models`.
     pub default_behavior: ModelBehavior,

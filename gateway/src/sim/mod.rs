@@ -80,6 +80,7 @@ mod models;
 mod reply;
 mod routes;
 mod state;
+pub use state::FINE_TUNED;
 mod stream;
 #[cfg(test)]
 mod tests;

@@ -27,6 +27,9 @@ pub(crate) enum Flavor {
     Azure,
 }
 
+/// The `models` key whose behaviour every fine-tuned model takes, when present.
+pub const FINE_TUNED: &str = "fine-tuned";
+
 pub(crate) struct SimState {
     behaviors: RwLock<HashMap<String, ModelBehavior>>,
     default_behavior: ModelBehavior,
@@ -136,6 +139,17 @@ impl SimState {
             || model.contains(".ft-")
             || self.storage().lora.is_loaded(model);
         if fine_tuned {
+            // `models["fine-tuned"]`, when configured, is how every fine-tuned model behaves:
+            // tests use it for a student that learned nothing.
+            if let Some(behavior) = self
+                .behaviors
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(FINE_TUNED)
+                .cloned()
+            {
+                return behavior;
+            }
             ModelBehavior {
                 quality: Quality::Good,
                 ..self.default_behavior.clone()

@@ -1,0 +1,477 @@
+//! The distillation loop end to end: real gateway, real store, simulated upstream (teacher,
+//! student base, judge, and OpenAI's fine-tuning API with short timings).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use forge_gateway::auth::Secret;
+use forge_gateway::sim::{FineTuneTimings, ModelBehavior, Quality, SimConfig, SimHandle};
+use forge_router::CanaryShare;
+use forge_tests::{DEADLINE, TestGateway, client, eventually, start_gateway_with, start_sim};
+use serde_json::{Value, json};
+
+const TOKEN: &str = "distill-admin";
+
+fn sim_config() -> SimConfig {
+    SimConfig {
+        models: HashMap::from([
+            ("teacher".to_string(), ModelBehavior::default()),
+            (
+                "student-base".to_string(),
+                ModelBehavior {
+                    quality: Quality::Poor,
+                    ..ModelBehavior::default()
+                },
+            ),
+        ]),
+        fine_tune: FineTuneTimings {
+            validating: Duration::from_millis(100),
+            queued: Duration::from_millis(100),
+            running: Duration::from_millis(400),
+        },
+        ..SimConfig::default()
+    }
+}
+
+/// A gateway whose `chat` route is distilled with the `sim` provider.
+fn config(sim: &SimHandle, distill_extra: &str, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+
+[[upstreams]]
+name = "sim"
+base_url = "{url}"
+
+[[routes]]
+alias = "chat"
+teacher = {{ upstream = "sim", model = "teacher" }}
+
+[guard]
+enabled = false
+
+[distiller]
+check_every_secs = 0.2
+poll_initial_secs = 0.05
+poll_max_secs = 0.2
+
+[[distill]]
+route = "chat"
+student_base_model = "student-base"
+provider = "sim"
+upstream = "sim"
+trigger_threshold = 20
+min_examples = 12
+schedule = ""
+eval_min_score = 0.0
+initial_canary_percent = 20.0
+{distill_extra}
+{extra}
+"#,
+        url = sim.base_url()
+    )
+}
+
+fn admin(config: &mut forge_gateway::config::Config) {
+    config.server.admin_token = Some(Secret::new(TOKEN));
+}
+
+/// Sends `n` requests (some with tools) and approves each answer; returns the trace ids.
+async fn traffic(gw: &TestGateway, n: usize, tag: &str, key: Option<&str>) -> Vec<String> {
+    let http = client();
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let mut body = json!({"model": "chat", "messages": [{"role": "user", "content": format!("{tag} question {i} about distributed systems")}]});
+        if i % 4 == 0 {
+            body["tools"] = json!([{"type": "function", "function": {"name": "search", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}]);
+        }
+        if i % 4 == 1 {
+            body["messages"] = json!([
+                {"role": "developer", "content": "Be brief."},
+                {"role": "user", "content": format!("{tag} lookup {i}")},
+                {"role": "assistant", "content": null, "tool_calls": [{"id": format!("call_{i}"), "type": "function", "function": {"name": "search", "arguments": "{\"q\":\"x\"}"}}]},
+                {"role": "tool", "tool_call_id": format!("call_{i}"), "content": "result text"}
+            ]);
+            body["tools"] = json!([{"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}]);
+        }
+        let mut req = http
+            .post(format!("{}/chat/completions", gw.base_url()))
+            .json(&body);
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let id = resp.headers()["x-forge-trace-id"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        resp.text().await.unwrap();
+        let mut fb = http
+            .post(format!("{}/feedback", gw.base_url()))
+            .json(&json!({"trace_id": id, "approved": true}));
+        if let Some(k) = key {
+            fb = fb.bearer_auth(k);
+        }
+        assert_eq!(fb.send().await.unwrap().status(), 200);
+        ids.push(id);
+    }
+    ids
+}
+
+async fn admin_get(gw: &TestGateway, path: &str) -> reqwest::Response {
+    client()
+        .get(format!("http://{}{path}", gw.admin_addr().unwrap()))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn wait_for_job(gw: &TestGateway, status: &str) -> Value {
+    let start = tokio::time::Instant::now();
+    loop {
+        let jobs: Value = admin_get(gw, "/admin/jobs").await.json().await.unwrap();
+        if let Some(job) = jobs["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["status"] == status)
+        {
+            return job.clone();
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no job reached {status}: {jobs}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn traffic_becomes_a_student_serving_canary_traffic() {
+    let sim = start_sim(sim_config()).await;
+    let gw = start_gateway_with(&config(&sim, "", ""), admin).await;
+    traffic(&gw, 24, "loop", None).await;
+
+    let job = wait_for_job(&gw, "COMPLETED").await;
+    assert_eq!(job["trigger"], "threshold");
+    assert!(job["dataset_size"].as_u64().unwrap() >= 20, "{job}");
+    let model = job["resulting_model_id"].as_str().unwrap().to_string();
+    assert!(model.starts_with("ft:student-base"), "{model}");
+    assert!(
+        job["eval_metrics"]["train_loss"].is_number(),
+        "metrics from the result file: {job}"
+    );
+
+    // The student is in the table at the initial share, and the registry says canary.
+    let table = gw.router().load();
+    let student = &table.route("chat").unwrap().students[0];
+    assert_eq!(
+        (student.target.model.as_str(), student.share),
+        (model.as_str(), CanaryShare::from_percent(20.0).unwrap())
+    );
+    let models: Value = admin_get(&gw, "/admin/models").await.json().await.unwrap();
+    assert_eq!(models["data"][0]["id"], model);
+    assert_eq!(models["data"][0]["status"], "canary");
+
+    // Canary requests reach the student model upstream.
+    let before = sim
+        .requests()
+        .iter()
+        .filter(|r| r.body.windows(model.len()).any(|w| w == model.as_bytes()))
+        .count();
+    let http = client();
+    for i in 0..40 {
+        let resp = http
+            .post(format!("{}/chat/completions", gw.base_url()))
+            .header("x-forge-sticky-key", format!("user-{i}"))
+            .json(&json!({"model": "chat", "messages": [{"role": "user", "content": "hello"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    let after = sim
+        .requests()
+        .iter()
+        .filter(|r| r.body.windows(model.len()).any(|w| w == model.as_bytes()))
+        .count();
+    assert!(after > before, "no canary request reached {model}");
+
+    // The exported dataset passes the fine-tuning format check of the simulated provider,
+    // tool-use lines included, and contains only teacher traces.
+    let id = job["id"].as_str().unwrap();
+    let dataset = admin_get(&gw, &format!("/admin/datasets/{id}.jsonl")).await;
+    assert_eq!(dataset.status(), 200);
+    let bytes = dataset.bytes().await.unwrap();
+    forge_gateway::sim::validate_training_jsonl(&bytes)
+        .expect("every line passes the OpenAI rules");
+    let text = String::from_utf8(bytes.to_vec()).unwrap();
+    assert!(
+        text.contains("\"tool_calls\"") && text.contains("\"role\":\"tool\""),
+        "tool-use traces are exported"
+    );
+    assert!(!text.contains("\"developer\""), "developer becomes system");
+    assert_eq!(
+        admin_get(&gw, "/admin/datasets/..%2Fforge.redb")
+            .await
+            .status(),
+        404
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn only_teacher_traces_and_only_the_tenant_s_traces_are_trained_on() {
+    let sim = start_sim(sim_config()).await;
+    let digest = |k: &str| {
+        forge_gateway::auth::sha256(k.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let clients = format!(
+        "[[clients]]\nid = \"app-a\"\ntenant = \"A\"\nkey_sha256 = \"{}\"\n\n[[clients]]\nid = \"app-b\"\ntenant = \"B\"\nkey_sha256 = \"{}\"\n",
+        digest("key-a"),
+        digest("key-b")
+    );
+    // A student already takes half the traffic, so both arms produce approved traces.
+    let text = config(&sim, "tenant = \"A\"\nmax_key_share = 1.0", &clients).replace(
+        "teacher = { upstream = \"sim\", model = \"teacher\" }",
+        "teacher = { upstream = \"sim\", model = \"teacher\" }\nstudents = [{ upstream = \"sim\", model = \"old-student\", percent = 50.0 }]",
+    );
+    let gw = start_gateway_with(&text, admin).await;
+    let b_ids = traffic(&gw, 30, "TENANT-B-SECRET", Some("key-b")).await;
+    let a_ids = traffic(&gw, 60, "tenant-a", Some("key-a")).await;
+    // A student is in canary, so automatic triggers wait for its verdict; an operator need not.
+    let started = client()
+        .post(format!(
+            "http://{}/admin/distill/chat",
+            gw.admin_addr().unwrap()
+        ))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(started.status(), 202);
+    let job = wait_for_job(&gw, "COMPLETED").await;
+
+    let id = job["id"].as_str().unwrap();
+    let provenance = std::fs::read_to_string(
+        gw.data_dir()
+            .join("datasets")
+            .join(id)
+            .join("provenance.jsonl"),
+    )
+    .unwrap();
+    let store = gw.store().unwrap();
+    let mut lines = 0;
+    for line in provenance.lines() {
+        let p: Value = serde_json::from_str(line).unwrap();
+        let trace_id = p["trace_id"].as_str().unwrap();
+        assert!(
+            !b_ids.iter().any(|b| b == trace_id),
+            "tenant B's trace {trace_id} in A's dataset"
+        );
+        assert!(a_ids.iter().any(|a| a == trace_id));
+        let trace = store.trace(trace_id.parse().unwrap()).unwrap().unwrap();
+        assert!(trace.is_teacher(), "a student trace was exported");
+        lines += 1;
+    }
+    assert!(lines >= 12, "{lines}");
+    // What was uploaded to the provider holds none of B's text either.
+    let uploads: Vec<_> = sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path.starts_with("/v1/files"))
+        .collect();
+    assert!(!uploads.is_empty());
+    for upload in uploads {
+        assert!(!String::from_utf8_lossy(&upload.body).contains("TENANT-B-SECRET"));
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn admin_trigger_needs_enough_examples_and_allows_one_job_per_route() {
+    let sim = start_sim(sim_config()).await;
+    let gw = start_gateway_with(
+        &config(&sim, "", "").replace("trigger_threshold = 20", "trigger_threshold = 100000"),
+        admin,
+    )
+    .await;
+    let http = client();
+    let post = |path: &str| {
+        http.post(format!("http://{}{path}", gw.admin_addr().unwrap()))
+            .bearer_auth(TOKEN)
+            .send()
+    };
+    assert_eq!(post("/admin/distill/nope").await.unwrap().status(), 404);
+    // Too few examples: the job fails with a reason, and routes are unchanged.
+    traffic(&gw, 3, "few", None).await;
+    assert_eq!(post("/admin/distill/chat").await.unwrap().status(), 202);
+    let failed = wait_for_job(&gw, "FAILED").await;
+    assert!(
+        failed["error"].as_str().unwrap().contains("min_examples"),
+        "{failed}"
+    );
+    assert!(
+        gw.router()
+            .load()
+            .route("chat")
+            .unwrap()
+            .students
+            .is_empty()
+    );
+    // Enough now; a second trigger while the first runs is a 409.
+    traffic(&gw, 20, "more", None).await;
+    assert_eq!(post("/admin/distill/chat").await.unwrap().status(), 202);
+    assert_eq!(post("/admin/distill/chat").await.unwrap().status(), 409);
+    let done = wait_for_job(&gw, "COMPLETED").await;
+    assert_eq!(done["trigger"], "admin");
+    eventually("student routed", || {
+        !gw.router()
+            .load()
+            .route("chat")
+            .unwrap()
+            .students
+            .is_empty()
+    })
+    .await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_job_in_training_resumes_after_a_restart_and_completes() {
+    let mut slow = sim_config();
+    slow.fine_tune.running = Duration::from_secs(3);
+    let sim = start_sim(slow).await;
+    let text = config(&sim, "", "");
+    let gw = start_gateway_with(&text, admin).await;
+    traffic(&gw, 24, "resume", None).await;
+    let training = wait_for_job(&gw, "TRAINING").await;
+    let id = training["id"].as_str().unwrap().to_string();
+    let start = tokio::time::Instant::now();
+    while admin_get(&gw, &format!("/admin/jobs/{id}"))
+        .await
+        .json::<Value>()
+        .await
+        .unwrap()["provider_job_id"]
+        .is_null()
+    {
+        assert!(start.elapsed() < DEADLINE, "never submitted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Stop mid-training: the provider keeps training; Forge must pick the job up again.
+    let dir = gw.shutdown().await;
+    let again = start_gateway_with(
+        &format!(
+            "{text}\n[capture]\ndata_dir = {:?}\n",
+            dir.path().display().to_string()
+        ),
+        admin,
+    )
+    .await;
+    let start = tokio::time::Instant::now();
+    let job = loop {
+        let job: Value = admin_get(&again, &format!("/admin/jobs/{id}"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        if job["status"] == "COMPLETED" {
+            break job;
+        }
+        assert_ne!(job["status"], "FAILED", "{job}");
+        assert!(start.elapsed() < DEADLINE, "not resumed: {job}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let model = job["resulting_model_id"].as_str().unwrap();
+    assert_eq!(
+        again.router().load().route("chat").unwrap().students[0]
+            .target
+            .model,
+        model
+    );
+    again.shutdown().await;
+    drop(dir);
+}
+
+#[tokio::test]
+async fn a_failed_training_run_fails_the_job_and_leaves_routes_alone() {
+    let sim = start_sim(sim_config()).await;
+    sim.fail_next_fine_tuning_jobs(1);
+    let gw = start_gateway_with(&config(&sim, "", ""), admin).await;
+    let version = gw.router().load().version();
+    traffic(&gw, 24, "failing", None).await;
+    let job = wait_for_job(&gw, "FAILED").await;
+    assert!(
+        job["error"].as_str().unwrap().contains("training_failed"),
+        "the provider's error: {job}"
+    );
+    assert!(
+        job["provider_job_id"]
+            .as_str()
+            .unwrap()
+            .starts_with("ftjob-")
+    );
+    let table = gw.router().load();
+    assert_eq!(table.version(), version);
+    assert!(table.route("chat").unwrap().students.is_empty());
+    let models: Value = admin_get(&gw, "/admin/models").await.json().await.unwrap();
+    assert_eq!(models["data"], json!([]));
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_evaluation_gate_keeps_a_bad_student_out_of_traffic() {
+    let mut bad = sim_config();
+    // Every model this sim fine-tunes answers like the weak base model.
+    bad.models.insert(
+        forge_gateway::sim::FINE_TUNED.to_string(),
+        ModelBehavior {
+            quality: Quality::Poor,
+            ..ModelBehavior::default()
+        },
+    );
+    let sim = start_sim(bad).await;
+    let judge = "[judge]\nupstream = \"sim\"\nmodel = \"judge\"\nsample_percent = 0.0\n";
+    let gw = start_gateway_with(
+        &config(&sim, "", judge).replace("eval_min_score = 0.0", "eval_min_score = 70.0"),
+        admin,
+    )
+    .await;
+    traffic(&gw, 24, "gate", None).await;
+    let job = wait_for_job(&gw, "COMPLETED").await;
+    let score = job["eval_metrics"]["eval_score"].as_f64().unwrap();
+    assert!(score < 70.0, "{job}");
+    assert!(
+        job["error"]
+            .as_str()
+            .unwrap()
+            .contains("below eval_min_score"),
+        "{job}"
+    );
+    let models: Value = admin_get(&gw, "/admin/models").await.json().await.unwrap();
+    assert_eq!(models["data"][0]["status"], "candidate");
+    assert!(
+        models["data"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("held-out score")
+    );
+    assert!(
+        gw.router()
+            .load()
+            .route("chat")
+            .unwrap()
+            .students
+            .is_empty(),
+        "the bad student got no traffic"
+    );
+    gw.shutdown().await;
+}
