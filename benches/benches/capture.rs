@@ -29,12 +29,13 @@ use forge_benches::fixtures::{
     CAPTURE_CAP, MAX_EVENT_BYTES, chat_request, completion_json, exchange_meta, pending_trace,
     sse_frames,
 };
-use forge_benches::recorder::{Recorder, human, timed_batches};
+use forge_benches::recorder::{Recorder, human_ns, timed_batches};
 use forge_layer::capture::{CaptureBody, CaptureSession, DurableAck, PendingTrace, TraceSink};
+use forge_layer::reassemble::{FinalResponse, StreamReassembler};
 use forge_layer::redact::Redactor;
 use forge_layer::trace::Outcome;
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Collected};
 
 const JSON_BYTES: usize = 2048;
 const SSE_FRAMES: usize = 500;
@@ -75,13 +76,14 @@ impl Body for Frames {
 }
 
 /// Collects a body whose frames are all ready, in one poll: no runtime in the measurement.
-fn collect_now<B: Body<Data = Bytes, Error = Infallible>>(body: B) -> Bytes {
+/// The frames are kept as they came (a client writes them out; it does not join them).
+fn collect_now<B: Body<Data = Bytes, Error = Infallible>>(body: B) -> Collected<Bytes> {
     let mut collecting = std::pin::pin!(body.collect());
     match collecting
         .as_mut()
         .poll(&mut Context::from_waker(Waker::noop()))
     {
-        Poll::Ready(Ok(collected)) => collected.to_bytes(),
+        Poll::Ready(Ok(collected)) => collected,
         Poll::Ready(Err(never)) => match never {},
         Poll::Pending => panic!("a body of ready frames must collect in one poll"),
     }
@@ -148,6 +150,19 @@ fn bench_request_path(c: &mut Criterion, shapes: &[Shape], recorder: &Recorder) 
     assert!(sink.0.load(Ordering::Relaxed) > 0);
 }
 
+/// The reassembly step of `into_trace` alone, as it treats each shape.
+fn reassemble(shape: &Shape) -> FinalResponse {
+    if shape.is_sse {
+        let mut reassembler = StreamReassembler::new(MAX_EVENT_BYTES);
+        for frame in &shape.frames {
+            reassembler.feed(frame);
+        }
+        reassembler.finish()
+    } else {
+        FinalResponse::from_json(&shape.frames[0])
+    }
+}
+
 fn bench_writer_side(c: &mut Criterion, shapes: &[Shape], recorder: &Recorder) {
     let redactor = Redactor::default();
     let mut group = c.benchmark_group("writer_side");
@@ -159,6 +174,13 @@ fn bench_writer_side(c: &mut Criterion, shapes: &[Shape], recorder: &Recorder) {
         assert_eq!(trace.outcome, Outcome::Completed, "{}", shape.name);
         assert!(trace.response.choices[0].message.content.is_some());
 
+        let name = format!("reassemble/{}", shape.name);
+        group.bench_function(&name, |b| {
+            b.iter_custom(|iters| {
+                let elapsed = timed_batches(iters, || (), |()| reassemble(shape));
+                recorder.record(&name, iters, elapsed)
+            })
+        });
         let name = format!("into_trace/{}", shape.name);
         group.bench_function(&name, |b| {
             b.iter_custom(|iters| {
@@ -181,29 +203,28 @@ fn bench_writer_side(c: &mut Criterion, shapes: &[Shape], recorder: &Recorder) {
 }
 
 fn print_summary(shapes: &[Shape], recorder: &Recorder) {
-    let median = |name: &str| recorder.median_per_iter(name);
-    let show = |d: Option<Duration>| d.map_or_else(|| "n/a".into(), human);
+    let median = |name: &str| recorder.median_ns(name);
+    let show = |ns: Option<f64>| ns.map_or_else(|| "n/a".into(), human_ns);
     println!();
-    println!("Capture cost per exchange (median of criterion's samples):");
+    println!("Capture cost per exchange (median over criterion's samples of 1 ms or more):");
     println!();
     println!(
-        "| shape | bytes | bare | passthrough | capture | capture − passthrough | into_trace | into_trace + encode |"
+        "| shape | bytes | bare | passthrough | capture | capture − passthrough | reassemble | into_trace | into_trace + encode |"
     );
-    println!("|---|--:|--:|--:|--:|--:|--:|--:|");
+    println!("|---|--:|--:|--:|--:|--:|--:|--:|--:|");
     for shape in shapes {
         let n = shape.name;
         let passthrough = median(&format!("{n}/passthrough"));
         let capture = median(&format!("{n}/capture"));
-        let added = passthrough
-            .zip(capture)
-            .map(|(p, c)| human(c.saturating_sub(p)));
+        let added = passthrough.zip(capture).map(|(p, c)| c - p);
         println!(
-            "| {n} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {n} | {} | {} | {} | {} | {} | {} | {} | {} |",
             shape.bytes(),
             show(median(&format!("{n}/bare"))),
             show(passthrough),
             show(capture),
-            added.unwrap_or_else(|| "n/a".into()),
+            show(added),
+            show(median(&format!("reassemble/{n}"))),
             show(median(&format!("into_trace/{n}"))),
             show(median(&format!("into_trace+encode/{n}"))),
         );

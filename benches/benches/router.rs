@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion};
-use forge_benches::recorder::{Recorder, human};
+use forge_benches::recorder::{Recorder, human_ns};
 use forge_router::{Arm, CanaryShare, Route, RouteError, Router, StickyKey, Student, Target};
 
 const ALIAS: &str = "gpt-4o";
@@ -202,9 +202,9 @@ fn assert_swap_visible_to_next_load(router: &Router) {
 }
 
 fn print_summary(recorder: &Recorder) {
-    let per_op = |name: &str| recorder.median_per_iter(name);
+    let per_op = |name: &str| recorder.median_ns(name);
     println!();
-    println!("Routing (median of criterion's samples, per call):");
+    println!("Routing, per call (median over criterion's samples of 1 ms or more):");
     println!();
     println!("| bench | time per call |");
     println!("|---|--:|");
@@ -217,13 +217,13 @@ fn print_summary(recorder: &Recorder) {
         "swap/update",
         "swap/update_until_seen_by_another_thread",
     ] {
-        let time = per_op(name).map_or_else(|| "n/a".into(), human);
+        let time = per_op(name).map_or_else(|| "n/a".into(), human_ns);
         println!("| `{name}` | {time} |");
     }
     println!();
     println!("Targets");
     for name in ["pick/sticky_key", "pick/random_point"] {
-        let ns = per_op(name).map(|d| d.as_secs_f64() * 1e9);
+        let ns = per_op(name);
         let verdict = match ns {
             Some(ns) if ns < MAX_PICK_NS => "PASS",
             Some(_) => "MISS",

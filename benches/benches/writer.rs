@@ -171,9 +171,7 @@ fn main() {
         println!("| traces | per burst | stored bytes per trace | traces/s (median) |");
         println!("|---|--:|--:|--:|");
         for burst in &bursts {
-            let rate = recorder
-                .median_per_iter(burst.name)
-                .map(|d| 1.0 / d.as_secs_f64());
+            let rate = recorder.median_ns(burst.name).map(|ns| 1e9 / ns);
             println!(
                 "| {} | {} | {} | {} |",
                 burst.name,
@@ -184,9 +182,7 @@ fn main() {
         }
         println!();
         println!("Store at the end: {stored} traces, {counters:?}");
-        let json = recorder
-            .median_per_iter("json_2k")
-            .map(|d| 1.0 / d.as_secs_f64());
+        let json = recorder.median_ns("json_2k").map(|ns| 1e9 / ns);
         println!();
         println!("Targets");
         println!(

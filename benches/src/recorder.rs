@@ -33,23 +33,27 @@ impl Recorder {
         elapsed
     }
 
-    /// The median over the samples of the time per iteration. The first warm-up samples of a
-    /// few iterations each are noisy, and the median ignores them.
-    pub fn median_per_iter(&self, name: &str) -> Option<Duration> {
+    /// The median over the samples of the time per iteration, in nanoseconds. Only samples
+    /// that lasted at least [`MIN_SAMPLE`] count: criterion's first warm-up samples are a few
+    /// iterations each, and clock reads and scheduling dominate them.
+    pub fn median_ns(&self, name: &str) -> Option<f64> {
         let samples = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         let mut per_iter: Vec<f64> = samples
             .get(name)?
             .iter()
-            .filter(|s| s.iters > 0)
-            .map(|s| s.elapsed.as_secs_f64() / s.iters as f64)
+            .filter(|s| s.iters > 0 && s.elapsed >= MIN_SAMPLE)
+            .map(|s| s.elapsed.as_secs_f64() * 1e9 / s.iters as f64)
             .collect();
         if per_iter.is_empty() {
             return None;
         }
         per_iter.sort_by(f64::total_cmp);
-        Some(Duration::from_secs_f64(per_iter[per_iter.len() / 2]))
+        Some(per_iter[per_iter.len() / 2])
     }
 }
+
+/// The shortest sample [`Recorder::median_ns`] counts.
+pub const MIN_SAMPLE: Duration = Duration::from_millis(1);
 
 /// Inputs made per timed batch: enough that the two clock reads vanish against the batch,
 /// few enough that the inputs stay in cache.
@@ -80,9 +84,8 @@ pub fn timed_batches<I, O>(
     total
 }
 
-/// Formats a duration in the unit that keeps it readable: ns, µs or ms.
-pub fn human(d: Duration) -> String {
-    let ns = d.as_secs_f64() * 1e9;
+/// Formats nanoseconds in the unit that keeps them readable: ns, µs or ms.
+pub fn human_ns(ns: f64) -> String {
     if ns < 1e3 {
         format!("{ns:.1} ns")
     } else if ns < 1e6 {
@@ -97,13 +100,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn median_is_per_iteration_and_ignores_an_outlier() {
+    fn median_is_per_iteration_and_skips_short_samples() {
         let r = Recorder::default();
         r.record("x", 1, Duration::from_micros(900));
-        r.record("x", 10, Duration::from_micros(100));
-        r.record("x", 20, Duration::from_micros(220));
-        assert_eq!(r.median_per_iter("x"), Some(Duration::from_micros(11)));
-        assert_eq!(r.median_per_iter("y"), None);
+        r.record("x", 100, Duration::from_micros(1000));
+        r.record("x", 200, Duration::from_micros(2200));
+        r.record("x", 300, Duration::from_micros(3600));
+        let median = r.median_ns("x").unwrap();
+        assert!((median - 11_000.0).abs() < 1e-6, "{median}");
+        assert_eq!(r.median_ns("y"), None);
     }
 
     #[test]
@@ -124,8 +129,8 @@ mod tests {
 
     #[test]
     fn human_picks_the_unit() {
-        assert_eq!(human(Duration::from_nanos(42)), "42.0 ns");
-        assert_eq!(human(Duration::from_nanos(4_200)), "4.20 µs");
-        assert_eq!(human(Duration::from_micros(4_200)), "4.20 ms");
+        assert_eq!(human_ns(42.0), "42.0 ns");
+        assert_eq!(human_ns(4_200.0), "4.20 µs");
+        assert_eq!(human_ns(4_200_000.0), "4.20 ms");
     }
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use forge_gateway::cli::{routes, traces};
+use forge_gateway::cli::{jobs, routes, traces};
 use forge_gateway::config::Config;
 use forge_gateway::env::{ENV_FORGE_CONFIG, ENV_FORGE_LOG};
 use forge_gateway::sim::{SimConfig, SimUpstream};
@@ -50,6 +50,19 @@ enum Command {
         /// A running gateway's admin API, e.g. http://127.0.0.1:8081 (token from FORGE_ADMIN_TOKEN).
         #[arg(long, global = true)]
         admin: Option<String>,
+    },
+    /// Build a fine-tuning dataset from the store by hand (the gateway must be stopped).
+    Dataset {
+        #[command(subcommand)]
+        action: DatasetAction,
+    },
+    /// Distillation jobs and the model registry of a running gateway (admin API).
+    Jobs {
+        #[command(subcommand)]
+        action: JobsAction,
+        /// The admin API's address.
+        #[arg(long, global = true, default_value = "http://127.0.0.1:8081")]
+        admin: String,
     },
     /// Show or steer the routing table of a running gateway (admin API; token from FORGE_ADMIN_TOKEN).
     Routes {
@@ -121,6 +134,55 @@ enum RoutesAction {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum DatasetAction {
+    /// Stream the golden traces of a route into validated JSONL, with a manifest.
+    Export {
+        /// The route alias.
+        #[arg(long)]
+        route: String,
+        /// The data directory (`capture.data_dir`).
+        #[arg(long, default_value = "forge-data")]
+        data_dir: PathBuf,
+        /// Where the dataset folder is written.
+        #[arg(long, default_value = "forge-datasets")]
+        out: PathBuf,
+        /// Only this tenant's traces.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only traces after this trace id.
+        #[arg(long)]
+        after: Option<String>,
+        /// Scores strictly above this are golden.
+        #[arg(long, default_value_t = 90.0)]
+        golden_min_score: f64,
+        /// Lines held out for validation, percent.
+        #[arg(long, default_value_t = 10.0)]
+        validation_percent: f64,
+        /// The most of the dataset one client key may contribute.
+        #[arg(long, default_value_t = 0.5)]
+        max_key_share: f64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum JobsAction {
+    /// Every distillation job, newest first.
+    List,
+    /// One job as JSON.
+    Show {
+        /// The job id.
+        id: String,
+    },
+    /// The model registry.
+    Models,
+    /// Start a distillation cycle for a route now.
+    Start {
+        /// The alias.
+        alias: String,
+    },
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -150,6 +212,42 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve { config, .. } => serve(config).await,
         Command::Demo => forge_gateway::demo::run().await,
         Command::SimUpstream { listen, config } => sim_upstream(listen, config).await,
+        Command::Dataset {
+            action:
+                DatasetAction::Export {
+                    route,
+                    data_dir,
+                    out,
+                    tenant,
+                    after,
+                    golden_min_score,
+                    validation_percent,
+                    max_key_share,
+                },
+        } => {
+            tokio::task::spawn_blocking(move || {
+                forge_gateway::cli::dataset::run(forge_gateway::cli::dataset::Export {
+                    data_dir,
+                    out,
+                    route,
+                    tenant,
+                    after,
+                    golden_min_score,
+                    validation_percent,
+                    max_key_share,
+                })
+            })
+            .await?
+        }
+        Command::Jobs { action, admin } => {
+            let action = match action {
+                JobsAction::List => jobs::Action::List,
+                JobsAction::Show { id } => jobs::Action::Show { id },
+                JobsAction::Models => jobs::Action::Models,
+                JobsAction::Start { alias } => jobs::Action::Start { alias },
+            };
+            jobs::run(&admin, action).await.map_err(anyhow::Error::msg)
+        }
         Command::Routes { action, admin } => {
             let action = match action {
                 RoutesAction::Show => routes::Action::Show,

@@ -145,3 +145,84 @@ async fn upstream_key_comes_from_env_and_sigterm_drains_streams() {
         "still accepting after exit"
     );
 }
+
+#[test]
+fn dataset_export_builds_a_valid_dataset_with_progress() {
+    use forge_layer::reassemble::{AssistantMessage, FinalChoice, FinalResponse};
+    use forge_layer::store::{Feedback, Store};
+    use forge_layer::trace::{Outcome, Trace, TraceId};
+
+    let data = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open_dir(data.path()).unwrap();
+        for i in 0..15 {
+            let trace = Trace {
+                id: TraceId::generate(),
+                time_ms: 0,
+                tenant: None,
+                key_id: None,
+                alias: "chat".into(),
+                upstream: "sim".into(),
+                model: "teacher".into(),
+                arm: forge_router::Arm::Teacher,
+                route_version: 1,
+                stream: false,
+                request: serde_json::json!({"model": "chat", "messages": [{"role": "user", "content": format!("question {i}")}]}),
+                response: FinalResponse {
+                    choices: vec![FinalChoice {
+                        index: 0,
+                        message: AssistantMessage {
+                            content: Some(format!("answer {i}")),
+                            ..Default::default()
+                        },
+                        finish_reason: Some("stop".into()),
+                    }],
+                    complete: true,
+                    ..Default::default()
+                },
+                status: 200,
+                latency_us: 1,
+                ttfb_us: 1,
+                outcome: Outcome::Completed,
+            };
+            store
+                .insert_encoded(&[(trace.id, serde_json::to_vec(&trace).unwrap())])
+                .unwrap();
+            store
+                .add_feedback(&Feedback {
+                    trace_id: trace.id,
+                    score: Some(97.0),
+                    approved: None,
+                    comment: None,
+                    time_ms: 0,
+                })
+                .unwrap();
+        }
+    }
+    let output = Command::new(FORGE)
+        .args([
+            "dataset",
+            "export",
+            "--route",
+            "chat",
+            "--validation-percent",
+            "0",
+            "--data-dir",
+        ])
+        .arg(data.path())
+        .arg("--out")
+        .arg(out.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("done in") && stderr.contains("15 golden"),
+        "{stderr}"
+    );
+    let manifest: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(manifest["train"]["lines"], 15);
+    let train = std::fs::read(manifest["train"]["path"].as_str().unwrap()).unwrap();
+    assert_eq!(forge_gateway::sim::validate_training_jsonl(&train), Ok(15));
+}

@@ -1,4 +1,6 @@
 //! Command implementations behind the `forge` binary's subcommands (the binary only parses).
 
+pub mod dataset;
+pub mod jobs;
 pub mod routes;
 pub mod traces;

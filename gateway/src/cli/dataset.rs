@@ -1,0 +1,66 @@
+//! `forge dataset export`: build a fine-tuning dataset from the store by hand, with progress.
+
+use std::path::PathBuf;
+
+use forge_layer::dataset::{self, DatasetSpec};
+use forge_layer::grade::GoldenPolicy;
+use forge_layer::store::Store;
+use forge_layer::trace::TraceId;
+
+/// What to export.
+#[derive(Debug, Clone)]
+pub struct Export {
+    /// The data directory (`capture.data_dir`); the gateway must be stopped.
+    pub data_dir: PathBuf,
+    /// Where the dataset folder is written.
+    pub out: PathBuf,
+    /// The route alias.
+    pub route: String,
+    /// Only this tenant.
+    pub tenant: Option<String>,
+    /// Only traces after this id.
+    pub after: Option<String>,
+    /// Golden threshold.
+    pub golden_min_score: f64,
+    /// Validation split, percent.
+    pub validation_percent: f64,
+    /// The most one client key may contribute.
+    pub max_key_share: f64,
+}
+
+/// Builds the dataset and prints its manifest; progress goes to stderr.
+pub fn run(export: Export) -> anyhow::Result<()> {
+    let store = Store::open_dir(&export.data_dir)?;
+    let mut spec = DatasetSpec::new(export.route.clone());
+    spec.tenant = export.tenant;
+    spec.after = export
+        .after
+        .as_deref()
+        .map(str::parse::<TraceId>)
+        .transpose()
+        .map_err(|_| anyhow::anyhow!("--after must be a trace id"))?;
+    spec.policy = GoldenPolicy {
+        min_score: export.golden_min_score,
+    };
+    spec.validation_percent = export.validation_percent;
+    spec.max_key_share = export.max_key_share;
+    let id = format!("export_{}", TraceId::generate());
+    let started = std::time::Instant::now();
+    let manifest = dataset::build(&store, &spec, &export.out, &id, |read| {
+        let secs = started.elapsed().as_secs_f64().max(1e-9);
+        eprintln!("read {read} traces ({:.0}/s)", read as f64 / secs);
+    })?;
+    eprintln!(
+        "done in {:.1}s: {} golden of {} considered → {} train + {} validation lines ({} duplicates, {} capped, {} skipped)",
+        started.elapsed().as_secs_f64(),
+        manifest.golden,
+        manifest.considered,
+        manifest.train.lines,
+        manifest.validation.lines,
+        manifest.duplicates,
+        manifest.capped,
+        manifest.skipped.values().sum::<u64>()
+    );
+    println!("{}", serde_json::to_string_pretty(&manifest)?);
+    Ok(())
+}
