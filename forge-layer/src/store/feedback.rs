@@ -79,19 +79,7 @@ impl Store {
     /// The latest feedback for a trace.
     pub fn latest_feedback(&self, trace: TraceId) -> Result<Option<Feedback>, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
-        let table = txn.open_table(FEEDBACK).map_err(db_err)?;
-        let key = trace.as_u128();
-        match table
-            .range((key, 0)..=(key, u128::MAX))
-            .map_err(db_err)?
-            .next_back()
-        {
-            Some(entry) => {
-                let (_, v) = entry.map_err(db_err)?;
-                Ok(Some(serde_json::from_slice(v.value())?))
-            }
-            None => Ok(None),
-        }
+        latest_of(&txn.open_table(FEEDBACK).map_err(db_err)?, trace.as_u128())
     }
 
     /// Records an evaluation result.
@@ -113,18 +101,27 @@ impl Store {
     /// The latest evaluation of a trace.
     pub fn latest_evaluation(&self, trace: TraceId) -> Result<Option<Evaluation>, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
-        let table = txn.open_table(EVALUATIONS).map_err(db_err)?;
-        let key = trace.as_u128();
-        match table
-            .range((key, 0)..=(key, u128::MAX))
-            .map_err(db_err)?
-            .next_back()
-        {
-            Some(entry) => {
-                let (_, v) = entry.map_err(db_err)?;
-                Ok(Some(serde_json::from_slice(v.value())?))
-            }
-            None => Ok(None),
-        }
+        latest_of(
+            &txn.open_table(EVALUATIONS).map_err(db_err)?,
+            trace.as_u128(),
+        )
+    }
+}
+
+/// The last record keyed `(trace, *)` in a feedback-shaped table: the latest one, since the
+/// second half of the key is a time-ordered id.
+pub(super) fn latest_of<T: serde::de::DeserializeOwned>(
+    table: &impl ReadableTable<(u128, u128), &'static [u8]>,
+    trace: u128,
+) -> Result<Option<T>, StoreError> {
+    match table
+        .range((trace, 0)..=(trace, u128::MAX))
+        .map_err(db_err)?
+        .next_back()
+    {
+        Some(entry) => Ok(Some(serde_json::from_slice(
+            entry.map_err(db_err)?.1.value(),
+        )?)),
+        None => Ok(None),
     }
 }

@@ -4,6 +4,7 @@ use redb::{ReadableDatabase, ReadableTable};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::feedback::latest_of;
 use super::{EVALUATIONS, FEEDBACK, JOBS, META, MODELS, Store, StoreError, TRACES, db_err};
 use crate::store::{Evaluation, Feedback};
 use crate::trace::{Trace, TraceId};
@@ -107,26 +108,8 @@ impl Store {
         for entry in traces.range(start..).map_err(db_err)? {
             let (k, v) = entry.map_err(db_err)?;
             let key = k.value();
-            let latest_fb = match feedback
-                .range((key, 0)..=(key, u128::MAX))
-                .map_err(db_err)?
-                .next_back()
-            {
-                Some(e) => Some(serde_json::from_slice::<Feedback>(
-                    e.map_err(db_err)?.1.value(),
-                )?),
-                None => None,
-            };
-            let latest_eval = match evaluations
-                .range((key, 0)..=(key, u128::MAX))
-                .map_err(db_err)?
-                .next_back()
-            {
-                Some(e) => Some(serde_json::from_slice::<Evaluation>(
-                    e.map_err(db_err)?.1.value(),
-                )?),
-                None => None,
-            };
+            let latest_fb = latest_of::<Feedback>(&feedback, key)?;
+            let latest_eval = latest_of::<Evaluation>(&evaluations, key)?;
             if !f(serde_json::from_slice(v.value())?, latest_fb, latest_eval) {
                 break;
             }

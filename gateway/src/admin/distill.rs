@@ -7,12 +7,7 @@ use axum::response::{IntoResponse, Response};
 use forge_layer::distill::DistillError;
 use http::{StatusCode, header};
 
-use super::AdminState;
-
-fn error(status: StatusCode, code: &'static str, message: String) -> Response {
-    let body = serde_json::json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": code}});
-    (status, Json(body)).into_response()
-}
+use super::{AdminState, error};
 
 /// The answer when no route is configured for distillation.
 fn distillation_off() -> Response {

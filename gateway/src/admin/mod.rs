@@ -61,6 +61,12 @@ pub fn app(state: AdminState, token: Secret) -> Router {
         .with_state(state)
 }
 
+/// An admin error: OpenAI-shaped JSON with the status the cause calls for.
+fn error(status: http::StatusCode, code: &'static str, message: String) -> Response {
+    let body = serde_json::json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": code}});
+    (status, axum::Json(body)).into_response()
+}
+
 async fn require_token(State(token): State<Secret>, request: Request, next: Next) -> Response {
     if admin_token_matches(request.headers(), token.expose()) {
         next.run(request).await

@@ -9,14 +9,8 @@ use http::StatusCode;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use super::AdminState;
+use super::{AdminState, error};
 use crate::routes::RouteUpdateError;
-
-/// An admin error: OpenAI-shaped JSON with the status the cause calls for.
-fn error(status: StatusCode, code: &'static str, message: String) -> Response {
-    let body = serde_json::json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": code}});
-    (status, Json(body)).into_response()
-}
 
 fn update_error(e: &RouteUpdateError) -> Response {
     match e {

@@ -1,6 +1,6 @@
 //! `forge jobs list|show`: distillation jobs and the model registry, through the admin API.
 
-use crate::env::ENV_FORGE_ADMIN_TOKEN;
+use super::admin::AdminClient;
 
 /// What to show.
 #[derive(Debug, Clone)]
@@ -23,33 +23,21 @@ pub enum Action {
 
 /// Runs the command against the admin API at `base`.
 pub async fn run(base: &str, action: Action) -> Result<(), String> {
-    let token = std::env::var(ENV_FORGE_ADMIN_TOKEN)
-        .map_err(|_| format!("set {ENV_FORGE_ADMIN_TOKEN} to the gateway's admin token"))?;
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let base = base.trim_end_matches('/');
-    let http = reqwest::Client::new();
-    let request = match &action {
-        Action::List => http.get(format!("{base}/admin/jobs")),
-        Action::Show { id } => http.get(format!("{base}/admin/jobs/{id}")),
-        Action::Models => http.get(format!("{base}/admin/models")),
-        Action::Start { alias } => http.post(format!("{base}/admin/distill/{alias}")),
+    let admin = AdminClient::new(base)?;
+    let body = match &action {
+        Action::List => admin.get("/admin/jobs").await?,
+        Action::Show { id } => admin.get(&format!("/admin/jobs/{id}")).await?,
+        Action::Models => admin.get("/admin/models").await?,
+        Action::Start { alias } => {
+            admin
+                .send_json(
+                    reqwest::Method::POST,
+                    &format!("/admin/distill/{alias}"),
+                    &serde_json::json!({}),
+                )
+                .await?
+        }
     };
-    let response = request
-        .bearer_auth(token)
-        .send()
-        .await
-        .map_err(|e| format!("admin API: {e}"))?;
-    let status = response.status();
-    let body: serde_json::Value = response
-        .json()
-        .await
-        .map_err(|e| format!("admin API: {e}"))?;
-    if !status.is_success() {
-        return Err(format!(
-            "{status}: {}",
-            body["error"]["message"].as_str().unwrap_or("error")
-        ));
-    }
     if let Action::List = action {
         for job in body["data"].as_array().into_iter().flatten() {
             println!(

@@ -1,6 +1,6 @@
 //! `forge routes show|set-canary|promote|rollback`: the routing table through the admin API.
 
-use crate::env::ENV_FORGE_ADMIN_TOKEN;
+use super::admin::AdminClient;
 
 /// What to do.
 #[derive(Debug, Clone)]
@@ -34,49 +34,50 @@ pub enum Action {
 
 /// Runs the command against the admin API at `base` (e.g. `http://127.0.0.1:8081`).
 pub async fn run(base: &str, action: Action) -> Result<(), String> {
-    let token = std::env::var(ENV_FORGE_ADMIN_TOKEN)
-        .map_err(|_| format!("set {ENV_FORGE_ADMIN_TOKEN} to the gateway's admin token"))?;
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let base = base.trim_end_matches('/');
-    let http = reqwest::Client::new();
+    let admin = AdminClient::new(base)?;
     let with_model = |mut body: serde_json::Value, model: Option<String>| {
         if let Some(m) = model {
             body["model"] = m.into();
         }
         body
     };
-    let request = match action {
-        Action::Show => http.get(format!("{base}/admin/routes")),
+    let body = match action {
+        Action::Show => admin.get("/admin/routes").await?,
         Action::SetCanary {
             alias,
             percent,
             model,
-        } => http
-            .put(format!("{base}/admin/routes/{alias}/canary"))
-            .json(&with_model(serde_json::json!({"percent": percent}), model)),
-        Action::Promote { alias, model } => http
-            .post(format!("{base}/admin/routes/{alias}/promote"))
-            .json(&with_model(serde_json::json!({}), model)),
-        Action::Rollback { alias, model } => http
-            .post(format!("{base}/admin/routes/{alias}/rollback"))
-            .json(&with_model(serde_json::json!({}), model)),
+        } => {
+            let body = with_model(serde_json::json!({"percent": percent}), model);
+            admin
+                .send_json(
+                    reqwest::Method::PUT,
+                    &format!("/admin/routes/{alias}/canary"),
+                    &body,
+                )
+                .await?
+        }
+        Action::Promote { alias, model } => {
+            let body = with_model(serde_json::json!({}), model);
+            admin
+                .send_json(
+                    reqwest::Method::POST,
+                    &format!("/admin/routes/{alias}/promote"),
+                    &body,
+                )
+                .await?
+        }
+        Action::Rollback { alias, model } => {
+            let body = with_model(serde_json::json!({}), model);
+            admin
+                .send_json(
+                    reqwest::Method::POST,
+                    &format!("/admin/routes/{alias}/rollback"),
+                    &body,
+                )
+                .await?
+        }
     };
-    let response = request
-        .bearer_auth(token)
-        .send()
-        .await
-        .map_err(|e| format!("admin API: {e}"))?;
-    let status = response.status();
-    let body: serde_json::Value = response
-        .json()
-        .await
-        .map_err(|e| format!("admin API: {e}"))?;
-    if !status.is_success() {
-        return Err(format!(
-            "{status}: {}",
-            body["error"]["message"].as_str().unwrap_or("error")
-        ));
-    }
     println!(
         "{}",
         serde_json::to_string_pretty(&body).unwrap_or_default()

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use forge_layer::store::Store;
 use forge_layer::trace::{Trace, TraceId};
 
-use crate::env::ENV_FORGE_ADMIN_TOKEN;
+use super::admin::AdminClient;
 
 /// Where traces are read from.
 #[derive(Debug, Clone)]
@@ -57,7 +57,7 @@ pub async fn run(source: Source, action: Action) -> Result<(), TracesError> {
                 .await
                 .map_err(|e| TracesError::Admin(e.to_string()))?
         }
-        Source::Admin(url) => from_admin(url.trim_end_matches('/'), action).await,
+        Source::Admin(url) => from_admin(&url, action).await,
     }
 }
 
@@ -135,33 +135,10 @@ fn from_store(store: &Store, action: Action) -> Result<(), TracesError> {
 }
 
 async fn from_admin(base: &str, action: Action) -> Result<(), TracesError> {
-    let token = std::env::var(ENV_FORGE_ADMIN_TOKEN).map_err(|_| {
-        TracesError::Admin(format!(
-            "set {ENV_FORGE_ADMIN_TOKEN} to the gateway's admin token"
-        ))
-    })?;
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let http = reqwest::Client::new();
+    let admin = AdminClient::new(base).map_err(TracesError::Admin)?;
     let get = |path: String| {
-        let request = http.get(format!("{base}{path}")).bearer_auth(&token);
-        async move {
-            let resp = request
-                .send()
-                .await
-                .map_err(|e| TracesError::Admin(e.to_string()))?;
-            let status = resp.status();
-            let body: serde_json::Value = resp
-                .json()
-                .await
-                .map_err(|e| TracesError::Admin(e.to_string()))?;
-            if !status.is_success() {
-                return Err(TracesError::Admin(format!(
-                    "{status}: {}",
-                    body["error"]["message"]
-                )));
-            }
-            Ok(body)
-        }
+        let admin = &admin;
+        async move { admin.get(&path).await.map_err(TracesError::Admin) }
     };
     let mut out = std::io::stdout().lock();
     match action {
