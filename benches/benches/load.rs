@@ -5,9 +5,9 @@
 //! reversed (direct, off, async, durable; then durable … direct), so drift during a cell (a
 //! compile in the background, a growing store) falls on every target alike.
 //! `FORGE_BENCH_SECS` sets the measured seconds per target and cell, split over the two rounds
-//! (default 4, so 2 s per round, each after a 0.5 s warm-up; about 2 minutes in all). The servers,
-//! the store writers and the load generator share the machine, so absolute figures are
-//! pessimistic; the ratios are what count.
+//! (default 4, so 2 s per round, each after a 0.5 s warm-up; about 2 minutes in all). The sim,
+//! the gateways, their store writers and the load generator share one process, one tokio runtime
+//! and the machine's cores, so absolute figures are pessimistic; the ratios are what count.
 //!
 //! Without `--bench` (as `cargo test --all-targets` runs it) it is a short smoke test instead,
 //! which fails on any request error, on any dropped trace and on counts that do not add up.
@@ -122,7 +122,7 @@ struct CellResult {
 
 impl CellResult {
     fn new(cell: Cell, rounds: [Vec<Stats>; 4]) -> Self {
-        let pooled = rounds.each_ref().map(|runs| Stats::pooled(runs.iter()));
+        let pooled = rounds.each_ref().map(|runs| Stats::pooled(runs));
         Self {
             cell,
             rounds,
@@ -352,16 +352,21 @@ fn signed_pct(value: Option<f64>) -> String {
     value.map_or_else(|| "n/a".into(), |v| format!("{v:+.1}%"))
 }
 
-fn stats_line(name: &str, mode: Mode, stats: &Stats) -> String {
+/// One variant's figures in a cell, with the median of each round (their spread is the noise)
+/// and the connections opened against the one per worker per round that keep-alive allows.
+fn stats_line(name: &str, cell: Cell, stats: &Stats, rounds: &[Stats]) -> String {
+    let per_round: Vec<String> = rounds.iter().map(|r| ms(r.latency.p50())).collect();
     let mut line = format!(
-        "  {name:<7} p50 {:>8} ms  p99 {:>8} ms  {:>9.0} req/s  errors {}  conns {}",
+        "  {name:<7} p50 {:>8} ms  p99 {:>8} ms  {:>9.0} req/s  errors {}  p50 by round {}  conns {}/{}",
         ms(stats.latency.p50()),
         ms(stats.latency.p99()),
         stats.throughput(),
         stats.errors,
+        per_round.join("/"),
         stats.connections,
+        rounds.len() * cell.concurrency,
     );
-    if mode == Mode::Stream {
+    if cell.mode == Mode::Stream {
         line += &format!("  ttfb p50 {} ms", ms(stats.first_byte.p50()));
     }
     if let Some(error) = &stats.first_error {
@@ -373,10 +378,9 @@ fn stats_line(name: &str, mode: Mode, stats: &Stats) -> String {
 fn print_cell(r: &CellResult) {
     println!("{}", r.cell);
     for variant in Variant::ALL {
-        println!(
-            "{}",
-            stats_line(variant.label(), r.cell.mode, r.stats(variant))
-        );
+        let rounds = &r.rounds[variant.index()];
+        let line = stats_line(variant.label(), r.cell, r.stats(variant), rounds);
+        println!("{line}");
     }
     let ratios: Vec<String> = Variant::FORGE
         .iter()

@@ -6,10 +6,10 @@
 //! capture layer hands them over) and ends when the counters say all of them are captured, so
 //! it covers reassembly, redaction, JSON encoding and the durable redb commits, as the gateway's
 //! writer does them. Bursts: 20 000 exchanges with a 2 KB JSON response (the target:
-//! at least 50 000 traces/s), and 2 000 exchanges with a 500-frame SSE response.
+//! at least 50 000 traces/s), and 1 000 exchanges with a 500-frame SSE response.
 //!
-//! The store keeps every trace of the run (it grows by a few hundred MB), so later samples write
-//! into a bigger file, as a long-running gateway would.
+//! The store keeps every trace of the run (around a gigabyte, in a temp dir removed at the end), so
+//! later samples write into a bigger file, as a long-running gateway would.
 
 // A bench binary: a failed setup should stop it at once, with the reason.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -103,7 +103,7 @@ fn main() {
             name: "sse_500",
             is_sse: true,
             frames: sse_frames(500),
-            size: 2_000 / scale,
+            size: 1_000 / scale,
         },
     ];
 
@@ -129,12 +129,12 @@ fn main() {
     let recorder = Recorder::default();
     let mut c = Criterion::default().configure_from_args();
     let mut group = c.benchmark_group("writer");
-    // A burst takes a good fraction of a second: few samples, each of a single burst.
+    // A burst takes most of a second: few samples, each of a single burst.
     group
         .sampling_mode(SamplingMode::Flat)
         .sample_size(10)
         .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(5));
+        .measurement_time(Duration::from_secs(8));
     for burst in &bursts {
         group.throughput(Throughput::Elements(burst.size));
         group.bench_function(burst.name, |b| {

@@ -1,4 +1,4 @@
-//! Bench support: a closed-loop HTTP load generator with latency percentiles, and the criterion benches' fixtures.
+//! Bench support: a closed-loop HTTP load generator, and the criterion benches' fixtures and timings.
 //!
 //! Each worker owns one keep-alive HTTP/1.1 connection and sends chat completions back-to-back,
 //! so the offered load is exactly `concurrency` requests in flight. [`run`] loads one target
@@ -240,15 +240,15 @@ pub struct Stats {
 impl Stats {
     /// Several runs of one target and cell as one: samples, errors, connections and windows
     /// added up, so throughput is over the total window.
-    pub fn pooled<'a>(runs: impl IntoIterator<Item = &'a Stats> + Clone) -> Stats {
+    pub fn pooled(runs: &[Stats]) -> Stats {
         Stats {
-            latency: Distribution::pooled(runs.clone().into_iter().map(|s| &s.latency)),
-            first_byte: Distribution::pooled(runs.clone().into_iter().map(|s| &s.first_byte)),
-            errors: runs.clone().into_iter().map(|s| s.errors).sum(),
-            first_error: runs.clone().into_iter().find_map(|s| s.first_error.clone()),
-            connections: runs.clone().into_iter().map(|s| s.connections).sum(),
-            window: runs.clone().into_iter().map(|s| s.window).sum(),
-            requests: runs.into_iter().map(|s| s.requests).sum(),
+            latency: Distribution::pooled(runs.iter().map(|s| &s.latency)),
+            first_byte: Distribution::pooled(runs.iter().map(|s| &s.first_byte)),
+            errors: runs.iter().map(|s| s.errors).sum(),
+            first_error: runs.iter().find_map(|s| s.first_error.clone()),
+            connections: runs.iter().map(|s| s.connections).sum(),
+            window: runs.iter().map(|s| s.window).sum(),
+            requests: runs.iter().map(|s| s.requests).sum(),
         }
     }
 
@@ -555,7 +555,7 @@ mod tests {
         let mut second = stats(&[2, 4, 5, 6], 2000);
         second.first_error = Some("second".into());
         second.connections = 4;
-        let pooled = Stats::pooled([&first, &second]);
+        let pooled = Stats::pooled(&[first, second]);
         assert_eq!(pooled.latency, ms([1, 2, 3, 4, 5, 6]));
         assert_eq!(pooled.window, Duration::from_millis(3000));
         assert_eq!(pooled.throughput(), 2.0);

@@ -379,7 +379,9 @@ async fn openai_job_creation_waits_out_a_short_429_without_reuploading() {
     async fn list() -> Json<Value> {
         Json(json!({"object": "list", "data": [], "has_more": false}))
     }
-    async fn upload(State(counts): State<Counts>) -> Json<Value> {
+    // The body is read whole, as a real server does: answering before the upload is sent makes
+    // the client's write fail with a broken pipe.
+    async fn upload(State(counts): State<Counts>, _file: axum::body::Bytes) -> Json<Value> {
         counts.uploads.fetch_add(1, Ordering::SeqCst);
         Json(json!({"id": "file-1", "object": "file", "status": "processed"}))
     }

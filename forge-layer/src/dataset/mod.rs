@@ -169,6 +169,10 @@ impl HashedFile {
 
 /// The per-key contribution limit, from a first pass over the candidates.
 fn key_caps(store: &Store, spec: &DatasetSpec) -> Result<Option<u64>, StoreError> {
+    if spec.max_key_share >= 1.0 {
+        // No cap: skip the counting pass.
+        return Ok(None);
+    }
     let mut per_key: BTreeMap<Option<String>, u64> = BTreeMap::new();
     let mut total = 0u64;
     store.for_each_graded_trace(spec.after, |trace, fb, ev| {
