@@ -1,5 +1,6 @@
 //! Rebuilds the final assistant message of an exchange, from a chat SSE stream or a JSON body.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -179,20 +180,21 @@ impl StreamReassembler {
                 *done = true;
                 return;
             }
-            let Ok(chunk) = serde_json::from_str::<Value>(data) else {
+            // A borrowed view of the chunk: only the fields that matter, no tree of values.
+            let Ok(chunk) = serde_json::from_str::<ChunkView<'_>>(data) else {
                 return;
             };
-            if let Some(e) = chunk.get("error").filter(|e| !e.is_null()) {
-                *error = Some(e.clone());
+            if let Some(e) = chunk.error.filter(|e| !e.is_null()) {
+                *error = Some(e);
             }
             if model.is_none() {
-                *model = chunk["model"].as_str().map(str::to_string);
+                *model = chunk.model.map(Cow::into_owned);
             }
-            if let Some(u) = chunk.get("usage").filter(|u| u.is_object()) {
-                *usage = Some(u.clone());
+            if let Some(u) = chunk.usage.filter(Value::is_object) {
+                *usage = Some(u);
             }
-            for choice in chunk["choices"].as_array().into_iter().flatten() {
-                apply_delta(choices.entry(index_of(choice)).or_default(), choice);
+            for choice in chunk.choices.into_iter().flatten() {
+                apply_delta(choices.entry(choice.index).or_default(), choice);
             }
         });
     }
@@ -242,36 +244,89 @@ impl StreamReassembler {
     }
 }
 
-fn apply_delta(acc: &mut ChoiceAcc, choice: &Value) {
-    let delta = &choice["delta"];
-    if let Some(text) = delta["content"].as_str() {
-        acc.content.get_or_insert_with(String::new).push_str(text);
-    }
-    if let Some(text) = delta["refusal"].as_str() {
-        acc.refusal.get_or_insert_with(String::new).push_str(text);
-    }
-    for frag in delta["tool_calls"].as_array().into_iter().flatten() {
-        let tool = acc.tool_calls.entry(index_of(frag)).or_default();
-        // id, type and name come with the first fragment of an index; later ones add arguments.
-        if let Some(id) = frag["id"].as_str().filter(|_| tool.id.is_empty()) {
-            tool.id = id.to_string();
+fn apply_delta(acc: &mut ChoiceAcc, choice: ChoiceView<'_>) {
+    if let Some(delta) = choice.delta {
+        if let Some(text) = delta.content {
+            acc.content.get_or_insert_with(String::new).push_str(&text);
         }
-        if let Some(kind) = frag["type"].as_str().filter(|_| tool.kind.is_empty()) {
-            tool.kind = kind.to_string();
+        if let Some(text) = delta.refusal {
+            acc.refusal.get_or_insert_with(String::new).push_str(&text);
         }
-        if let Some(name) = frag["function"]["name"]
-            .as_str()
-            .filter(|_| tool.name.is_empty())
-        {
-            tool.name = name.to_string();
-        }
-        if let Some(args) = frag["function"]["arguments"].as_str() {
-            tool.arguments.push_str(args);
+        for frag in delta.tool_calls.into_iter().flatten() {
+            let tool = acc.tool_calls.entry(frag.index).or_default();
+            // id, type and name come with the first fragment of an index; later ones add arguments.
+            if let Some(id) = frag.id.filter(|_| tool.id.is_empty()) {
+                tool.id = id.into_owned();
+            }
+            if let Some(kind) = frag.kind.filter(|_| tool.kind.is_empty()) {
+                tool.kind = kind.into_owned();
+            }
+            if let Some(function) = frag.function {
+                if let Some(name) = function.name.filter(|_| tool.name.is_empty()) {
+                    tool.name = name.into_owned();
+                }
+                if let Some(args) = function.arguments {
+                    tool.arguments.push_str(&args);
+                }
+            }
         }
     }
-    if let Some(reason) = choice["finish_reason"].as_str() {
-        acc.finish_reason = Some(reason.to_string());
+    if let Some(reason) = choice.finish_reason {
+        acc.finish_reason = Some(reason.into_owned());
     }
+}
+
+/// One `chat.completion.chunk`, borrowing its strings from the event where it can.
+#[derive(Deserialize)]
+struct ChunkView<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    choices: Option<Vec<ChoiceView<'a>>>,
+    #[serde(default)]
+    usage: Option<Value>,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct ChoiceView<'a> {
+    #[serde(default)]
+    index: u32,
+    #[serde(borrow, default)]
+    delta: Option<DeltaView<'a>>,
+    #[serde(borrow, default)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct DeltaView<'a> {
+    #[serde(borrow, default)]
+    content: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    refusal: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    tool_calls: Option<Vec<ToolDeltaView<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct ToolDeltaView<'a> {
+    #[serde(default)]
+    index: u32,
+    #[serde(borrow, default)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow, default, rename = "type")]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    function: Option<FunctionView<'a>>,
+}
+
+#[derive(Deserialize)]
+struct FunctionView<'a> {
+    #[serde(borrow, default)]
+    name: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    arguments: Option<Cow<'a, str>>,
 }
 
 #[cfg(test)]

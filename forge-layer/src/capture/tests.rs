@@ -215,10 +215,8 @@ async fn full_queue_drops_and_counts_while_the_body_flows() {
     }
     let during = writer.counters();
     assert_eq!(during.eligible, 20);
-    assert!(
-        during.dropped >= 18,
-        "at most the queue and one batch fit: {during:?}"
-    );
+    // At most the queue (1), a batch being encoded and a batch committing hold traces.
+    assert!(during.dropped >= 17, "at most three traces fit: {during:?}");
     let counters = writer.counters_handle();
     drop(stall);
     drop(writer);

@@ -63,6 +63,31 @@ impl Store {
         })
     }
 
+    /// Records many pieces of feedback in one transaction (imports, backfills): all or none.
+    /// Each must name an existing trace.
+    pub fn add_feedback_batch(&self, items: &[Feedback]) -> Result<(), StoreError> {
+        let encoded = items
+            .iter()
+            .map(|f| serde_json::to_vec(f).map(|b| (f.trace_id, b)))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.write(|txn| {
+            let traces = txn.open_table(TRACES).map_err(db_err)?;
+            let mut table = txn.open_table(FEEDBACK).map_err(db_err)?;
+            for (trace, bytes) in &encoded {
+                if traces.get(trace.as_u128()).map_err(db_err)?.is_none() {
+                    return Err(StoreError::NoSuchTrace(*trace));
+                }
+                table
+                    .insert(
+                        (trace.as_u128(), TraceId::generate().as_u128()),
+                        bytes.as_slice(),
+                    )
+                    .map_err(db_err)?;
+            }
+            Ok(())
+        })
+    }
+
     /// All feedback for a trace, oldest first.
     pub fn feedback(&self, trace: TraceId) -> Result<Vec<Feedback>, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;

@@ -181,3 +181,29 @@ async fn dropped_durable_wait_counts_as_dropped() {
     assert_eq!(c.captured + c.dropped + c.failed, 3, "{c:?}");
     assert_eq!(store.trace_count().unwrap(), c.captured);
 }
+
+#[tokio::test]
+async fn feedback_batches_are_all_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_dir(dir.path()).unwrap();
+    let t = pending("batch");
+    let id = t.id();
+    write_all(&store, WriterConfig::default(), vec![t]).await;
+    let fb = |trace_id| Feedback {
+        trace_id,
+        score: Some(99.0),
+        approved: None,
+        comment: None,
+        time_ms: 0,
+    };
+    let missing = crate::trace::TraceId::generate();
+    assert!(
+        matches!(store.add_feedback_batch(&[fb(id), fb(missing)]), Err(StoreError::NoSuchTrace(m)) if m == missing)
+    );
+    assert!(
+        store.feedback(id).unwrap().is_empty(),
+        "nothing of a refused batch is kept"
+    );
+    store.add_feedback_batch(&[fb(id), fb(id)]).unwrap();
+    assert_eq!(store.feedback(id).unwrap().len(), 2);
+}

@@ -226,6 +226,7 @@ async fn run(
     counters: Arc<CaptureCounters>,
 ) {
     let config = Arc::new(config);
+    let mut committing: Option<tokio::task::JoinHandle<()>> = None;
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         let deadline = tokio::time::Instant::now() + config.flush_interval;
@@ -239,24 +240,49 @@ async fn run(
                 },
             }
         }
-        let store = store.clone();
-        let config = Arc::clone(&config);
-        let counters = Arc::clone(&counters);
-        // redb is synchronous: encode and commit off the async workers.
-        let written =
-            tokio::task::spawn_blocking(move || write_batch(&store, &config, &counters, batch))
-                .await;
-        if let Err(e) = written {
-            tracing::error!(error = %e, "trace batch task failed");
+        // redb is synchronous: encode and commit run on the blocking pool. The next batch is
+        // encoded while the previous one commits; commits stay one at a time, in order.
+        let (cfg, ctr) = (Arc::clone(&config), Arc::clone(&counters));
+        let encoded =
+            match tokio::task::spawn_blocking(move || encode_batch(&cfg, &ctr, batch)).await {
+                Ok(encoded) => encoded,
+                Err(e) => {
+                    tracing::error!(error = %e, "trace encode task failed");
+                    continue;
+                }
+            };
+        if let Some(previous) = committing.take() {
+            finish_commit(previous).await;
         }
+        let (store, ctr) = (store.clone(), Arc::clone(&counters));
+        committing = Some(tokio::task::spawn_blocking(move || {
+            commit_batch(&store, &ctr, encoded)
+        }));
+    }
+    if let Some(previous) = committing.take() {
+        finish_commit(previous).await;
     }
     tracing::debug!("trace writer stopped: queue closed and drained");
 }
 
-fn write_batch(store: &Store, config: &WriterConfig, counters: &CaptureCounters, batch: Vec<Job>) {
-    let mut acks = Vec::new();
-    let mut encoded: Vec<(TraceId, Vec<u8>)> = Vec::with_capacity(batch.len());
-    let mut unencodable = 0u64;
+async fn finish_commit(commit: tokio::task::JoinHandle<()>) {
+    if let Err(e) = commit.await {
+        tracing::error!(error = %e, "trace commit task failed");
+    }
+}
+
+/// A batch ready to commit: encoded traces, and the acknowledgements waiting on them.
+struct Encoded {
+    traces: Vec<(TraceId, Vec<u8>)>,
+    acks: Vec<oneshot::Sender<bool>>,
+}
+
+/// Reassembles, redacts and serialises each trace. One that cannot be encoded is counted failed.
+fn encode_batch(config: &WriterConfig, counters: &CaptureCounters, batch: Vec<Job>) -> Encoded {
+    let mut out = Encoded {
+        traces: Vec::with_capacity(batch.len()),
+        acks: Vec::new(),
+    };
     for job in batch {
         let id = job.trace.id();
         let trace = job
@@ -264,11 +290,11 @@ fn write_batch(store: &Store, config: &WriterConfig, counters: &CaptureCounters,
             .into_trace(&config.redactor, config.max_event_bytes);
         match serde_json::to_vec(&trace) {
             Ok(bytes) => {
-                encoded.push((id, bytes));
-                acks.extend(job.ack);
+                out.traces.push((id, bytes));
+                out.acks.extend(job.ack);
             }
             Err(e) => {
-                unencodable += 1;
+                counters.failed.fetch_add(1, Ordering::AcqRel);
                 tracing::error!(trace_id = %id, error = %e, "trace could not be encoded");
                 if let Some(ack) = job.ack {
                     let _ = ack.send(false);
@@ -276,15 +302,19 @@ fn write_batch(store: &Store, config: &WriterConfig, counters: &CaptureCounters,
             }
         }
     }
-    counters.failed.fetch_add(unencodable, Ordering::AcqRel);
-    let n = encoded.len() as u64;
-    let ok = commit_with_retry(store, &encoded).is_ok();
+    out
+}
+
+/// Commits one batch in one transaction and settles its counters and acknowledgements.
+fn commit_batch(store: &Store, counters: &CaptureCounters, batch: Encoded) {
+    let n = batch.traces.len() as u64;
+    let ok = commit_with_retry(store, &batch.traces).is_ok();
     if ok {
         counters.captured.fetch_add(n, Ordering::AcqRel);
     } else {
         counters.failed.fetch_add(n, Ordering::AcqRel);
     }
-    for ack in acks {
+    for ack in batch.acks {
         let _ = ack.send(ok);
     }
 }
