@@ -12,6 +12,10 @@
 //! Without `--bench` (as `cargo test --all-targets` runs it) it is a short smoke test instead,
 //! which fails on any request error, on any dropped trace and on counts that do not add up.
 
+// The same allocator as the `forge` binary, so the gateway measured here is the one that ships.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::error::Error;
 use std::process::ExitCode;
 use std::time::Duration;

@@ -71,6 +71,7 @@ struct RawCapture {
     max_response_bytes: usize,
     max_event_bytes: usize,
     redact_pii: Vec<String>,
+    cache_mb: usize,
 }
 
 impl Default for RawCapture {
@@ -86,6 +87,7 @@ impl Default for RawCapture {
             max_response_bytes: 4 * 1024 * 1024,
             max_event_bytes: writer.max_event_bytes,
             redact_pii: Kind::PII.iter().map(|k| k.name().to_string()).collect(),
+            cache_mb: forge_layer::store::DEFAULT_CACHE_BYTES / (1024 * 1024),
         }
     }
 }
@@ -403,6 +405,8 @@ pub struct CaptureConfig {
     pub writer: WriterConfig,
     /// Response bytes kept per exchange; past that the trace is marked truncated.
     pub max_response_bytes: usize,
+    /// redb's page cache, in bytes.
+    pub cache_bytes: usize,
 }
 
 /// `[[clients]]`: one app key.
@@ -638,6 +642,7 @@ fn validate_capture(raw: RawCapture) -> Result<Option<CaptureConfig>, ConfigErro
         ("batch_max", raw.batch_max),
         ("max_response_bytes", raw.max_response_bytes),
         ("max_event_bytes", raw.max_event_bytes),
+        ("cache_mb", raw.cache_mb),
     ] {
         if value == 0 {
             return Err(invalid(format!("capture.{key} must be at least 1")));
@@ -657,6 +662,7 @@ fn validate_capture(raw: RawCapture) -> Result<Option<CaptureConfig>, ConfigErro
     Ok(Some(CaptureConfig {
         data_dir: raw.data_dir,
         max_response_bytes: raw.max_response_bytes,
+        cache_bytes: raw.cache_mb.saturating_mul(1024 * 1024),
         writer: WriterConfig {
             mode: raw.mode,
             queue_capacity: raw.queue_capacity,

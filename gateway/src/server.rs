@@ -200,7 +200,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     let mut metrics = Metrics::default();
     let (store, writer, writer_task, counters) = match &config.capture {
         Some(capture) => {
-            let store = Store::open_dir(&capture.data_dir)?;
+            let store = Store::open_dir_with_cache(&capture.data_dir, capture.cache_bytes)?;
             let (writer, task) = TraceWriter::start(store.clone(), capture.writer.clone());
             let counters = writer.counters_handle();
             metrics.register_capture(Arc::clone(&counters));
@@ -265,7 +265,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         max_body_bytes: config.server.max_body_bytes,
         metrics: Arc::new(metrics),
         exchange: CaptureLayer::new(sink, max_response_bytes).layer(UpstreamCall),
-        capture_enabled: store.is_some() || guard.is_some(),
+        capture_enabled: store.is_some(),
         store: store.clone(),
         keys: ClientKeys::new(&config.clients),
         guard: guard.clone(),

@@ -20,7 +20,11 @@ pub struct Upstream {
     auth: Option<HeaderValue>,
     client: reqwest::Client,
     timeouts: Timeouts,
+    chat_url: reqwest::Url,
 }
+
+/// The chat completions path under an upstream's base URL.
+pub const CHAT_PATH: &str = "/chat/completions";
 
 /// A request that could not be built or configured at start-up.
 #[derive(Debug, thiserror::Error)]
@@ -60,9 +64,13 @@ impl Upstream {
             .user_agent(concat!("forge/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| setup_err(format!("cannot build the HTTP client: {e}")))?;
+        let base_url = base_url.trim_end_matches('/').to_string();
+        let chat_url = reqwest::Url::parse(&format!("{base_url}{CHAT_PATH}"))
+            .map_err(|e| setup_err(format!("base_url is not a URL: {e}")))?;
         Ok(Self {
+            chat_url,
             name: name.to_string(),
-            base_url: base_url.trim_end_matches('/').to_string(),
+            base_url,
             auth,
             client,
             timeouts,
@@ -94,8 +102,14 @@ impl Upstream {
         if let Some(auth) = &self.auth {
             headers.insert(header::AUTHORIZATION, auth.clone());
         }
-        let url = format!("{}{}", self.base_url, path);
-        let request = self.client.request(method, url).headers(headers).body(body);
+        let request = if path == CHAT_PATH {
+            // The hot path: the chat URL was parsed once, at start.
+            self.client.request(method, self.chat_url.clone())
+        } else {
+            self.client
+                .request(method, format!("{}{}", self.base_url, path))
+        };
+        let request = request.headers(headers).body(body);
         let first_byte = self.timeouts.first_byte;
         let response = match tokio::time::timeout(first_byte, request.send()).await {
             Err(_) => return Err(Error::UpstreamTimeout(millis(first_byte))),

@@ -41,6 +41,10 @@ const MODELS: TableDefinition<&str, &[u8]> = TableDefinition::new("models");
 /// Small named values: cursors and the like.
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
+/// redb's page cache unless configured (`capture.cache_mb`): enough for the writer's working
+/// set; scans of a large file stay within it.
+pub const DEFAULT_CACHE_BYTES: usize = 128 * 1024 * 1024;
+
 /// The file name inside `capture.data_dir`.
 pub const STORE_FILE: &str = "forge.redb";
 
@@ -82,21 +86,30 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (or creates) `DIR/forge.redb`, creating `DIR` if needed.
+    /// Opens (or creates) `DIR/forge.redb`, creating `DIR` if needed, with the default cache.
     pub fn open_dir(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_dir_with_cache(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Like [`Store::open_dir`], with redb's page cache capped at `cache_bytes`. The cache bounds
+    /// the memory a full scan (an export, a dataset) takes, however large the file.
+    pub fn open_dir_with_cache(dir: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
             path: dir.to_path_buf(),
             source,
         })?;
-        Self::open(&dir.join(STORE_FILE))
+        Self::open(&dir.join(STORE_FILE), cache_bytes)
     }
 
     /// Opens (or creates) the store file at `path`.
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(path.to_path_buf()),
-            other => db_err(other),
-        })?;
+    pub fn open(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(path.to_path_buf()),
+                other => db_err(other),
+            })?;
         let store = Self {
             db: Arc::new(db),
             path: path.to_path_buf(),

@@ -34,6 +34,9 @@ pin_project! {
         #[pin]
         idle_timer: Sleep,
         idle: Duration,
+        // When the last frame arrived. The timer is moved only when it fires, not at every
+        // frame: a long stream costs a clock read per chunk, not a timer-wheel update.
+        last_frame: Instant,
         is_sse: bool,
         done: bool,
     }
@@ -46,6 +49,7 @@ impl UpstreamBody {
             inner,
             idle_timer: tokio::time::sleep(idle),
             idle,
+            last_frame: Instant::now(),
             is_sse,
             done: false,
         }
@@ -72,20 +76,26 @@ impl Body for UpstreamBody {
         if *this.done {
             return Poll::Ready(None);
         }
-        let failure = match this.inner.as_mut().poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                let deadline = Instant::now() + *this.idle;
-                this.idle_timer.as_mut().reset(deadline);
-                return Poll::Ready(Some(Ok(frame)));
-            }
-            Poll::Ready(None) => {
-                *this.done = true;
-                return Poll::Ready(None);
-            }
-            Poll::Ready(Some(Err(e))) => UpstreamBodyError::Upstream(e),
-            Poll::Pending => {
-                ready!(this.idle_timer.as_mut().poll(cx));
-                UpstreamBodyError::Idle(*this.idle)
+        let failure = loop {
+            match this.inner.as_mut().poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    *this.last_frame = Instant::now();
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                Poll::Ready(None) => {
+                    *this.done = true;
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(Some(Err(e))) => break UpstreamBodyError::Upstream(e),
+                Poll::Pending => {
+                    ready!(this.idle_timer.as_mut().poll(cx));
+                    let due = *this.last_frame + *this.idle;
+                    if Instant::now() >= due {
+                        break UpstreamBodyError::Idle(*this.idle);
+                    }
+                    // Frames came since the timer was set: wait out the rest from the last one.
+                    this.idle_timer.as_mut().reset(due);
+                }
             }
         };
         *this.done = true;

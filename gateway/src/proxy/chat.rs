@@ -72,7 +72,9 @@ async fn forward(
         upstream: upstream.clone(),
         stream: request.is_stream(),
     });
-    if state.capture_enabled {
+    // The guard judges canaries from capture sessions, so a canary route gets one even with
+    // capture off; a route without students does not pay for it.
+    if state.capture_enabled || (state.guard.is_some() && !route.students.is_empty()) {
         exchange.extensions_mut().insert(ExchangeMeta {
             tenant: caller.tenant,
             key_id: caller.key_id,

@@ -15,7 +15,7 @@ use forge_layer::store::TraceWriter;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, header};
 use tower::Service;
 
-use crate::upstream::{Upstream, full_body};
+use crate::upstream::{CHAT_PATH, Upstream, full_body};
 
 /// Where a routed request goes; set by the chat handler as a request extension.
 #[derive(Debug, Clone)]
@@ -61,7 +61,7 @@ impl Service<Request<Bytes>> for UpstreamCall {
             Ok(
                 match routed
                     .upstream
-                    .send(Method::POST, "/chat/completions", headers, body)
+                    .send(Method::POST, CHAT_PATH, headers, body)
                     .await
                 {
                     Ok(response) => response.map(Body::new),

@@ -41,7 +41,8 @@ pub struct ProxyState {
     pub metrics: Arc<Metrics>,
     /// The upstream call, wrapped by the capture layer.
     pub exchange: exchange::Exchange,
-    /// Whether chat exchanges go through a capture session (for the store, the guard, or both).
+    /// Whether chat exchanges are captured into the store. Without it, only exchanges on a route
+    /// with a student in canary get a capture session, for the guard.
     pub capture_enabled: bool,
     /// The canary guard, fed by feedback too.
     pub guard: Option<Arc<forge_layer::guard::Guard>>,
@@ -52,21 +53,21 @@ pub struct ProxyState {
 }
 
 /// The proxy's routes. The in-flight cap covers the `/v1` endpoints, not health or metrics,
-/// so an overloaded gateway can still be observed. Client keys are checked before the cap,
-/// so unauthenticated traffic cannot take the slots.
+/// so an overloaded gateway can still be observed.
 pub fn app(state: ProxyState, max_in_flight: usize) -> Router {
     let cap = InFlight::new(max_in_flight, Arc::clone(&state.metrics));
-    let v1 = Router::new()
+    let keys = state.keys.clone();
+    let mut v1 = Router::new()
         .route("/v1/chat/completions", post(chat::completions))
         .route("/v1/feedback", post(feedback::submit))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{model}", get(get_model))
         .route("/v1/{*rest}", any(passthrough::forward))
-        .route_layer(middleware::from_fn_with_state(cap, limit::limit_in_flight))
-        .route_layer(middleware::from_fn_with_state(
-            state.keys.clone(),
-            auth::authenticate,
-        ));
+        .route_layer(middleware::from_fn_with_state(cap, limit::limit_in_flight));
+    if keys.enabled() {
+        // Checked before the cap, so unauthenticated traffic cannot take the slots.
+        v1 = v1.route_layer(middleware::from_fn_with_state(keys, auth::authenticate));
+    }
     Router::new()
         .merge(v1)
         .route(
