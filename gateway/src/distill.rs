@@ -1,8 +1,6 @@
 //! The gateway's side of distillation: the upstream chat client and the route deployer the
 //! distiller uses, so forge-layer never talks HTTP to Forge's own parts.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use forge_layer::distill::{BoxFuture, ChatClient, Deployer};
 use forge_layer::reassemble::FinalResponse;
@@ -137,6 +135,3 @@ impl Deployer for RouteDeployer {
         })
     }
 }
-
-/// Shared handle type.
-pub type Service = Arc<forge_layer::distill::DistillationService>;

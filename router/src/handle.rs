@@ -84,11 +84,6 @@ impl Router {
         self.current.store(Arc::clone(&next));
         Ok(next)
     }
-
-    /// Whether an upstream name is known (for callers that build targets).
-    pub fn knows_upstream(&self, name: &str) -> bool {
-        self.known_upstreams.contains(name)
-    }
 }
 
 #[cfg(test)]
