@@ -475,3 +475,26 @@ async fn the_evaluation_gate_keeps_a_bad_student_out_of_traffic() {
     );
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_schedule_starts_a_job_once_there_is_enough_data() {
+    let sim = start_sim(sim_config()).await;
+    // Every second, and a threshold that is never reached: only the schedule can start a job.
+    let text = config(&sim, "", "")
+        .replace("schedule = \"\"", "schedule = \"* * * * * *\"")
+        .replace("trigger_threshold = 20", "trigger_threshold = 100000");
+    let gw = start_gateway_with(&text, admin).await;
+    traffic(&gw, 5, "too-few", None).await;
+    // Several scheduled ticks pass with 5 golden traces (min_examples is 12): no job.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let jobs: Value = admin_get(&gw, "/admin/jobs").await.json().await.unwrap();
+    assert_eq!(
+        jobs["data"],
+        json!([]),
+        "a quiet route does not fail a job on schedule"
+    );
+    traffic(&gw, 12, "enough", None).await;
+    let job = wait_for_job(&gw, "COMPLETED").await;
+    assert_eq!(job["trigger"], "schedule");
+    gw.shutdown().await;
+}

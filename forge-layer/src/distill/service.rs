@@ -367,23 +367,30 @@ impl DistillationService {
                 .schedule
                 .as_ref()
                 .is_some_and(|s| s.after(&since).next().is_some_and(|t| t <= now));
-            let trigger = if due {
-                Some("schedule")
-            } else {
-                let (this, name) = (Arc::clone(self), alias.clone());
-                let count = tokio::task::spawn_blocking(move || this.golden_since_cut(&name)).await;
-                match count {
-                    Ok(Ok(n)) if n >= route.trigger_threshold => Some("threshold"),
-                    Ok(Ok(_)) => None,
-                    Err(e) => {
-                        tracing::error!(error = %e, route = %alias, "golden count task failed");
-                        None
-                    }
+            let (this, name) = (Arc::clone(self), alias.clone());
+            let golden =
+                match tokio::task::spawn_blocking(move || this.golden_since_cut(&name)).await {
+                    Ok(Ok(n)) => n,
                     Ok(Err(e)) => {
                         tracing::error!(error = %e, route = %alias, "cannot count golden traces");
-                        None
+                        continue;
                     }
+                    Err(e) => {
+                        tracing::error!(error = %e, route = %alias, "golden count task failed");
+                        continue;
+                    }
+                };
+            // The threshold starts a job; the schedule does too, but only with enough data for
+            // one, so a quiet route does not fail a job every night.
+            let trigger = if golden >= route.trigger_threshold {
+                Some("threshold")
+            } else if due && golden >= route.min_examples {
+                Some("schedule")
+            } else {
+                if due {
+                    tracing::info!(route = %alias, golden, min_examples = route.min_examples, "scheduled distillation skipped: not enough golden traces");
                 }
+                None
             };
             if let Some(trigger) = trigger
                 && let Err(e) = self.trigger(alias, trigger)
