@@ -7,7 +7,7 @@ use forge_layer::guard::Guard;
 use forge_layer::store::{RouteChange, Store, StoreError};
 use forge_router::{CanaryShare, Route, RouteError, RouteSpec, Router, RoutingTable};
 
-use crate::proxy::feedback::now_ms;
+use forge_layer::trace::now_ms;
 
 /// Why a routing change was refused. The table in force is unchanged in every case.
 #[derive(Debug, thiserror::Error)]

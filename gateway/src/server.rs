@@ -360,7 +360,7 @@ fn load_routes(
         let table = router.load();
         store.save_routes(&RouteChange {
             version,
-            time_ms: crate::proxy::feedback::now_ms(),
+            time_ms: forge_layer::trace::now_ms(),
             actor: "config".into(),
             action: "routes from the config file".into(),
             alias: None,
@@ -476,7 +476,7 @@ async fn run_guard(
             _ = stop.changed() => return,
         }
         let table = control.router().load();
-        for action in guard.check(&table, crate::proxy::feedback::now_ms()) {
+        for action in guard.check(&table, forge_layer::trace::now_ms()) {
             let kind = format!("{:?}", action.kind).to_lowercase();
             if let Err(e) = control
                 .set_share(

@@ -9,10 +9,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::evaluate::{ChatClient, judge_messages, parse_score, question_of};
-use super::service::{JudgeModel, now_ms};
+use super::service::JudgeModel;
 use crate::grade::GoldenPolicy;
 use crate::store::{Evaluation, Store};
-use crate::trace::{Trace, TraceId};
+use crate::trace::{Trace, TraceId, now_ms};
 
 /// The judge grader's settings.
 #[derive(Debug, Clone)]

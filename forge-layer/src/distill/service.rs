@@ -19,7 +19,7 @@ use super::{
 use crate::dataset::{self, DatasetSpec, Manifest};
 use crate::grade::GoldenPolicy;
 use crate::store::{Store, StoreError};
-use crate::trace::TraceId;
+use crate::trace::{TraceId, now_ms};
 
 /// Puts a trained model into a route's traffic (the gateway's routing control).
 pub trait Deployer: Send + Sync + std::fmt::Debug {
@@ -123,12 +123,6 @@ pub struct DistillationService {
     active: Mutex<HashSet<String>>,
     queue: mpsc::UnboundedSender<DistillationJob>,
     queued: Mutex<Option<mpsc::UnboundedReceiver<DistillationJob>>>,
-}
-
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl DistillationService {

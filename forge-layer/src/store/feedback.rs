@@ -40,27 +40,7 @@ pub struct Evaluation {
 impl Store {
     /// Records feedback for an existing trace, in the same transaction that checks it exists.
     pub fn add_feedback(&self, feedback: &Feedback) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(feedback)?;
-        let trace = feedback.trace_id;
-        self.write(|txn| {
-            if txn
-                .open_table(TRACES)
-                .map_err(db_err)?
-                .get(trace.as_u128())
-                .map_err(db_err)?
-                .is_none()
-            {
-                return Err(StoreError::NoSuchTrace(trace));
-            }
-            let mut table = txn.open_table(FEEDBACK).map_err(db_err)?;
-            table
-                .insert(
-                    (trace.as_u128(), TraceId::generate().as_u128()),
-                    bytes.as_slice(),
-                )
-                .map_err(db_err)?;
-            Ok(())
-        })
+        self.add_feedback_batch(std::slice::from_ref(feedback))
     }
 
     /// Records many pieces of feedback in one transaction (imports, backfills): all or none.

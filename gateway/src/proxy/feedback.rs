@@ -6,7 +6,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use forge_layer::store::{Feedback, Store, StoreError};
-use forge_layer::trace::{Trace, TraceId};
+use forge_layer::trace::{Trace, TraceId, now_ms};
 use http::StatusCode;
 use serde::Deserialize;
 
@@ -126,11 +126,4 @@ fn save(store: &Store, caller: &Caller, feedback: &Feedback) -> Result<Trace, St
     }
     store.add_feedback(feedback)?;
     Ok(trace)
-}
-
-/// Unix milliseconds now.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
