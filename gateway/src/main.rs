@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use forge_gateway::cli::{jobs, routes, traces};
+use forge_gateway::cli::{dataset, jobs, routes, traces};
 use forge_gateway::config::Config;
 use forge_gateway::env::{ENV_FORGE_CONFIG, ENV_FORGE_LOG};
 use forge_gateway::sim::{SimConfig, SimUpstream};
@@ -43,7 +43,7 @@ enum Command {
     /// Read captured traces: from the data directory, or a running gateway's admin API.
     Traces {
         #[command(subcommand)]
-        action: TracesAction,
+        action: traces::Action,
         /// The data directory (`capture.data_dir`). The gateway must be stopped to read it.
         #[arg(
             long,
@@ -64,7 +64,7 @@ enum Command {
     /// Distillation jobs and the model registry of a running gateway (admin API).
     Jobs {
         #[command(subcommand)]
-        action: JobsAction,
+        action: jobs::Action,
         /// The admin API's address.
         #[arg(long, global = true, default_value = "http://127.0.0.1:8081")]
         admin: String,
@@ -72,7 +72,7 @@ enum Command {
     /// Show or steer the routing table of a running gateway (admin API; token from FORGE_ADMIN_TOKEN).
     Routes {
         #[command(subcommand)]
-        action: RoutesAction,
+        action: routes::Action,
         /// The admin API's address.
         #[arg(long, global = true, default_value = "http://127.0.0.1:8081")]
         admin: String,
@@ -89,103 +89,9 @@ enum Command {
 }
 
 #[derive(Debug, Subcommand)]
-enum TracesAction {
-    /// The newest traces, one per line.
-    List {
-        /// How many.
-        #[arg(long, default_value_t = 20)]
-        limit: usize,
-    },
-    /// One trace as JSON.
-    Show {
-        /// The trace id (the x-forge-trace-id response header).
-        id: String,
-    },
-    /// Counts by outcome, arm and alias.
-    Stats,
-    /// Every trace as JSON lines on stdout (progress on stderr).
-    Export,
-}
-
-#[derive(Debug, Subcommand)]
-enum RoutesAction {
-    /// The table, its change history and the guard's events.
-    Show,
-    /// Set a student's share of an alias's traffic.
-    SetCanary {
-        /// The alias.
-        alias: String,
-        /// The share, 0–100.
-        percent: f64,
-        /// The student, when the route has several.
-        #[arg(long)]
-        model: Option<String>,
-    },
-    /// Give the student all the traffic (the teacher stays for a rollback).
-    Promote {
-        /// The alias.
-        alias: String,
-        /// The student, when the route has several.
-        #[arg(long)]
-        model: Option<String>,
-    },
-    /// Send the student's share back to 0.
-    Rollback {
-        /// The alias.
-        alias: String,
-        /// The student; every student when absent.
-        #[arg(long)]
-        model: Option<String>,
-    },
-}
-
-#[derive(Debug, Subcommand)]
 enum DatasetAction {
     /// Stream the golden traces of a route into validated JSONL, with a manifest.
-    Export {
-        /// The route alias.
-        #[arg(long)]
-        route: String,
-        /// The data directory (`capture.data_dir`).
-        #[arg(long, default_value = "forge-data")]
-        data_dir: PathBuf,
-        /// Where the dataset folder is written.
-        #[arg(long, default_value = "forge-datasets")]
-        out: PathBuf,
-        /// Only this tenant's traces.
-        #[arg(long)]
-        tenant: Option<String>,
-        /// Only traces after this trace id.
-        #[arg(long)]
-        after: Option<String>,
-        /// Scores strictly above this are golden.
-        #[arg(long, default_value_t = 90.0)]
-        golden_min_score: f64,
-        /// Lines held out for validation, percent.
-        #[arg(long, default_value_t = 10.0)]
-        validation_percent: f64,
-        /// The most of the dataset one client key may contribute.
-        #[arg(long, default_value_t = 0.5)]
-        max_key_share: f64,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum JobsAction {
-    /// Every distillation job, newest first.
-    List,
-    /// One job as JSON.
-    Show {
-        /// The job id.
-        id: String,
-    },
-    /// The model registry.
-    Models,
-    /// Start a distillation cycle for a route now.
-    Start {
-        /// The alias.
-        alias: String,
-    },
+    Export(dataset::Export),
 }
 
 #[tokio::main]
@@ -218,62 +124,14 @@ async fn main() -> anyhow::Result<()> {
         Command::Demo => forge_gateway::demo::run().await,
         Command::SimUpstream { listen, config } => sim_upstream(listen, config).await,
         Command::Dataset {
-            action:
-                DatasetAction::Export {
-                    route,
-                    data_dir,
-                    out,
-                    tenant,
-                    after,
-                    golden_min_score,
-                    validation_percent,
-                    max_key_share,
-                },
-        } => {
-            tokio::task::spawn_blocking(move || {
-                forge_gateway::cli::dataset::run(forge_gateway::cli::dataset::Export {
-                    data_dir,
-                    out,
-                    route,
-                    tenant,
-                    after,
-                    golden_min_score,
-                    validation_percent,
-                    max_key_share,
-                })
-            })
-            .await?
-        }
+            action: DatasetAction::Export(export),
+        } => tokio::task::spawn_blocking(move || dataset::run(export)).await?,
         Command::Jobs { action, admin } => {
-            let action = match action {
-                JobsAction::List => jobs::Action::List,
-                JobsAction::Show { id } => jobs::Action::Show { id },
-                JobsAction::Models => jobs::Action::Models,
-                JobsAction::Start { alias } => jobs::Action::Start { alias },
-            };
             jobs::run(&admin, action).await.map_err(anyhow::Error::msg)
         }
-        Command::Routes { action, admin } => {
-            let action = match action {
-                RoutesAction::Show => routes::Action::Show,
-                RoutesAction::SetCanary {
-                    alias,
-                    percent,
-                    model,
-                } => routes::Action::SetCanary {
-                    alias,
-                    percent,
-                    model,
-                },
-                RoutesAction::Promote { alias, model } => routes::Action::Promote { alias, model },
-                RoutesAction::Rollback { alias, model } => {
-                    routes::Action::Rollback { alias, model }
-                }
-            };
-            routes::run(&admin, action)
-                .await
-                .map_err(anyhow::Error::msg)
-        }
+        Command::Routes { action, admin } => routes::run(&admin, action)
+            .await
+            .map_err(anyhow::Error::msg),
         Command::Traces {
             action,
             data_dir,
@@ -282,12 +140,6 @@ async fn main() -> anyhow::Result<()> {
             let source = match admin {
                 Some(url) => traces::Source::Admin(url),
                 None => traces::Source::DataDir(data_dir),
-            };
-            let action = match action {
-                TracesAction::List { limit } => traces::Action::List { limit },
-                TracesAction::Show { id } => traces::Action::Show { id },
-                TracesAction::Stats => traces::Action::Stats,
-                TracesAction::Export => traces::Action::Export,
             };
             Ok(traces::run(source, action).await?)
         }

@@ -8,23 +8,31 @@ use forge_layer::store::Store;
 use forge_layer::trace::TraceId;
 
 /// What to export.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct Export {
+    /// The route alias.
+    #[arg(long)]
+    pub route: String,
     /// The data directory (`capture.data_dir`); the gateway must be stopped.
+    #[arg(long, default_value = "forge-data")]
     pub data_dir: PathBuf,
     /// Where the dataset folder is written.
+    #[arg(long, default_value = "forge-datasets")]
     pub out: PathBuf,
-    /// The route alias.
-    pub route: String,
-    /// Only this tenant.
+    /// Only this tenant's traces.
+    #[arg(long)]
     pub tenant: Option<String>,
-    /// Only traces after this id.
+    /// Only traces after this trace id.
+    #[arg(long)]
     pub after: Option<String>,
-    /// Golden threshold.
+    /// Scores strictly above this are golden.
+    #[arg(long, default_value_t = 90.0)]
     pub golden_min_score: f64,
-    /// Validation split, percent.
+    /// Lines held out for validation, percent.
+    #[arg(long, default_value_t = 10.0)]
     pub validation_percent: f64,
-    /// The most one client key may contribute.
+    /// The most of the dataset one client key may contribute.
+    #[arg(long, default_value_t = 0.5)]
     pub max_key_share: f64,
 }
 

@@ -3,18 +3,18 @@
 use super::admin::AdminClient;
 
 /// What to show.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Subcommand)]
 pub enum Action {
-    /// Every job, newest first.
+    /// Every distillation job, newest first.
     List,
-    /// One job.
+    /// One job as JSON.
     Show {
         /// The job id.
         id: String,
     },
     /// The model registry.
     Models,
-    /// Start a cycle for a route now.
+    /// Start a distillation cycle for a route now.
     Start {
         /// The alias.
         alias: String,

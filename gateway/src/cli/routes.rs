@@ -3,31 +3,34 @@
 use super::admin::AdminClient;
 
 /// What to do.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Subcommand)]
 pub enum Action {
-    /// Print the table, its history and the guard's events.
+    /// The table, its change history and the guard's events.
     Show,
-    /// Set a student's share.
+    /// Set a student's share of an alias's traffic.
     SetCanary {
         /// The alias.
         alias: String,
-        /// 0–100.
+        /// The share, 0–100.
         percent: f64,
         /// The student, when the route has several.
+        #[arg(long)]
         model: Option<String>,
     },
-    /// The student takes 100%.
+    /// Give the student all the traffic (the teacher stays for a rollback).
     Promote {
         /// The alias.
         alias: String,
         /// The student, when the route has several.
+        #[arg(long)]
         model: Option<String>,
     },
-    /// The student goes to 0.
+    /// Send the student's share back to 0.
     Rollback {
         /// The alias.
         alias: String,
         /// The student; every student when absent.
+        #[arg(long)]
         model: Option<String>,
     },
 }

@@ -19,15 +19,22 @@ pub enum Source {
 }
 
 /// What to do.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Subcommand)]
 pub enum Action {
-    /// The newest traces, one line each.
-    List { limit: usize },
-    /// One trace, as pretty JSON.
-    Show { id: String },
+    /// The newest traces, one per line.
+    List {
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// One trace as JSON.
+    Show {
+        /// The trace id (the x-forge-trace-id response header).
+        id: String,
+    },
     /// Counts by outcome, arm and alias (store) or the live counters (admin API).
     Stats,
-    /// Every trace as a JSON line on stdout; progress on stderr.
+    /// Every trace as JSON lines on stdout (progress on stderr).
     Export,
 }
 
