@@ -5,7 +5,8 @@
 //! reversed (direct, off, async, durable; then durable … direct), so drift during a cell (a
 //! compile in the background, a growing store) falls on every target alike.
 //! `FORGE_BENCH_SECS` sets the measured seconds per target and cell, split over the two rounds
-//! (default 4, so 2 s per round, each after a 0.5 s warm-up; about 2 minutes in all). The sim,
+//! (default 4, so 2 s per round, each after a 0.5 s warm-up; about 2 minutes in all);
+//! `FORGE_BENCH_CONNS=16` (a comma-separated subset of 1, 16, 64) runs fewer cells. The sim,
 //! the gateways, their store writers and the load generator share one process, one tokio runtime
 //! and the machine's cores, so absolute figures are pessimistic; the ratios are what count.
 //!
@@ -29,6 +30,8 @@ use forge_gateway::sim::{SimConfig, SimUpstream};
 use tempfile::TempDir;
 
 const CONCURRENCY: [usize; 3] = [1, 16, 64];
+/// A comma-separated subset of [`CONCURRENCY`] to run (for a quicker look at one cell).
+const ENV_FORGE_BENCH_CONNS: &str = "FORGE_BENCH_CONNS";
 const DEFAULT_SECS: f64 = 4.0;
 const ROUNDS: usize = 2;
 const WARMUP: Duration = Duration::from_millis(500);
@@ -192,6 +195,7 @@ async fn main() -> Result<ExitCode, Box<dyn Error>> {
     // `cargo bench` passes `--bench`; `cargo test --benches` does not. Other arguments are ignored.
     let measuring = std::env::args().any(|arg| arg == "--bench");
     let plan = if measuring { measured_plan()? } else { SMOKE };
+    let concurrencies = concurrencies()?;
 
     let sim = SimUpstream::start(SimConfig::default(), "127.0.0.1:0".parse()?).await?;
     let mut subjects = Vec::new();
@@ -220,7 +224,7 @@ async fn main() -> Result<ExitCode, Box<dyn Error>> {
 
     let mut results = Vec::new();
     for mode in Mode::ALL {
-        for concurrency in CONCURRENCY {
+        for &concurrency in &concurrencies {
             let cell = Cell { mode, concurrency };
             let mut rounds: [Vec<Stats>; 4] = Default::default();
             for round in 0..plan.rounds {
@@ -269,6 +273,23 @@ fn measured_plan() -> Result<Plan, String> {
         },
         rounds: ROUNDS,
     })
+}
+
+fn concurrencies() -> Result<Vec<usize>, String> {
+    let Ok(text) = std::env::var(ENV_FORGE_BENCH_CONNS) else {
+        return Ok(CONCURRENCY.to_vec());
+    };
+    text.split(',')
+        .map(|c| {
+            c.trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|c| CONCURRENCY.contains(c))
+                .ok_or_else(|| {
+                    format!("{ENV_FORGE_BENCH_CONNS}={text:?}: want some of {CONCURRENCY:?}")
+                })
+        })
+        .collect()
 }
 
 /// Forge as deployed (default settings) with the given `[capture]` section, except: the limiter

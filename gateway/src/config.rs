@@ -83,7 +83,7 @@ impl Default for RawCapture {
             mode: writer.mode,
             queue_capacity: writer.queue_capacity,
             batch_max: writer.batch_max,
-            flush_interval_ms: u64::try_from(writer.flush_interval.as_millis()).unwrap_or(5),
+            flush_interval_ms: u64::try_from(writer.flush_interval.as_millis()).unwrap_or(u64::MAX),
             max_response_bytes: 4 * 1024 * 1024,
             max_event_bytes: writer.max_event_bytes,
             redact_pii: Kind::PII.iter().map(|k| k.name().to_string()).collect(),
