@@ -238,6 +238,9 @@ impl Drop for Unsent {
 /// 2 µs per trace in batches gathered over 5 ms, 7–8 µs in batches gathered over 50–200 ms).
 /// Commits follow the flush interval instead.
 const ENCODE_EVERY: Duration = Duration::from_millis(5);
+/// At most this many traces per encode, for the same reason: with a backlog, encoding goes on
+/// in cache-sized pieces, and alongside the commit before it.
+const ENCODE_MAX: usize = 256;
 
 async fn run(
     store: Store,
@@ -278,7 +281,7 @@ async fn run(
                 () = batch_full.notified() => {}
             }
         }
-        let room = batch_max.saturating_sub(ready.len()).max(1);
+        let room = batch_max.saturating_sub(ready.len()).clamp(1, ENCODE_MAX);
         let mut batch = Vec::with_capacity(room.min(rx.len() + 1));
         batch.push(first);
         while batch.len() < room {
