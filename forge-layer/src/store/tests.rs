@@ -208,56 +208,44 @@ async fn feedback_batches_are_all_or_nothing() {
     assert_eq!(store.feedback(id).unwrap().len(), 2);
 }
 
-/// Polls until `captured` reaches `n`, with a deadline far beyond any flush interval used here.
-async fn until_captured(writer: &TraceWriter, n: u64) -> CounterSnapshot {
+/// Submits `n` async traces to a running writer and checks that all of them are committed while
+/// it still runs, within a deadline far beyond the intervals that should commit them.
+async fn committed_while_running(config: WriterConfig, n: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_dir(dir.path()).unwrap();
+    let (writer, task) = TraceWriter::start(store.clone(), config);
+    for i in 0..n {
+        assert!(writer.submit(pending(&format!("q{i}"))).is_none());
+    }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let now = writer.counters();
-        if now.captured >= n || tokio::time::Instant::now() >= deadline {
-            return now;
-        }
+    while writer.counters().captured < n && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let counters = writer.counters();
+    assert_eq!((counters.captured, counters.pending), (n, 0));
+    assert_eq!(store.trace_count().unwrap(), n);
+    drop(writer);
+    task.join().await;
 }
 
 #[tokio::test]
 async fn async_traces_are_committed_once_the_flush_interval_passes_without_more_traffic() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open_dir(dir.path()).unwrap();
+    // Nothing else arrives after the three: only the interval can commit them.
     let config = WriterConfig {
         batch_max: 1000,
         flush_interval: Duration::from_millis(100),
         ..WriterConfig::default()
     };
-    let (writer, task) = TraceWriter::start(store.clone(), config);
-    for i in 0..3 {
-        assert!(writer.submit(pending(&format!("q{i}"))).is_none());
-    }
-    // The writer is still running and nothing else arrives: only the interval can commit them.
-    let counters = until_captured(&writer, 3).await;
-    assert_eq!((counters.captured, counters.pending), (3, 0));
-    assert_eq!(store.trace_count().unwrap(), 3);
-    drop(writer);
-    task.join().await;
+    committed_while_running(config, 3).await;
 }
 
 #[tokio::test]
 async fn async_full_batches_are_committed_without_waiting_for_the_interval() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open_dir(dir.path()).unwrap();
+    // The interval is far longer than the deadline: only full batches can be committed in time.
     let config = WriterConfig {
         batch_max: 4,
-        // Far longer than the test's deadline: only full batches can be committed in time.
         flush_interval: Duration::from_secs(3600),
         ..WriterConfig::default()
     };
-    let (writer, task) = TraceWriter::start(store.clone(), config);
-    for i in 0..8 {
-        assert!(writer.submit(pending(&format!("q{i}"))).is_none());
-    }
-    let counters = until_captured(&writer, 8).await;
-    assert_eq!((counters.captured, counters.pending), (8, 0));
-    assert_eq!(store.trace_count().unwrap(), 8);
-    drop(writer);
-    task.join().await;
+    committed_while_running(config, 8).await;
 }
