@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -40,8 +40,8 @@ pub struct WriterConfig {
     /// At most this many traces per transaction.
     pub batch_max: usize,
     /// In `async` mode, how long a trace may wait for its commit: traces are encoded as they
-    /// come (every few milliseconds) and committed together once per interval, or sooner when
-    /// `batch_max` are ready, since a commit (two fsyncs) costs much the same for one trace or
+    /// come (every few milliseconds) and committed together once per interval, or at the next
+    /// encode once `batch_max` are ready, since a commit (two fsyncs) costs much the same for one trace or
     /// thousands. `durable` commits as soon as the queue is empty: a client waits on each commit.
     pub flush_interval: Duration,
     /// What to redact before the write.
@@ -116,9 +116,6 @@ pub struct TraceWriter {
     tx: mpsc::Sender<Job>,
     counters: Arc<CaptureCounters>,
     mode: CaptureMode,
-    /// Wakes an `async` writer early when a full batch is waiting (see [`run`]).
-    batch_full: Arc<Notify>,
-    batch_max: usize,
 }
 
 impl std::fmt::Debug for Job {
@@ -147,15 +144,12 @@ impl TraceWriter {
     pub fn start(store: Store, config: WriterConfig) -> (TraceWriter, WriterTask) {
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
         let counters = Arc::new(CaptureCounters::default());
-        let batch_full = Arc::new(Notify::new());
         let writer = TraceWriter {
             tx,
             counters: Arc::clone(&counters),
             mode: config.mode,
-            batch_full: Arc::clone(&batch_full),
-            batch_max: config.batch_max.max(1),
         };
-        let task = tokio::spawn(run(store, config, rx, counters, batch_full));
+        let task = tokio::spawn(run(store, config, rx, counters));
         (writer, WriterTask(task))
     }
 
@@ -191,11 +185,6 @@ impl TraceWriter {
         };
         let job = match self.tx.try_send(Job { trace, ack }) {
             Ok(()) => {
-                if self.mode == CaptureMode::Async
-                    && self.tx.max_capacity() - self.tx.capacity() >= self.batch_max
-                {
-                    self.batch_full.notify_one();
-                }
                 return done
                     .map(|rx| Box::pin(async move { rx.await.unwrap_or(false) }) as DurableAck);
             }
@@ -247,7 +236,6 @@ async fn run(
     config: WriterConfig,
     mut rx: mpsc::Receiver<Job>,
     counters: Arc<CaptureCounters>,
-    batch_full: Arc<Notify>,
 ) {
     let config = Arc::new(config);
     let batch_max = config.batch_max.max(1);
@@ -273,13 +261,10 @@ async fn run(
         let Some(first) = next else { break };
         let due_at = *due.get_or_insert_with(|| Instant::now() + config.flush_interval);
         // `async` gathers without being woken per trace (a wake-up per request cost the proxy
-        // more CPU than the encoding did); submitters wake it early once a full batch waits.
-        // `durable` takes what is queued now: a client waits on the commit.
+        // more CPU than the encoding did): it sleeps until the next encode, unless a full batch
+        // already waits. `durable` takes what is queued now: a client waits on the commit.
         if !durable && ready.len() + rx.len() + 1 < batch_max {
-            tokio::select! {
-                () = tokio::time::sleep_until(due_at.min(Instant::now() + ENCODE_EVERY)) => {}
-                () = batch_full.notified() => {}
-            }
+            tokio::time::sleep_until(due_at.min(Instant::now() + ENCODE_EVERY)).await;
         }
         let room = batch_max.saturating_sub(ready.len()).clamp(1, ENCODE_MAX);
         let mut batch = Vec::with_capacity(room.min(rx.len() + 1));
