@@ -9,7 +9,7 @@ use http::{HeaderMap, HeaderValue, Method, header};
 use http_body_util::BodyExt;
 
 use crate::routes::RouteControl;
-use crate::upstream::{CHAT_PATH, Upstreams, full_body};
+use crate::upstream::{CHAT_PATH, Upstreams};
 
 /// One non-stream chat completion through a configured upstream (its key, its timeouts).
 #[derive(Debug, Clone)]
@@ -48,7 +48,7 @@ impl ChatClient for UpstreamChat {
             );
             let bytes = Bytes::from(serde_json::to_vec(&body).map_err(|e| e.to_string())?);
             let response = up
-                .send(Method::POST, CHAT_PATH, headers, full_body(bytes))
+                .send(Method::POST, CHAT_PATH, headers, bytes)
                 .await
                 .map_err(|e| e.to_string())?;
             let status = response.status();

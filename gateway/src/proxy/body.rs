@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
@@ -17,7 +18,7 @@ pub enum UpstreamBodyError {
     Idle(Duration),
     /// The connection to the upstream failed mid-body.
     #[error("upstream body failed: {0}")]
-    Upstream(#[from] reqwest::Error),
+    Upstream(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// The most a burst gathers before it is passed on, so a fast upstream never makes the gateway
@@ -46,9 +47,9 @@ pin_project! {
     /// event (which the SDKs raise as `APIError`) and a clean end, rather than a cut connection
     /// it cannot tell from a network fault. Other bodies end with an error, which aborts the
     /// connection, so a truncated JSON body is never mistaken for a complete one.
-    pub struct UpstreamBody {
+    pub struct UpstreamBody<B = Incoming> {
         #[pin]
-        inner: reqwest::Body,
+        inner: B,
         #[pin]
         idle_timer: Sleep,
         idle: Duration,
@@ -109,7 +110,7 @@ impl Burst {
     }
 }
 
-impl std::fmt::Debug for UpstreamBody {
+impl<B> std::fmt::Debug for UpstreamBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpstreamBody")
             .field("idle", &self.idle)
@@ -119,9 +120,9 @@ impl std::fmt::Debug for UpstreamBody {
     }
 }
 
-impl UpstreamBody {
+impl<B> UpstreamBody<B> {
     /// Wraps an upstream body.
-    pub fn new(inner: reqwest::Body, idle: Duration, is_sse: bool) -> Self {
+    pub fn new(inner: B, idle: Duration, is_sse: bool) -> Self {
         Self {
             inner,
             idle_timer: tokio::time::sleep(idle),
@@ -143,7 +144,11 @@ pub fn sse_error_event(message: &str) -> Bytes {
     Bytes::from(format!("data: {event}\n\n"))
 }
 
-impl Body for UpstreamBody {
+impl<B> Body for UpstreamBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     type Data = Bytes;
     type Error = UpstreamBodyError;
 
@@ -166,7 +171,7 @@ impl Body for UpstreamBody {
                 }
                 Poll::Ready(None) => *this.end = Some(End::Complete(None)),
                 Poll::Ready(Some(Err(e))) => {
-                    *this.end = Some(End::Failed(UpstreamBodyError::Upstream(e)));
+                    *this.end = Some(End::Failed(UpstreamBodyError::Upstream(e.into())));
                 }
                 Poll::Pending if !this.burst.is_empty() => {
                     if *this.idle_turns == GATHER_TURNS {
@@ -253,11 +258,11 @@ mod tests {
     }
 
     impl OnePerTurn {
-        fn body(frames: Vec<Result<Frame<Bytes>, std::io::Error>>) -> reqwest::Body {
-            reqwest::Body::wrap(Self {
+        fn body(frames: Vec<Result<Frame<Bytes>, std::io::Error>>) -> Self {
+            Self {
                 frames: frames.into(),
                 handed_over: false,
-            })
+            }
         }
     }
 
@@ -284,7 +289,11 @@ mod tests {
     }
 
     /// Every frame the body yields, data as text and trailers as their header count.
-    async fn frames(body: UpstreamBody) -> Vec<String> {
+    async fn frames<B>(body: UpstreamBody<B>) -> Vec<String>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let mut body = std::pin::pin!(body);
         let mut out = Vec::new();
         while let Some(frame) = body.frame().await {
@@ -319,7 +328,7 @@ mod tests {
     async fn frames_apart_in_time_go_out_one_by_one() {
         let (tx, mut rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(1);
         let frames = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
-        let inner = reqwest::Body::wrap(http_body_util::StreamBody::new(frames));
+        let inner = http_body_util::StreamBody::new(frames);
         let mut body = std::pin::pin!(UpstreamBody::new(inner, IDLE, true));
         for event in ["data: a\n\n", "data: b\n\n"] {
             tx.send(data(event)).await.unwrap();

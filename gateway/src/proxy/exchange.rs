@@ -15,7 +15,7 @@ use forge_layer::store::TraceWriter;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, header};
 use tower::Service;
 
-use crate::upstream::{CHAT_PATH, Upstream, full_body};
+use crate::upstream::{CHAT_PATH, Upstream};
 
 /// Where a routed request goes; set by the chat handler as a request extension.
 #[derive(Debug, Clone)]
@@ -57,7 +57,7 @@ impl Service<Request<Bytes>> for UpstreamCall {
                 "application/json"
             };
             headers.insert(header::ACCEPT, HeaderValue::from_static(accept));
-            let body = full_body(request.into_body());
+            let body = request.into_body();
             Ok(
                 match routed
                     .upstream

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::{ProxyState, check_declared_length, read_body};
 use crate::error::Error;
-use crate::upstream::{full_body, strip_hop_by_hop};
+use crate::upstream::strip_hop_by_hop;
 
 pub async fn forward(State(state): State<ProxyState>, request: Request) -> Response {
     let response = match send(&state, request).await {
@@ -38,8 +38,6 @@ async fn send(state: &ProxyState, request: Request) -> Result<Response, Error> {
     headers.remove(header::HOST);
     headers.remove(header::CONTENT_LENGTH);
     headers.remove(header::ACCEPT_ENCODING);
-    let response = upstream
-        .send(parts.method, suffix, headers, full_body(bytes))
-        .await?;
+    let response = upstream.send(parts.method, suffix, headers, bytes).await?;
     Ok(response.map(Body::new))
 }
