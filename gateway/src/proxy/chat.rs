@@ -1,5 +1,7 @@
 //! `POST /v1/chat/completions`: validate, pick the arm from one table snapshot, forward, stream back.
 
+use std::sync::Arc;
+
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -18,7 +20,7 @@ use crate::error::Error;
 pub const STICKY_HEADER: &str = "x-forge-sticky-key";
 
 pub async fn completions(
-    State(state): State<ProxyState>,
+    State(state): State<Arc<ProxyState>>,
     caller: Option<axum::Extension<Caller>>,
     headers: HeaderMap,
     body: Body,

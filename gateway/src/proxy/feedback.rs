@@ -1,5 +1,7 @@
 //! `POST /v1/feedback`: a score or an approval for a captured trace.
 
+use std::sync::Arc;
+
 use std::time::Duration;
 
 use axum::body::Body;
@@ -30,7 +32,7 @@ struct FeedbackRequest {
 }
 
 pub async fn submit(
-    State(state): State<ProxyState>,
+    State(state): State<Arc<ProxyState>>,
     caller: Option<axum::Extension<Caller>>,
     body: Body,
 ) -> Response {

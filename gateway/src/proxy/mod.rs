@@ -77,7 +77,8 @@ pub fn app(state: ProxyState, max_in_flight: usize) -> Router {
         .route("/metrics", get(metrics))
         .fallback(unknown_path)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(state)
+        // Shared, not cloned: axum hands every handler its own copy of the state.
+        .with_state(Arc::new(state))
 }
 
 /// Reads a whole request body, refusing it with a 413 as soon as it passes `limit`.
@@ -123,14 +124,14 @@ fn model_object(alias: &str) -> ModelObject<'_> {
     }
 }
 
-async fn list_models(State(state): State<ProxyState>) -> Response {
+async fn list_models(State(state): State<Arc<ProxyState>>) -> Response {
     let table = state.router.load();
     let data: Vec<ModelObject<'_>> = table.routes().map(|r| model_object(&r.alias)).collect();
     state.metrics.record("models", StatusCode::OK);
     axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()
 }
 
-async fn get_model(State(state): State<ProxyState>, Path(model): Path<String>) -> Response {
+async fn get_model(State(state): State<Arc<ProxyState>>, Path(model): Path<String>) -> Response {
     let table = state.router.load();
     let response = match table.route(&model) {
         Some(route) => axum::Json(model_object(&route.alias)).into_response(),
@@ -140,7 +141,7 @@ async fn get_model(State(state): State<ProxyState>, Path(model): Path<String>) -
     response
 }
 
-async fn metrics(State(state): State<ProxyState>) -> Response {
+async fn metrics(State(state): State<Arc<ProxyState>>) -> Response {
     (
         [(
             header::CONTENT_TYPE,

@@ -1,5 +1,7 @@
 //! Other `/v1/*` requests (files, fine-tuning, embeddings, …): forwarded as they are, not captured.
 
+use std::sync::Arc;
+
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::header;
@@ -9,7 +11,7 @@ use super::{ProxyState, check_declared_length, read_body};
 use crate::error::Error;
 use crate::upstream::strip_hop_by_hop;
 
-pub async fn forward(State(state): State<ProxyState>, request: Request) -> Response {
+pub async fn forward(State(state): State<Arc<ProxyState>>, request: Request) -> Response {
     let response = match send(&state, request).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
