@@ -6,7 +6,9 @@
 //! compile in the background, a growing store) falls on every target alike.
 //! `FORGE_BENCH_SECS` sets the measured seconds per target and cell, split over the two rounds
 //! (default 4, so 2 s per round, each after a 0.5 s warm-up; about 2 minutes in all);
-//! `FORGE_BENCH_CONNS=16` (a comma-separated subset of 1, 16, 64) runs fewer cells. The sim,
+//! `FORGE_BENCH_CONNS=16` (a comma-separated subset of 1, 16, 64), `FORGE_BENCH_MODES=stream`
+//! (of non-stream, stream) and `FORGE_BENCH_TARGETS=direct,off` (of direct, off, async,
+//! durable) run fewer cells and targets; a skipped target shows as n/a. The sim,
 //! the gateways, their store writers and the load generator share one process, one tokio runtime
 //! and the machine's cores, so absolute figures are pessimistic; the ratios are what count.
 //!
@@ -30,8 +32,10 @@ use forge_gateway::sim::{SimConfig, SimUpstream};
 use tempfile::TempDir;
 
 const CONCURRENCY: [usize; 3] = [1, 16, 64];
-/// A comma-separated subset of [`CONCURRENCY`] to run (for a quicker look at one cell).
+/// Comma-separated subsets of the concurrencies, modes and targets to run (for a quicker look).
 const ENV_FORGE_BENCH_CONNS: &str = "FORGE_BENCH_CONNS";
+const ENV_FORGE_BENCH_MODES: &str = "FORGE_BENCH_MODES";
+const ENV_FORGE_BENCH_TARGETS: &str = "FORGE_BENCH_TARGETS";
 const DEFAULT_SECS: f64 = 4.0;
 const ROUNDS: usize = 2;
 const WARMUP: Duration = Duration::from_millis(500);
@@ -195,11 +199,15 @@ async fn main() -> Result<ExitCode, Box<dyn Error>> {
     // `cargo bench` passes `--bench`; `cargo test --benches` does not. Other arguments are ignored.
     let measuring = std::env::args().any(|arg| arg == "--bench");
     let plan = if measuring { measured_plan()? } else { SMOKE };
-    let concurrencies = concurrencies()?;
+    let concurrencies = subset(ENV_FORGE_BENCH_CONNS, &CONCURRENCY, |c| c.to_string())?;
+    let modes = subset(ENV_FORGE_BENCH_MODES, &Mode::ALL, |m| m.label().to_string())?;
+    let variants = subset(ENV_FORGE_BENCH_TARGETS, &Variant::ALL, |v| {
+        v.label().to_string()
+    })?;
 
     let sim = SimUpstream::start(SimConfig::default(), "127.0.0.1:0".parse()?).await?;
     let mut subjects = Vec::new();
-    for variant in Variant::ALL {
+    for variant in variants {
         let data_dir = tempfile::tempdir()?;
         let subject = match variant.capture_section(&data_dir) {
             None => Subject {
@@ -223,7 +231,7 @@ async fn main() -> Result<ExitCode, Box<dyn Error>> {
     }
 
     let mut results = Vec::new();
-    for mode in Mode::ALL {
+    for &mode in &modes {
         for &concurrency in &concurrencies {
             let cell = Cell { mode, concurrency };
             let mut rounds: [Vec<Stats>; 4] = Default::default();
@@ -275,21 +283,25 @@ fn measured_plan() -> Result<Plan, String> {
     })
 }
 
-fn concurrencies() -> Result<Vec<usize>, String> {
-    let Ok(text) = std::env::var(ENV_FORGE_BENCH_CONNS) else {
-        return Ok(CONCURRENCY.to_vec());
+/// The items of `all` that the comma-separated list in `env` names, in `all`'s order; all of
+/// them when `env` is unset.
+fn subset<T: Copy>(env: &str, all: &[T], label: impl Fn(T) -> String) -> Result<Vec<T>, String> {
+    let Ok(text) = std::env::var(env) else {
+        return Ok(all.to_vec());
     };
-    text.split(',')
-        .map(|c| {
-            c.trim()
-                .parse::<usize>()
-                .ok()
-                .filter(|c| CONCURRENCY.contains(c))
-                .ok_or_else(|| {
-                    format!("{ENV_FORGE_BENCH_CONNS}={text:?}: want some of {CONCURRENCY:?}")
-                })
-        })
-        .collect()
+    let names: Vec<&str> = text.split(',').map(str::trim).collect();
+    let labels: Vec<String> = all.iter().map(|&item| label(item)).collect();
+    if let Some(unknown) = names.iter().find(|n| !labels.iter().any(|l| l == *n)) {
+        return Err(format!(
+            "{env}={text:?}: {unknown:?} is not one of {labels:?}"
+        ));
+    }
+    Ok(all
+        .iter()
+        .zip(&labels)
+        .filter(|(_, l)| names.contains(&l.as_str()))
+        .map(|(&item, _)| item)
+        .collect())
 }
 
 /// Forge as deployed (default settings) with the given `[capture]` section, except: the limiter
