@@ -70,11 +70,15 @@ fn populate(dir: &Path, n: u64) {
         }
         batch.push((t.id, serde_json::to_vec(&t).unwrap()));
         if batch.len() == 20_000 {
-            store.insert_encoded(&batch).unwrap();
+            store
+                .insert_encoded(batch.iter().map(|(id, b)| (*id, b.as_slice())))
+                .unwrap();
             batch.clear();
         }
     }
-    store.insert_encoded(&batch).unwrap();
+    store
+        .insert_encoded(batch.iter().map(|(id, b)| (*id, b.as_slice())))
+        .unwrap();
     for id in approved {
         store
             .add_feedback(&Feedback {

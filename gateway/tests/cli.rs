@@ -187,7 +187,7 @@ fn dataset_export_builds_a_valid_dataset_with_progress() {
                 outcome: Outcome::Completed,
             };
             store
-                .insert_encoded(&[(trace.id, serde_json::to_vec(&trace).unwrap())])
+                .insert_encoded([(trace.id, serde_json::to_vec(&trace).unwrap().as_slice())])
                 .unwrap();
             store
                 .add_feedback(&Feedback {

@@ -50,7 +50,9 @@ fn store_with(traces: &[Trace], approve: impl Fn(&Trace) -> bool) -> (tempfile::
         .iter()
         .map(|t| (t.id, serde_json::to_vec(t).unwrap()))
         .collect();
-    store.insert_encoded(&encoded).unwrap();
+    store
+        .insert_encoded(encoded.iter().map(|(id, b)| (*id, b.as_slice())))
+        .unwrap();
     for t in traces.iter().filter(|t| approve(t)) {
         store
             .add_feedback(&Feedback {
@@ -173,7 +175,7 @@ fn duplicates_are_dropped_the_split_is_deterministic_and_the_cut_moves_on() {
     // New traces only, after the cut.
     let newer = trace("chat", Arm::Teacher, None, None, "brand new");
     store
-        .insert_encoded(&[(newer.id, serde_json::to_vec(&newer).unwrap())])
+        .insert_encoded([(newer.id, serde_json::to_vec(&newer).unwrap().as_slice())])
         .unwrap();
     store
         .add_feedback(&Feedback {

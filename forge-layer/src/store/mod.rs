@@ -155,13 +155,14 @@ impl Store {
     }
 
     /// Stores already-encoded traces in one transaction: all of them or none.
-    pub fn insert_encoded(&self, batch: &[(TraceId, Vec<u8>)]) -> Result<(), StoreError> {
+    pub fn insert_encoded<'a>(
+        &self,
+        batch: impl IntoIterator<Item = (TraceId, &'a [u8])>,
+    ) -> Result<(), StoreError> {
         self.write(|txn| {
             let mut table = txn.open_table(TRACES).map_err(db_err)?;
             for (id, bytes) in batch {
-                table
-                    .insert(id.as_u128(), bytes.as_slice())
-                    .map_err(db_err)?;
+                table.insert(id.as_u128(), bytes).map_err(db_err)?;
             }
             Ok(())
         })

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use super::{Store, StoreError};
 use crate::capture::{DurableAck, PendingTrace};
 use crate::redact::Redactor;
-use crate::trace::TraceId;
+use crate::trace::{Trace, TraceId};
 
 /// What the end of a response waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, Serialize)]
@@ -244,15 +244,17 @@ async fn run(
     // Encoded traces waiting for their commit, and when it is due at the latest.
     let mut ready = Encoded::default();
     let mut due: Option<Instant> = None;
+    // What each encode takes and where it writes, kept between encodes so that their buffers
+    // are allocated once.
+    let mut batch: Vec<Job> = Vec::new();
+    let mut scratch = Encoded::default();
     loop {
         let next = match due {
             None => rx.recv().await,
             Some(deadline) => match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(next) => next,
                 Err(_due) => {
-                    commits
-                        .start(&store, &counters, std::mem::take(&mut ready))
-                        .await;
+                    commits.start(&store, &counters, &mut ready).await;
                     due = None;
                     continue;
                 }
@@ -267,7 +269,6 @@ async fn run(
             tokio::time::sleep_until(due_at.min(Instant::now() + ENCODE_EVERY)).await;
         }
         let room = batch_max.saturating_sub(ready.len()).clamp(1, ENCODE_MAX);
-        let mut batch = Vec::with_capacity(room.min(rx.len() + 1));
         batch.push(first);
         while batch.len() < room {
             match rx.try_recv() {
@@ -278,89 +279,138 @@ async fn run(
         // redb is synchronous: encoding and commits run on the blocking pool, and encoding goes
         // on while a commit runs.
         let (cfg, ctr) = (Arc::clone(&config), Arc::clone(&counters));
-        match tokio::task::spawn_blocking(move || encode_batch(&cfg, &ctr, batch)).await {
-            Ok(encoded) => ready.append(encoded),
+        let (mut jobs, mut into) = (std::mem::take(&mut batch), std::mem::take(&mut scratch));
+        let encoding = tokio::task::spawn_blocking(move || {
+            encode_batch(&cfg, &ctr, &mut jobs, &mut into);
+            (jobs, into)
+        });
+        match encoding.await {
+            Ok((emptied, encoded)) => {
+                (batch, scratch) = (emptied, encoded);
+                ready.take_from(&mut scratch);
+            }
             Err(e) => tracing::error!(error = %e, "trace encode task failed"),
         }
         if durable || ready.len() >= batch_max || Instant::now() >= due_at {
-            commits
-                .start(&store, &counters, std::mem::take(&mut ready))
-                .await;
+            commits.start(&store, &counters, &mut ready).await;
             due = None;
         }
     }
-    if !ready.is_empty() {
-        commits.start(&store, &counters, ready).await;
-    }
+    commits.start(&store, &counters, &mut ready).await;
     commits.finish().await;
     tracing::debug!("trace writer stopped: queue closed and drained");
 }
 
-/// The commit in flight: one at a time, in order.
+/// The commit in flight (one at a time, in order), and the buffer of the one before, kept for
+/// the next batch.
 #[derive(Default)]
-struct Commits(Option<tokio::task::JoinHandle<()>>);
+struct Commits {
+    running: Option<tokio::task::JoinHandle<Encoded>>,
+    spare: Encoded,
+}
 
 impl Commits {
-    /// Waits for the previous commit, then starts committing `batch`.
-    async fn start(&mut self, store: &Store, counters: &Arc<CaptureCounters>, batch: Encoded) {
+    /// Waits for the previous commit, then starts committing what `ready` holds, leaving it
+    /// empty.
+    async fn start(&mut self, store: &Store, counters: &Arc<CaptureCounters>, ready: &mut Encoded) {
         self.finish().await;
-        if batch.is_empty() {
+        if ready.is_empty() {
             return;
         }
+        let batch = std::mem::replace(ready, std::mem::take(&mut self.spare));
         let (store, counters) = (store.clone(), Arc::clone(counters));
-        self.0 = Some(tokio::task::spawn_blocking(move || {
+        self.running = Some(tokio::task::spawn_blocking(move || {
             commit_batch(&store, &counters, batch)
         }));
     }
 
     /// Waits for the commit in flight, if any.
     async fn finish(&mut self) {
-        if let Some(commit) = self.0.take()
-            && let Err(e) = commit.await
-        {
-            tracing::error!(error = %e, "trace commit task failed");
+        if let Some(commit) = self.running.take() {
+            match commit.await {
+                Ok(emptied) => self.spare = emptied,
+                Err(e) => tracing::error!(error = %e, "trace commit task failed"),
+            }
         }
     }
 }
 
-/// A batch ready to commit: encoded traces, and the acknowledgements waiting on them.
+/// Encoded traces, back to back in one buffer, and the acknowledgements waiting on them. The
+/// buffers are reused from batch to batch: a buffer per trace cost more in allocation, growth
+/// and fresh pages than the encoding itself.
 #[derive(Default)]
 struct Encoded {
-    traces: Vec<(TraceId, Vec<u8>)>,
+    bytes: Vec<u8>,
+    /// Each trace's id and the end of its JSON in `bytes`.
+    ends: Vec<(TraceId, usize)>,
     acks: Vec<oneshot::Sender<bool>>,
 }
 
 impl Encoded {
     fn len(&self) -> usize {
-        self.traces.len()
+        self.ends.len()
     }
 
     fn is_empty(&self) -> bool {
-        self.traces.is_empty()
+        self.ends.is_empty()
     }
 
-    fn append(&mut self, mut more: Encoded) {
-        self.traces.append(&mut more.traces);
-        self.acks.append(&mut more.acks);
+    /// Encodes one trace; on failure nothing of it is kept.
+    fn push(&mut self, id: TraceId, trace: &Trace) -> Result<(), serde_json::Error> {
+        let start = self.bytes.len();
+        match serde_json::to_writer(&mut self.bytes, trace) {
+            Ok(()) => {
+                self.ends.push((id, self.bytes.len()));
+                Ok(())
+            }
+            Err(e) => {
+                self.bytes.truncate(start);
+                Err(e)
+            }
+        }
+    }
+
+    /// Moves everything `other` holds to the end of this batch, leaving `other` empty.
+    fn take_from(&mut self, other: &mut Encoded) {
+        let base = self.bytes.len();
+        self.bytes.extend_from_slice(&other.bytes);
+        self.ends
+            .extend(other.ends.iter().map(|&(id, end)| (id, base + end)));
+        self.acks.append(&mut other.acks);
+        other.clear();
+    }
+
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.ends.clear();
+        self.acks.clear();
+    }
+
+    /// Each trace's id and JSON.
+    fn traces(&self) -> impl Iterator<Item = (TraceId, &[u8])> {
+        let starts = std::iter::once(0).chain(self.ends.iter().map(|&(_, end)| end));
+        self.ends
+            .iter()
+            .zip(starts)
+            .map(|(&(id, end), start)| (id, &self.bytes[start..end]))
     }
 }
 
-/// Reassembles, redacts and serialises each trace. One that cannot be encoded is counted failed.
-fn encode_batch(config: &WriterConfig, counters: &CaptureCounters, batch: Vec<Job>) -> Encoded {
-    let mut out = Encoded {
-        traces: Vec::with_capacity(batch.len()),
-        acks: Vec::new(),
-    };
-    for job in batch {
+/// Reassembles, redacts and serialises each trace of `batch` into `out`, leaving `batch` empty.
+/// One that cannot be encoded is counted failed.
+fn encode_batch(
+    config: &WriterConfig,
+    counters: &CaptureCounters,
+    batch: &mut Vec<Job>,
+    out: &mut Encoded,
+) {
+    for job in batch.drain(..) {
         let id = job.trace.id();
         let trace = job
             .trace
             .into_trace(&config.redactor, config.max_event_bytes);
-        match serde_json::to_vec(&trace) {
-            Ok(bytes) => {
-                out.traces.push((id, bytes));
-                out.acks.extend(job.ack);
-            }
+        match out.push(id, &trace) {
+            Ok(()) => out.acks.extend(job.ack),
             Err(e) => {
                 counters.failed.fetch_add(1, Ordering::AcqRel);
                 tracing::error!(trace_id = %id, error = %e, "trace could not be encoded");
@@ -370,29 +420,31 @@ fn encode_batch(config: &WriterConfig, counters: &CaptureCounters, batch: Vec<Jo
             }
         }
     }
-    out
 }
 
-/// Commits one batch in one transaction and settles its counters and acknowledgements.
-fn commit_batch(store: &Store, counters: &CaptureCounters, batch: Encoded) {
-    let n = batch.traces.len() as u64;
-    let ok = commit_with_retry(store, &batch.traces).is_ok();
+/// Commits one batch in one transaction and settles its counters and acknowledgements; returns
+/// the batch emptied, for reuse.
+fn commit_batch(store: &Store, counters: &CaptureCounters, mut batch: Encoded) -> Encoded {
+    let n = batch.len() as u64;
+    let ok = commit_with_retry(store, &batch).is_ok();
     if ok {
         counters.captured.fetch_add(n, Ordering::AcqRel);
     } else {
         counters.failed.fetch_add(n, Ordering::AcqRel);
     }
-    for ack in batch.acks {
+    for ack in batch.acks.drain(..) {
         let _ = ack.send(ok);
     }
+    batch.clear();
+    batch
 }
 
 /// A failed commit is retried twice with a short pause; a transient error (a full disk that an
 /// operator is clearing) should not cost traces if it clears quickly.
-fn commit_with_retry(store: &Store, batch: &[(TraceId, Vec<u8>)]) -> Result<(), StoreError> {
+fn commit_with_retry(store: &Store, batch: &Encoded) -> Result<(), StoreError> {
     let mut pause = Duration::from_millis(20);
     for attempt in 1..=3 {
-        match store.insert_encoded(batch) {
+        match store.insert_encoded(batch.traces()) {
             Ok(()) => return Ok(()),
             Err(e) if attempt < 3 => {
                 tracing::warn!(error = %e, attempt, traces = batch.len(), "trace commit failed; retrying");
@@ -406,4 +458,46 @@ fn commit_with_retry(store: &Store, batch: &[(TraceId, Vec<u8>)]) -> Result<(), 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded(first_id: u128, parts: &[&str]) -> Encoded {
+        let mut e = Encoded::default();
+        for (i, part) in parts.iter().enumerate() {
+            e.bytes.extend_from_slice(part.as_bytes());
+            e.ends
+                .push((TraceId::from_u128(first_id + i as u128), e.bytes.len()));
+        }
+        e
+    }
+
+    fn texts(e: &Encoded) -> Vec<(u128, String)> {
+        e.traces()
+            .map(|(id, bytes)| (id.as_u128(), String::from_utf8_lossy(bytes).into_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn batches_keep_each_trace_whole_and_in_order_as_they_are_joined() {
+        let mut ready = encoded(1, &["{\"a\":1}", "{}"]);
+        let mut scratch = encoded(3, &["{\"c\":[3]}"]);
+        ready.take_from(&mut scratch);
+        assert!(scratch.is_empty() && scratch.bytes.is_empty());
+        assert_eq!(
+            texts(&ready),
+            vec![
+                (1, "{\"a\":1}".to_string()),
+                (2, "{}".to_string()),
+                (3, "{\"c\":[3]}".to_string()),
+            ]
+        );
+        // A cleared batch is empty but keeps its buffer for the next one.
+        let capacity = ready.bytes.capacity();
+        ready.clear();
+        assert_eq!(texts(&ready), vec![]);
+        assert_eq!(ready.bytes.capacity(), capacity);
+    }
 }
