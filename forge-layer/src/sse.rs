@@ -50,7 +50,7 @@ impl SseParser {
                 bytes = rest;
             }
         }
-        while let Some(end) = bytes.iter().position(|&b| b == b'\n' || b == b'\r') {
+        while let Some(end) = memchr::memchr2(b'\n', b'\r', bytes) {
             self.push_line_bytes(&bytes[..end]);
             self.end_line(on_event);
             let was_cr = bytes[end] == b'\r';
@@ -87,8 +87,12 @@ impl SseParser {
         }
         if self.line.is_empty() {
             if self.has_data && !self.event_dropped {
-                let text = String::from_utf8_lossy(&self.data);
-                on_event(&text);
+                // The strict check first: it is much faster than the lossy one, and streams are
+                // almost always valid UTF-8.
+                match std::str::from_utf8(&self.data) {
+                    Ok(text) => on_event(text),
+                    Err(_) => on_event(&String::from_utf8_lossy(&self.data)),
+                }
             }
             self.data.clear();
             self.has_data = false;
