@@ -74,6 +74,17 @@ pub struct FinalResponse {
 impl FinalResponse {
     /// Parses a non-stream response body (a `chat.completion`, or an error body).
     pub fn from_json(body: &[u8]) -> Self {
+        // The usual body is read into borrowed views, without a tree of values (about half the
+        // cost). Anything unusual, a field of an unexpected type or a duplicate key, fails
+        // that and is read the lenient way, which ignores what it cannot use.
+        match serde_json::from_slice::<CompletionView<'_>>(body) {
+            Ok(view) => view.into_final(),
+            Err(_) => Self::from_any_json(body),
+        }
+    }
+
+    /// Reads whatever parts of a JSON body have the expected types.
+    fn from_any_json(body: &[u8]) -> Self {
         let Ok(value) = serde_json::from_slice::<Value>(body) else {
             return Self::default();
         };
@@ -276,6 +287,95 @@ fn apply_delta(acc: &mut ChoiceAcc, choice: ChoiceView<'_>) {
     }
 }
 
+/// A `chat.completion` (or an error body), borrowing its strings from the body where it can.
+#[derive(Deserialize)]
+struct CompletionView<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    choices: Option<Vec<CompletionChoiceView<'a>>>,
+    #[serde(default)]
+    usage: Option<Value>,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct CompletionChoiceView<'a> {
+    #[serde(default)]
+    index: Option<u64>,
+    #[serde(borrow, default)]
+    message: Option<MessageView<'a>>,
+    #[serde(borrow, default)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct MessageView<'a> {
+    #[serde(borrow, default)]
+    content: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    refusal: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    tool_calls: Option<Vec<ToolDeltaView<'a>>>,
+}
+
+impl CompletionView<'_> {
+    fn into_final(self) -> FinalResponse {
+        let mut choices: Vec<FinalChoice> =
+            self.choices
+                .into_iter()
+                .flatten()
+                .map(|choice| {
+                    let message = choice.message.map_or_else(AssistantMessage::default, |m| {
+                        AssistantMessage {
+                            content: m.content.map(Cow::into_owned),
+                            refusal: m.refusal.map(Cow::into_owned),
+                            tool_calls: m
+                                .tool_calls
+                                .into_iter()
+                                .flatten()
+                                .map(|call| {
+                                    let function = call.function.unwrap_or_default();
+                                    ToolCall {
+                                        id: call.id.unwrap_or_default().into_owned(),
+                                        kind: call
+                                            .kind
+                                            .unwrap_or(Cow::Borrowed("function"))
+                                            .into_owned(),
+                                        function: FunctionCall {
+                                            name: function.name.unwrap_or_default().into_owned(),
+                                            arguments: function
+                                                .arguments
+                                                .unwrap_or_default()
+                                                .into_owned(),
+                                        },
+                                    }
+                                })
+                                .collect(),
+                        }
+                    });
+                    FinalChoice {
+                        index: choice
+                            .index
+                            .and_then(|i| u32::try_from(i).ok())
+                            .unwrap_or(0),
+                        message,
+                        finish_reason: choice.finish_reason.map(Cow::into_owned),
+                    }
+                })
+                .collect();
+        choices.sort_by_key(|c| c.index);
+        FinalResponse {
+            model: self.model.map(Cow::into_owned),
+            choices,
+            usage: self.usage.filter(Value::is_object),
+            error: self.error.filter(|e| !e.is_null()),
+            complete: true,
+        }
+    }
+}
+
 /// One `chat.completion.chunk`, borrowing its strings from the event where it can.
 #[derive(Deserialize)]
 struct ChunkView<'a> {
@@ -321,7 +421,7 @@ struct ToolDeltaView<'a> {
     function: Option<FunctionView<'a>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct FunctionView<'a> {
     #[serde(borrow, default)]
     name: Option<Cow<'a, str>>,
@@ -489,5 +589,50 @@ mod tests {
             br#"{"error":{"message":"no","type":"x","param":null,"code":null}}"#,
         );
         assert_eq!(error.error.unwrap()["message"], "no");
+    }
+
+    /// The borrowed views and the lenient reading agree on every body, usual or not; the
+    /// unusual ones reach the lenient reading through the views' failure.
+    #[test]
+    fn both_readings_of_a_json_body_agree() {
+        let usual = json!({"model": "m", "choices": [
+            {"index": 1, "message": {"content": "bé", "tool_calls": [
+                {"id": "c", "function": {"name": "f", "arguments": "{}"}}]}, "finish_reason": "stop"},
+            {"index": 0, "message": {"content": null, "refusal": "no"}}],
+            "usage": {"total_tokens": 1}})
+        .to_string();
+        let usual_bodies: Vec<&[u8]> = vec![
+            usual.as_bytes(),
+            br#"{"choices":[{"message":{"content":"x"}}],"usage":null,"error":null}"#,
+            br#"{"choices":[{"message":{"content":"b\u00e9 \"q\"","refusal":"\n"}}]}"#,
+            br#"{"choices":[{"index":0,"message":null,"finish_reason":null}]}"#,
+            br#"{"choices":[{"index":0,"message":{"tool_calls":[{"type":"custom"}]}}]}"#,
+            br#"{"error":{"message":"no"},"usage":5}"#,
+        ];
+        // Each has a field of a type the views do not take, a duplicate key, or is not an object.
+        let unusual_bodies: Vec<&[u8]> = vec![
+            br#"{"model":7,"choices":[{"index":0,"message":{"content":"x"}}]}"#,
+            br#"{"choices":[{"index":-1,"message":{"content":"x"}}]}"#,
+            br#"{"choices":[{"index":1.5,"message":{"content":["x"]}}]}"#,
+            br#"{"choices":[{"index":99999999999,"message":"x"}]}"#,
+            br#"{"choices":{"0":{}}}"#,
+            br#"{"choices":["x",{"index":2,"message":{"content":"y"}}]}"#,
+            br#"{"choices":[{"message":{"tool_calls":[{"id":1,"function":{"name":"f","arguments":{}}}]}}]}"#,
+            br#"{"model":"a","model":"b","choices":[]}"#,
+            br#"[1,2]"#,
+            b"not json",
+            b"",
+        ];
+        let views = |body: &[u8]| serde_json::from_slice::<CompletionView<'_>>(body).is_ok();
+        assert!(usual_bodies.iter().all(|b| views(b)));
+        assert!(unusual_bodies.iter().all(|b| !views(b)));
+        for body in usual_bodies.into_iter().chain(unusual_bodies) {
+            assert_eq!(
+                FinalResponse::from_json(body),
+                FinalResponse::from_any_json(body),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
     }
 }
