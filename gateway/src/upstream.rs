@@ -39,6 +39,8 @@ pub struct Upstream {
     client: HttpClient,
     timeouts: Timeouts,
     chat_uri: Uri,
+    /// `Host`, formed once: the client would otherwise format it for every request.
+    host: HeaderValue,
 }
 
 /// The chat completions path under an upstream's base URL.
@@ -81,10 +83,13 @@ impl Upstream {
         let chat_uri = format!("{base_url}{CHAT_PATH}")
             .parse::<Uri>()
             .map_err(|e| setup_err(format!("base_url is not a URL: {e}")))?;
+        let host =
+            host_header(&chat_uri).ok_or_else(|| setup_err("base_url has no host".to_string()))?;
         let client = http_client(timeouts.connect)
             .map_err(|e| setup_err(format!("cannot set up TLS: {e}")))?;
         Ok(Self {
             chat_uri,
+            host,
             name: name.to_string(),
             base_url,
             auth,
@@ -119,6 +124,7 @@ impl Upstream {
             headers.insert(header::AUTHORIZATION, auth.clone());
         }
         headers.entry(header::USER_AGENT).or_insert(USER_AGENT);
+        headers.insert(header::HOST, self.host.clone());
         let uri = if path == CHAT_PATH {
             // The hot path: the chat URI was parsed once, at start.
             self.chat_uri.clone()
@@ -161,6 +167,22 @@ impl Upstream {
         let body = UpstreamBody::new(body, self.timeouts.idle, is_sse);
         Ok(http::Response::from_parts(parts, body))
     }
+}
+
+/// `Host` for requests to `uri`: the host, and the port unless it is the scheme's default (as
+/// hyper's client forms it).
+fn host_header(uri: &Uri) -> Option<HeaderValue> {
+    let host = uri.host()?;
+    let default_port = if uri.scheme_str() == Some("https") {
+        443
+    } else {
+        80
+    };
+    let value = match uri.port_u16() {
+        Some(port) if port != default_port => format!("{host}:{port}"),
+        _ => host.to_string(),
+    };
+    HeaderValue::from_str(&value).ok()
 }
 
 /// The pooled client: TCP_NODELAY, the connect timeout, rustls with the platform's roots.
@@ -430,6 +452,20 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-request-id"));
+    }
+
+    #[test]
+    fn host_is_the_base_urls_host_and_any_port_but_the_default() {
+        let host = |url: &str| host_header(&url.parse().unwrap()).unwrap();
+        assert_eq!(host("http://127.0.0.1:8080/v1/x"), "127.0.0.1:8080");
+        assert_eq!(host("http://sim.local/v1"), "sim.local");
+        assert_eq!(host("http://sim.local:80/v1"), "sim.local");
+        assert_eq!(host("https://api.openai.com:443/v1"), "api.openai.com");
+        assert_eq!(
+            host("https://x.openai.azure.com:8443/openai"),
+            "x.openai.azure.com:8443"
+        );
+        assert_eq!(host("http://[::1]:9000/v1"), "[::1]:9000");
     }
 
     #[test]
