@@ -76,37 +76,42 @@ enum End {
     Done,
 }
 
-/// Data frames gathered into one, copying only once a second frame joins the first.
+/// Data frames gathered, passed on as one: copied once, into a buffer of the exact size, and
+/// only when there is more than one.
 #[derive(Default)]
 struct Burst {
-    first: Option<Bytes>,
-    joined: BytesMut,
+    frames: Vec<Bytes>,
+    len: usize,
 }
 
 impl Burst {
     fn len(&self) -> usize {
-        self.first.as_ref().map_or(0, Bytes::len) + self.joined.len()
+        self.len
     }
 
     fn is_empty(&self) -> bool {
-        self.first.is_none() && self.joined.is_empty()
+        self.frames.is_empty()
     }
 
     fn push(&mut self, data: Bytes) {
-        if self.is_empty() {
-            self.first = Some(data);
-            return;
-        }
-        if let Some(first) = self.first.take() {
-            self.joined.extend_from_slice(&first);
-        }
-        self.joined.extend_from_slice(&data);
+        self.len += data.len();
+        self.frames.push(data);
     }
 
     fn take(&mut self) -> Option<Bytes> {
-        self.first
-            .take()
-            .or_else(|| (!self.joined.is_empty()).then(|| self.joined.split().freeze()))
+        let joined = match self.frames.len() {
+            0 => return None,
+            1 => self.frames.pop(),
+            _ => {
+                let mut joined = BytesMut::with_capacity(self.len);
+                for frame in self.frames.drain(..) {
+                    joined.extend_from_slice(&frame);
+                }
+                Some(joined.freeze())
+            }
+        };
+        self.len = 0;
+        joined
     }
 }
 
