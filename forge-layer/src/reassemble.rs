@@ -310,16 +310,6 @@ struct CompletionChoiceView<'a> {
     finish_reason: Option<Cow<'a, str>>,
 }
 
-#[derive(Deserialize)]
-struct MessageView<'a> {
-    #[serde(borrow, default)]
-    content: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    refusal: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    tool_calls: Option<Vec<ToolDeltaView<'a>>>,
-}
-
 impl CompletionView<'_> {
     fn into_final(self) -> FinalResponse {
         let mut choices: Vec<FinalChoice> =
@@ -394,13 +384,14 @@ struct ChoiceView<'a> {
     #[serde(default)]
     index: u32,
     #[serde(borrow, default)]
-    delta: Option<DeltaView<'a>>,
+    delta: Option<MessageView<'a>>,
     #[serde(borrow, default)]
     finish_reason: Option<Cow<'a, str>>,
 }
 
+/// A message, or a stream's delta of one: the fields are the same.
 #[derive(Deserialize)]
-struct DeltaView<'a> {
+struct MessageView<'a> {
     #[serde(borrow, default)]
     content: Option<Cow<'a, str>>,
     #[serde(borrow, default)]

@@ -378,6 +378,10 @@ mod tests {
         addr
     }
 
+    fn upstream(url: String, connect: Duration) -> Upstream {
+        Upstream::new("test", &url, None, timeouts(connect)).unwrap()
+    }
+
     async fn send(upstream: &Upstream) -> Result<http::StatusCode, Error> {
         let response = upstream
             .send(Method::POST, CHAT_PATH, HeaderMap::new(), Bytes::new())
@@ -390,13 +394,7 @@ mod tests {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let addr = server(None).await;
         let connect = Duration::from_millis(200);
-        let upstream = Upstream::new(
-            "tls",
-            &format!("https://{addr}/v1"),
-            None,
-            timeouts(connect),
-        )
-        .unwrap();
+        let upstream = upstream(format!("https://{addr}/v1"), connect);
         let err = send(&upstream).await.unwrap_err();
         assert!(matches!(err, Error::UpstreamTimeout(200)), "{err:?}");
     }
@@ -405,13 +403,7 @@ mod tests {
     async fn a_server_that_does_not_speak_tls_is_unreachable() {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let addr = server(Some(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")).await;
-        let upstream = Upstream::new(
-            "tls",
-            &format!("https://{addr}/v1"),
-            None,
-            timeouts(Duration::from_secs(60)),
-        )
-        .unwrap();
+        let upstream = upstream(format!("https://{addr}/v1"), Duration::from_secs(60));
         let err = send(&upstream).await.unwrap_err();
         assert!(matches!(err, Error::UpstreamUnreachable), "{err:?}");
     }
@@ -422,13 +414,7 @@ mod tests {
             b"HTTP/1.1 418 I'm a teapot\r\ncontent-length: 0\r\n\r\n",
         ))
         .await;
-        let upstream = Upstream::new(
-            "plain",
-            &format!("http://{addr}/v1"),
-            None,
-            timeouts(Duration::from_secs(60)),
-        )
-        .unwrap();
+        let upstream = upstream(format!("http://{addr}/v1"), Duration::from_secs(60));
         assert_eq!(
             send(&upstream).await.unwrap(),
             http::StatusCode::IM_A_TEAPOT
