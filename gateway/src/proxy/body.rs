@@ -25,22 +25,15 @@ pub enum UpstreamBodyError {
 /// hold much.
 const BURST_MAX: usize = 64 * 1024;
 
-/// How many scheduler turns without a new frame end a burst. Measured on the load bench's
-/// stream (24 words, which the upstream writes in 2 socket writes): with one turn most events
-/// still went out one write each; with two, each answer went out as one.
-const GATHER_TURNS: u8 = 2;
-
 pin_project! {
     /// Forwards every frame as soon as it arrives; never waits for data that has not.
     ///
-    /// Frames that have already arrived are passed on together. The upstream connection hands
-    /// its body over one chunk at a time, from its own task, so an upstream that sent a whole
-    /// stream in one write would otherwise reach the client as one socket write per SSE event
-    /// (28 for a 24-word answer, where the upstream made 2), each of them a TCP segment the
-    /// client wakes for. So after each frame the body gives the connection's task a turn or two
-    /// to hand over the next one; when the turns bring nothing, what was gathered goes out as
-    /// one frame. A stream whose events come apart in time still goes out event by event, each
-    /// a couple of scheduler turns later.
+    /// Frames that have already arrived are passed on together: the inner body yields an HTTP
+    /// chunk at a time, so an upstream that sent a whole stream in one write would otherwise
+    /// reach the client as one socket write per SSE event (28 for a 24-word answer, where the
+    /// upstream made 2), each of them a TCP segment the client wakes for. The inner body is
+    /// read until it has nothing more at hand, and what it gave goes out as one frame. A stream
+    /// whose events come apart in time still goes out event by event.
     ///
     /// The idle timer restarts at each frame, so a long stream that keeps sending is never cut.
     /// When an SSE stream fails, the client receives a final OpenAI-style `data: {"error":…}`
@@ -61,8 +54,6 @@ pin_project! {
         burst: Burst,
         // What ended the body, once it has; passed on after the burst.
         end: Option<End>,
-        // Turns given to the connection since the last frame.
-        idle_turns: u8,
     }
 }
 
@@ -136,7 +127,6 @@ impl<B> UpstreamBody<B> {
             is_sse,
             burst: Burst::default(),
             end: None,
-            idle_turns: 0,
         }
     }
 }
@@ -167,10 +157,7 @@ where
                 Poll::Ready(Some(Ok(frame))) => {
                     *this.last_frame = Instant::now();
                     match frame.into_data() {
-                        Ok(data) => {
-                            this.burst.push(data);
-                            *this.idle_turns = 0;
-                        }
+                        Ok(data) => this.burst.push(data),
                         Err(trailers) => *this.end = Some(End::Complete(Some(trailers))),
                     }
                 }
@@ -178,16 +165,8 @@ where
                 Poll::Ready(Some(Err(e))) => {
                     *this.end = Some(End::Failed(UpstreamBodyError::Upstream(e.into())));
                 }
-                Poll::Pending if !this.burst.is_empty() => {
-                    if *this.idle_turns == GATHER_TURNS {
-                        break;
-                    }
-                    *this.idle_turns += 1;
-                    // Back of the run queue: the connection's task, which the taken chunk
-                    // woke, gets to hand over the next one.
-                    cx.waker().wake_by_ref();
-                    return Poll::Pending;
-                }
+                // Nothing more at hand: pass on what came.
+                Poll::Pending if !this.burst.is_empty() => break,
                 Poll::Pending => {
                     ready!(this.idle_timer.as_mut().poll(cx));
                     let due = *this.last_frame + *this.idle;
@@ -201,7 +180,6 @@ where
             }
         }
         if let Some(data) = this.burst.take() {
-            *this.idle_turns = 0;
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }
         // The loop ends with data gathered or with the end known, so `end` is set here.
@@ -246,8 +224,6 @@ where
 
 #[cfg(test)]
 mod tests {
-    use std::collections::VecDeque;
-
     use http::HeaderMap;
     use http_body_util::BodyExt;
     use tokio::sync::mpsc;
@@ -256,40 +232,16 @@ mod tests {
 
     const IDLE: Duration = Duration::from_secs(30);
 
-    /// Hands over one frame per scheduler turn, as hyper's client connection does from its task.
-    struct OnePerTurn {
-        frames: VecDeque<Result<Frame<Bytes>, std::io::Error>>,
-        handed_over: bool,
+    type TestFrame = Result<Frame<Bytes>, std::io::Error>;
+
+    /// A body whose frames have all arrived already.
+    fn at_hand(
+        frames: Vec<TestFrame>,
+    ) -> http_body_util::StreamBody<futures_util::stream::Iter<std::vec::IntoIter<TestFrame>>> {
+        http_body_util::StreamBody::new(futures_util::stream::iter(frames))
     }
 
-    impl OnePerTurn {
-        fn body(frames: Vec<Result<Frame<Bytes>, std::io::Error>>) -> Self {
-            Self {
-                frames: frames.into(),
-                handed_over: false,
-            }
-        }
-    }
-
-    impl Body for OnePerTurn {
-        type Data = Bytes;
-        type Error = std::io::Error;
-
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-            if self.handed_over {
-                self.handed_over = false;
-                cx.waker().wake_by_ref();
-                return Poll::Pending;
-            }
-            self.handed_over = true;
-            Poll::Ready(self.frames.pop_front())
-        }
-    }
-
-    fn data(text: &str) -> Result<Frame<Bytes>, std::io::Error> {
+    fn data(text: &str) -> TestFrame {
         Ok(Frame::data(Bytes::copy_from_slice(text.as_bytes())))
     }
 
@@ -324,14 +276,14 @@ mod tests {
     #[tokio::test]
     async fn frames_already_at_hand_go_out_as_one() {
         let events = ["data: a\n\n", "data: b\n\n", "data: [DONE]\n\n"];
-        let inner = OnePerTurn::body(events.iter().map(|e| data(e)).collect());
+        let inner = at_hand(events.iter().map(|e| data(e)).collect());
         let got = frames(UpstreamBody::new(inner, IDLE, true)).await;
         assert_eq!(got, vec![events.concat()]);
     }
 
     #[tokio::test]
     async fn frames_apart_in_time_go_out_one_by_one() {
-        let (tx, mut rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(1);
+        let (tx, mut rx) = mpsc::channel::<TestFrame>(1);
         let frames = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
         let inner = http_body_util::StreamBody::new(frames);
         let mut body = std::pin::pin!(UpstreamBody::new(inner, IDLE, true));
@@ -348,7 +300,7 @@ mod tests {
     async fn a_burst_is_passed_on_at_its_cap() {
         let event = "x".repeat(1000);
         let count = BURST_MAX / event.len() * 2 + 3;
-        let inner = OnePerTurn::body((0..count).map(|_| data(&event)).collect());
+        let inner = at_hand((0..count).map(|_| data(&event)).collect());
         let got = frames(UpstreamBody::new(inner, IDLE, true)).await;
         assert!(got.len() >= 3, "{} frames", got.len());
         assert!(got.iter().all(|f| f.len() < BURST_MAX + event.len()));
@@ -359,7 +311,7 @@ mod tests {
     async fn trailers_follow_the_data() {
         let mut trailers = HeaderMap::new();
         trailers.insert("x-checksum", "1".parse().unwrap());
-        let inner = OnePerTurn::body(vec![
+        let inner = at_hand(vec![
             data("{\"a\":"),
             data("1}"),
             Ok(Frame::trailers(trailers)),
@@ -373,7 +325,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_stream_passes_on_what_came_then_an_error_event() {
-        let inner = OnePerTurn::body(vec![
+        let inner = at_hand(vec![
             data("data: a\n\n"),
             Err(std::io::Error::other("reset")),
         ]);
@@ -386,7 +338,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_json_body_passes_on_what_came_then_fails() {
-        let inner = OnePerTurn::body(vec![data("{\"a\":"), Err(std::io::Error::other("reset"))]);
+        let inner = at_hand(vec![data("{\"a\":"), Err(std::io::Error::other("reset"))]);
         let got = frames(UpstreamBody::new(inner, IDLE, false)).await;
         assert_eq!(got.len(), 2, "{got:?}");
         assert_eq!(got[0], "{\"a\":");

@@ -1,5 +1,7 @@
 //! Clients for the configured upstreams: pooled connections, the key from the environment, timeouts.
 
+mod pool;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -11,32 +13,27 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, header};
 use http_body_util::Full;
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::Timeouts;
 use crate::error::Error;
 use crate::proxy::body::UpstreamBody;
-
-/// How long an idle pooled connection is kept.
-const POOL_IDLE: Duration = Duration::from_secs(90);
-
-/// The pooled HTTP/1.1 client, TLS by rustls when the base URL is `https`.
-type HttpClient = Client<Connect, Full<Bytes>>;
+pub use pool::DrivenBody;
+use pool::Pool;
 
 /// One upstream: where it is, its key, and a pooled client with its timeouts.
 ///
-/// The proxy sends with hyper's own pooled client rather than reqwest: on the hot path
-/// reqwest's redirect and retry layers and its URL handling cost about as much CPU as the
-/// rest of the upstream call (profiled under the load bench), and the proxy needs none of them.
+/// The proxy sends with hyper's own HTTP/1.1 connections, pooled here (see [`pool`]), rather
+/// than reqwest: on the hot path reqwest's redirect and retry layers and its URL handling cost
+/// about as much CPU as the rest of the upstream call (profiled under the load bench), and the
+/// proxy needs none of them.
 #[derive(Debug)]
 pub struct Upstream {
     name: String,
     base_url: String,
     /// `Authorization: Bearer …`, marked sensitive so it never shows in debug output.
     auth: Option<HeaderValue>,
-    client: HttpClient,
+    pool: Arc<Pool>,
     timeouts: Timeouts,
     chat_uri: Uri,
     /// `Host`, formed once: the client would otherwise format it for every request.
@@ -85,7 +82,7 @@ impl Upstream {
             .map_err(|e| setup_err(format!("base_url is not a URL: {e}")))?;
         let host =
             host_header(&chat_uri).ok_or_else(|| setup_err("base_url has no host".to_string()))?;
-        let client = http_client(timeouts.connect)
+        let connect = Connect::new(timeouts.connect)
             .map_err(|e| setup_err(format!("cannot set up TLS: {e}")))?;
         Ok(Self {
             chat_uri,
@@ -93,7 +90,7 @@ impl Upstream {
             name: name.to_string(),
             base_url,
             auth,
-            client,
+            pool: Arc::new(Pool::new(connect)),
             timeouts,
         })
     }
@@ -118,7 +115,7 @@ impl Upstream {
         path: &str,
         mut headers: HeaderMap,
         body: Bytes,
-    ) -> Result<http::Response<UpstreamBody>, Error> {
+    ) -> Result<http::Response<UpstreamBody<DrivenBody>>, Error> {
         strip_credentials(&mut headers);
         if let Some(auth) = &self.auth {
             headers.insert(header::AUTHORIZATION, auth.clone());
@@ -136,23 +133,30 @@ impl Upstream {
                     Error::UpstreamUnreachable
                 })?
         };
+        // hyper writes the request target as given: the path and query, with the host in `Host`.
+        let target = uri
+            .path_and_query()
+            .map_or_else(|| Uri::from_static("/"), |p| Uri::from(p.clone()));
         let mut request = http::Request::new(Full::new(body));
         *request.method_mut() = method;
-        *request.uri_mut() = uri;
+        *request.uri_mut() = target;
         *request.headers_mut() = headers;
         let first_byte = self.timeouts.first_byte;
-        let response = match tokio::time::timeout(first_byte, self.client.request(request)).await {
+        let (response, conn) = match tokio::time::timeout(first_byte, self.exchange(&uri, request))
+            .await
+        {
             Err(_) => return Err(Error::UpstreamTimeout(millis(first_byte))),
-            Ok(Err(e)) if connect_timed_out(&e) => {
+            Ok(Err(e)) if connect_timed_out(e.as_ref()) => {
                 return Err(Error::UpstreamTimeout(millis(self.timeouts.connect)));
             }
             Ok(Err(e)) => {
-                tracing::warn!(upstream = %self.name, error = %ErrorChain(&e), "upstream request failed");
+                tracing::warn!(upstream = %self.name, error = %ErrorChain(e.as_ref()), "upstream request failed");
                 return Err(Error::UpstreamUnreachable);
             }
-            Ok(Ok(response)) => response,
+            Ok(Ok(exchanged)) => exchanged,
         };
         let (mut parts, body) = response.into_parts();
+        let body = DrivenBody::new(body, conn, Arc::clone(&self.pool));
         strip_hop_by_hop(&mut parts.headers);
         let is_sse = parts
             .headers
@@ -166,6 +170,31 @@ impl Upstream {
         }
         let body = UpstreamBody::new(body, self.timeouts.idle, is_sse);
         Ok(http::Response::from_parts(parts, body))
+    }
+}
+
+impl Upstream {
+    /// Sends `request` on a pooled connection, or on a new one if the pooled one turns out to
+    /// have been closed before the request went out; returns the response head and the
+    /// connection its body arrives on.
+    async fn exchange(
+        &self,
+        uri: &Uri,
+        request: http::Request<Full<Bytes>>,
+    ) -> Result<(http::Response<hyper::body::Incoming>, pool::Conn), BoxError> {
+        let mut conn = self.pool.checkout(uri).await?;
+        match conn.send(request).await {
+            Ok(response) => Ok((response, conn)),
+            Err(mut e) => match e.take_message() {
+                // Not sent at all on a connection that had been idle: safe to send again.
+                Some(request) if conn.is_reused() => {
+                    let mut conn = self.pool.connect(uri).await?;
+                    let response = conn.send(request).await.map_err(|e| e.into_error())?;
+                    Ok((response, conn))
+                }
+                _ => Err(e.into_error().into()),
+            },
+        }
     }
 }
 
@@ -185,41 +214,36 @@ fn host_header(uri: &Uri) -> Option<HeaderValue> {
     HeaderValue::from_str(&value).ok()
 }
 
-/// The pooled client: TCP_NODELAY, the connect timeout, rustls with the platform's roots.
-/// Redirects are never followed (hyper does not), so the provider key cannot be carried to
-/// wherever an upstream points (S4).
-fn http_client(connect_timeout: Duration) -> Result<HttpClient, rustls::Error> {
-    use rustls_platform_verifier::BuilderVerifierExt;
-
-    let mut tcp = HttpConnector::new();
-    tcp.set_nodelay(true);
-    // The TLS layer takes `https` URIs; it needs the TCP layer to accept them.
-    tcp.enforce_http(false);
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_platform_verifier()?
-        .with_no_client_auth();
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(tcp);
-    let connect = Connect {
-        inner: https,
-        timeout: connect_timeout,
-    };
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(POOL_IDLE)
-        .pool_timer(TokioTimer::new())
-        .build(connect))
-}
-
-/// Opens upstream connections, TCP and TLS together within the connect timeout.
+/// Opens upstream connections: TCP_NODELAY, rustls with the platform's roots when the URL is
+/// `https`, and TCP and TLS together within the connect timeout (the TCP connector's own
+/// timeout would not cover the handshake). Redirects are never followed (nothing here follows
+/// them), so the provider key cannot be carried to wherever an upstream points (S4).
 #[derive(Debug, Clone)]
 struct Connect {
     inner: HttpsConnector<HttpConnector>,
     timeout: Duration,
+}
+
+impl Connect {
+    fn new(timeout: Duration) -> Result<Self, rustls::Error> {
+        use rustls_platform_verifier::BuilderVerifierExt;
+
+        let mut tcp = HttpConnector::new();
+        tcp.set_nodelay(true);
+        // The TLS layer takes `https` URIs; it needs the TCP layer to accept them.
+        tcp.enforce_http(false);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_platform_verifier()?
+            .with_no_client_auth();
+        let inner = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(tcp);
+        Ok(Self { inner, timeout })
+    }
 }
 
 /// The connect timeout ran out.
@@ -250,8 +274,8 @@ impl tower::Service<Uri> for Connect {
 }
 
 /// Whether connecting ran out of time.
-fn connect_timed_out(e: &hyper_util::client::legacy::Error) -> bool {
-    e.is_connect() && sources(e).any(|s| s.is::<ConnectTimeout>())
+fn connect_timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    sources(e).any(|s| s.is::<ConnectTimeout>())
 }
 
 /// An error and every error under it.
@@ -345,6 +369,11 @@ impl Upstreams {
 
 #[cfg(test)]
 mod tests {
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body::Frame;
+    use http_body_util::{BodyExt, StreamBody};
     use tokio::net::TcpListener;
 
     use super::*;
@@ -387,6 +416,83 @@ mod tests {
             .send(Method::POST, CHAT_PATH, HeaderMap::new(), Bytes::new())
             .await?;
         Ok(response.status())
+    }
+
+    /// A keep-alive HTTP/1.1 server that answers `{"ok":true}` to everything (chunked when
+    /// `chunked`), and a count of the connections it accepted.
+    async fn counting_server(chunked: bool) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let service = hyper::service::service_fn(move |_request| async move {
+                    let parts: Vec<Result<Frame<Bytes>, Infallible>> = ["{\"ok\"", ":true}"]
+                        .map(|part| Ok(Frame::data(Bytes::from_static(part.as_bytes()))))
+                        .into();
+                    let body = if chunked {
+                        StreamBody::new(futures_util::stream::iter(parts)).boxed()
+                    } else {
+                        Full::new(Bytes::from_static(b"{\"ok\":true}")).boxed()
+                    };
+                    Ok::<_, Infallible>(http::Response::new(body))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                );
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// Sends a request and reads the whole response body.
+    async fn read_through(upstream: &Upstream) -> Bytes {
+        let response = upstream
+            .send(Method::POST, CHAT_PATH, HeaderMap::new(), Bytes::new())
+            .await
+            .unwrap();
+        response.into_body().collect().await.unwrap().to_bytes()
+    }
+
+    #[tokio::test]
+    async fn one_connection_serves_request_after_request() {
+        for chunked in [false, true] {
+            let (addr, accepted) = counting_server(chunked).await;
+            let upstream = upstream(format!("http://{addr}/v1"), Duration::from_secs(60));
+            for _ in 0..3 {
+                assert_eq!(read_through(&upstream).await, "{\"ok\":true}");
+            }
+            assert_eq!(accepted.load(Ordering::SeqCst), 1, "chunked: {chunked}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_while_idle_is_replaced() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        // Each connection gets one answer that does not say it will close, then is closed.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (closed_tx, mut closed) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut request = [0; 4096];
+                let _ = socket.read(&mut request).await;
+                let _ = socket
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+                    .await;
+                drop(socket);
+                let _ = closed_tx.send(());
+            }
+        });
+        let upstream = upstream(format!("http://{addr}/v1"), Duration::from_secs(60));
+        for _ in 0..3 {
+            assert_eq!(read_through(&upstream).await, "{}");
+            closed.recv().await.unwrap();
+        }
     }
 
     #[tokio::test]

@@ -1,0 +1,230 @@
+//! Upstream HTTP/1.1 connections driven by the request that uses them, kept in a pool between requests.
+//!
+//! A hyper client connection does its reading and writing only when its `Connection` future is
+//! polled. A pooled client usually spawns that future as a task of its own, which then hands
+//! the response to the request's task through channels: a task switch for the response head
+//! and one for every body chunk (a 24-word SSE answer is 28 of them). Here the request's task
+//! polls the connection itself, right before it looks for the next piece of the response, so
+//! whatever has arrived is decoded and passed on in the same poll.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, Uri};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::client::conn::{TrySendError, http1};
+use tokio::time::Instant;
+use tower::Service;
+
+use super::{BoxError, Connect};
+
+/// The stream a connection runs on: TCP, or TLS over TCP.
+type Io = <Connect as Service<Uri>>::Response;
+
+/// How long an idle connection is kept.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// The most idle connections kept per upstream; more are closed when they come back.
+const MAX_IDLE: usize = 1024;
+
+/// One upstream connection: the handle that sends requests, and the connection itself, which
+/// makes progress only when whoever holds it polls it.
+pub(super) struct Conn {
+    sender: http1::SendRequest<Full<Bytes>>,
+    driver: http1::Connection<Io, Full<Bytes>>,
+    /// The connection has ended; it must not be polled again.
+    ended: bool,
+    /// It served a request before, so the upstream may have closed it meanwhile.
+    reused: bool,
+}
+
+impl Conn {
+    /// Lets the connection read and write what it can now. False once it has ended.
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.ended && Pin::new(&mut self.driver).poll(cx).is_ready() {
+            self.ended = true;
+        }
+        !self.ended
+    }
+
+    /// Whether an idle connection can take a request: it has not ended (a poll that waits
+    /// for nothing would see the upstream's close) and it is ready for the next exchange.
+    fn is_usable(&mut self) -> bool {
+        self.drive(&mut Context::from_waker(Waker::noop())) && self.sender.is_ready()
+    }
+
+    /// Sends `request` and waits for the response head, driving the connection meanwhile. A
+    /// request that was not sent at all comes back in the error.
+    pub(super) async fn send(
+        &mut self,
+        request: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, TrySendError<Request<Full<Bytes>>>> {
+        let mut response = std::pin::pin!(self.sender.try_send_request(request));
+        std::future::poll_fn(|cx| {
+            // The connection first: it writes the request and reads what has come back.
+            self.drive(cx);
+            response.as_mut().poll(cx)
+        })
+        .await
+    }
+
+    /// Whether the connection served a request before this one.
+    pub(super) fn is_reused(&self) -> bool {
+        self.reused
+    }
+}
+
+/// The idle connections to one upstream, and how to open new ones.
+pub(super) struct Pool {
+    idle: Mutex<Vec<(Conn, Instant)>>,
+    connect: Connect,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let idle = self.idle.lock().map_or(0, |idle| idle.len());
+        f.debug_struct("Pool").field("idle", &idle).finish()
+    }
+}
+
+impl Pool {
+    pub(super) fn new(connect: Connect) -> Self {
+        Self {
+            idle: Mutex::new(Vec::new()),
+            connect,
+        }
+    }
+
+    /// The most recently used idle connection that can still take a request, or a new one.
+    pub(super) async fn checkout(&self, uri: &Uri) -> Result<Conn, BoxError> {
+        while let Some(mut conn) = self.pop_idle() {
+            if conn.is_usable() {
+                conn.reused = true;
+                return Ok(conn);
+            }
+        }
+        self.connect(uri).await
+    }
+
+    /// Opens a new connection: TCP and TLS within the connect timeout, then the HTTP/1.1 state.
+    pub(super) async fn connect(&self, uri: &Uri) -> Result<Conn, BoxError> {
+        let io = self.connect.clone().call(uri.clone()).await?;
+        let (sender, driver) = http1::handshake(io).await?;
+        Ok(Conn {
+            sender,
+            driver,
+            ended: false,
+            reused: false,
+        })
+    }
+
+    fn pop_idle(&self) -> Option<Conn> {
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let now = Instant::now();
+        // Oldest first: drop the connections idle too long, then take the newest.
+        let expired = idle
+            .iter()
+            .take_while(|(_, since)| now.duration_since(*since) >= IDLE_TIMEOUT)
+            .count();
+        idle.drain(..expired);
+        idle.pop().map(|(conn, _)| conn)
+    }
+
+    /// Takes back a connection whose exchange is over, if it can serve another.
+    fn checkin(&self, mut conn: Conn) {
+        if !conn.is_usable() {
+            return;
+        }
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if idle.len() < MAX_IDLE {
+            idle.push((conn, Instant::now()));
+        }
+    }
+}
+
+/// A response body that drives its connection as it is read, and hands the connection back to
+/// the pool once the body has ended cleanly. Dropped early, it closes the connection.
+pub struct DrivenBody {
+    incoming: Incoming,
+    conn: Option<Conn>,
+    pool: Arc<Pool>,
+    /// The body has yielded its end.
+    ended: bool,
+}
+
+impl DrivenBody {
+    pub(super) fn new(incoming: Incoming, conn: Conn, pool: Arc<Pool>) -> Self {
+        Self {
+            incoming,
+            conn: Some(conn),
+            pool,
+            ended: false,
+        }
+    }
+}
+
+impl DrivenBody {
+    /// Gives the connection back if the response has been read to its end. The server may stop
+    /// polling a body whose length says it is done, so this also runs on drop.
+    fn release(&mut self) {
+        if (self.ended || self.incoming.is_end_stream())
+            && let Some(conn) = self.conn.take()
+        {
+            self.pool.checkin(conn);
+        }
+    }
+}
+
+impl Drop for DrivenBody {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl std::fmt::Debug for DrivenBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DrivenBody")
+            .field("connected", &self.conn.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Body for DrivenBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        if let Some(conn) = &mut this.conn {
+            conn.drive(cx);
+        }
+        let frame = Pin::new(&mut this.incoming).poll_frame(cx);
+        if let Poll::Ready(None) = frame {
+            this.ended = true;
+            this.release();
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.incoming.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.incoming.size_hint()
+    }
+}
