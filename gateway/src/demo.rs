@@ -322,6 +322,7 @@ pub async fn run() -> anyhow::Result<()> {
     for w in workers {
         let _ = w.await;
     }
+    settle_capture(&gateway).await;
     summary(
         &gateway,
         &distiller,
@@ -345,6 +346,17 @@ fn gateway_guard_events(
     gateway: &crate::server::RunningGateway,
 ) -> Option<Vec<forge_layer::guard::GuardEvent>> {
     gateway.guard().map(|g| g.events())
+}
+
+/// Waits (up to 10 s) until the writer has committed every trace it was handed, so that the
+/// summary counts the last requests too: an `async` writer commits once per flush interval.
+async fn settle_capture(gateway: &crate::server::RunningGateway) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while gateway.capture_counters().is_some_and(|c| c.pending > 0)
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 fn tempfile_dir() -> std::io::Result<tempfile::TempDir> {
