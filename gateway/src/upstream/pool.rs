@@ -3,7 +3,7 @@
 //! A hyper client connection does its reading and writing only when its `Connection` future is
 //! polled. A pooled client usually spawns that future as a task of its own, which then hands
 //! the response to the request's task through channels: a task switch for the response head
-//! and one for every body chunk (a 24-word SSE answer is 28 of them). Here the request's task
+//! and one for every body chunk (a 24-word SSE answer has 27). Here the request's task
 //! polls the connection itself, right before it looks for the next piece of the response, so
 //! whatever has arrived is decoded and passed on in the same poll.
 
