@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
@@ -40,7 +39,7 @@ pin_project! {
     /// event (which the SDKs raise as `APIError`) and a clean end, rather than a cut connection
     /// it cannot tell from a network fault. Other bodies end with an error, which aborts the
     /// connection, so a truncated JSON body is never mistaken for a complete one.
-    pub struct UpstreamBody<B = Incoming> {
+    pub struct UpstreamBody<B> {
         #[pin]
         inner: B,
         #[pin]
