@@ -84,13 +84,15 @@ impl Upstream {
             host_header(&chat_uri).ok_or_else(|| setup_err("base_url has no host".to_string()))?;
         let connect = Connect::new(timeouts.connect)
             .map_err(|e| setup_err(format!("cannot set up TLS: {e}")))?;
+        let pool = Arc::new(Pool::new(connect));
+        Pool::spawn_reaper(&pool);
         Ok(Self {
             chat_uri,
             host,
             name: name.to_string(),
             base_url,
             auth,
-            pool: Arc::new(Pool::new(connect)),
+            pool,
             timeouts,
         })
     }
@@ -466,17 +468,38 @@ mod tests {
                 assert_eq!(read_through(&upstream).await, "{\"ok\":true}");
             }
             assert_eq!(accepted.load(Ordering::SeqCst), 1, "chunked: {chunked}");
+            // Open and unexpired: the reaper keeps it.
+            assert_eq!(upstream.pool.reap(), 1);
         }
     }
 
-    #[tokio::test]
-    async fn a_connection_the_upstream_closed_while_idle_is_replaced() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// The upstream end of [`closing_server`]: close the current connection, and hear it done.
+    struct Closer {
+        close: tokio::sync::mpsc::UnboundedSender<()>,
+        closed: tokio::sync::mpsc::UnboundedReceiver<()>,
+    }
 
-        // Each connection gets one answer that does not say it will close, then is closed.
+    impl Closer {
+        /// Closes the connection the last answer came on, and waits until it is closed.
+        async fn close(&mut self) {
+            self.close.send(()).unwrap();
+            self.closed.recv().await.unwrap();
+            // Time for the close to reach this end of the socket; how long it takes is not
+            // what the tests are about.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A server that answers each connection once, with an answer that does not say it will
+    /// close, and closes the connection when told.
+    async fn closing_server() -> (std::net::SocketAddr, Closer) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::sync::mpsc::unbounded_channel;
+
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (closed_tx, mut closed) = tokio::sync::mpsc::unbounded_channel();
+        let (close, mut close_rx) = unbounded_channel::<()>();
+        let (closed_tx, closed) = unbounded_channel::<()>();
         tokio::spawn(async move {
             while let Ok((mut socket, _)) = listener.accept().await {
                 let mut request = [0; 4096];
@@ -484,15 +507,48 @@ mod tests {
                 let _ = socket
                     .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
                     .await;
+                if close_rx.recv().await.is_none() {
+                    break;
+                }
                 drop(socket);
                 let _ = closed_tx.send(());
             }
         });
+        (addr, Closer { close, closed })
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_while_idle_is_replaced() {
+        let (addr, mut closer) = closing_server().await;
         let upstream = upstream(format!("http://{addr}/v1"), Duration::from_secs(60));
         for _ in 0..3 {
             assert_eq!(read_through(&upstream).await, "{}");
-            closed.recv().await.unwrap();
+            // Back in the pool and open, so the reaper keeps it.
+            assert_eq!(upstream.pool.reap(), 1);
+            closer.close().await;
         }
+        // The last one sits in the pool, closed by the upstream: the reaper drops it.
+        assert_eq!(upstream.pool.reap(), 0);
+    }
+
+    /// The upstream may close a connection after the pool has checked it: a request sent on it
+    /// must come back unsent at once (to be sent again), not wait for a connection that is gone.
+    #[tokio::test]
+    async fn a_request_on_a_connection_closed_after_checkout_comes_back_unsent() {
+        let (addr, mut closer) = closing_server().await;
+        let upstream = upstream(format!("http://{addr}/v1"), Duration::from_secs(60));
+        assert_eq!(read_through(&upstream).await, "{}");
+        closer.close().await;
+        // Taken without the check a checkout makes.
+        let mut conn = upstream.pool.pop_idle().expect("the connection was pooled");
+        let request = http::Request::new(Full::new(Bytes::new()));
+        let sent = tokio::time::timeout(Duration::from_secs(30), conn.send(request))
+            .await
+            .expect("the request does not wait for the closed connection");
+        let mut error = sent.expect_err("the connection is closed");
+        assert!(error.take_message().is_some(), "{:?}", error.error());
+        // And the whole exchange goes through on a new connection.
+        assert_eq!(read_through(&upstream).await, "{}");
     }
 
     #[tokio::test]

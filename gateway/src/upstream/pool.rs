@@ -31,14 +31,16 @@ type Io = <Connect as Service<Uri>>::Response;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// The most idle connections kept per upstream; more are closed when they come back.
 const MAX_IDLE: usize = 1024;
+/// How often idle connections are checked for expiry and for the upstream having closed them.
+const REAP_EVERY: Duration = Duration::from_secs(30);
 
 /// One upstream connection: the handle that sends requests, and the connection itself, which
 /// makes progress only when whoever holds it polls it.
 pub(super) struct Conn {
     sender: http1::SendRequest<Full<Bytes>>,
-    driver: http1::Connection<Io, Full<Bytes>>,
-    /// The connection has ended; it must not be polled again.
-    ended: bool,
+    /// `None` once the connection has ended. Dropping it then is what fails a request still
+    /// queued on it, so that the request is not left waiting for a connection that is gone.
+    driver: Option<http1::Connection<Io, Full<Bytes>>>,
     /// It served a request before, so the upstream may have closed it meanwhile.
     reused: bool,
 }
@@ -46,10 +48,12 @@ pub(super) struct Conn {
 impl Conn {
     /// Lets the connection read and write what it can now. False once it has ended.
     fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        if !self.ended && Pin::new(&mut self.driver).poll(cx).is_ready() {
-            self.ended = true;
+        if let Some(driver) = &mut self.driver
+            && Pin::new(driver).poll(cx).is_ready()
+        {
+            self.driver = None;
         }
-        !self.ended
+        self.driver.is_some()
     }
 
     /// Whether an idle connection can take a request: it has not ended (a poll that waits
@@ -117,17 +121,13 @@ impl Pool {
         let (sender, driver) = http1::handshake(io).await?;
         Ok(Conn {
             sender,
-            driver,
-            ended: false,
+            driver: Some(driver),
             reused: false,
         })
     }
 
-    fn pop_idle(&self) -> Option<Conn> {
-        let mut idle = self
-            .idle
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+    pub(super) fn pop_idle(&self) -> Option<Conn> {
+        let mut idle = self.lock_idle();
         let now = Instant::now();
         // Oldest first: drop the connections idle too long, then take the newest.
         let expired = idle
@@ -138,15 +138,49 @@ impl Pool {
         idle.pop().map(|(conn, _)| conn)
     }
 
+    /// Closes the idle connections that have expired or that the upstream has closed, so that
+    /// a pool nobody uses does not keep half-closed sockets. Returns how many are left.
+    pub(super) fn reap(&self) -> usize {
+        let mut idle = self.lock_idle();
+        let now = Instant::now();
+        idle.retain_mut(|(conn, since)| {
+            now.duration_since(*since) < IDLE_TIMEOUT && conn.is_usable()
+        });
+        idle.len()
+    }
+
+    /// Reaps the pool every [`REAP_EVERY`] for as long as it exists.
+    pub(super) fn spawn_reaper(pool: &Arc<Pool>) {
+        // Without a runtime (a client built outside one) there is nothing to run it on; the
+        // checkouts still drop what has expired.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let pool = Arc::downgrade(pool);
+        runtime.spawn(async move {
+            let mut every = tokio::time::interval(REAP_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                let Some(pool) = pool.upgrade() else { break };
+                pool.reap();
+            }
+        });
+    }
+
+    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<(Conn, Instant)>> {
+        self.idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// Takes back a connection whose exchange is over, if it can serve another.
     fn checkin(&self, mut conn: Conn) {
         if !conn.is_usable() {
             return;
         }
-        let mut idle = self
-            .idle
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut idle = self.lock_idle();
         if idle.len() < MAX_IDLE {
             idle.push((conn, Instant::now()));
         }
