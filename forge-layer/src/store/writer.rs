@@ -245,7 +245,8 @@ async fn run(
     let mut ready = Encoded::default();
     let mut due: Option<Instant> = None;
     // What each encode takes and where it writes, kept between encodes so that their buffers
-    // are allocated once.
+    // are allocated once. The encode writes apart from `ready` and is then appended to it, so
+    // that an encode task that fails cannot take already-encoded traces with it.
     let mut batch: Vec<Job> = Vec::new();
     let mut scratch = Encoded::default();
     loop {

@@ -35,7 +35,10 @@ pub struct Upstream {
     auth: Option<HeaderValue>,
     pool: Arc<Pool>,
     timeouts: Timeouts,
-    chat_uri: Uri,
+    /// The base URL's path (`/v1`), which every request target starts with.
+    base_path: String,
+    /// The chat request target (`/v1/chat/completions`), formed once: it is the hot path.
+    chat_target: Uri,
     /// `Host`, formed once: the client would otherwise format it for every request.
     host: HeaderValue,
 }
@@ -77,17 +80,28 @@ impl Upstream {
             })
             .transpose()?;
         let base_url = base_url.trim_end_matches('/').to_string();
-        let chat_uri = format!("{base_url}{CHAT_PATH}")
+        let base = base_url
             .parse::<Uri>()
             .map_err(|e| setup_err(format!("base_url is not a URL: {e}")))?;
-        let host =
-            host_header(&chat_uri).ok_or_else(|| setup_err("base_url has no host".to_string()))?;
+        let host = host_header(&base).ok_or_else(|| setup_err("base_url has no host".into()))?;
+        // Where connections go: the scheme, host and port; the path travels in each request.
+        let origin = Uri::builder()
+            .scheme(base.scheme_str().unwrap_or("http"))
+            .authority(base.authority().map_or("", |a| a.as_str()))
+            .path_and_query("/")
+            .build()
+            .map_err(|e| setup_err(format!("base_url is not a URL: {e}")))?;
+        let base_path = base.path().trim_end_matches('/').to_string();
+        let chat_target = format!("{base_path}{CHAT_PATH}")
+            .parse::<Uri>()
+            .map_err(|e| setup_err(format!("base_url is not a URL: {e}")))?;
         let connect = Connect::new(timeouts.connect)
             .map_err(|e| setup_err(format!("cannot set up TLS: {e}")))?;
-        let pool = Arc::new(Pool::new(connect));
+        let pool = Arc::new(Pool::new(connect, origin));
         Pool::spawn_reaper(&pool);
         Ok(Self {
-            chat_uri,
+            base_path,
+            chat_target,
             host,
             name: name.to_string(),
             base_url,
@@ -124,28 +138,23 @@ impl Upstream {
         }
         headers.entry(header::USER_AGENT).or_insert(USER_AGENT);
         headers.insert(header::HOST, self.host.clone());
-        let uri = if path == CHAT_PATH {
-            // The hot path: the chat URI was parsed once, at start.
-            self.chat_uri.clone()
+        // hyper writes the request target as given: the path and query, with the host in `Host`.
+        let target = if path == CHAT_PATH {
+            self.chat_target.clone()
         } else {
-            format!("{}{}", self.base_url, path)
+            format!("{}{}", self.base_path, path)
                 .parse::<Uri>()
                 .map_err(|e| {
                     tracing::warn!(upstream = %self.name, path, error = %e, "cannot form the upstream URI");
                     Error::UpstreamUnreachable
                 })?
         };
-        // hyper writes the request target as given: the path and query, with the host in `Host`.
-        let target = uri
-            .path_and_query()
-            .map_or_else(|| Uri::from_static("/"), |p| Uri::from(p.clone()));
         let mut request = http::Request::new(Full::new(body));
         *request.method_mut() = method;
         *request.uri_mut() = target;
         *request.headers_mut() = headers;
         let first_byte = self.timeouts.first_byte;
-        let (response, conn) = match tokio::time::timeout(first_byte, self.exchange(&uri, request))
-            .await
+        let (response, conn) = match tokio::time::timeout(first_byte, self.exchange(request)).await
         {
             Err(_) => return Err(Error::UpstreamTimeout(millis(first_byte))),
             Ok(Err(e)) if connect_timed_out(e.as_ref()) => {
@@ -173,24 +182,21 @@ impl Upstream {
         let body = UpstreamBody::new(body, self.timeouts.idle, is_sse);
         Ok(http::Response::from_parts(parts, body))
     }
-}
 
-impl Upstream {
     /// Sends `request` on a pooled connection, or on a new one if the pooled one turns out to
     /// have been closed before the request went out; returns the response head and the
     /// connection its body arrives on.
     async fn exchange(
         &self,
-        uri: &Uri,
         request: http::Request<Full<Bytes>>,
     ) -> Result<(http::Response<hyper::body::Incoming>, pool::Conn), BoxError> {
-        let mut conn = self.pool.checkout(uri).await?;
+        let mut conn = self.pool.checkout().await?;
         match conn.send(request).await {
             Ok(response) => Ok((response, conn)),
             Err(mut e) => match e.take_message() {
                 // Not sent at all on a connection that had been idle: safe to send again.
                 Some(request) if conn.is_reused() => {
-                    let mut conn = self.pool.connect(uri).await?;
+                    let mut conn = self.pool.connect().await?;
                     let response = conn.send(request).await.map_err(|e| e.into_error())?;
                     Ok((response, conn))
                 }

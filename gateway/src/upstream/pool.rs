@@ -87,6 +87,8 @@ impl Conn {
 pub(super) struct Pool {
     idle: Mutex<Vec<(Conn, Instant)>>,
     connect: Connect,
+    /// The upstream's scheme, host and port.
+    origin: Uri,
 }
 
 impl std::fmt::Debug for Pool {
@@ -97,27 +99,28 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    pub(super) fn new(connect: Connect) -> Self {
+    pub(super) fn new(connect: Connect, origin: Uri) -> Self {
         Self {
             idle: Mutex::new(Vec::new()),
             connect,
+            origin,
         }
     }
 
     /// The most recently used idle connection that can still take a request, or a new one.
-    pub(super) async fn checkout(&self, uri: &Uri) -> Result<Conn, BoxError> {
+    pub(super) async fn checkout(&self) -> Result<Conn, BoxError> {
         while let Some(mut conn) = self.pop_idle() {
             if conn.is_usable() {
                 conn.reused = true;
                 return Ok(conn);
             }
         }
-        self.connect(uri).await
+        self.connect().await
     }
 
     /// Opens a new connection: TCP and TLS within the connect timeout, then the HTTP/1.1 state.
-    pub(super) async fn connect(&self, uri: &Uri) -> Result<Conn, BoxError> {
-        let io = self.connect.clone().call(uri.clone()).await?;
+    pub(super) async fn connect(&self) -> Result<Conn, BoxError> {
+        let io = self.connect.clone().call(self.origin.clone()).await?;
         let (sender, driver) = http1::handshake(io).await?;
         Ok(Conn {
             sender,
