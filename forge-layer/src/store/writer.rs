@@ -5,6 +5,7 @@
 //! one of `captured`, `dropped` or `failed`, so once the queue is drained
 //! `captured + dropped + failed == eligible` holds exactly.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -381,6 +382,12 @@ impl Encoded {
         other.clear();
     }
 
+    /// Drops bytes a failed encode left after the last whole trace.
+    fn discard_partial(&mut self) {
+        let end = self.ends.last().map_or(0, |&(_, end)| end);
+        self.bytes.truncate(end);
+    }
+
     fn clear(&mut self) {
         self.bytes.clear();
         self.ends.clear();
@@ -405,20 +412,31 @@ fn encode_batch(
     batch: &mut Vec<Job>,
     out: &mut Encoded,
 ) {
-    for job in batch.drain(..) {
-        let id = job.trace.id();
-        let trace = job
-            .trace
-            .into_trace(&config.redactor, config.max_event_bytes);
-        match out.push(id, &trace) {
-            Ok(()) => out.acks.extend(job.ack),
-            Err(e) => {
-                counters.failed.fetch_add(1, Ordering::AcqRel);
-                tracing::error!(trace_id = %id, error = %e, "trace could not be encoded");
-                if let Some(ack) = job.ack {
-                    let _ = ack.send(false);
-                }
+    for Job { trace, ack } in batch.drain(..) {
+        let id = trace.id();
+        // A panic while reassembling or encoding one exchange (a bug meeting odd upstream
+        // bytes) costs that trace, counted failed, not the whole batch uncounted.
+        let encoded = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            out.push(
+                id,
+                &trace.into_trace(&config.redactor, config.max_event_bytes),
+            )
+        }));
+        let error = match encoded {
+            Ok(Ok(())) => {
+                out.acks.extend(ack);
+                continue;
             }
+            Ok(Err(e)) => e.to_string(),
+            Err(_panic) => {
+                out.discard_partial();
+                "panicked while encoding".to_string()
+            }
+        };
+        counters.failed.fetch_add(1, Ordering::AcqRel);
+        tracing::error!(trace_id = %id, error, "trace could not be encoded");
+        if let Some(ack) = ack {
+            let _ = ack.send(false);
         }
     }
 }
@@ -427,7 +445,9 @@ fn encode_batch(
 /// the batch emptied, for reuse.
 fn commit_batch(store: &Store, counters: &CaptureCounters, mut batch: Encoded) -> Encoded {
     let n = batch.len() as u64;
-    let ok = commit_with_retry(store, &batch).is_ok();
+    // A panic in the store counts the batch failed, so the counters still add up.
+    let ok = std::panic::catch_unwind(AssertUnwindSafe(|| commit_with_retry(store, &batch)))
+        .is_ok_and(|committed| committed.is_ok());
     if ok {
         counters.captured.fetch_add(n, Ordering::AcqRel);
     } else {
@@ -495,6 +515,12 @@ mod tests {
                 (3, "{\"c\":[3]}".to_string()),
             ]
         );
+        // What an encode that panicked left behind goes; the whole traces stay.
+        let whole = ready.bytes.len();
+        ready.bytes.extend_from_slice(b"{\"half\":");
+        ready.discard_partial();
+        assert_eq!(ready.bytes.len(), whole);
+        assert_eq!(texts(&ready).len(), 3);
         // A cleared batch is empty but keeps its buffer for the next one.
         let capacity = ready.bytes.capacity();
         ready.clear();
