@@ -33,6 +33,7 @@ use forge_benches::recorder::{Recorder, human_ns, timed_batches};
 use forge_layer::capture::{CaptureBody, CaptureSession, DurableAck, PendingTrace, TraceSink};
 use forge_layer::reassemble::{FinalResponse, StreamReassembler};
 use forge_layer::redact::Redactor;
+use forge_layer::store::Ticket;
 use forge_layer::trace::Outcome;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Collected};
@@ -138,8 +139,12 @@ fn bench_request_path(c: &mut Criterion, shapes: &[Shape], recorder: &Recorder) 
             b.iter_custom(|iters| {
                 let elapsed = drive(shape, iters, |frames| {
                     opened.set(opened.get() + 1);
-                    let mut session =
-                        CaptureSession::new(meta.clone(), shape.request.clone(), CAPTURE_CAP);
+                    let mut session = CaptureSession::new(
+                        Ticket::untracked(),
+                        meta.clone(),
+                        shape.request.clone(),
+                        CAPTURE_CAP,
+                    );
                     session.on_response(200, shape.is_sse);
                     CaptureBody::new(frames, session, sink.clone())
                 });

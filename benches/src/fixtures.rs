@@ -6,6 +6,7 @@
 
 use bytes::Bytes;
 use forge_layer::capture::{BodyEnd, CaptureSession, ExchangeMeta, PendingTrace};
+use forge_layer::store::Ticket;
 use forge_router::Arm;
 
 /// The response cap the gateway uses by default (`capture.max_response_bytes`).
@@ -130,7 +131,12 @@ pub fn pending_trace(
     is_sse: bool,
     frames: &[Bytes],
 ) -> PendingTrace {
-    let mut session = CaptureSession::new(meta.clone(), request.clone(), CAPTURE_CAP);
+    let mut session = CaptureSession::new(
+        Ticket::untracked(),
+        meta.clone(),
+        request.clone(),
+        CAPTURE_CAP,
+    );
     session.on_response(200, is_sse);
     for frame in frames {
         session.on_chunk(frame);

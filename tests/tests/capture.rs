@@ -229,6 +229,92 @@ async fn a_stalled_store_never_fails_a_request_and_every_drop_is_counted() {
     gw.shutdown().await;
 }
 
+/// The trace ids a cursor scan (the judge's, a dataset's) sees now, in order.
+fn cursor_scan(gw: &forge_tests::TestGateway) -> Vec<TraceId> {
+    let mut ids = Vec::new();
+    gw.store()
+        .unwrap()
+        .for_each_graded_trace(None, |t, _, _| {
+            ids.push(t.id);
+            true
+        })
+        .unwrap();
+    ids
+}
+
+#[tokio::test]
+async fn cursor_scans_never_pass_a_stream_still_in_flight() {
+    // A stream of 600 words at 50 ms a word: half a minute, far longer than the test needs.
+    let trickle = ModelBehavior {
+        chunk_delay: Duration::from_millis(50),
+        words: 600,
+        ..ModelBehavior::default()
+    };
+    let sim = start_sim(SimConfig {
+        models: [("trickle".to_string(), trickle)].into(),
+        ..SimConfig::default()
+    })
+    .await;
+    let routes = [("long", "trickle"), ("short", "fast")];
+    let gw = start_gateway(&config_text(&sim.base_url(), "", &routes)).await;
+    let http = client();
+    let resp = http
+        .post(format!("{}/chat/completions", gw.base_url()))
+        .json(&chat_body("long", "a long answer please", true))
+        .send()
+        .await
+        .unwrap();
+    let long: TraceId = resp.headers()["x-forge-trace-id"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut long_body = resp.bytes_stream();
+    long_body.next().await.unwrap().unwrap();
+
+    // Short exchanges start after the stream and end before it: their ids are newer, their
+    // traces land first.
+    let mut ids = vec![long];
+    for i in 0..3 {
+        let resp = http
+            .post(format!("{}/chat/completions", gw.base_url()))
+            .json(&chat_body("short", &format!("short question {i}"), false))
+            .send()
+            .await
+            .unwrap();
+        ids.push(
+            resp.headers()["x-forge-trace-id"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap(),
+        );
+        resp.text().await.unwrap();
+    }
+    eventually("the short traces are committed", || {
+        gw.capture_counters().unwrap().captured == 3
+    })
+    .await;
+    assert!(
+        gw.store().unwrap().trace(long).unwrap().is_none(),
+        "the stream still runs"
+    );
+    // A scan that keeps the last id it saw as its cursor would pass the stream's id for good.
+    assert_eq!(
+        cursor_scan(&gw),
+        vec![],
+        "the scan stops below the stream in flight"
+    );
+
+    drop(long_body);
+    eventually("the stream's trace is committed", || {
+        gw.capture_counters().unwrap().captured == 4
+    })
+    .await;
+    assert_eq!(cursor_scan(&gw), ids, "every trace, oldest id first");
+    gw.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_client_that_leaves_mid_stream_is_recorded_as_cancelled() {
     let trickle = ModelBehavior {

@@ -47,10 +47,14 @@ where
             .get::<ExchangeMeta>()
             .cloned()
             .map(|meta| {
-                (
-                    CaptureSession::new(meta, request.body().clone(), self.max_response_bytes),
-                    self.sink.clone(),
-                )
+                let ticket = self.sink.ticket();
+                let session = CaptureSession::new(
+                    ticket,
+                    meta,
+                    request.body().clone(),
+                    self.max_response_bytes,
+                );
+                (session, self.sink.clone())
             });
         ResponseFuture::new(self.inner.call(request), session)
     }

@@ -9,6 +9,7 @@ use tokio::time::Instant;
 
 use crate::reassemble::{FinalResponse, StreamReassembler};
 use crate::redact::Redactor;
+use crate::store::Ticket;
 use crate::trace::{Outcome, Trace, TraceId};
 
 /// What the router decided and who asked: known before the upstream is called.
@@ -46,7 +47,7 @@ pub enum BodyEnd {
 /// One exchange being captured.
 #[derive(Debug)]
 pub struct CaptureSession {
-    id: TraceId,
+    ticket: Ticket,
     meta: ExchangeMeta,
     request: Bytes,
     started: Instant,
@@ -60,12 +61,12 @@ pub struct CaptureSession {
 }
 
 impl CaptureSession {
-    /// Starts a session when the request has been read. `cap` bounds the response bytes kept.
-    pub fn new(meta: ExchangeMeta, request: Bytes, cap: usize) -> Self {
-        let id = TraceId::generate();
+    /// Starts a session when the request has been read, under the id `ticket` holds (from the
+    /// sink, [`crate::capture::TraceSink::ticket`]). `cap` bounds the response bytes kept.
+    pub fn new(ticket: Ticket, meta: ExchangeMeta, request: Bytes, cap: usize) -> Self {
         Self {
-            time_ms: id.timestamp_ms(),
-            id,
+            time_ms: ticket.id().timestamp_ms(),
+            ticket,
             meta,
             request,
             started: Instant::now(),
@@ -80,7 +81,7 @@ impl CaptureSession {
 
     /// The trace id, sent to the client as `x-forge-trace-id`.
     pub fn id(&self) -> TraceId {
-        self.id
+        self.ticket.id()
     }
 
     /// The response head arrived.
@@ -105,7 +106,7 @@ impl CaptureSession {
     /// The exchange ended: the raw material of a trace, for the writer to finish off the hot path.
     pub fn finish(self, end: BodyEnd) -> PendingTrace {
         PendingTrace {
-            id: self.id,
+            ticket: self.ticket,
             time_ms: self.time_ms,
             meta: self.meta,
             request: self.request,
@@ -127,7 +128,7 @@ fn micros(d: std::time::Duration) -> u64 {
 /// A finished exchange not yet parsed, redacted or stored.
 #[derive(Debug)]
 pub struct PendingTrace {
-    id: TraceId,
+    ticket: Ticket,
     time_ms: u64,
     meta: ExchangeMeta,
     request: Bytes,
@@ -143,7 +144,7 @@ pub struct PendingTrace {
 impl PendingTrace {
     /// Its id.
     pub fn id(&self) -> TraceId {
-        self.id
+        self.ticket.id()
     }
 
     /// Who asked and where it went.
@@ -169,6 +170,16 @@ impl PendingTrace {
 
     /// Reassembles the response, decides the outcome and redacts: the trace as it is stored.
     pub fn into_trace(self, redactor: &Redactor, max_event_bytes: usize) -> Trace {
+        self.into_trace_and_ticket(redactor, max_event_bytes).0
+    }
+
+    /// Like [`PendingTrace::into_trace`], keeping the ticket: the writer holds it until the
+    /// trace's commit, so that scans with a cursor wait for the trace.
+    pub(crate) fn into_trace_and_ticket(
+        self,
+        redactor: &Redactor,
+        max_event_bytes: usize,
+    ) -> (Trace, Ticket) {
         let response = if self.is_sse {
             let mut r = StreamReassembler::new(max_event_bytes);
             r.feed(&self.body);
@@ -189,8 +200,8 @@ impl PendingTrace {
         redactor.redact_json(&mut request);
         let mut response = response;
         redact_response(redactor, &mut response);
-        Trace {
-            id: self.id,
+        let trace = Trace {
+            id: self.ticket.id(),
             time_ms: self.time_ms,
             tenant: self.meta.tenant,
             key_id: self.meta.key_id,
@@ -206,7 +217,8 @@ impl PendingTrace {
             latency_us: self.latency_us,
             ttfb_us: self.ttfb_us,
             outcome,
-        }
+        };
+        (trace, self.ticket)
     }
 }
 

@@ -49,6 +49,7 @@ fn meta(stream: bool) -> ExchangeMeta {
 
 fn session() -> CaptureSession {
     let mut s = CaptureSession::new(
+        crate::store::Ticket::untracked(),
         meta(false),
         Bytes::from_static(b"{\"model\":\"a\",\"messages\":[]}"),
         1 << 20,
@@ -177,7 +178,12 @@ async fn layer_adds_the_trace_id_and_skips_requests_without_meta() {
 #[tokio::test]
 async fn capture_cap_truncates_the_trace_not_the_response() {
     let sink = Collect::default();
-    let mut s = CaptureSession::new(meta(false), Bytes::from_static(b"{}"), 10);
+    let mut s = CaptureSession::new(
+        crate::store::Ticket::untracked(),
+        meta(false),
+        Bytes::from_static(b"{}"),
+        10,
+    );
     s.on_response(200, false);
     let bytes = CaptureBody::new(Full::new(Bytes::from_static(OK_BODY)), s, sink.clone())
         .collect()

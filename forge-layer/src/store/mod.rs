@@ -7,6 +7,7 @@
 mod feedback;
 mod records;
 mod routes;
+mod unsettled;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -20,6 +21,7 @@ use crate::trace::{Trace, TraceId};
 
 pub use feedback::{Evaluation, Feedback};
 pub use routes::RouteChange;
+pub use unsettled::{Ticket, Unsettled};
 pub use writer::{
     CaptureCounters, CaptureMode, CounterSnapshot, TraceWriter, WriterConfig, WriterTask,
 };
@@ -83,6 +85,8 @@ fn db_err<E: Into<redb::Error>>(e: E) -> StoreError {
 pub struct Store {
     db: Arc<Database>,
     path: PathBuf,
+    /// Trace ids the writer has issued and not yet committed.
+    unsettled: Arc<Unsettled>,
 }
 
 impl Store {
@@ -113,6 +117,7 @@ impl Store {
         let store = Self {
             db: Arc::new(db),
             path: path.to_path_buf(),
+            unsettled: Arc::default(),
         };
         // Create the tables up front so that readers never meet a missing table.
         store.write(|txn| {
@@ -132,6 +137,11 @@ impl Store {
     /// The file path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The trace ids on their way to this store.
+    pub fn unsettled(&self) -> &Arc<Unsettled> {
+        &self.unsettled
     }
 
     /// Runs `f` in one durable write transaction.

@@ -95,17 +95,31 @@ impl Store {
 
     /// Calls `f` on every trace after `after` (oldest first) with its latest feedback and
     /// evaluation, all from one consistent snapshot, one trace at a time.
+    ///
+    /// The scan stops below the oldest trace still on its way ([`Unsettled::scan_bound`]): a
+    /// caller that keeps the last id it saw as a cursor never steps past a trace that is still
+    /// to be committed (a long stream started before shorter exchanges that ended first).
+    ///
+    /// [`Unsettled::scan_bound`]: super::Unsettled::scan_bound
     pub fn for_each_graded_trace(
         &self,
         after: Option<TraceId>,
         mut f: impl FnMut(Trace, Option<Feedback>, Option<Evaluation>) -> bool,
     ) -> Result<(), StoreError> {
+        // Read before the snapshot is taken: every id below it is committed by then.
+        let end = self
+            .unsettled
+            .scan_bound()
+            .map_or(u128::MAX, TraceId::as_u128);
         let txn = self.db.begin_read().map_err(db_err)?;
         let traces = txn.open_table(TRACES).map_err(db_err)?;
         let feedback = txn.open_table(FEEDBACK).map_err(db_err)?;
         let evaluations = txn.open_table(EVALUATIONS).map_err(db_err)?;
         let start = after.map_or(0, |id| id.as_u128().saturating_add(1));
-        for entry in traces.range(start..).map_err(db_err)? {
+        if start >= end {
+            return Ok(());
+        }
+        for entry in traces.range(start..end).map_err(db_err)? {
             let (k, v) = entry.map_err(db_err)?;
             let key = k.value();
             let latest_fb = latest_of::<Feedback>(&feedback, key)?;

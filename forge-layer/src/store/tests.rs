@@ -9,6 +9,10 @@ use super::*;
 use crate::capture::{BodyEnd, CaptureSession, ExchangeMeta};
 
 fn pending(content: &str) -> crate::capture::PendingTrace {
+    pending_as(Ticket::untracked(), content)
+}
+
+fn pending_as(ticket: Ticket, content: &str) -> crate::capture::PendingTrace {
     let meta = ExchangeMeta {
         tenant: None,
         key_id: Some("app".into()),
@@ -21,7 +25,7 @@ fn pending(content: &str) -> crate::capture::PendingTrace {
     };
     let request =
         format!(r#"{{"model":"a","messages":[{{"role":"user","content":"{content}"}}]}}"#);
-    let mut s = CaptureSession::new(meta, Bytes::from(request), 1 << 20);
+    let mut s = CaptureSession::new(ticket, meta, Bytes::from(request), 1 << 20);
     s.on_response(200, false);
     s.on_chunk(&Bytes::from_static(br#"{"choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}]}"#));
     s.finish(BodyEnd::Complete)
@@ -208,6 +212,78 @@ async fn feedback_batches_are_all_or_nothing() {
     assert_eq!(store.feedback(id).unwrap().len(), 2);
 }
 
+/// Waits (with a generous deadline) until the writer has committed `n` traces.
+async fn until_captured(writer: &TraceWriter, n: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while writer.counters().captured < n && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(writer.counters().captured, n);
+}
+
+/// The ids a cursor scan after `after` sees now.
+fn scanned(store: &Store, after: Option<TraceId>) -> Vec<TraceId> {
+    let mut ids = Vec::new();
+    store
+        .for_each_graded_trace(after, |t, _, _| {
+            ids.push(t.id);
+            true
+        })
+        .unwrap();
+    ids
+}
+
+#[tokio::test]
+async fn cursor_scans_wait_for_a_trace_that_started_earlier_and_ends_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_dir(dir.path()).unwrap();
+    let config = WriterConfig {
+        flush_interval: Duration::from_millis(10),
+        ..WriterConfig::default()
+    };
+    let (writer, task) = TraceWriter::start(store.clone(), config);
+    // A long stream starts first, so its id is older than those of the short exchanges that
+    // start and end while it runs.
+    let long = writer.ticket();
+    let long_id = long.id();
+    let short: Vec<TraceId> = (0..3)
+        .map(|i| {
+            let trace = pending_as(writer.ticket(), &format!("short {i}"));
+            let id = trace.id();
+            assert!(writer.submit(trace).is_none());
+            id
+        })
+        .collect();
+    until_captured(&writer, 3).await;
+    assert_eq!(store.trace_count().unwrap(), 3, "the short ones are stored");
+    // A judge or a dataset would take the last id it saw as its cursor, and never look below
+    // it again: so the scan must not show the short ones yet.
+    assert_eq!(scanned(&store, None), vec![]);
+
+    assert!(writer.submit(pending_as(long, "long")).is_none());
+    until_captured(&writer, 4).await;
+    let mut all = vec![long_id];
+    all.extend(&short);
+    assert_eq!(
+        scanned(&store, None),
+        all,
+        "in id order, the long one first"
+    );
+    assert_eq!(scanned(&store, Some(short[0])), short[1..].to_vec());
+
+    // A trace that is dropped or fails settles too: it holds nothing up.
+    let lost = writer.ticket();
+    let after = writer.ticket();
+    let after_id = after.id();
+    assert!(writer.submit(pending_as(after, "after")).is_none());
+    until_captured(&writer, 5).await;
+    assert_eq!(scanned(&store, Some(short[2])), vec![]);
+    drop(lost);
+    assert_eq!(scanned(&store, Some(short[2])), vec![after_id]);
+    drop(writer);
+    task.join().await;
+}
+
 /// Submits `n` async traces to a running writer and checks that all of them are committed while
 /// it still runs, within a deadline far beyond the intervals that should commit them.
 async fn committed_while_running(config: WriterConfig, n: u64) {
@@ -217,10 +293,7 @@ async fn committed_while_running(config: WriterConfig, n: u64) {
     for i in 0..n {
         assert!(writer.submit(pending(&format!("q{i}"))).is_none());
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while writer.counters().captured < n && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_captured(&writer, n).await;
     let counters = writer.counters();
     assert_eq!((counters.captured, counters.pending), (n, 0));
     assert_eq!(store.trace_count().unwrap(), n);

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{Store, StoreError};
+use super::{Store, StoreError, Ticket, Unsettled};
 use crate::capture::{DurableAck, PendingTrace};
 use crate::redact::Redactor;
 use crate::trace::{Trace, TraceId};
@@ -117,6 +117,7 @@ pub struct TraceWriter {
     tx: mpsc::Sender<Job>,
     counters: Arc<CaptureCounters>,
     mode: CaptureMode,
+    unsettled: Arc<Unsettled>,
 }
 
 impl std::fmt::Debug for Job {
@@ -149,6 +150,7 @@ impl TraceWriter {
             tx,
             counters: Arc::clone(&counters),
             mode: config.mode,
+            unsettled: Arc::clone(store.unsettled()),
         };
         let task = tokio::spawn(run(store, config, rx, counters));
         (writer, WriterTask(task))
@@ -157,6 +159,12 @@ impl TraceWriter {
     /// The mode.
     pub fn mode(&self) -> CaptureMode {
         self.mode
+    }
+
+    /// The id for an exchange that is starting, tracked until its trace is committed (or
+    /// dropped, or failed).
+    pub fn ticket(&self) -> Ticket {
+        self.unsettled.issue()
     }
 
     /// The counters now.
@@ -346,6 +354,8 @@ struct Encoded {
     /// Each trace's id and the end of its JSON in `bytes`.
     ends: Vec<(TraceId, usize)>,
     acks: Vec<oneshot::Sender<bool>>,
+    /// The traces' tickets, dropped once the batch is settled.
+    tickets: Vec<Ticket>,
 }
 
 impl Encoded {
@@ -379,6 +389,7 @@ impl Encoded {
         self.ends
             .extend(other.ends.iter().map(|&(id, end)| (id, base + end)));
         self.acks.append(&mut other.acks);
+        self.tickets.append(&mut other.tickets);
         other.clear();
     }
 
@@ -392,6 +403,7 @@ impl Encoded {
         self.bytes.clear();
         self.ends.clear();
         self.acks.clear();
+        Unsettled::settle_all(&mut self.tickets);
     }
 
     /// Each trace's id and JSON.
@@ -417,14 +429,15 @@ fn encode_batch(
         // A panic while reassembling or encoding one exchange (a bug meeting odd upstream
         // bytes) costs that trace, counted failed, not the whole batch uncounted.
         let encoded = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            out.push(
-                id,
-                &trace.into_trace(&config.redactor, config.max_event_bytes),
-            )
+            let (trace, ticket) =
+                trace.into_trace_and_ticket(&config.redactor, config.max_event_bytes);
+            out.push(id, &trace).map(|()| ticket)
         }));
+        // A trace that fails here drops its ticket at once: it will never be stored.
         let error = match encoded {
-            Ok(Ok(())) => {
+            Ok(Ok(ticket)) => {
                 out.acks.extend(ack);
+                out.tickets.push(ticket);
                 continue;
             }
             Ok(Err(e)) => e.to_string(),

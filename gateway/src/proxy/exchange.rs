@@ -11,7 +11,7 @@ use axum::response::IntoResponse;
 use bytes::Bytes;
 use forge_layer::capture::{Capture, DurableAck, PendingTrace, TraceSink};
 use forge_layer::guard::Guard;
-use forge_layer::store::TraceWriter;
+use forge_layer::store::{Ticket, TraceWriter};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, header};
 use tower::Service;
 
@@ -94,6 +94,12 @@ impl TraceSink for Sink {
             );
         }
         self.writer.as_ref().and_then(|w| w.submit(trace))
+    }
+
+    fn ticket(&self) -> Ticket {
+        self.writer
+            .as_ref()
+            .map_or_else(Ticket::untracked, TraceWriter::ticket)
     }
 }
 
