@@ -105,11 +105,7 @@ async fn every_exchange_becomes_one_trace_equal_to_what_the_client_got() {
             .await
             .unwrap();
         assert_eq!(resp.status(), 200);
-        let id: TraceId = resp.headers()["x-forge-trace-id"]
-            .to_str()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let id: TraceId = trace_id_of(&resp);
         seen.push((id, stream, resp.text().await.unwrap()));
     }
     eventually("all 12 traces committed", || {
@@ -229,6 +225,29 @@ async fn a_stalled_store_never_fails_a_request_and_every_drop_is_counted() {
     gw.shutdown().await;
 }
 
+/// The trace id a response carries.
+fn trace_id_of(resp: &reqwest::Response) -> TraceId {
+    resp.headers()["x-forge-trace-id"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// A simulated upstream whose `trickle` model streams `words` words, one every 50 ms.
+async fn trickle_sim(words: usize) -> forge_gateway::sim::SimHandle {
+    let trickle = ModelBehavior {
+        chunk_delay: Duration::from_millis(50),
+        words,
+        ..ModelBehavior::default()
+    };
+    start_sim(SimConfig {
+        models: [("trickle".to_string(), trickle)].into(),
+        ..SimConfig::default()
+    })
+    .await
+}
+
 /// The trace ids a cursor scan (the judge's, a dataset's) sees now, in order.
 fn cursor_scan(gw: &forge_tests::TestGateway) -> Vec<TraceId> {
     let mut ids = Vec::new();
@@ -244,17 +263,8 @@ fn cursor_scan(gw: &forge_tests::TestGateway) -> Vec<TraceId> {
 
 #[tokio::test]
 async fn cursor_scans_never_pass_a_stream_still_in_flight() {
-    // A stream of 600 words at 50 ms a word: half a minute, far longer than the test needs.
-    let trickle = ModelBehavior {
-        chunk_delay: Duration::from_millis(50),
-        words: 600,
-        ..ModelBehavior::default()
-    };
-    let sim = start_sim(SimConfig {
-        models: [("trickle".to_string(), trickle)].into(),
-        ..SimConfig::default()
-    })
-    .await;
+    // 600 words at 50 ms a word: half a minute, far longer than the test needs.
+    let sim = trickle_sim(600).await;
     let routes = [("long", "trickle"), ("short", "fast")];
     let gw = start_gateway(&config_text(&sim.base_url(), "", &routes)).await;
     let http = client();
@@ -264,11 +274,7 @@ async fn cursor_scans_never_pass_a_stream_still_in_flight() {
         .send()
         .await
         .unwrap();
-    let long: TraceId = resp.headers()["x-forge-trace-id"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let long: TraceId = trace_id_of(&resp);
     let mut long_body = resp.bytes_stream();
     long_body.next().await.unwrap().unwrap();
 
@@ -282,13 +288,7 @@ async fn cursor_scans_never_pass_a_stream_still_in_flight() {
             .send()
             .await
             .unwrap();
-        ids.push(
-            resp.headers()["x-forge-trace-id"]
-                .to_str()
-                .unwrap()
-                .parse()
-                .unwrap(),
-        );
+        ids.push(trace_id_of(&resp));
         resp.text().await.unwrap();
     }
     eventually("the short traces are committed", || {
@@ -317,16 +317,7 @@ async fn cursor_scans_never_pass_a_stream_still_in_flight() {
 
 #[tokio::test]
 async fn a_client_that_leaves_mid_stream_is_recorded_as_cancelled() {
-    let trickle = ModelBehavior {
-        chunk_delay: Duration::from_millis(50),
-        words: 40,
-        ..ModelBehavior::default()
-    };
-    let sim = start_sim(SimConfig {
-        models: [("trickle".to_string(), trickle)].into(),
-        ..SimConfig::default()
-    })
-    .await;
+    let sim = trickle_sim(40).await;
     let gw = start_gateway(&config_text(&sim.base_url(), "", &[("t", "trickle")])).await;
     let resp = client()
         .post(format!("{}/chat/completions", gw.base_url()))
@@ -334,11 +325,7 @@ async fn a_client_that_leaves_mid_stream_is_recorded_as_cancelled() {
         .send()
         .await
         .unwrap();
-    let id: TraceId = resp.headers()["x-forge-trace-id"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let id: TraceId = trace_id_of(&resp);
     let mut body = resp.bytes_stream();
     body.next().await.unwrap().unwrap();
     drop(body);
@@ -387,13 +374,7 @@ async fn upstream_errors_are_captured_as_errored() {
             .send()
             .await
             .unwrap();
-        ids.push(
-            resp.headers()["x-forge-trace-id"]
-                .to_str()
-                .unwrap()
-                .parse::<TraceId>()
-                .unwrap(),
-        );
+        ids.push(trace_id_of(&resp));
         resp.text().await.unwrap();
     }
     eventually("both traces committed", || {
@@ -424,10 +405,7 @@ async fn feedback_is_validated_and_the_latest_wins() {
         .send()
         .await
         .unwrap();
-    let id = resp.headers()["x-forge-trace-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let id = trace_id_of(&resp).to_string();
     resp.text().await.unwrap();
 
     let post = |body: Value| {
@@ -533,10 +511,7 @@ async fn client_keys_map_to_tenants_and_secrets_never_reach_the_store() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let id = resp.headers()["x-forge-trace-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let id = trace_id_of(&resp).to_string();
     resp.text().await.unwrap();
     // The upstream saw neither app key.
     assert!(
