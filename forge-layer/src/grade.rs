@@ -28,7 +28,7 @@ impl GoldenPolicy {
             && !trace.response.choices.is_empty()
     }
 
-    /// Whether the trace is golden, given its latest feedback and evaluation.
+    /// Whether the trace is golden, given the feedback in force and its latest evaluation.
     pub fn is_golden(
         &self,
         trace: &Trace,

@@ -448,7 +448,7 @@ async fn feedback_is_validated_and_the_latest_wins() {
     let latest = gw
         .store()
         .unwrap()
-        .latest_feedback(id.parse().unwrap())
+        .current_feedback(id.parse().unwrap())
         .unwrap()
         .unwrap();
     assert_eq!(

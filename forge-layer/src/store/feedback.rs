@@ -6,7 +6,9 @@ use serde::{Deserialize, Serialize};
 use super::{EVALUATIONS, FEEDBACK, Store, StoreError, TRACES, db_err};
 use crate::trace::TraceId;
 
-/// One piece of feedback on a trace. The latest one for a trace is the one grading uses.
+/// One piece of feedback on a trace. Grading uses each field's latest value across a trace's
+/// feedback ([`Store::current_feedback`]): a score sent after a rejection leaves the rejection
+/// in force, and a later approval lifts it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Feedback {
     /// The trace judged.
@@ -81,10 +83,10 @@ impl Store {
         Ok(out)
     }
 
-    /// The latest feedback for a trace.
-    pub fn latest_feedback(&self, trace: TraceId) -> Result<Option<Feedback>, StoreError> {
+    /// The feedback in force for a trace: each field's latest value across its feedback.
+    pub fn current_feedback(&self, trace: TraceId) -> Result<Option<Feedback>, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
-        latest_of(&txn.open_table(FEEDBACK).map_err(db_err)?, trace.as_u128())
+        current_of(&txn.open_table(FEEDBACK).map_err(db_err)?, trace.as_u128())
     }
 
     /// Records an evaluation result.
@@ -111,6 +113,31 @@ impl Store {
             trace.as_u128(),
         )
     }
+}
+
+/// Each field's latest value across the feedback keyed `(trace, *)`, oldest first.
+pub(super) fn current_of(
+    table: &impl ReadableTable<(u128, u128), &'static [u8]>,
+    trace: u128,
+) -> Result<Option<Feedback>, StoreError> {
+    let mut current: Option<Feedback> = None;
+    for entry in table
+        .range((trace, 0)..=(trace, u128::MAX))
+        .map_err(db_err)?
+    {
+        let newer: Feedback = serde_json::from_slice(entry.map_err(db_err)?.1.value())?;
+        current = Some(match current {
+            None => newer,
+            Some(older) => Feedback {
+                trace_id: newer.trace_id,
+                score: newer.score.or(older.score),
+                approved: newer.approved.or(older.approved),
+                comment: newer.comment.or(older.comment),
+                time_ms: newer.time_ms,
+            },
+        });
+    }
+    Ok(current)
 }
 
 /// The last record keyed `(trace, *)` in a feedback-shaped table: the latest one, since the

@@ -4,7 +4,7 @@ use redb::{ReadableDatabase, ReadableTable};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::feedback::latest_of;
+use super::feedback::{current_of, latest_of};
 use super::{EVALUATIONS, FEEDBACK, JOBS, META, MODELS, Store, StoreError, TRACES, db_err};
 use crate::store::{Evaluation, Feedback};
 use crate::trace::{Trace, TraceId};
@@ -93,8 +93,8 @@ impl Store {
         self.get_json(META, key)
     }
 
-    /// Calls `f` on every trace after `after` (oldest first) with its latest feedback and
-    /// evaluation, all from one consistent snapshot, one trace at a time.
+    /// Calls `f` on every trace after `after` (oldest first) with the feedback in force and its
+    /// latest evaluation, all from one consistent snapshot, one trace at a time.
     ///
     /// The scan stops below the oldest trace still on its way ([`Unsettled::scan_bound`]): a
     /// caller that keeps the last id it saw as a cursor never steps past a trace that is still
@@ -122,9 +122,9 @@ impl Store {
         for entry in traces.range(start..end).map_err(db_err)? {
             let (k, v) = entry.map_err(db_err)?;
             let key = k.value();
-            let latest_fb = latest_of::<Feedback>(&feedback, key)?;
+            let current_fb = current_of(&feedback, key)?;
             let latest_eval = latest_of::<Evaluation>(&evaluations, key)?;
-            if !f(serde_json::from_slice(v.value())?, latest_fb, latest_eval) {
+            if !f(serde_json::from_slice(v.value())?, current_fb, latest_eval) {
                 break;
             }
         }

@@ -112,7 +112,7 @@ async fn feedback_needs_a_trace_and_the_latest_wins() {
     store.add_feedback(&fb(40.0)).unwrap();
     store.add_feedback(&fb(95.0)).unwrap();
     assert_eq!(
-        store.latest_feedback(id).unwrap().unwrap().score,
+        store.current_feedback(id).unwrap().unwrap().score,
         Some(95.0)
     );
     assert_eq!(store.feedback(id).unwrap().len(), 2);
@@ -210,6 +210,46 @@ async fn feedback_batches_are_all_or_nothing() {
     );
     store.add_feedback_batch(&[fb(id), fb(id)]).unwrap();
     assert_eq!(store.feedback(id).unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn a_rejection_stays_in_force_until_an_approval_whatever_scores_follow() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_dir(dir.path()).unwrap();
+    let t = pending("hello");
+    let id = t.id();
+    write_all(&store, WriterConfig::default(), vec![t]).await;
+    let golden = || {
+        let mut verdict = None;
+        store
+            .for_each_graded_trace(None, |trace, fb, ev| {
+                verdict = Some(crate::grade::GoldenPolicy::default().is_golden(
+                    &trace,
+                    fb.as_ref(),
+                    ev.as_ref(),
+                ));
+                true
+            })
+            .unwrap();
+        verdict.unwrap()
+    };
+    let fb = |score: Option<f64>, approved: Option<bool>| Feedback {
+        trace_id: id,
+        score,
+        approved,
+        comment: None,
+        time_ms: 0,
+    };
+    store.add_feedback(&fb(Some(99.0), None)).unwrap();
+    assert!(golden());
+    store.add_feedback(&fb(None, Some(false))).unwrap();
+    assert!(!golden(), "a person rejected it");
+    store.add_feedback(&fb(Some(97.0), None)).unwrap();
+    assert!(!golden(), "a later score does not lift a rejection");
+    let current = store.current_feedback(id).unwrap().unwrap();
+    assert_eq!((current.score, current.approved), (Some(97.0), Some(false)));
+    store.add_feedback(&fb(None, Some(true))).unwrap();
+    assert!(golden(), "a later approval does");
 }
 
 /// Waits (with a generous deadline) until the writer has committed `n` traces.
