@@ -353,43 +353,10 @@ async fn a_job_in_training_resumes_after_a_restart_and_completes() {
     let text = config(&sim, "", "");
     let gw = start_gateway_with(&text, admin).await;
     traffic(&gw, 24, "resume", None).await;
-    let training = wait_for_job(&gw, "TRAINING").await;
-    let id = training["id"].as_str().unwrap().to_string();
-    let start = tokio::time::Instant::now();
-    while admin_get(&gw, &format!("/admin/jobs/{id}"))
-        .await
-        .json::<Value>()
-        .await
-        .unwrap()["provider_job_id"]
-        .is_null()
-    {
-        assert!(start.elapsed() < DEADLINE, "never submitted");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let id = submitted_job(&gw).await;
     // Stop mid-training: the provider keeps training; Forge must pick the job up again.
-    let dir = gw.shutdown().await;
-    let again = start_gateway_with(
-        &format!(
-            "{text}\n[capture]\ndata_dir = {:?}\n",
-            dir.path().display().to_string()
-        ),
-        admin,
-    )
-    .await;
-    let start = tokio::time::Instant::now();
-    let job = loop {
-        let job: Value = admin_get(&again, &format!("/admin/jobs/{id}"))
-            .await
-            .json()
-            .await
-            .unwrap();
-        if job["status"] == "COMPLETED" {
-            break job;
-        }
-        assert_ne!(job["status"], "FAILED", "{job}");
-        assert!(start.elapsed() < DEADLINE, "not resumed: {job}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let (again, dir) = restart(gw, &text, |_| {}).await;
+    let job = completed(&again, &id).await;
     let model = job["resulting_model_id"].as_str().unwrap();
     assert_eq!(
         again.router().load().route("chat").unwrap().students[0]
@@ -399,6 +366,89 @@ async fn a_job_in_training_resumes_after_a_restart_and_completes() {
     );
     again.shutdown().await;
     drop(dir);
+}
+
+#[tokio::test]
+async fn a_job_stopped_before_its_run_id_was_recorded_finds_its_run_after_a_restart() {
+    let mut slow = sim_config();
+    slow.fine_tune.running = Duration::from_secs(3);
+    let sim = start_sim(slow).await;
+    let text = config(&sim, "", "");
+    let gw = start_gateway_with(&text, admin).await;
+    traffic(&gw, 24, "resubmit", None).await;
+    let id = submitted_job(&gw).await;
+    // As if Forge had stopped after the provider created the run, before it recorded its id.
+    let (again, dir) = restart(gw, &text, |store| {
+        let mut job: Value = store.job(&id).unwrap().unwrap();
+        job["provider_job_id"] = Value::Null;
+        store.put_job(&id, &job).unwrap();
+    })
+    .await;
+    completed(&again, &id).await;
+    let creates = sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path == "/v1/fine_tuning/jobs")
+        .count();
+    assert_eq!(creates, 1, "the second submission found the first run");
+    again.shutdown().await;
+    drop(dir);
+}
+
+/// Waits until the one job in TRAINING has its provider run id; returns the job's id.
+async fn submitted_job(gw: &TestGateway) -> String {
+    let training = wait_for_job(gw, "TRAINING").await;
+    let id = training["id"].as_str().unwrap().to_string();
+    let start = tokio::time::Instant::now();
+    while admin_get(gw, &format!("/admin/jobs/{id}"))
+        .await
+        .json::<Value>()
+        .await
+        .unwrap()["provider_job_id"]
+        .is_null()
+    {
+        assert!(start.elapsed() < DEADLINE, "never submitted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    id
+}
+
+/// Stops `gw`, lets `edit` change its store while it is down, and starts it again on the same
+/// data.
+async fn restart(
+    gw: TestGateway,
+    text: &str,
+    edit: impl FnOnce(&forge_layer::store::Store),
+) -> (TestGateway, tempfile::TempDir) {
+    let dir = gw.shutdown().await;
+    edit(&forge_layer::store::Store::open_dir(dir.path()).unwrap());
+    let again = start_gateway_with(
+        &format!(
+            "{text}\n[capture]\ndata_dir = {:?}\n",
+            dir.path().display().to_string()
+        ),
+        admin,
+    )
+    .await;
+    (again, dir)
+}
+
+/// Waits until job `id` completes; it must not fail meanwhile.
+async fn completed(gw: &TestGateway, id: &str) -> Value {
+    let start = tokio::time::Instant::now();
+    loop {
+        let job: Value = admin_get(gw, &format!("/admin/jobs/{id}"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        if job["status"] == "COMPLETED" {
+            return job;
+        }
+        assert_ne!(job["status"], "FAILED", "{job}");
+        assert!(start.elapsed() < DEADLINE, "not resumed: {job}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]

@@ -57,6 +57,12 @@ impl<B: Body, K: TraceSink> CaptureBody<B, K> {
 }
 
 impl<B, K: TraceSink> CaptureBody<B, K> {
+    /// Waits for a durable commit the body's end is holding, if any. A body that was over
+    /// before it began is never polled by the server, so its response waits here instead.
+    pub(super) fn poll_commit(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        poll_commit(&mut self.commit, cx)
+    }
+
     /// A body that is not captured.
     pub fn passthrough(inner: B) -> Self {
         Self {
@@ -67,6 +73,17 @@ impl<B, K: TraceSink> CaptureBody<B, K> {
             remaining: None,
         }
     }
+}
+
+/// Waits for the commit in `commit`, if any, and clears it.
+fn poll_commit(commit: &mut Option<DurableAck>, cx: &mut Context<'_>) -> Poll<()> {
+    if let Some(ack) = commit.as_mut() {
+        if !ready!(ack.as_mut().poll(cx)) {
+            tracing::warn!("durable capture: the trace could not be committed");
+        }
+        *commit = None;
+    }
+    Poll::Ready(())
 }
 
 fn finish<K: TraceSink>(
@@ -90,12 +107,8 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let mut this = self.project();
-        if let Some(commit) = this.commit.as_mut() {
-            let committed = ready!(commit.as_mut().poll(cx));
-            if !committed {
-                tracing::warn!("durable capture: the trace could not be committed");
-            }
-            *this.commit = None;
+        if this.commit.is_some() {
+            ready!(poll_commit(this.commit, cx));
             return Poll::Ready(this.held.take().map(Ok));
         }
         match ready!(this.inner.as_mut().poll_frame(cx)) {

@@ -35,7 +35,7 @@ where
 {
     type Response = Response<CaptureBody<B, K>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future, K>;
+    type Future = ResponseFuture<S::Future, K, B>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)

@@ -291,3 +291,54 @@ async fn durable_end_holds_the_last_bytes_until_the_commit() {
     assert_eq!(last.into_data().unwrap().as_ref(), b"1}");
     assert!(body.frame().await.is_none());
 }
+
+#[tokio::test]
+async fn a_request_dropped_before_the_response_head_is_one_cancelled_trace() {
+    // The client left (or shutdown cut it off) while the upstream had not answered yet.
+    let sink = Collect::default();
+    let upstream = tower::service_fn(|_req: http::Request<Bytes>| {
+        std::future::pending::<Result<Response<Full<Bytes>>, std::convert::Infallible>>()
+    });
+    let service = CaptureLayer::new(sink.clone(), 1 << 20).layer(upstream);
+    let mut request = http::Request::new(Bytes::from_static(b"{}"));
+    request.extensions_mut().insert(meta(false));
+    let mut waiting = Box::pin(service.oneshot(request));
+    assert!(futures_util::poll!(waiting.as_mut()).is_pending());
+    assert!(sink.0.lock().unwrap().is_empty());
+    drop(waiting);
+    let traces = sink.0.lock().unwrap().drain(..).collect::<Vec<_>>();
+    assert_eq!(traces.len(), 1, "one trace, submitted once");
+    assert_eq!(traces[0].status(), 0, "no response head came");
+    let trace = traces
+        .into_iter()
+        .next()
+        .unwrap()
+        .into_trace(&Redactor::default(), 1 << 20);
+    assert_eq!(trace.outcome, Outcome::Cancelled);
+}
+
+#[tokio::test]
+async fn durable_empty_response_is_held_until_its_commit() {
+    // Regression: a response with an empty body (a 429 with Content-Length: 0) is written by the
+    // server without polling its body, so the body cannot hold it back; the head must wait.
+    let sink = ManualCommit::default();
+    let upstream = tower::service_fn(|_req: http::Request<Bytes>| async {
+        let mut response = Response::new(Full::new(Bytes::new()));
+        *response.status_mut() = http::StatusCode::TOO_MANY_REQUESTS;
+        Ok::<_, std::convert::Infallible>(response)
+    });
+    let service = CaptureLayer::new(sink.clone(), 1 << 20).layer(upstream);
+    let mut request = http::Request::new(Bytes::from_static(b"{}"));
+    request.extensions_mut().insert(meta(false));
+    let mut responding = Box::pin(service.oneshot(request));
+    assert!(
+        futures_util::poll!(responding.as_mut()).is_pending(),
+        "the head waits for the commit"
+    );
+    let ack = sink.0.lock().unwrap().pop().expect("trace submitted");
+    ack.send(true).unwrap();
+    let response = responding.await.unwrap();
+    assert_eq!(response.status(), 429);
+    assert!(response.body().is_end_stream());
+    assert!(sink.0.lock().unwrap().is_empty(), "submitted once");
+}

@@ -118,6 +118,10 @@ pub enum ProviderError {
     /// Forge's side is wrong (a missing file, a bad setting).
     #[error("{0}")]
     Invalid(String),
+    /// A call that may or may not have taken effect (the answer to a create was lost), which
+    /// the provider cannot look up: not retried, so that nothing is started twice.
+    #[error("{0}")]
+    Ambiguous(String),
 }
 
 impl ProviderError {
@@ -128,7 +132,7 @@ impl ProviderError {
             ProviderError::Http { status, .. } => {
                 *status >= 500 || *status == 408 || *status == 409
             }
-            ProviderError::Invalid(_) => false,
+            ProviderError::Invalid(_) | ProviderError::Ambiguous(_) => false,
         }
     }
 }
@@ -144,6 +148,13 @@ pub trait TrainingProvider: Send + Sync + std::fmt::Debug {
         &'a self,
         request: &'a TrainingRequest,
     ) -> BoxFuture<'a, Result<Submitted, ProviderError>>;
+
+    /// Whether [`TrainingProvider::submit`] finds a run an earlier submission of the same Forge
+    /// job started, rather than starting a second one. Only then is a submission that a restart
+    /// interrupted made again.
+    fn finds_earlier_submissions(&self) -> bool {
+        false
+    }
 
     /// Reads where the run stands.
     fn poll<'a>(

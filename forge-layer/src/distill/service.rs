@@ -329,16 +329,31 @@ impl DistillationService {
             if !self.routes.contains_key(&job.route) {
                 continue;
             }
-            match (&job.status, &job.provider_job_id) {
-                (JobStatus::Training, Some(_)) => {
+            let manifest = job
+                .dataset
+                .clone()
+                .and_then(|m| serde_json::from_value::<Manifest>(m).ok());
+            let finds_earlier = self
+                .routes
+                .get(&job.route)
+                .is_some_and(|r| r.provider.finds_earlier_submissions());
+            match (&job.status, &job.provider_job_id, manifest) {
+                (JobStatus::Training, Some(_), _) => {
                     tracing::info!(job = %job.id, "resuming a training job after restart");
                     self.lock_active().insert(job.route.clone());
                     let this = Arc::clone(self);
                     running.spawn(async move { this.finish_training(job).await });
                 }
+                // Interrupted while submitting: the run may exist with its id unrecorded. A
+                // provider that finds it is asked again and answers with it (or starts it).
+                (JobStatus::Training, None, Some(manifest)) if finds_earlier => {
+                    tracing::info!(job = %job.id, "submitting again a job a restart interrupted while it was submitted");
+                    self.lock_active().insert(job.route.clone());
+                    let this = Arc::clone(self);
+                    running.spawn(async move { this.submit_and_follow(job, manifest).await });
+                }
                 _ => {
-                    // Interrupted before the provider had it: nothing to resume, and resubmitting
-                    // blindly could start a second paid run.
+                    // Nothing to resume, and resubmitting blindly could start a second paid run.
                     self.fail(
                         &mut job,
                         "interrupted by a restart before the provider accepted it".into(),
@@ -436,11 +451,30 @@ impl DistillationService {
                 ),
             );
         }
+        // The validation split leaves the training file shorter; fine-tuning refuses one with
+        // fewer than this many lines, after the upload.
+        if manifest.train.lines < MIN_TRAINING_LINES {
+            return self.fail(
+                &mut job,
+                format!(
+                    "only {} lines in the training file after the validation split; fine-tuning needs at least {MIN_TRAINING_LINES}",
+                    manifest.train.lines
+                ),
+            );
+        }
         // Recorded before the provider hears of it: a crash from here on is visible at restart.
         job.status = JobStatus::Training;
         if !self.save(&mut job) {
             return self.fail(&mut job, "job state could not be stored".into());
         }
+        self.submit_and_follow(job, manifest).await;
+    }
+
+    /// TRAINING: hands the dataset to the provider, records the run's id, and follows it.
+    async fn submit_and_follow(self: Arc<Self>, mut job: DistillationJob, manifest: Manifest) {
+        let Some(route) = self.routes.get(&job.route).cloned() else {
+            return self.fail(&mut job, "route no longer configured".into());
+        };
         let request = TrainingRequest {
             job_id: job.id.clone(),
             train_file: manifest.train.path.clone(),
@@ -471,6 +505,8 @@ impl DistillationService {
         };
         tracing::info!(job = %job.id, provider_job = %submitted.provider_job_id, examples = job.dataset_size, "training submitted");
         job.provider_job_id = Some(submitted.provider_job_id);
+        // The run is real and paid for: follow it even if its id could not be recorded (then a
+        // restart submits again, and a provider that finds earlier submissions finds it).
         self.save(&mut job);
         self.finish_training(job).await;
     }
@@ -691,6 +727,9 @@ impl DistillationService {
 
 /// Calls `f` until it succeeds or fails for good: waits out rate limits, and retries transient
 /// errors a few times with growing pauses.
+/// The fewest lines fine-tuning accepts in a training file.
+const MIN_TRAINING_LINES: u64 = 10;
+
 async fn retrying<'a, T, F>(mut f: F, first_pause: Duration) -> Result<T, ProviderError>
 where
     F: FnMut() -> BoxFuture<'a, Result<T, ProviderError>>,

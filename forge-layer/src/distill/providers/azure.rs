@@ -180,7 +180,15 @@ impl AzureProvider {
             None => None,
         };
         let body = self.api.job_body(request, &training, validation.as_deref());
-        let job = self.api.create_job(&body).await?;
+        // Azure jobs carry no metadata to find them by: a create whose answer was lost may
+        // have started a run, and trying again could start a second paid one.
+        let job = self.api.create_job(&body).await.map_err(|e| match e {
+            ProviderError::RateLimited(_) => e,
+            e if e.is_transient() => ProviderError::Ambiguous(format!(
+                "creating the fine-tuning job failed ({e}); it may have been created all the same: check the Azure resource before starting another"
+            )),
+            e => e,
+        })?;
         tracing::info!(job_id = %request.job_id, provider_job_id = %job.id, "Azure fine-tuning job created");
         Ok(Submitted {
             provider_job_id: job.id,

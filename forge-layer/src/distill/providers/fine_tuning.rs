@@ -67,6 +67,8 @@ pub(super) struct JobObject {
     pub(super) result_files: Option<Vec<String>>,
     #[serde(default)]
     pub(super) error: Option<JobError>,
+    #[serde(default)]
+    pub(super) metadata: Option<serde_json::Map<String, Value>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -209,10 +211,16 @@ impl FineTuningApi {
             }
             Err(err) => return Err(err),
         };
-        Ok(list
-            .data
-            .into_iter()
-            .find(|job| !matches!(job.status.as_str(), "failed" | "cancelled")))
+        // Checked here too: a service that ignores the filter lists every job.
+        Ok(list.data.into_iter().find(|job| {
+            !matches!(job.status.as_str(), "failed" | "cancelled")
+                && job
+                    .metadata
+                    .as_ref()
+                    .and_then(|m| m.get("forge_job_id"))
+                    .and_then(Value::as_str)
+                    == Some(forge_job_id)
+        }))
     }
 
     /// The request body of `POST /fine_tuning/jobs`. "auto" hyperparameters are left out.

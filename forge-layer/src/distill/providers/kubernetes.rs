@@ -613,6 +613,11 @@ impl TrainingProvider for KubernetesProvider {
         Box::pin(self.submit_run(request))
     }
 
+    /// The Job is named after the Forge job, and `submit` takes over one that exists.
+    fn finds_earlier_submissions(&self) -> bool {
+        true
+    }
+
     fn poll<'a>(
         &'a self,
         provider_job_id: &'a str,

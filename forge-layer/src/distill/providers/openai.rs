@@ -136,6 +136,11 @@ impl TrainingProvider for OpenAiProvider {
         Box::pin(self.submit_run(request))
     }
 
+    /// Jobs carry `metadata.forge_job_id`, and `submit` looks for one first.
+    fn finds_earlier_submissions(&self) -> bool {
+        true
+    }
+
     fn poll<'a>(
         &'a self,
         provider_job_id: &'a str,
