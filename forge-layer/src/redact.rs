@@ -25,6 +25,15 @@ pub enum Kind {
     Jwt,
     /// `Bearer …`
     BearerToken,
+    /// `Authorization: Basic …` (or a `Basic` token with digits or padding).
+    BasicAuth,
+    /// Google API keys, `AIza…`.
+    GoogleKey,
+    /// Slack tokens, `xoxb-…` and the like.
+    SlackToken,
+    /// A labelled secret: `api-key: …`, `password=…`, `client_secret: …` (an Azure key is 32
+    /// bare hex digits; only its label gives it away). The value must hold a digit.
+    Credential,
     /// Email addresses.
     Email,
     /// Phone numbers.
@@ -39,13 +48,17 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind, secrets first: a secret inside a longer match is caught before PII rules run.
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 15] = [
         Kind::AnthropicKey,
         Kind::OpenaiKey,
         Kind::AwsKey,
         Kind::GithubToken,
         Kind::Jwt,
         Kind::BearerToken,
+        Kind::BasicAuth,
+        Kind::GoogleKey,
+        Kind::SlackToken,
+        Kind::Credential,
         Kind::Email,
         // An IBAN's digits can pass Luhn, so IBANs are matched before cards.
         Kind::Iban,
@@ -66,6 +79,10 @@ impl Kind {
             Kind::GithubToken => "github_token",
             Kind::Jwt => "jwt",
             Kind::BearerToken => "bearer_token",
+            Kind::BasicAuth => "basic_auth",
+            Kind::GoogleKey => "google_key",
+            Kind::SlackToken => "slack_token",
+            Kind::Credential => "credential",
             Kind::Email => "email",
             Kind::Phone => "phone",
             Kind::Card => "card",
@@ -81,8 +98,10 @@ impl Kind {
 
     fn pattern(self) -> &'static str {
         match self {
-            Kind::AnthropicKey => r"\bsk-ant-[A-Za-z0-9_-]{20,}",
-            Kind::OpenaiKey => r"\bsk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}",
+            // After a word boundary or an underscore (`OPENAI_KEY_sk-…`), not inside a word
+            // (`risk-management-…`).
+            Kind::AnthropicKey => r"(?:\b|_)sk-ant-[A-Za-z0-9_-]{20,}",
+            Kind::OpenaiKey => r"(?:\b|_)sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}",
             Kind::AwsKey => {
                 r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|(?i:aws_secret_access_key)\s*[:=]\s*[A-Za-z0-9/+=]{40}"
             }
@@ -91,6 +110,14 @@ impl Kind {
             }
             Kind::Jwt => r"\beyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}",
             Kind::BearerToken => r"(?i:\bbearer)\s+[A-Za-z0-9._~+/=-]{16,}",
+            Kind::BasicAuth => {
+                r"(?i:\bauthorization[\x22']?\s*[:=]\s*[\x22']?)?(?i:\bbasic)\s+[A-Za-z0-9+/]{8,}={0,2}"
+            }
+            Kind::GoogleKey => r"\bAIza[0-9A-Za-z_-]{35}",
+            Kind::SlackToken => r"\bxox[abposr]-[A-Za-z0-9-]{10,}",
+            Kind::Credential => {
+                r"(?i:\b(?:api[-_ ]?key|x-api-key|secret[-_ ]?key|client[-_ ]?secret|access[-_ ]?token|auth[-_ ]?token|password|passwd))[\x22']?\s*[:=]\s*[\x22']?[A-Za-z0-9._~+/=-]{8,}"
+            }
             Kind::Email => r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b",
             // International (+CC …), US with a bracketed area code, or US with - or . separators;
             // bare digit groups with spaces are too often other numbers.
@@ -113,6 +140,19 @@ impl Kind {
             Kind::Phone => {
                 (7..=15).contains(&candidate.chars().filter(char::is_ascii_digit).count())
             }
+            // "basic understanding" is prose: a bare token counts when it has a digit or
+            // base64 padding or symbols; after `Authorization:` any token does.
+            Kind::BasicAuth => {
+                candidate.to_ascii_lowercase().starts_with("authorization")
+                    || candidate.split_whitespace().last().is_some_and(|token| {
+                        token.contains(|c: char| c.is_ascii_digit() || "=+/".contains(c))
+                    })
+            }
+            // "password: remember to rotate it" is prose; secrets hold digits.
+            Kind::Credential => candidate
+                .split([':', '='])
+                .skip(1)
+                .any(|value| value.contains(|c: char| c.is_ascii_digit())),
             _ => true,
         }
     }
@@ -199,7 +239,8 @@ impl Redactor {
         out.filter(|s| s != text)
     }
 
-    /// Redacts every string value in a JSON tree, in place (object keys are left as they are).
+    /// Redacts every string in a JSON tree, in place: values, and object keys too (a key can
+    /// be a secret, in `metadata` say).
     pub fn redact_json(&self, value: &mut Value) {
         match value {
             Value::String(s) => {
@@ -208,7 +249,20 @@ impl Redactor {
                 }
             }
             Value::Array(items) => items.iter_mut().for_each(|v| self.redact_json(v)),
-            Value::Object(map) => map.values_mut().for_each(|v| self.redact_json(v)),
+            Value::Object(map) => {
+                // Nothing shorter than an address like `a@b.io` can match.
+                let dirty: Vec<(String, String)> = map
+                    .keys()
+                    .filter(|key| key.len() >= 6)
+                    .filter_map(|key| self.redact_str(key).map(|clean| (key.clone(), clean)))
+                    .collect();
+                for (key, clean) in dirty {
+                    if let Some(v) = map.remove(&key) {
+                        map.insert(clean, v);
+                    }
+                }
+                map.values_mut().for_each(|v| self.redact_json(v));
+            }
             _ => {}
         }
     }
@@ -347,10 +401,53 @@ mod tests {
     }
 
     #[test]
-    fn json_strings_are_redacted_and_keys_kept() {
-        let mut v = serde_json::json!({"messages": [{"role": "user", "content": "reach me at jo@example.com"}], "n": 1});
+    fn json_strings_and_keys_are_redacted() {
+        let mut v = serde_json::json!({
+            "messages": [{"role": "user", "content": "reach me at jo@example.com"}],
+            "metadata": {"sk-proj-abcdefghijklmnopqrstuvwxyz0123": "owner"},
+            "n": 1,
+        });
         Redactor::default().redact_json(&mut v);
         assert_eq!(v["messages"][0]["content"], "reach me at [REDACTED:email]");
         assert_eq!(v["messages"][0]["role"], "user");
+        assert_eq!(
+            v["metadata"],
+            serde_json::json!({"[REDACTED:openai_key]": "owner"})
+        );
+        assert_eq!(v["n"], 1);
+    }
+
+    #[test]
+    fn labelled_secrets_are_redacted_and_prose_is_not() {
+        let cases = [
+            ("api-key: 0123456789abcdef0123456789abcdef", "credential"),
+            (
+                "set OPENAI_KEY_sk-proj-abcdefghijklmnopqrstuvwx12 now",
+                "openai_key",
+            ),
+            ("Authorization: Basic dXNlcjpwYXNzd29yZA", "basic_auth"),
+            ("basic dXNlcjpwYXNz0A==", "basic_auth"),
+            (
+                "key AIzaSyA1234567890abcdefghijklmnopqrstuv ok",
+                "google_key",
+            ),
+            ("xoxb-123456789012-abcdefghijkl", "slack_token"),
+            ("client_secret=\"Zk3q-9Lm2Pq8\"", "credential"),
+        ];
+        for (text, kind) in cases {
+            let out = redact(text);
+            assert!(
+                out.contains(&format!("[REDACTED:{kind}]")),
+                "{text} -> {out}"
+            );
+        }
+        for prose in [
+            "a basic understanding of distributed systems",
+            "the password: remember to rotate it monthly",
+            "the risk-management-framework-overview-document",
+            "Use the key named `api_key` in the settings page.",
+        ] {
+            assert_eq!(redact(prose), prose);
+        }
     }
 }

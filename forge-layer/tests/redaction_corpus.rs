@@ -151,11 +151,33 @@ fn sample(kind: Kind, rng: &mut StdRng) -> String {
             alnum(rng, 43)
         ),
         Kind::BearerToken => format!("Bearer {}", alnum(rng, 32)),
+        Kind::BasicAuth => format!("Authorization: Basic {}=", alnum(rng, 23)),
+        Kind::GoogleKey => format!("AIza{}", alnum(rng, 35)),
+        Kind::SlackToken => format!("xoxb-{}-{}", digits(rng, 12), alnum(rng, 24)),
+        Kind::Credential => format!(
+            "{}: {}{}",
+            pick(rng, &["api-key", "password", "client_secret", "x-api-key"]),
+            digits(rng, 1),
+            alnum(rng, 31).to_lowercase()
+        ),
     }
 }
 
 fn clean_sentence(rng: &mut StdRng) -> String {
-    let templates: [&dyn Fn(&mut StdRng) -> String; 12] = [
+    let templates: [&dyn Fn(&mut StdRng) -> String; 14] = [
+        &|r| {
+            format!(
+                "A basic understanding of {} helps; the password: {} it often.",
+                pick(r, &["networking", "cryptography", "operating systems"]),
+                pick(r, &["rotate", "change", "remember"])
+            )
+        },
+        &|r| {
+            format!(
+                "Our risk-management-framework-overview covers {} vendors.",
+                r.random_range(2..90)
+            )
+        },
         &|r| {
             format!(
                 "The invoice total is ${}.{:02} due on 2024-{:02}-{:02}.",
