@@ -107,6 +107,7 @@ struct RawServer {
     listen: String,
     max_body_bytes: usize,
     max_in_flight: usize,
+    body_timeout_secs: u64,
     shutdown_grace_secs: u64,
     passthrough_upstream: Option<String>,
     admin_listen: String,
@@ -119,6 +120,7 @@ impl Default for RawServer {
             listen: "127.0.0.1:8080".into(),
             max_body_bytes: 10 * 1024 * 1024,
             max_in_flight: 1024,
+            body_timeout_secs: 60,
             shutdown_grace_secs: 30,
             passthrough_upstream: None,
             admin_listen: "127.0.0.1:8081".into(),
@@ -429,6 +431,8 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Requests beyond this many in flight (streams count until they end) get a fast 503.
     pub max_in_flight: usize,
+    /// How long a client has to send its whole request body; then a 408.
+    pub body_timeout: Duration,
     /// How long in-flight requests may run on after SIGTERM/SIGINT.
     pub shutdown_grace: Duration,
     /// The upstream that other `/v1/*` paths are passed to; `None` turns passthrough off.
@@ -508,6 +512,9 @@ impl Config {
         }
         if raw.server.max_in_flight == 0 {
             return Err(invalid("server.max_in_flight must be at least 1"));
+        }
+        if raw.server.body_timeout_secs == 0 {
+            return Err(invalid("server.body_timeout_secs must be at least 1"));
         }
 
         let mut upstreams: Vec<UpstreamConfig> = Vec::with_capacity(raw.upstreams.len());
@@ -624,6 +631,7 @@ impl Config {
                 listen,
                 max_body_bytes: raw.server.max_body_bytes,
                 max_in_flight: raw.server.max_in_flight,
+                body_timeout: Duration::from_secs(raw.server.body_timeout_secs),
                 shutdown_grace: Duration::from_secs(raw.server.shutdown_grace_secs),
                 passthrough_upstream,
             },

@@ -35,6 +35,9 @@ pub enum Error {
     /// The request body is larger than `server.max_body_bytes`.
     #[error("Request body exceeds the limit of {limit} bytes.")]
     BodyTooLarge { limit: usize },
+    /// The request body did not arrive within `server.body_timeout_secs`.
+    #[error("The request body did not arrive within {secs} s.")]
+    BodyTimeout { secs: u64 },
     /// The in-flight cap is reached; the client should retry shortly.
     #[error("Forge is serving its maximum number of requests; retry shortly.")]
     Overloaded,
@@ -72,6 +75,7 @@ impl Error {
                 StatusCode::NOT_FOUND
             }
             Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Error::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Error::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             Error::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -104,6 +108,7 @@ impl Error {
             Error::ModelNotFound(_) => "model_not_found",
             Error::UnknownPath { .. } => "unknown_url",
             Error::BodyTooLarge { .. } => "request_too_large",
+            Error::BodyTimeout { .. } => "request_timeout",
             Error::Overloaded => "overloaded",
             Error::UpstreamUnreachable => "upstream_unreachable",
             Error::UpstreamTimeout(_) => "upstream_timeout",

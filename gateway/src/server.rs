@@ -263,6 +263,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         upstreams,
         passthrough,
         max_body_bytes: config.server.max_body_bytes,
+        body_timeout: config.server.body_timeout,
         metrics: Arc::new(metrics),
         exchange: CaptureLayer::new(sink, max_response_bytes).layer(UpstreamCall),
         capture_enabled: store.is_some(),

@@ -471,6 +471,51 @@ async fn body_limit_is_a_413_and_in_flight_cap_a_fast_503() {
 }
 
 #[tokio::test]
+async fn a_body_that_never_finishes_is_a_408_and_frees_its_slot() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sim = start_sim(SimConfig::default()).await;
+    let gw = start_gateway(&config_text(
+        &sim.base_url(),
+        "max_in_flight = 1\nbody_timeout_secs = 1",
+        &[("fast", "gpt-4o")],
+    ))
+    .await;
+    // Headers promise 100 bytes; 10 come, then nothing. The connection stays open.
+    let mut slow = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    slow.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: forge\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"model\":",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains("}}") {
+        let n = tokio::time::timeout(forge_tests::DEADLINE, slow.read(&mut buf))
+            .await
+            .expect("an answer before the deadline")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed without an answer: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"code\":\"request_timeout\""), "{answer}");
+    // Its in-flight slot is free again: the cap is one.
+    let resp = client()
+        .post(format!("{}/chat/completions", gw.base_url()))
+        .json(&chat_body("fast", "after the slow one", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
 async fn first_chunk_reaches_the_client_before_the_stream_ends() {
     let trickle = ModelBehavior {
         chunk_delay: Duration::from_millis(150),

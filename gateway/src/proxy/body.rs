@@ -214,7 +214,9 @@ where
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.end.is_some() || !self.burst.is_empty() {
+        // An SSE body may gain a final error event, so its length is never known in advance
+        // (the server would put back the Content-Length the upstream sent and cut that event).
+        if self.is_sse || self.end.is_some() || !self.burst.is_empty() {
             return SizeHint::default();
         }
         self.inner.size_hint()
@@ -333,6 +335,19 @@ mod tests {
         assert_eq!(got[0], "data: a\n\n");
         assert!(got[1].starts_with("data: {\"error\""), "{}", got[1]);
         assert!(got[1].contains("failed mid-stream"), "{}", got[1]);
+    }
+
+    #[tokio::test]
+    async fn an_sse_body_never_claims_a_length_it_may_outgrow() {
+        let body = || http_body_util::Full::new(Bytes::from_static(b"data: a\n\n"));
+        assert_eq!(
+            UpstreamBody::new(body(), IDLE, false).size_hint().exact(),
+            Some(9)
+        );
+        assert_eq!(
+            UpstreamBody::new(body(), IDLE, true).size_hint().exact(),
+            None
+        );
     }
 
     #[tokio::test]

@@ -44,7 +44,7 @@ pub async fn submit(
 }
 
 async fn record(state: &ProxyState, caller: Caller, body: Body) -> Result<Response, Error> {
-    let bytes = read_body(body, state.max_body_bytes).await?;
+    let bytes = read_body(body, state).await?;
     let request: FeedbackRequest = serde_json::from_slice(&bytes)
         .map_err(|e| Error::invalid(format!("Invalid feedback body: {e}."), None))?;
     let trace_id: TraceId = request.trace_id.parse().map_err(|_| {

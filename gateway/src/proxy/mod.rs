@@ -37,6 +37,8 @@ pub struct ProxyState {
     pub passthrough: Option<Arc<Upstream>>,
     /// `server.max_body_bytes`.
     pub max_body_bytes: usize,
+    /// `server.body_timeout_secs`.
+    pub body_timeout: std::time::Duration,
     /// Counters and gauges.
     pub metrics: Arc<Metrics>,
     /// The upstream call, wrapped by the capture layer.
@@ -81,9 +83,18 @@ pub fn app(state: ProxyState, max_in_flight: usize) -> Router {
         .with_state(Arc::new(state))
 }
 
-/// Reads a whole request body, refusing it with a 413 as soon as it passes `limit`.
-pub async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, Error> {
-    match Limited::new(body, limit).collect().await {
+/// Reads a whole request body, refusing it with a 413 as soon as it passes the size limit, and
+/// with a 408 when it has not all come within the time limit: a client that trickles its body
+/// would otherwise hold an in-flight slot for as long as it likes.
+pub async fn read_body(body: Body, state: &ProxyState) -> Result<bytes::Bytes, Error> {
+    let limit = state.max_body_bytes;
+    let reading = tokio::time::timeout(state.body_timeout, Limited::new(body, limit).collect());
+    let Ok(read) = reading.await else {
+        return Err(Error::BodyTimeout {
+            secs: state.body_timeout.as_secs(),
+        });
+    };
+    match read {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
             Err(Error::BodyTooLarge { limit })

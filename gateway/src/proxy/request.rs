@@ -27,18 +27,18 @@ impl<'a> ChatRequest<'a> {
                 None,
             )
         })?;
+        if let Some(key) = first_duplicate(&entries) {
+            // Two parsers may pick different duplicates; refuse rather than guess which one the
+            // upstream will honour.
+            return Err(Error::invalid(
+                format!("Duplicate key `{key}` in the request body."),
+                None,
+            ));
+        }
         let mut model = None;
         let mut messages = false;
         let mut stream = false;
-        for (i, (key, value)) in entries.iter().enumerate() {
-            if entries[..i].iter().any(|(k, _)| k == key) {
-                // Two parsers may pick different duplicates; refuse rather than guess which one
-                // the upstream will honour.
-                return Err(Error::invalid(
-                    format!("Duplicate key `{key}` in the request body."),
-                    None,
-                ));
-            }
+        for (key, value) in &entries {
             match key.as_str() {
                 "model" => {
                     let name: String = serde_json::from_str(value.get())
@@ -141,6 +141,24 @@ impl<'a> ChatRequest<'a> {
     }
 }
 
+/// The first key that appears twice. Pairwise for the few keys a real request has; hashed past
+/// that, so that a body of many thousands of keys costs linear time, not minutes of a worker.
+fn first_duplicate<'e>(entries: &'e [(String, &RawValue)]) -> Option<&'e str> {
+    const PAIRWISE_MAX: usize = 32;
+    if entries.len() <= PAIRWISE_MAX {
+        return entries
+            .iter()
+            .enumerate()
+            .find(|(i, (key, _))| entries[..*i].iter().any(|(k, _)| k == key))
+            .map(|(_, (key, _))| key.as_str());
+    }
+    let mut seen = std::collections::HashSet::with_capacity(entries.len());
+    entries
+        .iter()
+        .map(|(key, _)| key.as_str())
+        .find(|key| !seen.insert(*key))
+}
+
 fn write_json_string(out: &mut Vec<u8>, s: &str) {
     // Serialising a &str into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *out, s);
@@ -200,6 +218,13 @@ mod tests {
         assert!(err(r#"{"model":"m","messages":{}}"#).contains("array"));
         assert!(err(r#"{"model":"m","messages":[{}],"stream":"yes"}"#).contains("stream"));
         assert!(err(r#"{"model":"a","model":"b","messages":[{}]}"#).contains("Duplicate"));
+        // Past the pairwise check too: many keys, the duplicate last.
+        let mut many: String = (0..5000).map(|i| format!(r#""k{i}":0,"#)).collect();
+        many.push_str(r#""model":"a","messages":[{}],"k17":1"#);
+        assert!(err(&format!("{{{many}}}")).contains("Duplicate key `k17`"));
+        let unique: String = (0..5000).map(|i| format!(r#""k{i}":0,"#)).collect();
+        let ok = format!(r#"{{{unique}"model":"a","messages":[{{}}]}}"#);
+        assert!(ChatRequest::parse(ok.as_bytes()).is_ok());
         assert!(err("{\"model\":\"m\",\"messages\":[{}]} trailing").contains("parse"));
     }
 
