@@ -41,7 +41,7 @@ async fn forward(
     body: Body,
 ) -> Result<Response, Error> {
     check_declared_length(headers, state.max_body_bytes)?;
-    let bytes = read_body(body, &state).await?;
+    let bytes = read_body(body, state).await?;
     let request = ChatRequest::parse(&bytes)?;
 
     // One snapshot for the whole request: the route and the version recorded come from it.

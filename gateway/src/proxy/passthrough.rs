@@ -30,7 +30,7 @@ async fn send(state: &ProxyState, request: Request) -> Result<Response, Error> {
     let (parts, body) = request.into_parts();
     check_declared_length(&parts.headers, state.max_body_bytes)?;
     // Bounded by the body limit, so holding it whole costs at most that much per request.
-    let bytes = read_body(body, &state).await?;
+    let bytes = read_body(body, state).await?;
 
     // The route is matched on `/v1/…`; the upstream's base URL already ends in its own `/v1`.
     let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
