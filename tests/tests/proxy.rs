@@ -622,7 +622,66 @@ async fn other_v1_paths_pass_through_to_the_upstream() {
         .await
         .unwrap();
     assert_eq!(error_of(resp).await.0, 404);
+    // A bodyless POST (an SDK's cancel) keeps its Content-Length: 0.
+    let seen = sim.request_count();
+    http.post(format!("{}/fine_tuning/jobs/ftjob-x/cancel", gw.base_url()))
+        .header("content-length", "0")
+        .send()
+        .await
+        .unwrap();
+    let cancel = &sim.requests()[seen];
+    assert!(
+        cancel
+            .headers
+            .iter()
+            .any(|(k, v)| k == "content-length" && v == "0"),
+        "{:?}",
+        cancel.headers
+    );
+    // Paths a server on the way could read as another path (with Forge's key attached), or
+    // that would slip the chat endpoint past routing and capture, never leave.
+    let seen = sim.request_count();
+    for path in [
+        "/v1/../admin/x",
+        "/v1/%2e%2e/%2E%2E/internal",
+        "/v1//chat/completions",
+        "/v1/chat/completions/",
+        "/v1/chat/completions;x",
+    ] {
+        let answer = raw_request(
+            gw.addr(),
+            &format!("GET {path} HTTP/1.1\r\nhost: forge\r\nconnection: close\r\n\r\n"),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{path}: {answer}");
+        assert!(
+            answer.contains("\"type\":\"invalid_request_error\""),
+            "{path}: {answer}"
+        );
+    }
+    assert_eq!(sim.request_count(), seen, "none reached the upstream");
+    // A model id that is not UTF-8 once decoded gets a JSON 400 too.
+    let answer = raw_request(
+        gw.addr(),
+        "GET /v1/models/%FF HTTP/1.1\r\nhost: forge\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("\"param\":\"model\""), "{answer}");
     gw.shutdown().await;
+}
+
+/// Sends `request` as it is (no client normalises its path) and reads the whole answer.
+async fn raw_request(addr: std::net::SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(forge_tests::DEADLINE, socket.read_to_end(&mut answer))
+        .await
+        .expect("an answer before the deadline")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
 }
 
 #[tokio::test]

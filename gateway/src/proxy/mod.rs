@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{Method, StatusCode, Uri, header};
 use axum::middleware;
@@ -142,11 +143,18 @@ async fn list_models(State(state): State<Arc<ProxyState>>) -> Response {
     axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()
 }
 
-async fn get_model(State(state): State<Arc<ProxyState>>, Path(model): Path<String>) -> Response {
+async fn get_model(
+    State(state): State<Arc<ProxyState>>,
+    model: Result<Path<String>, PathRejection>,
+) -> Response {
     let table = state.router.load();
-    let response = match table.route(&model) {
-        Some(route) => axum::Json(model_object(&route.alias)).into_response(),
-        None => Error::ModelNotFound(model).into_response(),
+    let response = match model {
+        // A path that is not UTF-8 once decoded: still an OpenAI-shaped error.
+        Err(rejection) => Error::invalid(rejection.body_text(), Some("model")).into_response(),
+        Ok(Path(model)) => match table.route(&model) {
+            Some(route) => axum::Json(model_object(&route.alias)).into_response(),
+            None => Error::ModelNotFound(model).into_response(),
+        },
     };
     state.metrics.record("models", response.status());
     response

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::header;
+use axum::http::{HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
 
 use super::{ProxyState, check_declared_length, read_body};
@@ -28,6 +28,7 @@ async fn send(state: &ProxyState, request: Request) -> Result<Response, Error> {
         });
     };
     let (parts, body) = request.into_parts();
+    check_path(parts.uri.path())?;
     check_declared_length(&parts.headers, state.max_body_bytes)?;
     // Bounded by the body limit, so holding it whole costs at most that much per request.
     let bytes = read_body(body, state).await?;
@@ -38,8 +39,68 @@ async fn send(state: &ProxyState, request: Request) -> Result<Response, Error> {
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
     headers.remove(header::HOST);
-    headers.remove(header::CONTENT_LENGTH);
     headers.remove(header::ACCEPT_ENCODING);
+    // The length of what is sent, which the body limit may have checked against a declared one.
+    // A bodyless POST keeps its `Content-Length: 0`: strict servers answer 411 without one.
+    if bytes.is_empty() && !matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
+        headers.remove(header::CONTENT_LENGTH);
+    } else {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    }
     let response = upstream.send(parts.method, suffix, headers, bytes).await?;
     Ok(response.map(Body::new))
+}
+
+/// Refuses paths a server on the way may read differently from the router: dot segments (in
+/// any spelling), empty segments, encoded slashes and `;` parameters. The upstream request
+/// carries Forge's key, so `/v1/../admin` must not reach another path of the upstream's host;
+/// and `/v1/chat/completions/` or `/v1//chat/completions` must not slip past routing and
+/// capture as a passthrough.
+fn check_path(path: &str) -> Result<(), Error> {
+    let refused = path.split('/').skip(1).any(|segment| {
+        let lower = segment.to_ascii_lowercase();
+        let dots = lower.replace("%2e", ".");
+        segment.is_empty()
+            || dots == "."
+            || dots == ".."
+            || lower.contains("%2f")
+            || lower.contains("%5c")
+            || segment.contains(['\\', ';'])
+    });
+    if refused {
+        return Err(Error::invalid(
+            "The request path is not allowed: empty or dot segments, encoded slashes and `;` are refused.",
+            None,
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_path;
+
+    #[test]
+    fn paths_that_could_be_read_two_ways_are_refused() {
+        for ok in [
+            "/v1/files",
+            "/v1/files/file-abc/content",
+            "/v1/fine_tuning/jobs/ftjob-1/events",
+        ] {
+            assert!(check_path(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "/v1/../admin",
+            "/v1/%2e%2e/internal",
+            "/v1/%2E./x",
+            "/v1/./files",
+            "/v1//chat/completions",
+            "/v1/chat/completions/",
+            "/v1/chat/completions;x",
+            "/v1/files%2f..%2fadmin",
+            "/v1/a\\..\\b",
+        ] {
+            assert!(check_path(bad).is_err(), "{bad}");
+        }
+    }
 }
