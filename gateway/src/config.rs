@@ -839,6 +839,17 @@ fn validate_distill(
                 "min_examples must be at least 10 (the fine-tuning minimum)",
             )));
         }
+        // The provider refuses a longer suffix only at job creation, after the uploads.
+        let suffix_max = if d.provider == "azure" { 40 } else { 64 };
+        if d.suffix
+            .as_ref()
+            .is_some_and(|s| s.chars().count() > suffix_max)
+        {
+            return Err(invalid(at(&format!(
+                "suffix is at most {suffix_max} characters for provider `{}`",
+                d.provider
+            ))));
+        }
         let eval_method = match d.eval_method {
             Some(EvalMethod::Judge) if !judge => {
                 return Err(invalid(at(

@@ -15,6 +15,30 @@ fn allowed_keys(role: &str) -> &'static [&'static str] {
     }
 }
 
+/// An earlier assistant turn's tool calls in the fine-tuning shape, `{id, type, function:
+/// {name, arguments}}`: a request may carry more (a streamed call's `index`), which the
+/// fine-tuning API refuses for the whole file.
+fn tool_calls_as_trained(calls: &Value) -> Value {
+    let Some(calls) = calls.as_array() else {
+        return calls.clone();
+    };
+    Value::Array(
+        calls
+            .iter()
+            .map(|call| {
+                json!({
+                    "id": call["id"],
+                    "type": call["type"],
+                    "function": {
+                        "name": call["function"]["name"],
+                        "arguments": call["function"]["arguments"],
+                    },
+                })
+            })
+            .collect(),
+    )
+}
+
 /// Builds the training line: the request's messages (`developer` mapped to `system`, earlier
 /// assistant turns weighted 0 so only the teacher's answer is learned), then the teacher's
 /// final message, plus the request's function tools at line level. `Err` names why the trace
@@ -36,7 +60,12 @@ pub fn to_line(trace: &Trace) -> Result<Value, &'static str> {
         let mut kept = Map::new();
         for key in allowed_keys(role) {
             if let Some(v) = obj.get(*key).filter(|v| !v.is_null()) {
-                kept.insert((*key).to_string(), v.clone());
+                let v = if *key == "tool_calls" {
+                    tool_calls_as_trained(v)
+                } else {
+                    v.clone()
+                };
+                kept.insert((*key).to_string(), v);
             }
         }
         kept.insert("role".into(), Value::String(role.into()));

@@ -217,8 +217,12 @@ fn tool_use_traces_become_valid_tool_lines() {
     let mut t = trace("chat", Arm::Teacher, None, None, "weather in Paris?");
     t.request = json!({"model": "chat", "messages": [
         {"role": "user", "content": "weather in Paris?"},
-        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "18C, sunny"}
+        // As a client that rebuilt the turn from a stream sends it: with the fragments' `index`.
+        {"role": "assistant", "content": null, "tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18C, sunny"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_0", "type": "function", "function": {"name": "log_visit", "arguments": "{}"}}]},
+        // A function that returns nothing.
+        {"role": "tool", "tool_call_id": "call_0", "content": ""}
     ], "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}], "parallel_tool_calls": true});
     let mut calling = trace("chat", Arm::Teacher, None, None, "and in Rome?");
     calling.response.choices[0].message = AssistantMessage {
@@ -256,7 +260,13 @@ fn tool_use_traces_become_valid_tool_lines() {
     );
     assert_eq!(first["messages"][2]["role"], "tool");
     assert_eq!(
-        first["messages"][3]["content"],
+        first["messages"][1]["tool_calls"][0],
+        json!({"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}),
+        "only the keys fine-tuning accepts"
+    );
+    assert_eq!(first["messages"][4]["content"], "");
+    assert_eq!(
+        first["messages"][5]["content"],
         "answer to weather in Paris?"
     );
     assert_eq!(first["tools"][0]["function"]["name"], "get_weather");

@@ -232,6 +232,11 @@ async fn azure_json(request: reqwest::RequestBuilder) -> (u16, Value) {
     (status, response.json().await.unwrap())
 }
 
+/// A file as Azure wants it: UTF-8 with a byte order mark.
+fn with_bom(content: Vec<u8>) -> Vec<u8> {
+    [b"\xEF\xBB\xBF".as_slice(), &content].concat()
+}
+
 async fn azure_upload(sim: &SimHandle, content: Vec<u8>) -> reqwest::Response {
     let form = Form::new()
         .text("purpose", "fine-tune")
@@ -262,11 +267,15 @@ fn deployment_body(model: &str) -> Value {
 
 /// Uploads a good file, waits until it is processed, trains on it, and returns the model.
 async fn azure_fine_tuned_model(sim: &SimHandle) -> String {
-    let file: Value = azure_upload(sim, training_file(12))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let done = azure_job_on(sim, with_bom(training_file(12))).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    done["fine_tuned_model"].as_str().unwrap().to_owned()
+}
+
+/// Uploads `content`, waits until it is processed, starts a job on it, and returns the job
+/// once it has succeeded or failed.
+async fn azure_job_on(sim: &SimHandle, content: Vec<u8>) -> Value {
+    let file: Value = azure_upload(sim, content).await.json().await.unwrap();
     let id = file["id"].as_str().unwrap().to_owned();
     poll(
         || async {
@@ -288,7 +297,7 @@ async fn azure_fine_tuned_model(sim: &SimHandle) -> String {
     .await;
     assert_eq!(status, 201, "{job}");
     let job_id = job["id"].as_str().unwrap().to_owned();
-    let done = poll(
+    poll(
         || async {
             azure_json(azure(
                 sim,
@@ -300,9 +309,27 @@ async fn azure_fine_tuned_model(sim: &SimHandle) -> String {
         },
         |job| matches!(job["status"].as_str(), Some("succeeded" | "failed")),
     )
+    .await
+}
+
+#[tokio::test]
+async fn azure_fails_a_job_on_a_file_without_a_byte_order_mark() {
+    let sim = start(SimConfig {
+        api_key: Some(AZURE_KEY.into()),
+        ..fast()
+    })
     .await;
-    assert_eq!(done["status"], "succeeded", "{done}");
-    done["fine_tuned_model"].as_str().unwrap().to_owned()
+    let done = azure_job_on(&sim, training_file(12)).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["error"]["code"], "invalid_training_file");
+    assert!(
+        done["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("byte order mark"),
+        "{done}"
+    );
+    sim.shutdown().await;
 }
 
 fn is_azure_model_name(model: &str) -> bool {
@@ -322,7 +349,7 @@ async fn azure_files_are_pending_then_processed_and_jobs_name_models_the_azure_w
         ..fast()
     })
     .await;
-    let content = training_file(12);
+    let content = with_bom(training_file(12));
     let response = azure_upload(&sim, content.clone()).await;
     assert_eq!(response.status(), 201);
     let location = response.headers()["location"].to_str().unwrap().to_owned();

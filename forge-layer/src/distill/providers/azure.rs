@@ -196,13 +196,14 @@ impl AzureProvider {
         })
     }
 
-    /// Uploads, then waits until Azure has processed the file.
+    /// Uploads with a byte order mark, then waits until Azure has processed the file.
     async fn upload(
         &self,
         path: &std::path::Path,
         filename: &str,
     ) -> Result<String, ProviderError> {
-        let mut file = self.api.upload(path, filename).await?;
+        let marked = with_bom(path).await?;
+        let mut file = self.api.upload(&marked, filename).await?;
         let mut backoff = Backoff::new(FIRST_WAIT, MAX_FILE_WAIT_STEP, self.file_wait);
         loop {
             let status = file.status.as_deref().unwrap_or("pending");
@@ -322,6 +323,29 @@ impl AzureProvider {
             .timeout(self.arm.timeout)
             .header(http::header::AUTHORIZATION, token))
     }
+}
+
+/// A copy of the JSONL file at `path` that starts with a UTF-8 byte order mark, which Azure
+/// requires (OpenAI does not, so the dataset itself is written without one). Copied on disk,
+/// not in memory: a training file may be hundreds of megabytes.
+async fn with_bom(path: &std::path::Path) -> Result<std::path::PathBuf, ProviderError> {
+    let (from, to) = (path.to_path_buf(), path.with_extension("bom.jsonl"));
+    let written = to.clone();
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&to)?);
+        out.write_all(b"\xEF\xBB\xBF")?;
+        std::io::copy(&mut std::fs::File::open(&from)?, &mut out)?;
+        out.into_inner()
+            .map_err(std::io::IntoInnerError::into_error)?
+            .sync_all()
+    })
+    .await
+    .map_err(|e| ProviderError::Invalid(format!("copying {} failed: {e}", path.display())))?
+    .map_err(|e| {
+        ProviderError::Invalid(format!("cannot copy {} for Azure: {e}", path.display()))
+    })?;
+    Ok(written)
 }
 
 impl TrainingProvider for AzureProvider {

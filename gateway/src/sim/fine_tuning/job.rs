@@ -88,6 +88,21 @@ impl JobFailure {
     }
 }
 
+impl JobFailure {
+    /// Azure fails a job whose file is not UTF-8 with a byte order mark.
+    pub(super) fn no_bom(id: &str, param: &'static str) -> Self {
+        let code = match param {
+            "validation_file" => "invalid_validation_file",
+            _ => "invalid_training_file",
+        };
+        Self {
+            code,
+            message: format!("The file {id} must be UTF-8 encoded with a byte order mark (BOM)."),
+            param: Some(param),
+        }
+    }
+}
+
 /// Validates the files now; the job reveals the outcome when `validating_files` ends.
 pub(super) fn check_inputs(
     training: &[u8],

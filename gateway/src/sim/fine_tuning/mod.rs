@@ -26,7 +26,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::error::ApiError;
-use super::files::FileStore;
+use super::files::{FileStore, FineTuneInput};
 use super::reply::{self, CursorList, List, ListQuery};
 use super::state::{Flavor, SimState};
 use job::{EventView, FineTuneJob, JobFailure, check_inputs};
@@ -82,6 +82,25 @@ pub(crate) async fn create(
     create_in(&state, Flavor::OpenAi, &body)
 }
 
+/// Azure's files must be UTF-8 with a byte order mark (openai-wire.md §2.1): the first file
+/// of the job without one.
+fn without_bom<'r>(
+    request: &'r JobRequest,
+    training: &FineTuneInput,
+    validation: Option<&FineTuneInput>,
+) -> Option<(&'r str, &'static str)> {
+    const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+    if !training.content.starts_with(UTF8_BOM) {
+        return Some((&request.training_file, "training_file"));
+    }
+    match (&request.validation_file, validation) {
+        (Some(id), Some(file)) if !file.content.starts_with(UTF8_BOM) => {
+            Some((id, "validation_file"))
+        }
+        _ => None,
+    }
+}
+
 pub(crate) fn create_in(
     state: &SimState,
     flavor: Flavor,
@@ -121,6 +140,10 @@ pub(crate) fn create_in(
         .filter(|_| validation.as_ref().is_some_and(|file| file.pending))
     {
         Err(JobFailure::file_pending(id, "validation_file"))
+    } else if flavor == Flavor::Azure
+        && let Some((id, param)) = without_bom(&request, &training, validation.as_ref())
+    {
+        Err(JobFailure::no_bom(id, param))
     } else {
         // Validated outside the lock: a large file must not stall every other endpoint.
         check_inputs(
