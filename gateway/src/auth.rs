@@ -124,17 +124,21 @@ pub async fn authenticate(
 
 /// Checks `Authorization: Bearer <token>` against the admin token in constant time.
 pub fn admin_token_matches(headers: &HeaderMap, token: &str) -> bool {
-    let Some(presented) = headers
+    let Some(presented) = bearer_token(headers) else {
+        return false;
+    };
+    // Compare digests so the comparison takes the same time whatever the lengths.
+    bool::from(sha256(presented.as_bytes()).ct_eq(&sha256(token.as_bytes())))
+}
+
+/// The token of an `Authorization: Bearer …` header.
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, key)| key.trim())
-    else {
-        return false;
-    };
-    // Compare digests so the comparison takes the same time whatever the lengths.
-    bool::from(sha256(presented.as_bytes()).ct_eq(&sha256(token.as_bytes())))
 }
 
 #[cfg(test)]

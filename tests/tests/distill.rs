@@ -222,6 +222,34 @@ async fn traffic_becomes_a_student_serving_canary_traffic() {
             .status(),
         404
     );
+    // What a remote trainer holds opens this dataset and nothing else.
+    let trainer_token = forge_layer::distill::dataset_token(TOKEN, id);
+    let as_trainer = |path: String| {
+        client()
+            .get(format!("http://{}{path}", gw.admin_addr().unwrap()))
+            .bearer_auth(&trainer_token)
+            .send()
+    };
+    let own = as_trainer(format!("/admin/datasets/{id}.jsonl"))
+        .await
+        .unwrap();
+    assert_eq!(own.status(), 200);
+    assert_eq!(own.bytes().await.unwrap(), bytes);
+    let other = format!(
+        "/admin/datasets/dj_{}.jsonl",
+        forge_layer::trace::TraceId::generate()
+    );
+    for path in [
+        other,
+        "/admin/jobs".to_string(),
+        "/admin/routes".to_string(),
+    ] {
+        assert_eq!(
+            as_trainer(path.clone()).await.unwrap().status(),
+            401,
+            "{path}"
+        );
+    }
     gw.shutdown().await;
 }
 

@@ -1,5 +1,6 @@
 //! The distillation loop: golden traces → dataset → fine-tuning job → registry → canary.
 
+mod dataset_token;
 pub mod evaluate;
 pub mod job;
 pub mod judge;
@@ -7,6 +8,7 @@ pub mod provider;
 pub mod providers;
 mod service;
 
+pub use dataset_token::{dataset_token, dataset_token_matches};
 pub use evaluate::{ChatClient, EvalMethod};
 pub use job::{DistillationJob, JobStatus, ModelRecord, ModelStatus};
 pub use service::{

@@ -89,8 +89,8 @@ pub struct DistillSettings {
     pub poll_initial: Duration,
     /// …up to this.
     pub poll_max: Duration,
-    /// The base of Forge's authenticated dataset URL (`http://admin/…`) and its token, for
-    /// remote trainers.
+    /// The base of Forge's dataset URL as remote trainers reach it (`http://admin/…`), and the
+    /// admin token each job's dataset token is signed with ([`super::dataset_token`]).
     pub dataset_url: Option<(String, String)>,
     /// The judge, when configured.
     pub judge: Option<JudgeModel>,
@@ -483,16 +483,21 @@ impl DistillationService {
             base_model: route.base_model.clone(),
             suffix: route.suffix.clone(),
             hyperparameters: route.hyperparameters.clone(),
-            dataset_url: self.settings.dataset_url.as_ref().map(|(base, token)| {
-                (
-                    format!(
-                        "{}/admin/datasets/{}.jsonl",
-                        base.trim_end_matches('/'),
-                        job.id
-                    ),
-                    token.clone(),
-                )
-            }),
+            // The trainer gets a token for this dataset only, never the admin token.
+            dataset_url: self
+                .settings
+                .dataset_url
+                .as_ref()
+                .map(|(base, admin_token)| {
+                    (
+                        format!(
+                            "{}/admin/datasets/{}.jsonl",
+                            base.trim_end_matches('/'),
+                            job.id
+                        ),
+                        super::dataset_token(admin_token, &job.id),
+                    )
+                }),
         };
         let submitted = match retrying(
             || route.provider.submit(&request),

@@ -11,8 +11,9 @@ use forge_layer::store::{CaptureCounters, Store};
 use forge_layer::trace::{Outcome, Trace, TraceId};
 use serde::Deserialize;
 
-use crate::auth::{Secret, admin_token_matches};
+use crate::auth::{Secret, admin_token_matches, bearer_token};
 use crate::routes::RouteControl;
+use forge_layer::distill::dataset_token_matches;
 use forge_layer::guard::Guard;
 
 mod distill;
@@ -50,14 +51,19 @@ pub fn app(state: AdminState, token: Secret) -> Router {
         .route("/admin/jobs/{id}", get(distill::job))
         .route("/admin/distill/{alias}", post(distill::distill))
         .route("/admin/models", get(distill::models))
-        .route("/admin/datasets/{file}", get(distill::dataset))
         .fallback(|uri: http::Uri| async move {
             Error::UnknownPath {
                 method: "?".into(),
                 path: uri.path().to_string(),
             }
         })
-        .layer(middleware::from_fn_with_state(token, require_token))
+        .layer(middleware::from_fn_with_state(token.clone(), require_token))
+        // A remote trainer holds a token for its own dataset only (see `dataset_token`).
+        .merge(
+            Router::new()
+                .route("/admin/datasets/{file}", get(distill::dataset))
+                .layer(middleware::from_fn_with_state(token, require_dataset_token)),
+        )
         .with_state(state)
 }
 
@@ -69,6 +75,29 @@ fn error(status: http::StatusCode, code: &'static str, message: String) -> Respo
 
 async fn require_token(State(token): State<Secret>, request: Request, next: Next) -> Response {
     if admin_token_matches(request.headers(), token.expose()) {
+        next.run(request).await
+    } else {
+        Error::Unauthorized.into_response()
+    }
+}
+
+/// The admin token, or the dataset token of the job whose dataset is asked for.
+async fn require_dataset_token(
+    State(token): State<Secret>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let job = request
+        .uri()
+        .path()
+        .rsplit('/')
+        .next()
+        .and_then(|file| file.strip_suffix(".jsonl"));
+    let for_this_job = match (job, bearer_token(request.headers())) {
+        (Some(job), Some(presented)) => dataset_token_matches(token.expose(), job, presented),
+        _ => false,
+    };
+    if for_this_job || admin_token_matches(request.headers(), token.expose()) {
         next.run(request).await
     } else {
         Error::Unauthorized.into_response()
