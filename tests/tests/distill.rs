@@ -555,6 +555,45 @@ async fn the_evaluation_gate_keeps_a_bad_student_out_of_traffic() {
 }
 
 #[tokio::test]
+async fn a_dataset_reads_only_what_the_judge_has_looked_at() {
+    let sim = start_sim(sim_config()).await;
+    // The judge scores every trace, but five a minute: the others wait for it.
+    let judge = "[judge]\nupstream = \"sim\"\nmodel = \"judge\"\nsample_percent = 100.0\nmax_per_minute = 5\n";
+    let text =
+        config(&sim, "", judge).replace("trigger_threshold = 20", "trigger_threshold = 100000");
+    let gw = start_gateway_with(&text, admin).await;
+    // All approved: each is golden whatever the judge says.
+    let ids = traffic(&gw, 24, "judged", None).await;
+    let store = gw.store().unwrap();
+    let judged = || {
+        ids.iter()
+            .filter(|id| store.has_evaluation(id.parse().unwrap()).unwrap())
+            .count()
+    };
+    eventually("the judge scores its five", || judged() == 5).await;
+    let started = client()
+        .post(format!(
+            "http://{}/admin/distill/chat",
+            gw.admin_addr().unwrap()
+        ))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(started.status(), 202);
+    // A cut past the nineteen the judge has yet to look at would leave them behind every later
+    // dataset: this one reads five, too few to train on, and the cut does not move.
+    let failed = wait_for_job(&gw, "FAILED").await;
+    assert_eq!(failed["dataset_size"], 5, "{failed}");
+    assert!(
+        failed["error"].as_str().unwrap().contains("min_examples"),
+        "{failed}"
+    );
+    assert_eq!(judged(), 5);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
 async fn the_schedule_starts_a_job_once_there_is_enough_data() {
     let sim = start_sim(sim_config()).await;
     // Every second, and a threshold that is never reached: only the schedule can start a job.

@@ -34,6 +34,9 @@ pub struct DatasetSpec {
     pub tenant: Option<String>,
     /// Only traces after this one (the previous cut).
     pub after: Option<TraceId>,
+    /// Only traces up to this one, when set: as far as the judge has got, so that a trace it
+    /// has yet to score is left for a later dataset instead of falling behind this one's cut.
+    pub until: Option<TraceId>,
     /// What makes a trace golden.
     pub policy: GoldenPolicy,
     /// Share of lines held out for validation, in percent.
@@ -52,6 +55,7 @@ impl DatasetSpec {
             route: route.into(),
             tenant: None,
             after: None,
+            until: None,
             policy: GoldenPolicy::default(),
             validation_percent: 10.0,
             max_key_share: 0.5,
@@ -175,7 +179,7 @@ fn key_caps(store: &Store, spec: &DatasetSpec) -> Result<Option<u64>, StoreError
     }
     let mut per_key: BTreeMap<Option<String>, u64> = BTreeMap::new();
     let mut total = 0u64;
-    store.for_each_graded_trace(spec.after, |trace, fb, ev| {
+    store.for_each_graded_trace_until(spec.after, spec.until, |trace, fb, ev| {
         if spec.selects(&trace) && spec.policy.is_golden(&trace, fb.as_ref(), ev.as_ref()) {
             *per_key.entry(trace.key_id).or_default() += 1;
             total += 1;
@@ -235,7 +239,7 @@ pub fn build(
     let validation_bp = (spec.validation_percent.clamp(0.0, 100.0) * 100.0) as u64;
     let mut read = 0u64;
     let mut failure = None;
-    store.for_each_graded_trace(spec.after, |trace, fb, ev| {
+    store.for_each_graded_trace_until(spec.after, spec.until, |trace, fb, ev| {
         read += 1;
         if read.is_multiple_of(10_000) {
             progress(read);

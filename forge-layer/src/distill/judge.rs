@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use super::evaluate::{ChatClient, judge_messages, parse_score, question_of};
 use super::service::JudgeModel;
 use crate::grade::GoldenPolicy;
-use crate::store::{Evaluation, Store};
+use crate::store::{Evaluation, Store, StoreError};
 use crate::trace::{Trace, TraceId, now_ms};
 
 /// The judge grader's settings.
@@ -30,6 +30,12 @@ pub struct JudgeSettings {
 }
 
 const CURSOR: &str = "judge_cursor";
+
+/// The last trace the judge has looked at: every trace up to it is scored or passed over for
+/// good. `None` before its first look.
+pub fn judged_until(store: &Store) -> Result<Option<TraceId>, StoreError> {
+    store.meta(CURSOR)
+}
 
 /// Runs the grader until `stop`.
 pub async fn run(

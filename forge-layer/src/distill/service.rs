@@ -259,26 +259,41 @@ impl DistillationService {
             .find_map(|j| j.cut))
     }
 
+    /// With a judge grading in the background, how far datasets may read: up to the last trace
+    /// it has looked at (before its first look, nothing). A cut past that point would leave the
+    /// traces it scores later behind every future cut.
+    fn judged_until(&self) -> Result<Option<TraceId>, StoreError> {
+        if self.settings.judge.is_none() {
+            return Ok(None);
+        }
+        // Trace ids are ULIDs, never 0: a bound of 0 reads nothing.
+        Ok(Some(
+            super::judge::judged_until(&self.store)?.unwrap_or(TraceId::from_u128(0)),
+        ))
+    }
+
     /// Golden examples of the route since its last cut.
     pub fn golden_since_cut(&self, alias: &str) -> Result<u64, StoreError> {
         let Some(route) = self.routes.get(alias) else {
             return Ok(0);
         };
         let after = self.last_cut(alias)?;
+        let until = self.judged_until()?;
         let spec = &route.dataset;
         let mut n = 0;
-        self.store.for_each_graded_trace(after, |t, fb, ev| {
-            if t.alias == spec.route
-                && spec
-                    .tenant
-                    .as_ref()
-                    .is_none_or(|x| t.tenant.as_ref() == Some(x))
-                && spec.policy.is_golden(&t, fb.as_ref(), ev.as_ref())
-            {
-                n += 1;
-            }
-            true
-        })?;
+        self.store
+            .for_each_graded_trace_until(after, until, |t, fb, ev| {
+                if t.alias == spec.route
+                    && spec
+                        .tenant
+                        .as_ref()
+                        .is_none_or(|x| t.tenant.as_ref() == Some(x))
+                    && spec.policy.is_golden(&t, fb.as_ref(), ev.as_ref())
+                {
+                    n += 1;
+                }
+                true
+            })?;
         Ok(n)
     }
 
@@ -523,6 +538,7 @@ impl DistillationService {
     ) -> Result<Manifest, String> {
         let mut spec = route.dataset.clone();
         spec.after = self.last_cut(&route.route).map_err(|e| e.to_string())?;
+        spec.until = self.judged_until().map_err(|e| e.to_string())?;
         let (store, dir, id) = (
             self.store.clone(),
             self.settings.data_dir.join("datasets"),

@@ -104,13 +104,24 @@ impl Store {
     pub fn for_each_graded_trace(
         &self,
         after: Option<TraceId>,
+        f: impl FnMut(Trace, Option<Feedback>, Option<Evaluation>) -> bool,
+    ) -> Result<(), StoreError> {
+        self.for_each_graded_trace_until(after, None, f)
+    }
+
+    /// Like [`Store::for_each_graded_trace`], ending with trace `until` when given.
+    pub fn for_each_graded_trace_until(
+        &self,
+        after: Option<TraceId>,
+        until: Option<TraceId>,
         mut f: impl FnMut(Trace, Option<Feedback>, Option<Evaluation>) -> bool,
     ) -> Result<(), StoreError> {
         // Read before the snapshot is taken: every id below it is committed by then.
-        let end = self
+        let settled = self
             .unsettled
             .scan_bound()
             .map_or(u128::MAX, TraceId::as_u128);
+        let end = until.map_or(settled, |id| settled.min(id.as_u128().saturating_add(1)));
         let txn = self.db.begin_read().map_err(db_err)?;
         let traces = txn.open_table(TRACES).map_err(db_err)?;
         let feedback = txn.open_table(FEEDBACK).map_err(db_err)?;
