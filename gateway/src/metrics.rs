@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
 
-use forge_layer::store::CaptureCounters;
+use forge_layer::store::{CaptureCounters, Unsettled};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -70,9 +70,9 @@ impl Metrics {
 
     /// Exports the capture counters; their equation `captured + dropped + failed + pending ==
     /// eligible` holds in every scrape.
-    pub fn register_capture(&mut self, counters: Arc<CaptureCounters>) {
+    pub fn register_capture(&mut self, counters: Arc<CaptureCounters>, unsettled: Arc<Unsettled>) {
         self.registry
-            .register_collector(Box::new(CaptureCollector(counters)));
+            .register_collector(Box::new(CaptureCollector(counters, unsettled)));
     }
 
     /// The Prometheus text exposition.
@@ -85,7 +85,7 @@ impl Metrics {
 }
 
 #[derive(Debug)]
-struct CaptureCollector(Arc<CaptureCounters>);
+struct CaptureCollector(Arc<CaptureCounters>, Arc<Unsettled>);
 
 impl Collector for CaptureCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
@@ -122,6 +122,16 @@ impl Collector for CaptureCollector {
             "Traces queued or being written",
             None,
             pending.metric_type(),
+        )?)?;
+        let oldest_ms = self.1.oldest().map_or(0, |id| {
+            forge_layer::trace::now_ms().saturating_sub(id.timestamp_ms())
+        });
+        let oldest = ConstGauge::new(oldest_ms as f64 / 1000.0);
+        oldest.encode(encoder.encode_descriptor(
+            "capture_oldest_unsettled_seconds",
+            "Age of the oldest exchange not yet stored (0 when none); the judge and dataset cuts wait for it",
+            None,
+            oldest.metric_type(),
         )?)?;
         Ok(())
     }

@@ -203,7 +203,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             let store = Store::open_dir_with_cache(&capture.data_dir, capture.cache_bytes)?;
             let (writer, task) = TraceWriter::start(store.clone(), capture.writer.clone());
             let counters = writer.counters_handle();
-            metrics.register_capture(Arc::clone(&counters));
+            metrics.register_capture(Arc::clone(&counters), Arc::clone(store.unsettled()));
             tracing::info!(path = %store.path().display(), mode = ?capture.writer.mode, "capture on");
             (Some(store), Some(writer), Some(task), Some(counters))
         }

@@ -299,6 +299,8 @@ async fn cursor_scans_never_pass_a_stream_still_in_flight() {
         gw.store().unwrap().trace(long).unwrap().is_none(),
         "the stream still runs"
     );
+    // Operators see what holds the scans back.
+    assert!(oldest_unsettled_seconds(&gw).await > 0.0);
     // A scan that keeps the last id it saw as its cursor would pass the stream's id for good.
     assert_eq!(
         cursor_scan(&gw),
@@ -312,7 +314,26 @@ async fn cursor_scans_never_pass_a_stream_still_in_flight() {
     })
     .await;
     assert_eq!(cursor_scan(&gw), ids, "every trace, oldest id first");
+    assert_eq!(oldest_unsettled_seconds(&gw).await, 0.0);
     gw.shutdown().await;
+}
+
+/// The `forge_capture_oldest_unsettled_seconds` gauge.
+async fn oldest_unsettled_seconds(gw: &forge_tests::TestGateway) -> f64 {
+    let metrics = client()
+        .get(format!("http://{}/metrics", gw.addr()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("forge_capture_oldest_unsettled_seconds "))
+        .unwrap_or_else(|| panic!("no gauge in {metrics}"))
+        .parse()
+        .unwrap()
 }
 
 #[tokio::test]

@@ -58,6 +58,12 @@ impl Unsettled {
         })
     }
 
+    /// The oldest unsettled id: the exchange that holds cursor scans back (an endless stream, a
+    /// client that stopped reading), for operators to see.
+    pub fn oldest(&self) -> Option<TraceId> {
+        self.state().ids.first().map(|&id| TraceId::from_u128(id))
+    }
+
     fn settle(&self, id: TraceId) {
         self.state().ids.remove(&id.as_u128());
     }
@@ -129,6 +135,7 @@ mod tests {
         assert_eq!(unsettled.scan_bound(), None, "no writer: no bound");
         let (a, b, c) = (unsettled.issue(), unsettled.issue(), unsettled.issue());
         assert_eq!(unsettled.scan_bound(), Some(a.id()));
+        assert_eq!(unsettled.oldest(), Some(a.id()));
         drop(b);
         assert_eq!(
             unsettled.scan_bound(),
@@ -140,6 +147,7 @@ mod tests {
         assert_eq!(unsettled.scan_bound(), Some(c.id()));
         let c_id = c.id();
         drop(c);
+        assert_eq!(unsettled.oldest(), None);
         let bound = unsettled.scan_bound().unwrap();
         assert!(
             bound > c_id && bound > a_id,
