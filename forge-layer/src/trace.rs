@@ -14,15 +14,40 @@ use crate::reassemble::FinalResponse;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct TraceId(u128);
 
+/// The id generator, and the id every new one must be above.
+struct Ids {
+    generator: ulid::Generator,
+    floor: u128,
+}
+
+static IDS: Mutex<Ids> = Mutex::new(Ids {
+    generator: ulid::Generator::new(),
+    floor: 0,
+});
+
 impl TraceId {
-    /// A new id for now, greater than every id this process made before: within one
-    /// millisecond the random part is incremented, so ids never sort out of creation order.
+    /// A new id for now, greater than every id this process made before (within one
+    /// millisecond the random part is incremented, so ids never sort out of creation order) and
+    /// than any id passed to [`TraceId::keep_above`].
     pub fn generate() -> Self {
-        static GENERATOR: Mutex<ulid::Generator> = Mutex::new(ulid::Generator::new());
-        let mut generator = GENERATOR.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut ids = IDS.lock().unwrap_or_else(PoisonError::into_inner);
         // Overflow needs 2^80 ids in one millisecond; fall back to a fresh random id.
-        let id = generator.generate().unwrap_or_else(|_| ulid::Ulid::new());
-        Self(id.into())
+        let made: u128 = ids
+            .generator
+            .generate()
+            .unwrap_or_else(|_| ulid::Ulid::new())
+            .into();
+        let id = made.max(ids.floor.saturating_add(1));
+        ids.floor = id;
+        Self(id)
+    }
+
+    /// Makes every id generated from now on sort after `id`. The store calls it with its newest
+    /// trace when it opens: if the clock went back across a restart, new traces still sort after
+    /// the old ones, so a cursor kept from before (the judge's, a dataset's cut) never passes them.
+    pub fn keep_above(id: TraceId) {
+        let mut ids = IDS.lock().unwrap_or_else(PoisonError::into_inner);
+        ids.floor = ids.floor.max(id.0);
     }
 
     /// The id as a 128-bit key.
@@ -165,6 +190,16 @@ impl Trace {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_stay_above_a_floor_from_a_clock_that_went_back() {
+        // As if the last run's clock had been half a second ahead of this one's.
+        let ahead = TraceId::from_u128(ulid::Ulid::from_parts(now_ms() + 500, 0).into());
+        TraceId::keep_above(ahead);
+        let next = TraceId::generate();
+        assert!(next > ahead);
+        assert!(TraceId::generate() > next);
+    }
 
     #[test]
     fn ids_sort_by_time_and_round_trip_as_text() {

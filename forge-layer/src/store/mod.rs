@@ -131,6 +131,9 @@ impl Store {
             txn.open_table(META).map_err(db_err)?;
             Ok(())
         })?;
+        if let Some(newest) = store.newest_trace_id()? {
+            TraceId::keep_above(newest);
+        }
         Ok(store)
     }
 
@@ -193,6 +196,16 @@ impl Store {
         let txn = self.db.begin_read().map_err(db_err)?;
         let table = txn.open_table(TRACES).map_err(db_err)?;
         Ok(table.get(id.as_u128()).map_err(db_err)?.is_some())
+    }
+
+    /// The id of the newest trace stored.
+    fn newest_trace_id(&self) -> Result<Option<TraceId>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(TRACES).map_err(db_err)?;
+        Ok(table
+            .last()
+            .map_err(db_err)?
+            .map(|(k, _)| TraceId::from_u128(k.value())))
     }
 
     /// How many traces are stored.

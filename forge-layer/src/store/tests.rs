@@ -252,6 +252,22 @@ async fn a_rejection_stays_in_force_until_an_approval_whatever_scores_follow() {
     assert!(golden(), "a later approval does");
 }
 
+#[test]
+fn new_ids_sort_after_the_newest_stored_trace_even_if_the_clock_went_back() {
+    let dir = tempfile::tempdir().unwrap();
+    // A trace stamped 2 s ahead of this clock, as a previous run with a faster clock left it
+    // (further ahead than the floor the id unit test sets in this same process).
+    let ahead = TraceId::from_u128(
+        ulid::Ulid::from_parts(crate::trace::now_ms() + 2000, u128::from(u64::MAX)).into(),
+    );
+    {
+        let store = Store::open_dir(dir.path()).unwrap();
+        store.insert_encoded([(ahead, b"{}".as_slice())]).unwrap();
+    }
+    let _reopened = Store::open_dir(dir.path()).unwrap();
+    assert!(TraceId::generate() > ahead);
+}
+
 /// Waits (with a generous deadline) until the writer has committed `n` traces.
 async fn until_captured(writer: &TraceWriter, n: u64) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
