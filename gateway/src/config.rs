@@ -712,6 +712,10 @@ fn validate_guard(raw: RawGuard) -> Result<Option<GuardConfig>, ConfigError> {
     if raw.max_failed_checks == 0 {
         return Err(invalid("guard.max_failed_checks must be at least 1"));
     }
+    if raw.min_requests == 0 {
+        // With none needed, a student with no traffic at all would be judged (and rolled back).
+        return Err(invalid("guard.min_requests must be at least 1"));
+    }
     Ok(Some(GuardConfig {
         steps,
         interval: Duration::from_secs_f64(raw.interval_secs),

@@ -199,7 +199,7 @@ impl Guard {
             .students
             .remove(&(alias.to_string(), model.to_string()));
         if let Some(route) = state.stats.get_mut(alias) {
-            route.arms.clear();
+            route.arms.remove(model);
         }
     }
 
@@ -255,13 +255,18 @@ impl Guard {
                     percent: share.percent(),
                     detail,
                 };
-                if student_w.requests < self.config.min_requests {
+                // Both sides need enough traffic: a p99 or a mean from a handful of teacher
+                // requests (or none) would decide nothing.
+                let short = [("student", &student_w), ("teacher", &teacher_w)]
+                    .into_iter()
+                    .find(|(_, w)| w.requests < self.config.min_requests);
+                if let Some((side, w)) = short {
                     let e = event(
                         EventKind::Unverified,
                         share,
                         format!(
-                            "{} student requests of the {} needed",
-                            student_w.requests, self.config.min_requests
+                            "{} {side} requests of the {} needed",
+                            w.requests, self.config.min_requests
                         ),
                     );
                     push_event(&mut state, e);
@@ -293,8 +298,18 @@ impl Guard {
                         }
                     }
                 };
+                // The next step is judged on fresh traffic: this student's window restarts, and
+                // the teacher's too unless another student in canary is still measured on it.
+                let others_in_canary = route.students.iter().any(|other| {
+                    other.target.model != student.target.model
+                        && other.share != CanaryShare::ZERO
+                        && other.share != CanaryShare::FULL
+                });
                 if let Some(route_stats) = state.stats.get_mut(&route.alias) {
-                    route_stats.arms.clear();
+                    route_stats.arms.remove(&student.target.model);
+                    if !others_in_canary {
+                        route_stats.arms.remove(&route.teacher.model);
+                    }
                 }
                 match kind {
                     Some((kind, share)) => {

@@ -101,11 +101,54 @@ async fn no_traffic_is_unverified_not_passed() {
     let last = guard.events().last().cloned().unwrap();
     assert_eq!(last.kind, EventKind::Unverified);
     assert!(last.detail.contains("10 student requests"));
-    // The traffic keeps counting toward the same step.
+    // The traffic keeps counting toward the same step; the teacher needs enough too.
     for _ in 0..40 {
         guard.record("a", "student", 1000, false);
     }
+    assert!(guard.check(&table(5.0), 0).is_empty());
+    let last = guard.events().last().cloned().unwrap();
+    assert_eq!(last.kind, EventKind::Unverified);
+    assert!(
+        last.detail.contains("0 teacher requests"),
+        "{}",
+        last.detail
+    );
+    for _ in 0..50 {
+        guard.record("a", "teacher", 1000, false);
+    }
     assert_eq!(guard.check(&table(5.0), 0)[0].kind, EventKind::SteppedUp);
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_students_in_canary_are_each_judged_on_their_own_traffic() {
+    let route = Route::new("a", Target::new("up", "teacher"))
+        .with_student(Student::new(
+            Target::new("up", "s0"),
+            CanaryShare::from_percent(5.0).unwrap(),
+        ))
+        .with_student(Student::new(
+            Target::new("up", "s1"),
+            CanaryShare::from_percent(5.0).unwrap(),
+        ));
+    let table = RoutingTable::new(1, vec![route], &HashSet::from(["up".to_string()])).unwrap();
+    let guard = Guard::new(config());
+    assert!(guard.check(&table, 0).is_empty());
+    tokio::time::advance(Duration::from_secs(11)).await;
+    for _ in 0..100 {
+        guard.record("a", "teacher", 1000, false);
+        guard.record("a", "s0", 1000, false);
+        guard.record("a", "s1", 1000, false);
+    }
+    // Judging s0 must not wipe what s1 and the teacher did.
+    let actions = guard.check(&table, 0);
+    let stepped: Vec<(&str, EventKind)> =
+        actions.iter().map(|a| (a.model.as_str(), a.kind)).collect();
+    assert_eq!(
+        stepped,
+        vec![("s0", EventKind::SteppedUp), ("s1", EventKind::SteppedUp)],
+        "{:?}",
+        guard.events()
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -99,9 +99,9 @@ async fn forward(
 fn sticky_key(headers: &HeaderMap, request: &ChatRequest<'_>, caller: &Caller) -> Option<String> {
     headers
         .get(STICKY_HEADER)
-        .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty())
-        .map(str::to_string)
+        // Non-ASCII bytes are still a key (lossy, but the same bytes give the same key).
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
         .or_else(|| request.string_field("user").filter(|v| !v.is_empty()))
         .or_else(|| {
             request
