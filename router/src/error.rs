@@ -32,4 +32,14 @@ pub enum RouteError {
     /// The alias is not in the table.
     #[error("no route for alias `{0}`")]
     UnknownAlias(String),
+    /// Raising a student's share would shift the key range of a student after it, moving
+    /// that student's users to another arm.
+    #[error(
+        "route `{alias}`: raising `{raised}` would move keys from `{later}`, which comes after it and has a share; raise the last student, or set `{later}` to 0 first"
+    )]
+    RaiseMovesStudent {
+        alias: String,
+        raised: String,
+        later: String,
+    },
 }

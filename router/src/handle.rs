@@ -80,6 +80,7 @@ impl Router {
             routes,
             &self.known_upstreams,
         )?);
+        current.check_raises(&next)?;
         persist(&next)?;
         self.current.store(Arc::clone(&next));
         Ok(next)
@@ -129,5 +130,44 @@ mod tests {
             before.pick("a", StickyKey::Point(1)).unwrap().arm,
             Arm::Teacher
         );
+    }
+
+    #[test]
+    fn raising_a_share_never_moves_another_student_s_keys() {
+        let pct = |p: f64| CanaryShare::from_percent(p).unwrap();
+        let route = Route::new("a", Target::new("up", "t"))
+            .with_student(Student::new(Target::new("up", "s0"), pct(10.0)))
+            .with_student(Student::new(Target::new("up", "s1"), pct(10.0)));
+        let router = Router::new(vec![route], ["up"]).unwrap();
+        let set = |i: usize, p: f64| {
+            router.update(|routes| {
+                routes[0].students[i].share = pct(p);
+                Ok(())
+            })
+        };
+        // s0's range grows into s1's: s1's users would move. Refused; the table stays.
+        let err = set(0, 20.0).unwrap_err();
+        assert!(
+            matches!(&err, RouteError::RaiseMovesStudent { raised, later, .. } if raised == "s0" && later == "s1"),
+            "{err}"
+        );
+        assert_eq!(router.load().version(), 1);
+        // The last student grows into the teacher's range only.
+        let before = router.load();
+        set(1, 30.0).unwrap();
+        let after = router.load();
+        for point in 0..10_000u16 {
+            let (old, new) = (
+                before.pick("a", StickyKey::Point(point)).unwrap().arm,
+                after.pick("a", StickyKey::Point(point)).unwrap().arm,
+            );
+            assert!(
+                old == new || old == Arm::Teacher,
+                "point {point}: {old:?} -> {new:?}"
+            );
+        }
+        // Lowering (a rollback) is always allowed; with s1 at 0, s0 may rise again.
+        set(1, 0.0).unwrap();
+        set(0, 40.0).unwrap();
     }
 }

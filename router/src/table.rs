@@ -199,6 +199,37 @@ impl RoutingTable {
         self.order.iter().filter_map(|a| self.routes.get(a))
     }
 
+    /// Refuses `next` if it raises a student's share while a student after it has a share:
+    /// students take consecutive ranges of the key space, so that raise would shift the later
+    /// student's range and move its users, where raising a share may only take keys from the
+    /// teacher. Lowering a share (a rollback) is always allowed.
+    pub fn check_raises(&self, next: &RoutingTable) -> Result<(), RouteError> {
+        for route in next.routes() {
+            let before = self.route(&route.alias);
+            let old_share = |model: &Target| {
+                before
+                    .and_then(|r| r.students.iter().find(|s| &s.target == model))
+                    .map_or(0, |s| s.share.basis_points())
+            };
+            for (i, raised) in route.students.iter().enumerate() {
+                if raised.share.basis_points() <= old_share(&raised.target) {
+                    continue;
+                }
+                if let Some(later) = route.students[i + 1..]
+                    .iter()
+                    .find(|s| s.share.basis_points() > 0)
+                {
+                    return Err(RouteError::RaiseMovesStudent {
+                        alias: route.alias.clone(),
+                        raised: raised.target.model.clone(),
+                        later: later.target.model.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Picks the arm for one request. It allocates nothing: the decision borrows the table.
     ///
     /// The key's point in `0..10000` is compared with the students' cumulative shares; points
