@@ -167,7 +167,39 @@ impl RouteControl {
         actor: &str,
         expected_version: Option<u64>,
     ) -> Result<Arc<RoutingTable>, RouteUpdateError> {
+        self.set_share_from(alias, model, share, actor, expected_version, None)
+            .await
+    }
+
+    /// Applies a canary guard decision, unless the student's share is no longer the one it
+    /// judged, or the route went to manual mode, since: an operator's (or the distiller's)
+    /// change made meanwhile wins, and the decision is a conflict.
+    pub async fn apply_guard_decision(
+        &self,
+        action: &forge_layer::guard::Action,
+    ) -> Result<Arc<RoutingTable>, RouteUpdateError> {
+        self.set_share_from(
+            &action.alias,
+            Some(&action.model),
+            action.share,
+            "guard",
+            None,
+            Some(action.judged),
+        )
+        .await
+    }
+
+    async fn set_share_from(
+        &self,
+        alias: &str,
+        model: Option<&str>,
+        share: CanaryShare,
+        actor: &str,
+        expected_version: Option<u64>,
+        judged: Option<CanaryShare>,
+    ) -> Result<Arc<RoutingTable>, RouteUpdateError> {
         let (alias_owned, model_owned) = (alias.to_string(), model.map(str::to_string));
+        let guard = self.guard.clone();
         let action = format!(
             "set canary {}%{}",
             share.percent(),
@@ -184,6 +216,21 @@ impl RouteControl {
                 move |routes| {
                     let route = route_mut(routes, &alias_owned)?;
                     let i = student_index(route, model_owned.as_deref())?;
+                    if let Some(judged) = judged {
+                        let now = route.students[i].share;
+                        if now != judged {
+                            return Err(RouteUpdateError::Conflict(format!(
+                                "the share is {}% now, not the {}% the guard judged",
+                                now.percent(),
+                                judged.percent()
+                            )));
+                        }
+                        if guard.as_ref().is_some_and(|g| g.is_manual(&alias_owned)) {
+                            return Err(RouteUpdateError::Conflict(format!(
+                                "route `{alias_owned}` is in manual mode"
+                            )));
+                        }
+                    }
                     route.students[i].share = share;
                     if let Ok(mut c) = chosen_in.lock() {
                         c.clone_from(&route.students[i].target.model);
@@ -300,5 +347,78 @@ impl RouteControl {
         tokio::task::spawn_blocking(move || store.route_history(limit))
             .await
             .unwrap_or_else(|_| Ok(Vec::new()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use forge_layer::guard::{Action, EventKind, GuardConfig};
+    use forge_router::{Student, Target};
+
+    use super::*;
+
+    fn pct(p: f64) -> CanaryShare {
+        CanaryShare::from_percent(p).unwrap()
+    }
+
+    fn control(share: f64) -> (RouteControl, Arc<Guard>) {
+        let route = Route::new("a", Target::new("up", "t"))
+            .with_student(Student::new(Target::new("up", "s"), pct(share)));
+        let router = Router::new(vec![route], ["up"]).unwrap();
+        let guard = Arc::new(Guard::new(GuardConfig::default()));
+        (
+            RouteControl::new(router, None, Some(Arc::clone(&guard))),
+            guard,
+        )
+    }
+
+    fn step_up(judged: f64, to: f64) -> Action {
+        Action {
+            alias: "a".into(),
+            model: "s".into(),
+            share: pct(to),
+            judged: pct(judged),
+            kind: EventKind::SteppedUp,
+        }
+    }
+
+    fn share_now(control: &RouteControl) -> CanaryShare {
+        control.router().load().route("a").unwrap().students[0].share
+    }
+
+    #[tokio::test]
+    async fn a_guard_decision_never_undoes_a_change_made_since_it_judged() {
+        let (control, guard) = control(5.0);
+        // An operator rolls the student back after the guard judged it at 5%.
+        control
+            .set_share("a", Some("s"), CanaryShare::ZERO, "operator", None)
+            .await
+            .unwrap();
+        let err = control
+            .apply_guard_decision(&step_up(5.0, 10.0))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RouteUpdateError::Conflict(_)), "{err}");
+        assert_eq!(share_now(&control), CanaryShare::ZERO);
+        // Nor a route an operator took into manual mode.
+        control
+            .set_share("a", Some("s"), pct(5.0), "operator", None)
+            .await
+            .unwrap();
+        guard.set_manual("a", true);
+        assert!(
+            control
+                .apply_guard_decision(&step_up(5.0, 10.0))
+                .await
+                .is_err()
+        );
+        assert_eq!(share_now(&control), pct(5.0));
+        // Unchanged and automatic: it applies.
+        guard.set_manual("a", false);
+        control
+            .apply_guard_decision(&step_up(5.0, 10.0))
+            .await
+            .unwrap();
+        assert_eq!(share_now(&control), pct(10.0));
     }
 }

@@ -23,7 +23,7 @@ use crate::distill::{RouteDeployer, UpstreamChat};
 use crate::metrics::Metrics;
 use crate::proxy::exchange::{Sink, UpstreamCall};
 use crate::proxy::{self, ProxyState};
-use crate::routes::RouteControl;
+use crate::routes::{RouteControl, RouteUpdateError};
 use crate::sim::{SimConfig, SimHandle, SimUpstream};
 use crate::upstream::{Upstream, Upstreams};
 use forge_layer::dataset::DatasetSpec;
@@ -479,18 +479,17 @@ async fn run_guard(
         let table = control.router().load();
         for action in guard.check(&table, forge_layer::trace::now_ms()) {
             let kind = format!("{:?}", action.kind).to_lowercase();
-            if let Err(e) = control
-                .set_share(
-                    &action.alias,
-                    Some(&action.model),
-                    action.share,
-                    "guard",
-                    None,
-                )
-                .await
-            {
-                tracing::error!(alias = %action.alias, model = %action.model, error = %e, decision = %kind, "guard decision could not be applied");
-                continue;
+            match control.apply_guard_decision(&action).await {
+                Ok(_) => {}
+                // Someone changed the share (or set manual mode) since the guard judged it.
+                Err(RouteUpdateError::Conflict(why)) => {
+                    tracing::info!(alias = %action.alias, model = %action.model, decision = %kind, %why, "guard decision dropped: the route changed meanwhile");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(alias = %action.alias, model = %action.model, error = %e, decision = %kind, "guard decision could not be applied");
+                    continue;
+                }
             }
             let status = match action.kind {
                 EventKind::Promoted => Some(ModelStatus::Promoted),

@@ -71,6 +71,8 @@ pub struct Action {
     pub model: String,
     /// Its new share.
     pub share: CanaryShare,
+    /// The share it had when it was judged: the decision holds only while it still has it.
+    pub judged: CanaryShare,
     /// What kind of decision this is.
     pub kind: EventKind,
 }
@@ -322,6 +324,7 @@ impl Guard {
                             alias: route.alias.clone(),
                             model: student.target.model.clone(),
                             share,
+                            judged: student.share,
                             kind,
                         });
                     }
