@@ -58,6 +58,9 @@ fn student_index(route: &Route, model: Option<&str>) -> Result<usize, RouteUpdat
     }
 }
 
+/// The store's key for the aliases in manual guard mode.
+const GUARD_MANUAL: &str = "guard_manual";
+
 fn route_mut<'r>(routes: &'r mut [Route], alias: &str) -> Result<&'r mut Route, RouteUpdateError> {
     routes
         .iter_mut()
@@ -169,6 +172,42 @@ impl RouteControl {
     ) -> Result<Arc<RoutingTable>, RouteUpdateError> {
         self.set_share_from(alias, model, share, actor, expected_version, None)
             .await
+    }
+
+    /// Sets an alias's guard mode and stores the set of manual aliases, so that a restart keeps
+    /// it: a route an operator took out of the guard's hands must not be stepped or rolled back
+    /// after a restart.
+    pub async fn set_guard_mode(
+        &self,
+        guard: &Guard,
+        alias: &str,
+        manual: bool,
+    ) -> Result<(), RouteUpdateError> {
+        // Stored first: a mode that could not be written down is not set.
+        if let Some(store) = self.store.clone() {
+            let mut aliases = guard.manual_aliases();
+            aliases.retain(|a| a != alias);
+            if manual {
+                aliases.push(alias.to_string());
+            }
+            tokio::task::spawn_blocking(move || store.put_meta(GUARD_MANUAL, &aliases))
+                .await
+                .map_err(|e| RouteUpdateError::Conflict(format!("store task failed: {e}")))??;
+        }
+        guard.set_manual(alias, manual);
+        Ok(())
+    }
+
+    /// Puts back the guard modes stored by [`RouteControl::set_guard_mode`] before a restart.
+    pub fn restore_guard_modes(&self, guard: &Guard) -> Result<(), RouteUpdateError> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        let stored: Option<Vec<String>> = store.meta(GUARD_MANUAL)?;
+        for alias in stored.unwrap_or_default() {
+            guard.set_manual(&alias, true);
+        }
+        Ok(())
     }
 
     /// Applies a canary guard decision, unless the student's share is no longer the one it

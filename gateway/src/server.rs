@@ -219,6 +219,11 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     )?;
     let guard = config.guard.clone().map(|g| Arc::new(Guard::new(g)));
     let control = RouteControl::new(router.clone(), store.clone(), guard.clone());
+    if let Some(guard) = &guard {
+        control
+            .restore_guard_modes(guard)
+            .map_err(|e| StartError::StoredRoutes(format!("stored guard modes: {e}")))?;
+    }
 
     let (stop, stopped) = watch::channel(false);
     let mut servers = Vec::new();

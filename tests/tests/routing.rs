@@ -383,6 +383,44 @@ async fn admin_api_validates_authenticates_and_survives_a_restart() {
 }
 
 #[tokio::test]
+async fn a_guard_mode_set_by_an_operator_survives_a_restart() {
+    let sim = start_sim(SimConfig::default()).await;
+    let text = canary_config(&sim.base_url(), 5.0, "[guard]\ninterval_secs = 3600\n");
+    let set_mode = |gw: &forge_tests::TestGateway, mode: &str| {
+        client()
+            .put(format!(
+                "http://{}/admin/routes/chat/guard",
+                gw.admin_addr().unwrap()
+            ))
+            .bearer_auth(TOKEN)
+            .json(&json!({"mode": mode}))
+            .send()
+    };
+    let manual_after_restart = |dir: &tempfile::TempDir| {
+        let text = format!(
+            "{text}\n[capture]\ndata_dir = {:?}\n",
+            dir.path().display().to_string()
+        );
+        async move {
+            let gw = start_gateway_with(&text, with_admin).await;
+            let manual = gw.guard().unwrap().is_manual("chat");
+            (gw, manual)
+        }
+    };
+    let gw = start_gateway_with(&text, with_admin).await;
+    assert_eq!(set_mode(&gw, "manual").await.unwrap().status(), 200);
+    let dir = gw.shutdown().await;
+    let (gw, manual) = manual_after_restart(&dir).await;
+    assert!(manual, "the operator's manual mode came back");
+    assert_eq!(set_mode(&gw, "auto").await.unwrap().status(), 200);
+    gw.shutdown().await;
+    let (gw, manual) = manual_after_restart(&dir).await;
+    assert!(!manual, "and so did the switch back to auto");
+    gw.shutdown().await;
+    drop(dir);
+}
+
+#[tokio::test]
 async fn the_guard_rolls_back_a_failing_student_without_failing_teacher_requests() {
     let flaky = ModelBehavior {
         fail_status: Some(503),

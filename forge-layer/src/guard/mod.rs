@@ -188,6 +188,13 @@ impl Guard {
         }
     }
 
+    /// The aliases in manual mode, sorted.
+    pub fn manual_aliases(&self) -> Vec<String> {
+        let mut aliases: Vec<String> = self.lock().manual.iter().cloned().collect();
+        aliases.sort();
+        aliases
+    }
+
     /// Whether an alias is in manual mode.
     pub fn is_manual(&self, alias: &str) -> bool {
         self.lock().manual.contains(alias)

@@ -253,6 +253,9 @@ pub async fn guard_mode(
     if state.control.router().load().route(&alias).is_none() {
         return update_error(&RouteUpdateError::UnknownAlias(alias));
     }
-    guard.set_manual(&alias, matches!(request.mode, Mode::Manual));
+    let manual = matches!(request.mode, Mode::Manual);
+    if let Err(e) = state.control.set_guard_mode(guard, &alias, manual).await {
+        return update_error(&e);
+    }
     Json(serde_json::json!({"alias": alias, "mode": if guard.is_manual(&alias) { "manual" } else { "auto" }})).into_response()
 }
