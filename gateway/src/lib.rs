@@ -20,6 +20,7 @@ pub mod demo;
 pub mod distill;
 pub mod env;
 pub mod error;
+pub mod extract;
 pub mod metrics;
 pub mod proxy;
 pub mod routes;

@@ -383,6 +383,36 @@ async fn admin_api_validates_authenticates_and_survives_a_restart() {
 }
 
 #[tokio::test]
+async fn admin_errors_are_openai_shaped_json() {
+    let sim = start_sim(SimConfig::default()).await;
+    let gw = start_gateway_with(&canary_config(&sim.base_url(), 5.0, ""), with_admin).await;
+    let admin = format!("http://{}", gw.admin_addr().unwrap());
+    let http = client();
+    let cases = [
+        (
+            http.put(format!("{admin}/admin/routes/%FF"))
+                .json(&json!({})),
+            400,
+        ),
+        (http.get(format!("{admin}/admin/traces/%FF")), 400),
+        (http.get(format!("{admin}/admin/routes/chat")), 405),
+        (
+            http.put(format!("{admin}/admin/routes/chat"))
+                .body(vec![b' '; 3 << 20]),
+            413,
+        ),
+    ];
+    for (request, status) in cases {
+        let resp = request.bearer_auth(TOKEN).send().await.unwrap();
+        assert_eq!(resp.status(), status);
+        let body: Value = resp.json().await.unwrap();
+        assert!(body["error"]["message"].is_string(), "{body}");
+        assert!(body["error"]["type"].is_string(), "{body}");
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_guard_mode_set_by_an_operator_survives_a_restart() {
     let sim = start_sim(SimConfig::default()).await;
     let text = canary_config(&sim.base_url(), 5.0, "[guard]\ninterval_secs = 3600\n");

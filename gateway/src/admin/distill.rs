@@ -2,12 +2,13 @@
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use forge_layer::distill::DistillError;
 use http::{StatusCode, header};
 
 use super::{AdminState, error};
+use crate::extract::JsonPath;
 
 /// The answer when no route is configured for distillation.
 fn distillation_off() -> Response {
@@ -40,7 +41,7 @@ pub async fn jobs(State(state): State<AdminState>) -> Response {
 }
 
 /// `GET /admin/jobs/{id}`.
-pub async fn job(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
+pub async fn job(State(state): State<AdminState>, JsonPath(id): JsonPath<String>) -> Response {
     let Some(service) = state.distiller.clone() else {
         return distillation_off();
     };
@@ -58,7 +59,10 @@ pub async fn job(State(state): State<AdminState>, Path(id): Path<String>) -> Res
 }
 
 /// `POST /admin/distill/{alias}`: start a cycle now (202 with the job; 409 if one is running).
-pub async fn distill(State(state): State<AdminState>, Path(alias): Path<String>) -> Response {
+pub async fn distill(
+    State(state): State<AdminState>,
+    JsonPath(alias): JsonPath<String>,
+) -> Response {
     let Some(service) = state.distiller.clone() else {
         return distillation_off();
     };
@@ -91,7 +95,10 @@ pub async fn models(State(state): State<AdminState>) -> Response {
 
 /// `GET /admin/datasets/{id}.jsonl`: a job's training file, streamed from disk. Remote trainers
 /// (a Kubernetes Job) fetch their data here with the admin token.
-pub async fn dataset(State(state): State<AdminState>, Path(file): Path<String>) -> Response {
+pub async fn dataset(
+    State(state): State<AdminState>,
+    JsonPath(file): JsonPath<String>,
+) -> Response {
     let Some(service) = state.distiller.clone() else {
         return distillation_off();
     };

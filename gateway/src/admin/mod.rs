@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Query, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -19,6 +19,7 @@ use forge_layer::guard::Guard;
 mod distill;
 mod routes;
 use crate::error::Error;
+use crate::extract::JsonPath;
 
 /// What the admin handlers share.
 #[derive(Debug, Clone)]
@@ -57,6 +58,7 @@ pub fn app(state: AdminState, token: Secret) -> Router {
                 path: uri.path().to_string(),
             }
         })
+        .method_not_allowed_fallback(crate::proxy::method_not_allowed)
         .layer(middleware::from_fn_with_state(token.clone(), require_token))
         // A remote trainer holds a token for its own dataset only (see `dataset_token`).
         .merge(
@@ -162,7 +164,7 @@ async fn list_traces(
     }
 }
 
-async fn get_trace(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
+async fn get_trace(State(state): State<AdminState>, JsonPath(id): JsonPath<String>) -> Response {
     let (Some(store), Ok(trace_id)) = (state.store, id.parse::<TraceId>()) else {
         return Error::TraceNotFound(id).into_response();
     };

@@ -2,7 +2,7 @@
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use forge_router::{CanaryShare, RouteSpec, RoutingTable};
 use http::StatusCode;
@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use super::{AdminState, error};
+use crate::extract::{JsonBytes, JsonPath};
 use crate::routes::RouteUpdateError;
 
 fn update_error(e: &RouteUpdateError) -> Response {
@@ -111,8 +112,8 @@ struct PutRoute {
 /// `PUT /admin/routes/{alias}`: create or replace a route.
 pub async fn put(
     State(state): State<AdminState>,
-    Path(alias): Path<String>,
-    bytes: Bytes,
+    JsonPath(alias): JsonPath<String>,
+    JsonBytes(bytes): JsonBytes,
 ) -> Response {
     let request: PutRoute = match body(&bytes) {
         Ok(r) => r,
@@ -152,8 +153,8 @@ struct Canary {
 /// has several students).
 pub async fn canary(
     State(state): State<AdminState>,
-    Path(alias): Path<String>,
-    bytes: Bytes,
+    JsonPath(alias): JsonPath<String>,
+    JsonBytes(bytes): JsonBytes,
 ) -> Response {
     let request: Canary = match body(&bytes) {
         Ok(r) => r,
@@ -187,8 +188,8 @@ struct Which {
 /// `POST /admin/routes/{alias}/promote`: the student takes 100%; the teacher stays for rollback.
 pub async fn promote(
     State(state): State<AdminState>,
-    Path(alias): Path<String>,
-    bytes: Bytes,
+    JsonPath(alias): JsonPath<String>,
+    JsonBytes(bytes): JsonBytes,
 ) -> Response {
     let which: Which = match body(&bytes) {
         Ok(w) => w,
@@ -205,8 +206,8 @@ pub async fn promote(
 /// `POST /admin/routes/{alias}/rollback`: the student (or every student) goes to 0.
 pub async fn rollback(
     State(state): State<AdminState>,
-    Path(alias): Path<String>,
-    bytes: Bytes,
+    JsonPath(alias): JsonPath<String>,
+    JsonBytes(bytes): JsonBytes,
 ) -> Response {
     let which: Which = match body(&bytes) {
         Ok(w) => w,
@@ -236,8 +237,8 @@ struct GuardMode {
 /// `PUT /admin/routes/{alias}/guard` with `{"mode": "manual" | "auto"}`.
 pub async fn guard_mode(
     State(state): State<AdminState>,
-    Path(alias): Path<String>,
-    bytes: Bytes,
+    JsonPath(alias): JsonPath<String>,
+    JsonBytes(bytes): JsonBytes,
 ) -> Response {
     let request: GuardMode = match body(&bytes) {
         Ok(r) => r,

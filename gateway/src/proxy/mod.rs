@@ -12,8 +12,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{Method, StatusCode, Uri, header};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
@@ -22,6 +21,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use crate::auth::{self, ClientKeys};
 use crate::error::Error;
+use crate::extract::JsonPath;
 use crate::metrics::Metrics;
 use crate::upstream::{Upstream, Upstreams};
 
@@ -145,16 +145,12 @@ async fn list_models(State(state): State<Arc<ProxyState>>) -> Response {
 
 async fn get_model(
     State(state): State<Arc<ProxyState>>,
-    model: Result<Path<String>, PathRejection>,
+    JsonPath(model): JsonPath<String>,
 ) -> Response {
     let table = state.router.load();
-    let response = match model {
-        // A path that is not UTF-8 once decoded: still an OpenAI-shaped error.
-        Err(rejection) => Error::invalid(rejection.body_text(), Some("model")).into_response(),
-        Ok(Path(model)) => match table.route(&model) {
-            Some(route) => axum::Json(model_object(&route.alias)).into_response(),
-            None => Error::ModelNotFound(model).into_response(),
-        },
+    let response = match table.route(&model) {
+        Some(route) => axum::Json(model_object(&route.alias)).into_response(),
+        None => Error::ModelNotFound(model).into_response(),
     };
     state.metrics.record("models", response.status());
     response
@@ -179,7 +175,7 @@ async fn unknown_path(method: Method, uri: Uri) -> Response {
     .into_response()
 }
 
-async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+pub(crate) async fn method_not_allowed(method: Method, uri: Uri) -> Response {
     let mut response = Error::invalid(
         format!("Method {method} is not allowed on {}.", uri.path()),
         None,
