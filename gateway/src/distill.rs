@@ -100,27 +100,10 @@ impl Deployer for RouteDeployer {
     ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
             let share = CanaryShare::from_percent(percent).map_err(|e| e.to_string())?;
-            // Older students of this route step aside: one canary at a time keeps the guard's
-            // comparison clean.
-            let table = self.control.router().load();
-            let older: Vec<String> = table
-                .route(alias)
-                .map(|r| {
-                    r.students
-                        .iter()
-                        .filter(|s| s.share != CanaryShare::ZERO)
-                        .map(|s| s.target.model.clone())
-                        .collect()
-                })
-                .unwrap_or_default();
-            for old in older.iter().filter(|m| m.as_str() != model) {
-                self.control
-                    .rollback(alias, Some(old), "distiller")
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
+            // Older students of this route step aside, in the same update: one canary at a
+            // time keeps the guard's comparison clean.
             self.control
-                .add_student(alias, Target::new(upstream, model), share, "distiller")
+                .add_sole_student(alias, Target::new(upstream, model), share, "distiller")
                 .await
                 .map(|_| ())
                 .map_err(|e| e.to_string())

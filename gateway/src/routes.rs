@@ -352,12 +352,47 @@ impl RouteControl {
         share: CanaryShare,
         actor: &str,
     ) -> Result<Arc<RoutingTable>, RouteUpdateError> {
+        self.put_student(alias, target, share, actor, false).await
+    }
+
+    /// Like [`RouteControl::add_student`], and every other student of the route goes to 0 in
+    /// the same update: one canary at a time, and never a table where the old students are
+    /// gone but the new one could not join.
+    pub async fn add_sole_student(
+        &self,
+        alias: &str,
+        target: forge_router::Target,
+        share: CanaryShare,
+        actor: &str,
+    ) -> Result<Arc<RoutingTable>, RouteUpdateError> {
+        let before = self.router.load();
+        let table = self
+            .put_student(alias, target.clone(), share, actor, true)
+            .await?;
+        // The students set aside start afresh if they ever come back.
+        if let (Some(guard), Some(route)) = (&self.guard, before.route(alias)) {
+            for old in route.students.iter().filter(|s| s.target != target) {
+                guard.restart_step(alias, &old.target.model);
+            }
+        }
+        Ok(table)
+    }
+
+    async fn put_student(
+        &self,
+        alias: &str,
+        target: forge_router::Target,
+        share: CanaryShare,
+        actor: &str,
+        sole: bool,
+    ) -> Result<Arc<RoutingTable>, RouteUpdateError> {
         let alias_owned = alias.to_string();
         let action = format!(
-            "add student {}/{} at {}%",
+            "add student {}/{} at {}%{}",
             target.upstream,
             target.model,
-            share.percent()
+            share.percent(),
+            if sole { ", the others to 0" } else { "" }
         );
         self.apply(
             actor,
@@ -366,6 +401,11 @@ impl RouteControl {
             None,
             move |routes| {
                 let route = route_mut(routes, &alias_owned)?;
+                if sole {
+                    for other in route.students.iter_mut().filter(|s| s.target != target) {
+                        other.share = CanaryShare::ZERO;
+                    }
+                }
                 match route.students.iter_mut().find(|s| s.target == target) {
                     Some(s) => s.share = share,
                     None => route
@@ -459,5 +499,36 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(share_now(&control), pct(10.0));
+    }
+
+    #[tokio::test]
+    async fn a_new_sole_student_replaces_the_old_ones_in_one_update_or_not_at_all() {
+        let (control, _guard) = control(100.0);
+        // A student that cannot join (its upstream is unknown): the old one keeps its 100%.
+        let err = control
+            .add_sole_student("a", Target::new("nowhere", "new"), pct(5.0), "distiller")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RouteUpdateError::Invalid(_)), "{err}");
+        assert_eq!(share_now(&control), CanaryShare::FULL);
+        assert_eq!(control.router().load().version(), 1);
+        // One that can: a single new version, the old student at 0, the new one at 5%.
+        control
+            .add_sole_student("a", Target::new("up", "new"), pct(5.0), "distiller")
+            .await
+            .unwrap();
+        let table = control.router().load();
+        assert_eq!(table.version(), 2);
+        let shares: Vec<(String, CanaryShare)> = table
+            .route("a")
+            .unwrap()
+            .students
+            .iter()
+            .map(|s| (s.target.model.clone(), s.share))
+            .collect();
+        assert_eq!(
+            shares,
+            vec![("s".into(), CanaryShare::ZERO), ("new".into(), pct(5.0))]
+        );
     }
 }

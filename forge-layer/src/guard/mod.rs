@@ -20,6 +20,9 @@ use tokio::time::Instant;
 
 pub use window::ArmWindow;
 
+/// The fewest feedback scores, on each side, for the feedback gate to count.
+const MIN_FEEDBACK: u64 = 10;
+
 /// The guard's settings.
 #[derive(Debug, Clone)]
 pub struct GuardConfig {
@@ -393,7 +396,14 @@ impl Guard {
             }
             _ => notes.push("no teacher latency to compare".into()),
         }
-        if let (Some(s), Some(t)) = (student.mean_feedback(), teacher.mean_feedback()) {
+        // A mean of a few scores is one person's mood: the gate needs enough on both sides.
+        let enough_feedback =
+            student.feedback_count().min(teacher.feedback_count()) >= MIN_FEEDBACK;
+        if let (Some(s), Some(t), true) = (
+            student.mean_feedback(),
+            teacher.mean_feedback(),
+            enough_feedback,
+        ) {
             notes.push(format!("feedback {s:.1} vs teacher {t:.1}"));
             if s < t - self.config.max_feedback_drop {
                 failed.push(format!(

@@ -89,8 +89,9 @@ async fn record(state: &ProxyState, caller: Caller, body: Body) -> Result<Respon
         .await
         .map_err(|_| Error::Internal)?;
     match result {
-        Ok(trace) => {
-            if let (Some(guard), Some(score)) = (&state.guard, score) {
+        Ok((trace, first_score)) => {
+            // The guard counts one score per trace: posting again must not outvote others.
+            if let (Some(guard), Some(score), true) = (&state.guard, score, first_score) {
                 guard.record_feedback(&trace.alias, &trace.model, score);
             }
             Ok((
@@ -108,8 +109,9 @@ async fn record(state: &ProxyState, caller: Caller, body: Body) -> Result<Respon
 }
 
 /// Checks the trace belongs to the caller's tenant, then stores the feedback. A trace from the
-/// last few seconds may still be in the writer's queue, so it is waited for briefly.
-fn save(store: &Store, caller: &Caller, feedback: &Feedback) -> Result<Trace, StoreError> {
+/// last few seconds may still be in the writer's queue, so it is waited for briefly. Also says
+/// whether this is the trace's first score.
+fn save(store: &Store, caller: &Caller, feedback: &Feedback) -> Result<(Trace, bool), StoreError> {
     let id = feedback.trace_id;
     let recent = now_ms().saturating_sub(id.timestamp_ms()) < 60_000;
     let deadline = std::time::Instant::now() + WAIT_FOR_TRACE;
@@ -126,6 +128,7 @@ fn save(store: &Store, caller: &Caller, feedback: &Feedback) -> Result<Trace, St
         // Another tenant's trace is reported as missing, not as forbidden: no existence leak.
         return Err(StoreError::NoSuchTrace(id));
     }
+    let first_score = store.current_feedback(id)?.and_then(|f| f.score).is_none();
     store.add_feedback(feedback)?;
-    Ok(trace)
+    Ok((trace, first_score))
 }
