@@ -414,6 +414,14 @@ fn start_distiller(
         let provider = provider_config
             .build()
             .map_err(|e| StartError::Upstream(format!("distill `{}`: {e}", d.route)))?;
+        if let Some(serving) = provider.serving_upstream()
+            && upstreams.get(serving).is_none()
+        {
+            return Err(StartError::Upstream(format!(
+                "distill `{}`: trained models would be served through upstream `{serving}`, which no [[upstreams]] entry defines",
+                d.route
+            )));
+        }
         let mut dataset = DatasetSpec::new(d.route.clone());
         dataset.tenant = d.tenant.clone();
         dataset.policy = forge_layer::distill::policy(d.golden_min_score);

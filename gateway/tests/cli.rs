@@ -78,6 +78,42 @@ fn bad_configs_are_refused_with_a_message_naming_the_problem() {
     assert!(stderr.contains("FORGE_TEST_MISSING"), "{stderr}");
 }
 
+#[test]
+fn a_provider_serving_through_an_unknown_upstream_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let azure = format!(
+        "{}\n[[distill]]\nroute = \"a\"\nstudent_base_model = \"gpt-4o-mini\"\nprovider = \"azure\"\nupstream = \"sim\"\n\n[distill.azure]\nendpoint = \"https://x.openai.azure.com\"\napi_key = \"k\"\n\n[distill.azure.deployment]\nsubscription_id = \"s\"\nresource_group = \"g\"\naccount = \"acct\"\ntoken = \"t\"\n",
+        config("http://127.0.0.1:9/v1", "PATH", dir.path())
+    );
+    // Deployments are served through an upstream named `azure` unless the config says another:
+    // none is defined, so a trained model could never be routed. Refused before any training.
+    let stderr = run_to_failure(&azure);
+    assert!(stderr.contains("upstream `azure`"), "{stderr}");
+}
+
+#[test]
+fn reading_commands_refuse_a_directory_without_a_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let mistyped = dir.path().join("forge-dta");
+    for args in [
+        vec!["traces", "list", "--data-dir"],
+        vec!["dataset", "export", "--route", "a", "--data-dir"],
+    ] {
+        let out = Command::new(FORGE)
+            .args(&args)
+            .arg(&mistyped)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} should fail");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("no store at"), "{args:?}: {stderr}");
+        assert!(
+            !mistyped.join("forge.redb").exists(),
+            "{args:?} created a store"
+        );
+    }
+}
+
 #[tokio::test]
 async fn upstream_key_comes_from_env_and_sigterm_drains_streams() {
     let _ = rustls::crypto::ring::default_provider().install_default();

@@ -149,6 +149,12 @@ pub trait TrainingProvider: Send + Sync + std::fmt::Debug {
         request: &'a TrainingRequest,
     ) -> BoxFuture<'a, Result<Submitted, ProviderError>>;
 
+    /// The Forge upstream that serves the models this provider trains, when it is not the
+    /// route's own: checked against the config at start, not after a paid run.
+    fn serving_upstream(&self) -> Option<&str> {
+        None
+    }
+
     /// Whether [`TrainingProvider::submit`] finds a run an earlier submission of the same Forge
     /// job started, rather than starting a second one. Only then is a submission that a restart
     /// interrupted made again.

@@ -74,6 +74,11 @@ pub enum StoreError {
     /// The trace does not exist.
     #[error("no trace with id {0}")]
     NoSuchTrace(TraceId),
+    /// A command that only reads found no store where it was pointed.
+    #[error(
+        "no store at {0} (is the data directory right? the gateway creates it when it first starts with capture on)"
+    )]
+    NoStore(PathBuf),
 }
 
 fn db_err<E: Into<redb::Error>>(e: E) -> StoreError {
@@ -93,6 +98,16 @@ impl Store {
     /// Opens (or creates) `DIR/forge.redb`, creating `DIR` if needed, with the default cache.
     pub fn open_dir(dir: &Path) -> Result<Self, StoreError> {
         Self::open_dir_with_cache(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens `DIR/forge.redb` for a command that reads it: a directory without one is an error,
+    /// not a new empty store (a mistyped `--data-dir` would otherwise quietly show nothing).
+    pub fn open_existing_dir(dir: &Path) -> Result<Self, StoreError> {
+        let path = dir.join(STORE_FILE);
+        if !path.is_file() {
+            return Err(StoreError::NoStore(path));
+        }
+        Self::open(&path, DEFAULT_CACHE_BYTES)
     }
 
     /// Like [`Store::open_dir`], with redb's page cache capped at `cache_bytes`. The cache bounds

@@ -52,9 +52,9 @@ pub fn app(state: AdminState, token: Secret) -> Router {
         .route("/admin/jobs/{id}", get(distill::job))
         .route("/admin/distill/{alias}", post(distill::distill))
         .route("/admin/models", get(distill::models))
-        .fallback(|uri: http::Uri| async move {
+        .fallback(|method: http::Method, uri: http::Uri| async move {
             Error::UnknownPath {
-                method: "?".into(),
+                method: method.to_string(),
                 path: uri.path().to_string(),
             }
         })

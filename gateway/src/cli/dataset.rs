@@ -38,7 +38,7 @@ pub struct Export {
 
 /// Builds the dataset and prints its manifest; progress goes to stderr.
 pub fn run(export: Export) -> anyhow::Result<()> {
-    let store = Store::open_dir(&export.data_dir)?;
+    let store = Store::open_existing_dir(&export.data_dir)?;
     let mut spec = DatasetSpec::new(export.route.clone());
     spec.tenant = export.tenant;
     spec.after = export

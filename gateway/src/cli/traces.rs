@@ -59,7 +59,7 @@ pub enum TracesError {
 pub async fn run(source: Source, action: Action) -> Result<(), TracesError> {
     match source {
         Source::DataDir(dir) => {
-            let store = Store::open_dir(&dir)?;
+            let store = Store::open_existing_dir(&dir)?;
             tokio::task::spawn_blocking(move || from_store(&store, action))
                 .await
                 .map_err(|e| TracesError::Admin(e.to_string()))?

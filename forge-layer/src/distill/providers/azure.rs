@@ -360,6 +360,10 @@ impl TrainingProvider for AzureProvider {
         Box::pin(self.submit_run(request))
     }
 
+    fn serving_upstream(&self) -> Option<&str> {
+        Some(&self.upstream)
+    }
+
     fn poll<'a>(
         &'a self,
         provider_job_id: &'a str,

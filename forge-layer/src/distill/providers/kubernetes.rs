@@ -613,6 +613,10 @@ impl TrainingProvider for KubernetesProvider {
         Box::pin(self.submit_run(request))
     }
 
+    fn serving_upstream(&self) -> Option<&str> {
+        Some(&self.upstream)
+    }
+
     /// The Job is named after the Forge job, and `submit` takes over one that exists.
     fn finds_earlier_submissions(&self) -> bool {
         true

@@ -136,6 +136,10 @@ impl TrainingProvider for OpenAiProvider {
         Box::pin(self.submit_run(request))
     }
 
+    fn serving_upstream(&self) -> Option<&str> {
+        Some(&self.upstream)
+    }
+
     /// Jobs carry `metadata.forge_job_id`, and `submit` looks for one first.
     fn finds_earlier_submissions(&self) -> bool {
         true
