@@ -234,6 +234,27 @@ fn trace_id_of(resp: &reqwest::Response) -> TraceId {
         .unwrap()
 }
 
+/// Starts a stream on `alias` and waits for its first chunk; returns its trace id and the
+/// rest of the body.
+async fn streaming(
+    gw: &forge_tests::TestGateway,
+    alias: &str,
+) -> (
+    TraceId,
+    impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>>,
+) {
+    let resp = client()
+        .post(format!("{}/chat/completions", gw.base_url()))
+        .json(&chat_body(alias, "a long answer please", true))
+        .send()
+        .await
+        .unwrap();
+    let id = trace_id_of(&resp);
+    let mut body = Box::pin(resp.bytes_stream());
+    body.next().await.unwrap().unwrap();
+    (id, body)
+}
+
 /// A simulated upstream whose `trickle` model streams `words` words, one every 50 ms.
 async fn trickle_sim(words: usize) -> forge_gateway::sim::SimHandle {
     let trickle = ModelBehavior {
@@ -268,15 +289,7 @@ async fn cursor_scans_never_pass_a_stream_still_in_flight() {
     let routes = [("long", "trickle"), ("short", "fast")];
     let gw = start_gateway(&config_text(&sim.base_url(), "", &routes)).await;
     let http = client();
-    let resp = http
-        .post(format!("{}/chat/completions", gw.base_url()))
-        .json(&chat_body("long", "a long answer please", true))
-        .send()
-        .await
-        .unwrap();
-    let long: TraceId = trace_id_of(&resp);
-    let mut long_body = resp.bytes_stream();
-    long_body.next().await.unwrap().unwrap();
+    let (long, long_body) = streaming(&gw, "long").await;
 
     // Short exchanges start after the stream and end before it: their ids are newer, their
     // traces land first.
@@ -340,15 +353,7 @@ async fn oldest_unsettled_seconds(gw: &forge_tests::TestGateway) -> f64 {
 async fn a_client_that_leaves_mid_stream_is_recorded_as_cancelled() {
     let sim = trickle_sim(40).await;
     let gw = start_gateway(&config_text(&sim.base_url(), "", &[("t", "trickle")])).await;
-    let resp = client()
-        .post(format!("{}/chat/completions", gw.base_url()))
-        .json(&chat_body("t", "long answer please", true))
-        .send()
-        .await
-        .unwrap();
-    let id: TraceId = trace_id_of(&resp);
-    let mut body = resp.bytes_stream();
-    body.next().await.unwrap().unwrap();
+    let (id, body) = streaming(&gw, "t").await;
     drop(body);
     eventually("the cancelled trace is committed", || {
         gw.capture_counters().unwrap().captured == 1

@@ -131,6 +131,16 @@ async fn admin_get(gw: &TestGateway, path: &str) -> reqwest::Response {
         .unwrap()
 }
 
+/// `POST` to the admin API with the admin token.
+async fn admin_post(gw: &TestGateway, path: &str) -> reqwest::Response {
+    client()
+        .post(format!("http://{}{path}", gw.admin_addr().unwrap()))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+}
+
 async fn wait_for_job(gw: &TestGateway, status: &str) -> Value {
     let start = tokio::time::Instant::now();
     loop {
@@ -276,16 +286,7 @@ async fn only_teacher_traces_and_only_the_tenant_s_traces_are_trained_on() {
     let b_ids = traffic(&gw, 30, "TENANT-B-SECRET", Some("key-b")).await;
     let a_ids = traffic(&gw, 60, "tenant-a", Some("key-a")).await;
     // A student is in canary, so automatic triggers wait for its verdict; an operator need not.
-    let started = client()
-        .post(format!(
-            "http://{}/admin/distill/chat",
-            gw.admin_addr().unwrap()
-        ))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(started.status(), 202);
+    assert_eq!(admin_post(&gw, "/admin/distill/chat").await.status(), 202);
     let job = wait_for_job(&gw, "COMPLETED").await;
 
     let id = job["id"].as_str().unwrap();
@@ -332,16 +333,10 @@ async fn admin_trigger_needs_enough_examples_and_allows_one_job_per_route() {
         admin,
     )
     .await;
-    let http = client();
-    let post = |path: &str| {
-        http.post(format!("http://{}{path}", gw.admin_addr().unwrap()))
-            .bearer_auth(TOKEN)
-            .send()
-    };
-    assert_eq!(post("/admin/distill/nope").await.unwrap().status(), 404);
+    assert_eq!(admin_post(&gw, "/admin/distill/nope").await.status(), 404);
     // Too few examples: the job fails with a reason, and routes are unchanged.
     traffic(&gw, 3, "few", None).await;
-    assert_eq!(post("/admin/distill/chat").await.unwrap().status(), 202);
+    assert_eq!(admin_post(&gw, "/admin/distill/chat").await.status(), 202);
     let failed = wait_for_job(&gw, "FAILED").await;
     assert!(
         failed["error"].as_str().unwrap().contains("min_examples"),
@@ -357,8 +352,8 @@ async fn admin_trigger_needs_enough_examples_and_allows_one_job_per_route() {
     );
     // Enough now; a second trigger while the first runs is a 409.
     traffic(&gw, 20, "more", None).await;
-    assert_eq!(post("/admin/distill/chat").await.unwrap().status(), 202);
-    assert_eq!(post("/admin/distill/chat").await.unwrap().status(), 409);
+    assert_eq!(admin_post(&gw, "/admin/distill/chat").await.status(), 202);
+    assert_eq!(admin_post(&gw, "/admin/distill/chat").await.status(), 409);
     let done = wait_for_job(&gw, "COMPLETED").await;
     assert_eq!(done["trigger"], "admin");
     eventually("student routed", || {
@@ -571,16 +566,7 @@ async fn a_dataset_reads_only_what_the_judge_has_looked_at() {
             .count()
     };
     eventually("the judge scores its five", || judged() == 5).await;
-    let started = client()
-        .post(format!(
-            "http://{}/admin/distill/chat",
-            gw.admin_addr().unwrap()
-        ))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(started.status(), 202);
+    assert_eq!(admin_post(&gw, "/admin/distill/chat").await.status(), 202);
     // A cut past the nineteen the judge has yet to look at would leave them behind every later
     // dataset: this one reads five, too few to train on, and the cut does not move.
     let failed = wait_for_job(&gw, "FAILED").await;
