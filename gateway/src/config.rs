@@ -19,18 +19,23 @@ pub const DEFAULT_CONFIG: &str = include_str!("../forge.default.toml");
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
+    // The causes are in the messages and not chained as sources: a chain would print each one
+    // twice (the message, then "Caused by" the same text).
     /// The file could not be read.
-    #[error("cannot read config {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("cannot read config {path}: {error}")]
+    Read { path: String, error: std::io::Error },
     /// TOML syntax, an unknown key, or a value of the wrong type.
     #[error("invalid config: {0}")]
-    Parse(#[from] toml::de::Error),
+    Parse(toml::de::Error),
     /// Well-formed, but inconsistent.
     #[error("invalid config: {0}")]
     Invalid(String),
+}
+
+impl From<toml::de::Error> for ConfigError {
+    fn from(error: toml::de::Error) -> Self {
+        ConfigError::Parse(error)
+    }
 }
 
 fn invalid(message: impl Into<String>) -> ConfigError {
@@ -482,9 +487,9 @@ pub struct Timeouts {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
         Self::from_toml(&text)
     }

@@ -29,6 +29,9 @@ pub enum RouteError {
     /// A share outside 0–100%.
     #[error("share {0} is outside 0–100 percent")]
     ShareOutOfRange(String),
+    /// A share finer than the 0.01% steps shares go in.
+    #[error("share {0} is not a multiple of 0.01 percent")]
+    ShareNotInSteps(String),
     /// The alias is not in the table.
     #[error("no route for alias `{0}`")]
     UnknownAlias(String),

@@ -25,8 +25,14 @@ impl CanaryShare {
         if !percent.is_finite() || !(0.0..=100.0).contains(&percent) {
             return Err(RouteError::ShareOutOfRange(percent.to_string()));
         }
+        // Shares go in steps of 0.01%: a finer value is refused, not silently rounded (the tiny
+        // tolerance only absorbs binary fractions, 12.35 being 1234.9999… basis points).
+        let points = percent * 100.0;
+        if (points - points.round()).abs() > 1e-6 {
+            return Err(RouteError::ShareNotInSteps(percent.to_string()));
+        }
         // In range, so the product fits u16 after rounding.
-        Ok(Self((percent * 100.0).round() as u16))
+        Ok(Self(points.round() as u16))
     }
 
     /// Basis points.
@@ -78,6 +84,16 @@ mod tests {
         assert!(CanaryShare::from_percent(100.01).is_err());
         assert!(CanaryShare::from_percent(-0.5).is_err());
         assert!(CanaryShare::from_percent(f64::NAN).is_err());
+        // Steps of 0.01%: binary fractions pass, finer values are refused, not rounded.
+        assert_eq!(
+            CanaryShare::from_percent(12.35).unwrap().basis_points(),
+            1235
+        );
+        assert_eq!(CanaryShare::from_percent(0.07).unwrap().basis_points(), 7);
+        assert!(matches!(
+            CanaryShare::from_percent(12.345),
+            Err(RouteError::ShareNotInSteps(_))
+        ));
         assert_eq!(CanaryShare::from_basis_points(10_001), None);
     }
 
