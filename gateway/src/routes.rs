@@ -320,6 +320,20 @@ impl RouteControl {
         model: Option<&str>,
         actor: &str,
     ) -> Result<Arc<RoutingTable>, RouteUpdateError> {
+        // Already rolled back: nothing to change, and no new table version for it.
+        let current = self.router.load();
+        if let Some(route) = current.route(alias) {
+            let rolled_back = match model {
+                Some(m) => route
+                    .students
+                    .iter()
+                    .any(|s| s.target.model == m && s.share == CanaryShare::ZERO),
+                None => route.students.iter().all(|s| s.share == CanaryShare::ZERO),
+            };
+            if rolled_back {
+                return Ok(current);
+            }
+        }
         let (alias_owned, model_owned) = (alias.to_string(), model.map(str::to_string));
         self.apply(
             actor,
@@ -519,6 +533,9 @@ mod tests {
             .unwrap();
         let table = control.router().load();
         assert_eq!(table.version(), 2);
+        // Rolling back a student already at 0 changes nothing, not even the version.
+        control.rollback("a", Some("s"), "operator").await.unwrap();
+        assert_eq!(control.router().load().version(), 2);
         let shares: Vec<(String, CanaryShare)> = table
             .route("a")
             .unwrap()

@@ -261,4 +261,17 @@ fn dataset_export_builds_a_valid_dataset_with_progress() {
     assert_eq!(manifest["train"]["lines"], 15);
     let train = std::fs::read(manifest["train"]["path"].as_str().unwrap()).unwrap();
     assert_eq!(forge_gateway::sim::validate_training_jsonl(&train), Ok(15));
+    // A route no trace has (a typo, most likely) is an error, and leaves no empty dataset.
+    let exported = std::fs::read_dir(out.path()).unwrap().count();
+    let typo = Command::new(FORGE)
+        .args(["dataset", "export", "--route", "chta", "--data-dir"])
+        .arg(data.path())
+        .arg("--out")
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(!typo.status.success());
+    let stderr = String::from_utf8_lossy(&typo.stderr);
+    assert!(stderr.contains("no trace of route `chta`"), "{stderr}");
+    assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), exported);
 }

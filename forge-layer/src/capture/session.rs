@@ -96,7 +96,9 @@ impl CaptureSession {
     /// client would allocate a fresh buffer for every response meanwhile (measured: that cost
     /// more than the copy).
     pub fn on_chunk(&mut self, chunk: &[u8]) {
-        if self.body.len() + chunk.len() > self.cap {
+        // Past the cap nothing more is kept, not even a smaller chunk that would fit: the kept
+        // body must be a prefix of what the client got, never one with a hole in it.
+        if self.over_cap || self.body.len() + chunk.len() > self.cap {
             self.over_cap = true;
             return;
         }
@@ -238,5 +240,32 @@ fn redact_response(redactor: &Redactor, response: &mut FinalResponse) {
     }
     if let Some(error) = &mut response.error {
         redactor.redact_json(error);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn past_the_cap_nothing_more_is_kept() {
+        let meta = ExchangeMeta {
+            tenant: None,
+            key_id: None,
+            alias: "a".into(),
+            upstream: "u".into(),
+            model: "m".into(),
+            arm: Arm::Teacher,
+            route_version: 1,
+            stream: true,
+        };
+        let mut session = CaptureSession::new(Ticket::untracked(), meta, Bytes::new(), 10);
+        session.on_chunk(b"data: 1\n");
+        session.on_chunk(b"data: too long\n");
+        // Fits what is left, but would leave a hole where the long chunk was.
+        session.on_chunk(b"x");
+        let pending = session.finish(BodyEnd::Complete);
+        assert!(pending.over_cap);
+        assert_eq!(pending.body, b"data: 1\n");
     }
 }

@@ -69,6 +69,18 @@ pub fn run(export: Export) -> anyhow::Result<()> {
         manifest.capped,
         manifest.skipped.values().sum::<u64>()
     );
+    if manifest.considered == 0 {
+        // Most likely a mistyped route (or tenant): say so rather than leave an empty dataset.
+        std::fs::remove_dir_all(export.out.join(&id))?;
+        anyhow::bail!(
+            "no trace of route `{}`{} in {}; nothing exported",
+            export.route,
+            spec.after
+                .map(|a| format!(" after {a}"))
+                .unwrap_or_default(),
+            export.data_dir.display()
+        );
+    }
     println!("{}", serde_json::to_string_pretty(&manifest)?);
     Ok(())
 }
