@@ -194,9 +194,10 @@ async fn secrets_stay_out_of_logs_store_and_exports_and_the_cli_reads_both_ways(
         .and_then(|l| l.split("addr=").nth(1))
         .map(|a| a.split_whitespace().next().unwrap().to_string())
         .expect("admin address in the log");
-    let live = tokio::task::spawn_blocking({
+    // `async` capture commits every 50 ms or so: poll the live export until both traces are in.
+    let export_live = || {
         let admin_addr = admin_addr.clone();
-        move || {
+        tokio::task::spawn_blocking(move || {
             Command::new(FORGE)
                 .args([
                     "traces",
@@ -207,16 +208,22 @@ async fn secrets_stay_out_of_logs_store_and_exports_and_the_cli_reads_both_ways(
                 .env("FORGE_ADMIN_TOKEN", "adm1n-t0ken")
                 .output()
                 .unwrap()
+        })
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let live_export = loop {
+        let live = export_live().await.unwrap();
+        assert!(
+            live.status.success(),
+            "{}",
+            String::from_utf8_lossy(&live.stderr)
+        );
+        let text = String::from_utf8_lossy(&live.stdout).into_owned();
+        if text.lines().count() >= 2 || tokio::time::Instant::now() > deadline {
+            break text;
         }
-    })
-    .await
-    .unwrap();
-    let live_export = String::from_utf8_lossy(&live.stdout).into_owned();
-    assert!(
-        live.status.success(),
-        "{}",
-        String::from_utf8_lossy(&live.stderr)
-    );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     assert_eq!(live_export.lines().count(), 2, "{live_export}");
 
     assert!(

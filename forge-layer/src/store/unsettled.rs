@@ -64,6 +64,12 @@ impl Unsettled {
         self.state().ids.first().map(|&id| TraceId::from_u128(id))
     }
 
+    /// Whether `id` was issued here and its trace is not settled yet (it is still in flight or
+    /// queued for the writer).
+    pub fn contains(&self, id: TraceId) -> bool {
+        self.state().ids.contains(&id.as_u128())
+    }
+
     fn settle(&self, id: TraceId) {
         self.state().ids.remove(&id.as_u128());
     }
@@ -136,6 +142,7 @@ mod tests {
         let (a, b, c) = (unsettled.issue(), unsettled.issue(), unsettled.issue());
         assert_eq!(unsettled.scan_bound(), Some(a.id()));
         assert_eq!(unsettled.oldest(), Some(a.id()));
+        assert!(unsettled.contains(b.id()));
         drop(b);
         assert_eq!(
             unsettled.scan_bound(),

@@ -19,8 +19,9 @@ use crate::error::Error;
 /// The longest comment kept.
 const MAX_COMMENT_CHARS: usize = 4096;
 
-/// How long feedback on a just-finished exchange waits for its trace to be written.
-const WAIT_FOR_TRACE: Duration = Duration::from_secs(2);
+/// How long feedback waits for a trace that is still on its way to the store (its exchange
+/// still running, or the trace queued for the writer).
+const WAIT_FOR_TRACE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -113,12 +114,13 @@ async fn record(state: &ProxyState, caller: Caller, body: Body) -> Result<Respon
 /// whether this is the trace's first score.
 fn save(store: &Store, caller: &Caller, feedback: &Feedback) -> Result<(Trace, bool), StoreError> {
     let id = feedback.trace_id;
-    let recent = now_ms().saturating_sub(id.timestamp_ms()) < 60_000;
     let deadline = std::time::Instant::now() + WAIT_FOR_TRACE;
     let trace = loop {
+        // Asked before the store is read: an id that settles in between is then found there.
+        let on_its_way = store.unsettled().contains(id);
         match store.trace(id)? {
             Some(trace) => break trace,
-            None if recent && std::time::Instant::now() < deadline => {
+            None if on_its_way && std::time::Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(20))
             }
             None => return Err(StoreError::NoSuchTrace(id)),
