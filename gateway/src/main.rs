@@ -157,11 +157,14 @@ async fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
         }
     };
     let gateway = forge_gateway::server::start(config).await?;
+    // Listening for the signals before saying "ready": a SIGTERM sent as soon as the line
+    // appears must drain, not kill.
+    let signal = shutdown_signal();
     println!(
         "Forge is ready. Point your OpenAI client's base_url at {}",
         gateway.base_url()
     );
-    shutdown_signal().await;
+    signal.await;
     tracing::info!("signal received: draining");
     gateway.shutdown().await;
     Ok(())
@@ -180,32 +183,38 @@ async fn sim_upstream(listen: SocketAddr, path: Option<PathBuf>) -> anyhow::Resu
     let sim = SimUpstream::start(config, listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
+    let signal = shutdown_signal();
     println!("Simulated upstream listening at {}", sim.base_url());
-    shutdown_signal().await;
+    signal.await;
     sim.shutdown().await;
     Ok(())
 }
 
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
+/// Listens for SIGINT (Ctrl-C) and SIGTERM from now on, not from the first poll; the future
+/// resolves on either.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{Signal, SignalKind, signal};
+        let interrupt = signal(SignalKind::interrupt());
+        let terminate = signal(SignalKind::terminate());
+        let wait = |s: std::io::Result<Signal>| async move {
+            match s {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
             }
-            Err(_) => std::future::pending::<()>().await,
+        };
+        async move {
+            tokio::select! {
+                () = wait(interrupt) => {}
+                () = wait(terminate) => {}
+            }
         }
-    };
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
+    async {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
