@@ -8,7 +8,14 @@
 //! (default 4, so 2 s per round, each after a 0.5 s warm-up; about 2 minutes in all);
 //! `FORGE_BENCH_CONNS=16` (a comma-separated subset of 1, 16, 64), `FORGE_BENCH_MODES=stream`
 //! (of non-stream, stream) and `FORGE_BENCH_TARGETS=direct,off` (of direct, off, async,
-//! durable) run fewer cells and targets; a skipped target shows as n/a. The sim,
+//! durable) run fewer cells and targets; a skipped target shows as n/a.
+//!
+//! Closed loop keeps every target saturated, so there any CPU that capture spends shows as
+//! latency. A production proxy runs below saturation, so the 16-connection cells are then run
+//! again open loop, at a fixed rate: `FORGE_BENCH_LOAD_PCT` (default 50; a comma-separated list,
+//! or `none`) percent of the rate capture off reached closed loop in the same cell. Direct, off
+//! and `async` get the same rate; `durable`, which waits for a commit per response, cannot
+//! serve it and is left out. The sim,
 //! the gateways, their store writers and the load generator share one process, one tokio runtime
 //! and the machine's cores, so absolute figures are pessimistic; the ratios are what count.
 //!
@@ -24,7 +31,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use forge_benches::{
-    Cell, Comparison, ENV_FORGE_BENCH_SECS, Mode, Stats, Target, Timing, millis, run,
+    Cell, Comparison, ENV_FORGE_BENCH_SECS, Load, Mode, Stats, Target, Timing, millis, run,
 };
 use forge_gateway::config::Config;
 use forge_gateway::server::RunningGateway;
@@ -36,6 +43,11 @@ const CONCURRENCY: [usize; 3] = [1, 16, 64];
 const ENV_FORGE_BENCH_CONNS: &str = "FORGE_BENCH_CONNS";
 const ENV_FORGE_BENCH_MODES: &str = "FORGE_BENCH_MODES";
 const ENV_FORGE_BENCH_TARGETS: &str = "FORGE_BENCH_TARGETS";
+/// Percentages of capture off's closed-loop rate to run the open-loop cells at.
+const ENV_FORGE_BENCH_LOAD_PCT: &str = "FORGE_BENCH_LOAD_PCT";
+const DEFAULT_LOAD_PCT: [f64; 1] = [50.0];
+/// The concurrency whose cells are also run open loop: the one the targets are set at.
+const PACED_CONCURRENCY: usize = 16;
 const DEFAULT_SECS: f64 = 4.0;
 const ROUNDS: usize = 2;
 const WARMUP: Duration = Duration::from_millis(500);
@@ -82,6 +94,8 @@ impl Variant {
     ];
     const FORGE: [Variant; 3] = [Variant::CaptureOff, Variant::Async, Variant::Durable];
     const CAPTURING: [Variant; 2] = [Variant::Async, Variant::Durable];
+    /// What an open-loop cell runs: `durable` cannot serve half of capture off's rate.
+    const PACED: [Variant; 3] = [Variant::Direct, Variant::CaptureOff, Variant::Async];
 
     fn label(self) -> &'static str {
         match self {
@@ -124,20 +138,33 @@ struct Subject {
     _data_dir: TempDir,
 }
 
-/// One cell's runs: per variant, one [`Stats`] per round, and the rounds pooled.
+/// One cell's runs under one load: per variant, one [`Stats`] per round, and the rounds pooled.
 struct CellResult {
     cell: Cell,
+    load: Load,
+    /// For an open-loop cell, the percentage of capture off's closed-loop rate it offered.
+    load_pct: Option<f64>,
     rounds: [Vec<Stats>; 4],
     pooled: [Stats; 4],
 }
 
 impl CellResult {
-    fn new(cell: Cell, rounds: [Vec<Stats>; 4]) -> Self {
+    fn new(cell: Cell, load: Load, load_pct: Option<f64>, rounds: [Vec<Stats>; 4]) -> Self {
         let pooled = rounds.each_ref().map(|runs| Stats::pooled(runs));
         Self {
             cell,
+            load,
+            load_pct,
             rounds,
             pooled,
+        }
+    }
+
+    /// How it was loaded, for tables.
+    fn load_label(&self) -> String {
+        match (self.load, self.load_pct) {
+            (Load::Rate(rate), Some(pct)) => format!("{pct:.0}% ({rate:.0}/s)"),
+            _ => "closed".into(),
         }
     }
 
@@ -204,6 +231,11 @@ async fn main() -> Result<ExitCode, Box<dyn Error>> {
     let variants = subset(ENV_FORGE_BENCH_TARGETS, &Variant::ALL, |v| {
         v.label().to_string()
     })?;
+    let load_pcts = if measuring {
+        load_percentages()?
+    } else {
+        DEFAULT_LOAD_PCT.to_vec()
+    };
 
     let sim = SimUpstream::start(SimConfig::default(), "127.0.0.1:0".parse()?).await?;
     let mut subjects = Vec::new();
@@ -234,22 +266,26 @@ async fn main() -> Result<ExitCode, Box<dyn Error>> {
     for &mode in &modes {
         for &concurrency in &concurrencies {
             let cell = Cell { mode, concurrency };
-            let mut rounds: [Vec<Stats>; 4] = Default::default();
-            for round in 0..plan.rounds {
-                let forward = round % 2 == 0;
-                let order: Vec<&Subject> = if forward {
-                    subjects.iter().collect()
-                } else {
-                    subjects.iter().rev().collect()
-                };
-                for subject in order {
-                    let stats = run(&subject.target, cell, plan.timing).await;
-                    rounds[subject.variant.index()].push(stats);
-                }
+            let rounds = run_cell(&subjects, cell, plan, Load::Closed).await;
+            let closed = CellResult::new(cell, Load::Closed, None, rounds);
+            print_cell(&closed);
+            // The open-loop rates follow from capture off's closed-loop rate.
+            let off_rate = closed.stats(Variant::CaptureOff).throughput();
+            results.push(closed);
+            if concurrency != PACED_CONCURRENCY || off_rate <= 0.0 {
+                continue;
             }
-            let result = CellResult::new(cell, rounds);
-            print_cell(&result);
-            results.push(result);
+            let paced: Vec<&Subject> = subjects
+                .iter()
+                .filter(|s| Variant::PACED.contains(&s.variant))
+                .collect();
+            for &pct in &load_pcts {
+                let load = Load::Rate(off_rate * pct / 100.0);
+                let rounds = run_cell(&paced, cell, plan, load).await;
+                let result = CellResult::new(cell, load, Some(pct), rounds);
+                print_cell(&result);
+                results.push(result);
+            }
         }
     }
 
@@ -259,9 +295,56 @@ async fn main() -> Result<ExitCode, Box<dyn Error>> {
     print_accounts(&accounts);
     if measuring {
         print_targets(&results, &accounts);
-        print_markdown(&results, &accounts, plan);
+        print_markdown(&results, &accounts, plan, &load_pcts);
     }
     Ok(verdict_exit(&results, &accounts, measuring))
+}
+
+/// Loads each subject in turn, in rounds whose order alternates, and returns each variant's
+/// rounds.
+async fn run_cell<S: std::borrow::Borrow<Subject>>(
+    subjects: &[S],
+    cell: Cell,
+    plan: Plan,
+    load: Load,
+) -> [Vec<Stats>; 4] {
+    let mut rounds: [Vec<Stats>; 4] = Default::default();
+    for round in 0..plan.rounds {
+        let forward = round % 2 == 0;
+        let order: Vec<&Subject> = if forward {
+            subjects.iter().map(|s| s.borrow()).collect()
+        } else {
+            subjects.iter().rev().map(|s| s.borrow()).collect()
+        };
+        for subject in order {
+            let stats = run(&subject.target, cell, plan.timing, load).await;
+            rounds[subject.variant.index()].push(stats);
+        }
+    }
+    rounds
+}
+
+/// `FORGE_BENCH_LOAD_PCT`: percentages in (0, 100], or `none` for no open-loop cells.
+fn load_percentages() -> Result<Vec<f64>, String> {
+    let Ok(text) = std::env::var(ENV_FORGE_BENCH_LOAD_PCT) else {
+        return Ok(DEFAULT_LOAD_PCT.to_vec());
+    };
+    if text.trim() == "none" {
+        return Ok(Vec::new());
+    }
+    text.split(',')
+        .map(|part| {
+            part.trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|pct| *pct > 0.0 && *pct <= 100.0)
+                .ok_or_else(|| {
+                    format!(
+                        "{ENV_FORGE_BENCH_LOAD_PCT}={text:?}: want percentages in (0, 100], or none"
+                    )
+                })
+        })
+        .collect()
 }
 
 fn measured_plan() -> Result<Plan, String> {
@@ -413,7 +496,13 @@ fn stats_line(name: &str, cell: Cell, stats: &Stats, rounds: &[Stats]) -> String
 }
 
 fn print_cell(r: &CellResult) {
-    println!("{}", r.cell);
+    match r.load_pct {
+        None => println!("{}, {}", r.cell, r.load),
+        Some(pct) => println!(
+            "{}, {} ({pct:.0}% of capture off's closed-loop rate)",
+            r.cell, r.load
+        ),
+    }
     for variant in Variant::ALL {
         let rounds = &r.rounds[variant.index()];
         let line = stats_line(variant.label(), r.cell, r.stats(variant), rounds);
@@ -446,10 +535,11 @@ fn print_cell(r: &CellResult) {
     }
 }
 
+/// The closed-loop cell.
 fn find(results: &[CellResult], mode: Mode, concurrency: usize) -> Option<&CellResult> {
     results
         .iter()
-        .find(|r| r.cell == Cell { mode, concurrency })
+        .find(|r| r.cell == Cell { mode, concurrency } && r.load == Load::Closed)
 }
 
 fn verdict(met: Option<bool>) -> &'static str {
@@ -490,9 +580,16 @@ fn print_targets(results: &[CellResult], accounts: &[Account]) {
             signed_ms(p99)
         );
     }
-    for mode in Mode::ALL {
-        let label = mode.label();
-        let cell = find(results, mode, 16);
+    let async_cells = Mode::ALL.into_iter().flat_map(|mode| {
+        let closed = find(results, mode, PACED_CONCURRENCY);
+        let paced = results
+            .iter()
+            .filter(move |r| r.cell.mode == mode && r.load != Load::Closed);
+        std::iter::once((mode, closed)).chain(paced.map(move |r| (mode, Some(r))))
+    });
+    for (mode, cell) in async_cells {
+        let load = cell.map_or_else(|| "closed".into(), CellResult::load_label);
+        let label = format!("{} c={PACED_CONCURRENCY} {load}", mode.label());
         let noise = cell
             .and_then(|r| r.p50_spread_pct(Variant::CaptureOff))
             .map_or_else(String::new, |pct| {
@@ -512,7 +609,7 @@ fn print_targets(results: &[CellResult], accounts: &[Account]) {
             ),
         ] {
             println!(
-                "  {}  {label} c=16: async capture adds <= {MAX_ASYNC_ADDED_PCT_AT_16}% at {name} over capture off ({}, {} ms{noise})",
+                "  {}  {label}: async capture adds <= {MAX_ASYNC_ADDED_PCT_AT_16}% at {name} over capture off ({}, {} ms{noise})",
                 verdict(pct.map(|v| v <= MAX_ASYNC_ADDED_PCT_AT_16)),
                 signed_pct(pct),
                 signed_ms(added),
@@ -573,22 +670,23 @@ fn print_accounts(accounts: &[Account]) {
     }
 }
 
-fn print_markdown(results: &[CellResult], accounts: &[Account], plan: Plan) {
+fn print_markdown(results: &[CellResult], accounts: &[Account], plan: Plan, load_pcts: &[f64]) {
     println!();
     println!("Direct vs Forge with capture off:");
     println!();
     println!(
-        "| mode | conns | direct req/s | forge req/s | forge/direct | direct p50 ms | forge p50 ms | added p50 ms | direct p99 ms | forge p99 ms | added p99 ms | errors |"
+        "| mode | conns | load | direct req/s | forge req/s | forge/direct | direct p50 ms | forge p50 ms | added p50 ms | direct p99 ms | forge p99 ms | added p99 ms | errors |"
     );
-    println!("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    println!("|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
     for r in results {
         let direct = r.stats(Variant::Direct);
         let off = r.stats(Variant::CaptureOff);
         let c = r.compare(Variant::Direct, Variant::CaptureOff);
         println!(
-            "| {} | {} | {:.0} | {:.0} | {:.1}% | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {:.0} | {:.0} | {:.1}% | {} | {} | {} | {} | {} | {} | {} |",
             r.cell.mode.label(),
             r.cell.concurrency,
+            r.load_label(),
             direct.throughput(),
             off.throughput(),
             c.throughput_pct(),
@@ -605,9 +703,9 @@ fn print_markdown(results: &[CellResult], accounts: &[Account], plan: Plan) {
     println!("Forge with capture off vs `async` vs `durable` (added latency is over capture off):");
     println!();
     println!(
-        "| mode | conns | req/s off / async / durable | % of direct off / async / durable | off p50 ms | async p50 ms | durable p50 ms | off p99 ms | async p99 ms | durable p99 ms | errors |"
+        "| mode | conns | load | req/s off / async / durable | % of direct off / async / durable | off p50 ms | async p50 ms | durable p50 ms | off p99 ms | async p99 ms | durable p99 ms | errors |"
     );
-    println!("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    println!("|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
     for r in results {
         let throughput = Variant::FORGE
             .map(|v| format!("{:.0}", r.stats(v).throughput()))
@@ -639,9 +737,10 @@ fn print_markdown(results: &[CellResult], accounts: &[Account], plan: Plan) {
             )
         };
         println!(
-            "| {} | {} | {throughput} | {share} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {throughput} | {share} | {} | {} | {} | {} | {} | {} | {} |",
             r.cell.mode.label(),
             r.cell.concurrency,
+            r.load_label(),
             ms(off.latency.p50()),
             with_added(Variant::Async, false),
             with_added(Variant::Durable, false),
@@ -678,7 +777,7 @@ fn print_markdown(results: &[CellResult], accounts: &[Account], plan: Plan) {
     }
     println!();
     println!(
-        "Command: {ENV_FORGE_BENCH_SECS}={} cargo bench -p forge-benches --bench load  ({} rounds of {} s per target and cell, each after {} s of warm-up; {} cores)",
+        "Command: {ENV_FORGE_BENCH_SECS}={} cargo bench -p forge-benches --bench load  ({} rounds of {} s per target and cell, each after {} s of warm-up; open loop at {load_pcts:?}% of capture off's closed-loop rate; {} cores)",
         plan.timing.measure.as_secs_f64() * plan.rounds as f64,
         plan.rounds,
         plan.timing.measure.as_secs_f64(),

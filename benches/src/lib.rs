@@ -1,7 +1,8 @@
-//! Bench support: a closed-loop HTTP load generator, and the criterion benches' fixtures and timings.
+//! Bench support: an HTTP load generator, and the criterion benches' fixtures and timings.
 //!
-//! Each worker owns one keep-alive HTTP/1.1 connection and sends chat completions back-to-back,
-//! so the offered load is exactly `concurrency` requests in flight. [`run`] loads one target
+//! Each worker owns one keep-alive HTTP/1.1 connection and sends chat completions, either
+//! back-to-back (closed loop: exactly `concurrency` requests in flight, the target saturated) or
+//! on a schedule at a fixed total rate (open loop; see [`Load`]). [`run`] loads one target
 //! and returns its [`Stats`]; [`Stats::pooled`] joins several runs of one target, and
 //! [`Comparison`] sets a candidate (say, Forge with capture on) beside a baseline (direct, or
 //! Forge with capture off). [`fixtures`] and [`recorder`] serve the criterion benches.
@@ -11,6 +12,7 @@ pub mod recorder;
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -162,9 +164,9 @@ pub enum RequestError {
 #[derive(Debug, Clone, Copy)]
 struct Sample {
     finished: Instant,
-    /// From sending the request to the last body byte.
+    /// From sending the request (or releasing it, when paced) to the last body byte.
     latency: Duration,
-    /// From sending the request to the first body byte.
+    /// From the same start to the first body byte.
     first_byte: Duration,
 }
 
@@ -307,14 +309,140 @@ impl Tally {
     }
 }
 
-/// Loads `target` with `concurrency` closed-loop workers for the warm-up plus the window.
-pub async fn run(target: &Target, cell: Cell, timing: Timing) -> Stats {
+/// How the load is offered.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Load {
+    /// Each connection sends its next request as soon as the last one ends: the target is
+    /// driven as fast as it answers, so it runs saturated and latency is mostly queueing.
+    Closed,
+    /// A fixed total rate, in requests per second, whatever the target's speed (open loop), as
+    /// a production proxy meets its traffic. See [`Pacer`].
+    Rate(f64),
+}
+
+impl fmt::Display for Load {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Load::Closed => f.write_str("closed loop"),
+            Load::Rate(rate) => write!(f, "{rate:.0} req/s offered"),
+        }
+    }
+}
+
+/// The fewest microseconds between two of the pacer's wake-ups, which bounds its own CPU.
+const PACER_TICK: Duration = Duration::from_micros(100);
+
+/// Releases requests at a fixed rate, evenly spaced, from a thread of its own: tokio's timer
+/// has millisecond ticks, and would send a whole millisecond's requests at once, which loads
+/// the target in bursts, as closed loop does. Each released request is taken by the first
+/// free connection, and its latency runs from its release: a target that falls behind is
+/// charged for the wait (no coordinated omission), and a late wake-up of the pacer is charged
+/// to no one.
+struct Pacer {
+    released: Arc<Released>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Release times not yet taken, and a permit for each.
+struct Released {
+    times: std::sync::Mutex<std::collections::VecDeque<Instant>>,
+    permits: tokio::sync::Semaphore,
+}
+
+impl Released {
+    fn new() -> Self {
+        Self {
+            times: std::sync::Mutex::default(),
+            permits: tokio::sync::Semaphore::new(0),
+        }
+    }
+
+    /// The next released request's release time; `None` once the pacer has stopped.
+    async fn take(&self) -> Option<Instant> {
+        self.permits.acquire().await.ok()?.forget();
+        self.times
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop_front()
+    }
+}
+
+impl Pacer {
+    /// Releases `rate` requests per second from now until `stop`.
+    fn start(rate: f64, stop: Instant) -> std::io::Result<Self> {
+        let released = Arc::new(Released::new());
+        let every = Duration::from_secs_f64(1.0 / rate);
+        let shared = Arc::clone(&released);
+        let thread = std::thread::Builder::new()
+            .name("bench-pacer".into())
+            .spawn(move || {
+                let mut due = Instant::now();
+                loop {
+                    let now = Instant::now();
+                    let mut count = 0;
+                    while due <= now {
+                        count += 1;
+                        due += every;
+                    }
+                    if count > 0 {
+                        let at = Instant::now();
+                        shared
+                            .times
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .extend(std::iter::repeat_n(at, count));
+                        shared.permits.add_permits(count);
+                    }
+                    if Instant::now() >= stop {
+                        break;
+                    }
+                    std::thread::sleep(due.saturating_duration_since(now).max(PACER_TICK));
+                }
+                // Wakes every connection still waiting, to stop.
+                shared.permits.close();
+            })?;
+        Ok(Self {
+            released,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Pacer {
+    fn drop(&mut self) {
+        self.released.permits.close();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Loads `target` with `concurrency` connections for the warm-up plus the window.
+pub async fn run(target: &Target, cell: Cell, timing: Timing, load: Load) -> Stats {
     let window_start = Instant::now() + timing.warmup;
     let stop = window_start + timing.measure;
     let body = target.chat_body(cell.mode);
+    let pacer = match load {
+        Load::Closed => None,
+        Load::Rate(rate) => match Pacer::start(rate, stop) {
+            Ok(pacer) => Some(pacer),
+            Err(e) => {
+                let mut tally = Tally::default();
+                tally.error(&RequestError::Worker(format!("pacer thread: {e}")));
+                return tally.into_stats(window_start, timing.measure);
+            }
+        },
+    };
     let mut workers = JoinSet::new();
     for _ in 0..cell.concurrency {
-        workers.spawn(worker(target.clone(), body.clone(), cell.mode, stop));
+        let released = pacer.as_ref().map(|p| Arc::clone(&p.released));
+        workers.spawn(worker(
+            target.clone(),
+            body.clone(),
+            cell.mode,
+            stop,
+            released,
+        ));
     }
     let mut tally = Tally::default();
     while let Some(done) = workers.join_next().await {
@@ -323,14 +451,29 @@ pub async fn run(target: &Target, cell: Cell, timing: Timing) -> Stats {
             Err(e) => tally.error(&RequestError::Worker(e.to_string())),
         }
     }
+    drop(pacer);
     tally.into_stats(window_start, timing.measure)
 }
 
-/// Sends requests back-to-back over one connection until `stop`; reconnects after any error.
-async fn worker(target: Target, body: Bytes, mode: Mode, stop: Instant) -> Tally {
+/// Sends requests over one connection until `stop`: back-to-back, or as the pacer releases
+/// them; reconnects after any error.
+async fn worker(
+    target: Target,
+    body: Bytes,
+    mode: Mode,
+    stop: Instant,
+    released: Option<Arc<Released>>,
+) -> Tally {
     let mut tally = Tally::default();
     let mut connection: Option<Connection> = None;
     while Instant::now() < stop {
+        let since = match &released {
+            None => None,
+            Some(released) => match released.take().await {
+                Some(at) => Some(at),
+                None => break,
+            },
+        };
         let open = match &mut connection {
             Some(open) => open,
             None => match Connection::open(target.addr).await {
@@ -345,7 +488,7 @@ async fn worker(target: Target, body: Bytes, mode: Mode, stop: Instant) -> Tally
                 }
             },
         };
-        let exchange = open.exchange(target.request(&body), mode);
+        let exchange = open.exchange(target.request(&body), mode, since);
         match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
             Ok(Ok(sample)) => tally.samples.push(sample),
             Ok(Err(e)) => {
@@ -386,14 +529,16 @@ impl Connection {
         })
     }
 
-    /// Sends one request and reads its body to the end.
+    /// Sends one request and reads its body to the end. Latency runs from `since` (when a
+    /// paced request was released) or else from the send.
     async fn exchange(
         &mut self,
         request: Request<Full<Bytes>>,
         mode: Mode,
+        since: Option<Instant>,
     ) -> Result<Sample, RequestError> {
         self.sender.ready().await?;
-        let sent = Instant::now();
+        let sent = since.unwrap_or_else(Instant::now);
         let response = self.sender.send_request(request).await?;
         let status = response.status();
         let mut body = response.into_body();
