@@ -50,6 +50,7 @@ pub fn exchange_meta(stream: bool) -> ExchangeMeta {
         arm: Arm::Teacher,
         route_version: 7,
         stream,
+        canary: false,
     }
 }
 

@@ -66,9 +66,20 @@ impl TraceId {
     }
 }
 
+impl TraceId {
+    /// The id as a header value, formatted on the stack: it goes out on every captured response.
+    pub fn to_header_value(self) -> http::HeaderValue {
+        let mut buf = [0; ulid::ULID_LEN];
+        let text = ulid::Ulid::from(self.0).array_to_str(&mut buf);
+        // Crockford base32 is always a valid header value.
+        http::HeaderValue::from_str(text).unwrap_or_else(|_| http::HeaderValue::from_static(""))
+    }
+}
+
 impl fmt::Display for TraceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", ulid::Ulid::from(self.0))
+        let mut buf = [0; ulid::ULID_LEN];
+        f.write_str(ulid::Ulid::from(self.0).array_to_str(&mut buf))
     }
 }
 

@@ -259,10 +259,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         .capture
         .as_ref()
         .map_or(1 << 20, |c| c.max_response_bytes);
-    let sink = Sink {
-        writer,
-        guard: guard.clone(),
-    };
+    let sink = Sink::new(writer, guard.clone());
     let state = ProxyState {
         router: router.clone(),
         upstreams,

@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, header};
+use http::{Response, header};
 use pin_project_lite::pin_project;
 
 use super::{BodyEnd, CaptureBody, CaptureSession, TRACE_ID_HEADER, TraceSink};
@@ -77,9 +77,9 @@ where
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.starts_with("text/event-stream"));
         session.on_response(response.status().as_u16(), is_sse);
-        if let Ok(value) = HeaderValue::from_str(&session.id().to_string()) {
-            response.headers_mut().insert(TRACE_ID_HEADER, value);
-        }
+        response
+            .headers_mut()
+            .insert(TRACE_ID_HEADER, session.id().to_header_value());
         let mut response = response.map(|body| CaptureBody::new(body, session, sink));
         if response.body_mut().poll_commit(cx).is_ready() {
             return Poll::Ready(Ok(response));

@@ -30,7 +30,7 @@
 //! let mut request = http::Request::new(Bytes::from_static(b"{\"model\":\"m\",\"messages\":[]}"));
 //! request.extensions_mut().insert(ExchangeMeta {
 //!     tenant: None, key_id: None, alias: "m".into(), upstream: "u".into(), model: "m".into(),
-//!     arm: forge_router::Arm::Teacher, route_version: 1, stream: false,
+//!     arm: forge_router::Arm::Teacher, route_version: 1, stream: false, canary: false,
 //! });
 //! let response = service.oneshot(request).await.unwrap();
 //! assert!(response.headers().contains_key("x-forge-trace-id"));

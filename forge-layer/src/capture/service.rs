@@ -41,11 +41,10 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
+    fn call(&mut self, mut request: Request<Bytes>) -> Self::Future {
         let session = request
-            .extensions()
-            .get::<ExchangeMeta>()
-            .cloned()
+            .extensions_mut()
+            .remove::<ExchangeMeta>()
             .map(|meta| {
                 let ticket = self.sink.ticket();
                 let session = CaptureSession::new(

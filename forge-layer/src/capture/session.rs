@@ -31,6 +31,9 @@ pub struct ExchangeMeta {
     pub route_version: u64,
     /// Whether the client asked for a stream.
     pub stream: bool,
+    /// Whether the route has students: only then has the canary guard anything to judge, and
+    /// only then does it count the exchange.
+    pub canary: bool,
 }
 
 /// How the response body ended, as the front end saw it.
@@ -258,6 +261,7 @@ mod tests {
             arm: Arm::Teacher,
             route_version: 1,
             stream: true,
+            canary: false,
         };
         let mut session = CaptureSession::new(Ticket::untracked(), meta, Bytes::new(), 10);
         session.on_chunk(b"data: 1\n");

@@ -44,6 +44,7 @@ fn meta(stream: bool) -> ExchangeMeta {
         arm: Arm::Teacher,
         route_version: 3,
         stream,
+        canary: false,
     }
 }
 

@@ -22,6 +22,7 @@ fn pending_as(ticket: Ticket, content: &str) -> crate::capture::PendingTrace {
         arm: Arm::Teacher,
         route_version: 1,
         stream: false,
+        canary: false,
     };
     let request =
         format!(r#"{{"model":"a","messages":[{{"role":"user","content":"{content}"}}]}}"#);

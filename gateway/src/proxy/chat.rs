@@ -86,6 +86,7 @@ async fn forward(
             arm: decision.arm,
             route_version: decision.version,
             stream: request.is_stream(),
+            canary: !route.students.is_empty(),
         });
     }
     let response = match state.exchange.clone().oneshot(exchange).await {

@@ -73,19 +73,30 @@ impl Service<Request<Bytes>> for UpstreamCall {
 }
 
 /// Where finished exchanges go: the canary guard's statistics and the store's writer, either
-/// of which may be off.
+/// of which may be off. Shared behind one `Arc`: each exchange holds the sink until its end, and
+/// one reference count is cheaper than one for each handle inside.
 #[derive(Debug, Clone, Default)]
-pub struct Sink {
-    /// The trace writer, when capture is on.
-    pub writer: Option<TraceWriter>,
-    /// The canary guard, when it is on.
-    pub guard: Option<Arc<Guard>>,
+pub struct Sink(Arc<SinkParts>);
+
+#[derive(Debug, Default)]
+struct SinkParts {
+    writer: Option<TraceWriter>,
+    guard: Option<Arc<Guard>>,
+}
+
+impl Sink {
+    /// The trace writer, when capture is on, and the canary guard, when it is on.
+    pub fn new(writer: Option<TraceWriter>, guard: Option<Arc<Guard>>) -> Self {
+        Self(Arc::new(SinkParts { writer, guard }))
+    }
 }
 
 impl TraceSink for Sink {
     fn submit(&self, trace: PendingTrace) -> Option<DurableAck> {
-        if let Some(guard) = &self.guard {
-            let meta = trace.meta();
+        let meta = trace.meta();
+        if meta.canary
+            && let Some(guard) = &self.0.guard
+        {
             guard.record(
                 &meta.alias,
                 &meta.model,
@@ -93,11 +104,12 @@ impl TraceSink for Sink {
                 trace.failed_upstream(),
             );
         }
-        self.writer.as_ref().and_then(|w| w.submit(trace))
+        self.0.writer.as_ref().and_then(|w| w.submit(trace))
     }
 
     fn ticket(&self) -> Ticket {
-        self.writer
+        self.0
+            .writer
             .as_ref()
             .map_or_else(Ticket::untracked, TraceWriter::ticket)
     }
