@@ -77,6 +77,7 @@ struct RawCapture {
     max_event_bytes: usize,
     redact_pii: Vec<String>,
     cache_mb: usize,
+    idle_priority: bool,
 }
 
 impl Default for RawCapture {
@@ -93,6 +94,7 @@ impl Default for RawCapture {
             max_event_bytes: writer.max_event_bytes,
             redact_pii: Kind::PII.iter().map(|k| k.name().to_string()).collect(),
             cache_mb: forge_layer::store::DEFAULT_CACHE_BYTES / (1024 * 1024),
+            idle_priority: writer.idle_priority,
         }
     }
 }
@@ -683,6 +685,7 @@ fn validate_capture(raw: RawCapture) -> Result<Option<CaptureConfig>, ConfigErro
             flush_interval: Duration::from_millis(raw.flush_interval_ms),
             redactor: forge_layer::redact::Redactor::with_pii(&pii),
             max_event_bytes: raw.max_event_bytes,
+            idle_priority: raw.idle_priority,
         },
     }))
 }

@@ -5,6 +5,7 @@
 //! saved allocator state instead of walking the whole file.
 
 mod feedback;
+mod lanes;
 mod records;
 mod routes;
 mod unsettled;

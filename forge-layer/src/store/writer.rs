@@ -12,9 +12,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
+use super::lanes::{Lanes, PATIENCE};
 use super::{Store, StoreError, Ticket, Unsettled};
 use crate::capture::{DurableAck, PendingTrace};
 use crate::redact::Redactor;
@@ -49,6 +50,10 @@ pub struct WriterConfig {
     pub redactor: Redactor,
     /// The cap on one SSE event while reassembling.
     pub max_event_bytes: usize,
+    /// In `async` mode, encode and commit on a thread in the idle scheduling class, so that the
+    /// writer takes no CPU that request handling wants, until it falls behind (see
+    /// `store/lanes.rs`). Off: on tokio's blocking pool, at normal priority.
+    pub idle_priority: bool,
 }
 
 impl Default for WriterConfig {
@@ -60,6 +65,7 @@ impl Default for WriterConfig {
             flush_interval: Duration::from_millis(50),
             redactor: Redactor::default(),
             max_event_bytes: 1 << 20,
+            idle_priority: true,
         }
     }
 }
@@ -236,10 +242,23 @@ impl Drop for Unsent {
 /// 2 µs per trace in batches gathered over 5 ms, 7–8 µs in batches gathered over 50–200 ms).
 /// Commits follow the flush interval instead.
 const ENCODE_EVERY: Duration = Duration::from_millis(5);
-/// At most this many traces per encode, for the same reason: with a backlog, encoding goes on
-/// in cache-sized pieces, and alongside the commit before it.
+/// At most this many traces per encode, for the same reason, and so that one piece of work on
+/// the idle-class thread stays short.
 const ENCODE_MAX: usize = 256;
+/// Encodes in flight at once. More than one lets the blocking pool go on while a piece of work
+/// waits for the idle-class thread.
+const MAX_ENCODES: usize = 4;
+/// At most this many traces per commit on the idle-class thread: a short piece of work there is
+/// done soon even if the machine turns busy while it runs. Bigger commits run at normal priority.
+const BACKGROUND_BATCH: usize = 512;
+/// Encoded traces held while a commit runs, in batches: past this the writer stops taking from
+/// the queue, which then fills, and a full queue drops (counted) rather than memory growing.
+const MAX_READY_BATCHES: usize = 4;
 
+/// The writer's loop. Encoding and commits run off the runtime (redb is synchronous), one
+/// commit at a time, while encoding goes on. In `async` mode both run on the idle-class thread
+/// (see [`super::lanes`]) until the writer falls behind: once a quarter of the queue waits, or
+/// at shutdown, they run on the blocking pool.
 async fn run(
     store: Store,
     config: WriterConfig,
@@ -249,100 +268,114 @@ async fn run(
     let config = Arc::new(config);
     let batch_max = config.batch_max.max(1);
     let durable = config.mode == CaptureMode::Durable;
-    let mut commits = Commits::default();
+    let behind_at = (config.queue_capacity / 4).max(1);
+    let lanes = Lanes::new(!durable && config.idle_priority, PATIENCE);
+    let far = || Instant::now() + Duration::from_secs(3600);
     // Encoded traces waiting for their commit, and when it is due at the latest.
     let mut ready = Encoded::default();
     let mut due: Option<Instant> = None;
-    // What each encode takes and where it writes, kept between encodes so that their buffers
-    // are allocated once. The encode writes apart from `ready` and is then appended to it, so
-    // that an encode task that fails cannot take already-encoded traces with it.
-    let mut batch: Vec<Job> = Vec::new();
-    let mut scratch = Encoded::default();
+    // Jobs taken from the queue for the next encode, and when it starts.
+    let mut gathered: Vec<Job> = Vec::new();
+    let mut encode_at: Option<Instant> = None;
+    let mut encodes: JoinSet<Option<(Vec<Job>, Encoded)>> = JoinSet::new();
+    let mut commit: Option<JoinHandle<Option<Encoded>>> = None;
+    // Emptied buffers, kept for the next batches.
+    let mut spare_jobs: Vec<Vec<Job>> = Vec::new();
+    let mut spare_encoded: Vec<Encoded> = Vec::new();
+    let mut open = true;
     loop {
-        let next = match due {
-            None => rx.recv().await,
-            Some(deadline) => match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(next) => next,
-                Err(_due) => {
-                    commits.start(&store, &counters, &mut ready).await;
-                    due = None;
-                    continue;
-                }
-            },
+        let full = if lanes.has_background() {
+            BACKGROUND_BATCH.min(batch_max)
+        } else {
+            batch_max
         };
-        let Some(first) = next else { break };
-        let due_at = *due.get_or_insert_with(|| Instant::now() + config.flush_interval);
-        // `async` gathers without being woken per trace (a wake-up per request cost the proxy
-        // more CPU than the encoding did): it sleeps until the next encode, unless a full batch
-        // already waits. `durable` takes what is queued now: a client waits on the commit.
-        if !durable && ready.len() + rx.len() + 1 < batch_max {
-            tokio::time::sleep_until(due_at.min(Instant::now() + ENCODE_EVERY)).await;
-        }
-        let room = batch_max.saturating_sub(ready.len()).clamp(1, ENCODE_MAX);
-        batch.push(first);
-        while batch.len() < room {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        // redb is synchronous: encoding and commits run on the blocking pool, and encoding goes
-        // on while a commit runs.
-        let (cfg, ctr) = (Arc::clone(&config), Arc::clone(&counters));
-        let (mut jobs, mut into) = (std::mem::take(&mut batch), std::mem::take(&mut scratch));
-        let encoding = tokio::task::spawn_blocking(move || {
-            encode_batch(&cfg, &ctr, &mut jobs, &mut into);
-            (jobs, into)
-        });
-        match encoding.await {
-            Ok((emptied, encoded)) => {
-                (batch, scratch) = (emptied, encoded);
-                ready.take_from(&mut scratch);
-            }
-            Err(e) => tracing::error!(error = %e, "trace encode task failed"),
-        }
-        if durable || ready.len() >= batch_max || Instant::now() >= due_at {
-            commits.start(&store, &counters, &mut ready).await;
+        let commit_due = durable || !open || ready.len() >= full;
+        if commit.is_none()
+            && !ready.is_empty()
+            && (commit_due || due.is_some_and(|d| Instant::now() >= d))
+        {
+            let urgent = !open || rx.len() >= behind_at || ready.len() > BACKGROUND_BATCH;
+            let batch = std::mem::replace(&mut ready, spare_encoded.pop().unwrap_or_default());
+            let (store, counters) = (store.clone(), Arc::clone(&counters));
+            commit = Some(tokio::spawn(
+                lanes.run(urgent, move || commit_batch(&store, &counters, batch)),
+            ));
             due = None;
         }
-    }
-    commits.start(&store, &counters, &mut ready).await;
-    commits.finish().await;
-    tracing::debug!("trace writer stopped: queue closed and drained");
-}
-
-/// The commit in flight (one at a time, in order), and the buffer of the one before, kept for
-/// the next batch.
-#[derive(Default)]
-struct Commits {
-    running: Option<tokio::task::JoinHandle<Encoded>>,
-    spare: Encoded,
-}
-
-impl Commits {
-    /// Waits for the previous commit, then starts committing what `ready` holds, leaving it
-    /// empty.
-    async fn start(&mut self, store: &Store, counters: &Arc<CaptureCounters>, ready: &mut Encoded) {
-        self.finish().await;
-        if ready.is_empty() {
-            return;
+        if !open
+            && gathered.is_empty()
+            && encodes.is_empty()
+            && commit.is_none()
+            && ready.is_empty()
+        {
+            break;
         }
-        let batch = std::mem::replace(ready, std::mem::take(&mut self.spare));
-        let (store, counters) = (store.clone(), Arc::clone(counters));
-        self.running = Some(tokio::task::spawn_blocking(move || {
-            commit_batch(&store, &counters, batch)
-        }));
-    }
-
-    /// Waits for the commit in flight, if any.
-    async fn finish(&mut self) {
-        if let Some(commit) = self.running.take() {
-            match commit.await {
-                Ok(emptied) => self.spare = emptied,
-                Err(e) => tracing::error!(error = %e, "trace commit task failed"),
+        let may_take = open
+            && encode_at.is_none()
+            && encodes.len() < MAX_ENCODES
+            && ready.len() < MAX_READY_BATCHES * batch_max;
+        tokio::select! {
+            next = rx.recv(), if may_take => match next {
+                None => open = false,
+                Some(job) => {
+                    gathered.push(job);
+                    // `async` gathers without being woken per trace (a wake-up per request cost
+                    // the proxy more CPU than the encoding did): the next encode waits a few
+                    // milliseconds unless a full batch is already queued. `durable` encodes what
+                    // is queued now: a client waits on the commit.
+                    let now = Instant::now();
+                    encode_at = Some(if durable || rx.len() + 1 >= ENCODE_MAX {
+                        now
+                    } else {
+                        (now + ENCODE_EVERY).min(due.unwrap_or_else(far))
+                    });
+                }
+            },
+            () = tokio::time::sleep_until(encode_at.unwrap_or_else(far)), if encode_at.is_some() => {
+                encode_at = None;
+                while gathered.len() < ENCODE_MAX {
+                    match rx.try_recv() {
+                        Ok(job) => gathered.push(job),
+                        Err(_) => break,
+                    }
+                }
+                let urgent = !open || rx.len() >= behind_at;
+                let mut jobs = std::mem::replace(&mut gathered, spare_jobs.pop().unwrap_or_default());
+                let mut into = spare_encoded.pop().unwrap_or_default();
+                let (config, counters) = (Arc::clone(&config), Arc::clone(&counters));
+                encodes.spawn(lanes.run(urgent, move || {
+                    encode_batch(&config, &counters, &mut jobs, &mut into);
+                    (jobs, into)
+                }));
             }
+            Some(done) = encodes.join_next(), if !encodes.is_empty() => match done {
+                Ok(Some((jobs, mut encoded))) => {
+                    ready.take_from(&mut encoded);
+                    spare_jobs.push(jobs);
+                    spare_encoded.push(encoded);
+                    if !ready.is_empty() {
+                        due.get_or_insert_with(|| Instant::now() + config.flush_interval);
+                    }
+                }
+                // Panics are caught per trace inside; this is a lost task, logged.
+                _ => tracing::error!("trace encode task failed"),
+            },
+            done = async {
+                match commit.as_mut() {
+                    Some(running) => running.await,
+                    None => std::future::pending().await,
+                }
+            }, if commit.is_some() => {
+                commit = None;
+                match done {
+                    Ok(Some(emptied)) => spare_encoded.push(emptied),
+                    _ => tracing::error!("trace commit task failed"),
+                }
+            }
+            () = tokio::time::sleep_until(due.unwrap_or_else(far)), if due.is_some() && commit.is_none() => {}
         }
     }
+    tracing::debug!("trace writer stopped: queue closed and drained");
 }
 
 /// Encoded traces, back to back in one buffer, and the acknowledgements waiting on them. The
