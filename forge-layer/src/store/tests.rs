@@ -381,3 +381,29 @@ async fn async_full_batches_are_committed_without_waiting_for_the_interval() {
     };
     committed_while_running(config, 8).await;
 }
+
+/// A durable commit waits for nothing but the work itself: no timer tick (tokio's timer rounds
+/// even a deadline of "now" up to its next millisecond, which once cost every durable response
+/// at one connection a millisecond more). On a paused clock, any timer the writer waited on would
+/// move it.
+#[tokio::test(start_paused = true)]
+async fn a_durable_commit_waits_on_no_timer() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_dir(dir.path()).unwrap();
+    let config = WriterConfig {
+        mode: CaptureMode::Durable,
+        ..Default::default()
+    };
+    let (writer, task) = TraceWriter::start(store.clone(), config);
+    for i in 0..3 {
+        // Off the millisecond grid, where rounding up shows.
+        tokio::time::advance(Duration::from_micros(300)).await;
+        let started = tokio::time::Instant::now();
+        let ack = writer.submit(pending(&format!("d{i}"))).expect("durable");
+        assert!(ack.await, "committed");
+        assert_eq!(tokio::time::Instant::now(), started, "trace {i}");
+    }
+    drop(writer);
+    task.join().await;
+    assert_eq!(store.trace_count().unwrap(), 3);
+}

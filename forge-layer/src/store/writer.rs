@@ -314,6 +314,9 @@ async fn run(
             && encode_at.is_none()
             && encodes.len() < MAX_ENCODES
             && ready.len() < MAX_READY_BATCHES * batch_max;
+        // Set when the gathered jobs are to be encoded now: outside `select!`, since tokio's
+        // timer rounds a deadline of "now" up to its next millisecond tick.
+        let mut encode_now = false;
         tokio::select! {
             next = rx.recv(), if may_take => match next {
                 None => open = false,
@@ -323,30 +326,17 @@ async fn run(
                     // the proxy more CPU than the encoding did): the next encode waits a few
                     // milliseconds unless a full batch is already queued. `durable` encodes what
                     // is queued now: a client waits on the commit.
-                    let now = Instant::now();
-                    encode_at = Some(if durable || rx.len() + 1 >= ENCODE_MAX {
-                        now
+                    if durable || rx.len() + 1 >= ENCODE_MAX {
+                        encode_now = true;
                     } else {
-                        (now + ENCODE_EVERY).min(due.unwrap_or_else(far))
-                    });
+                        encode_at =
+                            Some((Instant::now() + ENCODE_EVERY).min(due.unwrap_or_else(far)));
+                    }
                 }
             },
             () = tokio::time::sleep_until(encode_at.unwrap_or_else(far)), if encode_at.is_some() => {
                 encode_at = None;
-                while gathered.len() < ENCODE_MAX {
-                    match rx.try_recv() {
-                        Ok(job) => gathered.push(job),
-                        Err(_) => break,
-                    }
-                }
-                let urgent = !open || rx.len() >= behind_at;
-                let mut jobs = std::mem::replace(&mut gathered, spare_jobs.pop().unwrap_or_default());
-                let mut into = spare_encoded.pop().unwrap_or_default();
-                let (config, counters) = (Arc::clone(&config), Arc::clone(&counters));
-                encodes.spawn(lanes.run(urgent, move || {
-                    encode_batch(&config, &counters, &mut jobs, &mut into);
-                    (jobs, into)
-                }));
+                encode_now = true;
             }
             Some(done) = encodes.join_next(), if !encodes.is_empty() => match done {
                 Ok(Some((jobs, mut encoded))) => {
@@ -373,6 +363,22 @@ async fn run(
                 }
             }
             () = tokio::time::sleep_until(due.unwrap_or_else(far)), if due.is_some() && commit.is_none() => {}
+        }
+        if encode_now {
+            while gathered.len() < ENCODE_MAX {
+                match rx.try_recv() {
+                    Ok(job) => gathered.push(job),
+                    Err(_) => break,
+                }
+            }
+            let urgent = !open || rx.len() >= behind_at;
+            let mut jobs = std::mem::replace(&mut gathered, spare_jobs.pop().unwrap_or_default());
+            let mut into = spare_encoded.pop().unwrap_or_default();
+            let (config, counters) = (Arc::clone(&config), Arc::clone(&counters));
+            encodes.spawn(lanes.run(urgent, move || {
+                encode_batch(&config, &counters, &mut jobs, &mut into);
+                (jobs, into)
+            }));
         }
     }
     tracing::debug!("trace writer stopped: queue closed and drained");
