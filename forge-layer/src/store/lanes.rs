@@ -1,11 +1,11 @@
-//! Where the writer's blocking work runs: a thread that only gets the CPU when request handling leaves it idle, or, when the writer must keep up, tokio's blocking pool.
+//! Where the writer's work runs: a thread that yields the CPU to requests, or tokio's blocking pool.
 //!
 //! On a machine with headroom, capture's CPU should cost requests nothing. A thread of the
 //! normal class that encodes or commits for a few milliseconds holds a core that a request's task
 //! then waits for; under Linux's `SCHED_IDLE` class the same work runs only while no ordinary
 //! thread wants that core. Measured in the open-loop load bench at half of capture off's
-//! capacity, that took the p50 that `async` capture adds from about +25% (non-stream) and +55%
-//! (stream) to about +5%.
+//! capacity, that took the p50 that `async` capture adds from +24–26% (non-stream) and +69–74%
+//! (stream) to +9–11% and −0.4 to +9% (README, "Performance").
 //!
 //! An idle-class thread can starve while the machine is saturated. So work offered to it and not
 //! started within [`PATIENCE`] runs on the blocking pool instead (work runs exactly once, on

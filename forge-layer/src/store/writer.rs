@@ -42,9 +42,10 @@ pub struct WriterConfig {
     /// At most this many traces per transaction.
     pub batch_max: usize,
     /// In `async` mode, how long a trace may wait for its commit: traces are encoded as they
-    /// come (every few milliseconds) and committed together once per interval, or at the next
-    /// encode once `batch_max` are ready, since a commit (two fsyncs) costs much the same for one trace or
-    /// thousands. `durable` commits as soon as the queue is empty: a client waits on each commit.
+    /// come (every few milliseconds) and committed together once per interval, or as soon as
+    /// `batch_max` are ready (at most 512 with `idle_priority`), since a commit (two fsyncs)
+    /// costs much the same for one trace or thousands. `durable` commits as soon as encoded
+    /// traces are ready and no commit runs: a client waits on each commit.
     pub flush_interval: Duration,
     /// What to redact before the write.
     pub redactor: Redactor,
