@@ -329,7 +329,7 @@ impl fmt::Display for Load {
     }
 }
 
-/// The fewest microseconds between two of the pacer's wake-ups, which bounds its own CPU.
+/// The shortest pause between two of the pacer's wake-ups, which bounds its own CPU.
 const PACER_TICK: Duration = Duration::from_micros(100);
 
 /// Releases requests at a fixed rate, evenly spaced, from a thread of its own: tokio's timer
@@ -393,7 +393,8 @@ impl Pacer {
                             .extend(std::iter::repeat_n(at, count));
                         shared.permits.add_permits(count);
                     }
-                    if Instant::now() >= stop {
+                    // Dropping the pacer closes the permits: stop early too.
+                    if Instant::now() >= stop || shared.permits.is_closed() {
                         break;
                     }
                     std::thread::sleep(due.saturating_duration_since(now).max(PACER_TICK));
