@@ -1,11 +1,10 @@
 //! Where the writer's work runs: a thread that yields the CPU to requests, or tokio's blocking pool.
 //!
 //! On a machine with headroom, capture's CPU should cost requests nothing. A thread of the
-//! normal class that encodes or commits for a few milliseconds holds a core that a request's task
-//! then waits for; under Linux's `SCHED_IDLE` class the same work runs only while no ordinary
-//! thread wants that core. Measured in the open-loop load bench at half of capture off's
-//! capacity, that took the p50 that `async` capture adds from +24–26% (non-stream) and +69–74%
-//! (stream) to +9–11% and −0.4 to +9% (README, "Performance").
+//! normal class that encodes for a few milliseconds holds a core that a request's task then
+//! waits for; under Linux's `SCHED_IDLE` class the same work runs only while no ordinary thread
+//! wants that core (figures in the README, "Performance"). The writer sends only encodes here:
+//! a commit holds redb's write lock, and a starved commit would make every other writer wait.
 //!
 //! An idle-class thread can starve while the machine is saturated. So work offered to it and not
 //! started within [`PATIENCE`] runs on the blocking pool instead (work runs exactly once, on
@@ -45,11 +44,6 @@ impl Lanes {
         }
     }
 
-    /// Whether work that is not urgent is offered to the background thread.
-    pub(super) fn has_background(&self) -> bool {
-        self.background.is_some()
-    }
-
     /// Runs `f` off the async runtime: on the background thread unless `urgent`, and on the
     /// blocking pool if `urgent`, without a background thread, or when the background thread
     /// has not started it within its patience. `None` if `f` panicked.
@@ -82,13 +76,17 @@ impl Lanes {
         };
         async move {
             if let Some(mut finished) = offered {
-                if let Ok(out) = tokio::time::timeout(patience, &mut finished).await {
-                    return out.ok();
-                }
-                match take(&claim) {
-                    Some(f) => return tokio::task::spawn_blocking(f).await.ok(),
-                    // Started meanwhile: it finishes there.
-                    None => return finished.await.ok(),
+                match tokio::time::timeout(patience, &mut finished).await {
+                    Ok(Ok(out)) => return Some(out),
+                    // It panicked there (the claim is empty, and so is the answer below), or
+                    // the thread went away with the work still queued (the claim still holds
+                    // it, and it runs here).
+                    Ok(Err(_gone)) => {}
+                    Err(_late) => match take(&claim) {
+                        Some(f) => return tokio::task::spawn_blocking(f).await.ok(),
+                        // Started meanwhile: it finishes there.
+                        None => return finished.await.ok(),
+                    },
                 }
             }
             tokio::task::spawn_blocking(take(&claim)?).await.ok()

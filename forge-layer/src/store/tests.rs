@@ -1,5 +1,6 @@
 //! The store: round trips, ordering, feedback, and the writer's counters and modes.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -406,4 +407,43 @@ async fn a_durable_commit_waits_on_no_timer() {
     drop(writer);
     task.join().await;
     assert_eq!(store.trace_count().unwrap(), 3);
+}
+
+/// `batch_max` bounds every transaction, also when a stalled commit lets encoded traces pile up
+/// behind it: the writer stops taking from the queue instead.
+#[tokio::test]
+async fn no_commit_holds_more_than_batch_max() {
+    for mode in [CaptureMode::Async, CaptureMode::Durable] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_dir(dir.path()).unwrap();
+        let config = WriterConfig {
+            mode,
+            queue_capacity: 1000,
+            batch_max: 4,
+            idle_priority: false,
+            ..Default::default()
+        };
+        let (writer, task) = TraceWriter::start(store.clone(), config);
+        let counters = writer.counters_handle();
+        let stall = store.hold_write_lock().unwrap();
+        let acks: Vec<_> = (0..200)
+            .map(|i| writer.submit(pending(&format!("b{i}"))))
+            .collect();
+        // Long enough for many encodes while the first commit waits for the lock.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(stall);
+        for ack in acks.into_iter().flatten() {
+            assert!(ack.await, "{mode:?}: committed");
+        }
+        drop(writer);
+        task.join().await;
+        let c = counters.snapshot();
+        assert_eq!((c.captured, c.dropped, c.failed), (200, 0, 0), "{mode:?}");
+        let largest = counters.largest_commit.load(Ordering::Acquire);
+        assert!(
+            (1..=4).contains(&largest),
+            "{mode:?}: {largest} traces in one commit"
+        );
+        assert_eq!(store.trace_count().unwrap(), 200);
+    }
 }

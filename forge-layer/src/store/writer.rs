@@ -43,17 +43,18 @@ pub struct WriterConfig {
     pub batch_max: usize,
     /// In `async` mode, how long a trace may wait for its commit: traces are encoded as they
     /// come (every few milliseconds) and committed together once per interval, or as soon as
-    /// `batch_max` are ready (at most 512 with `idle_priority`), since a commit (two fsyncs)
-    /// costs much the same for one trace or thousands. `durable` commits as soon as encoded
+    /// `batch_max` are ready, since a commit (two fsyncs) costs much the same for one trace or
+    /// thousands. `durable` commits as soon as encoded
     /// traces are ready and no commit runs: a client waits on each commit.
     pub flush_interval: Duration,
     /// What to redact before the write.
     pub redactor: Redactor,
     /// The cap on one SSE event while reassembling.
     pub max_event_bytes: usize,
-    /// In `async` mode, encode and commit on a thread in the idle scheduling class, so that the
-    /// writer takes no CPU that request handling wants, until it falls behind (see
-    /// `store/lanes.rs`). Off: on tokio's blocking pool, at normal priority.
+    /// In `async` mode, encode on a thread in the idle scheduling class, so that the writer's
+    /// encoding takes no CPU that request handling wants, until it falls behind (see
+    /// `store/lanes.rs`). Off: on tokio's blocking pool, at normal priority. Commits always run
+    /// there.
     pub idle_priority: bool,
 }
 
@@ -78,6 +79,9 @@ pub struct CaptureCounters {
     captured: AtomicU64,
     dropped: AtomicU64,
     failed: AtomicU64,
+    /// The most traces one transaction held, for tests of `batch_max`.
+    #[cfg(test)]
+    pub(super) largest_commit: AtomicU64,
 }
 
 /// The counters at one moment.
@@ -249,17 +253,15 @@ const ENCODE_MAX: usize = 256;
 /// Encodes in flight at once. More than one lets the blocking pool go on while a piece of work
 /// waits for the idle-class thread.
 const MAX_ENCODES: usize = 4;
-/// At most this many traces per commit on the idle-class thread: a short piece of work there is
-/// done soon even if the machine turns busy while it runs. Bigger commits run at normal priority.
-const BACKGROUND_BATCH: usize = 512;
-/// Encoded traces held while a commit runs, in batches: past this the writer stops taking from
-/// the queue, which then fills, and a full queue drops (counted) rather than memory growing.
-const MAX_READY_BATCHES: usize = 4;
 
 /// The writer's loop. Encoding and commits run off the runtime (redb is synchronous), one
-/// commit at a time, while encoding goes on. In `async` mode both run on the idle-class thread
-/// (see [`super::lanes`]) until the writer falls behind: once a quarter of the queue waits, or
-/// at shutdown, they run on the blocking pool.
+/// commit at a time, while encoding goes on; traces encoded or being encoded never outnumber
+/// `batch_max`, so that a commit holds at most that many, and past it the writer stops taking
+/// from the queue, which then fills and drops (counted). In `async` mode encodes run on the
+/// idle-class thread (see [`super::lanes`]) until the writer falls behind: once a quarter of
+/// the queue waits, or at shutdown, they run on the blocking pool. Commits always run there, at
+/// normal priority: a commit holds redb's write lock, which feedback, route changes and the
+/// next commit wait for, and must not be starved while it does.
 async fn run(
     store: Store,
     config: WriterConfig,
@@ -279,28 +281,22 @@ async fn run(
     let mut gathered: Vec<Job> = Vec::new();
     let mut encode_at: Option<Instant> = None;
     let mut encodes: JoinSet<Option<(Vec<Job>, Encoded)>> = JoinSet::new();
-    let mut commit: Option<JoinHandle<Option<Encoded>>> = None;
+    let mut commit: Option<JoinHandle<Encoded>> = None;
     // Emptied buffers, kept for the next batches.
     let mut spare_jobs: Vec<Vec<Job>> = Vec::new();
     let mut spare_encoded: Vec<Encoded> = Vec::new();
     let mut open = true;
     loop {
-        let full = if lanes.has_background() {
-            BACKGROUND_BATCH.min(batch_max)
-        } else {
-            batch_max
-        };
-        let commit_due = durable || !open || ready.len() >= full;
+        let commit_due = durable || !open || ready.len() >= batch_max;
         if commit.is_none()
             && !ready.is_empty()
             && (commit_due || due.is_some_and(|d| Instant::now() >= d))
         {
-            let urgent = !open || rx.len() >= behind_at || ready.len() > BACKGROUND_BATCH;
             let batch = std::mem::replace(&mut ready, spare_encoded.pop().unwrap_or_default());
             let (store, counters) = (store.clone(), Arc::clone(&counters));
-            commit = Some(tokio::spawn(
-                lanes.run(urgent, move || commit_batch(&store, &counters, batch)),
-            ));
+            commit = Some(tokio::task::spawn_blocking(move || {
+                commit_batch(&store, &counters, batch)
+            }));
             due = None;
         }
         if !open
@@ -311,10 +307,10 @@ async fn run(
         {
             break;
         }
-        let may_take = open
-            && encode_at.is_none()
-            && encodes.len() < MAX_ENCODES
-            && ready.len() < MAX_READY_BATCHES * batch_max;
+        // Room for more traces in the next commit, counting each encode in flight as full.
+        let room =
+            batch_max.saturating_sub(ready.len() + encodes.len() * ENCODE_MAX.min(batch_max));
+        let may_take = open && encode_at.is_none() && encodes.len() < MAX_ENCODES && room > 0;
         // Set when the gathered jobs are to be encoded now: outside `select!`, since tokio's
         // timer rounds a deadline of "now" up to its next millisecond tick.
         let mut encode_now = false;
@@ -327,7 +323,7 @@ async fn run(
                     // the proxy more CPU than the encoding did): the next encode waits a few
                     // milliseconds unless a full batch is already queued. `durable` encodes what
                     // is queued now: a client waits on the commit.
-                    if durable || rx.len() + 1 >= ENCODE_MAX {
+                    if durable || rx.len() + 1 >= ENCODE_MAX.min(room) {
                         encode_now = true;
                     } else {
                         encode_at =
@@ -359,14 +355,14 @@ async fn run(
             }, if commit.is_some() => {
                 commit = None;
                 match done {
-                    Ok(Some(emptied)) => spare_encoded.push(emptied),
-                    _ => tracing::error!("trace commit task failed"),
+                    Ok(emptied) => spare_encoded.push(emptied),
+                    Err(e) => tracing::error!(error = %e, "trace commit task failed"),
                 }
             }
             () = tokio::time::sleep_until(due.unwrap_or_else(far)), if due.is_some() && commit.is_none() => {}
         }
         if encode_now {
-            while gathered.len() < ENCODE_MAX {
+            while gathered.len() < ENCODE_MAX.min(room) {
                 match rx.try_recv() {
                     Ok(job) => gathered.push(job),
                     Err(_) => break,
@@ -498,6 +494,8 @@ fn encode_batch(
 /// the batch emptied, for reuse.
 fn commit_batch(store: &Store, counters: &CaptureCounters, mut batch: Encoded) -> Encoded {
     let n = batch.len() as u64;
+    #[cfg(test)]
+    counters.largest_commit.fetch_max(n, Ordering::AcqRel);
     // A panic in the store counts the batch failed, so the counters still add up.
     let ok = std::panic::catch_unwind(AssertUnwindSafe(|| commit_with_retry(store, &batch)))
         .is_ok_and(|committed| committed.is_ok());
