@@ -259,7 +259,7 @@ const MAX_ENCODES: usize = 4;
 /// `batch_max`, so that a commit holds at most that many, and past it the writer stops taking
 /// from the queue, which then fills and drops (counted). In `async` mode encodes run on the
 /// idle-class thread (see [`super::lanes`]) until the writer falls behind: once a quarter of
-/// the queue waits, or at shutdown, they run on the blocking pool. Commits always run there, at
+/// the queue waits, or once the queue has closed, they run on the blocking pool. Commits always run there, at
 /// normal priority: a commit holds redb's write lock, which feedback, route changes and the
 /// next commit wait for, and must not be starved while it does.
 async fn run(
@@ -323,7 +323,10 @@ async fn run(
                     // the proxy more CPU than the encoding did): the next encode waits a few
                     // milliseconds unless a full batch is already queued. `durable` encodes what
                     // is queued now: a client waits on the commit.
-                    if durable || rx.len() + 1 >= ENCODE_MAX.min(room) {
+                    // A full batch: as many as the commit has room for, or as the queue holds
+                    // (a small queue would otherwise overflow during the wait).
+                    let full = ENCODE_MAX.min(room).min(rx.max_capacity());
+                    if durable || rx.len() + 1 >= full {
                         encode_now = true;
                     } else {
                         encode_at =
