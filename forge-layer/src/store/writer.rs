@@ -44,8 +44,8 @@ pub struct WriterConfig {
     /// In `async` mode, how long a trace may wait for its commit: traces are encoded as they
     /// come (every few milliseconds) and committed together once per interval, or as soon as
     /// `batch_max` are ready, since a commit (two fsyncs) costs much the same for one trace or
-    /// thousands. `durable` commits as soon as encoded
-    /// traces are ready and no commit runs: a client waits on each commit.
+    /// thousands. `durable` commits as soon as encoded traces are ready and no commit runs: a
+    /// client waits on each commit.
     pub flush_interval: Duration,
     /// What to redact before the write.
     pub redactor: Redactor,
@@ -259,9 +259,9 @@ const MAX_ENCODES: usize = 4;
 /// `batch_max`, so that a commit holds at most that many, and past it the writer stops taking
 /// from the queue, which then fills and drops (counted). In `async` mode encodes run on the
 /// idle-class thread (see [`super::lanes`]) until the writer falls behind: once a quarter of
-/// the queue waits, or once the queue has closed, they run on the blocking pool. Commits always run there, at
-/// normal priority: a commit holds redb's write lock, which feedback, route changes and the
-/// next commit wait for, and must not be starved while it does.
+/// the queue waits, or once the queue has closed, they run on the blocking pool. Commits always
+/// run there, at normal priority: a commit holds redb's write lock, which feedback, route
+/// changes and the next commit wait for, and must not be starved while it does.
 async fn run(
     store: Store,
     config: WriterConfig,
@@ -321,10 +321,10 @@ async fn run(
                     gathered.push(job);
                     // `async` gathers without being woken per trace (a wake-up per request cost
                     // the proxy more CPU than the encoding did): the next encode waits a few
-                    // milliseconds unless a full batch is already queued. `durable` encodes what
-                    // is queued now: a client waits on the commit.
-                    // A full batch: as many as the commit has room for, or as the queue holds
-                    // (a small queue would otherwise overflow during the wait).
+                    // milliseconds unless a full batch is already queued, a full batch being as
+                    // many as the commit has room for, or as the queue holds (a small queue
+                    // would otherwise overflow during the wait). `durable` encodes what is
+                    // queued now: a client waits on the commit.
                     let full = ENCODE_MAX.min(room).min(rx.max_capacity());
                     if durable || rx.len() + 1 >= full {
                         encode_now = true;
