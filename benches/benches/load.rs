@@ -266,7 +266,7 @@ async fn main() -> Result<ExitCode, Box<dyn Error>> {
     for &mode in &modes {
         for &concurrency in &concurrencies {
             let cell = Cell { mode, concurrency };
-            let rounds = run_cell(&subjects, cell, plan, Load::Closed).await;
+            let rounds = run_cell(&subjects, &Variant::ALL, cell, plan, Load::Closed).await;
             let closed = CellResult::new(cell, Load::Closed, None, rounds);
             print_cell(&closed);
             // The open-loop rates follow from capture off's closed-loop rate.
@@ -275,13 +275,9 @@ async fn main() -> Result<ExitCode, Box<dyn Error>> {
             if concurrency != PACED_CONCURRENCY || off_rate <= 0.0 {
                 continue;
             }
-            let paced: Vec<&Subject> = subjects
-                .iter()
-                .filter(|s| Variant::PACED.contains(&s.variant))
-                .collect();
             for &pct in &load_pcts {
                 let load = Load::Rate(off_rate * pct / 100.0);
-                let rounds = run_cell(&paced, cell, plan, load).await;
+                let rounds = run_cell(&subjects, &Variant::PACED, cell, plan, load).await;
                 let result = CellResult::new(cell, load, Some(pct), rounds);
                 print_cell(&result);
                 results.push(result);
@@ -300,21 +296,26 @@ async fn main() -> Result<ExitCode, Box<dyn Error>> {
     Ok(verdict_exit(&results, &accounts, measuring))
 }
 
-/// Loads each subject in turn, in rounds whose order alternates, and returns each variant's
-/// rounds.
-async fn run_cell<S: std::borrow::Borrow<Subject>>(
-    subjects: &[S],
+/// Loads each subject of the given variants in turn, in rounds whose order alternates, and
+/// returns each variant's rounds.
+async fn run_cell(
+    subjects: &[Subject],
+    variants: &[Variant],
     cell: Cell,
     plan: Plan,
     load: Load,
 ) -> [Vec<Stats>; 4] {
     let mut rounds: [Vec<Stats>; 4] = Default::default();
+    let chosen: Vec<&Subject> = subjects
+        .iter()
+        .filter(|s| variants.contains(&s.variant))
+        .collect();
     for round in 0..plan.rounds {
         let forward = round % 2 == 0;
         let order: Vec<&Subject> = if forward {
-            subjects.iter().map(|s| s.borrow()).collect()
+            chosen.clone()
         } else {
-            subjects.iter().rev().map(|s| s.borrow()).collect()
+            chosen.iter().rev().copied().collect()
         };
         for subject in order {
             let stats = run(&subject.target, cell, plan.timing, load).await;

@@ -209,14 +209,7 @@ async fn a_stalled_store_never_fails_a_request_and_every_drop_is_counted() {
     );
     assert_eq!(gw.store().unwrap().trace_count().unwrap(), after.captured);
 
-    let metrics = http
-        .get(format!("http://{}/metrics", gw.addr()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&gw).await;
     assert!(
         metrics.contains(&format!("forge_capture_dropped_total {}", after.dropped)),
         "{metrics}"
@@ -331,16 +324,21 @@ async fn cursor_scans_never_pass_a_stream_still_in_flight() {
     gw.shutdown().await;
 }
 
-/// The `forge_capture_oldest_unsettled_seconds` gauge.
-async fn oldest_unsettled_seconds(gw: &forge_tests::TestGateway) -> f64 {
-    let metrics = client()
+/// The gateway's `/metrics` page.
+async fn metrics_text(gw: &forge_tests::TestGateway) -> String {
+    client()
         .get(format!("http://{}/metrics", gw.addr()))
         .send()
         .await
         .unwrap()
         .text()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// The `forge_capture_oldest_unsettled_seconds` gauge.
+async fn oldest_unsettled_seconds(gw: &forge_tests::TestGateway) -> f64 {
+    let metrics = metrics_text(gw).await;
     metrics
         .lines()
         .find_map(|l| l.strip_prefix("forge_capture_oldest_unsettled_seconds "))
