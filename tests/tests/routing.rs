@@ -26,6 +26,11 @@ fn with_admin(config: &mut forge_gateway::config::Config) {
 
 /// Sends one request with a sticky key and returns the model that answered.
 async fn answered_by(http: &reqwest::Client, base: &str, key: &str) -> String {
+    traced_answer(http, base, key).await.0
+}
+
+/// Sends one request with a sticky key; returns the model that answered and the trace id.
+async fn traced_answer(http: &reqwest::Client, base: &str, key: &str) -> (String, String) {
     let resp = http
         .post(format!("{base}/chat/completions"))
         .header("x-forge-sticky-key", key)
@@ -34,8 +39,12 @@ async fn answered_by(http: &reqwest::Client, base: &str, key: &str) -> String {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
+    let id = resp.headers()["x-forge-trace-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
     let body: Value = resp.json().await.unwrap();
-    body["model"].as_str().unwrap().to_string()
+    (body["model"].as_str().unwrap().to_string(), id)
 }
 
 #[tokio::test]
@@ -574,4 +583,66 @@ fn sticky_pick_share_is_within_one_point_over_100k_keys() {
         .count();
     let percent = hits as f64 * 100.0 / n as f64;
     assert!((percent - 7.5).abs() <= 1.0, "{percent}%");
+}
+
+#[tokio::test]
+async fn feedback_posted_again_on_one_trace_counts_once_in_the_guard() {
+    let sim = start_sim(SimConfig::default()).await;
+    // One failed check rolls back, so a feedback gate that counted every post of the same score
+    // would roll the student back; counted once, the student has too few scores to be judged on
+    // feedback, and steps up. `min_requests` keeps the first check from coming before the
+    // feedback is in.
+    let guard = "[guard]\ninterval_secs = 0.2\nmin_requests = 60\nsteps = [50.0, 100.0]\nlatency_slack_ms = 2000\nmax_failed_checks = 1\n";
+    let gw = start_gateway_with(&canary_config(&sim.base_url(), 50.0, guard), with_admin).await;
+    let http = client();
+    let base = gw.base_url();
+    let (mut teacher, mut student) = (Vec::new(), Vec::new());
+    let mut i = 0u64;
+    while teacher.len() < 12 || student.is_empty() {
+        let (model, id) = traced_answer(&http, &base, &format!("k{i}")).await;
+        if model == "teacher" {
+            teacher.push(id)
+        } else {
+            student.push(id)
+        }
+        i += 1;
+    }
+    assert!(
+        student.len() < 60,
+        "the guard could judge before the feedback is in"
+    );
+    let post = |trace_id: String, score: u32| {
+        let http = http.clone();
+        let url = format!("{base}/feedback");
+        async move {
+            let resp = http
+                .post(url)
+                .json(&json!({"trace_id": trace_id, "score": score}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+        }
+    };
+    for id in &teacher {
+        post(id.clone(), 100).await;
+    }
+    for _ in 0..15 {
+        post(student[0].clone(), 0).await;
+    }
+    let start = tokio::time::Instant::now();
+    while gw.router().load().route("chat").unwrap().students[0].share != CanaryShare::FULL {
+        let log = events(&http, &gw).await;
+        assert!(
+            start.elapsed() < forge_tests::DEADLINE,
+            "not promoted; events: {log}"
+        );
+        assert!(
+            !log.to_string().contains("rolled_back"),
+            "one trace's feedback outvoted the rest: {log}"
+        );
+        answered_by(&http, &base, &format!("k{i}")).await;
+        i += 1;
+    }
+    gw.shutdown().await;
 }
