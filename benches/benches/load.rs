@@ -9,6 +9,9 @@
 //! `FORGE_BENCH_CONNS=16` (a comma-separated subset of 1, 16, 64), `FORGE_BENCH_MODES=stream`
 //! (of non-stream, stream) and `FORGE_BENCH_TARGETS=direct,off` (of direct, off, async,
 //! durable) run fewer cells and targets; a skipped target shows as n/a.
+//! `FORGE_BENCH_CAPTURE` adds `[capture]` keys to the `async` and `durable` gateways, separated by
+//! `;` (`FORGE_BENCH_CAPTURE='idle_priority = false; flush_interval_ms = 10'`), to compare
+//! settings run against run.
 //!
 //! Closed loop keeps every target saturated, so there any CPU that capture spends shows as
 //! latency. A production proxy runs below saturation, so the 16-connection cells are then run
@@ -43,6 +46,8 @@ const CONCURRENCY: [usize; 3] = [1, 16, 64];
 const ENV_FORGE_BENCH_CONNS: &str = "FORGE_BENCH_CONNS";
 const ENV_FORGE_BENCH_MODES: &str = "FORGE_BENCH_MODES";
 const ENV_FORGE_BENCH_TARGETS: &str = "FORGE_BENCH_TARGETS";
+/// Extra `[capture]` keys for the capturing gateways, `;`-separated.
+const ENV_FORGE_BENCH_CAPTURE: &str = "FORGE_BENCH_CAPTURE";
 /// Percentages of capture off's closed-loop rate to run the open-loop cells at.
 const ENV_FORGE_BENCH_LOAD_PCT: &str = "FORGE_BENCH_LOAD_PCT";
 const DEFAULT_LOAD_PCT: [f64; 1] = [50.0];
@@ -110,15 +115,17 @@ impl Variant {
         self as usize
     }
 
-    /// The `[capture]` section of its gateway; `None` for direct.
-    fn capture_section(self, data_dir: &TempDir) -> Option<String> {
+    /// The `[capture]` section of its gateway, with `extra` keys when it captures; `None` for
+    /// direct.
+    fn capture_section(self, data_dir: &TempDir, extra: &str) -> Option<String> {
         let dir = data_dir.path();
-        match self {
-            Variant::Direct => None,
-            Variant::CaptureOff => Some("enabled = false".into()),
-            Variant::Async => Some(format!("mode = \"async\"\ndata_dir = {dir:?}")),
-            Variant::Durable => Some(format!("mode = \"durable\"\ndata_dir = {dir:?}")),
-        }
+        let mode = match self {
+            Variant::Direct => return None,
+            Variant::CaptureOff => return Some("enabled = false".into()),
+            Variant::Async => "async",
+            Variant::Durable => "durable",
+        };
+        Some(format!("mode = \"{mode}\"\ndata_dir = {dir:?}\n{extra}"))
     }
 }
 
@@ -237,11 +244,13 @@ async fn main() -> Result<ExitCode, Box<dyn Error>> {
         DEFAULT_LOAD_PCT.to_vec()
     };
 
+    let capture_extra = std::env::var(ENV_FORGE_BENCH_CAPTURE).unwrap_or_default();
+
     let sim = SimUpstream::start(SimConfig::default(), "127.0.0.1:0".parse()?).await?;
     let mut subjects = Vec::new();
     for variant in variants {
         let data_dir = tempfile::tempdir()?;
-        let subject = match variant.capture_section(&data_dir) {
+        let subject = match variant.capture_section(&data_dir, &capture_extra.replace(';', "\n")) {
             None => Subject {
                 variant,
                 target: Target::new(variant.label(), sim.addr(), SIM_MODEL)?,
@@ -250,7 +259,13 @@ async fn main() -> Result<ExitCode, Box<dyn Error>> {
             },
             Some(capture) => {
                 let config = gateway_config(&sim.base_url(), &capture);
-                let gateway = forge_gateway::server::start(Config::from_toml(&config)?).await?;
+                let config = Config::from_toml(&config).map_err(|e| {
+                    format!(
+                        "{} gateway ({ENV_FORGE_BENCH_CAPTURE}={capture_extra:?}): {e}",
+                        variant.label()
+                    )
+                })?;
+                let gateway = forge_gateway::server::start(config).await?;
                 Subject {
                     variant,
                     target: Target::new(variant.label(), gateway.addr(), ALIAS)?,
@@ -777,8 +792,19 @@ fn print_markdown(results: &[CellResult], accounts: &[Account], plan: Plan, load
         );
     }
     println!();
+    // The settings that narrowed or changed the run, so that the line reproduces it.
+    let settings: String = [
+        ENV_FORGE_BENCH_CONNS,
+        ENV_FORGE_BENCH_MODES,
+        ENV_FORGE_BENCH_TARGETS,
+        ENV_FORGE_BENCH_LOAD_PCT,
+        ENV_FORGE_BENCH_CAPTURE,
+    ]
+    .into_iter()
+    .filter_map(|name| Some(format!("{name}='{}' ", std::env::var(name).ok()?)))
+    .collect();
     println!(
-        "Command: {ENV_FORGE_BENCH_SECS}={} cargo bench -p forge-benches --bench load  ({} rounds of {} s per target and cell, each after {} s of warm-up; open loop at {load_pcts:?}% of capture off's closed-loop rate; {} cores)",
+        "Command: {settings}{ENV_FORGE_BENCH_SECS}={} cargo bench -p forge-benches --bench load  ({} rounds of {} s per target and cell, each after {} s of warm-up; open loop at {load_pcts:?}% of capture off's closed-loop rate; {} cores)",
         plan.timing.measure.as_secs_f64() * plan.rounds as f64,
         plan.rounds,
         plan.timing.measure.as_secs_f64(),
