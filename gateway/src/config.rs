@@ -115,6 +115,7 @@ struct RawServer {
     max_body_bytes: usize,
     max_in_flight: usize,
     body_timeout_secs: u64,
+    send_timeout_secs: u64,
     shutdown_grace_secs: u64,
     passthrough_upstream: Option<String>,
     admin_listen: String,
@@ -128,6 +129,7 @@ impl Default for RawServer {
             max_body_bytes: 10 * 1024 * 1024,
             max_in_flight: 1024,
             body_timeout_secs: 60,
+            send_timeout_secs: 60,
             shutdown_grace_secs: 30,
             passthrough_upstream: None,
             admin_listen: "127.0.0.1:8081".into(),
@@ -440,6 +442,9 @@ pub struct ServerConfig {
     pub max_in_flight: usize,
     /// How long a client has to send its whole request body; then a 408.
     pub body_timeout: Duration,
+    /// How long a response write may wait for the client to take bytes; then the connection is
+    /// closed (a client that stops reading would otherwise hold its exchange open for good).
+    pub send_timeout: Duration,
     /// How long in-flight requests may run on after SIGTERM/SIGINT.
     pub shutdown_grace: Duration,
     /// The upstream that other `/v1/*` paths are passed to; `None` turns passthrough off.
@@ -522,6 +527,9 @@ impl Config {
         }
         if raw.server.body_timeout_secs == 0 {
             return Err(invalid("server.body_timeout_secs must be at least 1"));
+        }
+        if raw.server.send_timeout_secs == 0 {
+            return Err(invalid("server.send_timeout_secs must be at least 1"));
         }
 
         let mut upstreams: Vec<UpstreamConfig> = Vec::with_capacity(raw.upstreams.len());
@@ -639,6 +647,7 @@ impl Config {
                 max_body_bytes: raw.server.max_body_bytes,
                 max_in_flight: raw.server.max_in_flight,
                 body_timeout: Duration::from_secs(raw.server.body_timeout_secs),
+                send_timeout: Duration::from_secs(raw.server.send_timeout_secs),
                 shutdown_grace: Duration::from_secs(raw.server.shutdown_grace_secs),
                 passthrough_upstream,
             },
@@ -1023,6 +1032,10 @@ mod tests {
                 format!("[server]\nlisten = \"nope\"\n{up}"),
                 "server.listen",
             ),
+            (
+                format!("[server]\nsend_timeout_secs = 0\n{up}"),
+                "server.send_timeout_secs must be at least 1",
+            ),
         ];
         for (text, needle) in cases {
             let err = Config::from_toml(&text).unwrap_err().to_string();
@@ -1043,5 +1056,6 @@ mod tests {
         assert_eq!(c.server.max_body_bytes, 10 * 1024 * 1024);
         assert_eq!(c.server.passthrough_upstream.as_deref(), Some("a"));
         assert_eq!(c.upstreams[0].timeouts.idle, Duration::from_secs(60));
+        assert_eq!(c.server.send_timeout, Duration::from_secs(60));
     }
 }

@@ -11,6 +11,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio_io_timeout::TimeoutStream;
 
 use forge_layer::capture::CaptureLayer;
 use forge_layer::store::{CaptureCounters, CounterSnapshot, Store, TraceWriter, WriterTask};
@@ -275,9 +276,12 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     };
     let app = proxy::app(state, config.server.max_in_flight);
 
-    let grace = config.server.shutdown_grace;
+    let limits = ConnLimits {
+        grace: config.server.shutdown_grace,
+        send_timeout: config.server.send_timeout,
+    };
     let (listener, addr) = bind(config.server.listen).await?;
-    servers.push(tokio::spawn(serve(listener, app, stopped.clone(), grace)));
+    servers.push(tokio::spawn(serve(listener, app, stopped.clone(), limits)));
     if let Some(guard) = &guard {
         servers.push(tokio::spawn(run_guard(
             Arc::clone(guard),
@@ -300,7 +304,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
                 token.clone(),
             );
             let (listener, admin_addr) = bind(config.server.admin_listen).await?;
-            servers.push(tokio::spawn(serve(listener, admin, stopped, grace)));
+            servers.push(tokio::spawn(serve(listener, admin, stopped, limits)));
             tracing::info!(addr = %admin_addr, "admin API listening");
             Some(admin_addr)
         }
@@ -526,14 +530,27 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError>
     Ok((listener, bound))
 }
 
+/// What bounds a client connection's life.
+#[derive(Debug, Clone, Copy)]
+struct ConnLimits {
+    /// How long connections may finish their responses after a stop is asked for.
+    grace: Duration,
+    /// How long a write may wait for the client to take bytes.
+    send_timeout: Duration,
+}
+
 /// The accept loop. Each connection is tracked both by the graceful watcher (to ask it to close
 /// after its current response) and by a `JoinSet` (to cut it when the grace period runs out).
 async fn serve(
     listener: TcpListener,
     app: axum::Router,
     mut stop: watch::Receiver<bool>,
-    grace: Duration,
+    limits: ConnLimits,
 ) {
+    let ConnLimits {
+        grace,
+        send_timeout,
+    } = limits;
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
     let mut http = http1::Builder::new();
@@ -553,8 +570,14 @@ async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                // A client that stops reading stalls its writes, and with them its exchange
+                // (the upstream call, the capture, the in-flight slot) for good; past the send
+                // timeout the write fails and the connection closes, as nginx's `send_timeout`
+                // does. Only a write that waits is timed: an idle keep-alive connection is not.
+                let mut stream = TimeoutStream::new(stream);
+                stream.set_write_timeout(Some(send_timeout));
                 let service = TowerToHyperService::new(app.clone());
-                let conn = http.serve_connection(TokioIo::new(stream), service);
+                let conn = http.serve_connection(TokioIo::new(Box::pin(stream)), service);
                 let watched = graceful.watch(conn);
                 connections.spawn(async move {
                     if let Err(e) = watched.await {

@@ -621,3 +621,68 @@ async fn client_keys_map_to_tenants_and_secrets_never_reach_the_store() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_after_the_send_timeout_and_recorded_as_cancelled() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Tens of megabytes of stream, sent as fast as the sim can: far more than the socket
+    // buffers between the gateway and a client that stops reading hold.
+    let flood = ModelBehavior {
+        words: 300_000,
+        ..ModelBehavior::default()
+    };
+    let sim = start_sim(SimConfig {
+        models: [("flood".to_string(), flood)].into(),
+        ..SimConfig::default()
+    })
+    .await;
+    let gw = start_gateway(&config_text(
+        &sim.base_url(),
+        "send_timeout_secs = 1",
+        &[("f", "flood")],
+    ))
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    // A small receive window, so the buffers fill sooner.
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut conn = socket.connect(gw.addr()).await.unwrap();
+    let body = chat_body("f", "flood me", true).to_string();
+    conn.write_all(
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: forge\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    // Read the head, then stop reading while keeping the connection open.
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = conn.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before the head");
+        head.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let id: TraceId = head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-forge-trace-id: "))
+        .unwrap()
+        .trim()
+        .to_uppercase()
+        .parse()
+        .unwrap();
+    eventually(
+        "the stalled exchange is cut and its trace committed",
+        || gw.capture_counters().unwrap().captured == 1,
+    )
+    .await;
+    assert_eq!(
+        gw.store().unwrap().trace(id).unwrap().unwrap().outcome,
+        Outcome::Cancelled
+    );
+    drop(conn);
+    gw.shutdown().await;
+}
