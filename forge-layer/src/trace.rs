@@ -60,6 +60,12 @@ impl TraceId {
         Self(v)
     }
 
+    /// The lowest id made at `ms` milliseconds since the Unix epoch: every id made earlier is
+    /// below it (a cutoff for ids by age).
+    pub fn earliest_at(ms: u64) -> Self {
+        Self(ulid::Ulid::from_parts(ms, 0).into())
+    }
+
     /// Milliseconds since the Unix epoch when the id was made.
     pub fn timestamp_ms(self) -> u64 {
         ulid::Ulid::from(self.0).timestamp_ms()

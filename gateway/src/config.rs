@@ -78,6 +78,7 @@ struct RawCapture {
     redact_pii: Vec<String>,
     cache_mb: usize,
     idle_priority: bool,
+    retention_days: f64,
 }
 
 impl Default for RawCapture {
@@ -95,6 +96,7 @@ impl Default for RawCapture {
             redact_pii: Kind::PII.iter().map(|k| k.name().to_string()).collect(),
             cache_mb: forge_layer::store::DEFAULT_CACHE_BYTES / (1024 * 1024),
             idle_priority: writer.idle_priority,
+            retention_days: 0.0,
         }
     }
 }
@@ -418,6 +420,9 @@ pub struct CaptureConfig {
     pub max_response_bytes: usize,
     /// redb's page cache, in bytes.
     pub cache_bytes: usize,
+    /// Traces older than this are deleted, with their feedback and evaluations; `None` keeps
+    /// them all.
+    pub retention: Option<Duration>,
 }
 
 /// `[[clients]]`: one app key.
@@ -672,6 +677,14 @@ fn validate_capture(raw: RawCapture) -> Result<Option<CaptureConfig>, ConfigErro
             return Err(invalid(format!("capture.{key} must be at least 1")));
         }
     }
+    if !raw.retention_days.is_finite() || raw.retention_days < 0.0 {
+        return Err(invalid(
+            "capture.retention_days must be a number of days, 0 (keep every trace) or more",
+        ));
+    }
+    let retention = (raw.retention_days > 0.0)
+        .then(|| Duration::try_from_secs_f64(raw.retention_days * 86_400.0).ok())
+        .flatten();
     let mut pii = Vec::new();
     for name in &raw.redact_pii {
         match Kind::from_name(name).filter(|k| Kind::PII.contains(k)) {
@@ -687,6 +700,7 @@ fn validate_capture(raw: RawCapture) -> Result<Option<CaptureConfig>, ConfigErro
         data_dir: raw.data_dir,
         max_response_bytes: raw.max_response_bytes,
         cache_bytes: raw.cache_mb.saturating_mul(1024 * 1024),
+        retention,
         writer: WriterConfig {
             mode: raw.mode,
             queue_capacity: raw.queue_capacity,
@@ -1036,6 +1050,10 @@ mod tests {
                 format!("[server]\nsend_timeout_secs = 0\n{up}"),
                 "server.send_timeout_secs must be at least 1",
             ),
+            (
+                format!("[capture]\nretention_days = -1\n{up}"),
+                "capture.retention_days",
+            ),
         ];
         for (text, needle) in cases {
             let err = Config::from_toml(&text).unwrap_err().to_string();
@@ -1057,5 +1075,11 @@ mod tests {
         assert_eq!(c.server.passthrough_upstream.as_deref(), Some("a"));
         assert_eq!(c.upstreams[0].timeouts.idle, Duration::from_secs(60));
         assert_eq!(c.server.send_timeout, Duration::from_secs(60));
+        assert_eq!(c.capture.as_ref().unwrap().retention, None, "kept forever");
+        let c = Config::from_toml("[capture]\nretention_days = 1.5\n[[upstreams]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:9/v1\"\n").unwrap();
+        assert_eq!(
+            c.capture.unwrap().retention,
+            Some(Duration::from_secs(36 * 3600))
+        );
     }
 }

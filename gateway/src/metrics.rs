@@ -75,6 +75,18 @@ impl Metrics {
             .register_collector(Box::new(CaptureCollector(counters, unsettled)));
     }
 
+    /// Exports `forge_capture_expired_total`, the traces deleted for their age; returns the
+    /// counter to add to.
+    pub fn register_expired(&mut self) -> Counter {
+        let expired = Counter::default();
+        self.registry.register(
+            "capture_expired",
+            "Traces deleted for being older than capture.retention_days",
+            expired.clone(),
+        );
+        expired
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();

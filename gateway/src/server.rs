@@ -14,7 +14,9 @@ use tokio::task::JoinSet;
 use tokio_io_timeout::TimeoutStream;
 
 use forge_layer::capture::CaptureLayer;
-use forge_layer::store::{CaptureCounters, CounterSnapshot, Store, TraceWriter, WriterTask};
+use forge_layer::store::{
+    CaptureCounters, CounterSnapshot, Store, TraceWriter, WriterTask, run_expiry,
+};
 use tower::Layer;
 
 use crate::admin::{self, AdminState};
@@ -228,6 +230,18 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
 
     let (stop, stopped) = watch::channel(false);
     let mut servers = Vec::new();
+    let retention = config.capture.as_ref().and_then(|c| c.retention);
+    if let (Some(store), Some(max_age)) = (&store, retention) {
+        let expired = metrics.register_expired();
+        servers.push(tokio::spawn(run_expiry(
+            store.clone(),
+            max_age,
+            move |n| {
+                expired.inc_by(n);
+            },
+            stopped.clone(),
+        )));
+    }
     let distiller = match (&store, config.distill.is_empty()) {
         (Some(store), false) => {
             let service = start_distiller(&config, store, &resolved, &upstreams, &control)?;

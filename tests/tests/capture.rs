@@ -686,3 +686,55 @@ async fn a_client_that_stops_reading_is_cut_after_the_send_timeout_and_recorded_
     drop(conn);
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn traces_past_the_retention_age_are_deleted_with_their_feedback_and_counted() {
+    let sim = start_sim(SimConfig::default()).await;
+    let gw = start_gateway_with(&config_text(&sim.base_url(), "", &[("m", "fast")]), |c| {
+        // Long enough for the feedback below to reach its trace first on a slow machine.
+        c.capture.as_mut().unwrap().retention = Some(Duration::from_secs(10));
+    })
+    .await;
+    let http = client();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let resp = http
+            .post(format!("{}/chat/completions", gw.base_url()))
+            .json(&chat_body("m", &format!("question {i}"), false))
+            .send()
+            .await
+            .unwrap();
+        ids.push(trace_id_of(&resp));
+        resp.text().await.unwrap();
+    }
+    let feedback = http
+        .post(format!("{}/feedback", gw.base_url()))
+        .json(&json!({"trace_id": ids[0].to_string(), "score": 95}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(feedback.status(), 200);
+    let store = gw.store().unwrap();
+    assert_eq!(store.feedback(ids[0]).unwrap().len(), 1);
+    eventually("the traces expire", || store.trace_count().unwrap() == 0).await;
+    for id in &ids {
+        assert!(!store.has_trace(*id).unwrap());
+    }
+    assert!(store.feedback(ids[0]).unwrap().is_empty());
+    assert!(
+        metrics_text(&gw)
+            .await
+            .contains("forge_capture_expired_total 3"),
+        "{}",
+        metrics_text(&gw).await
+    );
+    // Feedback on an expired trace is refused like feedback on an unknown one.
+    let late = http
+        .post(format!("{}/feedback", gw.base_url()))
+        .json(&json!({"trace_id": ids[1].to_string(), "score": 95}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(late.status(), 404);
+    gw.shutdown().await;
+}

@@ -7,6 +7,7 @@
 mod feedback;
 mod lanes;
 mod records;
+mod retention;
 mod routes;
 mod unsettled;
 mod writer;
@@ -21,6 +22,7 @@ use redb::{
 use crate::trace::{Trace, TraceId};
 
 pub use feedback::{Evaluation, Feedback};
+pub use retention::{EXPIRE_BATCH, run_expiry};
 pub use routes::RouteChange;
 pub use unsettled::{Ticket, Unsettled};
 pub use writer::{

@@ -447,3 +447,58 @@ async fn no_commit_holds_more_than_batch_max() {
         assert_eq!(store.trace_count().unwrap(), 200);
     }
 }
+
+#[test]
+fn expiry_deletes_the_oldest_traces_below_the_cutoff_with_their_feedback_in_bounded_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_dir(dir.path()).unwrap();
+    // Five traces a second apart, then two more at the cutoff and after.
+    let at =
+        |secs: u64, n: u128| TraceId::from_u128(TraceId::earliest_at(secs * 1000).as_u128() + n);
+    let old: Vec<TraceId> = (0..5).map(|i| at(1_000 + i, 7)).collect();
+    let cutoff = TraceId::earliest_at(2_000 * 1000);
+    let kept = [at(2_000, 0), at(3_000, 1)];
+    let all: Vec<TraceId> = old.iter().chain(&kept).copied().collect();
+    store
+        .insert_encoded(all.iter().map(|&id| (id, &b"{}"[..])))
+        .unwrap();
+    for &id in &all {
+        store
+            .add_feedback(&Feedback {
+                trace_id: id,
+                score: Some(50.0),
+                approved: None,
+                comment: None,
+                time_ms: 1,
+            })
+            .unwrap();
+        store
+            .add_evaluation(&Evaluation {
+                trace_id: id,
+                score: 60.0,
+                source: "test".into(),
+                time_ms: 1,
+            })
+            .unwrap();
+    }
+    // At most `limit` a step, oldest first: the first step leaves the third old trace.
+    assert_eq!(store.expire_traces(cutoff, 2).unwrap(), 2);
+    assert!(!store.has_trace(old[1]).unwrap() && store.has_trace(old[2]).unwrap());
+    assert!(store.feedback(old[1]).unwrap().is_empty());
+    assert!(store.latest_evaluation(old[1]).unwrap().is_none());
+    assert_eq!(store.feedback(old[2]).unwrap().len(), 1);
+    assert_eq!(store.expire_traces(cutoff, 2).unwrap(), 2);
+    assert_eq!(store.expire_traces(cutoff, 2).unwrap(), 1);
+    assert_eq!(store.expire_traces(cutoff, 2).unwrap(), 0);
+    // Everything from the cutoff on stays, feedback and evaluations included.
+    assert_eq!(store.trace_count().unwrap(), 2);
+    for id in kept {
+        assert!(store.has_trace(id).unwrap());
+        assert_eq!(store.feedback(id).unwrap().len(), 1);
+        assert!(store.latest_evaluation(id).unwrap().is_some());
+    }
+    for id in old {
+        assert!(store.feedback(id).unwrap().is_empty());
+        assert!(store.latest_evaluation(id).unwrap().is_none());
+    }
+}
