@@ -587,18 +587,33 @@ fn sticky_pick_share_is_within_one_point_over_100k_keys() {
 
 #[tokio::test]
 async fn feedback_posted_again_on_one_trace_counts_once_in_the_guard() {
+    // Fifteen posts on one trace: counted once, the student has too few scores to be judged on
+    // feedback, and steps up; counted fifteen times, it would be rolled back.
+    let (decision, log) = guard_decision_after_student_scores(1, 15).await;
+    assert_eq!(decision, "promoted", "{log}");
+}
+
+#[tokio::test]
+async fn low_feedback_on_enough_student_traces_rolls_the_student_back() {
+    // The control for the test above: the same scores on ten traces do reach the guard.
+    let (decision, log) = guard_decision_after_student_scores(10, 1).await;
+    assert_eq!(decision, "rolled_back", "{log}");
+    assert!(log.to_string().contains("feedback"), "{log}");
+}
+
+/// Starts a canary at 50% whose one failed check rolls back, scores twelve teacher traces 100
+/// and `traces` student traces 0 (`posts` times each), then sends traffic until the guard
+/// promotes or rolls back the student; returns which, and the guard's events. `min_requests`
+/// keeps the first check from coming before the feedback is in.
+async fn guard_decision_after_student_scores(traces: usize, posts: usize) -> (String, Value) {
     let sim = start_sim(SimConfig::default()).await;
-    // One failed check rolls back, so a feedback gate that counted every post of the same score
-    // would roll the student back; counted once, the student has too few scores to be judged on
-    // feedback, and steps up. `min_requests` keeps the first check from coming before the
-    // feedback is in.
     let guard = "[guard]\ninterval_secs = 0.2\nmin_requests = 60\nsteps = [50.0, 100.0]\nlatency_slack_ms = 2000\nmax_failed_checks = 1\n";
     let gw = start_gateway_with(&canary_config(&sim.base_url(), 50.0, guard), with_admin).await;
     let http = client();
     let base = gw.base_url();
     let (mut teacher, mut student) = (Vec::new(), Vec::new());
     let mut i = 0u64;
-    while teacher.len() < 12 || student.is_empty() {
+    while teacher.len() < 12 || student.len() < traces {
         let (model, id) = traced_answer(&http, &base, &format!("k{i}")).await;
         if model == "teacher" {
             teacher.push(id)
@@ -608,41 +623,49 @@ async fn feedback_posted_again_on_one_trace_counts_once_in_the_guard() {
         i += 1;
     }
     assert!(
-        student.len() < 60,
+        student.len() < 60 && teacher.len() < 60,
         "the guard could judge before the feedback is in"
     );
-    let post = |trace_id: String, score: u32| {
-        let http = http.clone();
-        let url = format!("{base}/feedback");
+    let post = |trace_id: &str, score: u32| {
+        let request = http
+            .post(format!("{base}/feedback"))
+            .json(&json!({"trace_id": trace_id, "score": score}));
         async move {
-            let resp = http
-                .post(url)
-                .json(&json!({"trace_id": trace_id, "score": score}))
-                .send()
-                .await
-                .unwrap();
+            let resp = request.send().await.unwrap();
             assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
         }
     };
     for id in &teacher {
-        post(id.clone(), 100).await;
+        post(id, 100).await;
     }
-    for _ in 0..15 {
-        post(student[0].clone(), 0).await;
+    for id in &student[..traces] {
+        for _ in 0..posts {
+            post(id, 0).await;
+        }
     }
     let start = tokio::time::Instant::now();
-    while gw.router().load().route("chat").unwrap().students[0].share != CanaryShare::FULL {
-        let log = events(&http, &gw).await;
+    loop {
+        let share = gw.router().load().route("chat").unwrap().students[0].share;
+        if share == CanaryShare::FULL || share == CanaryShare::ZERO {
+            break;
+        }
         assert!(
             start.elapsed() < forge_tests::DEADLINE,
-            "not promoted; events: {log}"
-        );
-        assert!(
-            !log.to_string().contains("rolled_back"),
-            "one trace's feedback outvoted the rest: {log}"
+            "no decision; events: {}",
+            events(&http, &gw).await
         );
         answered_by(&http, &base, &format!("k{i}")).await;
         i += 1;
     }
+    let log = events(&http, &gw).await;
+    let decision = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .rfind(|k| *k == "promoted" || *k == "rolled_back")
+        .unwrap_or("none")
+        .to_string();
     gw.shutdown().await;
+    (decision, log)
 }

@@ -41,13 +41,17 @@ pub struct Evaluation {
 
 impl Store {
     /// Records feedback for an existing trace, in the same transaction that checks it exists.
-    pub fn add_feedback(&self, feedback: &Feedback) -> Result<(), StoreError> {
-        self.add_feedback_batch(std::slice::from_ref(feedback))
+    /// Returns whether the trace had no score before it, read in that same transaction: the
+    /// canary guard counts one score per trace, and two first posts at once must not both count.
+    pub fn add_feedback(&self, feedback: &Feedback) -> Result<bool, StoreError> {
+        let unscored = self.add_feedback_batch(std::slice::from_ref(feedback))?;
+        Ok(unscored.first().copied().unwrap_or(false))
     }
 
     /// Records many pieces of feedback in one transaction (imports, backfills): all or none.
-    /// Each must name an existing trace.
-    pub fn add_feedback_batch(&self, items: &[Feedback]) -> Result<(), StoreError> {
+    /// Each must name an existing trace. Returns, for each in order, whether its trace had no
+    /// score before it.
+    pub fn add_feedback_batch(&self, items: &[Feedback]) -> Result<Vec<bool>, StoreError> {
         let encoded = items
             .iter()
             .map(|f| serde_json::to_vec(f).map(|b| (f.trace_id, b)))
@@ -55,18 +59,18 @@ impl Store {
         self.write(|txn| {
             let traces = txn.open_table(TRACES).map_err(db_err)?;
             let mut table = txn.open_table(FEEDBACK).map_err(db_err)?;
+            let mut unscored = Vec::with_capacity(encoded.len());
             for (trace, bytes) in &encoded {
-                if traces.get(trace.as_u128()).map_err(db_err)?.is_none() {
+                let key = trace.as_u128();
+                if traces.get(key).map_err(db_err)?.is_none() {
                     return Err(StoreError::NoSuchTrace(*trace));
                 }
+                unscored.push(current_of(&table, key)?.and_then(|f| f.score).is_none());
                 table
-                    .insert(
-                        (trace.as_u128(), TraceId::generate().as_u128()),
-                        bytes.as_slice(),
-                    )
+                    .insert((key, TraceId::generate().as_u128()), bytes.as_slice())
                     .map_err(db_err)?;
             }
-            Ok(())
+            Ok(unscored)
         })
     }
 

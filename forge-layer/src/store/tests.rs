@@ -111,13 +111,20 @@ async fn feedback_needs_a_trace_and_the_latest_wins() {
         comment: None,
         time_ms: 0,
     };
-    store.add_feedback(&fb(40.0)).unwrap();
-    store.add_feedback(&fb(95.0)).unwrap();
+    let approval = Feedback {
+        score: None,
+        approved: Some(true),
+        ..fb(0.0)
+    };
+    // Each add says whether the trace had a score before it: the guard counts the first only.
+    assert!(store.add_feedback(&approval).unwrap(), "no score yet");
+    assert!(store.add_feedback(&fb(40.0)).unwrap(), "the first score");
+    assert!(!store.add_feedback(&fb(95.0)).unwrap(), "scored before");
     assert_eq!(
         store.current_feedback(id).unwrap().unwrap().score,
         Some(95.0)
     );
-    assert_eq!(store.feedback(id).unwrap().len(), 2);
+    assert_eq!(store.feedback(id).unwrap().len(), 3);
     let missing = Feedback {
         trace_id: crate::trace::TraceId::generate(),
         ..fb(1.0)

@@ -130,7 +130,6 @@ fn save(store: &Store, caller: &Caller, feedback: &Feedback) -> Result<(Trace, b
         // Another tenant's trace is reported as missing, not as forbidden: no existence leak.
         return Err(StoreError::NoSuchTrace(id));
     }
-    let first_score = store.current_feedback(id)?.and_then(|f| f.score).is_none();
-    store.add_feedback(feedback)?;
+    let first_score = store.add_feedback(feedback)?;
     Ok((trace, first_score))
 }
