@@ -10,8 +10,8 @@
 //! (of non-stream, stream) and `FORGE_BENCH_TARGETS=direct,off` (of direct, off, async,
 //! durable) run fewer cells and targets; a skipped target shows as n/a.
 //! `FORGE_BENCH_CAPTURE` adds `[capture]` keys to the `async` and `durable` gateways, separated by
-//! `;` (`FORGE_BENCH_CAPTURE='idle_priority = false; flush_interval_ms = 10'`), to compare
-//! settings run against run.
+//! `;` (`FORGE_BENCH_CAPTURE='idle_priority = false; flush_interval_ms = 10'`; no value may hold a
+//! `;`), to compare settings run against run.
 //!
 //! Closed loop keeps every target saturated, so there any CPU that capture spends shows as
 //! latency. A production proxy runs below saturation, so the 16-connection cells are then run
@@ -801,7 +801,10 @@ fn print_markdown(results: &[CellResult], accounts: &[Account], plan: Plan, load
         ENV_FORGE_BENCH_CAPTURE,
     ]
     .into_iter()
-    .filter_map(|name| Some(format!("{name}='{}' ", std::env::var(name).ok()?)))
+    .filter_map(|name| {
+        let value = std::env::var(name).ok()?;
+        Some(format!("{name}='{}' ", value.replace('\'', r"'\''")))
+    })
     .collect();
     println!(
         "Command: {settings}{ENV_FORGE_BENCH_SECS}={} cargo bench -p forge-benches --bench load  ({} rounds of {} s per target and cell, each after {} s of warm-up; open loop at {load_pcts:?}% of capture off's closed-loop rate; {} cores)",

@@ -11,6 +11,10 @@ use forge_layer::store::{CaptureMode, WriterConfig};
 use forge_router::{CanaryShare, Route, RouteSpec};
 use serde::Deserialize;
 
+/// The longest `server.send_timeout_secs`: past a day a stalled client is not coming back, and
+/// the timer's deadline must stay within what a clock can add.
+const MAX_SEND_TIMEOUT_SECS: u64 = 86_400;
+
 /// The embedded default: the simulated upstream in-process and two ready routes. `forge serve`
 /// with no `--config` runs this, so a fresh machine needs no set-up.
 pub const DEFAULT_CONFIG: &str = include_str!("../forge.default.toml");
@@ -533,8 +537,10 @@ impl Config {
         if raw.server.body_timeout_secs == 0 {
             return Err(invalid("server.body_timeout_secs must be at least 1"));
         }
-        if raw.server.send_timeout_secs == 0 {
-            return Err(invalid("server.send_timeout_secs must be at least 1"));
+        if !(1..=MAX_SEND_TIMEOUT_SECS).contains(&raw.server.send_timeout_secs) {
+            return Err(invalid(format!(
+                "server.send_timeout_secs must be from 1 to {MAX_SEND_TIMEOUT_SECS} (a day)"
+            )));
         }
 
         let mut upstreams: Vec<UpstreamConfig> = Vec::with_capacity(raw.upstreams.len());
@@ -1048,7 +1054,11 @@ mod tests {
             ),
             (
                 format!("[server]\nsend_timeout_secs = 0\n{up}"),
-                "server.send_timeout_secs must be at least 1",
+                "server.send_timeout_secs must be from 1",
+            ),
+            (
+                format!("[server]\nsend_timeout_secs = 9223372036854775807\n{up}"),
+                "server.send_timeout_secs must be from 1",
             ),
             (
                 format!("[capture]\nretention_days = -1\n{up}"),

@@ -1,6 +1,7 @@
 //! Starting and stopping the gateway: upstreams, routing table, the proxy listener, graceful drain.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,10 +9,10 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio_io_timeout::TimeoutStream;
+use tokio_io_timeout::TimeoutWriter;
 
 use forge_layer::capture::CaptureLayer;
 use forge_layer::store::{
@@ -534,6 +535,47 @@ async fn run_guard(
     }
 }
 
+/// The client connection, with its writes timed.
+///
+/// A client that stops reading stalls the writes, and with them its exchange (the upstream
+/// call, the capture, the in-flight slot) for good. So a write that waits longer than
+/// `send_timeout` fails, and hyper closes the connection, as nginx's `send_timeout` does. Only a
+/// waiting write is timed (an idle keep-alive connection is not), and the clock restarts when a
+/// write goes through. On Linux, `TCP_NOTSENT_LOWAT` keeps at most 128 KiB of not-yet-sent bytes
+/// in the socket, so a write goes through as soon as the client has taken some 64 KiB. Without
+/// it, the kernel reports the socket writable only once half of a send buffer that can grow to
+/// megabytes has drained, and a client reading steadily but slowly would be cut.
+fn with_send_timeout(
+    stream: TcpStream,
+    send_timeout: Duration,
+) -> Pin<Box<TimeoutWriter<TcpStream>>> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Err(e) = socket2::SockRef::from(&stream).set_tcp_notsent_lowat(NOTSENT_LOWAT) {
+        tracing::debug!(error = %e, "TCP_NOTSENT_LOWAT not set");
+    }
+    let mut stream = TimeoutWriter::new(stream);
+    stream.set_timeout(Some(send_timeout));
+    Box::pin(stream)
+}
+
+/// Not-yet-sent bytes a client socket may hold; see [`with_send_timeout`].
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const NOTSENT_LOWAT: u32 = 128 * 1024;
+
+/// Whether a connection ended because a write waited past the send timeout.
+fn timed_out(error: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
     let listener = TcpListener::bind(addr)
         .await
@@ -584,18 +626,17 @@ async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                // A client that stops reading stalls its writes, and with them its exchange
-                // (the upstream call, the capture, the in-flight slot) for good; past the send
-                // timeout the write fails and the connection closes, as nginx's `send_timeout`
-                // does. Only a write that waits is timed: an idle keep-alive connection is not.
-                let mut stream = TimeoutStream::new(stream);
-                stream.set_write_timeout(Some(send_timeout));
                 let service = TowerToHyperService::new(app.clone());
-                let conn = http.serve_connection(TokioIo::new(Box::pin(stream)), service);
+                let stream = with_send_timeout(stream, send_timeout);
+                let conn = http.serve_connection(TokioIo::new(stream), service);
                 let watched = graceful.watch(conn);
                 connections.spawn(async move {
                     if let Err(e) = watched.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
+                        if timed_out(&e) {
+                            tracing::info!(secs = send_timeout.as_secs(), "client took no response bytes within send_timeout_secs: connection closed");
+                        } else {
+                            tracing::debug!(error = %e, "connection ended with an error");
+                        }
                     }
                 });
             }

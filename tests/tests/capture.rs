@@ -622,31 +622,31 @@ async fn client_keys_map_to_tenants_and_secrets_never_reach_the_store() {
     }
 }
 
-#[tokio::test]
-async fn a_client_that_stops_reading_is_cut_after_the_send_timeout_and_recorded_as_cancelled() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // Tens of megabytes of stream, sent as fast as the sim can: far more than the socket
-    // buffers between the gateway and a client that stops reading hold.
+/// A sim whose one model, `flood`, streams tens of megabytes as fast as it can: far more than
+/// the socket buffers between the gateway and a slow client hold.
+async fn flood_sim() -> forge_gateway::sim::SimHandle {
     let flood = ModelBehavior {
         words: 300_000,
         ..ModelBehavior::default()
     };
-    let sim = start_sim(SimConfig {
+    start_sim(SimConfig {
         models: [("flood".to_string(), flood)].into(),
         ..SimConfig::default()
     })
-    .await;
-    let gw = start_gateway(&config_text(
-        &sim.base_url(),
-        "send_timeout_secs = 1",
-        &[("f", "flood")],
-    ))
-    .await;
+    .await
+}
+
+/// Opens a raw connection with a small receive window, asks `alias` for a stream and reads the
+/// response head; returns the connection and the trace id.
+async fn raw_stream(
+    gw: &forge_tests::TestGateway,
+    alias: &str,
+) -> (tokio::net::TcpStream, TraceId) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    // A small receive window, so the buffers fill sooner.
     socket.set_recv_buffer_size(4096).unwrap();
     let mut conn = socket.connect(gw.addr()).await.unwrap();
-    let body = chat_body("f", "flood me", true).to_string();
+    let body = chat_body(alias, "flood me", true).to_string();
     conn.write_all(
         format!(
             "POST /v1/chat/completions HTTP/1.1\r\nhost: forge\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
@@ -656,17 +656,19 @@ async fn a_client_that_stops_reading_is_cut_after_the_send_timeout_and_recorded_
     )
     .await
     .unwrap();
-    // Read the head, then stop reading while keeping the connection open.
     let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = conn.read(&mut buf).await.unwrap();
-        assert!(n > 0, "closed before the head");
-        head.extend_from_slice(&buf[..n]);
+    let mut buf = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            conn.read(&mut buf).await.unwrap(),
+            1,
+            "closed before the head"
+        );
+        head.push(buf[0]);
     }
     let head = String::from_utf8_lossy(&head).to_lowercase();
     assert!(head.starts_with("http/1.1 200"), "{head}");
-    let id: TraceId = head
+    let id = head
         .lines()
         .find_map(|l| l.strip_prefix("x-forge-trace-id: "))
         .unwrap()
@@ -674,6 +676,20 @@ async fn a_client_that_stops_reading_is_cut_after_the_send_timeout_and_recorded_
         .to_uppercase()
         .parse()
         .unwrap();
+    (conn, id)
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_after_the_send_timeout_and_recorded_as_cancelled() {
+    let sim = flood_sim().await;
+    let gw = start_gateway(&config_text(
+        &sim.base_url(),
+        "send_timeout_secs = 1",
+        &[("f", "flood")],
+    ))
+    .await;
+    // Reads the head, then nothing, with the connection left open.
+    let (conn, id) = raw_stream(&gw, "f").await;
     eventually(
         "the stalled exchange is cut and its trace committed",
         || gw.capture_counters().unwrap().captured == 1,
@@ -682,6 +698,35 @@ async fn a_client_that_stops_reading_is_cut_after_the_send_timeout_and_recorded_
     assert_eq!(
         gw.store().unwrap().trace(id).unwrap().unwrap().outcome,
         Outcome::Cancelled
+    );
+    drop(conn);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_that_reads_slowly_but_steadily_is_not_cut() {
+    use tokio::io::AsyncReadExt;
+    let sim = flood_sim().await;
+    let gw = start_gateway(&config_text(
+        &sim.base_url(),
+        "send_timeout_secs = 5",
+        &[("f", "flood")],
+    ))
+    .await;
+    let (mut conn, _id) = raw_stream(&gw, "f").await;
+    // About 100 KB/s for 8 s: far below what the gateway could send, so its writes keep
+    // waiting, but each wait ends well within the timeout.
+    let mut buf = vec![0u8; 2048];
+    let reading = tokio::time::Instant::now();
+    while reading.elapsed() < Duration::from_secs(8) {
+        let n = conn.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the gateway cut a client that was reading");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        gw.capture_counters().unwrap().captured,
+        0,
+        "still streaming"
     );
     drop(conn);
     gw.shutdown().await;
