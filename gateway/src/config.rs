@@ -15,6 +15,9 @@ use serde::Deserialize;
 /// the timer's deadline must stay within what a clock can add.
 const MAX_SEND_TIMEOUT_SECS: u64 = 86_400;
 
+/// The shortest `capture.retention_days` besides 0: one minute.
+const MIN_RETENTION_DAYS: f64 = 1.0 / 1440.0;
+
 /// The embedded default: the simulated upstream in-process and two ready routes. `forge serve`
 /// with no `--config` runs this, so a fresh machine needs no set-up.
 pub const DEFAULT_CONFIG: &str = include_str!("../forge.default.toml");
@@ -683,13 +686,16 @@ fn validate_capture(raw: RawCapture) -> Result<Option<CaptureConfig>, ConfigErro
             return Err(invalid(format!("capture.{key} must be at least 1")));
         }
     }
-    if !raw.retention_days.is_finite() || raw.retention_days < 0.0 {
+    // At least a minute: a smaller age would delete traces as they land. At most a hundred
+    // years, which a clock can add without overflowing.
+    let days = raw.retention_days;
+    if days != 0.0 && !(MIN_RETENTION_DAYS..=36_500.0).contains(&days) {
         return Err(invalid(
-            "capture.retention_days must be a number of days, 0 (keep every trace) or more",
+            "capture.retention_days must be 0 (keep every trace) or a number of days from one minute's worth (0.0007) to 36500",
         ));
     }
-    let retention = (raw.retention_days > 0.0)
-        .then(|| Duration::try_from_secs_f64(raw.retention_days * 86_400.0).ok())
+    let retention = (days > 0.0)
+        .then(|| Duration::try_from_secs_f64(days * 86_400.0).ok())
         .flatten();
     let mut pii = Vec::new();
     for name in &raw.redact_pii {
@@ -1062,7 +1068,15 @@ mod tests {
             ),
             (
                 format!("[capture]\nretention_days = -1\n{up}"),
-                "capture.retention_days",
+                "capture.retention_days must be 0",
+            ),
+            (
+                format!("[capture]\nretention_days = 0.00001\n{up}"),
+                "capture.retention_days must be 0",
+            ),
+            (
+                format!("[capture]\nretention_days = 1e300\n{up}"),
+                "capture.retention_days must be 0",
             ),
         ];
         for (text, needle) in cases {

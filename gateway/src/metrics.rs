@@ -87,6 +87,18 @@ impl Metrics {
         expired
     }
 
+    /// Exports `forge_send_timeouts_total`, the client connections closed because a response
+    /// write waited past `server.send_timeout_secs`; returns the counter to add to.
+    pub fn register_send_timeouts(&mut self) -> Counter {
+        let timeouts = Counter::default();
+        self.registry.register(
+            "send_timeouts",
+            "Client connections closed because a response write waited past server.send_timeout_secs",
+            timeouts.clone(),
+        );
+        timeouts
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();

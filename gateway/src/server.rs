@@ -9,6 +9,7 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use prometheus_client::metrics::counter::Counter;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -275,6 +276,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         .capture
         .as_ref()
         .map_or(1 << 20, |c| c.max_response_bytes);
+    let send_timeouts = metrics.register_send_timeouts();
     let sink = Sink::new(writer, guard.clone());
     let state = ProxyState {
         router: router.clone(),
@@ -294,9 +296,15 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     let limits = ConnLimits {
         grace: config.server.shutdown_grace,
         send_timeout: config.server.send_timeout,
+        send_timeouts,
     };
     let (listener, addr) = bind(config.server.listen).await?;
-    servers.push(tokio::spawn(serve(listener, app, stopped.clone(), limits)));
+    servers.push(tokio::spawn(serve(
+        listener,
+        app,
+        stopped.clone(),
+        limits.clone(),
+    )));
     if let Some(guard) = &guard {
         servers.push(tokio::spawn(run_guard(
             Arc::clone(guard),
@@ -562,13 +570,15 @@ fn with_send_timeout(
 #[cfg(any(target_os = "linux", target_os = "android"))]
 const NOTSENT_LOWAT: u32 = 128 * 1024;
 
-/// Whether a connection ended because a write waited past the send timeout.
+/// Whether a connection ended because a write waited past the send timeout: a `TimedOut`
+/// error made by the timer, not one from the OS (a TCP retransmission timeout carries its
+/// error code).
 fn timed_out(error: &hyper::Error) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = source {
-        if e.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
-        {
+        if e.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            io.kind() == std::io::ErrorKind::TimedOut && io.raw_os_error().is_none()
+        }) {
             return true;
         }
         source = e.source();
@@ -587,12 +597,14 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError>
 }
 
 /// What bounds a client connection's life.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct ConnLimits {
     /// How long connections may finish their responses after a stop is asked for.
     grace: Duration,
     /// How long a write may wait for the client to take bytes.
     send_timeout: Duration,
+    /// Counts the connections closed for it.
+    send_timeouts: Counter,
 }
 
 /// The accept loop. Each connection is tracked both by the graceful watcher (to ask it to close
@@ -606,6 +618,7 @@ async fn serve(
     let ConnLimits {
         grace,
         send_timeout,
+        send_timeouts,
     } = limits;
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
@@ -630,9 +643,11 @@ async fn serve(
                 let stream = with_send_timeout(stream, send_timeout);
                 let conn = http.serve_connection(TokioIo::new(stream), service);
                 let watched = graceful.watch(conn);
+                let send_timeouts = send_timeouts.clone();
                 connections.spawn(async move {
                     if let Err(e) = watched.await {
                         if timed_out(&e) {
+                            send_timeouts.inc();
                             tracing::info!(secs = send_timeout.as_secs(), "client took no response bytes within send_timeout_secs: connection closed");
                         } else {
                             tracing::debug!(error = %e, "connection ended with an error");

@@ -336,6 +336,22 @@ async fn metrics_text(gw: &forge_tests::TestGateway) -> String {
         .unwrap()
 }
 
+/// Waits until the gateway's `/metrics` page has `line`.
+async fn metric_eventually(gw: &forge_tests::TestGateway, line: &str) {
+    let start = tokio::time::Instant::now();
+    loop {
+        let metrics = metrics_text(gw).await;
+        if metrics.lines().any(|l| l == line) {
+            return;
+        }
+        assert!(
+            start.elapsed() < forge_tests::DEADLINE,
+            "no `{line}` in {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The `forge_capture_oldest_unsettled_seconds` gauge.
 async fn oldest_unsettled_seconds(gw: &forge_tests::TestGateway) -> f64 {
     let metrics = metrics_text(gw).await;
@@ -699,6 +715,7 @@ async fn a_client_that_stops_reading_is_cut_after_the_send_timeout_and_recorded_
         gw.store().unwrap().trace(id).unwrap().unwrap().outcome,
         Outcome::Cancelled
     );
+    metric_eventually(&gw, "forge_send_timeouts_total 1").await;
     drop(conn);
     gw.shutdown().await;
 }
@@ -714,15 +731,29 @@ async fn a_client_that_reads_slowly_but_steadily_is_not_cut() {
     ))
     .await;
     let (mut conn, _id) = raw_stream(&gw, "f").await;
-    // About 100 KB/s for 8 s: far below what the gateway could send, so its writes keep
+    // About 100 KB/s for 9 s: far below what the gateway could send, so its writes keep
     // waiting, but each wait ends well within the timeout.
     let mut buf = vec![0u8; 2048];
     let reading = tokio::time::Instant::now();
-    while reading.elapsed() < Duration::from_secs(8) {
-        let n = conn.read(&mut buf).await.unwrap();
-        assert!(n > 0, "the gateway cut a client that was reading");
+    let (mut last, mut longest_gap, mut ended) = (reading, Duration::ZERO, false);
+    while reading.elapsed() < Duration::from_secs(9) {
+        if conn.read(&mut buf).await.unwrap_or(0) == 0 {
+            ended = true;
+            break;
+        }
+        longest_gap = longest_gap.max(last.elapsed());
+        last = tokio::time::Instant::now();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // This process stalling for most of the timeout (a shared machine under load) would make
+    // this client a slow reader for real; such a run proves nothing either way.
+    if longest_gap > Duration::from_secs(3) {
+        eprintln!("inconclusive: the reader stalled for {longest_gap:?}");
+        return;
+    }
+    assert!(!ended, "the gateway cut a client that was reading");
+    let metrics = metrics_text(&gw).await;
+    assert!(metrics.contains("forge_send_timeouts_total 0"), "{metrics}");
     assert_eq!(
         gw.capture_counters().unwrap().captured,
         0,
@@ -766,13 +797,8 @@ async fn traces_past_the_retention_age_are_deleted_with_their_feedback_and_count
         assert!(!store.has_trace(*id).unwrap());
     }
     assert!(store.feedback(ids[0]).unwrap().is_empty());
-    assert!(
-        metrics_text(&gw)
-            .await
-            .contains("forge_capture_expired_total 3"),
-        "{}",
-        metrics_text(&gw).await
-    );
+    // Counted once the deleting step has returned, which may be a moment after the commit.
+    metric_eventually(&gw, "forge_capture_expired_total 3").await;
     // Feedback on an expired trace is refused like feedback on an unknown one.
     let late = http
         .post(format!("{}/feedback", gw.base_url()))

@@ -598,7 +598,16 @@ async fn low_feedback_on_enough_student_traces_rolls_the_student_back() {
     // The control for the test above: the same scores on ten traces do reach the guard.
     let (decision, log) = guard_decision_after_student_scores(10, 1).await;
     assert_eq!(decision, "rolled_back", "{log}");
-    assert!(log.to_string().contains("feedback"), "{log}");
+    let rollback = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "rolled_back")
+        .unwrap();
+    assert!(
+        rollback["detail"].as_str().unwrap().contains("feedback"),
+        "rolled back for its feedback: {log}"
+    );
 }
 
 /// Starts a canary at 50% whose one failed check rolls back, scores twelve teacher traces 100

@@ -104,8 +104,13 @@ pub async fn run(
                             source: format!("judge:{}", settings.model.model),
                             time_ms: now_ms(),
                         };
-                        if let Err(e) = store.add_evaluation(&evaluation) {
-                            tracing::error!(error = %e, "judge: evaluation not stored");
+                        match store.add_evaluation(&evaluation) {
+                            Ok(()) => {}
+                            // Deleted for its age while the judge was at it: nothing to grade.
+                            Err(StoreError::NoSuchTrace(_)) => {
+                                tracing::debug!(trace_id = %trace.id, "judge: the trace expired before its evaluation");
+                            }
+                            Err(e) => tracing::error!(error = %e, "judge: evaluation not stored"),
                         }
                     }
                     None => {

@@ -65,7 +65,7 @@ impl Store {
                 if traces.get(key).map_err(db_err)?.is_none() {
                     return Err(StoreError::NoSuchTrace(*trace));
                 }
-                unscored.push(current_of(&table, key)?.and_then(|f| f.score).is_none());
+                unscored.push(!has_score(&table, key)?);
                 table
                     .insert((key, TraceId::generate().as_u128()), bytes.as_slice())
                     .map_err(db_err)?;
@@ -93,11 +93,16 @@ impl Store {
         current_of(&txn.open_table(FEEDBACK).map_err(db_err)?, trace.as_u128())
     }
 
-    /// Records an evaluation result.
+    /// Records an evaluation result for an existing trace, checked in the same transaction (a
+    /// judge's reply can come after its trace expired).
     pub fn add_evaluation(&self, evaluation: &Evaluation) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(evaluation)?;
         let trace = evaluation.trace_id;
         self.write(|txn| {
+            let traces = txn.open_table(TRACES).map_err(db_err)?;
+            if traces.get(trace.as_u128()).map_err(db_err)?.is_none() {
+                return Err(StoreError::NoSuchTrace(trace));
+            }
             let mut table = txn.open_table(EVALUATIONS).map_err(db_err)?;
             table
                 .insert(
@@ -117,6 +122,24 @@ impl Store {
             trace.as_u128(),
         )
     }
+}
+
+/// Whether any feedback keyed `(trace, *)` holds a score; reads no further than the first that
+/// does (it runs under the write lock).
+fn has_score(
+    table: &impl ReadableTable<(u128, u128), &'static [u8]>,
+    trace: u128,
+) -> Result<bool, StoreError> {
+    for entry in table
+        .range((trace, 0)..=(trace, u128::MAX))
+        .map_err(db_err)?
+    {
+        let feedback: Feedback = serde_json::from_slice(entry.map_err(db_err)?.1.value())?;
+        if feedback.score.is_some() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Each field's latest value across the feedback keyed `(trace, *)`, oldest first.

@@ -22,7 +22,7 @@ use redb::{
 use crate::trace::{Trace, TraceId};
 
 pub use feedback::{Evaluation, Feedback};
-pub use retention::{EXPIRE_BATCH, run_expiry};
+pub use retention::{EXPIRE_BATCH, EXPIRE_BATCH_BYTES, run_expiry};
 pub use routes::RouteChange;
 pub use unsettled::{Ticket, Unsettled};
 pub use writer::{
@@ -149,8 +149,8 @@ impl Store {
             txn.open_table(META).map_err(db_err)?;
             Ok(())
         })?;
-        if let Some(newest) = store.newest_trace_id()? {
-            TraceId::keep_above(newest);
+        if let Some(floor) = store.id_floor()? {
+            TraceId::keep_above(floor);
         }
         Ok(store)
     }

@@ -2,14 +2,20 @@
 
 use std::time::Duration;
 
+use redb::ReadableTable;
 use tokio::sync::watch;
 
-use super::{EVALUATIONS, FEEDBACK, Store, StoreError, TRACES, db_err};
+use super::{EVALUATIONS, FEEDBACK, META, Store, StoreError, TRACES, db_err};
 use crate::trace::{TraceId, now_ms};
 
-/// Traces deleted per transaction: small enough that the trace writer, which waits for the same
-/// write lock, is held up for milliseconds, not seconds.
+/// Traces deleted per transaction, and the bytes of them: small enough that the trace writer,
+/// which waits for the same write lock, is held up for milliseconds, not seconds.
 pub const EXPIRE_BATCH: usize = 1000;
+/// See [`EXPIRE_BATCH`].
+pub const EXPIRE_BATCH_BYTES: usize = 8 << 20;
+
+/// The META key of the newest trace id deleted for age.
+const EXPIRED_UP_TO: &str = "expired_up_to";
 
 /// Deletes the traces older than `max_age` (with their feedback and evaluations) now and then
 /// every tenth of `max_age` (at least a second apart, at most an hour), until `stop` turns true.
@@ -34,14 +40,13 @@ pub async fn run_expiry(
         let mut total = 0u64;
         loop {
             let step = store.clone();
-            match tokio::task::spawn_blocking(move || step.expire_traces(cutoff, EXPIRE_BATCH))
-                .await
-            {
+            let expiring = move || step.expire_traces(cutoff, EXPIRE_BATCH, EXPIRE_BATCH_BYTES);
+            match tokio::task::spawn_blocking(expiring).await {
                 Ok(Ok(deleted)) => {
                     let deleted_count = deleted as u64;
                     on_expired(deleted_count);
                     total += deleted_count;
-                    if deleted < EXPIRE_BATCH || *stop.borrow() {
+                    if deleted == 0 || *stop.borrow() {
                         break;
                     }
                 }
@@ -66,37 +71,68 @@ pub async fn run_expiry(
 }
 
 impl Store {
-    /// Deletes up to `limit` of the oldest traces whose ids are below `cutoff`, with all feedback
-    /// and evaluations of those traces, in one transaction; returns how many traces it deleted.
-    /// The caller repeats it until it deletes fewer than `limit`, so that no one transaction
-    /// holds the write lock (which the trace writer waits on) for long.
-    pub fn expire_traces(&self, cutoff: TraceId, limit: usize) -> Result<usize, StoreError> {
+    /// Deletes the oldest traces whose ids are below `cutoff`, with all feedback and evaluations
+    /// of those traces, in one transaction: up to `limit` traces, and no more once `max_bytes` of
+    /// them have gone (traces can hold megabytes). Returns how many traces it deleted. The caller
+    /// repeats it until it deletes none, so that no one transaction holds the write lock (which
+    /// the trace writer waits on) for long.
+    pub fn expire_traces(
+        &self,
+        cutoff: TraceId,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<usize, StoreError> {
         self.write(|txn| {
             let mut newest_gone = None;
             let mut deleted = 0;
             {
                 let mut traces = txn.open_table(TRACES).map_err(db_err)?;
-                let gone = traces
+                let mut gone = traces
                     .extract_from_if(..cutoff.as_u128(), |_, _| true)
                     .map_err(db_err)?;
-                for entry in gone.take(limit) {
-                    let (id, _) = entry.map_err(db_err)?;
+                let mut bytes = 0;
+                while deleted < limit && bytes < max_bytes {
+                    let Some(entry) = gone.next() else { break };
+                    let (id, value) = entry.map_err(db_err)?;
                     newest_gone = Some(id.value());
+                    bytes += value.value().len();
                     deleted += 1;
                 }
+                // Closed here rather than dropped, so that an error finishing the removal is
+                // this error, not a poisoned transaction at commit.
+                gone.close().map_err(db_err)?;
             }
-            // Feedback and evaluations are keyed by their trace's id first, and feedback is only
-            // ever added to a trace that exists (checked in its own write transaction), so every
+            let Some(newest) = newest_gone else {
+                return Ok(0);
+            };
+            // Feedback and evaluations are keyed by their trace's id first, and both are only
+            // added to a trace that exists (checked in their own write transactions), so every
             // entry up to the newest trace deleted belongs to a deleted trace.
-            if let Some(newest) = newest_gone {
-                for definition in [FEEDBACK, EVALUATIONS] {
-                    let mut table = txn.open_table(definition).map_err(db_err)?;
-                    table
-                        .retain_in(..=(newest, u128::MAX), |_, _| false)
-                        .map_err(db_err)?;
-                }
+            for definition in [FEEDBACK, EVALUATIONS] {
+                let mut table = txn.open_table(definition).map_err(db_err)?;
+                table
+                    .retain_in(..=(newest, u128::MAX), |_, _| false)
+                    .map_err(db_err)?;
             }
+            // New ids must stay above every id this store has held, even once all of them have
+            // expired: a cursor (the judge's, a dataset's cut) may point at one, and a clock that
+            // went back across a restart would otherwise make ids below it (see `id_floor`).
+            let mut meta = txn.open_table(META).map_err(db_err)?;
+            let floor = match meta.get(EXPIRED_UP_TO).map_err(db_err)? {
+                Some(v) => serde_json::from_slice::<TraceId>(v.value())?.as_u128(),
+                None => 0,
+            };
+            let floor = TraceId::from_u128(floor.max(newest));
+            meta.insert(EXPIRED_UP_TO, serde_json::to_vec(&floor)?.as_slice())
+                .map_err(db_err)?;
             Ok(deleted)
         })
+    }
+
+    /// The highest trace id this store has held: its newest trace, or the newest it deleted for
+    /// age if that is higher. New ids are made above it when the store opens.
+    pub fn id_floor(&self) -> Result<Option<TraceId>, StoreError> {
+        let expired: Option<TraceId> = self.meta(EXPIRED_UP_TO)?;
+        Ok(self.newest_trace_id()?.max(expired))
     }
 }

@@ -489,14 +489,15 @@ fn expiry_deletes_the_oldest_traces_below_the_cutoff_with_their_feedback_in_boun
             .unwrap();
     }
     // At most `limit` a step, oldest first: the first step leaves the third old trace.
-    assert_eq!(store.expire_traces(cutoff, 2).unwrap(), 2);
+    assert_eq!(store.expire_traces(cutoff, 2, usize::MAX).unwrap(), 2);
     assert!(!store.has_trace(old[1]).unwrap() && store.has_trace(old[2]).unwrap());
     assert!(store.feedback(old[1]).unwrap().is_empty());
     assert!(store.latest_evaluation(old[1]).unwrap().is_none());
     assert_eq!(store.feedback(old[2]).unwrap().len(), 1);
-    assert_eq!(store.expire_traces(cutoff, 2).unwrap(), 2);
-    assert_eq!(store.expire_traces(cutoff, 2).unwrap(), 1);
-    assert_eq!(store.expire_traces(cutoff, 2).unwrap(), 0);
+    // And no more once `max_bytes` have gone (each value here is 2 bytes), but always one.
+    assert_eq!(store.expire_traces(cutoff, 2, 1).unwrap(), 1);
+    assert_eq!(store.expire_traces(cutoff, 2, usize::MAX).unwrap(), 2);
+    assert_eq!(store.expire_traces(cutoff, 2, usize::MAX).unwrap(), 0);
     // Everything from the cutoff on stays, feedback and evaluations included.
     assert_eq!(store.trace_count().unwrap(), 2);
     for id in kept {
@@ -508,4 +509,32 @@ fn expiry_deletes_the_oldest_traces_below_the_cutoff_with_their_feedback_in_boun
         assert!(store.feedback(id).unwrap().is_empty());
         assert!(store.latest_evaluation(id).unwrap().is_none());
     }
+}
+
+#[test]
+fn new_ids_stay_above_expired_ones_across_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let newest = {
+        let store = Store::open_dir(dir.path()).unwrap();
+        let ids: Vec<TraceId> = (1..=3).map(|s| TraceId::earliest_at(s * 1000)).collect();
+        store
+            .insert_encoded(ids.iter().map(|&id| (id, &b"{}"[..])))
+            .unwrap();
+        let all = TraceId::earliest_at(10_000);
+        while store.expire_traces(all, 1, usize::MAX).unwrap() > 0 {}
+        assert_eq!(store.trace_count().unwrap(), 0);
+        ids[2]
+    };
+    // Every trace is gone, but the store still knows the highest id it held: a cursor may point
+    // at it, and ids made after a clock went back must not fall below it.
+    let store = Store::open_dir(dir.path()).unwrap();
+    assert_eq!(store.id_floor().unwrap(), Some(newest));
+    store
+        .insert_encoded([(TraceId::earliest_at(500), &b"{}"[..])])
+        .unwrap();
+    assert_eq!(
+        store.id_floor().unwrap(),
+        Some(newest),
+        "the higher of the two"
+    );
 }
