@@ -638,18 +638,28 @@ async fn client_keys_map_to_tenants_and_secrets_never_reach_the_store() {
     }
 }
 
-/// A sim whose one model, `flood`, streams tens of megabytes as fast as it can: far more than
-/// the socket buffers between the gateway and a slow client hold.
-async fn flood_sim() -> forge_gateway::sim::SimHandle {
+/// A gateway with the given send timeout in front of a sim whose one model, `flood` (alias
+/// `f`), streams tens of megabytes as fast as it can: far more than the socket buffers between
+/// the gateway and a slow client hold.
+async fn flood_gateway(
+    send_timeout_secs: u64,
+) -> (forge_gateway::sim::SimHandle, forge_tests::TestGateway) {
     let flood = ModelBehavior {
         words: 300_000,
         ..ModelBehavior::default()
     };
-    start_sim(SimConfig {
+    let sim = start_sim(SimConfig {
         models: [("flood".to_string(), flood)].into(),
         ..SimConfig::default()
     })
-    .await
+    .await;
+    let gw = start_gateway(&config_text(
+        &sim.base_url(),
+        &format!("send_timeout_secs = {send_timeout_secs}"),
+        &[("f", "flood")],
+    ))
+    .await;
+    (sim, gw)
 }
 
 /// Opens a raw connection with a small receive window, asks `alias` for a stream and reads the
@@ -697,13 +707,7 @@ async fn raw_stream(
 
 #[tokio::test]
 async fn a_client_that_stops_reading_is_cut_after_the_send_timeout_and_recorded_as_cancelled() {
-    let sim = flood_sim().await;
-    let gw = start_gateway(&config_text(
-        &sim.base_url(),
-        "send_timeout_secs = 1",
-        &[("f", "flood")],
-    ))
-    .await;
+    let (_sim, gw) = flood_gateway(1).await;
     // Reads the head, then nothing, with the connection left open.
     let (conn, id) = raw_stream(&gw, "f").await;
     eventually(
@@ -723,13 +727,7 @@ async fn a_client_that_stops_reading_is_cut_after_the_send_timeout_and_recorded_
 #[tokio::test]
 async fn a_client_that_reads_slowly_but_steadily_is_not_cut() {
     use tokio::io::AsyncReadExt;
-    let sim = flood_sim().await;
-    let gw = start_gateway(&config_text(
-        &sim.base_url(),
-        "send_timeout_secs = 5",
-        &[("f", "flood")],
-    ))
-    .await;
+    let (_sim, gw) = flood_gateway(5).await;
     let (mut conn, _id) = raw_stream(&gw, "f").await;
     // About 100 KB/s for 9 s: far below what the gateway could send, so its writes keep
     // waiting, but each wait ends well within the timeout.
