@@ -42,9 +42,10 @@ impl TraceId {
         Self(id)
     }
 
-    /// Makes every id generated from now on sort after `id`. The store calls it with its newest
-    /// trace when it opens: if the clock went back across a restart, new traces still sort after
-    /// the old ones, so a cursor kept from before (the judge's, a dataset's cut) never passes them.
+    /// Makes every id generated from now on sort after `id`. The store calls it when it opens
+    /// with the highest id it has held (its newest trace, or the newest it deleted for age): if
+    /// the clock went back across a restart, new traces still sort after the old ones, so a
+    /// cursor kept from before (the judge's, a dataset's cut) never passes them.
     pub fn keep_above(id: TraceId) {
         let mut ids = IDS.lock().unwrap_or_else(PoisonError::into_inner);
         ids.floor = ids.floor.max(id.0);

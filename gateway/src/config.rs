@@ -691,7 +691,7 @@ fn validate_capture(raw: RawCapture) -> Result<Option<CaptureConfig>, ConfigErro
     let days = raw.retention_days;
     if days != 0.0 && !(MIN_RETENTION_DAYS..=36_500.0).contains(&days) {
         return Err(invalid(
-            "capture.retention_days must be 0 (keep every trace) or a number of days from one minute's worth (0.0007) to 36500",
+            "capture.retention_days must be 0 (keep every trace) or a number of days from one minute's worth (1/1440, about 0.000695) to 36500",
         ));
     }
     let retention = (days > 0.0)

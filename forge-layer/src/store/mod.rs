@@ -22,7 +22,7 @@ use redb::{
 use crate::trace::{Trace, TraceId};
 
 pub use feedback::{Evaluation, Feedback};
-pub use retention::{EXPIRE_BATCH, EXPIRE_BATCH_BYTES, run_expiry};
+pub use retention::{EXPIRE_BATCH, EXPIRE_BATCH_BYTES, Expired, run_expiry};
 pub use routes::RouteChange;
 pub use unsettled::{Ticket, Unsettled};
 pub use writer::{
@@ -214,16 +214,6 @@ impl Store {
         let txn = self.db.begin_read().map_err(db_err)?;
         let table = txn.open_table(TRACES).map_err(db_err)?;
         Ok(table.get(id.as_u128()).map_err(db_err)?.is_some())
-    }
-
-    /// The id of the newest trace stored.
-    fn newest_trace_id(&self) -> Result<Option<TraceId>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let table = txn.open_table(TRACES).map_err(db_err)?;
-        Ok(table
-            .last()
-            .map_err(db_err)?
-            .map(|(k, _)| TraceId::from_u128(k.value())))
     }
 
     /// How many traces are stored.

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use redb::ReadableTable;
+use redb::{ReadableDatabase, ReadableTable};
 use tokio::sync::watch;
 
 use super::{EVALUATIONS, FEEDBACK, META, Store, StoreError, TRACES, db_err};
@@ -13,6 +13,15 @@ use crate::trace::{TraceId, now_ms};
 pub const EXPIRE_BATCH: usize = 1000;
 /// See [`EXPIRE_BATCH`].
 pub const EXPIRE_BATCH_BYTES: usize = 8 << 20;
+
+/// What one [`Store::expire_traces`] step did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Expired {
+    /// Traces deleted.
+    pub deleted: usize,
+    /// Whether it stopped at its limits with traces below the cutoff possibly left.
+    pub more: bool,
+}
 
 /// The META key of the newest trace id deleted for age.
 const EXPIRED_UP_TO: &str = "expired_up_to";
@@ -42,11 +51,11 @@ pub async fn run_expiry(
             let step = store.clone();
             let expiring = move || step.expire_traces(cutoff, EXPIRE_BATCH, EXPIRE_BATCH_BYTES);
             match tokio::task::spawn_blocking(expiring).await {
-                Ok(Ok(deleted)) => {
-                    let deleted_count = deleted as u64;
-                    on_expired(deleted_count);
-                    total += deleted_count;
-                    if deleted == 0 || *stop.borrow() {
+                Ok(Ok(Expired { deleted, more })) => {
+                    let deleted = deleted as u64;
+                    on_expired(deleted);
+                    total += deleted;
+                    if !more || *stop.borrow() {
                         break;
                     }
                 }
@@ -81,17 +90,22 @@ impl Store {
         cutoff: TraceId,
         limit: usize,
         max_bytes: usize,
-    ) -> Result<usize, StoreError> {
+    ) -> Result<Expired, StoreError> {
         self.write(|txn| {
             let mut newest_gone = None;
             let mut deleted = 0;
+            let mut more = false;
             {
                 let mut traces = txn.open_table(TRACES).map_err(db_err)?;
                 let mut gone = traces
                     .extract_from_if(..cutoff.as_u128(), |_, _| true)
                     .map_err(db_err)?;
                 let mut bytes = 0;
-                while deleted < limit && bytes < max_bytes {
+                loop {
+                    if deleted == limit || bytes >= max_bytes {
+                        more = true;
+                        break;
+                    }
                     let Some(entry) = gone.next() else { break };
                     let (id, value) = entry.map_err(db_err)?;
                     newest_gone = Some(id.value());
@@ -103,7 +117,7 @@ impl Store {
                 gone.close().map_err(db_err)?;
             }
             let Some(newest) = newest_gone else {
-                return Ok(0);
+                return Ok(Expired::default());
             };
             // Feedback and evaluations are keyed by their trace's id first, and both are only
             // added to a trace that exists (checked in their own write transactions), so every
@@ -125,14 +139,30 @@ impl Store {
             let floor = TraceId::from_u128(floor.max(newest));
             meta.insert(EXPIRED_UP_TO, serde_json::to_vec(&floor)?.as_slice())
                 .map_err(db_err)?;
-            Ok(deleted)
+            Ok(Expired { deleted, more })
         })
     }
 
     /// The highest trace id this store has held: its newest trace, or the newest it deleted for
     /// age if that is higher. New ids are made above it when the store opens.
     pub fn id_floor(&self) -> Result<Option<TraceId>, StoreError> {
-        let expired: Option<TraceId> = self.meta(EXPIRED_UP_TO)?;
-        Ok(self.newest_trace_id()?.max(expired))
+        // One snapshot, so that an expiry committing meanwhile cannot hide both.
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let newest = txn
+            .open_table(TRACES)
+            .map_err(db_err)?
+            .last()
+            .map_err(db_err)?
+            .map(|(k, _)| TraceId::from_u128(k.value()));
+        let expired = match txn
+            .open_table(META)
+            .map_err(db_err)?
+            .get(EXPIRED_UP_TO)
+            .map_err(db_err)?
+        {
+            Some(v) => Some(serde_json::from_slice::<TraceId>(v.value())?),
+            None => None,
+        };
+        Ok(newest.max(expired))
     }
 }

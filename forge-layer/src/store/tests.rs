@@ -488,16 +488,22 @@ fn expiry_deletes_the_oldest_traces_below_the_cutoff_with_their_feedback_in_boun
             })
             .unwrap();
     }
+    let step = |limit, max_bytes| store.expire_traces(cutoff, limit, max_bytes).unwrap();
+    let expired = |deleted, more| Expired { deleted, more };
     // At most `limit` a step, oldest first: the first step leaves the third old trace.
-    assert_eq!(store.expire_traces(cutoff, 2, usize::MAX).unwrap(), 2);
+    assert_eq!(step(2, usize::MAX), expired(2, true));
     assert!(!store.has_trace(old[1]).unwrap() && store.has_trace(old[2]).unwrap());
     assert!(store.feedback(old[1]).unwrap().is_empty());
     assert!(store.latest_evaluation(old[1]).unwrap().is_none());
     assert_eq!(store.feedback(old[2]).unwrap().len(), 1);
-    // And no more once `max_bytes` have gone (each value here is 2 bytes), but always one.
-    assert_eq!(store.expire_traces(cutoff, 2, 1).unwrap(), 1);
-    assert_eq!(store.expire_traces(cutoff, 2, usize::MAX).unwrap(), 2);
-    assert_eq!(store.expire_traces(cutoff, 2, usize::MAX).unwrap(), 0);
+    // And no more once `max_bytes` have gone (each value here is 2 bytes), but always one; the
+    // traces it stopped before keep their feedback.
+    assert_eq!(step(2, 1), expired(1, true));
+    assert_eq!(store.feedback(old[3]).unwrap().len(), 1);
+    // A step that runs out of old traces before its limits says so, and the sweep ends there
+    // without one more (empty) commit.
+    assert_eq!(step(3, usize::MAX), expired(2, false));
+    assert_eq!(step(3, usize::MAX), expired(0, false));
     // Everything from the cutoff on stays, feedback and evaluations included.
     assert_eq!(store.trace_count().unwrap(), 2);
     for id in kept {
@@ -521,7 +527,7 @@ fn new_ids_stay_above_expired_ones_across_a_reopen() {
             .insert_encoded(ids.iter().map(|&id| (id, &b"{}"[..])))
             .unwrap();
         let all = TraceId::earliest_at(10_000);
-        while store.expire_traces(all, 1, usize::MAX).unwrap() > 0 {}
+        while store.expire_traces(all, 1, usize::MAX).unwrap().more {}
         assert_eq!(store.trace_count().unwrap(), 0);
         ids[2]
     };
