@@ -17,6 +17,8 @@ const MAX_SEND_TIMEOUT_SECS: u64 = 86_400;
 
 /// The shortest `capture.retention_days` besides 0: one minute.
 const MIN_RETENTION_DAYS: f64 = 1.0 / 1440.0;
+/// The longest: a hundred years, which a clock can add without overflowing.
+const MAX_RETENTION_DAYS: f64 = 36_500.0;
 
 /// The embedded default: the simulated upstream in-process and two ready routes. `forge serve`
 /// with no `--config` runs this, so a fresh machine needs no set-up.
@@ -686,13 +688,12 @@ fn validate_capture(raw: RawCapture) -> Result<Option<CaptureConfig>, ConfigErro
             return Err(invalid(format!("capture.{key} must be at least 1")));
         }
     }
-    // At least a minute: a smaller age would delete traces as they land. At most a hundred
-    // years, which a clock can add without overflowing.
+    // At least a minute: a smaller age would delete traces as they land.
     let days = raw.retention_days;
-    if days != 0.0 && !(MIN_RETENTION_DAYS..=36_500.0).contains(&days) {
-        return Err(invalid(
-            "capture.retention_days must be 0 (keep every trace) or a number of days from one minute's worth (1/1440, about 0.000695) to 36500",
-        ));
+    if days != 0.0 && !(MIN_RETENTION_DAYS..=MAX_RETENTION_DAYS).contains(&days) {
+        return Err(invalid(format!(
+            "capture.retention_days must be 0 (keep every trace) or a number of days from one minute's worth (1/1440, about 0.000695) to {MAX_RETENTION_DAYS}"
+        )));
     }
     let retention = (days > 0.0)
         .then(|| Duration::try_from_secs_f64(days * 86_400.0).ok())

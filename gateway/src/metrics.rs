@@ -78,25 +78,26 @@ impl Metrics {
     /// Exports `forge_capture_expired_total`, the traces deleted for their age; returns the
     /// counter to add to.
     pub fn register_expired(&mut self) -> Counter {
-        let expired = Counter::default();
-        self.registry.register(
+        self.counter(
             "capture_expired",
             "Traces deleted for being older than capture.retention_days",
-            expired.clone(),
-        );
-        expired
+        )
     }
 
     /// Exports `forge_send_timeouts_total`, the client connections closed because a response
     /// write waited past `server.send_timeout_secs`; returns the counter to add to.
     pub fn register_send_timeouts(&mut self) -> Counter {
-        let timeouts = Counter::default();
-        self.registry.register(
+        self.counter(
             "send_timeouts",
             "Client connections closed because a response write waited past server.send_timeout_secs",
-            timeouts.clone(),
-        );
-        timeouts
+        )
+    }
+
+    /// Registers a counter (exported as `forge_{name}_total`) and returns it.
+    fn counter(&mut self, name: &str, help: &str) -> Counter {
+        let counter = Counter::default();
+        self.registry.register(name, help, counter.clone());
+        counter
     }
 
     /// The Prometheus text exposition.

@@ -227,6 +227,19 @@ fn trace_id_of(resp: &reqwest::Response) -> TraceId {
         .unwrap()
 }
 
+/// Sends one chat request, reads the whole response, and returns its trace id.
+async fn exchange(http: &reqwest::Client, gw: &forge_tests::TestGateway, body: &Value) -> TraceId {
+    let resp = http
+        .post(format!("{}/chat/completions", gw.base_url()))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let id = trace_id_of(&resp);
+    resp.text().await.unwrap();
+    id
+}
+
 /// Starts a stream on `alias` and waits for its first chunk; returns its trace id and the
 /// rest of the body.
 async fn streaming(
@@ -288,14 +301,8 @@ async fn cursor_scans_never_pass_a_stream_still_in_flight() {
     // traces land first.
     let mut ids = vec![long];
     for i in 0..3 {
-        let resp = http
-            .post(format!("{}/chat/completions", gw.base_url()))
-            .json(&chat_body("short", &format!("short question {i}"), false))
-            .send()
-            .await
-            .unwrap();
-        ids.push(trace_id_of(&resp));
-        resp.text().await.unwrap();
+        let body = chat_body("short", &format!("short question {i}"), false);
+        ids.push(exchange(&http, &gw, &body).await);
     }
     eventually("the short traces are committed", || {
         gw.capture_counters().unwrap().captured == 3
@@ -408,14 +415,7 @@ async fn upstream_errors_are_captured_as_errored() {
     let http = client();
     let mut ids = Vec::new();
     for (model, stream) in [("f", false), ("b", true)] {
-        let resp = http
-            .post(format!("{}/chat/completions", gw.base_url()))
-            .json(&chat_body(model, "x", stream))
-            .send()
-            .await
-            .unwrap();
-        ids.push(trace_id_of(&resp));
-        resp.text().await.unwrap();
+        ids.push(exchange(&http, &gw, &chat_body(model, "x", stream)).await);
     }
     eventually("both traces committed", || {
         gw.capture_counters().unwrap().captured == 2
@@ -439,14 +439,9 @@ async fn feedback_is_validated_and_the_latest_wins() {
     let sim = start_sim(SimConfig::default()).await;
     let gw = start_gateway(&config_text(&sim.base_url(), "", &[("m", "gpt-4o")])).await;
     let http = client();
-    let resp = http
-        .post(format!("{}/chat/completions", gw.base_url()))
-        .json(&chat_body("m", "hi", false))
-        .send()
+    let id = exchange(&http, &gw, &chat_body("m", "hi", false))
         .await
-        .unwrap();
-    let id = trace_id_of(&resp).to_string();
-    resp.text().await.unwrap();
+        .to_string();
 
     let post = |body: Value| {
         http.post(format!("{}/feedback", gw.base_url()))
@@ -772,22 +767,15 @@ async fn traces_past_the_retention_age_are_deleted_with_their_feedback_and_count
     let http = client();
     let mut ids = Vec::new();
     for i in 0..3 {
-        let resp = http
-            .post(format!("{}/chat/completions", gw.base_url()))
-            .json(&chat_body("m", &format!("question {i}"), false))
-            .send()
-            .await
-            .unwrap();
-        ids.push(trace_id_of(&resp));
-        resp.text().await.unwrap();
+        let body = chat_body("m", &format!("question {i}"), false);
+        ids.push(exchange(&http, &gw, &body).await);
     }
-    let feedback = http
-        .post(format!("{}/feedback", gw.base_url()))
-        .json(&json!({"trace_id": ids[0].to_string(), "score": 95}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(feedback.status(), 200);
+    let score = |id: TraceId| {
+        http.post(format!("{}/feedback", gw.base_url()))
+            .json(&json!({"trace_id": id.to_string(), "score": 95}))
+            .send()
+    };
+    assert_eq!(score(ids[0]).await.unwrap().status(), 200);
     let store = gw.store().unwrap();
     assert_eq!(store.feedback(ids[0]).unwrap().len(), 1);
     eventually("the traces expire", || store.trace_count().unwrap() == 0).await;
@@ -798,12 +786,6 @@ async fn traces_past_the_retention_age_are_deleted_with_their_feedback_and_count
     // Counted once the deleting step has returned, which may be a moment after the commit.
     metric_eventually(&gw, "forge_capture_expired_total 3").await;
     // Feedback on an expired trace is refused like feedback on an unknown one.
-    let late = http
-        .post(format!("{}/feedback", gw.base_url()))
-        .json(&json!({"trace_id": ids[1].to_string(), "score": 95}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(late.status(), 404);
+    assert_eq!(score(ids[1]).await.unwrap().status(), 404);
     gw.shutdown().await;
 }

@@ -61,10 +61,8 @@ impl Store {
             let mut table = txn.open_table(FEEDBACK).map_err(db_err)?;
             let mut unscored = Vec::with_capacity(encoded.len());
             for (trace, bytes) in &encoded {
+                require_trace(&traces, *trace)?;
                 let key = trace.as_u128();
-                if traces.get(key).map_err(db_err)?.is_none() {
-                    return Err(StoreError::NoSuchTrace(*trace));
-                }
                 unscored.push(!has_score(&table, key)?);
                 table
                     .insert((key, TraceId::generate().as_u128()), bytes.as_slice())
@@ -99,10 +97,7 @@ impl Store {
         let bytes = serde_json::to_vec(evaluation)?;
         let trace = evaluation.trace_id;
         self.write(|txn| {
-            let traces = txn.open_table(TRACES).map_err(db_err)?;
-            if traces.get(trace.as_u128()).map_err(db_err)?.is_none() {
-                return Err(StoreError::NoSuchTrace(trace));
-            }
+            require_trace(&txn.open_table(TRACES).map_err(db_err)?, trace)?;
             let mut table = txn.open_table(EVALUATIONS).map_err(db_err)?;
             table
                 .insert(
@@ -121,6 +116,18 @@ impl Store {
             &txn.open_table(EVALUATIONS).map_err(db_err)?,
             trace.as_u128(),
         )
+    }
+}
+
+/// `NoSuchTrace` unless `trace` is stored. Called in the write transaction that adds to it, so
+/// that nothing is added to a trace deleted meanwhile (for age).
+fn require_trace(
+    traces: &impl ReadableTable<u128, &'static [u8]>,
+    trace: TraceId,
+) -> Result<(), StoreError> {
+    match traces.get(trace.as_u128()).map_err(db_err)? {
+        Some(_) => Ok(()),
+        None => Err(StoreError::NoSuchTrace(trace)),
     }
 }
 

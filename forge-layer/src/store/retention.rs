@@ -82,9 +82,9 @@ pub async fn run_expiry(
 impl Store {
     /// Deletes the oldest traces whose ids are below `cutoff`, with all feedback and evaluations
     /// of those traces, in one transaction: up to `limit` traces, and no more once `max_bytes` of
-    /// them have gone (traces can hold megabytes). Returns how many traces it deleted. The caller
-    /// repeats it until it deletes none, so that no one transaction holds the write lock (which
-    /// the trace writer waits on) for long.
+    /// them have gone (traces can hold megabytes). The caller repeats it while it says there may be
+    /// more, so that no one transaction holds the write lock (which the trace writer waits on) for
+    /// long.
     pub fn expire_traces(
         &self,
         cutoff: TraceId,
@@ -132,11 +132,8 @@ impl Store {
             // expired: a cursor (the judge's, a dataset's cut) may point at one, and a clock that
             // went back across a restart would otherwise make ids below it (see `id_floor`).
             let mut meta = txn.open_table(META).map_err(db_err)?;
-            let floor = match meta.get(EXPIRED_UP_TO).map_err(db_err)? {
-                Some(v) => serde_json::from_slice::<TraceId>(v.value())?.as_u128(),
-                None => 0,
-            };
-            let floor = TraceId::from_u128(floor.max(newest));
+            let newest = TraceId::from_u128(newest);
+            let floor = expired_mark(&meta)?.map_or(newest, |mark| mark.max(newest));
             meta.insert(EXPIRED_UP_TO, serde_json::to_vec(&floor)?.as_slice())
                 .map_err(db_err)?;
             Ok(Expired { deleted, more })
@@ -154,15 +151,17 @@ impl Store {
             .last()
             .map_err(db_err)?
             .map(|(k, _)| TraceId::from_u128(k.value()));
-        let expired = match txn
-            .open_table(META)
-            .map_err(db_err)?
-            .get(EXPIRED_UP_TO)
-            .map_err(db_err)?
-        {
-            Some(v) => Some(serde_json::from_slice::<TraceId>(v.value())?),
-            None => None,
-        };
+        let expired = expired_mark(&txn.open_table(META).map_err(db_err)?)?;
         Ok(newest.max(expired))
+    }
+}
+
+/// The newest trace id deleted for age, as recorded in the META table.
+fn expired_mark(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<Option<TraceId>, StoreError> {
+    match meta.get(EXPIRED_UP_TO).map_err(db_err)? {
+        Some(v) => Ok(Some(serde_json::from_slice(v.value())?)),
+        None => Ok(None),
     }
 }
