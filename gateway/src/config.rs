@@ -15,6 +15,18 @@ use serde::Deserialize;
 /// the timer's deadline must stay within what a clock can add.
 const MAX_SEND_TIMEOUT_SECS: u64 = 86_400;
 
+/// The most `server.max_headers` may allow: the parser reads up to [`PARSED_HEADERS`] so that
+/// a request over the limit still gets a JSON 431.
+pub const MAX_HEADERS_LIMIT: usize = 1000;
+/// How many headers the HTTP parser reads before it refuses a request by itself (a 431 with no
+/// body). Above 100 it needs a heap buffer per request, about 30 ns.
+pub const PARSED_HEADERS: usize = 1024;
+/// The most `server.max_header_bytes` may allow, far below [`PARSED_HEAD_BYTES`].
+pub const MAX_HEADER_BYTES_LIMIT: usize = 1024 * 1024;
+/// How large a request head the HTTP parser buffers before it refuses it by itself (a 431 with
+/// no body). A connection's read buffer grows towards it only as a client sends that much.
+pub const PARSED_HEAD_BYTES: usize = 4 * 1024 * 1024;
+
 /// The shortest `capture.retention_days` besides 0: one minute.
 const MIN_RETENTION_DAYS: f64 = 1.0 / 1440.0;
 /// The longest: a hundred years, which a clock can add without overflowing.
@@ -127,6 +139,8 @@ struct RawServer {
     max_in_flight: usize,
     body_timeout_secs: u64,
     send_timeout_secs: u64,
+    max_headers: usize,
+    max_header_bytes: usize,
     shutdown_grace_secs: u64,
     passthrough_upstream: Option<String>,
     admin_listen: String,
@@ -141,6 +155,8 @@ impl Default for RawServer {
             max_in_flight: 1024,
             body_timeout_secs: 60,
             send_timeout_secs: 60,
+            max_headers: 100,
+            max_header_bytes: 64 * 1024,
             shutdown_grace_secs: 30,
             passthrough_upstream: None,
             admin_listen: "127.0.0.1:8081".into(),
@@ -459,6 +475,10 @@ pub struct ServerConfig {
     /// How long a response write may wait for the client to take bytes; then the connection is
     /// closed (a client that stops reading would otherwise hold its exchange open for good).
     pub send_timeout: Duration,
+    /// Requests with more headers get a 431.
+    pub max_headers: usize,
+    /// Requests whose header names and values add up to more bytes get a 431.
+    pub max_header_bytes: usize,
     /// How long in-flight requests may run on after SIGTERM/SIGINT.
     pub shutdown_grace: Duration,
     /// The upstream that other `/v1/*` paths are passed to; `None` turns passthrough off.
@@ -545,6 +565,16 @@ impl Config {
         if !(1..=MAX_SEND_TIMEOUT_SECS).contains(&raw.server.send_timeout_secs) {
             return Err(invalid(format!(
                 "server.send_timeout_secs must be from 1 to {MAX_SEND_TIMEOUT_SECS} (a day)"
+            )));
+        }
+        if !(1..=MAX_HEADERS_LIMIT).contains(&raw.server.max_headers) {
+            return Err(invalid(format!(
+                "server.max_headers must be from 1 to {MAX_HEADERS_LIMIT}"
+            )));
+        }
+        if !(1024..=MAX_HEADER_BYTES_LIMIT).contains(&raw.server.max_header_bytes) {
+            return Err(invalid(format!(
+                "server.max_header_bytes must be from 1024 to {MAX_HEADER_BYTES_LIMIT} (1 MiB)"
             )));
         }
 
@@ -664,6 +694,8 @@ impl Config {
                 max_in_flight: raw.server.max_in_flight,
                 body_timeout: Duration::from_secs(raw.server.body_timeout_secs),
                 send_timeout: Duration::from_secs(raw.server.send_timeout_secs),
+                max_headers: raw.server.max_headers,
+                max_header_bytes: raw.server.max_header_bytes,
                 shutdown_grace: Duration::from_secs(raw.server.shutdown_grace_secs),
                 passthrough_upstream,
             },
@@ -1068,6 +1100,22 @@ mod tests {
                 "server.send_timeout_secs must be from 1",
             ),
             (
+                format!("[server]\nmax_headers = 0\n{up}"),
+                "server.max_headers must be from 1 to 1000",
+            ),
+            (
+                format!("[server]\nmax_headers = 1001\n{up}"),
+                "server.max_headers must be from 1 to 1000",
+            ),
+            (
+                format!("[server]\nmax_header_bytes = 1023\n{up}"),
+                "server.max_header_bytes must be from 1024",
+            ),
+            (
+                format!("[server]\nmax_header_bytes = 1048577\n{up}"),
+                "server.max_header_bytes must be from 1024",
+            ),
+            (
                 format!("[capture]\nretention_days = -1\n{up}"),
                 "capture.retention_days must be 0",
             ),
@@ -1100,6 +1148,10 @@ mod tests {
         assert_eq!(c.server.passthrough_upstream.as_deref(), Some("a"));
         assert_eq!(c.upstreams[0].timeouts.idle, Duration::from_secs(60));
         assert_eq!(c.server.send_timeout, Duration::from_secs(60));
+        assert_eq!(
+            (c.server.max_headers, c.server.max_header_bytes),
+            (100, 65536)
+        );
         assert_eq!(c.capture.as_ref().unwrap().retention, None, "kept forever");
         let c = Config::from_toml("[capture]\nretention_days = 1.5\n[[upstreams]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:9/v1\"\n").unwrap();
         assert_eq!(

@@ -35,6 +35,10 @@ pub enum Error {
     /// The request body is larger than `server.max_body_bytes`.
     #[error("Request body exceeds the limit of {limit} bytes.")]
     BodyTooLarge { limit: usize },
+    /// The request has more headers than `server.max_headers`, or more header bytes than
+    /// `server.max_header_bytes`.
+    #[error("Request headers exceed the limit: {0}.")]
+    HeadersTooLarge(String),
     /// The request body did not arrive within `server.body_timeout_secs`.
     #[error("The request body did not arrive within {secs} s.")]
     BodyTimeout { secs: u64 },
@@ -75,6 +79,7 @@ impl Error {
                 StatusCode::NOT_FOUND
             }
             Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Error::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Error::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Error::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
@@ -108,6 +113,7 @@ impl Error {
             Error::ModelNotFound(_) => "model_not_found",
             Error::UnknownPath { .. } => "unknown_url",
             Error::BodyTooLarge { .. } => "request_too_large",
+            Error::HeadersTooLarge(_) => "request_header_fields_too_large",
             Error::BodyTimeout { .. } => "request_timeout",
             Error::Overloaded => "overloaded",
             Error::UpstreamUnreachable => "upstream_unreachable",

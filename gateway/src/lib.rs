@@ -21,6 +21,7 @@ pub mod distill;
 pub mod env;
 pub mod error;
 pub mod extract;
+pub mod head_limit;
 pub mod metrics;
 pub mod proxy;
 pub mod routes;

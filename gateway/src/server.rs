@@ -23,8 +23,9 @@ use tower::Layer;
 
 use crate::admin::{self, AdminState};
 use crate::auth::ClientKeys;
-use crate::config::{Config, Endpoint, RoutesFromConfig};
+use crate::config::{Config, Endpoint, PARSED_HEAD_BYTES, PARSED_HEADERS, RoutesFromConfig};
 use crate::distill::{RouteDeployer, UpstreamChat};
+use crate::head_limit::{HeadLimit, HeadLimits};
 use crate::metrics::Metrics;
 use crate::proxy::exchange::{Sink, UpstreamCall};
 use crate::proxy::{self, ProxyState};
@@ -297,6 +298,10 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         grace: config.server.shutdown_grace,
         send_timeout: config.server.send_timeout,
         send_timeouts,
+        head: HeadLimits {
+            max_headers: config.server.max_headers,
+            max_header_bytes: config.server.max_header_bytes,
+        },
     };
     let (listener, addr) = bind(config.server.listen).await?;
     servers.push(tokio::spawn(serve(
@@ -605,6 +610,8 @@ struct ConnLimits {
     send_timeout: Duration,
     /// Counts the connections closed for it.
     send_timeouts: Counter,
+    /// What a request's headers may hold.
+    head: HeadLimits,
 }
 
 /// The accept loop. Each connection is tracked both by the graceful watcher (to ask it to close
@@ -619,12 +626,16 @@ async fn serve(
         grace,
         send_timeout,
         send_timeouts,
+        head,
     } = limits;
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        // Far above the configured limits, so that `HeadLimit` refuses with a JSON body.
+        .max_headers(PARSED_HEADERS)
+        .max_buf_size(PARSED_HEAD_BYTES);
 
     loop {
         tokio::select! {
@@ -639,7 +650,7 @@ async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let service = TowerToHyperService::new(app.clone());
+                let service = TowerToHyperService::new(HeadLimit::new(app.clone(), head));
                 let stream = with_send_timeout(stream, send_timeout);
                 let conn = http.serve_connection(TokioIo::new(stream), service);
                 let watched = graceful.watch(conn);

@@ -287,6 +287,80 @@ async fn malformed_requests_get_openai_shaped_400s_and_404s() {
     gw.shutdown().await;
 }
 
+/// A raw chat request with `fields` after its own four (host, content type, length and
+/// `connection: close`), and how many bytes its header names and values add up to.
+fn request_with_fields(addr: std::net::SocketAddr, fields: &[(String, String)]) -> (String, usize) {
+    let body = chat_body("a", "hi", false).to_string();
+    let mut all = vec![
+        ("host".to_string(), addr.to_string()),
+        ("content-type".to_string(), "application/json".to_string()),
+        ("content-length".to_string(), body.len().to_string()),
+        ("connection".to_string(), "close".to_string()),
+    ];
+    all.extend_from_slice(fields);
+    let bytes = all.iter().map(|(n, v)| n.len() + v.len()).sum();
+    let head: String = all.iter().map(|(n, v)| format!("{n}: {v}\r\n")).collect();
+    (
+        format!("POST /v1/chat/completions HTTP/1.1\r\n{head}\r\n{body}"),
+        bytes,
+    )
+}
+
+#[tokio::test]
+async fn too_many_or_too_large_headers_get_a_json_431_and_never_reach_the_upstream() {
+    let sim = start_sim(SimConfig::default()).await;
+    // The defaults: 100 header fields, 64 KiB of names and values.
+    let gw = start_gateway(&config_text(&sim.base_url(), "", &[("a", "gpt-4o")])).await;
+    let numbered = |n: usize| -> Vec<(String, String)> {
+        (0..n)
+            .map(|i| (format!("x-h{i}"), "v".to_string()))
+            .collect()
+    };
+    let padded_to = |total: usize| -> Vec<(String, String)> {
+        let (_, base) = request_with_fields(gw.addr(), &[("x-big".into(), String::new())]);
+        vec![("x-big".to_string(), "a".repeat(total - base))]
+    };
+
+    let at_limits = [numbered(96), padded_to(64 * 1024)];
+    for fields in at_limits {
+        let (request, bytes) = request_with_fields(gw.addr(), &fields);
+        let answer = raw_request(gw.addr(), &request).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200 "),
+            "{} fields, {bytes} bytes: {answer:.300}",
+            fields.len() + 4
+        );
+    }
+
+    let over = [
+        (numbered(97), "101 header fields, and the limit is 100"),
+        (numbered(300), "304 header fields, and the limit is 100"),
+        (
+            padded_to(64 * 1024 + 1),
+            "65537 bytes of header names and values",
+        ),
+        (
+            padded_to(2 * 1024 * 1024),
+            "bytes of header names and values, and the limit is 65536",
+        ),
+    ];
+    for (fields, message) in over {
+        let (request, _) = request_with_fields(gw.addr(), &fields);
+        let answer = raw_request(gw.addr(), &request).await;
+        assert!(answer.starts_with("HTTP/1.1 431 "), "{answer:.300}");
+        let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
+        assert!(head.contains("content-type: application/json"), "{head}");
+        let body: Value = serde_json::from_str(body).expect("a JSON body");
+        assert_eq!(body["error"]["code"], "request_header_fields_too_large");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        let text = body["error"]["message"].as_str().unwrap();
+        assert!(text.contains(message), "{text}");
+    }
+    // Only the two requests within the limits reached the upstream.
+    assert_eq!(sim.request_count(), 2);
+    gw.shutdown().await;
+}
+
 #[tokio::test]
 async fn upstream_failures_map_to_502_504_or_pass_through() {
     let slow = ModelBehavior {
