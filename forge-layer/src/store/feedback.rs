@@ -74,7 +74,7 @@ impl Store {
 
     /// All feedback for a trace, oldest first.
     pub fn feedback(&self, trace: TraceId) -> Result<Vec<Feedback>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        let txn = self.db()?.begin_read().map_err(db_err)?;
         let table = txn.open_table(FEEDBACK).map_err(db_err)?;
         let key = trace.as_u128();
         let mut out = Vec::new();
@@ -87,7 +87,7 @@ impl Store {
 
     /// The feedback in force for a trace: each field's latest value across its feedback.
     pub fn current_feedback(&self, trace: TraceId) -> Result<Option<Feedback>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        let txn = self.db()?.begin_read().map_err(db_err)?;
         current_of(&txn.open_table(FEEDBACK).map_err(db_err)?, trace.as_u128())
     }
 
@@ -111,7 +111,7 @@ impl Store {
 
     /// The latest evaluation of a trace.
     pub fn latest_evaluation(&self, trace: TraceId) -> Result<Option<Evaluation>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        let txn = self.db()?.begin_read().map_err(db_err)?;
         latest_of(
             &txn.open_table(EVALUATIONS).map_err(db_err)?,
             trace.as_u128(),

@@ -13,7 +13,8 @@ mod unsettled;
 mod writer;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
@@ -82,6 +83,19 @@ pub enum StoreError {
         "no store at {0} (is the data directory right? the gateway creates it when it first starts with capture on)"
     )]
     NoStore(PathBuf),
+    /// The file was closed after an I/O error and could not be opened again yet.
+    #[error("the store {0} is closed after an I/O error; the next write tries to reopen it")]
+    Closed(PathBuf),
+}
+
+impl StoreError {
+    /// An I/O error, after which redb refuses every operation until the file is reopened.
+    fn is_io(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Redb(redb::Error::Io(_) | redb::Error::PreviousIo)
+        )
+    }
 }
 
 fn db_err<E: Into<redb::Error>>(e: E) -> StoreError {
@@ -91,11 +105,24 @@ fn db_err<E: Into<redb::Error>>(e: E) -> StoreError {
 /// A handle to the open store; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Store {
-    db: Arc<Database>,
+    db: Arc<OpenDb>,
     path: PathBuf,
     /// Trace ids the writer has issued and not yet committed.
     unsettled: Arc<Unsettled>,
 }
+
+/// The open database, swapped for a fresh one after an I/O error. After one (a full disk, say),
+/// redb refuses every later operation until the file is closed and opened again; reopening it
+/// lets capture resume as soon as the disk has room, with no restart. `None` while a reopen has
+/// failed. Others hold the `Arc` only from [`Store::db`] until they have begun a transaction.
+#[derive(Debug)]
+struct OpenDb {
+    current: RwLock<Option<Arc<Database>>>,
+    cache_bytes: usize,
+}
+
+/// How long a reopen waits for transactions that began before it to let go of the file.
+const REOPEN_WAIT: Duration = Duration::from_secs(5);
 
 impl Store {
     /// Opens (or creates) `DIR/forge.redb`, creating `DIR` if needed, with the default cache.
@@ -125,15 +152,12 @@ impl Store {
 
     /// Opens (or creates) the store file at `path`.
     pub fn open(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
-        let db = Database::builder()
-            .set_cache_size(cache_bytes)
-            .create(path)
-            .map_err(|e| match e {
-                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(path.to_path_buf()),
-                other => db_err(other),
-            })?;
+        let db = open_database(path, cache_bytes)?;
         let store = Self {
-            db: Arc::new(db),
+            db: Arc::new(OpenDb {
+                current: RwLock::new(Some(Arc::new(db))),
+                cache_bytes,
+            }),
             path: path.to_path_buf(),
             unsettled: Arc::default(),
         };
@@ -165,24 +189,104 @@ impl Store {
         &self.unsettled
     }
 
-    /// Runs `f` in one durable write transaction.
+    /// The database, to begin a transaction on.
+    fn db(&self) -> Result<Arc<Database>, StoreError> {
+        let current = self
+            .db
+            .current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        current
+            .clone()
+            .ok_or_else(|| StoreError::Closed(self.path.clone()))
+    }
+
+    /// Runs `f` in one durable write transaction. After an I/O error the file is reopened, and
+    /// the error returned: the caller decides whether to try again.
     fn write<T>(
         &self,
         f: impl FnOnce(&redb::WriteTransaction) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut txn = self.db.begin_write().map_err(db_err)?;
-        txn.set_two_phase_commit(true);
-        txn.set_quick_repair(true);
-        txn.set_durability(Durability::Immediate).map_err(db_err)?;
-        let out = f(&txn)?;
-        txn.commit().map_err(db_err)?;
-        Ok(out)
+        let db = match self.db() {
+            Ok(db) => db,
+            Err(_closed) => {
+                self.reopen(None);
+                self.db()?
+            }
+        };
+        let written: Result<T, StoreError> = (|| {
+            let mut txn = db.begin_write().map_err(db_err)?;
+            txn.set_two_phase_commit(true);
+            txn.set_quick_repair(true);
+            txn.set_durability(Durability::Immediate).map_err(db_err)?;
+            let out = f(&txn)?;
+            txn.commit().map_err(db_err)?;
+            Ok(out)
+        })();
+        if let Err(e) = &written
+            && e.is_io()
+        {
+            let failed = Arc::as_ptr(&db);
+            drop(db);
+            self.reopen(Some(failed));
+        }
+        written
+    }
+
+    /// Closes the database that failed (`None`: the slot is already empty) and opens the file
+    /// again, unless another caller did so first. A file that cannot be opened yet leaves the
+    /// slot empty, and the next write tries again.
+    fn reopen(&self, failed: Option<*const Database>) {
+        let mut current = self
+            .db
+            .current
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if current.as_ref().map(Arc::as_ptr) != failed {
+            return;
+        }
+        if let Some(mut db) = current.take() {
+            let deadline = Instant::now() + REOPEN_WAIT;
+            loop {
+                match Arc::try_unwrap(db) {
+                    // Closes the file now, or once a write transaction still running ends.
+                    Ok(db) => break drop(db),
+                    Err(shared) if Instant::now() < deadline => {
+                        db = shared;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(shared) => {
+                        tracing::error!(path = %self.path.display(), "store failed with an I/O error and is still in use; not reopened");
+                        *current = Some(shared);
+                        return;
+                    }
+                }
+            }
+        }
+        let deadline = Instant::now() + REOPEN_WAIT;
+        loop {
+            match open_database(&self.path, self.db.cache_bytes) {
+                Ok(db) => {
+                    tracing::warn!(path = %self.path.display(), "store reopened after an I/O error");
+                    *current = Some(Arc::new(db));
+                    return;
+                }
+                // A write transaction that began before the error still holds the file.
+                Err(StoreError::InUse(_)) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => {
+                    tracing::error!(path = %self.path.display(), error = %e, "store could not be reopened after an I/O error; the next write tries again");
+                    return;
+                }
+            }
+        }
     }
 
     /// Holds redb's write lock until the guard is dropped; every writer waits meanwhile. For
     /// fault-injection tests (a stalled store) and maintenance.
     pub fn hold_write_lock(&self) -> Result<WriteLock, StoreError> {
-        Ok(WriteLock(Some(self.db.begin_write().map_err(db_err)?)))
+        Ok(WriteLock(Some(self.db()?.begin_write().map_err(db_err)?)))
     }
 
     /// Stores already-encoded traces in one transaction: all of them or none.
@@ -201,7 +305,7 @@ impl Store {
 
     /// One trace.
     pub fn trace(&self, id: TraceId) -> Result<Option<Trace>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        let txn = self.db()?.begin_read().map_err(db_err)?;
         let table = txn.open_table(TRACES).map_err(db_err)?;
         match table.get(id.as_u128()).map_err(db_err)? {
             Some(v) => Ok(Some(serde_json::from_slice(v.value())?)),
@@ -211,14 +315,14 @@ impl Store {
 
     /// Whether a trace exists.
     pub fn has_trace(&self, id: TraceId) -> Result<bool, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        let txn = self.db()?.begin_read().map_err(db_err)?;
         let table = txn.open_table(TRACES).map_err(db_err)?;
         Ok(table.get(id.as_u128()).map_err(db_err)?.is_some())
     }
 
     /// How many traces are stored.
     pub fn trace_count(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        let txn = self.db()?.begin_read().map_err(db_err)?;
         let table = txn.open_table(TRACES).map_err(db_err)?;
         table.len().map_err(db_err)
     }
@@ -230,7 +334,7 @@ impl Store {
         limit: usize,
         mut keep: impl FnMut(&Trace) -> bool,
     ) -> Result<Vec<Trace>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        let txn = self.db()?.begin_read().map_err(db_err)?;
         let table = txn.open_table(TRACES).map_err(db_err)?;
         let upper = before.map_or(u128::MAX, TraceId::as_u128);
         let mut out = Vec::new();
@@ -250,7 +354,7 @@ impl Store {
     /// Calls `f` on every trace, oldest first, one at a time: memory stays flat however many
     /// traces there are. `f` returns `false` to stop early.
     pub fn for_each_trace(&self, mut f: impl FnMut(Trace) -> bool) -> Result<(), StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        let txn = self.db()?.begin_read().map_err(db_err)?;
         let table = txn.open_table(TRACES).map_err(db_err)?;
         for entry in table.iter().map_err(db_err)? {
             let (_, v) = entry.map_err(db_err)?;
@@ -260,6 +364,17 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// Opens (or creates) the file, telling "another process has it" apart from other failures.
+fn open_database(path: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
+    Database::builder()
+        .set_cache_size(cache_bytes)
+        .create(path)
+        .map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(path.to_path_buf()),
+            other => db_err(other),
+        })
 }
 
 /// See [`Store::hold_write_lock`].

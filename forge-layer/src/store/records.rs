@@ -31,7 +31,7 @@ impl Store {
         table: redb::TableDefinition<&str, &[u8]>,
         key: &str,
     ) -> Result<Option<T>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        let txn = self.db()?.begin_read().map_err(db_err)?;
         let t = txn.open_table(table).map_err(db_err)?;
         match t.get(key).map_err(db_err)? {
             Some(v) => Ok(Some(serde_json::from_slice(v.value())?)),
@@ -43,7 +43,7 @@ impl Store {
         &self,
         table: redb::TableDefinition<&str, &[u8]>,
     ) -> Result<Vec<T>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        let txn = self.db()?.begin_read().map_err(db_err)?;
         let t = txn.open_table(table).map_err(db_err)?;
         let mut out = Vec::new();
         for entry in t.iter().map_err(db_err)? {
@@ -122,7 +122,7 @@ impl Store {
             .scan_bound()
             .map_or(u128::MAX, TraceId::as_u128);
         let end = until.map_or(settled, |id| settled.min(id.as_u128().saturating_add(1)));
-        let txn = self.db.begin_read().map_err(db_err)?;
+        let txn = self.db()?.begin_read().map_err(db_err)?;
         let traces = txn.open_table(TRACES).map_err(db_err)?;
         let feedback = txn.open_table(FEEDBACK).map_err(db_err)?;
         let evaluations = txn.open_table(EVALUATIONS).map_err(db_err)?;

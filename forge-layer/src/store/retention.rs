@@ -144,7 +144,7 @@ impl Store {
     /// age if that is higher. New ids are made above it when the store opens.
     pub fn id_floor(&self) -> Result<Option<TraceId>, StoreError> {
         // One snapshot, so that an expiry committing meanwhile cannot hide both.
-        let txn = self.db.begin_read().map_err(db_err)?;
+        let txn = self.db()?.begin_read().map_err(db_err)?;
         let newest = txn
             .open_table(TRACES)
             .map_err(db_err)?

@@ -45,7 +45,7 @@ impl Store {
 
     /// The table in force when the store was last written, if any.
     pub fn load_routes(&self) -> Result<Option<RouteChange>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        let txn = self.db()?.begin_read().map_err(db_err)?;
         let table = txn.open_table(ROUTES).map_err(db_err)?;
         match table.get(CURRENT).map_err(db_err)? {
             Some(v) => Ok(Some(serde_json::from_slice(v.value())?)),
@@ -55,7 +55,7 @@ impl Store {
 
     /// The latest `limit` changes, newest first.
     pub fn route_history(&self, limit: usize) -> Result<Vec<RouteChange>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        let txn = self.db()?.begin_read().map_err(db_err)?;
         let table = txn.open_table(ROUTE_HISTORY).map_err(db_err)?;
         let mut out = Vec::new();
         for entry in table.iter().map_err(db_err)?.rev().take(limit) {
