@@ -5,8 +5,9 @@
 //! OpenAI rules ([`rules::check`]); a line that fails is skipped and its reason counted.
 //! Duplicates (by content hash) are dropped, and the train/validation split is decided by the
 //! same hash, so copies of one example can never land on both sides. One client key may
-//! contribute at most `max_key_share` of the lines (against poisoning). A manifest records the
-//! SHA-256 of every file and the counts; `provenance.jsonl` names the trace behind every line.
+//! contribute at most `max_key_share` of the lines written (against poisoning), under a cap that
+//! a first pass works out. A manifest records the SHA-256 of every file and the counts;
+//! `provenance.jsonl` names the trace behind every line.
 
 pub mod line;
 pub mod rules;
@@ -171,27 +172,94 @@ impl HashedFile {
     }
 }
 
-/// The per-key contribution limit, from a first pass over the candidates.
-fn key_caps(store: &Store, spec: &DatasetSpec) -> Result<Option<u64>, StoreError> {
-    if spec.max_key_share >= 1.0 {
-        // No cap: skip the counting pass.
-        return Ok(None);
+/// A golden trace as the dataset sees it.
+enum Candidate {
+    /// Its line, as JSON bytes, and their SHA-256.
+    Line { bytes: Vec<u8>, hash: [u8; 32] },
+    /// It breaks a fine-tuning rule (the reason), or could not be serialised.
+    Skipped(String),
+    /// An earlier trace made the same line.
+    Duplicate,
+}
+
+/// Turns a golden trace into its line, unless a rule or `seen` leaves it out.
+fn candidate(trace: &Trace, spec: &DatasetSpec, seen: &mut Seen) -> Candidate {
+    let line =
+        match line::to_line(trace).and_then(|l| rules::check(&l, spec.max_tokens).map(|()| l)) {
+            Ok(line) => line,
+            Err(reason) => return Candidate::Skipped(reason.to_string()),
+        };
+    let Ok(bytes) = serde_json::to_vec(&line) else {
+        return Candidate::Skipped("unserialisable".into());
+    };
+    let hash: [u8; 32] = Sha256::digest(&bytes).into();
+    if seen.insert(&hash) {
+        return Candidate::Duplicate;
     }
+    Candidate::Line { bytes, hash }
+}
+
+/// The most lines one key may contribute, and the last trace the counting read (the build
+/// stops there, so that both passes see the same traces). `None` for no cap: a share of 1, or
+/// lines from fewer than two keys.
+fn key_cap(
+    store: &Store,
+    spec: &DatasetSpec,
+) -> Result<(Option<u64>, Option<TraceId>), StoreError> {
+    if spec.max_key_share >= 1.0 {
+        return Ok((None, spec.until));
+    }
+    // Each key's lines as the build would write them uncapped: after the rules and
+    // duplicates, which would otherwise count towards a key's allowance and leave it more than
+    // its share of what is written.
     let mut per_key: BTreeMap<Option<String>, u64> = BTreeMap::new();
-    let mut total = 0u64;
+    let mut seen = Seen::default();
+    let mut last = None;
     store.for_each_graded_trace_until(spec.after, spec.until, |trace, fb, ev| {
-        if spec.selects(&trace) && spec.policy.is_golden(&trace, fb.as_ref(), ev.as_ref()) {
+        last = Some(trace.id);
+        if spec.selects(&trace)
+            && spec.policy.is_golden(&trace, fb.as_ref(), ev.as_ref())
+            && matches!(candidate(&trace, spec, &mut seen), Candidate::Line { .. })
+        {
             *per_key.entry(trace.key_id).or_default() += 1;
-            total += 1;
         }
         true
     })?;
+    let until = last.or(spec.until);
     if per_key.len() < 2 {
-        return Ok(None);
+        return Ok((None, until));
     }
-    Ok(Some(
-        ((total as f64 * spec.max_key_share).floor() as u64).max(1),
+    Ok((
+        Some(share_cap(
+            per_key.into_values().collect(),
+            spec.max_key_share,
+        )),
+        until,
     ))
+}
+
+/// The largest cap `c` under which no key writes more than `share` of the lines written, with
+/// key `k` writing `min(lines[k], c)`: the largest `c <= share * sum(min(lines[k], c))`. That
+/// condition holds from 0 up to some `c` and never again (each step up adds `share` per key
+/// still above `c`, and fewer keys are, while `c` grows by 1), so the scan stops at the first
+/// `c` that fails it. 0 when no dataset can keep the share (it is below 1 / the number of keys).
+fn share_cap(mut lines: Vec<u64>, share: f64) -> u64 {
+    lines.sort_unstable();
+    let mut below = 0u64; // lines of the keys with at most `c` lines
+    let mut i = 0;
+    let mut cap = 0u64;
+    for c in 1..=lines.last().copied().unwrap_or(0) {
+        while i < lines.len() && lines[i] < c {
+            below += lines[i];
+            i += 1;
+        }
+        let written = below + c * (lines.len() - i) as u64;
+        if c as f64 > share * written as f64 {
+            break;
+        }
+        cap = c;
+    }
+    cap
 }
 
 /// Builds the dataset `id` into `dir/id/`, calling `progress(traces_read)` now and then.
@@ -204,7 +272,7 @@ pub fn build(
 ) -> Result<Manifest, DatasetError> {
     let out = dir.join(id);
     std::fs::create_dir_all(&out)?;
-    let cap = key_caps(store, spec)?;
+    let (cap, until) = key_cap(store, spec)?;
     let mut train = HashedFile::create(out.join("train.jsonl"))?;
     let mut validation = HashedFile::create(out.join("validation.jsonl"))?;
     let mut provenance = HashedFile::create(out.join("provenance.jsonl"))?;
@@ -239,7 +307,7 @@ pub fn build(
     let validation_bp = (spec.validation_percent.clamp(0.0, 100.0) * 100.0) as u64;
     let mut read = 0u64;
     let mut failure = None;
-    store.for_each_graded_trace_until(spec.after, spec.until, |trace, fb, ev| {
+    store.for_each_graded_trace_until(spec.after, until, |trace, fb, ev| {
         read += 1;
         if read.is_multiple_of(10_000) {
             progress(read);
@@ -253,25 +321,17 @@ pub fn build(
             return true;
         }
         manifest.golden += 1;
-        let line = match line::to_line(&trace).and_then(|l| rules::check(&l, spec.max_tokens).map(|()| l)) {
-            Ok(line) => line,
-            Err(reason) => {
-                *manifest.skipped.entry(reason.to_string()).or_default() += 1;
+        let (bytes, hash) = match candidate(&trace, spec, &mut seen) {
+            Candidate::Line { bytes, hash } => (bytes, hash),
+            Candidate::Skipped(reason) => {
+                *manifest.skipped.entry(reason).or_default() += 1;
+                return true;
+            }
+            Candidate::Duplicate => {
+                manifest.duplicates += 1;
                 return true;
             }
         };
-        let bytes = match serde_json::to_vec(&line) {
-            Ok(b) => b,
-            Err(_) => {
-                *manifest.skipped.entry("unserialisable".into()).or_default() += 1;
-                return true;
-            }
-        };
-        let hash: [u8; 32] = Sha256::digest(&bytes).into();
-        if seen.insert(&hash) {
-            manifest.duplicates += 1;
-            return true;
-        }
         let contributed = per_key.entry(trace.key_id.clone()).or_default();
         if cap.is_some_and(|c| *contributed >= c) {
             manifest.capped += 1;

@@ -195,21 +195,101 @@ fn duplicates_are_dropped_the_split_is_deterministic_and_the_cut_moves_on() {
     traces.push(newer);
 }
 
+/// Builds from `keys` (a key and the prompts it sent) with `share`; each key's lines written.
+fn lines_per_key(keys: &[(&str, Vec<String>)], share: f64) -> (Manifest, BTreeMap<String, usize>) {
+    let traces: Vec<Trace> = keys
+        .iter()
+        .flat_map(|(key, prompts)| {
+            prompts
+                .iter()
+                .map(|p| trace("chat", Arm::Teacher, Some(key), None, p))
+        })
+        .collect();
+    let (dir, store) = store_with(&traces, |_| true);
+    let mut spec = DatasetSpec::new("chat");
+    spec.max_key_share = share;
+    let m = build(&store, &spec, dir.path(), "d", |_| {}).unwrap();
+    let mut per_key = BTreeMap::new();
+    for p in lines(&m.provenance.path) {
+        *per_key
+            .entry(p["key_id"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    // No key over its share of what was written, whatever the mix.
+    for (key, n) in &per_key {
+        assert!(
+            *n as f64 <= share * m.provenance.lines as f64,
+            "{key}: {n} of {} lines",
+            m.provenance.lines
+        );
+    }
+    (m, per_key)
+}
+
+fn prompts(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}{i}")).collect()
+}
+
 #[test]
 fn one_key_cannot_dominate_the_dataset() {
-    let mut traces: Vec<Trace> = (0..80)
-        .map(|i| trace("chat", Arm::Teacher, Some("loud"), None, &format!("l{i}")))
-        .collect();
-    traces.extend(
-        (0..20).map(|i| trace("chat", Arm::Teacher, Some("quiet"), None, &format!("q{i}"))),
+    let (m, per_key) = lines_per_key(
+        &[("loud", prompts("l", 80)), ("quiet", prompts("q", 20))],
+        0.5,
     );
-    let (dir, store) = store_with(&traces, |_| true);
-    let m = build(&store, &DatasetSpec::new("chat"), dir.path(), "d", |_| {}).unwrap();
-    let prov = lines(&m.provenance.path);
-    let loud = prov.iter().filter(|p| p["key_id"] == "loud").count();
-    assert_eq!(loud, 50, "capped at half of the 100 golden traces");
-    assert_eq!(m.capped, 30);
-    assert_eq!(prov.len(), 70);
+    assert_eq!(per_key["loud"], 20, "{per_key:?}");
+    assert_eq!(per_key["quiet"], 20);
+    assert_eq!(m.capped, 60);
+
+    // With a third key the loud one may write as many lines as the other two together.
+    let (_, per_key) = lines_per_key(
+        &[
+            ("loud", prompts("l", 80)),
+            ("mid", prompts("m", 30)),
+            ("quiet", prompts("q", 10)),
+        ],
+        0.5,
+    );
+    assert_eq!(
+        (per_key["loud"], per_key["mid"], per_key["quiet"]),
+        (40, 30, 10)
+    );
+
+    // Duplicates never count towards a key's allowance: 80 traces but 40 distinct lines.
+    let repeats: Vec<String> = (0..80).map(|i| format!("l{}", i % 40)).collect();
+    let (m, per_key) = lines_per_key(&[("loud", repeats), ("quiet", prompts("q", 30))], 0.5);
+    assert_eq!((per_key["loud"], per_key["quiet"]), (30, 30));
+    assert_eq!(m.duplicates, 40);
+
+    // Two keys cannot keep a share under a half: nothing is written rather than too much.
+    let (m, per_key) = lines_per_key(&[("a", prompts("a", 10)), ("b", prompts("b", 10))], 0.4);
+    assert!(per_key.is_empty(), "{per_key:?}");
+    assert_eq!(m.capped, 20);
+}
+
+#[test]
+fn the_share_cap_is_the_largest_that_keeps_every_key_within_its_share() {
+    assert_eq!(share_cap(vec![80, 20], 0.5), 20);
+    assert_eq!(share_cap(vec![80, 30, 10], 0.5), 40);
+    assert_eq!(share_cap(vec![5, 5, 5, 5], 0.25), 5);
+    assert_eq!(share_cap(vec![100, 1, 1, 1], 0.25), 1);
+    assert_eq!(share_cap(vec![10, 10], 0.4), 0);
+    assert_eq!(share_cap(vec![], 0.5), 0);
+    // Against the definition, over many mixes and shares.
+    for seed in 0..200u64 {
+        let lines: Vec<u64> = (0..2 + seed % 5)
+            .map(|k| (seed * 7 + k * 13) % 50)
+            .collect();
+        let share = 0.2 + (seed % 7) as f64 / 10.0;
+        let cap = share_cap(lines.clone(), share);
+        let holds =
+            |c: u64| c as f64 <= share * lines.iter().map(|&n| n.min(c)).sum::<u64>() as f64;
+        assert!(cap == 0 || holds(cap), "{lines:?} {share} {cap}");
+        let max = lines.iter().copied().max().unwrap_or(0);
+        assert!(
+            (cap + 1..=max).all(|c| !holds(c)),
+            "{lines:?} {share}: {cap} is not the largest"
+        );
+    }
 }
 
 #[test]
