@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use forge_gateway::auth::Secret;
 use forge_gateway::sim::{ModelBehavior, SimConfig};
-use forge_router::{CanaryShare, RouteSpec, Router, StickyKey};
+use forge_layer::trace::TraceId;
+use forge_router::{Arm, CanaryShare, RouteSpec, Router, StickyKey};
 use forge_tests::{chat_body, client, eventually, start_gateway_with, start_sim};
 use serde_json::{Value, json};
 
@@ -474,7 +475,8 @@ async fn the_guard_rolls_back_a_failing_student_without_failing_teacher_requests
     let guard = "[guard]\ninterval_secs = 0.3\nmin_requests = 40\nsteps = [50.0, 100.0]\n";
     let gw = start_gateway_with(&canary_config(&sim.base_url(), 50.0, guard), with_admin).await;
     let http = client();
-    let mut teacher_failures = 0;
+    // The trace id of every failed request, and how many the teacher answered.
+    let (mut failed, mut teacher_answers): (Vec<TraceId>, u32) = (Vec::new(), 0);
     let mut i = 0u64;
     let start = tokio::time::Instant::now();
     while gw.router().load().route("chat").unwrap().students[0].share != CanaryShare::ZERO {
@@ -491,13 +493,33 @@ async fn the_guard_rolls_back_a_failing_student_without_failing_teacher_requests
             .await
             .unwrap();
         let status = resp.status();
+        let id = resp.headers()["x-forge-trace-id"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
         let body: Value = resp.json().await.unwrap();
-        if body["model"] == "teacher" && status != 200 {
-            teacher_failures += 1;
+        if status != 200 {
+            failed.push(id);
+        } else if body["model"] == "teacher" {
+            teacher_answers += 1;
         }
         i += 1;
     }
-    assert_eq!(teacher_failures, 0);
+    // Every failure was the student's: its trace records the arm that served it.
+    assert!(
+        !failed.is_empty() && teacher_answers > 0,
+        "{failed:?}, {teacher_answers}"
+    );
+    let store = gw.store().unwrap();
+    eventually("the failed exchanges are stored", || {
+        failed.iter().all(|id| store.has_trace(*id).unwrap())
+    })
+    .await;
+    for id in &failed {
+        let arm = store.trace(*id).unwrap().unwrap().arm;
+        assert!(matches!(arm, Arm::Student(_)), "{id}: {arm:?}");
+    }
     let log = events(&http, &gw).await;
     let kinds: Vec<&str> = log
         .as_array()
