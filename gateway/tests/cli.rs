@@ -182,6 +182,137 @@ async fn upstream_key_comes_from_env_and_sigterm_drains_streams() {
     );
 }
 
+/// Opens the store a stopped gateway left in `dir`: it must need no repair (the gateway closed
+/// it cleanly). Returns its traces, oldest first.
+fn traces_left_without_repair(dir: &std::path::Path) -> Vec<forge_layer::trace::Trace> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let repaired = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&repaired);
+    let db = redb::Database::builder()
+        .set_repair_callback(move |_| flag.store(true, Ordering::SeqCst))
+        .open(dir.join(forge_layer::store::STORE_FILE))
+        .unwrap();
+    drop(db);
+    assert!(
+        !repaired.load(Ordering::SeqCst),
+        "the store needed repair: not closed cleanly"
+    );
+    let store = forge_layer::store::Store::open_existing_dir(dir).unwrap();
+    let mut traces = Vec::new();
+    store
+        .for_each_trace(|t| {
+            traces.push(t);
+            true
+        })
+        .unwrap();
+    traces
+}
+
+/// A sim whose `trickle` model streams `words` words 100 ms apart.
+async fn trickling_sim(words: usize) -> forge_gateway::sim::SimHandle {
+    let trickle = ModelBehavior {
+        chunk_delay: Duration::from_millis(100),
+        words,
+        ..ModelBehavior::default()
+    };
+    SimUpstream::start(
+        SimConfig {
+            models: [("trickle".to_string(), trickle)].into_iter().collect(),
+            ..SimConfig::default()
+        },
+        ([127, 0, 0, 1], 0).into(),
+    )
+    .await
+    .unwrap()
+}
+
+/// Starts a streamed chat through `base`, returning the task that reads it to the end.
+async fn start_stream(base: &str) -> tokio::task::JoinHandle<String> {
+    let body = serde_json::json!({"model": "a", "messages": [{"role": "user", "content": "hi"}], "stream": true});
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // A cut connection ends the text early, or fails it; either way what arrived is returned.
+    tokio::spawn(async move {
+        let mut resp = resp;
+        let mut text = String::new();
+        while let Ok(Some(chunk)) = resp.chunk().await {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        text
+    })
+}
+
+fn sigterm_and_wait(forge: &mut Forge) -> std::process::ExitStatus {
+    let pid = forge.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    forge.0.wait().unwrap()
+}
+
+#[tokio::test]
+async fn sigterm_flushes_the_capture_queue_and_closes_the_store_cleanly() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let sim = trickling_sim(10).await;
+    let data = tempfile::tempdir().unwrap();
+    // Commits would wait ten minutes: only the flush at shutdown can store the trace.
+    let text = config(&sim.base_url(), "PATH", data.path())
+        .replace("[capture]\n", "[capture]\nflush_interval_ms = 600000\n");
+    let (mut forge, base, _dir) = serve(&text, &[]);
+    let stream = start_stream(&base).await;
+    let status = tokio::task::spawn_blocking(move || (sigterm_and_wait(&mut forge), forge))
+        .await
+        .unwrap()
+        .0;
+    assert!(status.success(), "forge exited with {status}");
+    assert!(
+        stream.await.unwrap().ends_with("data: [DONE]\n\n"),
+        "the stream finished"
+    );
+
+    let traces = traces_left_without_repair(data.path());
+    assert_eq!(traces.len(), 1, "the queued trace was flushed");
+    assert_eq!(traces[0].outcome, forge_layer::trace::Outcome::Completed);
+}
+
+#[tokio::test]
+async fn sigterm_past_the_grace_period_cuts_streams_and_still_stores_their_traces() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    // 600 words, 100 ms apart: a minute, far past a 1 s grace period.
+    let sim = trickling_sim(600).await;
+    let data = tempfile::tempdir().unwrap();
+    let text = config(&sim.base_url(), "PATH", data.path())
+        .replace("shutdown_grace_secs = 60", "shutdown_grace_secs = 1");
+    let (mut forge, base, _dir) = serve(&text, &[]);
+    let streams = [start_stream(&base).await, start_stream(&base).await];
+    let status = tokio::task::spawn_blocking(move || (sigterm_and_wait(&mut forge), forge))
+        .await
+        .unwrap()
+        .0;
+    assert!(status.success(), "forge exited with {status}");
+    for stream in streams {
+        let text = stream.await.unwrap();
+        assert!(text.starts_with("data: "), "the stream had begun: {text:?}");
+        assert!(!text.contains("[DONE]"), "cut before its end: {text:?}");
+    }
+
+    let traces = traces_left_without_repair(data.path());
+    assert_eq!(traces.len(), 2, "both cut exchanges are stored");
+    for trace in traces {
+        assert_eq!(trace.outcome, forge_layer::trace::Outcome::Cancelled);
+    }
+}
+
 #[test]
 fn dataset_export_builds_a_valid_dataset_with_progress() {
     use forge_layer::reassemble::{AssistantMessage, FinalChoice, FinalResponse};
