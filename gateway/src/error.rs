@@ -48,6 +48,10 @@ pub enum Error {
     /// Forge could not connect to the upstream, or the connection failed.
     #[error("The upstream could not be reached.")]
     UpstreamUnreachable,
+    /// The upstream answered a chat completion with a redirect: Forge connects only where its
+    /// config says, and does not pass an app somewhere else either.
+    #[error("The upstream answered with a redirect, which Forge does not follow.")]
+    UpstreamRedirect,
     /// The upstream did not answer in time.
     #[error("The upstream did not respond within {0} ms.")]
     UpstreamTimeout(u64),
@@ -82,7 +86,7 @@ impl Error {
             Error::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Error::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Error::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
-            Error::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
+            Error::UpstreamUnreachable | Error::UpstreamRedirect => StatusCode::BAD_GATEWAY,
             Error::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Error::Unauthorized => StatusCode::UNAUTHORIZED,
             Error::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -92,7 +96,9 @@ impl Error {
     /// Who was at fault.
     pub fn fault(&self) -> Fault {
         match self {
-            Error::UpstreamUnreachable | Error::UpstreamTimeout(_) => Fault::Upstream,
+            Error::UpstreamUnreachable | Error::UpstreamRedirect | Error::UpstreamTimeout(_) => {
+                Fault::Upstream
+            }
             Error::Overloaded | Error::Internal => Fault::Gateway,
             _ => Fault::Client,
         }
@@ -117,6 +123,7 @@ impl Error {
             Error::BodyTimeout { .. } => "request_timeout",
             Error::Overloaded => "overloaded",
             Error::UpstreamUnreachable => "upstream_unreachable",
+            Error::UpstreamRedirect => "upstream_redirect",
             Error::UpstreamTimeout(_) => "upstream_timeout",
             Error::Unauthorized => "invalid_api_key",
             Error::TraceNotFound(_) => "trace_not_found",

@@ -657,6 +657,63 @@ async fn body_fields_cannot_redirect_the_gateway() {
     gw.shutdown().await;
 }
 
+/// An upstream that answers every request with a redirect to `to`, as a moved or compromised
+/// endpoint might.
+async fn redirecting_upstream(to: String) -> std::net::SocketAddr {
+    let app = axum::Router::new().fallback(move || {
+        let to = to.clone();
+        async move {
+            (
+                http::StatusCode::TEMPORARY_REDIRECT,
+                [(http::header::LOCATION, to)],
+            )
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+#[tokio::test]
+async fn upstream_redirects_are_never_followed() {
+    let attacker = start_sim(SimConfig::default()).await;
+    let moved = redirecting_upstream(format!("{}/chat/completions", attacker.base_url())).await;
+    let gw = start_gateway(&config_text(
+        &format!("http://{moved}/v1"),
+        "",
+        &[("a", "gpt-4o")],
+    ))
+    .await;
+    // A client that does not follow redirects either: what comes back is what the gateway did.
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    for stream in [false, true] {
+        let resp = http
+            .post(format!("{}/chat/completions", gw.base_url()))
+            .json(&chat_body("a", "hi", stream))
+            .send()
+            .await
+            .unwrap();
+        let (status, err) = error_of(resp).await;
+        assert_eq!(status, 502, "stream {stream}");
+        assert_eq!(err["error"]["code"], "upstream_redirect");
+    }
+    let passthrough = http
+        .post(format!("{}/embeddings", gw.base_url()))
+        .json(&json!({"model": "a", "input": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    // Other paths pass through as they are, the redirect included, but unfollowed.
+    assert_eq!(passthrough.status(), 307);
+    // Not one request, so not the upstream's key either, went where the redirect pointed.
+    assert_eq!(attacker.request_count(), 0);
+    gw.shutdown().await;
+}
+
 #[tokio::test]
 async fn other_v1_paths_pass_through_to_the_upstream() {
     let sim = start_sim(SimConfig::default()).await;

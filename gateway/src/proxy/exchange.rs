@@ -64,6 +64,11 @@ impl Service<Request<Bytes>> for UpstreamCall {
                     .send(Method::POST, CHAT_PATH, headers, body)
                     .await
                 {
+                    // No OpenAI-compatible API redirects a completion; passing the redirect
+                    // on would send the app's prompt wherever it points.
+                    Ok(response) if response.status().is_redirection() => {
+                        crate::error::Error::UpstreamRedirect.into_response()
+                    }
                     Ok(response) => response.map(Body::new),
                     Err(e) => e.into_response(),
                 },
