@@ -545,6 +545,62 @@ async fn body_limit_is_a_413_and_in_flight_cap_a_fast_503() {
 }
 
 #[tokio::test]
+async fn a_stream_holds_its_slot_until_it_ends() {
+    // A minute of words: the stream is still running whatever the machine's pace.
+    let trickle = ModelBehavior {
+        chunk_delay: Duration::from_millis(100),
+        words: 600,
+        ..ModelBehavior::default()
+    };
+    let sim = start_sim(behaviors(&[("trickle", trickle)])).await;
+    let gw = start_gateway(&config_text(
+        &sim.base_url(),
+        "max_in_flight = 1",
+        &[("trickle", "trickle"), ("fast", "gpt-4o")],
+    ))
+    .await;
+    let http = client();
+    let url = format!("{}/chat/completions", gw.base_url());
+    let mut stream = http
+        .post(&url)
+        .json(&chat_body("trickle", "long", true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    // Its headers are long sent, and some words too; the slot is still taken.
+    let first = stream.chunk().await.unwrap().expect("a first event");
+    assert!(first.starts_with(b"data: "));
+    let fast = |prompt: &'static str| {
+        http.post(&url)
+            .json(&chat_body("fast", prompt, false))
+            .send()
+    };
+    let (status, err) = error_of(fast("refused").await.unwrap()).await;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (503, Some("overloaded"))
+    );
+
+    // The client goes away: the slot is free again.
+    drop(stream);
+    let start = tokio::time::Instant::now();
+    loop {
+        let resp = fast("served").await.unwrap();
+        if resp.status() == 200 {
+            break;
+        }
+        assert_eq!(resp.status(), 503);
+        assert!(
+            start.elapsed() < forge_tests::DEADLINE,
+            "the slot was never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_body_that_never_finishes_is_a_408_and_frees_its_slot() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let sim = start_sim(SimConfig::default()).await;
