@@ -552,6 +552,57 @@ mod tests {
         }
     }
 
+    /// Lines an upstream might send, right or wrong, to build arbitrary streams from.
+    fn any_line() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("data: [DONE]".to_string()),
+            Just(String::new()),
+            Just(": comment".to_string()),
+            Just("event: x".to_string()),
+            Just("data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"é😀\"}}]}".to_string()),
+            Just("data: {\"choices\":[{\"index\":4294967296,\"delta\":{\"tool_calls\":[{\"index\":18446744073709551615,\"function\":{\"arguments\":\"{\"}}]}}]}".to_string()),
+            Just("data: {\"error\":{\"message\":\"x\"}}".to_string()),
+            Just("data: {\"usage\":{\"total_tokens\":1}}".to_string()),
+            "data: \\PC{0,40}",
+            "\\PC{0,40}",
+        ]
+    }
+
+    proptest! {
+        // Any bytes at all, cut anywhere: no panic, and the same message as whole.
+        #[test]
+        fn arbitrary_streams_give_one_message_for_any_chunking(
+            lines in prop::collection::vec(any_line(), 0..12),
+            eol in prop::sample::select(vec!["\n", "\r\n", "\r"]),
+            noise in prop::collection::vec(any::<u8>(), 0..8),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..12),
+        ) {
+            let mut bytes = lines.join(eol).into_bytes();
+            bytes.extend_from_slice(&noise);
+            let mut points: Vec<usize> = cuts.iter().map(|c| c.index(bytes.len() + 1)).collect();
+            points.sort_unstable();
+            let mut chunks = Vec::new();
+            let mut last = 0;
+            for p in points {
+                chunks.push(&bytes[last..p]);
+                last = p;
+            }
+            chunks.push(&bytes[last..]);
+            prop_assert_eq!(reassemble(&chunks), reassemble(&[&bytes]));
+        }
+
+        // A non-stream body of any bytes is read without a panic, the same both ways.
+        #[test]
+        fn arbitrary_json_bodies_never_panic(body in prop::collection::vec(any::<u8>(), 0..200), text in "\\PC{0,80}") {
+            let _ = FinalResponse::from_json(&body);
+            let wrapped = format!("{{\"choices\":[{{\"message\":{{\"content\":{text:?}}}}}]}}");
+            prop_assert_eq!(
+                FinalResponse::from_json(wrapped.as_bytes()),
+                FinalResponse::from_any_json(wrapped.as_bytes())
+            );
+        }
+    }
+
     #[test]
     fn cut_stream_and_mid_stream_error_are_visible() {
         let bytes = stream("\n");

@@ -44,6 +44,11 @@ impl SseParser {
 
     /// Parses one more chunk, calling `on_event` with each event's data.
     pub fn feed(&mut self, mut bytes: &[u8], on_event: &mut impl FnMut(&str)) {
+        if bytes.is_empty() {
+            // An empty chunk says nothing, not even that a CR just before it ended its line
+            // alone: an LF in the next chunk is still that CR's other half.
+            return;
+        }
         if self.after_cr {
             self.after_cr = false;
             if let Some(rest) = bytes.strip_prefix(b"\n") {
@@ -142,9 +147,13 @@ mod tests {
 
     #[test]
     fn every_split_point_gives_the_same_events() {
-        let stream = "data: {\"c\":\"héllo ✓ 😀\"}\r\n\r\ndata: x\r\rdata: [DONE]\n\n".as_bytes();
+        // Two of the events span two `data:` lines, one after a CRLF, one after a CR.
+        let stream = "data: {\"c\":\"héllo ✓ 😀\"}\r\n\r\ndata: x\r\rdata: a\r\ndata: b\r\n\r\ndata: c\rdata: d\r\rdata: [DONE]\n\n".as_bytes();
         let whole = parse_in(&[stream]);
-        assert_eq!(whole.len(), 3);
+        assert_eq!(
+            whole,
+            ["{\"c\":\"héllo ✓ 😀\"}", "x", "a\nb", "c\nd", "[DONE]"]
+        );
         for i in 0..=stream.len() {
             for j in i..=stream.len() {
                 assert_eq!(
