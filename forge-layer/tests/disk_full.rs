@@ -7,19 +7,31 @@
 #![cfg(target_os = "linux")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use forge_layer::capture::{BodyEnd, CaptureSession, ExchangeMeta, PendingTrace};
 use forge_layer::store::{CaptureMode, STORE_FILE, Store, TraceWriter, WriterConfig};
 use forge_router::Arm;
 
-/// Caps the size of any file this process writes; `None` lifts the cap.
+/// Caps the size of any file this process writes, within the hard limit; `None` lifts the cap
+/// back to it.
 fn cap_file_size(bytes: Option<u64>) {
-    use rustix::process::{Resource, Rlimit, setrlimit};
-    let limit = Rlimit {
-        current: bytes,
-        maximum: None,
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let hard = getrlimit(Resource::Fsize).maximum;
+    let current = match (bytes, hard) {
+        (Some(b), Some(h)) => Some(b.min(h)),
+        (Some(b), None) => Some(b),
+        (None, h) => h,
     };
-    setrlimit(Resource::Fsize, limit).expect("setrlimit");
+    setrlimit(
+        Resource::Fsize,
+        Rlimit {
+            current,
+            maximum: hard,
+        },
+    )
+    .expect("setrlimit");
 }
 
 /// Past the cap the kernel also sends SIGXFSZ, which kills a process by default; with a handler
@@ -88,12 +100,20 @@ async fn a_full_disk_fails_captures_counted_and_capture_resumes_without_a_restar
     assert!(!committed(&writer, exchange(&writer, 13_000)).await);
 
     cap_file_size(None);
-    let after = exchange(&writer, 13_000);
-    let id = after.id();
-    assert!(
-        committed(&writer, after).await,
-        "capture did not resume once the disk had room"
-    );
+    // The file is reopened in the background; until then captures still fail, counted.
+    let start = tokio::time::Instant::now();
+    let id = loop {
+        let after = exchange(&writer, 13_000);
+        let id = after.id();
+        if committed(&writer, after).await {
+            break id;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "capture did not resume once the disk had room"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert!(store.has_trace(id).unwrap(), "the store reads again too");
 
     let counters = writer.counters();

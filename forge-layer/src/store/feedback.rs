@@ -1,6 +1,6 @@
 //! Feedback from people and evaluation scores from graders, keyed by the trace they judge.
 
-use redb::{ReadableDatabase, ReadableTable};
+use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 
 use super::{EVALUATIONS, FEEDBACK, Store, StoreError, TRACES, db_err};
@@ -74,21 +74,21 @@ impl Store {
 
     /// All feedback for a trace, oldest first.
     pub fn feedback(&self, trace: TraceId) -> Result<Vec<Feedback>, StoreError> {
-        let txn = self.db()?.begin_read().map_err(db_err)?;
-        let table = txn.open_table(FEEDBACK).map_err(db_err)?;
-        let key = trace.as_u128();
-        let mut out = Vec::new();
-        for entry in table.range((key, 0)..=(key, u128::MAX)).map_err(db_err)? {
-            let (_, v) = entry.map_err(db_err)?;
-            out.push(serde_json::from_slice(v.value())?);
-        }
-        Ok(out)
+        self.read(|txn| {
+            let table = txn.open_table(FEEDBACK).map_err(db_err)?;
+            let key = trace.as_u128();
+            let mut out = Vec::new();
+            for entry in table.range((key, 0)..=(key, u128::MAX)).map_err(db_err)? {
+                let (_, v) = entry.map_err(db_err)?;
+                out.push(serde_json::from_slice(v.value())?);
+            }
+            Ok(out)
+        })
     }
 
     /// The feedback in force for a trace: each field's latest value across its feedback.
     pub fn current_feedback(&self, trace: TraceId) -> Result<Option<Feedback>, StoreError> {
-        let txn = self.db()?.begin_read().map_err(db_err)?;
-        current_of(&txn.open_table(FEEDBACK).map_err(db_err)?, trace.as_u128())
+        self.read(|txn| current_of(&txn.open_table(FEEDBACK).map_err(db_err)?, trace.as_u128()))
     }
 
     /// Records an evaluation result for an existing trace, checked in the same transaction (a
@@ -111,11 +111,12 @@ impl Store {
 
     /// The latest evaluation of a trace.
     pub fn latest_evaluation(&self, trace: TraceId) -> Result<Option<Evaluation>, StoreError> {
-        let txn = self.db()?.begin_read().map_err(db_err)?;
-        latest_of(
-            &txn.open_table(EVALUATIONS).map_err(db_err)?,
-            trace.as_u128(),
-        )
+        self.read(|txn| {
+            latest_of(
+                &txn.open_table(EVALUATIONS).map_err(db_err)?,
+                trace.as_u128(),
+            )
+        })
     }
 }
 

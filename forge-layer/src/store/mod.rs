@@ -6,6 +6,7 @@
 
 mod feedback;
 mod lanes;
+mod open;
 mod records;
 mod retention;
 mod routes;
@@ -13,14 +14,12 @@ mod unsettled;
 mod writer;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
-use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
-};
+use redb::{Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use crate::trace::{Trace, TraceId};
+use open::{Handle, OpenDb};
 
 pub use feedback::{Evaluation, Feedback};
 pub use retention::{EXPIRE_BATCH, EXPIRE_BATCH_BYTES, Expired, run_expiry};
@@ -83,8 +82,8 @@ pub enum StoreError {
         "no store at {0} (is the data directory right? the gateway creates it when it first starts with capture on)"
     )]
     NoStore(PathBuf),
-    /// The file was closed after an I/O error and could not be opened again yet.
-    #[error("the store {0} is closed after an I/O error; the next write tries to reopen it")]
+    /// The file is being reopened after an I/O error.
+    #[error("the store {0} is being reopened after an I/O error (see the log)")]
     Closed(PathBuf),
 }
 
@@ -110,19 +109,6 @@ pub struct Store {
     /// Trace ids the writer has issued and not yet committed.
     unsettled: Arc<Unsettled>,
 }
-
-/// The open database, swapped for a fresh one after an I/O error. After one (a full disk, say),
-/// redb refuses every later operation until the file is closed and opened again; reopening it
-/// lets capture resume as soon as the disk has room, with no restart. `None` while a reopen has
-/// failed. Others hold the `Arc` only from [`Store::db`] until they have begun a transaction.
-#[derive(Debug)]
-struct OpenDb {
-    current: RwLock<Option<Arc<Database>>>,
-    cache_bytes: usize,
-}
-
-/// How long a reopen waits for transactions that began before it to let go of the file.
-const REOPEN_WAIT: Duration = Duration::from_secs(5);
 
 impl Store {
     /// Opens (or creates) `DIR/forge.redb`, creating `DIR` if needed, with the default cache.
@@ -152,12 +138,8 @@ impl Store {
 
     /// Opens (or creates) the store file at `path`.
     pub fn open(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
-        let db = open_database(path, cache_bytes)?;
         let store = Self {
-            db: Arc::new(OpenDb {
-                current: RwLock::new(Some(Arc::new(db))),
-                cache_bytes,
-            }),
+            db: Arc::new(OpenDb::open(path, cache_bytes)?),
             path: path.to_path_buf(),
             unsettled: Arc::default(),
         };
@@ -189,104 +171,49 @@ impl Store {
         &self.unsettled
     }
 
-    /// The database, to begin a transaction on.
-    fn db(&self) -> Result<Arc<Database>, StoreError> {
-        let current = self
-            .db
-            .current
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        current
-            .clone()
-            .ok_or_else(|| StoreError::Closed(self.path.clone()))
-    }
-
-    /// Runs `f` in one durable write transaction. After an I/O error the file is reopened, and
-    /// the error returned: the caller decides whether to try again.
+    /// Runs `f` in one durable write transaction. An I/O error starts a reopen of the file (see
+    /// `store/open.rs`); the error is returned, and the caller decides whether to try again.
     fn write<T>(
         &self,
         f: impl FnOnce(&redb::WriteTransaction) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let db = match self.db() {
-            Ok(db) => db,
-            Err(_closed) => {
-                self.reopen(None);
-                self.db()?
-            }
-        };
-        let written: Result<T, StoreError> = (|| {
-            let mut txn = db.begin_write().map_err(db_err)?;
+        let Handle { db, generation } = self.db.handle()?;
+        let begun = db.begin_write().map_err(db_err);
+        drop(db);
+        let written = begun.and_then(|mut txn| {
             txn.set_two_phase_commit(true);
             txn.set_quick_repair(true);
             txn.set_durability(Durability::Immediate).map_err(db_err)?;
             let out = f(&txn)?;
             txn.commit().map_err(db_err)?;
             Ok(out)
-        })();
-        if let Err(e) = &written
-            && e.is_io()
-        {
-            let failed = Arc::as_ptr(&db);
-            drop(db);
-            self.reopen(Some(failed));
+        });
+        if let Err(e) = &written {
+            self.db.failed(generation, e);
         }
         written
     }
 
-    /// Closes the database that failed (`None`: the slot is already empty) and opens the file
-    /// again, unless another caller did so first. A file that cannot be opened yet leaves the
-    /// slot empty, and the next write tries again.
-    fn reopen(&self, failed: Option<*const Database>) {
-        let mut current = self
-            .db
-            .current
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        if current.as_ref().map(Arc::as_ptr) != failed {
-            return;
+    /// Runs `f` in one read transaction; an I/O error starts a reopen, as in [`Store::write`].
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&redb::ReadTransaction) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let Handle { db, generation } = self.db.handle()?;
+        let begun = db.begin_read().map_err(db_err);
+        drop(db);
+        let read = begun.and_then(|txn| f(&txn));
+        if let Err(e) = &read {
+            self.db.failed(generation, e);
         }
-        if let Some(mut db) = current.take() {
-            let deadline = Instant::now() + REOPEN_WAIT;
-            loop {
-                match Arc::try_unwrap(db) {
-                    // Closes the file now, or once a write transaction still running ends.
-                    Ok(db) => break drop(db),
-                    Err(shared) if Instant::now() < deadline => {
-                        db = shared;
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                    Err(shared) => {
-                        tracing::error!(path = %self.path.display(), "store failed with an I/O error and is still in use; not reopened");
-                        *current = Some(shared);
-                        return;
-                    }
-                }
-            }
-        }
-        let deadline = Instant::now() + REOPEN_WAIT;
-        loop {
-            match open_database(&self.path, self.db.cache_bytes) {
-                Ok(db) => {
-                    tracing::warn!(path = %self.path.display(), "store reopened after an I/O error");
-                    *current = Some(Arc::new(db));
-                    return;
-                }
-                // A write transaction that began before the error still holds the file.
-                Err(StoreError::InUse(_)) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(e) => {
-                    tracing::error!(path = %self.path.display(), error = %e, "store could not be reopened after an I/O error; the next write tries again");
-                    return;
-                }
-            }
-        }
+        read
     }
 
     /// Holds redb's write lock until the guard is dropped; every writer waits meanwhile. For
     /// fault-injection tests (a stalled store) and maintenance.
     pub fn hold_write_lock(&self) -> Result<WriteLock, StoreError> {
-        Ok(WriteLock(Some(self.db()?.begin_write().map_err(db_err)?)))
+        let Handle { db, .. } = self.db.handle()?;
+        Ok(WriteLock(Some(db.begin_write().map_err(db_err)?)))
     }
 
     /// Stores already-encoded traces in one transaction: all of them or none.
@@ -305,26 +232,29 @@ impl Store {
 
     /// One trace.
     pub fn trace(&self, id: TraceId) -> Result<Option<Trace>, StoreError> {
-        let txn = self.db()?.begin_read().map_err(db_err)?;
-        let table = txn.open_table(TRACES).map_err(db_err)?;
-        match table.get(id.as_u128()).map_err(db_err)? {
-            Some(v) => Ok(Some(serde_json::from_slice(v.value())?)),
-            None => Ok(None),
-        }
+        self.read(|txn| {
+            let table = txn.open_table(TRACES).map_err(db_err)?;
+            match table.get(id.as_u128()).map_err(db_err)? {
+                Some(v) => Ok(Some(serde_json::from_slice(v.value())?)),
+                None => Ok(None),
+            }
+        })
     }
 
     /// Whether a trace exists.
     pub fn has_trace(&self, id: TraceId) -> Result<bool, StoreError> {
-        let txn = self.db()?.begin_read().map_err(db_err)?;
-        let table = txn.open_table(TRACES).map_err(db_err)?;
-        Ok(table.get(id.as_u128()).map_err(db_err)?.is_some())
+        self.read(|txn| {
+            let table = txn.open_table(TRACES).map_err(db_err)?;
+            Ok(table.get(id.as_u128()).map_err(db_err)?.is_some())
+        })
     }
 
     /// How many traces are stored.
     pub fn trace_count(&self) -> Result<u64, StoreError> {
-        let txn = self.db()?.begin_read().map_err(db_err)?;
-        let table = txn.open_table(TRACES).map_err(db_err)?;
-        table.len().map_err(db_err)
+        self.read(|txn| {
+            let table = txn.open_table(TRACES).map_err(db_err)?;
+            table.len().map_err(db_err)
+        })
     }
 
     /// Up to `limit` traces, newest first, older than `before` when given, that pass `keep`.
@@ -334,47 +264,38 @@ impl Store {
         limit: usize,
         mut keep: impl FnMut(&Trace) -> bool,
     ) -> Result<Vec<Trace>, StoreError> {
-        let txn = self.db()?.begin_read().map_err(db_err)?;
-        let table = txn.open_table(TRACES).map_err(db_err)?;
-        let upper = before.map_or(u128::MAX, TraceId::as_u128);
-        let mut out = Vec::new();
-        for entry in table.range(..upper).map_err(db_err)?.rev() {
-            if out.len() >= limit {
-                break;
+        self.read(|txn| {
+            let table = txn.open_table(TRACES).map_err(db_err)?;
+            let upper = before.map_or(u128::MAX, TraceId::as_u128);
+            let mut out = Vec::new();
+            for entry in table.range(..upper).map_err(db_err)?.rev() {
+                if out.len() >= limit {
+                    break;
+                }
+                let (_, v) = entry.map_err(db_err)?;
+                let trace: Trace = serde_json::from_slice(v.value())?;
+                if keep(&trace) {
+                    out.push(trace);
+                }
             }
-            let (_, v) = entry.map_err(db_err)?;
-            let trace: Trace = serde_json::from_slice(v.value())?;
-            if keep(&trace) {
-                out.push(trace);
-            }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// Calls `f` on every trace, oldest first, one at a time: memory stays flat however many
     /// traces there are. `f` returns `false` to stop early.
     pub fn for_each_trace(&self, mut f: impl FnMut(Trace) -> bool) -> Result<(), StoreError> {
-        let txn = self.db()?.begin_read().map_err(db_err)?;
-        let table = txn.open_table(TRACES).map_err(db_err)?;
-        for entry in table.iter().map_err(db_err)? {
-            let (_, v) = entry.map_err(db_err)?;
-            if !f(serde_json::from_slice(v.value())?) {
-                break;
+        self.read(|txn| {
+            let table = txn.open_table(TRACES).map_err(db_err)?;
+            for entry in table.iter().map_err(db_err)? {
+                let (_, v) = entry.map_err(db_err)?;
+                if !f(serde_json::from_slice(v.value())?) {
+                    break;
+                }
             }
-        }
-        Ok(())
-    }
-}
-
-/// Opens (or creates) the file, telling "another process has it" apart from other failures.
-fn open_database(path: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
-    Database::builder()
-        .set_cache_size(cache_bytes)
-        .create(path)
-        .map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(path.to_path_buf()),
-            other => db_err(other),
+            Ok(())
         })
+    }
 }
 
 /// See [`Store::hold_write_lock`].

@@ -1,6 +1,6 @@
 //! Distillation records in the store: jobs, the model registry, cursors, and graded trace scans.
 
-use redb::{ReadableDatabase, ReadableTable};
+use redb::ReadableTable;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -31,26 +31,28 @@ impl Store {
         table: redb::TableDefinition<&str, &[u8]>,
         key: &str,
     ) -> Result<Option<T>, StoreError> {
-        let txn = self.db()?.begin_read().map_err(db_err)?;
-        let t = txn.open_table(table).map_err(db_err)?;
-        match t.get(key).map_err(db_err)? {
-            Some(v) => Ok(Some(serde_json::from_slice(v.value())?)),
-            None => Ok(None),
-        }
+        self.read(|txn| {
+            let t = txn.open_table(table).map_err(db_err)?;
+            match t.get(key).map_err(db_err)? {
+                Some(v) => Ok(Some(serde_json::from_slice(v.value())?)),
+                None => Ok(None),
+            }
+        })
     }
 
     fn all_json<T: DeserializeOwned>(
         &self,
         table: redb::TableDefinition<&str, &[u8]>,
     ) -> Result<Vec<T>, StoreError> {
-        let txn = self.db()?.begin_read().map_err(db_err)?;
-        let t = txn.open_table(table).map_err(db_err)?;
-        let mut out = Vec::new();
-        for entry in t.iter().map_err(db_err)? {
-            let (_, v) = entry.map_err(db_err)?;
-            out.push(serde_json::from_slice(v.value())?);
-        }
-        Ok(out)
+        self.read(|txn| {
+            let t = txn.open_table(table).map_err(db_err)?;
+            let mut out = Vec::new();
+            for entry in t.iter().map_err(db_err)? {
+                let (_, v) = entry.map_err(db_err)?;
+                out.push(serde_json::from_slice(v.value())?);
+            }
+            Ok(out)
+        })
     }
 
     /// Writes a distillation job record (durably, before the change it records takes effect).
@@ -122,24 +124,25 @@ impl Store {
             .scan_bound()
             .map_or(u128::MAX, TraceId::as_u128);
         let end = until.map_or(settled, |id| settled.min(id.as_u128().saturating_add(1)));
-        let txn = self.db()?.begin_read().map_err(db_err)?;
-        let traces = txn.open_table(TRACES).map_err(db_err)?;
-        let feedback = txn.open_table(FEEDBACK).map_err(db_err)?;
-        let evaluations = txn.open_table(EVALUATIONS).map_err(db_err)?;
-        let start = after.map_or(0, |id| id.as_u128().saturating_add(1));
-        if start >= end {
-            return Ok(());
-        }
-        for entry in traces.range(start..end).map_err(db_err)? {
-            let (k, v) = entry.map_err(db_err)?;
-            let key = k.value();
-            let current_fb = current_of(&feedback, key)?;
-            let latest_eval = latest_of::<Evaluation>(&evaluations, key)?;
-            if !f(serde_json::from_slice(v.value())?, current_fb, latest_eval) {
-                break;
+        self.read(|txn| {
+            let traces = txn.open_table(TRACES).map_err(db_err)?;
+            let feedback = txn.open_table(FEEDBACK).map_err(db_err)?;
+            let evaluations = txn.open_table(EVALUATIONS).map_err(db_err)?;
+            let start = after.map_or(0, |id| id.as_u128().saturating_add(1));
+            if start >= end {
+                return Ok(());
             }
-        }
-        Ok(())
+            for entry in traces.range(start..end).map_err(db_err)? {
+                let (k, v) = entry.map_err(db_err)?;
+                let key = k.value();
+                let current_fb = current_of(&feedback, key)?;
+                let latest_eval = latest_of::<Evaluation>(&evaluations, key)?;
+                if !f(serde_json::from_slice(v.value())?, current_fb, latest_eval) {
+                    break;
+                }
+            }
+            Ok(())
+        })
     }
 
     /// Whether a trace already has an evaluation.

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use redb::{ReadableDatabase, ReadableTable};
+use redb::ReadableTable;
 use tokio::sync::watch;
 
 use super::{EVALUATIONS, FEEDBACK, META, Store, StoreError, TRACES, db_err};
@@ -144,15 +144,16 @@ impl Store {
     /// age if that is higher. New ids are made above it when the store opens.
     pub fn id_floor(&self) -> Result<Option<TraceId>, StoreError> {
         // One snapshot, so that an expiry committing meanwhile cannot hide both.
-        let txn = self.db()?.begin_read().map_err(db_err)?;
-        let newest = txn
-            .open_table(TRACES)
-            .map_err(db_err)?
-            .last()
-            .map_err(db_err)?
-            .map(|(k, _)| TraceId::from_u128(k.value()));
-        let expired = expired_mark(&txn.open_table(META).map_err(db_err)?)?;
-        Ok(newest.max(expired))
+        self.read(|txn| {
+            let newest = txn
+                .open_table(TRACES)
+                .map_err(db_err)?
+                .last()
+                .map_err(db_err)?
+                .map(|(k, _)| TraceId::from_u128(k.value()));
+            let expired = expired_mark(&txn.open_table(META).map_err(db_err)?)?;
+            Ok(newest.max(expired))
+        })
     }
 }
 

@@ -1,7 +1,7 @@
 //! The routing table's persistence: the table in force and the history of every change.
 
 use forge_router::RouteSpec;
-use redb::{ReadableDatabase, ReadableTable};
+use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 
 use super::{ROUTE_HISTORY, ROUTES, Store, StoreError, db_err};
@@ -45,23 +45,25 @@ impl Store {
 
     /// The table in force when the store was last written, if any.
     pub fn load_routes(&self) -> Result<Option<RouteChange>, StoreError> {
-        let txn = self.db()?.begin_read().map_err(db_err)?;
-        let table = txn.open_table(ROUTES).map_err(db_err)?;
-        match table.get(CURRENT).map_err(db_err)? {
-            Some(v) => Ok(Some(serde_json::from_slice(v.value())?)),
-            None => Ok(None),
-        }
+        self.read(|txn| {
+            let table = txn.open_table(ROUTES).map_err(db_err)?;
+            match table.get(CURRENT).map_err(db_err)? {
+                Some(v) => Ok(Some(serde_json::from_slice(v.value())?)),
+                None => Ok(None),
+            }
+        })
     }
 
     /// The latest `limit` changes, newest first.
     pub fn route_history(&self, limit: usize) -> Result<Vec<RouteChange>, StoreError> {
-        let txn = self.db()?.begin_read().map_err(db_err)?;
-        let table = txn.open_table(ROUTE_HISTORY).map_err(db_err)?;
-        let mut out = Vec::new();
-        for entry in table.iter().map_err(db_err)?.rev().take(limit) {
-            let (_, v) = entry.map_err(db_err)?;
-            out.push(serde_json::from_slice(v.value())?);
-        }
-        Ok(out)
+        self.read(|txn| {
+            let table = txn.open_table(ROUTE_HISTORY).map_err(db_err)?;
+            let mut out = Vec::new();
+            for entry in table.iter().map_err(db_err)?.rev().take(limit) {
+                let (_, v) = entry.map_err(db_err)?;
+                out.push(serde_json::from_slice(v.value())?);
+            }
+            Ok(out)
+        })
     }
 }

@@ -544,3 +544,40 @@ fn new_ids_stay_above_expired_ones_across_a_reopen() {
         "the higher of the two"
     );
 }
+
+#[test]
+fn an_io_error_reopens_the_file_once_and_a_late_report_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_dir(dir.path()).unwrap();
+    store
+        .insert_encoded([(TraceId::generate(), &b"{}"[..])])
+        .unwrap();
+    let io = || StoreError::Redb(redb::Error::PreviousIo);
+    // Not an I/O error: nothing happens.
+    store
+        .db
+        .failed(0, &StoreError::NoSuchTrace(TraceId::generate()));
+    assert_eq!(store.db.handle().unwrap().generation, 0);
+
+    store.db.failed(0, &io());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let reopened = loop {
+        match store.db.handle() {
+            Ok(handle) => break handle.generation,
+            // Meanwhile every operation fails at once, and says why.
+            Err(e) => assert!(matches!(e, StoreError::Closed(_)), "{e}"),
+        }
+        assert!(std::time::Instant::now() < deadline, "never reopened");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(reopened, 1);
+    assert_eq!(store.trace_count().unwrap(), 1, "the reopened file holds the trace");
+    // Another operation of the first opening reports the same failure late: the new opening
+    // stays open.
+    store.db.failed(0, &io());
+    assert_eq!(store.db.handle().unwrap().generation, 1);
+    store
+        .insert_encoded([(TraceId::generate(), &b"{}"[..])])
+        .unwrap();
+    assert_eq!(store.trace_count().unwrap(), 2);
+}

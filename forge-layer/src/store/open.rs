@@ -1,0 +1,147 @@
+//! The open redb file, reopened in the background after an I/O error.
+//!
+//! After one I/O error (a full disk, say) redb refuses every later operation until the file is
+//! closed and opened again. So the first operation to meet one takes the database out of its
+//! slot, and a thread of its own closes the file and opens it again, retrying until it can.
+//! Capture resumes as soon as the disk has room, with no restart; nobody waits for the reopen:
+//! meanwhile operations fail at once with [`StoreError::Closed`].
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock, RwLockWriteGuard};
+use std::time::Duration;
+
+use redb::Database;
+
+use super::StoreError;
+
+/// The first pause between two attempts to reopen; it doubles up to [`MAX_PAUSE`].
+const FIRST_PAUSE: Duration = Duration::from_millis(10);
+const MAX_PAUSE: Duration = Duration::from_secs(1);
+
+/// The database file and, while it is open, its handle.
+#[derive(Debug)]
+pub(super) struct OpenDb {
+    path: PathBuf,
+    cache_bytes: usize,
+    slot: RwLock<Slot>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    /// `None` while a reopen runs.
+    db: Option<Arc<Database>>,
+    /// Counts the openings, so that a failure reported late never closes a newer opening.
+    generation: u64,
+}
+
+/// The database for one operation, and the opening it belongs to. Drop `db` as soon as the
+/// transaction has begun: a reopen waits for every handle to be gone before it closes the file.
+pub(super) struct Handle {
+    pub(super) db: Arc<Database>,
+    pub(super) generation: u64,
+}
+
+impl OpenDb {
+    /// Opens (or creates) the file.
+    pub(super) fn open(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
+        let db = open_database(path, cache_bytes)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            cache_bytes,
+            slot: RwLock::new(Slot {
+                db: Some(Arc::new(db)),
+                generation: 0,
+            }),
+        })
+    }
+
+    /// The database to begin a transaction on.
+    pub(super) fn handle(&self) -> Result<Handle, StoreError> {
+        let slot = self.slot.read().unwrap_or_else(PoisonError::into_inner);
+        match &slot.db {
+            Some(db) => Ok(Handle {
+                db: Arc::clone(db),
+                generation: slot.generation,
+            }),
+            None => Err(StoreError::Closed(self.path.clone())),
+        }
+    }
+
+    /// Reports how an operation on opening `generation` failed: an I/O error starts a reopen,
+    /// unless one has started since.
+    pub(super) fn failed(self: &Arc<Self>, generation: u64, error: &StoreError) {
+        if !error.is_io() {
+            return;
+        }
+        let mut slot = self.lock();
+        if slot.generation != generation {
+            return;
+        }
+        let Some(old) = slot.db.take() else {
+            return;
+        };
+        drop(slot);
+        tracing::error!(path = %self.path.display(), %error, "store I/O error: reopening the file");
+        let this = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("forge-store-reopen".into())
+            .spawn(move || this.reopen(old));
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "no thread to reopen the store; it stays closed");
+        }
+    }
+
+    fn reopen(self: Arc<Self>, mut old: Arc<Database>) {
+        // Others hold a handle only until they have begun a transaction.
+        let db = loop {
+            match Arc::try_unwrap(old) {
+                Ok(db) => break db,
+                Err(shared) => {
+                    old = shared;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        };
+        // Closes the file now, or when a write transaction still running ends.
+        drop(db);
+        let mut pause = FIRST_PAUSE;
+        let mut attempts = 0u64;
+        // Until it opens, or the store is gone (this thread holds the last reference).
+        while Arc::strong_count(&self) > 1 {
+            attempts += 1;
+            match open_database(&self.path, self.cache_bytes) {
+                Ok(db) => {
+                    let mut slot = self.lock();
+                    slot.db = Some(Arc::new(db));
+                    slot.generation += 1;
+                    tracing::warn!(path = %self.path.display(), attempts, "store reopened after an I/O error");
+                    return;
+                }
+                Err(e) => {
+                    // A transaction that began before the error may still hold the file, or
+                    // the disk may still refuse: say so once, then keep trying quietly.
+                    if attempts == 1 {
+                        tracing::error!(path = %self.path.display(), error = %e, "store cannot be reopened yet; retrying");
+                    }
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(MAX_PAUSE);
+                }
+            }
+        }
+    }
+
+    fn lock(&self) -> RwLockWriteGuard<'_, Slot> {
+        self.slot.write().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Opens (or creates) the file, telling "another process has it" apart from other failures.
+fn open_database(path: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
+    Database::builder()
+        .set_cache_size(cache_bytes)
+        .create(path)
+        .map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(path.to_path_buf()),
+            other => super::db_err(other),
+        })
+}
