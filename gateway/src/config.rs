@@ -1145,6 +1145,9 @@ mod tests {
             Endpoint::Url("https://api.example.com/v1".into())
         );
         assert_eq!(c.server.max_body_bytes, 10 * 1024 * 1024);
+        // Both ports listen on loopback unless told otherwise.
+        assert_eq!(c.server.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.server.admin_listen, "127.0.0.1:8081".parse().unwrap());
         assert_eq!(c.server.passthrough_upstream.as_deref(), Some("a"));
         assert_eq!(c.upstreams[0].timeouts.idle, Duration::from_secs(60));
         assert_eq!(c.server.send_timeout, Duration::from_secs(60));

@@ -10,7 +10,7 @@ use forge_gateway::auth::Secret;
 use forge_gateway::sim::{ModelBehavior, SimConfig};
 use forge_layer::trace::TraceId;
 use forge_router::{Arm, CanaryShare, RouteSpec, Router, StickyKey};
-use forge_tests::{chat_body, client, eventually, start_gateway_with, start_sim};
+use forge_tests::{chat_body, client, eventually, start_gateway, start_gateway_with, start_sim};
 use serde_json::{Value, json};
 
 const TOKEN: &str = "test-admin-token";
@@ -232,6 +232,27 @@ async fn admin_api_validates_authenticates_and_survives_a_restart() {
         404,
         "admin paths are not on the proxy port"
     );
+    // The header limits guard the admin port too, before the token is even looked at.
+    let mut many = reqwest::header::HeaderMap::new();
+    for i in 0..200 {
+        many.insert(
+            reqwest::header::HeaderName::try_from(format!("x-h{i}")).unwrap(),
+            reqwest::header::HeaderValue::from_static("v"),
+        );
+    }
+    let refused = http
+        .get(format!("{admin}/admin/routes"))
+        .headers(many)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 431);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "request_header_fields_too_large");
+    // Without a token there is no admin listener at all.
+    let tokenless = start_gateway(&text).await;
+    assert!(tokenless.admin_addr().is_none());
+    tokenless.shutdown().await;
 
     let put = |path: &str, body: Value| {
         http.put(format!("{admin}{path}"))

@@ -571,7 +571,11 @@ fn an_io_error_reopens_the_file_once_and_a_late_report_changes_nothing() {
         std::thread::sleep(Duration::from_millis(5));
     };
     assert_eq!(reopened, 1);
-    assert_eq!(store.trace_count().unwrap(), 1, "the reopened file holds the trace");
+    assert_eq!(
+        store.trace_count().unwrap(),
+        1,
+        "the reopened file holds the trace"
+    );
     // Another operation of the first opening reports the same failure late: the new opening
     // stays open.
     store.db.failed(0, &io());
