@@ -573,6 +573,22 @@ async fn client_keys_map_to_tenants_and_secrets_never_reach_the_store() {
         .await
         .unwrap();
     assert_eq!(as_a.status(), 200);
+    // Tenant B's own exchange, to keep out of A's export.
+    let resp_b = http
+        .post(&url)
+        .bearer_auth(key_b)
+        .json(&chat_body("m", "B's question", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp_b.status(), 200);
+    let id_b = trace_id_of(&resp_b).to_string();
+    resp_b.text().await.unwrap();
+    let store = gw.store().unwrap();
+    eventually("B's trace is stored", || {
+        store.has_trace(id_b.parse().unwrap()).unwrap()
+    })
+    .await;
 
     let trace = gw
         .store()
@@ -614,6 +630,20 @@ async fn client_keys_map_to_tenants_and_secrets_never_reach_the_store() {
     assert!(
         export.contains(&id) && !export.contains(secret) && !export.contains(key_a),
         "{export}"
+    );
+    assert!(!export.contains(&id_b), "B's trace in A's export: {export}");
+    let export_b = http
+        .get(admin.replace("tenant=A", "tenant=B"))
+        .bearer_auth("admin-secret")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        export_b.contains(&id_b) && !export_b.contains(&id),
+        "{export_b}"
     );
     let on_proxy = http
         .get(format!("http://{}/admin/traces", gw.addr()))
