@@ -58,17 +58,16 @@ fn chat(prompt: &str, stream: bool) -> serde_json::Value {
     serde_json::json!({"model": "m", "messages": [{"role": "user", "content": prompt}], "stream": stream})
 }
 
-#[tokio::test]
-async fn durable_mode_keeps_every_answered_exchange_across_kill_9() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let sim = SimUpstream::start(SimConfig::default(), ([127, 0, 0, 1], 0).into())
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let (mut forge, base) = serve(&config(&sim.base_url(), &data, "durable"), dir.path(), &[]);
-
-    // Workers record the trace id of every response they received to the end.
+/// Runs `forge serve` in durable mode on `data` under load from four clients until `kill_after`
+/// responses have been received whole, then kills it with SIGKILL. Returns the trace ids of
+/// every response received whole.
+async fn load_then_kill_9(
+    sim_url: &str,
+    dir: &Path,
+    data: &Path,
+    kill_after: usize,
+) -> Vec<TraceId> {
+    let (mut forge, base) = serve(&config(sim_url, data, "durable"), dir, &[]);
     let acknowledged = Arc::new(Mutex::new(Vec::<TraceId>::new()));
     let http = reqwest::Client::new();
     let mut workers = Vec::new();
@@ -99,34 +98,63 @@ async fn durable_mode_keeps_every_answered_exchange_across_kill_9() {
         }));
     }
     let start = tokio::time::Instant::now();
-    while acknowledged.lock().unwrap().len() < 150 {
+    while acknowledged.lock().unwrap().len() < kill_after {
         assert!(
             start.elapsed() < forge_tests_deadline(),
             "load did not progress"
         );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     forge.0.kill().unwrap(); // SIGKILL, mid-load
     forge.0.wait().unwrap();
     for w in workers {
         w.await.unwrap();
     }
+    acknowledged.lock().unwrap().clone()
+}
 
-    let opened = std::time::Instant::now();
-    let store = Store::open_dir(&data).expect("the store reopens after kill -9");
-    println!("reopen after kill -9 took {:?}", opened.elapsed());
-    let acknowledged = acknowledged.lock().unwrap().clone();
-    let missing: Vec<_> = acknowledged
-        .iter()
-        .filter(|id| store.trace(**id).unwrap().is_none())
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "{} of {} acknowledged exchanges missing: {missing:?}",
-        missing.len(),
-        acknowledged.len()
-    );
-    assert!(store.trace_count().unwrap() >= acknowledged.len() as u64);
+#[tokio::test]
+async fn durable_mode_keeps_every_answered_exchange_across_repeated_kill_9() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let sim = SimUpstream::start(SimConfig::default(), ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // Several rounds on one store, each killed at a different point of its load.
+    let mut acknowledged = Vec::new();
+    for round in 0..20 {
+        let kill_after = rand::random_range(10..300);
+        acknowledged.extend(load_then_kill_9(&sim.base_url(), dir.path(), &data, kill_after).await);
+
+        let opened = std::time::Instant::now();
+        let store = Store::open_dir(&data).expect("the store reopens after kill -9");
+        println!(
+            "round {round}: killed after {kill_after} responses; reopen took {:?}",
+            opened.elapsed()
+        );
+        let missing: Vec<_> = acknowledged
+            .iter()
+            .filter(|id| store.trace(**id).unwrap().is_none())
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "round {round}: {} of {} acknowledged exchanges missing: {missing:?}",
+            missing.len(),
+            acknowledged.len()
+        );
+        // No half-written trace: every stored one decodes whole.
+        let mut stored = 0u64;
+        store
+            .for_each_trace(|trace| {
+                assert!(!trace.request.is_null());
+                stored += 1;
+                true
+            })
+            .expect("every stored trace decodes");
+        assert!(stored >= acknowledged.len() as u64);
+        assert_eq!(stored, store.trace_count().unwrap());
+    }
 }
 
 fn forge_tests_deadline() -> std::time::Duration {
