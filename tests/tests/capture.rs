@@ -152,6 +152,67 @@ async fn every_exchange_becomes_one_trace_equal_to_what_the_client_got() {
     gw.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_streams_lose_no_trace() {
+    // 100 tokens 10 ms apart: every stream is open while the others start.
+    let trickle = ModelBehavior {
+        chunk_delay: Duration::from_millis(10),
+        words: 100,
+        ..ModelBehavior::default()
+    };
+    let sim = start_sim(SimConfig {
+        models: [("trickle".to_string(), trickle)].into(),
+        ..SimConfig::default()
+    })
+    .await;
+    let gw = start_gateway(&config_text(&sim.base_url(), "", &[("t", "trickle")])).await;
+    let http = client();
+    let streams: Vec<_> = (0..200)
+        .map(|i| {
+            let (http, url) = (http.clone(), format!("{}/chat/completions", gw.base_url()));
+            tokio::spawn(async move {
+                let resp = http
+                    .post(url)
+                    .json(&chat_body("t", &format!("stream {i}"), true))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status(), 200, "stream {i}");
+                let id = trace_id_of(&resp);
+                let body = resp.text().await.unwrap();
+                assert!(body.ends_with("data: [DONE]\n\n"), "stream {i} cut");
+                id
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for stream in streams {
+        ids.push(stream.await.unwrap());
+    }
+    eventually("all 200 traces committed", || {
+        gw.capture_counters().unwrap().pending == 0
+    })
+    .await;
+    let c = gw.capture_counters().unwrap();
+    assert_eq!(
+        (c.eligible, c.captured, c.dropped, c.failed),
+        (200, 200, 0, 0)
+    );
+    let store = gw.store().unwrap();
+    for id in ids {
+        let trace = store.trace(id).unwrap().expect("stored");
+        assert_eq!(trace.outcome, Outcome::Completed);
+        let content = trace.response.choices[0].message.content.as_deref();
+        assert_eq!(
+            content.map(|c| c.split_whitespace().count()),
+            Some(100),
+            "{id}: the whole answer, reassembled"
+        );
+    }
+    assert_eq!(store.trace_count().unwrap(), 200);
+    gw.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_stalled_store_never_fails_a_request_and_every_drop_is_counted() {
     let sim = start_sim(SimConfig::default()).await;
