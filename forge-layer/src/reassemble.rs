@@ -506,6 +506,20 @@ mod tests {
         }
     }
 
+    /// `bytes` cut at the given points (empty chunks included, where two points meet).
+    fn cut<'a>(bytes: &'a [u8], cuts: &[prop::sample::Index]) -> Vec<&'a [u8]> {
+        let mut points: Vec<usize> = cuts.iter().map(|c| c.index(bytes.len() + 1)).collect();
+        points.sort_unstable();
+        let mut chunks = Vec::new();
+        let mut last = 0;
+        for p in points {
+            chunks.push(&bytes[last..p]);
+            last = p;
+        }
+        chunks.push(&bytes[last..]);
+        chunks
+    }
+
     fn reassemble(chunks: &[&[u8]]) -> FinalResponse {
         let mut r = StreamReassembler::new(1 << 20);
         for c in chunks {
@@ -539,16 +553,7 @@ mod tests {
         #[test]
         fn any_chunking_gives_the_same_message(eol in prop::sample::select(vec!["\n", "\r\n", "\r"]), cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..40)) {
             let bytes = stream(eol);
-            let mut points: Vec<usize> = cuts.iter().map(|c| c.index(bytes.len() + 1)).collect();
-            points.sort_unstable();
-            let mut chunks = Vec::new();
-            let mut last = 0;
-            for p in points {
-                chunks.push(&bytes[last..p]);
-                last = p;
-            }
-            chunks.push(&bytes[last..]);
-            prop_assert_eq!(reassemble(&chunks), expected());
+            prop_assert_eq!(reassemble(&cut(&bytes, &cuts)), expected());
         }
     }
 
@@ -579,16 +584,7 @@ mod tests {
         ) {
             let mut bytes = lines.join(eol).into_bytes();
             bytes.extend_from_slice(&noise);
-            let mut points: Vec<usize> = cuts.iter().map(|c| c.index(bytes.len() + 1)).collect();
-            points.sort_unstable();
-            let mut chunks = Vec::new();
-            let mut last = 0;
-            for p in points {
-                chunks.push(&bytes[last..p]);
-                last = p;
-            }
-            chunks.push(&bytes[last..]);
-            prop_assert_eq!(reassemble(&chunks), reassemble(&[&bytes]));
+            prop_assert_eq!(reassemble(&cut(&bytes, &cuts)), reassemble(&[&bytes]));
         }
 
         // A non-stream body of any bytes is read without a panic, the same both ways.

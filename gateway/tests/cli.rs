@@ -133,7 +133,7 @@ async fn upstream_key_comes_from_env_and_sigterm_drains_streams() {
     .await
     .unwrap();
     let data = tempfile::tempdir().unwrap();
-    let (mut forge, base, _dir) = serve(
+    let (forge, base, _dir) = serve(
         &config(&sim.base_url(), "FORGE_TEST_UPSTREAM_KEY", data.path()),
         &[("FORGE_TEST_UPSTREAM_KEY", "sk-upstream-test")],
     );
@@ -158,24 +158,13 @@ async fn upstream_key_comes_from_env_and_sigterm_drains_streams() {
     assert_eq!(auth, vec!["Bearer sk-upstream-test".to_string()]);
     let stream = tokio::spawn(async move { resp.text().await.unwrap() });
 
-    let pid = forge.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    let status = sigterm_and_wait(forge).await;
+    assert!(status.success(), "forge exited with {status}");
     let text = stream.await.unwrap();
     assert!(
         text.ends_with("data: [DONE]\n\n"),
         "stream cut by SIGTERM: {text}"
     );
-    let status = tokio::task::spawn_blocking(move || forge.0.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(status.success(), "forge exited with {status}");
     assert!(
         http.get(format!("{base}/models")).send().await.is_err(),
         "still accepting after exit"
@@ -248,16 +237,16 @@ async fn start_stream(base: &str) -> tokio::task::JoinHandle<String> {
     })
 }
 
-fn sigterm_and_wait(forge: &mut Forge) -> std::process::ExitStatus {
-    let pid = forge.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    forge.0.wait().unwrap()
+/// Sends SIGTERM and waits for the process to exit.
+async fn sigterm_and_wait(mut forge: Forge) -> std::process::ExitStatus {
+    tokio::task::spawn_blocking(move || {
+        let pid = forge.0.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(sent.success());
+        forge.0.wait().unwrap()
+    })
+    .await
+    .unwrap()
 }
 
 #[tokio::test]
@@ -268,12 +257,9 @@ async fn sigterm_flushes_the_capture_queue_and_closes_the_store_cleanly() {
     // Commits would wait ten minutes: only the flush at shutdown can store the trace.
     let text = config(&sim.base_url(), "PATH", data.path())
         .replace("[capture]\n", "[capture]\nflush_interval_ms = 600000\n");
-    let (mut forge, base, _dir) = serve(&text, &[]);
+    let (forge, base, _dir) = serve(&text, &[]);
     let stream = start_stream(&base).await;
-    let status = tokio::task::spawn_blocking(move || (sigterm_and_wait(&mut forge), forge))
-        .await
-        .unwrap()
-        .0;
+    let status = sigterm_and_wait(forge).await;
     assert!(status.success(), "forge exited with {status}");
     assert!(
         stream.await.unwrap().ends_with("data: [DONE]\n\n"),
@@ -293,12 +279,9 @@ async fn sigterm_past_the_grace_period_cuts_streams_and_still_stores_their_trace
     let data = tempfile::tempdir().unwrap();
     let text = config(&sim.base_url(), "PATH", data.path())
         .replace("shutdown_grace_secs = 60", "shutdown_grace_secs = 1");
-    let (mut forge, base, _dir) = serve(&text, &[]);
+    let (forge, base, _dir) = serve(&text, &[]);
     let streams = [start_stream(&base).await, start_stream(&base).await];
-    let status = tokio::task::spawn_blocking(move || (sigterm_and_wait(&mut forge), forge))
-        .await
-        .unwrap()
-        .0;
+    let status = sigterm_and_wait(forge).await;
     assert!(status.success(), "forge exited with {status}");
     for stream in streams {
         let text = stream.await.unwrap();

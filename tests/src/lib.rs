@@ -6,11 +6,22 @@ use std::time::Duration;
 
 use forge_gateway::config::Config;
 use forge_gateway::server::RunningGateway;
-use forge_gateway::sim::{SimConfig, SimHandle, SimUpstream};
+use forge_gateway::sim::{ModelBehavior, SimConfig, SimHandle, SimUpstream};
 
 /// How long any asynchronous effect may take before a test gives up. Generous: the machine is
 /// shared and noisy, and a passing test never waits this long.
 pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// A simulated upstream's config in which each named model behaves as given.
+pub fn behaviors(pairs: &[(&str, ModelBehavior)]) -> SimConfig {
+    SimConfig {
+        models: pairs
+            .iter()
+            .map(|(m, b)| (m.to_string(), b.clone()))
+            .collect(),
+        ..SimConfig::default()
+    }
+}
 
 /// Starts a simulated upstream on `127.0.0.1:0`.
 pub async fn start_sim(config: SimConfig) -> SimHandle {

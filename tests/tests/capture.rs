@@ -7,8 +7,8 @@ use std::time::Duration;
 use forge_gateway::sim::{ModelBehavior, SimConfig};
 use forge_layer::trace::{Outcome, TraceId};
 use forge_tests::{
-    chat_body, client, config_text, eventually, sse_events, start_gateway, start_gateway_with,
-    start_sim,
+    behaviors, chat_body, client, config_text, eventually, sse_events, start_gateway,
+    start_gateway_with, start_sim,
 };
 use futures_util::StreamExt;
 use serde_json::{Value, json};
@@ -160,11 +160,7 @@ async fn two_hundred_concurrent_streams_lose_no_trace() {
         words: 100,
         ..ModelBehavior::default()
     };
-    let sim = start_sim(SimConfig {
-        models: [("trickle".to_string(), trickle)].into(),
-        ..SimConfig::default()
-    })
-    .await;
+    let sim = start_sim(behaviors(&[("trickle", trickle)])).await;
     let gw = start_gateway(&config_text(&sim.base_url(), "", &[("t", "trickle")])).await;
     let http = client();
     let streams: Vec<_> = (0..200)
@@ -734,11 +730,7 @@ async fn flood_gateway(
         words: 300_000,
         ..ModelBehavior::default()
     };
-    let sim = start_sim(SimConfig {
-        models: [("flood".to_string(), flood)].into(),
-        ..SimConfig::default()
-    })
-    .await;
+    let sim = start_sim(behaviors(&[("flood", flood)])).await;
     let gw = start_gateway(&config_text(
         &sim.base_url(),
         &format!("send_timeout_secs = {send_timeout_secs}"),

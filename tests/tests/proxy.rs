@@ -6,20 +6,11 @@ use std::time::Duration;
 
 use forge_gateway::sim::{ModelBehavior, SimConfig};
 use forge_tests::{
-    align_ids, chat_body, client, config_text, eventually, sse_events, start_gateway, start_sim,
+    align_ids, behaviors, chat_body, client, config_text, eventually, sse_events, start_gateway,
+    start_sim,
 };
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-
-fn behaviors(pairs: &[(&str, ModelBehavior)]) -> SimConfig {
-    SimConfig {
-        models: pairs
-            .iter()
-            .map(|(m, b)| (m.to_string(), b.clone()))
-            .collect::<HashMap<_, _>>(),
-        ..SimConfig::default()
-    }
-}
 
 #[tokio::test]
 async fn non_stream_and_stream_reach_the_client_byte_for_byte() {

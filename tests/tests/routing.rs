@@ -10,7 +10,9 @@ use forge_gateway::auth::Secret;
 use forge_gateway::sim::{ModelBehavior, SimConfig};
 use forge_layer::trace::TraceId;
 use forge_router::{Arm, CanaryShare, RouteSpec, Router, StickyKey};
-use forge_tests::{chat_body, client, eventually, start_gateway, start_gateway_with, start_sim};
+use forge_tests::{
+    behaviors, chat_body, client, eventually, start_gateway, start_gateway_with, start_sim,
+};
 use serde_json::{Value, json};
 
 const TOKEN: &str = "test-admin-token";
@@ -488,11 +490,7 @@ async fn the_guard_rolls_back_a_failing_student_without_failing_teacher_requests
         fail_every: Some(20),
         ..ModelBehavior::default()
     };
-    let sim = start_sim(SimConfig {
-        models: [("student".to_string(), flaky)].into(),
-        ..SimConfig::default()
-    })
-    .await;
+    let sim = start_sim(behaviors(&[("student", flaky)])).await;
     let guard = "[guard]\ninterval_secs = 0.3\nmin_requests = 40\nsteps = [50.0, 100.0]\n";
     let gw = start_gateway_with(&canary_config(&sim.base_url(), 50.0, guard), with_admin).await;
     let http = client();
