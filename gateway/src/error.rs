@@ -61,12 +61,26 @@ pub enum Error {
     /// No trace with this id (or not one the caller's tenant may see).
     #[error("No trace with id `{0}`.")]
     TraceNotFound(String),
+    /// The trace store is being reopened after an I/O error (a full disk, say); the client
+    /// should retry shortly.
+    #[error("The trace store is briefly unavailable; retry shortly.")]
+    StoreUnavailable,
     /// Forge failed internally (the store); the details are logged, not shown.
     #[error("Forge could not complete the request; the error is in its log.")]
     Internal,
 }
 
 impl Error {
+    /// What a failed store operation tells the client: a 503 while the store is being
+    /// reopened, otherwise a 500 (logged here, with its details).
+    pub fn from_store(e: &forge_layer::store::StoreError) -> Self {
+        tracing::error!(error = %e, "store operation failed");
+        match e {
+            forge_layer::store::StoreError::Closed(_) => Error::StoreUnavailable,
+            _ => Error::Internal,
+        }
+    }
+
     /// A 400 with a message and, where one field is to blame, its name.
     pub fn invalid(message: impl Into<String>, param: Option<&'static str>) -> Self {
         Error::InvalidRequest {
@@ -85,7 +99,7 @@ impl Error {
             Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Error::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
-            Error::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Overloaded | Error::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Error::UpstreamUnreachable | Error::UpstreamRedirect => StatusCode::BAD_GATEWAY,
             Error::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Error::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -99,7 +113,7 @@ impl Error {
             Error::UpstreamUnreachable | Error::UpstreamRedirect | Error::UpstreamTimeout(_) => {
                 Fault::Upstream
             }
-            Error::Overloaded | Error::Internal => Fault::Gateway,
+            Error::Overloaded | Error::StoreUnavailable | Error::Internal => Fault::Gateway,
             _ => Fault::Client,
         }
     }
@@ -127,6 +141,7 @@ impl Error {
             Error::UpstreamTimeout(_) => "upstream_timeout",
             Error::Unauthorized => "invalid_api_key",
             Error::TraceNotFound(_) => "trace_not_found",
+            Error::StoreUnavailable => "store_unavailable",
             Error::Internal => "internal_error",
         })
     }
@@ -193,7 +208,7 @@ impl IntoResponse for Error {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if matches!(self, Error::Overloaded) {
+        if matches!(self, Error::Overloaded | Error::StoreUnavailable) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             headers.insert("x-should-retry", HeaderValue::from_static("true"));
         }
@@ -204,6 +219,19 @@ impl IntoResponse for Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_store_being_reopened_is_a_503_to_retry_and_other_store_failures_a_500() {
+        let closed = forge_layer::store::StoreError::Closed("forge.redb".into());
+        let response = Error::from_store(&closed).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        let other = forge_layer::store::StoreError::NoStore("x".into());
+        assert_eq!(
+            Error::from_store(&other).status(),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
 
     #[test]
     fn body_has_all_four_keys() {

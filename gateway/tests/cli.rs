@@ -112,6 +112,19 @@ fn reading_commands_refuse_a_directory_without_a_store() {
             "{args:?} created a store"
         );
     }
+    for share in ["0", "-0.5", "1.5", "NaN"] {
+        let out = Command::new(FORGE)
+            .args(["dataset", "export", "--route", "a", "--data-dir"])
+            .arg(dir.path())
+            .arg(format!("--max-key-share={share}"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains("--max-key-share"),
+            "{share}: {stderr}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -174,19 +187,14 @@ async fn upstream_key_comes_from_env_and_sigterm_drains_streams() {
 /// Opens the store a stopped gateway left in `dir`: it must need no repair (the gateway closed
 /// it cleanly). Returns its traces, oldest first.
 fn traces_left_without_repair(dir: &std::path::Path) -> Vec<forge_layer::trace::Trace> {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let repaired = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&repaired);
-    let db = redb::Database::builder()
-        .set_repair_callback(move |_| flag.store(true, Ordering::SeqCst))
-        .open(dir.join(forge_layer::store::STORE_FILE))
-        .unwrap();
-    drop(db);
+    // A read-only open refuses a file that needs recovery, quick or not.
+    let clean = redb::Database::builder().open_read_only(dir.join(forge_layer::store::STORE_FILE));
     assert!(
-        !repaired.load(Ordering::SeqCst),
-        "the store needed repair: not closed cleanly"
+        clean.is_ok(),
+        "the store was not closed cleanly: {:?}",
+        clean.err()
     );
+    drop(clean);
     let store = forge_layer::store::Store::open_existing_dir(dir).unwrap();
     let mut traces = Vec::new();
     store

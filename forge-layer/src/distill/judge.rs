@@ -53,7 +53,15 @@ pub async fn run(
             _ = stop.changed() => return,
             _ = ticks.tick() => {}
         }
-        let cursor: Option<TraceId> = store.meta(CURSOR).ok().flatten();
+        // An unreadable cursor (the store being reopened, say) is not "no cursor": that would
+        // judge every trace again from the first.
+        let cursor: Option<TraceId> = match store.meta(CURSOR) {
+            Ok(cursor) => cursor,
+            Err(e) => {
+                tracing::warn!(error = %e, "judge: cannot read its cursor; waiting for the next round");
+                continue;
+            }
+        };
         let (batch, scanned) = match pending(&store, cursor, settings.sample_percent).await {
             Ok(found) => found,
             Err(e) => {

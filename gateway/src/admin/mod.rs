@@ -195,6 +195,5 @@ async fn stats(State(state): State<AdminState>) -> Response {
 }
 
 fn store_error(e: &forge_layer::store::StoreError) -> Response {
-    tracing::error!(error = %e, "admin: store read failed");
-    Error::Internal.into_response()
+    Error::from_store(e).into_response()
 }

@@ -38,6 +38,12 @@ pub struct Export {
 
 /// Builds the dataset and prints its manifest; progress goes to stderr.
 pub fn run(export: Export) -> anyhow::Result<()> {
+    // As `max_key_share` in the config: 0, a negative share or NaN would write nothing or
+    // turn the cap off.
+    anyhow::ensure!(
+        export.max_key_share > 0.0 && export.max_key_share <= 1.0,
+        "--max-key-share is a fraction above 0, at most 1"
+    );
     let store = Store::open_existing_dir(&export.data_dir)?;
     let mut spec = DatasetSpec::new(export.route.clone());
     spec.tenant = export.tenant;

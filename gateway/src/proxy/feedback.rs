@@ -102,10 +102,7 @@ async fn record(state: &ProxyState, caller: Caller, body: Body) -> Result<Respon
             .into_response())
         }
         Err(StoreError::NoSuchTrace(_)) => Err(Error::TraceNotFound(request.trace_id)),
-        Err(e) => {
-            tracing::error!(error = %e, "feedback could not be stored");
-            Err(Error::Internal)
-        }
+        Err(e) => Err(Error::from_store(&e)),
     }
 }
 
