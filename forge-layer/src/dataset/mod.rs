@@ -6,7 +6,7 @@
 //! Duplicates (by content hash) are dropped, and the train/validation split is decided by the
 //! same hash, so copies of one example can never land on both sides. One client key may
 //! contribute at most `max_key_share` of the lines written (against poisoning), under a cap that
-//! a first pass works out. A manifest records the SHA-256 of every file and the counts;
+//! a first walk of the same snapshot works out. A manifest records the SHA-256 of every file and the counts;
 //! `provenance.jsonl` names the trace behind every line.
 
 pub mod line;
@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::grade::GoldenPolicy;
-use crate::store::{Store, StoreError};
+use crate::store::{GradedScan, Store, StoreError};
 use crate::trace::{Trace, TraceId};
 use seen::Seen;
 
@@ -199,24 +199,16 @@ fn candidate(trace: &Trace, spec: &DatasetSpec, seen: &mut Seen) -> Candidate {
     Candidate::Line { bytes, hash }
 }
 
-/// The most lines one key may contribute, and the last trace the counting read (the build
-/// stops there, so that both passes see the same traces). `None` for no cap: a share of 1, or
-/// lines from fewer than two keys.
-fn key_cap(
-    store: &Store,
+/// Each key's lines as a build of `spec` would write them without a cap: after the rules and
+/// duplicates, which would otherwise count towards a key's allowance and leave it more than its
+/// share of what is written.
+fn lines_per_key(
+    scan: &GradedScan,
     spec: &DatasetSpec,
-) -> Result<(Option<u64>, Option<TraceId>), StoreError> {
-    if spec.max_key_share >= 1.0 {
-        return Ok((None, spec.until));
-    }
-    // Each key's lines as the build would write them uncapped: after the rules and
-    // duplicates, which would otherwise count towards a key's allowance and leave it more than
-    // its share of what is written.
+) -> Result<BTreeMap<Option<String>, u64>, StoreError> {
     let mut per_key: BTreeMap<Option<String>, u64> = BTreeMap::new();
     let mut seen = Seen::default();
-    let mut last = None;
-    store.for_each_graded_trace_until(spec.after, spec.until, |trace, fb, ev| {
-        last = Some(trace.id);
+    scan.for_each(spec.after, spec.until, |trace, fb, ev| {
         if spec.selects(&trace)
             && spec.policy.is_golden(&trace, fb.as_ref(), ev.as_ref())
             && matches!(candidate(&trace, spec, &mut seen), Candidate::Line { .. })
@@ -225,17 +217,24 @@ fn key_cap(
         }
         true
     })?;
-    let until = last.or(spec.until);
-    if per_key.len() < 2 {
-        return Ok((None, until));
-    }
-    Ok((
-        Some(share_cap(
-            per_key.into_values().collect(),
-            spec.max_key_share,
-        )),
-        until,
-    ))
+    Ok(per_key)
+}
+
+/// The most lines one key may write: `None` for no cap (a share of 1, or lines from fewer than
+/// two keys).
+fn key_cap(per_key: &BTreeMap<Option<String>, u64>, share: f64) -> Option<u64> {
+    (share < 1.0 && per_key.len() >= 2)
+        .then(|| share_cap(per_key.values().copied().collect(), share))
+}
+
+/// How many lines a build of `spec` would write now: after the rules, duplicates and the key
+/// cap. What a distillation trigger counts, so that a job it starts has those lines.
+pub fn lines_ready(store: &Store, spec: &DatasetSpec) -> Result<u64, StoreError> {
+    store.with_graded_snapshot(|scan| {
+        let per_key = lines_per_key(scan, spec)?;
+        let cap = key_cap(&per_key, spec.max_key_share);
+        Ok(per_key.values().map(|&n| cap.map_or(n, |c| n.min(c))).sum())
+    })
 }
 
 /// The largest cap `c` under which no key writes more than `share` of the lines written, with
@@ -272,7 +271,6 @@ pub fn build(
 ) -> Result<Manifest, DatasetError> {
     let out = dir.join(id);
     std::fs::create_dir_all(&out)?;
-    let (cap, until) = key_cap(store, spec)?;
     let mut train = HashedFile::create(out.join("train.jsonl"))?;
     let mut validation = HashedFile::create(out.join("validation.jsonl"))?;
     let mut provenance = HashedFile::create(out.join("provenance.jsonl"))?;
@@ -307,7 +305,14 @@ pub fn build(
     let validation_bp = (spec.validation_percent.clamp(0.0, 100.0) * 100.0) as u64;
     let mut read = 0u64;
     let mut failure = None;
-    store.for_each_graded_trace_until(spec.after, until, |trace, fb, ev| {
+    // Both walks in one snapshot: the cap is worked out from exactly the lines then written.
+    store.with_graded_snapshot(|scan| {
+    let cap = if spec.max_key_share < 1.0 {
+        key_cap(&lines_per_key(scan, spec)?, spec.max_key_share)
+    } else {
+        None
+    };
+    scan.for_each(spec.after, spec.until, |trace, fb, ev| {
         read += 1;
         if read.is_multiple_of(10_000) {
             progress(read);
@@ -349,6 +354,7 @@ pub fn build(
             return false;
         }
         true
+    })
     })?;
     if let Some(e) = failure {
         return Err(e.into());

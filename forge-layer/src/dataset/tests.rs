@@ -196,7 +196,10 @@ fn duplicates_are_dropped_the_split_is_deterministic_and_the_cut_moves_on() {
 }
 
 /// Builds from `keys` (a key and the prompts it sent) with `share`; each key's lines written.
-fn lines_per_key(keys: &[(&str, Vec<String>)], share: f64) -> (Manifest, BTreeMap<String, usize>) {
+fn written_per_key(
+    keys: &[(&str, Vec<String>)],
+    share: f64,
+) -> (Manifest, BTreeMap<String, usize>) {
     let traces: Vec<Trace> = keys
         .iter()
         .flat_map(|(key, prompts)| {
@@ -208,7 +211,12 @@ fn lines_per_key(keys: &[(&str, Vec<String>)], share: f64) -> (Manifest, BTreeMa
     let (dir, store) = store_with(&traces, |_| true);
     let mut spec = DatasetSpec::new("chat");
     spec.max_key_share = share;
+    let ready = lines_ready(&store, &spec).unwrap();
     let m = build(&store, &spec, dir.path(), "d", |_| {}).unwrap();
+    assert_eq!(
+        ready, m.provenance.lines,
+        "what a trigger counts is what is written"
+    );
     let mut per_key = BTreeMap::new();
     for p in lines(&m.provenance.path) {
         *per_key
@@ -232,7 +240,7 @@ fn prompts(prefix: &str, n: usize) -> Vec<String> {
 
 #[test]
 fn one_key_cannot_dominate_the_dataset() {
-    let (m, per_key) = lines_per_key(
+    let (m, per_key) = written_per_key(
         &[("loud", prompts("l", 80)), ("quiet", prompts("q", 20))],
         0.5,
     );
@@ -241,7 +249,7 @@ fn one_key_cannot_dominate_the_dataset() {
     assert_eq!(m.capped, 60);
 
     // With a third key the loud one may write as many lines as the other two together.
-    let (_, per_key) = lines_per_key(
+    let (_, per_key) = written_per_key(
         &[
             ("loud", prompts("l", 80)),
             ("mid", prompts("m", 30)),
@@ -256,12 +264,12 @@ fn one_key_cannot_dominate_the_dataset() {
 
     // Duplicates never count towards a key's allowance: 80 traces but 40 distinct lines.
     let repeats: Vec<String> = (0..80).map(|i| format!("l{}", i % 40)).collect();
-    let (m, per_key) = lines_per_key(&[("loud", repeats), ("quiet", prompts("q", 30))], 0.5);
+    let (m, per_key) = written_per_key(&[("loud", repeats), ("quiet", prompts("q", 30))], 0.5);
     assert_eq!((per_key["loud"], per_key["quiet"]), (30, 30));
     assert_eq!(m.duplicates, 40);
 
     // Two keys cannot keep a share under a half: nothing is written rather than too much.
-    let (m, per_key) = lines_per_key(&[("a", prompts("a", 10)), ("b", prompts("b", 10))], 0.4);
+    let (m, per_key) = written_per_key(&[("a", prompts("a", 10)), ("b", prompts("b", 10))], 0.4);
     assert!(per_key.is_empty(), "{per_key:?}");
     assert_eq!(m.capped, 20);
 }

@@ -272,29 +272,23 @@ impl DistillationService {
         ))
     }
 
-    /// Golden examples of the route since its last cut.
+    /// The route's next dataset: from its last cut to as far as the judge has got.
+    fn next_dataset(&self, route: &RouteDistill) -> Result<DatasetSpec, StoreError> {
+        let mut spec = route.dataset.clone();
+        spec.after = self.last_cut(&route.route)?;
+        spec.until = self.judged_until()?;
+        Ok(spec)
+    }
+
+    /// The lines the route's next dataset would hold now: its golden examples since the last
+    /// cut, less those the rules, duplicates or the per-key cap would leave out. Counting the
+    /// same way the dataset is built means a trigger never starts a job that then fails for
+    /// too few examples, again at every check.
     pub fn golden_since_cut(&self, alias: &str) -> Result<u64, StoreError> {
         let Some(route) = self.routes.get(alias) else {
             return Ok(0);
         };
-        let after = self.last_cut(alias)?;
-        let until = self.judged_until()?;
-        let spec = &route.dataset;
-        let mut n = 0;
-        self.store
-            .for_each_graded_trace_until(after, until, |t, fb, ev| {
-                if t.alias == spec.route
-                    && spec
-                        .tenant
-                        .as_ref()
-                        .is_none_or(|x| t.tenant.as_ref() == Some(x))
-                    && spec.policy.is_golden(&t, fb.as_ref(), ev.as_ref())
-                {
-                    n += 1;
-                }
-                true
-            })?;
-        Ok(n)
+        dataset::lines_ready(&self.store, &self.next_dataset(route)?)
     }
 
     /// Runs until `stop`: resumes interrupted jobs, checks thresholds and schedules, and runs
@@ -536,9 +530,7 @@ impl DistillationService {
         route: &RouteDistill,
         job: &DistillationJob,
     ) -> Result<Manifest, String> {
-        let mut spec = route.dataset.clone();
-        spec.after = self.last_cut(&route.route).map_err(|e| e.to_string())?;
-        spec.until = self.judged_until().map_err(|e| e.to_string())?;
+        let spec = self.next_dataset(route).map_err(|e| e.to_string())?;
         let (store, dir, id) = (
             self.store.clone(),
             self.settings.data_dir.join("datasets"),

@@ -22,6 +22,7 @@ use crate::trace::{Trace, TraceId};
 use open::{Handle, OpenDb};
 
 pub use feedback::{Evaluation, Feedback};
+pub use records::GradedScan;
 pub use retention::{EXPIRE_BATCH, EXPIRE_BATCH_BYTES, Expired, run_expiry};
 pub use routes::RouteChange;
 pub use unsettled::{Ticket, Unsettled};

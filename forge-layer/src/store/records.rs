@@ -1,6 +1,6 @@
 //! Distillation records in the store: jobs, the model registry, cursors, and graded trace scans.
 
-use redb::ReadableTable;
+use redb::{ReadOnlyTable, ReadableTable};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -116,37 +116,73 @@ impl Store {
         &self,
         after: Option<TraceId>,
         until: Option<TraceId>,
-        mut f: impl FnMut(Trace, Option<Feedback>, Option<Evaluation>) -> bool,
+        f: impl FnMut(Trace, Option<Feedback>, Option<Evaluation>) -> bool,
     ) -> Result<(), StoreError> {
+        self.with_graded_snapshot(|scan| scan.for_each(after, until, f))
+    }
+
+    /// Runs `f` on one snapshot of the graded traces, which it may walk as often as it needs:
+    /// every walk sees the same traces, feedback and evaluations (a dataset counts its lines
+    /// in one walk and writes them in the next).
+    pub fn with_graded_snapshot<T>(
+        &self,
+        f: impl FnOnce(&GradedScan) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         // Read before the snapshot is taken: every id below it is committed by then.
         let settled = self
             .unsettled
             .scan_bound()
             .map_or(u128::MAX, TraceId::as_u128);
-        let end = until.map_or(settled, |id| settled.min(id.as_u128().saturating_add(1)));
         self.read(|txn| {
-            let traces = txn.open_table(TRACES).map_err(db_err)?;
-            let feedback = txn.open_table(FEEDBACK).map_err(db_err)?;
-            let evaluations = txn.open_table(EVALUATIONS).map_err(db_err)?;
-            let start = after.map_or(0, |id| id.as_u128().saturating_add(1));
-            if start >= end {
-                return Ok(());
-            }
-            for entry in traces.range(start..end).map_err(db_err)? {
-                let (k, v) = entry.map_err(db_err)?;
-                let key = k.value();
-                let current_fb = current_of(&feedback, key)?;
-                let latest_eval = latest_of::<Evaluation>(&evaluations, key)?;
-                if !f(serde_json::from_slice(v.value())?, current_fb, latest_eval) {
-                    break;
-                }
-            }
-            Ok(())
+            f(&GradedScan {
+                traces: txn.open_table(TRACES).map_err(db_err)?,
+                feedback: txn.open_table(FEEDBACK).map_err(db_err)?,
+                evaluations: txn.open_table(EVALUATIONS).map_err(db_err)?,
+                settled,
+            })
         })
     }
 
     /// Whether a trace already has an evaluation.
     pub fn has_evaluation(&self, trace: TraceId) -> Result<bool, StoreError> {
         Ok(self.latest_evaluation(trace)?.is_some())
+    }
+}
+
+/// Graded traces in one snapshot; see [`Store::with_graded_snapshot`].
+pub struct GradedScan {
+    traces: ReadOnlyTable<u128, &'static [u8]>,
+    feedback: ReadOnlyTable<(u128, u128), &'static [u8]>,
+    evaluations: ReadOnlyTable<(u128, u128), &'static [u8]>,
+    /// The scan stops below this id: see [`Store::for_each_graded_trace`].
+    settled: u128,
+}
+
+impl GradedScan {
+    /// Calls `f` on every trace after `after` and up to `until` (when given), oldest first,
+    /// with the feedback in force and its latest evaluation; `f` returns `false` to stop.
+    pub fn for_each(
+        &self,
+        after: Option<TraceId>,
+        until: Option<TraceId>,
+        mut f: impl FnMut(Trace, Option<Feedback>, Option<Evaluation>) -> bool,
+    ) -> Result<(), StoreError> {
+        let end = until.map_or(self.settled, |id| {
+            self.settled.min(id.as_u128().saturating_add(1))
+        });
+        let start = after.map_or(0, |id| id.as_u128().saturating_add(1));
+        if start >= end {
+            return Ok(());
+        }
+        for entry in self.traces.range(start..end).map_err(db_err)? {
+            let (k, v) = entry.map_err(db_err)?;
+            let key = k.value();
+            let current_fb = current_of(&self.feedback, key)?;
+            let latest_eval = latest_of::<Evaluation>(&self.evaluations, key)?;
+            if !f(serde_json::from_slice(v.value())?, current_fb, latest_eval) {
+                break;
+            }
+        }
+        Ok(())
     }
 }

@@ -585,3 +585,44 @@ fn an_io_error_reopens_the_file_once_and_a_late_report_changes_nothing() {
         .unwrap();
     assert_eq!(store.trace_count().unwrap(), 2);
 }
+
+#[tokio::test]
+async fn a_graded_snapshot_sees_the_same_traces_and_feedback_on_every_walk() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_dir(dir.path()).unwrap();
+    write_all(&store, WriterConfig::default(), vec![pending("a")]).await;
+    let id = scanned(&store, None)[0];
+    let mut copy = store.trace(id).unwrap().unwrap();
+    copy.id = TraceId::generate();
+    let copy_json = serde_json::to_vec(&copy).unwrap();
+    let walk = |scan: &GradedScan| {
+        let mut seen = Vec::new();
+        scan.for_each(None, None, |t, fb, _| {
+            seen.push((t.id, fb.and_then(|f| f.score)));
+            true
+        })
+        .unwrap();
+        seen
+    };
+    let (first, second) = store
+        .with_graded_snapshot(|scan| {
+            let first = walk(scan);
+            // Feedback and a new trace arrive between the walks.
+            store
+                .add_feedback(&Feedback {
+                    trace_id: id,
+                    score: Some(95.0),
+                    approved: None,
+                    comment: None,
+                    time_ms: 0,
+                })
+                .unwrap();
+            store.insert_encoded([(copy.id, &copy_json[..])]).unwrap();
+            Ok((first, walk(scan)))
+        })
+        .unwrap();
+    assert_eq!(first, vec![(id, None)]);
+    assert_eq!(second, first, "both walks see the snapshot");
+    let now = store.with_graded_snapshot(|scan| Ok(walk(scan))).unwrap();
+    assert_eq!(now, vec![(id, Some(95.0)), (copy.id, None)]);
+}
