@@ -72,13 +72,13 @@ pub enum Error {
 
 impl Error {
     /// What a failed store operation tells the client: a 503 while the store is being
-    /// reopened, otherwise a 500 (logged here, with its details).
+    /// reopened after an I/O error, otherwise a 500 (its details logged here).
     pub fn from_store(e: &forge_layer::store::StoreError) -> Self {
-        tracing::error!(error = %e, "store operation failed");
-        match e {
-            forge_layer::store::StoreError::Closed(_) => Error::StoreUnavailable,
-            _ => Error::Internal,
+        if e.is_transient() {
+            return Error::StoreUnavailable;
         }
+        tracing::error!(error = %e, "store operation failed");
+        Error::Internal
     }
 
     /// A 400 with a message and, where one field is to blame, its name.
@@ -226,6 +226,12 @@ mod tests {
         let response = Error::from_store(&closed).into_response();
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        // So is an operation that met the I/O error itself: the reopen starts there.
+        let io = forge_layer::store::StoreError::Redb(redb::Error::PreviousIo);
+        assert_eq!(
+            Error::from_store(&io).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         let other = forge_layer::store::StoreError::NoStore("x".into());
         assert_eq!(
             Error::from_store(&other).status(),

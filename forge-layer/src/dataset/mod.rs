@@ -307,54 +307,61 @@ pub fn build(
     let mut failure = None;
     // Both walks in one snapshot: the cap is worked out from exactly the lines then written.
     store.with_graded_snapshot(|scan| {
-    let cap = if spec.max_key_share < 1.0 {
-        key_cap(&lines_per_key(scan, spec)?, spec.max_key_share)
-    } else {
-        None
-    };
-    scan.for_each(spec.after, spec.until, |trace, fb, ev| {
-        read += 1;
-        if read.is_multiple_of(10_000) {
-            progress(read);
-        }
-        manifest.cut = Some(trace.id);
-        if !spec.selects(&trace) {
-            return true;
-        }
-        manifest.considered += 1;
-        if !spec.policy.is_golden(&trace, fb.as_ref(), ev.as_ref()) {
-            return true;
-        }
-        manifest.golden += 1;
-        let (bytes, hash) = match candidate(&trace, spec, &mut seen) {
-            Candidate::Line { bytes, hash } => (bytes, hash),
-            Candidate::Skipped(reason) => {
-                *manifest.skipped.entry(reason).or_default() += 1;
-                return true;
-            }
-            Candidate::Duplicate => {
-                manifest.duplicates += 1;
-                return true;
-            }
+        let cap = if spec.max_key_share < 1.0 {
+            key_cap(&lines_per_key(scan, spec)?, spec.max_key_share)
+        } else {
+            None
         };
-        let contributed = per_key.entry(trace.key_id.clone()).or_default();
-        if cap.is_some_and(|c| *contributed >= c) {
-            manifest.capped += 1;
-            return true;
-        }
-        *contributed += 1;
-        let bucket = u64::from_le_bytes([hash[24], hash[25], hash[26], hash[27], hash[28], hash[29], hash[30], hash[31]]) % 10_000;
-        let (split, file) = if bucket < validation_bp { ("validation", &mut validation) } else { ("train", &mut train) };
-        let written = file.write_line(&bytes).and_then(|n| {
-            let record = serde_json::json!({"split": split, "line": n, "trace_id": trace.id, "key_id": trace.key_id});
-            provenance.write_line(record.to_string().as_bytes())
-        });
-        if let Err(e) = written {
-            failure = Some(e);
-            return false;
-        }
-        true
-    })
+        scan.for_each(spec.after, spec.until, |trace, fb, ev| {
+            read += 1;
+            if read.is_multiple_of(10_000) {
+                progress(read);
+            }
+            manifest.cut = Some(trace.id);
+            if !spec.selects(&trace) {
+                return true;
+            }
+            manifest.considered += 1;
+            if !spec.policy.is_golden(&trace, fb.as_ref(), ev.as_ref()) {
+                return true;
+            }
+            manifest.golden += 1;
+            let (bytes, hash) = match candidate(&trace, spec, &mut seen) {
+                Candidate::Line { bytes, hash } => (bytes, hash),
+                Candidate::Skipped(reason) => {
+                    *manifest.skipped.entry(reason).or_default() += 1;
+                    return true;
+                }
+                Candidate::Duplicate => {
+                    manifest.duplicates += 1;
+                    return true;
+                }
+            };
+            let contributed = per_key.entry(trace.key_id.clone()).or_default();
+            if cap.is_some_and(|c| *contributed >= c) {
+                manifest.capped += 1;
+                return true;
+            }
+            *contributed += 1;
+            let tail: [u8; 8] = hash[24..].try_into().unwrap_or_default();
+            let bucket = u64::from_le_bytes(tail) % 10_000;
+            let (split, file) = if bucket < validation_bp {
+                ("validation", &mut validation)
+            } else {
+                ("train", &mut train)
+            };
+            let written = file.write_line(&bytes).and_then(|n| {
+                let record = serde_json::json!({
+                    "split": split, "line": n, "trace_id": trace.id, "key_id": trace.key_id,
+                });
+                provenance.write_line(record.to_string().as_bytes())
+            });
+            if let Err(e) = written {
+                failure = Some(e);
+                return false;
+            }
+            true
+        })
     })?;
     if let Some(e) = failure {
         return Err(e.into());

@@ -53,13 +53,17 @@ pub async fn run(
             _ = stop.changed() => return,
             _ = ticks.tick() => {}
         }
-        // An unreadable cursor (the store being reopened, say) is not "no cursor": that would
-        // judge every trace again from the first.
         let cursor: Option<TraceId> = match store.meta(CURSOR) {
             Ok(cursor) => cursor,
-            Err(e) => {
-                tracing::warn!(error = %e, "judge: cannot read its cursor; waiting for the next round");
+            // The store being reopened: the cursor is there, just not readable yet. Starting
+            // from the first trace would judge every trace again.
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, "judge: cannot read its cursor yet; waiting for the next round");
                 continue;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "judge: its cursor is unreadable; starting again from the first trace");
+                None
             }
         };
         let (batch, scanned) = match pending(&store, cursor, settings.sample_percent).await {

@@ -318,7 +318,12 @@ impl DistillationService {
                 Some(_) = running.join_next(), if !running.is_empty() => {}
                 _ = ticks.tick() => {
                     let now = chrono::Utc::now();
-                    self.check_triggers(last_check, now).await;
+                    // Counting a route's lines reads every trace since its last cut, which on a
+                    // large store takes seconds: a stop does not wait for it.
+                    tokio::select! {
+                        () = self.check_triggers(last_check, now) => {}
+                        _ = stop.changed() => break,
+                    }
                     last_check = now;
                 }
             }

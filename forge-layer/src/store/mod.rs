@@ -89,6 +89,16 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether the store is, or is about to be, reopened after an I/O error: an operation may
+    /// succeed if tried again shortly.
+    pub fn is_transient(&self) -> bool {
+        self.is_io()
+            || matches!(
+                self,
+                StoreError::Closed(_) | StoreError::Redb(redb::Error::DatabaseClosed)
+            )
+    }
+
     /// An I/O error, after which redb refuses every operation until the file is reopened.
     fn is_io(&self) -> bool {
         matches!(

@@ -108,17 +108,7 @@ impl Store {
         after: Option<TraceId>,
         f: impl FnMut(Trace, Option<Feedback>, Option<Evaluation>) -> bool,
     ) -> Result<(), StoreError> {
-        self.for_each_graded_trace_until(after, None, f)
-    }
-
-    /// Like [`Store::for_each_graded_trace`], ending with trace `until` when given.
-    pub fn for_each_graded_trace_until(
-        &self,
-        after: Option<TraceId>,
-        until: Option<TraceId>,
-        f: impl FnMut(Trace, Option<Feedback>, Option<Evaluation>) -> bool,
-    ) -> Result<(), StoreError> {
-        self.with_graded_snapshot(|scan| scan.for_each(after, until, f))
+        self.with_graded_snapshot(|scan| scan.for_each(after, None, f))
     }
 
     /// Runs `f` on one snapshot of the graded traces, which it may walk as often as it needs:

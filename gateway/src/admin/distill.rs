@@ -35,7 +35,7 @@ pub async fn jobs(State(state): State<AdminState>) -> Response {
     };
     match tokio::task::spawn_blocking(move || service.jobs()).await {
         Ok(Ok(jobs)) => Json(serde_json::json!({"object": "list", "data": jobs})).into_response(),
-        Ok(Err(e)) => internal(&e),
+        Ok(Err(e)) => crate::error::Error::from_store(&e).into_response(),
         Err(e) => internal(&e),
     }
 }
@@ -53,7 +53,7 @@ pub async fn job(State(state): State<AdminState>, JsonPath(id): JsonPath<String>
             "job_not_found",
             format!("no job `{id}`"),
         ),
-        Ok(Err(e)) => internal(&e),
+        Ok(Err(e)) => crate::error::Error::from_store(&e).into_response(),
         Err(e) => internal(&e),
     }
 }
@@ -88,7 +88,7 @@ pub async fn models(State(state): State<AdminState>) -> Response {
         Ok(Ok(models)) => {
             Json(serde_json::json!({"object": "list", "data": models})).into_response()
         }
-        Ok(Err(e)) => internal(&e),
+        Ok(Err(e)) => crate::error::Error::from_store(&e).into_response(),
         Err(e) => internal(&e),
     }
 }

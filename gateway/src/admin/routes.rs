@@ -22,14 +22,7 @@ fn update_error(e: &RouteUpdateError) -> Response {
             error(StatusCode::NOT_FOUND, "route_not_found", e.to_string())
         }
         RouteUpdateError::Conflict(_) => error(StatusCode::CONFLICT, "conflict", e.to_string()),
-        RouteUpdateError::Store(_) => {
-            tracing::error!(error = %e, "routing change not stored");
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal_error",
-                "the change could not be stored; see the log".into(),
-            )
-        }
+        RouteUpdateError::Store(store) => crate::error::Error::from_store(store).into_response(),
     }
 }
 
