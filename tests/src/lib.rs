@@ -23,6 +23,15 @@ pub fn behaviors(pairs: &[(&str, ModelBehavior)]) -> SimConfig {
     }
 }
 
+/// A model that streams `words` words, `chunk_delay` apart.
+pub fn trickle(chunk_delay: Duration, words: usize) -> ModelBehavior {
+    ModelBehavior {
+        chunk_delay,
+        words,
+        ..ModelBehavior::default()
+    }
+}
+
 /// Starts a simulated upstream on `127.0.0.1:0`.
 pub async fn start_sim(config: SimConfig) -> SimHandle {
     SimUpstream::start(config, ([127, 0, 0, 1], 0).into())

@@ -8,7 +8,7 @@ use forge_gateway::sim::{ModelBehavior, SimConfig};
 use forge_layer::trace::{Outcome, TraceId};
 use forge_tests::{
     behaviors, chat_body, client, config_text, eventually, sse_events, start_gateway,
-    start_gateway_with, start_sim,
+    start_gateway_with, start_sim, trickle,
 };
 use futures_util::StreamExt;
 use serde_json::{Value, json};
@@ -155,11 +155,7 @@ async fn every_exchange_becomes_one_trace_equal_to_what_the_client_got() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_streams_lose_no_trace() {
     // 100 tokens 10 ms apart: every stream is open while the others start.
-    let trickle = ModelBehavior {
-        chunk_delay: Duration::from_millis(10),
-        words: 100,
-        ..ModelBehavior::default()
-    };
+    let trickle = trickle(Duration::from_millis(10), 100);
     let sim = start_sim(behaviors(&[("trickle", trickle)])).await;
     let gw = start_gateway(&config_text(&sim.base_url(), "", &[("t", "trickle")])).await;
     let http = client();
@@ -320,15 +316,10 @@ async fn streaming(
 
 /// A simulated upstream whose `trickle` model streams `words` words, one every 50 ms.
 async fn trickle_sim(words: usize) -> forge_gateway::sim::SimHandle {
-    let trickle = ModelBehavior {
-        chunk_delay: Duration::from_millis(50),
-        words,
-        ..ModelBehavior::default()
-    };
-    start_sim(SimConfig {
-        models: [("trickle".to_string(), trickle)].into(),
-        ..SimConfig::default()
-    })
+    start_sim(behaviors(&[(
+        "trickle",
+        trickle(Duration::from_millis(50), words),
+    )]))
     .await
 }
 
@@ -675,29 +666,17 @@ async fn client_keys_map_to_tenants_and_secrets_never_reach_the_store() {
             .status(),
         401
     );
-    let export = http
-        .get(&admin)
-        .bearer_auth("admin-secret")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let export_of = |url: String| {
+        let request = http.get(url).bearer_auth("admin-secret");
+        async move { request.send().await.unwrap().text().await.unwrap() }
+    };
+    let export = export_of(admin.clone()).await;
     assert!(
         export.contains(&id) && !export.contains(secret) && !export.contains(key_a),
         "{export}"
     );
     assert!(!export.contains(&id_b), "B's trace in A's export: {export}");
-    let export_b = http
-        .get(admin.replace("tenant=A", "tenant=B"))
-        .bearer_auth("admin-secret")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let export_b = export_of(admin.replace("tenant=A", "tenant=B")).await;
     assert!(
         export_b.contains(&id_b) && !export_b.contains(&id),
         "{export_b}"

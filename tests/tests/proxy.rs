@@ -7,7 +7,7 @@ use std::time::Duration;
 use forge_gateway::sim::{ModelBehavior, SimConfig};
 use forge_tests::{
     align_ids, behaviors, chat_body, client, config_text, eventually, sse_events, start_gateway,
-    start_sim,
+    start_sim, trickle,
 };
 use futures_util::StreamExt;
 use serde_json::{Value, json};
@@ -358,11 +358,7 @@ async fn upstream_failures_map_to_502_504_or_pass_through() {
         first_byte_delay: Duration::from_secs(5),
         ..ModelBehavior::default()
     };
-    let stalls = ModelBehavior {
-        chunk_delay: Duration::from_secs(5),
-        words: 3,
-        ..ModelBehavior::default()
-    };
+    let stalls = trickle(Duration::from_secs(5), 3);
     let limited = ModelBehavior {
         fail_status: Some(429),
         ..ModelBehavior::default()
@@ -538,11 +534,7 @@ async fn body_limit_is_a_413_and_in_flight_cap_a_fast_503() {
 #[tokio::test]
 async fn a_stream_holds_its_slot_until_it_ends() {
     // A minute of words: the stream is still running whatever the machine's pace.
-    let trickle = ModelBehavior {
-        chunk_delay: Duration::from_millis(100),
-        words: 600,
-        ..ModelBehavior::default()
-    };
+    let trickle = trickle(Duration::from_millis(100), 600);
     let sim = start_sim(behaviors(&[("trickle", trickle)])).await;
     let gw = start_gateway(&config_text(
         &sim.base_url(),
@@ -638,11 +630,7 @@ async fn a_body_that_never_finishes_is_a_408_and_frees_its_slot() {
 
 #[tokio::test]
 async fn first_chunk_reaches_the_client_before_the_stream_ends() {
-    let trickle = ModelBehavior {
-        chunk_delay: Duration::from_millis(150),
-        words: 12,
-        ..ModelBehavior::default()
-    };
+    let trickle = trickle(Duration::from_millis(150), 12);
     let sim = start_sim(behaviors(&[("trickle", trickle)])).await;
     let gw = start_gateway(&config_text(&sim.base_url(), "", &[("t", "trickle")])).await;
     let resp = client()
@@ -868,11 +856,7 @@ async fn raw_request(addr: std::net::SocketAddr, request: &str) -> String {
 #[tokio::test]
 async fn shutdown_refuses_new_connections_and_lets_streams_finish() {
     // 30 words, 100 ms apart: the streams are still running when the listener closes.
-    let trickle = ModelBehavior {
-        chunk_delay: Duration::from_millis(100),
-        words: 30,
-        ..ModelBehavior::default()
-    };
+    let trickle = trickle(Duration::from_millis(100), 30);
     let sim = start_sim(behaviors(&[("trickle", trickle)])).await;
     let gw = start_gateway(&config_text(
         &sim.base_url(),
