@@ -369,6 +369,42 @@ async fn admin_trigger_needs_enough_examples_and_allows_one_job_per_route() {
 }
 
 #[tokio::test]
+async fn the_threshold_counts_examples_as_the_dataset_takes_them() {
+    let sim = start_sim(sim_config()).await;
+    let digest = |k: &str| {
+        forge_gateway::auth::sha256(k.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let clients = format!(
+        "[[clients]]\nid = \"loud\"\nkey_sha256 = \"{}\"\n\n[[clients]]\nid = \"quiet\"\nkey_sha256 = \"{}\"\n",
+        digest("key-loud"),
+        digest("key-quiet")
+    );
+    // max_key_share 0.5 (the default): with 40 golden traces from one key and 2 from another,
+    // a dataset takes 2 + 2 lines, far below min_examples, though 42 is past the threshold.
+    let gw = start_gateway_with(&config(&sim, "", &clients), admin).await;
+    // The quiet key first: a single key's traces are not capped.
+    traffic(&gw, 2, "quiet", Some("key-quiet")).await;
+    traffic(&gw, 40, "loud", Some("key-loud")).await;
+    // Once the quiet key has sent enough too, the dataset clears both bars.
+    traffic(&gw, 20, "quiet-more", Some("key-quiet")).await;
+    let done = wait_for_job(&gw, "COMPLETED").await;
+    assert_eq!(done["trigger"], "threshold");
+    // No job was started too early, only to fail for too few examples.
+    let jobs: Value = admin_get(&gw, "/admin/jobs").await.json().await.unwrap();
+    let statuses: Vec<&str> = jobs["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["COMPLETED"]);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_job_in_training_resumes_after_a_restart_and_completes() {
     let mut slow = sim_config();
     slow.fine_tune.running = Duration::from_secs(3);
