@@ -628,6 +628,7 @@ async fn serve(
         send_timeouts,
         head,
     } = limits;
+    let app = HeadLimit::new(app, head);
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
     let mut http = http1::Builder::new();
@@ -650,7 +651,7 @@ async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let service = TowerToHyperService::new(HeadLimit::new(app.clone(), head));
+                let service = TowerToHyperService::new(app.clone());
                 let stream = with_send_timeout(stream, send_timeout);
                 let conn = http.serve_connection(TokioIo::new(stream), service);
                 let watched = graceful.watch(conn);

@@ -23,6 +23,22 @@ pub fn behaviors(pairs: &[(&str, ModelBehavior)]) -> SimConfig {
     }
 }
 
+/// `[[clients]]` config entries: each client's id, tenant (if any) and key, given to the
+/// gateway as the key's SHA-256, as an operator does.
+pub fn clients_toml(clients: &[(&str, Option<&str>, &str)]) -> String {
+    clients
+        .iter()
+        .map(|(id, tenant, key)| {
+            let digest: String = forge_gateway::auth::sha256(key.as_bytes())
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            let tenant = tenant.map_or(String::new(), |t| format!("tenant = \"{t}\"\n"));
+            format!("\n[[clients]]\nid = \"{id}\"\n{tenant}key_sha256 = \"{digest}\"\n")
+        })
+        .collect()
+}
+
 /// A model that streams `words` words, `chunk_delay` apart.
 pub fn trickle(chunk_delay: Duration, words: usize) -> ModelBehavior {
     ModelBehavior {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use forge_gateway::sim::{ModelBehavior, SimConfig};
 use forge_layer::trace::{Outcome, TraceId};
 use forge_tests::{
-    behaviors, chat_body, client, config_text, eventually, sse_events, start_gateway,
+    behaviors, chat_body, client, clients_toml, config_text, eventually, sse_events, start_gateway,
     start_gateway_with, start_sim, trickle,
 };
 use futures_util::StreamExt;
@@ -546,17 +546,10 @@ async fn client_keys_map_to_tenants_and_secrets_never_reach_the_store() {
     let sim = start_sim(SimConfig::default()).await;
     let key_a = "sk-tenantA-0123456789abcdefghij";
     let key_b = "sk-tenantB-0123456789abcdefghij";
-    let digest = |k: &str| {
-        forge_gateway::auth::sha256(k.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    };
     let text = format!(
-        "{}\n[[clients]]\nid = \"app-a\"\ntenant = \"A\"\nkey_sha256 = \"{}\"\n\n[[clients]]\nid = \"app-b\"\ntenant = \"B\"\nkey_sha256 = \"{}\"\n",
+        "{}{}",
         config_text(&sim.base_url(), "", &[("m", "gpt-4o")]),
-        digest(key_a),
-        digest(key_b)
+        clients_toml(&[("app-a", Some("A"), key_a), ("app-b", Some("B"), key_b)])
     );
     let gw = start_gateway_with(&text, |c| {
         c.server.admin_token = Some(forge_gateway::auth::Secret::new("admin-secret"))

@@ -8,7 +8,9 @@ use std::time::Duration;
 use forge_gateway::auth::Secret;
 use forge_gateway::sim::{FineTuneTimings, ModelBehavior, Quality, SimConfig, SimHandle};
 use forge_router::CanaryShare;
-use forge_tests::{DEADLINE, TestGateway, client, eventually, start_gateway_with, start_sim};
+use forge_tests::{
+    DEADLINE, TestGateway, client, clients_toml, eventually, start_gateway_with, start_sim,
+};
 use serde_json::{Value, json};
 
 const TOKEN: &str = "distill-admin";
@@ -266,17 +268,7 @@ async fn traffic_becomes_a_student_serving_canary_traffic() {
 #[tokio::test]
 async fn only_teacher_traces_and_only_the_tenant_s_traces_are_trained_on() {
     let sim = start_sim(sim_config()).await;
-    let digest = |k: &str| {
-        forge_gateway::auth::sha256(k.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    };
-    let clients = format!(
-        "[[clients]]\nid = \"app-a\"\ntenant = \"A\"\nkey_sha256 = \"{}\"\n\n[[clients]]\nid = \"app-b\"\ntenant = \"B\"\nkey_sha256 = \"{}\"\n",
-        digest("key-a"),
-        digest("key-b")
-    );
+    let clients = clients_toml(&[("app-a", Some("A"), "key-a"), ("app-b", Some("B"), "key-b")]);
     // A student already takes half the traffic, so both arms produce approved traces.
     let text = config(&sim, "tenant = \"A\"\nmax_key_share = 1.0", &clients).replace(
         "teacher = { upstream = \"sim\", model = \"teacher\" }",
@@ -371,17 +363,7 @@ async fn admin_trigger_needs_enough_examples_and_allows_one_job_per_route() {
 #[tokio::test]
 async fn the_threshold_counts_examples_as_the_dataset_takes_them() {
     let sim = start_sim(sim_config()).await;
-    let digest = |k: &str| {
-        forge_gateway::auth::sha256(k.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    };
-    let clients = format!(
-        "[[clients]]\nid = \"loud\"\nkey_sha256 = \"{}\"\n\n[[clients]]\nid = \"quiet\"\nkey_sha256 = \"{}\"\n",
-        digest("key-loud"),
-        digest("key-quiet")
-    );
+    let clients = clients_toml(&[("loud", None, "key-loud"), ("quiet", None, "key-quiet")]);
     // max_key_share 0.5 (the default): with 40 golden traces from one key and 2 from another,
     // a dataset takes 2 + 2 lines, far below min_examples, though 42 is past the threshold.
     let gw = start_gateway_with(&config(&sim, "", &clients), admin).await;

@@ -116,7 +116,6 @@ fn db_err<E: Into<redb::Error>>(e: E) -> StoreError {
 #[derive(Debug, Clone)]
 pub struct Store {
     db: Arc<OpenDb>,
-    path: PathBuf,
     /// Trace ids the writer has issued and not yet committed.
     unsettled: Arc<Unsettled>,
 }
@@ -151,7 +150,6 @@ impl Store {
     pub fn open(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
         let store = Self {
             db: Arc::new(OpenDb::open(path, cache_bytes)?),
-            path: path.to_path_buf(),
             unsettled: Arc::default(),
         };
         // Create the tables up front so that readers never meet a missing table.
@@ -174,7 +172,7 @@ impl Store {
 
     /// The file path.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.db.path()
     }
 
     /// The trace ids on their way to this store.

@@ -55,6 +55,11 @@ impl OpenDb {
         })
     }
 
+    /// The file.
+    pub(super) fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// The database to begin a transaction on.
     pub(super) fn handle(&self) -> Result<Handle, StoreError> {
         let slot = self.slot.read().unwrap_or_else(PoisonError::into_inner);
