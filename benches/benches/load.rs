@@ -549,6 +549,19 @@ fn print_cell(r: &CellResult) {
             signed_pct(c.added_p99_pct()),
         );
     }
+    let cpu: Vec<String> = Variant::ALL
+        .iter()
+        .map(|&v| {
+            let us = cpu_us(r.stats(v).cpu_per_request_us());
+            format!("{} {us}", v.label())
+        })
+        .collect();
+    println!("  process CPU per request (µs): {}", cpu.join("  "));
+}
+
+/// CPU microseconds per request, for tables.
+fn cpu_us(us: Option<f64>) -> String {
+    us.map_or_else(|| "n/a".into(), |us| format!("{us:.1}"))
 }
 
 /// The closed-loop cell.
@@ -719,15 +732,18 @@ fn print_markdown(results: &[CellResult], accounts: &[Account], plan: Plan, load
     println!("Forge with capture off vs `async` vs `durable` (added latency is over capture off):");
     println!();
     println!(
-        "| mode | conns | load | req/s off / async / durable | % of direct off / async / durable | off p50 ms | async p50 ms | durable p50 ms | off p99 ms | async p99 ms | durable p99 ms | errors |"
+        "| mode | conns | load | req/s off / async / durable | % of direct off / async / durable | CPU µs/req off / async / durable | off p50 ms | async p50 ms | durable p50 ms | off p99 ms | async p99 ms | durable p99 ms | errors |"
     );
-    println!("|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    println!("|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
     for r in results {
         let throughput = Variant::FORGE
             .map(|v| format!("{:.0}", r.stats(v).throughput()))
             .join(" / ");
         let share = Variant::FORGE
             .map(|v| format!("{:.1}%", r.compare(Variant::Direct, v).throughput_pct()))
+            .join(" / ");
+        let cpu = Variant::FORGE
+            .map(|v| cpu_us(r.stats(v).cpu_per_request_us()))
             .join(" / ");
         let off = r.stats(Variant::CaptureOff);
         let with_added = |variant: Variant, p99: bool| {
@@ -753,7 +769,7 @@ fn print_markdown(results: &[CellResult], accounts: &[Account], plan: Plan, load
             )
         };
         println!(
-            "| {} | {} | {} | {throughput} | {share} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {throughput} | {share} | {cpu} | {} | {} | {} | {} | {} | {} | {} |",
             r.cell.mode.label(),
             r.cell.concurrency,
             r.load_label(),

@@ -237,6 +237,10 @@ pub struct Stats {
     /// Every successful request, warm-up and stragglers after the window included: what the
     /// server completed, for checking its own count (say, of captured traces) against.
     pub requests: u64,
+    /// CPU time the whole process (load generator, upstream, gateway and its writer threads)
+    /// used during the window. Unlike latency, it hardly moves with what else the machine
+    /// runs, so per request it shows what a change costs where the latencies are noise.
+    pub cpu: Duration,
 }
 
 impl Stats {
@@ -251,7 +255,14 @@ impl Stats {
             connections: runs.iter().map(|s| s.connections).sum(),
             window: runs.iter().map(|s| s.window).sum(),
             requests: runs.iter().map(|s| s.requests).sum(),
+            cpu: runs.iter().map(|s| s.cpu).sum(),
         }
+    }
+
+    /// The process's CPU time per request completed in the window, in microseconds.
+    pub fn cpu_per_request_us(&self) -> Option<f64> {
+        let n = self.latency.len();
+        (n > 0).then(|| self.cpu.as_secs_f64() * 1e6 / n as f64)
     }
 
     /// Completed requests per second over the window.
@@ -305,8 +316,18 @@ impl Tally {
             connections: self.connections,
             window,
             requests,
+            cpu: Duration::ZERO,
         }
     }
+}
+
+/// The CPU time this process has used so far, over all its threads.
+fn process_cpu() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    Duration::new(
+        u64::try_from(t.tv_sec).unwrap_or(0),
+        u32::try_from(t.tv_nsec).unwrap_or(0),
+    )
 }
 
 /// How the load is offered.
@@ -434,6 +455,13 @@ pub async fn run(target: &Target, cell: Cell, timing: Timing, load: Load) -> Sta
             }
         },
     };
+    // The CPU the process uses from the window's start to its end.
+    let cpu = tokio::spawn(async move {
+        tokio::time::sleep_until(window_start).await;
+        let from = process_cpu();
+        tokio::time::sleep_until(stop).await;
+        process_cpu().saturating_sub(from)
+    });
     let mut workers = JoinSet::new();
     for _ in 0..cell.concurrency {
         let released = pacer.as_ref().map(|p| Arc::clone(&p.released));
@@ -453,7 +481,10 @@ pub async fn run(target: &Target, cell: Cell, timing: Timing, load: Load) -> Sta
         }
     }
     drop(pacer);
-    tally.into_stats(window_start, timing.measure)
+    let mut stats = tally.into_stats(window_start, timing.measure);
+    // The task only sleeps and reads a clock; it cannot fail short of a panic.
+    stats.cpu = cpu.await.unwrap_or_default();
+    stats
 }
 
 /// Sends requests over one connection until `stop`: back-to-back, or as the pacer releases
@@ -701,7 +732,12 @@ mod tests {
         let mut second = stats(&[2, 4, 5, 6], 2000);
         second.first_error = Some("second".into());
         second.connections = 4;
+        first.cpu = Duration::from_millis(30);
+        second.cpu = Duration::from_millis(90);
         let pooled = Stats::pooled(&[first, second]);
+        // 120 ms of CPU over the six requests in the windows.
+        assert_eq!(pooled.cpu_per_request_us(), Some(20_000.0));
+        assert_eq!(Stats::default().cpu_per_request_us(), None);
         assert_eq!(pooled.latency, ms([1, 2, 3, 4, 5, 6]));
         assert_eq!(pooled.window, Duration::from_millis(3000));
         assert_eq!(pooled.throughput(), 2.0);
