@@ -83,6 +83,9 @@ pub enum StoreError {
         "no store at {0} (is the data directory right? the gateway creates it when it first starts with capture on)"
     )]
     NoStore(PathBuf),
+    /// A new store file could not be put in place.
+    #[error("cannot create the store {0}: {1}")]
+    Create(PathBuf, std::io::Error),
     /// The file is being reopened after an I/O error.
     #[error("the store {0} is being reopened after an I/O error (see the log)")]
     Closed(PathBuf),
@@ -148,8 +151,22 @@ impl Store {
 
     /// Opens (or creates) the store file at `path`.
     pub fn open(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
+        Self::from_db(OpenDb::open(path, cache_bytes)?)
+    }
+
+    /// Opens (or creates) a store on a redb storage backend other than a file: in memory, or
+    /// one that injects failures in tests. `name` stands for the path in messages. After an
+    /// I/O error the store reopens on a clone of `backend`, which must reach the same storage.
+    pub fn open_backend<B>(name: &Path, backend: B, cache_bytes: usize) -> Result<Self, StoreError>
+    where
+        B: redb::StorageBackend + Clone,
+    {
+        Self::from_db(OpenDb::open_backend(name, backend, cache_bytes)?)
+    }
+
+    fn from_db(db: OpenDb) -> Result<Self, StoreError> {
         let store = Self {
-            db: Arc::new(OpenDb::open(path, cache_bytes)?),
+            db: Arc::new(db),
             unsettled: Arc::default(),
         };
         // Create the tables up front so that readers never meet a missing table.

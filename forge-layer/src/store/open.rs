@@ -18,12 +18,22 @@ use super::StoreError;
 const FIRST_PAUSE: Duration = Duration::from_millis(10);
 const MAX_PAUSE: Duration = Duration::from_secs(1);
 
+/// Opens the database: its file, or another redb storage backend.
+type Opener = Box<dyn Fn() -> Result<Database, StoreError> + Send + Sync>;
+
 /// The database file and, while it is open, its handle.
-#[derive(Debug)]
 pub(super) struct OpenDb {
     path: PathBuf,
-    cache_bytes: usize,
+    opener: Opener,
     slot: RwLock<Slot>,
+}
+
+impl std::fmt::Debug for OpenDb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenDb")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
@@ -44,10 +54,36 @@ pub(super) struct Handle {
 impl OpenDb {
     /// Opens (or creates) the file.
     pub(super) fn open(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
-        let db = open_database(path, cache_bytes)?;
+        let file = path.to_path_buf();
+        Self::with_opener(path, Box::new(move || open_database(&file, cache_bytes)))
+    }
+
+    /// Opens (or creates) a database on `backend`, named `name` in messages. A reopen starts
+    /// from a clone of it, which must reach the same storage.
+    pub(super) fn open_backend<B>(
+        name: &Path,
+        backend: B,
+        cache_bytes: usize,
+    ) -> Result<Self, StoreError>
+    where
+        B: redb::StorageBackend + Clone,
+    {
+        Self::with_opener(
+            name,
+            Box::new(move || {
+                Database::builder()
+                    .set_cache_size(cache_bytes)
+                    .create_with_backend(backend.clone())
+                    .map_err(super::db_err)
+            }),
+        )
+    }
+
+    fn with_opener(path: &Path, opener: Opener) -> Result<Self, StoreError> {
+        let db = opener()?;
         Ok(Self {
             path: path.to_path_buf(),
-            cache_bytes,
+            opener,
             slot: RwLock::new(Slot {
                 db: Some(Arc::new(db)),
                 generation: 0,
@@ -114,7 +150,7 @@ impl OpenDb {
         // Until it opens, or the store is gone (this thread holds the last reference).
         while Arc::strong_count(&self) > 1 {
             attempts += 1;
-            match open_database(&self.path, self.cache_bytes) {
+            match (self.opener)() {
                 Ok(db) => {
                     let mut slot = self.lock();
                     slot.db = Some(Arc::new(db));
@@ -142,11 +178,57 @@ impl OpenDb {
 
 /// Opens (or creates) the file, telling "another process has it" apart from other failures.
 fn open_database(path: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
+    let fresh = fresh_path(path);
+    if !path.exists() {
+        create_whole(path, &fresh)?;
+    }
+    // Left by a creation cut short, or the file's second name if the cut came after the link.
+    let _ = std::fs::remove_file(&fresh);
     Database::builder()
         .set_cache_size(cache_bytes)
         .create(path)
-        .map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(path.to_path_buf()),
-            other => super::db_err(other),
-        })
+        .map_err(|e| open_error(path, e))
+}
+
+/// Where a new store file is made before it takes its name.
+fn fresh_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".new");
+    PathBuf::from(name)
+}
+
+/// Creates a new store file as a whole: redb writes its first state under `fresh`, syncs it,
+/// and only then does the file appear at `path`. A power cut while redb is still writing that
+/// state leaves a file it cannot open ("not a redb database"); under the other name it is just
+/// made again. A link, not a rename, so that two processes starting at once cannot replace
+/// each other's file: the second finds `path` taken and opens that.
+fn create_whole(path: &Path, fresh: &Path) -> Result<(), StoreError> {
+    let created = Database::create(fresh).or_else(|e| match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => Err(e),
+        // A leftover from a cut creation.
+        _ => {
+            let _ = std::fs::remove_file(fresh);
+            Database::create(fresh)
+        }
+    });
+    drop(created.map_err(|e| open_error(fresh, e))?);
+    match std::fs::hard_link(fresh, path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(StoreError::Create(path.to_path_buf(), e)),
+    }
+    // The new name is durable before anything is written under it.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| StoreError::Create(path.to_path_buf(), e))?;
+    }
+    Ok(())
+}
+
+fn open_error(path: &Path, e: redb::DatabaseError) -> StoreError {
+    match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(path.to_path_buf()),
+        other => super::db_err(other),
+    }
 }

@@ -626,3 +626,24 @@ async fn a_graded_snapshot_sees_the_same_traces_and_feedback_on_every_walk() {
     let now = store.with_graded_snapshot(|scan| Ok(walk(scan))).unwrap();
     assert_eq!(now, vec![(id, Some(95.0)), (copy.id, None)]);
 }
+
+#[test]
+fn a_store_file_whose_creation_was_cut_short_is_made_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(STORE_FILE);
+    let fresh = dir.path().join(format!("{STORE_FILE}.new"));
+    // What a power cut while redb wrote its first state can leave: not a database.
+    std::fs::write(&fresh, [0x7f; 700]).unwrap();
+    let store = Store::open_dir(dir.path()).unwrap();
+    assert!(path.is_file());
+    assert!(!fresh.exists(), "the leftover is gone");
+    let id = TraceId::generate();
+    store.insert_encoded([(id, &b"{}"[..])]).unwrap();
+    drop(store);
+
+    // A cut after the link leaves the file's second name behind: it goes, the data stays.
+    std::fs::hard_link(&path, &fresh).unwrap();
+    let store = Store::open_dir(dir.path()).unwrap();
+    assert!(!fresh.exists());
+    assert!(store.has_trace(id).unwrap());
+}

@@ -1,0 +1,427 @@
+//! Power loss at any point of a write: the store reopens to a state its acknowledgements promised.
+//!
+//! The store runs on a simulated disk (a redb storage backend). Until a sync, a write is only in
+//! the disk's cache; at the power cut, any subset of the unsynced 512-byte sectors may have
+//! reached the platter, and every later call fails. For each of many seeds a workload of trace
+//! batches (as the writer commits them) and feedback runs until the power is cut at a random
+//! write, the disk is rebuilt from what a crash could leave, and the store is reopened on it.
+//! It must open, hold every acknowledged trace and feedback byte for byte, hold the batch that
+//! was being committed wholly or not at all, hold nothing else, and take new writes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use forge_layer::reassemble::FinalResponse;
+use forge_layer::store::{Feedback, Store};
+use forge_layer::trace::{Outcome, Trace, TraceId};
+use forge_router::Arm;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use redb::StorageBackend;
+
+/// The plan asks for 1,000 power cuts.
+const SEEDS: u64 = 1_000;
+/// Steps of one workload: each a batch of traces or one feedback.
+const STEPS: usize = 10;
+const SECTOR: usize = 512;
+const CACHE_BYTES: usize = 4 << 20;
+
+/// One change to the disk not yet synced.
+#[derive(Debug, Clone)]
+enum Op {
+    Write { offset: u64, data: Vec<u8> },
+    SetLen(u64),
+}
+
+impl Op {
+    fn apply(&self, image: &mut Vec<u8>) {
+        match self {
+            Op::Write { offset, data } => {
+                let start = usize::try_from(*offset).unwrap();
+                if image.len() < start + data.len() {
+                    image.resize(start + data.len(), 0);
+                }
+                image[start..start + data.len()].copy_from_slice(data);
+            }
+            Op::SetLen(len) => image.resize(usize::try_from(*len).unwrap(), 0),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Disk {
+    /// What reads see: every change so far.
+    current: Vec<u8>,
+    /// What a power cut cannot take away: the state at the last sync.
+    synced: Vec<u8>,
+    /// Changes since the last sync, in order.
+    unsynced: Vec<Op>,
+    /// Changes (writes, length changes, syncs) still allowed before the power fails.
+    changes_left: u64,
+    /// Changes made: to size the next run's power cut.
+    changes: u64,
+    powered: bool,
+}
+
+/// A simulated disk with a volatile cache; clones share it.
+#[derive(Debug, Clone)]
+struct CrashDisk(Arc<Mutex<Disk>>);
+
+impl CrashDisk {
+    fn new(image: Vec<u8>, changes_left: u64) -> Self {
+        Self(Arc::new(Mutex::new(Disk {
+            current: image.clone(),
+            synced: image,
+            unsynced: Vec::new(),
+            changes_left,
+            changes: 0,
+            powered: true,
+        })))
+    }
+
+    fn disk(&self) -> MutexGuard<'_, Disk> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Counts one change; fails once the power is out.
+    fn change(disk: &mut Disk) -> Result<(), std::io::Error> {
+        if disk.changes_left == 0 {
+            disk.powered = false;
+        }
+        if !disk.powered {
+            return Err(std::io::Error::other("power lost"));
+        }
+        disk.changes_left -= 1;
+        disk.changes += 1;
+        Ok(())
+    }
+
+    /// What the platter holds after the power cut: the synced state, plus any subset of the
+    /// unsynced sectors (each change's sectors kept or lost one by one, in order).
+    fn after_power_cut(&self, rng: &mut StdRng) -> Vec<u8> {
+        let disk = self.disk();
+        let mut image = disk.synced.clone();
+        for op in &disk.unsynced {
+            match op {
+                Op::SetLen(_) => {
+                    if rng.random_bool(0.5) {
+                        op.apply(&mut image);
+                    }
+                }
+                Op::Write { offset, data } => {
+                    for (i, sector) in data.chunks(SECTOR).enumerate() {
+                        if rng.random_bool(0.5) {
+                            Op::Write {
+                                offset: offset + (i * SECTOR) as u64,
+                                data: sector.to_vec(),
+                            }
+                            .apply(&mut image);
+                        }
+                    }
+                }
+            }
+        }
+        image
+    }
+}
+
+impl StorageBackend for CrashDisk {
+    fn len(&self) -> Result<u64, std::io::Error> {
+        let disk = self.disk();
+        if !disk.powered {
+            return Err(std::io::Error::other("power lost"));
+        }
+        Ok(disk.current.len() as u64)
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+        let disk = self.disk();
+        if !disk.powered {
+            return Err(std::io::Error::other("power lost"));
+        }
+        let start = usize::try_from(offset).unwrap();
+        let bytes = disk
+            .current
+            .get(start..start + out.len())
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
+        out.copy_from_slice(bytes);
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+        let mut disk = self.disk();
+        Self::change(&mut disk)?;
+        let op = Op::SetLen(len);
+        op.apply(&mut disk.current);
+        disk.unsynced.push(op);
+        Ok(())
+    }
+
+    fn sync_data(&self) -> Result<(), std::io::Error> {
+        let mut disk = self.disk();
+        Self::change(&mut disk)?;
+        let Disk {
+            synced, unsynced, ..
+        } = &mut *disk;
+        for op in unsynced.drain(..) {
+            op.apply(synced);
+        }
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        let mut disk = self.disk();
+        Self::change(&mut disk)?;
+        let op = Op::Write {
+            offset,
+            data: data.to_vec(),
+        };
+        op.apply(&mut disk.current);
+        disk.unsynced.push(op);
+        Ok(())
+    }
+}
+
+fn trace(id: u128, rng: &mut StdRng) -> Trace {
+    // Sizes from a few hundred bytes to several pages, so batches span leaves and branches.
+    let words = rng.random_range(1..600);
+    Trace {
+        id: TraceId::from_u128(id),
+        time_ms: 1_700_000_000_000,
+        tenant: rng.random_bool(0.5).then(|| "acme".to_string()),
+        key_id: None,
+        alias: "gpt-4o".into(),
+        upstream: "openai".into(),
+        model: "gpt-4o".into(),
+        arm: Arm::Teacher,
+        route_version: 1,
+        stream: rng.random_bool(0.5),
+        request: serde_json::json!({"messages": [{"role": "user", "content": format!("question {id}")}]}),
+        response: FinalResponse {
+            model: Some(format!("answer {id}: {}", "word ".repeat(words))),
+            complete: true,
+            ..FinalResponse::default()
+        },
+        status: 200,
+        latency_us: rng.random_range(1..1_000_000),
+        ttfb_us: 1,
+        outcome: Outcome::Completed,
+    }
+}
+
+/// What the store acknowledged, and what it was writing when the power went.
+#[derive(Debug, Default)]
+struct Model {
+    traces: BTreeMap<u128, Trace>,
+    feedback: Vec<Feedback>,
+    in_doubt_traces: Vec<Trace>,
+    in_doubt_feedback: Option<Feedback>,
+    /// Disk changes made by the time the store was open.
+    created_after: u64,
+}
+
+/// Runs the seed's workload on `disk` until it ends or a write fails.
+fn workload(seed: u64, disk: &CrashDisk) -> Model {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut model = Model::default();
+    // The file as the store makes it: whole before it takes its name (`store/open.rs`), so a
+    // cut can only come later.
+    drop(
+        redb::Database::builder()
+            .create_with_backend(disk.clone())
+            .expect("create"),
+    );
+    model.created_after = disk.disk().changes;
+    let Ok(store) = Store::open_backend(Path::new("crash-disk"), disk.clone(), CACHE_BYTES) else {
+        return model;
+    };
+    let mut next_id = TraceId::earliest_at(1_700_000_000_000).as_u128();
+    for _ in 0..STEPS {
+        if model.traces.is_empty() || rng.random_bool(0.75) {
+            let batch: Vec<Trace> = (0..rng.random_range(1..=8))
+                .map(|_| {
+                    next_id += 1;
+                    trace(next_id, &mut rng)
+                })
+                .collect();
+            let encoded: Vec<Vec<u8>> = batch
+                .iter()
+                .map(|t| serde_json::to_vec(t).unwrap())
+                .collect();
+            let insert = batch
+                .iter()
+                .zip(&encoded)
+                .map(|(t, bytes)| (t.id, bytes.as_slice()));
+            match store.insert_encoded(insert) {
+                Ok(()) => model
+                    .traces
+                    .extend(batch.into_iter().map(|t| (t.id.as_u128(), t))),
+                Err(e) => {
+                    assert!(e.is_transient(), "seed {seed}: not an I/O error: {e}");
+                    model.in_doubt_traces = batch;
+                    return model;
+                }
+            }
+        } else {
+            let ids: Vec<u128> = model.traces.keys().copied().collect();
+            let feedback = Feedback {
+                trace_id: TraceId::from_u128(ids[rng.random_range(0..ids.len())]),
+                score: Some(f64::from(rng.random_range(0..=100u8))),
+                approved: None,
+                comment: Some(format!("seed {seed}")),
+                time_ms: 1_700_000_000_000 + model.feedback.len() as u64,
+            };
+            match store.add_feedback(&feedback) {
+                Ok(_first_score) => model.feedback.push(feedback),
+                Err(e) => {
+                    assert!(e.is_transient(), "seed {seed}: not an I/O error: {e}");
+                    model.in_doubt_feedback = Some(feedback);
+                    return model;
+                }
+            }
+        }
+    }
+    model
+}
+
+/// The store reopened on what the power cut left must be what `model` allows.
+fn check(seed: u64, store: &Store, model: &Model) -> Result<(), String> {
+    let mut stored = BTreeMap::new();
+    store
+        .for_each_trace(|t| {
+            stored.insert(t.id.as_u128(), t);
+            true
+        })
+        .map_err(|e| format!("scan: {e}"))?;
+    for (id, trace) in &model.traces {
+        match stored.remove(id) {
+            Some(found) if &found == trace => {}
+            Some(_) => return Err(format!("acknowledged trace {id} changed")),
+            None => return Err(format!("acknowledged trace {id} lost")),
+        }
+    }
+    // Left over: the batch being committed, whole, or nothing.
+    if !stored.is_empty() {
+        let in_doubt: BTreeMap<u128, Trace> = model
+            .in_doubt_traces
+            .iter()
+            .map(|t| (t.id.as_u128(), t.clone()))
+            .collect();
+        if stored != in_doubt {
+            return Err(format!(
+                "seed {seed}: {} traces neither acknowledged nor a whole unacknowledged batch (of {})",
+                stored.len(),
+                in_doubt.len()
+            ));
+        }
+    }
+    let mut by_trace: BTreeMap<u128, Vec<Feedback>> = BTreeMap::new();
+    for f in &model.feedback {
+        by_trace
+            .entry(f.trace_id.as_u128())
+            .or_default()
+            .push(f.clone());
+    }
+    for &id in model.traces.keys() {
+        let acknowledged = by_trace.remove(&id).unwrap_or_default();
+        let mut found = store
+            .feedback(TraceId::from_u128(id))
+            .map_err(|e| format!("feedback: {e}"))?;
+        if let Some(extra) = &model.in_doubt_feedback
+            && extra.trace_id.as_u128() == id
+        {
+            found.retain(|f| f != extra);
+        }
+        if found != acknowledged {
+            return Err(format!(
+                "feedback on {id}: {} stored, {} acknowledged",
+                found.len(),
+                acknowledged.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The disk changes the seed's workload makes when nothing fails: those that create the file,
+/// and all of them.
+fn changes_without_a_cut(seed: u64) -> (u64, u64) {
+    let disk = CrashDisk::new(Vec::new(), u64::MAX);
+    let model = workload(seed, &disk);
+    assert!(model.in_doubt_traces.is_empty() && model.in_doubt_feedback.is_none());
+    let total = disk.disk().changes;
+    (model.created_after, total)
+}
+
+#[test]
+fn every_power_cut_reopens_to_what_was_acknowledged() {
+    let mut cut_mid_commit = 0;
+    for seed in 0..SEEDS {
+        let (created, total) = changes_without_a_cut(seed);
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
+        // Anywhere from the store's first commit (its tables) to the workload's last sync.
+        let cut_at = rng.random_range(created..total);
+        let disk = CrashDisk::new(Vec::new(), cut_at);
+        let model = workload(seed, &disk);
+        if !model.in_doubt_traces.is_empty() || model.in_doubt_feedback.is_some() {
+            cut_mid_commit += 1;
+        }
+        let image = disk.after_power_cut(&mut rng);
+        let reopened = CrashDisk::new(image, u64::MAX);
+        let store = Store::open_backend(Path::new("crash-disk"), reopened, CACHE_BYTES)
+            .unwrap_or_else(|e| {
+                panic!("seed {seed} (power cut at change {cut_at} of {total}): reopen: {e}")
+            });
+        if let Err(e) = check(seed, &store, &model) {
+            panic!("seed {seed} (power cut at change {cut_at} of {total}): {e}");
+        }
+        // And it takes new writes, which read back.
+        let fresh = trace(u128::MAX - 1, &mut rng);
+        let bytes = serde_json::to_vec(&fresh).unwrap();
+        store
+            .insert_encoded([(fresh.id, bytes.as_slice())])
+            .unwrap_or_else(|e| panic!("seed {seed}: write after reopen: {e}"));
+        assert_eq!(store.trace(fresh.id).unwrap().as_ref(), Some(&fresh));
+    }
+    // Most cuts fall inside a commit (the workload is mostly commits); make sure the test did
+    // exercise them, not just cuts between workloads.
+    assert!(
+        cut_mid_commit > SEEDS / 2,
+        "only {cut_mid_commit} of {SEEDS} cuts interrupted a write"
+    );
+}
+
+#[test]
+fn the_simulated_disk_loses_only_what_was_not_synced() {
+    let disk = CrashDisk::new(Vec::new(), u64::MAX);
+    disk.write(0, &[1; 2 * SECTOR]).unwrap();
+    disk.sync_data().unwrap();
+    disk.write(0, &[2; 2 * SECTOR]).unwrap();
+    disk.set_len(4 * SECTOR as u64).unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for seed in 0..64 {
+        let image = disk.after_power_cut(&mut StdRng::seed_from_u64(seed));
+        assert!(image.len() == 2 * SECTOR || image.len() == 4 * SECTOR);
+        // Each sector is old or new, never a mix within it.
+        let sectors: Vec<u8> = image[..2 * SECTOR]
+            .chunks(SECTOR)
+            .map(|s| {
+                assert!(s.iter().all(|&b| b == s[0]));
+                s[0]
+            })
+            .collect();
+        seen.insert(sectors);
+    }
+    // Every combination of the two sectors turns up.
+    assert_eq!(seen.len(), 4);
+    // Reads see the unsynced state; after the power goes, nothing works.
+    let mut out = [0; 4];
+    disk.read(0, &mut out).unwrap();
+    assert_eq!(out, [2; 4]);
+    let cut = CrashDisk::new(Vec::new(), 1);
+    cut.write(0, &[1]).unwrap();
+    assert!(cut.write(1, &[1]).is_err());
+    assert!(cut.read(0, &mut [0; 1]).is_err());
+}
