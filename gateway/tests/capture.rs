@@ -123,7 +123,8 @@ async fn durable_mode_keeps_every_answered_exchange_across_repeated_kill_9() {
     let data = dir.path().join("data");
     // Several rounds on one store, each killed at a different point of its load.
     let mut acknowledged = Vec::new();
-    for round in 0..20 {
+    // The reliability plan's R3: fifty kills.
+    for round in 0..50 {
         let kill_after = rand::random_range(10..300);
         acknowledged.extend(load_then_kill_9(&sim.base_url(), dir.path(), &data, kill_after).await);
 
