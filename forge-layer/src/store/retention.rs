@@ -115,6 +115,12 @@ impl Store {
                 // Closed here rather than dropped, so that an error finishing the removal is
                 // this error, not a poisoned transaction at commit.
                 gone.close().map_err(db_err)?;
+                // Stopped at a limit: more only if an old trace is left, so that a sweep whose
+                // last step took exactly the limit does not commit one more, empty, step.
+                if more {
+                    let next = traces.first().map_err(db_err)?;
+                    more = next.is_some_and(|(id, _)| id.value() < cutoff.as_u128());
+                }
             }
             let Some(newest) = newest_gone else {
                 return Ok(Expired::default());
@@ -157,12 +163,20 @@ impl Store {
     }
 }
 
-/// The newest trace id deleted for age, as recorded in the META table.
+/// The newest trace id deleted for age, as recorded in the META table. A mark that cannot be
+/// read is left out, with a warning, rather than keep the store from opening: new ids then stay
+/// above the newest stored trace only, and the next expiry writes the mark afresh.
 fn expired_mark(
     meta: &impl ReadableTable<&'static str, &'static [u8]>,
 ) -> Result<Option<TraceId>, StoreError> {
-    match meta.get(EXPIRED_UP_TO).map_err(db_err)? {
-        Some(v) => Ok(Some(serde_json::from_slice(v.value())?)),
-        None => Ok(None),
+    let Some(v) = meta.get(EXPIRED_UP_TO).map_err(db_err)? else {
+        return Ok(None);
+    };
+    match serde_json::from_slice(v.value()) {
+        Ok(mark) => Ok(Some(mark)),
+        Err(e) => {
+            tracing::warn!(error = %e, "retention: the record of expired trace ids cannot be read; ignoring it");
+            Ok(None)
+        }
     }
 }

@@ -500,9 +500,9 @@ fn expiry_deletes_the_oldest_traces_below_the_cutoff_with_their_feedback_in_boun
     // traces it stopped before keep their feedback.
     assert_eq!(step(2, 1), expired(1, true));
     assert_eq!(store.feedback(old[3]).unwrap().len(), 1);
-    // A step that runs out of old traces before its limits says so, and the sweep ends there
-    // without one more (empty) commit.
-    assert_eq!(step(3, usize::MAX), expired(2, false));
+    // A step that takes the last old traces says so, even when that is exactly its limit: the
+    // sweep ends there without one more (empty) commit.
+    assert_eq!(step(2, usize::MAX), expired(2, false));
     assert_eq!(step(3, usize::MAX), expired(0, false));
     // Everything from the cutoff on stays, feedback and evaluations included.
     assert_eq!(store.trace_count().unwrap(), 2);
@@ -543,6 +543,23 @@ fn new_ids_stay_above_expired_ones_across_a_reopen() {
         Some(newest),
         "the higher of the two"
     );
+}
+
+#[test]
+fn an_unreadable_expiry_mark_does_not_keep_the_store_from_opening() {
+    let dir = tempfile::tempdir().unwrap();
+    let newest = TraceId::earliest_at(5_000);
+    {
+        let store = Store::open_dir(dir.path()).unwrap();
+        store.insert_encoded([(newest, &b"{}"[..])]).unwrap();
+        store.put_meta("expired_up_to", &"not a trace id").unwrap();
+    }
+    let store = Store::open_dir(dir.path()).expect("opens");
+    assert_eq!(store.id_floor().unwrap(), Some(newest));
+    // The next expiry writes a good mark.
+    let all = TraceId::earliest_at(10_000);
+    assert_eq!(store.expire_traces(all, 10, usize::MAX).unwrap().deleted, 1);
+    assert_eq!(store.id_floor().unwrap(), Some(newest));
 }
 
 #[test]
