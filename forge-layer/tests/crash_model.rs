@@ -4,7 +4,8 @@
 //! the disk's cache; at the power cut, any subset of the unsynced 512-byte sectors may have
 //! reached the platter, and every later call fails. For each of many seeds a workload of trace
 //! batches (as the writer commits them) and feedback runs until the power is cut at a random
-//! write, the disk is rebuilt from what a crash could leave, and the store is reopened on it.
+//! write or sync, the disk is rebuilt from what a crash could leave (half the time after a
+//! second cut during recovery), and the store is reopened on it.
 //! It must open, hold every acknowledged trace and feedback byte for byte, hold the batch that
 //! was being committed wholly or not at all, hold nothing else, and take new writes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -62,6 +63,8 @@ struct Disk {
     changes_left: u64,
     /// Changes made: to size the next run's power cut.
     changes: u64,
+    /// The numbers of the changes that were syncs (the first change is 1).
+    syncs: Vec<u64>,
     powered: bool,
 }
 
@@ -77,6 +80,7 @@ impl CrashDisk {
             unsynced: Vec::new(),
             changes_left,
             changes: 0,
+            syncs: Vec::new(),
             powered: true,
         })))
     }
@@ -111,14 +115,20 @@ impl CrashDisk {
                     }
                 }
                 Op::Write { offset, data } => {
-                    for (i, sector) in data.chunks(SECTOR).enumerate() {
+                    // Piece by piece along the disk's own sector boundaries.
+                    let mut done = 0;
+                    while done < data.len() {
+                        let at = offset + done as u64;
+                        let room = SECTOR - usize::try_from(at % SECTOR as u64).unwrap();
+                        let piece = &data[done..data.len().min(done + room)];
                         if rng.random_bool(0.5) {
                             Op::Write {
-                                offset: offset + (i * SECTOR) as u64,
-                                data: sector.to_vec(),
+                                offset: at,
+                                data: piece.to_vec(),
                             }
                             .apply(&mut image);
                         }
+                        done += piece.len();
                     }
                 }
             }
@@ -162,6 +172,8 @@ impl StorageBackend for CrashDisk {
     fn sync_data(&self) -> Result<(), std::io::Error> {
         let mut disk = self.disk();
         Self::change(&mut disk)?;
+        let n = disk.changes;
+        disk.syncs.push(n);
         let Disk {
             synced, unsynced, ..
         } = &mut *disk;
@@ -286,8 +298,9 @@ fn workload(seed: u64, disk: &CrashDisk) -> Model {
     model
 }
 
-/// The store reopened on what the power cut left must be what `model` allows.
-fn check(seed: u64, store: &Store, model: &Model) -> Result<(), String> {
+/// The store reopened on what the power cut left must be what `model` allows. Returns whether
+/// the batch being committed at the cut survived (whole).
+fn check(seed: u64, store: &Store, model: &Model) -> Result<bool, String> {
     let mut stored = BTreeMap::new();
     store
         .for_each_trace(|t| {
@@ -303,7 +316,8 @@ fn check(seed: u64, store: &Store, model: &Model) -> Result<(), String> {
         }
     }
     // Left over: the batch being committed, whole, or nothing.
-    if !stored.is_empty() {
+    let survived = !stored.is_empty();
+    if survived {
         let in_doubt: BTreeMap<u128, Trace> = model
             .in_doubt_traces
             .iter()
@@ -342,40 +356,83 @@ fn check(seed: u64, store: &Store, model: &Model) -> Result<(), String> {
             ));
         }
     }
-    Ok(())
+    Ok(survived)
 }
 
-/// The disk changes the seed's workload makes when nothing fails: those that create the file,
-/// and all of them.
-fn changes_without_a_cut(seed: u64) -> (u64, u64) {
-    let disk = CrashDisk::new(Vec::new(), u64::MAX);
-    let model = workload(seed, &disk);
-    assert!(model.in_doubt_traces.is_empty() && model.in_doubt_feedback.is_none());
-    let total = disk.disk().changes;
-    (model.created_after, total)
+/// Where the seed's workload can be cut: how many disk changes it makes when nothing fails,
+/// and which of them are syncs.
+struct Run {
+    /// Changes made by the time the file exists.
+    created: u64,
+    total: u64,
+    syncs: Vec<u64>,
+}
+
+impl Run {
+    fn without_a_cut(seed: u64) -> Self {
+        let disk = CrashDisk::new(Vec::new(), u64::MAX);
+        let model = workload(seed, &disk);
+        assert!(model.in_doubt_traces.is_empty() && model.in_doubt_feedback.is_none());
+        let disk = disk.disk();
+        Run {
+            created: model.created_after,
+            total: disk.changes,
+            syncs: disk.syncs.clone(),
+        }
+    }
+
+    /// How many changes to allow before the power goes: anywhere from the store's first commit
+    /// (its tables) to the workload's last sync, or, half the time, exactly at a sync, where a
+    /// commit is decided (the batch then survives whole or not at all).
+    fn cut_at(&self, rng: &mut StdRng) -> u64 {
+        let syncs: Vec<u64> = self
+            .syncs
+            .iter()
+            .copied()
+            .filter(|&n| n > self.created)
+            .collect();
+        if !syncs.is_empty() && rng.random_bool(0.5) {
+            syncs[rng.random_range(0..syncs.len())] - 1
+        } else {
+            rng.random_range(self.created..self.total)
+        }
+    }
 }
 
 #[test]
 fn every_power_cut_reopens_to_what_was_acknowledged() {
     let mut cut_mid_commit = 0;
+    let mut survived_whole = 0;
     for seed in 0..SEEDS {
-        let (created, total) = changes_without_a_cut(seed);
+        let run = Run::without_a_cut(seed);
+        let total = run.total;
         let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
-        // Anywhere from the store's first commit (its tables) to the workload's last sync.
-        let cut_at = rng.random_range(created..total);
+        let cut_at = run.cut_at(&mut rng);
         let disk = CrashDisk::new(Vec::new(), cut_at);
         let model = workload(seed, &disk);
         if !model.in_doubt_traces.is_empty() || model.in_doubt_feedback.is_some() {
             cut_mid_commit += 1;
         }
-        let image = disk.after_power_cut(&mut rng);
+        let mut image = disk.after_power_cut(&mut rng);
+        // Half the time the power goes again while the store recovers.
+        if rng.random_bool(0.5) {
+            let recovering = CrashDisk::new(image, rng.random_range(0..64));
+            drop(Store::open_backend(
+                Path::new("crash-disk"),
+                recovering.clone(),
+                CACHE_BYTES,
+            ));
+            image = recovering.after_power_cut(&mut rng);
+        }
         let reopened = CrashDisk::new(image, u64::MAX);
         let store = Store::open_backend(Path::new("crash-disk"), reopened, CACHE_BYTES)
             .unwrap_or_else(|e| {
                 panic!("seed {seed} (power cut at change {cut_at} of {total}): reopen: {e}")
             });
-        if let Err(e) = check(seed, &store, &model) {
-            panic!("seed {seed} (power cut at change {cut_at} of {total}): {e}");
+        match check(seed, &store, &model) {
+            Ok(true) => survived_whole += 1,
+            Ok(false) => {}
+            Err(e) => panic!("seed {seed} (power cut at change {cut_at} of {total}): {e}"),
         }
         // And it takes new writes, which read back.
         let fresh = trace(u128::MAX - 1, &mut rng);
@@ -387,10 +444,15 @@ fn every_power_cut_reopens_to_what_was_acknowledged() {
     }
     // Most cuts fall inside a commit (the workload is mostly commits); make sure the test did
     // exercise them, not just cuts between workloads.
+    println!(
+        "{cut_mid_commit} of {SEEDS} cuts interrupted a commit; {survived_whole} of those batches survived whole"
+    );
     assert!(
         cut_mid_commit > SEEDS / 2,
         "only {cut_mid_commit} of {SEEDS} cuts interrupted a write"
     );
+    // Both outcomes of an interrupted commit were seen.
+    assert!(survived_whole > 0 && survived_whole < cut_mid_commit);
 }
 
 #[test]

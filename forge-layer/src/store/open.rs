@@ -179,11 +179,15 @@ impl OpenDb {
 /// Opens (or creates) the file, telling "another process has it" apart from other failures.
 fn open_database(path: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
     let fresh = fresh_path(path);
-    if !path.exists() {
+    // A failure to tell counts as "there": opening it then reports the real error.
+    if matches!(path.try_exists(), Ok(false)) {
         create_whole(path, &fresh)?;
     }
     // Left by a creation cut short, or the file's second name if the cut came after the link.
     let _ = std::fs::remove_file(&fresh);
+    // The file's name is durable before anything is acknowledged under it, even if the process
+    // that made it died before it could see to that.
+    sync_dir(path);
     Database::builder()
         .set_cache_size(cache_bytes)
         .create(path)
@@ -211,19 +215,38 @@ fn create_whole(path: &Path, fresh: &Path) -> Result<(), StoreError> {
             Database::create(fresh)
         }
     });
-    drop(created.map_err(|e| open_error(fresh, e))?);
-    match std::fs::hard_link(fresh, path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(StoreError::Create(path.to_path_buf(), e)),
-    }
-    // The new name is durable before anything is written under it.
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| StoreError::Create(path.to_path_buf(), e))?;
+    // Another process is making the store right now: it is as busy as an open one.
+    drop(created.map_err(|e| open_error(path, e))?);
+    if let Err(e) = std::fs::hard_link(fresh, path) {
+        match path.try_exists() {
+            // Another process put its file there first (it may even have taken this one).
+            Ok(true) => {}
+            // A filesystem without hard links (FAT, some network shares): a plain rename,
+            // which a second process starting at the same instant could undo; neither file
+            // holds data yet.
+            _ if e.kind() != std::io::ErrorKind::NotFound => std::fs::rename(fresh, path)
+                .map_err(|e| StoreError::Create(path.to_path_buf(), e))?,
+            _ => return Err(StoreError::Create(path.to_path_buf(), e)),
+        }
     }
     Ok(())
+}
+
+/// Makes the directory entry of `path` durable. Some filesystems cannot sync a directory; they
+/// get a warning, not a store that will not open.
+fn sync_dir(path: &Path) {
+    #[cfg(unix)]
+    {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+            tracing::warn!(dir = %dir.display(), error = %e, "could not sync the store's directory; a power cut could lose a new store file's name");
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
 }
 
 fn open_error(path: &Path, e: redb::DatabaseError) -> StoreError {
