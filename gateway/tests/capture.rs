@@ -2,56 +2,24 @@
 //! exports, and the `forge traces` CLI against a stopped and a running gateway.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 
 use forge_gateway::sim::{SimConfig, SimUpstream};
 use forge_layer::store::Store;
 use forge_layer::trace::TraceId;
 
+mod common;
+use common::serve;
+
 const FORGE: &str = env!("CARGO_BIN_EXE_forge");
-
-struct Forge(Child);
-
-impl Drop for Forge {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn config(sim_url: &str, data_dir: &Path, mode: &str) -> String {
     format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\n[capture]\ndata_dir = {:?}\nmode = \"{mode}\"\n\n[[upstreams]]\nname = \"sim\"\nbase_url = \"{sim_url}\"\n\n[[routes]]\nalias = \"m\"\nteacher = {{ upstream = \"sim\", model = \"gpt-4o\" }}\n",
         data_dir.display().to_string()
     )
-}
-
-/// Starts `forge serve`; returns it, its proxy base URL, and the file its stderr goes to.
-fn serve(config: &str, dir: &Path, env: &[(&str, &str)]) -> (Forge, String) {
-    let path = dir.join("forge.toml");
-    std::fs::write(&path, config).unwrap();
-    let log = std::fs::File::create(dir.join("forge.log")).unwrap();
-    let mut child = Command::new(FORGE)
-        .args(["serve", "--config"])
-        .arg(&path)
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap()
-        .to_string();
-    (Forge(child), url)
 }
 
 fn chat(prompt: &str, stream: bool) -> serde_json::Value {

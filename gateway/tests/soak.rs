@@ -10,9 +10,6 @@
 //! a difference, since no stream is timed both ways).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -20,7 +17,9 @@ use std::time::{Duration, Instant};
 use forge_gateway::sim::{ModelBehavior, SimConfig, SimUpstream};
 use forge_layer::store::Store;
 
-const FORGE: &str = env!("CARGO_BIN_EXE_forge");
+mod common;
+use common::{Forge, serve};
+
 /// The plan's teacher: 500 tokens, 10 ms apart.
 const TOKENS: usize = 500;
 const TOKEN_DELAY: Duration = Duration::from_millis(10);
@@ -35,48 +34,11 @@ const MAX_ADDED_MS: f64 = 5.0;
 /// filling would look like growth, and it stops at its cap (`capture.cache_mb`).
 const CACHE_MB: usize = 8;
 
-/// Kills the gateway if the test fails half-way.
-struct Forge(Child);
-
-impl Drop for Forge {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// Starts `forge serve` with its stderr in `dir/forge.log`; returns it and its base URL.
-fn serve(config: &str, dir: &Path) -> (Forge, String) {
-    let path = dir.join("forge.toml");
-    std::fs::write(&path, config).unwrap();
-    let log = std::fs::File::create(dir.join("forge.log")).unwrap();
-    let mut child = Command::new(FORGE)
-        .args(["serve", "--config"])
-        .arg(&path)
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let forge = Forge(child);
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let url = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| {
-            let log = std::fs::read_to_string(dir.join("forge.log")).unwrap_or_default();
-            panic!("no URL in {line:?}; the log:\n{log}")
-        })
-        .to_string();
-    (forge, url)
 }
 
 /// The gateway's resident set in KiB; fails the test if it has exited.
@@ -244,7 +206,7 @@ async fn hundreds_of_streams_for_minutes_lose_nothing_and_memory_stays_flat() {
         data.display().to_string(),
         sim.base_url()
     );
-    let (mut forge, base) = serve(&config, dir.path());
+    let (mut forge, base) = serve(&config, dir.path(), &[]);
     let root = base.strip_suffix("/v1").expect("the base URL ends in /v1");
 
     let http = reqwest::Client::builder()

@@ -1,0 +1,46 @@
+//! Starting the real `forge` binary for the tests that run it as an operator would.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+const FORGE: &str = env!("CARGO_BIN_EXE_forge");
+
+/// The running gateway; killed if a test fails half-way, so no gateway outlives its test.
+pub struct Forge(pub Child);
+
+impl Drop for Forge {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `forge serve` on `config` (written to `dir/forge.toml`) with `env`, its stderr in
+/// `dir/forge.log`; returns it and the proxy base URL it printed.
+pub fn serve(config: &str, dir: &Path, env: &[(&str, &str)]) -> (Forge, String) {
+    let path = dir.join("forge.toml");
+    std::fs::write(&path, config).unwrap();
+    let log = std::fs::File::create(dir.join("forge.log")).unwrap();
+    let mut child = Command::new(FORGE)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let forge = Forge(child);
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| {
+            let log = std::fs::read_to_string(dir.join("forge.log")).unwrap_or_default();
+            panic!("no URL in {line:?}; the log:\n{log}")
+        })
+        .to_string();
+    (forge, url)
+}
