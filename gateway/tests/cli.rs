@@ -2,46 +2,22 @@
 //! environment, and a SIGTERM drain with streams in flight.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use forge_gateway::sim::{ModelBehavior, SimConfig, SimUpstream};
 
 const FORGE: &str = env!("CARGO_BIN_EXE_forge");
 
-/// Kills the child if a test fails half-way, so no gateway outlives its test.
-struct Forge(Child);
+mod common;
+use common::Forge;
 
-impl Drop for Forge {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `forge serve --config FILE` and returns it with the base URL it printed.
+/// Starts `forge serve` on `config` in a directory of its own, which it returns with the gateway
+/// and the base URL it printed.
 fn serve(config: &str, env: &[(&str, &str)]) -> (Forge, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("forge.toml");
-    std::fs::write(&path, config).unwrap();
-    let mut child = Command::new(FORGE)
-        .args(["serve", "--config"])
-        .arg(&path)
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let url = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no URL in {line:?}"))
-        .to_string();
-    (Forge(child), url, dir)
+    let (forge, url) = common::serve(config, dir.path(), env);
+    (forge, url, dir)
 }
 
 fn run_to_failure(config: &str) -> String {
