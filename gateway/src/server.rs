@@ -206,11 +206,12 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     let mut metrics = Metrics::default();
     let (store, writer, writer_task, counters) = match &config.capture {
         Some(capture) => {
+            let opening = std::time::Instant::now();
             let store = Store::open_dir_with_cache(&capture.data_dir, capture.cache_bytes)?;
             let (writer, task) = TraceWriter::start(store.clone(), capture.writer.clone());
             let counters = writer.counters_handle();
             metrics.register_capture(Arc::clone(&counters), Arc::clone(store.unsettled()));
-            tracing::info!(path = %store.path().display(), mode = ?capture.writer.mode, "capture on");
+            tracing::info!(path = %store.path().display(), mode = ?capture.writer.mode, open_ms = opening.elapsed().as_millis(), "capture on");
             (Some(store), Some(writer), Some(task), Some(counters))
         }
         None => {

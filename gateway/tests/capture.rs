@@ -102,6 +102,12 @@ async fn durable_mode_keeps_every_answered_exchange_across_repeated_kill_9() {
             "round {round}: killed after {kill_after} responses; reopen took {:?}",
             opened.elapsed()
         );
+        // Fast because it read the allocator state the last commit saved, not the whole file.
+        assert_eq!(
+            store.full_repairs(),
+            0,
+            "round {round}: the reopen had to repair the whole file"
+        );
         let missing: Vec<_> = acknowledged
             .iter()
             .filter(|id| store.trace(**id).unwrap().is_none())

@@ -192,6 +192,13 @@ impl Store {
         self.db.path()
     }
 
+    /// How many times opening this store (at first, or again after an I/O error) found its file
+    /// in need of a full repair. Stays 0 for a file only Forge wrote, even after `kill -9` or a
+    /// power cut: every commit saves what a reopen needs (quick repair).
+    pub fn full_repairs(&self) -> u64 {
+        self.db.full_repairs()
+    }
+
     /// The trace ids on their way to this store.
     pub fn unsettled(&self) -> &Arc<Unsettled> {
         &self.unsettled

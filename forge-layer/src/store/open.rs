@@ -7,10 +7,11 @@
 //! meanwhile operations fail at once with [`StoreError::Closed`].
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockWriteGuard};
 use std::time::Duration;
 
-use redb::Database;
+use redb::{Builder, Database, RepairSession};
 
 use super::StoreError;
 
@@ -26,6 +27,7 @@ pub(super) struct OpenDb {
     path: PathBuf,
     opener: Opener,
     slot: RwLock<Slot>,
+    full_repairs: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for OpenDb {
@@ -54,8 +56,14 @@ pub(super) struct Handle {
 impl OpenDb {
     /// Opens (or creates) the file.
     pub(super) fn open(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
+        let full_repairs = Arc::default();
+        let builder = builder(path, cache_bytes, &full_repairs);
         let file = path.to_path_buf();
-        Self::with_opener(path, Box::new(move || open_database(&file, cache_bytes)))
+        Self::with_opener(
+            path,
+            Box::new(move || open_database(&file, builder())),
+            full_repairs,
+        )
     }
 
     /// Opens (or creates) a database on `backend`, named `name` in messages. A reopen starts
@@ -68,18 +76,24 @@ impl OpenDb {
     where
         B: redb::StorageBackend + Clone,
     {
+        let full_repairs = Arc::default();
+        let builder = builder(name, cache_bytes, &full_repairs);
         Self::with_opener(
             name,
             Box::new(move || {
-                Database::builder()
-                    .set_cache_size(cache_bytes)
+                builder()
                     .create_with_backend(backend.clone())
                     .map_err(super::db_err)
             }),
+            full_repairs,
         )
     }
 
-    fn with_opener(path: &Path, opener: Opener) -> Result<Self, StoreError> {
+    fn with_opener(
+        path: &Path,
+        opener: Opener,
+        full_repairs: Arc<AtomicU64>,
+    ) -> Result<Self, StoreError> {
         let db = opener()?;
         Ok(Self {
             path: path.to_path_buf(),
@@ -88,7 +102,14 @@ impl OpenDb {
                 db: Some(Arc::new(db)),
                 generation: 0,
             }),
+            full_repairs,
         })
+    }
+
+    /// How many of this store's openings (the first, and any reopen after an I/O error) had to
+    /// repair the file in full.
+    pub(super) fn full_repairs(&self) -> u64 {
+        self.full_repairs.load(Ordering::Relaxed)
     }
 
     /// The file.
@@ -176,8 +197,40 @@ impl OpenDb {
     }
 }
 
+/// Makes redb builders for the store `name`: with the page cache capped at `cache_bytes`, and
+/// with a full repair counted in `full_repairs` and its progress logged.
+///
+/// Every commit saves the allocator state (quick repair), so an open after `kill -9` or a power
+/// cut reads that instead of walking the whole file. A full repair is then left for a file last
+/// written without it, or one whose saved state does not verify. On a large file it takes long
+/// enough that an operator wants to know why the gateway is not up yet.
+fn builder(
+    name: &Path,
+    cache_bytes: usize,
+    full_repairs: &Arc<AtomicU64>,
+) -> impl Fn() -> Builder + Send + Sync + 'static {
+    let name = name.to_path_buf();
+    let full_repairs = Arc::clone(full_repairs);
+    move || {
+        let (name, full_repairs) = (name.clone(), Arc::clone(&full_repairs));
+        let mut builder = Database::builder();
+        builder
+            .set_cache_size(cache_bytes)
+            .set_repair_callback(move |session: &mut RepairSession| {
+                // redb reports 0 as the repair starts, then once after each pass over the file.
+                if session.progress() < f64::EPSILON {
+                    full_repairs.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(path = %name.display(), "the store's saved allocator state is missing or does not verify: repairing the whole file, which reads all of it");
+                } else {
+                    tracing::warn!(path = %name.display(), "repairing the store: {:.0}% done", session.progress() * 100.0);
+                }
+            });
+        builder
+    }
+}
+
 /// Opens (or creates) the file, telling "another process has it" apart from other failures.
-fn open_database(path: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
+fn open_database(path: &Path, builder: Builder) -> Result<Database, StoreError> {
     let fresh = fresh_path(path);
     // A failure to tell counts as "there": opening it then reports the real error.
     if matches!(path.try_exists(), Ok(false)) {
@@ -188,10 +241,7 @@ fn open_database(path: &Path, cache_bytes: usize) -> Result<Database, StoreError
     // The file's name is durable before anything is acknowledged under it, even if the process
     // that made it died before it could see to that.
     sync_dir(path);
-    Database::builder()
-        .set_cache_size(cache_bytes)
-        .create(path)
-        .map_err(|e| open_error(path, e))
+    builder.create(path).map_err(|e| open_error(path, e))
 }
 
 /// Where a new store file is made before it takes its name.
