@@ -117,6 +117,8 @@ fn main() {
     let config = WriterConfig {
         mode: CaptureMode::Async,
         queue_capacity: 2 * queue,
+        // A throughput bench: a burst of 500-frame streams would fill the default byte budget.
+        queue_bytes: u32::MAX as usize,
         ..WriterConfig::default()
     };
     let batch_max = config.batch_max;

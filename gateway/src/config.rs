@@ -92,6 +92,7 @@ struct RawCapture {
     data_dir: PathBuf,
     mode: CaptureMode,
     queue_capacity: usize,
+    queue_mb: usize,
     batch_max: usize,
     flush_interval_ms: u64,
     max_response_bytes: usize,
@@ -110,6 +111,7 @@ impl Default for RawCapture {
             data_dir: PathBuf::from("forge-data"),
             mode: writer.mode,
             queue_capacity: writer.queue_capacity,
+            queue_mb: writer.queue_bytes / (1024 * 1024),
             batch_max: writer.batch_max,
             flush_interval_ms: u64::try_from(writer.flush_interval.as_millis()).unwrap_or(u64::MAX),
             max_response_bytes: 4 * 1024 * 1024,
@@ -705,6 +707,9 @@ impl Config {
     }
 }
 
+/// The largest `capture.queue_mb`: just under 4 GiB.
+const MAX_QUEUE_MB: usize = 4095;
+
 fn validate_capture(raw: RawCapture) -> Result<Option<CaptureConfig>, ConfigError> {
     if !raw.enabled {
         return Ok(None);
@@ -719,6 +724,12 @@ fn validate_capture(raw: RawCapture) -> Result<Option<CaptureConfig>, ConfigErro
         if value == 0 {
             return Err(invalid(format!("capture.{key} must be at least 1")));
         }
+    }
+    // The budget is counted in a u32 of bytes.
+    if !(1..=MAX_QUEUE_MB).contains(&raw.queue_mb) {
+        return Err(invalid(format!(
+            "capture.queue_mb must be from 1 to {MAX_QUEUE_MB}"
+        )));
     }
     // At least a minute: a smaller age would delete traces as they land.
     let days = raw.retention_days;
@@ -749,6 +760,7 @@ fn validate_capture(raw: RawCapture) -> Result<Option<CaptureConfig>, ConfigErro
         writer: WriterConfig {
             mode: raw.mode,
             queue_capacity: raw.queue_capacity,
+            queue_bytes: raw.queue_mb * 1024 * 1024,
             batch_max: raw.batch_max,
             flush_interval: Duration::from_millis(raw.flush_interval_ms),
             redactor: forge_layer::redact::Redactor::with_pii(&pii),
@@ -1127,6 +1139,14 @@ mod tests {
                 format!("[capture]\nretention_days = 1e300\n{up}"),
                 "capture.retention_days must be 0",
             ),
+            (
+                format!("[capture]\nqueue_mb = 0\n{up}"),
+                "capture.queue_mb must be from 1 to 4095",
+            ),
+            (
+                format!("[capture]\nqueue_mb = 4096\n{up}"),
+                "capture.queue_mb must be from 1 to 4095",
+            ),
         ];
         for (text, needle) in cases {
             let err = Config::from_toml(&text).unwrap_err().to_string();
@@ -1156,6 +1176,10 @@ mod tests {
             (100, 65536)
         );
         assert_eq!(c.capture.as_ref().unwrap().retention, None, "kept forever");
+        assert_eq!(
+            c.capture.as_ref().unwrap().writer.queue_bytes,
+            256 * 1024 * 1024
+        );
         let c = Config::from_toml("[capture]\nretention_days = 1.5\n[[upstreams]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:9/v1\"\n").unwrap();
         assert_eq!(
             c.capture.unwrap().retention,

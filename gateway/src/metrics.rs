@@ -148,6 +148,13 @@ impl Collector for CaptureCollector {
             None,
             pending.metric_type(),
         )?)?;
+        let queued = ConstGauge::new(i64::try_from(c.queued_bytes).unwrap_or(i64::MAX));
+        queued.encode(encoder.encode_descriptor(
+            "capture_queued_bytes",
+            "Bytes of exchanges the pending traces hold, against capture.queue_mb",
+            None,
+            queued.metric_type(),
+        )?)?;
         let oldest_ms = self.1.oldest().map_or(0, |id| {
             forge_layer::trace::now_ms().saturating_sub(id.timestamp_ms())
         });

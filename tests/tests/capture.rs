@@ -271,6 +271,65 @@ async fn a_stalled_store_never_fails_a_request_and_every_drop_is_counted() {
     gw.shutdown().await;
 }
 
+#[tokio::test]
+async fn large_exchanges_behind_a_stalled_store_fill_the_byte_budget_not_memory() {
+    const BUDGET: usize = 1024 * 1024;
+    let sim = start_sim(SimConfig::default()).await;
+    let text = config_text(&sim.base_url(), "", &[("m", "gpt-4o")]);
+    let gw = start_gateway_with(&text, |c| {
+        c.capture.as_mut().unwrap().writer.queue_bytes = BUDGET;
+    })
+    .await;
+    let stall = gw.store().unwrap().hold_write_lock().unwrap();
+    let http = client();
+    // Long-context prompts of 200 KB: the default queue holds thousands of traces, but the
+    // budget only about five of these.
+    let filler = "lorem ipsum ".repeat(200 * 1024 / 12);
+    for i in 0..12 {
+        let resp = http
+            .post(format!("{}/chat/completions", gw.base_url()))
+            .json(&chat_body("m", &format!("q{i} {filler}"), i % 2 == 0))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(resp.text().await.unwrap().contains("choices"));
+    }
+    let during = gw.capture_counters().unwrap();
+    assert_eq!((during.eligible, during.captured), (12, 0), "{during:?}");
+    assert!(
+        during.dropped >= 7 && during.pending >= 1,
+        "the budget, not the queue's length, turned traces away: {during:?}"
+    );
+    assert!(
+        during.queued_bytes <= BUDGET as u64 && during.queued_bytes >= 200 * 1024 * during.pending,
+        "{during:?}"
+    );
+    let metrics = metrics_text(&gw).await;
+    assert!(
+        metrics.contains(&format!(
+            "forge_capture_queued_bytes {}",
+            during.queued_bytes
+        )),
+        "{metrics}"
+    );
+
+    drop(stall);
+    eventually("the writer catches up", || {
+        gw.capture_counters().unwrap().pending == 0
+    })
+    .await;
+    let after = gw.capture_counters().unwrap();
+    assert_eq!(
+        after.queued_bytes, 0,
+        "committed traces give their bytes back"
+    );
+    assert_eq!(after.dropped, during.dropped);
+    assert_eq!(after.captured + after.dropped, after.eligible, "{after:?}");
+    assert_eq!(gw.store().unwrap().trace_count().unwrap(), after.captured);
+    gw.shutdown().await;
+}
+
 /// The trace id a response carries.
 fn trace_id_of(resp: &reqwest::Response) -> TraceId {
     resp.headers()["x-forge-trace-id"]

@@ -152,6 +152,11 @@ impl PendingTrace {
         self.ticket.id()
     }
 
+    /// The memory its request and response bytes take.
+    pub fn held_bytes(&self) -> usize {
+        self.request.len() + self.body.capacity()
+    }
+
     /// Who asked and where it went.
     pub fn meta(&self) -> &ExchangeMeta {
         &self.meta

@@ -288,6 +288,80 @@ async fn until_captured(writer: &TraceWriter, n: u64) {
     assert_eq!(writer.counters().captured, n);
 }
 
+/// Waits (with a generous deadline) until the queue's byte budget is all free again.
+async fn until_no_bytes_queued(writer: &TraceWriter) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while writer.counters().queued_bytes > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(writer.counters().queued_bytes, 0);
+}
+
+#[tokio::test]
+async fn async_mode_drops_what_the_byte_budget_cannot_hold_until_commits_free_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_dir(dir.path()).unwrap();
+    let size = pending("b0").held_bytes();
+    // Room for three traces in bytes, and for far more in number.
+    let config = WriterConfig {
+        queue_capacity: 1000,
+        queue_bytes: 3 * size + size / 2,
+        ..Default::default()
+    };
+    // A stalled store: the bytes stay held until their commit settles, after the encode.
+    let stall = store.hold_write_lock().unwrap();
+    let (writer, task) = TraceWriter::start(store.clone(), config);
+    for i in 0..10 {
+        assert!(writer.submit(pending(&format!("b{i}"))).is_none());
+    }
+    let c = writer.counters();
+    assert_eq!((c.eligible, c.dropped, c.pending), (10, 7, 3), "{c:?}");
+    assert_eq!(c.queued_bytes, 3 * size as u64);
+    // Encoding frees the raw bytes, but the encoded ones wait for the commit: still held.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(writer.counters().queued_bytes, 3 * size as u64);
+
+    drop(stall);
+    until_captured(&writer, 3).await;
+    until_no_bytes_queued(&writer).await;
+    // The budget is whole again.
+    for i in 10..13 {
+        assert!(writer.submit(pending(&format!("b{i}"))).is_none());
+    }
+    until_captured(&writer, 6).await;
+    drop(writer);
+    task.join().await;
+    assert_eq!(store.trace_count().unwrap(), 6);
+}
+
+#[tokio::test]
+async fn durable_mode_waits_for_bytes_and_a_trace_larger_than_the_budget_takes_all_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_dir(dir.path()).unwrap();
+    let config = WriterConfig {
+        mode: CaptureMode::Durable,
+        queue_bytes: 10,
+        ..Default::default()
+    };
+    let stall = store.hold_write_lock().unwrap();
+    let (writer, task) = TraceWriter::start(store.clone(), config);
+    assert!(pending("x").held_bytes() > 10);
+    let acks: Vec<_> = (0..3)
+        .map(|i| writer.submit(pending(&format!("x{i}"))).expect("durable"))
+        .collect();
+    let waiting = tokio::spawn(futures_util::future::join_all(acks));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let c = writer.counters();
+    assert_eq!((c.captured, c.dropped, c.queued_bytes), (0, 0, 10), "{c:?}");
+
+    drop(stall);
+    // One at a time through the budget, none dropped.
+    assert_eq!(waiting.await.unwrap(), vec![true; 3]);
+    drop(writer);
+    task.join().await;
+    assert_eq!(store.trace_count().unwrap(), 3);
+}
+
 /// The ids a cursor scan after `after` sees now.
 fn scanned(store: &Store, after: Option<TraceId>) -> Vec<TraceId> {
     let mut ids = Vec::new();

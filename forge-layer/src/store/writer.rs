@@ -1,9 +1,11 @@
 //! The single trace writer: a bounded queue in, one redb transaction per batch out.
 //!
 //! The request path only ever calls [`TraceWriter::submit`], which never blocks in `async` mode:
-//! a full queue drops the trace and counts it. Every trace handed to `submit` ends up in exactly
-//! one of `captured`, `dropped` or `failed`, so once the queue is drained
-//! `captured + dropped + failed == eligible` holds exactly.
+//! a full queue drops the trace and counts it. The queue is bounded in traces and in bytes: a
+//! trace holds its bytes' worth of the budget until its commit settles, so a burst of large
+//! exchanges cannot hold unbounded memory while the store is slow. Every trace handed to
+//! `submit` ends up in exactly one of `captured`, `dropped` or `failed`, so once the queue is
+//! drained `captured + dropped + failed == eligible` holds exactly.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -11,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
@@ -39,6 +41,9 @@ pub struct WriterConfig {
     pub mode: CaptureMode,
     /// Traces that may wait for the writer.
     pub queue_capacity: usize,
+    /// Bytes of exchanges (request and response as received) that may wait for the writer or
+    /// for their commit; at most `u32::MAX`. A trace larger than this takes all of it.
+    pub queue_bytes: usize,
     /// At most this many traces per transaction.
     pub batch_max: usize,
     /// In `async` mode, how long a trace may wait for its commit: traces are encoded as they
@@ -63,6 +68,7 @@ impl Default for WriterConfig {
         Self {
             mode: CaptureMode::Async,
             queue_capacity: 8192,
+            queue_bytes: DEFAULT_QUEUE_BYTES,
             batch_max: 2048,
             flush_interval: Duration::from_millis(50),
             redactor: Redactor::default(),
@@ -72,13 +78,20 @@ impl Default for WriterConfig {
     }
 }
 
-/// The capture counters.
-#[derive(Debug, Default)]
+/// The queue's byte budget unless configured (`capture.queue_mb`): far above what thousands of
+/// ordinary exchanges take, and far below what as many long-context ones could.
+pub const DEFAULT_QUEUE_BYTES: usize = 256 * 1024 * 1024;
+
+/// The capture counters, and the queue's byte budget.
+#[derive(Debug)]
 pub struct CaptureCounters {
     eligible: AtomicU64,
     captured: AtomicU64,
     dropped: AtomicU64,
     failed: AtomicU64,
+    /// A permit per byte a queued trace holds, from `submit` until its commit settles.
+    room: Arc<Semaphore>,
+    room_total: usize,
     /// The most traces one transaction held, for tests of `batch_max`.
     #[cfg(test)]
     pub(super) largest_commit: AtomicU64,
@@ -97,9 +110,30 @@ pub struct CounterSnapshot {
     pub failed: u64,
     /// Queued or being written: `eligible - captured - dropped - failed`.
     pub pending: u64,
+    /// The bytes those pending traces hold of the queue's budget.
+    pub queued_bytes: u64,
 }
 
 impl CaptureCounters {
+    fn new(queue_bytes: usize) -> Self {
+        let room_total = queue_bytes.clamp(1, u32::MAX as usize);
+        Self {
+            eligible: AtomicU64::new(0),
+            captured: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            room: Arc::new(Semaphore::new(room_total)),
+            room_total,
+            #[cfg(test)]
+            largest_commit: AtomicU64::new(0),
+        }
+    }
+
+    /// The budget `trace` takes: its bytes, or the whole budget if it is larger.
+    fn room_for(&self, trace: &PendingTrace) -> u32 {
+        u32::try_from(trace.held_bytes().min(self.room_total)).unwrap_or(u32::MAX)
+    }
+
     /// Reads all four counters. `eligible` is read last, so `pending` is never negative.
     pub fn snapshot(&self) -> CounterSnapshot {
         let captured = self.captured.load(Ordering::Acquire);
@@ -112,6 +146,9 @@ impl CaptureCounters {
             dropped,
             failed,
             pending: eligible.saturating_sub(captured + dropped + failed),
+            queued_bytes: self
+                .room_total
+                .saturating_sub(self.room.available_permits()) as u64,
         }
     }
 }
@@ -119,6 +156,16 @@ impl CaptureCounters {
 struct Job {
     trace: PendingTrace,
     ack: Option<oneshot::Sender<bool>>,
+    /// Its share of the byte budget, returned when its commit settles.
+    room: OwnedSemaphorePermit,
+}
+
+/// What a durable trace that found the queue full waits for.
+enum Waiting {
+    /// Bytes in the budget.
+    Room(PendingTrace, Option<oneshot::Sender<bool>>),
+    /// A place in the queue, with its bytes already held.
+    Slot(Job),
 }
 
 /// The handle the capture layer submits to. Cheap to clone. The writer stops, after writing
@@ -156,7 +203,7 @@ impl TraceWriter {
     /// Starts the writer on `store`.
     pub fn start(store: Store, config: WriterConfig) -> (TraceWriter, WriterTask) {
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
-        let counters = Arc::new(CaptureCounters::default());
+        let counters = Arc::new(CaptureCounters::new(config.queue_bytes));
         let writer = TraceWriter {
             tx,
             counters: Arc::clone(&counters),
@@ -190,36 +237,58 @@ impl TraceWriter {
 
     /// Hands a finished exchange to the writer; never blocks.
     ///
-    /// In `async` mode it returns `None`, and a full queue drops the trace (counted). In
-    /// `durable` mode it returns the future the response's end waits for: the commit of this
-    /// trace, and first, if the queue is full, room in it. Dropping that future never loses
-    /// count: a queued trace is still written, and one still waiting for room is counted dropped.
+    /// In `async` mode it returns `None`, and a full queue (in traces or in bytes) drops the
+    /// trace (counted). In `durable` mode it returns the future the response's end waits for:
+    /// the commit of this trace, and first, if the queue is full, room in it. Dropping that
+    /// future never loses count: a queued trace is still written, and one still waiting for room
+    /// is counted dropped.
     pub fn submit(&self, trace: PendingTrace) -> Option<DurableAck> {
         self.counters.eligible.fetch_add(1, Ordering::AcqRel);
-        let (ack, done) = match self.mode {
-            CaptureMode::Async => (None, None),
-            CaptureMode::Durable => {
-                let (tx, rx) = oneshot::channel();
-                (Some(tx), Some(rx))
+        let durable = self.mode == CaptureMode::Durable;
+        let (ack, done) = if durable {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let need = self.counters.room_for(&trace);
+        let waiting = match Arc::clone(&self.counters.room).try_acquire_many_owned(need) {
+            Ok(room) => match self.tx.try_send(Job { trace, ack, room }) {
+                Ok(()) => {
+                    return done.map(|rx| {
+                        Box::pin(async move { rx.await.unwrap_or(false) }) as DurableAck
+                    });
+                }
+                Err(mpsc::error::TrySendError::Full(job)) if durable => Waiting::Slot(job),
+                Err(
+                    mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job),
+                ) => return self.drop_trace(job.trace.id(), "capture queue full or closed", done),
+            },
+            Err(TryAcquireError::NoPermits) if durable => Waiting::Room(trace, ack),
+            Err(_) => {
+                return self.drop_trace(
+                    trace.id(),
+                    "capture queue's byte budget (capture.queue_mb) spent",
+                    done,
+                );
             }
         };
-        let job = match self.tx.try_send(Job { trace, ack }) {
-            Ok(()) => {
-                return done
-                    .map(|rx| Box::pin(async move { rx.await.unwrap_or(false) }) as DurableAck);
-            }
-            Err(mpsc::error::TrySendError::Full(job)) if self.mode == CaptureMode::Durable => job,
-            Err(mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job)) => {
-                self.counters.dropped.fetch_add(1, Ordering::AcqRel);
-                tracing::warn!(trace_id = %job.trace.id(), "capture queue full or closed: trace dropped");
-                return done.map(|_| Box::pin(std::future::ready(false)) as DurableAck);
-            }
-        };
-        let tx = self.tx.clone();
+        let (tx, room) = (self.tx.clone(), Arc::clone(&self.counters.room));
         let unsent = Unsent(Some(Arc::clone(&self.counters)));
         Some(Box::pin(async move {
             let mut unsent = unsent;
-            let sent = tx.send(job).await.is_ok();
+            let job = match waiting {
+                Waiting::Slot(job) => Some(job),
+                Waiting::Room(trace, ack) => room
+                    .acquire_many_owned(need)
+                    .await
+                    .ok()
+                    .map(|room| Job { trace, ack, room }),
+            };
+            let sent = match job {
+                Some(job) => tx.send(job).await.is_ok(),
+                None => false,
+            };
             if sent {
                 unsent.0 = None;
             }
@@ -228,6 +297,18 @@ impl TraceWriter {
                 _ => false,
             }
         }))
+    }
+
+    /// Counts a trace dropped, and says why.
+    fn drop_trace(
+        &self,
+        id: TraceId,
+        why: &str,
+        done: Option<oneshot::Receiver<bool>>,
+    ) -> Option<DurableAck> {
+        self.counters.dropped.fetch_add(1, Ordering::AcqRel);
+        tracing::warn!(trace_id = %id, "{why}: trace dropped");
+        done.map(|_| Box::pin(std::future::ready(false)) as DurableAck)
     }
 }
 
@@ -395,11 +476,25 @@ struct Encoded {
     acks: Vec<oneshot::Sender<bool>>,
     /// The traces' tickets, dropped once the batch is settled.
     tickets: Vec<Ticket>,
+    /// The traces' share of the queue's byte budget, returned once the batch is settled.
+    room: Option<OwnedSemaphorePermit>,
 }
+
+/// The most buffer a batch keeps for the next one. Ordinary batches stay below it (2,048
+/// traces of a few KB); a batch of huge traces must not pin its buffer's peak for good.
+const KEEP_BYTES: usize = 16 * 1024 * 1024;
 
 impl Encoded {
     fn len(&self) -> usize {
         self.ends.len()
+    }
+
+    /// Holds `room` with the rest of the batch's share of the budget.
+    fn hold(&mut self, room: OwnedSemaphorePermit) {
+        match &mut self.room {
+            Some(held) => held.merge(room),
+            None => self.room = Some(room),
+        }
     }
 
     fn is_empty(&self) -> bool {
@@ -429,6 +524,9 @@ impl Encoded {
             .extend(other.ends.iter().map(|&(id, end)| (id, base + end)));
         self.acks.append(&mut other.acks);
         self.tickets.append(&mut other.tickets);
+        if let Some(room) = other.room.take() {
+            self.hold(room);
+        }
         other.clear();
     }
 
@@ -440,9 +538,11 @@ impl Encoded {
 
     fn clear(&mut self) {
         self.bytes.clear();
+        self.bytes.shrink_to(KEEP_BYTES);
         self.ends.clear();
         self.acks.clear();
         Unsettled::settle_all(&mut self.tickets);
+        self.room = None;
     }
 
     /// Each trace's id and JSON.
@@ -463,7 +563,7 @@ fn encode_batch(
     batch: &mut Vec<Job>,
     out: &mut Encoded,
 ) {
-    for Job { trace, ack } in batch.drain(..) {
+    for Job { trace, ack, room } in batch.drain(..) {
         let id = trace.id();
         // A panic while reassembling or encoding one exchange (a bug meeting odd upstream
         // bytes) costs that trace, counted failed, not the whole batch uncounted.
@@ -477,6 +577,7 @@ fn encode_batch(
             Ok(Ok(ticket)) => {
                 out.acks.extend(ack);
                 out.tickets.push(ticket);
+                out.hold(room);
                 continue;
             }
             Ok(Err(e)) => e.to_string(),
