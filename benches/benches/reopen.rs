@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use forge_benches::fixtures::{MAX_EVENT_BYTES, chat_request, completion_json, exchange_meta};
 use forge_layer::redact::Redactor;
-use forge_layer::store::{STORE_FILE, Store};
+use forge_layer::store::{DEFAULT_CACHE_BYTES, STORE_FILE, Store};
 use forge_layer::trace::TraceId;
 
 /// Traces per transaction: the writer's default `batch_max`.
@@ -30,7 +30,7 @@ const BATCH: usize = 2048;
 const FILL_DEADLINE: Duration = Duration::from_secs(600);
 
 /// The child: commits batches of traces to the store in `dir` until killed, and after each
-/// commit prints how many bytes of traces it has committed in all.
+/// commit prints how many bytes of traces, and how many traces, it has committed in all.
 fn write_forever(dir: &Path) -> ! {
     let store = Store::open_dir(dir).unwrap();
     let mut trace = forge_benches::fixtures::pending_trace(
@@ -40,7 +40,7 @@ fn write_forever(dir: &Path) -> ! {
         &[completion_json(2048)],
     )
     .into_trace(&Redactor::default(), MAX_EVENT_BYTES);
-    let mut committed = 0;
+    let (mut committed, mut traces) = (0, 0);
     let mut out = std::io::stdout();
     loop {
         let batch: Vec<(TraceId, Vec<u8>)> = (0..BATCH)
@@ -53,7 +53,8 @@ fn write_forever(dir: &Path) -> ! {
             .insert_encoded(batch.iter().map(|(id, b)| (*id, b.as_slice())))
             .unwrap();
         committed += batch.iter().map(|(_, b)| b.len()).sum::<usize>();
-        writeln!(out, "{committed}").unwrap();
+        traces += batch.len();
+        writeln!(out, "{committed} {traces}").unwrap();
     }
 }
 
@@ -64,6 +65,20 @@ fn settle_caches(drop: bool) -> bool {
     let synced = Command::new("sync").status().is_ok_and(|s| s.success());
     assert!(synced, "sync failed");
     drop && std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
+}
+
+fn copy_through_page_cache(from: &Path, to: &Path) {
+    use std::io::Read;
+    let mut from = std::fs::File::open(from).unwrap();
+    let mut to = std::fs::File::create(to).unwrap();
+    let mut buffer = vec![0; 1 << 20];
+    loop {
+        let n = from.read(&mut buffer).unwrap();
+        if n == 0 {
+            break;
+        }
+        to.write_all(&buffer[..n]).unwrap();
+    }
 }
 
 fn mib(bytes: u64) -> f64 {
@@ -87,7 +102,9 @@ fn main() {
     };
     let cold = std::env::var("FORGE_BENCH_DROP_CACHES").is_ok_and(|v| v == "1");
 
-    let dir = tempfile::tempdir().unwrap();
+    // Under the target directory, not $TMPDIR: a tmpfs there would make syncs free and
+    // dropping the page cache a no-op.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let data = dir.path().join("data");
     let file = data.join(STORE_FILE);
     let mut child = Command::new(std::env::current_exe().unwrap())
@@ -96,33 +113,43 @@ fn main() {
         .spawn()
         .unwrap();
     let started = Instant::now();
-    let mut progress = BufReader::new(child.stdout.take().unwrap()).lines();
-    loop {
-        let line = progress.next().expect("the writing process ended").unwrap();
-        if line.parse::<u64>().unwrap() >= target_mib << 20 {
-            break;
+    let mut progress =
+        BufReader::new(child.stdout.take().unwrap())
+            .lines()
+            .map(|line| -> (u64, u64) {
+                let line = line.unwrap();
+                let (bytes, traces) = line.split_once(' ').unwrap();
+                (bytes.parse().unwrap(), traces.parse().unwrap())
+            });
+    let reached = loop {
+        let (bytes, traces) = progress.next().expect("the writing process ended");
+        if bytes >= target_mib << 20 {
+            break traces;
         }
         assert!(
             started.elapsed() < FILL_DEADLINE,
             "the store did not reach {target_mib} MiB of traces"
         );
-    }
-    // The pipe must not fill and stall the writer before the kill.
-    let drain = std::thread::spawn(move || progress.for_each(drop));
+    };
+    // The pipe must not fill and stall the writer before the kill; the last line is the number
+    // of traces whose commit had returned.
+    let drain = std::thread::spawn(move || progress.last().map_or(reached, |(_, traces)| traces));
     // Anywhere in the next commit or two: a batch takes some tens of milliseconds.
     std::thread::sleep(Duration::from_millis(rand::random_range(0..200)));
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    drain.join().unwrap();
+    let acknowledged = drain.join().unwrap();
     let bytes = std::fs::metadata(&file).unwrap().len();
     eprintln!(
         "wrote {target_mib} MiB of traces in {:.1} s, killed",
         started.elapsed().as_secs_f64()
     );
 
-    // The same file as the kill left it, for the full repair.
+    // The same file as the kill left it, for the full repair. Copied through the page cache, as
+    // the original was written: `fs::copy` may share the blocks instead (reflinks), and the
+    // copy would then start cold.
     let copy = dir.path().join("copy.redb");
-    std::fs::copy(&file, &copy).unwrap();
+    copy_through_page_cache(&file, &copy);
 
     let dropped = settle_caches(cold);
     let opening = Instant::now();
@@ -134,11 +161,16 @@ fn main() {
         "the reopen repaired the whole file: quick repair did not hold"
     );
     let traces = store.trace_count().unwrap();
+    assert!(
+        traces >= acknowledged,
+        "{acknowledged} traces were committed, {traces} reopened"
+    );
     drop(store);
 
     settle_caches(cold);
     let opening = Instant::now();
     let repaired = redb::Database::builder()
+        .set_cache_size(DEFAULT_CACHE_BYTES)
         .set_check_integrity_on_open(true)
         .create(&copy)
         .expect("the full repair succeeds");
@@ -151,11 +183,11 @@ fn main() {
         "warm (as after a process crash)"
     };
     println!(
-        "| store file | traces (of 2.4 KB) | page cache | reopen after kill -9 | full repair of the same file |"
+        "| store file | traces of 2.4 KB: committed / reopened | page cache | reopen after kill -9 | full repair of the same file |"
     );
     println!("|--:|--:|---|--:|--:|");
     println!(
-        "| {:.0} MiB | {traces} | {cache} | {:.3} s | {:.3} s |",
+        "| {:.0} MiB | {acknowledged} / {traces} | {cache} | {:.3} s | {:.3} s |",
         mib(bytes),
         quick.as_secs_f64(),
         full.as_secs_f64()

@@ -13,6 +13,7 @@ mod routes;
 mod unsettled;
 mod writer;
 
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -86,8 +87,8 @@ pub enum StoreError {
     /// A new store file could not be put in place.
     #[error("cannot create the store {0}: {1}")]
     Create(PathBuf, std::io::Error),
-    /// The file is being reopened after an I/O error.
-    #[error("the store {0} is being reopened after an I/O error (see the log)")]
+    /// The file is being reopened after an I/O error or a write that panicked.
+    #[error("the store {0} is being reopened after an error (see the log)")]
     Closed(PathBuf),
 }
 
@@ -192,9 +193,10 @@ impl Store {
         self.db.path()
     }
 
-    /// How many times opening this store (at first, or again after an I/O error) found its file
-    /// in need of a full repair. Stays 0 for a file only Forge wrote, even after `kill -9` or a
-    /// power cut: every commit saves what a reopen needs (quick repair).
+    /// How many times opening this store (at first, or again after an error) repaired its file
+    /// in full. Stays 0 for a file only Forge wrote, even after `kill -9` or a power cut: every
+    /// commit saves what a reopen needs (quick repair). A write that panicked is the exception:
+    /// the store is reopened at once, and that reopen repairs it.
     pub fn full_repairs(&self) -> u64 {
         self.db.full_repairs()
     }
@@ -205,7 +207,8 @@ impl Store {
     }
 
     /// Runs `f` in one durable write transaction. An I/O error starts a reopen of the file (see
-    /// `store/open.rs`); the error is returned, and the caller decides whether to try again.
+    /// `store/open.rs`); the error is returned, and the caller decides whether to try again. A
+    /// panic starts a reopen too, and goes on to the caller.
     fn write<T>(
         &self,
         f: impl FnOnce(&redb::WriteTransaction) -> Result<T, StoreError>,
@@ -213,13 +216,21 @@ impl Store {
         let Handle { db, generation } = self.db.handle()?;
         let begun = db.begin_write().map_err(db_err);
         drop(db);
-        let written = begun.and_then(|mut txn| {
-            txn.set_two_phase_commit(true);
-            txn.set_quick_repair(true);
-            txn.set_durability(Durability::Immediate).map_err(db_err)?;
-            let out = f(&txn)?;
-            txn.commit().map_err(db_err)?;
-            Ok(out)
+        let written = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            begun.and_then(|mut txn| {
+                txn.set_two_phase_commit(true);
+                txn.set_quick_repair(true);
+                txn.set_durability(Durability::Immediate).map_err(db_err)?;
+                let out = f(&txn)?;
+                txn.commit().map_err(db_err)?;
+                Ok(out)
+            })
+        }));
+        let written = written.unwrap_or_else(|panic| {
+            // The transaction was dropped mid-way, after which redb saves no allocator state
+            // until the file is reopened: the next crash would cost a full repair.
+            self.db.restart(generation, "a store write panicked");
+            std::panic::resume_unwind(panic)
         });
         if let Err(e) = &written {
             self.db.failed(generation, e);

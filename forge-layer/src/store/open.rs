@@ -1,13 +1,16 @@
-//! The open redb file, reopened in the background after an I/O error.
+//! The open redb file, reopened in the background after an I/O error or a write that panicked.
 //!
 //! After one I/O error (a full disk, say) redb refuses every later operation until the file is
 //! closed and opened again. So the first operation to meet one takes the database out of its
 //! slot, and a thread of its own closes the file and opens it again, retrying until it can.
 //! Capture resumes as soon as the disk has room, with no restart; nobody waits for the reopen:
-//! meanwhile operations fail at once with [`StoreError::Closed`].
+//! meanwhile operations fail at once with [`StoreError::Closed`]. A write transaction dropped
+//! by a panic is handled the same way: redb then stops saving the allocator state with each
+//! commit until the file is reopened, so the next crash would cost a full repair; the reopen
+//! does that repair at once instead.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockWriteGuard};
 use std::time::Duration;
 
@@ -57,11 +60,11 @@ impl OpenDb {
     /// Opens (or creates) the file.
     pub(super) fn open(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
         let full_repairs = Arc::default();
-        let builder = builder(path, cache_bytes, &full_repairs);
+        let open = counting_repairs(path, cache_bytes, &full_repairs);
         let file = path.to_path_buf();
         Self::with_opener(
             path,
-            Box::new(move || open_database(&file, builder())),
+            Box::new(move || open(&|builder| open_database(&file, &builder))),
             full_repairs,
         )
     }
@@ -77,13 +80,15 @@ impl OpenDb {
         B: redb::StorageBackend + Clone,
     {
         let full_repairs = Arc::default();
-        let builder = builder(name, cache_bytes, &full_repairs);
+        let open = counting_repairs(name, cache_bytes, &full_repairs);
         Self::with_opener(
             name,
             Box::new(move || {
-                builder()
-                    .create_with_backend(backend.clone())
-                    .map_err(super::db_err)
+                open(&|builder| {
+                    builder
+                        .create_with_backend(backend.clone())
+                        .map_err(super::db_err)
+                })
             }),
             full_repairs,
         )
@@ -132,9 +137,14 @@ impl OpenDb {
     /// Reports how an operation on opening `generation` failed: an I/O error starts a reopen,
     /// unless one has started since.
     pub(super) fn failed(self: &Arc<Self>, generation: u64, error: &StoreError) {
-        if !error.is_io() {
-            return;
+        if error.is_io() {
+            self.restart(generation, &format!("store I/O error ({error})"));
         }
+    }
+
+    /// Closes opening `generation` and opens the file again in the background, unless a reopen
+    /// has started since; `why` goes to the log.
+    pub(super) fn restart(self: &Arc<Self>, generation: u64, why: &str) {
         let mut slot = self.lock();
         if slot.generation != generation {
             return;
@@ -143,7 +153,7 @@ impl OpenDb {
             return;
         };
         drop(slot);
-        tracing::error!(path = %self.path.display(), %error, "store I/O error: reopening the file");
+        tracing::error!(path = %self.path.display(), "{why}: reopening the file");
         let this = Arc::clone(self);
         let spawned = std::thread::Builder::new()
             .name("forge-store-reopen".into())
@@ -176,7 +186,7 @@ impl OpenDb {
                     let mut slot = self.lock();
                     slot.db = Some(Arc::new(db));
                     slot.generation += 1;
-                    tracing::warn!(path = %self.path.display(), attempts, "store reopened after an I/O error");
+                    tracing::warn!(path = %self.path.display(), attempts, "store reopened");
                     return;
                 }
                 Err(e) => {
@@ -197,40 +207,50 @@ impl OpenDb {
     }
 }
 
-/// Makes redb builders for the store `name`: with the page cache capped at `cache_bytes`, and
-/// with a full repair counted in `full_repairs` and its progress logged.
+/// Makes the opener of the store `name`: it hands the open it is given a redb builder with the
+/// page cache capped at `cache_bytes`, logs the progress of a full repair, and counts the repair
+/// in `full_repairs` once the open has succeeded.
 ///
 /// Every commit saves the allocator state (quick repair), so an open after `kill -9` or a power
 /// cut reads that instead of walking the whole file. A full repair is then left for a file last
 /// written without it, or one whose saved state does not verify. On a large file it takes long
 /// enough that an operator wants to know why the gateway is not up yet.
-fn builder(
+fn counting_repairs(
     name: &Path,
     cache_bytes: usize,
     full_repairs: &Arc<AtomicU64>,
-) -> impl Fn() -> Builder + Send + Sync + 'static {
+) -> impl Fn(&dyn Fn(Builder) -> Result<Database, StoreError>) -> Result<Database, StoreError>
++ Send
++ Sync
++ 'static {
     let name = name.to_path_buf();
     let full_repairs = Arc::clone(full_repairs);
-    move || {
-        let (name, full_repairs) = (name.clone(), Arc::clone(&full_repairs));
+    move |open| {
+        let repaired = Arc::new(AtomicBool::new(false));
+        let (seen, name) = (Arc::clone(&repaired), name.clone());
         let mut builder = Database::builder();
         builder
             .set_cache_size(cache_bytes)
             .set_repair_callback(move |session: &mut RepairSession| {
                 // redb reports 0 as the repair starts, then once after each pass over the file.
                 if session.progress() < f64::EPSILON {
-                    full_repairs.fetch_add(1, Ordering::Relaxed);
+                    seen.store(true, Ordering::Relaxed);
                     tracing::warn!(path = %name.display(), "the store's saved allocator state is missing or does not verify: repairing the whole file, which reads all of it");
                 } else {
                     tracing::warn!(path = %name.display(), "repairing the store: {:.0}% done", session.progress() * 100.0);
                 }
             });
-        builder
+        let db = open(builder)?;
+        // Counted once it has worked: a repair that failed is tried again by the next open.
+        if repaired.load(Ordering::Relaxed) {
+            full_repairs.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(db)
     }
 }
 
 /// Opens (or creates) the file, telling "another process has it" apart from other failures.
-fn open_database(path: &Path, builder: Builder) -> Result<Database, StoreError> {
+fn open_database(path: &Path, builder: &Builder) -> Result<Database, StoreError> {
     let fresh = fresh_path(path);
     // A failure to tell counts as "there": opening it then reports the real error.
     if matches!(path.try_exists(), Ok(false)) {

@@ -1,5 +1,6 @@
 //! The store: round trips, ordering, feedback, and the writer's counters and modes.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -288,6 +289,39 @@ async fn until_captured(writer: &TraceWriter, n: u64) {
     assert_eq!(writer.counters().captured, n);
 }
 
+#[test]
+fn a_write_that_panicked_is_repaired_at_once_so_a_later_crash_needs_no_full_repair() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_dir(dir.path()).unwrap();
+    let insert = || store.insert_encoded([(TraceId::generate(), b"{}".as_slice())]);
+    insert().unwrap();
+    let panicked = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        store.write(|_| -> Result<(), StoreError> { panic!("a bug in a write") })
+    }));
+    assert!(panicked.is_err());
+    // The file is reopened in the background; writes fail (transiently) until it is.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while let Err(e) = insert() {
+        assert!(e.is_transient(), "{e}");
+        assert!(std::time::Instant::now() < deadline, "never reopened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(store.full_repairs(), 1, "the reopen repaired the file");
+    for _ in 0..5 {
+        insert().unwrap();
+    }
+    // A crash now: the file as it is while the store has it open.
+    let elsewhere = tempfile::tempdir().unwrap();
+    std::fs::copy(store.path(), elsewhere.path().join(STORE_FILE)).unwrap();
+    let after_crash = Store::open_dir(elsewhere.path()).unwrap();
+    assert_eq!(
+        after_crash.full_repairs(),
+        0,
+        "the commits after the reopen saved the allocator state again"
+    );
+    assert_eq!(after_crash.trace_count().unwrap(), 7);
+}
+
 /// Waits (with a generous deadline) until the queue's byte budget is all free again.
 async fn until_no_bytes_queued(writer: &TraceWriter) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -317,8 +351,13 @@ async fn async_mode_drops_what_the_byte_budget_cannot_hold_until_commits_free_it
     let c = writer.counters();
     assert_eq!((c.eligible, c.dropped, c.pending), (10, 7, 3), "{c:?}");
     assert_eq!(c.queued_bytes, 3 * size as u64);
-    // Encoding frees the raw bytes, but the encoded ones wait for the commit: still held.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Once the three are encoded and their commit waits for the lock, the bytes are still held.
+    let counters = writer.counters_handle();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while counters.largest_commit.load(Ordering::Acquire) < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "no commit began");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     assert_eq!(writer.counters().queued_bytes, 3 * size as u64);
 
     drop(stall);

@@ -42,7 +42,11 @@ pub struct WriterConfig {
     /// Traces that may wait for the writer.
     pub queue_capacity: usize,
     /// Bytes of exchanges (request and response as received) that may wait for the writer or
-    /// for their commit; at most `u32::MAX`. A trace larger than this takes all of it.
+    /// for their commit; at most `u32::MAX`. A trace larger than this takes all of it. Each
+    /// trace holds its raw size until its commit settles, though once encoded it takes its
+    /// encoded size instead, usually less: the figure is an upper bound on what queued traces
+    /// hold, give or take the writer's buffers. A `durable` trace waiting for room is not in it:
+    /// its response holds it, and the in-flight cap bounds those.
     pub queue_bytes: usize,
     /// At most this many traces per transaction.
     pub batch_max: usize,
@@ -116,7 +120,8 @@ pub struct CounterSnapshot {
 
 impl CaptureCounters {
     fn new(queue_bytes: usize) -> Self {
-        let room_total = queue_bytes.clamp(1, u32::MAX as usize);
+        // A u32 of permits at most per trace, and tokio's own cap (smaller on 32-bit targets).
+        let room_total = queue_bytes.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
         Self {
             eligible: AtomicU64::new(0),
             captured: AtomicU64::new(0),
