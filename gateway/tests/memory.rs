@@ -17,34 +17,22 @@ use std::time::Duration;
 use forge_gateway::sim::{SimConfig, SimUpstream};
 
 mod common;
-use common::serve;
+use common::{capture_counters, serve, status_bytes};
 
 const BODY_LIMIT: usize = 4 * 1024 * 1024;
 const CONCURRENT: usize = 8;
 /// The plan's bound; Envoy counts 100× as a vulnerability.
 const MAX_AMPLIFICATION: usize = 10;
 
-/// A memory figure of process `pid` from `/proc/PID/status` (`VmHWM`, `VmRSS`), in bytes.
-fn memory(pid: u32, field: &str) -> usize {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: usize = status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{field} in /proc/PID/status"));
-    kib * 1024
-}
-
 /// The peak resident memory of process `pid`, in bytes.
 fn peak_rss(pid: u32) -> usize {
-    memory(pid, "VmHWM")
+    usize::try_from(status_bytes(pid, "VmHWM")).unwrap()
 }
 
 /// RSS of `pid` once the connections just answered are gone.
 async fn settled_rss(pid: u32) -> usize {
     tokio::time::sleep(Duration::from_secs(1)).await;
-    memory(pid, "VmRSS")
+    usize::try_from(status_bytes(pid, "VmRSS")).unwrap()
 }
 
 /// A gateway config with capture on, data in `data`, in front of `sim_url`.
@@ -68,12 +56,6 @@ fn big_chat(size: usize, i: usize, stream: bool) -> Vec<u8> {
     body.extend_from_slice(tail.as_bytes());
     assert!(body.len() < size);
     body
-}
-
-/// Reads a counter or gauge from the Prometheus text.
-fn metric(text: &str, name: &str) -> Option<u64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 #[cfg(target_os = "linux")]
@@ -121,22 +103,14 @@ async fn peak_memory_per_request_stays_within_ten_times_the_body_limit() {
     // The writer's part counts too: wait until every trace is committed.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
-        let text = http
-            .get(format!("{root}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let captured = metric(&text, "forge_capture_captured_total").unwrap_or(0);
+        let [eligible, captured, dropped, failed] = capture_counters(&http, &root).await;
         if captured == 1 + CONCURRENT as u64 {
-            assert_eq!(metric(&text, "forge_capture_dropped_total"), Some(0));
+            assert_eq!((eligible, dropped, failed), (captured, 0, 0));
             break;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the traces were not all captured:\n{text}"
+            "the traces were not all captured: {eligible} eligible, {captured} captured, {dropped} dropped, {failed} failed"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -341,7 +315,7 @@ async fn a_flood_of_malformed_requests_gets_json_4xx_and_leaves_memory_flat() {
         .to_string();
     let kinds = Arc::new(malformed_kinds(BODY_LIMIT));
 
-    // Slowloris: heads sent a byte at a time and never finished, held through the flood.
+    // Slowloris: heads half sent and never finished, held open through the flood.
     let mut slow = Vec::new();
     for _ in 0..SLOWLORIS {
         use tokio::io::AsyncWriteExt;

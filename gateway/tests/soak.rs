@@ -18,7 +18,7 @@ use forge_gateway::sim::{ModelBehavior, SimConfig, SimUpstream};
 use forge_layer::store::Store;
 
 mod common;
-use common::{Forge, serve};
+use common::{Forge, capture_counters, serve, status_bytes};
 
 /// The plan's teacher: 500 tokens, 10 ms apart.
 const TOKENS: usize = 500;
@@ -46,13 +46,7 @@ fn rss_kib(forge: &mut Forge) -> u64 {
     if let Ok(Some(status)) = forge.0.try_wait() {
         panic!("forge exited during the soak: {status}");
     }
-    let status = std::fs::read_to_string(format!("/proc/{}/status", forge.0.id())).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS in /proc/PID/status")
+    status_bytes(forge.0.id(), "VmRSS") / 1024
 }
 
 /// What one streaming connection saw.
@@ -142,25 +136,6 @@ async fn streamer(
         }
     }
     tally
-}
-
-/// The capture counters from `/metrics`: eligible, captured, dropped, failed.
-async fn counters(http: &reqwest::Client, root: &str) -> [u64; 4] {
-    let text = http
-        .get(format!("{root}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    ["eligible", "captured", "dropped", "failed"].map(|name| {
-        let prefix = format!("forge_capture_{name}_total ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&prefix))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{prefix} in /metrics"))
-    })
 }
 
 async fn gather(tasks: Vec<tokio::task::JoinHandle<Tally>>) -> Tally {
@@ -257,7 +232,7 @@ async fn hundreds_of_streams_for_minutes_lose_nothing_and_memory_stays_flat() {
     // is final by now; wait for the commits.
     let deadline = Instant::now() + Duration::from_secs(60);
     let [eligible, captured, dropped, failed] = loop {
-        let c = counters(&http, root).await;
+        let c = capture_counters(&http, root).await;
         if c[1] + c[2] + c[3] == c[0] {
             break c;
         }

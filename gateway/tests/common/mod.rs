@@ -44,3 +44,37 @@ pub fn serve(config: &str, dir: &Path, env: &[(&str, &str)]) -> (Forge, String) 
         .to_string();
     (forge, url)
 }
+
+/// A figure from `/proc/PID/status` of process `pid` (`VmRSS`, `VmHWM`), in bytes.
+#[allow(dead_code)] // Each test crate uses the helpers it needs.
+pub fn status_bytes(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"));
+    kib * 1024
+}
+
+/// The capture counters from the gateway's `/metrics` at `root`: eligible, captured, dropped,
+/// failed.
+#[allow(dead_code)]
+pub async fn capture_counters(http: &reqwest::Client, root: &str) -> [u64; 4] {
+    let text = http
+        .get(format!("{root}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    ["eligible", "captured", "dropped", "failed"].map(|name| {
+        let prefix = format!("forge_capture_{name}_total ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{prefix} in /metrics"))
+    })
+}
