@@ -707,6 +707,13 @@ impl Config {
     }
 }
 
+/// The longest interval a timer in the config may have (a week): past it a timer is as good as
+/// off, and much longer ones cannot be represented.
+const MAX_INTERVAL_SECS: f64 = 7.0 * 86_400.0;
+
+/// The longest `capture.flush_interval_ms`: a minute of traces waiting for their commit.
+const MAX_FLUSH_INTERVAL_MS: u64 = 60_000;
+
 /// The largest `capture.queue_mb`: just under 4 GiB.
 const MAX_QUEUE_MB: usize = 4095;
 
@@ -724,6 +731,12 @@ fn validate_capture(raw: RawCapture) -> Result<Option<CaptureConfig>, ConfigErro
         if value == 0 {
             return Err(invalid(format!("capture.{key} must be at least 1")));
         }
+    }
+    // A trace waits for its commit up to this long, and the clock must be able to add it.
+    if raw.flush_interval_ms > MAX_FLUSH_INTERVAL_MS {
+        return Err(invalid(format!(
+            "capture.flush_interval_ms must be from 0 to {MAX_FLUSH_INTERVAL_MS} (a minute)"
+        )));
     }
     // The budget is counted in a u32 of bytes.
     if !(1..=MAX_QUEUE_MB).contains(&raw.queue_mb) {
@@ -774,9 +787,7 @@ fn validate_guard(raw: RawGuard) -> Result<Option<GuardConfig>, ConfigError> {
     if !raw.enabled {
         return Ok(None);
     }
-    if !(raw.interval_secs.is_finite() && raw.interval_secs > 0.0) {
-        return Err(invalid("guard.interval_secs must be a positive number"));
-    }
+    let interval = secs("guard.interval_secs", raw.interval_secs)?;
     let mut steps = Vec::with_capacity(raw.steps.len());
     for p in &raw.steps {
         let share =
@@ -806,7 +817,7 @@ fn validate_guard(raw: RawGuard) -> Result<Option<GuardConfig>, ConfigError> {
     }
     Ok(Some(GuardConfig {
         steps,
-        interval: Duration::from_secs_f64(raw.interval_secs),
+        interval,
         min_requests: raw.min_requests,
         min_success_rate: raw.min_success_rate,
         max_p99_ratio: raw.max_p99_ratio,
@@ -817,12 +828,14 @@ fn validate_guard(raw: RawGuard) -> Result<Option<GuardConfig>, ConfigError> {
     }))
 }
 
+/// An interval given in seconds: from a millisecond to [`MAX_INTERVAL_SECS`]. A timer of zero
+/// would spin (tokio refuses one), and a huge one cannot be represented.
 fn secs(key: &str, value: f64) -> Result<Duration, ConfigError> {
-    if value.is_finite() && value > 0.0 {
+    if (0.001..=MAX_INTERVAL_SECS).contains(&value) {
         Ok(Duration::from_secs_f64(value))
     } else {
         Err(invalid(format!(
-            "{key} must be a positive number of seconds"
+            "{key} must be a number of seconds from 0.001 to {MAX_INTERVAL_SECS} (a week)"
         )))
     }
 }
@@ -1155,6 +1168,151 @@ mod tests {
                 "expected `{needle}` in `{err}` for:\n{text}"
             );
         }
+    }
+
+    /// Every key set, to its default or near it: the base the sweep below bends key by key.
+    const FULL: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+max_body_bytes = 10485760
+body_timeout_secs = 60
+send_timeout_secs = 60
+max_headers = 100
+max_header_bytes = 65536
+max_in_flight = 1024
+shutdown_grace_secs = 30
+routes_from_config = "if_empty"
+
+[[upstreams]]
+name = "sim"
+sim = true
+connect_timeout_ms = 5000
+first_byte_timeout_ms = 300000
+idle_timeout_ms = 60000
+
+[[routes]]
+alias = "chat"
+teacher = { upstream = "sim", model = "gpt-4o" }
+students = [{ upstream = "sim", model = "small", percent = 5.0 }]
+
+[capture]
+enabled = true
+mode = "async"
+queue_capacity = 8192
+queue_mb = 256
+batch_max = 2048
+flush_interval_ms = 50
+max_response_bytes = 4194304
+max_event_bytes = 1048576
+cache_mb = 128
+idle_priority = true
+retention_days = 30.0
+
+[guard]
+enabled = true
+interval_secs = 60.0
+min_requests = 100
+steps = [1.0, 5.0, 10.0, 25.0, 50.0, 100.0]
+min_success_rate = 0.99
+max_p99_ratio = 1.2
+latency_slack_ms = 25
+max_feedback_drop = 5.0
+max_failed_checks = 2
+
+[[distill]]
+route = "chat"
+student_base_model = "gpt-4o-mini"
+provider = "sim"
+upstream = "sim"
+trigger_threshold = 500
+min_examples = 100
+schedule = "0 0 2 * * *"
+golden_min_score = 90.0
+eval_min_score = 80.0
+eval_max_prompts = 20
+initial_canary_percent = 10.0
+validation_percent = 10.0
+max_key_share = 0.5
+
+[distiller]
+check_every_secs = 60.0
+poll_initial_secs = 10.0
+poll_max_secs = 60.0
+
+[judge]
+upstream = "sim"
+model = "gpt-4o"
+sample_percent = 10.0
+max_per_minute = 60
+max_per_day = 10000
+"#;
+
+    /// The plan's F1 for the route config: any value of any key is refused with an error or
+    /// accepted, never a panic, and what is accepted can be run (no zero or unrepresentable
+    /// interval).
+    #[test]
+    fn any_value_of_any_key_is_an_error_or_a_config_that_runs() {
+        let full = Config::from_toml(FULL).unwrap_or_else(|e| panic!("{e}"));
+        assert!(full.guard.is_some() && full.capture.is_some());
+        let odd = [
+            "0",
+            "-1",
+            "1",
+            "0.5",
+            "1e-300",
+            "1e300",
+            "nan",
+            "inf",
+            "-inf",
+            "9223372036854775807",
+            "-9223372036854775808",
+            "\"\"",
+            "\"x\"",
+            "[]",
+            "{}",
+            "true",
+        ];
+        let lines: Vec<&str> = FULL.lines().collect();
+        let mut panics = Vec::new();
+        for (i, line) in lines.iter().enumerate() {
+            let Some((key, _)) = line.split_once(" = ") else {
+                continue;
+            };
+            for value in odd {
+                let mut bent = lines.clone();
+                let replaced = format!("{key} = {value}");
+                bent[i] = &replaced;
+                let text = bent.join("\n");
+                match std::panic::catch_unwind(|| Config::from_toml(&text)) {
+                    Err(_) => panics.push(replaced.clone()),
+                    Ok(Ok(config)) => {
+                        let intervals = [
+                            config.guard.as_ref().map(|g| g.interval),
+                            Some(config.distiller.check_every),
+                            Some(config.distiller.poll_initial),
+                            Some(config.distiller.poll_max),
+                        ];
+                        for interval in intervals.into_iter().flatten() {
+                            assert!(
+                                interval >= Duration::from_millis(1)
+                                    && interval <= Duration::from_secs(MAX_INTERVAL_SECS as u64),
+                                "{replaced}: accepted an interval of {interval:?}"
+                            );
+                        }
+                        if let Some(capture) = &config.capture {
+                            assert!(
+                                capture.writer.flush_interval <= Duration::from_secs(60),
+                                "{replaced}: flush interval {:?}",
+                                capture.writer.flush_interval
+                            );
+                        }
+                    }
+                    Ok(Err(_)) => {}
+                }
+            }
+        }
+        assert!(panics.is_empty(), "these panicked: {panics:?}");
     }
 
     #[test]

@@ -188,6 +188,8 @@ impl<'de> de::Deserialize<'de> for TopLevel<'de> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     fn err(body: &str) -> String {
@@ -226,6 +228,97 @@ mod tests {
         let ok = format!(r#"{{{unique}"model":"a","messages":[{{}}]}}"#);
         assert!(ChatRequest::parse(ok.as_bytes()).is_ok());
         assert!(err("{\"model\":\"m\",\"messages\":[{}]} trailing").contains("parse"));
+    }
+
+    /// Any JSON value, a few levels deep.
+    fn json_value() -> impl Strategy<Value = serde_json::Value> {
+        use serde_json::Value;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("JSON has no NaN or infinities", |f| f.is_finite())
+                .prop_map(Value::from),
+            "\\PC{0,12}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map("\\PC{0,6}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        // The request normaliser is the first code to read untrusted bodies (the plan's F1):
+        // whatever the body, it is refused with a 400 or forwarded with only `model` changed.
+        #[test]
+        fn any_body_is_refused_with_a_400_or_forwarded_with_only_model_changed(
+            others in prop::collection::btree_map("[a-z_]{1,8}", json_value(), 0..6),
+            // Mostly well-formed fields, so that about a fifth of the bodies are valid.
+            alias in prop_oneof![
+                3 => "\\PC{0,10}".prop_map(|m| Some(serde_json::Value::from(m))),
+                1 => prop::option::of(json_value()),
+            ],
+            messages in prop_oneof![
+                3 => prop::collection::vec(json_value(), 0..3)
+                    .prop_map(|m| Some(serde_json::Value::Array(m))),
+                1 => prop::option::of(json_value()),
+            ],
+            stream in prop_oneof![
+                3 => prop::option::of(any::<bool>().prop_map(serde_json::Value::from)),
+                1 => prop::option::of(json_value()),
+            ],
+            model in "\\PC{0,16}",
+        ) {
+            use serde_json::Value;
+            let mut body: serde_json::Map<String, Value> = others.into_iter().collect();
+            for (key, value) in [("model", alias), ("messages", messages), ("stream", stream)] {
+                match value {
+                    Some(v) => body.insert(key.to_string(), v),
+                    None => body.remove(key),
+                };
+            }
+            let bytes = serde_json::to_vec(&body).unwrap();
+            let valid = matches!(body.get("model"), Some(Value::String(m)) if !m.is_empty())
+                && matches!(body.get("messages"), Some(Value::Array(m)) if !m.is_empty())
+                && matches!(body.get("stream"), None | Some(Value::Null | Value::Bool(_)));
+            match ChatRequest::parse(&bytes) {
+                Ok(req) => {
+                    prop_assert!(valid, "accepted {body:?}");
+                    prop_assert_eq!(req.is_stream(), body.get("stream") == Some(&Value::Bool(true)));
+                    let out: Value = serde_json::from_slice(&req.with_model(&model)).unwrap();
+                    // Parsed back the same way as the original, so numbers compare exactly.
+                    let mut expected: serde_json::Map<String, Value> =
+                        serde_json::from_slice(&bytes).unwrap();
+                    expected.insert("model".into(), Value::from(model));
+                    prop_assert_eq!(out, Value::Object(expected));
+                }
+                Err(e) => {
+                    prop_assert!(!valid, "refused {body:?}: {e}");
+                    prop_assert_eq!(e.status(), http::StatusCode::BAD_REQUEST);
+                }
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_are_refused_with_a_400_or_parsed(
+            bytes in prop::collection::vec(any::<u8>(), 0..256),
+            cut in any::<prop::sample::Index>(),
+            flip in any::<(prop::sample::Index, u8)>(),
+        ) {
+            let valid = br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true}"#;
+            let mut mutated = valid.to_vec();
+            let at = flip.0.index(mutated.len());
+            mutated[at] ^= flip.1;
+            for body in [&bytes[..], &valid[..cut.index(valid.len())], &mutated[..]] {
+                if let Err(e) = ChatRequest::parse(body) {
+                    prop_assert_eq!(e.status(), http::StatusCode::BAD_REQUEST);
+                }
+            }
+        }
     }
 
     #[test]
