@@ -111,8 +111,8 @@ impl OpenDb {
         })
     }
 
-    /// How many of this store's openings (the first, and any reopen after an I/O error) had to
-    /// repair the file in full.
+    /// How many of this store's openings (the first, and any reopen after an error) repaired
+    /// the file in full.
     pub(super) fn full_repairs(&self) -> u64 {
         self.full_repairs.load(Ordering::Relaxed)
     }
@@ -207,9 +207,9 @@ impl OpenDb {
     }
 }
 
-/// Makes the opener of the store `name`: it hands the open it is given a redb builder with the
-/// page cache capped at `cache_bytes`, logs the progress of a full repair, and counts the repair
-/// in `full_repairs` once the open has succeeded.
+/// Wraps the opens of the store `name`: the function returned gives the open it is called with a
+/// redb builder (page cache capped at `cache_bytes`, a full repair's progress logged), and
+/// counts a full repair in `full_repairs` once that open has worked.
 ///
 /// Every commit saves the allocator state (quick repair), so an open after `kill -9` or a power
 /// cut reads that instead of walking the whole file. A full repair is then left for a file last
