@@ -367,14 +367,21 @@ pub(super) fn required(key: &str, value: &str) -> Result<String, ProviderSetupEr
     Ok(value.to_owned())
 }
 
-/// A positive number of seconds, or the default.
+/// The longest wait or timeout a provider setting may give: 30 days. A deadline is the clock
+/// plus this, and a huge value would overflow it (a panic the first time a job waits).
+pub(super) const MAX_SECONDS: u64 = 30 * 86_400;
+
+/// A number of seconds from 1 to [`MAX_SECONDS`], or the default.
 pub(super) fn seconds(
     key: &str,
     value: Option<u64>,
     default: u64,
 ) -> Result<Duration, ProviderSetupError> {
     match value {
-        Some(0) => Err(setting(key, "must be at least 1")),
+        Some(secs) if !(1..=MAX_SECONDS).contains(&secs) => Err(setting(
+            key,
+            format!("must be from 1 to {MAX_SECONDS} (30 days)"),
+        )),
         Some(secs) => Ok(Duration::from_secs(secs)),
         None => Ok(Duration::from_secs(default)),
     }

@@ -171,7 +171,16 @@ impl KubernetesProvider {
                 21_600,
             )?
             .as_secs(),
-            ttl_secs_after_finished: config.ttl_secs_after_finished.unwrap_or(86_400),
+            ttl_secs_after_finished: match config.ttl_secs_after_finished {
+                // The Job field is an int32.
+                Some(ttl) if ttl > i32::MAX as u64 => {
+                    return Err(setting(
+                        "ttl_secs_after_finished",
+                        format!("must be at most {}", i32::MAX),
+                    ));
+                }
+                ttl => ttl.unwrap_or(86_400),
+            },
         };
 
         let vllm_url = required("vllm_url", &config.vllm_url)?;

@@ -503,6 +503,25 @@ fn build_names_the_setting_that_is_wrong() {
     let kube = json!({"provider": "kubernetes", "api_server": "http://k", "namespace": "Not_A_Namespace",
                       "token": "t", "image": "trainer", "vllm_url": "http://v"});
     assert_eq!(setup_error_key(kube, &no_env), "namespace");
+    // Waits and timeouts past 30 days would overflow the clock when a deadline is set.
+    let azure = json!({
+        "provider": "azure",
+        "endpoint": "https://r.openai.azure.com",
+        "api_key": "k",
+        "file_wait_secs": i64::MAX,
+        "deployment": {"subscription_id": "s", "resource_group": "g", "account": "a", "token": "t"},
+    });
+    assert_eq!(setup_error_key(azure, &no_env), "file_wait_secs");
+    assert_eq!(
+        setup_error_key(
+            json!({"provider": "sim", "base_url": "http://x/v1", "timeout_secs": 2_592_001}),
+            &no_env
+        ),
+        "timeout_secs"
+    );
+    let kube = json!({"provider": "kubernetes", "api_server": "http://k", "namespace": "ns", "token": "t",
+                      "image": "trainer", "vllm_url": "http://v", "ttl_secs_after_finished": 2_147_483_648_u64});
+    assert_eq!(setup_error_key(kube, &no_env), "ttl_secs_after_finished");
 }
 
 #[test]
