@@ -303,6 +303,58 @@ mod tests {
             }
         }
 
+        // Two parsers may read a repeated key differently, so a body with one (however it
+        // is spelled: `mod\u0065l` is `model`) is refused, and a body without any is judged
+        // on its fields.
+        #[test]
+        fn a_repeated_key_is_refused_however_it_is_spelled(
+            entries in prop::collection::vec(
+                (prop::sample::select(vec!["model", "messages", "stream", "user", "n"]), any::<bool>()),
+                1..7,
+            ),
+        ) {
+            let written: Vec<String> = entries
+                .iter()
+                .map(|(key, escaped)| {
+                    let name = if *escaped {
+                        // The first letter as a JSON escape.
+                        format!("\\u{:04x}{}", u32::from(key.as_bytes()[0]), &key[1..])
+                    } else {
+                        key.to_string()
+                    };
+                    let value = match *key {
+                        "model" => r#""m""#,
+                        "messages" => r#"[{"role":"user","content":"hi"}]"#,
+                        "stream" => "true",
+                        "user" => r#""u""#,
+                        _ => "1",
+                    };
+                    format!("\"{name}\":{value}")
+                })
+                .collect();
+            let body = format!("{{{}}}", written.join(","));
+            let keys: Vec<&str> = entries.iter().map(|(key, _)| *key).collect();
+            let repeated = keys.iter().enumerate().any(|(i, key)| keys[..i].contains(key));
+            match ChatRequest::parse(body.as_bytes()) {
+                Ok(req) => {
+                    prop_assert!(!repeated, "accepted {body}");
+                    prop_assert!(keys.contains(&"model") && keys.contains(&"messages"), "accepted {body}");
+                    prop_assert_eq!(req.model(), "m");
+                    prop_assert_eq!(req.is_stream(), keys.contains(&"stream"));
+                }
+                Err(e) => {
+                    prop_assert_eq!(e.status(), http::StatusCode::BAD_REQUEST);
+                    prop_assert!(
+                        repeated || !(keys.contains(&"model") && keys.contains(&"messages")),
+                        "refused {body}: {e}"
+                    );
+                    if repeated {
+                        prop_assert!(e.to_string().contains("Duplicate"), "{body}: {e}");
+                    }
+                }
+            }
+        }
+
         #[test]
         fn arbitrary_bytes_are_refused_with_a_400_or_parsed(
             bytes in prop::collection::vec(any::<u8>(), 0..256),
