@@ -1184,6 +1184,7 @@ max_header_bytes = 65536
 max_in_flight = 1024
 shutdown_grace_secs = 30
 routes_from_config = "if_empty"
+passthrough_upstream = "sim"
 
 [[upstreams]]
 name = "sim"
@@ -1192,6 +1193,11 @@ connect_timeout_ms = 5000
 first_byte_timeout_ms = 300000
 idle_timeout_ms = 60000
 
+[[upstreams]]
+name = "remote"
+base_url = "https://api.example.com/v1"
+api_key_env = "FORGE_SWEEP_KEY"
+
 [[routes]]
 alias = "chat"
 teacher = { upstream = "sim", model = "gpt-4o" }
@@ -1199,6 +1205,8 @@ students = [{ upstream = "sim", model = "small", percent = 5.0 }]
 
 [capture]
 enabled = true
+data_dir = "forge-data"
+redact_pii = ["email", "phone", "card", "iban", "ip"]
 mode = "async"
 queue_capacity = 8192
 queue_mb = 256
@@ -1220,6 +1228,7 @@ max_p99_ratio = 1.2
 latency_slack_ms = 25
 max_feedback_drop = 5.0
 max_failed_checks = 2
+manual = ["other"]
 
 [[distill]]
 route = "chat"
@@ -1235,11 +1244,16 @@ eval_max_prompts = 20
 initial_canary_percent = 10.0
 validation_percent = 10.0
 max_key_share = 0.5
+eval_method = "similarity"
+suffix = "forge"
+tenant = "acme"
+hyperparameters = { n_epochs = 3, batch_size = 8, learning_rate_multiplier = 1.0 }
 
 [distiller]
 check_every_secs = 60.0
 poll_initial_secs = 10.0
 poll_max_secs = 60.0
+dataset_url = "http://forge-admin:8081"
 
 [judge]
 upstream = "sim"
@@ -1247,6 +1261,11 @@ model = "gpt-4o"
 sample_percent = 10.0
 max_per_minute = 60
 max_per_day = 10000
+
+[[clients]]
+id = "app"
+tenant = "acme"
+key_sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
 "#;
 
     /// The plan's F1 for the route config: any value of any key is refused with an error or
