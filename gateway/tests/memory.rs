@@ -15,10 +15,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use forge_gateway::sim::{SimConfig, SimUpstream};
+use forge_gateway::sim::{SimConfig, SimHandle, SimUpstream};
 
 mod common;
-use common::{capture_counters, serve, status_bytes};
+use common::{Forge, capture_counters, serve, status_bytes};
 
 const BODY_LIMIT: usize = 4 * 1024 * 1024;
 const CONCURRENT: usize = 8;
@@ -36,12 +36,33 @@ async fn settled_rss(pid: u32) -> usize {
     usize::try_from(status_bytes(pid, "VmRSS")).unwrap()
 }
 
-/// A gateway config with capture on, data in `data`, in front of `sim_url`.
-fn gateway_config(sim_url: &str, data: &std::path::Path, body_limit: usize) -> String {
-    format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmax_body_bytes = {body_limit}\n\n[capture]\ndata_dir = {:?}\n\n[[upstreams]]\nname = \"sim\"\nbase_url = \"{sim_url}\"\n\n[[routes]]\nalias = \"m\"\nteacher = {{ upstream = \"sim\", model = \"gpt-4o\" }}\n",
-        data.display().to_string()
-    )
+/// A running gateway with capture on (data in `dir/data`), in front of a simulated upstream.
+struct Running {
+    sim: SimHandle,
+    dir: tempfile::TempDir,
+    forge: Forge,
+    base: String,
+}
+
+/// Starts the simulated upstream and `forge serve` with `body_limit` and `env`.
+async fn start(body_limit: usize, env: &[(&str, &str)]) -> Running {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let sim = SimUpstream::start(SimConfig::default(), ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmax_body_bytes = {body_limit}\n\n[capture]\ndata_dir = {:?}\n\n[[upstreams]]\nname = \"sim\"\nbase_url = \"{}\"\n\n[[routes]]\nalias = \"m\"\nteacher = {{ upstream = \"sim\", model = \"gpt-4o\" }}\n",
+        dir.path().join("data").display().to_string(),
+        sim.base_url()
+    );
+    let (forge, base) = serve(&config, dir.path(), env);
+    Running {
+        sim,
+        dir,
+        forge,
+        base,
+    }
 }
 
 /// A chat request of just under `size` bytes: one long user message.
@@ -62,13 +83,13 @@ fn big_chat(size: usize, i: usize, stream: bool) -> Vec<u8> {
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn peak_memory_per_request_stays_within_ten_times_the_body_limit() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let sim = SimUpstream::start(SimConfig::default(), ([127, 0, 0, 1], 0).into())
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = gateway_config(&sim.base_url(), &dir.path().join("data"), BODY_LIMIT);
-    let (forge, base) = serve(&config, dir.path(), &[]);
+    // The upstream must outlive the requests: bound, not dropped with the rest.
+    let Running {
+        sim: _sim,
+        dir,
+        forge,
+        base,
+    } = start(BODY_LIMIT, &[]).await;
     let pid = forge.0.id();
     let http = reqwest::Client::new();
     let root = base.trim_end_matches("/v1").to_string();
@@ -303,16 +324,15 @@ async fn a_flood_of_malformed_requests_gets_json_4xx_and_leaves_memory_flat() {
     const MAX_RSS_GROWTH_PCT: f64 = 5.0;
     /// What hyper's read buffer may grow to for one head (the parser's cap).
     const HEAD_BUFFER_MAX: usize = 4 * 1024 * 1024;
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let sim = SimUpstream::start(SimConfig::default(), ([127, 0, 0, 1], 0).into())
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = gateway_config(&sim.base_url(), &dir.path().join("data"), BODY_LIMIT);
     // The allocator returns freed memory at once, so that RSS is what the gateway holds, not
     // what the allocator keeps at hand for the next 2 MiB head (with its default delay, RSS
     // moved between 72 and 86 MiB from one round of the flood to the next).
-    let (forge, base) = serve(&config, dir.path(), &[("MIMALLOC_PURGE_DELAY", "0")]);
+    let Running {
+        sim,
+        dir,
+        forge,
+        base,
+    } = start(BODY_LIMIT, &[("MIMALLOC_PURGE_DELAY", "0")]).await;
     let pid = forge.0.id();
     let addr = base
         .trim_start_matches("http://")

@@ -89,6 +89,16 @@ impl TestGateway {
         self.dir.path()
     }
 
+    /// Waits until the capture writer has settled every trace handed to it (nothing pending),
+    /// and returns the counters then.
+    pub async fn settled_capture_counters(&self) -> forge_layer::store::CounterSnapshot {
+        eventually("the capture writer settles every trace", || {
+            self.capture_counters().expect("capture on").pending == 0
+        })
+        .await;
+        self.capture_counters().expect("capture on")
+    }
+
     /// Shuts the gateway down gracefully (flushing capture), keeping the data directory.
     pub async fn shutdown(self) -> tempfile::TempDir {
         self.gateway.shutdown().await;

@@ -181,11 +181,7 @@ async fn two_hundred_concurrent_streams_lose_no_trace() {
     for stream in streams {
         ids.push(stream.await.unwrap());
     }
-    eventually("all 200 traces committed", || {
-        gw.capture_counters().unwrap().pending == 0
-    })
-    .await;
-    let c = gw.capture_counters().unwrap();
+    let c = gw.settled_capture_counters().await;
     assert_eq!(
         (c.eligible, c.captured, c.dropped, c.failed),
         (200, 200, 0, 0)
@@ -246,11 +242,7 @@ async fn a_stalled_store_never_fails_a_request_and_every_drop_is_counted() {
         "the full queue dropped traces: {during:?}"
     );
     drop(stall);
-    eventually("the writer catches up", || {
-        gw.capture_counters().unwrap().pending == 0
-    })
-    .await;
-    let after = gw.capture_counters().unwrap();
+    let after = gw.settled_capture_counters().await;
     assert_eq!(
         after.captured + after.dropped + after.failed,
         after.eligible,
@@ -315,11 +307,7 @@ async fn large_exchanges_behind_a_stalled_store_fill_the_byte_budget_not_memory(
     );
 
     drop(stall);
-    eventually("the writer catches up", || {
-        gw.capture_counters().unwrap().pending == 0
-    })
-    .await;
-    let after = gw.capture_counters().unwrap();
+    let after = gw.settled_capture_counters().await;
     assert_eq!(
         after.queued_bytes, 0,
         "committed traces give their bytes back"

@@ -164,10 +164,7 @@ async fn thousands_of_swaps_under_load_fail_nothing_and_each_trace_has_one_versi
 
     // Rebuild every version's table from the stored history and check each trace's arm is the
     // one its recorded version picks for its key: one snapshot decided both.
-    eventually("all traces written", || {
-        gw.capture_counters().unwrap().pending == 0
-    })
-    .await;
+    gw.settled_capture_counters().await;
     let store = gw.store().unwrap();
     let history = store.route_history(usize::MAX).unwrap();
     assert_eq!(history.len() as u32, swaps + 1);
