@@ -232,19 +232,29 @@ impl PendingTrace {
     }
 }
 
+/// Redacts every string the upstream sent, not only the message text: a model can echo a key
+/// into a tool call's name or id as readily as into its arguments.
 fn redact_response(redactor: &Redactor, response: &mut FinalResponse) {
     let mut fix = |s: &mut String| {
         if let Some(clean) = redactor.redact_str(s) {
             *s = clean;
         }
     };
+    response.model.iter_mut().for_each(&mut fix);
     for choice in &mut response.choices {
+        choice.finish_reason.iter_mut().for_each(&mut fix);
         let m = &mut choice.message;
         m.content.iter_mut().for_each(&mut fix);
         m.refusal.iter_mut().for_each(&mut fix);
         for call in &mut m.tool_calls {
+            fix(&mut call.id);
+            fix(&mut call.kind);
+            fix(&mut call.function.name);
             fix(&mut call.function.arguments);
         }
+    }
+    if let Some(usage) = &mut response.usage {
+        redactor.redact_json(usage);
     }
     if let Some(error) = &mut response.error {
         redactor.redact_json(error);
@@ -254,21 +264,26 @@ fn redact_response(redactor: &Redactor, response: &mut FinalResponse) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
 
-    #[test]
-    fn past_the_cap_nothing_more_is_kept() {
-        let meta = ExchangeMeta {
-            tenant: None,
-            key_id: None,
+    fn meta(stream: bool) -> ExchangeMeta {
+        ExchangeMeta {
+            tenant: Some("team-a".into()),
+            key_id: Some("key-1".into()),
             alias: "a".into(),
             upstream: "u".into(),
             model: "m".into(),
             arm: Arm::Teacher,
             route_version: 1,
-            stream: true,
+            stream,
             canary: false,
-        };
-        let mut session = CaptureSession::new(Ticket::untracked(), meta, Bytes::new(), 10);
+        }
+    }
+
+    #[test]
+    fn past_the_cap_nothing_more_is_kept() {
+        let mut session = CaptureSession::new(Ticket::untracked(), meta(true), Bytes::new(), 10);
         session.on_chunk(b"data: 1\n");
         session.on_chunk(b"data: too long\n");
         // Fits what is left, but would leave a hole where the long chunk was.
@@ -276,5 +291,128 @@ mod tests {
         let pending = session.finish(BodyEnd::Complete);
         assert!(pending.over_cap);
         assert_eq!(pending.body, b"data: 1\n");
+    }
+
+    /// A key of some kind, and its random part: neither may reach the stored bytes.
+    fn key() -> impl Strategy<Value = (String, String)> {
+        prop_oneof![
+            "[A-Za-z0-9]{24,40}".prop_map(|b| (format!("sk-proj-{b}"), b)),
+            "[A-Za-z0-9]{30,40}".prop_map(|b| (format!("sk-ant-api03-{b}"), b)),
+            "[A-Za-z0-9]{36}".prop_map(|b| (format!("ghp_{b}"), b)),
+            "[0-9A-Z]{16}".prop_map(|b| (format!("AKIA{b}"), b)),
+            "[A-Za-z0-9]{20,30}".prop_map(|b| (format!("Bearer {b}"), b)),
+            "[A-Za-z0-9_-]{12}\\.eyJ[A-Za-z0-9_-]{12}\\.[A-Za-z0-9_-]{16}"
+                .prop_map(|b| (format!("eyJ{b}"), b)),
+        ]
+    }
+
+    /// Prose with a key in it, set apart as a key is in real text.
+    fn text_with(
+        key: impl Strategy<Value = (String, String)>,
+    ) -> impl Strategy<Value = (String, (String, String))> {
+        let sep = || prop::sample::select(vec![" ", "\n", ": ", "(", "\"", ", ", "\t", "é "]);
+        ("[a-z ,.]{0,24}", sep(), key, sep(), "[a-z ,.é😀]{0,24}")
+            .prop_map(|(pre, a, key, b, post)| (format!("{pre}{a}{}{b}{post}", key.0), key))
+    }
+
+    /// `text` as a JSON string, each character escaped as `\uXXXX` where `escape` says so.
+    fn json_string(text: &str, escape: &[bool]) -> String {
+        let mut out = String::from("\"");
+        for (i, c) in text.chars().enumerate() {
+            if escape.get(i).copied().unwrap_or(false) || c == '"' || c == '\\' || c.is_control() {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    out.push_str(&format!("\\u{unit:04x}"));
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        out.push('"');
+        out
+    }
+
+    /// `text` cut into pieces at `cuts` (character boundaries).
+    fn pieces(text: &str, cuts: &[prop::sample::Index]) -> Vec<String> {
+        let chars: Vec<char> = text.chars().collect();
+        let mut at: Vec<usize> = cuts.iter().map(|c| c.index(chars.len() + 1)).collect();
+        at.extend([0, chars.len()]);
+        at.sort_unstable();
+        at.dedup();
+        at.windows(2)
+            .map(|w| chars[w[0]..w[1]].iter().collect())
+            .collect()
+    }
+
+    fn redacted(text: &str) -> String {
+        Redactor::default()
+            .redact_str(text)
+            .unwrap_or_else(|| text.to_string())
+    }
+
+    proptest! {
+        /// Keys planted in every string a trace takes from the client or the upstream (escaped
+        /// in the request, cut across stream deltas in the response) are gone from its stored
+        /// bytes, what is left is the text redacted, and the bytes decode to the same trace.
+        #[test]
+        fn stored_traces_hold_no_planted_key_and_decode_to_themselves(
+            (prompt, k1) in text_with(key()),
+            (meta_key, k2) in text_with(key()),
+            (meta_value, k3) in text_with(key()),
+            (answer, k4) in text_with(key()),
+            (arguments, k5) in text_with(key()),
+            (tool_name, k6) in key().prop_map(|k| (k.0.clone(), k)),
+            escape in prop::collection::vec(any::<bool>(), 0..80),
+            stream in any::<bool>(),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
+        ) {
+            let request = format!(
+                r#"{{"model":"a","messages":[{{"role":"user","content":{}}}],"metadata":{{{}:[{}]}}}}"#,
+                json_string(&prompt, &escape),
+                json_string(&meta_key, &escape),
+                json_string(&meta_value, &escape),
+            );
+            prop_assert!(serde_json::from_str::<serde_json::Value>(&request).is_ok(), "{}", request);
+            let call = |arguments: &str| json!({"index": 0, "id": "call_1", "type": "function",
+                "function": {"name": tool_name, "arguments": arguments}});
+            let body = if stream {
+                let mut sse = String::new();
+                let mut event = |chunk: serde_json::Value| sse.push_str(&format!("data: {chunk}\n\n"));
+                for piece in pieces(&answer, &cuts) {
+                    event(json!({"model": tool_name, "choices": [{"index": 0, "delta": {"content": piece}}]}));
+                }
+                for piece in pieces(&arguments, &cuts) {
+                    event(json!({"choices": [{"index": 0, "delta": {"tool_calls": [call(&piece)]}}]}));
+                }
+                event(json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}));
+                sse.push_str("data: [DONE]\n\n");
+                sse
+            } else {
+                json!({"model": tool_name, "choices": [{"index": 0, "finish_reason": "tool_calls",
+                    "message": {"role": "assistant", "content": answer, "tool_calls": [call(&arguments)]}}]})
+                .to_string()
+            };
+            let mut session = CaptureSession::new(Ticket::untracked(), meta(stream), Bytes::from(request), 1 << 20);
+            session.on_response(200, stream);
+            for piece in pieces(&body, &cuts) {
+                session.on_chunk(piece.as_bytes());
+            }
+            let trace = session.finish(BodyEnd::Complete).into_trace(&Redactor::default(), 1 << 20);
+            let stored = serde_json::to_vec(&trace).unwrap();
+
+            for (key, random_part) in [k1, k2, k3, k4, k5, k6] {
+                prop_assert!(memchr::memmem::find(&stored, key.as_bytes()).is_none(), "{} stored", key);
+                prop_assert!(memchr::memmem::find(&stored, random_part.as_bytes()).is_none(), "{} stored", random_part);
+            }
+            let message = &trace.response.choices[0].message;
+            prop_assert_eq!(trace.outcome, Outcome::Completed);
+            prop_assert_eq!(message.content.clone(), Some(redacted(&answer)));
+            prop_assert_eq!(&message.tool_calls[0].function.arguments, &redacted(&arguments));
+            prop_assert_eq!(&trace.request["messages"][0]["content"], &json!(redacted(&prompt)));
+            prop_assert_eq!(&trace.request["metadata"][redacted(&meta_key)], &json!([redacted(&meta_value)]));
+
+            let decoded: Trace = serde_json::from_slice(&stored).unwrap();
+            prop_assert_eq!(decoded, trace);
+        }
     }
 }
