@@ -595,3 +595,99 @@ fn an_unreadable_ca_bundle_is_a_setup_error() {
         assert_eq!(setup_error_key(kube, &no_env), "ca_file");
     }
 }
+
+/// Every key each provider reads, set, but for the file paths (`token_file`, `ca_file`): each
+/// secret has one source, here its `*_env`.
+fn full_provider_settings() -> Vec<serde_json::Value> {
+    vec![
+        json!({"provider": "openai", "base_url": "https://api.openai.com/v1", "api_key_env": "K",
+               "upstream": "openai", "timeout_secs": 60, "upload_timeout_secs": 600}),
+        json!({"provider": "sim", "base_url": "http://127.0.0.1:9/v1", "api_key": "k"}),
+        json!({"provider": "azure", "endpoint": "https://r.openai.azure.com", "api_version": "2024-10-21",
+               "api_key_env": "K", "upstream": "azure", "timeout_secs": 60, "upload_timeout_secs": 600,
+               "file_wait_secs": 600,
+               "deployment": {"management_url": "https://management.azure.com", "subscription_id": "s",
+                              "resource_group": "g", "account": "a", "api_version": "2024-10-01",
+                              "token_env": "ARM", "sku": "Standard", "capacity": 1, "wait_secs": 600}}),
+        json!({"provider": "kubernetes", "api_server": "https://k:6443", "namespace": "ns", "token_env": "K",
+               "image": "trainer:1", "args": ["--lora"], "env": {"HF_HOME": "/cache"}, "gpu_limit": 1,
+               "memory_limit": "32Gi", "service_account": "trainer", "adapter_pvc": "adapters",
+               "adapter_root": "/adapters", "backoff_limit": 0, "active_deadline_secs": 86400,
+               "ttl_secs_after_finished": 3600, "vllm_url": "http://vllm:8000/v1",
+               "vllm_api_key_env": "V", "upstream": "vllm", "timeout_secs": 60}),
+    ]
+}
+
+/// The paths of every value in `v`, objects and arrays descended into.
+fn leaf_paths(v: &serde_json::Value, at: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (k, child) in map {
+                at.push(k.clone());
+                out.push(at.clone());
+                leaf_paths(child, at, out);
+                at.pop();
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for (i, child) in items.iter().enumerate() {
+                at.push(i.to_string());
+                out.push(at.clone());
+                leaf_paths(child, at, out);
+                at.pop();
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The plan's F1 for the provider tables: any value of any key is refused with an error or
+/// builds a provider, never a panic. The base settings themselves build.
+#[test]
+fn any_value_of_any_provider_key_is_an_error_or_a_provider() {
+    let env = |_: &str| Some("from-env".to_string());
+    let odd = [
+        json!(0),
+        json!(-1),
+        json!(1),
+        json!(0.5),
+        json!(1e300),
+        json!(i64::MAX),
+        json!(i64::MIN),
+        json!(u64::MAX),
+        json!(u32::MAX),
+        json!(""),
+        json!("x"),
+        json!("http://"),
+        json!("https://[::1]:0/v1"),
+        json!("é😀/../\u{0}"),
+        json!(null),
+        json!(true),
+        json!([]),
+        json!({}),
+    ];
+    let mut panics = Vec::new();
+    let mut bent_count = 0;
+    for full in full_provider_settings() {
+        let built = parse(full.clone()).map(|c| c.build_with_env(&env).map(|_| ()));
+        assert!(matches!(built, Ok(Ok(()))), "{full}: {built:?}");
+        let mut paths = Vec::new();
+        leaf_paths(&full, &mut Vec::new(), &mut paths);
+        for path in paths.iter().filter(|p| p != &&["provider"]) {
+            for value in &odd {
+                let mut bent = full.clone();
+                let pointer = format!("/{}", path.join("/"));
+                *bent.pointer_mut(&pointer).expect("a path of the value") = value.clone();
+                bent_count += 1;
+                let outcome = std::panic::catch_unwind(|| {
+                    parse(bent.clone()).map(|c| c.build_with_env(&env).map(|_| ()))
+                });
+                if outcome.is_err() {
+                    panics.push(format!("{} {pointer} = {value}", full["provider"]));
+                }
+            }
+        }
+    }
+    assert!(bent_count > 500, "{bent_count} settings tried");
+    assert!(panics.is_empty(), "these panicked: {panics:?}");
+}
