@@ -10,8 +10,9 @@
 //!   reference-count decrement per kept frame) is work the writer's thread does in the gateway.
 //!
 //! `capture` minus `passthrough` is what capture adds on the request path. The writer side,
-//! off the request path: `PendingTrace::into_trace` (reassembly and redaction), and the same
-//! plus the JSON encoding the writer stores.
+//! off the request path: `PendingTrace::into_trace` (reassembly and redaction), the same plus
+//! the JSON encoding, and `PendingTrace::into_stored` plus the encoding, which is what the writer
+//! does (the request's bytes kept as sent when there is nothing to redact in them).
 
 // A bench binary: a failed setup should stop it at once, with the reason.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -205,6 +206,16 @@ fn bench_writer_side(c: &mut Criterion, shapes: &[Shape], recorder: &Recorder) {
                 recorder.record(&name, iters, elapsed)
             })
         });
+        // What the writer does: the request kept as sent when there is nothing to redact in it.
+        let name = format!("into_stored+encode/{}", shape.name);
+        group.bench_function(&name, |b| {
+            b.iter_custom(|iters| {
+                let elapsed = timed_batches(iters, pending, |p| {
+                    serde_json::to_vec(&p.into_stored(&redactor, MAX_EVENT_BYTES).0).unwrap()
+                });
+                recorder.record(&name, iters, elapsed)
+            })
+        });
     }
     group.finish();
 }
@@ -216,16 +227,16 @@ fn print_summary(shapes: &[Shape], recorder: &Recorder) {
     println!("Capture cost per exchange (median over criterion's samples of 1 ms or more):");
     println!();
     println!(
-        "| shape | bytes | bare | passthrough | capture | capture − passthrough | reassemble | into_trace | into_trace + encode |"
+        "| shape | bytes | bare | passthrough | capture | capture − passthrough | reassemble | into_trace | into_trace + encode | into_stored + encode (the writer's) |"
     );
-    println!("|---|--:|--:|--:|--:|--:|--:|--:|--:|");
+    println!("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
     for shape in shapes {
         let n = shape.name;
         let passthrough = median(&format!("{n}/passthrough"));
         let capture = median(&format!("{n}/capture"));
         let added = passthrough.zip(capture).map(|(p, c)| c - p);
         println!(
-            "| {n} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {n} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             shape.bytes(),
             show(median(&format!("{n}/bare"))),
             show(passthrough),
@@ -234,6 +245,7 @@ fn print_summary(shapes: &[Shape], recorder: &Recorder) {
             show(median(&format!("reassemble/{n}"))),
             show(median(&format!("into_trace/{n}"))),
             show(median(&format!("into_trace+encode/{n}"))),
+            show(median(&format!("into_stored+encode/{n}"))),
         );
     }
     println!();

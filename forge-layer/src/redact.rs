@@ -287,6 +287,77 @@ impl Redactor {
     }
 }
 
+impl Redactor {
+    /// Whether `json` is one JSON value in which [`Redactor::redact_json`] would change
+    /// nothing: every string, object keys included, decoded and checked as `redact_json` checks
+    /// it, without building the tree.
+    pub fn json_is_clean(&self, json: &str) -> bool {
+        let mut de = serde_json::Deserializer::from_str(json);
+        serde::de::DeserializeSeed::deserialize(CleanJson(self), &mut de).is_ok()
+            && de.end().is_ok()
+    }
+}
+
+/// Walks a JSON value and fails at the first string that redaction would change.
+#[derive(Clone, Copy)]
+struct CleanJson<'r>(&'r Redactor);
+
+impl<'de> serde::de::DeserializeSeed<'de> for CleanJson<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for CleanJson<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JSON with nothing to redact")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    // Escaped or not, a string arrives here decoded: the text redaction would see.
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<(), E> {
+        match self.0.redact_pass(s) {
+            None => Ok(()),
+            Some(_) => Err(E::custom("holds something to redact")),
+        }
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(self)?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while map.next_key_seed(self)?.is_some() {
+            map.next_value_seed(self)?;
+        }
+        Ok(())
+    }
+}
+
 fn luhn_valid(candidate: &str) -> bool {
     let digits: Vec<u32> = candidate.chars().filter_map(|c| c.to_digit(10)).collect();
     if !(13..=19).contains(&digits.len()) {
@@ -374,6 +445,45 @@ mod tests {
                 prop_assert_eq!(all.redact_str(&once), None, "from {:?}", text);
             }
         }
+
+        // `json_is_clean` says yes exactly when `redact_json` would change nothing, for any
+        // JSON (keys included, with or without PII kinds) and for text that is not JSON.
+        #[test]
+        fn json_is_clean_agrees_with_redact_json(value in any_json(), pii in any::<bool>(), cut in any::<prop::sample::Index>()) {
+            let redactor = if pii { Redactor::default() } else { Redactor::with_pii(&[]) };
+            let text = value.to_string();
+            let mut redacted = value.clone();
+            redactor.redact_json(&mut redacted);
+            prop_assert_eq!(redactor.json_is_clean(&text), redacted == value, "{}", text);
+            let pretty = serde_json::to_string_pretty(&value).unwrap();
+            prop_assert_eq!(redactor.json_is_clean(&pretty), redacted == value);
+            // A cut JSON text is not clean, nor is one with something after it.
+            let end = cut.index(text.len());
+            if text.is_char_boundary(end) && serde_json::from_str::<Value>(&text[..end]).is_err() {
+                prop_assert!(!redactor.json_is_clean(&text[..end]));
+            }
+            let trailing = format!("{text} 1");
+            prop_assert!(!redactor.json_is_clean(&trailing));
+        }
+    }
+
+    /// JSON values whose strings and keys are [`secretish`].
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            secretish().prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+                prop::collection::btree_map(secretish(), inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
     }
 
     fn redact(text: &str) -> String {

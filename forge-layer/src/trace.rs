@@ -152,8 +152,13 @@ impl Outcome {
 }
 
 /// One captured exchange, with secrets and configured PII already redacted.
+pub type Trace = TraceOf<Value>;
+
+/// A trace with its request held as `R`: a JSON tree when read ([`Trace`]); the writer may
+/// encode the request's own bytes instead, when redaction had nothing to change in them (the
+/// same JSON, without a tree built and serialised again).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Trace {
+pub struct TraceOf<R> {
     /// Sorts by time.
     pub id: TraceId,
     /// Unix milliseconds when the request arrived.
@@ -177,7 +182,7 @@ pub struct Trace {
     /// Whether the client asked for a stream.
     pub stream: bool,
     /// The request body as JSON (redacted).
-    pub request: Value,
+    pub request: R,
     /// The final message(s) the client received (redacted).
     pub response: FinalResponse,
     /// The HTTP status the client received.

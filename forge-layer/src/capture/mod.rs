@@ -50,7 +50,7 @@ pub use body::CaptureBody;
 pub use future::ResponseFuture;
 pub use layer::CaptureLayer;
 pub use service::Capture;
-pub use session::{BodyEnd, CaptureSession, ExchangeMeta, PendingTrace};
+pub use session::{BodyEnd, CaptureSession, ExchangeMeta, PendingTrace, StoredRequest};
 pub use sink::{DurableAck, TraceSink};
 
 /// The response header that carries the trace id.

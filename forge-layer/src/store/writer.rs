@@ -21,7 +21,7 @@ use super::lanes::{Lanes, PATIENCE};
 use super::{Store, StoreError, Ticket, Unsettled};
 use crate::capture::{DurableAck, PendingTrace};
 use crate::redact::Redactor;
-use crate::trace::{Trace, TraceId};
+use crate::trace::TraceId;
 
 /// What the end of a response waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, Serialize)]
@@ -507,7 +507,7 @@ impl Encoded {
     }
 
     /// Encodes one trace; on failure nothing of it is kept.
-    fn push(&mut self, id: TraceId, trace: &Trace) -> Result<(), serde_json::Error> {
+    fn push(&mut self, id: TraceId, trace: &impl Serialize) -> Result<(), serde_json::Error> {
         let start = self.bytes.len();
         match serde_json::to_writer(&mut self.bytes, trace) {
             Ok(()) => {
@@ -573,8 +573,7 @@ fn encode_batch(
         // A panic while reassembling or encoding one exchange (a bug meeting odd upstream
         // bytes) costs that trace, counted failed, not the whole batch uncounted.
         let encoded = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            let (trace, ticket) =
-                trace.into_trace_and_ticket(&config.redactor, config.max_event_bytes);
+            let (trace, ticket) = trace.into_stored(&config.redactor, config.max_event_bytes);
             out.push(id, &trace).map(|()| ticket)
         }));
         // A trace that fails here drops its ticket at once: it will never be stored.
