@@ -132,6 +132,29 @@ impl Kind {
         }
     }
 
+    /// The part of a match to redact: all of it, or for a card whose match ran on into other
+    /// digit groups (an expiry date, a CVV, a reference before it: `4111 1111 1111 1111 12/26`),
+    /// the longest run of whole groups that passes the Luhn check. `None` to leave it.
+    fn accepted_span(self, candidate: &str) -> Option<std::ops::Range<usize>> {
+        if self.accepts(candidate) {
+            return Some(0..candidate.len());
+        }
+        if self != Kind::Card {
+            return None;
+        }
+        let seps: Vec<usize> = candidate
+            .char_indices()
+            .filter(|&(_, c)| c == ' ' || c == '-')
+            .map(|(i, _)| i)
+            .collect();
+        let starts = std::iter::once(0).chain(seps.iter().map(|&i| i + 1));
+        let ends: Vec<usize> = seps.iter().copied().chain([candidate.len()]).collect();
+        starts
+            .flat_map(|start| ends.iter().map(move |&end| start..end))
+            .filter(|span| span.start < span.end && luhn_valid(&candidate[span.clone()]))
+            .max_by_key(|span| (span.len(), std::cmp::Reverse(span.start)))
+    }
+
     /// Extra checks that a regex cannot express.
     fn accepts(self, candidate: &str) -> bool {
         match self {
@@ -233,7 +256,7 @@ impl Redactor {
     /// One pass of every enabled pattern; `None` when it changes nothing.
     fn redact_pass(&self, text: &str) -> Option<String> {
         let compiled = compiled();
-        let hits = compiled.set.matches(text);
+        let hits = compiled.set.matches(&unescaped_view(text));
         if !hits.matched_any() {
             return None;
         }
@@ -243,16 +266,8 @@ impl Redactor {
                 continue;
             }
             let current = out.as_deref().unwrap_or(text);
-            let replaced = regex.replace_all(current, |caps: &regex::Captures<'_>| {
-                let m = &caps[0];
-                if kind.accepts(m) {
-                    format!("[REDACTED:{}]", kind.name())
-                } else {
-                    m.to_string()
-                }
-            });
-            if let std::borrow::Cow::Owned(s) = replaced {
-                out = Some(s);
+            if let Some(replaced) = replace_kind(*kind, regex, current) {
+                out = Some(replaced);
             }
         }
         out.filter(|s| s != text)
@@ -356,6 +371,64 @@ impl<'de> serde::de::Visitor<'de> for CleanJson<'_> {
         }
         Ok(())
     }
+}
+
+/// `text` with every JSON escape (`\n`, `\"`, `\u00e9`…) blanked to spaces of the same length.
+/// Text can hold JSON of its own (tool-call arguments, a pasted config), where `\nsk-…` puts a
+/// word character before a key and `\"` comes between a label and its value; the patterns run on
+/// this view, and since each escape keeps its length, a match covers the same bytes of `text`.
+fn unescaped_view(text: &str) -> std::borrow::Cow<'_, str> {
+    let bytes = text.as_bytes();
+    let Some(first) = memchr::memchr(b'\\', bytes) else {
+        return std::borrow::Cow::Borrowed(text);
+    };
+    let mut view = bytes.to_vec();
+    let mut i = first;
+    while i + 1 < view.len() {
+        if bytes[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        let len = match bytes[i + 1] {
+            b'n' | b'r' | b't' | b'b' | b'f' | b'"' | b'/' | b'\\' => 2,
+            b'u' if bytes
+                .get(i + 2..i + 6)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) =>
+            {
+                6
+            }
+            _ => 1,
+        };
+        view[i..i + len].fill(b' ');
+        i += len;
+    }
+    // Only ASCII bytes were replaced, by ASCII spaces: still UTF-8, with the same boundaries.
+    std::borrow::Cow::Owned(String::from_utf8(view).unwrap_or_else(|_| text.to_owned()))
+}
+
+/// Replaces each accepted match of `kind` in `text`; `None` if there is none. Matches are found
+/// in [`unescaped_view`] and cut from `text` at the same offsets.
+fn replace_kind(kind: Kind, regex: &Regex, text: &str) -> Option<String> {
+    let view = unescaped_view(text);
+    let mut out = String::new();
+    let mut copied = 0;
+    let mut changed = false;
+    for m in regex.find_iter(&view) {
+        let Some(span) = kind.accepted_span(m.as_str()) else {
+            continue;
+        };
+        out.push_str(&text[copied..m.start() + span.start]);
+        out.push_str("[REDACTED:");
+        out.push_str(kind.name());
+        out.push(']');
+        copied = m.start() + span.end;
+        changed = true;
+    }
+    if !changed {
+        return None;
+    }
+    out.push_str(&text[copied..]);
+    Some(out)
 }
 
 fn luhn_valid(candidate: &str) -> bool {
@@ -548,6 +621,53 @@ mod tests {
         assert_eq!(
             r.redact_str(text).unwrap(),
             "mail a@b.io key [REDACTED:openai_key]"
+        );
+    }
+
+    #[test]
+    fn keys_behind_json_escapes_are_redacted() {
+        // Tool-call arguments and pasted configs are JSON text: a key after an escaped line
+        // break or tab, or a labelled value behind escaped quotes, is still a key.
+        for text in [
+            r#"{"path":"keys.txt","content":"old\nsk-proj-abcdefghijklmnopqrstuvwxyz123456"}"#,
+            r#"{"content":"token:\tghp_abcdefghijklmnopqrstuvwxyz0123456789"}"#,
+            r#"{"content":"x\nAKIAIOSFODNN7EXAMPLE"}"#,
+            r#"{"content":"x\r\nAuthorization: Bearer abcdefghijklmnopqrstuvwxyz"}"#,
+            r#"{"cfg":"{\"api_key\": \"a1b2c3d4e5f6a7b8\"}"}"#,
+            r#"line\u000asg\u00e9 sk-ant-api03-abcdefghijklmnopqrstuvwxyz"#,
+        ] {
+            let out = redact(text);
+            assert!(out.contains("[REDACTED:"), "kept: {out}");
+            for secret in ["abcdefghijklmnop", "IOSFODNN7", "a1b2c3d4"] {
+                assert!(!out.contains(secret), "{secret} kept in {out}");
+            }
+        }
+        // What is around the match, escapes included, is kept as it was.
+        assert_eq!(
+            redact(r#"a\nsk-proj-abcdefghijklmnopqrstuvwxyz\n\u00e9"#),
+            r#"a\n[REDACTED:openai_key]\n\u00e9"#
+        );
+        assert_eq!(redact(r#"C:\new\temp\file"#), r#"C:\new\temp\file"#);
+    }
+
+    #[test]
+    fn a_card_run_on_into_other_digits_is_still_found() {
+        assert_eq!(
+            redact("card 4111 1111 1111 1111 12/26"),
+            "card [REDACTED:card] 12/26"
+        );
+        assert_eq!(
+            redact("card 4111-1111-1111-1111-123 cvv"),
+            "card [REDACTED:card]-123 cvv"
+        );
+        assert_eq!(
+            redact("ref 12 4111 1111 1111 1111"),
+            "ref 12 [REDACTED:card]"
+        );
+        // Digits that no run of whole groups makes a card are left alone.
+        assert_eq!(
+            redact("order 1234 5678 9012 3456 78"),
+            "order 1234 5678 9012 3456 78"
         );
     }
 
