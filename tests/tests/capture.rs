@@ -593,10 +593,15 @@ async fn client_keys_map_to_tenants_and_secrets_never_reach_the_store() {
     let sim = start_sim(SimConfig::default()).await;
     let key_a = "sk-tenantA-0123456789abcdefghij";
     let key_b = "sk-tenantB-0123456789abcdefghij";
+    let key_none = "sk-tenantless-0123456789abcdefgh";
     let text = format!(
         "{}{}",
         config_text(&sim.base_url(), "", &[("m", "gpt-4o")]),
-        clients_toml(&[("app-a", Some("A"), key_a), ("app-b", Some("B"), key_b)])
+        clients_toml(&[
+            ("app-a", Some("A"), key_a),
+            ("app-b", Some("B"), key_b),
+            ("no-tenant", None, key_none)
+        ])
     );
     let gw = start_gateway_with(&text, |c| {
         c.server.admin_token = Some(forge_gateway::auth::Secret::new("admin-secret"))
@@ -653,6 +658,15 @@ async fn client_keys_map_to_tenants_and_secrets_never_reach_the_store() {
         .await
         .unwrap();
     assert_eq!(as_b.status(), 404);
+    // Nor can a key without a tenant: grading makes training data.
+    let as_none = http
+        .post(format!("{}/feedback", gw.base_url()))
+        .bearer_auth(key_none)
+        .json(&fb)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(as_none.status(), 404);
     let as_a = http
         .post(format!("{}/feedback", gw.base_url()))
         .bearer_auth(key_a)

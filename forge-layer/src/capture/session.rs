@@ -175,9 +175,13 @@ impl PendingTrace {
     }
 
     /// Whether the exchange failed in a way that is the serving side's fault: a 5xx (including
-    /// Forge's own 502/504) or a body that broke. What the canary guard counts as an error.
+    /// Forge's own 502/504), a body that broke, or a stream that ended on an `error` event (the
+    /// upstream's, or the one Forge sends when the upstream breaks or stalls mid-stream, after
+    /// which the client sees a clean end). What the canary guard counts as an error.
     pub fn failed_upstream(&self) -> bool {
-        self.status >= 500 || self.end == BodyEnd::Failed
+        self.status >= 500
+            || self.end == BodyEnd::Failed
+            || (self.is_sse && !self.over_cap && last_event_is_error(&self.body))
     }
 
     /// Reassembles the response, decides the outcome and redacts: the trace as it is stored.
@@ -248,6 +252,34 @@ impl PendingTrace {
             outcome,
         };
         (trace, self.ticket)
+    }
+}
+
+/// Whether the last event of an SSE body carries an `error` object. Reads back from the end
+/// over the last event's lines only: this runs on the request path, for streams on routes with
+/// students, where the last event is nearly always a short `data: [DONE]`.
+fn last_event_is_error(body: &[u8]) -> bool {
+    let is_break = |b: &u8| *b == b'\n' || *b == b'\r';
+    let mut end = body.len() - body.iter().rev().take_while(|b| is_break(b)).count();
+    loop {
+        let start = body[..end].iter().rposition(is_break).map_or(0, |i| i + 1);
+        let line = &body[start..end];
+        if line.is_empty() {
+            return false;
+        }
+        if let Some(data) = line.strip_prefix(b"data:")
+            && let Ok(event) = serde_json::from_slice::<Value>(data)
+        {
+            return event.get("error").is_some_and(Value::is_object);
+        }
+        if start == 0 {
+            return false;
+        }
+        // Over one line break: `\n`, `\r` or `\r\n`.
+        end = start - 1;
+        if body[end] == b'\n' && end > 0 && body[end - 1] == b'\r' {
+            end -= 1;
+        }
     }
 }
 
@@ -334,6 +366,39 @@ mod tests {
             stream,
             canary: false,
         }
+    }
+
+    #[test]
+    fn a_stream_that_ends_on_an_error_event_failed_upstream() {
+        let failed = |body: &str| {
+            let mut session =
+                CaptureSession::new(Ticket::untracked(), meta(true), Bytes::new(), 1 << 20);
+            session.on_response(200, true);
+            session.on_chunk(body.as_bytes());
+            session.finish(BodyEnd::Complete).failed_upstream()
+        };
+        let chunk = r#"data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}"#;
+        let error = r#"data: {"error":{"message":"The upstream connection failed mid-stream.","type":"server_error"}}"#;
+        for eol in ["\n", "\r\n", "\r"] {
+            let event = |line: &str| format!("{line}{eol}{eol}");
+            assert!(failed(&(event(chunk) + &event(error))), "{eol:?}");
+            // Cut mid-event, then the error after a blank line.
+            assert!(failed(&format!(
+                "{}data: {{\"choi{eol}{eol}{}",
+                event(chunk),
+                event(error)
+            )));
+            assert!(!failed(&(event(chunk) + &event("data: [DONE]"))));
+            assert!(
+                !failed(&event(chunk)),
+                "cut, but not the serving side's word"
+            );
+            assert!(!failed(&(event(error) + &event(chunk))));
+            assert!(!failed(&(event(chunk) + &event(r#"data: {"error":null}"#))));
+        }
+        assert!(!failed(""));
+        assert!(!failed("\n\n\r\n"));
+        assert!(failed(error));
     }
 
     #[test]

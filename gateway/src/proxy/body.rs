@@ -53,6 +53,8 @@ pin_project! {
         burst: Burst,
         // What ended the body, once it has; passed on after the burst.
         end: Option<End>,
+        // Whether what was passed on so far ends between two SSE events.
+        at_boundary: bool,
     }
 }
 
@@ -126,6 +128,7 @@ impl<B> UpstreamBody<B> {
             is_sse,
             burst: Burst::default(),
             end: None,
+            at_boundary: true,
         }
     }
 }
@@ -136,6 +139,13 @@ pub fn sse_error_event(message: &str) -> Bytes {
         "error": {"message": message, "type": "server_error", "param": null, "code": "upstream_error"}
     });
     Bytes::from(format!("data: {event}\n\n"))
+}
+
+/// Whether `data` ends with a blank line, the end of an SSE event. A blank line split across
+/// two frames is taken for none: the error event then follows an extra blank line, which SSE
+/// ignores.
+fn ends_an_event(data: &[u8]) -> bool {
+    data.ends_with(b"\n\n") || data.ends_with(b"\r\r") || data.ends_with(b"\r\n\r\n")
 }
 
 impl<B> Body for UpstreamBody<B>
@@ -179,6 +189,9 @@ where
             }
         }
         if let Some(data) = this.burst.take() {
+            if *this.is_sse {
+                *this.at_boundary = ends_an_event(&data);
+            }
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }
         // The loop ends with data gathered or with the end known, so `end` is set here.
@@ -196,7 +209,16 @@ where
                             "The upstream connection failed mid-stream.".to_string()
                         }
                     };
-                    Poll::Ready(Some(Ok(Frame::data(sse_error_event(&message)))))
+                    let event = sse_error_event(&message);
+                    // Cut mid-event, the error must not join the event's last line: a blank
+                    // line ends what was sent (an SSE client then sees a broken event, as it
+                    // would have anyway), and the error event stands on its own.
+                    let event = if *this.at_boundary {
+                        event
+                    } else {
+                        Bytes::from([&b"\n\n"[..], &event].concat())
+                    };
+                    Poll::Ready(Some(Ok(Frame::data(event))))
                 } else {
                     Poll::Ready(Some(Err(failure)))
                 }
@@ -272,6 +294,32 @@ mod tests {
         }
         assert!(body.is_end_stream(), "the body says it has ended");
         out
+    }
+
+    #[tokio::test]
+    async fn an_error_event_after_a_cut_event_stands_on_its_own() {
+        let cut =
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\ndata: {\"choi";
+        for (sent, expect_blank) in [
+            (cut, true),
+            ("data: {}\n\n", false),
+            ("data: {}\r\n\r\n", false),
+        ] {
+            let inner = at_hand(vec![data(sent), Err(std::io::Error::other("reset"))]);
+            let got = frames(UpstreamBody::new(inner, IDLE, true)).await.concat();
+            let error = String::from_utf8(
+                sse_error_event("The upstream connection failed mid-stream.").to_vec(),
+            )
+            .unwrap();
+            let blank = if expect_blank { "\n\n" } else { "" };
+            assert_eq!(got, format!("{sent}{blank}{error}"));
+            let mut r = forge_layer::reassemble::StreamReassembler::new(1 << 20);
+            r.feed(got.as_bytes());
+            assert!(
+                r.finish().error.is_some(),
+                "no readable error event in {got:?}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -123,8 +123,10 @@ fn save(store: &Store, caller: &Caller, feedback: &Feedback) -> Result<(Trace, b
             None => return Err(StoreError::NoSuchTrace(id)),
         }
     };
-    if caller.tenant.is_some() && trace.tenant != caller.tenant {
+    if trace.tenant != caller.tenant {
         // Another tenant's trace is reported as missing, not as forbidden: no existence leak.
+        // A key without a tenant reaches only traces without one: grading makes training data,
+        // so no key may grade a tenant's traces but that tenant's own.
         return Err(StoreError::NoSuchTrace(id));
     }
     let first_score = store.add_feedback(feedback)?;

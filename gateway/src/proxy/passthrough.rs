@@ -52,10 +52,11 @@ async fn send(state: &ProxyState, request: Request) -> Result<Response, Error> {
 }
 
 /// Refuses paths a server on the way may read differently from the router: dot segments (in
-/// any spelling), empty segments, encoded slashes and `;` parameters. The upstream request
-/// carries Forge's key, so `/v1/../admin` must not reach another path of the upstream's host;
-/// and `/v1/chat/completions/` or `/v1//chat/completions` must not slip past routing and
-/// capture as a passthrough.
+/// any spelling), empty segments, encoded slashes, `;` parameters, and percent-encoded letters,
+/// digits or `-._~`, which no client needs to encode. The upstream request carries Forge's key,
+/// so `/v1/../admin` must not reach another path of the upstream's host; and
+/// `/v1/chat/completions/`, `/v1//chat/completions` or `/v1/chat/%63ompletions` (which a server
+/// that decodes paths serves as chat) must not slip past routing and capture as a passthrough.
 fn check_path(path: &str) -> Result<(), Error> {
     let refused = path.split('/').skip(1).any(|segment| {
         let lower = segment.to_ascii_lowercase();
@@ -66,14 +67,25 @@ fn check_path(path: &str) -> Result<(), Error> {
             || lower.contains("%2f")
             || lower.contains("%5c")
             || segment.contains(['\\', ';'])
+            || encodes_unreserved(segment)
     });
     if refused {
         return Err(Error::invalid(
-            "The request path is not allowed: empty or dot segments, encoded slashes and `;` are refused.",
+            "The request path is not allowed: empty or dot segments, encoded slashes, `;`, and percent-encoded letters, digits or `-._~` are refused.",
             None,
         ));
     }
     Ok(())
+}
+
+/// Whether `segment` percent-encodes a character that never needs it (RFC 3986's unreserved).
+fn encodes_unreserved(segment: &str) -> bool {
+    segment.split('%').skip(1).any(|after| {
+        after
+            .get(..2)
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+            .is_some_and(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
+    })
 }
 
 #[cfg(test)]
@@ -86,6 +98,9 @@ mod tests {
             "/v1/files",
             "/v1/files/file-abc/content",
             "/v1/fine_tuning/jobs/ftjob-1/events",
+            "/v1/files/a%20b",
+            "/v1/x%",
+            "/v1/x%zz",
         ] {
             assert!(check_path(ok).is_ok(), "{ok}");
         }
@@ -99,6 +114,10 @@ mod tests {
             "/v1/chat/completions;x",
             "/v1/files%2f..%2fadmin",
             "/v1/a\\..\\b",
+            "/v1/chat/%63ompletions",
+            "/v1/chat/completion%73",
+            "/v1/%43hat/completions",
+            "/v1/chat%2Dx",
         ] {
             assert!(check_path(bad).is_err(), "{bad}");
         }
