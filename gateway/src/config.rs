@@ -940,6 +940,10 @@ fn validate_distill(
                 "max_key_share is a fraction above 0, at most 1",
             )));
         }
+        // More held out than trained on is a mistake, and at 100% no job could ever train.
+        if d.validation_percent > 50.0 {
+            return Err(invalid(at("validation_percent is at most 50")));
+        }
         if d.min_examples < 10 {
             return Err(invalid(at(
                 "min_examples must be at least 10 (the fine-tuning minimum)",

@@ -619,3 +619,28 @@ async fn the_schedule_starts_a_job_once_there_is_enough_data() {
     assert_eq!(job["trigger"], "schedule");
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_threshold_below_min_examples_waits_for_min_examples() {
+    let sim = start_sim(sim_config()).await;
+    // A threshold of 3 with min_examples 12: a job started at 3 would fail, leave the cut where
+    // it was, and be started again at every check (every 0.2 s here).
+    let text = config(&sim, "", "").replace("trigger_threshold = 20", "trigger_threshold = 3");
+    let gw = start_gateway_with(&text, admin).await;
+    traffic(&gw, 5, "too-few", None).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let jobs: Value = admin_get(&gw, "/admin/jobs").await.json().await.unwrap();
+    assert_eq!(jobs["data"], json!([]), "no job below min_examples");
+    traffic(&gw, 12, "enough", None).await;
+    let job = wait_for_job(&gw, "COMPLETED").await;
+    assert_eq!(job["trigger"], "threshold");
+    let jobs: Value = admin_get(&gw, "/admin/jobs").await.json().await.unwrap();
+    let statuses: Vec<&str> = jobs["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["status"].as_str().unwrap())
+        .collect();
+    assert!(!statuses.contains(&"FAILED"), "{statuses:?}");
+    gw.shutdown().await;
+}

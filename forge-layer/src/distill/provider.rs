@@ -177,18 +177,55 @@ pub trait TrainingProvider: Send + Sync + std::fmt::Debug {
     ) -> BoxFuture<'a, Result<Deployed, ProviderError>>;
 }
 
-/// Reads a `retry-after` header: seconds, or an HTTP date (then "a second").
+/// The longest wait a `retry-after` may ask for: a provider (or a proxy on the way) asking for
+/// more would hold the job, and its route, for that long without a word.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// Reads a `retry-after-ms` or `retry-after` header: milliseconds, or seconds, or an HTTP date
+/// (then "a second"); at most an hour.
 pub fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
     if let Some(ms) = headers
         .get("retry-after-ms")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
     {
-        return Some(Duration::from_millis(ms));
+        return Some(Duration::from_millis(ms).min(MAX_RETRY_AFTER));
     }
     let value = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?;
     Some(match value.trim().parse::<f64>() {
-        Ok(secs) if secs.is_finite() && secs >= 0.0 => Duration::from_secs_f64(secs.min(3600.0)),
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => {
+            Duration::from_secs_f64(secs.min(MAX_RETRY_AFTER.as_secs_f64()))
+        }
         _ => Duration::from_secs(1),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wait(name: &'static str, value: &'static str) -> Option<Duration> {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(name, http::HeaderValue::from_static(value));
+        retry_after(&headers)
+    }
+
+    #[test]
+    fn retry_after_reads_both_headers_and_never_asks_more_than_an_hour() {
+        assert_eq!(
+            wait("retry-after-ms", "250"),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(
+            wait("retry-after", "2.5"),
+            Some(Duration::from_millis(2500))
+        );
+        assert_eq!(
+            wait("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(wait("retry-after-ms", "86400000000"), Some(MAX_RETRY_AFTER));
+        assert_eq!(wait("retry-after", "1e12"), Some(MAX_RETRY_AFTER));
+        assert_eq!(retry_after(&http::HeaderMap::new()), None);
+    }
 }

@@ -78,8 +78,8 @@ pub struct JudgeModel {
     pub model: String,
 }
 
-/// Service-wide settings.
-#[derive(Debug, Clone)]
+/// Service-wide settings. Their `Debug` leaves out the admin token.
+#[derive(Clone)]
 pub struct DistillSettings {
     /// Where datasets are written (`<data_dir>/datasets/<job>/`).
     pub data_dir: PathBuf,
@@ -94,6 +94,22 @@ pub struct DistillSettings {
     pub dataset_url: Option<(String, String)>,
     /// The judge, when configured.
     pub judge: Option<JudgeModel>,
+}
+
+impl std::fmt::Debug for DistillSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DistillSettings")
+            .field("data_dir", &self.data_dir)
+            .field("check_every", &self.check_every)
+            .field("poll_initial", &self.poll_initial)
+            .field("poll_max", &self.poll_max)
+            .field(
+                "dataset_url",
+                &self.dataset_url.as_ref().map(|(url, _token)| url),
+            )
+            .field("judge", &self.judge)
+            .finish()
+    }
 }
 
 /// Why a distillation request was refused.
@@ -404,8 +420,10 @@ impl DistillationService {
                     }
                 };
             // The threshold starts a job; the schedule does too, but only with enough data for
-            // one, so a quiet route does not fail a job every night.
-            let trigger = if golden >= route.trigger_threshold {
+            // one, so a quiet route does not fail a job every night. Neither starts one below
+            // `min_examples`: that job would fail, leave the cut where it was, and be started
+            // again at the next check, and the next.
+            let trigger = if golden >= route.trigger_threshold.max(route.min_examples) {
                 Some("threshold")
             } else if due && golden >= route.min_examples {
                 Some("schedule")
@@ -784,4 +802,24 @@ pub fn parse_schedule(text: &str) -> Result<Option<cron::Schedule>, String> {
 /// The golden rule with a threshold.
 pub fn policy(min_score: f64) -> GoldenPolicy {
     GoldenPolicy { min_score }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_debug_shows_the_dataset_url_but_not_the_admin_token() {
+        let settings = DistillSettings {
+            data_dir: "/tmp".into(),
+            check_every: Duration::from_secs(1),
+            poll_initial: Duration::from_secs(1),
+            poll_max: Duration::from_secs(1),
+            dataset_url: Some(("http://admin:8081".into(), "admin-secret-token".into())),
+            judge: None,
+        };
+        let shown = format!("{settings:?}");
+        assert!(shown.contains("http://admin:8081"), "{shown}");
+        assert!(!shown.contains("admin-secret-token"), "{shown}");
+    }
 }
