@@ -295,6 +295,7 @@ struct RawDistiller {
     poll_initial_secs: f64,
     poll_max_secs: f64,
     dataset_url: Option<String>,
+    grading_window_secs: f64,
 }
 
 impl Default for RawDistiller {
@@ -304,6 +305,7 @@ impl Default for RawDistiller {
             poll_initial_secs: 10.0,
             poll_max_secs: 60.0,
             dataset_url: None,
+            grading_window_secs: 3600.0,
         }
     }
 }
@@ -384,6 +386,8 @@ pub struct DistillerConfig {
     pub poll_max: Duration,
     /// The admin API's public base URL, for remote trainers to fetch datasets from.
     pub dataset_url: Option<String>,
+    /// How old a trace must be before a dataset may read it, so that feedback has time to come.
+    pub grading_window: Duration,
 }
 
 /// `[judge]`.
@@ -847,6 +851,12 @@ fn validate_distiller(raw: RawDistiller) -> Result<DistillerConfig, ConfigError>
         poll_initial: secs("distiller.poll_initial_secs", raw.poll_initial_secs)?,
         poll_max: secs("distiller.poll_max_secs", raw.poll_max_secs)?,
         dataset_url: raw.dataset_url.filter(|u| !u.is_empty()),
+        // Zero is allowed: no timer runs on it.
+        grading_window: if raw.grading_window_secs == 0.0 {
+            Duration::ZERO
+        } else {
+            secs("distiller.grading_window_secs", raw.grading_window_secs)?
+        },
     })
 }
 
@@ -1258,6 +1268,7 @@ check_every_secs = 60.0
 poll_initial_secs = 10.0
 poll_max_secs = 60.0
 dataset_url = "http://forge-admin:8081"
+grading_window_secs = 3600.0
 
 [judge]
 upstream = "sim"

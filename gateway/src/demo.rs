@@ -69,6 +69,8 @@ steps = [10.0, 25.0, 50.0, 100.0]
 check_every_secs = 0.5
 poll_initial_secs = 0.2
 poll_max_secs = 1.0
+# The demo's feedback comes at once; a production gateway waits for late feedback.
+grading_window_secs = 0
 
 [judge]
 upstream = "sim"

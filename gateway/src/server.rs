@@ -483,6 +483,7 @@ fn start_distiller(
         check_every: config.distiller.check_every,
         poll_initial: config.distiller.poll_initial,
         poll_max: config.distiller.poll_max,
+        grading_window: config.distiller.grading_window,
         dataset_url: match (&config.distiller.dataset_url, &config.server.admin_token) {
             (Some(url), Some(token)) => Some((url.clone(), token.expose().to_string())),
             _ => None,

@@ -59,6 +59,7 @@ enabled = false
 check_every_secs = 0.2
 poll_initial_secs = 0.05
 poll_max_secs = 0.2
+grading_window_secs = 0
 
 [[distill]]
 route = "chat"
@@ -642,5 +643,24 @@ async fn a_threshold_below_min_examples_waits_for_min_examples() {
         .map(|j| j["status"].as_str().unwrap())
         .collect();
     assert!(!statuses.contains(&"FAILED"), "{statuses:?}");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn traces_younger_than_the_grading_window_wait_for_it() {
+    let sim = start_sim(sim_config()).await;
+    // An hour's window: the golden traces below are seconds old, so no dataset may read them
+    // yet (feedback could still come for them), and no job starts, by threshold or by hand.
+    let text =
+        config(&sim, "", "").replace("grading_window_secs = 0", "grading_window_secs = 3600");
+    let gw = start_gateway_with(&text, admin).await;
+    traffic(&gw, 25, "fresh", None).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let jobs: Value = admin_get(&gw, "/admin/jobs").await.json().await.unwrap();
+    assert_eq!(
+        jobs["data"],
+        json!([]),
+        "no job on traces inside the window"
+    );
     gw.shutdown().await;
 }

@@ -35,8 +35,9 @@ pub struct DatasetSpec {
     pub tenant: Option<String>,
     /// Only traces after this one (the previous cut).
     pub after: Option<TraceId>,
-    /// Only traces up to this one, when set: as far as the judge has got, so that a trace it
-    /// has yet to score is left for a later dataset instead of falling behind this one's cut.
+    /// Only traces up to this one, when set: as far as the judge has got and the grading window
+    /// allows, so that a trace still to be scored is left for a later dataset instead of falling
+    /// behind this one's cut.
     pub until: Option<TraceId>,
     /// What makes a trace golden.
     pub policy: GoldenPolicy,

@@ -89,6 +89,10 @@ pub struct DistillSettings {
     pub poll_initial: Duration,
     /// …up to this.
     pub poll_max: Duration,
+    /// How old a trace must be before a dataset may read it. A dataset's cut is final: a trace
+    /// that becomes golden after a cut has passed it never reaches a dataset, so the cut stays
+    /// this far behind the newest traces to give feedback time to come.
+    pub grading_window: Duration,
     /// The base of Forge's dataset URL as remote trainers reach it (`http://admin/…`), and the
     /// admin token each job's dataset token is signed with ([`super::dataset_token`]).
     pub dataset_url: Option<(String, String)>,
@@ -103,6 +107,7 @@ impl std::fmt::Debug for DistillSettings {
             .field("check_every", &self.check_every)
             .field("poll_initial", &self.poll_initial)
             .field("poll_max", &self.poll_max)
+            .field("grading_window", &self.grading_window)
             .field(
                 "dataset_url",
                 &self.dataset_url.as_ref().map(|(url, _token)| url),
@@ -288,11 +293,20 @@ impl DistillationService {
         ))
     }
 
-    /// The route's next dataset: from its last cut to as far as the judge has got.
+    /// The route's next dataset: from its last cut to as far as the judge has got, and no
+    /// nearer to now than the grading window.
     fn next_dataset(&self, route: &RouteDistill) -> Result<DatasetSpec, StoreError> {
         let mut spec = route.dataset.clone();
         spec.after = self.last_cut(&route.route)?;
-        spec.until = self.judged_until()?;
+        let window = self.settings.grading_window;
+        let graded_by = (!window.is_zero()).then(|| {
+            let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+            TraceId::earliest_at(crate::trace::now_ms().saturating_sub(window_ms))
+        });
+        spec.until = match (self.judged_until()?, graded_by) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         Ok(spec)
     }
 
@@ -815,6 +829,7 @@ mod tests {
             check_every: Duration::from_secs(1),
             poll_initial: Duration::from_secs(1),
             poll_max: Duration::from_secs(1),
+            grading_window: Duration::ZERO,
             dataset_url: Some(("http://admin:8081".into(), "admin-secret-token".into())),
             judge: None,
         };
