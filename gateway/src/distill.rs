@@ -11,6 +11,10 @@ use http_body_util::BodyExt;
 use crate::routes::RouteControl;
 use crate::upstream::{CHAT_PATH, Upstreams};
 
+/// The most of one answer the judge's and the evaluation's calls read: far above any chat
+/// completion, and a bound on what a broken or hostile upstream can make them hold.
+const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
+
 /// One non-stream chat completion through a configured upstream (its key, its timeouts).
 #[derive(Debug, Clone)]
 pub struct UpstreamChat {
@@ -52,11 +56,10 @@ impl ChatClient for UpstreamChat {
                 .await
                 .map_err(|e| e.to_string())?;
             let status = response.status();
-            let body = response
-                .into_body()
+            let body = http_body_util::Limited::new(response.into_body(), MAX_ANSWER_BYTES)
                 .collect()
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("{model}'s answer: {e}"))?
                 .to_bytes();
             if !status.is_success() {
                 return Err(format!(
@@ -116,5 +119,53 @@ impl Deployer for RouteDeployer {
                 .iter()
                 .any(|s| s.share != CanaryShare::ZERO && s.share != CanaryShare::FULL)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::config::Timeouts;
+    use crate::upstream::Upstream;
+
+    #[tokio::test]
+    async fn an_answer_larger_than_the_cap_is_an_error_not_a_growing_buffer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // An upstream that declares, and sends, more than the cap.
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = [0; 4096];
+            let _ = socket.read(&mut request).await;
+            let len = MAX_ANSWER_BYTES + 1024;
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len}\r\n\r\n"
+            );
+            let _ = socket.write_all(head.as_bytes()).await;
+            let chunk = vec![b' '; 64 * 1024];
+            for _ in 0..len / chunk.len() + 1 {
+                if socket.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let timeouts = Timeouts {
+            connect: Duration::from_secs(30),
+            first_byte: Duration::from_secs(30),
+            idle: Duration::from_secs(30),
+        };
+        let mut upstreams = Upstreams::default();
+        upstreams
+            .insert(Upstream::new("big", &format!("http://{addr}/v1"), None, timeouts).unwrap());
+        let chat = UpstreamChat::new(upstreams);
+        let err = chat
+            .complete("big", "m", &serde_json::json!([]), None)
+            .await
+            .unwrap_err();
+        assert!(err.contains("length limit"), "{err}");
     }
 }
