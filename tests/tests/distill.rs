@@ -664,3 +664,31 @@ async fn traces_younger_than_the_grading_window_wait_for_it() {
     );
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn traces_the_judge_could_not_score_are_scored_later() {
+    let mut sim_config = sim_config();
+    // Every other call to the judge fails.
+    sim_config.models.insert(
+        "judge".to_string(),
+        ModelBehavior {
+            fail_status: Some(503),
+            fail_every: Some(2),
+            ..ModelBehavior::default()
+        },
+    );
+    let sim = start_sim(sim_config).await;
+    let judge = "[judge]\nupstream = \"sim\"\nmodel = \"judge\"\nsample_percent = 100.0\n";
+    let text =
+        config(&sim, "", judge).replace("trigger_threshold = 20", "trigger_threshold = 100000");
+    let gw = start_gateway_with(&text, admin).await;
+    let ids = traffic(&gw, 8, "judged", None).await;
+    let store = gw.store().unwrap();
+    let judged = || {
+        ids.iter()
+            .filter(|id| store.has_evaluation(id.parse().unwrap()).unwrap())
+            .count()
+    };
+    eventually("the judge scores every trace in the end", || judged() == 8).await;
+    gw.shutdown().await;
+}

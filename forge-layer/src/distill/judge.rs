@@ -129,8 +129,13 @@ pub async fn run(
                         tracing::warn!(trace_id = %trace.id, reply = %reply.chars().take(80).collect::<String>(), "judge: no score in the reply")
                     }
                 },
+                // The judge is down or refusing: this trace and the rest wait for the next
+                // round, behind the cursor. Passing over them would keep each from ever being
+                // scored, and so from becoming golden through the judge.
                 Err(e) => {
-                    tracing::warn!(trace_id = %trace.id, error = %e, "judge: request failed; trace left unjudged")
+                    tracing::warn!(trace_id = %trace.id, error = %e, "judge: request failed; trying again next round");
+                    finished = false;
+                    break;
                 }
             }
             if let Err(e) = store.put_meta(CURSOR, &trace.id) {
