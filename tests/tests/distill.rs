@@ -692,3 +692,35 @@ async fn traces_the_judge_could_not_score_are_scored_later() {
     eventually("the judge scores every trace in the end", || judged() == 8).await;
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_job_that_fails_after_training_keeps_its_examples_from_a_second_run() {
+    // Azure trains, then its deployment is refused: the token is not the one ARM wants.
+    let sim = start_sim(SimConfig {
+        arm_token: Some("the-right-token".into()),
+        azure: forge_gateway::sim::AzureTimings {
+            file_processing: Duration::from_millis(50),
+            deployment: Duration::from_millis(50),
+        },
+        ..sim_config()
+    })
+    .await;
+    let azure = format!(
+        "[distill.azure]\nendpoint = \"{root}\"\napi_key = \"k\"\nupstream = \"sim\"\n\n[distill.azure.deployment]\nmanagement_url = \"{root}\"\nsubscription_id = \"s\"\nresource_group = \"g\"\naccount = \"acct\"\ntoken = \"a-wrong-token\"\n",
+        root = sim.root_url()
+    );
+    let text = config(&sim, "", &azure).replace("provider = \"sim\"", "provider = \"azure\"");
+    let gw = start_gateway_with(&text, admin).await;
+    traffic(&gw, 25, "paid-for", None).await;
+    let failed = wait_for_job(&gw, "FAILED").await;
+    assert!(
+        failed["error"].as_str().unwrap().contains("deploy"),
+        "{failed}"
+    );
+    assert!(failed["trained_model"].is_string(), "{failed}");
+    // Many checks later (every 0.2 s), no second job has trained on the same examples.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let jobs: Value = admin_get(&gw, "/admin/jobs").await.json().await.unwrap();
+    assert_eq!(jobs["data"].as_array().unwrap().len(), 1, "{jobs}");
+    gw.shutdown().await;
+}

@@ -56,6 +56,11 @@ pub struct DistillationJob {
     /// The newest trace the dataset read; the route's next dataset starts after it.
     #[serde(default)]
     pub cut: Option<TraceId>,
+    /// The model the provider trained, once training succeeded. A job that fails after that
+    /// (its deployment or the registry) keeps its cut: its examples are trained on already, and
+    /// a new job on them would pay for the same run again.
+    #[serde(default)]
+    pub trained_model: Option<String>,
     /// The model that came out, routed or not.
     #[serde(default)]
     pub resulting_model_id: Option<String>,

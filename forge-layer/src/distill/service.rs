@@ -254,6 +254,7 @@ impl DistillationService {
             dataset_size: 0,
             dataset: None,
             cut: None,
+            trained_model: None,
             resulting_model_id: None,
             eval_metrics: BTreeMap::new(),
             error: None,
@@ -271,12 +272,16 @@ impl DistillationService {
     }
 
     /// The newest trace the route's last useful job read: its next dataset starts after it.
+    /// A job that failed before its training succeeded read nothing for good; one that failed
+    /// after it did.
     fn last_cut(&self, alias: &str) -> Result<Option<TraceId>, StoreError> {
         let jobs: Vec<DistillationJob> = self.store.jobs()?;
         Ok(jobs
             .into_iter()
             .rev()
-            .filter(|j| j.route == alias && j.status != JobStatus::Failed)
+            .filter(|j| {
+                j.route == alias && (j.status != JobStatus::Failed || j.trained_model.is_some())
+            })
             .find_map(|j| j.cut))
     }
 
@@ -633,6 +638,10 @@ impl DistillationService {
                 Err(e) => return self.fail(&mut job, format!("poll: {e}")),
             }
         };
+        // From here on the run is paid for: whatever fails next, its examples are not trained on
+        // again (see `last_cut`), and the model's name stays on the job for a manual deployment.
+        job.trained_model = Some(trained.clone());
+        self.save(&mut job);
         let deployed = match retrying(
             || route.provider.deploy(&job.id, &trained),
             self.settings.poll_initial,
@@ -746,8 +755,7 @@ impl DistillationService {
         let mut total = 0.0;
         for example in &examples {
             let answer = self
-                .chat
-                .complete(upstream, model, &example.messages, example.tools.as_ref())
+                .complete_patiently(upstream, model, &example.messages, example.tools.as_ref())
                 .await?;
             total += match route.eval_method {
                 EvalMethod::Exact => {
@@ -763,8 +771,7 @@ impl DistillationService {
                     let question = question_of(&example.messages);
                     let prompt = judge_messages(&question, &answer, Some(&example.reference));
                     let reply = self
-                        .chat
-                        .complete(&judge.upstream, &judge.model, &prompt, None)
+                        .complete_patiently(&judge.upstream, &judge.model, &prompt, None)
                         .await?;
                     parse_score(&reply)
                         .ok_or_else(|| format!("the judge's reply has no score: {reply:.80}"))?
@@ -773,13 +780,42 @@ impl DistillationService {
         }
         Ok(total / examples.len() as f64)
     }
+
+    /// One chat call of the evaluation gate, tried up to [`EVAL_ATTEMPTS`] times: a freshly
+    /// deployed model often fails its first calls while it warms up, and one failure would
+    /// leave the model a candidate for good, since the gate runs once.
+    async fn complete_patiently(
+        &self,
+        upstream: &str,
+        model: &str,
+        messages: &serde_json::Value,
+        tools: Option<&serde_json::Value>,
+    ) -> Result<String, String> {
+        let mut pause = self.settings.poll_initial;
+        let mut attempt = 1;
+        loop {
+            match self.chat.complete(upstream, model, messages, tools).await {
+                Ok(answer) => return Ok(answer),
+                Err(e) if attempt < EVAL_ATTEMPTS => {
+                    tracing::warn!(%model, error = %e, attempt, "evaluation call failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = pause.mul_f64(2.0).min(self.settings.poll_max);
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
 }
 
-/// Calls `f` until it succeeds or fails for good: waits out rate limits, and retries transient
-/// errors a few times with growing pauses.
+/// Tries of each call of the evaluation gate.
+const EVAL_ATTEMPTS: u32 = 4;
+
 /// The fewest lines fine-tuning accepts in a training file.
 const MIN_TRAINING_LINES: u64 = 10;
 
+/// Calls `f` until it succeeds or fails for good: waits out rate limits, and retries transient
+/// errors a few times with growing pauses.
 async fn retrying<'a, T, F>(mut f: F, first_pause: Duration) -> Result<T, ProviderError>
 where
     F: FnMut() -> BoxFuture<'a, Result<T, ProviderError>>,
