@@ -145,6 +145,7 @@ struct RawServer {
     max_header_bytes: usize,
     shutdown_grace_secs: u64,
     passthrough_upstream: Option<String>,
+    passthrough_account_apis: bool,
     admin_listen: String,
     routes_from_config: RoutesFromConfig,
 }
@@ -161,6 +162,7 @@ impl Default for RawServer {
             max_header_bytes: 64 * 1024,
             shutdown_grace_secs: 30,
             passthrough_upstream: None,
+            passthrough_account_apis: false,
             admin_listen: "127.0.0.1:8081".into(),
             routes_from_config: RoutesFromConfig::IfEmpty,
         }
@@ -489,6 +491,9 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// The upstream that other `/v1/*` paths are passed to; `None` turns passthrough off.
     pub passthrough_upstream: Option<String>,
+    /// Whether the passthrough also forwards the APIs that act on the account behind the
+    /// upstream's key (files, fine-tuning, batches…), which hold every tenant's data.
+    pub passthrough_account_apis: bool,
     /// The admin API address; it starts only when `FORGE_ADMIN_TOKEN` is set.
     pub admin_listen: SocketAddr,
     /// The admin bearer token, read from `FORGE_ADMIN_TOKEN` at load. `None`: no admin API.
@@ -704,6 +709,7 @@ impl Config {
                 max_header_bytes: raw.server.max_header_bytes,
                 shutdown_grace: Duration::from_secs(raw.server.shutdown_grace_secs),
                 passthrough_upstream,
+                passthrough_account_apis: raw.server.passthrough_account_apis,
             },
             upstreams,
             routes,
@@ -1199,6 +1205,7 @@ max_in_flight = 1024
 shutdown_grace_secs = 30
 routes_from_config = "if_empty"
 passthrough_upstream = "sim"
+passthrough_account_apis = false
 
 [[upstreams]]
 name = "sim"

@@ -58,6 +58,11 @@ pub enum Error {
     /// The client must send a valid key.
     #[error("Incorrect or missing API key.")]
     Unauthorized,
+    /// A passthrough path that acts on the account behind Forge's upstream key.
+    #[error(
+        "`{0}` is not passed through: it acts on the account behind Forge's upstream key, whose files and fine-tuning jobs hold every client's data (server.passthrough_account_apis allows it)."
+    )]
+    AccountApi(String),
     /// No trace with this id (or not one the caller's tenant may see).
     #[error("No trace with id `{0}`.")]
     TraceNotFound(String),
@@ -103,6 +108,7 @@ impl Error {
             Error::UpstreamUnreachable | Error::UpstreamRedirect => StatusCode::BAD_GATEWAY,
             Error::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Error::Unauthorized => StatusCode::UNAUTHORIZED,
+            Error::AccountApi(_) => StatusCode::FORBIDDEN,
             Error::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -140,6 +146,7 @@ impl Error {
             Error::UpstreamRedirect => "upstream_redirect",
             Error::UpstreamTimeout(_) => "upstream_timeout",
             Error::Unauthorized => "invalid_api_key",
+            Error::AccountApi(_) => "passthrough_refused",
             Error::TraceNotFound(_) => "trace_not_found",
             Error::StoreUnavailable => "store_unavailable",
             Error::Internal => "internal_error",

@@ -284,6 +284,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         router: router.clone(),
         upstreams,
         passthrough,
+        passthrough_account_apis: config.server.passthrough_account_apis,
         max_body_bytes: config.server.max_body_bytes,
         body_timeout: config.server.body_timeout,
         metrics: Arc::new(metrics),

@@ -899,3 +899,51 @@ async fn shutdown_refuses_new_connections_and_lets_streams_finish() {
     }
     shutdown.await.unwrap();
 }
+
+#[tokio::test]
+async fn account_apis_are_not_passed_through_unless_allowed() {
+    let sim = start_sim(SimConfig::default()).await;
+    for allowed in [false, true] {
+        let server = format!("passthrough_account_apis = {allowed}");
+        let gw = start_gateway(&config_text(&sim.base_url(), &server, &[("a", "gpt-4o")])).await;
+        let http = client();
+        // The distiller's uploads, every client's traces among them, live under the upstream
+        // key's account.
+        let files = http
+            .get(format!("{}/files", gw.base_url()))
+            .send()
+            .await
+            .unwrap();
+        let job = http
+            .get(format!("{}/fine_tuning/jobs/ftjob-x/events", gw.base_url()))
+            .send()
+            .await
+            .unwrap();
+        if allowed {
+            assert_eq!(files.status(), 200);
+            assert_ne!(job.status(), 403);
+        } else {
+            for resp in [files, job] {
+                let (status, err) = error_of(resp).await;
+                assert_eq!(status, 403);
+                assert_eq!(err["error"]["code"], "passthrough_refused");
+                assert_eq!(err["error"]["type"], "invalid_request_error");
+            }
+        }
+        // Computations and the model list pass either way.
+        let embeddings = http
+            .post(format!("{}/embeddings", gw.base_url()))
+            .json(&json!({"model": "a", "input": "hi"}))
+            .send()
+            .await
+            .unwrap();
+        assert_ne!(embeddings.status(), 403);
+        let models = http
+            .get(format!("{}/models", gw.base_url()))
+            .send()
+            .await
+            .unwrap();
+        assert_ne!(models.status(), 403);
+        gw.shutdown().await;
+    }
+}

@@ -36,6 +36,8 @@ pub struct ProxyState {
     pub upstreams: Upstreams,
     /// Where other `/v1/*` requests go, if anywhere.
     pub passthrough: Option<Arc<Upstream>>,
+    /// `server.passthrough_account_apis`.
+    pub passthrough_account_apis: bool,
     /// `server.max_body_bytes`.
     pub max_body_bytes: usize,
     /// `server.body_timeout_secs`.

@@ -29,6 +29,13 @@ async fn send(state: &ProxyState, request: Request) -> Result<Response, Error> {
     };
     let (parts, body) = request.into_parts();
     check_path(parts.uri.path())?;
+    if !state.passthrough_account_apis && is_account_api(parts.uri.path()) {
+        return Err(Error::AccountApi(format!(
+            "{} {}",
+            parts.method,
+            parts.uri.path()
+        )));
+    }
     check_declared_length(&parts.headers, state.max_body_bytes)?;
     // Bounded by the body limit, so holding it whole costs at most that much per request.
     let bytes = read_body(body, state).await?;
@@ -76,6 +83,30 @@ fn check_path(path: &str) -> Result<(), Error> {
         ));
     }
     Ok(())
+}
+
+/// The APIs that read or change what the account behind the upstream key holds: the
+/// distiller's uploaded datasets (every client's traces) and jobs among it. (`/v1/models` is
+/// Forge's own: it lists the aliases, and never reaches the passthrough.)
+const ACCOUNT_APIS: [&str; 9] = [
+    "files",
+    "uploads",
+    "fine_tuning",
+    "batches",
+    "vector_stores",
+    "assistants",
+    "threads",
+    "organization",
+    "evals",
+];
+
+/// Whether a passthrough request acts on the account rather than asking for a computation.
+fn is_account_api(path: &str) -> bool {
+    let first = path
+        .strip_prefix("/v1/")
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or("");
+    ACCOUNT_APIS.contains(&first)
 }
 
 /// Whether `segment` percent-encodes a character that never needs it (RFC 3986's unreserved).
