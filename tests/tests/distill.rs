@@ -724,3 +724,46 @@ async fn a_job_that_fails_after_training_keeps_its_examples_from_a_second_run() 
     assert_eq!(jobs["data"].as_array().unwrap().len(), 1, "{jobs}");
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_newer_student_retires_the_one_it_replaces() {
+    let sim = start_sim(sim_config()).await;
+    let gw = start_gateway_with(
+        &config(&sim, "", "").replace("trigger_threshold = 20", "trigger_threshold = 100000"),
+        admin,
+    )
+    .await;
+    let mut ids = Vec::new();
+    for round in 0..2 {
+        traffic(&gw, 20, &format!("round-{round}"), None).await;
+        assert_eq!(admin_post(&gw, "/admin/distill/chat").await.status(), 202);
+        let start = tokio::time::Instant::now();
+        let job = loop {
+            let jobs: Value = admin_get(&gw, "/admin/jobs").await.json().await.unwrap();
+            let done = jobs["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|j| j["status"] == "COMPLETED" && !ids.contains(&j["resulting_model_id"]))
+                .cloned();
+            if let Some(job) = done {
+                break job;
+            }
+            assert!(start.elapsed() < DEADLINE, "round {round}: {jobs}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        ids.push(job["resulting_model_id"].clone());
+    }
+    let models: Value = admin_get(&gw, "/admin/models").await.json().await.unwrap();
+    let status_of = |id: &Value| {
+        models["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| &m["id"] == id)
+            .map(|m| m["status"].clone())
+    };
+    assert_eq!(status_of(&ids[0]), Some(json!("retired")), "{models}");
+    assert_eq!(status_of(&ids[1]), Some(json!("canary")), "{models}");
+    gw.shutdown().await;
+}

@@ -714,6 +714,7 @@ impl DistillationService {
                     "joined `{}` at {}%",
                     job.route, route.initial_canary_percent
                 ));
+                self.retire_replaced(&job.route, &record.id);
                 tracing::info!(job = %job.id, model = %record.id, percent = route.initial_canary_percent, "student joined the route");
             }
             Err(e) => {
@@ -723,6 +724,30 @@ impl DistillationService {
         }
         let _ = self.store.put_model(&record.id.clone(), &record);
         self.complete(&mut job);
+    }
+
+    /// Marks the route's earlier serving students retired: joining the route took their share
+    /// away (one student at a time), and the registry must not go on calling them serving.
+    fn retire_replaced(&self, route: &str, newest: &str) {
+        let models: Vec<ModelRecord> = match self.store.models() {
+            Ok(models) => models,
+            Err(e) => {
+                return tracing::error!(error = %e, "registry not read; older students keep their status");
+            }
+        };
+        for old in models.iter().filter(|m| {
+            m.route == route
+                && m.id != newest
+                && matches!(m.status, ModelStatus::Canary | ModelStatus::Promoted)
+        }) {
+            if let Err(e) = self.set_model_status(
+                &old.id,
+                ModelStatus::Retired,
+                &format!("replaced by {newest}"),
+            ) {
+                tracing::error!(error = %e, model = %old.id, "could not mark a replaced model retired");
+            }
+        }
     }
 
     fn complete(&self, job: &mut DistillationJob) {
