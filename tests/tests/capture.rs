@@ -675,6 +675,27 @@ async fn client_keys_map_to_tenants_and_secrets_never_reach_the_store() {
         .await
         .unwrap();
     assert_eq!(as_a.status(), 200);
+    // A trace takes a bounded number of feedbacks; past it, a 400 that says so.
+    let post_as_a = || {
+        http.post(format!("{}/feedback", gw.base_url()))
+            .bearer_auth(key_a)
+            .json(&fb)
+            .send()
+    };
+    for _ in 1..forge_layer::store::MAX_FEEDBACK_PER_TRACE {
+        assert_eq!(post_as_a().await.unwrap().status(), 200);
+    }
+    let full = post_as_a().await.unwrap();
+    assert_eq!(full.status(), 400);
+    let err: Value = full.json().await.unwrap();
+    assert_eq!(err["error"]["param"], "trace_id", "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("feedback"),
+        "{err}"
+    );
     // Tenant B's own exchange, to keep out of A's export.
     let resp_b = http
         .post(&url)

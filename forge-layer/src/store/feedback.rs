@@ -63,7 +63,11 @@ impl Store {
             for (trace, bytes) in &encoded {
                 require_trace(&traces, *trace)?;
                 let key = trace.as_u128();
-                unscored.push(!has_score(&table, key)?);
+                let (count, scored) = feedback_so_far(&table, key)?;
+                if count >= MAX_FEEDBACK_PER_TRACE {
+                    return Err(StoreError::FeedbackFull(*trace));
+                }
+                unscored.push(!scored);
                 table
                     .insert((key, TraceId::generate().as_u128()), bytes.as_slice())
                     .map_err(db_err)?;
@@ -132,22 +136,32 @@ fn require_trace(
     }
 }
 
-/// Whether any feedback keyed `(trace, *)` holds a score; reads no further than the first that
-/// does (it runs under the write lock).
-fn has_score(
+/// The most feedback one trace takes. Adding feedback reads the trace's earlier feedback under
+/// the store's write lock, which the trace writer waits for too: without a bound, one client
+/// posting to one trace over and over would make each post slower than the last, and stall
+/// capture behind it.
+pub const MAX_FEEDBACK_PER_TRACE: usize = 100;
+
+/// How many pieces of feedback keyed `(trace, *)` there are (counting no further than the
+/// bound), and whether any holds a score (decoding none after the first that does).
+fn feedback_so_far(
     table: &impl ReadableTable<(u128, u128), &'static [u8]>,
     trace: u128,
-) -> Result<bool, StoreError> {
+) -> Result<(usize, bool), StoreError> {
+    let (mut count, mut scored) = (0, false);
     for entry in table
         .range((trace, 0)..=(trace, u128::MAX))
         .map_err(db_err)?
+        .take(MAX_FEEDBACK_PER_TRACE)
     {
-        let feedback: Feedback = serde_json::from_slice(entry.map_err(db_err)?.1.value())?;
-        if feedback.score.is_some() {
-            return Ok(true);
+        let entry = entry.map_err(db_err)?;
+        count += 1;
+        if !scored {
+            let feedback: Feedback = serde_json::from_slice(entry.1.value())?;
+            scored = feedback.score.is_some();
         }
     }
-    Ok(false)
+    Ok((count, scored))
 }
 
 /// Each field's latest value across the feedback keyed `(trace, *)`, oldest first.

@@ -22,7 +22,7 @@ use redb::{Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, T
 use crate::trace::{Trace, TraceId};
 use open::{Handle, OpenDb};
 
-pub use feedback::{Evaluation, Feedback};
+pub use feedback::{Evaluation, Feedback, MAX_FEEDBACK_PER_TRACE};
 pub use records::GradedScan;
 pub use retention::{EXPIRE_BATCH, EXPIRE_BATCH_BYTES, Expired, run_expiry};
 pub use routes::RouteChange;
@@ -79,6 +79,9 @@ pub enum StoreError {
     /// The trace does not exist.
     #[error("no trace with id {0}")]
     NoSuchTrace(TraceId),
+    /// The trace has all the feedback it may take ([`MAX_FEEDBACK_PER_TRACE`]).
+    #[error("trace {0} already has {max} pieces of feedback, the most one trace takes", max = MAX_FEEDBACK_PER_TRACE)]
+    FeedbackFull(TraceId),
     /// A command that only reads found no store where it was pointed.
     #[error(
         "no store at {0} (is the data directory right? the gateway creates it when it first starts with capture on)"

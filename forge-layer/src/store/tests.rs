@@ -134,6 +134,23 @@ async fn feedback_needs_a_trace_and_the_latest_wins() {
         store.add_feedback(&missing),
         Err(StoreError::NoSuchTrace(_))
     ));
+    // One trace takes a bounded number: each add reads the earlier ones under the write lock.
+    for _ in 3..crate::store::MAX_FEEDBACK_PER_TRACE {
+        store.add_feedback(&approval).unwrap();
+    }
+    assert!(matches!(
+        store.add_feedback(&approval),
+        Err(StoreError::FeedbackFull(_))
+    ));
+    assert_eq!(
+        store.feedback(id).unwrap().len(),
+        crate::store::MAX_FEEDBACK_PER_TRACE
+    );
+    // What was in force stays so.
+    assert_eq!(
+        store.current_feedback(id).unwrap().unwrap().score,
+        Some(95.0)
+    );
 }
 
 #[tokio::test]

@@ -102,6 +102,12 @@ async fn record(state: &ProxyState, caller: Caller, body: Body) -> Result<Respon
             .into_response())
         }
         Err(StoreError::NoSuchTrace(_)) => Err(Error::TraceNotFound(request.trace_id)),
+        Err(e @ StoreError::FeedbackFull(_)) => Err(Error::invalid(
+            format!(
+                "{e}; the latest of each field is what counts, so later feedback would change nothing the earlier could not."
+            ),
+            Some("trace_id"),
+        )),
         Err(e) => Err(Error::from_store(&e)),
     }
 }
