@@ -756,6 +756,11 @@ async fn client_keys_map_to_tenants_and_secrets_never_reach_the_store() {
         export_b.contains(&id_b) && !export_b.contains(&id),
         "{export_b}"
     );
+    // Golden by the grading rule: A's trace has a score of 99 and approval, B's nothing.
+    let golden = export_of(admin.replace("tenant=A", "golden=true")).await;
+    assert!(golden.contains(&id) && !golden.contains(&id_b), "{golden}");
+    let others = export_of(admin.replace("tenant=A", "golden=false&limit=1")).await;
+    assert!(others.contains(&id_b) && !others.contains(&id), "{others}");
     let on_proxy = http
         .get(format!("http://{}/admin/traces", gw.addr()))
         .bearer_auth("admin-secret")

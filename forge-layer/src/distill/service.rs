@@ -192,6 +192,13 @@ impl DistillationService {
         Ok(models)
     }
 
+    /// What makes a trace of `alias` golden: its route's policy, or the default one.
+    pub fn golden_policy(&self, alias: &str) -> crate::grade::GoldenPolicy {
+        self.routes
+            .get(alias)
+            .map_or_else(Default::default, |r| r.dataset.policy)
+    }
+
     /// Updates a registered model's status (the guard's and the operator's decisions).
     pub fn set_model_status(
         &self,

@@ -175,4 +175,24 @@ impl GradedScan {
         }
         Ok(())
     }
+
+    /// Calls `f` on the traces before `before` (all, without it), newest first, with the
+    /// feedback in force and the latest evaluation; `f` returns `false` to stop.
+    pub fn newest_first(
+        &self,
+        before: Option<TraceId>,
+        mut f: impl FnMut(Trace, Option<Feedback>, Option<Evaluation>) -> bool,
+    ) -> Result<(), StoreError> {
+        let end = before.map_or(self.settled, |id| self.settled.min(id.as_u128()));
+        for entry in self.traces.range(..end).map_err(db_err)?.rev() {
+            let (k, v) = entry.map_err(db_err)?;
+            let key = k.value();
+            let current_fb = current_of(&self.feedback, key)?;
+            let latest_eval = latest_of::<Evaluation>(&self.evaluations, key)?;
+            if !f(serde_json::from_slice(v.value())?, current_fb, latest_eval) {
+                break;
+            }
+        }
+        Ok(())
+    }
 }

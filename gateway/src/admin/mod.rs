@@ -118,6 +118,8 @@ struct TraceQuery {
     alias: Option<String>,
     arm: Option<String>,
     outcome: Option<Outcome>,
+    /// Only golden traces (`true`) or only others (`false`), by their route's policy.
+    golden: Option<bool>,
 }
 
 async fn list_traces(
@@ -139,6 +141,7 @@ async fn list_traces(
         Some(Ok(id)) => Some(id),
         None => None,
     };
+    let golden = query.golden;
     let keep = move |t: &Trace| {
         query
             .tenant
@@ -148,9 +151,29 @@ async fn list_traces(
             && query.arm.as_deref().is_none_or(|x| t.arm.kind() == x)
             && query.outcome.is_none_or(|x| t.outcome == x)
     };
+    let distiller = state.distiller.clone();
+    let policy = move |alias: &str| {
+        distiller
+            .as_ref()
+            .map_or_else(Default::default, |d| d.golden_policy(alias))
+    };
     // One extra tells whether another page exists.
-    let result =
-        tokio::task::spawn_blocking(move || store.recent_traces(before, limit + 1, keep)).await;
+    let result = tokio::task::spawn_blocking(move || match golden {
+        None => store.recent_traces(before, limit + 1, keep),
+        Some(wanted) => store.with_graded_snapshot(|scan| {
+            let mut out = Vec::new();
+            scan.newest_first(before, |t, feedback, evaluation| {
+                let is_golden =
+                    policy(&t.alias).is_golden(&t, feedback.as_ref(), evaluation.as_ref());
+                if keep(&t) && is_golden == wanted {
+                    out.push(t);
+                }
+                out.len() <= limit
+            })?;
+            Ok(out)
+        }),
+    })
+    .await;
     match result {
         Ok(Ok(mut traces)) => {
             let has_more = traces.len() > limit;
