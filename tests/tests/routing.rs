@@ -321,6 +321,29 @@ async fn admin_api_validates_authenticates_and_survives_a_restart() {
         post("/admin/routes/solo/promote").await.unwrap().status(),
         409
     );
+    // An alias with a slash, as model names often have, is one segment encoded, as the CLI
+    // sends it: found (409, no students to promote), not a 404 for a longer path.
+    let slashed = "meta-llama%2FLlama-3.1-8B";
+    let created = put(
+        &format!("/admin/routes/{slashed}"),
+        json!({"teacher": {"upstream": "sim", "model": "teacher"}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(created.status(), 200);
+    assert!(
+        gw.router()
+            .load()
+            .route("meta-llama/Llama-3.1-8B")
+            .is_some()
+    );
+    assert_eq!(
+        post(&format!("/admin/routes/{slashed}/promote"))
+            .await
+            .unwrap()
+            .status(),
+        409
+    );
 
     assert_eq!(
         put("/admin/routes/chat/canary", json!({"percent": 12.5}))

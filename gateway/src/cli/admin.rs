@@ -2,6 +2,20 @@
 
 use crate::env::ENV_FORGE_ADMIN_TOKEN;
 
+/// `text` as one path segment: every byte but RFC 3986's unreserved ones percent-encoded, so
+/// that an alias such as `meta-llama/Llama-3.1-8B` stays one segment.
+pub fn segment(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// The admin API at one address, with the token from `FORGE_ADMIN_TOKEN`.
 #[derive(Debug)]
 pub struct AdminClient {
@@ -63,5 +77,20 @@ impl AdminClient {
                 body["error"]["message"].as_str().unwrap_or("error")
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::segment;
+
+    #[test]
+    fn segments_keep_unreserved_bytes_and_encode_the_rest() {
+        assert_eq!(segment("chat-v1.2_x~"), "chat-v1.2_x~");
+        assert_eq!(
+            segment("meta-llama/Llama-3.1-8B"),
+            "meta-llama%2FLlama-3.1-8B"
+        );
+        assert_eq!(segment("a b?#%é"), "a%20b%3F%23%25%C3%A9");
     }
 }

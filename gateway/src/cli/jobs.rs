@@ -1,6 +1,6 @@
 //! `forge jobs list|show`: distillation jobs and the model registry, through the admin API.
 
-use super::admin::AdminClient;
+use super::admin::{AdminClient, segment};
 
 /// What to show.
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -26,13 +26,13 @@ pub async fn run(base: &str, action: Action) -> Result<(), String> {
     let admin = AdminClient::new(base)?;
     let body = match &action {
         Action::List => admin.get("/admin/jobs").await?,
-        Action::Show { id } => admin.get(&format!("/admin/jobs/{id}")).await?,
+        Action::Show { id } => admin.get(&format!("/admin/jobs/{}", segment(id))).await?,
         Action::Models => admin.get("/admin/models").await?,
         Action::Start { alias } => {
             admin
                 .send_json(
                     reqwest::Method::POST,
-                    &format!("/admin/distill/{alias}"),
+                    &format!("/admin/distill/{}", segment(alias)),
                     &serde_json::json!({}),
                 )
                 .await?

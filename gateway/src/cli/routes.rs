@@ -1,6 +1,6 @@
 //! `forge routes show|set-canary|promote|rollback`: the routing table through the admin API.
 
-use super::admin::AdminClient;
+use super::admin::{AdminClient, segment};
 
 /// What to do.
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -55,7 +55,7 @@ pub async fn run(base: &str, action: Action) -> Result<(), String> {
             admin
                 .send_json(
                     reqwest::Method::PUT,
-                    &format!("/admin/routes/{alias}/canary"),
+                    &format!("/admin/routes/{}/canary", segment(&alias)),
                     &body,
                 )
                 .await?
@@ -65,7 +65,7 @@ pub async fn run(base: &str, action: Action) -> Result<(), String> {
             admin
                 .send_json(
                     reqwest::Method::POST,
-                    &format!("/admin/routes/{alias}/promote"),
+                    &format!("/admin/routes/{}/promote", segment(&alias)),
                     &body,
                 )
                 .await?
@@ -75,7 +75,7 @@ pub async fn run(base: &str, action: Action) -> Result<(), String> {
             admin
                 .send_json(
                     reqwest::Method::POST,
-                    &format!("/admin/routes/{alias}/rollback"),
+                    &format!("/admin/routes/{}/rollback", segment(&alias)),
                     &body,
                 )
                 .await?

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use forge_layer::store::Store;
 use forge_layer::trace::{Trace, TraceId};
 
-use super::admin::AdminClient;
+use super::admin::{AdminClient, segment};
 
 /// Where traces are read from.
 #[derive(Debug, Clone)]
@@ -158,7 +158,7 @@ async fn from_admin(base: &str, action: Action) -> Result<(), TracesError> {
             }
         }
         Action::Show { id } => {
-            let trace = get(format!("/admin/traces/{id}")).await?;
+            let trace = get(format!("/admin/traces/{}", segment(&id))).await?;
             writeln!(
                 out,
                 "{}",
