@@ -34,6 +34,9 @@ pub struct RouteControl {
     router: Router,
     store: Option<Store>,
     guard: Option<Arc<Guard>>,
+    /// Held from reading the manual aliases to setting them: two changes at once must not each
+    /// store the set without the other's alias.
+    guard_modes: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Which student a canary operation acts on.
@@ -75,6 +78,7 @@ impl RouteControl {
             router,
             store,
             guard,
+            guard_modes: Arc::default(),
         }
     }
 
@@ -183,6 +187,7 @@ impl RouteControl {
         alias: &str,
         manual: bool,
     ) -> Result<(), RouteUpdateError> {
+        let _one_at_a_time = self.guard_modes.lock().await;
         // Stored first: a mode that could not be written down is not set.
         if let Some(store) = self.store.clone() {
             let mut aliases = guard.manual_aliases();
