@@ -752,7 +752,13 @@ async fn upstream_redirects_are_never_followed() {
 #[tokio::test]
 async fn other_v1_paths_pass_through_to_the_upstream() {
     let sim = start_sim(SimConfig::default()).await;
-    let gw = start_gateway(&config_text(&sim.base_url(), "", &[("a", "gpt-4o")])).await;
+    // The account's files and jobs are the paths with bodies and bodyless POSTs to try.
+    let gw = start_gateway(&config_text(
+        &sim.base_url(),
+        "passthrough_account_apis = true",
+        &[("a", "gpt-4o")],
+    ))
+    .await;
     let http = client();
     let form = reqwest::multipart::Form::new()
         .text("purpose", "fine-tune")
