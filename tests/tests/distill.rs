@@ -144,6 +144,13 @@ async fn admin_post(gw: &TestGateway, path: &str) -> reqwest::Response {
         .unwrap()
 }
 
+/// How many of `ids` the judge has scored.
+fn judged(store: &forge_layer::store::Store, ids: &[String]) -> usize {
+    ids.iter()
+        .filter(|id| store.has_evaluation(id.parse().unwrap()).unwrap())
+        .count()
+}
+
 async fn wait_for_job(gw: &TestGateway, status: &str) -> Value {
     let start = tokio::time::Instant::now();
     loop {
@@ -579,11 +586,7 @@ async fn a_dataset_reads_only_what_the_judge_has_looked_at() {
     // All approved: each is golden whatever the judge says.
     let ids = traffic(&gw, 24, "judged", None).await;
     let store = gw.store().unwrap();
-    let judged = || {
-        ids.iter()
-            .filter(|id| store.has_evaluation(id.parse().unwrap()).unwrap())
-            .count()
-    };
+    let judged = || judged(store, &ids);
     eventually("the judge scores its five", || judged() == 5).await;
     assert_eq!(admin_post(&gw, "/admin/distill/chat").await.status(), 202);
     // A cut past the nineteen the judge has yet to look at would leave them behind every later
@@ -684,11 +687,7 @@ async fn traces_the_judge_could_not_score_are_scored_later() {
     let gw = start_gateway_with(&text, admin).await;
     let ids = traffic(&gw, 8, "judged", None).await;
     let store = gw.store().unwrap();
-    let judged = || {
-        ids.iter()
-            .filter(|id| store.has_evaluation(id.parse().unwrap()).unwrap())
-            .count()
-    };
+    let judged = || judged(store, &ids);
     eventually("the judge scores every trace in the end", || judged() == 8).await;
     gw.shutdown().await;
 }

@@ -165,11 +165,8 @@ impl GradedScan {
             return Ok(());
         }
         for entry in self.traces.range(start..end).map_err(db_err)? {
-            let (k, v) = entry.map_err(db_err)?;
-            let key = k.value();
-            let current_fb = current_of(&self.feedback, key)?;
-            let latest_eval = latest_of::<Evaluation>(&self.evaluations, key)?;
-            if !f(serde_json::from_slice(v.value())?, current_fb, latest_eval) {
+            let (trace, feedback, evaluation) = self.graded(entry)?;
+            if !f(trace, feedback, evaluation) {
                 break;
             }
         }
@@ -185,14 +182,31 @@ impl GradedScan {
     ) -> Result<(), StoreError> {
         let end = before.map_or(self.settled, |id| self.settled.min(id.as_u128()));
         for entry in self.traces.range(..end).map_err(db_err)?.rev() {
-            let (k, v) = entry.map_err(db_err)?;
-            let key = k.value();
-            let current_fb = current_of(&self.feedback, key)?;
-            let latest_eval = latest_of::<Evaluation>(&self.evaluations, key)?;
-            if !f(serde_json::from_slice(v.value())?, current_fb, latest_eval) {
+            let (trace, feedback, evaluation) = self.graded(entry)?;
+            if !f(trace, feedback, evaluation) {
                 break;
             }
         }
         Ok(())
+    }
+
+    /// A stored trace with the feedback in force and its latest evaluation.
+    fn graded(
+        &self,
+        entry: Result<
+            (
+                redb::AccessGuard<'_, u128>,
+                redb::AccessGuard<'_, &'static [u8]>,
+            ),
+            redb::StorageError,
+        >,
+    ) -> Result<(Trace, Option<Feedback>, Option<Evaluation>), StoreError> {
+        let (k, v) = entry.map_err(db_err)?;
+        let key = k.value();
+        Ok((
+            serde_json::from_slice(v.value())?,
+            current_of(&self.feedback, key)?,
+            latest_of::<Evaluation>(&self.evaluations, key)?,
+        ))
     }
 }
