@@ -541,11 +541,23 @@ async fn run_guard(
                 EventKind::RolledBack => Some(ModelStatus::RolledBack),
                 _ => None,
             };
-            if let (Some(registry), Some(status)) = (&registry, status)
-                && let Err(e) =
-                    registry.set_model_status(&action.model, status, &format!("guard: {kind}"))
-            {
-                tracing::error!(model = %action.model, error = %e, "registry not updated");
+            if let (Some(registry), Some(status)) = (&registry, status) {
+                // Off the runtime: the write waits for its commit's fsyncs.
+                let (registry, model) = (Arc::clone(registry), action.model.clone());
+                let reason = format!("guard: {kind}");
+                let updated = tokio::task::spawn_blocking(move || {
+                    registry.set_model_status(&model, status, &reason)
+                })
+                .await;
+                match updated {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::error!(model = %action.model, error = %e, "registry not updated")
+                    }
+                    Err(e) => {
+                        tracing::error!(model = %action.model, error = %e, "registry update task failed")
+                    }
+                }
             }
         }
     }

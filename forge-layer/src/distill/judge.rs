@@ -116,13 +116,20 @@ pub async fn run(
                             source: format!("judge:{}", settings.model.model),
                             time_ms: now_ms(),
                         };
-                        match store.add_evaluation(&evaluation) {
-                            Ok(()) => {}
+                        let writer = store.clone();
+                        let added =
+                            tokio::task::spawn_blocking(move || writer.add_evaluation(&evaluation))
+                                .await;
+                        match added {
+                            Ok(Ok(())) => {}
                             // Deleted for its age while the judge was at it: nothing to grade.
-                            Err(StoreError::NoSuchTrace(_)) => {
+                            Ok(Err(StoreError::NoSuchTrace(_))) => {
                                 tracing::debug!(trace_id = %trace.id, "judge: the trace expired before its evaluation");
                             }
-                            Err(e) => tracing::error!(error = %e, "judge: evaluation not stored"),
+                            Ok(Err(e)) => {
+                                tracing::error!(error = %e, "judge: evaluation not stored")
+                            }
+                            Err(e) => tracing::error!(error = %e, "judge: evaluation task failed"),
                         }
                     }
                     None => {
@@ -138,17 +145,23 @@ pub async fn run(
                     break;
                 }
             }
-            if let Err(e) = store.put_meta(CURSOR, &trace.id) {
-                tracing::error!(error = %e, "judge: cursor not stored");
-            }
+            store_cursor(&store, trace.id).await;
         }
         // Traces that were not sampled are passed over for good.
-        if finished
-            && let Some(last) = scanned
-            && let Err(e) = store.put_meta(CURSOR, &last)
-        {
-            tracing::error!(error = %e, "judge: cursor not stored");
+        if finished && let Some(last) = scanned {
+            store_cursor(&store, last).await;
         }
+    }
+}
+
+/// Stores the judge's cursor off the async runtime: a write waits for its commit's fsyncs, and
+/// on a small machine a runtime thread held there is half of what serves requests.
+async fn store_cursor(store: &Store, at: TraceId) {
+    let writer = store.clone();
+    match tokio::task::spawn_blocking(move || writer.put_meta(CURSOR, &at)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "judge: cursor not stored"),
+        Err(e) => tracing::error!(error = %e, "judge: cursor task failed"),
     }
 }
 
