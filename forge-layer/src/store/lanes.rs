@@ -121,8 +121,9 @@ fn start_background() -> Option<mpsc::Sender<Task>> {
     }
 }
 
+/// Moves the calling thread into the idle scheduling class.
 #[cfg(any(target_os = "linux", target_os = "android"))]
-fn lower_to_idle_class() -> Result<(), thread_priority::Error> {
+pub(super) fn lower_to_idle_class() -> Result<(), thread_priority::Error> {
     use thread_priority::{
         NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy,
         set_thread_priority_and_policy, thread_native_id,
@@ -135,7 +136,7 @@ fn lower_to_idle_class() -> Result<(), thread_priority::Error> {
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
-fn lower_to_idle_class() -> Result<(), thread_priority::Error> {
+pub(super) fn lower_to_idle_class() -> Result<(), thread_priority::Error> {
     // The lowest priority the platform offers to an ordinary thread.
     thread_priority::set_current_thread_priority(thread_priority::ThreadPriority::Min)
 }

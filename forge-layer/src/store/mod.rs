@@ -4,6 +4,7 @@
 //! the data, and prompts are user text) and quick repair, so reopening after `kill -9` reads the
 //! saved allocator state instead of walking the whole file.
 
+mod commit_lane;
 mod feedback;
 mod lanes;
 mod open;

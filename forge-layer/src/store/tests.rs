@@ -794,3 +794,86 @@ fn a_store_file_whose_creation_was_cut_short_is_made_again() {
     assert!(!fresh.exists());
     assert!(store.has_trace(id).unwrap());
 }
+
+/// Whether this process may run commits on the commit lane (see `store/commit_lane.rs`).
+async fn commit_lane_available() -> bool {
+    commit_lane::CommitLane::start().await.is_ok()
+}
+
+/// An `async` commit runs on the commit lane, in the idle class. One that runs long (here it
+/// waits for redb's write lock, which the test holds) is lifted into the normal class, and its
+/// traces are captured once the lock is free.
+#[tokio::test]
+async fn a_long_commit_on_the_commit_lane_is_lifted_and_its_traces_captured() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_dir(dir.path()).unwrap();
+    let config = WriterConfig {
+        flush_interval: Duration::from_millis(10),
+        ..WriterConfig::default()
+    };
+    let (writer, task) = TraceWriter::start(store.clone(), config);
+    let counters = writer.counters_handle();
+    let lane = commit_lane_available().await;
+    let stall = store.hold_write_lock().unwrap();
+    for i in 0..3 {
+        assert!(writer.submit(pending(&format!("l{i}"))).is_none());
+    }
+    if lane {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while counters.lifts.load(Ordering::Acquire) == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the held commit was never lifted"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    drop(stall);
+    until_captured(&writer, 3).await;
+    drop(writer);
+    task.join().await;
+    let lane_commits = counters.lane_commits.load(Ordering::Acquire);
+    let lifted = counters.lifted_commits.load(Ordering::Acquire);
+    if lane {
+        // The held commit ended in the normal class; a later one may have run lifted too, if
+        // the machine was busy enough.
+        assert!(lane_commits >= 1);
+        assert!(lifted >= 1);
+    } else {
+        assert_eq!((lane_commits, lifted), (0, 0));
+    }
+    assert_eq!(store.trace_count().unwrap(), 3);
+}
+
+/// A durable client waits on its commit, and `idle_priority = false` asks for normal priority:
+/// neither commits on the commit lane.
+#[tokio::test]
+async fn durable_commits_and_commits_without_idle_priority_stay_off_the_commit_lane() {
+    let configs = [
+        WriterConfig {
+            mode: CaptureMode::Durable,
+            ..WriterConfig::default()
+        },
+        WriterConfig {
+            idle_priority: false,
+            flush_interval: Duration::from_millis(10),
+            ..WriterConfig::default()
+        },
+    ];
+    for config in configs {
+        let mode = config.mode;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_dir(dir.path()).unwrap();
+        let (writer, task) = TraceWriter::start(store.clone(), config);
+        let counters = writer.counters_handle();
+        for i in 0..3 {
+            if let Some(ack) = writer.submit(pending(&format!("o{i}"))) {
+                assert!(ack.await);
+            }
+        }
+        until_captured(&writer, 3).await;
+        drop(writer);
+        task.join().await;
+        assert_eq!(counters.lane_commits.load(Ordering::Acquire), 0, "{mode:?}");
+    }
+}

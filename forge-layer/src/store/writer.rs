@@ -17,6 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, onesho
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
+use super::commit_lane::{CommitLane, LIFT_AFTER, LaneWork};
 use super::lanes::{Lanes, PATIENCE};
 use super::{Store, StoreError, Ticket, Unsettled};
 use crate::capture::{DurableAck, PendingTrace};
@@ -62,8 +63,8 @@ pub struct WriterConfig {
     pub max_event_bytes: usize,
     /// In `async` mode, encode on a thread in the idle scheduling class, so that the writer's
     /// encoding takes no CPU that request handling wants, until it falls behind (see
-    /// `store/lanes.rs`). Off: on tokio's blocking pool, at normal priority. Commits always run
-    /// there.
+    /// `store/lanes.rs`), and commit on another, lifted to the normal class when a commit must
+    /// not wait (see `store/commit_lane.rs`). Off: on tokio's blocking pool, at normal priority.
     pub idle_priority: bool,
 }
 
@@ -99,6 +100,14 @@ pub struct CaptureCounters {
     /// The most traces one transaction held, for tests of `batch_max`.
     #[cfg(test)]
     pub(super) largest_commit: AtomicU64,
+    /// For tests of the commit lane's use: commits queued on it, lifts the writer asked for, and
+    /// commits that ended on the commit thread in the normal class.
+    #[cfg(test)]
+    pub(super) lane_commits: AtomicU64,
+    #[cfg(test)]
+    pub(super) lifts: AtomicU64,
+    #[cfg(test)]
+    pub(super) lifted_commits: AtomicU64,
 }
 
 /// The counters at one moment.
@@ -131,6 +140,12 @@ impl CaptureCounters {
             room_total,
             #[cfg(test)]
             largest_commit: AtomicU64::new(0),
+            #[cfg(test)]
+            lane_commits: AtomicU64::new(0),
+            #[cfg(test)]
+            lifts: AtomicU64::new(0),
+            #[cfg(test)]
+            lifted_commits: AtomicU64::new(0),
         }
     }
 
@@ -345,9 +360,11 @@ const MAX_ENCODES: usize = 4;
 /// `batch_max`, so that a commit holds at most that many, and past it the writer stops taking
 /// from the queue, which then fills and drops (counted). In `async` mode encodes run on the
 /// idle-class thread (see [`super::lanes`]) until the writer falls behind: once a quarter of
-/// the queue waits, or once the queue has closed, they run on the blocking pool. Commits always
-/// run there, at normal priority: a commit holds redb's write lock, which feedback, route
-/// changes and the next commit wait for, and must not be starved while it does.
+/// the queue waits, or once the queue has closed, they run on the blocking pool. Commits run on
+/// the commit lane (see [`super::commit_lane`]) unless the writer is behind, and then on the
+/// blocking pool. A commit holds redb's write lock, which feedback, route changes and the next
+/// commit wait for, so one on the lane is lifted to the normal class once the writer falls
+/// behind or the commit has run for [`LIFT_AFTER`].
 async fn run(
     store: Store,
     config: WriterConfig,
@@ -359,6 +376,17 @@ async fn run(
     let durable = config.mode == CaptureMode::Durable;
     let behind_at = (config.queue_capacity / 4).max(1);
     let lanes = Lanes::new(!durable && config.idle_priority, PATIENCE);
+    let mut commit_lane = if durable || !config.idle_priority {
+        None
+    } else {
+        match CommitLane::start().await {
+            Ok(lane) => Some(lane),
+            Err(why) => {
+                tracing::info!("capture writer: commits run at normal priority: {why}");
+                None
+            }
+        }
+    };
     let far = || Instant::now() + Duration::from_secs(3600);
     // Encoded traces waiting for their commit, and when it is due at the latest.
     let mut ready = Encoded::default();
@@ -367,22 +395,44 @@ async fn run(
     let mut gathered: Vec<Job> = Vec::new();
     let mut encode_at: Option<Instant> = None;
     let mut encodes: JoinSet<Option<(Vec<Job>, Encoded)>> = JoinSet::new();
-    let mut commit: Option<JoinHandle<Encoded>> = None;
+    let mut commit: Option<JoinHandle<Option<Encoded>>> = None;
+    // The commit running on the commit lane and not lifted yet, and when it is to be lifted.
+    let mut on_lane: Option<(LaneWork, Instant)> = None;
     // Emptied buffers, kept for the next batches.
     let mut spare_jobs: Vec<Vec<Job>> = Vec::new();
     let mut spare_encoded: Vec<Encoded> = Vec::new();
     let mut open = true;
     loop {
+        let behind = !open || rx.len() >= behind_at;
+        if let (Some(lane), Some((work, lift_at))) = (&commit_lane, on_lane)
+            && (behind || Instant::now() >= lift_at)
+        {
+            lane.lift(work);
+            #[cfg(test)]
+            counters.lifts.fetch_add(1, Ordering::AcqRel);
+            on_lane = None;
+        }
         let commit_due = durable || !open || ready.len() >= batch_max;
         if commit.is_none()
             && !ready.is_empty()
             && (commit_due || due.is_some_and(|d| Instant::now() >= d))
         {
             let batch = std::mem::replace(&mut ready, spare_encoded.pop().unwrap_or_default());
-            let (store, counters) = (store.clone(), Arc::clone(&counters));
-            commit = Some(tokio::task::spawn_blocking(move || {
-                commit_batch(&store, &counters, batch)
-            }));
+            let (store, shared) = (store.clone(), Arc::clone(&counters));
+            let work = move || commit_batch(&store, &shared, batch);
+            let queued = match commit_lane.as_mut() {
+                Some(lane) if !behind => lane.run(work),
+                _ => Err(work),
+            };
+            commit = Some(match queued {
+                Ok((work, done)) => {
+                    #[cfg(test)]
+                    counters.lane_commits.fetch_add(1, Ordering::AcqRel);
+                    on_lane = Some((work, Instant::now() + LIFT_AFTER));
+                    tokio::spawn(done)
+                }
+                Err(work) => tokio::task::spawn_blocking(move || Some(work())),
+            });
             due = None;
         }
         if !open
@@ -443,11 +493,15 @@ async fn run(
                 }
             }, if commit.is_some() => {
                 commit = None;
+                on_lane = None;
                 match done {
-                    Ok(emptied) => spare_encoded.push(emptied),
+                    Ok(Some(emptied)) => spare_encoded.push(emptied),
+                    // Panics are caught inside, and counted; this is a lost task, logged.
+                    Ok(None) => tracing::error!("trace commit task failed"),
                     Err(e) => tracing::error!(error = %e, "trace commit task failed"),
                 }
             }
+            () = tokio::time::sleep_until(on_lane.map_or_else(far, |(_, at)| at)), if on_lane.is_some() => {}
             () = tokio::time::sleep_until(due.unwrap_or_else(far)), if due.is_some() && commit.is_none() => {}
         }
         if encode_now {
@@ -607,6 +661,17 @@ fn commit_batch(store: &Store, counters: &CaptureCounters, mut batch: Encoded) -
     // A panic in the store counts the batch failed, so the counters still add up.
     let ok = std::panic::catch_unwind(AssertUnwindSafe(|| commit_with_retry(store, &batch)))
         .is_ok_and(|committed| committed.is_ok());
+    #[cfg(test)]
+    if std::thread::current().name() == Some(super::commit_lane::COMMIT_THREAD)
+        && thread_priority::thread_schedule_policy().is_ok_and(|policy| {
+            policy
+                == thread_priority::ThreadSchedulePolicy::Normal(
+                    thread_priority::NormalThreadSchedulePolicy::Other,
+                )
+        })
+    {
+        counters.lifted_commits.fetch_add(1, Ordering::AcqRel);
+    }
     if ok {
         counters.captured.fetch_add(n, Ordering::AcqRel);
     } else {
