@@ -26,6 +26,9 @@ pub enum RouteUpdateError {
     /// The change could not be written down, so it was not made.
     #[error("the change could not be stored: {0}")]
     Store(#[from] StoreError),
+    /// The task making the change failed (a panic, logged): Forge's fault, not the caller's.
+    #[error("{0}")]
+    Internal(String),
 }
 
 /// The one way routes change at run time.
@@ -134,7 +137,7 @@ impl RouteControl {
         })
         .await;
         result.unwrap_or_else(|e| {
-            Err(RouteUpdateError::Conflict(format!(
+            Err(RouteUpdateError::Internal(format!(
                 "update task failed: {e}"
             )))
         })
@@ -197,7 +200,7 @@ impl RouteControl {
             }
             tokio::task::spawn_blocking(move || store.put_meta(GUARD_MANUAL, &aliases))
                 .await
-                .map_err(|e| RouteUpdateError::Conflict(format!("store task failed: {e}")))??;
+                .map_err(|e| RouteUpdateError::Internal(format!("store task failed: {e}")))??;
         }
         guard.set_manual(alias, manual);
         Ok(())

@@ -312,21 +312,35 @@ impl Store {
         limit: usize,
         mut keep: impl FnMut(&Trace) -> bool,
     ) -> Result<Vec<Trace>, StoreError> {
-        self.read(|txn| {
-            let table = txn.open_table(TRACES).map_err(db_err)?;
-            let upper = before.map_or(u128::MAX, TraceId::as_u128);
-            let mut out = Vec::new();
-            for entry in table.range(..upper).map_err(db_err)?.rev() {
-                if out.len() >= limit {
-                    break;
-                }
-                let (_, v) = entry.map_err(db_err)?;
-                let trace: Trace = serde_json::from_slice(v.value())?;
+        let mut out = Vec::new();
+        if limit > 0 {
+            self.newest_traces(before, |trace| {
                 if keep(&trace) {
                     out.push(trace);
                 }
+                out.len() < limit
+            })?;
+        }
+        Ok(out)
+    }
+
+    /// Calls `f` on the traces older than `before` (all, without it), newest first, one at a
+    /// time; `f` returns `false` to stop.
+    pub fn newest_traces(
+        &self,
+        before: Option<TraceId>,
+        mut f: impl FnMut(Trace) -> bool,
+    ) -> Result<(), StoreError> {
+        self.read(|txn| {
+            let table = txn.open_table(TRACES).map_err(db_err)?;
+            let upper = before.map_or(u128::MAX, TraceId::as_u128);
+            for entry in table.range(..upper).map_err(db_err)?.rev() {
+                let (_, v) = entry.map_err(db_err)?;
+                if !f(serde_json::from_slice(v.value())?) {
+                    break;
+                }
             }
-            Ok(out)
+            Ok(())
         })
     }
 

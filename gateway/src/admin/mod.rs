@@ -69,9 +69,15 @@ pub fn app(state: AdminState, token: Secret) -> Router {
         .with_state(state)
 }
 
-/// An admin error: OpenAI-shaped JSON with the status the cause calls for.
+/// An admin error: OpenAI-shaped JSON with the status the cause calls for, typed as the
+/// caller's error or, for a 5xx, Forge's.
 fn error(status: http::StatusCode, code: &'static str, message: String) -> Response {
-    let body = serde_json::json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": code}});
+    let kind = if status.is_server_error() {
+        "server_error"
+    } else {
+        "invalid_request_error"
+    };
+    let body = serde_json::json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
     (status, axum::Json(body)).into_response()
 }
 
@@ -108,6 +114,62 @@ async fn require_dataset_token(
 
 /// The most traces one page returns.
 const MAX_PAGE: usize = 1000;
+
+/// The most traces one page reads. A filter that matches little would otherwise read the whole
+/// store for one page; the page stops here instead, and `last_id` tells where to go on.
+const SCAN_BUDGET: usize = 20_000;
+
+/// One page of a newest-first scan: what it kept, and where the next page starts.
+#[derive(Debug)]
+struct Page {
+    limit: usize,
+    budget: usize,
+    traces: Vec<Trace>,
+    scanned: usize,
+    last_scanned: Option<TraceId>,
+}
+
+impl Page {
+    fn new(limit: usize, budget: usize) -> Self {
+        Self {
+            limit,
+            budget,
+            traces: Vec::new(),
+            scanned: 0,
+            last_scanned: None,
+        }
+    }
+
+    /// Takes in one scanned trace; `false` once the page is full or its budget spent.
+    fn visit(&mut self, trace: Trace, keep: bool) -> bool {
+        self.scanned += 1;
+        self.last_scanned = Some(trace.id);
+        if keep {
+            self.traces.push(trace);
+        }
+        // One extra tells whether another page exists.
+        self.traces.len() <= self.limit && self.scanned < self.budget
+    }
+
+    /// The answer: a full page goes on after its last trace; one that ran out of budget, after
+    /// the last trace it read.
+    fn into_json(mut self) -> serde_json::Value {
+        let (has_more, last_id) = if self.traces.len() > self.limit {
+            self.traces.truncate(self.limit);
+            (true, self.traces.last().map(|t| t.id))
+        } else if self.scanned >= self.budget {
+            (true, self.last_scanned)
+        } else {
+            (false, self.traces.last().map(|t| t.id))
+        };
+        serde_json::json!({
+            "object": "list",
+            "data": self.traces,
+            "has_more": has_more,
+            "last_id": last_id.map(|id| id.to_string()),
+        })
+    }
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -157,31 +219,27 @@ async fn list_traces(
             .as_ref()
             .map_or_else(Default::default, |d| d.golden_policy(alias))
     };
-    // One extra tells whether another page exists.
-    let result = tokio::task::spawn_blocking(move || match golden {
-        None => store.recent_traces(before, limit + 1, keep),
-        Some(wanted) => store.with_graded_snapshot(|scan| {
-            let mut out = Vec::new();
-            scan.newest_first(before, |t, feedback, evaluation| {
-                let is_golden =
-                    policy(&t.alias).is_golden(&t, feedback.as_ref(), evaluation.as_ref());
-                if keep(&t) && is_golden == wanted {
-                    out.push(t);
-                }
-                out.len() <= limit
-            })?;
-            Ok(out)
-        }),
+    let result = tokio::task::spawn_blocking(move || {
+        let mut page = Page::new(limit, SCAN_BUDGET);
+        match golden {
+            None => store.newest_traces(before, |t| {
+                let kept = keep(&t);
+                page.visit(t, kept)
+            })?,
+            Some(wanted) => store.with_graded_snapshot(|scan| {
+                scan.newest_first(before, |t, feedback, evaluation| {
+                    let is_golden =
+                        policy(&t.alias).is_golden(&t, feedback.as_ref(), evaluation.as_ref());
+                    let kept = keep(&t) && is_golden == wanted;
+                    page.visit(t, kept)
+                })
+            })?,
+        }
+        Ok::<_, forge_layer::store::StoreError>(page)
     })
     .await;
     match result {
-        Ok(Ok(mut traces)) => {
-            let has_more = traces.len() > limit;
-            traces.truncate(limit);
-            let last_id = traces.last().map(|t| t.id.to_string());
-            axum::Json(serde_json::json!({"object": "list", "data": traces, "has_more": has_more, "last_id": last_id}))
-                .into_response()
-        }
+        Ok(Ok(page)) => axum::Json(page.into_json()).into_response(),
         Ok(Err(e)) => store_error(&e),
         Err(_) => Error::Internal.into_response(),
     }
@@ -219,4 +277,133 @@ async fn stats(State(state): State<AdminState>) -> Response {
 
 fn store_error(e: &forge_layer::store::StoreError) -> Response {
     Error::from_store(e).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn status_and_type(response: Response) -> (u16, String, String) {
+        let status = response.status().as_u16();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        let error = &body["error"];
+        (
+            status,
+            error["type"].as_str().unwrap().to_string(),
+            error["code"].as_str().unwrap().to_string(),
+        )
+    }
+
+    #[tokio::test]
+    async fn admin_errors_say_whose_fault_they_are() {
+        let cases = [
+            (http::StatusCode::BAD_REQUEST, "invalid_request_error"),
+            (http::StatusCode::NOT_FOUND, "invalid_request_error"),
+            (http::StatusCode::CONFLICT, "invalid_request_error"),
+            (http::StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
+            (http::StatusCode::SERVICE_UNAVAILABLE, "server_error"),
+        ];
+        for (status, kind) in cases {
+            let got = status_and_type(error(status, "some_code", "why".into())).await;
+            assert_eq!(got, (status.as_u16(), kind.into(), "some_code".into()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod page_tests {
+    use super::*;
+    use forge_layer::capture::{BodyEnd, CaptureSession, ExchangeMeta};
+    use forge_layer::redact::Redactor;
+    use forge_layer::store::Ticket;
+
+    /// `n` traces, newest first, as a scan meets them.
+    fn traces(n: usize) -> Vec<Trace> {
+        let meta = ExchangeMeta {
+            tenant: None,
+            key_id: None,
+            alias: "a".into(),
+            upstream: "u".into(),
+            model: "m".into(),
+            arm: forge_router::Arm::Teacher,
+            route_version: 1,
+            stream: false,
+            canary: false,
+        };
+        let mut out: Vec<Trace> = (0..n)
+            .map(|_| {
+                let request = bytes::Bytes::from_static(br#"{"model":"a","messages":[]}"#);
+                let mut s = CaptureSession::new(Ticket::untracked(), meta.clone(), request, 1024);
+                s.on_response(200, false);
+                s.finish(BodyEnd::Complete)
+                    .into_trace(&Redactor::default(), 1024)
+            })
+            .collect();
+        out.reverse();
+        out
+    }
+
+    fn run(page: &mut Page, traces: Vec<Trace>, keep: impl Fn(usize) -> bool) -> usize {
+        let mut read = 0;
+        for (i, t) in traces.into_iter().enumerate() {
+            read += 1;
+            if !page.visit(t, keep(i)) {
+                break;
+            }
+        }
+        read
+    }
+
+    #[test]
+    fn a_full_page_goes_on_after_its_last_trace() {
+        let all = traces(10);
+        let ids: Vec<String> = all.iter().map(|t| t.id.to_string()).collect();
+        let mut page = Page::new(3, 100);
+        // Reads one more than the page, to know there is more.
+        assert_eq!(run(&mut page, all, |_| true), 4);
+        let json = page.into_json();
+        assert_eq!(json["data"].as_array().unwrap().len(), 3);
+        assert_eq!(
+            (json["has_more"].clone(), json["last_id"].clone()),
+            (true.into(), ids[2].clone().into())
+        );
+    }
+
+    #[test]
+    fn a_page_that_spends_its_budget_goes_on_after_the_last_trace_it_read() {
+        let all = traces(10);
+        let ids: Vec<String> = all.iter().map(|t| t.id.to_string()).collect();
+        // Only every fifth trace matches; a budget of 7 reads stops at the seventh.
+        let mut page = Page::new(3, 7);
+        assert_eq!(run(&mut page, all, |i| i % 5 == 0), 7);
+        let json = page.into_json();
+        let kept: Vec<&str> = json["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(kept, [ids[0].as_str(), ids[5].as_str()]);
+        assert_eq!(
+            (json["has_more"].clone(), json["last_id"].clone()),
+            (true.into(), ids[6].clone().into())
+        );
+    }
+
+    #[test]
+    fn the_end_of_the_store_within_budget_is_the_last_page() {
+        let all = traces(4);
+        let ids: Vec<String> = all.iter().map(|t| t.id.to_string()).collect();
+        let mut page = Page::new(3, 100);
+        assert_eq!(run(&mut page, all, |i| i != 1), 4);
+        let json = page.into_json();
+        assert_eq!(json["data"].as_array().unwrap().len(), 3);
+        assert_eq!(
+            (json["has_more"].clone(), json["last_id"].clone()),
+            (false.into(), ids[3].clone().into())
+        );
+    }
 }

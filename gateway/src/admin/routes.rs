@@ -23,6 +23,14 @@ fn update_error(e: &RouteUpdateError) -> Response {
         }
         RouteUpdateError::Conflict(_) => error(StatusCode::CONFLICT, "conflict", e.to_string()),
         RouteUpdateError::Store(store) => crate::error::Error::from_store(store).into_response(),
+        RouteUpdateError::Internal(why) => {
+            tracing::error!(error = %why, "admin: route update failed");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "the route update failed; see the log".into(),
+            )
+        }
     }
 }
 
