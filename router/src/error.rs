@@ -45,4 +45,7 @@ pub enum RouteError {
         raised: String,
         later: String,
     },
+    /// More students than a trace can name: [`crate::Arm::Student`] holds the index in a byte.
+    #[error("route `{alias}` has {count} students; at most {max} fit, so retire some first", max = crate::table::MAX_STUDENTS)]
+    TooManyStudents { alias: String, count: usize },
 }

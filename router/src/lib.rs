@@ -28,4 +28,4 @@ pub use error::RouteError;
 pub use handle::Router;
 pub use share::{CanaryShare, StickyKey};
 pub use spec::{RouteSpec, StudentSpec};
-pub use table::{Arm, Decision, Route, RoutingTable, Student, Target};
+pub use table::{Arm, Decision, MAX_STUDENTS, Route, RoutingTable, Student, Target};

@@ -109,6 +109,12 @@ impl Route {
                 });
             }
         }
+        if self.students.len() > MAX_STUDENTS {
+            return Err(RouteError::TooManyStudents {
+                alias: alias.clone(),
+                count: self.students.len(),
+            });
+        }
         let total_bp = self.student_share();
         if total_bp > u32::from(crate::share::POINTS) {
             return Err(RouteError::SharesOverflow {
@@ -119,6 +125,9 @@ impl Route {
         Ok(())
     }
 }
+
+/// The most students one route holds: every index must fit [`Arm::Student`]'s byte.
+pub const MAX_STUDENTS: usize = u8::MAX as usize + 1;
 
 /// Which arm of a route served a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -251,8 +260,7 @@ impl RoutingTable {
             upper += student.share.basis_points();
             if point < upper {
                 decision.target = &student.target;
-                // Validation caps a route at 10000 points, so the index of a student with a
-                // non-empty share fits u8 whenever shares are at least 40 bp; clamp otherwise.
+                // Validation caps a route at MAX_STUDENTS, so the index fits.
                 decision.arm = Arm::Student(u8::try_from(i).unwrap_or(u8::MAX));
                 break;
             }
@@ -312,6 +320,22 @@ mod tests {
             RoutingTable::new(1, vec![Route::new(" ", Target::new("up", "m"))], &ups).unwrap_err(),
             RouteError::EmptyAlias
         ));
+        let crowded = |n: usize| {
+            (0..n).fold(Route::new("c", Target::new("up", "t")), |r, i| {
+                r.with_student(Student::new(
+                    Target::new("up", format!("s{i}")),
+                    CanaryShare::ZERO,
+                ))
+            })
+        };
+        assert!(RoutingTable::new(1, vec![crowded(MAX_STUDENTS)], &ups).is_ok());
+        assert_eq!(
+            RoutingTable::new(1, vec![crowded(MAX_STUDENTS + 1)], &ups).unwrap_err(),
+            RouteError::TooManyStudents {
+                alias: "c".into(),
+                count: MAX_STUDENTS + 1
+            }
+        );
     }
 
     #[test]
