@@ -693,6 +693,28 @@ async fn traces_the_judge_could_not_score_are_scored_later() {
 }
 
 #[tokio::test]
+async fn the_judges_daily_cap_holds_across_a_restart() {
+    let sim = start_sim(sim_config()).await;
+    let judge =
+        "[judge]\nupstream = \"sim\"\nmodel = \"judge\"\nsample_percent = 100.0\nmax_per_day = 3\n";
+    let text =
+        config(&sim, "", judge).replace("trigger_threshold = 20", "trigger_threshold = 100000");
+    let gw = start_gateway_with(&text, admin).await;
+    let ids = traffic(&gw, 8, "capped", None).await;
+    eventually("the judge spends the day's three", || {
+        judged(gw.store().unwrap(), &ids) == 3
+    })
+    .await;
+    // The cap is a cost cap: a restart must not start the day's count again. (A test run across
+    // midnight UTC would see a new day, and a new count, legitimately.)
+    let (gw, _dir) = restart(gw, &text, |_| {}).await;
+    // The judge looks for work every 0.2 s here: many rounds.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(judged(gw.store().unwrap(), &ids), 3);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_job_that_fails_after_training_keeps_its_examples_from_a_second_run() {
     // Azure trains, then its deployment is refused: the token is not the one ARM wants.
     let sim = start_sim(SimConfig {

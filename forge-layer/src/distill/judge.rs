@@ -30,6 +30,9 @@ pub struct JudgeSettings {
 }
 
 const CURSOR: &str = "judge_cursor";
+/// The day (days since the epoch, UTC) and the judgements made in it, kept in the store: the
+/// daily cap is a cost cap, and a gateway restarted in a loop must not spend it afresh each time.
+const DAY_COUNT: &str = "judge_day";
 
 /// The last trace the judge has looked at: every trace up to it is scored or passed over for
 /// good. `None` before its first look.
@@ -45,7 +48,9 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut minute = (Instant::now(), 0u32);
-    let mut day = (now_ms() / 86_400_000, 0u32);
+    // The day's count, read from the store before the first judgement.
+    let mut day = (0u64, 0u32);
+    let mut day_read = false;
     let mut ticks = tokio::time::interval(settings.every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -66,6 +71,16 @@ pub async fn run(
                 None
             }
         };
+        if !day_read {
+            // Counting from 0 instead could spend the day's cap twice: no judging until read.
+            match stored_day_count(&store).await {
+                Ok(stored) => (day, day_read) = (stored, true),
+                Err(e) => {
+                    tracing::warn!(error = %e, "judge: cannot read today's count yet; waiting for the next round");
+                    continue;
+                }
+            }
+        }
         let (batch, scanned) = match pending(&store, cursor, settings.sample_percent).await {
             Ok(found) => found,
             Err(e) => {
@@ -89,6 +104,8 @@ pub async fn run(
             }
             minute.1 += 1;
             day.1 += 1;
+            // Counted before the call: a crash during it must not give the judgement back.
+            store_meta(&store, DAY_COUNT, day).await;
             let answer = trace
                 .response
                 .choices
@@ -145,23 +162,41 @@ pub async fn run(
                     break;
                 }
             }
-            store_cursor(&store, trace.id).await;
+            store_meta(&store, CURSOR, trace.id).await;
         }
         // Traces that were not sampled are passed over for good.
         if finished && let Some(last) = scanned {
-            store_cursor(&store, last).await;
+            store_meta(&store, CURSOR, last).await;
         }
     }
 }
 
-/// Stores the judge's cursor off the async runtime: a write waits for its commit's fsyncs, and
-/// on a small machine a runtime thread held there is half of what serves requests.
-async fn store_cursor(store: &Store, at: TraceId) {
+/// Today's judgements so far, as stored (none if the stored count is from another day).
+async fn stored_day_count(store: &Store) -> Result<(u64, u32), String> {
+    let reader = store.clone();
+    let stored = tokio::task::spawn_blocking(move || reader.meta::<(u64, u32)>(DAY_COUNT))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let today = now_ms() / 86_400_000;
+    Ok(match stored {
+        Some((d, n)) if d == today => (d, n),
+        _ => (today, 0),
+    })
+}
+
+/// Stores the judge's cursor or count off the async runtime: a write waits for its commit's
+/// fsyncs, and on a small machine a runtime thread held there is half of what serves requests.
+async fn store_meta<T: serde::Serialize + Send + 'static>(
+    store: &Store,
+    key: &'static str,
+    value: T,
+) {
     let writer = store.clone();
-    match tokio::task::spawn_blocking(move || writer.put_meta(CURSOR, &at)).await {
+    match tokio::task::spawn_blocking(move || writer.put_meta(key, &value)).await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "judge: cursor not stored"),
-        Err(e) => tracing::error!(error = %e, "judge: cursor task failed"),
+        Ok(Err(e)) => tracing::error!(error = %e, key, "judge: not stored"),
+        Err(e) => tracing::error!(error = %e, key, "judge: store task failed"),
     }
 }
 
