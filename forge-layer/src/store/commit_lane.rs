@@ -15,22 +15,28 @@
 //! `capture.idle_priority = false`.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, mpsc};
 use std::time::Duration;
 
-use thread_priority::ThreadId;
+use thread_priority::{NormalThreadSchedulePolicy, ThreadId, ThreadSchedulePolicy};
 use tokio::sync::oneshot;
 
-/// How long a commit may run in the idle class before the writer lifts it: past this the
-/// machine has no headroom to spare, and feedback or route changes may be waiting for the lock.
+/// How long a commit may run in the idle class before the writer lifts it, and how often the
+/// writer lifts it again while it runs (a lift that raced the thread's return to the idle class,
+/// or failed, is made good by the next): past this the machine has no headroom to spare, and
+/// feedback or route changes may be waiting for the lock.
 pub(super) const LIFT_AFTER: Duration = Duration::from_millis(100);
 
 /// The name of the commit thread.
 pub(super) const COMMIT_THREAD: &str = "forge-commit";
 
+const NORMAL: ThreadSchedulePolicy =
+    ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Other);
+
 type Task = Box<dyn FnOnce() + Send>;
 
-/// A commit handed to the lane, by its place in the lane's order.
+/// A commit handed to the lane, by its place in the lane's order (from 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) struct LaneWork(u64);
 
@@ -38,19 +44,24 @@ pub(super) struct LaneWork(u64);
 #[derive(Debug)]
 pub(super) struct CommitLane {
     tasks: mpsc::Sender<(LaneWork, Task)>,
-    thread: ThreadId,
-    class: Arc<Mutex<Class>>,
+    shared: Arc<Shared>,
     next: u64,
-    /// Lifts started, for tests.
-    #[cfg(test)]
-    lifts: std::sync::atomic::AtomicU64,
 }
 
-/// The thread's class, and the latest work it was lifted for.
+/// What the lane, the commit thread and the threads that lift it share. Neither the writer nor
+/// a lift ever waits for the commit thread: it may be starved.
 #[derive(Debug, Default)]
-struct Class {
-    lifted: bool,
-    lifted_for: Option<LaneWork>,
+struct Shared {
+    /// The commit thread, once it has shown that it may be lifted.
+    thread: OnceLock<ThreadId>,
+    /// The latest work lifted for: the thread leaves the idle class for it, and does not go back
+    /// before later work.
+    lifted_for: AtomicU64,
+    /// Whether the commit thread still runs (its id means nothing once it has ended); held
+    /// across each lift.
+    alive: Mutex<bool>,
+    /// Lifts that took effect.
+    lifts_done: AtomicU64,
 }
 
 impl CommitLane {
@@ -58,36 +69,41 @@ impl CommitLane {
     pub(super) async fn start() -> Result<Self, String> {
         let (tasks, queued) = mpsc::channel::<(LaneWork, Task)>();
         let (ready, started) = oneshot::channel();
-        let class = Arc::new(Mutex::new(Class::default()));
-        let theirs = Arc::clone(&class);
-        std::thread::Builder::new()
+        let shared = Arc::new(Shared {
+            alive: Mutex::new(true),
+            ..Shared::default()
+        });
+        let theirs = Arc::clone(&shared);
+        let spawned = std::thread::Builder::new()
             .name(COMMIT_THREAD.into())
             .spawn(move || {
-                match probe() {
-                    Ok(()) => {
-                        let _ = ready.send(Ok(thread_priority::thread_native_id()));
-                    }
-                    Err(why) => {
-                        let _ = ready.send(Err(why));
-                        return;
-                    }
+                let _ended = Ended(Arc::clone(&theirs));
+                if let Err(why) = probe() {
+                    let _ = ready.send(Err(why));
+                    return;
                 }
+                let _ = theirs.thread.set(thread_priority::thread_native_id());
+                let _ = ready.send(Ok(()));
                 for (work, task) in queued {
-                    settle(&theirs, work);
+                    // Back to the idle class unless lifted for this work already. A lift that
+                    // comes between this check and the change is undone by it, and made good
+                    // by the writer's next lift.
+                    if theirs.lifted_for.load(Ordering::Acquire) < work.0
+                        && let Err(e) = crate::store::lanes::lower_to_idle_class()
+                    {
+                        tracing::warn!(error = ?e, "capture writer: the commit thread stays in the normal class");
+                    }
                     task();
                 }
-            })
-            .map_err(|e| format!("no commit thread: {e}"))?;
-        let thread = started
+            });
+        spawned.map_err(|e| format!("no commit thread: {e}"))?;
+        started
             .await
             .map_err(|_| "the commit thread ended at once".to_string())??;
         Ok(Self {
             tasks,
-            thread,
-            class,
+            shared,
             next: 0,
-            #[cfg(test)]
-            lifts: Default::default(),
         })
     }
 
@@ -122,54 +138,52 @@ impl CommitLane {
     }
 
     /// Moves the thread into the normal class for `work` (whether it runs now or is still
-    /// queued), and keeps it there until work queued after it. The change is made on a thread
-    /// of its own, since the library also sets the calling thread's nice value, and no worker
-    /// of the runtime should have its own changed.
+    /// queued); it stays there until work queued after it. Never waits: the change is made on
+    /// a thread of its own, which also keeps the library's change to the calling thread's nice
+    /// value (see [`to_normal_class`]) off the runtime's workers.
     pub(super) fn lift(&self, work: LaneWork) {
-        let mut class = lock(&self.class);
-        if class.lifted_for >= Some(work) {
-            return;
-        }
-        class.lifted_for = Some(work);
-        if class.lifted {
-            return;
-        }
-        drop(class);
-        #[cfg(test)]
-        self.lifts.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        let (thread, class) = (self.thread, Arc::clone(&self.class));
+        self.shared.lifted_for.fetch_max(work.0, Ordering::AcqRel);
+        let shared = Arc::clone(&self.shared);
         let lifter = std::thread::Builder::new()
             .name("forge-commit-lift".into())
-            .spawn(move || {
-                let mut class = lock(&class);
-                match to_normal_class(thread) {
-                    Ok(()) => class.lifted = true,
-                    Err(e) => {
-                        tracing::error!(error = %e, "capture writer: could not lift a waiting commit out of the idle class")
-                    }
-                }
-            });
+            .spawn(move || shared.lift_now());
         if let Err(e) = lifter {
-            tracing::error!(error = %e, "capture writer: no thread to lift a waiting commit");
+            tracing::error!(error = %e, "capture writer: no thread to lift a waiting commit; the writer tries again");
+        }
+    }
+
+    /// Lifts that took effect so far.
+    #[cfg(test)]
+    pub(super) fn lifts_done(&self) -> u64 {
+        self.shared.lifts_done.load(Ordering::Acquire)
+    }
+}
+
+impl Shared {
+    fn lift_now(&self) {
+        let alive = self.alive.lock().unwrap_or_else(PoisonError::into_inner);
+        let (true, Some(&thread)) = (*alive, self.thread.get()) else {
+            return;
+        };
+        let result = to_normal_class(thread);
+        // Read back: the library's error may be about the calling thread's nice value alone.
+        let normal = thread_priority::thread_schedule_policy_param(thread)
+            .is_ok_and(|(policy, _)| policy == NORMAL);
+        if normal {
+            self.lifts_done.fetch_add(1, Ordering::AcqRel);
+        } else {
+            tracing::error!(result = ?result, "capture writer: could not lift a waiting commit out of the idle class; the writer tries again");
         }
     }
 }
 
-/// Before `work` runs: back to the idle class, unless lifted for this work or later.
-fn settle(class: &Mutex<Class>, work: LaneWork) {
-    let mut class = lock(class);
-    if class.lifted && class.lifted_for < Some(work) {
-        match crate::store::lanes::lower_to_idle_class() {
-            Ok(()) => class.lifted = false,
-            Err(e) => {
-                tracing::warn!(error = %e, "capture writer: the commit thread stays in the normal class")
-            }
-        }
-    }
-}
+/// Marks the commit thread ended, however it ends, so that no lift names it afterwards.
+struct Ended(Arc<Shared>);
 
-fn lock(class: &Mutex<Class>) -> std::sync::MutexGuard<'_, Class> {
-    class.lock().unwrap_or_else(PoisonError::into_inner)
+impl Drop for Ended {
+    fn drop(&mut self) {
+        *self.0.alive.lock().unwrap_or_else(PoisonError::into_inner) = false;
+    }
 }
 
 fn take<F>(slot: &Mutex<Option<F>>) -> Option<F> {
@@ -193,18 +207,18 @@ fn probe() -> Result<(), String> {
     Err("the idle scheduling class is Linux's".into())
 }
 
-/// Moves `thread` into the normal class at nice 0.
+/// Moves `thread` into the normal class. Its nice value stays what it was (0: entering the idle
+/// class sets it so). The library then sets the *calling* thread's nice value to 0 as well,
+/// which is why a lift runs on a thread of its own.
 fn to_normal_class(thread: ThreadId) -> Result<(), thread_priority::Error> {
-    use thread_priority::{
-        NormalThreadSchedulePolicy, ThreadPriority, ThreadPriorityValue, ThreadSchedulePolicy,
-    };
+    use thread_priority::{ThreadPriority, ThreadPriorityValue};
     // The library maps 0..=99 onto nice 19..=-20; 48 is nice 0.
     let nice_zero = ThreadPriorityValue::try_from(48u8)
         .map_err(|_| thread_priority::Error::Priority("48 is out of range"))?;
     thread_priority::set_thread_priority_and_policy(
         thread,
         ThreadPriority::Crossplatform(nice_zero),
-        ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Other),
+        NORMAL,
     )
 }
 
@@ -212,8 +226,6 @@ fn to_normal_class(thread: ThreadId) -> Result<(), thread_priority::Error> {
 #[cfg(target_os = "linux")]
 mod tests {
     use super::*;
-    use std::sync::atomic::Ordering;
-    use thread_priority::{NormalThreadSchedulePolicy, ThreadSchedulePolicy};
 
     fn class_and_nice() -> (ThreadSchedulePolicy, i32) {
         let policy = thread_priority::thread_schedule_policy().expect("policy");
@@ -223,8 +235,6 @@ mod tests {
 
     const IDLE: ThreadSchedulePolicy =
         ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
-    const NORMAL: ThreadSchedulePolicy =
-        ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Other);
 
     /// Whether this process may leave the idle class (the lane's condition), checked apart
     /// from the lane, on a thread of its own.
@@ -237,9 +247,9 @@ mod tests {
         .expect("joined")
     }
 
-    async fn until_lifted(lane: &CommitLane) {
+    async fn until_lifted(lane: &CommitLane, times: u64) {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while !lock(&lane.class).lifted {
+        while lane.lifts_done() < times {
             assert!(std::time::Instant::now() < deadline, "never lifted");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -271,12 +281,11 @@ mod tests {
             .ok()
             .expect("queued");
         lane.lift(work);
-        until_lifted(&lane).await;
+        until_lifted(&lane, 1).await;
         release.send(()).expect("held");
         let (name, (class, nice)) = second.await.expect("ran");
         assert_eq!(name.as_deref(), Some(COMMIT_THREAD));
         assert_eq!((class, nice), (NORMAL, 0));
-        assert_eq!(lane.lifts.load(Ordering::Acquire), 1);
 
         let (_, third) = lane.run(class_and_nice).ok().expect("queued");
         assert_eq!(third.await.expect("ran").0, IDLE);
@@ -299,14 +308,17 @@ mod tests {
         // Lifted for the last of them while the first still runs: all of them run lifted.
         lane.lift(lifted_work);
         lane.lift(queued);
-        until_lifted(&lane).await;
+        until_lifted(&lane, 2).await;
         release.send(()).expect("held");
         blocker.await.expect("ran");
         assert_eq!(panicked.await, None);
         assert_eq!(after.await.expect("ran").0, NORMAL);
         assert_eq!(lifted.await.expect("ran").0, NORMAL);
-        // An earlier lift than one already made starts no second one.
-        assert_eq!(lane.lifts.load(Ordering::Acquire), 1);
+        // A lift for earlier work does not take back one for later work.
+        assert_eq!(
+            lane.shared.lifted_for.load(Ordering::Acquire),
+            lifted_work.0
+        );
         let (_, next) = lane.run(class_and_nice).ok().expect("queued");
         assert_eq!(next.await.expect("ran").0, IDLE);
     }

@@ -100,12 +100,17 @@ pub struct CaptureCounters {
     /// The most traces one transaction held, for tests of `batch_max`.
     #[cfg(test)]
     pub(super) largest_commit: AtomicU64,
-    /// For tests of the commit lane's use: commits queued on it, lifts the writer asked for, and
-    /// commits that ended on the commit thread in the normal class.
+    /// For tests of the commit lane's use: whether it started, commits queued on it, lifts the writer asked for and
+    /// those that took effect (as of the writer's last look), and commits that ended on the
+    /// commit thread in the normal class.
+    #[cfg(test)]
+    pub(super) lane_ready: AtomicU64,
     #[cfg(test)]
     pub(super) lane_commits: AtomicU64,
     #[cfg(test)]
     pub(super) lifts: AtomicU64,
+    #[cfg(test)]
+    pub(super) lifts_done: AtomicU64,
     #[cfg(test)]
     pub(super) lifted_commits: AtomicU64,
 }
@@ -141,9 +146,13 @@ impl CaptureCounters {
             #[cfg(test)]
             largest_commit: AtomicU64::new(0),
             #[cfg(test)]
+            lane_ready: AtomicU64::new(0),
+            #[cfg(test)]
             lane_commits: AtomicU64::new(0),
             #[cfg(test)]
             lifts: AtomicU64::new(0),
+            #[cfg(test)]
+            lifts_done: AtomicU64::new(0),
             #[cfg(test)]
             lifted_commits: AtomicU64::new(0),
         }
@@ -364,7 +373,8 @@ const MAX_ENCODES: usize = 4;
 /// the commit lane (see [`super::commit_lane`]) unless the writer is behind, and then on the
 /// blocking pool. A commit holds redb's write lock, which feedback, route changes and the next
 /// commit wait for, so one on the lane is lifted to the normal class once the writer falls
-/// behind or the commit has run for [`LIFT_AFTER`].
+/// behind or the commit has run for [`LIFT_AFTER`], and again every [`LIFT_AFTER`] while it
+/// runs. The lane starts beside the loop; until it has, commits run on the blocking pool.
 async fn run(
     store: Store,
     config: WriterConfig,
@@ -376,17 +386,10 @@ async fn run(
     let durable = config.mode == CaptureMode::Durable;
     let behind_at = (config.queue_capacity / 4).max(1);
     let lanes = Lanes::new(!durable && config.idle_priority, PATIENCE);
-    let mut commit_lane = if durable || !config.idle_priority {
-        None
-    } else {
-        match CommitLane::start().await {
-            Ok(lane) => Some(lane),
-            Err(why) => {
-                tracing::info!("capture writer: commits run at normal priority: {why}");
-                None
-            }
-        }
-    };
+    // The lane starts beside the loop: its thread proves itself from the idle class, which a
+    // busy machine may keep waiting, and traces must not wait for that.
+    let mut commit_lane: Option<CommitLane> = None;
+    let mut lane_start = (!durable && config.idle_priority).then(|| Box::pin(CommitLane::start()));
     let far = || Instant::now() + Duration::from_secs(3600);
     // Encoded traces waiting for their commit, and when it is due at the latest.
     let mut ready = Encoded::default();
@@ -396,21 +399,29 @@ async fn run(
     let mut encode_at: Option<Instant> = None;
     let mut encodes: JoinSet<Option<(Vec<Job>, Encoded)>> = JoinSet::new();
     let mut commit: Option<JoinHandle<Option<Encoded>>> = None;
-    // The commit running on the commit lane and not lifted yet, and when it is to be lifted.
-    let mut on_lane: Option<(LaneWork, Instant)> = None;
+    // The commit running on the commit lane, when it is to be lifted (again), and whether it has
+    // been lifted yet.
+    let mut on_lane: Option<(LaneWork, Instant, bool)> = None;
     // Emptied buffers, kept for the next batches.
     let mut spare_jobs: Vec<Vec<Job>> = Vec::new();
     let mut spare_encoded: Vec<Encoded> = Vec::new();
     let mut open = true;
     loop {
-        let behind = !open || rx.len() >= behind_at;
-        if let (Some(lane), Some((work, lift_at))) = (&commit_lane, on_lane)
-            && (behind || Instant::now() >= lift_at)
+        // Behind: the queue backs up, or closed, or a full batch waits for the running commit.
+        let behind = !open || rx.len() >= behind_at || ready.len() >= batch_max;
+        if let (Some(lane), Some((work, lift_at, lifted))) = (&commit_lane, on_lane)
+            && ((behind && !lifted) || Instant::now() >= lift_at)
         {
             lane.lift(work);
             #[cfg(test)]
             counters.lifts.fetch_add(1, Ordering::AcqRel);
-            on_lane = None;
+            on_lane = Some((work, Instant::now() + LIFT_AFTER, true));
+        }
+        #[cfg(test)]
+        if let Some(lane) = &commit_lane {
+            counters
+                .lifts_done
+                .store(lane.lifts_done(), Ordering::Release);
         }
         let commit_due = durable || !open || ready.len() >= batch_max;
         if commit.is_none()
@@ -428,7 +439,7 @@ async fn run(
                 Ok((work, done)) => {
                     #[cfg(test)]
                     counters.lane_commits.fetch_add(1, Ordering::AcqRel);
-                    on_lane = Some((work, Instant::now() + LIFT_AFTER));
+                    on_lane = Some((work, Instant::now() + LIFT_AFTER, false));
                     tokio::spawn(done)
                 }
                 Err(work) => tokio::task::spawn_blocking(move || Some(work())),
@@ -501,7 +512,23 @@ async fn run(
                     Err(e) => tracing::error!(error = %e, "trace commit task failed"),
                 }
             }
-            () = tokio::time::sleep_until(on_lane.map_or_else(far, |(_, at)| at)), if on_lane.is_some() => {}
+            () = tokio::time::sleep_until(on_lane.map_or_else(far, |(_, at, _)| at)), if on_lane.is_some() => {}
+            started = async {
+                match lane_start.as_mut() {
+                    Some(starting) => starting.await,
+                    None => std::future::pending().await,
+                }
+            }, if lane_start.is_some() => {
+                lane_start = None;
+                match started {
+                    Ok(lane) => {
+                        commit_lane = Some(lane);
+                        #[cfg(test)]
+                        counters.lane_ready.store(1, Ordering::Release);
+                    }
+                    Err(why) => tracing::info!("capture writer: commits run at normal priority: {why}"),
+                }
+            }
             () = tokio::time::sleep_until(due.unwrap_or_else(far)), if due.is_some() && commit.is_none() => {}
         }
         if encode_now {
