@@ -854,10 +854,11 @@ async fn kubernetes_refusals_map_to_provider_errors() {
         .unwrap_err();
     assert!(matches!(err, ProviderError::Invalid(_)), "{err:?}");
 
-    let err = provider.poll("forge-train-missing").await.unwrap_err();
-    assert!(
-        matches!(err, ProviderError::Http { status: 404, .. }),
-        "{err:?}"
+    // A Job that is not there (deleted, by Forge's cancel or by hand) will not train.
+    let gone = provider.poll("forge-train-missing").await.unwrap();
+    assert_eq!(
+        (gone.state, gone.provider_status.as_str()),
+        (ProviderState::Cancelled, "Deleted")
     );
 
     sim.inject_rate_limit(1, 4);
@@ -911,12 +912,117 @@ async fn kubernetes_token_file_is_reread_on_every_call() {
         matches!(err, ProviderError::Http { status: 401, .. }),
         "{err:?}"
     );
-    // The kubelet rotates the token in place.
+    // The kubelet rotates the token in place: now the API server lets it in, and finds no Job.
     std::fs::write(&token_file, format!("{CLUSTER_TOKEN}\n")).unwrap();
-    let err = provider.poll("forge-train-x").await.unwrap_err();
+    let progress = provider.poll("forge-train-x").await.unwrap();
+    assert_eq!(progress.provider_status, "Deleted");
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn kubernetes_cancel_deletes_the_job_with_its_pod_and_the_run_reads_cancelled() {
+    // A run that would take ten minutes.
+    let sim = SimUpstream::start(
+        SimConfig {
+            cluster: ClusterTimings {
+                pending: Duration::from_millis(20),
+                running: Duration::from_secs(600),
+            },
+            api_key: Some(API_KEY.into()),
+            cluster_token: Some(CLUSTER_TOKEN.into()),
+            ..SimConfig::default()
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let dataset: String = (0..12).map(|i| line(i) + "\n").collect();
+    let (dataset_url, server) = dataset_server(dataset).await;
+    let provider = kubernetes(&sim, &[]);
+    let submitted = provider
+        .submit(&k8s_request("01JOBKCANCEL", &dataset_url, DATASET_TOKEN))
+        .await
+        .unwrap();
+    let name = submitted.provider_job_id;
+    let before = provider.poll(&name).await.unwrap();
     assert!(
-        matches!(err, ProviderError::Http { status: 404, .. }),
-        "{err:?}"
+        matches!(before.state, ProviderState::Queued | ProviderState::Running),
+        "{before:?}"
     );
+
+    provider.cancel(&name).await.unwrap();
+    let after = provider.poll(&name).await.unwrap();
+    assert_eq!(
+        (after.state, after.provider_status.as_str()),
+        (ProviderState::Cancelled, "Deleted")
+    );
+    // Deleted with its pod, not orphaning it; a second cancel finds nothing and is fine.
+    let deletes: Vec<String> = sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "DELETE")
+        .map(|r| r.path)
+        .collect();
+    assert_eq!(
+        deletes,
+        [format!(
+            "/apis/batch/v1/namespaces/forge/jobs/{name}?propagationPolicy=Background"
+        )]
+    );
+    provider.cancel(&name).await.unwrap();
+
+    server.abort();
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn openai_and_azure_cancel_the_job_and_the_run_reads_cancelled() {
+    let sim = SimUpstream::start(
+        SimConfig {
+            fine_tune: FineTuneTimings {
+                validating: Duration::from_millis(20),
+                queued: Duration::from_millis(20),
+                running: Duration::from_secs(600),
+            },
+            azure: AzureTimings {
+                file_processing: Duration::from_millis(20),
+                deployment: Duration::from_millis(20),
+            },
+            api_key: Some(API_KEY.into()),
+            arm_token: Some(ARM_TOKEN.into()),
+            ..SimConfig::default()
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let train = jsonl(dir.path(), "train.jsonl", 12);
+    let providers: [Box<dyn TrainingProvider>; 2] =
+        [sim_provider(&sim), Box::new(azure(&sim, ARM_TOKEN))];
+    for provider in providers {
+        let submitted = provider
+            .submit(&request("01JOBCANCEL", train.clone(), None, "gpt-4o-mini"))
+            .await
+            .unwrap();
+        provider.cancel(&submitted.provider_job_id).await.unwrap();
+        let progress = until_final(provider.as_ref(), &submitted.provider_job_id).await;
+        assert_eq!(
+            progress.state,
+            ProviderState::Cancelled,
+            "{}",
+            provider.name()
+        );
+        // A run that has ended cannot be cancelled: the provider's refusal comes back as it is.
+        let again = provider
+            .cancel(&submitted.provider_job_id)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(again, ProviderError::Http { status: 400, .. }),
+            "{}: {again:?}",
+            provider.name()
+        );
+    }
     sim.shutdown().await;
 }

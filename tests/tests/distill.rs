@@ -715,6 +715,67 @@ async fn the_judges_daily_cap_holds_across_a_restart() {
 }
 
 #[tokio::test]
+async fn an_admin_cancel_stops_the_run_at_the_provider_and_fails_the_job() {
+    // Training that would take ten minutes: only the cancel can end it within the test.
+    let sim = start_sim(SimConfig {
+        fine_tune: FineTuneTimings {
+            validating: Duration::from_millis(50),
+            queued: Duration::from_millis(50),
+            running: Duration::from_secs(600),
+        },
+        ..sim_config()
+    })
+    .await;
+    let text = config(&sim, "", "").replace("trigger_threshold = 20", "trigger_threshold = 100000");
+    let gw = start_gateway_with(&text, admin).await;
+    traffic(&gw, 25, "cancelled", None).await;
+    let client = client();
+    let cancel = |id: &str| {
+        client
+            .post(format!(
+                "http://{}/admin/jobs/{id}/cancel",
+                gw.admin_addr().unwrap()
+            ))
+            .bearer_auth(TOKEN)
+            .send()
+    };
+    assert_eq!(cancel("dj_nope").await.unwrap().status(), 404);
+    assert_eq!(admin_post(&gw, "/admin/distill/chat").await.status(), 202);
+    // Until the run exists at the provider.
+    let start = tokio::time::Instant::now();
+    let (id, run) = loop {
+        let jobs: Value = admin_get(&gw, "/admin/jobs").await.json().await.unwrap();
+        let job = &jobs["data"][0];
+        if let (Some(id), Some(run)) = (job["id"].as_str(), job["provider_job_id"].as_str()) {
+            break (id.to_string(), run.to_string());
+        }
+        assert!(start.elapsed() < DEADLINE, "never submitted: {jobs}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let accepted = cancel(&id).await.unwrap();
+    assert_eq!(accepted.status(), 202);
+    let failed = wait_for_job(&gw, "FAILED").await;
+    assert_eq!(failed["id"], id.as_str());
+    assert!(
+        failed["error"].as_str().unwrap().contains("cancelled"),
+        "{failed}"
+    );
+    // The provider's own record says so too, and a cancelled job cannot be cancelled again.
+    let at_provider: Value = client
+        .get(format!("{}/v1/fine_tuning/jobs/{run}", sim.root_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(at_provider["status"], "cancelled", "{at_provider}");
+    let again = cancel(&id).await.unwrap();
+    assert_eq!(again.status(), 409);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_job_that_fails_after_training_keeps_its_examples_from_a_second_run() {
     // Azure trains, then its deployment is refused: the token is not the one ARM wants.
     let sim = start_sim(SimConfig {

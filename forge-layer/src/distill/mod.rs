@@ -12,8 +12,8 @@ pub use dataset_token::{dataset_token, dataset_token_matches};
 pub use evaluate::{ChatClient, EvalMethod};
 pub use job::{DistillationJob, JobStatus, ModelRecord, ModelStatus};
 pub use service::{
-    Deployer, DistillError, DistillSettings, DistillationService, JudgeModel, RouteDistill,
-    parse_schedule, policy,
+    CancelError, Deployer, DistillError, DistillSettings, DistillationService, JudgeModel,
+    RouteDistill, parse_schedule, policy,
 };
 
 pub use provider::{

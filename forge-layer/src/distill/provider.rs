@@ -168,6 +168,11 @@ pub trait TrainingProvider: Send + Sync + std::fmt::Debug {
         provider_job_id: &'a str,
     ) -> BoxFuture<'a, Result<Progress, ProviderError>>;
 
+    /// Asks the provider to stop the run (OpenAI and Azure: cancel the job; Kubernetes: delete
+    /// the Job and its pod). The run's next poll then reads [`ProviderState::Cancelled`]. A run
+    /// that is already gone is not an error.
+    fn cancel<'a>(&'a self, provider_job_id: &'a str) -> BoxFuture<'a, Result<(), ProviderError>>;
+
     /// Makes a trained model servable (Azure: a deployment; vLLM: load the adapter under a
     /// versioned name) and says where Forge routes it. `job_id` is Forge's, for naming.
     fn deploy<'a>(

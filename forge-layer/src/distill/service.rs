@@ -132,6 +132,24 @@ pub enum DistillError {
     Store(#[from] StoreError),
 }
 
+/// Why a job could not be cancelled.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CancelError {
+    /// No such job.
+    #[error("no job `{0}`")]
+    NotFound(String),
+    /// The job is not training: collecting, trained already, or ended.
+    #[error("job `{0}` is not training ({1}); only a run at the provider can be cancelled")]
+    NotTraining(String, String),
+    /// The provider refused, or could not be reached.
+    #[error("the provider did not cancel the run: {0}")]
+    Provider(ProviderError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 /// The distillation loop for every configured route.
 #[derive(Debug)]
 pub struct DistillationService {
@@ -183,6 +201,36 @@ impl DistillationService {
     /// One job.
     pub fn job(&self, id: &str) -> Result<Option<DistillationJob>, StoreError> {
         self.store.job(id)
+    }
+
+    /// Asks the provider to stop job `id`'s training run. The job's next poll reads the run
+    /// cancelled and ends the job FAILED; its examples are not cut, so the next job of the route
+    /// trains on them.
+    pub async fn cancel(&self, id: &str) -> Result<(), CancelError> {
+        // One small read; the job loop reads and writes its jobs the same way.
+        let job: DistillationJob = self
+            .store
+            .job(id)?
+            .ok_or_else(|| CancelError::NotFound(id.to_string()))?;
+        let not_training = |why: &str| CancelError::NotTraining(id.to_string(), why.to_string());
+        let (JobStatus::Training, None) = (job.status, &job.trained_model) else {
+            return Err(not_training(match job.status {
+                JobStatus::Collecting => "still collecting its dataset",
+                JobStatus::Training => "trained already, being deployed or evaluated",
+                JobStatus::Completed => "completed",
+                JobStatus::Failed => "failed",
+            }));
+        };
+        let (Some(route), Some(run)) = (self.routes.get(&job.route), &job.provider_job_id) else {
+            return Err(not_training("not submitted to the provider yet"));
+        };
+        route
+            .provider
+            .cancel(run)
+            .await
+            .map_err(CancelError::Provider)?;
+        tracing::info!(job = %id, provider_job = %run, "training run cancelled at the provider");
+        Ok(())
     }
 
     /// Every registered model, newest first.
@@ -629,8 +677,11 @@ impl DistillationService {
                             return self.fail(&mut job, format!("training failed: {error}"));
                         }
                         ProviderState::Cancelled => {
-                            return self
-                                .fail(&mut job, "training cancelled by the provider".into());
+                            return self.fail(
+                                &mut job,
+                                "training cancelled (through the admin API, or at the provider)"
+                                    .into(),
+                            );
                         }
                         ProviderState::Queued | ProviderState::Running => {}
                     }

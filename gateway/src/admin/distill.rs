@@ -4,7 +4,7 @@ use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use forge_layer::distill::DistillError;
+use forge_layer::distill::{CancelError, DistillError, ProviderError};
 use http::{StatusCode, header};
 
 use super::{AdminState, error};
@@ -54,6 +54,42 @@ pub async fn job(State(state): State<AdminState>, JsonPath(id): JsonPath<String>
             format!("no job `{id}`"),
         ),
         Ok(Err(e)) => crate::error::Error::from_store(&e).into_response(),
+        Err(e) => internal(&e),
+    }
+}
+
+/// `POST /admin/jobs/{id}/cancel`: asks the provider to stop the job's training run (202 with
+/// the job as it stands; it ends FAILED once its next poll reads the run cancelled).
+pub async fn cancel(State(state): State<AdminState>, JsonPath(id): JsonPath<String>) -> Response {
+    let Some(service) = state.distiller.clone() else {
+        return distillation_off();
+    };
+    match service.cancel(&id).await {
+        Ok(()) => match service.job(&id) {
+            Ok(Some(job)) => (StatusCode::ACCEPTED, Json(job)).into_response(),
+            Ok(None) => error(
+                StatusCode::NOT_FOUND,
+                "job_not_found",
+                format!("no job `{id}`"),
+            ),
+            Err(e) => crate::error::Error::from_store(&e).into_response(),
+        },
+        Err(e @ CancelError::NotFound(_)) => {
+            error(StatusCode::NOT_FOUND, "job_not_found", e.to_string())
+        }
+        Err(e @ CancelError::NotTraining(..)) => {
+            error(StatusCode::CONFLICT, "job_not_training", e.to_string())
+        }
+        // The provider answered that it will not (the run ended meanwhile, say).
+        Err(
+            e @ CancelError::Provider(ProviderError::Http {
+                status: 400..=499, ..
+            }),
+        ) => error(StatusCode::CONFLICT, "provider_refused", e.to_string()),
+        Err(e @ CancelError::Provider(_)) => {
+            error(StatusCode::BAD_GATEWAY, "provider_error", e.to_string())
+        }
+        Err(CancelError::Store(e)) => crate::error::Error::from_store(&e).into_response(),
         Err(e) => internal(&e),
     }
 }

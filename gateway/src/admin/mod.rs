@@ -50,6 +50,7 @@ pub fn app(state: AdminState, token: Secret) -> Router {
         .route("/admin/routes/{alias}/guard", put(routes::guard_mode))
         .route("/admin/jobs", get(distill::jobs))
         .route("/admin/jobs/{id}", get(distill::job))
+        .route("/admin/jobs/{id}/cancel", post(distill::cancel))
         .route("/admin/distill/{alias}", post(distill::distill))
         .route("/admin/models", get(distill::models))
         .fallback(|method: http::Method, uri: http::Uri| async move {

@@ -371,6 +371,10 @@ impl TrainingProvider for AzureProvider {
         Box::pin(self.api.progress(provider_job_id))
     }
 
+    fn cancel<'a>(&'a self, provider_job_id: &'a str) -> BoxFuture<'a, Result<(), ProviderError>> {
+        Box::pin(self.api.cancel_job(provider_job_id))
+    }
+
     fn deploy<'a>(
         &'a self,
         job_id: &'a str,

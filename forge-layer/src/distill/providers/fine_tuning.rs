@@ -178,6 +178,15 @@ impl FineTuningApi {
         }
     }
 
+    /// `POST /fine_tuning/jobs/{id}/cancel`. A job that has already ended answers 400 there,
+    /// which is returned as it is: the caller decides what it means.
+    pub(super) async fn cancel_job(&self, id: &str) -> Result<(), ProviderError> {
+        let url = self.url(&["fine_tuning", "jobs", id, "cancel"], &[]);
+        client::send_json::<JobObject>(self.request(Method::POST, url, self.timeout))
+            .await
+            .map(drop)
+    }
+
     pub(super) async fn job(&self, id: &str) -> Result<JobObject, ProviderError> {
         let url = self.url(&["fine_tuning", "jobs", id], &[]);
         client::send_json(self.request(Method::GET, url, self.timeout)).await

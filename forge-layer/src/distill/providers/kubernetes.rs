@@ -284,13 +284,33 @@ impl KubernetesProvider {
         let get = self
             .api_request(Method::GET, self.jobs_url(Some(name)))
             .await?;
-        let job: Job = client::send_json(get).await?;
-        let (state, provider_status) = job.state();
+        let (state, provider_status) = match client::send_json::<Job>(get).await {
+            Ok(job) => job.state(),
+            // Deleted (through Forge's cancel, or by hand): it will not train any further.
+            Err(ProviderError::Http { status: 404, .. }) => {
+                (ProviderState::Cancelled, "Deleted".to_string())
+            }
+            Err(e) => return Err(e),
+        };
         Ok(Progress {
             state,
             provider_status,
             metrics: BTreeMap::new(),
         })
+    }
+
+    /// Deletes the Job, and its pod with it (background propagation); one already gone is fine.
+    async fn delete_job(&self, name: &str) -> Result<(), ProviderError> {
+        let mut url = self.jobs_url(Some(name));
+        url.query_pairs_mut()
+            .append_pair("propagationPolicy", "Background");
+        match client::send(self.api_request(Method::DELETE, url).await?).await {
+            Ok(_) | Err(ProviderError::Http { status: 404, .. }) => {
+                tracing::info!(job = %name, namespace = %self.namespace, "training Job deleted");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     async fn load_adapter(
@@ -636,6 +656,10 @@ impl TrainingProvider for KubernetesProvider {
         provider_job_id: &'a str,
     ) -> BoxFuture<'a, Result<Progress, ProviderError>> {
         Box::pin(self.poll_job(provider_job_id))
+    }
+
+    fn cancel<'a>(&'a self, provider_job_id: &'a str) -> BoxFuture<'a, Result<(), ProviderError>> {
+        Box::pin(self.delete_job(provider_job_id))
     }
 
     fn deploy<'a>(
