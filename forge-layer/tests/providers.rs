@@ -854,11 +854,12 @@ async fn kubernetes_refusals_map_to_provider_errors() {
         .unwrap_err();
     assert!(matches!(err, ProviderError::Invalid(_)), "{err:?}");
 
-    // A Job that is not there (deleted, by Forge's cancel or by hand) will not train.
-    let gone = provider.poll("forge-train-missing").await.unwrap();
-    assert_eq!(
-        (gone.state, gone.provider_status.as_str()),
-        (ProviderState::Cancelled, "Deleted")
+    // A Job Forge did not delete is missing for a reason it does not know (a TTL, a changed
+    // namespace, a hand): the 404 as it is, not "cancelled".
+    let err = provider.poll("forge-train-missing").await.unwrap_err();
+    assert!(
+        matches!(err, ProviderError::Http { status: 404, .. }),
+        "{err:?}"
     );
 
     sim.inject_rate_limit(1, 4);
@@ -912,10 +913,13 @@ async fn kubernetes_token_file_is_reread_on_every_call() {
         matches!(err, ProviderError::Http { status: 401, .. }),
         "{err:?}"
     );
-    // The kubelet rotates the token in place: now the API server lets it in, and finds no Job.
+    // The kubelet rotates the token in place.
     std::fs::write(&token_file, format!("{CLUSTER_TOKEN}\n")).unwrap();
-    let progress = provider.poll("forge-train-x").await.unwrap();
-    assert_eq!(progress.provider_status, "Deleted");
+    let err = provider.poll("forge-train-x").await.unwrap_err();
+    assert!(
+        matches!(err, ProviderError::Http { status: 404, .. }),
+        "{err:?}"
+    );
     sim.shutdown().await;
 }
 
@@ -971,6 +975,31 @@ async fn kubernetes_cancel_deletes_the_job_with_its_pod_and_the_run_reads_cancel
     );
     provider.cancel(&name).await.unwrap();
 
+    server.abort();
+    sim.shutdown().await;
+
+    // A Job that has finished is left alone: its adapter is what its Forge job deploys next.
+    let sim = self::sim().await;
+    let dataset: String = (0..12).map(|i| line(i) + "\n").collect();
+    let (dataset_url, server) = dataset_server(dataset).await;
+    let provider = kubernetes(&sim, &[]);
+    let done = provider
+        .submit(&k8s_request("01JOBKDONE", &dataset_url, DATASET_TOKEN))
+        .await
+        .unwrap()
+        .provider_job_id;
+    let finished = until_final(&provider, &done).await;
+    assert!(
+        matches!(finished.state, ProviderState::Succeeded { .. }),
+        "{finished:?}"
+    );
+    let refused = provider.cancel(&done).await.unwrap_err();
+    assert!(
+        matches!(refused, ProviderError::Http { status: 409, .. }),
+        "{refused:?}"
+    );
+    assert_eq!(provider.poll(&done).await.unwrap().state, finished.state);
+    assert!(sim.requests().iter().all(|r| r.method != "DELETE"));
     server.abort();
     sim.shutdown().await;
 }

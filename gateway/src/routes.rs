@@ -430,9 +430,24 @@ impl RouteControl {
                 }
                 match route.students.iter_mut().find(|s| s.target == target) {
                     Some(s) => s.share = share,
-                    None => route
-                        .students
-                        .push(forge_router::Student::new(target, share)),
+                    None => {
+                        // A route holds at most MAX_STUDENTS, and each distillation adds one:
+                        // make room by dropping the oldest students that carry no traffic. Their
+                        // key ranges are empty, so no other student's users move.
+                        while route.students.len() >= forge_router::MAX_STUDENTS {
+                            let Some(idle) = route
+                                .students
+                                .iter()
+                                .position(|s| s.share == CanaryShare::ZERO)
+                            else {
+                                break; // validation refuses the table, with the reason
+                            };
+                            route.students.remove(idle);
+                        }
+                        route
+                            .students
+                            .push(forge_router::Student::new(target, share));
+                    }
                 }
                 Ok(())
             },
@@ -554,6 +569,41 @@ mod tests {
         assert_eq!(
             shares,
             vec![("s".into(), CanaryShare::ZERO), ("new".into(), pct(5.0))]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_new_student_on_a_full_route_takes_the_place_of_the_oldest_idle_one() {
+        // Full: the first student carries 5%, the rest none.
+        let full = (1..forge_router::MAX_STUDENTS).fold(
+            Route::new("a", Target::new("up", "t"))
+                .with_student(Student::new(Target::new("up", "live"), pct(5.0))),
+            |r, i| {
+                r.with_student(Student::new(
+                    Target::new("up", format!("s{i}")),
+                    CanaryShare::ZERO,
+                ))
+            },
+        );
+        let router = Router::new(vec![full], ["up"]).unwrap();
+        let control = RouteControl::new(router, None, None);
+        control
+            .add_student("a", Target::new("up", "new"), pct(1.0), "distiller")
+            .await
+            .unwrap();
+        let table = control.router().load();
+        let names: Vec<&str> = table
+            .route("a")
+            .unwrap()
+            .students
+            .iter()
+            .map(|s| s.target.model.as_str())
+            .collect();
+        assert_eq!(names.len(), forge_router::MAX_STUDENTS);
+        // The live one stays first (its users keep their keys); the oldest idle one is gone.
+        assert_eq!(
+            (names[0], names[1], names[names.len() - 1]),
+            ("live", "s2", "new")
         );
     }
 }

@@ -681,7 +681,9 @@ async fn traces_the_judge_could_not_score_are_scored_later() {
         },
     );
     let sim = start_sim(sim_config).await;
-    let judge = "[judge]\nupstream = \"sim\"\nmodel = \"judge\"\nsample_percent = 100.0\n";
+    // A day's cap of exactly the eight traces: a failed call must not count against it.
+    let judge =
+        "[judge]\nupstream = \"sim\"\nmodel = \"judge\"\nsample_percent = 100.0\nmax_per_day = 8\n";
     let text =
         config(&sim, "", judge).replace("trigger_threshold = 20", "trigger_threshold = 100000");
     let gw = start_gateway_with(&text, admin).await;

@@ -74,9 +74,19 @@ pub async fn run(
         if !day_read {
             // Counting from 0 instead could spend the day's cap twice: no judging until read.
             match stored_day_count(&store).await {
-                Ok(stored) => (day, day_read) = (stored, true),
-                Err(e) => {
+                Ok(Ok(stored)) => (day, day_read) = (stored, true),
+                // Unreadable for good (a value that does not decode): today's cap counts as
+                // spent, and tomorrow's count replaces the value.
+                Ok(Err(e)) if !e.is_transient() => {
+                    tracing::error!(error = %e, "judge: today's count is unreadable; no more judging until tomorrow (UTC)");
+                    (day, day_read) = ((now_ms() / 86_400_000, settings.max_per_day), true);
+                }
+                Ok(Err(e)) => {
                     tracing::warn!(error = %e, "judge: cannot read today's count yet; waiting for the next round");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "judge: the read of today's count failed; trying again next round");
                     continue;
                 }
             }
@@ -158,6 +168,10 @@ pub async fn run(
                 // scored, and so from becoming golden through the judge.
                 Err(e) => {
                     tracing::warn!(trace_id = %trace.id, error = %e, "judge: request failed; trying again next round");
+                    // No judgement was had: given back, or a judge that is down for hours
+                    // (one failed call a round) would spend the day's cap on nothing.
+                    day.1 = day.1.saturating_sub(1);
+                    store_meta(&store, DAY_COUNT, day).await;
                     finished = false;
                     break;
                 }
@@ -172,17 +186,16 @@ pub async fn run(
 }
 
 /// Today's judgements so far, as stored (none if the stored count is from another day).
-async fn stored_day_count(store: &Store) -> Result<(u64, u32), String> {
+async fn stored_day_count(
+    store: &Store,
+) -> Result<Result<(u64, u32), StoreError>, tokio::task::JoinError> {
     let reader = store.clone();
-    let stored = tokio::task::spawn_blocking(move || reader.meta::<(u64, u32)>(DAY_COUNT))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    let stored = tokio::task::spawn_blocking(move || reader.meta::<(u64, u32)>(DAY_COUNT)).await?;
     let today = now_ms() / 86_400_000;
-    Ok(match stored {
+    Ok(stored.map(|stored| match stored {
         Some((d, n)) if d == today => (d, n),
         _ => (today, 0),
-    })
+    }))
 }
 
 /// Stores the judge's cursor or count off the async runtime: a write waits for its commit's

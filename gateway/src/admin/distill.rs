@@ -80,10 +80,11 @@ pub async fn cancel(State(state): State<AdminState>, JsonPath(id): JsonPath<Stri
         Err(e @ CancelError::NotTraining(..)) => {
             error(StatusCode::CONFLICT, "job_not_training", e.to_string())
         }
-        // The provider answered that it will not (the run ended meanwhile, say).
+        // The provider answered that it will not (the run ended meanwhile, say). Any other
+        // refusal (a bad key, a job it does not know) is a fault between Forge and it: 502.
         Err(
             e @ CancelError::Provider(ProviderError::Http {
-                status: 400..=499, ..
+                status: 400 | 409, ..
             }),
         ) => error(StatusCode::CONFLICT, "provider_refused", e.to_string()),
         Err(e @ CancelError::Provider(_)) => {

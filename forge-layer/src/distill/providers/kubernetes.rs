@@ -68,6 +68,9 @@ pub struct KubernetesProvider {
     vllm_url: Url,
     vllm_auth: Option<HeaderValue>,
     upstream: String,
+    /// Jobs this provider deleted (cancelled): only for those does a 404 mean "cancelled"; any
+    /// other missing Job is reported as the 404 it is (a TTL, a changed namespace, a hand).
+    deleted: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 #[derive(Debug)]
@@ -213,6 +216,7 @@ impl KubernetesProvider {
             vllm_url,
             vllm_auth,
             upstream: name_or("upstream", config.upstream.as_deref(), "vllm")?,
+            deleted: Default::default(),
         })
     }
 
@@ -286,8 +290,7 @@ impl KubernetesProvider {
             .await?;
         let (state, provider_status) = match client::send_json::<Job>(get).await {
             Ok(job) => job.state(),
-            // Deleted (through Forge's cancel, or by hand): it will not train any further.
-            Err(ProviderError::Http { status: 404, .. }) => {
+            Err(ProviderError::Http { status: 404, .. }) if self.was_deleted(name) => {
                 (ProviderState::Cancelled, "Deleted".to_string())
             }
             Err(e) => return Err(e),
@@ -299,8 +302,38 @@ impl KubernetesProvider {
         })
     }
 
+    fn was_deleted(&self, name: &str) -> bool {
+        self.deleted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(name)
+    }
+
     /// Deletes the Job, and its pod with it (background propagation); one already gone is fine.
+    /// A Job that has finished is left alone (409): its adapter may be what the job deploys
+    /// next. A Job that finishes between the look and the delete is still deleted; the adapter
+    /// stays on its volume, and the job's error names the run.
     async fn delete_job(&self, name: &str) -> Result<(), ProviderError> {
+        let progress = match self.poll_job(name).await {
+            Ok(progress) => Some(progress),
+            Err(ProviderError::Http { status: 404, .. }) => None,
+            Err(e) => return Err(e),
+        };
+        if let Some(Progress {
+            state: ProviderState::Succeeded { .. } | ProviderState::Failed { .. },
+            provider_status,
+            ..
+        }) = progress
+        {
+            return Err(ProviderError::Http {
+                status: 409,
+                message: format!("the Job {name} has finished ({provider_status})"),
+            });
+        }
+        self.deleted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(name.to_owned());
         let mut url = self.jobs_url(Some(name));
         url.query_pairs_mut()
             .append_pair("propagationPolicy", "Background");
