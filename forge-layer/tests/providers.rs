@@ -36,8 +36,26 @@ const AZURE_API_VERSION: &str = "2024-10-21";
 const DEADLINE: Duration = Duration::from_secs(60);
 
 async fn sim() -> SimHandle {
+    start(sim_config()).await
+}
+
+/// Like [`sim`], with training runs that take ten minutes: only a cancel ends them in a test.
+async fn slow_sim() -> SimHandle {
+    let mut config = sim_config();
+    config.fine_tune.running = Duration::from_secs(600);
+    config.cluster.running = Duration::from_secs(600);
+    start(config).await
+}
+
+async fn start(config: SimConfig) -> SimHandle {
+    SimUpstream::start(config, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap()
+}
+
+fn sim_config() -> SimConfig {
     let tiny = Duration::from_millis(40);
-    let config = SimConfig {
+    SimConfig {
         fine_tune: FineTuneTimings {
             validating: tiny,
             queued: tiny,
@@ -55,10 +73,7 @@ async fn sim() -> SimHandle {
         arm_token: Some(ARM_TOKEN.into()),
         cluster_token: Some(CLUSTER_TOKEN.into()),
         ..SimConfig::default()
-    };
-    SimUpstream::start(config, "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap()
+    }
 }
 
 fn line(i: usize) -> String {
@@ -925,21 +940,7 @@ async fn kubernetes_token_file_is_reread_on_every_call() {
 
 #[tokio::test]
 async fn kubernetes_cancel_deletes_the_job_with_its_pod_and_the_run_reads_cancelled() {
-    // A run that would take ten minutes.
-    let sim = SimUpstream::start(
-        SimConfig {
-            cluster: ClusterTimings {
-                pending: Duration::from_millis(20),
-                running: Duration::from_secs(600),
-            },
-            api_key: Some(API_KEY.into()),
-            cluster_token: Some(CLUSTER_TOKEN.into()),
-            ..SimConfig::default()
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
+    let sim = slow_sim().await;
     let dataset: String = (0..12).map(|i| line(i) + "\n").collect();
     let (dataset_url, server) = dataset_server(dataset).await;
     let provider = kubernetes(&sim, &[]);
@@ -1006,25 +1007,7 @@ async fn kubernetes_cancel_deletes_the_job_with_its_pod_and_the_run_reads_cancel
 
 #[tokio::test]
 async fn openai_and_azure_cancel_the_job_and_the_run_reads_cancelled() {
-    let sim = SimUpstream::start(
-        SimConfig {
-            fine_tune: FineTuneTimings {
-                validating: Duration::from_millis(20),
-                queued: Duration::from_millis(20),
-                running: Duration::from_secs(600),
-            },
-            azure: AzureTimings {
-                file_processing: Duration::from_millis(20),
-                deployment: Duration::from_millis(20),
-            },
-            api_key: Some(API_KEY.into()),
-            arm_token: Some(ARM_TOKEN.into()),
-            ..SimConfig::default()
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
+    let sim = slow_sim().await;
     let dir = tempfile::tempdir().unwrap();
     let train = jsonl(dir.path(), "train.jsonl", 12);
     let providers: [Box<dyn TrainingProvider>; 2] =
