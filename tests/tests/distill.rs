@@ -151,10 +151,15 @@ fn judged(store: &forge_layer::store::Store, ids: &[String]) -> usize {
         .count()
 }
 
+/// `GET /admin/jobs`: every job, newest first.
+async fn list_jobs(gw: &TestGateway) -> Value {
+    admin_get(gw, "/admin/jobs").await.json().await.unwrap()
+}
+
 async fn wait_for_job(gw: &TestGateway, status: &str) -> Value {
     let start = tokio::time::Instant::now();
     loop {
-        let jobs: Value = admin_get(gw, "/admin/jobs").await.json().await.unwrap();
+        let jobs = list_jobs(gw).await;
         if let Some(job) = jobs["data"]
             .as_array()
             .unwrap()
@@ -383,7 +388,7 @@ async fn the_threshold_counts_examples_as_the_dataset_takes_them() {
     let done = wait_for_job(&gw, "COMPLETED").await;
     assert_eq!(done["trigger"], "threshold");
     // No job was started too early, only to fail for too few examples.
-    let jobs: Value = admin_get(&gw, "/admin/jobs").await.json().await.unwrap();
+    let jobs = list_jobs(&gw).await;
     let statuses: Vec<&str> = jobs["data"]
         .as_array()
         .unwrap()
@@ -612,7 +617,7 @@ async fn the_schedule_starts_a_job_once_there_is_enough_data() {
     traffic(&gw, 5, "too-few", None).await;
     // Several scheduled ticks pass with 5 golden traces (min_examples is 12): no job.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let jobs: Value = admin_get(&gw, "/admin/jobs").await.json().await.unwrap();
+    let jobs = list_jobs(&gw).await;
     assert_eq!(
         jobs["data"],
         json!([]),
@@ -633,12 +638,12 @@ async fn a_threshold_below_min_examples_waits_for_min_examples() {
     let gw = start_gateway_with(&text, admin).await;
     traffic(&gw, 5, "too-few", None).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let jobs: Value = admin_get(&gw, "/admin/jobs").await.json().await.unwrap();
+    let jobs = list_jobs(&gw).await;
     assert_eq!(jobs["data"], json!([]), "no job below min_examples");
     traffic(&gw, 12, "enough", None).await;
     let job = wait_for_job(&gw, "COMPLETED").await;
     assert_eq!(job["trigger"], "threshold");
-    let jobs: Value = admin_get(&gw, "/admin/jobs").await.json().await.unwrap();
+    let jobs = list_jobs(&gw).await;
     let statuses: Vec<&str> = jobs["data"]
         .as_array()
         .unwrap()
@@ -659,7 +664,7 @@ async fn traces_younger_than_the_grading_window_wait_for_it() {
     let gw = start_gateway_with(&text, admin).await;
     traffic(&gw, 25, "fresh", None).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let jobs: Value = admin_get(&gw, "/admin/jobs").await.json().await.unwrap();
+    let jobs = list_jobs(&gw).await;
     assert_eq!(
         jobs["data"],
         json!([]),
@@ -743,19 +748,11 @@ async fn an_admin_cancel_stops_the_run_at_the_provider_and_fails_the_job() {
     };
     assert_eq!(cancel("dj_nope").await.unwrap().status(), 404);
     assert_eq!(admin_post(&gw, "/admin/distill/chat").await.status(), 202);
-    // Until the run exists at the provider.
-    let start = tokio::time::Instant::now();
-    let (id, run) = loop {
-        let jobs: Value = admin_get(&gw, "/admin/jobs").await.json().await.unwrap();
-        let job = &jobs["data"][0];
-        if let (Some(id), Some(run)) = (job["id"].as_str(), job["provider_job_id"].as_str()) {
-            break (id.to_string(), run.to_string());
-        }
-        assert!(start.elapsed() < DEADLINE, "never submitted: {jobs}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let id = submitted_job(&gw).await;
     let accepted = cancel(&id).await.unwrap();
     assert_eq!(accepted.status(), 202);
+    let accepted: Value = accepted.json().await.unwrap();
+    let run = accepted["provider_job_id"].as_str().unwrap().to_string();
     let failed = wait_for_job(&gw, "FAILED").await;
     assert_eq!(failed["id"], id.as_str());
     assert!(
@@ -804,7 +801,7 @@ async fn a_job_that_fails_after_training_keeps_its_examples_from_a_second_run() 
     assert!(failed["trained_model"].is_string(), "{failed}");
     // Many checks later (every 0.2 s), no second job has trained on the same examples.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let jobs: Value = admin_get(&gw, "/admin/jobs").await.json().await.unwrap();
+    let jobs = list_jobs(&gw).await;
     assert_eq!(jobs["data"].as_array().unwrap().len(), 1, "{jobs}");
     gw.shutdown().await;
 }
@@ -823,7 +820,7 @@ async fn a_newer_student_retires_the_one_it_replaces() {
         assert_eq!(admin_post(&gw, "/admin/distill/chat").await.status(), 202);
         let start = tokio::time::Instant::now();
         let job = loop {
-            let jobs: Value = admin_get(&gw, "/admin/jobs").await.json().await.unwrap();
+            let jobs = list_jobs(&gw).await;
             let done = jobs["data"]
                 .as_array()
                 .unwrap()

@@ -79,7 +79,7 @@ pub async fn run(
                 // spent, and tomorrow's count replaces the value.
                 Ok(Err(e)) if !e.is_transient() => {
                     tracing::error!(error = %e, "judge: today's count is unreadable; no more judging until tomorrow (UTC)");
-                    (day, day_read) = ((now_ms() / 86_400_000, settings.max_per_day), true);
+                    (day, day_read) = ((today(), settings.max_per_day), true);
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "judge: cannot read today's count yet; waiting for the next round");
@@ -103,9 +103,9 @@ pub async fn run(
             if minute.0.elapsed() >= Duration::from_secs(60) {
                 minute = (Instant::now(), 0);
             }
-            let today = now_ms() / 86_400_000;
-            if day.0 != today {
-                day = (today, 0);
+            let now = today();
+            if day.0 != now {
+                day = (now, 0);
             }
             if day.1 >= settings.max_per_day || minute.1 >= settings.max_per_minute {
                 // The rest waits for the next window; the cursor stays before them.
@@ -185,16 +185,21 @@ pub async fn run(
     }
 }
 
+/// Days since the epoch, UTC: the cap's day.
+fn today() -> u64 {
+    now_ms() / 86_400_000
+}
+
 /// Today's judgements so far, as stored (none if the stored count is from another day).
 async fn stored_day_count(
     store: &Store,
 ) -> Result<Result<(u64, u32), StoreError>, tokio::task::JoinError> {
     let reader = store.clone();
     let stored = tokio::task::spawn_blocking(move || reader.meta::<(u64, u32)>(DAY_COUNT)).await?;
-    let today = now_ms() / 86_400_000;
+    let now = today();
     Ok(stored.map(|stored| match stored {
-        Some((d, n)) if d == today => (d, n),
-        _ => (today, 0),
+        Some((d, n)) if d == now => (d, n),
+        _ => (now, 0),
     }))
 }
 

@@ -203,10 +203,10 @@ impl DistillationService {
         self.store.job(id)
     }
 
-    /// Asks the provider to stop job `id`'s training run. The job's next poll reads the run
-    /// cancelled and ends the job FAILED; its examples are not cut, so the next job of the route
-    /// trains on them.
-    pub async fn cancel(&self, id: &str) -> Result<(), CancelError> {
+    /// Asks the provider to stop job `id`'s training run, and returns the job as it stands. The
+    /// job's next poll reads the run cancelled and ends the job FAILED; its examples are not cut,
+    /// so the next job of the route trains on them.
+    pub async fn cancel(&self, id: &str) -> Result<DistillationJob, CancelError> {
         // One small read; the job loop reads and writes its jobs the same way.
         let job: DistillationJob = self
             .store
@@ -230,7 +230,7 @@ impl DistillationService {
             .await
             .map_err(CancelError::Provider)?;
         tracing::info!(job = %id, provider_job = %run, "training run cancelled at the provider");
-        Ok(())
+        Ok(job)
     }
 
     /// Every registered model, newest first.

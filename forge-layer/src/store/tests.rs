@@ -805,7 +805,7 @@ async fn commit_lane_available() -> bool {
 /// Waits until the writer's commit lane has started (it starts beside the writer's loop).
 async fn until_lane_ready(counters: &CaptureCounters) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while counters.lane_ready.load(Ordering::Acquire) == 0 {
+    while !counters.lane_ready.load(Ordering::Acquire) {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the commit lane never started"

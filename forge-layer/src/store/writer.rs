@@ -100,15 +100,13 @@ pub struct CaptureCounters {
     /// The most traces one transaction held, for tests of `batch_max`.
     #[cfg(test)]
     pub(super) largest_commit: AtomicU64,
-    /// For tests of the commit lane's use: whether it started, commits queued on it, lifts the writer asked for and
-    /// those that took effect (as of the writer's last look), and commits that ended on the
-    /// commit thread in the normal class.
+    /// For tests of the commit lane's use: whether it started, commits queued on it, lifts
+    /// that took effect (as of the writer's last look), and commits that ended on the commit
+    /// thread in the normal class.
     #[cfg(test)]
-    pub(super) lane_ready: AtomicU64,
+    pub(super) lane_ready: std::sync::atomic::AtomicBool,
     #[cfg(test)]
     pub(super) lane_commits: AtomicU64,
-    #[cfg(test)]
-    pub(super) lifts: AtomicU64,
     #[cfg(test)]
     pub(super) lifts_done: AtomicU64,
     #[cfg(test)]
@@ -146,11 +144,9 @@ impl CaptureCounters {
             #[cfg(test)]
             largest_commit: AtomicU64::new(0),
             #[cfg(test)]
-            lane_ready: AtomicU64::new(0),
+            lane_ready: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
             lane_commits: AtomicU64::new(0),
-            #[cfg(test)]
-            lifts: AtomicU64::new(0),
             #[cfg(test)]
             lifts_done: AtomicU64::new(0),
             #[cfg(test)]
@@ -413,8 +409,6 @@ async fn run(
             && ((behind && !lifted) || Instant::now() >= lift_at)
         {
             lane.lift(work);
-            #[cfg(test)]
-            counters.lifts.fetch_add(1, Ordering::AcqRel);
             on_lane = Some((work, Instant::now() + LIFT_AFTER, true));
         }
         #[cfg(test)]
@@ -524,7 +518,7 @@ async fn run(
                     Ok(lane) => {
                         commit_lane = Some(lane);
                         #[cfg(test)]
-                        counters.lane_ready.store(1, Ordering::Release);
+                        counters.lane_ready.store(true, Ordering::Release);
                     }
                     Err(why) => tracing::info!("capture writer: commits run at normal priority: {why}"),
                 }

@@ -59,21 +59,13 @@ pub async fn job(State(state): State<AdminState>, JsonPath(id): JsonPath<String>
 }
 
 /// `POST /admin/jobs/{id}/cancel`: asks the provider to stop the job's training run (202 with
-/// the job as it stands; it ends FAILED once its next poll reads the run cancelled).
+/// the job as it stood; it ends FAILED once its next poll reads the run cancelled).
 pub async fn cancel(State(state): State<AdminState>, JsonPath(id): JsonPath<String>) -> Response {
     let Some(service) = state.distiller.clone() else {
         return distillation_off();
     };
     match service.cancel(&id).await {
-        Ok(()) => match service.job(&id) {
-            Ok(Some(job)) => (StatusCode::ACCEPTED, Json(job)).into_response(),
-            Ok(None) => error(
-                StatusCode::NOT_FOUND,
-                "job_not_found",
-                format!("no job `{id}`"),
-            ),
-            Err(e) => crate::error::Error::from_store(&e).into_response(),
-        },
+        Ok(job) => (StatusCode::ACCEPTED, Json(job)).into_response(),
         Err(e @ CancelError::NotFound(_)) => {
             error(StatusCode::NOT_FOUND, "job_not_found", e.to_string())
         }

@@ -312,17 +312,13 @@ mod tests {
             assert_eq!(got, (status.as_u16(), kind.into(), "some_code".into()));
         }
     }
-}
 
-#[cfg(test)]
-mod page_tests {
-    use super::*;
-    use forge_layer::capture::{BodyEnd, CaptureSession, ExchangeMeta};
-    use forge_layer::redact::Redactor;
-    use forge_layer::store::Ticket;
+    /// `n` traces, newest first, as a scan meets them, and their ids.
+    fn traces(n: usize) -> (Vec<Trace>, Vec<String>) {
+        use forge_layer::capture::{BodyEnd, CaptureSession, ExchangeMeta};
+        use forge_layer::redact::Redactor;
+        use forge_layer::store::Ticket;
 
-    /// `n` traces, newest first, as a scan meets them.
-    fn traces(n: usize) -> Vec<Trace> {
         let meta = ExchangeMeta {
             tenant: None,
             key_id: None,
@@ -344,7 +340,13 @@ mod page_tests {
             })
             .collect();
         out.reverse();
-        out
+        let ids = out.iter().map(|t| t.id.to_string()).collect();
+        (out, ids)
+    }
+
+    /// `has_more` and `last_id` of a page's answer.
+    fn next(json: &serde_json::Value) -> (serde_json::Value, serde_json::Value) {
+        (json["has_more"].clone(), json["last_id"].clone())
     }
 
     fn run(page: &mut Page, traces: Vec<Trace>, keep: impl Fn(usize) -> bool) -> usize {
@@ -360,23 +362,18 @@ mod page_tests {
 
     #[test]
     fn a_full_page_goes_on_after_its_last_trace() {
-        let all = traces(10);
-        let ids: Vec<String> = all.iter().map(|t| t.id.to_string()).collect();
+        let (all, ids) = traces(10);
         let mut page = Page::new(3, 100);
         // Reads one more than the page, to know there is more.
         assert_eq!(run(&mut page, all, |_| true), 4);
         let json = page.into_json();
         assert_eq!(json["data"].as_array().unwrap().len(), 3);
-        assert_eq!(
-            (json["has_more"].clone(), json["last_id"].clone()),
-            (true.into(), ids[2].clone().into())
-        );
+        assert_eq!(next(&json), (true.into(), ids[2].clone().into()));
     }
 
     #[test]
     fn a_page_that_spends_its_budget_goes_on_after_the_last_trace_it_read() {
-        let all = traces(10);
-        let ids: Vec<String> = all.iter().map(|t| t.id.to_string()).collect();
+        let (all, ids) = traces(10);
         // Only every fifth trace matches; a budget of 7 reads stops at the seventh.
         let mut page = Page::new(3, 7);
         assert_eq!(run(&mut page, all, |i| i % 5 == 0), 7);
@@ -388,23 +385,16 @@ mod page_tests {
             .map(|t| t["id"].as_str().unwrap())
             .collect();
         assert_eq!(kept, [ids[0].as_str(), ids[5].as_str()]);
-        assert_eq!(
-            (json["has_more"].clone(), json["last_id"].clone()),
-            (true.into(), ids[6].clone().into())
-        );
+        assert_eq!(next(&json), (true.into(), ids[6].clone().into()));
     }
 
     #[test]
     fn the_end_of_the_store_within_budget_is_the_last_page() {
-        let all = traces(4);
-        let ids: Vec<String> = all.iter().map(|t| t.id.to_string()).collect();
+        let (all, ids) = traces(4);
         let mut page = Page::new(3, 100);
         assert_eq!(run(&mut page, all, |i| i != 1), 4);
         let json = page.into_json();
         assert_eq!(json["data"].as_array().unwrap().len(), 3);
-        assert_eq!(
-            (json["has_more"].clone(), json["last_id"].clone()),
-            (false.into(), ids[3].clone().into())
-        );
+        assert_eq!(next(&json), (false.into(), ids[3].clone().into()));
     }
 }

@@ -290,7 +290,7 @@ impl KubernetesProvider {
             .await?;
         let (state, provider_status) = match client::send_json::<Job>(get).await {
             Ok(job) => job.state(),
-            Err(ProviderError::Http { status: 404, .. }) if self.was_deleted(name) => {
+            Err(ProviderError::Http { status: 404, .. }) if self.deleted().contains(name) => {
                 (ProviderState::Cancelled, "Deleted".to_string())
             }
             Err(e) => return Err(e),
@@ -302,11 +302,10 @@ impl KubernetesProvider {
         })
     }
 
-    fn was_deleted(&self, name: &str) -> bool {
+    fn deleted(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
         self.deleted
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains(name)
     }
 
     /// Deletes the Job, and its pod with it (background propagation); one already gone is fine.
@@ -330,10 +329,7 @@ impl KubernetesProvider {
                 message: format!("the Job {name} has finished ({provider_status})"),
             });
         }
-        self.deleted
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(name.to_owned());
+        self.deleted().insert(name.to_owned());
         let mut url = self.jobs_url(Some(name));
         url.query_pairs_mut()
             .append_pair("propagationPolicy", "Background");
