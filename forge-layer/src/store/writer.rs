@@ -97,6 +97,8 @@ pub struct CaptureCounters {
     /// A permit per byte a queued trace holds, from `submit` until its commit settles.
     room: Arc<Semaphore>,
     room_total: usize,
+    /// Drops, told in the log at most once a second.
+    drop_log: DropLog,
     /// The most traces one transaction held, for tests of `batch_max`.
     #[cfg(test)]
     pub(super) largest_commit: AtomicU64,
@@ -141,6 +143,7 @@ impl CaptureCounters {
             failed: AtomicU64::new(0),
             room: Arc::new(Semaphore::new(room_total)),
             room_total,
+            drop_log: DropLog::default(),
             #[cfg(test)]
             largest_commit: AtomicU64::new(0),
             #[cfg(test)]
@@ -332,8 +335,63 @@ impl TraceWriter {
         done: Option<oneshot::Receiver<bool>>,
     ) -> Option<DurableAck> {
         self.counters.dropped.fetch_add(1, Ordering::AcqRel);
-        tracing::warn!(trace_id = %id, "{why}: trace dropped");
+        self.counters.drop_log.record(id, why);
         done.map(|_| Box::pin(std::future::ready(false)) as DurableAck)
+    }
+}
+
+/// Reports drops in the log at most once per [`DropLog::EVERY`]. A queue overflows under load,
+/// when a line per trace would add to the load and bury every other line; the dropped counter
+/// (`forge_capture_dropped_total`) has every one.
+#[derive(Debug)]
+struct DropLog {
+    since: std::time::Instant,
+    /// When the last line was written, in milliseconds after `since`, plus one; 0 for never.
+    last_ms: AtomicU64,
+    /// Drops since the last line.
+    unreported: AtomicU64,
+}
+
+impl Default for DropLog {
+    fn default() -> Self {
+        Self {
+            since: std::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+            unreported: AtomicU64::new(0),
+        }
+    }
+}
+
+impl DropLog {
+    const EVERY: Duration = Duration::from_secs(1);
+
+    /// Notes one drop, and writes a line with the count since the last one if that was long
+    /// enough ago; returns whether it wrote.
+    fn record(&self, id: TraceId, why: &str) -> bool {
+        self.unreported.fetch_add(1, Ordering::AcqRel);
+        let now = u64::try_from(self.since.elapsed().as_millis())
+            .unwrap_or(u64::MAX - 1)
+            .saturating_add(1);
+        let last = self.last_ms.load(Ordering::Acquire);
+        let every = Self::EVERY.as_millis() as u64;
+        if last != 0 && now < last.saturating_add(every) {
+            return false;
+        }
+        // One thread writes the line; the others' drops go into it or the next.
+        if self
+            .last_ms
+            .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return false;
+        }
+        let dropped = self.unreported.swap(0, Ordering::AcqRel);
+        tracing::warn!(
+            trace_id = %id,
+            dropped,
+            "{why}: {dropped} trace(s) dropped since the last such line (lines come at most once a second; forge_capture_dropped_total counts every drop)"
+        );
+        true
     }
 }
 
@@ -771,5 +829,20 @@ mod tests {
         ready.clear();
         assert_eq!(texts(&ready), vec![]);
         assert_eq!(ready.bytes.capacity(), capacity);
+    }
+
+    #[test]
+    fn drops_are_reported_once_and_then_at_most_once_a_second() {
+        let mut log = DropLog::default();
+        let id = TraceId::from_u128(7);
+        assert!(log.record(id, "full"), "the first drop is reported at once");
+        let reported = (0..10_000).filter(|_| log.record(id, "full")).count();
+        // The loop takes far less than a second, but a stalled machine might cross one boundary.
+        assert!(reported <= 1, "{reported} lines for a burst of drops");
+        assert!(log.unreported.load(Ordering::Acquire) >= 1);
+        // A second later (moved back in time here), the next drop reports the burst with it.
+        log.since = log.since.checked_sub(DropLog::EVERY * 2).unwrap();
+        assert!(log.record(id, "full"));
+        assert_eq!(log.unreported.load(Ordering::Acquire), 0);
     }
 }
