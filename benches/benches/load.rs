@@ -9,6 +9,11 @@
 //! `FORGE_BENCH_CONNS=16` (a comma-separated subset of 1, 16, 64), `FORGE_BENCH_MODES=stream`
 //! (of non-stream, stream) and `FORGE_BENCH_TARGETS=direct,off` (of direct, off, async,
 //! durable) run fewer cells and targets; a skipped target shows as n/a.
+//! `FORGE_BENCH_ROUNDS` sets the rounds per cell (an even number, default 2): many short rounds
+//! let the median of the per-round comparisons (each capturing target against capture off in the
+//! round beside it) stand clear of a stall that would rule a pooled p99.
+//! `FORGE_BENCH_CAPTURE='enabled = false'` turns the capturing gateways into twins of capture
+//! off, which gives the noise floor of those comparisons.
 //! `FORGE_BENCH_CAPTURE` adds `[capture]` keys to the `async` and `durable` gateways, separated by
 //! `;` (`FORGE_BENCH_CAPTURE='idle_priority = false; flush_interval_ms = 10'`; no value may hold a
 //! `;`), to compare settings run against run.
@@ -48,13 +53,15 @@ const ENV_FORGE_BENCH_MODES: &str = "FORGE_BENCH_MODES";
 const ENV_FORGE_BENCH_TARGETS: &str = "FORGE_BENCH_TARGETS";
 /// Extra `[capture]` keys for the capturing gateways, `;`-separated.
 const ENV_FORGE_BENCH_CAPTURE: &str = "FORGE_BENCH_CAPTURE";
+/// Rounds per cell.
+const ENV_FORGE_BENCH_ROUNDS: &str = "FORGE_BENCH_ROUNDS";
 /// Percentages of capture off's closed-loop rate to run the open-loop cells at.
 const ENV_FORGE_BENCH_LOAD_PCT: &str = "FORGE_BENCH_LOAD_PCT";
 const DEFAULT_LOAD_PCT: [f64; 1] = [50.0];
 /// The concurrency whose cells are also run open loop: the one the targets are set at.
 const PACED_CONCURRENCY: usize = 16;
 const DEFAULT_SECS: f64 = 4.0;
-const ROUNDS: usize = 2;
+const DEFAULT_ROUNDS: usize = 2;
 const WARMUP: Duration = Duration::from_millis(500);
 /// One short round: enough to go through every path once.
 const SMOKE: Plan = Plan {
@@ -188,6 +195,36 @@ impl CellResult {
 
     fn errors(&self) -> u64 {
         self.pooled.iter().map(|s| s.errors).sum()
+    }
+
+    /// The median over rounds of `candidate`'s latency at `quantile` over `baseline`'s in the
+    /// same round, in percent. Rounds of the two ran next to each other, so a stall of the
+    /// machine moves one pair, not the median of many.
+    fn paired_median_pct(
+        &self,
+        baseline: Variant,
+        candidate: Variant,
+        quantile: fn(&Stats) -> Option<Duration>,
+    ) -> Option<f64> {
+        let pairs = self.rounds[baseline.index()]
+            .iter()
+            .zip(&self.rounds[candidate.index()]);
+        let mut pcts: Vec<f64> = pairs
+            .filter_map(|(b, c)| {
+                let (b, c) = (millis(quantile(b)?), millis(quantile(c)?));
+                (b > 0.0).then(|| 100.0 * (c - b) / b)
+            })
+            .collect();
+        if pcts.is_empty() {
+            return None;
+        }
+        pcts.sort_by(f64::total_cmp);
+        let mid = pcts.len() / 2;
+        Some(if pcts.len().is_multiple_of(2) {
+            (pcts[mid - 1] + pcts[mid]) / 2.0
+        } else {
+            pcts[mid]
+        })
     }
 
     /// How far the median of one variant moved between the first two rounds, in percent of
@@ -364,6 +401,19 @@ fn load_percentages() -> Result<Vec<f64>, String> {
 }
 
 fn measured_plan() -> Result<Plan, String> {
+    let rounds = match std::env::var(ENV_FORGE_BENCH_ROUNDS) {
+        Ok(text) => text
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n >= 2 && n.is_multiple_of(2) && *n <= 1000)
+            .ok_or_else(|| {
+                format!(
+                    "{ENV_FORGE_BENCH_ROUNDS}={text:?}: want an even number of rounds, 2 to 1000"
+                )
+            })?,
+        Err(_) => DEFAULT_ROUNDS,
+    };
     let secs = match std::env::var(ENV_FORGE_BENCH_SECS) {
         Ok(text) => text
             .trim()
@@ -376,9 +426,9 @@ fn measured_plan() -> Result<Plan, String> {
     Ok(Plan {
         timing: Timing {
             warmup: WARMUP,
-            measure: Duration::from_secs_f64(secs / ROUNDS as f64),
+            measure: Duration::from_secs_f64(secs / rounds as f64),
         },
-        rounds: ROUNDS,
+        rounds,
     })
 }
 
@@ -438,7 +488,8 @@ async fn settle(subjects: Vec<Subject>, results: &[CellResult]) -> Vec<Account> 
         let Some(gateway) = &subject.gateway else {
             continue;
         };
-        if !Variant::CAPTURING.contains(&subject.variant) {
+        // A capturing variant with capture turned off (the noise-floor run) has nothing to count.
+        if !Variant::CAPTURING.contains(&subject.variant) || gateway.capture_counters().is_none() {
             continue;
         }
         let served = results
@@ -541,12 +592,15 @@ fn print_cell(r: &CellResult) {
     for variant in Variant::CAPTURING {
         let c = r.compare(Variant::CaptureOff, variant);
         println!(
-            "  {:<7} over off:    p50 {} ms ({})  p99 {} ms ({})",
+            "  {:<7} over off:    p50 {} ms ({})  p99 {} ms ({});  median of {} paired rounds: p50 {}  p99 {}",
             variant.label(),
             signed_ms(c.added_p50_ms()),
             signed_pct(c.added_p50_pct()),
             signed_ms(c.added_p99_ms()),
             signed_pct(c.added_p99_pct()),
+            r.rounds[variant.index()].len(),
+            signed_pct(r.paired_median_pct(Variant::CaptureOff, variant, p50)),
+            signed_pct(r.paired_median_pct(Variant::CaptureOff, variant, p99)),
         );
     }
     let cpu: Vec<String> = Variant::ALL
@@ -557,6 +611,14 @@ fn print_cell(r: &CellResult) {
         })
         .collect();
     println!("  process CPU per request (µs): {}", cpu.join("  "));
+}
+
+fn p50(stats: &Stats) -> Option<Duration> {
+    stats.latency.p50()
+}
+
+fn p99(stats: &Stats) -> Option<Duration> {
+    stats.latency.p99()
 }
 
 /// CPU microseconds per request, for tables.
@@ -625,23 +687,29 @@ fn print_targets(results: &[CellResult], accounts: &[Account]) {
                 format!("; capture-off p50 moved {pct:.1}% between rounds")
             });
         let capture = cell.map(|r| r.compare(Variant::CaptureOff, Variant::Async));
-        for (name, pct, added) in [
+        let paired = |quantile| {
+            cell.and_then(|r| r.paired_median_pct(Variant::CaptureOff, Variant::Async, quantile))
+        };
+        for (name, pct, added, paired) in [
             (
                 "p50",
                 capture.and_then(|c| c.added_p50_pct()),
                 capture.and_then(|c| c.added_p50_ms()),
+                paired(p50),
             ),
             (
                 "p99",
                 capture.and_then(|c| c.added_p99_pct()),
                 capture.and_then(|c| c.added_p99_ms()),
+                paired(p99),
             ),
         ] {
             println!(
-                "  {}  {label}: async capture adds <= {MAX_ASYNC_ADDED_PCT_AT_16}% at {name} over capture off ({}, {} ms{noise})",
+                "  {}  {label}: async capture adds <= {MAX_ASYNC_ADDED_PCT_AT_16}% at {name} over capture off ({}, {} ms; median of paired rounds {}{noise})",
                 verdict(pct.map(|v| v <= MAX_ASYNC_ADDED_PCT_AT_16)),
                 signed_pct(pct),
                 signed_ms(added),
+                signed_pct(paired),
             );
         }
     }
@@ -783,6 +851,24 @@ fn print_markdown(results: &[CellResult], accounts: &[Account], plan: Plan, load
         );
     }
     println!();
+    println!(
+        "`async` over capture off, the median of the rounds' own comparisons ({} rounds each):",
+        plan.rounds
+    );
+    println!();
+    println!("| mode | conns | load | p50 | p99 |");
+    println!("|---|--:|---|--:|--:|");
+    for r in results {
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            r.cell.mode.label(),
+            r.cell.concurrency,
+            r.load_label(),
+            signed_pct(r.paired_median_pct(Variant::CaptureOff, Variant::Async, p50)),
+            signed_pct(r.paired_median_pct(Variant::CaptureOff, Variant::Async, p99)),
+        );
+    }
+    println!();
     println!("Capture counters at the end of the run:");
     println!();
     println!(
@@ -815,6 +901,7 @@ fn print_markdown(results: &[CellResult], accounts: &[Account], plan: Plan, load
         ENV_FORGE_BENCH_TARGETS,
         ENV_FORGE_BENCH_LOAD_PCT,
         ENV_FORGE_BENCH_CAPTURE,
+        ENV_FORGE_BENCH_ROUNDS,
     ]
     .into_iter()
     .filter_map(|name| {
