@@ -298,6 +298,7 @@ struct RawDistiller {
     poll_max_secs: f64,
     dataset_url: Option<String>,
     grading_window_secs: f64,
+    max_training_secs: f64,
 }
 
 impl Default for RawDistiller {
@@ -308,6 +309,7 @@ impl Default for RawDistiller {
             poll_max_secs: 60.0,
             dataset_url: None,
             grading_window_secs: 3600.0,
+            max_training_secs: 259_200.0,
         }
     }
 }
@@ -390,6 +392,9 @@ pub struct DistillerConfig {
     pub dataset_url: Option<String>,
     /// How old a trace must be before a dataset may read it, so that feedback has time to come.
     pub grading_window: Duration,
+    /// How long a job may go from its creation to the end of its training run before the run is
+    /// cancelled and the job failed; `None` for no limit.
+    pub max_training: Option<Duration>,
 }
 
 /// `[judge]`.
@@ -863,6 +868,12 @@ fn validate_distiller(raw: RawDistiller) -> Result<DistillerConfig, ConfigError>
         } else {
             secs("distiller.grading_window_secs", raw.grading_window_secs)?
         },
+        // Zero turns the deadline off.
+        max_training: if raw.max_training_secs == 0.0 {
+            None
+        } else {
+            Some(secs("distiller.max_training_secs", raw.max_training_secs)?)
+        },
     })
 }
 
@@ -1276,6 +1287,7 @@ poll_initial_secs = 10.0
 poll_max_secs = 60.0
 dataset_url = "http://forge-admin:8081"
 grading_window_secs = 3600.0
+max_training_secs = 259200.0
 
 [judge]
 upstream = "sim"
@@ -1377,9 +1389,15 @@ key_sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
         );
         assert_eq!(c.capture.as_ref().unwrap().retention, None, "kept forever");
         assert_eq!(
+            c.distiller.max_training,
+            Some(Duration::from_secs(72 * 3600))
+        );
+        assert_eq!(
             c.capture.as_ref().unwrap().writer.queue_bytes,
             256 * 1024 * 1024
         );
+        let no_limit = Config::from_toml("[distiller]\nmax_training_secs = 0\n[[upstreams]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:9/v1\"\n").unwrap();
+        assert_eq!(no_limit.distiller.max_training, None);
         let c = Config::from_toml("[capture]\nretention_days = 1.5\n[[upstreams]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:9/v1\"\n").unwrap();
         assert_eq!(
             c.capture.unwrap().retention,

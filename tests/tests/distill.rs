@@ -775,6 +775,47 @@ async fn an_admin_cancel_stops_the_run_at_the_provider_and_fails_the_job() {
 }
 
 #[tokio::test]
+async fn a_run_past_the_training_deadline_is_cancelled_and_its_job_failed() {
+    // Training that would take ten minutes, against a deadline of two seconds.
+    let sim = start_sim(SimConfig {
+        fine_tune: FineTuneTimings {
+            validating: Duration::from_millis(50),
+            queued: Duration::from_millis(50),
+            running: Duration::from_secs(600),
+        },
+        ..sim_config()
+    })
+    .await;
+    let text = config(&sim, "", "")
+        .replace("trigger_threshold = 20", "trigger_threshold = 100000")
+        .replace(
+            "grading_window_secs = 0",
+            "grading_window_secs = 0\nmax_training_secs = 2",
+        );
+    let gw = start_gateway_with(&text, admin).await;
+    traffic(&gw, 25, "deadline", None).await;
+    assert_eq!(admin_post(&gw, "/admin/distill/chat").await.status(), 202);
+    // Not waited for in TRAINING: on a slow machine the deadline may pass at its first poll.
+    let failed = wait_for_job(&gw, "FAILED").await;
+    let error = failed["error"].as_str().unwrap();
+    assert!(
+        error.contains("max_training_secs") && error.contains("cancelled at the provider"),
+        "{failed}"
+    );
+    let run = failed["provider_job_id"].as_str().unwrap();
+    let at_provider: Value = client()
+        .get(format!("{}/v1/fine_tuning/jobs/{run}", sim.root_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(at_provider["status"], "cancelled", "{at_provider}");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_job_that_fails_after_training_keeps_its_examples_from_a_second_run() {
     // Azure trains, then its deployment is refused: the token is not the one ARM wants.
     let sim = start_sim(SimConfig {

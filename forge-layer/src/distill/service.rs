@@ -93,6 +93,10 @@ pub struct DistillSettings {
     /// that becomes golden after a cut has passed it never reaches a dataset, so the cut stays
     /// this far behind the newest traces to give feedback time to come.
     pub grading_window: Duration,
+    /// How long a job may go from its creation to the end of its training run; past it, the run
+    /// is cancelled at the provider and the job fails. A run that hangs at the provider would
+    /// otherwise keep its route's next job waiting for good. `None`: no limit.
+    pub max_training: Option<Duration>,
     /// The base of Forge's dataset URL as remote trainers reach it (`http://admin/…`), and the
     /// admin token each job's dataset token is signed with ([`super::dataset_token`]).
     pub dataset_url: Option<(String, String)>,
@@ -108,6 +112,7 @@ impl std::fmt::Debug for DistillSettings {
             .field("poll_initial", &self.poll_initial)
             .field("poll_max", &self.poll_max)
             .field("grading_window", &self.grading_window)
+            .field("max_training", &self.max_training)
             .field(
                 "dataset_url",
                 &self.dataset_url.as_ref().map(|(url, _token)| url),
@@ -622,6 +627,32 @@ impl DistillationService {
         self.finish_training(job).await;
     }
 
+    /// TRAINING → FAILED once the deadline has passed: cancels the run at the provider and fails
+    /// the job. Its examples are not cut, so the route's next job trains on them.
+    async fn give_up_training(
+        &self,
+        job: &mut DistillationJob,
+        route: &RouteDistill,
+        provider_job: &str,
+    ) {
+        let limit = self.settings.max_training.unwrap_or_default().as_secs_f64();
+        let run = match route.provider.cancel(provider_job).await {
+            Ok(()) => "the run was cancelled at the provider".to_string(),
+            Err(e) => {
+                tracing::error!(job = %job.id, provider_job, error = %e, "training deadline passed, and the run could not be cancelled: it may still be running, and billed, at the provider");
+                format!(
+                    "cancelling the run at the provider failed ({e}): it may still be running there"
+                )
+            }
+        };
+        self.fail(
+            job,
+            format!(
+                "training took longer than distiller.max_training_secs ({limit} s) allows; {run}"
+            ),
+        );
+    }
+
     async fn collect(
         &self,
         route: &RouteDistill,
@@ -656,8 +687,17 @@ impl DistillationService {
             return self.fail(&mut job, "no provider job id".into());
         };
         let mut wait = self.settings.poll_initial;
+        // From the job's creation, which is stored, so a restart keeps the same deadline.
+        let deadline = self
+            .settings
+            .max_training
+            .map(|max| job.created_ms.saturating_add(max.as_millis() as u64));
         let trained = loop {
-            tokio::time::sleep(wait).await;
+            let left = deadline.map(|at| Duration::from_millis(at.saturating_sub(now_ms())));
+            tokio::time::sleep(left.map_or(wait, |left| wait.min(left))).await;
+            if deadline.is_some_and(|at| now_ms() >= at) {
+                return self.give_up_training(&mut job, &route, &provider_job).await;
+            }
             match route.provider.poll(&provider_job).await {
                 Ok(progress) => {
                     let changed =
@@ -949,6 +989,7 @@ mod tests {
             poll_initial: Duration::from_secs(1),
             poll_max: Duration::from_secs(1),
             grading_window: Duration::ZERO,
+            max_training: None,
             dataset_url: Some(("http://admin:8081".into(), "admin-secret-token".into())),
             judge: None,
         };
