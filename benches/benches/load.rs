@@ -1,11 +1,12 @@
 //! Load bench: the simulated upstream direct vs through Forge with capture off, `async` and `durable`.
 //!
 //! `cargo bench -p forge-benches --bench load`. Closed-loop, in one process and one run: per cell
-//! (mode × concurrency) each of the four targets is loaded in turn, in two rounds whose order is
-//! reversed (direct, off, async, durable; then durable … direct), so drift during a cell (a
+//! (mode × concurrency) each of the four targets is loaded in turn, in rounds whose order
+//! alternates (direct, off, async, durable; then durable … direct), so drift during a cell (a
 //! compile in the background, a growing store) falls on every target alike.
-//! `FORGE_BENCH_SECS` sets the measured seconds per target and cell, split over the two rounds
-//! (default 4, so 2 s per round, each after a 0.5 s warm-up; about 2 minutes in all);
+//! `FORGE_BENCH_SECS` sets the measured seconds per target and cell, split over the rounds
+//! (default 4 s over 2 rounds, so 2 s per round, each after a 0.5 s warm-up of its own; about 2
+//! minutes in all);
 //! `FORGE_BENCH_CONNS=16` (a comma-separated subset of 1, 16, 64), `FORGE_BENCH_MODES=stream`
 //! (of non-stream, stream) and `FORGE_BENCH_TARGETS=direct,off` (of direct, off, async,
 //! durable) run fewer cells and targets; a skipped target shows as n/a.
@@ -198,8 +199,8 @@ impl CellResult {
     }
 
     /// The median over rounds of `candidate`'s latency at `quantile` over `baseline`'s in the
-    /// same round, in percent. Rounds of the two ran next to each other, so a stall of the
-    /// machine moves one pair, not the median of many.
+    /// same round, in percent. The two ran in the same round, seconds apart (`async` right next
+    /// to capture off), so a stall of the machine moves one pair, not the median of many.
     fn paired_median_pct(
         &self,
         baseline: Variant,

@@ -155,8 +155,8 @@ impl Collector for CaptureCollector {
             None,
             queued.metric_type(),
         )?)?;
-        let oldest_ms = self.1.oldest().map_or(0, |id| {
-            forge_layer::trace::now_ms().saturating_sub(id.timestamp_ms())
+        let oldest_ms = self.1.oldest_started_ms().map_or(0, |started| {
+            forge_layer::trace::now_ms().saturating_sub(started)
         });
         let oldest = ConstGauge::new(oldest_ms as f64 / 1000.0);
         oldest.encode(encoder.encode_descriptor(

@@ -12,10 +12,12 @@
 //! lock for issuing, settling and the sorted set, the load bench saw requests wait up to 5 ms.
 //! So issuing and settling each only append to a list of their own, and the sorted set that
 //! readers use is kept apart. The writer folds the two lists into the set after each commit, and
-//! so does every reader before it reads; a fold holds the issuing lock only to swap a list out.
+//! so does every reader before it reads; a fold holds the issuing lock only to swap a list out
+//! (and, for a scan's bound, to make a fresh id).
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 
 use crate::trace::TraceId;
 
@@ -32,6 +34,8 @@ pub struct Unsettled {
     settled: Mutex<Vec<u128>>,
     /// The ids issued and not settled, as of the last fold.
     open: Mutex<BTreeSet<u128>>,
+    /// The time in the oldest id of `open` after the last fold, in Unix milliseconds; 0 for none.
+    oldest_ms: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -51,6 +55,15 @@ struct Folded {
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The lock if it is free (poisoned or not).
+fn try_lock<T>(mutex: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
+    match mutex.try_lock() {
+        Ok(guard) => Some(guard),
+        Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+        Err(TryLockError::WouldBlock) => None,
+    }
 }
 
 impl Unsettled {
@@ -90,6 +103,16 @@ impl Unsettled {
         open.first().map(|&id| TraceId::from_u128(id))
     }
 
+    /// When the oldest unsettled exchange started (Unix milliseconds), for metrics, which a
+    /// runtime thread renders: it never waits for a fold under way on the writer's idle-class
+    /// thread, and gives the answer of the last fold instead.
+    pub fn oldest_started_ms(&self) -> Option<u64> {
+        if let Some(mut open) = try_lock(&self.open) {
+            self.fold(&mut open, false);
+        }
+        Some(self.oldest_ms.load(Ordering::Acquire)).filter(|&ms| ms != 0)
+    }
+
     /// Whether `id` was issued here and its trace is not settled yet (it is still in flight or
     /// queued for the writer).
     pub fn contains(&self, id: TraceId) -> bool {
@@ -119,6 +142,10 @@ impl Unsettled {
         for id in settled {
             open.remove(&id);
         }
+        let oldest = open
+            .first()
+            .map_or(0, |&id| TraceId::from_u128(id).timestamp_ms());
+        self.oldest_ms.store(oldest, Ordering::Release);
         folded
     }
 
@@ -130,7 +157,7 @@ impl Unsettled {
         };
         // Only when nothing else folds; never waiting for a fold already under way.
         if unfolded >= FOLD_AT
-            && let Ok(mut open) = self.open.try_lock()
+            && let Some(mut open) = try_lock(&self.open)
         {
             self.fold(&mut open, false);
         }
@@ -143,13 +170,24 @@ impl Unsettled {
             tickets.clear();
             return;
         };
-        let mine = tickets
+        // Gathered outside the lock: a single settle on the request path (a dropped trace) takes
+        // it too, and this runs on the idle-class commit thread.
+        let mine: Vec<u128> = tickets
             .iter_mut()
-            .filter(|t| t.owner.as_ref().is_some_and(|o| Arc::ptr_eq(o, &owner)));
-        lock(&owner.settled).extend(mine.map(|ticket| {
-            ticket.owner = None;
-            ticket.id.as_u128()
-        }));
+            .filter(|t| t.owner.as_ref().is_some_and(|o| Arc::ptr_eq(o, &owner)))
+            .map(|ticket| {
+                ticket.owner = None;
+                ticket.id.as_u128()
+            })
+            .collect();
+        {
+            let mut settled = lock(&owner.settled);
+            if settled.is_empty() {
+                *settled = mine;
+            } else {
+                settled.extend_from_slice(&mine);
+            }
+        }
         // Any of another store (none in practice) settle one by one as they drop.
         tickets.clear();
         let mut open = lock(&owner.open);
@@ -235,12 +273,26 @@ mod tests {
         assert!(batch.is_empty());
         assert!(!unsettled.contains(last.unwrap()), "settled with its batch");
         assert_eq!(unsettled.oldest(), Some(held.id()));
+        let started = held.id().timestamp_ms();
+        assert_eq!(unsettled.oldest_started_ms(), Some(started));
+        // With a fold under way (the lock held here), metrics get the last answer at once.
+        let later = unsettled.issue();
+        {
+            let _folding = lock(&unsettled.open);
+            drop(held);
+            assert_eq!(unsettled.oldest_started_ms(), Some(started));
+        }
+        assert_eq!(
+            unsettled.oldest_started_ms(),
+            Some(later.id().timestamp_ms())
+        );
+        drop(later);
+        assert_eq!(unsettled.oldest_started_ms(), None);
 
         // Settled one by one with no reader and no writer to fold them: the list stays bounded.
         let many: Vec<Ticket> = (0..2 * FOLD_AT).map(|_| unsettled.issue()).collect();
         drop(many);
         assert!(lock(&unsettled.settled).len() < FOLD_AT);
-        drop(held);
         assert_eq!(unsettled.oldest(), None);
     }
 

@@ -612,7 +612,7 @@ struct Encoded {
     /// Each trace's id and the end of its JSON in `bytes`.
     ends: Vec<(TraceId, usize)>,
     acks: Vec<oneshot::Sender<bool>>,
-    /// The traces' tickets, dropped once the batch is settled.
+    /// The traces' tickets, settled together once the batch's commit has settled.
     tickets: Vec<Ticket>,
     /// The traces' share of the queue's byte budget, returned once the batch is settled.
     room: Option<OwnedSemaphorePermit>,
@@ -751,6 +751,9 @@ fn commit_batch(store: &Store, counters: &CaptureCounters, mut batch: Encoded) -
     {
         counters.lifted_commits.fetch_add(1, Ordering::AcqRel);
     }
+    // Settled before counted: whoever sees the traces counted sees them settled, and scans
+    // with a cursor free to pass them.
+    Unsettled::settle_all(&mut batch.tickets);
     if ok {
         counters.captured.fetch_add(n, Ordering::AcqRel);
     } else {
