@@ -816,6 +816,41 @@ async fn a_run_past_the_training_deadline_is_cancelled_and_its_job_failed() {
 }
 
 #[tokio::test]
+async fn a_run_that_succeeded_while_forge_was_down_is_kept_past_the_deadline() {
+    let mut short = sim_config();
+    short.fine_tune.running = Duration::from_secs(2);
+    let sim = start_sim(short).await;
+    let text = config(&sim, "", "").replace(
+        "grading_window_secs = 0",
+        "grading_window_secs = 0\nmax_training_secs = 3",
+    );
+    let gw = start_gateway_with(&text, admin).await;
+    traffic(&gw, 24, "late", None).await;
+    let id = submitted_job(&gw).await;
+    let job: Value = admin_get(&gw, &format!("/admin/jobs/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(job["trained_model"].is_null(), "trained already: {job}");
+    // Down while the run finishes, and until the deadline has passed.
+    let dir = gw.shutdown().await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let again = start_gateway_with(
+        &format!(
+            "{text}\n[capture]\ndata_dir = {:?}\n",
+            dir.path().display().to_string()
+        ),
+        admin,
+    )
+    .await;
+    // The first poll finds the run done: the paid-for model is deployed, not cancelled.
+    let job = completed(&again, &id).await;
+    assert!(job["resulting_model_id"].is_string(), "{job}");
+    again.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_job_that_fails_after_training_keeps_its_examples_from_a_second_run() {
     // Azure trains, then its deployment is refused: the token is not the one ARM wants.
     let sim = start_sim(SimConfig {

@@ -14,7 +14,8 @@ use super::evaluate::{
 };
 use super::job::{DistillationJob, JobStatus, ModelRecord, ModelStatus};
 use super::{
-    BoxFuture, Hyperparameters, ProviderError, ProviderState, TrainingProvider, TrainingRequest,
+    BoxFuture, Hyperparameters, Progress, ProviderError, ProviderState, TrainingProvider,
+    TrainingRequest,
 };
 use crate::dataset::{self, DatasetSpec, Manifest};
 use crate::grade::GoldenPolicy;
@@ -628,17 +629,32 @@ impl DistillationService {
     }
 
     /// TRAINING → FAILED once the deadline has passed: cancels the run at the provider and fails
-    /// the job. Its examples are not cut, so the route's next job trains on them.
+    /// the job. Its examples are not cut, so the route's next job trains on them. A cancel the
+    /// provider refuses may mean the run has just succeeded: then one more poll says so, and the
+    /// trained model is returned to be deployed after all.
     async fn give_up_training(
         &self,
         job: &mut DistillationJob,
         route: &RouteDistill,
         provider_job: &str,
-    ) {
+    ) -> Option<String> {
         let limit = self.settings.max_training.unwrap_or_default().as_secs_f64();
-        let run = match route.provider.cancel(provider_job).await {
+        let cancelled = retrying(
+            || route.provider.cancel(provider_job),
+            self.settings.poll_initial,
+        )
+        .await;
+        let run = match cancelled {
             Ok(()) => "the run was cancelled at the provider".to_string(),
             Err(e) => {
+                if let Ok(Progress {
+                    state: ProviderState::Succeeded { model },
+                    ..
+                }) = route.provider.poll(provider_job).await
+                {
+                    tracing::info!(job = %job.id, provider_job, "the run succeeded as its deadline passed; it is kept");
+                    return Some(model);
+                }
                 tracing::error!(job = %job.id, provider_job, error = %e, "training deadline passed, and the run could not be cancelled: it may still be running, and billed, at the provider");
                 format!(
                     "cancelling the run at the provider failed ({e}): it may still be running there"
@@ -651,6 +667,7 @@ impl DistillationService {
                 "training took longer than distiller.max_training_secs ({limit} s) allows; {run}"
             ),
         );
+        None
     }
 
     async fn collect(
@@ -695,9 +712,6 @@ impl DistillationService {
         let trained = loop {
             let left = deadline.map(|at| Duration::from_millis(at.saturating_sub(now_ms())));
             tokio::time::sleep(left.map_or(wait, |left| wait.min(left))).await;
-            if deadline.is_some_and(|at| now_ms() >= at) {
-                return self.give_up_training(&mut job, &route, &provider_job).await;
-            }
             match route.provider.poll(&provider_job).await {
                 Ok(progress) => {
                     let changed =
@@ -734,6 +748,14 @@ impl DistillationService {
                     wait = wait.mul_f64(2.0).min(self.settings.poll_max);
                 }
                 Err(e) => return self.fail(&mut job, format!("poll: {e}")),
+            }
+            // After the poll, so that a run that has just succeeded (say, while Forge was down)
+            // is kept, not cancelled.
+            if deadline.is_some_and(|at| now_ms() >= at) {
+                match self.give_up_training(&mut job, &route, &provider_job).await {
+                    Some(model) => break model,
+                    None => return,
+                }
             }
         };
         // From here on the run is paid for: whatever fails next, its examples are not trained on
