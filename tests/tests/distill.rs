@@ -721,18 +721,33 @@ async fn the_judges_daily_cap_holds_across_a_restart() {
     gw.shutdown().await;
 }
 
-#[tokio::test]
-async fn an_admin_cancel_stops_the_run_at_the_provider_and_fails_the_job() {
-    // Training that would take ten minutes: only the cancel can end it within the test.
-    let sim = start_sim(SimConfig {
+/// Training that would take ten minutes: only a cancel ends it within a test.
+fn ten_minute_training() -> SimConfig {
+    SimConfig {
         fine_tune: FineTuneTimings {
             validating: Duration::from_millis(50),
             queued: Duration::from_millis(50),
             running: Duration::from_secs(600),
         },
         ..sim_config()
-    })
-    .await;
+    }
+}
+
+/// The simulated provider's own record of fine-tuning run `run`.
+async fn provider_job(sim: &SimHandle, run: &str) -> Value {
+    client()
+        .get(format!("{}/v1/fine_tuning/jobs/{run}", sim.root_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_admin_cancel_stops_the_run_at_the_provider_and_fails_the_job() {
+    let sim = start_sim(ten_minute_training()).await;
     let text = config(&sim, "", "").replace("trigger_threshold = 20", "trigger_threshold = 100000");
     let gw = start_gateway_with(&text, admin).await;
     traffic(&gw, 25, "cancelled", None).await;
@@ -760,14 +775,7 @@ async fn an_admin_cancel_stops_the_run_at_the_provider_and_fails_the_job() {
         "{failed}"
     );
     // The provider's own record says so too, and a cancelled job cannot be cancelled again.
-    let at_provider: Value = client
-        .get(format!("{}/v1/fine_tuning/jobs/{run}", sim.root_url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let at_provider = provider_job(&sim, &run).await;
     assert_eq!(at_provider["status"], "cancelled", "{at_provider}");
     let again = cancel(&id).await.unwrap();
     assert_eq!(again.status(), 409);
@@ -776,16 +784,8 @@ async fn an_admin_cancel_stops_the_run_at_the_provider_and_fails_the_job() {
 
 #[tokio::test]
 async fn a_run_past_the_training_deadline_is_cancelled_and_its_job_failed() {
-    // Training that would take ten minutes, against a deadline of two seconds.
-    let sim = start_sim(SimConfig {
-        fine_tune: FineTuneTimings {
-            validating: Duration::from_millis(50),
-            queued: Duration::from_millis(50),
-            running: Duration::from_secs(600),
-        },
-        ..sim_config()
-    })
-    .await;
+    // Against a deadline of two seconds.
+    let sim = start_sim(ten_minute_training()).await;
     let text = config(&sim, "", "")
         .replace("trigger_threshold = 20", "trigger_threshold = 100000")
         .replace(
@@ -803,14 +803,7 @@ async fn a_run_past_the_training_deadline_is_cancelled_and_its_job_failed() {
         "{failed}"
     );
     let run = failed["provider_job_id"].as_str().unwrap();
-    let at_provider: Value = client()
-        .get(format!("{}/v1/fine_tuning/jobs/{run}", sim.root_url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let at_provider = provider_job(&sim, run).await;
     assert_eq!(at_provider["status"], "cancelled", "{at_provider}");
     gw.shutdown().await;
 }
