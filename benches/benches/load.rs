@@ -402,28 +402,18 @@ fn load_percentages() -> Result<Vec<f64>, String> {
 }
 
 fn measured_plan() -> Result<Plan, String> {
-    let rounds = match std::env::var(ENV_FORGE_BENCH_ROUNDS) {
-        Ok(text) => text
-            .trim()
-            .parse::<usize>()
-            .ok()
-            .filter(|n| *n >= 2 && n.is_multiple_of(2) && *n <= 1000)
-            .ok_or_else(|| {
-                format!(
-                    "{ENV_FORGE_BENCH_ROUNDS}={text:?}: want an even number of rounds, 2 to 1000"
-                )
-            })?,
-        Err(_) => DEFAULT_ROUNDS,
-    };
-    let secs = match std::env::var(ENV_FORGE_BENCH_SECS) {
-        Ok(text) => text
-            .trim()
-            .parse::<f64>()
-            .ok()
-            .filter(|s| s.is_finite() && *s > 0.0 && *s <= 600.0)
-            .ok_or_else(|| format!("{ENV_FORGE_BENCH_SECS}={text:?}: want seconds in (0, 600]"))?,
-        Err(_) => DEFAULT_SECS,
-    };
+    let rounds = env_number(
+        ENV_FORGE_BENCH_ROUNDS,
+        DEFAULT_ROUNDS,
+        |n: &usize| *n >= 2 && n.is_multiple_of(2) && *n <= 1000,
+        "an even number of rounds, 2 to 1000",
+    )?;
+    let secs = env_number(
+        ENV_FORGE_BENCH_SECS,
+        DEFAULT_SECS,
+        |s: &f64| s.is_finite() && *s > 0.0 && *s <= 600.0,
+        "seconds in (0, 600]",
+    )?;
     Ok(Plan {
         timing: Timing {
             warmup: WARMUP,
@@ -431,6 +421,24 @@ fn measured_plan() -> Result<Plan, String> {
         },
         rounds,
     })
+}
+
+/// The number in `env`, which `valid` must accept (`want` says what it takes), or `default`
+/// when it is unset.
+fn env_number<T: std::str::FromStr>(
+    env: &str,
+    default: T,
+    valid: impl Fn(&T) -> bool,
+    want: &str,
+) -> Result<T, String> {
+    let Ok(text) = std::env::var(env) else {
+        return Ok(default);
+    };
+    text.trim()
+        .parse::<T>()
+        .ok()
+        .filter(valid)
+        .ok_or_else(|| format!("{env}={text:?}: want {want}"))
 }
 
 /// The items of `all` that the comma-separated list in `env` names, in `all`'s order; all of

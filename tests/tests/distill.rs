@@ -454,17 +454,20 @@ async fn submitted_job(gw: &TestGateway) -> String {
     let training = wait_for_job(gw, "TRAINING").await;
     let id = training["id"].as_str().unwrap().to_string();
     let start = tokio::time::Instant::now();
-    while admin_get(gw, &format!("/admin/jobs/{id}"))
-        .await
-        .json::<Value>()
-        .await
-        .unwrap()["provider_job_id"]
-        .is_null()
-    {
+    while job(gw, &id).await["provider_job_id"].is_null() {
         assert!(start.elapsed() < DEADLINE, "never submitted");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     id
+}
+
+/// Job `id` as the admin API shows it.
+async fn job(gw: &TestGateway, id: &str) -> Value {
+    admin_get(gw, &format!("/admin/jobs/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap()
 }
 
 /// Stops `gw`, lets `edit` change its store while it is down, and starts it again on the same
@@ -476,26 +479,25 @@ async fn restart(
 ) -> (TestGateway, tempfile::TempDir) {
     let dir = gw.shutdown().await;
     edit(&forge_layer::store::Store::open_dir(dir.path()).unwrap());
-    let again = start_gateway_with(
-        &format!(
-            "{text}\n[capture]\ndata_dir = {:?}\n",
-            dir.path().display().to_string()
-        ),
+    let again = start_on(text, &dir).await;
+    (again, dir)
+}
+
+/// A gateway with config `text` on the data a stopped one left in `dir`.
+async fn start_on(text: &str, dir: &tempfile::TempDir) -> TestGateway {
+    let data_dir = dir.path().display().to_string();
+    start_gateway_with(
+        &format!("{text}\n[capture]\ndata_dir = {data_dir:?}\n"),
         admin,
     )
-    .await;
-    (again, dir)
+    .await
 }
 
 /// Waits until job `id` completes; it must not fail meanwhile.
 async fn completed(gw: &TestGateway, id: &str) -> Value {
     let start = tokio::time::Instant::now();
     loop {
-        let job: Value = admin_get(gw, &format!("/admin/jobs/{id}"))
-            .await
-            .json()
-            .await
-            .unwrap();
+        let job = job(gw, id).await;
         if job["status"] == "COMPLETED" {
             return job;
         }
@@ -820,23 +822,15 @@ async fn a_run_that_succeeded_while_forge_was_down_is_kept_past_the_deadline() {
     let gw = start_gateway_with(&text, admin).await;
     traffic(&gw, 24, "late", None).await;
     let id = submitted_job(&gw).await;
-    let job: Value = admin_get(&gw, &format!("/admin/jobs/{id}"))
-        .await
-        .json()
-        .await
-        .unwrap();
-    assert!(job["trained_model"].is_null(), "trained already: {job}");
+    let before = job(&gw, &id).await;
+    assert!(
+        before["trained_model"].is_null(),
+        "trained already: {before}"
+    );
     // Down while the run finishes, and until the deadline has passed.
     let dir = gw.shutdown().await;
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let again = start_gateway_with(
-        &format!(
-            "{text}\n[capture]\ndata_dir = {:?}\n",
-            dir.path().display().to_string()
-        ),
-        admin,
-    )
-    .await;
+    let again = start_on(&text, &dir).await;
     // The first poll finds the run done: the paid-for model is deployed, not cancelled.
     let job = completed(&again, &id).await;
     assert!(job["resulting_model_id"].is_string(), "{job}");

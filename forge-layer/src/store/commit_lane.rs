@@ -248,11 +248,7 @@ mod tests {
     }
 
     async fn until_lifted(lane: &CommitLane, times: u64) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while lane.lifts_done() < times {
-            assert!(std::time::Instant::now() < deadline, "never lifted");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        crate::store::tests::until("never lifted", || lane.lifts_done() >= times).await;
     }
 
     #[tokio::test]

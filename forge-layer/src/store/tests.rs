@@ -802,16 +802,22 @@ async fn commit_lane_available() -> bool {
     commit_lane::CommitLane::start().await.is_ok()
 }
 
-/// Waits until the writer's commit lane has started (it starts beside the writer's loop).
-async fn until_lane_ready(counters: &CaptureCounters) {
+/// Waits until `done` holds, failing with `never` after a minute: the commit lane's thread
+/// starts, and is lifted, from the idle class, which a busy machine may keep waiting.
+pub(super) async fn until(never: &str, done: impl Fn() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !counters.lane_ready.load(Ordering::Acquire) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the commit lane never started"
-        );
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "{never}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// Waits until the writer's commit lane has started (it starts beside the writer's loop).
+async fn until_lane_ready(counters: &CaptureCounters) {
+    until("the commit lane never started", || {
+        counters.lane_ready.load(Ordering::Acquire)
+    })
+    .await;
 }
 
 /// An `async` commit runs on the commit lane, in the idle class. One that runs long (here it
@@ -837,14 +843,10 @@ async fn a_long_commit_on_the_commit_lane_is_lifted_and_its_traces_captured() {
     }
     if lane {
         // Until a lift has taken effect: the commit then ends in the normal class.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        while counters.lifts_done.load(Ordering::Acquire) == 0 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the held commit was never lifted"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        until("the held commit was never lifted", || {
+            counters.lifts_done.load(Ordering::Acquire) > 0
+        })
+        .await;
     }
     drop(stall);
     until_captured(&writer, 3).await;
