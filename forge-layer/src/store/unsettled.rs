@@ -95,15 +95,17 @@ impl Unsettled {
             .or(folded.fresh)
     }
 
-    /// The oldest unsettled id: the exchange that holds cursor scans back (an endless stream, a
-    /// client that stopped reading), for operators to see.
-    pub fn oldest(&self) -> Option<TraceId> {
+    /// The oldest unsettled id, for tests; operators see its age through
+    /// [`Unsettled::oldest_started_ms`].
+    #[cfg(test)]
+    fn oldest(&self) -> Option<TraceId> {
         let mut open = lock(&self.open);
         self.fold(&mut open, false);
         open.first().map(|&id| TraceId::from_u128(id))
     }
 
-    /// When the oldest unsettled exchange started (Unix milliseconds), for metrics, which a
+    /// When the oldest unsettled exchange started (Unix milliseconds): the exchange that holds
+    /// cursor scans back (an endless stream, a client that stopped reading). For metrics, which a
     /// runtime thread renders: it never waits for a fold under way on the writer's idle-class
     /// thread, and gives the answer of the last fold instead.
     pub fn oldest_started_ms(&self) -> Option<u64> {
