@@ -911,3 +911,80 @@ async fn a_newer_student_retires_the_one_it_replaces() {
     assert_eq!(status_of(&ids[1]), Some(json!("canary")), "{models}");
     gw.shutdown().await;
 }
+
+/// Starts a job for `chat` from the admin API and waits for it to complete.
+async fn distilled(gw: &TestGateway) -> Value {
+    let started = admin_post(gw, "/admin/distill/chat").await;
+    assert_eq!(started.status(), 202);
+    let job: Value = started.json().await.unwrap();
+    completed(gw, job["id"].as_str().unwrap()).await
+}
+
+/// The trace ids a completed job's dataset was built from, from its provenance file.
+fn trained_on(job: &Value) -> Vec<String> {
+    let path = job["dataset"]["provenance"]["path"].as_str().unwrap();
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["trace_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn an_approval_that_comes_after_the_cut_reaches_the_next_dataset_once() {
+    let sim = start_sim(sim_config()).await;
+    // Jobs start from the admin API only, and the first student gets no traffic: every answer
+    // of the second round is the teacher's.
+    let text = config(&sim, "", "")
+        .replace("trigger_threshold = 20", "trigger_threshold = 100000")
+        .replace(
+            "initial_canary_percent = 20.0",
+            "initial_canary_percent = 0.0",
+        );
+    let gw = start_gateway_with(&text, admin).await;
+    // An answer nobody has reviewed yet, among approved ones.
+    let resp = client()
+        .post(format!("{}/chat/completions", gw.base_url()))
+        .json(&json!({"model": "chat", "messages": [{"role": "user", "content": "reviewed next week"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let reviewed_late = resp.headers()["x-forge-trace-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    resp.text().await.unwrap();
+    traffic(&gw, 14, "first", None).await;
+    let first = distilled(&gw).await;
+    assert_eq!(first["dataset"]["late"], 0, "{first}");
+    assert!(!trained_on(&first).contains(&reviewed_late));
+
+    // The review comes after the first dataset's cut has passed the trace.
+    let approved = client()
+        .post(format!("{}/feedback", gw.base_url()))
+        .json(&json!({"trace_id": reviewed_late, "approved": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(approved.status(), 200);
+    traffic(&gw, 14, "second", None).await;
+    let second = distilled(&gw).await;
+    assert_eq!(second["dataset"]["late"], 1, "{second}");
+    let lines = trained_on(&second);
+    assert_eq!(
+        lines.iter().filter(|id| **id == reviewed_late).count(),
+        1,
+        "{lines:?}"
+    );
+    assert!(
+        trained_on(&first).iter().all(|id| !lines.contains(id)),
+        "no trace of the first dataset is trained on again"
+    );
+    gw.shutdown().await;
+}

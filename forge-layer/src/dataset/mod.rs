@@ -8,6 +8,10 @@
 //! contribute at most `max_key_share` of the lines written (against poisoning), under a cap that
 //! a first walk of the same snapshot works out. A manifest records the SHA-256 of every file and the counts;
 //! `provenance.jsonl` names the trace behind every line.
+//!
+//! A dataset reads the traces after the previous one's cut, and also the traces behind that cut
+//! which feedback made golden since the previous dataset was built (a person's approval can come
+//! days after the exchange), so that no approval is left out of every dataset.
 
 pub mod line;
 pub mod rules;
@@ -22,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::grade::GoldenPolicy;
-use crate::store::{GradedScan, Store, StoreError};
+use crate::store::{Evaluation, Feedback, GradedScan, Store, StoreError};
 use crate::trace::{Trace, TraceId};
 use seen::Seen;
 
@@ -33,8 +37,12 @@ pub struct DatasetSpec {
     pub route: String,
     /// Only this tenant's traces, when set.
     pub tenant: Option<String>,
-    /// Only traces after this one (the previous cut).
+    /// Only traces after this one (the previous cut), and those up to it that feedback after
+    /// `feedback_after` made golden.
     pub after: Option<TraceId>,
+    /// The previous dataset's [`Manifest::feedback_mark`]: a trace up to `after` joins this
+    /// dataset if feedback after this mark made it golden. `None`: no trace up to `after` does.
+    pub feedback_after: Option<TraceId>,
     /// Only traces up to this one, when set: as far as the judge has got and the grading window
     /// allows, so that a trace still to be scored is left for a later dataset instead of falling
     /// behind this one's cut.
@@ -57,6 +65,7 @@ impl DatasetSpec {
             route: route.into(),
             tenant: None,
             after: None,
+            feedback_after: None,
             until: None,
             policy: GoldenPolicy::default(),
             validation_percent: 10.0,
@@ -95,10 +104,15 @@ pub struct Manifest {
     /// The tenant filter, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
-    /// Traces read (after the previous cut, for this route and tenant).
+    /// Traces read for this route and tenant: after the previous cut, and behind it those that
+    /// feedback made golden since (`late`).
     pub considered: u64,
     /// Of those, golden.
     pub golden: u64,
+    /// Of the golden, traces behind the previous cut that feedback made golden since the
+    /// previous dataset was built.
+    #[serde(default)]
+    pub late: u64,
     /// Golden traces left out as duplicates of an earlier line.
     pub duplicates: u64,
     /// Golden traces left out by the per-key share cap.
@@ -111,9 +125,15 @@ pub struct Manifest {
     pub validation: FileDigest,
     /// One line per written line: split, line number, trace id, key id.
     pub provenance: FileDigest,
-    /// The newest trace read: the next dataset starts after it.
+    /// The newest trace read (the previous cut, when none was new): the next dataset starts
+    /// after it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cut: Option<TraceId>,
+    /// The newest feedback this build saw (the id 0 when there was none): the next dataset looks
+    /// for traces behind its cut that feedback after this made golden. `None` only in manifests
+    /// of builds before this was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feedback_mark: Option<TraceId>,
 }
 
 impl Manifest {
@@ -200,6 +220,39 @@ fn candidate(trace: &Trace, spec: &DatasetSpec, seen: &mut Seen) -> Candidate {
     Candidate::Line { bytes, hash }
 }
 
+/// Walks the traces a build of `spec` reads, with the feedback in force and the latest
+/// evaluation: first those up to the previous cut that feedback since `spec.feedback_after`
+/// made golden (`late`), then every trace after the cut. `f` returns `false` to stop.
+fn walk(
+    scan: &GradedScan,
+    spec: &DatasetSpec,
+    mut f: impl FnMut(Trace, Option<Feedback>, Option<Evaluation>, bool) -> bool,
+) -> Result<(), StoreError> {
+    let mut go_on = true;
+    if let (Some(cut), Some(since)) = (spec.after, spec.feedback_after) {
+        scan.late(since, cut, |late| {
+            let golden = |feedback: Option<&Feedback>| {
+                spec.policy
+                    .is_golden(&late.trace, feedback, late.evaluation.as_ref())
+            };
+            // Golden before: an earlier dataset read it already.
+            if spec.selects(&late.trace)
+                && golden(late.now.as_ref())
+                && !golden(late.before.as_ref())
+            {
+                go_on = f(late.trace, late.now, late.evaluation, true);
+            }
+            go_on
+        })?;
+    }
+    if go_on {
+        scan.for_each(spec.after, spec.until, |trace, fb, ev| {
+            f(trace, fb, ev, false)
+        })?;
+    }
+    Ok(())
+}
+
 /// Each key's lines as a build of `spec` would write them without a cap: after the rules and
 /// duplicates, which would otherwise count towards a key's allowance and leave it more than its
 /// share of what is written.
@@ -209,7 +262,7 @@ fn lines_per_key(
 ) -> Result<BTreeMap<Option<String>, u64>, StoreError> {
     let mut per_key: BTreeMap<Option<String>, u64> = BTreeMap::new();
     let mut seen = Seen::default();
-    scan.for_each(spec.after, spec.until, |trace, fb, ev| {
+    walk(scan, spec, |trace, fb, ev, _late| {
         if spec.selects(&trace)
             && spec.policy.is_golden(&trace, fb.as_ref(), ev.as_ref())
             && matches!(candidate(&trace, spec, &mut seen), Candidate::Line { .. })
@@ -283,6 +336,7 @@ pub fn build(
         tenant: spec.tenant.clone(),
         considered: 0,
         golden: 0,
+        late: 0,
         duplicates: 0,
         capped: 0,
         skipped: BTreeMap::new(),
@@ -301,7 +355,9 @@ pub fn build(
             lines: 0,
             sha256: String::new(),
         },
-        cut: None,
+        // Where the next dataset starts, should this one read no new trace.
+        cut: spec.after,
+        feedback_mark: None,
     };
     let validation_bp = (spec.validation_percent.clamp(0.0, 100.0) * 100.0) as u64;
     let mut read = 0u64;
@@ -313,12 +369,15 @@ pub fn build(
         } else {
             None
         };
-        scan.for_each(spec.after, spec.until, |trace, fb, ev| {
+        manifest.feedback_mark = Some(scan.feedback_mark()?);
+        walk(scan, spec, |trace, fb, ev, late| {
             read += 1;
             if read.is_multiple_of(10_000) {
                 progress(read);
             }
-            manifest.cut = Some(trace.id);
+            if !late {
+                manifest.cut = Some(trace.id);
+            }
             if !spec.selects(&trace) {
                 return true;
             }
@@ -327,6 +386,7 @@ pub fn build(
                 return true;
             }
             manifest.golden += 1;
+            manifest.late += u64::from(late);
             let (bytes, hash) = match candidate(&trace, spec, &mut seen) {
                 Candidate::Line { bytes, hash } => (bytes, hash),
                 Candidate::Skipped(reason) => {

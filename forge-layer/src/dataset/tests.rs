@@ -188,6 +188,7 @@ fn duplicates_are_dropped_the_split_is_deterministic_and_the_cut_moves_on() {
         .unwrap();
     let next = DatasetSpec {
         after: a.cut,
+        feedback_after: a.feedback_mark,
         ..spec
     };
     let c = build(&store, &next, dir.path(), "c", |_| {}).unwrap();
@@ -361,5 +362,99 @@ fn tool_use_traces_become_valid_tool_lines() {
     assert_eq!(
         all[1]["messages"][2]["tool_calls"][0]["function"]["arguments"],
         "{\"city\":\"Rome\"}"
+    );
+}
+
+fn feedback(trace: &Trace, score: Option<f64>, approved: Option<bool>) -> Feedback {
+    Feedback {
+        trace_id: trace.id,
+        score,
+        approved,
+        comment: Some("late".into()),
+        time_ms: 0,
+    }
+}
+
+/// The dataset after `previous`, as the distiller would specify it.
+fn after(previous: &Manifest) -> DatasetSpec {
+    DatasetSpec {
+        after: previous.cut,
+        feedback_after: previous.feedback_mark,
+        ..DatasetSpec::new("chat")
+    }
+}
+
+#[test]
+fn feedback_that_comes_after_the_cut_brings_its_trace_into_the_next_dataset_once() {
+    let approved_late = trace("chat", Arm::Teacher, Some("k"), None, "approved late");
+    let scored_late = trace("chat", Arm::Teacher, Some("k"), None, "scored late");
+    let golden_early = trace("chat", Arm::Teacher, Some("k"), None, "golden early");
+    let other_route = trace("other", Arm::Teacher, Some("k"), None, "other route");
+    let rejected = trace("chat", Arm::Teacher, Some("k"), None, "rejected late");
+    let traces = [
+        approved_late.clone(),
+        scored_late.clone(),
+        golden_early.clone(),
+        other_route.clone(),
+        rejected.clone(),
+    ];
+    let (dir, store) = store_with(&traces, |t| t.id == golden_early.id || t.id == rejected.id);
+    let first = build(&store, &DatasetSpec::new("chat"), dir.path(), "a", |_| {}).unwrap();
+    assert_eq!((first.examples(), first.late), (2, 0));
+    assert_eq!(first.cut, Some(rejected.id));
+
+    // After the cut: an approval, a high score, more feedback on a trace already golden, feedback
+    // on another route's trace, and a rejection of a trace a dataset already holds.
+    for f in [
+        feedback(&approved_late, None, Some(true)),
+        feedback(&scored_late, Some(99.0), None),
+        feedback(&golden_early, Some(97.0), Some(true)),
+        feedback(&other_route, None, Some(true)),
+        feedback(&rejected, None, Some(false)),
+    ] {
+        store.add_feedback(&f).unwrap();
+    }
+    let newer = trace("chat", Arm::Teacher, Some("k"), None, "newer");
+    store
+        .insert_encoded([(newer.id, serde_json::to_vec(&newer).unwrap().as_slice())])
+        .unwrap();
+    store
+        .add_feedback(&feedback(&newer, Some(95.0), None))
+        .unwrap();
+
+    let spec = after(&first);
+    assert_eq!(
+        lines_ready(&store, &spec).unwrap(),
+        3,
+        "two late and one new"
+    );
+    let second = build(&store, &spec, dir.path(), "b", |_| {}).unwrap();
+    assert_eq!((second.examples(), second.late), (3, 2));
+    assert_eq!(second.cut, Some(newer.id));
+    let provenance: Vec<String> = lines(&second.provenance.path)
+        .iter()
+        .map(|l| l["trace_id"].as_str().unwrap().to_string())
+        .collect();
+    let id = |t: &Trace| {
+        serde_json::to_value(t.id)
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        provenance.iter().collect::<std::collections::BTreeSet<_>>(),
+        [id(&approved_late), id(&scored_late), id(&newer)]
+            .iter()
+            .collect(),
+        "late traces first, each once; no trace an earlier dataset holds"
+    );
+
+    // Nothing new since: the next dataset reads neither the late traces again nor anything else,
+    // and keeps the cut where it was.
+    let third = build(&store, &after(&second), dir.path(), "c", |_| {}).unwrap();
+    assert_eq!(
+        (third.examples(), third.late, third.cut),
+        (0, 0, second.cut)
     );
 }

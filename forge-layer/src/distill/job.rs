@@ -56,6 +56,10 @@ pub struct DistillationJob {
     /// The newest trace the dataset read; the route's next dataset starts after it.
     #[serde(default)]
     pub cut: Option<TraceId>,
+    /// The newest feedback the dataset saw: the route's next dataset also takes the traces up
+    /// to `cut` that feedback after this made golden.
+    #[serde(default)]
+    pub feedback_mark: Option<TraceId>,
     /// The model the provider trained, once training succeeded. A job that fails after that
     /// (its deployment or the registry) keeps its cut: its examples are trained on already, and
     /// a new job on them would pay for the same run again.

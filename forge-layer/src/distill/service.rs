@@ -90,9 +90,9 @@ pub struct DistillSettings {
     pub poll_initial: Duration,
     /// …up to this.
     pub poll_max: Duration,
-    /// How old a trace must be before a dataset may read it. A dataset's cut is final: a trace
-    /// that becomes golden after a cut has passed it never reaches a dataset, so the cut stays
-    /// this far behind the newest traces to give feedback time to come.
+    /// How old a trace must be before a dataset may read it, to give feedback time to come
+    /// before the trace's first dataset. Feedback that comes after a cut has passed its trace
+    /// still counts: the route's next dataset looks behind the cut for it.
     pub grading_window: Duration,
     /// How long a job may go from its creation to the end of its training run; past it, the run
     /// is cancelled at the provider and the job fails. A run that hangs at the provider would
@@ -315,6 +315,7 @@ impl DistillationService {
             dataset_size: 0,
             dataset: None,
             cut: None,
+            feedback_mark: None,
             trained_model: None,
             resulting_model_id: None,
             eval_metrics: BTreeMap::new(),
@@ -332,10 +333,11 @@ impl DistillationService {
         Ok(job)
     }
 
-    /// The newest trace the route's last useful job read: its next dataset starts after it.
-    /// A job that failed before its training succeeded read nothing for good; one that failed
-    /// after it did.
-    fn last_cut(&self, alias: &str) -> Result<Option<TraceId>, StoreError> {
+    /// The cut and the feedback mark of the route's last useful job that read traces: its next
+    /// dataset starts after that cut, and looks behind it for traces that feedback after that
+    /// mark made golden. A job that failed before its training succeeded read nothing for good;
+    /// one that failed after it did.
+    fn last_cut(&self, alias: &str) -> Result<(Option<TraceId>, Option<TraceId>), StoreError> {
         let jobs: Vec<DistillationJob> = self.store.jobs()?;
         Ok(jobs
             .into_iter()
@@ -343,7 +345,8 @@ impl DistillationService {
             .filter(|j| {
                 j.route == alias && (j.status != JobStatus::Failed || j.trained_model.is_some())
             })
-            .find_map(|j| j.cut))
+            .find_map(|j| j.cut.map(|cut| (Some(cut), j.feedback_mark)))
+            .unwrap_or_default())
     }
 
     /// With a judge grading in the background, how far datasets may read: up to the last trace
@@ -363,7 +366,7 @@ impl DistillationService {
     /// nearer to now than the grading window.
     fn next_dataset(&self, route: &RouteDistill) -> Result<DatasetSpec, StoreError> {
         let mut spec = route.dataset.clone();
-        spec.after = self.last_cut(&route.route)?;
+        (spec.after, spec.feedback_after) = self.last_cut(&route.route)?;
         let window = self.settings.grading_window;
         let graded_by = (!window.is_zero()).then(|| {
             let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
@@ -552,6 +555,7 @@ impl DistillationService {
         };
         job.dataset_size = manifest.examples();
         job.cut = manifest.cut;
+        job.feedback_mark = manifest.feedback_mark;
         job.dataset = serde_json::to_value(&manifest).ok();
         if manifest.examples() < route.min_examples {
             return self.fail(

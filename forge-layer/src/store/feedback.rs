@@ -3,7 +3,7 @@
 use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 
-use super::{EVALUATIONS, FEEDBACK, Store, StoreError, TRACES, db_err};
+use super::{EVALUATIONS, FEEDBACK, FEEDBACK_ORDER, Store, StoreError, TRACES, db_err};
 use crate::trace::TraceId;
 
 /// One piece of feedback on a trace. Grading uses each field's latest value across a trace's
@@ -59,6 +59,7 @@ impl Store {
         self.write(|txn| {
             let traces = txn.open_table(TRACES).map_err(db_err)?;
             let mut table = txn.open_table(FEEDBACK).map_err(db_err)?;
+            let mut order = txn.open_table(FEEDBACK_ORDER).map_err(db_err)?;
             let mut unscored = Vec::with_capacity(encoded.len());
             for (trace, bytes) in &encoded {
                 require_trace(&traces, *trace)?;
@@ -68,9 +69,9 @@ impl Store {
                     return Err(StoreError::FeedbackFull(*trace));
                 }
                 unscored.push(!scored);
-                table
-                    .insert((key, TraceId::generate().as_u128()), bytes.as_slice())
-                    .map_err(db_err)?;
+                let id = TraceId::generate().as_u128();
+                table.insert((key, id), bytes.as_slice()).map_err(db_err)?;
+                order.insert(id, key).map_err(db_err)?;
             }
             Ok(unscored)
         })
@@ -92,7 +93,13 @@ impl Store {
 
     /// The feedback in force for a trace: each field's latest value across its feedback.
     pub fn current_feedback(&self, trace: TraceId) -> Result<Option<Feedback>, StoreError> {
-        self.read(|txn| current_of(&txn.open_table(FEEDBACK).map_err(db_err)?, trace.as_u128()))
+        self.read(|txn| {
+            current_of(
+                &txn.open_table(FEEDBACK).map_err(db_err)?,
+                trace.as_u128(),
+                u128::MAX,
+            )
+        })
     }
 
     /// Records an evaluation result for an existing trace, checked in the same transaction (a
@@ -120,6 +127,21 @@ impl Store {
                 &txn.open_table(EVALUATIONS).map_err(db_err)?,
                 trace.as_u128(),
             )
+        })
+    }
+}
+
+#[cfg(test)]
+impl Store {
+    /// The trace of each piece of feedback, in the order the feedback arrived.
+    pub(super) fn feedback_arrivals(&self) -> Result<Vec<TraceId>, StoreError> {
+        self.read(|txn| {
+            let table = txn.open_table(FEEDBACK_ORDER).map_err(db_err)?;
+            let mut out = Vec::new();
+            for entry in table.iter().map_err(db_err)? {
+                out.push(TraceId::from_u128(entry.map_err(db_err)?.1.value()));
+            }
+            Ok(out)
         })
     }
 }
@@ -164,16 +186,15 @@ fn feedback_so_far(
     Ok((count, scored))
 }
 
-/// Each field's latest value across the feedback keyed `(trace, *)`, oldest first.
+/// Each field's latest value across the feedback keyed `(trace, *)` whose id is at most
+/// `until` (`u128::MAX`: all of it), oldest first.
 pub(super) fn current_of(
     table: &impl ReadableTable<(u128, u128), &'static [u8]>,
     trace: u128,
+    until: u128,
 ) -> Result<Option<Feedback>, StoreError> {
     let mut current: Option<Feedback> = None;
-    for entry in table
-        .range((trace, 0)..=(trace, u128::MAX))
-        .map_err(db_err)?
-    {
+    for entry in table.range((trace, 0)..=(trace, until)).map_err(db_err)? {
         let newer: Feedback = serde_json::from_slice(entry.map_err(db_err)?.1.value())?;
         current = Some(match current {
             None => newer,

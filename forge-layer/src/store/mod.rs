@@ -24,7 +24,7 @@ use crate::trace::{Trace, TraceId};
 use open::{Handle, OpenDb};
 
 pub use feedback::{Evaluation, Feedback, MAX_FEEDBACK_PER_TRACE};
-pub use records::GradedScan;
+pub use records::{GradedScan, LateFeedback};
 pub use retention::{EXPIRE_BATCH, EXPIRE_BATCH_BYTES, Expired, run_expiry};
 pub use routes::RouteChange;
 pub use unsettled::{Ticket, Unsettled};
@@ -36,6 +36,11 @@ pub use writer::{
 const TRACES: TableDefinition<u128, &[u8]> = TableDefinition::new("traces");
 /// Feedback by (trace id, feedback id); the last entry of a trace is the latest.
 const FEEDBACK: TableDefinition<(u128, u128), &[u8]> = TableDefinition::new("feedback");
+/// Feedback in the order it arrived: feedback id → trace id. Feedback ids are made inside the
+/// write transaction that stores them, one writer at a time, so id order is commit order, and a
+/// snapshot holds exactly the feedback up to its last id here (datasets rely on that to find
+/// feedback that came after their cut: see `GradedScan::late`).
+const FEEDBACK_ORDER: TableDefinition<u128, u128> = TableDefinition::new("feedback_order");
 /// Evaluation results by (trace id, evaluation id).
 const EVALUATIONS: TableDefinition<(u128, u128), &[u8]> = TableDefinition::new("evaluations");
 /// The routing table in force, under the key `current`.
@@ -178,6 +183,7 @@ impl Store {
         store.write(|txn| {
             txn.open_table(TRACES).map_err(db_err)?;
             txn.open_table(FEEDBACK).map_err(db_err)?;
+            txn.open_table(FEEDBACK_ORDER).map_err(db_err)?;
             txn.open_table(EVALUATIONS).map_err(db_err)?;
             txn.open_table(ROUTES).map_err(db_err)?;
             txn.open_table(ROUTE_HISTORY).map_err(db_err)?;

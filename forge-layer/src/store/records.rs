@@ -5,7 +5,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::feedback::{current_of, latest_of};
-use super::{EVALUATIONS, FEEDBACK, JOBS, META, MODELS, Store, StoreError, TRACES, db_err};
+use super::{
+    EVALUATIONS, FEEDBACK, FEEDBACK_ORDER, JOBS, META, MODELS, Store, StoreError, TRACES, db_err,
+};
 use crate::store::{Evaluation, Feedback};
 use crate::trace::{Trace, TraceId};
 
@@ -127,6 +129,7 @@ impl Store {
             f(&GradedScan {
                 traces: txn.open_table(TRACES).map_err(db_err)?,
                 feedback: txn.open_table(FEEDBACK).map_err(db_err)?,
+                feedback_order: txn.open_table(FEEDBACK_ORDER).map_err(db_err)?,
                 evaluations: txn.open_table(EVALUATIONS).map_err(db_err)?,
                 settled,
             })
@@ -143,6 +146,7 @@ impl Store {
 pub struct GradedScan {
     traces: ReadOnlyTable<u128, &'static [u8]>,
     feedback: ReadOnlyTable<(u128, u128), &'static [u8]>,
+    feedback_order: ReadOnlyTable<u128, u128>,
     evaluations: ReadOnlyTable<(u128, u128), &'static [u8]>,
     /// The scan stops below this id: see [`Store::for_each_graded_trace`].
     settled: u128,
@@ -190,6 +194,49 @@ impl GradedScan {
         Ok(())
     }
 
+    /// The newest feedback in this snapshot, or the id 0 when there is none: the snapshot holds
+    /// exactly the feedback up to it (feedback ids follow commit order).
+    pub fn feedback_mark(&self) -> Result<TraceId, StoreError> {
+        let last = self.feedback_order.last().map_err(db_err)?;
+        Ok(TraceId::from_u128(last.map_or(0, |(id, _)| id.value())))
+    }
+
+    /// Calls `f`, oldest trace first, on each trace up to `upto` that got feedback after the
+    /// mark `since` (see [`GradedScan::feedback_mark`]), with the feedback in force now and as it
+    /// stood at `since`; `f` returns `false` to stop. A dataset's cut passes traces whose
+    /// feedback is still to come: this is how a later dataset finds them.
+    pub fn late(
+        &self,
+        since: TraceId,
+        upto: TraceId,
+        mut f: impl FnMut(LateFeedback) -> bool,
+    ) -> Result<(), StoreError> {
+        let from = since.as_u128().saturating_add(1);
+        let mut traces = std::collections::BTreeSet::new();
+        for entry in self.feedback_order.range(from..).map_err(db_err)? {
+            let trace = entry.map_err(db_err)?.1.value();
+            if trace <= upto.as_u128() {
+                traces.insert(trace);
+            }
+        }
+        for key in traces {
+            // Expired since its feedback came.
+            let Some(stored) = self.traces.get(key).map_err(db_err)? else {
+                continue;
+            };
+            let late = LateFeedback {
+                trace: serde_json::from_slice(stored.value())?,
+                now: current_of(&self.feedback, key, u128::MAX)?,
+                before: current_of(&self.feedback, key, since.as_u128())?,
+                evaluation: latest_of(&self.evaluations, key)?,
+            };
+            if !f(late) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// A stored trace with the feedback in force and its latest evaluation.
     fn graded(
         &self,
@@ -205,8 +252,21 @@ impl GradedScan {
         let key = k.value();
         Ok((
             serde_json::from_slice(v.value())?,
-            current_of(&self.feedback, key)?,
+            current_of(&self.feedback, key, u128::MAX)?,
             latest_of::<Evaluation>(&self.evaluations, key)?,
         ))
     }
+}
+
+/// A trace that got feedback after a dataset's cut had passed it; see [`GradedScan::late`].
+#[derive(Debug)]
+pub struct LateFeedback {
+    /// The trace.
+    pub trace: Trace,
+    /// The feedback in force now.
+    pub now: Option<Feedback>,
+    /// The feedback in force at the earlier mark.
+    pub before: Option<Feedback>,
+    /// Its latest evaluation.
+    pub evaluation: Option<Evaluation>,
 }

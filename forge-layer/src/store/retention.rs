@@ -5,7 +5,7 @@ use std::time::Duration;
 use redb::ReadableTable;
 use tokio::sync::watch;
 
-use super::{EVALUATIONS, FEEDBACK, META, Store, StoreError, TRACES, db_err};
+use super::{EVALUATIONS, FEEDBACK, FEEDBACK_ORDER, META, Store, StoreError, TRACES, db_err};
 use crate::trace::{TraceId, now_ms};
 
 /// Traces deleted per transaction, and the bytes of them: small enough that the trace writer,
@@ -128,12 +128,23 @@ impl Store {
             // Feedback and evaluations are keyed by their trace's id first, and both are only
             // added to a trace that exists (checked in their own write transactions), so every
             // entry up to the newest trace deleted belongs to a deleted trace.
-            for definition in [FEEDBACK, EVALUATIONS] {
-                let mut table = txn.open_table(definition).map_err(db_err)?;
-                table
-                    .retain_in(..=(newest, u128::MAX), |_, _| false)
-                    .map_err(db_err)?;
+            // The feedback deleted leaves the arrival order too.
+            let mut feedback_ids = Vec::new();
+            txn.open_table(FEEDBACK)
+                .map_err(db_err)?
+                .retain_in(..=(newest, u128::MAX), |(_, id), _| {
+                    feedback_ids.push(id);
+                    false
+                })
+                .map_err(db_err)?;
+            let mut order = txn.open_table(FEEDBACK_ORDER).map_err(db_err)?;
+            for id in feedback_ids {
+                order.remove(id).map_err(db_err)?;
             }
+            txn.open_table(EVALUATIONS)
+                .map_err(db_err)?
+                .retain_in(..=(newest, u128::MAX), |_, _| false)
+                .map_err(db_err)?;
             // New ids must stay above every id this store has held, even once all of them have
             // expired: a cursor (the judge's, a dataset's cut) may point at one, and a clock that
             // went back across a restart would otherwise make ids below it (see `id_floor`).

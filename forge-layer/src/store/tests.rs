@@ -645,6 +645,8 @@ fn expiry_deletes_the_oldest_traces_below_the_cutoff_with_their_feedback_in_boun
         assert!(store.feedback(id).unwrap().is_empty());
         assert!(store.latest_evaluation(id).unwrap().is_none());
     }
+    // The arrival order of feedback (which datasets read for late feedback) lost the same.
+    assert_eq!(store.feedback_arrivals().unwrap(), kept);
 }
 
 #[test]
