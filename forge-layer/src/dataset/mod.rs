@@ -40,9 +40,10 @@ pub struct DatasetSpec {
     /// Only traces after this one (the previous cut), and those up to it that feedback after
     /// `feedback_after` made golden.
     pub after: Option<TraceId>,
-    /// The previous dataset's [`Manifest::feedback_mark`]: a trace up to `after` joins this
-    /// dataset if feedback after this mark made it golden. `None`: no trace up to `after` does.
-    pub feedback_after: Option<TraceId>,
+    /// The route's earlier builds that count (oldest first): a trace up to `after` joins this
+    /// dataset if feedback after the last one's mark made it golden and no build in the list
+    /// took it. Empty: no trace up to `after` does.
+    pub earlier: Vec<EarlierBuild>,
     /// Only traces up to this one, when set: as far as the judge has got and the grading window
     /// allows, so that a trace still to be scored is left for a later dataset instead of falling
     /// behind this one's cut.
@@ -65,7 +66,7 @@ impl DatasetSpec {
             route: route.into(),
             tenant: None,
             after: None,
-            feedback_after: None,
+            earlier: Vec::new(),
             until: None,
             policy: GoldenPolicy::default(),
             validation_percent: 10.0,
@@ -81,6 +82,15 @@ impl DatasetSpec {
                 .as_ref()
                 .is_none_or(|t| trace.tenant.as_ref() == Some(t))
     }
+}
+
+/// What a dataset built earlier read: see [`DatasetSpec::earlier`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EarlierBuild {
+    /// Its cut.
+    pub cut: TraceId,
+    /// Its [`Manifest::feedback_mark`].
+    pub feedback_mark: TraceId,
 }
 
 /// One output file.
@@ -221,29 +231,34 @@ fn candidate(trace: &Trace, spec: &DatasetSpec, seen: &mut Seen) -> Candidate {
 }
 
 /// Walks the traces a build of `spec` reads, with the feedback in force and the latest
-/// evaluation: first those up to the previous cut that feedback since `spec.feedback_after`
-/// made golden (`late`), then every trace after the cut. `f` returns `false` to stop.
+/// evaluation: first those up to the previous cut that feedback after the previous build made
+/// golden, and that no earlier build took (`late`), then every trace after the cut. `f`
+/// returns `false` to stop.
 fn walk(
     scan: &GradedScan,
     spec: &DatasetSpec,
     mut f: impl FnMut(Trace, Option<Feedback>, Option<Evaluation>, bool) -> bool,
 ) -> Result<(), StoreError> {
     let mut go_on = true;
-    if let (Some(cut), Some(since)) = (spec.after, spec.feedback_after) {
-        scan.late(since, cut, |late| {
-            let golden = |feedback: Option<&Feedback>| {
-                spec.policy
-                    .is_golden(&late.trace, feedback, late.evaluation.as_ref())
-            };
-            // Golden before: an earlier dataset read it already.
-            if spec.selects(&late.trace)
-                && golden(late.now.as_ref())
-                && !golden(late.before.as_ref())
-            {
-                go_on = f(late.trace, late.now, late.evaluation, true);
+    if let (Some(cut), Some(previous)) = (spec.after, spec.earlier.last()) {
+        let mut failed = None;
+        scan.late(previous.feedback_mark, cut, |trace, fb, ev| {
+            if !spec.selects(&trace) || !spec.policy.is_golden(&trace, fb.as_ref(), ev.as_ref()) {
+                return true;
+            }
+            match taken_before(scan, spec, &trace) {
+                Ok(true) => {}
+                Ok(false) => go_on = f(trace, fb, ev, true),
+                Err(e) => {
+                    failed = Some(e);
+                    go_on = false;
+                }
             }
             go_on
         })?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
     }
     if go_on {
         scan.for_each(spec.after, spec.until, |trace, fb, ev| {
@@ -251,6 +266,20 @@ fn walk(
         })?;
     }
     Ok(())
+}
+
+/// Whether an earlier build took `trace`: one whose cut had reached it, at whose feedback mark
+/// it was golden (the build that first read it, or a later one that found it late). Golden
+/// then is golden under the feedback and evaluation of that moment, exactly: a rejection and a
+/// new approval in between do not bring it back a second time.
+fn taken_before(scan: &GradedScan, spec: &DatasetSpec, trace: &Trace) -> Result<bool, StoreError> {
+    for build in spec.earlier.iter().filter(|b| b.cut >= trace.id) {
+        let (fb, ev) = scan.graded_at(trace.id, build.feedback_mark)?;
+        if spec.policy.is_golden(trace, fb.as_ref(), ev.as_ref()) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Each key's lines as a build of `spec` would write them without a cap: after the rules and

@@ -187,8 +187,8 @@ fn duplicates_are_dropped_the_split_is_deterministic_and_the_cut_moves_on() {
         })
         .unwrap();
     let next = DatasetSpec {
+        earlier: vec![built(&a)],
         after: a.cut,
-        feedback_after: a.feedback_mark,
         ..spec
     };
     let c = build(&store, &next, dir.path(), "c", |_| {}).unwrap();
@@ -375,11 +375,18 @@ fn feedback(trace: &Trace, score: Option<f64>, approved: Option<bool>) -> Feedba
     }
 }
 
-/// The dataset after `previous`, as the distiller would specify it.
-fn after(previous: &Manifest) -> DatasetSpec {
+fn built(m: &Manifest) -> EarlierBuild {
+    EarlierBuild {
+        cut: m.cut.unwrap(),
+        feedback_mark: m.feedback_mark.unwrap(),
+    }
+}
+
+/// The dataset after `builds`, as the distiller would specify it.
+fn after(builds: &[&Manifest]) -> DatasetSpec {
     DatasetSpec {
-        after: previous.cut,
-        feedback_after: previous.feedback_mark,
+        earlier: builds.iter().map(|m| built(m)).collect(),
+        after: builds.last().unwrap().cut,
         ..DatasetSpec::new("chat")
     }
 }
@@ -422,7 +429,7 @@ fn feedback_that_comes_after_the_cut_brings_its_trace_into_the_next_dataset_once
         .add_feedback(&feedback(&newer, Some(95.0), None))
         .unwrap();
 
-    let spec = after(&first);
+    let spec = after(&[&first]);
     assert_eq!(
         lines_ready(&store, &spec).unwrap(),
         3,
@@ -447,14 +454,41 @@ fn feedback_that_comes_after_the_cut_brings_its_trace_into_the_next_dataset_once
         [id(&approved_late), id(&scored_late), id(&newer)]
             .iter()
             .collect(),
-        "late traces first, each once; no trace an earlier dataset holds"
+        "each late trace once, and no trace an earlier dataset holds"
     );
 
     // Nothing new since: the next dataset reads neither the late traces again nor anything else,
     // and keeps the cut where it was.
-    let third = build(&store, &after(&second), dir.path(), "c", |_| {}).unwrap();
+    let third = build(&store, &after(&[&first, &second]), dir.path(), "c", |_| {}).unwrap();
     assert_eq!(
         (third.examples(), third.late, third.cut),
         (0, 0, second.cut)
     );
+}
+
+#[test]
+fn a_trace_rejected_and_approved_again_is_not_taken_a_second_time() {
+    let flip = trace(
+        "chat",
+        Arm::Teacher,
+        Some("k"),
+        None,
+        "approved, rejected, approved",
+    );
+    let (dir, store) = store_with(std::slice::from_ref(&flip), |_| true);
+    let first = build(&store, &DatasetSpec::new("chat"), dir.path(), "a", |_| {}).unwrap();
+    assert_eq!(first.examples(), 1);
+    store
+        .add_feedback(&feedback(&flip, None, Some(false)))
+        .unwrap();
+    let second = build(&store, &after(&[&first]), dir.path(), "b", |_| {}).unwrap();
+    assert_eq!((second.examples(), second.late), (0, 0));
+    // Golden again, and not golden at the last build's mark: but the first build took it.
+    store
+        .add_feedback(&feedback(&flip, None, Some(true)))
+        .unwrap();
+    let spec = after(&[&first, &second]);
+    assert_eq!(lines_ready(&store, &spec).unwrap(), 0);
+    let third = build(&store, &spec, dir.path(), "c", |_| {}).unwrap();
+    assert_eq!((third.examples(), third.late), (0, 0));
 }

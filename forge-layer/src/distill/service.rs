@@ -17,7 +17,7 @@ use super::{
     BoxFuture, Hyperparameters, Progress, ProviderError, ProviderState, TrainingProvider,
     TrainingRequest,
 };
-use crate::dataset::{self, DatasetSpec, Manifest};
+use crate::dataset::{self, DatasetSpec, EarlierBuild, Manifest};
 use crate::grade::GoldenPolicy;
 use crate::store::{Store, StoreError};
 use crate::trace::{TraceId, now_ms};
@@ -333,20 +333,29 @@ impl DistillationService {
         Ok(job)
     }
 
-    /// The cut and the feedback mark of the route's last useful job that read traces: its next
-    /// dataset starts after that cut, and looks behind it for traces that feedback after that
-    /// mark made golden. A job that failed before its training succeeded read nothing for good;
-    /// one that failed after it did.
-    fn last_cut(&self, alias: &str) -> Result<(Option<TraceId>, Option<TraceId>), StoreError> {
+    /// The route's useful jobs that read traces, oldest first, with their cuts and feedback
+    /// marks: the next dataset starts after the last cut, and looks behind it for traces that
+    /// feedback after the last mark made golden and no earlier dataset took. A job that failed
+    /// before its training succeeded read nothing for good; one that failed after it did.
+    fn earlier_builds(&self, alias: &str) -> Result<Vec<EarlierBuild>, StoreError> {
         let jobs: Vec<DistillationJob> = self.store.jobs()?;
         Ok(jobs
             .into_iter()
-            .rev()
             .filter(|j| {
                 j.route == alias && (j.status != JobStatus::Failed || j.trained_model.is_some())
             })
-            .find_map(|j| j.cut.map(|cut| (Some(cut), j.feedback_mark)))
-            .unwrap_or_default())
+            .filter_map(|j| {
+                Some(EarlierBuild {
+                    cut: j.cut?,
+                    // A job from before marks were kept: its creation, which came before its
+                    // build, so feedback it may have seen counts as later (read twice at
+                    // worst, never lost).
+                    feedback_mark: j
+                        .feedback_mark
+                        .unwrap_or_else(|| TraceId::earliest_at(j.created_ms)),
+                })
+            })
+            .collect())
     }
 
     /// With a judge grading in the background, how far datasets may read: up to the last trace
@@ -366,7 +375,8 @@ impl DistillationService {
     /// nearer to now than the grading window.
     fn next_dataset(&self, route: &RouteDistill) -> Result<DatasetSpec, StoreError> {
         let mut spec = route.dataset.clone();
-        (spec.after, spec.feedback_after) = self.last_cut(&route.route)?;
+        spec.earlier = self.earlier_builds(&route.route)?;
+        spec.after = spec.earlier.last().map(|b| b.cut);
         let window = self.settings.grading_window;
         let graded_by = (!window.is_zero()).then(|| {
             let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);

@@ -126,6 +126,7 @@ impl Store {
             latest_of(
                 &txn.open_table(EVALUATIONS).map_err(db_err)?,
                 trace.as_u128(),
+                u128::MAX,
             )
         })
     }
@@ -133,15 +134,29 @@ impl Store {
 
 #[cfg(test)]
 impl Store {
-    /// The trace of each piece of feedback, in the order the feedback arrived.
-    pub(super) fn feedback_arrivals(&self) -> Result<Vec<TraceId>, StoreError> {
+    /// Each piece of feedback's id and its trace, in the order the feedback arrived.
+    pub(super) fn feedback_arrivals(&self) -> Result<Vec<(TraceId, TraceId)>, StoreError> {
         self.read(|txn| {
             let table = txn.open_table(FEEDBACK_ORDER).map_err(db_err)?;
             let mut out = Vec::new();
             for entry in table.iter().map_err(db_err)? {
-                out.push(TraceId::from_u128(entry.map_err(db_err)?.1.value()));
+                let (id, trace) = entry.map_err(db_err)?;
+                out.push((
+                    TraceId::from_u128(id.value()),
+                    TraceId::from_u128(trace.value()),
+                ));
             }
             Ok(out)
+        })
+    }
+
+    /// Empties the arrival order, as a store from before it was kept has it.
+    pub(super) fn forget_feedback_order(&self) -> Result<(), StoreError> {
+        self.write(|txn| {
+            txn.open_table(FEEDBACK_ORDER)
+                .map_err(db_err)?
+                .retain(|_, _| false)
+                .map_err(db_err)
         })
     }
 }
@@ -210,14 +225,15 @@ pub(super) fn current_of(
     Ok(current)
 }
 
-/// The last record keyed `(trace, *)` in a feedback-shaped table: the latest one, since the
-/// second half of the key is a time-ordered id.
+/// The last record keyed `(trace, *)` whose id is at most `until` (`u128::MAX`: of all) in a
+/// feedback-shaped table: the latest one, since the second half of the key is a time-ordered id.
 pub(super) fn latest_of<T: serde::de::DeserializeOwned>(
     table: &impl ReadableTable<(u128, u128), &'static [u8]>,
     trace: u128,
+    until: u128,
 ) -> Result<Option<T>, StoreError> {
     match table
-        .range((trace, 0)..=(trace, u128::MAX))
+        .range((trace, 0)..=(trace, until))
         .map_err(db_err)?
         .next_back()
     {

@@ -24,7 +24,7 @@ use crate::trace::{Trace, TraceId};
 use open::{Handle, OpenDb};
 
 pub use feedback::{Evaluation, Feedback, MAX_FEEDBACK_PER_TRACE};
-pub use records::{GradedScan, LateFeedback};
+pub use records::GradedScan;
 pub use retention::{EXPIRE_BATCH, EXPIRE_BATCH_BYTES, Expired, run_expiry};
 pub use routes::RouteChange;
 pub use unsettled::{Ticket, Unsettled};
@@ -182,8 +182,16 @@ impl Store {
         // Create the tables up front so that readers never meet a missing table.
         store.write(|txn| {
             txn.open_table(TRACES).map_err(db_err)?;
-            txn.open_table(FEEDBACK).map_err(db_err)?;
-            txn.open_table(FEEDBACK_ORDER).map_err(db_err)?;
+            let feedback = txn.open_table(FEEDBACK).map_err(db_err)?;
+            let mut order = txn.open_table(FEEDBACK_ORDER).map_err(db_err)?;
+            // A store from before the order was kept: its feedback goes in once, so that no
+            // dataset mistakes it for new.
+            if order.is_empty().map_err(db_err)? {
+                for entry in feedback.iter().map_err(db_err)? {
+                    let (trace, id) = entry.map_err(db_err)?.0.value();
+                    order.insert(id, trace).map_err(db_err)?;
+                }
+            }
             txn.open_table(EVALUATIONS).map_err(db_err)?;
             txn.open_table(ROUTES).map_err(db_err)?;
             txn.open_table(ROUTE_HISTORY).map_err(db_err)?;

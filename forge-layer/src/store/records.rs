@@ -202,14 +202,14 @@ impl GradedScan {
     }
 
     /// Calls `f`, oldest trace first, on each trace up to `upto` that got feedback after the
-    /// mark `since` (see [`GradedScan::feedback_mark`]), with the feedback in force now and as it
-    /// stood at `since`; `f` returns `false` to stop. A dataset's cut passes traces whose
+    /// mark `since` (see [`GradedScan::feedback_mark`]), with the feedback in force and its
+    /// latest evaluation; `f` returns `false` to stop. A dataset's cut passes traces whose
     /// feedback is still to come: this is how a later dataset finds them.
     pub fn late(
         &self,
         since: TraceId,
         upto: TraceId,
-        mut f: impl FnMut(LateFeedback) -> bool,
+        mut f: impl FnMut(Trace, Option<Feedback>, Option<Evaluation>) -> bool,
     ) -> Result<(), StoreError> {
         let from = since.as_u128().saturating_add(1);
         let mut traces = std::collections::BTreeSet::new();
@@ -224,17 +224,28 @@ impl GradedScan {
             let Some(stored) = self.traces.get(key).map_err(db_err)? else {
                 continue;
             };
-            let late = LateFeedback {
-                trace: serde_json::from_slice(stored.value())?,
-                now: current_of(&self.feedback, key, u128::MAX)?,
-                before: current_of(&self.feedback, key, since.as_u128())?,
-                evaluation: latest_of(&self.evaluations, key)?,
-            };
-            if !f(late) {
+            let trace: Trace = serde_json::from_slice(stored.value())?;
+            let feedback = current_of(&self.feedback, key, u128::MAX)?;
+            let evaluation = latest_of(&self.evaluations, key, u128::MAX)?;
+            if !f(trace, feedback, evaluation) {
                 break;
             }
         }
         Ok(())
+    }
+
+    /// The feedback in force for `trace` and its latest evaluation as they stood at `mark` (see
+    /// [`GradedScan::feedback_mark`]): evaluation ids follow commit order like feedback ids.
+    pub fn graded_at(
+        &self,
+        trace: TraceId,
+        mark: TraceId,
+    ) -> Result<(Option<Feedback>, Option<Evaluation>), StoreError> {
+        let (key, until) = (trace.as_u128(), mark.as_u128());
+        Ok((
+            current_of(&self.feedback, key, until)?,
+            latest_of(&self.evaluations, key, until)?,
+        ))
     }
 
     /// A stored trace with the feedback in force and its latest evaluation.
@@ -253,20 +264,7 @@ impl GradedScan {
         Ok((
             serde_json::from_slice(v.value())?,
             current_of(&self.feedback, key, u128::MAX)?,
-            latest_of::<Evaluation>(&self.evaluations, key)?,
+            latest_of::<Evaluation>(&self.evaluations, key, u128::MAX)?,
         ))
     }
-}
-
-/// A trace that got feedback after a dataset's cut had passed it; see [`GradedScan::late`].
-#[derive(Debug)]
-pub struct LateFeedback {
-    /// The trace.
-    pub trace: Trace,
-    /// The feedback in force now.
-    pub now: Option<Feedback>,
-    /// The feedback in force at the earlier mark.
-    pub before: Option<Feedback>,
-    /// Its latest evaluation.
-    pub evaluation: Option<Evaluation>,
 }

@@ -138,7 +138,7 @@ impl Store {
                 })
                 .map_err(db_err)?;
             let mut order = txn.open_table(FEEDBACK_ORDER).map_err(db_err)?;
-            for id in feedback_ids {
+            for &id in &feedback_ids {
                 order.remove(id).map_err(db_err)?;
             }
             txn.open_table(EVALUATIONS)
@@ -149,7 +149,8 @@ impl Store {
             // expired: a cursor (the judge's, a dataset's cut) may point at one, and a clock that
             // went back across a restart would otherwise make ids below it (see `id_floor`).
             let mut meta = txn.open_table(META).map_err(db_err)?;
-            let newest = TraceId::from_u128(newest);
+            // Feedback ids count too: a dataset's feedback mark may be one.
+            let newest = TraceId::from_u128(feedback_ids.into_iter().fold(newest, u128::max));
             let floor = expired_mark(&meta)?.map_or(newest, |mark| mark.max(newest));
             meta.insert(EXPIRED_UP_TO, serde_json::to_vec(&floor)?.as_slice())
                 .map_err(db_err)?;
@@ -157,8 +158,8 @@ impl Store {
         })
     }
 
-    /// The highest trace id this store has held: its newest trace, or the newest it deleted for
-    /// age if that is higher. New ids are made above it when the store opens.
+    /// The highest id this store has held: its newest trace or feedback, or the newest it
+    /// deleted for age if that is higher. New ids are made above it when the store opens.
     pub fn id_floor(&self) -> Result<Option<TraceId>, StoreError> {
         // One snapshot, so that an expiry committing meanwhile cannot hide both.
         self.read(|txn| {
@@ -168,15 +169,23 @@ impl Store {
                 .last()
                 .map_err(db_err)?
                 .map(|(k, _)| TraceId::from_u128(k.value()));
+            // Datasets keep a feedback id as their mark; feedback after it must sort after it.
+            let feedback = txn
+                .open_table(FEEDBACK_ORDER)
+                .map_err(db_err)?
+                .last()
+                .map_err(db_err)?
+                .map(|(k, _)| TraceId::from_u128(k.value()));
             let expired = expired_mark(&txn.open_table(META).map_err(db_err)?)?;
-            Ok(newest.max(expired))
+            Ok(newest.max(feedback).max(expired))
         })
     }
 }
 
-/// The newest trace id deleted for age, as recorded in the META table. A mark that cannot be
-/// read is left out, with a warning, rather than keep the store from opening: new ids then stay
-/// above the newest stored trace only, and the next expiry writes the mark afresh.
+/// The highest id deleted for age (a trace's, or its feedback's), as recorded in the META table.
+/// A mark that cannot be read is left out, with a warning, rather than keep the store from
+/// opening: new ids then stay above the newest stored trace and feedback only, and the next
+/// expiry writes the mark afresh.
 fn expired_mark(
     meta: &impl ReadableTable<&'static str, &'static [u8]>,
 ) -> Result<Option<TraceId>, StoreError> {

@@ -646,7 +646,13 @@ fn expiry_deletes_the_oldest_traces_below_the_cutoff_with_their_feedback_in_boun
         assert!(store.latest_evaluation(id).unwrap().is_none());
     }
     // The arrival order of feedback (which datasets read for late feedback) lost the same.
-    assert_eq!(store.feedback_arrivals().unwrap(), kept);
+    let arrivals: Vec<TraceId> = store
+        .feedback_arrivals()
+        .unwrap()
+        .into_iter()
+        .map(|(_, trace)| trace)
+        .collect();
+    assert_eq!(arrivals, kept);
 }
 
 #[test]
@@ -912,4 +918,47 @@ async fn durable_commits_and_commits_without_idle_priority_stay_off_the_commit_l
             assert_eq!(on_lane, 0, "{mode:?}");
         }
     }
+}
+
+#[test]
+fn feedback_keeps_its_arrival_order_which_a_store_from_before_gets_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_dir(dir.path()).unwrap();
+    let ids: Vec<TraceId> = (0..3).map(|_| TraceId::generate()).collect();
+    store
+        .insert_encoded(ids.iter().map(|&id| (id, &b"{}"[..])))
+        .unwrap();
+    for &id in ids.iter().rev().chain(&ids[..1]) {
+        store
+            .add_feedback(&Feedback {
+                trace_id: id,
+                score: Some(50.0),
+                approved: None,
+                comment: None,
+                time_ms: 1,
+            })
+            .unwrap();
+    }
+    let arrivals = store.feedback_arrivals().unwrap();
+    let traces: Vec<TraceId> = arrivals.iter().map(|&(_, trace)| trace).collect();
+    assert_eq!(
+        traces,
+        [ids[2], ids[1], ids[0], ids[0]],
+        "in the order it came"
+    );
+    // New ids sort after the newest feedback, which is newer than every trace.
+    let newest_feedback = arrivals.last().unwrap().0;
+    assert_eq!(store.id_floor().unwrap(), Some(newest_feedback));
+
+    store.forget_feedback_order().unwrap();
+    drop(store);
+    let reopened = Store::open_dir(dir.path()).unwrap();
+    let mut restored = reopened.feedback_arrivals().unwrap();
+    let mut before = arrivals;
+    restored.sort();
+    before.sort();
+    assert_eq!(
+        restored, before,
+        "the open puts every piece of feedback back"
+    );
 }
