@@ -602,20 +602,45 @@ async fn azure_waits_for_processed_files_trains_and_deploys() {
     );
 
     // Inference picks the model by deployment name.
-    let chat = reqwest::Client::new()
-        .post(format!(
-            "{}/openai/deployments/{}/chat/completions?api-version={AZURE_API_VERSION}",
-            sim.root_url(),
-            deployed.model
-        ))
-        .header("api-key", API_KEY)
-        .json(&json!({"messages": [{"role": "user", "content": "hi"}]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(chat.status(), StatusCode::OK);
-    let answer: Value = chat.json().await.unwrap();
+    let chat = || async {
+        reqwest::Client::new()
+            .post(format!(
+                "{}/openai/deployments/{}/chat/completions?api-version={AZURE_API_VERSION}",
+                sim.root_url(),
+                deployed.model
+            ))
+            .header("api-key", API_KEY)
+            .json(&json!({"messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap()
+    };
+    let answered = chat().await;
+    assert_eq!(answered.status(), StatusCode::OK);
+    let answer: Value = answered.json().await.unwrap();
     assert_eq!(answer["model"], model.as_str());
+
+    // Undeployed (an ARM DELETE with the Entra token), it serves no more; a second undeploy
+    // finds it gone, which is success.
+    provider.undeploy(&deployed.model).await.unwrap();
+    let delete = sim
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "DELETE")
+        .unwrap();
+    assert_eq!(
+        delete.header("authorization"),
+        Some(format!("Bearer {ARM_TOKEN}").as_str())
+    );
+    assert!(
+        delete
+            .path
+            .contains("/deployments/forge-01jobazure?api-version="),
+        "{}",
+        delete.path
+    );
+    assert_eq!(chat().await.status(), StatusCode::NOT_FOUND);
+    provider.undeploy(&deployed.model).await.unwrap();
     sim.shutdown().await;
 }
 
@@ -810,6 +835,31 @@ async fn kubernetes_trains_from_the_dataset_url_and_vllm_serves_the_adapter() {
     assert_eq!(chat.status(), StatusCode::OK);
     let answer: Value = chat.json().await.unwrap();
     assert_eq!(answer["model"], deployed.model.as_str());
+
+    // Undeployed, the adapter is unloaded from vLLM; a second unload finds it gone (404), which
+    // is success.
+    provider.undeploy(&deployed.model).await.unwrap();
+    let unload = posts_to(&sim, "/v1/unload_lora_adapter")[0].json().unwrap();
+    assert_eq!(unload, json!({"lora_name": deployed.model}));
+    let models: Value = http
+        .get(format!("{}/models", sim.base_url()))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        models["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["id"] != deployed.model.as_str()),
+        "{models}"
+    );
+    provider.undeploy(&deployed.model).await.unwrap();
+    assert_eq!(posts_to(&sim, "/v1/unload_lora_adapter").len(), 2);
 
     server.abort();
     sim.shutdown().await;

@@ -299,6 +299,7 @@ struct RawDistiller {
     dataset_url: Option<String>,
     grading_window_secs: f64,
     max_training_secs: f64,
+    undeploy_after_secs: f64,
 }
 
 impl Default for RawDistiller {
@@ -310,6 +311,7 @@ impl Default for RawDistiller {
             dataset_url: None,
             grading_window_secs: 3600.0,
             max_training_secs: 259_200.0,
+            undeploy_after_secs: 3600.0,
         }
     }
 }
@@ -395,6 +397,9 @@ pub struct DistillerConfig {
     /// How long a job may go from its creation to the end of its training run before the run is
     /// cancelled and the job failed; `None` for no limit.
     pub max_training: Option<Duration>,
+    /// How long a replaced student stays deployed before it leaves its route and is undeployed;
+    /// `None` for never.
+    pub undeploy_after: Option<Duration>,
 }
 
 /// `[judge]`.
@@ -874,6 +879,15 @@ fn validate_distiller(raw: RawDistiller) -> Result<DistillerConfig, ConfigError>
         } else {
             Some(secs("distiller.max_training_secs", raw.max_training_secs)?)
         },
+        // Zero keeps replaced students deployed.
+        undeploy_after: if raw.undeploy_after_secs == 0.0 {
+            None
+        } else {
+            Some(secs(
+                "distiller.undeploy_after_secs",
+                raw.undeploy_after_secs,
+            )?)
+        },
     })
 }
 
@@ -1288,6 +1302,7 @@ poll_max_secs = 60.0
 dataset_url = "http://forge-admin:8081"
 grading_window_secs = 3600.0
 max_training_secs = 259200.0
+undeploy_after_secs = 3600.0
 
 [judge]
 upstream = "sim"
@@ -1396,8 +1411,10 @@ key_sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
             c.capture.as_ref().unwrap().writer.queue_bytes,
             256 * 1024 * 1024
         );
-        let no_limit = Config::from_toml("[distiller]\nmax_training_secs = 0\n[[upstreams]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:9/v1\"\n").unwrap();
+        assert_eq!(c.distiller.undeploy_after, Some(Duration::from_secs(3600)));
+        let no_limit = Config::from_toml("[distiller]\nmax_training_secs = 0\nundeploy_after_secs = 0\n[[upstreams]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:9/v1\"\n").unwrap();
         assert_eq!(no_limit.distiller.max_training, None);
+        assert_eq!(no_limit.distiller.undeploy_after, None);
         let c = Config::from_toml("[capture]\nretention_days = 1.5\n[[upstreams]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:9/v1\"\n").unwrap();
         assert_eq!(
             c.capture.unwrap().retention,

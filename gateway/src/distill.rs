@@ -113,6 +113,20 @@ impl Deployer for RouteDeployer {
         })
     }
 
+    fn remove_idle_student<'a>(
+        &'a self,
+        alias: &'a str,
+        upstream: &'a str,
+        model: &'a str,
+    ) -> BoxFuture<'a, Result<bool, String>> {
+        Box::pin(async move {
+            self.control
+                .remove_idle_student(alias, Target::new(upstream, model), "distiller")
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
     fn canary_in_progress(&self, alias: &str) -> bool {
         self.control.router().load().route(alias).is_some_and(|r| {
             r.students

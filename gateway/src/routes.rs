@@ -400,6 +400,57 @@ impl RouteControl {
         Ok(table)
     }
 
+    /// Removes the student `target` from `alias` if it carries no traffic: `Ok(true)` once it is
+    /// not in the route (also when it was not there), `Ok(false)`, with no change, if it has a
+    /// share. A student at 0% has an empty key range, so no other student's users move.
+    pub async fn remove_idle_student(
+        &self,
+        alias: &str,
+        target: forge_router::Target,
+        actor: &str,
+    ) -> Result<bool, RouteUpdateError> {
+        let table = self.router.load();
+        let route = table
+            .route(alias)
+            .ok_or_else(|| RouteUpdateError::UnknownAlias(alias.to_string()))?;
+        match route.students.iter().find(|s| s.target == target) {
+            None => return Ok(true),
+            Some(s) if s.share != CanaryShare::ZERO => return Ok(false),
+            Some(_) => {}
+        }
+        let action = format!(
+            "remove student {}/{} (replaced, no traffic)",
+            target.upstream, target.model
+        );
+        let alias_owned = alias.to_string();
+        let removed = self
+            .apply(
+                actor,
+                action,
+                Some(alias.to_string()),
+                None,
+                move |routes| {
+                    let route = route_mut(routes, &alias_owned)?;
+                    // Checked again in the update itself: a share given meanwhile keeps the student.
+                    if route
+                        .students
+                        .iter()
+                        .any(|s| s.target == target && s.share != CanaryShare::ZERO)
+                    {
+                        return Err(RouteUpdateError::Conflict("it has a share again".into()));
+                    }
+                    route.students.retain(|s| s.target != target);
+                    Ok(())
+                },
+            )
+            .await;
+        match removed {
+            Ok(_) => Ok(true),
+            Err(RouteUpdateError::Conflict(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn put_student(
         &self,
         alias: &str,
@@ -605,5 +656,40 @@ mod tests {
             (names[0], names[1], names[names.len() - 1]),
             ("live", "s2", "new")
         );
+    }
+
+    #[tokio::test]
+    async fn only_a_student_without_traffic_is_removed() {
+        let (control, _guard) = control(5.0);
+        let s = || Target::new("up", "s");
+        // It carries traffic (an operator took it back): no change, not even the version.
+        assert!(
+            !control
+                .remove_idle_student("a", s(), "distiller")
+                .await
+                .unwrap()
+        );
+        assert_eq!(control.router().load().version(), 1);
+        control.rollback("a", Some("s"), "operator").await.unwrap();
+        assert!(
+            control
+                .remove_idle_student("a", s(), "distiller")
+                .await
+                .unwrap()
+        );
+        let table = control.router().load();
+        assert!(table.route("a").unwrap().students.is_empty());
+        // Already gone: done, with no new version.
+        assert!(
+            control
+                .remove_idle_student("a", s(), "distiller")
+                .await
+                .unwrap()
+        );
+        assert_eq!(control.router().load().version(), table.version());
+        assert!(matches!(
+            control.remove_idle_student("nope", s(), "distiller").await,
+            Err(RouteUpdateError::UnknownAlias(_))
+        ));
     }
 }

@@ -486,6 +486,7 @@ fn start_distiller(
         poll_max: config.distiller.poll_max,
         grading_window: config.distiller.grading_window,
         max_training: config.distiller.max_training,
+        undeploy_after: config.distiller.undeploy_after,
         dataset_url: match (&config.distiller.dataset_url, &config.server.admin_token) {
             (Some(url), Some(token)) => Some((url.clone(), token.expose().to_string())),
             _ => None,

@@ -960,7 +960,7 @@ async fn an_approval_that_comes_after_the_cut_reaches_the_next_dataset_once() {
         .unwrap()
         .to_string();
     resp.text().await.unwrap();
-    traffic(&gw, 14, "first", None).await;
+    traffic(&gw, 20, "first", None).await;
     let first = distilled(&gw).await;
     assert_eq!(first["dataset"]["late"], 0, "{first}");
     assert!(!trained_on(&first).contains(&reviewed_late));
@@ -973,7 +973,7 @@ async fn an_approval_that_comes_after_the_cut_reaches_the_next_dataset_once() {
         .await
         .unwrap();
     assert_eq!(approved.status(), 200);
-    traffic(&gw, 14, "second", None).await;
+    traffic(&gw, 20, "second", None).await;
     let second = distilled(&gw).await;
     assert_eq!(second["dataset"]["late"], 1, "{second}");
     let lines = trained_on(&second);
@@ -986,5 +986,84 @@ async fn an_approval_that_comes_after_the_cut_reaches_the_next_dataset_once() {
         trained_on(&first).iter().all(|id| !lines.contains(id)),
         "no trace of the first dataset is trained on again"
     );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_replaced_student_leaves_its_route_and_its_azure_deployment_is_deleted() {
+    let sim = start_sim(SimConfig {
+        arm_token: Some("arm-token".into()),
+        azure: forge_gateway::sim::AzureTimings {
+            file_processing: Duration::from_millis(50),
+            deployment: Duration::from_millis(50),
+        },
+        ..sim_config()
+    })
+    .await;
+    let azure = format!(
+        "[distill.azure]\nendpoint = \"{root}\"\napi_key = \"k\"\nupstream = \"sim\"\n\n[distill.azure.deployment]\nmanagement_url = \"{root}\"\nsubscription_id = \"s\"\nresource_group = \"g\"\naccount = \"acct\"\ntoken = \"arm-token\"\n",
+        root = sim.root_url()
+    );
+    let text = config(&sim, "", &azure)
+        .replace("provider = \"sim\"", "provider = \"azure\"")
+        .replace("trigger_threshold = 20", "trigger_threshold = 100000")
+        // Every answer is the teacher's, so each round has its examples.
+        .replace(
+            "initial_canary_percent = 20.0",
+            "initial_canary_percent = 0.0",
+        )
+        .replace(
+            "grading_window_secs = 0",
+            "grading_window_secs = 0\nundeploy_after_secs = 0.3",
+        );
+    let gw = start_gateway_with(&text, admin).await;
+    traffic(&gw, 20, "first", None).await;
+    let first = distilled(&gw).await["resulting_model_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    traffic(&gw, 20, "second", None).await;
+    let second = distilled(&gw).await["resulting_model_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let students = || -> Vec<String> {
+        gw.router()
+            .load()
+            .route("chat")
+            .unwrap()
+            .students
+            .iter()
+            .map(|s| s.target.model.clone())
+            .collect()
+    };
+    eventually("the replaced student left the route", || {
+        students() == [second.clone()]
+    })
+    .await;
+    let deleted = |model: &str| {
+        sim.requests()
+            .iter()
+            .any(|r| r.method == "DELETE" && r.path.contains(&format!("/deployments/{model}?")))
+    };
+    eventually("its deployment was deleted", || deleted(&first)).await;
+    assert!(!deleted(&second), "the serving student stays deployed");
+    let start = tokio::time::Instant::now();
+    loop {
+        let models: Value = admin_get(&gw, "/admin/models").await.json().await.unwrap();
+        let record = models["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == first.as_str())
+            .cloned()
+            .unwrap();
+        if record["undeployed_ms"].is_u64() {
+            assert_eq!(record["status"], "retired", "{record}");
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "{models}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     gw.shutdown().await;
 }

@@ -123,4 +123,10 @@ pub struct ModelRecord {
     /// Why it stands there (the gate's verdict, the guard's decision).
     #[serde(default)]
     pub reason: Option<String>,
+    /// Unix milliseconds when `status` last changed (none in records from before it was kept).
+    #[serde(default)]
+    pub status_ms: Option<u64>,
+    /// Unix milliseconds when, replaced, it left its route and its deployment was taken down.
+    #[serde(default)]
+    pub undeployed_ms: Option<u64>,
 }

@@ -180,6 +180,15 @@ pub trait TrainingProvider: Send + Sync + std::fmt::Debug {
         job_id: &'a str,
         trained_model: &'a str,
     ) -> BoxFuture<'a, Result<Deployed, ProviderError>>;
+
+    /// Takes down what [`TrainingProvider::deploy`] set up for `model` (the name Forge routed
+    /// to), once a newer student has replaced it: Azure bills a deployment by the hour, and vLLM
+    /// holds a loaded adapter in GPU memory. One already gone is not an error. The default does
+    /// nothing: an OpenAI fine-tuned model costs nothing while it is not called.
+    fn undeploy<'a>(&'a self, model: &'a str) -> BoxFuture<'a, Result<(), ProviderError>> {
+        let _ = model;
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// The longest wait a `retry-after` may ask for: a provider (or a proxy on the way) asking for

@@ -37,6 +37,16 @@ pub trait Deployer: Send + Sync + std::fmt::Debug {
     /// Whether a student of `alias` is in canary (above 0%, below 100%): its verdict is still
     /// out, so automatic triggers wait rather than replace it.
     fn canary_in_progress(&self, alias: &str) -> bool;
+
+    /// Takes `upstream/model` out of `alias` if it carries no traffic, through the router's
+    /// validated swap: `Ok(true)` once it is not in the route (also if it was not there), and
+    /// `Ok(false)` if it has a share (an operator took it back).
+    fn remove_idle_student<'a>(
+        &'a self,
+        alias: &'a str,
+        upstream: &'a str,
+        model: &'a str,
+    ) -> BoxFuture<'a, Result<bool, String>>;
 }
 
 /// One route's distillation settings (`[[distill]]`).
@@ -98,6 +108,9 @@ pub struct DistillSettings {
     /// is cancelled at the provider and the job fails. A run that hangs at the provider would
     /// otherwise keep its route's next job waiting for good. `None`: no limit.
     pub max_training: Option<Duration>,
+    /// How long a student a newer one replaced stays deployed (at 0%, in case an operator takes
+    /// it back) before it leaves its route and its deployment is taken down. `None`: never.
+    pub undeploy_after: Option<Duration>,
     /// The base of Forge's dataset URL as remote trainers reach it (`http://admin/…`), and the
     /// admin token each job's dataset token is signed with ([`super::dataset_token`]).
     pub dataset_url: Option<(String, String)>,
@@ -114,6 +127,7 @@ impl std::fmt::Debug for DistillSettings {
             .field("poll_max", &self.poll_max)
             .field("grading_window", &self.grading_window)
             .field("max_training", &self.max_training)
+            .field("undeploy_after", &self.undeploy_after)
             .field(
                 "dataset_url",
                 &self.dataset_url.as_ref().map(|(url, _token)| url),
@@ -265,6 +279,7 @@ impl DistillationService {
         {
             record.status = status;
             record.reason = Some(reason.to_string());
+            record.status_ms = Some(now_ms());
             self.store.put_model(&record.id.clone(), &record)?;
         }
         Ok(())
@@ -430,7 +445,10 @@ impl DistillationService {
                     // Counting a route's lines reads every trace since its last cut, which on a
                     // large store takes seconds: a stop does not wait for it.
                     tokio::select! {
-                        () = self.check_triggers(last_check, now) => {}
+                        () = async {
+                            self.check_triggers(last_check, now).await;
+                            self.undeploy_replaced().await;
+                        } => {}
                         _ = stop.changed() => break,
                     }
                     last_check = now;
@@ -796,6 +814,8 @@ impl DistillationService {
             created_ms: now_ms(),
             status: ModelStatus::Candidate,
             reason: None,
+            status_ms: Some(now_ms()),
+            undeployed_ms: None,
         };
         job.resulting_model_id = Some(deployed.model.clone());
         if let Err(e) = self.store.put_model(&record.id.clone(), &record) {
@@ -880,6 +900,60 @@ impl DistillationService {
                 &format!("replaced by {newest}"),
             ) {
                 tracing::error!(error = %e, model = %old.id, "could not mark a replaced model retired");
+            }
+        }
+    }
+
+    /// Takes down the students newer ones replaced, once they have been retired for
+    /// `undeploy_after`: out of their route first (only while they still carry no traffic: an
+    /// operator may have taken one back), then the provider's deployment. What fails is logged
+    /// and tried again at the next check.
+    async fn undeploy_replaced(&self) {
+        let Some(after) = self.settings.undeploy_after else {
+            return;
+        };
+        let after_ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+        let models: Vec<ModelRecord> = match self.store.models() {
+            Ok(models) => models,
+            Err(e) => {
+                return tracing::error!(error = %e, "registry not read; replaced students stay deployed for now");
+            }
+        };
+        let now = now_ms();
+        for mut record in models.into_iter().filter(|m| {
+            m.status == ModelStatus::Retired
+                && m.undeployed_ms.is_none()
+                // Records from before the time was kept were retired long ago.
+                && m.status_ms.is_none_or(|at| now.saturating_sub(at) >= after_ms)
+        }) {
+            // Only the provider that deployed it can take it down.
+            let Some(route) = self
+                .routes
+                .get(&record.route)
+                .filter(|r| r.provider.name() == record.provider)
+            else {
+                continue;
+            };
+            match self
+                .deployer
+                .remove_idle_student(&record.route, &record.upstream, &record.id)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::warn!(model = %record.id, error = %e, "a replaced student could not leave its route; trying again at the next check");
+                    continue;
+                }
+            }
+            if let Err(e) = route.provider.undeploy(&record.id).await {
+                tracing::warn!(model = %record.id, error = %e, "a replaced student could not be undeployed; trying again at the next check");
+                continue;
+            }
+            record.undeployed_ms = Some(now_ms());
+            tracing::info!(model = %record.id, route = %record.route, "replaced student undeployed");
+            if let Err(e) = self.store.put_model(&record.id.clone(), &record) {
+                tracing::error!(model = %record.id, error = %e, "registry not updated after an undeploy");
             }
         }
     }
@@ -1026,6 +1100,7 @@ mod tests {
             poll_max: Duration::from_secs(1),
             grading_window: Duration::ZERO,
             max_training: None,
+            undeploy_after: None,
             dataset_url: Some(("http://admin:8081".into(), "admin-secret-token".into())),
             judge: None,
         };

@@ -310,6 +310,21 @@ impl AzureProvider {
         }
     }
 
+    /// Deletes the deployment `name` (ARM answers 204 for one already gone).
+    async fn delete_deployment(&self, name: &str) -> Result<(), ProviderError> {
+        let arm = &self.arm;
+        let mut url = client::endpoint(&arm.account, &["deployments", name], &[]);
+        url.query_pairs_mut()
+            .append_pair("api-version", &arm.api_version);
+        match client::send(self.arm_request(Method::DELETE, url).await?).await {
+            Ok(_) | Err(ProviderError::Http { status: 404, .. }) => {
+                tracing::info!(deployment = %name, "Azure deployment deleted");
+                Ok(())
+            }
+            Err(err) => Err(err),
+        }
+    }
+
     async fn arm_request(
         &self,
         method: Method,
@@ -381,5 +396,9 @@ impl TrainingProvider for AzureProvider {
         trained_model: &'a str,
     ) -> BoxFuture<'a, Result<Deployed, ProviderError>> {
         Box::pin(self.deploy_model(job_id, trained_model))
+    }
+
+    fn undeploy<'a>(&'a self, model: &'a str) -> BoxFuture<'a, Result<(), ProviderError>> {
+        Box::pin(self.delete_deployment(model))
     }
 }

@@ -375,6 +375,26 @@ impl KubernetesProvider {
             model: lora_name,
         })
     }
+
+    /// Unloads the adapter `lora_name` from vLLM (404: it is not loaded, which is as good).
+    async fn unload_adapter(&self, lora_name: &str) -> Result<(), ProviderError> {
+        let url = client::endpoint(&self.vllm_url, &["v1", "unload_lora_adapter"], &[]);
+        let mut post = self
+            .vllm
+            .post(url)
+            .timeout(self.timeout)
+            .json(&json!({"lora_name": lora_name}));
+        if let Some(auth) = &self.vllm_auth {
+            post = post.header(http::header::AUTHORIZATION, auth.clone());
+        }
+        match client::send(post).await {
+            Ok(_) | Err(ProviderError::Http { status: 404, .. }) => {
+                tracing::info!(lora_name = %lora_name, "LoRA adapter unloaded from vLLM");
+                Ok(())
+            }
+            Err(err) => Err(err),
+        }
+    }
 }
 
 /// The names Forge sets on the trainer, which `env` must not override.
@@ -697,5 +717,9 @@ impl TrainingProvider for KubernetesProvider {
         trained_model: &'a str,
     ) -> BoxFuture<'a, Result<Deployed, ProviderError>> {
         Box::pin(self.load_adapter(job_id, trained_model))
+    }
+
+    fn undeploy<'a>(&'a self, model: &'a str) -> BoxFuture<'a, Result<(), ProviderError>> {
+        Box::pin(self.unload_adapter(model))
     }
 }
