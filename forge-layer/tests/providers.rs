@@ -626,7 +626,7 @@ async fn azure_waits_for_processed_files_trains_and_deploys() {
     let delete = sim
         .requests()
         .into_iter()
-        .find(|r| r.method == "DELETE")
+        .find(|r| r.method == "DELETE" && r.path.contains("/deployments/"))
         .unwrap();
     assert_eq!(
         delete.header("authorization"),

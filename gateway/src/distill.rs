@@ -118,10 +118,11 @@ impl Deployer for RouteDeployer {
         alias: &'a str,
         upstream: &'a str,
         model: &'a str,
+        idle_for: std::time::Duration,
     ) -> BoxFuture<'a, Result<bool, String>> {
         Box::pin(async move {
             self.control
-                .remove_idle_student(alias, Target::new(upstream, model), "distiller")
+                .remove_idle_student(alias, Target::new(upstream, model), idle_for, "distiller")
                 .await
                 .map_err(|e| e.to_string())
         })

@@ -2,6 +2,7 @@
 //! the change comes from the admin API, the canary guard or the distiller.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use forge_layer::guard::Guard;
 use forge_layer::store::{RouteChange, Store, StoreError};
@@ -66,6 +67,21 @@ fn student_index(route: &Route, model: Option<&str>) -> Result<usize, RouteUpdat
 
 /// The store's key for the aliases in manual guard mode.
 const GUARD_MANUAL: &str = "guard_manual";
+
+/// How many of the latest routing changes [`RouteControl::remove_idle_student`] reads to find
+/// when a student went idle.
+const IDLE_HISTORY: usize = 1000;
+
+/// Whether `target` is used by a route other than `alias` (as its teacher or a student, at any
+/// share), by `alias` as its teacher, or by `alias` as a student with a share.
+fn used_elsewhere(routes: &[&Route], alias: &str, target: &forge_router::Target) -> bool {
+    routes.iter().any(|r| {
+        r.teacher == *target
+            || r.students
+                .iter()
+                .any(|s| s.target == *target && (r.alias != alias || s.share != CanaryShare::ZERO))
+    })
+}
 
 fn route_mut<'r>(routes: &'r mut [Route], alias: &str) -> Result<&'r mut Route, RouteUpdateError> {
     routes
@@ -400,26 +416,36 @@ impl RouteControl {
         Ok(table)
     }
 
-    /// Removes the student `target` from `alias` if it carries no traffic: `Ok(true)` once it is
-    /// not in the route (also when it was not there), `Ok(false)`, with no change, if it has a
-    /// share. A student at 0% has an empty key range, so no other student's users move.
+    /// Removes the student `target` from `alias` once it is idle: at 0% there for at least
+    /// `idle_for` (by the routing history), and used by no other route, as a teacher or a
+    /// student. `Ok(true)` once it is in no route (also when it was in none), so that its
+    /// deployment can go; `Ok(false)`, with no change, while it is not idle. A student at 0% has
+    /// an empty key range, so no other student's users move.
     pub async fn remove_idle_student(
         &self,
         alias: &str,
         target: forge_router::Target,
+        idle_for: Duration,
         actor: &str,
     ) -> Result<bool, RouteUpdateError> {
         let table = self.router.load();
         let route = table
             .route(alias)
             .ok_or_else(|| RouteUpdateError::UnknownAlias(alias.to_string()))?;
-        match route.students.iter().find(|s| s.target == target) {
-            None => return Ok(true),
-            Some(s) if s.share != CanaryShare::ZERO => return Ok(false),
-            Some(_) => {}
+        let routes: Vec<&Route> = table.routes().collect();
+        if used_elsewhere(&routes, alias, &target) {
+            return Ok(false);
+        }
+        if !route.students.iter().any(|s| s.target == target) {
+            return Ok(true);
+        }
+        let idle_since = self.idle_since(alias, &target).await?;
+        let idle_ms = u64::try_from(idle_for.as_millis()).unwrap_or(u64::MAX);
+        if idle_since.is_some_and(|since| now_ms().saturating_sub(since) < idle_ms) {
+            return Ok(false);
         }
         let action = format!(
-            "remove student {}/{} (replaced, no traffic)",
+            "remove student {}/{} (idle, replaced)",
             target.upstream, target.model
         );
         let alias_owned = alias.to_string();
@@ -430,16 +456,13 @@ impl RouteControl {
                 Some(alias.to_string()),
                 None,
                 move |routes| {
-                    let route = route_mut(routes, &alias_owned)?;
-                    // Checked again in the update itself: a share given meanwhile keeps the student.
-                    if route
-                        .students
-                        .iter()
-                        .any(|s| s.target == target && s.share != CanaryShare::ZERO)
-                    {
-                        return Err(RouteUpdateError::Conflict("it has a share again".into()));
+                    // Checked again in the update itself: a share or a use given meanwhile keeps it.
+                    if used_elsewhere(&routes.iter().collect::<Vec<_>>(), &alias_owned, &target) {
+                        return Err(RouteUpdateError::Conflict("it is in use again".into()));
                     }
-                    route.students.retain(|s| s.target != target);
+                    route_mut(routes, &alias_owned)?
+                        .students
+                        .retain(|s| s.target != target);
                     Ok(())
                 },
             )
@@ -449,6 +472,31 @@ impl RouteControl {
             Err(RouteUpdateError::Conflict(_)) => Ok(false),
             Err(e) => Err(e),
         }
+    }
+
+    /// When `target` last went to 0% in `alias`, by the routing history. Only the latest
+    /// [`IDLE_HISTORY`] changes are read: idle in all of them, it counts as idle since the
+    /// oldest, which can only make it wait longer. `None` without a history (no store).
+    async fn idle_since(
+        &self,
+        alias: &str,
+        target: &forge_router::Target,
+    ) -> Result<Option<u64>, RouteUpdateError> {
+        let mut since = None;
+        for change in self.history(IDLE_HISTORY).await? {
+            let carried = change.routes.iter().any(|r| {
+                r.alias == alias
+                    && r.students.iter().any(|s| {
+                        s.upstream == target.upstream && s.model == target.model && s.percent > 0.0
+                    })
+            });
+            if carried {
+                // It went to 0% in the change after this one (newer, read before it).
+                return Ok(Some(since.unwrap_or_else(now_ms)));
+            }
+            since = Some(change.time_ms);
+        }
+        Ok(since)
     }
 
     async fn put_student(
@@ -659,36 +707,63 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn only_a_student_without_traffic_is_removed() {
-        let (control, _guard) = control(5.0);
+    async fn only_a_student_idle_long_enough_and_used_nowhere_else_is_removed() {
+        // With a store, so that changes are kept in the routing history.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_dir(dir.path()).unwrap();
+        let routes = vec![
+            Route::new("a", Target::new("up", "t"))
+                .with_student(Student::new(Target::new("up", "s"), pct(5.0))),
+            Route::new("b", Target::new("up", "t")),
+        ];
+        let control = RouteControl::new(Router::new(routes, ["up"]).unwrap(), Some(store), None);
         let s = || Target::new("up", "s");
+        let hour = Duration::from_secs(3600);
+        let remove = |idle_for| control.remove_idle_student("a", s(), idle_for, "distiller");
+        let students = |alias| -> Vec<String> {
+            let table = control.router().load();
+            let route = table.route(alias).unwrap();
+            route
+                .students
+                .iter()
+                .map(|s| s.target.model.clone())
+                .collect()
+        };
         // It carries traffic (an operator took it back): no change, not even the version.
-        assert!(
-            !control
-                .remove_idle_student("a", s(), "distiller")
-                .await
-                .unwrap()
-        );
+        assert!(!remove(Duration::ZERO).await.unwrap());
         assert_eq!(control.router().load().version(), 1);
+        // At 0% from now on: not idle for an hour yet, but idle.
         control.rollback("a", Some("s"), "operator").await.unwrap();
-        assert!(
-            control
-                .remove_idle_student("a", s(), "distiller")
-                .await
-                .unwrap()
-        );
-        let table = control.router().load();
-        assert!(table.route("a").unwrap().students.is_empty());
+        assert!(!remove(hour).await.unwrap());
+        assert_eq!(students("a"), ["s"]);
+        // Used by another route, at 0% there too, or as a teacher: it stays.
+        control
+            .add_student("b", s(), CanaryShare::ZERO, "operator")
+            .await
+            .unwrap();
+        assert!(!remove(Duration::ZERO).await.unwrap());
+        assert_eq!(students("a"), ["s"]);
+        let mut other = RouteSpec::from(control.router().load().route("b").unwrap());
+        other.students.clear();
+        other.teacher = s();
+        control
+            .put_route(other.clone(), "operator", None)
+            .await
+            .unwrap();
+        assert!(!remove(Duration::ZERO).await.unwrap());
+        other.teacher = Target::new("up", "t");
+        control.put_route(other, "operator", None).await.unwrap();
+        // Idle and nowhere else: out.
+        assert!(remove(Duration::ZERO).await.unwrap());
+        assert!(students("a").is_empty());
         // Already gone: done, with no new version.
-        assert!(
-            control
-                .remove_idle_student("a", s(), "distiller")
-                .await
-                .unwrap()
-        );
-        assert_eq!(control.router().load().version(), table.version());
+        let version = control.router().load().version();
+        assert!(remove(hour).await.unwrap());
+        assert_eq!(control.router().load().version(), version);
         assert!(matches!(
-            control.remove_idle_student("nope", s(), "distiller").await,
+            control
+                .remove_idle_student("nope", s(), hour, "distiller")
+                .await,
             Err(RouteUpdateError::UnknownAlias(_))
         ));
     }

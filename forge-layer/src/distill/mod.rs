@@ -7,6 +7,7 @@ pub mod judge;
 pub mod provider;
 pub mod providers;
 mod service;
+mod undeploy;
 
 pub use dataset_token::{dataset_token, dataset_token_matches};
 pub use evaluate::{ChatClient, EvalMethod};

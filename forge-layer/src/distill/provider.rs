@@ -184,7 +184,8 @@ pub trait TrainingProvider: Send + Sync + std::fmt::Debug {
     /// Takes down what [`TrainingProvider::deploy`] set up for `model` (the name Forge routed
     /// to), once a newer student has replaced it: Azure bills a deployment by the hour, and vLLM
     /// holds a loaded adapter in GPU memory. One already gone is not an error. The default does
-    /// nothing: an OpenAI fine-tuned model costs nothing while it is not called.
+    /// nothing: an OpenAI fine-tuned model costs nothing while it is not called. The distiller
+    /// calls it for models that serve nothing (see `distill/undeploy.rs`).
     fn undeploy<'a>(&'a self, model: &'a str) -> BoxFuture<'a, Result<(), ProviderError>> {
         let _ = model;
         Box::pin(async { Ok(()) })

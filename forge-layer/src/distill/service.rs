@@ -13,6 +13,7 @@ use super::evaluate::{
     ChatClient, EvalMethod, held_out, judge_messages, parse_score, question_of, similarity,
 };
 use super::job::{DistillationJob, JobStatus, ModelRecord, ModelStatus};
+use super::undeploy::Undeploys;
 use super::{
     BoxFuture, Hyperparameters, Progress, ProviderError, ProviderState, TrainingProvider,
     TrainingRequest,
@@ -38,14 +39,16 @@ pub trait Deployer: Send + Sync + std::fmt::Debug {
     /// out, so automatic triggers wait rather than replace it.
     fn canary_in_progress(&self, alias: &str) -> bool;
 
-    /// Takes `upstream/model` out of `alias` if it carries no traffic, through the router's
-    /// validated swap: `Ok(true)` once it is not in the route (also if it was not there), and
-    /// `Ok(false)` if it has a share (an operator took it back).
+    /// Takes `upstream/model` out of `alias` once it is idle, through the router's validated
+    /// swap: at 0% there for at least `idle_for`, and in no other route. `Ok(true)` once it is
+    /// in no route (so its deployment can go), `Ok(false)` while it is not idle (an operator
+    /// took it back, say).
     fn remove_idle_student<'a>(
         &'a self,
         alias: &'a str,
         upstream: &'a str,
         model: &'a str,
+        idle_for: Duration,
     ) -> BoxFuture<'a, Result<bool, String>>;
 }
 
@@ -173,15 +176,17 @@ pub enum CancelError {
 /// The distillation loop for every configured route.
 #[derive(Debug)]
 pub struct DistillationService {
-    store: Store,
-    settings: DistillSettings,
-    routes: HashMap<String, RouteDistill>,
-    deployer: Arc<dyn Deployer>,
+    pub(super) store: Store,
+    pub(super) settings: DistillSettings,
+    pub(super) routes: HashMap<String, RouteDistill>,
+    pub(super) deployer: Arc<dyn Deployer>,
     chat: Arc<dyn ChatClient>,
     /// Routes with an active job: at most one each.
     active: Mutex<HashSet<String>>,
     queue: mpsc::UnboundedSender<DistillationJob>,
     queued: Mutex<Option<mpsc::UnboundedReceiver<DistillationJob>>>,
+    /// Where taking down idle students stands ([`super::undeploy`]).
+    pub(super) undeploys: Mutex<Undeploys>,
 }
 
 impl DistillationService {
@@ -203,6 +208,7 @@ impl DistillationService {
             active: Mutex::new(HashSet::new()),
             queue,
             queued: Mutex::new(Some(queued)),
+            undeploys: Mutex::default(),
         })
     }
 
@@ -429,6 +435,8 @@ impl DistillationService {
         };
         let mut running = JoinSet::new();
         self.resume(&mut running);
+        // Its own task: a slow provider there must not hold up jobs and triggers.
+        let undeploys = tokio::spawn(Arc::clone(&self).undeploy_loop(stop.clone()));
         let mut ticks = tokio::time::interval(self.settings.check_every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_check = chrono::Utc::now();
@@ -445,10 +453,7 @@ impl DistillationService {
                     // Counting a route's lines reads every trace since its last cut, which on a
                     // large store takes seconds: a stop does not wait for it.
                     tokio::select! {
-                        () = async {
-                            self.check_triggers(last_check, now).await;
-                            self.undeploy_replaced().await;
-                        } => {}
+                        () = self.check_triggers(last_check, now) => {}
                         _ = stop.changed() => break,
                     }
                     last_check = now;
@@ -456,6 +461,8 @@ impl DistillationService {
             }
         }
         running.shutdown().await;
+        undeploys.abort();
+        let _ = undeploys.await;
     }
 
     fn resume(self: &Arc<Self>, running: &mut JoinSet<()>) {
@@ -900,60 +907,6 @@ impl DistillationService {
                 &format!("replaced by {newest}"),
             ) {
                 tracing::error!(error = %e, model = %old.id, "could not mark a replaced model retired");
-            }
-        }
-    }
-
-    /// Takes down the students newer ones replaced, once they have been retired for
-    /// `undeploy_after`: out of their route first (only while they still carry no traffic: an
-    /// operator may have taken one back), then the provider's deployment. What fails is logged
-    /// and tried again at the next check.
-    async fn undeploy_replaced(&self) {
-        let Some(after) = self.settings.undeploy_after else {
-            return;
-        };
-        let after_ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
-        let models: Vec<ModelRecord> = match self.store.models() {
-            Ok(models) => models,
-            Err(e) => {
-                return tracing::error!(error = %e, "registry not read; replaced students stay deployed for now");
-            }
-        };
-        let now = now_ms();
-        for mut record in models.into_iter().filter(|m| {
-            m.status == ModelStatus::Retired
-                && m.undeployed_ms.is_none()
-                // Records from before the time was kept were retired long ago.
-                && m.status_ms.is_none_or(|at| now.saturating_sub(at) >= after_ms)
-        }) {
-            // Only the provider that deployed it can take it down.
-            let Some(route) = self
-                .routes
-                .get(&record.route)
-                .filter(|r| r.provider.name() == record.provider)
-            else {
-                continue;
-            };
-            match self
-                .deployer
-                .remove_idle_student(&record.route, &record.upstream, &record.id)
-                .await
-            {
-                Ok(true) => {}
-                Ok(false) => continue,
-                Err(e) => {
-                    tracing::warn!(model = %record.id, error = %e, "a replaced student could not leave its route; trying again at the next check");
-                    continue;
-                }
-            }
-            if let Err(e) = route.provider.undeploy(&record.id).await {
-                tracing::warn!(model = %record.id, error = %e, "a replaced student could not be undeployed; trying again at the next check");
-                continue;
-            }
-            record.undeployed_ms = Some(now_ms());
-            tracing::info!(model = %record.id, route = %record.route, "replaced student undeployed");
-            if let Err(e) = self.store.put_model(&record.id.clone(), &record) {
-                tracing::error!(model = %record.id, error = %e, "registry not updated after an undeploy");
             }
         }
     }

@@ -310,19 +310,16 @@ impl AzureProvider {
         }
     }
 
-    /// Deletes the deployment `name` (ARM answers 204 for one already gone).
+    /// Deletes the deployment `name`. ARM answers 204 for one already gone; a 404 means the
+    /// account or resource group is not there, which is an error, not a deployment taken down.
     async fn delete_deployment(&self, name: &str) -> Result<(), ProviderError> {
         let arm = &self.arm;
         let mut url = client::endpoint(&arm.account, &["deployments", name], &[]);
         url.query_pairs_mut()
             .append_pair("api-version", &arm.api_version);
-        match client::send(self.arm_request(Method::DELETE, url).await?).await {
-            Ok(_) | Err(ProviderError::Http { status: 404, .. }) => {
-                tracing::info!(deployment = %name, "Azure deployment deleted");
-                Ok(())
-            }
-            Err(err) => Err(err),
-        }
+        client::send(self.arm_request(Method::DELETE, url).await?).await?;
+        tracing::info!(deployment = %name, "Azure deployment deleted");
+        Ok(())
     }
 
     async fn arm_request(

@@ -376,7 +376,9 @@ impl KubernetesProvider {
         })
     }
 
-    /// Unloads the adapter `lora_name` from vLLM (404: it is not loaded, which is as good).
+    /// Unloads the adapter `lora_name` from vLLM. A 404 naming the adapter means it is not
+    /// loaded, which is as good; any other 404 (no such endpoint: runtime LoRA updates are off)
+    /// is an error.
     async fn unload_adapter(&self, lora_name: &str) -> Result<(), ProviderError> {
         let url = client::endpoint(&self.vllm_url, &["v1", "unload_lora_adapter"], &[]);
         let mut post = self
@@ -388,12 +390,15 @@ impl KubernetesProvider {
             post = post.header(http::header::AUTHORIZATION, auth.clone());
         }
         match client::send(post).await {
-            Ok(_) | Err(ProviderError::Http { status: 404, .. }) => {
-                tracing::info!(lora_name = %lora_name, "LoRA adapter unloaded from vLLM");
-                Ok(())
-            }
-            Err(err) => Err(err),
+            Ok(_) => {}
+            Err(ProviderError::Http {
+                status: 404,
+                message,
+            }) if message.contains(lora_name) => {}
+            Err(err) => return Err(err),
         }
+        tracing::info!(lora_name = %lora_name, "LoRA adapter unloaded from vLLM");
+        Ok(())
     }
 }
 
