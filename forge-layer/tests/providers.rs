@@ -145,6 +145,19 @@ async fn until_final(provider: &dyn TrainingProvider, id: &str) -> Progress {
     }
 }
 
+/// `GET /models` on the sim (vLLM lists its loaded adapters there).
+async fn listed_models(sim: &SimHandle) -> Value {
+    reqwest::Client::new()
+        .get(format!("{}/models", sim.base_url()))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 fn posts_to(sim: &SimHandle, path_prefix: &str) -> Vec<forge_gateway::sim::RecordedRequest> {
     sim.requests()
         .into_iter()
@@ -805,15 +818,7 @@ async fn kubernetes_trains_from_the_dataset_url_and_vllm_serves_the_adapter() {
 
     // The adapter is listed and answers chat under its versioned name.
     let http = reqwest::Client::new();
-    let models: Value = http
-        .get(format!("{}/models", sim.base_url()))
-        .bearer_auth(API_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = listed_models(&sim).await;
     let listed = models["data"]
         .as_array()
         .unwrap()
@@ -841,15 +846,7 @@ async fn kubernetes_trains_from_the_dataset_url_and_vllm_serves_the_adapter() {
     provider.undeploy(&deployed.model).await.unwrap();
     let unload = posts_to(&sim, "/v1/unload_lora_adapter")[0].json().unwrap();
     assert_eq!(unload, json!({"lora_name": deployed.model}));
-    let models: Value = http
-        .get(format!("{}/models", sim.base_url()))
-        .bearer_auth(API_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = listed_models(&sim).await;
     assert!(
         models["data"]
             .as_array()

@@ -837,11 +837,11 @@ async fn a_run_that_succeeded_while_forge_was_down_is_kept_past_the_deadline() {
     again.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_job_that_fails_after_training_keeps_its_examples_from_a_second_run() {
-    // Azure trains, then its deployment is refused: the token is not the one ARM wants.
+/// The sim, whose ARM API takes `arm_token`, and a config whose `chat` route is distilled on
+/// Azure, with ARM calls made with `token`.
+async fn azure_setup(arm_token: &str, token: &str) -> (SimHandle, String) {
     let sim = start_sim(SimConfig {
-        arm_token: Some("the-right-token".into()),
+        arm_token: Some(arm_token.into()),
         azure: forge_gateway::sim::AzureTimings {
             file_processing: Duration::from_millis(50),
             deployment: Duration::from_millis(50),
@@ -850,10 +850,17 @@ async fn a_job_that_fails_after_training_keeps_its_examples_from_a_second_run() 
     })
     .await;
     let azure = format!(
-        "[distill.azure]\nendpoint = \"{root}\"\napi_key = \"k\"\nupstream = \"sim\"\n\n[distill.azure.deployment]\nmanagement_url = \"{root}\"\nsubscription_id = \"s\"\nresource_group = \"g\"\naccount = \"acct\"\ntoken = \"a-wrong-token\"\n",
+        "[distill.azure]\nendpoint = \"{root}\"\napi_key = \"k\"\nupstream = \"sim\"\n\n[distill.azure.deployment]\nmanagement_url = \"{root}\"\nsubscription_id = \"s\"\nresource_group = \"g\"\naccount = \"acct\"\ntoken = \"{token}\"\n",
         root = sim.root_url()
     );
     let text = config(&sim, "", &azure).replace("provider = \"sim\"", "provider = \"azure\"");
+    (sim, text)
+}
+
+#[tokio::test]
+async fn a_job_that_fails_after_training_keeps_its_examples_from_a_second_run() {
+    // Azure trains, then its deployment is refused: the token is not the one ARM wants.
+    let (_sim, text) = azure_setup("the-right-token", "a-wrong-token").await;
     let gw = start_gateway_with(&text, admin).await;
     traffic(&gw, 25, "paid-for", None).await;
     let failed = wait_for_job(&gw, "FAILED").await;
@@ -991,21 +998,8 @@ async fn an_approval_that_comes_after_the_cut_reaches_the_next_dataset_once() {
 
 #[tokio::test]
 async fn a_replaced_student_leaves_its_route_and_its_azure_deployment_is_deleted() {
-    let sim = start_sim(SimConfig {
-        arm_token: Some("arm-token".into()),
-        azure: forge_gateway::sim::AzureTimings {
-            file_processing: Duration::from_millis(50),
-            deployment: Duration::from_millis(50),
-        },
-        ..sim_config()
-    })
-    .await;
-    let azure = format!(
-        "[distill.azure]\nendpoint = \"{root}\"\napi_key = \"k\"\nupstream = \"sim\"\n\n[distill.azure.deployment]\nmanagement_url = \"{root}\"\nsubscription_id = \"s\"\nresource_group = \"g\"\naccount = \"acct\"\ntoken = \"arm-token\"\n",
-        root = sim.root_url()
-    );
-    let text = config(&sim, "", &azure)
-        .replace("provider = \"sim\"", "provider = \"azure\"")
+    let (sim, text) = azure_setup("arm-token", "arm-token").await;
+    let text = text
         .replace("trigger_threshold = 20", "trigger_threshold = 100000")
         // Every answer is the teacher's, so each round has its examples.
         .replace(

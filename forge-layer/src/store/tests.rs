@@ -585,6 +585,17 @@ async fn no_commit_holds_more_than_batch_max() {
     }
 }
 
+/// Feedback with a score of 50 for `trace`.
+fn score_50(trace: TraceId) -> Feedback {
+    Feedback {
+        trace_id: trace,
+        score: Some(50.0),
+        approved: None,
+        comment: None,
+        time_ms: 1,
+    }
+}
+
 #[test]
 fn expiry_deletes_the_oldest_traces_below_the_cutoff_with_their_feedback_in_bounded_steps() {
     let dir = tempfile::tempdir().unwrap();
@@ -600,15 +611,7 @@ fn expiry_deletes_the_oldest_traces_below_the_cutoff_with_their_feedback_in_boun
         .insert_encoded(all.iter().map(|&id| (id, &b"{}"[..])))
         .unwrap();
     for &id in &all {
-        store
-            .add_feedback(&Feedback {
-                trace_id: id,
-                score: Some(50.0),
-                approved: None,
-                comment: None,
-                time_ms: 1,
-            })
-            .unwrap();
+        store.add_feedback(&score_50(id)).unwrap();
         store
             .add_evaluation(&Evaluation {
                 trace_id: id,
@@ -929,15 +932,7 @@ fn feedback_keeps_its_arrival_order_which_a_store_from_before_gets_at_open() {
         .insert_encoded(ids.iter().map(|&id| (id, &b"{}"[..])))
         .unwrap();
     for &id in ids.iter().rev().chain(&ids[..1]) {
-        store
-            .add_feedback(&Feedback {
-                trace_id: id,
-                score: Some(50.0),
-                approved: None,
-                comment: None,
-                time_ms: 1,
-            })
-            .unwrap();
+        store.add_feedback(&score_50(id)).unwrap();
     }
     let arrivals = store.feedback_arrivals().unwrap();
     let traces: Vec<TraceId> = arrivals.iter().map(|&(_, trace)| trace).collect();
