@@ -474,24 +474,34 @@ impl RouteControl {
         }
     }
 
-    /// When `target` last went to 0% in `alias`, by the routing history. Only the latest
-    /// [`IDLE_HISTORY`] changes are read: idle in all of them, it counts as idle since the
-    /// oldest, which can only make it wait longer. `None` without a history (no store).
+    /// Since when `target` has been in `alias` at 0%, by the routing history: from the change
+    /// that took its share away, or that added it at 0%. Only the latest [`IDLE_HISTORY`]
+    /// changes are read: at 0% in all of them, it counts from the oldest, which can only make
+    /// it wait longer. `None` without a history (no store).
     async fn idle_since(
         &self,
         alias: &str,
         target: &forge_router::Target,
     ) -> Result<Option<u64>, RouteUpdateError> {
+        let Some(store) = self.store.clone() else {
+            return Ok(None);
+        };
+        // A failed read is an error, not an empty history: that would count as idle for good.
+        let history = tokio::task::spawn_blocking(move || store.route_history(IDLE_HISTORY))
+            .await
+            .map_err(|e| RouteUpdateError::Internal(format!("routing history read: {e}")))??;
         let mut since = None;
-        for change in self.history(IDLE_HISTORY).await? {
-            let carried = change.routes.iter().any(|r| {
-                r.alias == alias
-                    && r.students.iter().any(|s| {
-                        s.upstream == target.upstream && s.model == target.model && s.percent > 0.0
-                    })
-            });
-            if carried {
-                // It went to 0% in the change after this one (newer, read before it).
+        for change in history {
+            let share = change
+                .routes
+                .iter()
+                .filter(|r| r.alias == alias)
+                .flat_map(|r| &r.students)
+                .find(|s| s.upstream == target.upstream && s.model == target.model)
+                .map(|s| s.percent);
+            // Idle from the change after this one (newer, read before it) on: it had a share
+            // here, or it was not in the route yet (it joined at 0%).
+            if share.is_none_or(|percent| percent > 0.0) {
                 return Ok(Some(since.unwrap_or_else(now_ms)));
             }
             since = Some(change.time_ms);
@@ -708,7 +718,8 @@ mod tests {
 
     #[tokio::test]
     async fn only_a_student_idle_long_enough_and_used_nowhere_else_is_removed() {
-        // With a store, so that changes are kept in the routing history.
+        // With a store, so that changes are kept in the routing history, which starts two hours
+        // ago.
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_dir(dir.path()).unwrap();
         let routes = vec![
@@ -716,6 +727,16 @@ mod tests {
                 .with_student(Student::new(Target::new("up", "s"), pct(5.0))),
             Route::new("b", Target::new("up", "t")),
         ];
+        store
+            .save_routes(&RouteChange {
+                version: 1,
+                time_ms: now_ms() - 2 * 3600 * 1000,
+                actor: "config".into(),
+                action: "routes from the config file".into(),
+                alias: None,
+                routes: routes.iter().map(RouteSpec::from).collect(),
+            })
+            .unwrap();
         let control = RouteControl::new(Router::new(routes, ["up"]).unwrap(), Some(store), None);
         let s = || Target::new("up", "s");
         let hour = Duration::from_secs(3600);
@@ -760,6 +781,15 @@ mod tests {
         let version = control.router().load().version();
         assert!(remove(hour).await.unwrap());
         assert_eq!(control.router().load().version(), version);
+        // One that joined at 0% just now is idle since it joined, not since the history began.
+        let z = || Target::new("up", "z");
+        control
+            .add_student("a", z(), CanaryShare::ZERO, "operator")
+            .await
+            .unwrap();
+        let remove_z = |idle_for| control.remove_idle_student("a", z(), idle_for, "distiller");
+        assert!(!remove_z(hour).await.unwrap());
+        assert!(remove_z(Duration::ZERO).await.unwrap());
         assert!(matches!(
             control
                 .remove_idle_student("nope", s(), hour, "distiller")

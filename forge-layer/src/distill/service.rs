@@ -461,7 +461,8 @@ impl DistillationService {
             }
         }
         running.shutdown().await;
-        undeploys.abort();
+        // It ends at its next step once stopped; a store write under way finishes first, so
+        // that no store handle outlives the service.
         let _ = undeploys.await;
     }
 
@@ -871,6 +872,7 @@ impl DistillationService {
         {
             Ok(()) => {
                 record.status = ModelStatus::Canary;
+                record.status_ms = Some(now_ms());
                 record.reason = Some(format!(
                     "joined `{}` at {}%",
                     job.route, route.initial_canary_percent

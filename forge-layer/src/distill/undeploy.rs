@@ -29,7 +29,9 @@ pub(super) struct Undeploys {
 }
 
 impl DistillationService {
-    /// Takes idle models down every `check_every` until `stop`.
+    /// Takes idle models down every `check_every` until `stop`. A pass stops between models
+    /// and abandons a provider call once stopped, but lets a store read or write under way
+    /// finish, so that no store handle outlives the service.
     pub(super) async fn undeploy_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         if self.settings.undeploy_after.is_none() {
             return;
@@ -39,26 +41,25 @@ impl DistillationService {
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
-                _ = ticks.tick() => tokio::select! {
-                    () = self.undeploy_idle() => {}
-                    _ = stop.changed() => break,
-                },
+                _ = ticks.tick() => self.undeploy_idle(&stop).await,
             }
         }
     }
 
     /// One pass over the registry: every model that serves nothing, idle for `undeploy_after`
     /// and not taken down yet, leaves its route and is undeployed.
-    async fn undeploy_idle(&self) {
+    async fn undeploy_idle(&self, stop: &watch::Receiver<bool>) {
         let Some(idle_for) = self.settings.undeploy_after else {
             return;
         };
         let store = self.store.clone();
+        // Jobs before models: a candidate whose job ended after the jobs were read is still
+        // taken for running, and one whose job ended before had its record written first (as
+        // a student, if it joined), so a student that has just joined is never taken for a
+        // candidate left over.
         let read = tokio::task::spawn_blocking(move || {
-            Ok::<_, StoreError>((
-                store.models::<ModelRecord>()?,
-                store.jobs::<DistillationJob>()?,
-            ))
+            let jobs = store.jobs::<DistillationJob>()?;
+            Ok::<_, StoreError>((store.models::<ModelRecord>()?, jobs))
         })
         .await;
         let (models, jobs) = match read {
@@ -77,6 +78,9 @@ impl DistillationService {
             .collect();
         let idle_ms = u64::try_from(idle_for.as_millis()).unwrap_or(u64::MAX);
         for record in &models {
+            if *stop.borrow() {
+                return;
+            }
             let now = now_ms();
             let settled = record.undeployed_ms.is_none()
                 && serves_nothing(record, &running)
@@ -95,7 +99,7 @@ impl DistillationService {
                 self.report_left_up(record);
                 continue;
             };
-            match self.take_down(route, record, idle_for).await {
+            match self.take_down(route, record, idle_for, stop).await {
                 Ok(false) => {}
                 Ok(true) => {
                     self.lock().retries.remove(&record.id);
@@ -107,25 +111,34 @@ impl DistillationService {
         }
     }
 
-    /// Out of the route (if it is idle there), then the deployment: `Ok(false)` if not idle.
+    /// Out of the route (if it is idle there), then the deployment: `Ok(false)` if not idle, or
+    /// if stopped before it was undeployed.
     async fn take_down(
         &self,
         route: &RouteDistill,
         record: &ModelRecord,
         idle_for: Duration,
+        stop: &watch::Receiver<bool>,
     ) -> Result<bool, String> {
-        let removed = self
-            .deployer
-            .remove_idle_student(&record.route, &record.upstream, &record.id, idle_for)
-            .await?;
-        if removed {
-            route
-                .provider
-                .undeploy(&record.id)
-                .await
-                .map_err(|e| e.to_string())?;
+        let remove = || {
+            self.deployer
+                .remove_idle_student(&record.route, &record.upstream, &record.id, idle_for)
+        };
+        if !remove().await? {
+            return Ok(false);
         }
-        Ok(removed)
+        // Stopped here, it is out of its route and still deployed: the next start finds it so,
+        // and goes on from there.
+        let mut stopped = stop.clone();
+        tokio::select! {
+            undeployed = route.provider.undeploy(&record.id) => undeployed.map_err(|e| e.to_string())?,
+            _ = stopped.wait_for(|stop| *stop) => return Ok(false),
+        }
+        // An operator may have put it back into a route between the two steps.
+        if !remove().await.unwrap_or(false) {
+            tracing::error!(model = %record.id, route = %record.route, "a model was put back into a route while it was being undeployed: that route now points at a deployment that is gone; deploy it again or take it out");
+        }
+        Ok(true)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Undeploys> {
