@@ -880,7 +880,14 @@ async fn a_job_that_fails_after_training_keeps_its_examples_from_a_second_run() 
 async fn a_newer_student_retires_the_one_it_replaces() {
     let sim = start_sim(sim_config()).await;
     let gw = start_gateway_with(
-        &config(&sim, "", "").replace("trigger_threshold = 20", "trigger_threshold = 100000"),
+        // Idle students are taken down after 0.3 s, but an OpenAI-style model costs nothing
+        // idle, so the replaced one stays in its route at 0%.
+        &config(&sim, "", "")
+            .replace("trigger_threshold = 20", "trigger_threshold = 100000")
+            .replace(
+                "grading_window_secs = 0",
+                "grading_window_secs = 0\nundeploy_after_secs = 0.3",
+            ),
         admin,
     )
     .await;
@@ -916,6 +923,16 @@ async fn a_newer_student_retires_the_one_it_replaces() {
     };
     assert_eq!(status_of(&ids[0]), Some(json!("retired")), "{models}");
     assert_eq!(status_of(&ids[1]), Some(json!("canary")), "{models}");
+    // Many checks later (every 0.2 s), the replaced student is still in the route, at 0%.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let route = gw.router().load().route("chat").unwrap().clone();
+    let shares: Vec<(Value, CanaryShare)> = route
+        .students
+        .iter()
+        .map(|s| (json!(s.target.model), s.share))
+        .collect();
+    assert_eq!(shares[0], (ids[0].clone(), CanaryShare::ZERO), "{shares:?}");
+    assert_eq!(shares.len(), 2, "{shares:?}");
     gw.shutdown().await;
 }
 

@@ -37,8 +37,8 @@ pub struct DatasetSpec {
     pub route: String,
     /// Only this tenant's traces, when set.
     pub tenant: Option<String>,
-    /// Only traces after this one (the previous cut), and those up to it that feedback after
-    /// `feedback_after` made golden.
+    /// Only traces after this one (the previous cut), and those up to it that feedback made
+    /// golden since the builds in `earlier`.
     pub after: Option<TraceId>,
     /// The route's earlier builds that count (oldest first): a trace up to `after` joins this
     /// dataset if feedback after the last one's mark made it golden and no build in the list

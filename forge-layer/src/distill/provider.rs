@@ -181,11 +181,17 @@ pub trait TrainingProvider: Send + Sync + std::fmt::Debug {
         trained_model: &'a str,
     ) -> BoxFuture<'a, Result<Deployed, ProviderError>>;
 
+    /// Whether what [`TrainingProvider::deploy`] sets up costs while idle, so that the
+    /// distiller takes it down once the model serves nothing (see `distill/undeploy.rs`):
+    /// Azure bills a deployment by the hour, and vLLM holds a loaded adapter in GPU memory. An
+    /// OpenAI fine-tuned model costs nothing while it is not called (the default).
+    fn costs_while_idle(&self) -> bool {
+        false
+    }
+
     /// Takes down what [`TrainingProvider::deploy`] set up for `model` (the name Forge routed
-    /// to), once a newer student has replaced it: Azure bills a deployment by the hour, and vLLM
-    /// holds a loaded adapter in GPU memory. One already gone is not an error. The default does
-    /// nothing: an OpenAI fine-tuned model costs nothing while it is not called. The distiller
-    /// calls it for models that serve nothing (see `distill/undeploy.rs`).
+    /// to). One already gone is not an error. Called only when
+    /// [`TrainingProvider::costs_while_idle`]; the default does nothing.
     fn undeploy<'a>(&'a self, model: &'a str) -> BoxFuture<'a, Result<(), ProviderError>> {
         let _ = model;
         Box::pin(async { Ok(()) })

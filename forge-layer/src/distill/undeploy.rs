@@ -1,6 +1,7 @@
 //! Taking down trained models that no longer serve: out of their route, then undeployed.
 //!
-//! An Azure deployment bills by the hour and a vLLM adapter holds GPU memory, so a student that
+//! An Azure deployment bills by the hour and a vLLM adapter holds GPU memory (an OpenAI
+//! fine-tuned model costs nothing idle, and is left alone), so a student that
 //! a newer one replaced, that the guard rolled back, or that never passed the evaluation gate
 //! is taken down once it has been idle for `undeploy_after`: at 0% by the routing history, and
 //! in no route as a teacher or a student with a share. An operator who gives it a share again
@@ -99,6 +100,10 @@ impl DistillationService {
                 self.report_left_up(record);
                 continue;
             };
+            // Left in its route at 0%, where an operator can still raise it.
+            if !route.provider.costs_while_idle() {
+                continue;
+            }
             match self.take_down(route, record, idle_for, stop).await {
                 Ok(false) => {}
                 Ok(true) => {

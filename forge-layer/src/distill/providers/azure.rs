@@ -395,6 +395,10 @@ impl TrainingProvider for AzureProvider {
         Box::pin(self.deploy_model(job_id, trained_model))
     }
 
+    fn costs_while_idle(&self) -> bool {
+        true
+    }
+
     fn undeploy<'a>(&'a self, model: &'a str) -> BoxFuture<'a, Result<(), ProviderError>> {
         Box::pin(self.delete_deployment(model))
     }

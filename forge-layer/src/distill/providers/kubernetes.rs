@@ -724,6 +724,10 @@ impl TrainingProvider for KubernetesProvider {
         Box::pin(self.load_adapter(job_id, trained_model))
     }
 
+    fn costs_while_idle(&self) -> bool {
+        true
+    }
+
     fn undeploy<'a>(&'a self, model: &'a str) -> BoxFuture<'a, Result<(), ProviderError>> {
         Box::pin(self.unload_adapter(model))
     }
