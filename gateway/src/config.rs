@@ -397,8 +397,8 @@ pub struct DistillerConfig {
     /// How long a job may go from its creation to the end of its training run before the run is
     /// cancelled and the job failed; `None` for no limit.
     pub max_training: Option<Duration>,
-    /// How long a replaced student stays deployed before it leaves its route and is undeployed;
-    /// `None` for never.
+    /// How long a trained model that serves nothing stays deployed at 0% before it leaves its
+    /// route and is undeployed; `None` for never.
     pub undeploy_after: Option<Duration>,
 }
 

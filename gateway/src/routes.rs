@@ -72,9 +72,10 @@ const GUARD_MANUAL: &str = "guard_manual";
 /// when a student went idle.
 const IDLE_HISTORY: usize = 1000;
 
-/// Whether `target` is used by a route other than `alias` (as its teacher or a student, at any
-/// share), by `alias` as its teacher, or by `alias` as a student with a share.
-fn used_elsewhere(routes: &[&Route], alias: &str, target: &forge_router::Target) -> bool {
+/// Whether `target` is in use for [`RouteControl::remove_idle_student`]: by a route other than
+/// `alias` (as its teacher or a student, at any share), by `alias` as its teacher, or by `alias`
+/// as a student with a share.
+fn in_use(routes: &[&Route], alias: &str, target: &forge_router::Target) -> bool {
     routes.iter().any(|r| {
         r.teacher == *target
             || r.students
@@ -433,7 +434,7 @@ impl RouteControl {
             .route(alias)
             .ok_or_else(|| RouteUpdateError::UnknownAlias(alias.to_string()))?;
         let routes: Vec<&Route> = table.routes().collect();
-        if used_elsewhere(&routes, alias, &target) {
+        if in_use(&routes, alias, &target) {
             return Ok(false);
         }
         if !route.students.iter().any(|s| s.target == target) {
@@ -444,10 +445,7 @@ impl RouteControl {
         if idle_since.is_some_and(|since| now_ms().saturating_sub(since) < idle_ms) {
             return Ok(false);
         }
-        let action = format!(
-            "remove student {}/{} (idle, replaced)",
-            target.upstream, target.model
-        );
+        let action = format!("remove student {}/{} (idle)", target.upstream, target.model);
         let alias_owned = alias.to_string();
         let removed = self
             .apply(
@@ -457,7 +455,7 @@ impl RouteControl {
                 None,
                 move |routes| {
                     // Checked again in the update itself: a share or a use given meanwhile keeps it.
-                    if used_elsewhere(&routes.iter().collect::<Vec<_>>(), &alias_owned, &target) {
+                    if in_use(&routes.iter().collect::<Vec<_>>(), &alias_owned, &target) {
                         return Err(RouteUpdateError::Conflict("it is in use again".into()));
                     }
                     route_mut(routes, &alias_owned)?

@@ -111,8 +111,9 @@ pub struct DistillSettings {
     /// is cancelled at the provider and the job fails. A run that hangs at the provider would
     /// otherwise keep its route's next job waiting for good. `None`: no limit.
     pub max_training: Option<Duration>,
-    /// How long a student a newer one replaced stays deployed (at 0%, in case an operator takes
-    /// it back) before it leaves its route and its deployment is taken down. `None`: never.
+    /// How long a trained model that serves nothing (replaced, rolled back, or a candidate that
+    /// did not join its route) stays deployed at 0%, in case an operator takes it back, before
+    /// it leaves its route and its deployment is taken down ([`super::undeploy`]). `None`: never.
     pub undeploy_after: Option<Duration>,
     /// The base of Forge's dataset URL as remote trainers reach it (`http://admin/…`), and the
     /// admin token each job's dataset token is signed with ([`super::dataset_token`]).
