@@ -319,9 +319,11 @@ async fn main() -> Result<ExitCode, Box<dyn Error>> {
     for &mode in &modes {
         for &concurrency in &concurrencies {
             let cell = Cell { mode, concurrency };
+            let before = dropped_so_far(&subjects);
             let rounds = run_cell(&subjects, &Variant::ALL, cell, plan, Load::Closed).await;
             let closed = CellResult::new(cell, Load::Closed, None, rounds);
             print_cell(&closed);
+            print_drops(&subjects, &before);
             // The open-loop rates follow from capture off's closed-loop rate.
             let off_rate = closed.stats(Variant::CaptureOff).throughput();
             results.push(closed);
@@ -330,9 +332,11 @@ async fn main() -> Result<ExitCode, Box<dyn Error>> {
             }
             for &pct in &load_pcts {
                 let load = Load::Rate(off_rate * pct / 100.0);
+                let before = dropped_so_far(&subjects);
                 let rounds = run_cell(&subjects, &Variant::PACED, cell, plan, load).await;
                 let result = CellResult::new(cell, load, Some(pct), rounds);
                 print_cell(&result);
+                print_drops(&subjects, &before);
                 results.push(result);
             }
         }
@@ -347,6 +351,33 @@ async fn main() -> Result<ExitCode, Box<dyn Error>> {
         print_markdown(&results, &accounts, plan, &load_pcts);
     }
     Ok(verdict_exit(&results, &accounts, measuring))
+}
+
+/// Each subject's dropped traces so far (0 for one that does not capture).
+fn dropped_so_far(subjects: &[Subject]) -> Vec<u64> {
+    subjects
+        .iter()
+        .map(|s| {
+            s.gateway
+                .as_ref()
+                .and_then(RunningGateway::capture_counters)
+                .map_or(0, |c| c.dropped)
+        })
+        .collect()
+}
+
+/// Says which gateways dropped traces during the cell just run (a drop is counted when the
+/// trace is refused, so it belongs to the cell whose request made it).
+fn print_drops(subjects: &[Subject], before: &[u64]) {
+    for ((subject, now), before) in subjects.iter().zip(dropped_so_far(subjects)).zip(before) {
+        if now > *before {
+            println!(
+                "  {:<7} dropped {} traces in this cell",
+                subject.variant.label(),
+                now - before
+            );
+        }
+    }
 }
 
 /// Loads each subject of the given variants in turn, in rounds whose order alternates, and
