@@ -72,7 +72,10 @@ impl Default for WriterConfig {
     fn default() -> Self {
         Self {
             mode: CaptureMode::Async,
-            queue_capacity: 8192,
+            // About four seconds of a saturated 2-core gateway (17k exchanges/s): 8192, half a
+            // second, overflowed in stalls of the writer there. Memory stays bounded by
+            // `queue_bytes`, which holds every waiting trace's size.
+            queue_capacity: 65_536,
             queue_bytes: DEFAULT_QUEUE_BYTES,
             batch_max: 2048,
             flush_interval: Duration::from_millis(50),
