@@ -145,10 +145,10 @@ async fn until_final(provider: &dyn TrainingProvider, id: &str) -> Progress {
     }
 }
 
-/// `GET /models` on the sim (vLLM lists its loaded adapters there).
-async fn listed_models(sim: &SimHandle) -> Value {
+/// `GET` a JSON document from the sim's `/v1/{path}`, with the API key.
+async fn get_json(sim: &SimHandle, path: &str) -> Value {
     reqwest::Client::new()
-        .get(format!("{}/models", sim.base_url()))
+        .get(format!("{}/{path}", sim.base_url()))
         .bearer_auth(API_KEY)
         .send()
         .await
@@ -252,18 +252,7 @@ async fn openai_uploads_trains_reports_metrics_and_deploys() {
     assert!(csv_read, "the result CSV was not read");
     // And they are the values of its last row, whatever the column order.
     let http = reqwest::Client::new();
-    let job: Value = http
-        .get(format!(
-            "{}/fine_tuning/jobs/{provider_job_id}",
-            sim.base_url()
-        ))
-        .bearer_auth(API_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let job = get_json(&sim, &format!("fine_tuning/jobs/{provider_job_id}")).await;
     let csv = http
         .get(format!(
             "{}/files/{}/content",
@@ -818,7 +807,7 @@ async fn kubernetes_trains_from_the_dataset_url_and_vllm_serves_the_adapter() {
 
     // The adapter is listed and answers chat under its versioned name.
     let http = reqwest::Client::new();
-    let models = listed_models(&sim).await;
+    let models = get_json(&sim, "models").await;
     let listed = models["data"]
         .as_array()
         .unwrap()
@@ -846,7 +835,7 @@ async fn kubernetes_trains_from_the_dataset_url_and_vllm_serves_the_adapter() {
     provider.undeploy(&deployed.model).await.unwrap();
     let unload = posts_to(&sim, "/v1/unload_lora_adapter")[0].json().unwrap();
     assert_eq!(unload, json!({"lora_name": deployed.model}));
-    let models = listed_models(&sim).await;
+    let models = get_json(&sim, "models").await;
     assert!(
         models["data"]
             .as_array()

@@ -481,15 +481,8 @@ impl RouteControl {
         alias: &str,
         target: &forge_router::Target,
     ) -> Result<Option<u64>, RouteUpdateError> {
-        let Some(store) = self.store.clone() else {
-            return Ok(None);
-        };
-        // A failed read is an error, not an empty history: that would count as idle for good.
-        let history = tokio::task::spawn_blocking(move || store.route_history(IDLE_HISTORY))
-            .await
-            .map_err(|e| RouteUpdateError::Internal(format!("routing history read: {e}")))??;
         let mut since = None;
-        for change in history {
+        for change in self.history(IDLE_HISTORY).await? {
             let share = change
                 .routes
                 .iter()
@@ -562,14 +555,16 @@ impl RouteControl {
         .await
     }
 
-    /// The latest changes, newest first (empty without a store).
-    pub async fn history(&self, limit: usize) -> Result<Vec<RouteChange>, StoreError> {
+    /// The latest changes, newest first (empty without a store). A read that fails is an
+    /// error, never an empty history.
+    pub async fn history(&self, limit: usize) -> Result<Vec<RouteChange>, RouteUpdateError> {
         let Some(store) = self.store.clone() else {
             return Ok(Vec::new());
         };
         tokio::task::spawn_blocking(move || store.route_history(limit))
             .await
-            .unwrap_or_else(|_| Ok(Vec::new()))
+            .map_err(|e| RouteUpdateError::Internal(format!("routing history read: {e}")))?
+            .map_err(RouteUpdateError::Store)
     }
 }
 

@@ -84,7 +84,6 @@ fn admin(config: &mut forge_gateway::config::Config) {
 
 /// Sends `n` requests (some with tools) and approves each answer; returns the trace ids.
 async fn traffic(gw: &TestGateway, n: usize, tag: &str, key: Option<&str>) -> Vec<String> {
-    let http = client();
     let mut ids = Vec::new();
     for i in 0..n {
         let mut body = json!({"model": "chat", "messages": [{"role": "user", "content": format!("{tag} question {i} about distributed systems")}]});
@@ -100,29 +99,62 @@ async fn traffic(gw: &TestGateway, n: usize, tag: &str, key: Option<&str>) -> Ve
             ]);
             body["tools"] = json!([{"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}]);
         }
-        let mut req = http
-            .post(format!("{}/chat/completions", gw.base_url()))
-            .json(&body);
-        if let Some(k) = key {
-            req = req.bearer_auth(k);
-        }
-        let resp = req.send().await.unwrap();
-        assert_eq!(resp.status(), 200);
-        let id = resp.headers()["x-forge-trace-id"]
-            .to_str()
-            .unwrap()
-            .to_string();
-        resp.text().await.unwrap();
-        let mut fb = http
-            .post(format!("{}/feedback", gw.base_url()))
-            .json(&json!({"trace_id": id, "approved": true}));
-        if let Some(k) = key {
-            fb = fb.bearer_auth(k);
-        }
-        assert_eq!(fb.send().await.unwrap().status(), 200);
+        let id = ask(gw, &body, key).await;
+        approve(gw, &id, key).await;
         ids.push(id);
     }
     ids
+}
+
+/// Sends one chat completion (with client key `key`, if any) and reads the answer; returns
+/// its trace id.
+async fn ask(gw: &TestGateway, body: &Value, key: Option<&str>) -> String {
+    let mut req = client()
+        .post(format!("{}/chat/completions", gw.base_url()))
+        .json(body);
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    let resp = req.send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = resp.headers()["x-forge-trace-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    resp.text().await.unwrap();
+    id
+}
+
+/// Approves trace `id` through the feedback API.
+async fn approve(gw: &TestGateway, id: &str, key: Option<&str>) {
+    let mut fb = client()
+        .post(format!("{}/feedback", gw.base_url()))
+        .json(&json!({"trace_id": id, "approved": true}));
+    if let Some(k) = key {
+        fb = fb.bearer_auth(k);
+    }
+    assert_eq!(fb.send().await.unwrap().status(), 200);
+}
+
+/// `text` with jobs started only from the admin API: no threshold is ever reached.
+fn admin_triggered(text: &str) -> String {
+    text.replace("trigger_threshold = 20", "trigger_threshold = 100000")
+}
+
+/// `text` with trained students joining their route at 0%: every answer stays the teacher's.
+fn no_canary(text: &str) -> String {
+    text.replace(
+        "initial_canary_percent = 20.0",
+        "initial_canary_percent = 0.0",
+    )
+}
+
+/// `text` with one more `[distiller]` line.
+fn with_distiller(text: &str, line: &str) -> String {
+    text.replace(
+        "grading_window_secs = 0",
+        &format!("grading_window_secs = 0\n{line}"),
+    )
 }
 
 async fn admin_get(gw: &TestGateway, path: &str) -> reqwest::Response {
@@ -333,11 +365,7 @@ async fn only_teacher_traces_and_only_the_tenant_s_traces_are_trained_on() {
 #[tokio::test]
 async fn admin_trigger_needs_enough_examples_and_allows_one_job_per_route() {
     let sim = start_sim(sim_config()).await;
-    let gw = start_gateway_with(
-        &config(&sim, "", "").replace("trigger_threshold = 20", "trigger_threshold = 100000"),
-        admin,
-    )
-    .await;
+    let gw = start_gateway_with(&admin_triggered(&config(&sim, "", "")), admin).await;
     assert_eq!(admin_post(&gw, "/admin/distill/nope").await.status(), 404);
     // Too few examples: the job fails with a reason, and routes are unchanged.
     traffic(&gw, 3, "few", None).await;
@@ -587,8 +615,7 @@ async fn a_dataset_reads_only_what_the_judge_has_looked_at() {
     let sim = start_sim(sim_config()).await;
     // The judge scores every trace, but five a minute: the others wait for it.
     let judge = "[judge]\nupstream = \"sim\"\nmodel = \"judge\"\nsample_percent = 100.0\nmax_per_minute = 5\n";
-    let text =
-        config(&sim, "", judge).replace("trigger_threshold = 20", "trigger_threshold = 100000");
+    let text = admin_triggered(&config(&sim, "", judge));
     let gw = start_gateway_with(&text, admin).await;
     // All approved: each is golden whatever the judge says.
     let ids = traffic(&gw, 24, "judged", None).await;
@@ -612,9 +639,8 @@ async fn a_dataset_reads_only_what_the_judge_has_looked_at() {
 async fn the_schedule_starts_a_job_once_there_is_enough_data() {
     let sim = start_sim(sim_config()).await;
     // Every second, and a threshold that is never reached: only the schedule can start a job.
-    let text = config(&sim, "", "")
-        .replace("schedule = \"\"", "schedule = \"* * * * * *\"")
-        .replace("trigger_threshold = 20", "trigger_threshold = 100000");
+    let text = admin_triggered(&config(&sim, "", ""))
+        .replace("schedule = \"\"", "schedule = \"* * * * * *\"");
     let gw = start_gateway_with(&text, admin).await;
     traffic(&gw, 5, "too-few", None).await;
     // Several scheduled ticks pass with 5 golden traces (min_examples is 12): no job.
@@ -691,8 +717,7 @@ async fn traces_the_judge_could_not_score_are_scored_later() {
     // A day's cap of exactly the eight traces: a failed call must not count against it.
     let judge =
         "[judge]\nupstream = \"sim\"\nmodel = \"judge\"\nsample_percent = 100.0\nmax_per_day = 8\n";
-    let text =
-        config(&sim, "", judge).replace("trigger_threshold = 20", "trigger_threshold = 100000");
+    let text = admin_triggered(&config(&sim, "", judge));
     let gw = start_gateway_with(&text, admin).await;
     let ids = traffic(&gw, 8, "judged", None).await;
     let store = gw.store().unwrap();
@@ -706,8 +731,7 @@ async fn the_judges_daily_cap_holds_across_a_restart() {
     let sim = start_sim(sim_config()).await;
     let judge =
         "[judge]\nupstream = \"sim\"\nmodel = \"judge\"\nsample_percent = 100.0\nmax_per_day = 3\n";
-    let text =
-        config(&sim, "", judge).replace("trigger_threshold = 20", "trigger_threshold = 100000");
+    let text = admin_triggered(&config(&sim, "", judge));
     let gw = start_gateway_with(&text, admin).await;
     let ids = traffic(&gw, 8, "capped", None).await;
     eventually("the judge spends the day's three", || {
@@ -750,7 +774,7 @@ async fn provider_job(sim: &SimHandle, run: &str) -> Value {
 #[tokio::test]
 async fn an_admin_cancel_stops_the_run_at_the_provider_and_fails_the_job() {
     let sim = start_sim(ten_minute_training()).await;
-    let text = config(&sim, "", "").replace("trigger_threshold = 20", "trigger_threshold = 100000");
+    let text = admin_triggered(&config(&sim, "", ""));
     let gw = start_gateway_with(&text, admin).await;
     traffic(&gw, 25, "cancelled", None).await;
     let client = client();
@@ -788,12 +812,10 @@ async fn an_admin_cancel_stops_the_run_at_the_provider_and_fails_the_job() {
 async fn a_run_past_the_training_deadline_is_cancelled_and_its_job_failed() {
     // Against a deadline of two seconds.
     let sim = start_sim(ten_minute_training()).await;
-    let text = config(&sim, "", "")
-        .replace("trigger_threshold = 20", "trigger_threshold = 100000")
-        .replace(
-            "grading_window_secs = 0",
-            "grading_window_secs = 0\nmax_training_secs = 2",
-        );
+    let text = with_distiller(
+        &admin_triggered(&config(&sim, "", "")),
+        "max_training_secs = 2",
+    );
     let gw = start_gateway_with(&text, admin).await;
     traffic(&gw, 25, "deadline", None).await;
     assert_eq!(admin_post(&gw, "/admin/distill/chat").await.status(), 202);
@@ -815,10 +837,7 @@ async fn a_run_that_succeeded_while_forge_was_down_is_kept_past_the_deadline() {
     let mut short = sim_config();
     short.fine_tune.running = Duration::from_secs(2);
     let sim = start_sim(short).await;
-    let text = config(&sim, "", "").replace(
-        "grading_window_secs = 0",
-        "grading_window_secs = 0\nmax_training_secs = 3",
-    );
+    let text = with_distiller(&config(&sim, "", ""), "max_training_secs = 3");
     let gw = start_gateway_with(&text, admin).await;
     traffic(&gw, 24, "late", None).await;
     let id = submitted_job(&gw).await;
@@ -882,12 +901,10 @@ async fn a_newer_student_retires_the_one_it_replaces() {
     let gw = start_gateway_with(
         // Idle students are taken down after 0.3 s, but an OpenAI-style model costs nothing
         // idle, so the replaced one stays in its route at 0%.
-        &config(&sim, "", "")
-            .replace("trigger_threshold = 20", "trigger_threshold = 100000")
-            .replace(
-                "grading_window_secs = 0",
-                "grading_window_secs = 0\nundeploy_after_secs = 0.3",
-            ),
+        &with_distiller(
+            &admin_triggered(&config(&sim, "", "")),
+            "undeploy_after_secs = 0.3",
+        ),
         admin,
     )
     .await;
@@ -964,39 +981,19 @@ async fn an_approval_that_comes_after_the_cut_reaches_the_next_dataset_once() {
     let sim = start_sim(sim_config()).await;
     // Jobs start from the admin API only, and the first student gets no traffic: every answer
     // of the second round is the teacher's.
-    let text = config(&sim, "", "")
-        .replace("trigger_threshold = 20", "trigger_threshold = 100000")
-        .replace(
-            "initial_canary_percent = 20.0",
-            "initial_canary_percent = 0.0",
-        );
+    let text = no_canary(&admin_triggered(&config(&sim, "", "")));
     let gw = start_gateway_with(&text, admin).await;
     // An answer nobody has reviewed yet, among approved ones.
-    let resp = client()
-        .post(format!("{}/chat/completions", gw.base_url()))
-        .json(&json!({"model": "chat", "messages": [{"role": "user", "content": "reviewed next week"}]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let reviewed_late = resp.headers()["x-forge-trace-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
-    resp.text().await.unwrap();
+    let question =
+        json!({"model": "chat", "messages": [{"role": "user", "content": "reviewed next week"}]});
+    let reviewed_late = ask(&gw, &question, None).await;
     traffic(&gw, 20, "first", None).await;
     let first = distilled(&gw).await;
     assert_eq!(first["dataset"]["late"], 0, "{first}");
     assert!(!trained_on(&first).contains(&reviewed_late));
 
     // The review comes after the first dataset's cut has passed the trace.
-    let approved = client()
-        .post(format!("{}/feedback", gw.base_url()))
-        .json(&json!({"trace_id": reviewed_late, "approved": true}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(approved.status(), 200);
+    approve(&gw, &reviewed_late, None).await;
     traffic(&gw, 20, "second", None).await;
     let second = distilled(&gw).await;
     assert_eq!(second["dataset"]["late"], 1, "{second}");
@@ -1016,17 +1013,11 @@ async fn an_approval_that_comes_after_the_cut_reaches_the_next_dataset_once() {
 #[tokio::test]
 async fn a_replaced_student_leaves_its_route_and_its_azure_deployment_is_deleted() {
     let (sim, text) = azure_setup("arm-token", "arm-token").await;
-    let text = text
-        .replace("trigger_threshold = 20", "trigger_threshold = 100000")
-        // Every answer is the teacher's, so each round has its examples.
-        .replace(
-            "initial_canary_percent = 20.0",
-            "initial_canary_percent = 0.0",
-        )
-        .replace(
-            "grading_window_secs = 0",
-            "grading_window_secs = 0\nundeploy_after_secs = 0.3",
-        );
+    // Every answer is the teacher's, so each round has its examples.
+    let text = with_distiller(
+        &no_canary(&admin_triggered(&text)),
+        "undeploy_after_secs = 0.3",
+    );
     let gw = start_gateway_with(&text, admin).await;
     traffic(&gw, 20, "first", None).await;
     let first = distilled(&gw).await["resulting_model_id"]

@@ -169,7 +169,8 @@ impl GradedScan {
             return Ok(());
         }
         for entry in self.traces.range(start..end).map_err(db_err)? {
-            let (trace, feedback, evaluation) = self.graded(entry)?;
+            let (k, v) = entry.map_err(db_err)?;
+            let (trace, feedback, evaluation) = self.graded(k.value(), v.value())?;
             if !f(trace, feedback, evaluation) {
                 break;
             }
@@ -186,7 +187,8 @@ impl GradedScan {
     ) -> Result<(), StoreError> {
         let end = before.map_or(self.settled, |id| self.settled.min(id.as_u128()));
         for entry in self.traces.range(..end).map_err(db_err)?.rev() {
-            let (trace, feedback, evaluation) = self.graded(entry)?;
+            let (k, v) = entry.map_err(db_err)?;
+            let (trace, feedback, evaluation) = self.graded(k.value(), v.value())?;
             if !f(trace, feedback, evaluation) {
                 break;
             }
@@ -224,9 +226,7 @@ impl GradedScan {
             let Some(stored) = self.traces.get(key).map_err(db_err)? else {
                 continue;
             };
-            let trace: Trace = serde_json::from_slice(stored.value())?;
-            let feedback = current_of(&self.feedback, key, u128::MAX)?;
-            let evaluation = latest_of(&self.evaluations, key, u128::MAX)?;
+            let (trace, feedback, evaluation) = self.graded(key, stored.value())?;
             if !f(trace, feedback, evaluation) {
                 break;
             }
@@ -248,23 +248,15 @@ impl GradedScan {
         ))
     }
 
-    /// A stored trace with the feedback in force and its latest evaluation.
+    /// The trace stored under `key` as `bytes`, with the feedback in force and its latest
+    /// evaluation.
     fn graded(
         &self,
-        entry: Result<
-            (
-                redb::AccessGuard<'_, u128>,
-                redb::AccessGuard<'_, &'static [u8]>,
-            ),
-            redb::StorageError,
-        >,
+        key: u128,
+        bytes: &[u8],
     ) -> Result<(Trace, Option<Feedback>, Option<Evaluation>), StoreError> {
-        let (k, v) = entry.map_err(db_err)?;
-        let key = k.value();
-        Ok((
-            serde_json::from_slice(v.value())?,
-            current_of(&self.feedback, key, u128::MAX)?,
-            latest_of::<Evaluation>(&self.evaluations, key, u128::MAX)?,
-        ))
+        let now = TraceId::from_u128(u128::MAX);
+        let (feedback, evaluation) = self.graded_at(TraceId::from_u128(key), now)?;
+        Ok((serde_json::from_slice(bytes)?, feedback, evaluation))
     }
 }

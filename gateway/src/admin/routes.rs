@@ -83,7 +83,7 @@ pub async fn list(
     let table = state.control.router().load();
     let history = match state.control.history(limit).await {
         Ok(h) => h,
-        Err(e) => return update_error(&RouteUpdateError::Store(e)),
+        Err(e) => return update_error(&e),
     };
     let mut out = table_json(&table);
     out["history"] = serde_json::to_value(history).unwrap_or_default();
