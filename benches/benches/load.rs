@@ -45,6 +45,7 @@ use forge_benches::{
 use forge_gateway::config::Config;
 use forge_gateway::server::RunningGateway;
 use forge_gateway::sim::{SimConfig, SimUpstream};
+use forge_layer::store::{COMMIT_BUCKETS, CommitTimesSnapshot};
 use tempfile::TempDir;
 
 const CONCURRENCY: [usize; 3] = [1, 16, 64];
@@ -319,11 +320,11 @@ async fn main() -> Result<ExitCode, Box<dyn Error>> {
     for &mode in &modes {
         for &concurrency in &concurrencies {
             let cell = Cell { mode, concurrency };
-            let before = dropped_so_far(&subjects);
+            let before = writer_so_far(&subjects);
             let rounds = run_cell(&subjects, &Variant::ALL, cell, plan, Load::Closed).await;
             let closed = CellResult::new(cell, Load::Closed, None, rounds);
             print_cell(&closed);
-            print_drops(&subjects, &before);
+            print_writers(&subjects, &before);
             // The open-loop rates follow from capture off's closed-loop rate.
             let off_rate = closed.stats(Variant::CaptureOff).throughput();
             results.push(closed);
@@ -332,11 +333,11 @@ async fn main() -> Result<ExitCode, Box<dyn Error>> {
             }
             for &pct in &load_pcts {
                 let load = Load::Rate(off_rate * pct / 100.0);
-                let before = dropped_so_far(&subjects);
+                let before = writer_so_far(&subjects);
                 let rounds = run_cell(&subjects, &Variant::PACED, cell, plan, load).await;
                 let result = CellResult::new(cell, load, Some(pct), rounds);
                 print_cell(&result);
-                print_drops(&subjects, &before);
+                print_writers(&subjects, &before);
                 results.push(result);
             }
         }
@@ -353,30 +354,40 @@ async fn main() -> Result<ExitCode, Box<dyn Error>> {
     Ok(verdict_exit(&results, &accounts, measuring))
 }
 
-/// Each subject's dropped traces so far (0 for one that does not capture).
-fn dropped_so_far(subjects: &[Subject]) -> Vec<u64> {
+/// What each subject's writer had done so far: traces dropped and commit times (`None` for one
+/// that does not capture).
+fn writer_so_far(subjects: &[Subject]) -> Vec<Option<(u64, CommitTimesSnapshot)>> {
     subjects
         .iter()
         .map(|s| {
-            s.gateway
-                .as_ref()
-                .and_then(RunningGateway::capture_counters)
-                .map_or(0, |c| c.dropped)
+            let gateway = s.gateway.as_ref()?;
+            Some((gateway.capture_counters()?.dropped, gateway.commit_times()?))
         })
         .collect()
 }
 
-/// Says which gateways dropped traces during the cell just run (a drop is counted when the
-/// trace is refused, so it belongs to the cell whose request made it).
-fn print_drops(subjects: &[Subject], before: &[u64]) {
-    for ((subject, now), before) in subjects.iter().zip(dropped_so_far(subjects)).zip(before) {
-        if now > *before {
-            println!(
-                "  {:<7} dropped {} traces in this cell",
-                subject.variant.label(),
-                now - before
-            );
-        }
+/// Says, for each capturing gateway, what its writer did during the cell just run: its commits,
+/// how many took over 100 ms and the slowest one's bucket, and any traces dropped (a drop is
+/// counted when the trace is refused, so it belongs to the cell whose request made it). A stall
+/// that overflows the queue shows here as slow commits, or, if the commits were quick, as a
+/// writer that did not run.
+fn print_writers(subjects: &[Subject], before: &[Option<(u64, CommitTimesSnapshot)>]) {
+    for ((subject, now), before) in subjects.iter().zip(writer_so_far(subjects)).zip(before) {
+        let (Some((dropped, times)), Some((dropped_before, times_before))) = (now, before) else {
+            continue;
+        };
+        let slowest = match times.slowest_bound_since(times_before) {
+            Some(bound) if bound.is_finite() => format!("<= {bound} s"),
+            Some(_) => format!("> {} s", COMMIT_BUCKETS[COMMIT_BUCKETS.len() - 1]),
+            None => "none".to_string(),
+        };
+        println!(
+            "  {:<7} {} commits, {} over 0.1 s, slowest {slowest}; dropped {} traces in this cell",
+            subject.variant.label(),
+            times.count() - times_before.count(),
+            times.slower_than_since(0.1, times_before),
+            dropped - dropped_before,
+        );
     }
 }
 

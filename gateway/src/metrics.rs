@@ -5,9 +5,11 @@ use std::sync::atomic::AtomicI64;
 
 use forge_layer::store::{CaptureCounters, Unsettled};
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Unit;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -155,6 +157,20 @@ impl Collector for CaptureCollector {
             None,
             queued.metric_type(),
         )?)?;
+        let commits = self.0.commit_times();
+        encoder
+            .encode_descriptor(
+                "capture_commit",
+                "Time each trace commit took (two fsyncs, retries included)",
+                Some(&Unit::Seconds),
+                MetricType::Histogram,
+            )?
+            .encode_histogram::<NoLabelSet>(
+                commits.sum_secs,
+                commits.count(),
+                &commits.buckets,
+                None,
+            )?;
         let oldest_ms = self.1.oldest_started_ms().map_or(0, |started| {
             forge_layer::trace::now_ms().saturating_sub(started)
         });

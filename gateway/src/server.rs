@@ -17,7 +17,8 @@ use tokio_io_timeout::TimeoutWriter;
 
 use forge_layer::capture::CaptureLayer;
 use forge_layer::store::{
-    CaptureCounters, CounterSnapshot, Store, TraceWriter, WriterTask, run_expiry,
+    CaptureCounters, CommitTimesSnapshot, CounterSnapshot, Store, TraceWriter, WriterTask,
+    run_expiry,
 };
 use tower::Layer;
 
@@ -130,6 +131,11 @@ impl RunningGateway {
     /// The capture counters now, when capture is on.
     pub fn capture_counters(&self) -> Option<CounterSnapshot> {
         self.counters.as_ref().map(|c| c.snapshot())
+    }
+
+    /// How long the trace commits so far took, when capture is on.
+    pub fn commit_times(&self) -> Option<CommitTimesSnapshot> {
+        self.counters.as_ref().map(|c| c.commit_times())
     }
 
     /// The simulated upstreams started for `sim = true` upstreams.

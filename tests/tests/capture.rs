@@ -260,6 +260,17 @@ async fn a_stalled_store_never_fails_a_request_and_every_drop_is_counted() {
         "{metrics}"
     );
     assert!(metrics.contains(&format!("forge_capture_eligible_total {}", after.eligible)));
+    // One trace per commit (batch_max 1): the commit histogram counts each commit once, the
+    // first of them the one that waited out the stall.
+    for line in [
+        format!("forge_capture_commit_seconds_count {}", after.captured),
+        format!(
+            "forge_capture_commit_seconds_bucket{{le=\"+Inf\"}} {}",
+            after.captured
+        ),
+    ] {
+        assert!(metrics.contains(&line), "{line} in {metrics}");
+    }
     gw.shutdown().await;
 }
 

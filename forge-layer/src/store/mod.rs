@@ -5,6 +5,7 @@
 //! saved allocator state instead of walking the whole file.
 
 mod commit_lane;
+mod commit_times;
 mod feedback;
 mod lanes;
 mod open;
@@ -23,6 +24,7 @@ use redb::{Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, T
 use crate::trace::{Trace, TraceId};
 use open::{Handle, OpenDb};
 
+pub use commit_times::{COMMIT_BUCKETS, CommitTimesSnapshot};
 pub use feedback::{Evaluation, Feedback, MAX_FEEDBACK_PER_TRACE};
 pub use records::GradedScan;
 pub use retention::{EXPIRE_BATCH, EXPIRE_BATCH_BYTES, Expired, run_expiry};

@@ -18,6 +18,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
 use super::commit_lane::{CommitLane, LIFT_AFTER, LaneWork};
+use super::commit_times::{CommitTimes, CommitTimesSnapshot};
 use super::lanes::{Lanes, PATIENCE};
 use super::{Store, StoreError, Ticket, Unsettled};
 use crate::capture::{DurableAck, PendingTrace};
@@ -102,6 +103,8 @@ pub struct CaptureCounters {
     room_total: usize,
     /// Drops, told in the log at most once a second.
     drop_log: DropLog,
+    /// How long commits take (`forge_capture_commit_seconds`).
+    commit_times: CommitTimes,
     /// The most traces one transaction held, for tests of `batch_max`.
     #[cfg(test)]
     pub(super) largest_commit: AtomicU64,
@@ -147,6 +150,7 @@ impl CaptureCounters {
             room: Arc::new(Semaphore::new(room_total)),
             room_total,
             drop_log: DropLog::default(),
+            commit_times: CommitTimes::default(),
             #[cfg(test)]
             largest_commit: AtomicU64::new(0),
             #[cfg(test)]
@@ -181,6 +185,11 @@ impl CaptureCounters {
                 .room_total
                 .saturating_sub(self.room.available_permits()) as u64,
         }
+    }
+
+    /// How long the commits so far took.
+    pub fn commit_times(&self) -> CommitTimesSnapshot {
+        self.commit_times.snapshot()
     }
 }
 
@@ -741,8 +750,10 @@ fn commit_batch(store: &Store, counters: &CaptureCounters, mut batch: Encoded) -
     #[cfg(test)]
     counters.largest_commit.fetch_max(n, Ordering::AcqRel);
     // A panic in the store counts the batch failed, so the counters still add up.
+    let started = std::time::Instant::now();
     let ok = std::panic::catch_unwind(AssertUnwindSafe(|| commit_with_retry(store, &batch)))
         .is_ok_and(|committed| committed.is_ok());
+    counters.commit_times.record(started.elapsed());
     #[cfg(test)]
     if std::thread::current().name() == Some(super::commit_lane::COMMIT_THREAD)
         && thread_priority::thread_schedule_policy().is_ok_and(|policy| {
