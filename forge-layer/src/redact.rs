@@ -4,9 +4,11 @@
 //! `[REDACTED:kind]`. Candidates for cards and IBANs are checked (Luhn, ISO 7064 mod 97) so
 //! that ordinary long numbers are left alone.
 
+use std::cell::RefCell;
 use std::sync::OnceLock;
 
-use regex::{Regex, RegexSet};
+use regex::Regex;
+use regex_automata::{Input, MatchKind, PatternSet, meta, nfa::thompson::WhichCaptures};
 use serde_json::Value;
 
 /// A kind of sensitive string.
@@ -182,7 +184,8 @@ impl Kind {
 }
 
 struct Compiled {
-    set: RegexSet,
+    /// Every pattern in one automaton that reports all the patterns that match.
+    set: Option<meta::Regex>,
     each: Vec<(Kind, Regex)>,
 }
 
@@ -198,11 +201,70 @@ fn compiled() -> &'static Compiled {
             .iter()
             .filter_map(|&k| Regex::new(&ascii(k)).ok().map(|r| (k, r)))
             .collect();
-        // The patterns are constants tested below; an empty set would only redact nothing.
-        let set = RegexSet::new(each.iter().map(|&(k, _)| ascii(k)))
-            .unwrap_or_else(|_| RegexSet::empty());
+        // Built as `regex::RegexSet` builds its own. The patterns are constants tested below;
+        // without a set nothing would be redacted.
+        let patterns: Vec<String> = each.iter().map(|&(k, _)| ascii(k)).collect();
+        let set = meta::Builder::new()
+            .configure(
+                meta::Config::new()
+                    .match_kind(MatchKind::All)
+                    .which_captures(WhichCaptures::None),
+            )
+            .build_many(&patterns)
+            .ok();
         Compiled { set, each }
     })
+}
+
+/// One thread's search state for the pattern set. Every string of every trace goes through the
+/// set, on whichever threads encode traces. `regex::RegexSet` lends its state from a pool whose
+/// fast path only its first thread gets; any other thread takes a lock for it, and checking a
+/// request and a 2 KB completion there took 10.3–11.3 µs against 7.5–7.7 µs with this cache
+/// (the first thread's fast path: 7.8–8.2 µs). A cache per thread costs one thread-local lookup.
+struct SetScratch {
+    cache: Option<meta::Cache>,
+    hits: PatternSet,
+}
+
+impl SetScratch {
+    fn new() -> Self {
+        let set = compiled().set.as_ref();
+        Self {
+            cache: set.map(meta::Regex::create_cache),
+            hits: PatternSet::new(set.map_or(0, meta::Regex::pattern_len)),
+        }
+    }
+
+    /// Which patterns match somewhere in `text`, as a bit per index into `Compiled::each`.
+    fn matching(&mut self, text: &str) -> u64 {
+        let (Some(set), Some(cache)) = (&compiled().set, &mut self.cache) else {
+            return 0;
+        };
+        self.hits.clear();
+        set.which_overlapping_matches_with(cache, &Input::new(text), &mut self.hits);
+        self.hits
+            .iter()
+            .fold(0, |bits, pattern| bits | 1 << pattern.as_usize())
+    }
+}
+
+/// Which patterns match somewhere in `text` (see [`SetScratch::matching`]).
+fn matching_patterns(text: &str) -> u64 {
+    thread_local! {
+        static SCRATCH: RefCell<SetScratch> = RefCell::new(SetScratch::new());
+    }
+    // Neither fails in practice (the search calls nothing that redacts, so the cell is never
+    // borrowed twice; and the thread is not exiting); if either did, a fresh state does.
+    SCRATCH
+        .try_with(|scratch| {
+            scratch
+                .try_borrow_mut()
+                .map(|mut scratch| scratch.matching(text))
+                .ok()
+        })
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| SetScratch::new().matching(text))
 }
 
 /// What to redact.
@@ -255,14 +317,13 @@ impl Redactor {
 
     /// One pass of every enabled pattern; `None` when it changes nothing.
     fn redact_pass(&self, text: &str) -> Option<String> {
-        let compiled = compiled();
-        let hits = compiled.set.matches(&unescaped_view(text));
-        if !hits.matched_any() {
+        let hits = matching_patterns(&unescaped_view(text));
+        if hits == 0 {
             return None;
         }
         let mut out: Option<String> = None;
-        for (i, (kind, regex)) in compiled.each.iter().enumerate() {
-            if !self.enabled[i] || !hits.matched(i) {
+        for (i, (kind, regex)) in compiled().each.iter().enumerate() {
+            if !self.enabled[i] || hits & 1 << i == 0 {
                 continue;
             }
             let current = out.as_deref().unwrap_or(text);
@@ -674,7 +735,10 @@ mod tests {
     #[test]
     fn every_pattern_compiles() {
         assert_eq!(compiled().each.len(), Kind::ALL.len());
-        assert_eq!(compiled().set.len(), Kind::ALL.len());
+        assert_eq!(
+            compiled().set.as_ref().map(meta::Regex::pattern_len),
+            Some(Kind::ALL.len())
+        );
     }
 
     #[test]
