@@ -300,10 +300,23 @@ async fn openai_resubmission_finds_the_job_an_earlier_attempt_created() {
         None,
         "gpt-4o-mini",
     );
+    // Looking, before any submission, finds nothing and starts nothing.
+    assert_eq!(
+        provider.earlier_submission(&req.job_id).await.unwrap(),
+        None
+    );
     let first = provider.submit(&req).await.unwrap();
     let second = provider.submit(&req).await.unwrap();
     assert_eq!(first.provider_job_id, second.provider_job_id);
     assert_eq!(first.training_file_id, second.training_file_id);
+    assert_eq!(
+        provider.earlier_submission(&req.job_id).await.unwrap(),
+        Some(first.provider_job_id.clone())
+    );
+    assert_eq!(
+        provider.earlier_submission("01OTHERJOB").await.unwrap(),
+        None
+    );
     assert_eq!(posts_to(&sim, "/v1/fine_tuning/jobs").len(), 1);
     assert_eq!(posts_to(&sim, "/v1/files").len(), 1);
     sim.shutdown().await;
@@ -748,8 +761,17 @@ async fn kubernetes_trains_from_the_dataset_url_and_vllm_serves_the_adapter() {
     let provider = kubernetes(&sim, &[]);
     assert_eq!(provider.name(), "kubernetes");
     let req = k8s_request("01JZ8X3Q4M5N6P7R8S9T7K2M9QXA", &dataset_url, DATASET_TOKEN);
+    // Looking, before any submission, finds nothing and creates nothing.
+    assert_eq!(
+        provider.earlier_submission(&req.job_id).await.unwrap(),
+        None
+    );
 
     let submitted = provider.submit(&req).await.unwrap();
+    assert_eq!(
+        provider.earlier_submission(&req.job_id).await.unwrap(),
+        Some(submitted.provider_job_id.clone())
+    );
     assert_eq!(
         submitted.provider_job_id,
         "forge-train-01jz8x3q4m5n6p7r8s9t7k2m9qxa"

@@ -467,12 +467,11 @@ async fn a_job_stopped_before_its_run_id_was_recorded_finds_its_run_after_a_rest
     })
     .await;
     completed(&again, &id).await;
-    let creates = sim
-        .requests()
-        .into_iter()
-        .filter(|r| r.method == "POST" && r.path == "/v1/fine_tuning/jobs")
-        .count();
-    assert_eq!(creates, 1, "the second submission found the first run");
+    assert_eq!(
+        runs_created(&sim),
+        1,
+        "the second submission found the first run"
+    );
     again.shutdown().await;
     drop(dir);
 }
@@ -523,16 +522,107 @@ async fn start_on(text: &str, dir: &tempfile::TempDir) -> TestGateway {
 
 /// Waits until job `id` completes; it must not fail meanwhile.
 async fn completed(gw: &TestGateway, id: &str) -> Value {
+    ended_as(gw, id, "COMPLETED").await
+}
+
+/// Waits until job `id` ends as `status` (COMPLETED or FAILED); it must not end otherwise.
+async fn ended_as(gw: &TestGateway, id: &str, status: &str) -> Value {
     let start = tokio::time::Instant::now();
     loop {
         let job = job(gw, id).await;
-        if job["status"] == "COMPLETED" {
+        if job["status"] == status {
             return job;
         }
-        assert_ne!(job["status"], "FAILED", "{job}");
+        assert!(
+            !["COMPLETED", "FAILED"].contains(&job["status"].as_str().unwrap_or("")),
+            "{job}"
+        );
         assert!(start.elapsed() < DEADLINE, "not resumed: {job}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// How many fine-tuning runs the simulated provider was asked to create.
+fn runs_created(sim: &SimHandle) -> usize {
+    sim.requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path == "/v1/fine_tuning/jobs")
+        .count()
+}
+
+/// Stops `gw` as if it had stopped while submitting job `id`, before recording the run's id,
+/// and stayed down past the job's training deadline (an hour); `copy` names a copy of the job
+/// to resume in its place, which the provider has never heard of, with the original set aside.
+async fn restart_past_the_deadline(
+    gw: TestGateway,
+    text: &str,
+    id: &str,
+    copy: Option<&str>,
+) -> (TestGateway, tempfile::TempDir) {
+    restart(gw, text, |store| {
+        let mut job: Value = store.job(id).unwrap().unwrap();
+        job["provider_job_id"] = Value::Null;
+        job["created_ms"] = (job["created_ms"].as_u64().unwrap() - 3_600_000).into();
+        if let Some(copy) = copy {
+            let mut original = job.clone();
+            original["status"] = "FAILED".into();
+            store.put_job(id, &original).unwrap();
+            job["id"] = copy.into();
+        }
+        store.put_job(copy.unwrap_or(id), &job).unwrap();
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_submission_interrupted_past_its_deadline_starts_no_run_after_a_restart() {
+    let sim = start_sim(ten_minute_training()).await;
+    let text = with_distiller(&config(&sim, "", ""), "max_training_secs = 1800");
+    let gw = start_gateway_with(&text, admin).await;
+    traffic(&gw, 24, "unsent", None).await;
+    let id = submitted_job(&gw).await;
+    let copy = format!("{id}-unsent");
+    let (again, dir) = restart_past_the_deadline(gw, &text, &id, Some(&copy)).await;
+    let failed = ended_as(&again, &copy, "FAILED").await;
+    let error = failed["error"].as_str().unwrap();
+    assert!(
+        error.contains("max_training_secs") && error.contains("none was"),
+        "{failed}"
+    );
+    assert_eq!(
+        runs_created(&sim),
+        1,
+        "no run was started only to be cancelled"
+    );
+    again.shutdown().await;
+    drop(dir);
+}
+
+#[tokio::test]
+async fn a_run_found_after_a_restart_past_its_deadline_is_cancelled() {
+    let sim = start_sim(ten_minute_training()).await;
+    let text = with_distiller(&config(&sim, "", ""), "max_training_secs = 1800");
+    let gw = start_gateway_with(&text, admin).await;
+    traffic(&gw, 24, "found", None).await;
+    let id = submitted_job(&gw).await;
+    let run = job(&gw, &id).await["provider_job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (again, dir) = restart_past_the_deadline(gw, &text, &id, None).await;
+    let failed = ended_as(&again, &id, "FAILED").await;
+    assert_eq!(failed["provider_job_id"], run.as_str(), "{failed}");
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains("cancelled at the provider"),
+        "{failed}"
+    );
+    assert_eq!(provider_job(&sim, &run).await["status"], "cancelled");
+    assert_eq!(runs_created(&sim), 1);
+    again.shutdown().await;
+    drop(dir);
 }
 
 #[tokio::test]

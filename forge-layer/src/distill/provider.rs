@@ -162,6 +162,19 @@ pub trait TrainingProvider: Send + Sync + std::fmt::Debug {
         false
     }
 
+    /// The run an earlier submission of the Forge job `job_id` started and that is still live,
+    /// without starting one; `None` if there is none. Asked only of a provider that
+    /// [`TrainingProvider::finds_earlier_submissions`], when a job that a restart interrupted
+    /// while it was submitted is already past its training deadline: such a run is to be
+    /// cancelled, and no new one started only to be cancelled.
+    fn earlier_submission<'a>(
+        &'a self,
+        job_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<String>, ProviderError>> {
+        let _ = job_id;
+        Box::pin(async { Ok(None) })
+    }
+
     /// Reads where the run stands.
     fn poll<'a>(
         &'a self,

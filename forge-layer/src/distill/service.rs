@@ -497,10 +497,9 @@ impl DistillationService {
                 // Interrupted while submitting: the run may exist with its id unrecorded. A
                 // provider that finds it is asked again and answers with it (or starts it).
                 (JobStatus::Training, None, Some(manifest)) if finds_earlier => {
-                    tracing::info!(job = %job.id, "submitting again a job a restart interrupted while it was submitted");
                     self.lock_active().insert(job.route.clone());
                     let this = Arc::clone(self);
-                    running.spawn(async move { this.submit_and_follow(job, manifest).await });
+                    running.spawn(async move { this.resubmit(job, manifest).await });
                 }
                 _ => {
                     // Nothing to resume, and resubmitting blindly could start a second paid run.
@@ -669,6 +668,55 @@ impl DistillationService {
         self.finish_training(job).await;
     }
 
+    /// TRAINING, for a job a restart interrupted while it was submitted: submits it again (the
+    /// provider finds the run the first submission started, or starts it). Past the training
+    /// deadline, though, a new run would only be cancelled at its first poll, after the provider
+    /// had started billing for it: then only a run that exists already is followed (to its
+    /// cancellation, or kept if it has succeeded), and none is started.
+    async fn resubmit(self: Arc<Self>, mut job: DistillationJob, manifest: Manifest) {
+        if self.training_deadline(&job).is_none_or(|at| now_ms() < at) {
+            tracing::info!(job = %job.id, "submitting again a job a restart interrupted while it was submitted");
+            return self.submit_and_follow(job, manifest).await;
+        }
+        let Some(route) = self.routes.get(&job.route).cloned() else {
+            return self.fail(&mut job, "route no longer configured".into());
+        };
+        let limit = self.settings.max_training.unwrap_or_default().as_secs_f64();
+        match retrying(
+            || route.provider.earlier_submission(&job.id),
+            self.settings.poll_initial,
+        )
+        .await
+        {
+            Ok(Some(run)) => {
+                tracing::info!(job = %job.id, provider_job = %run, "found the run of a job that a restart interrupted while it was submitted");
+                job.provider_job_id = Some(run);
+                self.save(&mut job);
+                self.finish_training(job).await;
+            }
+            Ok(None) => self.fail(
+                &mut job,
+                format!(
+                    "a restart interrupted the submission, and distiller.max_training_secs ({limit} s) had passed when Forge was back; no run had started, and none was"
+                ),
+            ),
+            Err(e) => self.fail(
+                &mut job,
+                format!(
+                    "a restart interrupted the submission, and distiller.max_training_secs ({limit} s) had passed when Forge was back; looking for a run the submission may have started failed ({e}): one may be running at the provider"
+                ),
+            ),
+        }
+    }
+
+    /// When job's training must have ended, in Unix milliseconds: counted from the job's
+    /// creation, which is stored, so a restart keeps the same deadline.
+    fn training_deadline(&self, job: &DistillationJob) -> Option<u64> {
+        self.settings
+            .max_training
+            .map(|max| job.created_ms.saturating_add(max.as_millis() as u64))
+    }
+
     /// TRAINING → FAILED once the deadline has passed: cancels the run at the provider and fails
     /// the job. Its examples are not cut, so the route's next job trains on them. A cancel the
     /// provider refuses may mean the run has just succeeded: then one more poll says so, and the
@@ -745,11 +793,7 @@ impl DistillationService {
             return self.fail(&mut job, "no provider job id".into());
         };
         let mut wait = self.settings.poll_initial;
-        // From the job's creation, which is stored, so a restart keeps the same deadline.
-        let deadline = self
-            .settings
-            .max_training
-            .map(|max| job.created_ms.saturating_add(max.as_millis() as u64));
+        let deadline = self.training_deadline(&job);
         let trained = loop {
             let left = deadline.map(|at| Duration::from_millis(at.saturating_sub(now_ms())));
             tokio::time::sleep(left.map_or(wait, |left| wait.min(left))).await;

@@ -284,6 +284,20 @@ impl KubernetesProvider {
         })
     }
 
+    /// The training Job of Forge job `job_id`, if it exists (a run that has succeeded too: its
+    /// adapter is paid for, and the job's next poll keeps it).
+    async fn find_job(&self, job_id: &str) -> Result<Option<String>, ProviderError> {
+        let name = job_name(job_id);
+        let get = self
+            .api_request(Method::GET, self.jobs_url(Some(&name)))
+            .await?;
+        match client::send_json::<Job>(get).await {
+            Ok(_) => Ok(Some(name)),
+            Err(ProviderError::Http { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn poll_job(&self, name: &str) -> Result<Progress, ProviderError> {
         let get = self
             .api_request(Method::GET, self.jobs_url(Some(name)))
@@ -703,6 +717,13 @@ impl TrainingProvider for KubernetesProvider {
     /// The Job is named after the Forge job, and `submit` takes over one that exists.
     fn finds_earlier_submissions(&self) -> bool {
         true
+    }
+
+    fn earlier_submission<'a>(
+        &'a self,
+        job_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<String>, ProviderError>> {
+        Box::pin(self.find_job(job_id))
     }
 
     fn poll<'a>(

@@ -145,6 +145,13 @@ impl TrainingProvider for OpenAiProvider {
         true
     }
 
+    fn earlier_submission<'a>(
+        &'a self,
+        job_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<String>, ProviderError>> {
+        Box::pin(async move { Ok(self.api.find_job(job_id).await?.map(|job| job.id)) })
+    }
+
     fn poll<'a>(
         &'a self,
         provider_job_id: &'a str,
