@@ -9,7 +9,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -187,6 +187,12 @@ impl CaptureCounters {
         }
     }
 
+    /// Drops not yet told in the log.
+    #[cfg(test)]
+    pub(super) fn unreported_drops(&self) -> u64 {
+        self.drop_log.unreported.load(Ordering::Acquire)
+    }
+
     /// How long the commits so far took.
     pub fn commit_times(&self) -> CommitTimesSnapshot {
         self.commit_times.snapshot()
@@ -302,15 +308,11 @@ impl TraceWriter {
                 Err(mpsc::error::TrySendError::Full(job)) if durable => Waiting::Slot(job),
                 Err(
                     mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job),
-                ) => return self.drop_trace(job.trace.id(), "capture queue full or closed", done),
+                ) => return self.drop_trace(job.trace.id(), DropReason::QueueFull, done),
             },
             Err(TryAcquireError::NoPermits) if durable => Waiting::Room(trace, ack),
             Err(_) => {
-                return self.drop_trace(
-                    trace.id(),
-                    "capture queue's byte budget (capture.queue_mb) spent",
-                    done,
-                );
+                return self.drop_trace(trace.id(), DropReason::BudgetSpent, done);
             }
         };
         let (tx, room) = (self.tx.clone(), Arc::clone(&self.counters.room));
@@ -343,7 +345,7 @@ impl TraceWriter {
     fn drop_trace(
         &self,
         id: TraceId,
-        why: &str,
+        why: DropReason,
         done: Option<oneshot::Receiver<bool>>,
     ) -> Option<DurableAck> {
         self.counters.dropped.fetch_add(1, Ordering::AcqRel);
@@ -352,9 +354,36 @@ impl TraceWriter {
     }
 }
 
+/// Why a trace was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum DropReason {
+    QueueFull = 0,
+    BudgetSpent = 1,
+}
+
+impl DropReason {
+    fn from_u8(n: u8) -> Self {
+        if n == Self::BudgetSpent as u8 {
+            Self::BudgetSpent
+        } else {
+            Self::QueueFull
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::QueueFull => "capture queue full or closed",
+            Self::BudgetSpent => "capture queue's byte budget (capture.queue_mb) spent",
+        }
+    }
+}
+
 /// Reports drops in the log at most once per [`DropLog::EVERY`]. A queue overflows under load,
 /// when a line per trace would add to the load and bury every other line; the dropped counter
-/// (`forge_capture_dropped_total`) has every one.
+/// (`forge_capture_dropped_total`) has every one. Drops that came too soon after a line are
+/// reported by the next drop, or by the writer's [`DropLog::flush`] a second later, so the last
+/// of a burst shows without waiting for another burst.
 #[derive(Debug)]
 struct DropLog {
     since: std::time::Instant,
@@ -362,6 +391,8 @@ struct DropLog {
     last_ms: AtomicU64,
     /// Drops since the last line.
     unreported: AtomicU64,
+    /// The reason of the latest drop, for a line [`DropLog::flush`] writes.
+    last_why: AtomicU8,
 }
 
 impl Default for DropLog {
@@ -370,6 +401,7 @@ impl Default for DropLog {
             since: std::time::Instant::now(),
             last_ms: AtomicU64::new(0),
             unreported: AtomicU64::new(0),
+            last_why: AtomicU8::new(DropReason::QueueFull as u8),
         }
     }
 }
@@ -379,8 +411,26 @@ impl DropLog {
 
     /// Notes one drop, and writes a line with the count since the last one if that was long
     /// enough ago; returns whether it wrote.
-    fn record(&self, id: TraceId, why: &str) -> bool {
+    fn record(&self, id: TraceId, why: DropReason) -> bool {
+        self.last_why.store(why as u8, Ordering::Release);
         self.unreported.fetch_add(1, Ordering::AcqRel);
+        self.write_line(Some(id), why)
+    }
+
+    /// Writes a line for drops not yet reported, if the last line was long enough ago (or
+    /// `now_or_never`: the writer is stopping); returns whether it wrote.
+    fn flush(&self, now_or_never: bool) -> bool {
+        if self.unreported.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        if now_or_never {
+            self.last_ms.store(0, Ordering::Release);
+        }
+        let why = DropReason::from_u8(self.last_why.load(Ordering::Acquire));
+        self.write_line(None, why)
+    }
+
+    fn write_line(&self, id: Option<TraceId>, why: DropReason) -> bool {
         let now = u64::try_from(self.since.elapsed().as_millis())
             .unwrap_or(u64::MAX - 1)
             .saturating_add(1);
@@ -398,11 +448,21 @@ impl DropLog {
             return false;
         }
         let dropped = self.unreported.swap(0, Ordering::AcqRel);
-        tracing::warn!(
-            trace_id = %id,
-            dropped,
-            "{why}: {dropped} trace(s) dropped since the last such line (lines come at most once a second; forge_capture_dropped_total counts every drop)"
-        );
+        if dropped == 0 {
+            return false;
+        }
+        let why = why.as_str();
+        match id {
+            Some(id) => tracing::warn!(
+                trace_id = %id,
+                dropped,
+                "{why}: {dropped} trace(s) dropped since the last such line (lines come at most once a second; forge_capture_dropped_total counts every drop)"
+            ),
+            None => tracing::warn!(
+                dropped,
+                "{why}: {dropped} trace(s) dropped since the last such line (lines come at most once a second; forge_capture_dropped_total counts every drop)"
+            ),
+        }
         true
     }
 }
@@ -472,6 +532,9 @@ async fn run(
     let mut spare_jobs: Vec<Vec<Job>> = Vec::new();
     let mut spare_encoded: Vec<Encoded> = Vec::new();
     let mut open = true;
+    // Reports the last drops of a burst that came too soon after a line (see `DropLog`).
+    let mut drop_report = tokio::time::interval(DropLog::EVERY);
+    drop_report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         // Behind: the queue backs up, or closed, or a full batch waits for the running commit.
         let behind = !open || rx.len() >= behind_at || ready.len() >= batch_max;
@@ -594,6 +657,9 @@ async fn run(
                 }
             }
             () = tokio::time::sleep_until(due.unwrap_or_else(far)), if due.is_some() && commit.is_none() => {}
+            _ = drop_report.tick() => {
+                counters.drop_log.flush(false);
+            }
         }
         if encode_now {
             while gathered.len() < ENCODE_MAX.min(room) {
@@ -612,6 +678,7 @@ async fn run(
             }));
         }
     }
+    counters.drop_log.flush(true);
     tracing::debug!("trace writer stopped: queue closed and drained");
 }
 
@@ -852,14 +919,45 @@ mod tests {
     fn drops_are_reported_once_and_then_at_most_once_a_second() {
         let mut log = DropLog::default();
         let id = TraceId::from_u128(7);
-        assert!(log.record(id, "full"), "the first drop is reported at once");
-        let reported = (0..10_000).filter(|_| log.record(id, "full")).count();
+        let full = DropReason::QueueFull;
+        assert!(log.record(id, full), "the first drop is reported at once");
+        let reported = (0..10_000).filter(|_| log.record(id, full)).count();
         // The loop takes far less than a second, but a stalled machine might cross one boundary.
         assert!(reported <= 1, "{reported} lines for a burst of drops");
         assert!(log.unreported.load(Ordering::Acquire) >= 1);
         // A second later (moved back in time here), the next drop reports the burst with it.
         log.since = log.since.checked_sub(DropLog::EVERY * 2).unwrap();
-        assert!(log.record(id, "full"));
+        assert!(log.record(id, full));
+        assert_eq!(log.unreported.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn the_last_drops_of_a_burst_are_reported_without_another_drop() {
+        let mut log = DropLog::default();
+        let id = TraceId::from_u128(7);
+        assert!(!log.flush(false), "nothing to report");
+        assert!(log.record(id, DropReason::BudgetSpent));
+        let reported = (0..100)
+            .filter(|_| log.record(id, DropReason::BudgetSpent))
+            .count();
+        let waiting = log.unreported.load(Ordering::Acquire);
+        assert!(reported <= 1 && waiting >= 1, "{reported} {waiting}");
+        // Within the second they wait; after it, the writer's tick reports them.
+        let soon = log.flush(false);
+        log.since = log.since.checked_sub(DropLog::EVERY * 2).unwrap();
+        assert!(soon || log.flush(false), "reported by a flush");
+        assert_eq!(log.unreported.load(Ordering::Acquire), 0);
+        assert_eq!(
+            DropReason::from_u8(log.last_why.load(Ordering::Acquire)),
+            DropReason::BudgetSpent
+        );
+        assert!(!log.flush(true), "nothing left, even when stopping");
+        // A stopping writer reports what is left at once.
+        log.record(id, DropReason::QueueFull);
+        log.record(id, DropReason::QueueFull);
+        if log.unreported.load(Ordering::Acquire) > 0 {
+            assert!(log.flush(true));
+        }
         assert_eq!(log.unreported.load(Ordering::Acquire), 0);
     }
 }
