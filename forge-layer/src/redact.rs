@@ -248,6 +248,9 @@ impl SetScratch {
     }
 }
 
+// One bit per pattern in `SetScratch::matching`'s answer.
+const _: () = assert!(Kind::ALL.len() <= 64);
+
 /// Which patterns match somewhere in `text` (see [`SetScratch::matching`]).
 fn matching_patterns(text: &str) -> u64 {
     thread_local! {

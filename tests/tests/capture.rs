@@ -263,9 +263,9 @@ async fn a_stalled_store_never_fails_a_request_and_every_drop_is_counted() {
     // One trace per commit (batch_max 1): the commit histogram counts each commit once, the
     // first of them the one that waited out the stall.
     for line in [
-        format!("forge_capture_commit_seconds_count {}", after.captured),
+        format!("forge_capture_commit_seconds_count {}\n", after.captured),
         format!(
-            "forge_capture_commit_seconds_bucket{{le=\"+Inf\"}} {}",
+            "forge_capture_commit_seconds_bucket{{le=\"+Inf\"}} {}\n",
             after.captured
         ),
     ] {

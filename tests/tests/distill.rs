@@ -582,7 +582,10 @@ async fn a_submission_interrupted_past_its_deadline_starts_no_run_after_a_restar
     traffic(&gw, 24, "unsent", None).await;
     let id = submitted_job(&gw).await;
     let copy = format!("{id}-unsent");
-    let (again, dir) = restart_past_the_deadline(gw, &text, &id, Some(&copy)).await;
+    // Restarted with no threshold to reach: the route's traces are not cut by a failed job,
+    // and a new job's run would count below.
+    let (again, dir) =
+        restart_past_the_deadline(gw, &admin_triggered(&text), &id, Some(&copy)).await;
     let failed = ended_as(&again, &copy, "FAILED").await;
     let error = failed["error"].as_str().unwrap();
     assert!(
@@ -598,6 +601,9 @@ async fn a_submission_interrupted_past_its_deadline_starts_no_run_after_a_restar
     drop(dir);
 }
 
+/// The path where the provider has the run: found, not submitted again, and cancelled. (Before
+/// the lookup, a new submission found the run as well; the test above is the one that a
+/// resubmission past the deadline fails.)
 #[tokio::test]
 async fn a_run_found_after_a_restart_past_its_deadline_is_cancelled() {
     let sim = start_sim(ten_minute_training()).await;
@@ -609,7 +615,7 @@ async fn a_run_found_after_a_restart_past_its_deadline_is_cancelled() {
         .as_str()
         .unwrap()
         .to_string();
-    let (again, dir) = restart_past_the_deadline(gw, &text, &id, None).await;
+    let (again, dir) = restart_past_the_deadline(gw, &admin_triggered(&text), &id, None).await;
     let failed = ended_as(&again, &id, "FAILED").await;
     assert_eq!(failed["provider_job_id"], run.as_str(), "{failed}");
     assert!(

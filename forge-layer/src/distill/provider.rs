@@ -162,17 +162,22 @@ pub trait TrainingProvider: Send + Sync + std::fmt::Debug {
         false
     }
 
-    /// The run an earlier submission of the Forge job `job_id` started and that is still live,
-    /// without starting one; `None` if there is none. Asked only of a provider that
-    /// [`TrainingProvider::finds_earlier_submissions`], when a job that a restart interrupted
-    /// while it was submitted is already past its training deadline: such a run is to be
-    /// cancelled, and no new one started only to be cancelled.
+    /// The run an earlier submission of the Forge job `job_id` started (still running, or
+    /// succeeded), without starting one; `None` only if the provider is sure there is none.
+    /// Asked of a provider that [`TrainingProvider::finds_earlier_submissions`], when a job that
+    /// a restart interrupted while it was submitted is already past its training deadline: such
+    /// a run is to be cancelled (or kept, if it succeeded), and no new one started only to be
+    /// cancelled. The default cannot look, which is an error, never "none".
     fn earlier_submission<'a>(
         &'a self,
         job_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<String>, ProviderError>> {
         let _ = job_id;
-        Box::pin(async { Ok(None) })
+        Box::pin(async {
+            Err(ProviderError::Invalid(
+                "this provider cannot look up earlier submissions".into(),
+            ))
+        })
     }
 
     /// Reads where the run stands.

@@ -697,7 +697,7 @@ impl DistillationService {
             Ok(None) => self.fail(
                 &mut job,
                 format!(
-                    "a restart interrupted the submission, and distiller.max_training_secs ({limit} s) had passed when Forge was back; no run had started, and none was"
+                    "a restart interrupted the submission, and distiller.max_training_secs ({limit} s) had passed when Forge was back; the provider has no run of this job, and none was started"
                 ),
             ),
             Err(e) => self.fail(

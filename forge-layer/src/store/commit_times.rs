@@ -10,8 +10,8 @@ pub const COMMIT_BUCKETS: [f64; 13] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-/// Commit durations so far. Each commit adds to one bucket, the count and the sum; the commit
-/// is the only writer, readers take a snapshot.
+/// Commit durations so far. Each commit adds to one bucket and to the sum; readers take a
+/// snapshot.
 #[derive(Debug, Default)]
 pub struct CommitTimes {
     /// One per bound in [`COMMIT_BUCKETS`], then one for slower commits.
@@ -42,8 +42,8 @@ impl CommitTimes {
         self.sum_us.fetch_add(us, Ordering::Relaxed);
     }
 
-    /// The histogram now. A commit recorded meanwhile may be in its bucket but not yet in the
-    /// sum; the next scrape has both.
+    /// The histogram now. A commit recorded meanwhile may be in the buckets and not the sum, or
+    /// the other way round; the next scrape has it in both.
     pub fn snapshot(&self) -> CommitTimesSnapshot {
         let bounds = COMMIT_BUCKETS.iter().copied().chain([f64::INFINITY]);
         CommitTimesSnapshot {

@@ -192,9 +192,9 @@ impl FineTuningApi {
         client::send_json(self.request(Method::GET, url, self.timeout)).await
     }
 
-    /// The live job an earlier attempt at this submission created, found by its
-    /// `metadata.forge_job_id`. A provider that can't filter on metadata answers 4xx, which
-    /// counts as "none".
+    /// The job, not failed or cancelled, that an earlier attempt at this submission created,
+    /// found by its `metadata.forge_job_id`. A service that cannot filter on metadata answers
+    /// 4xx, which is an error here: whether it means "none" is the caller's call.
     pub(super) async fn find_job(
         &self,
         forge_job_id: &str,
@@ -206,20 +206,11 @@ impl FineTuningApi {
             &["fine_tuning", "jobs"],
             &[("metadata[forge_job_id]", forge_job_id), ("limit", "10")],
         );
-        let list: ListOf<JobObject> = match client::send_json(self.request(
-            Method::GET,
-            url,
-            self.timeout,
-        ))
-        .await
-        {
-            Ok(list) => list,
-            Err(ProviderError::Http { status, message }) if status < 500 => {
-                tracing::debug!(status, %message, "cannot look up earlier fine-tuning jobs; creating one");
-                return Ok(None);
-            }
-            Err(err) => return Err(err),
-        };
+        let list: ListOf<JobObject> =
+            match client::send_json(self.request(Method::GET, url, self.timeout)).await {
+                Ok(list) => list,
+                Err(err) => return Err(err),
+            };
         // Checked here too: a service that ignores the filter lists every job.
         Ok(list.data.into_iter().find(|job| {
             !matches!(job.status.as_str(), "failed" | "cancelled")

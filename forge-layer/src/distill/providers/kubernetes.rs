@@ -288,10 +288,7 @@ impl KubernetesProvider {
     /// adapter is paid for, and the job's next poll keeps it).
     async fn find_job(&self, job_id: &str) -> Result<Option<String>, ProviderError> {
         let name = job_name(job_id);
-        let get = self
-            .api_request(Method::GET, self.jobs_url(Some(&name)))
-            .await?;
-        match client::send_json::<Job>(get).await {
+        match self.poll_job(&name).await {
             Ok(_) => Ok(Some(name)),
             Err(ProviderError::Http { status: 404, .. }) => Ok(None),
             Err(e) => Err(e),

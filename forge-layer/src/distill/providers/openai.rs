@@ -91,7 +91,16 @@ impl OpenAiProvider {
 
     async fn submit_run(&self, request: &TrainingRequest) -> Result<Submitted, ProviderError> {
         // A crash between creating the job and recording it would otherwise train twice.
-        if let Some(job) = self.api.find_job(&request.job_id).await? {
+        let earlier = match self.api.find_job(&request.job_id).await {
+            Ok(found) => found,
+            // A service that cannot filter jobs on metadata: nothing to find, so create one.
+            Err(ProviderError::Http { status, message }) if status < 500 => {
+                tracing::debug!(status, %message, "cannot look up earlier fine-tuning jobs; creating one");
+                None
+            }
+            Err(err) => return Err(err),
+        };
+        if let Some(job) = earlier {
             tracing::info!(job_id = %request.job_id, provider_job_id = %job.id, "fine-tuning job already exists; resuming it");
             return Ok(Submitted {
                 provider_job_id: job.id,
