@@ -418,12 +418,12 @@ impl DropLog {
     }
 
     /// Writes a line for drops not yet reported, if the last line was long enough ago (or
-    /// `now_or_never`: the writer is stopping); returns whether it wrote.
-    fn flush(&self, now_or_never: bool) -> bool {
+    /// `stopping`: the writer is stopping, and this is the last chance); returns whether it wrote.
+    fn flush(&self, stopping: bool) -> bool {
         if self.unreported.load(Ordering::Acquire) == 0 {
             return false;
         }
-        if now_or_never {
+        if stopping {
             self.last_ms.store(0, Ordering::Release);
         }
         let why = DropReason::from_u8(self.last_why.load(Ordering::Acquire));

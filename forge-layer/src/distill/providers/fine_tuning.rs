@@ -207,10 +207,7 @@ impl FineTuningApi {
             &[("metadata[forge_job_id]", forge_job_id), ("limit", "10")],
         );
         let list: ListOf<JobObject> =
-            match client::send_json(self.request(Method::GET, url, self.timeout)).await {
-                Ok(list) => list,
-                Err(err) => return Err(err),
-            };
+            client::send_json(self.request(Method::GET, url, self.timeout)).await?;
         // Checked here too: a service that ignores the filter lists every job.
         Ok(list.data.into_iter().find(|job| {
             !matches!(job.status.as_str(), "failed" | "cancelled")
