@@ -27,6 +27,8 @@
 //! serve it and is left out. The sim,
 //! the gateways, their store writers and the load generator share one process, one tokio runtime
 //! and the machine's cores, so absolute figures are pessimistic; the ratios are what count.
+//! `FORGE_BENCH_GATEWAY_RUNTIME=own` gives the gateways a runtime of their own (two workers), as
+//! a gateway process has, beside the load generator's and the sim's.
 //!
 //! Without `--bench` (as `cargo test --all-targets` runs it) it is a short smoke test instead,
 //! which fails on any request error, on any dropped trace and on counts that do not add up.
@@ -59,6 +61,9 @@ const ENV_FORGE_BENCH_CAPTURE: &str = "FORGE_BENCH_CAPTURE";
 const ENV_FORGE_BENCH_ROUNDS: &str = "FORGE_BENCH_ROUNDS";
 /// Percentages of capture off's closed-loop rate to run the open-loop cells at.
 const ENV_FORGE_BENCH_LOAD_PCT: &str = "FORGE_BENCH_LOAD_PCT";
+/// `own`: the gateways run on a tokio runtime of their own (two workers), as a gateway process
+/// would, instead of sharing the load generator's and the sim's.
+const ENV_FORGE_BENCH_GATEWAY_RUNTIME: &str = "FORGE_BENCH_GATEWAY_RUNTIME";
 const DEFAULT_LOAD_PCT: [f64; 1] = [50.0];
 /// The concurrency whose cells are also run open loop: the one the targets are set at.
 const PACED_CONCURRENCY: usize = 16;
@@ -284,6 +289,8 @@ async fn main() -> Result<ExitCode, Box<dyn Error>> {
     };
 
     let capture_extra = std::env::var(ENV_FORGE_BENCH_CAPTURE).unwrap_or_default();
+    let gateway_runtime = gateway_runtime()?;
+    let on_gateways = gateway_runtime.as_ref().map(|rt| rt.handle().clone());
 
     let sim = SimUpstream::start(SimConfig::default(), "127.0.0.1:0".parse()?).await?;
     let mut subjects = Vec::new();
@@ -304,7 +311,11 @@ async fn main() -> Result<ExitCode, Box<dyn Error>> {
                         variant.label()
                     )
                 })?;
-                let gateway = forge_gateway::server::start(config).await?;
+                let started = forge_gateway::server::start(config);
+                let gateway = match &on_gateways {
+                    Some(runtime) => runtime.spawn(started).await??,
+                    None => started.await?,
+                };
                 Subject {
                     variant,
                     target: Target::new(variant.label(), gateway.addr(), ALIAS)?,
@@ -343,7 +354,10 @@ async fn main() -> Result<ExitCode, Box<dyn Error>> {
         }
     }
 
-    let accounts = settle(subjects, &results).await;
+    let accounts = settle(subjects, &results, on_gateways.as_ref()).await;
+    if let Some(runtime) = gateway_runtime {
+        runtime.shutdown_background();
+    }
     sim.shutdown().await;
 
     print_accounts(&accounts);
@@ -352,6 +366,24 @@ async fn main() -> Result<ExitCode, Box<dyn Error>> {
         print_markdown(&results, &accounts, plan, &load_pcts);
     }
     Ok(verdict_exit(&results, &accounts, measuring))
+}
+
+/// The runtime the gateways run on, when `FORGE_BENCH_GATEWAY_RUNTIME=own`; `None` (the
+/// default, `shared`) runs them on the bench's own.
+fn gateway_runtime() -> Result<Option<tokio::runtime::Runtime>, Box<dyn Error>> {
+    match std::env::var(ENV_FORGE_BENCH_GATEWAY_RUNTIME).as_deref() {
+        Err(_) | Ok("shared") => Ok(None),
+        Ok("own") => Ok(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("forge-gateway")
+                .enable_all()
+                .build()?,
+        )),
+        Ok(other) => {
+            Err(format!("{ENV_FORGE_BENCH_GATEWAY_RUNTIME}={other:?}: use own or shared").into())
+        }
+    }
 }
 
 /// What each subject's writer had done so far: traces dropped and commit times (`None` for one
@@ -532,7 +564,11 @@ teacher = {{ upstream = "sim", model = "{SIM_MODEL}" }}
 
 /// Waits for each capturing gateway's queue to empty, reads its counters, shuts every gateway
 /// down, then counts what reached each store.
-async fn settle(subjects: Vec<Subject>, results: &[CellResult]) -> Vec<Account> {
+async fn settle(
+    subjects: Vec<Subject>,
+    results: &[CellResult],
+    on_gateways: Option<&tokio::runtime::Handle>,
+) -> Vec<Account> {
     let mut accounts = Vec::new();
     let mut stores = Vec::new();
     for subject in &subjects {
@@ -557,7 +593,14 @@ async fn settle(subjects: Vec<Subject>, results: &[CellResult]) -> Vec<Account> 
     }
     for subject in subjects {
         if let Some(gateway) = subject.gateway {
-            gateway.shutdown().await;
+            match on_gateways {
+                Some(runtime) => {
+                    if let Err(e) = runtime.spawn(gateway.shutdown()).await {
+                        eprintln!("{} gateway: shutdown failed: {e}", subject.variant.label());
+                    }
+                }
+                None => gateway.shutdown().await,
+            }
         }
     }
     for (account, store) in accounts.iter_mut().zip(stores) {
@@ -953,6 +996,7 @@ fn print_markdown(results: &[CellResult], accounts: &[Account], plan: Plan, load
         ENV_FORGE_BENCH_LOAD_PCT,
         ENV_FORGE_BENCH_CAPTURE,
         ENV_FORGE_BENCH_ROUNDS,
+        ENV_FORGE_BENCH_GATEWAY_RUNTIME,
     ]
     .into_iter()
     .filter_map(|name| {
