@@ -289,8 +289,8 @@ async fn main() -> Result<ExitCode, Box<dyn Error>> {
     };
 
     let capture_extra = std::env::var(ENV_FORGE_BENCH_CAPTURE).unwrap_or_default();
-    let gateway_runtime = gateway_runtime()?;
-    let on_gateways = gateway_runtime.as_ref().map(|rt| rt.handle().clone());
+    let gateway_runtime = GatewayRuntime(gateway_runtime()?);
+    let on_gateways = gateway_runtime.0.as_ref().map(|rt| rt.handle().clone());
 
     let sim = SimUpstream::start(SimConfig::default(), "127.0.0.1:0".parse()?).await?;
     let mut subjects = Vec::new();
@@ -355,9 +355,7 @@ async fn main() -> Result<ExitCode, Box<dyn Error>> {
     }
 
     let accounts = settle(subjects, &results, on_gateways.as_ref()).await;
-    if let Some(runtime) = gateway_runtime {
-        runtime.shutdown_background();
-    }
+    drop(gateway_runtime);
     sim.shutdown().await;
 
     print_accounts(&accounts);
@@ -366,6 +364,19 @@ async fn main() -> Result<ExitCode, Box<dyn Error>> {
         print_markdown(&results, &accounts, plan, &load_pcts);
     }
     Ok(verdict_exit(&results, &accounts, measuring))
+}
+
+/// The gateways' own runtime, if any. A runtime may not be dropped on an async task (tokio
+/// panics), as it would be when the bench fails early with one, so this shuts it down in the
+/// background instead.
+struct GatewayRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for GatewayRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 /// The runtime the gateways run on, when `FORGE_BENCH_GATEWAY_RUNTIME=own`; `None` (the
