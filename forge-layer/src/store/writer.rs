@@ -9,7 +9,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -190,7 +190,7 @@ impl CaptureCounters {
     /// Drops not yet told in the log.
     #[cfg(test)]
     pub(super) fn unreported_drops(&self) -> u64 {
-        self.drop_log.unreported.load(Ordering::Acquire)
+        self.drop_log.unreported()
     }
 
     /// How long the commits so far took.
@@ -354,22 +354,15 @@ impl TraceWriter {
     }
 }
 
-/// Why a trace was dropped.
+/// Why a trace was dropped; each reason has its own count and line in the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
 enum DropReason {
     QueueFull = 0,
     BudgetSpent = 1,
 }
 
 impl DropReason {
-    fn from_u8(n: u8) -> Self {
-        if n == Self::BudgetSpent as u8 {
-            Self::BudgetSpent
-        } else {
-            Self::QueueFull
-        }
-    }
+    const ALL: [DropReason; 2] = [DropReason::QueueFull, DropReason::BudgetSpent];
 
     fn as_str(self) -> &'static str {
         match self {
@@ -379,20 +372,18 @@ impl DropReason {
     }
 }
 
-/// Reports drops in the log at most once per [`DropLog::EVERY`]. A queue overflows under load,
-/// when a line per trace would add to the load and bury every other line; the dropped counter
-/// (`forge_capture_dropped_total`) has every one. Drops that came too soon after a line are
-/// reported by the next drop, or by the writer's [`DropLog::flush`] a second later, so the last
-/// of a burst shows without waiting for another burst.
+/// Reports drops in the log at most once per [`DropLog::EVERY`], a line per reason. A queue
+/// overflows under load, when a line per trace would add to the load and bury every other line;
+/// the dropped counter (`forge_capture_dropped_total`) has every one. Drops that came too soon
+/// after a line are reported by the next drop, or by the writer's [`DropLog::flush`] a second or
+/// two later, so the last of a burst shows without waiting for another burst.
 #[derive(Debug)]
 struct DropLog {
     since: std::time::Instant,
-    /// When the last line was written, in milliseconds after `since`, plus one; 0 for never.
+    /// When the last lines were written, in milliseconds after `since`, plus one; 0 for never.
     last_ms: AtomicU64,
-    /// Drops since the last line.
-    unreported: AtomicU64,
-    /// The reason of the latest drop, for a line [`DropLog::flush`] writes.
-    last_why: AtomicU8,
+    /// Drops since the last lines, by [`DropReason`].
+    unreported: [AtomicU64; DropReason::ALL.len()],
 }
 
 impl Default for DropLog {
@@ -400,8 +391,7 @@ impl Default for DropLog {
         Self {
             since: std::time::Instant::now(),
             last_ms: AtomicU64::new(0),
-            unreported: AtomicU64::new(0),
-            last_why: AtomicU8::new(DropReason::QueueFull as u8),
+            unreported: Default::default(),
         }
     }
 }
@@ -409,28 +399,36 @@ impl Default for DropLog {
 impl DropLog {
     const EVERY: Duration = Duration::from_secs(1);
 
-    /// Notes one drop, and writes a line with the count since the last one if that was long
+    /// Notes one drop, and writes the lines for the drops since the last ones if those were long
     /// enough ago; returns whether it wrote.
     fn record(&self, id: TraceId, why: DropReason) -> bool {
-        self.last_why.store(why as u8, Ordering::Release);
-        self.unreported.fetch_add(1, Ordering::AcqRel);
-        self.write_line(Some(id), why)
+        self.unreported[why as usize].fetch_add(1, Ordering::AcqRel);
+        self.write_lines(Some((id, why)))
     }
 
-    /// Writes a line for drops not yet reported, if the last line was long enough ago (or
-    /// `stopping`: the writer is stopping, and this is the last chance); returns whether it wrote.
+    /// Writes lines for drops not yet reported, if the last ones were long enough ago (or
+    /// `stopping`: the writer is stopping, and this is the last chance); returns whether it
+    /// wrote.
     fn flush(&self, stopping: bool) -> bool {
-        if self.unreported.load(Ordering::Acquire) == 0 {
+        if self.unreported() == 0 {
             return false;
         }
         if stopping {
             self.last_ms.store(0, Ordering::Release);
         }
-        let why = DropReason::from_u8(self.last_why.load(Ordering::Acquire));
-        self.write_line(None, why)
+        self.write_lines(None)
     }
 
-    fn write_line(&self, id: Option<TraceId>, why: DropReason) -> bool {
+    /// Drops not yet in a line.
+    fn unreported(&self) -> u64 {
+        self.unreported
+            .iter()
+            .map(|n| n.load(Ordering::Acquire))
+            .sum()
+    }
+
+    /// `latest`: the drop that asks, whose id goes on its reason's line.
+    fn write_lines(&self, latest: Option<(TraceId, DropReason)>) -> bool {
         let now = u64::try_from(self.since.elapsed().as_millis())
             .unwrap_or(u64::MAX - 1)
             .saturating_add(1);
@@ -439,7 +437,9 @@ impl DropLog {
         if last != 0 && now < last.saturating_add(every) {
             return false;
         }
-        // One thread writes the line; the others' drops go into it or the next.
+        // One thread writes the lines; the others' drops go into them or the next ones. (One
+        // that finds nothing left to write, another having taken it, still moves the window;
+        // the drops after it wait for the next lines.)
         if self
             .last_ms
             .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
@@ -447,23 +447,27 @@ impl DropLog {
         {
             return false;
         }
-        let dropped = self.unreported.swap(0, Ordering::AcqRel);
-        if dropped == 0 {
-            return false;
+        let mut wrote = false;
+        for why in DropReason::ALL {
+            let dropped = self.unreported[why as usize].swap(0, Ordering::AcqRel);
+            if dropped == 0 {
+                continue;
+            }
+            let reason = why.as_str();
+            match latest {
+                Some((id, latest_why)) if latest_why == why => tracing::warn!(
+                    trace_id = %id,
+                    dropped,
+                    "{reason}: {dropped} trace(s) dropped since the last such line (lines come at most once a second; forge_capture_dropped_total counts every drop)"
+                ),
+                _ => tracing::warn!(
+                    dropped,
+                    "{reason}: {dropped} trace(s) dropped since the last such line (lines come at most once a second; forge_capture_dropped_total counts every drop)"
+                ),
+            }
+            wrote = true;
         }
-        let why = why.as_str();
-        match id {
-            Some(id) => tracing::warn!(
-                trace_id = %id,
-                dropped,
-                "{why}: {dropped} trace(s) dropped since the last such line (lines come at most once a second; forge_capture_dropped_total counts every drop)"
-            ),
-            None => tracing::warn!(
-                dropped,
-                "{why}: {dropped} trace(s) dropped since the last such line (lines come at most once a second; forge_capture_dropped_total counts every drop)"
-            ),
-        }
-        true
+        wrote
     }
 }
 
@@ -924,40 +928,39 @@ mod tests {
         let reported = (0..10_000).filter(|_| log.record(id, full)).count();
         // The loop takes far less than a second, but a stalled machine might cross one boundary.
         assert!(reported <= 1, "{reported} lines for a burst of drops");
-        assert!(log.unreported.load(Ordering::Acquire) >= 1);
+        assert!(log.unreported() >= 1);
         // A second later (moved back in time here), the next drop reports the burst with it.
         log.since = log.since.checked_sub(DropLog::EVERY * 2).unwrap();
         assert!(log.record(id, full));
-        assert_eq!(log.unreported.load(Ordering::Acquire), 0);
+        assert_eq!(log.unreported(), 0);
     }
 
     #[test]
-    fn the_last_drops_of_a_burst_are_reported_without_another_drop() {
+    fn the_last_drops_of_a_burst_are_reported_without_another_drop_each_reason_apart() {
         let mut log = DropLog::default();
         let id = TraceId::from_u128(7);
         assert!(!log.flush(false), "nothing to report");
         assert!(log.record(id, DropReason::BudgetSpent));
-        let reported = (0..100)
-            .filter(|_| log.record(id, DropReason::BudgetSpent))
-            .count();
-        let waiting = log.unreported.load(Ordering::Acquire);
-        assert!(reported <= 1 && waiting >= 1, "{reported} {waiting}");
-        // Within the second they wait; after it, the writer's tick reports them.
-        let soon = log.flush(false);
-        log.since = log.since.checked_sub(DropLog::EVERY * 2).unwrap();
-        assert!(soon || log.flush(false), "reported by a flush");
-        assert_eq!(log.unreported.load(Ordering::Acquire), 0);
-        assert_eq!(
-            DropReason::from_u8(log.last_why.load(Ordering::Acquire)),
-            DropReason::BudgetSpent
+        for _ in 0..100 {
+            log.record(id, DropReason::BudgetSpent);
+            log.record(id, DropReason::QueueFull);
+        }
+        // Unless a stalled machine crossed the second, both reasons wait, each counted apart.
+        let waiting =
+            DropReason::ALL.map(|why| log.unreported[why as usize].load(Ordering::Acquire));
+        assert!(
+            waiting == [0, 0] || (waiting[0] >= 1 && waiting[1] >= 1),
+            "{waiting:?}"
         );
+        // After the second, the writer's tick reports them.
+        log.since = log.since.checked_sub(DropLog::EVERY * 2).unwrap();
+        assert!(waiting == [0, 0] || log.flush(false), "reported by a flush");
+        assert_eq!(log.unreported(), 0);
         assert!(!log.flush(true), "nothing left, even when stopping");
         // A stopping writer reports what is left at once.
         log.record(id, DropReason::QueueFull);
         log.record(id, DropReason::QueueFull);
-        if log.unreported.load(Ordering::Acquire) > 0 {
-            assert!(log.flush(true));
-        }
-        assert_eq!(log.unreported.load(Ordering::Acquire), 0);
+        assert!(log.unreported() == 0 || log.flush(true));
+        assert_eq!(log.unreported(), 0);
     }
 }
