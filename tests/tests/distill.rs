@@ -574,13 +574,21 @@ async fn restart_past_the_deadline(
     .await
 }
 
-#[tokio::test]
-async fn a_submission_interrupted_past_its_deadline_starts_no_run_after_a_restart() {
+/// A gateway whose route's job (traffic tagged `tag`) is in TRAINING with its run at the
+/// provider: ten minutes of training against a 30-minute deadline. Returns the sim, the config,
+/// the gateway and the job's id.
+async fn training_under_a_deadline(tag: &str) -> (SimHandle, String, TestGateway, String) {
     let sim = start_sim(ten_minute_training()).await;
     let text = with_distiller(&config(&sim, "", ""), "max_training_secs = 1800");
     let gw = start_gateway_with(&text, admin).await;
-    traffic(&gw, 24, "unsent", None).await;
+    traffic(&gw, 24, tag, None).await;
     let id = submitted_job(&gw).await;
+    (sim, text, gw, id)
+}
+
+#[tokio::test]
+async fn a_submission_interrupted_past_its_deadline_starts_no_run_after_a_restart() {
+    let (sim, text, gw, id) = training_under_a_deadline("unsent").await;
     let copy = format!("{id}-unsent");
     // Restarted with no threshold to reach: the route's traces are not cut by a failed job,
     // and a new job's run would count below.
@@ -606,11 +614,7 @@ async fn a_submission_interrupted_past_its_deadline_starts_no_run_after_a_restar
 /// resubmission past the deadline fails.)
 #[tokio::test]
 async fn a_run_found_after_a_restart_past_its_deadline_is_cancelled() {
-    let sim = start_sim(ten_minute_training()).await;
-    let text = with_distiller(&config(&sim, "", ""), "max_training_secs = 1800");
-    let gw = start_gateway_with(&text, admin).await;
-    traffic(&gw, 24, "found", None).await;
-    let id = submitted_job(&gw).await;
+    let (sim, text, gw, id) = training_under_a_deadline("found").await;
     let run = job(&gw, &id).await["provider_job_id"]
         .as_str()
         .unwrap()

@@ -682,6 +682,9 @@ impl DistillationService {
             return self.fail(&mut job, "route no longer configured".into());
         };
         let limit = self.settings.max_training.unwrap_or_default().as_secs_f64();
+        let late = format!(
+            "a restart interrupted the submission, and distiller.max_training_secs ({limit} s) had passed when Forge was back"
+        );
         match retrying(
             || route.provider.earlier_submission(&job.id),
             self.settings.poll_initial,
@@ -696,14 +699,12 @@ impl DistillationService {
             }
             Ok(None) => self.fail(
                 &mut job,
-                format!(
-                    "a restart interrupted the submission, and distiller.max_training_secs ({limit} s) had passed when Forge was back; the provider has no run of this job, and none was started"
-                ),
+                format!("{late}; the provider has no run of this job, and none was started"),
             ),
             Err(e) => self.fail(
                 &mut job,
                 format!(
-                    "a restart interrupted the submission, and distiller.max_training_secs ({limit} s) had passed when Forge was back; looking for a run the submission may have started failed ({e}): one may be running at the provider"
+                    "{late}; looking for a run the submission may have started failed ({e}): one may be running at the provider"
                 ),
             ),
         }

@@ -453,18 +453,16 @@ impl DropLog {
             if dropped == 0 {
                 continue;
             }
+            // The asking drop's id goes on its own reason's line only.
+            let trace_id = latest
+                .filter(|&(_, asking)| asking == why)
+                .map(|(id, _)| tracing::field::display(id));
             let reason = why.as_str();
-            match latest {
-                Some((id, latest_why)) if latest_why == why => tracing::warn!(
-                    trace_id = %id,
-                    dropped,
-                    "{reason}: {dropped} trace(s) dropped since the last such line (lines come at most once a second; forge_capture_dropped_total counts every drop)"
-                ),
-                _ => tracing::warn!(
-                    dropped,
-                    "{reason}: {dropped} trace(s) dropped since the last such line (lines come at most once a second; forge_capture_dropped_total counts every drop)"
-                ),
-            }
+            tracing::warn!(
+                trace_id,
+                dropped,
+                "{reason}: {dropped} trace(s) dropped since the last such line (lines come at most once a second; forge_capture_dropped_total counts every drop)"
+            );
             wrote = true;
         }
         wrote
