@@ -41,6 +41,7 @@ use std::error::Error;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use forge_benches::burner::Burner;
 use forge_benches::{
     Cell, Comparison, ENV_FORGE_BENCH_SECS, Load, Mode, Stats, Target, Timing, millis, run,
 };
@@ -64,6 +65,8 @@ const ENV_FORGE_BENCH_LOAD_PCT: &str = "FORGE_BENCH_LOAD_PCT";
 /// `own`: the gateways run on a tokio runtime of their own (two workers), as a gateway process
 /// would, instead of sharing the load generator's and the sim's.
 const ENV_FORGE_BENCH_GATEWAY_RUNTIME: &str = "FORGE_BENCH_GATEWAY_RUNTIME";
+/// A share of one core, in percent, that an idle-class thread spins for while `async` is loaded.
+const ENV_FORGE_BENCH_BURN: &str = "FORGE_BENCH_BURN";
 const DEFAULT_LOAD_PCT: [f64; 1] = [50.0];
 /// The concurrency whose cells are also run open loop: the one the targets are set at.
 const PACED_CONCURRENCY: usize = 16;
@@ -289,6 +292,7 @@ async fn main() -> Result<ExitCode, Box<dyn Error>> {
     };
 
     let capture_extra = std::env::var(ENV_FORGE_BENCH_CAPTURE).unwrap_or_default();
+    let burner = burner()?;
     let gateway_runtime = GatewayRuntime(gateway_runtime()?);
     let on_gateways = gateway_runtime.0.as_ref().map(|rt| rt.handle().clone());
 
@@ -332,7 +336,8 @@ async fn main() -> Result<ExitCode, Box<dyn Error>> {
         for &concurrency in &concurrencies {
             let cell = Cell { mode, concurrency };
             let before = writer_so_far(&subjects);
-            let rounds = run_cell(&subjects, &Variant::ALL, cell, plan, Load::Closed).await;
+            let rounds =
+                run_cell(&subjects, &Variant::ALL, cell, plan, Load::Closed, &burner).await;
             let closed = CellResult::new(cell, Load::Closed, None, rounds);
             print_cell(&closed);
             print_writers(&subjects, &before);
@@ -345,7 +350,7 @@ async fn main() -> Result<ExitCode, Box<dyn Error>> {
             for &pct in &load_pcts {
                 let load = Load::Rate(off_rate * pct / 100.0);
                 let before = writer_so_far(&subjects);
-                let rounds = run_cell(&subjects, &Variant::PACED, cell, plan, load).await;
+                let rounds = run_cell(&subjects, &Variant::PACED, cell, plan, load, &burner).await;
                 let result = CellResult::new(cell, load, Some(pct), rounds);
                 print_cell(&result);
                 print_writers(&subjects, &before);
@@ -435,13 +440,14 @@ fn print_writers(subjects: &[Subject], before: &[Option<(u64, CommitTimesSnapsho
 }
 
 /// Loads each subject of the given variants in turn, in rounds whose order alternates, and
-/// returns each variant's rounds.
+/// returns each variant's rounds. The burner, if any, spins while `async` is loaded.
 async fn run_cell(
     subjects: &[Subject],
     variants: &[Variant],
     cell: Cell,
     plan: Plan,
     load: Load,
+    burner: &Option<Burner>,
 ) -> [Vec<Stats>; 4] {
     let mut rounds: [Vec<Stats>; 4] = Default::default();
     let chosen: Vec<&Subject> = subjects
@@ -456,11 +462,32 @@ async fn run_cell(
             chosen.iter().rev().copied().collect()
         };
         for subject in order {
+            let burning = burner
+                .as_ref()
+                .filter(|_| subject.variant == Variant::Async);
+            burning.inspect(|b| b.set(true));
             let stats = run(&subject.target, cell, plan.timing, load).await;
+            burning.inspect(|b| b.set(false));
             rounds[subject.variant.index()].push(stats);
         }
     }
     rounds
+}
+
+/// `FORGE_BENCH_BURN`: the burner's share of a core in percent, if set.
+fn burner() -> Result<Option<Burner>, String> {
+    if std::env::var_os(ENV_FORGE_BENCH_BURN).is_none() {
+        return Ok(None);
+    }
+    let percent = env_number(
+        ENV_FORGE_BENCH_BURN,
+        0u8,
+        |p| (1..=100).contains(p),
+        "1 to 100",
+    )?;
+    Burner::start(percent)
+        .map(Some)
+        .map_err(|e| format!("{ENV_FORGE_BENCH_BURN}={percent}: {e}"))
 }
 
 /// `FORGE_BENCH_LOAD_PCT`: percentages in (0, 100], or `none` for no open-loop cells.
@@ -1008,6 +1035,7 @@ fn print_markdown(results: &[CellResult], accounts: &[Account], plan: Plan, load
         ENV_FORGE_BENCH_CAPTURE,
         ENV_FORGE_BENCH_ROUNDS,
         ENV_FORGE_BENCH_GATEWAY_RUNTIME,
+        ENV_FORGE_BENCH_BURN,
     ]
     .into_iter()
     .filter_map(|name| {

@@ -7,6 +7,7 @@
 //! [`Comparison`] sets a candidate (say, Forge with capture on) beside a baseline (direct, or
 //! Forge with capture off). [`fixtures`] and [`recorder`] serve the criterion benches.
 
+pub mod burner;
 pub mod fixtures;
 pub mod recorder;
 

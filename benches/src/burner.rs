@@ -1,0 +1,100 @@
+//! Background work with no capture in it: a thread in the idle scheduling class that spins.
+//!
+//! `async` capture does its work on idle-class threads, which the kernel runs only while no
+//! request wants the core. The load bench can switch this thread on while a twin of capture off
+//! is measured, so that what such work costs requests shows with no capture at all.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// How often the thread repeats its share of spinning.
+const PERIOD: Duration = Duration::from_millis(10);
+
+/// The spinning thread; it ends when this is dropped.
+#[derive(Debug)]
+pub struct Burner {
+    state: Arc<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    on: AtomicBool,
+    stopped: AtomicBool,
+}
+
+impl Burner {
+    /// Starts the thread, switched off. While on, it spins for `percent` of each 10 ms and
+    /// sleeps for the rest. Fails if the thread cannot be put in the idle class.
+    pub fn start(percent: u8) -> Result<Self, String> {
+        if !(1..=100).contains(&percent) {
+            return Err(format!("{percent}%: a share of 1 to 100"));
+        }
+        let spin = PERIOD * u32::from(percent) / 100;
+        let state = Arc::new(State::default());
+        let theirs = Arc::clone(&state);
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("bench-burner".into())
+            .spawn(move || {
+                let lowered = lower_to_idle_class();
+                let ok = lowered.is_ok();
+                let _ = ready_tx.send(lowered);
+                if ok {
+                    burn(&theirs, spin);
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        match ready.recv() {
+            Ok(Ok(())) => Ok(Self { state }),
+            Ok(Err(e)) => Err(format!("could not enter the idle scheduling class: {e}")),
+            Err(_) => Err("the thread ended before it started".to_string()),
+        }
+    }
+
+    /// Switches the spinning on or off.
+    pub fn set(&self, on: bool) {
+        self.state.on.store(on, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Burner {
+    fn drop(&mut self) {
+        self.state.stopped.store(true, Ordering::Relaxed);
+    }
+}
+
+fn burn(state: &State, spin: Duration) {
+    let mut x = 0u64;
+    while !state.stopped.load(Ordering::Relaxed) {
+        if !state.on.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
+        let start = Instant::now();
+        while start.elapsed() < spin {
+            for i in 0..1000 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+            }
+        }
+        std::thread::sleep(PERIOD - spin);
+    }
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn lower_to_idle_class() -> Result<(), thread_priority::Error> {
+    use thread_priority::{
+        NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy,
+        set_thread_priority_and_policy, thread_native_id,
+    };
+    set_thread_priority_and_policy(
+        thread_native_id(),
+        ThreadPriority::Min,
+        ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle),
+    )
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn lower_to_idle_class() -> Result<(), thread_priority::Error> {
+    thread_priority::set_current_thread_priority(thread_priority::ThreadPriority::Min)
+}
