@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use forge_layer::store::lower_to_idle_class;
+
 /// How often the thread repeats its share of spinning.
 const PERIOD: Duration = Duration::from_millis(10);
 
@@ -79,22 +81,4 @@ fn burn(state: &State, spin: Duration) {
         }
         std::thread::sleep(PERIOD - spin);
     }
-}
-
-#[cfg(any(target_os = "linux", target_os = "android"))]
-fn lower_to_idle_class() -> Result<(), thread_priority::Error> {
-    use thread_priority::{
-        NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy,
-        set_thread_priority_and_policy, thread_native_id,
-    };
-    set_thread_priority_and_policy(
-        thread_native_id(),
-        ThreadPriority::Min,
-        ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle),
-    )
-}
-
-#[cfg(not(any(target_os = "linux", target_os = "android")))]
-fn lower_to_idle_class() -> Result<(), thread_priority::Error> {
-    thread_priority::set_current_thread_priority(thread_priority::ThreadPriority::Min)
 }

@@ -121,9 +121,10 @@ fn start_background() -> Option<mpsc::Sender<Task>> {
     }
 }
 
-/// Moves the calling thread into the idle scheduling class.
+/// Moves the calling thread into the idle scheduling class (elsewhere than Linux, to the lowest
+/// priority an ordinary thread may have).
 #[cfg(any(target_os = "linux", target_os = "android"))]
-pub(super) fn lower_to_idle_class() -> Result<(), thread_priority::Error> {
+pub fn lower_to_idle_class() -> Result<(), thread_priority::Error> {
     use thread_priority::{
         NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy,
         set_thread_priority_and_policy, thread_native_id,
@@ -136,7 +137,7 @@ pub(super) fn lower_to_idle_class() -> Result<(), thread_priority::Error> {
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
-pub(super) fn lower_to_idle_class() -> Result<(), thread_priority::Error> {
+pub fn lower_to_idle_class() -> Result<(), thread_priority::Error> {
     // The lowest priority the platform offers to an ordinary thread.
     thread_priority::set_current_thread_priority(thread_priority::ThreadPriority::Min)
 }

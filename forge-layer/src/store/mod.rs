@@ -26,6 +26,7 @@ use open::{Handle, OpenDb};
 
 pub use commit_times::{COMMIT_BUCKETS, CommitTimesSnapshot};
 pub use feedback::{Evaluation, Feedback, MAX_FEEDBACK_PER_TRACE};
+pub use lanes::lower_to_idle_class;
 pub use records::GradedScan;
 pub use retention::{EXPIRE_BATCH, EXPIRE_BATCH_BYTES, Expired, run_expiry};
 pub use routes::RouteChange;
