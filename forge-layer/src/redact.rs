@@ -440,8 +440,8 @@ impl<'de> serde::de::Visitor<'de> for CleanJson<'_> {
     }
 }
 
-/// The length from which a text of only [`PLAIN`] bytes can hold a match: `xoxb-` and ten more
-/// is the shortest token whose marker is plain (`sk-…` needs 23 bytes, `ghp_…` 40).
+/// The length from which a text of only plain bytes (see [`is_plain`]) can hold a match: `xoxb-`
+/// and ten more is the shortest token whose marker is plain (`sk-…` needs 23 bytes, `ghp_…` 40).
 const PLAIN_MATCH_MIN: usize = 15;
 
 /// Lowercase ASCII letters, `_`, `.` and `-`: every pattern needs a byte outside these (a digit,
