@@ -476,8 +476,10 @@ async fn run_cell(
 
 /// `FORGE_BENCH_BURN`: the burner's share of a core in percent, if set.
 fn burner() -> Result<Option<Burner>, String> {
-    if std::env::var_os(ENV_FORGE_BENCH_BURN).is_none() {
-        return Ok(None);
+    match std::env::var(ENV_FORGE_BENCH_BURN) {
+        Err(std::env::VarError::NotPresent) => return Ok(None),
+        Err(e) => return Err(format!("{ENV_FORGE_BENCH_BURN}: {e}")),
+        Ok(_) => {}
     }
     let percent = env_number(
         ENV_FORGE_BENCH_BURN,

@@ -17,6 +17,8 @@ const PERIOD: Duration = Duration::from_millis(10);
 #[derive(Debug)]
 pub struct Burner {
     state: Arc<State>,
+    /// Parked while off, so that it does not wake while the other targets are loaded.
+    thread: std::thread::Thread,
 }
 
 #[derive(Debug, Default)]
@@ -27,7 +29,8 @@ struct State {
 
 impl Burner {
     /// Starts the thread, switched off. While on, it spins for `percent` of each 10 ms and
-    /// sleeps for the rest. Fails if the thread cannot be put in the idle class.
+    /// sleeps for the rest. Fails if the thread cannot be put in the idle class (on Linux; on
+    /// other systems, the lowest priority an ordinary thread may have).
     pub fn start(percent: u8) -> Result<Self, String> {
         if !(1..=100).contains(&percent) {
             return Err(format!("{percent}%: a share of 1 to 100"));
@@ -36,7 +39,7 @@ impl Burner {
         let state = Arc::new(State::default());
         let theirs = Arc::clone(&state);
         let (ready_tx, ready) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("bench-burner".into())
             .spawn(move || {
                 let lowered = lower_to_idle_class();
@@ -46,9 +49,11 @@ impl Burner {
                     burn(&theirs, spin);
                 }
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+            .thread()
+            .clone();
         match ready.recv() {
-            Ok(Ok(())) => Ok(Self { state }),
+            Ok(Ok(())) => Ok(Self { state, thread }),
             Ok(Err(e)) => Err(format!("could not enter the idle scheduling class: {e}")),
             Err(_) => Err("the thread ended before it started".to_string()),
         }
@@ -56,21 +61,24 @@ impl Burner {
 
     /// Switches the spinning on or off.
     pub fn set(&self, on: bool) {
-        self.state.on.store(on, Ordering::Relaxed);
+        self.state.on.store(on, Ordering::Release);
+        self.thread.unpark();
     }
 }
 
 impl Drop for Burner {
     fn drop(&mut self) {
-        self.state.stopped.store(true, Ordering::Relaxed);
+        self.state.stopped.store(true, Ordering::Release);
+        self.thread.unpark();
     }
 }
 
 fn burn(state: &State, spin: Duration) {
     let mut x = 0u64;
-    while !state.stopped.load(Ordering::Relaxed) {
-        if !state.on.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(1));
+    while !state.stopped.load(Ordering::Acquire) {
+        if !state.on.load(Ordering::Acquire) {
+            // Woken by `set` or the drop (or spuriously: the loop checks again).
+            std::thread::park();
             continue;
         }
         let start = Instant::now();

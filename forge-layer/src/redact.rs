@@ -620,6 +620,21 @@ mod tests {
         assert!(!too_plain_to_match(&slack));
         assert_eq!(redact(&slack), "[REDACTED:slack_token]");
         assert_ne!(matching_patterns(&slack), 0);
+        // Each plain marker, run on to one byte short of the bound, still matches nothing.
+        for marker in [
+            "sk-",
+            "sk-ant-",
+            "xoxb-",
+            "xoxp-",
+            "ghp_",
+            "github_pat_",
+            "bearer",
+        ] {
+            let mut text = format!("{marker}{}", "a".repeat(PLAIN_MATCH_MIN));
+            text.truncate(PLAIN_MATCH_MIN - 1);
+            assert!(too_plain_to_match(&text));
+            assert_eq!(matching_patterns(&text), 0, "{text}");
+        }
         assert!(too_plain_to_match("finish_reason"));
         for searched in ["gpt-4o", "Bearer", "a b", "a@b", "a:b", "a=b", "a+b", "(a)"] {
             assert!(!too_plain_to_match(searched), "{searched}");
