@@ -465,28 +465,31 @@ async fn run_cell(
             let burning = burner
                 .as_ref()
                 .filter(|_| subject.variant == Variant::Async);
-            burning.inspect(|b| b.set(true));
+            if let Some(burner) = burning {
+                burner.set(true);
+            }
             let stats = run(&subject.target, cell, plan.timing, load).await;
-            burning.inspect(|b| b.set(false));
+            if let Some(burner) = burning {
+                burner.set(false);
+            }
             rounds[subject.variant.index()].push(stats);
         }
     }
     rounds
 }
 
-/// `FORGE_BENCH_BURN`: the burner's share of a core in percent, if set.
+/// `FORGE_BENCH_BURN`: the burner's share of a core in percent, if set. [`Burner::start`] checks
+/// the range.
 fn burner() -> Result<Option<Burner>, String> {
-    match std::env::var(ENV_FORGE_BENCH_BURN) {
+    let text = match std::env::var(ENV_FORGE_BENCH_BURN) {
         Err(std::env::VarError::NotPresent) => return Ok(None),
         Err(e) => return Err(format!("{ENV_FORGE_BENCH_BURN}: {e}")),
-        Ok(_) => {}
-    }
-    let percent = env_number(
-        ENV_FORGE_BENCH_BURN,
-        0u8,
-        |p| (1..=100).contains(p),
-        "1 to 100",
-    )?;
+        Ok(text) => text,
+    };
+    let percent: u8 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{ENV_FORGE_BENCH_BURN}={text:?}: want 1 to 100"))?;
     Burner::start(percent)
         .map(Some)
         .map_err(|e| format!("{ENV_FORGE_BENCH_BURN}={percent}: {e}"))
