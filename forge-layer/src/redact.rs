@@ -320,9 +320,21 @@ impl Redactor {
 
     /// One pass of every enabled pattern; `None` when it changes nothing.
     fn redact_pass(&self, text: &str) -> Option<String> {
-        if too_plain_to_match(text) {
+        if too_plain_to_match(text) || possible_kinds(text) & self.enabled_kinds() == 0 {
             return None;
         }
+        self.search_pass(text)
+    }
+
+    /// The enabled kinds, a bit each as in [`possible_kinds`].
+    fn enabled_kinds(&self) -> u64 {
+        (0..Kind::ALL.len())
+            .filter(|&i| self.enabled[i])
+            .fold(0, |bits, i| bits | 1 << i)
+    }
+
+    /// One pass of the pattern set, without the rule-outs before it.
+    fn search_pass(&self, text: &str) -> Option<String> {
         let hits = matching_patterns(&unescaped_view(text));
         if hits == 0 {
             return None;
@@ -456,6 +468,129 @@ fn is_plain(b: u8) -> bool {
 /// about 0.1 µs however short the text, most of what redaction spends on a request.
 fn too_plain_to_match(text: &str) -> bool {
     text.len() < PLAIN_MATCH_MIN && text.bytes().all(is_plain)
+}
+
+/// The bit of `kind` in masks indexed like [`Kind::ALL`].
+fn bit(kind: Kind) -> u64 {
+    Kind::ALL
+        .iter()
+        .position(|&k| k == kind)
+        .map_or(0, |i| 1 << i)
+}
+
+/// The kinds that may have a match in `text`, as a bit per index into [`Kind::ALL`]: a kind is
+/// left out only when `text` lacks something every match of it needs (tested against each
+/// kind's search below). Each need is a byte that prose seldom holds, or a literal found from
+/// such a byte, so the text is passed over at the speed of a vectorised byte search, where the
+/// pattern set's automaton steps through every byte (measured on 2 KB of prose: 0.8–0.9 µs
+/// against 7.2–7.7 µs). Text that has what some kind needs goes on to that search.
+///
+/// - `-` after `sk` (OpenAI, Anthropic) or after `xox` and a letter (Slack);
+/// - `_` (AWS's `aws_secret_access_key`, GitHub's `ghp_`, `github_pat_`), `AKIA` or `ASIA`
+///   (AWS), `eyJ` (JWT), `AIza` (Google);
+/// - `bearer` or `basic` in any case;
+/// - `:` or `=`, and a digit (a labelled credential's separator, and the digit its value must
+///   hold);
+/// - `@` (email), `:` or a digit, `.` and a digit (IP);
+/// - seven digits (a phone number has 7 to 15), thirteen (a card has 13 to 19);
+/// - two capitals and two digits in a row (an IBAN's start).
+///
+/// Each is made of bytes other than spaces, so it holds for the text when it holds for the
+/// view the patterns run on (see [`unescaped_view`]), which only blanks bytes to spaces.
+fn possible_kinds(text: &str) -> u64 {
+    use memchr::{memchr, memchr_iter, memchr2_iter};
+    let bytes = text.as_bytes();
+    let at = |i: usize, literal: &[u8]| bytes.get(i..i + literal.len()) == Some(literal);
+    let mut kinds = 0;
+    let mut add = |kind: Kind, present: bool| {
+        if present {
+            kinds |= bit(kind);
+        }
+    };
+    let digits = DigitFacts::of(bytes);
+    let colon = memchr(b':', bytes).is_some();
+    let underscore = memchr(b'_', bytes).is_some();
+    for dash in memchr_iter(b'-', bytes) {
+        let sk = dash >= 2 && at(dash - 2, b"sk");
+        add(Kind::OpenaiKey, sk);
+        add(Kind::AnthropicKey, sk);
+        add(Kind::SlackToken, dash >= 4 && at(dash - 4, b"xox"));
+    }
+    for a in memchr_iter(b'A', bytes) {
+        add(Kind::AwsKey, at(a, b"AKIA") || at(a, b"ASIA"));
+        add(Kind::GoogleKey, at(a, b"AIza"));
+    }
+    add(Kind::AwsKey, underscore);
+    add(Kind::GithubToken, underscore);
+    for j in memchr_iter(b'J', bytes) {
+        add(Kind::Jwt, j >= 2 && at(j - 2, b"ey"));
+    }
+    for b in memchr2_iter(b'b', b'B', bytes) {
+        let word = |w: &[u8]| {
+            bytes
+                .get(b + 1..b + 1 + w.len())
+                .is_some_and(|next| next.eq_ignore_ascii_case(w))
+        };
+        add(Kind::BearerToken, word(b"earer"));
+        add(Kind::BasicAuth, word(b"asic"));
+    }
+    add(
+        Kind::Credential,
+        digits.count > 0 && (colon || memchr(b'=', bytes).is_some()),
+    );
+    add(Kind::Email, memchr(b'@', bytes).is_some());
+    add(Kind::Phone, digits.count >= 7);
+    add(Kind::Card, digits.count >= 13);
+    add(Kind::Iban, digits.iban_start);
+    add(Kind::Ip, colon || digits.after_dot);
+    kinds
+}
+
+/// What [`possible_kinds`] needs to know of a text's digits.
+#[derive(Debug, Default)]
+struct DigitFacts {
+    /// How many, counted up to [`DigitFacts::ENOUGH`].
+    count: usize,
+    /// Two capitals and two digits in a row: an IBAN's start.
+    iban_start: bool,
+    /// A digit, `.` and a digit: a piece of an IPv4 address.
+    after_dot: bool,
+}
+
+impl DigitFacts {
+    /// From this many digits on, every kind made of digits is possible, and looking further
+    /// cannot change the answer.
+    const ENOUGH: usize = 13;
+    /// Bytes checked at once for a digit: prose has few, and most blocks have none.
+    const BLOCK: usize = 64;
+
+    /// Looks at each digit of `bytes`, and at the bytes around it.
+    fn of(bytes: &[u8]) -> Self {
+        let mut facts = Self::default();
+        let is_digit = |i: usize| bytes.get(i).is_some_and(u8::is_ascii_digit);
+        for (block, chunk) in bytes.chunks(Self::BLOCK).enumerate() {
+            // A fold, not `any`, so that the check of a block runs at vector speed.
+            if !chunk
+                .iter()
+                .fold(false, |seen, b| seen | b.is_ascii_digit())
+            {
+                continue;
+            }
+            for (offset, _) in chunk.iter().enumerate().filter(|(_, b)| b.is_ascii_digit()) {
+                let i = block * Self::BLOCK + offset;
+                facts.count += 1;
+                if facts.count >= Self::ENOUGH {
+                    facts.iban_start = true;
+                    facts.after_dot = true;
+                    return facts;
+                }
+                let upper = |back: usize| i >= back && bytes[i - back].is_ascii_uppercase();
+                facts.iban_start |= upper(2) && upper(1) && is_digit(i + 1);
+                facts.after_dot |= i >= 2 && bytes[i - 1] == b'.' && is_digit(i - 2);
+            }
+        }
+        facts
+    }
 }
 
 /// `text` with every JSON escape (`\n`, `\"`, `\u00e9`…) blanked to spaces of the same length.
@@ -669,7 +804,163 @@ mod tests {
         assert!(!once.contains("@eyJ"), "{once}");
     }
 
+    /// A match of each kind, in the order of [`Kind::ALL`].
+    const EXAMPLES: [&str; 15] = [
+        "sk-ant-api03-abcdefghijklmnopqrstuvwxyz",
+        "sk-proj-abcdefghijklmnopqrstuvwxyz",
+        "AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+        "ghu_abcdefghijklmnopqrstuvwxyz0123456789",
+        "eyJhbGciOi.eyJzdWIiOi.dozjgNryP4",
+        "BEARER abcdefghijklmnopqrstu",
+        "Basic dXNlcjpwYXNz0A==",
+        "AIzaSyA1234567890abcdefghijklmnopqrstuv",
+        "xoxr-abcdefghijkl",
+        "PASSWD=hunter2hunter",
+        "x@y.io",
+        "DE89370400440532013000",
+        "4111-1111-1111-1111",
+        "10.0.0.1",
+        "555-867-5309",
+    ];
+
+    /// More matches: at each kind's bounds (a phone number of seven digits, a card of
+    /// thirteen, a credential with one digit, an IBAN with fewer than
+    /// [`DigitFacts::ENOUGH`] digits), of each marker of [`possible_kinds`], IPv6, an IBAN with
+    /// spaces.
+    const BOUNDARY_EXAMPLES: [&str; 16] = [
+        "+1 23 45 67",
+        "4222222222222",
+        "fe80::1",
+        "GB82 WEST 1234 5698 7654 32",
+        "(555) 867-5309",
+        "auth_token: abcdefgh1",
+        "ASIAIOSFODNN7EXAMPLE",
+        "AKIAIOSFODNN7EXAMPLE",
+        "ghp_abcdefghijklmnopqrstuvwxyz0123456789",
+        "gho_abcdefghijklmnopqrstuvwxyz0123456789",
+        "ghs_abcdefghijklmnopqrstuvwxyz0123456789",
+        "ghr_abcdefghijklmnopqrstuvwxyz0123456789",
+        "github_pat_abcdefghijklmnopqrstuvwxyz",
+        "client_secret=Zk3q-9Lm2Pq8",
+        "api-key: 0123456789abcdef",
+        "NL91 ABNA 0417 1643 00",
+    ];
+
+    /// Text built from matches of every kind, their markers and labels, digits and
+    /// separators, cut and joined at random, so that each kind's matches and near-misses are
+    /// common.
+    fn screenish() -> impl Strategy<Value = String> {
+        let examples: Vec<&str> = EXAMPLES.iter().chain(&BOUNDARY_EXAMPLES).copied().collect();
+        let piece = prop_oneof![
+            prop::sample::select(examples.clone()).prop_map(str::to_string),
+            (prop::sample::select(examples), 1..40usize)
+                .prop_map(|(example, cut)| { example[..cut.min(example.len())].to_string() }),
+            prop::sample::select(vec![
+                "sk-",
+                "AKIA",
+                "ASIA",
+                "ghp_",
+                "gho_",
+                "ghs_",
+                "github_pat_",
+                "eyJ",
+                "bearer\\t",
+                "basic ",
+                "xoxb-",
+                "api_key=",
+                "API-KEY: ",
+                "client_secret=\\\"",
+                "auth_token = ",
+                "password=",
+                "+44 ",
+                "(",
+                ")",
+                ".",
+                "-",
+                " ",
+                "@",
+                ":",
+                "::",
+                "=",
+                "\\n",
+                "\\u00e9",
+            ])
+            .prop_map(str::to_string),
+            "[0-9]{1,19}",
+            "[A-Z]{2}[0-9]{2}",
+            "[0-9]{1,3}\\.[0-9]{1,3}",
+            "[A-Za-z0-9_/+-]{1,40}",
+            "\\PC{1,6}",
+        ];
+        // Few pieces as often as many: a kind's bound is tested only where nothing else in the
+        // text passes it.
+        prop_oneof![
+            prop::collection::vec(piece.clone(), 0..3),
+            prop::collection::vec(piece, 0..12),
+        ]
+        .prop_map(|p| p.concat())
+    }
+
+    #[test]
+    fn the_screen_passes_each_kind_and_rules_out_prose() {
+        for (kind, example) in Kind::ALL.into_iter().zip(EXAMPLES) {
+            assert_ne!(possible_kinds(example) & bit(kind), 0, "{example}");
+            assert!(
+                redact(example).contains(&format!("[REDACTED:{}]", kind.name())),
+                "{example}"
+            );
+        }
+        // Alone, so that no other part of a text passes the screen for them, and after
+        // prose of several lengths, so that they fall across the blocks digits are looked
+        // for in.
+        for example in EXAMPLES.iter().chain(&BOUNDARY_EXAMPLES) {
+            for pad in [0, 1, 40, 63, 64, 100] {
+                let text = format!("{}{example}", "a ".repeat(pad / 2) + &" ".repeat(pad % 2));
+                let possible = possible_kinds(&text);
+                let mut matched = false;
+                for (i, (kind, regex)) in compiled().each.iter().enumerate() {
+                    if replace_kind(*kind, regex, &text).is_some() {
+                        matched = true;
+                        assert_ne!(possible & 1 << i, 0, "{kind:?} in {text}");
+                    }
+                }
+                assert!(matched, "{text} matches no kind");
+            }
+        }
+        for prose in [
+            "Explain what a closed-loop load generator measures and why p99 matters.",
+            "Most of p99 comes from the queue, not from the 2 workers.",
+            "A token service, version two.",
+        ] {
+            assert_eq!(possible_kinds(prose), 0, "{prose}");
+        }
+        // Some needs alone, and what each lets through.
+        assert_eq!(possible_kinds("secret = x"), 0);
+        assert_eq!(possible_kinds("secret = 4"), bit(Kind::Credential));
+        assert_eq!(possible_kinds("xoxo-hugs"), bit(Kind::SlackToken));
+        assert_eq!(possible_kinds("basics"), bit(Kind::BasicAuth));
+        assert_eq!(
+            possible_kinds("snake_case"),
+            bit(Kind::AwsKey) | bit(Kind::GithubToken)
+        );
+        assert_eq!(
+            possible_kinds("risk-free"),
+            bit(Kind::OpenaiKey) | bit(Kind::AnthropicKey)
+        );
+    }
+
     proptest! {
+        // Whatever a kind's search would redact, the screen lets through to it.
+        #[test]
+        fn the_screen_passes_every_text_a_kind_would_redact(text in screenish()) {
+            let possible = possible_kinds(&text);
+            for (i, (kind, regex)) in compiled().each.iter().enumerate() {
+                if replace_kind(*kind, regex, &text).is_some() {
+                    prop_assert_ne!(possible & 1 << i, 0, "{:?} in {:?}", kind, text);
+                }
+            }
+        }
+
         // What the fast path passes, the full search would have passed too.
         #[test]
         fn no_pattern_matches_text_too_plain_to_match(text in short_plain()) {
