@@ -273,16 +273,14 @@ fn matching_patterns(text: &str) -> u64 {
 /// What to redact.
 #[derive(Debug, Clone)]
 pub struct Redactor {
-    /// Indexed like [`Kind::ALL`].
-    enabled: [bool; Kind::ALL.len()],
+    /// The kinds to redact, a bit each as in [`possible_kinds`].
+    enabled: u64,
 }
 
 impl Default for Redactor {
     /// Secrets and every PII kind.
     fn default() -> Self {
-        Self {
-            enabled: [true; Kind::ALL.len()],
-        }
+        Self::with_pii(&Kind::PII)
     }
 }
 
@@ -293,12 +291,10 @@ const MAX_PASSES: usize = 8;
 impl Redactor {
     /// Secrets always, plus the PII kinds listed.
     pub fn with_pii(pii: &[Kind]) -> Self {
-        let mut enabled = [true; Kind::ALL.len()];
-        for (i, kind) in Kind::ALL.iter().enumerate() {
-            if Kind::PII.contains(kind) {
-                enabled[i] = pii.contains(kind);
-            }
-        }
+        let enabled = Kind::ALL
+            .into_iter()
+            .filter(|kind| !Kind::PII.contains(kind) || pii.contains(kind))
+            .fold(0, |bits, kind| bits | bit(kind));
         Self { enabled }
     }
 
@@ -320,17 +316,10 @@ impl Redactor {
 
     /// One pass of every enabled pattern; `None` when it changes nothing.
     fn redact_pass(&self, text: &str) -> Option<String> {
-        if too_plain_to_match(text) || possible_kinds(text) & self.enabled_kinds() == 0 {
+        if too_plain_to_match(text) || possible_kinds(text) & self.enabled == 0 {
             return None;
         }
         self.search_pass(text)
-    }
-
-    /// The enabled kinds, a bit each as in [`possible_kinds`].
-    fn enabled_kinds(&self) -> u64 {
-        (0..Kind::ALL.len())
-            .filter(|&i| self.enabled[i])
-            .fold(0, |bits, i| bits | 1 << i)
     }
 
     /// One pass of the pattern set, without the rule-outs before it.
@@ -341,7 +330,7 @@ impl Redactor {
         }
         let mut out: Option<String> = None;
         for (i, (kind, regex)) in compiled().each.iter().enumerate() {
-            if !self.enabled[i] || hits & 1 << i == 0 {
+            if self.enabled & hits & 1 << i == 0 {
                 continue;
             }
             let current = out.as_deref().unwrap_or(text);
@@ -480,26 +469,32 @@ fn bit(kind: Kind) -> u64 {
 
 /// The kinds that may have a match in `text`, as a bit per index into [`Kind::ALL`]: a kind is
 /// left out only when `text` lacks something every match of it needs (tested against each
-/// kind's search below). Each need is a byte that prose seldom holds, or a literal found from
-/// such a byte, so prose is passed over at the speed of a vectorised byte search, where the
-/// pattern set's automaton steps through every byte (measured on 2 KB of prose: 0.8–0.9 µs
-/// against 7.2–7.7 µs). Text that has what some kind needs goes on to that search, as code,
-/// logs and JSON often do (`_`, `:`, digits): for them the screen saves nothing.
+/// kind's search below). Each need is a byte that prose seldom holds, a literal found from such
+/// a byte, or a shape of digits checked only where there are digits, so prose is passed over at
+/// the speed of a vectorised byte search, where the pattern set's automaton steps through every
+/// byte (README, "Performance"). Prose keeps `:`, `_` and numbers of its own (`Note: in 2023`,
+/// `completion_tokens`) without going on to the search. Text that has what some kind needs
+/// does, as code, logs and tables of numbers often do: for them the screen saves nothing.
 ///
 /// - `-` after `sk` (OpenAI, Anthropic), or two bytes after `xox` (Slack's `xoxb-`);
-/// - `_` (AWS's `aws_secret_access_key`, GitHub's `ghp_`, `github_pat_`), `AKIA` or `ASIA`
-///   (AWS), `eyJ` (JWT), `AIza` (Google);
+/// - `AKIA`, `ASIA` or `aws_secret_access_key` in any case (AWS), `gh` and one of `pousr`
+///   before `_`, or `github_pat_` (GitHub), `eyJ` (JWT), `AIza` (Google);
 /// - `bearer` or `basic` in any case;
-/// - `:` or `=`, and a digit (a labelled credential's separator, and the digit its value must
-///   hold);
-/// - `@` (email), `:` or a digit, `.` and a digit (IP);
-/// - seven digits (a phone number has 7 to 15), thirteen (a card has 13 to 19);
+/// - `:` or `=`, a digit, and `key`, `secret`, `token` or `passw` in any case (a labelled
+///   credential's separator, the digit its value must hold, and a piece of every label);
+/// - `@` (email);
+/// - a digit, `.`, digits, `.` and a digit (IPv4), or a `:` after a hex digit or a `:` and
+///   before a hex digit (IPv6: `1:2` in the full form, `::1` in the short one);
+/// - seven digits (a phone number has 7 to 15) and `+` or `(` before a digit, or three digits
+///   then `.` or `-` and a digit;
+/// - thirteen digits in a row, with at most one ` `, `-` or `\` between two (a card has 13
+///   to 19);
 /// - two capitals and two digits in a row (an IBAN's start).
 ///
 /// Each is made of bytes other than spaces, so it holds for the text when it holds for the
 /// view the patterns run on (see [`unescaped_view`]), which only blanks bytes to spaces.
 fn possible_kinds(text: &str) -> u64 {
-    use memchr::{memchr, memchr_iter, memchr2_iter};
+    use memchr::{memchr, memchr_iter};
     let bytes = text.as_bytes();
     let at = |i: usize, literal: &[u8]| bytes.get(i..i + literal.len()) == Some(literal);
     let mut kinds = 0;
@@ -510,7 +505,6 @@ fn possible_kinds(text: &str) -> u64 {
     };
     let digits = DigitFacts::of(bytes);
     let colon = memchr(b':', bytes).is_some();
-    let underscore = memchr(b'_', bytes).is_some();
     for dash in memchr_iter(b'-', bytes) {
         let sk = dash >= 2 && at(dash - 2, b"sk");
         add(Kind::OpenaiKey, sk);
@@ -521,80 +515,154 @@ fn possible_kinds(text: &str) -> u64 {
         add(Kind::AwsKey, at(a, b"AKIA") || at(a, b"ASIA"));
         add(Kind::GoogleKey, at(a, b"AIza"));
     }
-    add(Kind::AwsKey, underscore);
-    add(Kind::GithubToken, underscore);
+    for u in memchr_iter(b'_', bytes) {
+        add(
+            Kind::AwsKey,
+            u >= 3
+                && bytes
+                    .get(u - 3..u + 18)
+                    .is_some_and(|w| w.eq_ignore_ascii_case(b"aws_secret_access_key")),
+        );
+        add(
+            Kind::GithubToken,
+            (u >= 3 && at(u - 3, b"gh") && b"pousr".contains(&bytes[u - 1]))
+                || (u >= 6 && at(u - 6, b"github_pat_")),
+        );
+    }
     for j in memchr_iter(b'J', bytes) {
         add(Kind::Jwt, j >= 2 && at(j - 2, b"ey"));
     }
-    for b in memchr2_iter(b'b', b'B', bytes) {
-        let word = |w: &[u8]| {
-            bytes
-                .get(b + 1..b + 1 + w.len())
-                .is_some_and(|next| next.eq_ignore_ascii_case(w))
-        };
-        add(Kind::BearerToken, word(b"earer"));
-        add(Kind::BasicAuth, word(b"asic"));
-    }
+    add(
+        Kind::BearerToken,
+        contains_ignoring_case(bytes, b"bearer", 0),
+    );
+    add(Kind::BasicAuth, contains_ignoring_case(bytes, b"basic", 0));
     add(
         Kind::Credential,
-        digits.count > 0 && (colon || memchr(b'=', bytes).is_some()),
+        digits.count > 0
+            && (colon || memchr(b'=', bytes).is_some())
+            && [
+                (&b"key"[..], 0),
+                (b"token", 2),
+                (b"secret", 2),
+                (b"passw", 4),
+            ]
+            .into_iter()
+            .any(|(stem, rare)| contains_ignoring_case(bytes, stem, rare)),
     );
     add(Kind::Email, memchr(b'@', bytes).is_some());
-    add(Kind::Phone, digits.count >= 7);
-    add(Kind::Card, digits.count >= 13);
+    add(Kind::Phone, digits.count >= 7 && digits.phone_shape);
+    add(Kind::Card, digits.card_run);
     add(Kind::Iban, digits.iban_start);
-    add(Kind::Ip, colon || digits.after_dot);
+    let hex = |i: usize| bytes.get(i).is_some_and(u8::is_ascii_hexdigit);
+    let ipv6 = || {
+        memchr_iter(b':', bytes)
+            .any(|c| c >= 1 && (hex(c - 1) || bytes[c - 1] == b':') && hex(c + 1))
+    };
+    add(Kind::Ip, digits.ipv4 || ipv6());
     kinds
+}
+
+/// Whether `bytes` holds `word` (lowercase ASCII) in any case. It looks for the byte of `word`
+/// at `rare`, which should be a letter prose seldom holds, so that few places are checked.
+fn contains_ignoring_case(bytes: &[u8], word: &[u8], rare: usize) -> bool {
+    let letter = word[rare];
+    memchr::memchr2_iter(letter, letter.to_ascii_uppercase(), bytes).any(|i| {
+        i.checked_sub(rare)
+            .and_then(|start| bytes.get(start..start + word.len()))
+            .is_some_and(|w| w.eq_ignore_ascii_case(word))
+    })
 }
 
 /// What [`possible_kinds`] needs to know of a text's digits.
 #[derive(Debug, Default)]
 struct DigitFacts {
-    /// How many, counted up to [`DigitFacts::ENOUGH`].
+    /// How many, counted until every other fact is known.
     count: usize,
-    /// Two capitals and two digits in a row, an IBAN's start (or [`DigitFacts::ENOUGH`]
-    /// digits).
+    /// Thirteen digits in a row, each right after the last or after one ` `, `-` or `\`
+    /// (which the view blanks to a space when it stands alone): a card's shape.
+    card_run: bool,
+    /// Two capitals and two digits in a row, an IBAN's start.
     iban_start: bool,
-    /// A digit, `.` and a digit, a piece of an IPv4 address (or [`DigitFacts::ENOUGH`]
-    /// digits).
-    after_dot: bool,
+    /// A digit, `.`, digits, `.` and a digit, a piece of an IPv4 address.
+    ipv4: bool,
+    /// `+` or `(` before a digit, or three digits then `.` or `-` and a digit: how each form
+    /// of phone number starts.
+    phone_shape: bool,
 }
 
 impl DigitFacts {
-    /// From this many digits on, phone numbers and cards are possible, and the look stops:
-    /// IBANs and IPv4 addresses are then taken as possible too, unchecked, which can only send
-    /// text on to the full search.
-    const ENOUGH: usize = 13;
-    /// Bytes checked at once for a digit: prose has few, and most blocks have none.
-    const BLOCK: usize = 64;
+    /// Digits in a row that a card has at least.
+    const CARD_DIGITS: usize = 13;
 
-    /// Looks at each digit of `bytes`, and at the bytes around it.
+    /// Looks at each digit of `bytes`, and at the bytes around it, until all is known.
     fn of(bytes: &[u8]) -> Self {
         let mut facts = Self::default();
         let is_digit = |i: usize| bytes.get(i).is_some_and(u8::is_ascii_digit);
-        for (block, chunk) in bytes.chunks(Self::BLOCK).enumerate() {
-            // A fold, not `any`, so that the check of a block runs at vector speed.
-            if !chunk
-                .iter()
-                .fold(false, |seen, b| seen | b.is_ascii_digit())
-            {
-                continue;
-            }
-            for (offset, _) in chunk.iter().enumerate().filter(|(_, b)| b.is_ascii_digit()) {
-                let i = block * Self::BLOCK + offset;
+        // The digits in a row so far, and where the last one was.
+        let (mut run, mut last) = (0, None);
+        // Eight bytes at a time, visiting only the digits: prose has few.
+        let words = bytes.chunks_exact(8);
+        let mut tail = [0; 8];
+        tail[..words.remainder().len()].copy_from_slice(words.remainder());
+        let words = words.map(|w| w.try_into().unwrap_or([0; 8]));
+        for (n, word) in words.chain([tail]).enumerate() {
+            let mut digits = digit_flags(u64::from_le_bytes(word));
+            while digits != 0 {
+                let i = n * 8 + digits.trailing_zeros() as usize / 8;
+                digits &= digits - 1;
                 facts.count += 1;
-                if facts.count >= Self::ENOUGH {
-                    facts.iban_start = true;
-                    facts.after_dot = true;
+                run = match last {
+                    Some(l)
+                        if i == l + 1
+                            || (i == l + 2 && matches!(bytes[l + 1], b' ' | b'-' | b'\\')) =>
+                    {
+                        run + 1
+                    }
+                    _ => 1,
+                };
+                last = Some(i);
+                facts.card_run |= run >= Self::CARD_DIGITS;
+                let before = |back: usize| i.checked_sub(back).map(|j| bytes[j]);
+                let upper = |back: usize| before(back).is_some_and(|b| b.is_ascii_uppercase());
+                facts.iban_start |= upper(2) && upper(1) && is_digit(i + 1);
+                if !facts.ipv4 && before(1) == Some(b'.') && i >= 2 && is_digit(i - 2) {
+                    let after = i + bytes[i..].iter().take_while(|b| b.is_ascii_digit()).count();
+                    facts.ipv4 = bytes.get(after) == Some(&b'.') && is_digit(after + 1);
+                }
+                facts.phone_shape |= matches!(before(1), Some(b'+' | b'('))
+                    || (i >= 2
+                        && is_digit(i - 2)
+                        && is_digit(i - 1)
+                        && matches!(bytes.get(i + 1), Some(b'.' | b'-'))
+                        && is_digit(i + 2));
+                if facts.card_run
+                    && facts.iban_start
+                    && facts.ipv4
+                    && facts.phone_shape
+                    && facts.count >= 7
+                {
                     return facts;
                 }
-                let upper = |back: usize| i >= back && bytes[i - back].is_ascii_uppercase();
-                facts.iban_start |= upper(2) && upper(1) && is_digit(i + 1);
-                facts.after_dot |= i >= 2 && bytes[i - 1] == b'.' && is_digit(i - 2);
             }
         }
         facts
     }
+}
+
+/// The top bit of each byte of `word` that is an ASCII digit, and no other bit. Each byte is
+/// worked out apart from the others: no sum carries or borrows into the next byte.
+fn digit_flags(word: u64) -> u64 {
+    const ONES: u64 = u64::from_le_bytes([1; 8]);
+    const LOW_BITS: u64 = ONES * 0x7f;
+    const TOP_BITS: u64 = ONES * 0x80;
+    // Per byte, with the top bit cleared: the top bit is set in `0x7f + ('9' + 1) - low` while
+    // the byte is at most `9`, and in `low + (0x80 - '0')` once it is at least `0`; `!word`
+    // rules out bytes of 0x80 and above.
+    let low = word & LOW_BITS;
+    let not_above_nine = ONES * (0x7f + u64::from(b'9') + 1) - low;
+    let from_zero = low + ONES * (0x80 - u64::from(b'0'));
+    not_above_nine & !word & from_zero & TOP_BITS
 }
 
 /// `text` with every JSON escape (`\n`, `\"`, `\u00e9`…) blanked to spaces of the same length.
@@ -828,13 +896,30 @@ mod tests {
     ];
 
     /// More matches: at each kind's bounds (a phone number of seven digits, a card of
-    /// thirteen, a credential with one digit, an IBAN with fewer than
-    /// [`DigitFacts::ENOUGH`] digits), of each marker of [`possible_kinds`], IPv6, an IBAN with
-    /// spaces.
-    const BOUNDARY_EXAMPLES: [&str; 16] = [
+    /// thirteen, a credential with one digit, an IBAN with few digits), of each marker of
+    /// [`possible_kinds`], IPv6, an IBAN with spaces, IPv6 in full, AWS's label in lowercase,
+    /// each form of phone number, each stem of a credential's label, IPv4 with three-digit
+    /// groups, cards with each separator (a lone `\` is blanked to a space before the search),
+    /// and texts with a card, an IBAN's start, an IPv4 address and a phone number's start,
+    /// each one last (the look at digits stops once it has seen all four).
+    const BOUNDARY_EXAMPLES: [&str; 30] = [
+        "4111 1111 1111 1111",
+        "4111\\1111\\1111\\1111",
+        "555.867.5309",
+        "(555) 867 5309",
+        "AB12, 1.2.3.4, +1 and 4111 1111 1111 1111",
+        "4111 1111 1111 1111 at 1.2.3.4, +1, to DE89370400440532013000",
+        "4111 1111 1111 1111, AB12, +1, from 10.0.0.1",
+        "4111 1111 1111 1111, AB12, 1.2.3.4, call 555-867-5309",
+        "access-Token = abc12345xyz",
+        "Secret_Key: 9f8e7d6c5b",
+        "X-API-KEY=abcdefgh1",
+        "255.255.255.255",
         "+1 23 45 67",
         "4222222222222",
         "fe80::1",
+        "2001:db8:85a3:0:0:8a2e:370:7334",
+        "aws_secret_access_key : wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
         "GB82 WEST 1234 5698 7654 32",
         "(555) 867-5309",
         "auth_token: abcdefgh1",
@@ -867,6 +952,7 @@ mod tests {
                 "gho_",
                 "ghs_",
                 "github_pat_",
+                "aws_Secret_access_KEY=",
                 "eyJ",
                 "bearer\\t",
                 "basic ",
@@ -876,6 +962,9 @@ mod tests {
                 "client_secret=\\\"",
                 "auth_token = ",
                 "password=",
+                "passwd:",
+                "SECRET key=",
+                "access-Token: ",
                 "+44 ",
                 "(",
                 ")",
@@ -893,6 +982,7 @@ mod tests {
             "[0-9]{1,19}",
             "[A-Z]{2}[0-9]{2}",
             "[0-9]{1,3}\\.[0-9]{1,3}",
+            "[0-9A-Fa-f]{1,4}:",
             "[A-Za-z0-9_/+-]{1,40}",
             "\\PC{1,6}",
         ];
@@ -944,22 +1034,55 @@ mod tests {
             "Explain what a closed-loop load generator measures and why p99 matters.",
             "Most of p99 comes from the queue, not from the 2 workers.",
             "A token service, version two.",
+            "You asked: Tell me about load testing. Note: it is not a benchmark.",
+            "completion_tokens",
+            "snake_case and a_b_c_d",
+            "In 2023, revenue grew 15% to 1.2 million (from 0.9 million).",
+            "Step 1: open the file. Step 2: run it with -v 3.",
+            "The main idea: v1.2 and version 10-2 are both fine.",
         ] {
             assert_eq!(possible_kinds(prose), 0, "{prose}");
         }
         // Some needs alone, and what each lets through.
         assert_eq!(possible_kinds("secret = x"), 0);
         assert_eq!(possible_kinds("secret = 4"), bit(Kind::Credential));
+        assert_eq!(possible_kinds("value = 4"), 0);
+        assert_eq!(possible_kinds("1.2.3"), bit(Kind::Ip));
+        assert_eq!(possible_kinds("12345 67 +8"), bit(Kind::Phone));
+        assert_eq!(possible_kinds("1234567 (8"), bit(Kind::Phone));
+        assert_eq!(possible_kinds("1234 555-6"), bit(Kind::Phone));
+        assert_eq!(possible_kinds("1234 55-66 7.8"), 0);
         assert_eq!(possible_kinds("xoxo-hugs"), bit(Kind::SlackToken));
         assert_eq!(possible_kinds("basics"), bit(Kind::BasicAuth));
-        assert_eq!(
-            possible_kinds("snake_case"),
-            bit(Kind::AwsKey) | bit(Kind::GithubToken)
-        );
+        assert_eq!(possible_kinds("Aws_Secret_Access_Key"), bit(Kind::AwsKey));
+        assert_eq!(possible_kinds("aws_secret_access_ke"), 0);
+        assert_eq!(possible_kinds("ghp_"), bit(Kind::GithubToken));
+        assert_eq!(possible_kinds("ghx_ github_pa_"), 0);
+        assert_eq!(possible_kinds("github_pat_"), bit(Kind::GithubToken));
+        assert_eq!(possible_kinds("at 10:30"), bit(Kind::Ip));
+        assert_eq!(possible_kinds("a::b"), bit(Kind::Ip));
+        assert_eq!(possible_kinds("a:: b: c :d"), 0);
         assert_eq!(
             possible_kinds("risk-free"),
             bit(Kind::OpenaiKey) | bit(Kind::AnthropicKey)
         );
+    }
+
+    #[test]
+    fn digit_flags_mark_exactly_the_digits() {
+        // Every byte at every place, among neighbours at and around the digits' bounds.
+        for fill in [0x00, b'/', b'0', b'9', b':', 0x7f, 0x80, 0xff] {
+            for place in 0..8 {
+                for byte in 0..=u8::MAX {
+                    let mut word = [fill; 8];
+                    word[place] = byte;
+                    let expected = word.iter().enumerate().fold(0, |flags, (k, b)| {
+                        flags | u64::from(b.is_ascii_digit()) << (8 * k + 7)
+                    });
+                    assert_eq!(digit_flags(u64::from_le_bytes(word)), expected, "{word:?}");
+                }
+            }
+        }
     }
 
     proptest! {
