@@ -494,7 +494,7 @@ fn bit(kind: Kind) -> u64 {
 /// Each is made of bytes other than spaces, so it holds for the text when it holds for the
 /// view the patterns run on (see [`unescaped_view`]), which only blanks bytes to spaces.
 fn possible_kinds(text: &str) -> u64 {
-    use memchr::{memchr, memchr_iter};
+    use memchr::{memchr, memchr_iter, memchr2};
     let bytes = text.as_bytes();
     let at = |i: usize, literal: &[u8]| bytes.get(i..i + literal.len()) == Some(literal);
     let mut kinds = 0;
@@ -504,7 +504,6 @@ fn possible_kinds(text: &str) -> u64 {
         }
     };
     let digits = DigitFacts::of(bytes);
-    let colon = memchr(b':', bytes).is_some();
     for dash in memchr_iter(b'-', bytes) {
         let sk = dash >= 2 && at(dash - 2, b"sk");
         add(Kind::OpenaiKey, sk);
@@ -515,14 +514,11 @@ fn possible_kinds(text: &str) -> u64 {
         add(Kind::AwsKey, at(a, b"AKIA") || at(a, b"ASIA"));
         add(Kind::GoogleKey, at(a, b"AIza"));
     }
+    add(
+        Kind::AwsKey,
+        contains_ignoring_case(bytes, b"aws_secret_access_key", 3),
+    );
     for u in memchr_iter(b'_', bytes) {
-        add(
-            Kind::AwsKey,
-            u >= 3
-                && bytes
-                    .get(u - 3..u + 18)
-                    .is_some_and(|w| w.eq_ignore_ascii_case(b"aws_secret_access_key")),
-        );
         add(
             Kind::GithubToken,
             (u >= 3 && at(u - 3, b"gh") && b"pousr".contains(&bytes[u - 1]))
@@ -540,7 +536,7 @@ fn possible_kinds(text: &str) -> u64 {
     add(
         Kind::Credential,
         digits.count > 0
-            && (colon || memchr(b'=', bytes).is_some())
+            && memchr2(b':', b'=', bytes).is_some()
             && [
                 (&b"key"[..], 0),
                 (b"token", 2),
@@ -636,12 +632,8 @@ impl DigitFacts {
                         && is_digit(i - 1)
                         && matches!(bytes.get(i + 1), Some(b'.' | b'-'))
                         && is_digit(i + 2));
-                if facts.card_run
-                    && facts.iban_start
-                    && facts.ipv4
-                    && facts.phone_shape
-                    && facts.count >= 7
-                {
+                // A card's run has more digits than a phone number needs.
+                if facts.card_run && facts.iban_start && facts.ipv4 && facts.phone_shape {
                     return facts;
                 }
             }
