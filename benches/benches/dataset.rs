@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use forge_layer::dataset::{self, DatasetSpec};
-use forge_layer::reassemble::{AssistantMessage, FinalChoice, FinalResponse};
+use forge_layer::reassemble::{AssistantMessage, FinalChoice, FinalResponse, RawObject};
 use forge_layer::store::{Feedback, Store};
 use forge_layer::trace::{Outcome, Trace, TraceId};
 use forge_router::Arm;
@@ -45,8 +45,8 @@ fn trace(i: u64) -> Trace {
                 },
                 finish_reason: Some("stop".into()),
             }],
-            usage: Some(
-                serde_json::json!({"prompt_tokens": 40, "completion_tokens": 35, "total_tokens": 75}),
+            usage: RawObject::from_value(
+                &serde_json::json!({"prompt_tokens": 40, "completion_tokens": 35, "total_tokens": 75}),
             ),
             complete: true,
             ..Default::default()

@@ -38,6 +38,8 @@ const COMPLETION_ID: &str = "chatcmpl-9xBenchFixture0000000000000";
 const MODEL: &str = "gpt-4o-mini-2024-07-18";
 const FINGERPRINT: &str = "fp_0ba0d124f1";
 const CREATED: u64 = 1_735_689_600;
+/// The token details OpenAI's usage object carries besides its three counts.
+const USAGE_DETAILS: &str = r#""prompt_tokens_details":{"cached_tokens":0,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}"#;
 
 /// What the router decided for a teacher exchange of the bench alias.
 pub fn exchange_meta(stream: bool) -> ExchangeMeta {
@@ -75,7 +77,7 @@ fn prose(words: usize) -> String {
 
 fn completion(content: &str) -> String {
     format!(
-        r#"{{"id":"{COMPLETION_ID}","object":"chat.completion","created":{CREATED},"model":"{MODEL}","choices":[{{"index":0,"message":{{"role":"assistant","content":"{content}","refusal":null,"annotations":[]}},"logprobs":null,"finish_reason":"stop"}}],"usage":{{"prompt_tokens":41,"completion_tokens":380,"total_tokens":421}},"system_fingerprint":"{FINGERPRINT}","service_tier":"default"}}"#
+        r#"{{"id":"{COMPLETION_ID}","object":"chat.completion","created":{CREATED},"model":"{MODEL}","choices":[{{"index":0,"message":{{"role":"assistant","content":"{content}","refusal":null,"annotations":[]}},"logprobs":null,"finish_reason":"stop"}}],"usage":{{"prompt_tokens":41,"completion_tokens":380,"total_tokens":421,{USAGE_DETAILS}}},"system_fingerprint":"{FINGERPRINT}","service_tier":"default"}}"#
     )
 }
 
@@ -117,7 +119,7 @@ pub fn sse_frames(frames: usize) -> Vec<Bytes> {
     }
     out.push(chunk("{}", "\"stop\""));
     out.push(Bytes::from(format!(
-        "data: {{\"id\":\"{COMPLETION_ID}\",\"object\":\"chat.completion.chunk\",\"created\":{CREATED},\"model\":\"{MODEL}\",\"system_fingerprint\":\"{FINGERPRINT}\",\"choices\":[],\"usage\":{{\"prompt_tokens\":41,\"completion_tokens\":{words},\"total_tokens\":{}}}}}\n\n",
+        "data: {{\"id\":\"{COMPLETION_ID}\",\"object\":\"chat.completion.chunk\",\"created\":{CREATED},\"model\":\"{MODEL}\",\"system_fingerprint\":\"{FINGERPRINT}\",\"choices\":[],\"usage\":{{\"prompt_tokens\":41,\"completion_tokens\":{words},\"total_tokens\":{},{USAGE_DETAILS}}}}}\n\n",
         41 + words
     )));
     out.push(Bytes::from_static(b"data: [DONE]\n\n"));
@@ -174,8 +176,18 @@ mod tests {
         assert_eq!(choice.finish_reason.as_deref(), Some("stop"));
         assert_eq!(choice.message.content.as_deref(), Some(prose(496).as_str()));
         assert_eq!(
-            trace.response.usage.as_ref().unwrap()["completion_tokens"],
+            trace.response.usage.as_ref().unwrap().to_value()["completion_tokens"],
             496
+        );
+        // As OpenAI sends it, with the token details.
+        assert!(
+            trace
+                .response
+                .usage
+                .as_ref()
+                .unwrap()
+                .get()
+                .contains(USAGE_DETAILS)
         );
         // Nothing in the prose looks like a secret or PII, so redaction changes nothing.
         assert_eq!(trace.request["user"], "user-42");

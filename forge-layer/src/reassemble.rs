@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::sse::SseParser;
 
@@ -61,15 +62,97 @@ pub struct FinalResponse {
     pub model: Option<String>,
     /// Choices in index order.
     pub choices: Vec<FinalChoice>,
-    /// The usage object, if the upstream sent one.
+    /// The usage object, if the upstream sent one, as it sent it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub usage: Option<Value>,
+    pub usage: Option<RawObject>,
     /// An upstream error object: the whole error body, or a mid-stream `error` event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<Value>,
     /// For streams: whether `[DONE]` arrived. Always true for a complete JSON body.
     pub complete: bool,
 }
+
+/// A JSON object kept as the text it came in. The usage object is read, checked for secrets and
+/// stored this way: OpenAI's, with its token details, took more than half of a response body's
+/// parse as a tree of values, and more again to walk and serialise (README, "Performance").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RawObject(Box<RawValue>);
+
+impl RawObject {
+    /// `raw`, if it is an object, without the whitespace between its tokens: upstreams that
+    /// pretty-print their bodies would otherwise put line breaks in stored traces, and in each
+    /// line of `forge traces export`.
+    fn of(raw: &RawValue) -> Option<Self> {
+        let text = raw.get();
+        if !text.starts_with('{') {
+            return None;
+        }
+        if !text
+            .bytes()
+            .any(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        {
+            return Some(Self(raw.to_owned()));
+        }
+        RawValue::from_string(compact(text)).ok().map(Self)
+    }
+
+    /// From a tree of values, if it is an object.
+    pub fn from_value(value: &Value) -> Option<Self> {
+        value
+            .is_object()
+            .then(|| serde_json::value::to_raw_value(value).ok().map(Self))
+            .flatten()
+    }
+
+    /// The JSON text.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+
+    /// As a tree of values.
+    pub fn to_value(&self) -> Value {
+        serde_json::from_str(self.get()).unwrap_or(Value::Null)
+    }
+
+    /// Replaces the text with the same object redacted, when redaction would change it.
+    pub(crate) fn redact(&mut self, redactor: &crate::redact::Redactor) {
+        if redactor.json_is_clean(self.get()) {
+            return;
+        }
+        let mut value = self.to_value();
+        redactor.redact_json(&mut value);
+        if let Some(clean) = Self::from_value(&value) {
+            *self = clean;
+        }
+    }
+}
+
+/// `json`, valid JSON text, without the whitespace outside its strings.
+fn compact(json: &str) -> String {
+    let mut out = String::with_capacity(json.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for c in json.chars() {
+        if in_string {
+            (in_string, escaped) = (escaped || c != '"', !escaped && c == '\\');
+        } else if c == '"' {
+            in_string = true;
+        } else if matches!(c, ' ' | '\t' | '\n' | '\r') {
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Equal when the two hold the same JSON, however it is spaced or its keys ordered.
+impl PartialEq for RawObject {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get() || self.to_value() == other.to_value()
+    }
+}
+
+impl Eq for RawObject {}
 
 impl FinalResponse {
     /// Parses a non-stream response body (a `chat.completion`, or an error body).
@@ -90,7 +173,7 @@ impl FinalResponse {
         };
         let mut out = FinalResponse {
             model: value["model"].as_str().map(str::to_string),
-            usage: value.get("usage").filter(|u| u.is_object()).cloned(),
+            usage: value.get("usage").and_then(RawObject::from_value),
             error: value.get("error").filter(|e| !e.is_null()).cloned(),
             complete: true,
             choices: Vec::new(),
@@ -158,7 +241,7 @@ pub struct StreamReassembler {
     parser: SseParser,
     model: Option<String>,
     choices: BTreeMap<u32, ChoiceAcc>,
-    usage: Option<Value>,
+    usage: Option<RawObject>,
     error: Option<Value>,
     done: bool,
 }
@@ -201,7 +284,7 @@ impl StreamReassembler {
             if model.is_none() {
                 *model = chunk.model.map(Cow::into_owned);
             }
-            if let Some(u) = chunk.usage.filter(Value::is_object) {
+            if let Some(u) = chunk.usage.and_then(RawObject::of) {
                 *usage = Some(u);
             }
             for choice in chunk.choices.into_iter().flatten() {
@@ -294,8 +377,8 @@ struct CompletionView<'a> {
     model: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     choices: Option<Vec<CompletionChoiceView<'a>>>,
-    #[serde(default)]
-    usage: Option<Value>,
+    #[serde(borrow, default)]
+    usage: Option<&'a RawValue>,
     #[serde(default)]
     error: Option<Value>,
 }
@@ -359,7 +442,7 @@ impl CompletionView<'_> {
         FinalResponse {
             model: self.model.map(Cow::into_owned),
             choices,
-            usage: self.usage.filter(Value::is_object),
+            usage: self.usage.and_then(RawObject::of),
             error: self.error.filter(|e| !e.is_null()),
             complete: true,
         }
@@ -373,8 +456,8 @@ struct ChunkView<'a> {
     model: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     choices: Option<Vec<ChoiceView<'a>>>,
-    #[serde(default)]
-    usage: Option<Value>,
+    #[serde(borrow, default)]
+    usage: Option<&'a RawValue>,
     #[serde(default)]
     error: Option<Value>,
 }
@@ -500,7 +583,9 @@ mod tests {
                     finish_reason: Some("tool_calls".into()),
                 },
             ],
-            usage: Some(json!({"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8})),
+            usage: RawObject::from_value(
+                &json!({"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}),
+            ),
             error: None,
             complete: true,
         }
@@ -627,6 +712,73 @@ mod tests {
             br#"{"error":{"message":"no","type":"x","param":null,"code":null}}"#,
         );
         assert_eq!(error.error.unwrap()["message"], "no");
+    }
+
+    /// The usage object is kept as the upstream wrote it, token details and key order included,
+    /// less the spaces between tokens, from a body or from a stream's usage chunk; anything but
+    /// an object is dropped.
+    #[test]
+    fn usage_is_kept_as_sent() {
+        let usage = concat!(
+            r#"{ "prompt_tokens":41, "completion_tokens":380,"total_tokens":421, "#,
+            r#""prompt_tokens_details":{"cached_tokens":0,"audio_tokens":0},"#,
+            r#""completion_tokens_details":{"reasoning_tokens":0,"accepted_prediction_tokens":0}}"#
+        );
+        let body =
+            format!(r#"{{"choices":[{{"index":0,"message":{{"content":"x"}}}}],"usage":{usage}}}"#);
+        let stream = format!(
+            "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"x\"}}}}],\"usage\":null}}\n\n\
+             data: {{\"choices\":[],\"usage\":{usage}}}\n\ndata: [DONE]\n\n"
+        );
+        let from_body = FinalResponse::from_json(body.as_bytes());
+        let from_stream = reassemble(&[stream.as_bytes()]);
+        let lenient = FinalResponse::from_any_json(body.as_bytes());
+        for response in [&from_body, &from_stream] {
+            let kept = usage.replace(' ', "");
+            assert_eq!(response.usage.as_ref().map(RawObject::get), Some(&*kept));
+        }
+        assert_eq!(
+            lenient.usage.as_ref().map(RawObject::to_value),
+            Some(serde_json::from_str(usage).unwrap())
+        );
+        assert_eq!(from_body, lenient, "equal as JSON, however written");
+        assert_eq!(
+            from_body.usage.as_ref().unwrap().to_value()["prompt_tokens_details"]["cached_tokens"],
+            0
+        );
+
+        for other in ["null", "5", r#""x""#, "[1]"] {
+            let body = format!(r#"{{"choices":[],"usage":{other}}}"#);
+            assert_eq!(
+                FinalResponse::from_json(body.as_bytes()).usage,
+                None,
+                "{other}"
+            );
+            let event = format!("data: {{\"choices\":[],\"usage\":{other}}}\n\n");
+            assert_eq!(reassemble(&[event.as_bytes()]).usage, None, "{other}");
+        }
+        // Pretty-printed, as some upstreams send bodies: stored on one line, strings untouched.
+        let pretty = "{\n  \"choices\": [],\n  \"usage\": {\n    \"prompt_tokens\": 1,\r\n\t\"note\": \"a \\\" b\\\\\",\n    \"x\": [ 1, {} ]\n  }\n}\n";
+        let usage = FinalResponse::from_json(pretty.as_bytes()).usage.unwrap();
+        assert_eq!(
+            usage.get(),
+            r#"{"prompt_tokens":1,"note":"a \" b\\","x":[1,{}]}"#
+        );
+        let round_trip: FinalResponse =
+            serde_json::from_value(serde_json::to_value(&from_body).unwrap()).unwrap();
+        assert_eq!(
+            round_trip, from_body,
+            "read back from a tree, as the CLI reads the admin API"
+        );
+
+        let a = RawObject::from_value(&json!({"a": 1, "b": [2]})).unwrap();
+        let spaced: RawObject = serde_json::from_str(r#"{ "b" : [2], "a":1 }"#).unwrap();
+        assert_eq!(a, spaced);
+        assert_ne!(
+            a,
+            RawObject::from_value(&json!({"a": 1, "b": [3]})).unwrap()
+        );
+        assert_eq!(RawObject::from_value(&json!([1])), None);
     }
 
     /// The borrowed views and the lenient reading agree on every body, usual or not; the

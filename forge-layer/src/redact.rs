@@ -485,8 +485,8 @@ fn bit(kind: Kind) -> u64 {
 /// - `@` (email);
 /// - a digit, `.`, digits, `.` and a digit (IPv4), or a `:` after a hex digit or a `:` and
 ///   before a hex digit (IPv6: `1:2` in the full form, `::1` in the short one);
-/// - seven digits (a phone number has 7 to 15) and `+` or `(` before a digit, or three digits
-///   then `.` or `-` and a digit;
+/// - seven digits (a phone number has 7 to 15) and `+` or `(` before a digit, or the whole
+///   US form with `.` or `-` (`555-867-5309`), which dates (`gpt-4o-2024-08-06`) lack;
 /// - thirteen digits in a row, with at most one ` `, `-` or `\` between two (a card has 13
 ///   to 19);
 /// - two capitals and two digits in a row (an IBAN's start).
@@ -582,8 +582,8 @@ struct DigitFacts {
     iban_start: bool,
     /// A digit, `.`, digits, `.` and a digit, a piece of an IPv4 address.
     ipv4: bool,
-    /// `+` or `(` before a digit, or three digits then `.` or `-` and a digit: how each form
-    /// of phone number starts.
+    /// `+` or `(` before a digit, how the two other forms of phone number start, or the
+    /// whole US form.
     phone_shape: bool,
 }
 
@@ -626,12 +626,8 @@ impl DigitFacts {
                     let after = i + bytes[i..].iter().take_while(|b| b.is_ascii_digit()).count();
                     facts.ipv4 = bytes.get(after) == Some(&b'.') && is_digit(after + 1);
                 }
-                facts.phone_shape |= matches!(before(1), Some(b'+' | b'('))
-                    || (i >= 2
-                        && is_digit(i - 2)
-                        && is_digit(i - 1)
-                        && matches!(bytes.get(i + 1), Some(b'.' | b'-'))
-                        && is_digit(i + 2));
+                facts.phone_shape |=
+                    matches!(before(1), Some(b'+' | b'(')) || us_phone_at(bytes, i);
                 // A card's run has more digits than a phone number needs.
                 if facts.card_run && facts.iban_start && facts.ipv4 && facts.phone_shape {
                     return facts;
@@ -640,6 +636,17 @@ impl DigitFacts {
         }
         facts
     }
+}
+
+/// Whether a phone number in the US form, `555-867-5309` or with dots, starts at `i`: every
+/// match of that form holds these twelve bytes.
+fn us_phone_at(bytes: &[u8], i: usize) -> bool {
+    bytes.get(i..i + 12).is_some_and(|number| {
+        number.iter().enumerate().all(|(j, b)| match j {
+            3 | 7 => matches!(b, b'.' | b'-'),
+            _ => b.is_ascii_digit(),
+        })
+    })
 }
 
 /// The top bit of each byte of `word` that is an ASCII digit, and no other bit. Each byte is
@@ -1032,6 +1039,8 @@ mod tests {
             "In 2023, revenue grew 15% to 1.2 million (from 0.9 million).",
             "Step 1: open the file. Step 2: run it with -v 3.",
             "The main idea: v1.2 and version 10-2 are both fine.",
+            "gpt-4o-mini-2024-07-18",
+            "Released 2024-08-06, build 20240806-1234.",
         ] {
             assert_eq!(possible_kinds(prose), 0, "{prose}");
         }
@@ -1042,7 +1051,8 @@ mod tests {
         assert_eq!(possible_kinds("1.2.3"), bit(Kind::Ip));
         assert_eq!(possible_kinds("12345 67 +8"), bit(Kind::Phone));
         assert_eq!(possible_kinds("1234567 (8"), bit(Kind::Phone));
-        assert_eq!(possible_kinds("1234 555-6"), bit(Kind::Phone));
+        assert_eq!(possible_kinds("1555.867-5309"), bit(Kind::Phone));
+        assert_eq!(possible_kinds("555-867-530 9"), 0);
         assert_eq!(possible_kinds("1234 55-66 7.8"), 0);
         assert_eq!(possible_kinds("xoxo-hugs"), bit(Kind::SlackToken));
         assert_eq!(possible_kinds("basics"), bit(Kind::BasicAuth));

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use forge_layer::distill::{DistillationJob, ModelRecord, ModelStatus};
+use forge_layer::reassemble::RawObject;
 use forge_router::CanaryShare;
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -387,7 +388,7 @@ async fn summary(
             } else {
                 &mut student
             };
-            if let Some(u) = &t.response.usage {
+            if let Some(u) = t.response.usage.as_ref().map(RawObject::to_value) {
                 usage.requests += 1;
                 usage.prompt += u["prompt_tokens"].as_u64().unwrap_or(0);
                 usage.completion += u["completion_tokens"].as_u64().unwrap_or(0);

@@ -341,7 +341,7 @@ fn redact_response(redactor: &Redactor, response: &mut FinalResponse) {
         }
     }
     if let Some(usage) = &mut response.usage {
-        redactor.redact_json(usage);
+        usage.redact(redactor);
     }
     if let Some(error) = &mut response.error {
         redactor.redact_json(error);
@@ -351,6 +351,7 @@ fn redact_response(redactor: &Redactor, response: &mut FinalResponse) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reassemble::RawObject;
     use proptest::prelude::*;
     use serde_json::json;
 
@@ -539,6 +540,7 @@ mod tests {
             (answer, k4) in text_with(key()),
             (arguments, k5) in text_with(key()),
             (tool_name, k6) in key().prop_map(|k| (k.0.clone(), k)),
+            (usage_note, k7) in text_with(key()),
             escape in prop::collection::vec(any::<bool>(), 0..80),
             stream in any::<bool>(),
             cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
@@ -552,6 +554,8 @@ mod tests {
             prop_assert!(serde_json::from_str::<serde_json::Value>(&request).is_ok(), "{}", request);
             let call = |arguments: &str| json!({"index": 0, "id": "call_1", "type": "function",
                 "function": {"name": tool_name, "arguments": arguments}});
+            // Usage holds numbers, but a string in it is checked like any other.
+            let usage = json!({"prompt_tokens": 3, "note": usage_note, "completion_tokens_details": {"reasoning_tokens": 0}});
             let body = if stream {
                 let mut sse = String::new();
                 let mut event = |chunk: serde_json::Value| sse.push_str(&format!("data: {chunk}\n\n"));
@@ -562,11 +566,13 @@ mod tests {
                     event(json!({"choices": [{"index": 0, "delta": {"tool_calls": [call(&piece)]}}]}));
                 }
                 event(json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}));
+                event(json!({"choices": [], "usage": usage}));
                 sse.push_str("data: [DONE]\n\n");
                 sse
             } else {
                 json!({"model": tool_name, "choices": [{"index": 0, "finish_reason": "tool_calls",
-                    "message": {"role": "assistant", "content": answer, "tool_calls": [call(&arguments)]}}]})
+                    "message": {"role": "assistant", "content": answer, "tool_calls": [call(&arguments)]}}],
+                    "usage": usage})
                 .to_string()
             };
             let request = Bytes::from(request);
@@ -584,7 +590,7 @@ mod tests {
             prop_assert!(matches!(stored.request, StoredRequest::Tree(_)));
             let stored = serde_json::to_vec(&stored).unwrap();
 
-            for (key, random_part) in [k1, k2, k3, k4, k5, k6] {
+            for (key, random_part) in [k1, k2, k3, k4, k5, k6, k7] {
                 prop_assert!(memchr::memmem::find(&stored, key.as_bytes()).is_none(), "{} stored", key);
                 prop_assert!(memchr::memmem::find(&stored, random_part.as_bytes()).is_none(), "{} stored", random_part);
             }
@@ -594,6 +600,9 @@ mod tests {
             prop_assert_eq!(&message.tool_calls[0].function.arguments, &redacted(&arguments));
             prop_assert_eq!(&trace.request["messages"][0]["content"], &json!(redacted(&prompt)));
             prop_assert_eq!(&trace.request["metadata"][redacted(&meta_key)], &json!([redacted(&meta_value)]));
+            let usage = trace.response.usage.as_ref().map(RawObject::to_value).unwrap_or_default();
+            prop_assert_eq!(&usage["note"], &json!(redacted(&usage_note)));
+            prop_assert_eq!(&usage["completion_tokens_details"]["reasoning_tokens"], &json!(0));
 
             let decoded: Trace = serde_json::from_slice(&stored).unwrap();
             prop_assert_eq!(same_exchange(decoded, &trace), trace);
