@@ -5,25 +5,36 @@
 //! iteration submits a burst of finished exchanges (built beforehand, off the clock, as the
 //! capture layer hands them over) and ends when the counters say all of them are captured, so
 //! it covers reassembly, redaction, JSON encoding and the durable redb commits, as the gateway's
-//! writer does them. Bursts: 20 000 exchanges with a 2 KB JSON response (the target:
-//! at least 50 000 traces/s), and 1 000 exchanges with a 500-frame SSE response.
+//! writer does them. Bursts: 20 000 exchanges with a 2 KB JSON response (the target: at
+//! least 50 000 traces/s), 1 000 with a 500-frame SSE response, and 20 000 with a 400-byte JSON
+//! response (about the load bench's).
 //!
-//! The store keeps every trace of the run (around a gigabyte, in a temp dir removed at the end), so
-//! later samples write into a bigger file, as a long-running gateway would.
+//! Each store keeps every trace of the run (a gigabyte or more, in temp dirs removed at the end),
+//! so later samples write into a bigger file, as a long-running gateway would.
+//!
+//! The baseline, `…/store_alone`: the same traces, encoded beforehand, committed straight into a
+//! second store in transactions of the writer's `batch_max`, on one thread. The table compares
+//! the CPU the process spends per trace either way: what redb's inserts and commits cost alone
+//! is a floor no change to the writer can go below. (In wall time the baseline can be the slower:
+//! it waits for each commit's fsyncs, where the writer encodes meanwhile.)
 
 // A bench binary: a failed setup should stop it at once, with the reason.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode, Throughput};
 use forge_benches::fixtures::{
     MAX_EVENT_BYTES, chat_request, completion_json, exchange_meta, pending_trace, sse_frames,
 };
+use forge_benches::process_cpu;
 use forge_benches::recorder::Recorder;
 use forge_layer::capture::PendingTrace;
 use forge_layer::redact::Redactor;
 use forge_layer::store::{CaptureMode, Store, TraceWriter, WriterConfig};
+use forge_layer::trace::TraceId;
 
 const MIN_TRACES_PER_SEC: f64 = 50_000.0;
 /// How long one burst may take before the bench calls the writer stuck.
@@ -43,6 +54,19 @@ impl Burst {
         let request = chat_request(self.is_sse);
         (0..self.size)
             .map(|_| pending_trace(&meta, &request, self.is_sse, &self.frames))
+            .collect()
+    }
+
+    /// A burst as the writer commits it: each trace's id and encoded bytes.
+    fn encoded(&self) -> Vec<(TraceId, Vec<u8>)> {
+        let redactor = Redactor::default();
+        self.make()
+            .into_iter()
+            .map(|pending| {
+                let id = pending.id();
+                let (trace, _ticket) = pending.into_stored(&redactor, MAX_EVENT_BYTES);
+                (id, serde_json::to_vec(&trace).unwrap())
+            })
             .collect()
     }
 
@@ -86,6 +110,40 @@ fn write_burst(writer: &TraceWriter, traces: Vec<PendingTrace>) -> Duration {
     }
 }
 
+/// Commits `traces` straight into `store`, `batch_max` to a transaction.
+fn store_alone(store: &Store, traces: &[(TraceId, Vec<u8>)], batch_max: usize) -> Duration {
+    let start = Instant::now();
+    for batch in traces.chunks(batch_max) {
+        store
+            .insert_encoded(batch.iter().map(|(id, bytes)| (*id, bytes.as_slice())))
+            .unwrap();
+    }
+    start.elapsed()
+}
+
+/// The process's CPU time per trace, summed over each name's timed bursts.
+#[derive(Default)]
+struct CpuPerTrace(RefCell<HashMap<String, (Duration, u64)>>);
+
+impl CpuPerTrace {
+    /// Runs `burst` of `traces` traces, adding the CPU it takes to `name`'s sum.
+    fn measure(&self, name: &str, traces: u64, burst: impl FnOnce() -> Duration) -> Duration {
+        let before = process_cpu();
+        let elapsed = burst();
+        let mut sums = self.0.borrow_mut();
+        let sum = sums.entry(name.to_string()).or_default();
+        sum.0 += process_cpu().saturating_sub(before);
+        sum.1 += traces;
+        elapsed
+    }
+
+    fn micros(&self, name: &str) -> Option<f64> {
+        let sums = self.0.borrow();
+        let &(cpu, traces) = sums.get(name)?;
+        (traces > 0).then(|| cpu.as_secs_f64() * 1e6 / traces as f64)
+    }
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --all-targets` does not, and criterion then
     // runs each bench once as a test, so the bursts are kept small there.
@@ -105,6 +163,14 @@ fn main() {
             frames: sse_frames(500),
             size: 1_000 / scale,
         },
+        // About the size of the load bench's exchanges; last, so that the file the others are
+        // measured on is the same as before it was added.
+        Burst {
+            name: "json_400",
+            is_sse: false,
+            frames: vec![completion_json(400)],
+            size: 20_000 / scale,
+        },
     ];
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -113,6 +179,8 @@ fn main() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open_dir(dir.path()).unwrap();
+    let baseline_dir = tempfile::tempdir().unwrap();
+    let baseline = Store::open_dir(baseline_dir.path()).unwrap();
     let queue = bursts.iter().map(|b| b.size).max().unwrap_or(1) as usize;
     let config = WriterConfig {
         mode: CaptureMode::Async,
@@ -129,6 +197,7 @@ fn main() {
     };
 
     let recorder = Recorder::default();
+    let cpu = CpuPerTrace::default();
     let mut c = Criterion::default().configure_from_args();
     let mut group = c.benchmark_group("writer");
     // A burst takes most of a second: few samples, each of a single burst.
@@ -143,9 +212,27 @@ fn main() {
             b.iter_custom(|iters| {
                 let mut elapsed = Duration::ZERO;
                 for _ in 0..iters {
-                    elapsed += write_burst(&writer, burst.make());
+                    let traces = burst.make();
+                    elapsed += cpu.measure(burst.name, burst.size, || write_burst(&writer, traces));
                 }
                 recorder.record(burst.name, iters * burst.size, elapsed)
+            })
+        });
+    }
+    // After every writer figure: the baseline's own writes cannot slow them.
+    for burst in &bursts {
+        group.throughput(Throughput::Elements(burst.size));
+        let alone = format!("{}/store_alone", burst.name);
+        group.bench_function(&alone, |b| {
+            b.iter_custom(|iters| {
+                let mut elapsed = Duration::ZERO;
+                for _ in 0..iters {
+                    let traces = burst.encoded();
+                    elapsed += cpu.measure(&alone, burst.size, || {
+                        store_alone(&baseline, &traces, batch_max)
+                    });
+                }
+                recorder.record(&alone, iters * burst.size, elapsed)
             })
         });
     }
@@ -170,21 +257,27 @@ fn main() {
             std::thread::available_parallelism().map_or(0, |n| n.get()),
         );
         println!();
-        println!("| traces | per burst | stored bytes per trace | traces/s (median) |");
-        println!("|---|--:|--:|--:|");
+        println!(
+            "| traces | per burst | stored bytes per trace | traces/s (median) | CPU µs per trace: writer / store alone |"
+        );
+        println!("|---|--:|--:|--:|--:|");
+        let rate = |name: &str| recorder.median_ns(name).map(|ns| 1e9 / ns);
         for burst in &bursts {
-            let rate = recorder.median_ns(burst.name).map(|ns| 1e9 / ns);
+            let alone = format!("{}/store_alone", burst.name);
             println!(
-                "| {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} |",
                 burst.name,
                 burst.size,
                 burst.stored_bytes(),
-                rate.map_or_else(|| "n/a".into(), |r| format!("{r:.0}")),
+                rate(burst.name).map_or_else(|| "n/a".into(), |r| format!("{r:.0}")),
+                [cpu.micros(burst.name), cpu.micros(&alone)]
+                    .map(|us| us.map_or_else(|| "n/a".into(), |us| format!("{us:.1}")))
+                    .join(" / "),
             );
         }
         println!();
         println!("Store at the end: {stored} traces, {counters:?}");
-        let json = recorder.median_ns("json_2k").map(|ns| 1e9 / ns);
+        let json = rate("json_2k");
         println!();
         println!("Targets");
         println!(

@@ -323,7 +323,7 @@ impl Tally {
 }
 
 /// The CPU time this process has used so far, over all its threads.
-fn process_cpu() -> Duration {
+pub fn process_cpu() -> Duration {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
     Duration::new(
         u64::try_from(t.tv_sec).unwrap_or(0),
