@@ -99,10 +99,10 @@ impl RawObject {
 
     /// From a tree of values, if it is an object.
     pub fn from_value(value: &Value) -> Option<Self> {
-        value
-            .is_object()
-            .then(|| serde_json::value::to_raw_value(value).ok().map(Self))
-            .flatten()
+        if !value.is_object() {
+            return None;
+        }
+        serde_json::value::to_raw_value(value).ok().map(Self)
     }
 
     /// The JSON text.
