@@ -619,15 +619,17 @@ impl DigitFacts {
                 };
                 last = Some(i);
                 facts.card_run |= run >= Self::CARD_DIGITS;
+                // Each shape is looked for only until it is seen.
                 let before = |back: usize| i.checked_sub(back).map(|j| bytes[j]);
                 let upper = |back: usize| before(back).is_some_and(|b| b.is_ascii_uppercase());
-                facts.iban_start |= upper(2) && upper(1) && is_digit(i + 1);
+                facts.iban_start = facts.iban_start || (upper(2) && upper(1) && is_digit(i + 1));
                 if !facts.ipv4 && before(1) == Some(b'.') && i >= 2 && is_digit(i - 2) {
                     let after = i + bytes[i..].iter().take_while(|b| b.is_ascii_digit()).count();
                     facts.ipv4 = bytes.get(after) == Some(&b'.') && is_digit(after + 1);
                 }
-                facts.phone_shape |=
-                    matches!(before(1), Some(b'+' | b'(')) || us_phone_at(bytes, i);
+                facts.phone_shape = facts.phone_shape
+                    || matches!(before(1), Some(b'+' | b'('))
+                    || us_phone_at(bytes, i);
                 // A card's run has more digits than a phone number needs.
                 if facts.card_run && facts.iban_start && facts.ipv4 && facts.phone_shape {
                     return facts;
@@ -1045,29 +1047,30 @@ mod tests {
             assert_eq!(possible_kinds(prose), 0, "{prose}");
         }
         // Some needs alone, and what each lets through.
-        assert_eq!(possible_kinds("secret = x"), 0);
-        assert_eq!(possible_kinds("secret = 4"), bit(Kind::Credential));
-        assert_eq!(possible_kinds("value = 4"), 0);
-        assert_eq!(possible_kinds("1.2.3"), bit(Kind::Ip));
-        assert_eq!(possible_kinds("12345 67 +8"), bit(Kind::Phone));
-        assert_eq!(possible_kinds("1234567 (8"), bit(Kind::Phone));
-        assert_eq!(possible_kinds("1555.867-5309"), bit(Kind::Phone));
-        assert_eq!(possible_kinds("555-867-530 9"), 0);
-        assert_eq!(possible_kinds("1234 55-66 7.8"), 0);
-        assert_eq!(possible_kinds("xoxo-hugs"), bit(Kind::SlackToken));
-        assert_eq!(possible_kinds("basics"), bit(Kind::BasicAuth));
-        assert_eq!(possible_kinds("Aws_Secret_Access_Key"), bit(Kind::AwsKey));
-        assert_eq!(possible_kinds("aws_secret_access_ke"), 0);
-        assert_eq!(possible_kinds("ghp_"), bit(Kind::GithubToken));
-        assert_eq!(possible_kinds("ghx_ github_pa_"), 0);
-        assert_eq!(possible_kinds("github_pat_"), bit(Kind::GithubToken));
-        assert_eq!(possible_kinds("at 10:30"), bit(Kind::Ip));
-        assert_eq!(possible_kinds("a::b"), bit(Kind::Ip));
-        assert_eq!(possible_kinds("a:: b: c :d"), 0);
-        assert_eq!(
-            possible_kinds("risk-free"),
-            bit(Kind::OpenaiKey) | bit(Kind::AnthropicKey)
-        );
+        for (text, kinds) in [
+            ("secret = x", 0),
+            ("secret = 4", bit(Kind::Credential)),
+            ("value = 4", 0),
+            ("1.2.3", bit(Kind::Ip)),
+            ("12345 67 +8", bit(Kind::Phone)),
+            ("1234567 (8", bit(Kind::Phone)),
+            ("1555.867-5309", bit(Kind::Phone)),
+            ("555-867-530 9", 0),
+            ("1234 55-66 7.8", 0),
+            ("xoxo-hugs", bit(Kind::SlackToken)),
+            ("basics", bit(Kind::BasicAuth)),
+            ("Aws_Secret_Access_Key", bit(Kind::AwsKey)),
+            ("aws_secret_access_ke", 0),
+            ("ghp_", bit(Kind::GithubToken)),
+            ("ghx_ github_pa_", 0),
+            ("github_pat_", bit(Kind::GithubToken)),
+            ("at 10:30", bit(Kind::Ip)),
+            ("a::b", bit(Kind::Ip)),
+            ("a:: b: c :d", 0),
+            ("risk-free", bit(Kind::OpenaiKey) | bit(Kind::AnthropicKey)),
+        ] {
+            assert_eq!(possible_kinds(text), kinds, "{text}");
+        }
     }
 
     #[test]
