@@ -41,7 +41,7 @@ use std::error::Error;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use forge_benches::burner::Burner;
+use forge_benches::burner::{self, Burner};
 use forge_benches::{
     Cell, Comparison, ENV_FORGE_BENCH_SECS, Load, Mode, Stats, Target, Timing, millis, run,
 };
@@ -65,7 +65,8 @@ const ENV_FORGE_BENCH_LOAD_PCT: &str = "FORGE_BENCH_LOAD_PCT";
 /// `own`: the gateways run on a tokio runtime of their own (two workers), as a gateway process
 /// would, instead of sharing the load generator's and the sim's.
 const ENV_FORGE_BENCH_GATEWAY_RUNTIME: &str = "FORGE_BENCH_GATEWAY_RUNTIME";
-/// A share of one core, in percent, that an idle-class thread spins for while `async` is loaded.
+/// A share of one core, in percent, that an idle-class thread spins for while `async` is loaded,
+/// and optionally, after a `/`, how often it repeats that share, in milliseconds (10 unless told).
 const ENV_FORGE_BENCH_BURN: &str = "FORGE_BENCH_BURN";
 const DEFAULT_LOAD_PCT: [f64; 1] = [50.0];
 /// The concurrency whose cells are also run open loop: the one the targets are set at.
@@ -478,21 +479,38 @@ async fn run_cell(
     rounds
 }
 
-/// `FORGE_BENCH_BURN`: the burner's share of a core in percent, if set. [`Burner::start`] checks
-/// the range.
+/// `FORGE_BENCH_BURN`: the burner's share of a core in percent, and its period in milliseconds
+/// after a `/` (`20/1`), if set. [`Burner::start`] checks the ranges.
 fn burner() -> Result<Option<Burner>, String> {
     let text = match std::env::var(ENV_FORGE_BENCH_BURN) {
         Err(std::env::VarError::NotPresent) => return Ok(None),
         Err(e) => return Err(format!("{ENV_FORGE_BENCH_BURN}: {e}")),
         Ok(text) => text,
     };
-    let percent: u8 = text
-        .trim()
-        .parse()
-        .map_err(|_| format!("{ENV_FORGE_BENCH_BURN}={text:?}: want 1 to 100"))?;
-    Burner::start(percent)
+    let bad = || {
+        format!(
+            "{ENV_FORGE_BENCH_BURN}={text:?}: want a percent of 1 to 100, then optionally / and a period in ms (20/1)"
+        )
+    };
+    let (percent, period) = match text.trim().split_once('/') {
+        Some((percent, ms)) => (percent, Some(ms)),
+        None => (text.trim(), None),
+    };
+    let percent: u8 = percent.trim().parse().map_err(|_| bad())?;
+    let period = match period {
+        Some(ms) => Duration::from_secs_f64(
+            ms.trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|ms| ms.is_finite() && *ms > 0.0 && *ms <= 10_000.0)
+                .ok_or_else(bad)?
+                / 1000.0,
+        ),
+        None => burner::DEFAULT_PERIOD,
+    };
+    Burner::start(percent, period)
         .map(Some)
-        .map_err(|e| format!("{ENV_FORGE_BENCH_BURN}={percent}: {e}"))
+        .map_err(|e| format!("{ENV_FORGE_BENCH_BURN}={text}: {e}"))
 }
 
 /// `FORGE_BENCH_LOAD_PCT`: percentages in (0, 100], or `none` for no open-loop cells.

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use forge_layer::store::lower_to_idle_class;
 
-/// How often the thread repeats its share of spinning.
-const PERIOD: Duration = Duration::from_millis(10);
+/// How often the thread repeats its share of spinning, unless told.
+pub const DEFAULT_PERIOD: Duration = Duration::from_millis(10);
 
 /// The spinning thread; it ends when this is dropped.
 #[derive(Debug)]
@@ -28,14 +28,18 @@ struct State {
 }
 
 impl Burner {
-    /// Starts the thread, switched off. While on, it spins for `percent` of each 10 ms and
-    /// sleeps for the rest. Fails if the thread cannot be put in the idle class (on Linux; on
-    /// other systems, the lowest priority an ordinary thread may have).
-    pub fn start(percent: u8) -> Result<Self, String> {
+    /// Starts the thread, switched off. While on, it spins for `percent` of each `period` and
+    /// sleeps for the rest: the same share in shorter or longer bursts. Fails if the thread
+    /// cannot be put in the idle class (on Linux; on other systems, the lowest priority an
+    /// ordinary thread may have).
+    pub fn start(percent: u8, period: Duration) -> Result<Self, String> {
         if !(1..=100).contains(&percent) {
             return Err(format!("{percent}%: a share of 1 to 100"));
         }
-        let spin = PERIOD * u32::from(percent) / 100;
+        if period.is_zero() {
+            return Err("a period of 0".to_string());
+        }
+        let spin = period * u32::from(percent) / 100;
         let state = Arc::new(State::default());
         let theirs = Arc::clone(&state);
         let (ready_tx, ready) = std::sync::mpsc::channel();
@@ -46,7 +50,7 @@ impl Burner {
                 let ok = lowered.is_ok();
                 let _ = ready_tx.send(lowered);
                 if ok {
-                    burn(&theirs, spin);
+                    burn(&theirs, spin, period);
                 }
             })
             .map_err(|e| e.to_string())?
@@ -73,7 +77,7 @@ impl Drop for Burner {
     }
 }
 
-fn burn(state: &State, spin: Duration) {
+fn burn(state: &State, spin: Duration, period: Duration) {
     let mut x = 0u64;
     while !state.stopped.load(Ordering::Acquire) {
         if !state.on.load(Ordering::Acquire) {
@@ -87,6 +91,6 @@ fn burn(state: &State, spin: Duration) {
                 x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
             }
         }
-        std::thread::sleep(PERIOD - spin);
+        std::thread::sleep(period - spin);
     }
 }
