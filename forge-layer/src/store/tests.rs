@@ -591,46 +591,6 @@ async fn no_commit_holds_more_than_batch_max() {
     }
 }
 
-/// With a thousand traces queued at once, an `async` encode takes at most 32 of them, so that a
-/// piece of work that ends up at normal priority holds a core only briefly, and `durable` up to
-/// 256, for the clients waiting on the commit. (The test's runtime has one thread: every trace
-/// is queued before the writer first runs.)
-#[tokio::test]
-async fn an_encode_takes_at_most_32_queued_traces_in_async_mode_and_256_in_durable() {
-    for (mode, idle_priority, most) in [
-        (CaptureMode::Async, true, 32),
-        (CaptureMode::Async, false, 32),
-        (CaptureMode::Durable, false, 256),
-    ] {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_dir(dir.path()).unwrap();
-        let config = WriterConfig {
-            mode,
-            idle_priority,
-            flush_interval: Duration::from_millis(10),
-            ..Default::default()
-        };
-        let (writer, task) = TraceWriter::start(store.clone(), config);
-        let counters = writer.counters_handle();
-        let acks: Vec<_> = (0..1000)
-            .map(|i| writer.submit(pending(&format!("e{i}"))))
-            .collect();
-        for ack in acks.into_iter().flatten() {
-            assert!(ack.await, "{mode:?}: committed");
-        }
-        drop(writer);
-        task.join().await;
-        let c = counters.snapshot();
-        assert_eq!((c.captured, c.dropped, c.failed), (1000, 0, 0), "{mode:?}");
-        assert_eq!(
-            counters.largest_encode.load(Ordering::Acquire),
-            most,
-            "{mode:?}, idle_priority = {idle_priority}: the most traces one encode took"
-        );
-        assert_eq!(store.trace_count().unwrap(), 1000);
-    }
-}
-
 /// Feedback with a score of 50 for `trace`.
 fn score_50(trace: TraceId) -> Feedback {
     Feedback {

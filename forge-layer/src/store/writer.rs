@@ -108,9 +108,6 @@ pub struct CaptureCounters {
     /// The most traces one transaction held, for tests of `batch_max`.
     #[cfg(test)]
     pub(super) largest_commit: AtomicU64,
-    /// The most traces one encode took, for tests of its cap.
-    #[cfg(test)]
-    pub(super) largest_encode: AtomicU64,
     /// For tests of the commit lane's use: whether it started, commits queued on it, lifts
     /// that took effect (as of the writer's last look), and commits that ended on the commit
     /// thread in the normal class.
@@ -156,8 +153,6 @@ impl CaptureCounters {
             commit_times: CommitTimes::default(),
             #[cfg(test)]
             largest_commit: AtomicU64::new(0),
-            #[cfg(test)]
-            largest_encode: AtomicU64::new(0),
             #[cfg(test)]
             lane_ready: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
@@ -490,16 +485,9 @@ impl Drop for Unsent {
 /// 2 µs per trace in batches gathered over 5 ms, 7–8 µs in batches gathered over 50–200 ms).
 /// Commits follow the flush interval instead.
 const ENCODE_EVERY: Duration = Duration::from_millis(5);
-/// At most this many traces per `async` encode, for the same reason, and so that each piece of
-/// work stays short: one the idle-class thread has not started within its patience runs on the
-/// blocking pool at normal priority, where it holds a core that requests then wait for. In the
-/// load bench (saturated, non-stream, 16 connections, alternated), pieces of up to 256 traces
-/// put p99 at +54.8% to +58.0% over capture off, and pieces of up to 32 at +21.7% to +48.0%
-/// (seven runs), with the same CPU per request; 8, 16 and 64 did no better than 32.
-const ENCODE_MAX: usize = 32;
-/// At most this many traces per `durable` encode: durable encodes run on the blocking pool at
-/// once, for clients waiting on the commit, so what is queued goes in fewer pieces.
-const DURABLE_ENCODE_MAX: usize = 256;
+/// At most this many traces per encode, for the same reason, and so that one piece of work on
+/// the idle-class thread stays short.
+const ENCODE_MAX: usize = 256;
 /// Encodes in flight at once. More than one lets the blocking pool go on while a piece of work
 /// waits for the idle-class thread.
 const MAX_ENCODES: usize = 4;
@@ -525,11 +513,6 @@ async fn run(
     let batch_max = config.batch_max.max(1);
     let durable = config.mode == CaptureMode::Durable;
     let behind_at = (config.queue_capacity / 4).max(1);
-    let encode_max = if durable {
-        DURABLE_ENCODE_MAX
-    } else {
-        ENCODE_MAX
-    };
     let lanes = Lanes::new(!durable && config.idle_priority, PATIENCE);
     // The lane starts beside the loop: its thread proves itself from the idle class, which a
     // busy machine may keep waiting, and traces must not wait for that.
@@ -602,7 +585,7 @@ async fn run(
         }
         // Room for more traces in the next commit, counting each encode in flight as full.
         let room =
-            batch_max.saturating_sub(ready.len() + encodes.len() * encode_max.min(batch_max));
+            batch_max.saturating_sub(ready.len() + encodes.len() * ENCODE_MAX.min(batch_max));
         let may_take = open && encode_at.is_none() && encodes.len() < MAX_ENCODES && room > 0;
         // Set when the gathered jobs are to be encoded now: outside `select!`, since tokio's
         // timer rounds a deadline of "now" up to its next millisecond tick.
@@ -618,7 +601,7 @@ async fn run(
                     // many as the commit has room for, or as the queue holds (a small queue
                     // would otherwise overflow during the wait). `durable` encodes what is
                     // queued now: a client waits on the commit.
-                    let full = encode_max.min(room).min(rx.max_capacity());
+                    let full = ENCODE_MAX.min(room).min(rx.max_capacity());
                     if durable || rx.len() + 1 >= full {
                         encode_now = true;
                     } else {
@@ -681,7 +664,7 @@ async fn run(
             }
         }
         if encode_now {
-            while gathered.len() < encode_max.min(room) {
+            while gathered.len() < ENCODE_MAX.min(room) {
                 match rx.try_recv() {
                     Ok(job) => gathered.push(job),
                     Err(_) => break,
@@ -799,10 +782,6 @@ fn encode_batch(
     batch: &mut Vec<Job>,
     out: &mut Encoded,
 ) {
-    #[cfg(test)]
-    counters
-        .largest_encode
-        .fetch_max(batch.len() as u64, Ordering::AcqRel);
     for Job { trace, ack, room } in batch.drain(..) {
         let id = trace.id();
         // A panic while reassembling or encoding one exchange (a bug meeting odd upstream
