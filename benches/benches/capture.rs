@@ -28,7 +28,7 @@ use bytes::Bytes;
 use criterion::{Criterion, Throughput};
 use forge_benches::fixtures::{
     CAPTURE_CAP, MAX_EVENT_BYTES, chat_request, completion_json, exchange_meta, pending_trace,
-    sse_frames,
+    sse_frames, stored_json,
 };
 use forge_benches::recorder::{Recorder, human_ns, timed_batches};
 use forge_layer::capture::{CaptureBody, CaptureSession, DurableAck, PendingTrace, TraceSink};
@@ -210,9 +210,7 @@ fn bench_writer_side(c: &mut Criterion, shapes: &[Shape], recorder: &Recorder) {
         let name = format!("into_stored+encode/{}", shape.name);
         group.bench_function(&name, |b| {
             b.iter_custom(|iters| {
-                let elapsed = timed_batches(iters, pending, |p| {
-                    serde_json::to_vec(&p.into_stored(&redactor, MAX_EVENT_BYTES).0).unwrap()
-                });
+                let elapsed = timed_batches(iters, pending, |p| stored_json(p, &redactor).unwrap());
                 recorder.record(&name, iters, elapsed)
             })
         });

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode, Throughput};
 use forge_benches::fixtures::{
-    MAX_EVENT_BYTES, chat_request, completion_json, exchange_meta, pending_trace, sse_frames,
+    chat_request, completion_json, exchange_meta, pending_trace, sse_frames, stored_json,
 };
 use forge_benches::process_cpu;
 use forge_benches::recorder::Recorder;
@@ -62,11 +62,7 @@ impl Burst {
         let redactor = Redactor::default();
         self.make()
             .into_iter()
-            .map(|pending| {
-                let id = pending.id();
-                let (trace, _ticket) = pending.into_stored(&redactor, MAX_EVENT_BYTES);
-                (id, serde_json::to_vec(&trace).unwrap())
-            })
+            .map(|pending| (pending.id(), stored_json(pending, &redactor).unwrap()))
             .collect()
     }
 
@@ -78,9 +74,7 @@ impl Burst {
             self.is_sse,
             &self.frames,
         );
-        serde_json::to_vec(&trace.into_trace(&Redactor::default(), MAX_EVENT_BYTES))
-            .unwrap()
-            .len()
+        stored_json(trace, &Redactor::default()).unwrap().len()
     }
 }
 

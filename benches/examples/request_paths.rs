@@ -13,7 +13,7 @@
 use std::time::Instant;
 
 use forge_benches::fixtures::{
-    MAX_EVENT_BYTES, chat_request, completion_json, exchange_meta, pending_trace,
+    MAX_EVENT_BYTES, chat_request, completion_json, exchange_meta, pending_trace, stored_json,
 };
 use forge_layer::capture::PendingTrace;
 use forge_layer::redact::Redactor;
@@ -50,9 +50,7 @@ fn main() {
         tree.push(time(&|p| {
             serde_json::to_vec(&p.into_trace(&redactor, MAX_EVENT_BYTES)).unwrap()
         }));
-        kept.push(time(&|p| {
-            serde_json::to_vec(&p.into_stored(&redactor, MAX_EVENT_BYTES).0).unwrap()
-        }));
+        kept.push(time(&|p| stored_json(p, &redactor).unwrap()));
     }
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);

@@ -6,6 +6,7 @@
 
 use bytes::Bytes;
 use forge_layer::capture::{BodyEnd, CaptureSession, ExchangeMeta, PendingTrace};
+use forge_layer::redact::Redactor;
 use forge_layer::store::Ticket;
 use forge_router::Arm;
 
@@ -147,9 +148,15 @@ pub fn pending_trace(
     session.finish(BodyEnd::Complete)
 }
 
+/// What the writer commits for a finished exchange: the trace as stored (the request kept as
+/// sent when there is nothing to redact in it), encoded as JSON the way `store/writer.rs`
+/// encodes it.
+pub fn stored_json(trace: PendingTrace, redactor: &Redactor) -> serde_json::Result<Vec<u8>> {
+    serde_json::to_vec(&trace.into_stored(redactor, MAX_EVENT_BYTES).0)
+}
+
 #[cfg(test)]
 mod tests {
-    use forge_layer::redact::Redactor;
     use forge_layer::trace::Outcome;
 
     use super::*;
