@@ -74,7 +74,7 @@ pub struct FinalResponse {
 
 /// A JSON object kept as the text it came in. The usage object is read, checked for secrets and
 /// stored this way: OpenAI's, with its token details, took more than half of a response body's
-/// parse as a tree of values, and more again to walk and serialise (README, "Performance").
+/// parse as a tree of values, and more again to walk and serialise (`benches/ROUNDS.md`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct RawObject(Box<RawValue>);

@@ -472,7 +472,7 @@ fn bit(kind: Kind) -> u64 {
 /// kind's search below). Each need is a byte that prose seldom holds, a literal found from such
 /// a byte, or a shape of digits checked only where there are digits, so prose is passed over at
 /// the speed of a vectorised byte search, where the pattern set's automaton steps through every
-/// byte (README, "Performance"). Prose keeps `:`, `_` and numbers of its own (`Note: in 2023`,
+/// byte (`benches/ROUNDS.md`). Prose keeps `:`, `_` and numbers of its own (`Note: in 2023`,
 /// `completion_tokens`) without going on to the search. Text that has what some kind needs
 /// does, as code, logs and tables of numbers often do: for them the screen saves nothing.
 ///

@@ -3,7 +3,7 @@
 //! A commit is a burst of CPU (B-tree inserts, page checksums, page writes) once per flush
 //! interval. At normal priority the burst holds a core for a whole scheduler slice while a
 //! request's task waits for it: at half load that was most of what `async` capture added to
-//! p99 (README, "Performance"). In Linux's `SCHED_IDLE` class the same burst gives way to any
+//! p99 (`benches/ROUNDS.md`). In Linux's `SCHED_IDLE` class the same burst gives way to any
 //! request at once. But a commit holds redb's write lock, and an idle-class thread can starve
 //! while the machine is saturated, so no commit may be left there: the writer lifts the thread
 //! into the normal class as soon as it falls behind, or once a commit has run for

@@ -3,7 +3,7 @@
 //! On a machine with headroom, capture's CPU should cost requests nothing. A thread of the
 //! normal class that encodes for a few milliseconds holds a core that a request's task then
 //! waits for; under Linux's `SCHED_IDLE` class the same work runs only while no ordinary thread
-//! wants that core (figures in the README, "Performance"). The writer sends only encodes here:
+//! wants that core (figures in `benches/ROUNDS.md`). The writer sends only encodes here:
 //! a commit holds redb's write lock, and a starved commit would make every other writer wait.
 //!
 //! An idle-class thread can starve while the machine is saturated. So work offered to it and not
