@@ -16,7 +16,11 @@
 //! second store in transactions of the writer's `batch_max`, on one thread. The table compares
 //! the CPU the process spends per trace either way: what redb's inserts and commits cost alone
 //! is a floor no change to the writer can go below. (In wall time the baseline can be the slower:
-//! it waits for each commit's fsyncs, where the writer encodes meanwhile.)
+//! it waits for each commit's fsyncs, where the writer encodes meanwhile.) The baseline's
+//! traces are encoded just before, one after another on one thread, and that CPU is the table's
+//! third figure, "encode alone": the writer's encoding as a loop does it, with each trace fresh
+//! in the cache. What the writer spends beyond the two is the hand-over between threads, and
+//! encoding traces that have gone cold in the queue.
 
 // A bench binary: a failed setup should stop it at once, with the reason.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -57,10 +61,11 @@ impl Burst {
             .collect()
     }
 
-    /// A burst as the writer commits it: each trace's id and encoded bytes.
-    fn encoded(&self) -> Vec<(TraceId, Vec<u8>)> {
+    /// `traces` as the writer commits them: each trace's id and encoded bytes, encoded here,
+    /// one after another on this thread.
+    fn encode(traces: Vec<PendingTrace>) -> Vec<(TraceId, Vec<u8>)> {
         let redactor = Redactor::default();
-        self.make()
+        traces
             .into_iter()
             .map(|pending| (pending.id(), stored_json(pending, &redactor).unwrap()))
             .collect()
@@ -121,14 +126,14 @@ struct CpuPerTrace(RefCell<HashMap<String, (Duration, u64)>>);
 
 impl CpuPerTrace {
     /// Runs `burst` of `traces` traces, adding the CPU it takes to `name`'s sum.
-    fn measure(&self, name: &str, traces: u64, burst: impl FnOnce() -> Duration) -> Duration {
+    fn measure<T>(&self, name: &str, traces: u64, burst: impl FnOnce() -> T) -> T {
         let before = process_cpu();
-        let elapsed = burst();
+        let out = burst();
         let mut sums = self.0.borrow_mut();
         let sum = sums.entry(name.to_string()).or_default();
         sum.0 += process_cpu().saturating_sub(before);
         sum.1 += traces;
-        elapsed
+        out
     }
 
     fn micros(&self, name: &str) -> Option<f64> {
@@ -217,11 +222,13 @@ fn main() {
     for burst in &bursts {
         group.throughput(Throughput::Elements(burst.size));
         let alone = format!("{}/store_alone", burst.name);
+        let encoding = format!("{}/encode_alone", burst.name);
         group.bench_function(&alone, |b| {
             b.iter_custom(|iters| {
                 let mut elapsed = Duration::ZERO;
                 for _ in 0..iters {
-                    let traces = burst.encoded();
+                    let traces = burst.make();
+                    let traces = cpu.measure(&encoding, burst.size, || Burst::encode(traces));
                     elapsed += cpu.measure(&alone, burst.size, || {
                         store_alone(&baseline, &traces, batch_max)
                     });
@@ -252,21 +259,26 @@ fn main() {
         );
         println!();
         println!(
-            "| traces | per burst | stored bytes per trace | traces/s (median) | CPU µs per trace: writer / store alone |"
+            "| traces | per burst | stored bytes per trace | traces/s (median) | CPU µs per trace: writer / store alone / encode alone |"
         );
         println!("|---|--:|--:|--:|--:|");
         let rate = |name: &str| recorder.median_ns(name).map(|ns| 1e9 / ns);
         for burst in &bursts {
             let alone = format!("{}/store_alone", burst.name);
+            let encoding = format!("{}/encode_alone", burst.name);
             println!(
                 "| {} | {} | {} | {} | {} |",
                 burst.name,
                 burst.size,
                 burst.stored_bytes(),
                 rate(burst.name).map_or_else(|| "n/a".into(), |r| format!("{r:.0}")),
-                [cpu.micros(burst.name), cpu.micros(&alone)]
-                    .map(|us| us.map_or_else(|| "n/a".into(), |us| format!("{us:.1}")))
-                    .join(" / "),
+                [
+                    cpu.micros(burst.name),
+                    cpu.micros(&alone),
+                    cpu.micros(&encoding),
+                ]
+                .map(|us| us.map_or_else(|| "n/a".into(), |us| format!("{us:.1}")))
+                .join(" / "),
             );
         }
         println!();
