@@ -88,9 +88,9 @@ impl RawObject {
         if !text.starts_with('{') {
             return None;
         }
-        if !text
-            .bytes()
-            .any(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        let bytes = text.as_bytes();
+        if memchr::memchr3(b' ', b'\n', b'\r', bytes).is_none()
+            && memchr::memchr(b'\t', bytes).is_none()
         {
             return Some(Self(raw.to_owned()));
         }
@@ -117,7 +117,7 @@ impl RawObject {
 
     /// Replaces the text with the same object redacted, when redaction would change it.
     pub(crate) fn redact(&mut self, redactor: &crate::redact::Redactor) {
-        if redactor.json_is_clean(self.get()) {
+        if redactor.json_is_clean(&self.0) {
             return;
         }
         let mut value = self.to_value();
@@ -160,7 +160,7 @@ impl FinalResponse {
         // The usual body is read into borrowed views, without a tree of values (about half the
         // cost). Anything unusual, a field of an unexpected type or a duplicate key, fails
         // that and is read the lenient way, which ignores what it cannot use.
-        match serde_json::from_slice::<CompletionView<'_>>(body) {
+        match parse::<CompletionView<'_>>(body) {
             Ok(view) => view.into_final(),
             Err(_) => Self::from_any_json(body),
         }
@@ -168,7 +168,7 @@ impl FinalResponse {
 
     /// Reads whatever parts of a JSON body have the expected types.
     fn from_any_json(body: &[u8]) -> Self {
-        let Ok(value) = serde_json::from_slice::<Value>(body) else {
+        let Ok(value) = parse::<Value>(body) else {
             return Self::default();
         };
         let mut out = FinalResponse {
@@ -205,6 +205,16 @@ impl FinalResponse {
         }
         out.choices.sort_by_key(|c| c.index);
         out
+    }
+}
+
+/// Parses a JSON body. One that is UTF-8, as nearly all are, is read as text, whose strings
+/// serde_json need not then check for UTF-8 one by one as it must in bytes; the same value either
+/// way.
+fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> serde_json::Result<T> {
+    match std::str::from_utf8(body) {
+        Ok(text) => serde_json::from_str(text),
+        Err(_) => serde_json::from_slice(body),
     }
 }
 

@@ -313,10 +313,8 @@ fn request_tree(bytes: &[u8], redactor: &Redactor) -> Value {
 /// it, and serialising it again, was the largest part of the writer's work on a request).
 fn clean_request(bytes: &[u8], redactor: &Redactor) -> Option<Box<RawValue>> {
     let text = std::str::from_utf8(bytes).ok()?;
-    if !redactor.json_is_clean(text) {
-        return None;
-    }
-    RawValue::from_string(text.to_owned()).ok()
+    let raw = RawValue::from_string(text.to_owned()).ok()?;
+    redactor.json_is_clean(&raw).then_some(raw)
 }
 
 /// Redacts every string the upstream sent, not only the message text: a model can echo a key
