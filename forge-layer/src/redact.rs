@@ -543,11 +543,17 @@ fn possible_kinds(text: &str) -> u64 {
         }
     }
     if present.has(NeedBytes::UNDERSCORE) {
-        add(
-            Kind::AwsKey,
-            contains_ignoring_case(bytes, b"aws_secret_access_key", 3),
-        );
+        // One search for `_` serves both kinds whose needs hold one.
+        let at_any_case = |i: usize, word: &[u8]| {
+            bytes
+                .get(i..i + word.len())
+                .is_some_and(|w| w.eq_ignore_ascii_case(word))
+        };
         for u in memchr_iter(b'_', bytes) {
+            add(
+                Kind::AwsKey,
+                u >= 3 && at_any_case(u - 3, b"aws_secret_access_key"),
+            );
             add(
                 Kind::GithubToken,
                 (u >= 3 && at(u - 3, b"gh") && b"pousr".contains(&bytes[u - 1]))
