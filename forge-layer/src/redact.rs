@@ -392,7 +392,7 @@ impl Redactor {
     }
 
     /// [`Redactor::json_is_clean`] by walking the parsed text, escapes decoded: for JSON with
-    /// escapes, and for text that may not be JSON (then it is not clean).
+    /// escapes. Text that is not one JSON value is not clean.
     fn json_walk_is_clean(&self, json: &str) -> bool {
         let mut de = serde_json::Deserializer::from_str(json);
         serde::de::DeserializeSeed::deserialize(CleanJson(self), &mut de).is_ok()
@@ -544,15 +544,10 @@ fn possible_kinds(text: &str) -> u64 {
     }
     if present.has(NeedBytes::UNDERSCORE) {
         // One search for `_` serves both kinds whose needs hold one.
-        let at_any_case = |i: usize, word: &[u8]| {
-            bytes
-                .get(i..i + word.len())
-                .is_some_and(|w| w.eq_ignore_ascii_case(word))
-        };
         for u in memchr_iter(b'_', bytes) {
             add(
                 Kind::AwsKey,
-                u >= 3 && at_any_case(u - 3, b"aws_secret_access_key"),
+                u >= 3 && holds_at_ignoring_case(bytes, u - 3, b"aws_secret_access_key"),
             );
             add(
                 Kind::GithubToken,
@@ -670,9 +665,15 @@ fn contains_ignoring_case(bytes: &[u8], word: &[u8], rare: usize) -> bool {
     let letter = word[rare];
     memchr::memchr2_iter(letter, letter.to_ascii_uppercase(), bytes).any(|i| {
         i.checked_sub(rare)
-            .and_then(|start| bytes.get(start..start + word.len()))
-            .is_some_and(|w| w.eq_ignore_ascii_case(word))
+            .is_some_and(|start| holds_at_ignoring_case(bytes, start, word))
     })
+}
+
+/// Whether `bytes` holds `word` (lowercase ASCII) at `start`, in any case.
+fn holds_at_ignoring_case(bytes: &[u8], start: usize, word: &[u8]) -> bool {
+    bytes
+        .get(start..start + word.len())
+        .is_some_and(|w| w.eq_ignore_ascii_case(word))
 }
 
 /// What [`possible_kinds`] needs to know of a text's digits.
