@@ -68,7 +68,8 @@ pub struct FinalResponse {
     /// An upstream error object: the whole error body, or a mid-stream `error` event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<Value>,
-    /// For streams: whether `[DONE]` arrived. Always true for a complete JSON body.
+    /// For streams: whether `[DONE]` arrived and no event was too large to keep. Always true
+    /// for a complete JSON body.
     pub complete: bool,
 }
 
@@ -343,7 +344,8 @@ impl StreamReassembler {
             choices,
             usage: self.usage,
             error: self.error,
-            complete: self.done,
+            // An event dropped for its size took part of the message with it.
+            complete: self.done && !self.parser.overflowed(),
         }
     }
 }
@@ -704,6 +706,26 @@ mod tests {
         assert_eq!(r.error.unwrap()["message"], "boom");
         assert_eq!(r.choices[0].message.content.as_deref(), Some("hi"));
         assert!(!r.complete);
+    }
+
+    #[test]
+    fn a_stream_with_an_event_too_large_to_keep_is_not_complete() {
+        let small = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\n";
+        let big = format!(
+            "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{}\"}}}}]}}\n\ndata: [DONE]\n\n",
+            "x".repeat(200)
+        );
+        let mut r = StreamReassembler::new(128);
+        r.feed(small);
+        r.feed(big.as_bytes());
+        assert!(r.overflowed());
+        let r = r.finish();
+        assert_eq!(r.choices[0].message.content.as_deref(), Some("hi"));
+        assert!(!r.complete, "a dropped event leaves the message short");
+        let mut whole = StreamReassembler::new(1 << 20);
+        whole.feed(small);
+        whole.feed(big.as_bytes());
+        assert!(whole.finish().complete);
     }
 
     #[test]

@@ -255,12 +255,21 @@ impl PendingTrace {
     }
 }
 
-/// Whether the last event of an SSE body carries an `error` object. Reads back from the end
-/// over the last event's lines only: this runs on the request path, for streams on routes with
-/// students, where the last event is nearly always a short `data: [DONE]`.
+/// Whether the last event of an SSE body, not counting a final `data: [DONE]`, carries an
+/// `error` object: vLLM ends a stream that failed with an error event and then `[DONE]`. Reads
+/// back from the end over the last events' lines only: this runs on the request path, for
+/// streams on routes with students, where the last event is nearly always a short `[DONE]`.
 fn last_event_is_error(body: &[u8]) -> bool {
     let is_break = |b: &u8| *b == b'\n' || *b == b'\r';
-    let mut end = body.len() - body.iter().rev().take_while(|b| is_break(b)).count();
+    let trimmed = |body: &[u8]| body.len() - body.iter().rev().take_while(|b| is_break(b)).count();
+    let mut end = trimmed(body);
+    let last = body[..end].iter().rposition(is_break).map_or(0, |i| i + 1);
+    if body[last..end]
+        .strip_prefix(b"data:")
+        .is_some_and(|data| data.trim_ascii() == b"[DONE]")
+    {
+        end = trimmed(&body[..last]);
+    }
     loop {
         let start = body[..end].iter().rposition(is_break).map_or(0, |i| i + 1);
         let line = &body[start..end];
@@ -388,6 +397,14 @@ mod tests {
                 event(error)
             )));
             assert!(!failed(&(event(chunk) + &event("data: [DONE]"))));
+            // vLLM's way: the error event, then `[DONE]`.
+            assert!(failed(
+                &(event(chunk) + &event(error) + &event("data: [DONE]"))
+            ));
+            assert!(failed(
+                &(event(chunk) + &event(error) + &event("data:[DONE]"))
+            ));
+            assert!(!failed(&event("data: [DONE]")));
             assert!(
                 !failed(&event(chunk)),
                 "cut, but not the serving side's word"
