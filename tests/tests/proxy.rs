@@ -925,11 +925,19 @@ async fn account_apis_are_not_passed_through_unless_allowed() {
             .send()
             .await
             .unwrap();
+        // vLLM's adapter loading: a client must not unload a canary's student.
+        let unload = http
+            .post(format!("{}/unload_lora_adapter", gw.base_url()))
+            .json(&json!({"lora_name": "student"}))
+            .send()
+            .await
+            .unwrap();
         if allowed {
             assert_eq!(files.status(), 200);
             assert_ne!(job.status(), 403);
+            assert_ne!(unload.status(), 403);
         } else {
-            for resp in [files, job] {
+            for resp in [files, job, unload] {
                 let (status, err) = error_of(resp).await;
                 assert_eq!(status, 403);
                 assert_eq!(err["error"]["code"], "passthrough_refused");

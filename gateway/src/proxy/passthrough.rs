@@ -86,9 +86,10 @@ fn check_path(path: &str) -> Result<(), Error> {
 }
 
 /// The APIs that read or change what the account behind the upstream key holds: the
-/// distiller's uploaded datasets (every client's traces) and jobs among it. (`/v1/models` is
-/// Forge's own: it lists the aliases, and never reaches the passthrough.)
-const ACCOUNT_APIS: [&str; 9] = [
+/// distiller's uploaded datasets (every client's traces) and jobs among it, and vLLM's adapter
+/// loading, which would let a client unload a canary's student or swap its weights.
+/// (`/v1/models` is Forge's own: it lists the aliases, and never reaches the passthrough.)
+const ACCOUNT_APIS: [&str; 13] = [
     "files",
     "uploads",
     "fine_tuning",
@@ -98,6 +99,10 @@ const ACCOUNT_APIS: [&str; 9] = [
     "threads",
     "organization",
     "evals",
+    "containers",
+    "conversations",
+    "load_lora_adapter",
+    "unload_lora_adapter",
 ];
 
 /// Whether a passthrough request acts on the account rather than asking for a computation.

@@ -312,7 +312,9 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Credentials a client sent are for Forge, never for the upstream.
+/// Credentials a client sent are for Forge, never for the upstream; nor may a client choose
+/// which organization or project of the upstream key's account its request is billed to and
+/// acts on.
 pub fn strip_credentials(headers: &mut HeaderMap) {
     for name in [
         header::AUTHORIZATION,
@@ -321,7 +323,9 @@ pub fn strip_credentials(headers: &mut HeaderMap) {
     ] {
         headers.remove(name);
     }
-    headers.remove("api-key");
+    for name in ["api-key", "openai-organization", "openai-project"] {
+        headers.remove(name);
+    }
 }
 
 /// Removes the hop-by-hop headers (RFC 9110 §7.6.1), including any the `Connection` header names.
@@ -631,6 +635,8 @@ mod tests {
         );
         h.insert("api-key", HeaderValue::from_static("k"));
         h.insert(header::COOKIE, HeaderValue::from_static("c=1"));
+        h.insert("OpenAI-Organization", HeaderValue::from_static("org-other"));
+        h.insert("OpenAI-Project", HeaderValue::from_static("proj-other"));
         h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
         strip_credentials(&mut h);
         assert_eq!(h.len(), 1);
