@@ -577,8 +577,10 @@ impl Config {
         if raw.server.max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes must be at least 1"));
         }
-        if raw.server.max_in_flight == 0 {
-            return Err(invalid("server.max_in_flight must be at least 1"));
+        if !(1..=MAX_IN_FLIGHT).contains(&raw.server.max_in_flight) {
+            return Err(invalid(format!(
+                "server.max_in_flight must be from 1 to {MAX_IN_FLIGHT}"
+            )));
         }
         if raw.server.body_timeout_secs == 0 {
             return Err(invalid("server.body_timeout_secs must be at least 1"));
@@ -737,6 +739,10 @@ const MAX_FLUSH_INTERVAL_MS: u64 = 3_600_000;
 
 /// The largest `capture.queue_mb`: just under 4 GiB.
 const MAX_QUEUE_MB: usize = 4095;
+/// The most requests served at once, and the most traces waiting for the writer: far above
+/// what a machine serves, and below the most permits a tokio semaphore or channel holds.
+const MAX_IN_FLIGHT: usize = 1 << 20;
+const MAX_QUEUE_CAPACITY: usize = 1 << 24;
 
 fn validate_capture(raw: RawCapture) -> Result<Option<CaptureConfig>, ConfigError> {
     if !raw.enabled {
@@ -752,6 +758,11 @@ fn validate_capture(raw: RawCapture) -> Result<Option<CaptureConfig>, ConfigErro
         if value == 0 {
             return Err(invalid(format!("capture.{key} must be at least 1")));
         }
+    }
+    if raw.queue_capacity > MAX_QUEUE_CAPACITY {
+        return Err(invalid(format!(
+            "capture.queue_capacity must be from 1 to {MAX_QUEUE_CAPACITY}"
+        )));
     }
     // A trace waits for its commit up to this long, and the clock must be able to add it.
     if raw.flush_interval_ms > MAX_FLUSH_INTERVAL_MS {
@@ -905,6 +916,13 @@ fn validate_judge(
     if !(0.0..=100.0).contains(&raw.sample_percent) {
         return Err(invalid("judge.sample_percent must be 0–100"));
     }
+    // A cap of 0 would judge nothing, and datasets wait for the judge: distillation would stop
+    // without a word. To judge nothing, leave `[judge]` out.
+    if raw.max_per_minute == 0 || raw.max_per_day == 0 {
+        return Err(invalid(
+            "judge.max_per_minute and judge.max_per_day must be at least 1 (to turn the judge off, leave out [judge])",
+        ));
+    }
     Ok(Some(JudgeConfig {
         upstream: raw.upstream,
         model: raw.model,
@@ -1001,6 +1019,7 @@ fn validate_distill(
                 d.provider
             ))));
         }
+        check_hyperparameters(&d.hyperparameters).map_err(|e| invalid(at(&e)))?;
         let eval_method = match d.eval_method {
             Some(EvalMethod::Judge) if !judge => {
                 return Err(invalid(at(
@@ -1033,6 +1052,24 @@ fn validate_distill(
         });
     }
     Ok(out)
+}
+
+/// OpenAI's ranges for a supervised job (openai-wire.md): the provider refuses a value out of
+/// them only at job creation, after the uploads, and the next check would build and upload the
+/// same dataset again.
+fn check_hyperparameters(h: &Hyperparameters) -> Result<(), String> {
+    if h.n_epochs.is_some_and(|n| !(1..=50).contains(&n)) {
+        return Err("hyperparameters.n_epochs must be from 1 to 50".into());
+    }
+    if h.batch_size.is_some_and(|n| !(1..=256).contains(&n)) {
+        return Err("hyperparameters.batch_size must be from 1 to 256".into());
+    }
+    if h.learning_rate_multiplier
+        .is_some_and(|m| !(m.is_finite() && m > 0.0))
+    {
+        return Err("hyperparameters.learning_rate_multiplier must be a number above 0".into());
+    }
+    Ok(())
 }
 
 fn validate_clients(raw: Vec<RawClient>) -> Result<Vec<ClientConfig>, ConfigError> {
@@ -1316,6 +1353,89 @@ id = "app"
 tenant = "acme"
 key_sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
 "#;
+
+    /// Values that would be refused only later, by the provider after the uploads or by tokio
+    /// at start, or that would quietly stop the judge, are refused when the config is read;
+    /// the limits themselves are accepted.
+    #[test]
+    fn values_refused_later_or_that_stop_work_are_refused_at_start() {
+        let bent = |from: &str, to: &str| {
+            assert!(FULL.contains(from), "{from}");
+            Config::from_toml(&FULL.replace(from, to))
+        };
+        for (from, to, needle) in [
+            (
+                "n_epochs = 3",
+                "n_epochs = 0",
+                "n_epochs must be from 1 to 50",
+            ),
+            (
+                "n_epochs = 3",
+                "n_epochs = 51",
+                "n_epochs must be from 1 to 50",
+            ),
+            (
+                "batch_size = 8",
+                "batch_size = 0",
+                "batch_size must be from 1 to 256",
+            ),
+            (
+                "batch_size = 8",
+                "batch_size = 257",
+                "batch_size must be from 1 to 256",
+            ),
+            (
+                "learning_rate_multiplier = 1.0",
+                "learning_rate_multiplier = 0.0",
+                "above 0",
+            ),
+            (
+                "learning_rate_multiplier = 1.0",
+                "learning_rate_multiplier = nan",
+                "above 0",
+            ),
+            (
+                "learning_rate_multiplier = 1.0",
+                "learning_rate_multiplier = inf",
+                "above 0",
+            ),
+            (
+                "max_per_minute = 60",
+                "max_per_minute = 0",
+                "judge.max_per_minute",
+            ),
+            (
+                "max_per_day = 10000",
+                "max_per_day = 0",
+                "judge.max_per_minute",
+            ),
+            (
+                "max_in_flight = 1024",
+                "max_in_flight = 1048577",
+                "server.max_in_flight must be from 1 to 1048576",
+            ),
+            (
+                "queue_capacity = 65536",
+                "queue_capacity = 16777217",
+                "capture.queue_capacity must be from 1 to 16777216",
+            ),
+        ] {
+            let err = bent(from, to).unwrap_err().to_string();
+            assert!(err.contains(needle), "`{to}`: `{err}`");
+        }
+        for (from, to) in [
+            ("n_epochs = 3", "n_epochs = 50"),
+            ("batch_size = 8", "batch_size = 256"),
+            (
+                "learning_rate_multiplier = 1.0",
+                "learning_rate_multiplier = 0.02",
+            ),
+            ("max_in_flight = 1024", "max_in_flight = 1048576"),
+            ("queue_capacity = 65536", "queue_capacity = 16777216"),
+        ] {
+            bent(from, to).unwrap_or_else(|e| panic!("`{to}`: {e}"));
+        }
+    }
 
     /// The plan's F1 for the route config: any value of any key is refused with an error or
     /// accepted, never a panic, and what is accepted can be run (no zero or unrepresentable

@@ -190,12 +190,18 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             }
         };
         let key = match &up.api_key_env {
-            Some(var) => Some(std::env::var(var).map_err(|_| {
-                StartError::Upstream(format!(
-                    "upstream `{}`: environment variable {var} (api_key_env) is not set",
-                    up.name
-                ))
-            })?),
+            // An empty key would start a gateway whose every request the upstream refuses.
+            Some(var) => Some(
+                std::env::var(var)
+                    .ok()
+                    .filter(|key| !key.is_empty())
+                    .ok_or_else(|| {
+                        StartError::Upstream(format!(
+                            "upstream `{}`: environment variable {var} (api_key_env) is not set or is empty",
+                            up.name
+                        ))
+                    })?,
+            ),
             None => None,
         };
         let upstream = Upstream::new(&up.name, &base_url, key.as_deref(), up.timeouts)

@@ -28,6 +28,7 @@ fn run_to_failure(config: &str) -> String {
         .args(["serve", "--config"])
         .arg(&path)
         .env_remove("FORGE_TEST_MISSING")
+        .env("FORGE_TEST_EMPTY", "")
         .output()
         .unwrap();
     assert!(!out.status.success(), "forge should refuse this config");
@@ -52,6 +53,16 @@ fn bad_configs_are_refused_with_a_message_naming_the_problem() {
         dir.path(),
     ));
     assert!(stderr.contains("FORGE_TEST_MISSING"), "{stderr}");
+    // Set but empty: every request would be refused upstream with a 401.
+    let stderr = run_to_failure(&config(
+        "http://127.0.0.1:9/v1",
+        "FORGE_TEST_EMPTY",
+        dir.path(),
+    ));
+    assert!(
+        stderr.contains("FORGE_TEST_EMPTY") && stderr.contains("empty"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -372,4 +383,31 @@ fn dataset_export_builds_a_valid_dataset_with_progress() {
     let stderr = String::from_utf8_lossy(&typo.stderr);
     assert!(stderr.contains("no trace of route `chta`"), "{stderr}");
     assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), exported);
+    // Values the config would refuse are refused here too, before anything is written.
+    for (flag, value) in [
+        ("--validation-percent", "100"),
+        ("--validation-percent", "NaN"),
+        ("--golden-min-score", "101"),
+        ("--max-key-share", "0"),
+    ] {
+        let refused = Command::new(FORGE)
+            .args([
+                "dataset",
+                "export",
+                "--route",
+                "chat",
+                flag,
+                value,
+                "--data-dir",
+            ])
+            .arg(data.path())
+            .arg("--out")
+            .arg(out.path())
+            .output()
+            .unwrap();
+        assert!(!refused.status.success(), "{flag} {value}");
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(stderr.contains(flag), "{flag} {value}: {stderr}");
+        assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), exported);
+    }
 }

@@ -44,6 +44,16 @@ pub fn run(export: Export) -> anyhow::Result<()> {
         export.max_key_share > 0.0 && export.max_key_share <= 1.0,
         "--max-key-share is a fraction above 0, at most 1"
     );
+    // As in the config: more held out than trained on is a mistake, and at 100% the train file
+    // would be empty; NaN would quietly mean 0.
+    anyhow::ensure!(
+        (0.0..=50.0).contains(&export.validation_percent),
+        "--validation-percent must be from 0 to 50"
+    );
+    anyhow::ensure!(
+        (0.0..=100.0).contains(&export.golden_min_score),
+        "--golden-min-score must be from 0 to 100"
+    );
     let store = Store::open_existing_dir(&export.data_dir)?;
     let mut spec = DatasetSpec::new(export.route.clone());
     spec.tenant = export.tenant;
