@@ -259,6 +259,16 @@ async fn traffic_becomes_a_student_serving_canary_traffic() {
         .count();
     assert!(after > before, "no canary request reached {model}");
 
+    // An operator's rollback and promote are recorded in the registry as the guard's are: a
+    // student rolled back by hand is then taken down once idle.
+    for (action, status) in [("rollback", "rolled_back"), ("promote", "promoted")] {
+        let path = format!("/admin/routes/chat/{action}");
+        assert_eq!(admin_post(&gw, &path).await.status(), 200);
+        let models: Value = admin_get(&gw, "/admin/models").await.json().await.unwrap();
+        assert_eq!(models["data"][0]["status"], status, "{models}");
+        assert_eq!(models["data"][0]["reason"], format!("admin: {action}"));
+    }
+
     // The exported dataset passes the fine-tuning format check of the simulated provider,
     // tool-use lines included, and contains only teacher traces.
     let id = job["id"].as_str().unwrap();

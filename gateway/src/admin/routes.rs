@@ -1,9 +1,12 @@
 //! The admin API's routing endpoints: read the table and its history, change routes and shares.
 
+use std::sync::Arc;
+
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
+use forge_layer::distill::ModelStatus;
 use forge_router::{CanaryShare, RouteSpec, RoutingTable};
 use http::StatusCode;
 use serde::Deserialize;
@@ -58,10 +61,68 @@ fn table_json(table: &RoutingTable) -> serde_json::Value {
     serde_json::json!({"version": table.version(), "routes": routes})
 }
 
-fn applied(result: Result<std::sync::Arc<RoutingTable>, RouteUpdateError>) -> Response {
+fn applied(result: Result<Arc<RoutingTable>, RouteUpdateError>) -> Response {
     match result {
         Ok(table) => Json(table_json(&table)).into_response(),
         Err(e) => update_error(&e),
+    }
+}
+
+/// Records in the model registry what an operator's change of shares did to a route's
+/// students, as the guard's decisions are recorded: one taken to 0 is rolled back (and so
+/// taken down once idle, where its deployment costs), one given all the traffic is promoted,
+/// one given a share from 0 is in canary again. A failed write is logged: the route has changed.
+async fn record_statuses(
+    state: &AdminState,
+    alias: &str,
+    before: &RoutingTable,
+    result: &Result<Arc<RoutingTable>, RouteUpdateError>,
+    action: &str,
+) {
+    let (Some(registry), Ok(after)) = (&state.distiller, result) else {
+        return;
+    };
+    let (Some(was), Some(now)) = (before.route(alias), after.route(alias)) else {
+        return;
+    };
+    let changes: Vec<(String, ModelStatus)> = now
+        .students
+        .iter()
+        .filter_map(|student| {
+            let old = was
+                .students
+                .iter()
+                .find(|s| s.target == student.target)
+                .map_or(CanaryShare::ZERO, |s| s.share);
+            let status = match student.share {
+                share if share == old => return None,
+                CanaryShare::ZERO => ModelStatus::RolledBack,
+                CanaryShare::FULL => ModelStatus::Promoted,
+                _ if old == CanaryShare::ZERO => ModelStatus::Canary,
+                _ => return None,
+            };
+            Some((student.target.model.clone(), status))
+        })
+        .collect();
+    if changes.is_empty() {
+        return;
+    }
+    let (registry, reason) = (Arc::clone(registry), format!("admin: {action}"));
+    // Off the runtime: the write waits for its commit's fsyncs.
+    let updated = tokio::task::spawn_blocking(move || {
+        changes
+            .iter()
+            .try_for_each(|(model, status)| registry.set_model_status(model, *status, &reason))
+    })
+    .await;
+    match updated {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::error!(%alias, error = %e, "registry not updated after an admin change")
+        }
+        Err(e) => {
+            tracing::error!(%alias, error = %e, "registry update after an admin change failed")
+        }
     }
 }
 
@@ -165,18 +226,19 @@ pub async fn canary(
         Ok(s) => s,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_route", e.to_string()),
     };
-    applied(
-        state
-            .control
-            .set_share(
-                &alias,
-                request.model.as_deref(),
-                share,
-                "admin",
-                request.expected_version,
-            )
-            .await,
-    )
+    let before = state.control.router().load();
+    let result = state
+        .control
+        .set_share(
+            &alias,
+            request.model.as_deref(),
+            share,
+            "admin",
+            request.expected_version,
+        )
+        .await;
+    record_statuses(&state, &alias, &before, &result, "canary").await;
+    applied(result)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -196,12 +258,13 @@ pub async fn promote(
         Ok(w) => w,
         Err(e) => return e.into_response(),
     };
-    applied(
-        state
-            .control
-            .promote(&alias, which.model.as_deref(), "admin")
-            .await,
-    )
+    let before = state.control.router().load();
+    let result = state
+        .control
+        .promote(&alias, which.model.as_deref(), "admin")
+        .await;
+    record_statuses(&state, &alias, &before, &result, "promote").await;
+    applied(result)
 }
 
 /// `POST /admin/routes/{alias}/rollback`: the student (or every student) goes to 0.
@@ -214,12 +277,13 @@ pub async fn rollback(
         Ok(w) => w,
         Err(e) => return e.into_response(),
     };
-    applied(
-        state
-            .control
-            .rollback(&alias, which.model.as_deref(), "admin")
-            .await,
-    )
+    let before = state.control.router().load();
+    let result = state
+        .control
+        .rollback(&alias, which.model.as_deref(), "admin")
+        .await;
+    record_statuses(&state, &alias, &before, &result, "rollback").await;
+    applied(result)
 }
 
 #[derive(Debug, Deserialize)]
