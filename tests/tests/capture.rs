@@ -540,6 +540,53 @@ async fn upstream_errors_are_captured_as_errored() {
     gw.shutdown().await;
 }
 
+/// Feedback that waits for a trace still on its way holds no blocking thread while it waits:
+/// on a runtime with four, eight feedbacks waiting for a long stream's trace leave room for
+/// another exchange's feedback, which is recorded while they still wait.
+#[test]
+fn feedback_waiting_for_a_trace_holds_no_blocking_thread() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        // 2,400 words 50 ms apart: the stream runs until the test drops it.
+        let sim = trickle_sim(2400).await;
+        let routes = [("long", "trickle"), ("short", "fast")];
+        let gw = start_gateway(&config_text(&sim.base_url(), "", &routes)).await;
+        let http = client();
+        let url = format!("{}/feedback", gw.base_url());
+        let post = |id: TraceId| {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                http.post(url)
+                    .json(&json!({"trace_id": id.to_string(), "score": 50}))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+            }
+        };
+        let (long, long_body) = streaming(&gw, "long").await;
+        let waiting: Vec<_> = (0..8).map(|_| tokio::spawn(post(long))).collect();
+        // Time for them to reach the gateway and start waiting.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let short = exchange(&http, &gw, &chat_body("short", "hi", false)).await;
+        assert_eq!(post(short).await, 200);
+        assert!(
+            waiting.iter().all(|w| !w.is_finished()),
+            "the long trace's feedbacks still wait for it"
+        );
+        drop(long_body);
+        for w in waiting {
+            assert_eq!(w.await.unwrap(), 200, "recorded once the trace landed");
+        }
+        gw.shutdown().await;
+    });
+}
+
 #[tokio::test]
 async fn feedback_is_validated_and_the_latest_wins() {
     let sim = start_sim(SimConfig::default()).await;

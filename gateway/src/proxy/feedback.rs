@@ -86,9 +86,7 @@ async fn record(state: &ProxyState, caller: Caller, body: Body) -> Result<Respon
         time_ms: now_ms(),
     };
     let score = feedback.score;
-    let result = tokio::task::spawn_blocking(move || save(&store, &caller, &feedback))
-        .await
-        .map_err(|_| Error::Internal)?;
+    let result = save(store, caller, feedback).await?;
     match result {
         Ok((trace, first_score)) => {
             // The guard counts one score per trace: posting again must not outvote others.
@@ -112,29 +110,51 @@ async fn record(state: &ProxyState, caller: Caller, body: Body) -> Result<Respon
     }
 }
 
+/// Runs store work off the runtime: reads and writes wait for the disk.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<Result<T, StoreError>, Error> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|_| Error::Internal)
+}
+
 /// Checks the trace belongs to the caller's tenant, then stores the feedback. A trace from the
-/// last few seconds may still be in the writer's queue, so it is waited for briefly. Also says
-/// whether this is the trace's first score.
-fn save(store: &Store, caller: &Caller, feedback: &Feedback) -> Result<(Trace, bool), StoreError> {
+/// last few seconds may still be in the writer's queue, so it is waited for briefly: on the
+/// runtime, between reads, so that many feedbacks waiting for one long stream's trace hold no
+/// blocking thread (commits and route changes run on that pool). Also says whether this is the
+/// trace's first score.
+async fn save(
+    store: Store,
+    caller: Caller,
+    feedback: Feedback,
+) -> Result<Result<(Trace, bool), StoreError>, Error> {
     let id = feedback.trace_id;
-    let deadline = std::time::Instant::now() + WAIT_FOR_TRACE;
+    let deadline = tokio::time::Instant::now() + WAIT_FOR_TRACE;
     let trace = loop {
-        // Asked before the store is read: an id that settles in between is then found there.
-        let on_its_way = store.unsettled().contains(id);
-        match store.trace(id)? {
-            Some(trace) => break trace,
-            None if on_its_way && std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20))
+        let reader = store.clone();
+        let found = blocking(move || {
+            // Asked before the store is read: an id that settles in between is then found there.
+            let on_its_way = reader.unsettled().contains(id);
+            reader.trace(id).map(|trace| (trace, on_its_way))
+        })
+        .await?;
+        match found {
+            Ok((Some(trace), _)) => break trace,
+            Ok((None, true)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            None => return Err(StoreError::NoSuchTrace(id)),
+            Ok((None, _)) => return Ok(Err(StoreError::NoSuchTrace(id))),
+            Err(e) => return Ok(Err(e)),
         }
     };
     if trace.tenant != caller.tenant {
         // Another tenant's trace is reported as missing, not as forbidden: no existence leak.
         // A key without a tenant reaches only traces without one: grading makes training data,
         // so no key may grade a tenant's traces but that tenant's own.
-        return Err(StoreError::NoSuchTrace(id));
+        return Ok(Err(StoreError::NoSuchTrace(id)));
     }
-    let first_score = store.add_feedback(feedback)?;
-    Ok((trace, first_score))
+    Ok(blocking(move || store.add_feedback(&feedback))
+        .await?
+        .map(|first_score| (trace, first_score)))
 }
