@@ -837,6 +837,32 @@ async fn traces_the_judge_could_not_score_are_scored_later() {
 }
 
 #[tokio::test]
+async fn shutdown_does_not_wait_for_a_judge_call() {
+    let mut sim_config = sim_config();
+    // A judge that answers in ten minutes: only an abandoned call lets shutdown end in a test.
+    sim_config.models.insert(
+        "judge".to_string(),
+        ModelBehavior {
+            first_byte_delay: Duration::from_secs(600),
+            ..ModelBehavior::default()
+        },
+    );
+    let sim = start_sim(sim_config).await;
+    let judge = "[judge]\nupstream = \"sim\"\nmodel = \"judge\"\nsample_percent = 100.0\n";
+    let gw = start_gateway_with(&admin_triggered(&config(&sim, "", judge)), admin).await;
+    traffic(&gw, 2, "slow-judge", None).await;
+    let asked_the_judge = || {
+        sim.requests()
+            .iter()
+            .any(|r| r.body.windows(7).any(|w| w == b"\"judge\""))
+    };
+    eventually("the judge is asked", asked_the_judge).await;
+    tokio::time::timeout(DEADLINE, gw.shutdown())
+        .await
+        .expect("shutdown ends without waiting for the judge's answer");
+}
+
+#[tokio::test]
 async fn the_judges_daily_cap_holds_across_a_restart() {
     let sim = start_sim(sim_config()).await;
     let judge =

@@ -126,15 +126,22 @@ pub async fn run(
                 });
             let question = question_of(&trace.request["messages"]);
             let prompt = judge_messages(&question, &answer.unwrap_or_default(), None);
-            match chat
-                .complete(
+            let reply = tokio::select! {
+                reply = chat.complete(
                     &settings.model.upstream,
                     &settings.model.model,
                     &prompt,
                     None,
-                )
-                .await
-            {
+                ) => reply,
+                // A judge call may take minutes; shutdown must not wait for it. Abandoned, it
+                // is given back, and the trace, behind the cursor, is judged after a restart.
+                _ = stop.changed() => {
+                    day.1 = day.1.saturating_sub(1);
+                    store_meta(&store, DAY_COUNT, day).await;
+                    return;
+                }
+            };
+            match reply {
                 Ok(reply) => match parse_score(&reply) {
                     Some(score) => {
                         let evaluation = Evaluation {
