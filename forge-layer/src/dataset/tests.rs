@@ -492,3 +492,28 @@ fn a_trace_rejected_and_approved_again_is_not_taken_a_second_time() {
     let third = build(&store, &spec, dir.path(), "c", |_| {}).unwrap();
     assert_eq!((third.examples(), third.late), (0, 0));
 }
+
+#[test]
+fn a_trace_golden_by_the_judge_alone_is_not_taken_again_when_feedback_comes() {
+    let judged = trace("chat", Arm::Teacher, Some("k"), None, "judged golden");
+    let (dir, store) = store_with(std::slice::from_ref(&judged), |_| false);
+    store
+        .add_evaluation(&crate::store::Evaluation {
+            trace_id: judged.id,
+            score: 95.0,
+            source: "judge:test".into(),
+            time_ms: 0,
+        })
+        .unwrap();
+    let first = build(&store, &DatasetSpec::new("chat"), dir.path(), "a", |_| {}).unwrap();
+    assert_eq!(first.examples(), 1, "golden by its evaluation");
+    // Feedback after the cut makes the next build look at the trace again, late: golden at the
+    // first build's mark, by the evaluation that build saw, it is not taken a second time.
+    store
+        .add_feedback(&feedback(&judged, None, Some(true)))
+        .unwrap();
+    let spec = after(&[&first]);
+    assert_eq!(lines_ready(&store, &spec).unwrap(), 0);
+    let second = build(&store, &spec, dir.path(), "b", |_| {}).unwrap();
+    assert_eq!((second.examples(), second.late), (0, 0));
+}

@@ -3,8 +3,22 @@
 use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 
-use super::{EVALUATIONS, FEEDBACK, FEEDBACK_ORDER, Store, StoreError, TRACES, db_err};
+use super::{EVALUATIONS, FEEDBACK, FEEDBACK_ORDER, META, Store, StoreError, TRACES, db_err};
 use crate::trace::TraceId;
+
+/// The META key of the newest evaluation's id.
+const EVALUATION_MARK: &str = "evaluation_mark";
+
+/// The newest evaluation's id, as recorded in the META table; none in a store without
+/// evaluations (or from before the mark was kept, whose marks then cover feedback only).
+pub(super) fn evaluation_mark(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<Option<TraceId>, StoreError> {
+    match meta.get(EVALUATION_MARK).map_err(db_err)? {
+        Some(v) => Ok(Some(serde_json::from_slice(v.value())?)),
+        None => Ok(None),
+    }
+}
 
 /// One piece of feedback on a trace. Grading uses each field's latest value across a trace's
 /// feedback ([`Store::current_feedback`]): a score sent after a rejection leaves the rejection
@@ -109,12 +123,16 @@ impl Store {
         let trace = evaluation.trace_id;
         self.write(|txn| {
             require_trace(&txn.open_table(TRACES).map_err(db_err)?, trace)?;
+            let id = TraceId::generate();
             let mut table = txn.open_table(EVALUATIONS).map_err(db_err)?;
             table
-                .insert(
-                    (trace.as_u128(), TraceId::generate().as_u128()),
-                    bytes.as_slice(),
-                )
+                .insert((trace.as_u128(), id.as_u128()), bytes.as_slice())
+                .map_err(db_err)?;
+            // Evaluations have no arrival-order table, as feedback has: a dataset's mark must
+            // cover the newest, and ids follow commit order (made under the write lock).
+            txn.open_table(META)
+                .map_err(db_err)?
+                .insert(EVALUATION_MARK, serde_json::to_vec(&id)?.as_slice())
                 .map_err(db_err)?;
             Ok(())
         })

@@ -131,6 +131,7 @@ impl Store {
                 feedback: txn.open_table(FEEDBACK).map_err(db_err)?,
                 feedback_order: txn.open_table(FEEDBACK_ORDER).map_err(db_err)?,
                 evaluations: txn.open_table(EVALUATIONS).map_err(db_err)?,
+                meta: txn.open_table(META).map_err(db_err)?,
                 settled,
             })
         })
@@ -148,6 +149,7 @@ pub struct GradedScan {
     feedback: ReadOnlyTable<(u128, u128), &'static [u8]>,
     feedback_order: ReadOnlyTable<u128, u128>,
     evaluations: ReadOnlyTable<(u128, u128), &'static [u8]>,
+    meta: ReadOnlyTable<&'static str, &'static [u8]>,
     /// The scan stops below this id: see [`Store::for_each_graded_trace`].
     settled: u128,
 }
@@ -196,11 +198,14 @@ impl GradedScan {
         Ok(())
     }
 
-    /// The newest feedback in this snapshot, or the id 0 when there is none: the snapshot holds
-    /// exactly the feedback up to it (feedback ids follow commit order).
+    /// The newest feedback or evaluation in this snapshot, or the id 0 when there is none: the
+    /// snapshot holds exactly the feedback and evaluations up to it (their ids follow commit
+    /// order). Grading a trace at this mark ([`GradedScan::graded_at`]) is grading it as this
+    /// snapshot does, judge's scores included.
     pub fn feedback_mark(&self) -> Result<TraceId, StoreError> {
         let last = self.feedback_order.last().map_err(db_err)?;
-        Ok(TraceId::from_u128(last.map_or(0, |(id, _)| id.value())))
+        let feedback = TraceId::from_u128(last.map_or(0, |(id, _)| id.value()));
+        Ok(super::feedback::evaluation_mark(&self.meta)?.map_or(feedback, |e| e.max(feedback)))
     }
 
     /// Calls `f`, oldest trace first, on each trace up to `upto` that got feedback after the

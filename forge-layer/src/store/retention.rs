@@ -158,7 +158,7 @@ impl Store {
         })
     }
 
-    /// The highest id this store has held: its newest trace or feedback, or the newest it
+    /// The highest id this store has held: its newest trace, feedback or evaluation, or the newest it
     /// deleted for age if that is higher. New ids are made above it when the store opens.
     pub fn id_floor(&self) -> Result<Option<TraceId>, StoreError> {
         // One snapshot, so that an expiry committing meanwhile cannot hide both.
@@ -176,8 +176,13 @@ impl Store {
                 .last()
                 .map_err(db_err)?
                 .map(|(k, _)| TraceId::from_u128(k.value()));
-            let expired = expired_mark(&txn.open_table(META).map_err(db_err)?)?;
-            Ok(newest.max(feedback).max(expired))
+            let meta = txn.open_table(META).map_err(db_err)?;
+            // And a dataset's mark may be an evaluation's id.
+            let evaluation = super::feedback::evaluation_mark(&meta)?;
+            Ok(newest
+                .max(feedback)
+                .max(expired_mark(&meta)?)
+                .max(evaluation))
         })
     }
 }

@@ -950,6 +950,21 @@ fn feedback_keeps_its_arrival_order_which_a_store_from_before_gets_at_open() {
     // New ids sort after the newest feedback, which is newer than every trace.
     let newest_feedback = arrivals.last().unwrap().0;
     assert_eq!(store.id_floor().unwrap(), Some(newest_feedback));
+    // And after the newest evaluation, which a dataset's mark may be.
+    store
+        .add_evaluation(&Evaluation {
+            trace_id: ids[0],
+            score: 95.0,
+            source: "test".into(),
+            time_ms: 1,
+        })
+        .unwrap();
+    let floor = store.id_floor().unwrap().unwrap();
+    assert!(floor > newest_feedback, "{floor:?}");
+    let mark = store
+        .with_graded_snapshot(|scan| scan.feedback_mark())
+        .unwrap();
+    assert_eq!(mark, floor, "the dataset mark covers the evaluation");
 
     store.forget_feedback_order().unwrap();
     drop(store);
