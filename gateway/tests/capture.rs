@@ -228,6 +228,22 @@ async fn secrets_stay_out_of_logs_store_and_exports_and_the_cli_reads_both_ways(
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     };
     assert_eq!(live_export.lines().count(), 2, "{live_export}");
+    // An address without a scheme is taken as http.
+    let admin_stats = |addr: String| {
+        tokio::task::spawn_blocking(move || {
+            Command::new(FORGE)
+                .args(["traces", "stats", "--admin", &addr])
+                .env("FORGE_ADMIN_TOKEN", "adm1n-t0ken")
+                .output()
+                .unwrap()
+        })
+    };
+    let bare = admin_stats(admin_addr.clone()).await.unwrap();
+    assert!(
+        bare.status.success(),
+        "{}",
+        String::from_utf8_lossy(&bare.stderr)
+    );
 
     assert!(
         Command::new("kill")
@@ -237,6 +253,16 @@ async fn secrets_stay_out_of_logs_store_and_exports_and_the_cli_reads_both_ways(
             .success()
     );
     assert!(forge.0.wait().unwrap().success());
+    // With the gateway gone, the error says where and why.
+    let gone = admin_stats(format!("http://{admin_addr}")).await.unwrap();
+    assert!(!gone.status.success());
+    let stderr = String::from_utf8_lossy(&gone.stderr);
+    assert!(
+        stderr.contains(&format!("admin API at http://{admin_addr}"))
+            && stderr.to_lowercase().contains("refused")
+            && !stderr.contains("admin API: admin API"),
+        "{stderr}"
+    );
 
     let offline = Command::new(FORGE)
         .args(["traces", "export", "--data-dir"])

@@ -1,6 +1,12 @@
 //! A small client for the admin API, shared by the commands that talk to a running gateway.
 
+use std::time::Duration;
+
 use crate::env::ENV_FORGE_ADMIN_TOKEN;
+
+/// How long one admin request may take before the command gives up: a gateway that accepts the
+/// connection but never answers must not hang a script.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// `text` as one path segment: every byte but RFC 3986's unreserved ones percent-encoded, so
 /// that an alias such as `meta-llama/Llama-3.1-8B` stays one segment.
@@ -25,16 +31,23 @@ pub struct AdminClient {
 }
 
 impl AdminClient {
-    /// `base` is the admin address, e.g. `http://127.0.0.1:8081`.
+    /// `base` is the admin address, e.g. `http://127.0.0.1:8081`; without a scheme, `http://`.
     pub fn new(base: &str) -> Result<Self, String> {
         let token = std::env::var(ENV_FORGE_ADMIN_TOKEN)
             .map_err(|_| format!("set {ENV_FORGE_ADMIN_TOKEN} to the gateway's admin token"))?;
         let _ = rustls::crypto::ring::default_provider().install_default();
-        Ok(Self {
-            base: base.trim_end_matches('/').to_string(),
-            token,
-            http: reqwest::Client::new(),
-        })
+        let base = base.trim_end_matches('/');
+        let base = if base.contains("://") {
+            base.to_string()
+        } else {
+            format!("http://{base}")
+        };
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(REQUEST_TIMEOUT)
+            .build()
+            .map_err(|e| with_causes("cannot build the HTTP client", &e))?;
+        Ok(Self { base, token, http })
     }
 
     /// `GET path`, the JSON answer, or the admin API's error message.
@@ -58,26 +71,45 @@ impl AdminClient {
         .await
     }
 
+    /// Sends the request; the answer's JSON, or a message that says what went wrong, with
+    /// the underlying causes (a refused connection, a timeout) and the status.
     async fn send(&self, request: reqwest::RequestBuilder) -> Result<serde_json::Value, String> {
+        let at = format!("admin API at {}", self.base);
         let response = request
             .bearer_auth(&self.token)
             .send()
             .await
-            .map_err(|e| format!("admin API: {e}"))?;
+            .map_err(|e| with_causes(&at, &e))?;
         let status = response.status();
-        let body: serde_json::Value = response
-            .json()
+        let text = response
+            .text()
             .await
-            .map_err(|e| format!("admin API: {e}"))?;
-        if status.is_success() {
-            Ok(body)
-        } else {
-            Err(format!(
-                "{status}: {}",
+            .map_err(|e| with_causes(&format!("{at}: {status}"), &e))?;
+        match serde_json::from_str::<serde_json::Value>(&text) {
+            Ok(body) if status.is_success() => Ok(body),
+            Ok(body) => Err(format!(
+                "{at}: {status}: {}",
                 body["error"]["message"].as_str().unwrap_or("error")
-            ))
+            )),
+            // Not Forge's answer: a proxy's error page, or not the admin port.
+            Err(_) => Err(format!(
+                "{at}: {status}: the answer is not JSON (is this the admin address?): {}",
+                text.chars().take(200).collect::<String>()
+            )),
         }
     }
+}
+
+/// `context: error: cause: cause…`: reqwest's own message leaves out why (connection refused,
+/// a DNS failure, a timeout).
+fn with_causes(context: &str, e: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = format!("{context}: {e}");
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        message.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    message
 }
 
 #[cfg(test)]

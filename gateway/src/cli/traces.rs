@@ -44,8 +44,8 @@ pub enum TracesError {
     /// Opening or reading the store failed.
     #[error(transparent)]
     Store(#[from] forge_layer::store::StoreError),
-    /// The admin API could not be used.
-    #[error("admin API: {0}")]
+    /// The admin API could not be used (the message names it).
+    #[error("{0}")]
     Admin(String),
     /// Writing to stdout failed (e.g. a closed pipe).
     #[error("output: {0}")]
@@ -62,7 +62,7 @@ pub async fn run(source: Source, action: Action) -> Result<(), TracesError> {
             let store = Store::open_existing_dir(&dir)?;
             tokio::task::spawn_blocking(move || from_store(&store, action))
                 .await
-                .map_err(|e| TracesError::Admin(e.to_string()))?
+                .map_err(|e| TracesError::Admin(format!("the store read failed: {e}")))?
         }
         Source::Admin(url) => from_admin(&url, action).await,
     }
