@@ -262,29 +262,37 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         (Some(store), false) => {
             let service = start_distiller(&config, store, &resolved, &upstreams, &control)?;
             servers.push(tokio::spawn(Arc::clone(&service).run(stopped.clone())));
-            if let Some(judge) = &config.judge {
-                let settings = judge::JudgeSettings {
-                    model: JudgeModel {
-                        upstream: judge.upstream.clone(),
-                        model: judge.model.clone(),
-                    },
-                    sample_percent: judge.sample_percent,
-                    max_per_minute: judge.max_per_minute,
-                    max_per_day: judge.max_per_day,
-                    every: config.distiller.check_every.min(Duration::from_secs(5)),
-                };
-                let chat: Arc<dyn ChatClient> = Arc::new(UpstreamChat::new(upstreams.clone()));
-                servers.push(tokio::spawn(judge::run(
-                    store.clone(),
-                    chat,
-                    settings,
-                    stopped.clone(),
-                )));
-            }
             Some(service)
         }
         _ => None,
     };
+    // The judge grades captured traces whether or not a route is distilled here: datasets built
+    // by hand (`forge dataset export`) use its scores too.
+    match (&store, &config.judge) {
+        (Some(store), Some(judge)) => {
+            let settings = judge::JudgeSettings {
+                model: JudgeModel {
+                    upstream: judge.upstream.clone(),
+                    model: judge.model.clone(),
+                },
+                sample_percent: judge.sample_percent,
+                max_per_minute: judge.max_per_minute,
+                max_per_day: judge.max_per_day,
+                every: config.distiller.check_every.min(Duration::from_secs(5)),
+            };
+            let chat: Arc<dyn ChatClient> = Arc::new(UpstreamChat::new(upstreams.clone()));
+            servers.push(tokio::spawn(judge::run(
+                store.clone(),
+                chat,
+                settings,
+                stopped.clone(),
+            )));
+        }
+        (None, Some(_)) => {
+            tracing::warn!("[judge] is configured but capture is off: there is nothing to judge")
+        }
+        _ => {}
+    }
 
     let max_response_bytes = config
         .capture

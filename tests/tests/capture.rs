@@ -587,6 +587,25 @@ fn feedback_waiting_for_a_trace_holds_no_blocking_thread() {
     });
 }
 
+/// The judge grades captured traces on a gateway that distills nothing: datasets built by hand
+/// use its scores too.
+#[tokio::test]
+async fn the_judge_grades_traces_without_a_distilled_route() {
+    let sim = start_sim(SimConfig::default()).await;
+    let judge = "[judge]\nupstream = \"sim\"\nmodel = \"judge\"\nsample_percent = 100.0\n";
+    let text = format!(
+        "{}\n{judge}",
+        config_text(&sim.base_url(), "", &[("m", "gpt-4o")])
+    );
+    let gw = start_gateway(&text).await;
+    let id = exchange(&client(), &gw, &chat_body("m", "what is a quorum?", false)).await;
+    eventually("the judge scores the trace", || {
+        gw.store().unwrap().has_evaluation(id).unwrap()
+    })
+    .await;
+    gw.shutdown().await;
+}
+
 #[tokio::test]
 async fn feedback_is_validated_and_the_latest_wins() {
     let sim = start_sim(SimConfig::default()).await;
