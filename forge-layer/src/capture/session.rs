@@ -175,11 +175,14 @@ impl PendingTrace {
     }
 
     /// Whether the exchange failed in a way that is the serving side's fault: a 5xx (including
-    /// Forge's own 502/504), a body that broke, or a stream that ended on an `error` event (the
-    /// upstream's, or the one Forge sends when the upstream breaks or stalls mid-stream, after
-    /// which the client sees a clean end). What the canary guard counts as an error.
+    /// Forge's own 502/504); a 401, 403, 404 or 429, which say the deployment or adapter is gone,
+    /// refuses Forge's key or is out of capacity (a 400 or 413 is the request's own fault); a
+    /// body that broke; or a stream that ended on an `error` event (the upstream's, or the one
+    /// Forge sends when the upstream breaks or stalls mid-stream, after which the client sees a
+    /// clean end). What the canary guard counts as an error.
     pub fn failed_upstream(&self) -> bool {
         self.status >= 500
+            || matches!(self.status, 401 | 403 | 404 | 429)
             || self.end == BodyEnd::Failed
             || (self.is_sse && !self.over_cap && last_event_is_error(&self.body))
     }
@@ -415,6 +418,24 @@ mod tests {
         assert!(!failed(""));
         assert!(!failed("\n\n\r\n"));
         assert!(failed(error));
+    }
+
+    #[test]
+    fn client_errors_of_the_serving_side_are_failures_and_the_request_s_are_not() {
+        let failed = |status: u16| {
+            let mut session =
+                CaptureSession::new(Ticket::untracked(), meta(false), Bytes::new(), 1 << 20);
+            session.on_response(status, false);
+            session.on_chunk(br#"{"error":{"message":"x","type":"invalid_request_error"}}"#);
+            session.finish(BodyEnd::Complete).failed_upstream()
+        };
+        // A student whose adapter was unloaded answers 404 to every canary user.
+        for status in [401, 403, 404, 429, 500, 502, 503, 504] {
+            assert!(failed(status), "{status}");
+        }
+        for status in [200, 400, 408, 413, 422] {
+            assert!(!failed(status), "{status}");
+        }
     }
 
     #[test]
