@@ -233,18 +233,42 @@ impl Guard {
             }
             for student in &route.students {
                 let share = student.share;
+                let key = (route.alias.clone(), student.target.model.clone());
                 if share == CanaryShare::ZERO || share == CanaryShare::FULL {
+                    // Out of canary (rolled back or promoted, by anyone): a return to canary
+                    // starts a step afresh, not on its old clock and failed checks.
+                    state.students.remove(&key);
                     continue;
                 }
-                let key = (route.alias.clone(), student.target.model.clone());
-                let started = state
-                    .students
-                    .entry(key.clone())
-                    .or_insert(StudentState {
-                        step_started: now,
-                        failed_checks: 0,
-                    })
-                    .step_started;
+                // Whether another student of this route is in canary, measured on the same
+                // teacher window.
+                let others_in_canary = route.students.iter().any(|other| {
+                    other.target.model != student.target.model
+                        && other.share != CanaryShare::ZERO
+                        && other.share != CanaryShare::FULL
+                });
+                let started = match state.students.get(&key) {
+                    Some(s) => s.step_started,
+                    None => {
+                        // A step starts: it is judged on what comes from now on. The teacher's
+                        // window may hold days of traffic from before (while a student sat at
+                        // 0%), and would otherwise meet `min_requests` at once and set the bar.
+                        state.students.insert(
+                            key.clone(),
+                            StudentState {
+                                step_started: now,
+                                failed_checks: 0,
+                            },
+                        );
+                        if let Some(route_stats) = state.stats.get_mut(&route.alias) {
+                            route_stats.arms.remove(&student.target.model);
+                            if !others_in_canary {
+                                route_stats.arms.remove(&route.teacher.model);
+                            }
+                        }
+                        now
+                    }
+                };
                 if now.duration_since(started) < self.config.interval {
                     continue;
                 }
@@ -312,11 +336,6 @@ impl Guard {
                 };
                 // The next step is judged on fresh traffic: this student's window restarts, and
                 // the teacher's too unless another student in canary is still measured on it.
-                let others_in_canary = route.students.iter().any(|other| {
-                    other.target.model != student.target.model
-                        && other.share != CanaryShare::ZERO
-                        && other.share != CanaryShare::FULL
-                });
                 if let Some(route_stats) = state.stats.get_mut(&route.alias) {
                     route_stats.arms.remove(&student.target.model);
                     if !others_in_canary {

@@ -194,3 +194,56 @@ async fn manual_aliases_are_left_alone() {
     assert!(guard.check(&table(5.0), 0).is_empty());
     assert!(guard.events().is_empty());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_step_is_judged_on_traffic_from_its_start_not_on_the_teacher_s_past() {
+    let guard = Guard::new(config());
+    // The student sits at 0% (rolled back) while the teacher serves the route for a long time.
+    guard.check(&table(0.0), 0);
+    for _ in 0..1000 {
+        guard.record("a", "teacher", 1000, false);
+    }
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    // Back in canary: its step starts now, and the teacher's old traffic does not count.
+    assert!(guard.check(&table(10.0), 0).is_empty());
+    tokio::time::advance(Duration::from_secs(11)).await;
+    for _ in 0..60 {
+        guard.record("a", "student", 1000, false);
+    }
+    for _ in 0..10 {
+        guard.record("a", "teacher", 1000, false);
+    }
+    assert!(guard.check(&table(10.0), 0).is_empty());
+    let last = guard.events().last().cloned().unwrap();
+    assert_eq!(last.kind, EventKind::Unverified);
+    assert!(
+        last.detail.contains("10 teacher requests"),
+        "{}",
+        last.detail
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_student_back_in_canary_starts_its_step_afresh() {
+    let guard = Guard::new(config());
+    guard.check(&table(10.0), 0);
+    tokio::time::advance(Duration::from_secs(11)).await;
+    traffic(&guard, Some(20));
+    assert!(guard.check(&table(10.0), 0).is_empty());
+    assert_eq!(guard.events().last().unwrap().kind, EventKind::FailedCheck);
+    // An operator rolls it back, then gives it a share again a while later.
+    guard.check(&table(0.0), 0);
+    tokio::time::advance(Duration::from_secs(600)).await;
+    traffic(&guard, Some(20));
+    assert!(
+        guard.check(&table(10.0), 0).is_empty(),
+        "not judged at once on its old clock"
+    );
+    tokio::time::advance(Duration::from_secs(11)).await;
+    traffic(&guard, Some(20));
+    assert!(
+        guard.check(&table(10.0), 0).is_empty(),
+        "its first failed check since its return: not a rollback"
+    );
+    assert_eq!(guard.events().last().unwrap().kind, EventKind::FailedCheck);
+}
