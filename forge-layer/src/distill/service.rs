@@ -517,8 +517,23 @@ impl DistillationService {
         since: chrono::DateTime<chrono::Utc>,
         now: chrono::DateTime<chrono::Utc>,
     ) {
+        let this = Arc::clone(self);
+        let jobs = match tokio::task::spawn_blocking(move || this.jobs()).await {
+            Ok(Ok(jobs)) => jobs,
+            Ok(Err(e)) => {
+                return tracing::error!(error = %e, "cannot read the jobs; no distillation started this round");
+            }
+            Err(e) => return tracing::error!(error = %e, "jobs read task failed"),
+        };
         for (alias, route) in &self.routes {
             if self.lock_active().contains(alias) || self.deployer.canary_in_progress(alias) {
+                continue;
+            }
+            let newest = jobs.iter().filter(|j| &j.route == alias);
+            if let Some((until_ms, failures)) = failure_backoff(newest, self.settings.check_every)
+                && now_ms() < until_ms
+            {
+                tracing::debug!(route = %alias, failures, wait_ms = until_ms - now_ms(), "distillation backing off after failed jobs");
                 continue;
             }
             let due = route
@@ -1088,6 +1103,35 @@ pub fn policy(min_score: f64) -> GoldenPolicy {
     GoldenPolicy { min_score }
 }
 
+/// The longest automatic triggers wait after failed jobs.
+const MAX_FAILURE_BACKOFF: Duration = Duration::from_secs(6 * 3600);
+
+/// After `n` failed jobs in a row (the newest of a route's `jobs`, newest first), until when
+/// automatic triggers wait: `check_every × 2^(n−1)`, at most [`MAX_FAILURE_BACKOFF`], from the
+/// last one's end; and `n`. Without it, a job the provider refuses for good (a file over its
+/// size limit, training data its moderation refuses) is built, uploaded and failed again at
+/// every check, and an operator's cancel is undone a minute later. A job that completes ends
+/// the wait; an operator's trigger never waits.
+fn failure_backoff<'j>(
+    jobs: impl Iterator<Item = &'j DistillationJob>,
+    check_every: Duration,
+) -> Option<(u64, u32)> {
+    let mut failures = 0u32;
+    let mut last_end = None;
+    for job in jobs {
+        if job.status != JobStatus::Failed {
+            break;
+        }
+        failures += 1;
+        last_end = last_end.or(Some(job.finished_ms.unwrap_or(job.updated_ms)));
+    }
+    let wait = check_every
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(20))
+        .min(MAX_FAILURE_BACKOFF);
+    let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+    last_end.map(|end| (end.saturating_add(wait_ms), failures))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1108,5 +1152,41 @@ mod tests {
         let shown = format!("{settings:?}");
         assert!(shown.contains("http://admin:8081"), "{shown}");
         assert!(!shown.contains("admin-secret-token"), "{shown}");
+    }
+
+    #[test]
+    fn automatic_triggers_wait_longer_after_each_failed_job_until_one_completes() {
+        let job = |status: JobStatus, finished_ms: u64| DistillationJob {
+            status,
+            finished_ms: Some(finished_ms),
+            ..serde_json::from_value(serde_json::json!({
+                "id": "dj_x", "route": "chat", "trigger": "threshold", "status": "FAILED",
+                "provider": "sim", "base_model": "m", "dataset_size": 0, "created_ms": 0,
+                "updated_ms": 0
+            }))
+            .unwrap()
+        };
+        let every = Duration::from_secs(60);
+        let backoff = |jobs: &[DistillationJob]| failure_backoff(jobs.iter(), every);
+        assert_eq!(backoff(&[]), None);
+        assert_eq!(backoff(&[job(JobStatus::Completed, 5)]), None);
+        // Newest first: one failure waits one check, two wait two, three wait four.
+        let failed = job(JobStatus::Failed, 1_000);
+        assert_eq!(backoff(std::slice::from_ref(&failed)), Some((61_000, 1)));
+        assert_eq!(
+            backoff(&[failed.clone(), job(JobStatus::Failed, 500)]),
+            Some((121_000, 2))
+        );
+        let three = [failed.clone(), failed.clone(), failed.clone()];
+        assert_eq!(backoff(&three), Some((241_000, 3)));
+        // A completed job before them ends the run of failures.
+        assert_eq!(
+            backoff(&[failed.clone(), job(JobStatus::Completed, 0), failed.clone()]),
+            Some((61_000, 1))
+        );
+        // However many, never more than the cap.
+        let many = vec![failed; 40];
+        let cap_ms = u64::try_from(MAX_FAILURE_BACKOFF.as_millis()).unwrap();
+        assert_eq!(backoff(&many), Some((1_000 + cap_ms, 40)));
     }
 }
