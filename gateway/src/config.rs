@@ -840,6 +840,10 @@ fn validate_guard(raw: RawGuard) -> Result<Option<GuardConfig>, ConfigError> {
     if !(raw.max_p99_ratio.is_finite() && raw.max_p99_ratio >= 1.0) {
         return Err(invalid("guard.max_p99_ratio must be at least 1"));
     }
+    // Negative, a student would have to beat the teacher; NaN would turn the gate off.
+    if !(0.0..=100.0).contains(&raw.max_feedback_drop) {
+        return Err(invalid("guard.max_feedback_drop must be 0–100 (points)"));
+    }
     if raw.max_failed_checks == 0 {
         return Err(invalid("guard.max_failed_checks must be at least 1"));
     }
@@ -1408,6 +1412,16 @@ key_sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
                 "max_per_day = 10000",
                 "max_per_day = 0",
                 "judge.max_per_minute",
+            ),
+            (
+                "max_feedback_drop = 5.0",
+                "max_feedback_drop = -1.0",
+                "guard.max_feedback_drop",
+            ),
+            (
+                "max_feedback_drop = 5.0",
+                "max_feedback_drop = nan",
+                "guard.max_feedback_drop",
             ),
             (
                 "max_in_flight = 1024",
