@@ -584,6 +584,32 @@ async fn restart_past_the_deadline(
     .await
 }
 
+#[tokio::test]
+async fn a_job_trained_before_a_restart_goes_on_from_its_model_when_the_run_is_gone() {
+    let sim = start_sim(sim_config()).await;
+    let text = no_canary(&admin_triggered(&config(&sim, "", "")));
+    let gw = start_gateway_with(&text, admin).await;
+    traffic(&gw, 24, "resumed", None).await;
+    assert_eq!(admin_post(&gw, "/admin/distill/chat").await.status(), 202);
+    let job = wait_for_job(&gw, "COMPLETED").await;
+    let id = job["id"].as_str().unwrap().to_string();
+    let trained = job["trained_model"].clone();
+    assert!(trained.is_string(), "{job}");
+    // Forge stopped during the deploy, after the run: the job is still TRAINING with its model
+    // recorded, and the run is gone at the provider (as a Kubernetes Job a day after it ended).
+    let (gw, _dir) = restart(gw, &text, |store| {
+        let mut job: Value = store.job(&id).unwrap().unwrap();
+        job["status"] = "TRAINING".into();
+        job["provider_job_id"] = "ftjob-deleted".into();
+        job["finished_ms"] = Value::Null;
+        store.put_job(&id, &job).unwrap();
+    })
+    .await;
+    let done = completed(&gw, &id).await;
+    assert_eq!(done["trained_model"], trained, "{done}");
+    gw.shutdown().await;
+}
+
 /// A gateway whose route's job (traffic tagged `tag`) is in TRAINING with its run at the
 /// provider: ten minutes of training against a 30-minute deadline. Returns the sim, the config,
 /// the gateway and the job's id.

@@ -808,6 +808,13 @@ impl DistillationService {
         let Some(provider_job) = job.provider_job_id.clone() else {
             return self.fail(&mut job, "no provider job id".into());
         };
+        // Trained before a restart that came during the deploy or the evaluation: the run is
+        // done, and may be gone at the provider (a Kubernetes Job is deleted a day after it
+        // ends), so the job goes on from its model instead of polling for it.
+        if let Some(trained) = job.trained_model.clone() {
+            tracing::info!(job = %job.id, model = %trained, "resuming after training: the model is already trained");
+            return self.after_training(job, route, trained).await;
+        }
         let mut wait = self.settings.poll_initial;
         let deadline = self.training_deadline(&job);
         let trained = loop {
@@ -863,6 +870,17 @@ impl DistillationService {
         // again (see `last_cut`), and the model's name stays on the job for a manual deployment.
         job.trained_model = Some(trained.clone());
         self.save(&mut job);
+        self.after_training(job, route, trained).await;
+    }
+
+    /// TRAINING, trained → COMPLETED: deploys the model, registers it, evaluates it and lets
+    /// it join its route.
+    async fn after_training(
+        self: Arc<Self>,
+        mut job: DistillationJob,
+        route: RouteDistill,
+        trained: String,
+    ) {
         let deployed = match retrying(
             || route.provider.deploy(&job.id, &trained),
             self.settings.poll_initial,
