@@ -345,21 +345,18 @@ fn dataset_export_builds_a_valid_dataset_with_progress() {
                 .unwrap();
         }
     }
-    let output = Command::new(FORGE)
-        .args([
-            "dataset",
-            "export",
-            "--route",
-            "chat",
-            "--validation-percent",
-            "0",
-            "--data-dir",
-        ])
-        .arg(data.path())
-        .arg("--out")
-        .arg(out.path())
-        .output()
-        .unwrap();
+    let export = |args: &[&str]| {
+        Command::new(FORGE)
+            .args(["dataset", "export"])
+            .args(args)
+            .arg("--data-dir")
+            .arg(data.path())
+            .arg("--out")
+            .arg(out.path())
+            .output()
+            .unwrap()
+    };
+    let output = export(&["--route", "chat", "--validation-percent", "0"]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     assert!(
@@ -372,13 +369,7 @@ fn dataset_export_builds_a_valid_dataset_with_progress() {
     assert_eq!(forge_gateway::sim::validate_training_jsonl(&train), Ok(15));
     // A route no trace has (a typo, most likely) is an error, and leaves no empty dataset.
     let exported = std::fs::read_dir(out.path()).unwrap().count();
-    let typo = Command::new(FORGE)
-        .args(["dataset", "export", "--route", "chta", "--data-dir"])
-        .arg(data.path())
-        .arg("--out")
-        .arg(out.path())
-        .output()
-        .unwrap();
+    let typo = export(&["--route", "chta"]);
     assert!(!typo.status.success());
     let stderr = String::from_utf8_lossy(&typo.stderr);
     assert!(stderr.contains("no trace of route `chta`"), "{stderr}");
@@ -390,21 +381,7 @@ fn dataset_export_builds_a_valid_dataset_with_progress() {
         ("--golden-min-score", "101"),
         ("--max-key-share", "0"),
     ] {
-        let refused = Command::new(FORGE)
-            .args([
-                "dataset",
-                "export",
-                "--route",
-                "chat",
-                flag,
-                value,
-                "--data-dir",
-            ])
-            .arg(data.path())
-            .arg("--out")
-            .arg(out.path())
-            .output()
-            .unwrap();
+        let refused = export(&["--route", "chat", flag, value]);
         assert!(!refused.status.success(), "{flag} {value}");
         let stderr = String::from_utf8_lossy(&refused.stderr);
         assert!(stderr.contains(flag), "{flag} {value}: {stderr}");

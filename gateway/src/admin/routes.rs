@@ -68,20 +68,31 @@ fn applied(result: Result<Arc<RoutingTable>, RouteUpdateError>) -> Response {
     }
 }
 
-/// Records in the model registry what an operator's change of shares did to a route's
-/// students, as the guard's decisions are recorded: one taken to 0 is rolled back (and so
-/// taken down once idle, where its deployment costs), one given all the traffic is promoted,
-/// one given a share from 0 is in canary again. A failed write is logged: the route has changed.
-async fn record_statuses(
+/// Answers an operator's change of shares, after recording in the model registry what it did
+/// to the route's students, as the guard's decisions are recorded: one taken to 0 is rolled
+/// back (and so taken down once idle, where its deployment costs), one given all the traffic
+/// is promoted, one given a share from 0 is in canary again. A failed write is logged: the
+/// route has changed.
+async fn recorded(
     state: &AdminState,
     alias: &str,
     before: &RoutingTable,
-    result: &Result<Arc<RoutingTable>, RouteUpdateError>,
+    result: Result<Arc<RoutingTable>, RouteUpdateError>,
+    action: &str,
+) -> Response {
+    if let (Some(registry), Ok(after)) = (&state.distiller, &result) {
+        record_statuses(registry, alias, before, after, action).await;
+    }
+    applied(result)
+}
+
+async fn record_statuses(
+    registry: &Arc<forge_layer::distill::DistillationService>,
+    alias: &str,
+    before: &RoutingTable,
+    after: &RoutingTable,
     action: &str,
 ) {
-    let (Some(registry), Ok(after)) = (&state.distiller, result) else {
-        return;
-    };
     let (Some(was), Some(now)) = (before.route(alias), after.route(alias)) else {
         return;
     };
@@ -237,8 +248,7 @@ pub async fn canary(
             request.expected_version,
         )
         .await;
-    record_statuses(&state, &alias, &before, &result, "canary").await;
-    applied(result)
+    recorded(&state, &alias, &before, result, "canary").await
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -263,8 +273,7 @@ pub async fn promote(
         .control
         .promote(&alias, which.model.as_deref(), "admin")
         .await;
-    record_statuses(&state, &alias, &before, &result, "promote").await;
-    applied(result)
+    recorded(&state, &alias, &before, result, "promote").await
 }
 
 /// `POST /admin/routes/{alias}/rollback`: the student (or every student) goes to 0.
@@ -282,8 +291,7 @@ pub async fn rollback(
         .control
         .rollback(&alias, which.model.as_deref(), "admin")
         .await;
-    record_statuses(&state, &alias, &before, &result, "rollback").await;
-    applied(result)
+    recorded(&state, &alias, &before, result, "rollback").await
 }
 
 #[derive(Debug, Deserialize)]
