@@ -15,6 +15,10 @@ use super::metrics::{metrics_from_events, parse_result_csv};
 use super::naming::slug;
 use crate::distill::provider::{Progress, ProviderError, ProviderState, TrainingRequest};
 
+/// The largest file the Files API takes in one request (openai-wire.md: 512 MB; larger ones need
+/// the Uploads API).
+pub(super) const MAX_UPLOAD_BYTES: u64 = 512 * 1024 * 1024;
+
 /// A 429 on job creation is waited out this many times, when it asks for no more than
 /// `MAX_CREATE_WAIT`: giving up would throw away an upload that may have taken an hour.
 const CREATE_ATTEMPTS: usize = 3;
@@ -121,7 +125,8 @@ impl FineTuningApi {
         request
     }
 
-    /// Uploads a JSONL file for fine-tuning, streamed from disk.
+    /// Uploads a JSONL file for fine-tuning, streamed from disk; one over
+    /// [`MAX_UPLOAD_BYTES`] is refused before it is sent.
     pub(super) async fn upload(
         &self,
         path: &Path,
@@ -137,6 +142,13 @@ impl FineTuningApi {
                 ProviderError::Invalid(format!("cannot read {}: {err}", path.display()))
             })?
             .len();
+        // Refused here, not after streaming half a gigabyte to a 413.
+        if length > MAX_UPLOAD_BYTES {
+            return Err(ProviderError::Invalid(format!(
+                "the dataset file is {} MiB; the Files API takes at most 512 MiB per file: raise the route's golden_min_score or lower its trigger_threshold to build smaller datasets",
+                length / (1024 * 1024)
+            )));
+        }
         let part = Part::stream_with_length(reqwest::Body::from(file), length)
             .file_name(filename.to_owned())
             .mime_str("application/octet-stream")

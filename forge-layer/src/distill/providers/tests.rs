@@ -9,11 +9,11 @@ use serde_json::json;
 
 use super::client::{self, error_message};
 use super::config::{ProviderConfig, ProviderSetupError, SecretString};
-use super::fine_tuning::{Dialect, FineTuningApi, JobObject, parse_result_content, state_of};
+use super::fine_tuning::{self, Dialect, FineTuningApi, JobObject, parse_result_content, state_of};
 use super::kubernetes::{Job, adapter_name, job_name};
 use super::metrics::{metrics_from_events, parse_result_csv};
 use super::naming::{dns_label, slug};
-use crate::distill::provider::{Hyperparameters, ProviderState, TrainingRequest};
+use crate::distill::provider::{Hyperparameters, ProviderError, ProviderState, TrainingRequest};
 
 fn is_dns_label(name: &str) -> bool {
     !name.is_empty()
@@ -690,4 +690,25 @@ fn any_value_of_any_provider_key_is_an_error_or_a_provider() {
     }
     assert!(bent_count > 500, "{bent_count} settings tried");
     assert!(panics.is_empty(), "these panicked: {panics:?}");
+}
+
+#[tokio::test]
+async fn a_file_over_the_files_api_limit_is_refused_before_it_is_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("train.jsonl");
+    // Sparse: no disk space is used.
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(fine_tuning::MAX_UPLOAD_BYTES + 1)
+        .unwrap();
+    // The API's address has no listener: a send would fail with a transport error instead.
+    let err = api(Dialect::OpenAi)
+        .upload(&path, "train.jsonl")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ProviderError::Invalid(m) if m.contains("at most 512 MiB")),
+        "{err:?}"
+    );
+    assert!(!err.is_transient());
 }
