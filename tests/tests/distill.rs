@@ -971,6 +971,31 @@ async fn an_admin_cancel_stops_the_run_at_the_provider_and_fails_the_job() {
 }
 
 #[tokio::test]
+async fn a_cancelled_run_is_not_started_again_by_the_threshold() {
+    let sim = start_sim(ten_minute_training()).await;
+    let gw = start_gateway_with(&config(&sim, "", ""), admin).await;
+    // Over the threshold of 20: a job starts by itself.
+    traffic(&gw, 25, "threshold", None).await;
+    let id = submitted_job(&gw).await;
+    let cancelled = admin_post(&gw, &format!("/admin/jobs/{id}/cancel")).await;
+    assert_eq!(cancelled.status(), 202);
+    let failed = wait_for_job(&gw, "FAILED").await;
+    assert_eq!(failed["cancelled"], true, "{failed}");
+    // Its examples are still past the cut, so the threshold is still met; the checks (every
+    // 0.2 s) hold off all the same, where a failure of another kind would be retried soon.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let jobs = list_jobs(&gw).await;
+    assert_eq!(
+        jobs["data"].as_array().unwrap().len(),
+        1,
+        "the threshold undid the cancel: {jobs}"
+    );
+    // An operator can still start one at once.
+    assert_eq!(admin_post(&gw, "/admin/distill/chat").await.status(), 202);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_run_past_the_training_deadline_is_cancelled_and_its_job_failed() {
     // Against a deadline of two seconds.
     let sim = start_sim(ten_minute_training()).await;

@@ -74,6 +74,11 @@ pub struct DistillationJob {
     /// Why it failed, or why its model was held back.
     #[serde(default)]
     pub error: Option<String>,
+    /// Its training run was cancelled (through the admin API, or at the provider): the route's
+    /// automatic triggers then hold off for the longest back-off, so that a cancel is not undone
+    /// by the next check.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancelled: bool,
     /// Unix milliseconds.
     pub created_ms: u64,
     /// Unix milliseconds of the last change.

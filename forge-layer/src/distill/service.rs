@@ -342,6 +342,7 @@ impl DistillationService {
             resulting_model_id: None,
             eval_metrics: BTreeMap::new(),
             error: None,
+            cancelled: false,
             created_ms: now,
             updated_ms: now,
             finished_ms: None,
@@ -441,6 +442,7 @@ impl DistillationService {
         let mut ticks = tokio::time::interval(self.settings.check_every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_check = chrono::Utc::now();
+        let mut deferred = HashSet::new();
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
@@ -454,7 +456,7 @@ impl DistillationService {
                     // Counting a route's lines reads every trace since its last cut, which on a
                     // large store takes seconds: a stop does not wait for it.
                     tokio::select! {
-                        () = self.check_triggers(last_check, now) => {}
+                        () = self.check_triggers(last_check, now, &mut deferred) => {}
                         _ = stop.changed() => break,
                     }
                     last_check = now;
@@ -512,10 +514,13 @@ impl DistillationService {
         }
     }
 
+    /// Starts the jobs that thresholds and schedules call for. A schedule that comes due while
+    /// its route backs off after failed jobs is kept in `deferred`, and fires once the wait ends.
     async fn check_triggers(
         self: &Arc<Self>,
         since: chrono::DateTime<chrono::Utc>,
         now: chrono::DateTime<chrono::Utc>,
+        deferred: &mut HashSet<String>,
     ) {
         let this = Arc::clone(self);
         let jobs = match tokio::task::spawn_blocking(move || this.jobs()).await {
@@ -527,19 +532,25 @@ impl DistillationService {
         };
         for (alias, route) in &self.routes {
             if self.lock_active().contains(alias) || self.deployer.canary_in_progress(alias) {
-                continue;
-            }
-            let newest = jobs.iter().filter(|j| &j.route == alias);
-            if let Some((until_ms, failures)) = failure_backoff(newest, self.settings.check_every)
-                && now_ms() < until_ms
-            {
-                tracing::debug!(route = %alias, failures, wait_ms = until_ms - now_ms(), "distillation backing off after failed jobs");
+                // A schedule stands for one job at a time: the one running, or the canary's.
+                deferred.remove(alias);
                 continue;
             }
             let due = route
                 .schedule
                 .as_ref()
                 .is_some_and(|s| s.after(&since).next().is_some_and(|t| t <= now));
+            let newest = jobs.iter().filter(|j| &j.route == alias);
+            if let Some((until_ms, failures)) = failure_backoff(newest, self.settings.check_every)
+                && now_ms() < until_ms
+            {
+                if due {
+                    deferred.insert(alias.clone());
+                }
+                tracing::debug!(route = %alias, failures, wait_ms = until_ms - now_ms(), deferred = deferred.contains(alias), "distillation backing off after failed jobs");
+                continue;
+            }
+            let due = deferred.remove(alias) || due;
             let (this, name) = (Arc::clone(self), alias.clone());
             let golden =
                 match tokio::task::spawn_blocking(move || this.golden_since_cut(&name)).await {
@@ -839,6 +850,7 @@ impl DistillationService {
                             return self.fail(&mut job, format!("training failed: {error}"));
                         }
                         ProviderState::Cancelled => {
+                            job.cancelled = true;
                             return self.fail(
                                 &mut job,
                                 "training cancelled (through the admin API, or at the provider)"
@@ -1125,29 +1137,36 @@ pub fn policy(min_score: f64) -> GoldenPolicy {
 const MAX_FAILURE_BACKOFF: Duration = Duration::from_secs(6 * 3600);
 
 /// After `n` failed jobs in a row (the newest of a route's `jobs`, newest first), until when
-/// automatic triggers wait: `check_every × 2^(n−1)`, at most [`MAX_FAILURE_BACKOFF`], from the
-/// last one's end; and `n`. Without it, a job the provider refuses for good (a file over its
-/// size limit, training data its moderation refuses) is built, uploaded and failed again at
-/// every check, and an operator's cancel is undone a minute later. A job that completes ends
-/// the wait; an operator's trigger never waits.
+/// automatic triggers wait: `check_every × 2^n`, at most [`MAX_FAILURE_BACKOFF`], from the last
+/// one's end; and `n`. Without it, a job the provider refuses for good (a file over its size
+/// limit, training data its moderation refuses) is built, uploaded and failed again at every
+/// check. A newest job whose run was cancelled (by an operator, or at the provider) waits the
+/// whole [`MAX_FAILURE_BACKOFF`], so that the cancel is not undone by the next check. A job that
+/// completes ends the wait; an operator's trigger never waits.
 fn failure_backoff<'j>(
     jobs: impl Iterator<Item = &'j DistillationJob>,
     check_every: Duration,
 ) -> Option<(u64, u32)> {
     let mut failures = 0u32;
-    let mut last_end = None;
+    let mut newest = None;
     for job in jobs {
         if job.status != JobStatus::Failed {
             break;
         }
         failures += 1;
-        last_end = last_end.or(Some(job.finished_ms.unwrap_or(job.updated_ms)));
+        newest = newest.or(Some(job));
     }
-    let wait = check_every
-        .saturating_mul(1u32 << failures.saturating_sub(1).min(20))
-        .min(MAX_FAILURE_BACKOFF);
+    let newest = newest?;
+    let wait = if newest.cancelled {
+        MAX_FAILURE_BACKOFF
+    } else {
+        check_every
+            .saturating_mul(1u32 << failures.min(20))
+            .min(MAX_FAILURE_BACKOFF)
+    };
     let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
-    last_end.map(|end| (end.saturating_add(wait_ms), failures))
+    let end = newest.finished_ms.unwrap_or(newest.updated_ms);
+    Some((end.saturating_add(wait_ms), failures))
 }
 
 #[cfg(test)]
@@ -1188,23 +1207,33 @@ mod tests {
         let backoff = |jobs: &[DistillationJob]| failure_backoff(jobs.iter(), every);
         assert_eq!(backoff(&[]), None);
         assert_eq!(backoff(&[job(JobStatus::Completed, 5)]), None);
-        // Newest first: one failure waits one check, two wait two, three wait four.
+        // Newest first: one failure waits two checks, two wait four, three wait eight.
         let failed = job(JobStatus::Failed, 1_000);
-        assert_eq!(backoff(std::slice::from_ref(&failed)), Some((61_000, 1)));
+        assert_eq!(backoff(std::slice::from_ref(&failed)), Some((121_000, 1)));
         assert_eq!(
             backoff(&[failed.clone(), job(JobStatus::Failed, 500)]),
-            Some((121_000, 2))
+            Some((241_000, 2))
         );
         let three = [failed.clone(), failed.clone(), failed.clone()];
-        assert_eq!(backoff(&three), Some((241_000, 3)));
+        assert_eq!(backoff(&three), Some((481_000, 3)));
         // A completed job before them ends the run of failures.
         assert_eq!(
             backoff(&[failed.clone(), job(JobStatus::Completed, 0), failed.clone()]),
-            Some((61_000, 1))
+            Some((121_000, 1))
         );
         // However many, never more than the cap.
-        let many = vec![failed; 40];
+        let many = vec![failed.clone(); 40];
         let cap_ms = u64::try_from(MAX_FAILURE_BACKOFF.as_millis()).unwrap();
         assert_eq!(backoff(&many), Some((1_000 + cap_ms, 40)));
+        // A cancelled run waits the whole cap at once, and only while it is the newest job.
+        let cancelled = DistillationJob {
+            cancelled: true,
+            ..failed.clone()
+        };
+        assert_eq!(
+            backoff(std::slice::from_ref(&cancelled)),
+            Some((1_000 + cap_ms, 1))
+        );
+        assert_eq!(backoff(&[failed, cancelled]), Some((241_000, 2)));
     }
 }
