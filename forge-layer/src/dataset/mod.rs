@@ -57,6 +57,12 @@ pub struct DatasetSpec {
     pub max_key_share: f64,
     /// The longest example, in estimated tokens.
     pub max_tokens: usize,
+    /// The largest file the provider takes, in bytes, when it has a limit. The build stops
+    /// before a line that would take the training or validation file past it; its cut is then
+    /// the last trace read before that line, so the route's next dataset goes on from there.
+    /// Late traces (behind the previous cut) are always taken, since no later build would
+    /// find them again; they only leave less room for new ones.
+    pub max_file_bytes: Option<u64>,
 }
 
 impl DatasetSpec {
@@ -72,6 +78,7 @@ impl DatasetSpec {
             validation_percent: 10.0,
             max_key_share: 0.5,
             max_tokens: rules::DEFAULT_MAX_TOKENS,
+            max_file_bytes: None,
         }
     }
 
@@ -144,6 +151,10 @@ pub struct Manifest {
     /// of builds before this was kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub feedback_mark: Option<TraceId>,
+    /// The build stopped at [`DatasetSpec::max_file_bytes`]: the traces after `cut` are left
+    /// for the next dataset.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub full: bool,
 }
 
 impl Manifest {
@@ -171,6 +182,7 @@ struct HashedFile {
     out: BufWriter<File>,
     hash: Sha256,
     lines: u64,
+    bytes: u64,
 }
 
 impl HashedFile {
@@ -180,6 +192,7 @@ impl HashedFile {
             path,
             hash: Sha256::new(),
             lines: 0,
+            bytes: 0,
         })
     }
 
@@ -189,7 +202,13 @@ impl HashedFile {
         self.hash.update(bytes);
         self.hash.update(b"\n");
         self.lines += 1;
+        self.bytes += bytes.len() as u64 + 1;
         Ok(self.lines)
+    }
+
+    /// Whether `line` (and its newline) would take the file past `max` bytes.
+    fn would_pass(&self, line: &[u8], max: Option<u64>) -> bool {
+        max.is_some_and(|max| self.bytes + line.len() as u64 + 1 > max)
     }
 
     fn finish(mut self) -> std::io::Result<FileDigest> {
@@ -387,6 +406,7 @@ pub fn build(
         // Where the next dataset starts, should this one read no new trace.
         cut: spec.after,
         feedback_mark: None,
+        full: false,
     };
     let validation_bp = (spec.validation_percent.clamp(0.0, 100.0) * 100.0) as u64;
     let mut read = 0u64;
@@ -404,53 +424,65 @@ pub fn build(
             if read.is_multiple_of(10_000) {
                 progress(read);
             }
-            if !late {
+            // Whether the walk goes on; the cut moves past a trace only once it is dealt with.
+            let go_on = 'trace: {
+                if !spec.selects(&trace) {
+                    break 'trace true;
+                }
+                manifest.considered += 1;
+                if !spec.policy.is_golden(&trace, fb.as_ref(), ev.as_ref()) {
+                    break 'trace true;
+                }
+                manifest.golden += 1;
+                manifest.late += u64::from(late);
+                let (bytes, hash) = match candidate(&trace, spec, &mut seen) {
+                    Candidate::Line { bytes, hash } => (bytes, hash),
+                    Candidate::Skipped(reason) => {
+                        *manifest.skipped.entry(reason).or_default() += 1;
+                        break 'trace true;
+                    }
+                    Candidate::Duplicate => {
+                        manifest.duplicates += 1;
+                        break 'trace true;
+                    }
+                };
+                let contributed = per_key.entry(trace.key_id.clone()).or_default();
+                if cap.is_some_and(|c| *contributed >= c) {
+                    manifest.capped += 1;
+                    break 'trace true;
+                }
+                let tail: [u8; 8] = hash[24..].try_into().unwrap_or_default();
+                let bucket = u64::from_le_bytes(tail) % 10_000;
+                let (split, file) = if bucket < validation_bp {
+                    ("validation", &mut validation)
+                } else {
+                    ("train", &mut train)
+                };
+                // A late trace is always taken: the next dataset would not find it again.
+                if !late && file.would_pass(&bytes, spec.max_file_bytes) {
+                    // Not read after all: the next dataset starts with it.
+                    manifest.considered -= 1;
+                    manifest.golden -= 1;
+                    manifest.full = true;
+                    break 'trace false;
+                }
+                *contributed += 1;
+                let written = file.write_line(&bytes).and_then(|n| {
+                    let record = serde_json::json!({
+                        "split": split, "line": n, "trace_id": trace.id, "key_id": trace.key_id,
+                    });
+                    provenance.write_line(record.to_string().as_bytes())
+                });
+                if let Err(e) = written {
+                    failure = Some(e);
+                    break 'trace false;
+                }
+                true
+            };
+            if go_on && !late {
                 manifest.cut = Some(trace.id);
             }
-            if !spec.selects(&trace) {
-                return true;
-            }
-            manifest.considered += 1;
-            if !spec.policy.is_golden(&trace, fb.as_ref(), ev.as_ref()) {
-                return true;
-            }
-            manifest.golden += 1;
-            manifest.late += u64::from(late);
-            let (bytes, hash) = match candidate(&trace, spec, &mut seen) {
-                Candidate::Line { bytes, hash } => (bytes, hash),
-                Candidate::Skipped(reason) => {
-                    *manifest.skipped.entry(reason).or_default() += 1;
-                    return true;
-                }
-                Candidate::Duplicate => {
-                    manifest.duplicates += 1;
-                    return true;
-                }
-            };
-            let contributed = per_key.entry(trace.key_id.clone()).or_default();
-            if cap.is_some_and(|c| *contributed >= c) {
-                manifest.capped += 1;
-                return true;
-            }
-            *contributed += 1;
-            let tail: [u8; 8] = hash[24..].try_into().unwrap_or_default();
-            let bucket = u64::from_le_bytes(tail) % 10_000;
-            let (split, file) = if bucket < validation_bp {
-                ("validation", &mut validation)
-            } else {
-                ("train", &mut train)
-            };
-            let written = file.write_line(&bytes).and_then(|n| {
-                let record = serde_json::json!({
-                    "split": split, "line": n, "trace_id": trace.id, "key_id": trace.key_id,
-                });
-                provenance.write_line(record.to_string().as_bytes())
-            });
-            if let Err(e) = written {
-                failure = Some(e);
-                return false;
-            }
-            true
+            go_on
         })
     })?;
     if let Some(e) = failure {

@@ -517,3 +517,55 @@ fn a_trace_golden_by_the_judge_alone_is_not_taken_again_when_feedback_comes() {
     let second = build(&store, &spec, dir.path(), "b", |_| {}).unwrap();
     assert_eq!((second.examples(), second.late), (0, 0));
 }
+
+#[test]
+fn a_build_stops_at_the_file_limit_and_the_next_goes_on_from_its_cut() {
+    let traces: Vec<Trace> = (0..60)
+        .map(|i| trace("chat", Arm::Teacher, None, None, &format!("question {i}")))
+        .collect();
+    let (dir, store) = store_with(&traces, |_| true);
+    let whole = build(
+        &store,
+        &DatasetSpec::new("chat"),
+        dir.path(),
+        "whole",
+        |_| {},
+    )
+    .unwrap();
+    assert!(!whole.full);
+    let line_bytes = std::fs::metadata(&whole.train.path).unwrap().len() / whole.train.lines;
+    // Room for about a third of the lines in each file.
+    let limit = line_bytes * 20;
+    let mut builds: Vec<Manifest> = Vec::new();
+    let mut written = Vec::new();
+    for n in 0..10 {
+        let mut spec = match builds.last() {
+            Some(_) => after(&builds.iter().collect::<Vec<_>>()),
+            None => DatasetSpec::new("chat"),
+        };
+        spec.max_file_bytes = Some(limit);
+        let m = build(&store, &spec, dir.path(), &format!("part{n}"), |_| {}).unwrap();
+        for f in [&m.train, &m.validation] {
+            assert!(std::fs::metadata(&f.path).unwrap().len() <= limit, "{m:?}");
+        }
+        written.extend(
+            lines(&m.provenance.path)
+                .into_iter()
+                .map(|p| p["trace_id"].clone()),
+        );
+        let done = !m.full;
+        assert_eq!(m.examples(), m.golden, "{m:?}");
+        builds.push(m);
+        if done {
+            break;
+        }
+    }
+    assert!(builds.len() >= 3, "the limit split the traces: {builds:?}");
+    assert!(builds[..builds.len() - 1].iter().all(|m| m.full));
+    // Every trace once, in order, across the parts: none lost at a stop, none taken twice.
+    let every: Vec<Value> = traces.iter().map(|t| json!(t.id)).collect();
+    let mut sorted = written.clone();
+    sorted.sort_by_key(|v| v.as_str().unwrap().to_string());
+    assert_eq!(sorted, every);
+    assert_eq!(builds.last().unwrap().cut, whole.cut);
+}

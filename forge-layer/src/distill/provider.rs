@@ -155,6 +155,12 @@ pub trait TrainingProvider: Send + Sync + std::fmt::Debug {
         None
     }
 
+    /// The largest dataset file the provider takes, in bytes, when it has a limit: a dataset
+    /// stops short of it, and the route's next one goes on from there.
+    fn max_file_bytes(&self) -> Option<u64> {
+        None
+    }
+
     /// Whether [`TrainingProvider::submit`] finds a run an earlier submission of the same Forge
     /// job started, rather than starting a second one. Only then is a submission that a restart
     /// interrupted made again.

@@ -400,6 +400,7 @@ impl DistillationService {
         let mut spec = route.dataset.clone();
         spec.earlier = self.earlier_builds(&route.route)?;
         spec.after = spec.earlier.last().map(|b| b.cut);
+        spec.max_file_bytes = route.provider.max_file_bytes();
         let window = self.settings.grading_window;
         let graded_by = (!window.is_zero()).then(|| {
             let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
@@ -425,7 +426,7 @@ impl DistillationService {
 
     /// Runs until `stop`: resumes interrupted jobs, checks thresholds and schedules, and runs
     /// each job to its end. Jobs are tracked, so shutdown aborts them cleanly; a job in
-    /// TRAINING resumes polling at the next start.
+    /// TRAINING resumes at the next start (polling, or from its model once trained).
     pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let Some(mut queued) = self
             .queued
@@ -619,6 +620,9 @@ impl DistillationService {
         job.cut = manifest.cut;
         job.feedback_mark = manifest.feedback_mark;
         job.dataset = serde_json::to_value(&manifest).ok();
+        if manifest.full {
+            tracing::info!(job = %job.id, examples = manifest.examples(), "the dataset reached the provider's file size limit; the traces after its cut wait for the route's next job");
+        }
         if manifest.examples() < route.min_examples {
             return self.fail(
                 &mut job,

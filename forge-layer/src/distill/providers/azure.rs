@@ -361,6 +361,10 @@ async fn with_bom(path: &std::path::Path) -> Result<std::path::PathBuf, Provider
 }
 
 impl TrainingProvider for AzureProvider {
+    fn max_file_bytes(&self) -> Option<u64> {
+        Some(super::fine_tuning::MAX_UPLOAD_BYTES)
+    }
+
     fn name(&self) -> &'static str {
         "azure"
     }

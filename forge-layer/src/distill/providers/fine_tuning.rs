@@ -16,8 +16,8 @@ use super::naming::slug;
 use crate::distill::provider::{Progress, ProviderError, ProviderState, TrainingRequest};
 
 /// The largest file the Files API takes in one request (openai-wire.md: 512 MB; larger ones need
-/// the Uploads API).
-pub(super) const MAX_UPLOAD_BYTES: u64 = 512 * 1024 * 1024;
+/// the Uploads API). Datasets for these providers stop short of it.
+pub(super) const MAX_UPLOAD_BYTES: u64 = 512_000_000;
 
 /// A 429 on job creation is waited out this many times, when it asks for no more than
 /// `MAX_CREATE_WAIT`: giving up would throw away an upload that may have taken an hour.
@@ -145,8 +145,7 @@ impl FineTuningApi {
         // Refused here, not after streaming half a gigabyte to a 413.
         if length > MAX_UPLOAD_BYTES {
             return Err(ProviderError::Invalid(format!(
-                "the dataset file is {} MiB; the Files API takes at most 512 MiB per file: raise the route's golden_min_score or lower its trigger_threshold to build smaller datasets",
-                length / (1024 * 1024)
+                "the dataset file is {length} bytes; the Files API takes at most {MAX_UPLOAD_BYTES} bytes per file"
             )));
         }
         let part = Part::stream_with_length(reqwest::Body::from(file), length)

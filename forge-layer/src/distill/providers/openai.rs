@@ -134,6 +134,10 @@ impl OpenAiProvider {
 }
 
 impl TrainingProvider for OpenAiProvider {
+    fn max_file_bytes(&self) -> Option<u64> {
+        Some(super::fine_tuning::MAX_UPLOAD_BYTES)
+    }
+
     fn name(&self) -> &'static str {
         self.name
     }

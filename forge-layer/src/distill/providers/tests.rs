@@ -707,7 +707,7 @@ async fn a_file_over_the_files_api_limit_is_refused_before_it_is_sent() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, ProviderError::Invalid(m) if m.contains("at most 512 MiB")),
+        matches!(&err, ProviderError::Invalid(m) if m.contains("at most 512000000 bytes")),
         "{err:?}"
     );
     assert!(!err.is_transient());
