@@ -1023,7 +1023,7 @@ fn validate_distill(
                 d.provider
             ))));
         }
-        check_hyperparameters(&d.hyperparameters).map_err(|e| invalid(at(&e)))?;
+        check_hyperparameters(&d.hyperparameters, &d.provider).map_err(|e| invalid(at(&e)))?;
         let eval_method = match d.eval_method {
             Some(EvalMethod::Judge) if !judge => {
                 return Err(invalid(at(
@@ -1058,15 +1058,23 @@ fn validate_distill(
     Ok(out)
 }
 
-/// OpenAI's ranges for a supervised job (openai-wire.md): the provider refuses a value out of
-/// them only at job creation, after the uploads, and the next check would build and upload the
-/// same dataset again.
-fn check_hyperparameters(h: &Hyperparameters) -> Result<(), String> {
-    if h.n_epochs.is_some_and(|n| !(1..=50).contains(&n)) {
-        return Err("hyperparameters.n_epochs must be from 1 to 50".into());
+/// Hyperparameters a job would be refused for. OpenAI's ranges for a supervised job
+/// (openai-wire.md), which Azure and the simulated upstream share: the provider refuses a value
+/// out of them only at job creation, after the uploads, and the next check would build and
+/// upload the same dataset again. A Kubernetes trainer is Forge's own image, with no such upper
+/// bounds: there only a value no trainer can use (no epoch, an empty batch) is refused.
+fn check_hyperparameters(h: &Hyperparameters, provider: &str) -> Result<(), String> {
+    let (epochs_max, batch_max) = if provider == "kubernetes" {
+        (u32::MAX, u32::MAX)
+    } else {
+        (50, 256)
+    };
+    let in_range = |n: Option<u32>, max: u32| n.is_none_or(|n| (1..=max).contains(&n));
+    if !in_range(h.n_epochs, epochs_max) {
+        return Err(bound("n_epochs", epochs_max));
     }
-    if h.batch_size.is_some_and(|n| !(1..=256).contains(&n)) {
-        return Err("hyperparameters.batch_size must be from 1 to 256".into());
+    if !in_range(h.batch_size, batch_max) {
+        return Err(bound("batch_size", batch_max));
     }
     if h.learning_rate_multiplier
         .is_some_and(|m| !(m.is_finite() && m > 0.0))
@@ -1074,6 +1082,15 @@ fn check_hyperparameters(h: &Hyperparameters) -> Result<(), String> {
         return Err("hyperparameters.learning_rate_multiplier must be a number above 0".into());
     }
     Ok(())
+}
+
+/// The error for hyperparameter `name` out of 1..=`max`.
+fn bound(name: &str, max: u32) -> String {
+    if max == u32::MAX {
+        format!("hyperparameters.{name} must be at least 1")
+    } else {
+        format!("hyperparameters.{name} must be from 1 to {max}")
+    }
 }
 
 fn validate_clients(raw: Vec<RawClient>) -> Result<Vec<ClientConfig>, ConfigError> {
@@ -1449,6 +1466,25 @@ key_sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
         ] {
             bent(from, to).unwrap_or_else(|e| panic!("`{to}`: {e}"));
         }
+        // Forge's own LoRA trainer has no upper bounds; it still needs an epoch and a batch.
+        let kubernetes = |hyperparameters: &str| {
+            let text = FULL
+                .replace("provider = \"sim\"", "provider = \"kubernetes\"")
+                .replace(
+                    "\n[distiller]\n",
+                    "\n[distill.kubernetes]\nimage = \"trainer\"\nvllm_url = \"http://vllm:8000\"\n\n[distiller]\n",
+                )
+                .replace(
+                    "n_epochs = 3, batch_size = 8, learning_rate_multiplier = 1.0",
+                    hyperparameters,
+                );
+            Config::from_toml(&text)
+        };
+        kubernetes("n_epochs = 100, batch_size = 512").unwrap_or_else(|e| panic!("{e}"));
+        let err = kubernetes("n_epochs = 0").unwrap_err().to_string();
+        assert!(err.contains("n_epochs must be at least 1"), "{err}");
+        let err = kubernetes("batch_size = 0").unwrap_err().to_string();
+        assert!(err.contains("batch_size must be at least 1"), "{err}");
     }
 
     /// The plan's F1 for the route config: any value of any key is refused with an error or
