@@ -36,7 +36,7 @@ use crate::upstream::{Upstream, Upstreams};
 use forge_layer::dataset::DatasetSpec;
 use forge_layer::distill::providers::{OpenAiConfig, ProviderConfig, SecretString};
 use forge_layer::distill::{
-    ChatClient, DistillSettings, DistillationService, JudgeModel, ModelStatus, RouteDistill, judge,
+    ChatClient, DistillSettings, DistillationService, JudgeModel, RouteDistill, judge,
 };
 use forge_layer::guard::EventKind;
 use forge_layer::guard::Guard;
@@ -558,28 +558,18 @@ async fn run_guard(
                     continue;
                 }
             }
-            let status = match action.kind {
-                EventKind::Promoted => Some(ModelStatus::Promoted),
-                EventKind::RolledBack => Some(ModelStatus::RolledBack),
+            let share = match action.kind {
+                EventKind::Promoted => Some(forge_router::CanaryShare::FULL),
+                EventKind::RolledBack => Some(forge_router::CanaryShare::ZERO),
                 _ => None,
             };
-            if let (Some(registry), Some(status)) = (&registry, status) {
-                // Off the runtime: the write waits for its commit's fsyncs.
-                let (registry, model) = (Arc::clone(registry), action.model.clone());
-                let reason = format!("guard: {kind}");
-                let updated = tokio::task::spawn_blocking(move || {
-                    registry.set_model_status(&model, status, &reason)
-                })
-                .await;
-                match updated {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        tracing::error!(model = %action.model, error = %e, "registry not updated")
-                    }
-                    Err(e) => {
-                        tracing::error!(model = %action.model, error = %e, "registry update task failed")
-                    }
-                }
+            if let (Some(registry), Some(share)) = (&registry, share) {
+                registry
+                    .record_shares(
+                        vec![(action.model.clone(), share)],
+                        format!("guard: {kind}"),
+                    )
+                    .await;
             }
         }
     }

@@ -268,6 +268,21 @@ async fn traffic_becomes_a_student_serving_canary_traffic() {
         assert_eq!(models["data"][0]["status"], status, "{models}");
         assert_eq!(models["data"][0]["reason"], format!("admin: {action}"));
     }
+    // Taken from all of the traffic back to a share, it is in canary again.
+    let canary = client()
+        .put(format!(
+            "http://{}/admin/routes/chat/canary",
+            gw.admin_addr().unwrap()
+        ))
+        .bearer_auth(TOKEN)
+        .json(&json!({"percent": 30.0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(canary.status(), 200);
+    let models: Value = admin_get(&gw, "/admin/models").await.json().await.unwrap();
+    assert_eq!(models["data"][0]["status"], "canary", "{models}");
+    assert_eq!(models["data"][0]["reason"], "admin: canary");
 
     // The exported dataset passes the fine-tuning format check of the simulated provider,
     // tool-use lines included, and contains only teacher traces.

@@ -292,6 +292,55 @@ impl DistillationService {
         Ok(())
     }
 
+    /// Records in the registry what a change of shares (a guard decision, or an operator's
+    /// canary, promote or rollback) left each of `shares`' models at: all of the route's
+    /// traffic is promoted, a share below that is canary, and 0 is rolled back for a model
+    /// that was serving (a candidate or a retired model at 0 stays what it is). Read from the
+    /// table the change produced, so a change between the two reads cannot be taken for this
+    /// one. Every model is tried; a failed write is logged, as the route has changed anyway.
+    pub async fn record_shares(
+        self: &Arc<Self>,
+        shares: Vec<(String, forge_router::CanaryShare)>,
+        reason: String,
+    ) {
+        let this = Arc::clone(self);
+        // Off the runtime: each write waits for its commit's fsyncs.
+        let written = tokio::task::spawn_blocking(move || {
+            for (model, share) in shares {
+                if let Err(e) = this.record_share(&model, share, &reason) {
+                    tracing::error!(%model, error = %e, %reason, "registry not updated");
+                }
+            }
+        })
+        .await;
+        if let Err(e) = written {
+            tracing::error!(error = %e, "registry update task failed");
+        }
+    }
+
+    fn record_share(
+        &self,
+        model: &str,
+        share: forge_router::CanaryShare,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        use forge_router::CanaryShare;
+        let Some(record) = self.store.model::<ModelRecord>(model)? else {
+            return Ok(());
+        };
+        let status = match share {
+            CanaryShare::FULL => ModelStatus::Promoted,
+            CanaryShare::ZERO
+                if matches!(record.status, ModelStatus::Canary | ModelStatus::Promoted) =>
+            {
+                ModelStatus::RolledBack
+            }
+            CanaryShare::ZERO => return Ok(()),
+            _ => ModelStatus::Canary,
+        };
+        self.set_model_status(model, status, reason)
+    }
+
     /// The training file of a job's dataset.
     pub fn dataset_file(&self, job_id: &str) -> PathBuf {
         self.settings

@@ -6,7 +6,6 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
-use forge_layer::distill::ModelStatus;
 use forge_router::{CanaryShare, RouteSpec, RoutingTable};
 use http::StatusCode;
 use serde::Deserialize;
@@ -68,73 +67,29 @@ fn applied(result: Result<Arc<RoutingTable>, RouteUpdateError>) -> Response {
     }
 }
 
-/// Answers an operator's change of shares, after recording in the model registry what it did
-/// to the route's students, as the guard's decisions are recorded: one taken to 0 is rolled
+/// Answers an operator's change of shares, after recording in the model registry what it left
+/// the route's students at, as the guard's decisions are recorded: one taken to 0 is rolled
 /// back (and so taken down once idle, where its deployment costs), one given all the traffic
-/// is promoted, one given a share from 0 is in canary again. A failed write is logged: the
-/// route has changed.
+/// is promoted, one given a share below that is in canary.
 async fn recorded(
     state: &AdminState,
     alias: &str,
-    before: &RoutingTable,
     result: Result<Arc<RoutingTable>, RouteUpdateError>,
     action: &str,
 ) -> Response {
-    if let (Some(registry), Ok(after)) = (&state.distiller, &result) {
-        record_statuses(registry, alias, before, after, action).await;
+    if let (Some(registry), Ok(after)) = (&state.distiller, &result)
+        && let Some(route) = after.route(alias)
+    {
+        let shares = route
+            .students
+            .iter()
+            .map(|s| (s.target.model.clone(), s.share))
+            .collect();
+        registry
+            .record_shares(shares, format!("admin: {action}"))
+            .await;
     }
     applied(result)
-}
-
-async fn record_statuses(
-    registry: &Arc<forge_layer::distill::DistillationService>,
-    alias: &str,
-    before: &RoutingTable,
-    after: &RoutingTable,
-    action: &str,
-) {
-    let (Some(was), Some(now)) = (before.route(alias), after.route(alias)) else {
-        return;
-    };
-    let changes: Vec<(String, ModelStatus)> = now
-        .students
-        .iter()
-        .filter_map(|student| {
-            let old = was
-                .students
-                .iter()
-                .find(|s| s.target == student.target)
-                .map_or(CanaryShare::ZERO, |s| s.share);
-            let status = match student.share {
-                share if share == old => return None,
-                CanaryShare::ZERO => ModelStatus::RolledBack,
-                CanaryShare::FULL => ModelStatus::Promoted,
-                _ if old == CanaryShare::ZERO => ModelStatus::Canary,
-                _ => return None,
-            };
-            Some((student.target.model.clone(), status))
-        })
-        .collect();
-    if changes.is_empty() {
-        return;
-    }
-    let (registry, reason) = (Arc::clone(registry), format!("admin: {action}"));
-    // Off the runtime: the write waits for its commit's fsyncs.
-    let updated = tokio::task::spawn_blocking(move || {
-        changes
-            .iter()
-            .try_for_each(|(model, status)| registry.set_model_status(model, *status, &reason))
-    })
-    .await;
-    match updated {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            tracing::error!(%alias, error = %e, "registry not updated after an admin change")
-        }
-        Err(e) => {
-            tracing::error!(%alias, error = %e, "registry update after an admin change failed")
-        }
-    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -237,7 +192,6 @@ pub async fn canary(
         Ok(s) => s,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_route", e.to_string()),
     };
-    let before = state.control.router().load();
     let result = state
         .control
         .set_share(
@@ -248,7 +202,7 @@ pub async fn canary(
             request.expected_version,
         )
         .await;
-    recorded(&state, &alias, &before, result, "canary").await
+    recorded(&state, &alias, result, "canary").await
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -268,12 +222,11 @@ pub async fn promote(
         Ok(w) => w,
         Err(e) => return e.into_response(),
     };
-    let before = state.control.router().load();
     let result = state
         .control
         .promote(&alias, which.model.as_deref(), "admin")
         .await;
-    recorded(&state, &alias, &before, result, "promote").await
+    recorded(&state, &alias, result, "promote").await
 }
 
 /// `POST /admin/routes/{alias}/rollback`: the student (or every student) goes to 0.
@@ -286,12 +239,11 @@ pub async fn rollback(
         Ok(w) => w,
         Err(e) => return e.into_response(),
     };
-    let before = state.control.router().load();
     let result = state
         .control
         .rollback(&alias, which.model.as_deref(), "admin")
         .await;
-    recorded(&state, &alias, &before, result, "rollback").await
+    recorded(&state, &alias, result, "rollback").await
 }
 
 #[derive(Debug, Deserialize)]
