@@ -240,13 +240,6 @@ impl Guard {
                     state.students.remove(&key);
                     continue;
                 }
-                // Whether another student of this route is in canary, measured on the same
-                // teacher window.
-                let others_in_canary = route.students.iter().any(|other| {
-                    other.target.model != student.target.model
-                        && other.share != CanaryShare::ZERO
-                        && other.share != CanaryShare::FULL
-                });
                 let started = match state.students.get(&key) {
                     Some(s) => s.step_started,
                     None => {
@@ -260,12 +253,7 @@ impl Guard {
                                 failed_checks: 0,
                             },
                         );
-                        if let Some(route_stats) = state.stats.get_mut(&route.alias) {
-                            route_stats.arms.remove(&student.target.model);
-                            if !others_in_canary {
-                                route_stats.arms.remove(&route.teacher.model);
-                            }
-                        }
+                        restart_windows(&mut state, route, &student.target.model, now);
                         now
                     }
                 };
@@ -334,14 +322,8 @@ impl Guard {
                         }
                     }
                 };
-                // The next step is judged on fresh traffic: this student's window restarts, and
-                // the teacher's too unless another student in canary is still measured on it.
-                if let Some(route_stats) = state.stats.get_mut(&route.alias) {
-                    route_stats.arms.remove(&student.target.model);
-                    if !others_in_canary {
-                        route_stats.arms.remove(&route.teacher.model);
-                    }
-                }
+                // The next step is judged on fresh traffic.
+                restart_windows(&mut state, route, &student.target.model, now);
                 match kind {
                     Some((kind, share)) => {
                         if kind == EventKind::RolledBack {
@@ -449,6 +431,28 @@ fn window<'s>(state: &'s mut State, alias: &str, model: &str) -> Option<&'s mut 
         route.arms.insert(model.to_string(), ArmWindow::default());
     }
     route.arms.get_mut(model)
+}
+
+/// Restarts `model`'s window for a step that starts at `now` (this check), and the teacher's
+/// too, unless another student's step that began before this check is still measured on it.
+/// Students whose steps start in the same check share the restart: whichever comes last clears
+/// the teacher's window, so none of them is judged against the teacher's past.
+fn restart_windows(state: &mut State, route: &forge_router::Route, model: &str, now: Instant) {
+    let teacher_in_use = route.students.iter().any(|other| {
+        other.target.model != model
+            && other.share != CanaryShare::ZERO
+            && other.share != CanaryShare::FULL
+            && state
+                .students
+                .get(&(route.alias.clone(), other.target.model.clone()))
+                .is_some_and(|s| s.step_started < now)
+    });
+    if let Some(route_stats) = state.stats.get_mut(&route.alias) {
+        route_stats.arms.remove(model);
+        if !teacher_in_use {
+            route_stats.arms.remove(&route.teacher.model);
+        }
+    }
 }
 
 fn push_event(state: &mut State, event: GuardEvent) {

@@ -247,3 +247,65 @@ async fn a_student_back_in_canary_starts_its_step_afresh() {
     );
     assert_eq!(guard.events().last().unwrap().kind, EventKind::FailedCheck);
 }
+
+#[tokio::test(start_paused = true)]
+async fn students_that_enter_canary_together_are_not_judged_on_the_teacher_s_past() {
+    let two = |percent: f64| {
+        let share = CanaryShare::from_percent(percent).unwrap();
+        let route = Route::new("a", Target::new("up", "teacher"))
+            .with_student(Student::new(Target::new("up", "s0"), share))
+            .with_student(Student::new(Target::new("up", "s1"), share));
+        RoutingTable::new(1, vec![route], &HashSet::from(["up".to_string()])).unwrap()
+    };
+    let guard = Guard::new(config());
+    // Both sit at 0% while the teacher serves the route alone for a long time.
+    guard.check(&two(0.0), 0);
+    for _ in 0..1000 {
+        guard.record("a", "teacher", 1000, false);
+    }
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    // Both enter canary in the same check: their steps start now, on fresh teacher traffic.
+    assert!(guard.check(&two(5.0), 0).is_empty());
+    tokio::time::advance(Duration::from_secs(11)).await;
+    for _ in 0..60 {
+        guard.record("a", "s0", 1000, false);
+        guard.record("a", "s1", 1000, false);
+    }
+    for _ in 0..10 {
+        guard.record("a", "teacher", 1000, false);
+    }
+    assert!(guard.check(&two(5.0), 0).is_empty(), "{:?}", guard.events());
+    let events = guard.events();
+    let last_two: Vec<(&str, EventKind)> = events[events.len() - 2..]
+        .iter()
+        .map(|e| (e.model.as_str(), e.kind))
+        .collect();
+    assert_eq!(
+        last_two,
+        vec![("s0", EventKind::Unverified), ("s1", EventKind::Unverified)]
+    );
+    assert!(
+        events[events.len() - 1]
+            .detail
+            .contains("10 teacher requests")
+    );
+
+    // Judged together, both step up; their next steps are judged on fresh teacher traffic too.
+    for _ in 0..100 {
+        guard.record("a", "teacher", 1000, false);
+    }
+    assert_eq!(guard.check(&two(5.0), 0).len(), 2, "{:?}", guard.events());
+    tokio::time::advance(Duration::from_secs(11)).await;
+    for _ in 0..60 {
+        guard.record("a", "s0", 1000, false);
+        guard.record("a", "s1", 1000, false);
+    }
+    assert!(guard.check(&two(10.0), 0).is_empty());
+    let events = guard.events();
+    assert!(
+        events[events.len() - 2..]
+            .iter()
+            .all(|e| e.kind == EventKind::Unverified && e.detail.contains("0 teacher requests")),
+        "{events:?}"
+    );
+}
