@@ -134,12 +134,9 @@ pub async fn run(
                     None,
                 ) => reply,
                 // A judge call may take minutes; shutdown must not wait for it. Abandoned, it
-                // is given back, and the trace, behind the cursor, is judged after a restart.
-                _ = stop.changed() => {
-                    day.1 = day.1.saturating_sub(1);
-                    store_meta(&store, DAY_COUNT, day).await;
-                    return;
-                }
+                // stays counted, as in a crash (the provider may bill it all the same), and the
+                // trace, behind the cursor, is judged after a restart.
+                _ = stop.changed() => return,
             };
             match reply {
                 Ok(reply) => match parse_score(&reply) {
