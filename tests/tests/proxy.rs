@@ -932,12 +932,28 @@ async fn account_apis_are_not_passed_through_unless_allowed() {
             .send()
             .await
             .unwrap();
+        // What the account stored of every client's exchanges: stored chat completions and
+        // responses, read or deleted by id.
+        let stored_chat = http
+            .get(format!(
+                "{}/chat/completions/chatcmpl-x/messages",
+                gw.base_url()
+            ))
+            .send()
+            .await
+            .unwrap();
+        let stored_response = http
+            .delete(format!("{}/responses/resp_x", gw.base_url()))
+            .send()
+            .await
+            .unwrap();
         if allowed {
             assert_eq!(files.status(), 200);
-            assert_ne!(job.status(), 403);
-            assert_ne!(unload.status(), 403);
+            for resp in [job, unload, stored_chat, stored_response] {
+                assert_ne!(resp.status(), 403);
+            }
         } else {
-            for resp in [files, job, unload] {
+            for resp in [files, job, unload, stored_chat, stored_response] {
                 let (status, err) = error_of(resp).await;
                 assert_eq!(status, 403);
                 assert_eq!(err["error"]["code"], "passthrough_refused");
@@ -952,6 +968,13 @@ async fn account_apis_are_not_passed_through_unless_allowed() {
             .await
             .unwrap();
         assert_ne!(embeddings.status(), 403);
+        let response = http
+            .post(format!("{}/responses", gw.base_url()))
+            .json(&json!({"model": "a", "input": "hi"}))
+            .send()
+            .await
+            .unwrap();
+        assert_ne!(response.status(), 403);
         let models = http
             .get(format!("{}/models", gw.base_url()))
             .send()

@@ -106,12 +106,15 @@ const ACCOUNT_APIS: [&str; 13] = [
 ];
 
 /// Whether a passthrough request acts on the account rather than asking for a computation.
+/// Stored chat completions and responses, by id, are the account's too: what it kept of every
+/// client's exchanges. (`POST /v1/chat/completions` is routed before the passthrough, and
+/// `POST /v1/responses`, a computation, passes.)
 fn is_account_api(path: &str) -> bool {
-    let first = path
-        .strip_prefix("/v1/")
-        .and_then(|rest| rest.split('/').next())
-        .unwrap_or("");
+    let rest = path.strip_prefix("/v1/").unwrap_or("");
+    let first = rest.split('/').next().unwrap_or("");
     ACCOUNT_APIS.contains(&first)
+        || rest.starts_with("chat/completions/")
+        || rest.starts_with("responses/")
 }
 
 /// Whether `segment` percent-encodes a character that never needs it (RFC 3986's unreserved).
