@@ -301,25 +301,102 @@ fn taken_before(scan: &GradedScan, spec: &DatasetSpec, trace: &Trace) -> Result<
     Ok(false)
 }
 
-/// Each key's lines as a build of `spec` would write them without a cap: after the rules and
-/// duplicates, which would otherwise count towards a key's allowance and leave it more than its
-/// share of what is written.
+/// Each key's lines, after the rules and duplicates (which would otherwise count towards a
+/// key's allowance and leave it more than its share of what is written), as a walk writing at
+/// most `cap` lines a key sees them. With `max_bytes`, the walk stops at the first new trace
+/// whose line, written, would take its file past that size (returned as `stop`), and counts
+/// only the lines before it.
 fn lines_per_key(
     scan: &GradedScan,
     spec: &DatasetSpec,
-) -> Result<BTreeMap<Option<String>, u64>, StoreError> {
-    let mut per_key: BTreeMap<Option<String>, u64> = BTreeMap::new();
+    cap: Option<u64>,
+    max_bytes: Option<u64>,
+) -> Result<LinesPerKey, StoreError> {
+    let mut counted = LinesPerKey::default();
     let mut seen = Seen::default();
-    walk(scan, spec, |trace, fb, ev, _late| {
-        if spec.selects(&trace)
-            && spec.policy.is_golden(&trace, fb.as_ref(), ev.as_ref())
-            && matches!(candidate(&trace, spec, &mut seen), Candidate::Line { .. })
-        {
-            *per_key.entry(trace.key_id).or_default() += 1;
+    let mut bytes = [0u64; 2];
+    let validation_bp = validation_basis_points(spec);
+    walk(scan, spec, |trace, fb, ev, late| {
+        if !spec.selects(&trace) || !spec.policy.is_golden(&trace, fb.as_ref(), ev.as_ref()) {
+            return true;
         }
+        let Candidate::Line { bytes: line, hash } = candidate(&trace, spec, &mut seen) else {
+            return true;
+        };
+        let lines = counted.per_key.entry(trace.key_id).or_default();
+        if cap.is_none_or(|c| *lines < c) {
+            let file = &mut bytes[usize::from(is_validation(&hash, validation_bp))];
+            let after = *file + line.len() as u64 + 1;
+            if !late && max_bytes.is_some_and(|max| after > max) {
+                counted.stop = Some(trace.id);
+                return false;
+            }
+            *file = after;
+        }
+        *lines += 1;
         true
     })?;
-    Ok(per_key)
+    Ok(counted)
+}
+
+/// What [`lines_per_key`] counts.
+#[derive(Default)]
+struct LinesPerKey {
+    per_key: BTreeMap<Option<String>, u64>,
+    stop: Option<TraceId>,
+}
+
+/// How a build of `spec` is bounded: the most lines one key may write, and the new trace it
+/// stops at under a file size limit.
+struct Plan {
+    cap: Option<u64>,
+    stop: Option<TraceId>,
+}
+
+/// Works out `spec`'s [`Plan`]. The cap is the largest that keeps every key within its share
+/// of the lines written. Under a file size limit, what is written is a prefix: the build
+/// capped over all the lines stops at some trace, and the cap over the lines before it may be
+/// smaller (say, one key's traces all come first). The smaller of the two keeps the share over
+/// what is written, and since it only leaves more lines out, the build still fits.
+fn plan(scan: &GradedScan, spec: &DatasetSpec) -> Result<Plan, StoreError> {
+    if spec.max_key_share >= 1.0 {
+        // No cap: the build's own size check is all it takes.
+        return Ok(Plan {
+            cap: None,
+            stop: None,
+        });
+    }
+    let all = key_cap(
+        &lines_per_key(scan, spec, None, None)?.per_key,
+        spec.max_key_share,
+    );
+    let Some(max) = spec.max_file_bytes else {
+        return Ok(Plan {
+            cap: all,
+            stop: None,
+        });
+    };
+    let prefix = lines_per_key(scan, spec, all, Some(max))?;
+    let cap = match (all, key_cap(&prefix.per_key, spec.max_key_share)) {
+        (Some(a), Some(p)) if prefix.stop.is_some() => Some(a.min(p)),
+        (a, _) => a,
+    };
+    Ok(Plan {
+        cap,
+        stop: prefix.stop,
+    })
+}
+
+/// `spec`'s validation share in basis points.
+fn validation_basis_points(spec: &DatasetSpec) -> u64 {
+    (spec.validation_percent.clamp(0.0, 100.0) * 100.0) as u64
+}
+
+/// Whether the line whose SHA-256 is `hash` is held out for validation: decided by the hash,
+/// so copies never straddle the split and a rebuild splits the same way.
+fn is_validation(hash: &[u8; 32], validation_bp: u64) -> bool {
+    let tail: [u8; 8] = hash[24..].try_into().unwrap_or_default();
+    u64::from_le_bytes(tail) % 10_000 < validation_bp
 }
 
 /// The most lines one key may write: `None` for no cap (a share of 1, or lines from fewer than
@@ -330,10 +407,12 @@ fn key_cap(per_key: &BTreeMap<Option<String>, u64>, share: f64) -> Option<u64> {
 }
 
 /// How many lines a build of `spec` would write now: after the rules, duplicates and the key
-/// cap. What a distillation trigger counts, so that a job it starts has those lines.
+/// cap. What a distillation trigger counts, so that a job it starts has those lines. A file
+/// size limit is not counted: a build it stops holds hundreds of megabytes of lines, far more
+/// than any threshold, and the rest are the next job's.
 pub fn lines_ready(store: &Store, spec: &DatasetSpec) -> Result<u64, StoreError> {
     store.with_graded_snapshot(|scan| {
-        let per_key = lines_per_key(scan, spec)?;
+        let per_key = lines_per_key(scan, spec, None, None)?.per_key;
         let cap = key_cap(&per_key, spec.max_key_share);
         Ok(per_key.values().map(|&n| cap.map_or(n, |c| n.min(c))).sum())
     })
@@ -408,16 +487,12 @@ pub fn build(
         feedback_mark: None,
         full: false,
     };
-    let validation_bp = (spec.validation_percent.clamp(0.0, 100.0) * 100.0) as u64;
+    let validation_bp = validation_basis_points(spec);
     let mut read = 0u64;
     let mut failure = None;
     // Both walks in one snapshot: the cap is worked out from exactly the lines then written.
     store.with_graded_snapshot(|scan| {
-        let cap = if spec.max_key_share < 1.0 {
-            key_cap(&lines_per_key(scan, spec)?, spec.max_key_share)
-        } else {
-            None
-        };
+        let Plan { cap, stop } = plan(scan, spec)?;
         manifest.feedback_mark = Some(scan.feedback_mark()?);
         walk(scan, spec, |trace, fb, ev, late| {
             read += 1;
@@ -426,6 +501,10 @@ pub fn build(
             }
             // Whether the walk goes on; the cut moves past a trace only once it is dealt with.
             let go_on = 'trace: {
+                if !late && stop == Some(trace.id) {
+                    manifest.full = true;
+                    break 'trace false;
+                }
                 if !spec.selects(&trace) {
                     break 'trace true;
                 }
@@ -451,9 +530,7 @@ pub fn build(
                     manifest.capped += 1;
                     break 'trace true;
                 }
-                let tail: [u8; 8] = hash[24..].try_into().unwrap_or_default();
-                let bucket = u64::from_le_bytes(tail) % 10_000;
-                let (split, file) = if bucket < validation_bp {
+                let (split, file) = if is_validation(&hash, validation_bp) {
                     ("validation", &mut validation)
                 } else {
                     ("train", &mut train)

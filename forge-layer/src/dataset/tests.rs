@@ -569,3 +569,53 @@ fn a_build_stops_at_the_file_limit_and_the_next_goes_on_from_its_cut() {
     assert_eq!(sorted, every);
     assert_eq!(builds.last().unwrap().cut, whole.cut);
 }
+
+#[test]
+fn a_build_stopped_by_the_file_limit_keeps_every_key_within_its_share() {
+    // One loud key's traces all come first, then a quiet key's.
+    let mut traces: Vec<Trace> = (0..40)
+        .map(|i| {
+            trace(
+                "chat",
+                Arm::Teacher,
+                Some("loud"),
+                None,
+                &format!("loud {i}"),
+            )
+        })
+        .collect();
+    traces.extend((0..20).map(|i| {
+        trace(
+            "chat",
+            Arm::Teacher,
+            Some("quiet"),
+            None,
+            &format!("quiet {i}"),
+        )
+    }));
+    let (dir, store) = store_with(&traces, |_| true);
+    let mut spec = DatasetSpec::new("chat");
+    spec.validation_percent = 0.0;
+    let whole = build(&store, &spec, dir.path(), "whole", |_| {}).unwrap();
+    assert_eq!(whole.examples(), 40, "20 a key: {whole:?}");
+    // Room for about 30 lines: capped over everything (20 a key), the loud key's 20 and then
+    // 10 of the quiet key's would fit, two thirds from one key.
+    let line_bytes = std::fs::metadata(&whole.train.path).unwrap().len() / 40;
+    spec.max_file_bytes = Some(line_bytes * 30);
+    let part = build(&store, &spec, dir.path(), "part", |_| {}).unwrap();
+    assert!(part.full, "{part:?}");
+    let mut per_key: BTreeMap<String, u64> = BTreeMap::new();
+    for p in lines(&part.provenance.path) {
+        *per_key
+            .entry(p["key_id"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    let written: u64 = per_key.values().sum();
+    assert!(written >= 10, "{per_key:?}");
+    for (key, n) in &per_key {
+        assert!(
+            *n as f64 <= 0.5 * written as f64,
+            "{key}: {n} of {written} lines"
+        );
+    }
+}

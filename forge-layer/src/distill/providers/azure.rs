@@ -337,6 +337,9 @@ impl AzureProvider {
     }
 }
 
+/// The UTF-8 byte order mark.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
 /// A copy of the JSONL file at `path` that starts with a UTF-8 byte order mark, which Azure
 /// requires (OpenAI does not, so the dataset itself is written without one). Copied on disk,
 /// not in memory: a training file may be hundreds of megabytes.
@@ -346,7 +349,7 @@ async fn with_bom(path: &std::path::Path) -> Result<std::path::PathBuf, Provider
     tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         use std::io::Write;
         let mut out = std::io::BufWriter::new(std::fs::File::create(&to)?);
-        out.write_all(b"\xEF\xBB\xBF")?;
+        out.write_all(BOM)?;
         std::io::copy(&mut std::fs::File::open(&from)?, &mut out)?;
         out.into_inner()
             .map_err(std::io::IntoInnerError::into_error)?
@@ -361,8 +364,9 @@ async fn with_bom(path: &std::path::Path) -> Result<std::path::PathBuf, Provider
 }
 
 impl TrainingProvider for AzureProvider {
+    /// The Files API's limit, less the byte order mark [`with_bom`] puts before the dataset.
     fn max_file_bytes(&self) -> Option<u64> {
-        Some(super::fine_tuning::MAX_UPLOAD_BYTES)
+        Some(super::fine_tuning::MAX_UPLOAD_BYTES - BOM.len() as u64)
     }
 
     fn name(&self) -> &'static str {
