@@ -128,6 +128,13 @@ impl Deployer for RouteDeployer {
         })
     }
 
+    fn share(&self, alias: &str, model: &str) -> Option<CanaryShare> {
+        let table = self.control.router().load();
+        let route = table.route(alias)?;
+        let student = route.students.iter().find(|s| s.target.model == model)?;
+        Some(student.share)
+    }
+
     fn canary_in_progress(&self, alias: &str) -> bool {
         self.control.router().load().route(alias).is_some_and(|r| {
             r.students

@@ -558,17 +558,12 @@ async fn run_guard(
                     continue;
                 }
             }
-            let share = match action.kind {
-                EventKind::Promoted => Some(forge_router::CanaryShare::FULL),
-                EventKind::RolledBack => Some(forge_router::CanaryShare::ZERO),
-                _ => None,
-            };
-            if let (Some(registry), Some(share)) = (&registry, share) {
+            if let Some(registry) = &registry
+                && matches!(action.kind, EventKind::Promoted | EventKind::RolledBack)
+            {
+                let shares = vec![(action.model.clone(), action.share)];
                 registry
-                    .record_shares(
-                        vec![(action.model.clone(), share)],
-                        format!("guard: {kind}"),
-                    )
+                    .record_shares(&action.alias, shares, format!("guard: {kind}"))
                     .await;
             }
         }

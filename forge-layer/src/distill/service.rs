@@ -39,6 +39,9 @@ pub trait Deployer: Send + Sync + std::fmt::Debug {
     /// out, so automatic triggers wait rather than replace it.
     fn canary_in_progress(&self, alias: &str) -> bool;
 
+    /// The share `model` has in `alias` in the routing table now, if it is a student there.
+    fn share(&self, alias: &str, model: &str) -> Option<forge_router::CanaryShare>;
+
     /// Takes `upstream/model` out of `alias` once it is idle, through the router's validated
     /// swap: at 0% there for at least `idle_for`, and in no other route. `Ok(true)` once it is
     /// in no route (so its deployment can go), `Ok(false)` while it is not idle (an operator
@@ -188,6 +191,8 @@ pub struct DistillationService {
     queued: Mutex<Option<mpsc::UnboundedReceiver<DistillationJob>>>,
     /// Where taking down idle students stands ([`super::undeploy`]).
     pub(super) undeploys: Mutex<Undeploys>,
+    /// Held while a share change is recorded: see [`DistillationService::record_shares`].
+    recording: Mutex<()>,
 }
 
 impl DistillationService {
@@ -210,6 +215,7 @@ impl DistillationService {
             queue,
             queued: Mutex::new(Some(queued)),
             undeploys: Mutex::default(),
+            recording: Mutex::new(()),
         })
     }
 
@@ -293,20 +299,31 @@ impl DistillationService {
     }
 
     /// Records in the registry what a change of shares (a guard decision, or an operator's
-    /// canary, promote or rollback) left each of `shares`' models at: all of the route's
-    /// traffic is promoted, a share below that is canary, and 0 is rolled back for a model
-    /// that was serving (a candidate or a retired model at 0 stays what it is). Read from the
-    /// table the change produced, so a change between the two reads cannot be taken for this
-    /// one. Every model is tried; a failed write is logged, as the route has changed anyway.
+    /// canary, promote or rollback) left each of `shares`' models in `alias` at: all of the
+    /// route's traffic is promoted, a share below that is canary, and 0 is rolled back for a
+    /// model that was serving (a candidate or a retired model at 0 stays what it is). Every
+    /// model is tried; a failed write is logged, as the route has changed anyway.
+    ///
+    /// Two changes close together (an operator's and the guard's) record in either order, so
+    /// a model whose share in the live table is no longer the one given is left to the newer
+    /// change's record; the check and the write happen under one lock.
     pub async fn record_shares(
         self: &Arc<Self>,
+        alias: &str,
         shares: Vec<(String, forge_router::CanaryShare)>,
         reason: String,
     ) {
-        let this = Arc::clone(self);
+        let (this, alias) = (Arc::clone(self), alias.to_string());
         // Off the runtime: each write waits for its commit's fsyncs.
         let written = tokio::task::spawn_blocking(move || {
+            let _recording = this
+                .recording
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             for (model, share) in shares {
+                if this.deployer.share(&alias, &model) != Some(share) {
+                    continue;
+                }
                 if let Err(e) = this.record_share(&model, share, &reason) {
                     tracing::error!(%model, error = %e, %reason, "registry not updated");
                 }

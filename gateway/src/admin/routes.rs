@@ -86,7 +86,7 @@ async fn recorded(
             .map(|s| (s.target.model.clone(), s.share))
             .collect();
         registry
-            .record_shares(shares, format!("admin: {action}"))
+            .record_shares(alias, shares, format!("admin: {action}"))
             .await;
     }
     applied(result)
