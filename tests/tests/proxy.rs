@@ -947,13 +947,20 @@ async fn account_apis_are_not_passed_through_unless_allowed() {
             .send()
             .await
             .unwrap();
+        // A computation that would build on another client's stored response.
+        let continued = http
+            .post(format!("{}/responses", gw.base_url()))
+            .json(&json!({"model": "a", "input": "and then?", "previous_response_id": "resp_x"}))
+            .send()
+            .await
+            .unwrap();
         if allowed {
             assert_eq!(files.status(), 200);
-            for resp in [job, unload, stored_chat, stored_response] {
+            for resp in [job, unload, stored_chat, stored_response, continued] {
                 assert_ne!(resp.status(), 403);
             }
         } else {
-            for resp in [files, job, unload, stored_chat, stored_response] {
+            for resp in [files, job, unload, stored_chat, stored_response, continued] {
                 let (status, err) = error_of(resp).await;
                 assert_eq!(status, 403);
                 assert_eq!(err["error"]["code"], "passthrough_refused");
@@ -968,13 +975,15 @@ async fn account_apis_are_not_passed_through_unless_allowed() {
             .await
             .unwrap();
         assert_ne!(embeddings.status(), 403);
-        let response = http
-            .post(format!("{}/responses", gw.base_url()))
-            .json(&json!({"model": "a", "input": "hi"}))
-            .send()
-            .await
-            .unwrap();
-        assert_ne!(response.status(), 403);
+        for path in ["responses", "responses/input_tokens"] {
+            let response = http
+                .post(format!("{}/{path}", gw.base_url()))
+                .json(&json!({"model": "a", "input": "hi", "previous_response_id": null}))
+                .send()
+                .await
+                .unwrap();
+            assert_ne!(response.status(), 403, "{path}");
+        }
         let models = http
             .get(format!("{}/models", gw.base_url()))
             .send()

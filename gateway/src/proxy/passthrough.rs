@@ -39,6 +39,15 @@ async fn send(state: &ProxyState, request: Request) -> Result<Response, Error> {
     check_declared_length(&parts.headers, state.max_body_bytes)?;
     // Bounded by the body limit, so holding it whole costs at most that much per request.
     let bytes = read_body(body, state).await?;
+    if !state.passthrough_account_apis
+        && let Some(field) = reads_stored_state(parts.uri.path(), &bytes)
+    {
+        return Err(Error::AccountApi(format!(
+            "{} {} with `{field}`",
+            parts.method,
+            parts.uri.path()
+        )));
+    }
 
     // The route is matched on `/v1/…`; the upstream's base URL already ends in its own `/v1`.
     let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -105,16 +114,44 @@ const ACCOUNT_APIS: [&str; 13] = [
     "unload_lora_adapter",
 ];
 
+/// The Responses API's computations: they pass, unless [`reads_stored_state`] says otherwise.
+const RESPONSE_COMPUTATIONS: [&str; 3] =
+    ["responses", "responses/input_tokens", "responses/compact"];
+
 /// Whether a passthrough request acts on the account rather than asking for a computation.
 /// Stored chat completions and responses, by id, are the account's too: what it kept of every
-/// client's exchanges. (`POST /v1/chat/completions` is routed before the passthrough, and
-/// `POST /v1/responses`, a computation, passes.)
+/// client's exchanges. (`POST /v1/chat/completions` is routed before the passthrough.)
 fn is_account_api(path: &str) -> bool {
     let rest = path.strip_prefix("/v1/").unwrap_or("");
     let first = rest.split('/').next().unwrap_or("");
     ACCOUNT_APIS.contains(&first)
         || rest.starts_with("chat/completions/")
-        || rest.starts_with("responses/")
+        || (first == "responses" && !RESPONSE_COMPUTATIONS.contains(&rest))
+}
+
+/// The field by which a Responses API computation would build on state the account stored
+/// (`previous_response_id`, `conversation`): another client's, given its id.
+fn reads_stored_state(path: &str, body: &[u8]) -> Option<&'static str> {
+    let rest = path.strip_prefix("/v1/")?;
+    if !RESPONSE_COMPUTATIONS.contains(&rest) {
+        return None;
+    }
+    #[derive(serde::Deserialize)]
+    struct Continues {
+        #[serde(default)]
+        previous_response_id: Option<serde::de::IgnoredAny>,
+        #[serde(default)]
+        conversation: Option<serde::de::IgnoredAny>,
+    }
+    // A body that is not such JSON is the upstream's to refuse.
+    let continues: Continues = serde_json::from_slice(body).ok()?;
+    if continues.previous_response_id.is_some() {
+        Some("previous_response_id")
+    } else if continues.conversation.is_some() {
+        Some("conversation")
+    } else {
+        None
+    }
 }
 
 /// Whether `segment` percent-encodes a character that never needs it (RFC 3986's unreserved).
