@@ -1011,6 +1011,35 @@ async fn a_cancelled_run_is_not_started_again_by_the_threshold() {
 }
 
 #[tokio::test]
+async fn a_cancel_holds_the_route_even_when_a_restart_finds_the_run_gone() {
+    let sim = start_sim(ten_minute_training()).await;
+    // Polls half a minute apart: nothing reads the run cancelled before the restart.
+    let slow_polls =
+        config(&sim, "", "").replace("poll_initial_secs = 0.05", "poll_initial_secs = 30");
+    let gw = start_gateway_with(&slow_polls, admin).await;
+    traffic(&gw, 25, "threshold", None).await;
+    let id = submitted_job(&gw).await;
+    let cancelled = admin_post(&gw, &format!("/admin/jobs/{id}/cancel")).await;
+    assert_eq!(cancelled.status(), 202);
+    // Back up against a provider that has no record of the run (as Kubernetes has none of a
+    // deleted Job): the job fails as gone, yet it was cancelled, and the route holds.
+    let other = start_sim(ten_minute_training()).await;
+    let dir = gw.shutdown().await;
+    let gw = start_on(&config(&other, "", ""), &dir).await;
+    let failed = wait_for_job(&gw, "FAILED").await;
+    assert_eq!(failed["id"], id.as_str());
+    assert_eq!(failed["cancelled"], true, "{failed}");
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let jobs = list_jobs(&gw).await;
+    assert_eq!(
+        jobs["data"].as_array().unwrap().len(),
+        1,
+        "the threshold undid the cancel: {jobs}"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_run_past_the_training_deadline_is_cancelled_and_its_job_failed() {
     // Against a deadline of two seconds.
     let sim = start_sim(ten_minute_training()).await;

@@ -263,6 +263,12 @@ impl DistillationService {
             .await
             .map_err(CancelError::Provider)?;
         tracing::info!(job = %id, provider_job = %run, "training run cancelled at the provider");
+        // Kept apart from the job, which its own loop writes: however the job then ends (a
+        // Kubernetes Job deleted before a restart reads as gone, not cancelled), it ends
+        // cancelled, and holds the route's automatic triggers.
+        if let Err(e) = self.store.put_meta(&cancel_key(id), &true) {
+            tracing::error!(job = %id, error = %e, "the cancel could not be recorded; the route's triggers may start a job again soon");
+        }
         Ok(job)
     }
 
@@ -509,7 +515,14 @@ impl DistillationService {
         let mut ticks = tokio::time::interval(self.settings.check_every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_check = chrono::Utc::now();
-        let mut deferred = HashSet::new();
+        // Kept in the store, so that a restart during a back-off does not lose them.
+        let mut deferred: HashSet<String> = match self.store.meta(DEFERRED_SCHEDULES) {
+            Ok(set) => set.unwrap_or_default(),
+            Err(e) => {
+                tracing::error!(error = %e, "deferred schedules not read; they fire at their next time");
+                HashSet::new()
+            }
+        };
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
@@ -584,6 +597,25 @@ impl DistillationService {
     /// Starts the jobs that thresholds and schedules call for. A schedule that comes due while
     /// its route backs off after failed jobs is kept in `deferred`, and fires once the wait ends.
     async fn check_triggers(
+        self: &Arc<Self>,
+        since: chrono::DateTime<chrono::Utc>,
+        now: chrono::DateTime<chrono::Utc>,
+        deferred: &mut HashSet<String>,
+    ) {
+        let before = deferred.clone();
+        self.check_routes(since, now, deferred).await;
+        if *deferred != before {
+            let (this, set) = (Arc::clone(self), deferred.clone());
+            let stored =
+                tokio::task::spawn_blocking(move || this.store.put_meta(DEFERRED_SCHEDULES, &set))
+                    .await;
+            if !matches!(stored, Ok(Ok(()))) {
+                tracing::error!("deferred schedules not stored; a restart would drop them");
+            }
+        }
+    }
+
+    async fn check_routes(
         self: &Arc<Self>,
         since: chrono::DateTime<chrono::Utc>,
         now: chrono::DateTime<chrono::Utc>,
@@ -666,6 +698,10 @@ impl DistillationService {
 
     fn fail(&self, job: &mut DistillationJob, error: String) {
         tracing::warn!(job = %job.id, route = %job.route, error = %error, "distillation job failed");
+        job.cancelled |= matches!(
+            self.store.meta::<bool>(&cancel_key(&job.id)),
+            Ok(Some(true))
+        );
         job.status = JobStatus::Failed;
         job.error = Some(error);
         job.finished_ms = Some(now_ms());
@@ -1202,6 +1238,14 @@ pub fn parse_schedule(text: &str) -> Result<Option<cron::Schedule>, String> {
 pub fn policy(min_score: f64) -> GoldenPolicy {
     GoldenPolicy { min_score }
 }
+
+/// The store's record that an operator asked to cancel job `id`.
+fn cancel_key(id: &str) -> String {
+    format!("cancel_requested_{id}")
+}
+
+/// The store's record of the routes whose schedule came due during a back-off.
+const DEFERRED_SCHEDULES: &str = "deferred_schedules";
 
 /// The longest automatic triggers wait after failed jobs.
 const MAX_FAILURE_BACKOFF: Duration = Duration::from_secs(6 * 3600);
