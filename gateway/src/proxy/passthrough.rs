@@ -40,10 +40,10 @@ async fn send(state: &ProxyState, request: Request) -> Result<Response, Error> {
     // Bounded by the body limit, so holding it whole costs at most that much per request.
     let bytes = read_body(body, state).await?;
     if !state.passthrough_account_apis
-        && let Some(field) = reads_stored_state(parts.uri.path(), &bytes)
+        && let Some(field) = reads_stored_state(parts.uri.path(), &bytes)?
     {
         return Err(Error::AccountApi(format!(
-            "{} {} with `{field}`",
+            "{} {} with {field}",
             parts.method,
             parts.uri.path()
         )));
@@ -98,7 +98,7 @@ fn check_path(path: &str) -> Result<(), Error> {
 /// distiller's uploaded datasets (every client's traces) and jobs among it, and vLLM's adapter
 /// loading, which would let a client unload a canary's student or swap its weights.
 /// (`/v1/models` is Forge's own: it lists the aliases, and never reaches the passthrough.)
-const ACCOUNT_APIS: [&str; 13] = [
+const ACCOUNT_APIS: [&str; 16] = [
     "files",
     "uploads",
     "fine_tuning",
@@ -110,6 +110,11 @@ const ACCOUNT_APIS: [&str; 13] = [
     "evals",
     "containers",
     "conversations",
+    "videos",
+    // Sessions minted here (ephemeral client secrets) run against the provider directly, outside
+    // Forge's keys, limits and capture.
+    "realtime",
+    "chatkit",
     "load_lora_adapter",
     "unload_lora_adapter",
 ];
@@ -130,28 +135,24 @@ fn is_account_api(path: &str) -> bool {
 }
 
 /// The field by which a Responses API computation would build on state the account stored
-/// (`previous_response_id`, `conversation`): another client's, given its id.
-fn reads_stored_state(path: &str, body: &[u8]) -> Option<&'static str> {
-    let rest = path.strip_prefix("/v1/")?;
+/// (`previous_response_id`, `conversation`): another client's, given its id. The body is read
+/// strictly (a JSON object, no key twice, no byte order mark), since the upstream's parser
+/// might find a field this one missed.
+fn reads_stored_state(path: &str, body: &[u8]) -> Result<Option<&'static str>, Error> {
+    let Some(rest) = path.strip_prefix("/v1/") else {
+        return Ok(None);
+    };
     if !RESPONSE_COMPUTATIONS.contains(&rest) {
-        return None;
+        return Ok(None);
     }
-    #[derive(serde::Deserialize)]
-    struct Continues {
-        #[serde(default)]
-        previous_response_id: Option<serde::de::IgnoredAny>,
-        #[serde(default)]
-        conversation: Option<serde::de::IgnoredAny>,
-    }
-    // A body that is not such JSON is the upstream's to refuse.
-    let continues: Continues = serde_json::from_slice(body).ok()?;
-    if continues.previous_response_id.is_some() {
-        Some("previous_response_id")
-    } else if continues.conversation.is_some() {
-        Some("conversation")
-    } else {
-        None
-    }
+    let entries = super::request::top_level(body)?;
+    Ok(["previous_response_id", "conversation"]
+        .into_iter()
+        .find(|field| {
+            entries
+                .iter()
+                .any(|(key, value)| key == field && value.get().trim() != "null")
+        }))
 }
 
 /// Whether `segment` percent-encodes a character that never needs it (RFC 3986's unreserved).

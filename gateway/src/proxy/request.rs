@@ -21,20 +21,7 @@ pub struct ChatRequest<'a> {
 impl<'a> ChatRequest<'a> {
     /// Parses and checks the fields the gateway relies on. Errors are 400s naming the field.
     pub fn parse(body: &'a [u8]) -> Result<Self, Error> {
-        let TopLevel(entries) = serde_json::from_slice(body).map_err(|e| {
-            Error::invalid(
-                format!("We could not parse the JSON body of your request: {e}."),
-                None,
-            )
-        })?;
-        if let Some(key) = first_duplicate(&entries) {
-            // Two parsers may pick different duplicates; refuse rather than guess which one the
-            // upstream will honour.
-            return Err(Error::invalid(
-                format!("Duplicate key `{key}` in the request body."),
-                None,
-            ));
-        }
+        let entries = top_level(body)?;
         let mut model = None;
         let mut messages = false;
         let mut stream = false;
@@ -139,6 +126,25 @@ impl<'a> ChatRequest<'a> {
         out.push(b'}');
         Bytes::from(out)
     }
+}
+
+/// A JSON object body's keys, each with its value as raw JSON text. A 400 when the body is not a
+/// JSON object, or repeats a key: two parsers may pick different duplicates, so Forge refuses
+/// rather than guess which one the upstream will honour.
+pub(crate) fn top_level(body: &[u8]) -> Result<Vec<(String, &RawValue)>, Error> {
+    let TopLevel(entries) = serde_json::from_slice(body).map_err(|e| {
+        Error::invalid(
+            format!("We could not parse the JSON body of your request: {e}."),
+            None,
+        )
+    })?;
+    if let Some(key) = first_duplicate(&entries) {
+        return Err(Error::invalid(
+            format!("Duplicate key `{key}` in the request body."),
+            None,
+        ));
+    }
+    Ok(entries)
 }
 
 /// The first key that appears twice. Pairwise for the few keys a real request has; hashed past
