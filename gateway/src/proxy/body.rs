@@ -55,6 +55,8 @@ pin_project! {
         end: Option<End>,
         // Whether what was passed on so far ends between two SSE events.
         at_boundary: bool,
+        // The last bytes passed on, to see whether they end with the `data: [DONE]` event.
+        tail: Tail,
     }
 }
 
@@ -129,6 +131,7 @@ impl<B> UpstreamBody<B> {
             burst: Burst::default(),
             end: None,
             at_boundary: true,
+            tail: Tail::default(),
         }
     }
 }
@@ -139,6 +142,43 @@ pub fn sse_error_event(message: &str) -> Bytes {
         "error": {"message": message, "type": "server_error", "param": null, "code": "upstream_error"}
     });
     Bytes::from(format!("data: {event}\n\n"))
+}
+
+/// The last few bytes of a stream passed on.
+#[derive(Default)]
+struct Tail {
+    bytes: Vec<u8>,
+}
+
+impl Tail {
+    /// Enough for `data: [DONE]` and its line ends.
+    const KEEP: usize = 24;
+
+    fn push(&mut self, data: &[u8]) {
+        let from = data.len().saturating_sub(Self::KEEP);
+        self.bytes.extend_from_slice(&data[from..]);
+        let excess = self.bytes.len().saturating_sub(Self::KEEP);
+        self.bytes.drain(..excess);
+    }
+
+    /// Whether the stream so far ends with the `data: [DONE]` event (its blank line aside).
+    fn is_done(&self) -> bool {
+        let end = self
+            .bytes
+            .iter()
+            .rposition(|b| !matches!(b, b'\r' | b'\n'))
+            .map_or(0, |i| i + 1);
+        let Some(line) = self.bytes[..end].strip_suffix(b"[DONE]") else {
+            return false;
+        };
+        let field = line
+            .strip_suffix(b" ")
+            .unwrap_or(line)
+            .strip_suffix(b"data:");
+        field.is_some_and(|before| {
+            before.is_empty() || before.ends_with(b"\n") || before.ends_with(b"\r")
+        })
+    }
 }
 
 /// Whether `data` ends with a blank line, the end of an SSE event. A blank line split across
@@ -191,6 +231,7 @@ where
         if let Some(data) = this.burst.take() {
             if *this.is_sse {
                 *this.at_boundary = ends_an_event(&data);
+                this.tail.push(&data);
             }
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }
@@ -198,6 +239,15 @@ where
         match this.end.replace(End::Done) {
             None | Some(End::Done) | Some(End::Complete(None)) => Poll::Ready(None),
             Some(End::Complete(Some(trailers))) => Poll::Ready(Some(Ok(trailers))),
+            // The stream's last event has been passed on: what failed after it (the connection
+            // dropped, or held open, before its last chunk) lost nothing, and an error event
+            // after `[DONE]` would break the stream's framing.
+            Some(End::Failed(failure))
+                if *this.is_sse && *this.at_boundary && this.tail.is_done() =>
+            {
+                tracing::debug!(error = %failure, "upstream stream failed after [DONE]; ended cleanly");
+                Poll::Ready(None)
+            }
             Some(End::Failed(failure)) => {
                 tracing::warn!(error = %failure, "upstream body ended early");
                 if *this.is_sse {
@@ -319,6 +369,39 @@ mod tests {
                 r.finish().error.is_some(),
                 "no readable error event in {got:?}"
             );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failure_after_done_ends_the_stream_cleanly() {
+        // At hand together: the last event and the failure in one read.
+        let sent = "data: {}\n\ndata: [DONE]\n\n";
+        let inner = at_hand(vec![data(sent), Err(std::io::Error::other("reset"))]);
+        let got = frames(UpstreamBody::new(inner, IDLE, true)).await;
+        assert_eq!(got.concat(), sent, "nothing after [DONE]");
+
+        // Apart in time, `[DONE]` cut in two, CRLF line ends, no space after the colon.
+        let (tx, mut rx) = mpsc::channel::<TestFrame>(1);
+        let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        let mut body = std::pin::pin!(UpstreamBody::new(
+            http_body_util::StreamBody::new(stream),
+            IDLE,
+            true
+        ));
+        for part in ["data: {}\r\n\r\ndata:[DO", "NE]\r\n\r\n"] {
+            tx.send(data(part)).await.unwrap();
+            let frame = body.frame().await.unwrap().unwrap();
+            assert_eq!(frame.into_data().unwrap(), part.as_bytes());
+        }
+        tx.send(Err(std::io::Error::other("reset"))).await.unwrap();
+        assert!(body.frame().await.is_none(), "a clean end");
+
+        // Not the end: a text that mentions [DONE], or an event not yet ended, still gets the
+        // error event.
+        for sent in ["data: say [DONE]\n\n", "data: [DONE]"] {
+            let inner = at_hand(vec![data(sent), Err(std::io::Error::other("reset"))]);
+            let got = frames(UpstreamBody::new(inner, IDLE, true)).await.concat();
+            assert!(got.contains("upstream_error"), "{sent:?}: {got:?}");
         }
     }
 
