@@ -195,7 +195,46 @@ pub struct TraceOf<R> {
     pub outcome: Outcome,
 }
 
+impl<R> TraceOf<R> {
+    /// The same trace with `request` as its request.
+    fn with_request<S>(self, request: S) -> TraceOf<S> {
+        TraceOf {
+            id: self.id,
+            time_ms: self.time_ms,
+            tenant: self.tenant,
+            key_id: self.key_id,
+            alias: self.alias,
+            upstream: self.upstream,
+            model: self.model,
+            arm: self.arm,
+            route_version: self.route_version,
+            stream: self.stream,
+            request,
+            response: self.response,
+            status: self.status,
+            latency_us: self.latency_us,
+            ttfb_us: self.ttfb_us,
+            outcome: self.outcome,
+        }
+    }
+}
+
 impl Trace {
+    /// Reads a stored trace. A request whose JSON is valid but that a JSON tree cannot hold (a
+    /// number past `f64`, nesting past the parser's depth limit once inside the trace) was
+    /// stored as the client sent it, and is read as `null`: one odd request must not make its
+    /// trace, and every listing, export and dataset that reads it, fail.
+    pub fn decode(bytes: &[u8]) -> Result<Trace, serde_json::Error> {
+        serde_json::from_slice(bytes).or_else(|error| {
+            let Ok(trace) = serde_json::from_slice::<TraceOf<&serde_json::value::RawValue>>(bytes)
+            else {
+                return Err(error);
+            };
+            let request = serde_json::from_str(trace.request.get()).unwrap_or(Value::Null);
+            Ok(trace.with_request(request))
+        })
+    }
+
     /// Whether this exchange may ever become training data.
     pub fn is_teacher(&self) -> bool {
         self.arm == Arm::Teacher

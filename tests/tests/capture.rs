@@ -1008,3 +1008,65 @@ async fn traces_past_the_retention_age_are_deleted_with_their_feedback_and_count
     assert_eq!(score(ids[1]).await.unwrap().status(), 404);
     gw.shutdown().await;
 }
+
+/// Requests that are valid JSON but that a JSON tree cannot hold: a number past `f64`, and
+/// nesting near the parser's limit (deeper still once inside the trace). Forwarded as they
+/// are; their traces must not make the store unreadable.
+#[tokio::test]
+async fn a_request_no_json_tree_can_hold_leaves_its_trace_and_the_others_readable() {
+    let sim = start_sim(SimConfig::default()).await;
+    let gw = start_gateway_with(&config_text(&sim.base_url(), "", &[("m", "gpt-4o")]), |c| {
+        c.server.admin_token = Some(forge_gateway::auth::Secret::new("admin-secret"))
+    })
+    .await;
+    let http = client();
+    let messages = r#"[{"role":"user","content":"hi"}]"#;
+    let deep = format!("{}{}", "[".repeat(126), "]".repeat(126));
+    let mut ids = Vec::new();
+    for body in [
+        format!(r#"{{"model":"m","messages":{messages},"temperature":1e400}}"#),
+        format!(r#"{{"model":"m","messages":{messages},"metadata":{deep}}}"#),
+        format!(r#"{{"model":"m","messages":{messages}}}"#),
+    ] {
+        let resp = http
+            .post(format!("{}/chat/completions", gw.base_url()))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        ids.push(trace_id_of(&resp));
+        resp.text().await.unwrap();
+    }
+    let store = gw.store().unwrap();
+    eventually("the three traces are stored", || {
+        ids.iter().all(|id| store.has_trace(*id).unwrap())
+    })
+    .await;
+    // Each reads back: the number past f64 as a null request, the others as sent.
+    let requests: Vec<Value> = ids
+        .iter()
+        .map(|id| store.trace(*id).unwrap().unwrap().request)
+        .collect();
+    assert!(requests[0].is_null(), "{}", requests[0]);
+    assert!(requests[1]["metadata"].is_array());
+    assert_eq!(requests[2]["messages"][0]["content"], "hi");
+    // And every listing that walks them still answers.
+    for query in ["", "?golden=false"] {
+        let listed = http
+            .get(format!(
+                "http://{}/admin/traces{query}",
+                gw.admin_addr().unwrap()
+            ))
+            .bearer_auth("admin-secret")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(listed.status(), 200, "{query}");
+        let text = listed.text().await.unwrap();
+        for id in &ids {
+            assert!(text.contains(&id.to_string()), "{query}: {id} missing");
+        }
+    }
+    gw.shutdown().await;
+}

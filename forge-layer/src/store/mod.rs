@@ -300,7 +300,7 @@ impl Store {
         self.read(|txn| {
             let table = txn.open_table(TRACES).map_err(db_err)?;
             match table.get(id.as_u128()).map_err(db_err)? {
-                Some(v) => Ok(Some(serde_json::from_slice(v.value())?)),
+                Some(v) => Ok(Some(Trace::decode(v.value())?)),
                 None => Ok(None),
             }
         })
@@ -353,7 +353,7 @@ impl Store {
             let upper = before.map_or(u128::MAX, TraceId::as_u128);
             for entry in table.range(..upper).map_err(db_err)?.rev() {
                 let (_, v) = entry.map_err(db_err)?;
-                if !f(serde_json::from_slice(v.value())?) {
+                if !f(Trace::decode(v.value())?) {
                     break;
                 }
             }
@@ -368,7 +368,7 @@ impl Store {
             let table = txn.open_table(TRACES).map_err(db_err)?;
             for entry in table.iter().map_err(db_err)? {
                 let (_, v) = entry.map_err(db_err)?;
-                if !f(serde_json::from_slice(v.value())?) {
+                if !f(Trace::decode(v.value())?) {
                     break;
                 }
             }

@@ -262,6 +262,6 @@ impl GradedScan {
     ) -> Result<(Trace, Option<Feedback>, Option<Evaluation>), StoreError> {
         let now = TraceId::from_u128(u128::MAX);
         let (feedback, evaluation) = self.graded_at(TraceId::from_u128(key), now)?;
-        Ok((serde_json::from_slice(bytes)?, feedback, evaluation))
+        Ok((Trace::decode(bytes)?, feedback, evaluation))
     }
 }
