@@ -106,7 +106,7 @@ impl Kind {
             Kind::AnthropicKey => r"(?:\b|_)sk-ant-[A-Za-z0-9_-]{20,}",
             Kind::OpenaiKey => r"(?:\b|_)sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}",
             Kind::AwsKey => {
-                r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|(?i:aws_secret_access_key)\s*[:=]\s*[A-Za-z0-9/+=]{40}"
+                r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|(?i:aws_secret_access_key)[\x22']?\s*[:=]\s*[\x22']?[A-Za-z0-9/+=]{40}"
             }
             Kind::GithubToken => {
                 r"\b(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})"
@@ -119,7 +119,8 @@ impl Kind {
             Kind::GoogleKey => r"\bAIza[0-9A-Za-z_-]{35}",
             Kind::SlackToken => r"\bxox[abposr]-[A-Za-z0-9-]{10,}",
             Kind::Credential => {
-                r"(?i:\b(?:api[-_ ]?key|x-api-key|secret[-_ ]?key|client[-_ ]?secret|access[-_ ]?token|auth[-_ ]?token|password|passwd))[\x22']?\s*[:=]\s*[\x22']?[A-Za-z0-9._~+/=-]{8,}"
+                // After an underscore too: `AZURE_OPENAI_API_KEY=…`, `DB_PASSWORD=…`.
+                r"(?i:(?:\b|_)(?:api[-_ ]?key|x-api-key|secret[-_ ]?(?:access[-_ ]?)?key|client[-_ ]?secret|access[-_ ]?token|auth[-_ ]?token|password|passwd))[\x22']?\s*[:=]\s*[\x22']?[A-Za-z0-9._~+/=-]{8,}"
             }
             Kind::Email => r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b",
             // International (+CC …), US with a bracketed area code, or US with - or . separators;
@@ -353,6 +354,16 @@ impl Redactor {
             }
             Value::Array(items) => items.iter_mut().for_each(|v| self.redact_json(v)),
             Value::Object(map) => {
+                // A field named for a secret labels its value, which may match no pattern (an
+                // Azure key is 32 hex digits).
+                for (key, value) in map.iter_mut() {
+                    if let Value::String(text) = value
+                        && is_secret_label(key)
+                        && labelled_secret(text)
+                    {
+                        *text = format!("[REDACTED:{}]", Kind::Credential.name());
+                    }
+                }
                 // Nothing shorter than an address like `a@b.io` can match.
                 let dirty: Vec<(String, String)> = map
                     .keys()
@@ -382,10 +393,25 @@ impl Redactor {
         // In JSON without escapes a quote only opens or closes a string, so the quotes pair up
         // in order, and what each pair holds is a string exactly as it decodes: no parse is
         // needed to find them (measured: the parse was most of the check's cost).
-        let mut quotes = memchr::memchr_iter(b'"', text.as_bytes());
+        let bytes = text.as_bytes();
+        let mut quotes = memchr::memchr_iter(b'"', bytes);
+        // Where the value of a field named for a secret opens, if it is a string.
+        let mut labelled_at = None;
         while let (Some(open), Some(close)) = (quotes.next(), quotes.next()) {
-            if self.redact_pass(&text[open + 1..close]).is_some() {
+            let string = &text[open + 1..close];
+            if self.redact_pass(string).is_some()
+                || (labelled_at == Some(open) && labelled_secret(string))
+            {
                 return false;
+            }
+            labelled_at = None;
+            if is_secret_label(string) {
+                // A key is followed by `:`, and its value opens after it.
+                let after =
+                    |from: usize| (from..bytes.len()).find(|&i| !bytes[i].is_ascii_whitespace());
+                if let Some(colon) = after(close + 1).filter(|&i| bytes[i] == b':') {
+                    labelled_at = after(colon + 1);
+                }
             }
         }
         true
@@ -395,14 +421,36 @@ impl Redactor {
     /// escapes. Text that is not one JSON value is not clean.
     fn json_walk_is_clean(&self, json: &str) -> bool {
         let mut de = serde_json::Deserializer::from_str(json);
-        serde::de::DeserializeSeed::deserialize(CleanJson(self), &mut de).is_ok()
-            && de.end().is_ok()
+        let walk = CleanJson {
+            redactor: self,
+            labelled: false,
+        };
+        serde::de::DeserializeSeed::deserialize(walk, &mut de).is_ok() && de.end().is_ok()
     }
 }
 
 /// Walks a JSON value and fails at the first string that redaction would change.
 #[derive(Clone, Copy)]
-struct CleanJson<'r>(&'r Redactor);
+struct CleanJson<'r> {
+    redactor: &'r Redactor,
+    /// The value of a field named for a secret: a string there is one.
+    labelled: bool,
+}
+
+impl CleanJson<'_> {
+    /// Whether redaction leaves string `s` as it is.
+    fn is_clean(self, s: &str) -> bool {
+        self.redactor.redact_pass(s).is_none() && !(self.labelled && labelled_secret(s))
+    }
+
+    /// The walk of values inside this one.
+    fn inner(self) -> Self {
+        Self {
+            labelled: false,
+            ..self
+        }
+    }
+}
 
 impl<'de> serde::de::DeserializeSeed<'de> for CleanJson<'_> {
     type Value = ();
@@ -441,23 +489,88 @@ impl<'de> serde::de::Visitor<'de> for CleanJson<'_> {
 
     // Escaped or not, a string arrives here decoded: the text redaction would see.
     fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<(), E> {
-        match self.0.redact_pass(s) {
-            None => Ok(()),
-            Some(_) => Err(E::custom("holds something to redact")),
+        if self.is_clean(s) {
+            Ok(())
+        } else {
+            Err(E::custom("holds something to redact"))
         }
     }
 
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while seq.next_element_seed(self)?.is_some() {}
+        while seq.next_element_seed(self.inner())?.is_some() {}
         Ok(())
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while map.next_key_seed(self)?.is_some() {
-            map.next_value_seed(self)?;
+        let walk = self.inner();
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if !walk.is_clean(&key) {
+                return Err(serde::de::Error::custom("holds something to redact"));
+            }
+            map.next_value_seed(CleanJson {
+                labelled: is_secret_label(&key),
+                ..walk
+            })?;
         }
         Ok(())
     }
+}
+
+/// The names of fields that hold a secret, compared without case at the end of a key, after
+/// `_` or `-` (`AZURE_OPENAI_API_KEY`, `x-api-key`, `db_password`) or as the whole key.
+const SECRET_LABELS: [&str; 24] = [
+    "apikey",
+    "api_key",
+    "api-key",
+    "secretkey",
+    "secret_key",
+    "secret-key",
+    "secret_access_key",
+    "secretaccesskey",
+    "secret-access-key",
+    "clientsecret",
+    "client_secret",
+    "client-secret",
+    "accesstoken",
+    "access_token",
+    "access-token",
+    "authtoken",
+    "auth_token",
+    "auth-token",
+    "refreshtoken",
+    "refresh_token",
+    "refresh-token",
+    "password",
+    "passwd",
+    "authorization",
+];
+
+/// Whether `key` names a field that holds a secret (see [`SECRET_LABELS`]).
+fn is_secret_label(key: &str) -> bool {
+    let key = key.as_bytes();
+    // Every label ends in one of these: most strings are out after one look.
+    if !(6..=64).contains(&key.len())
+        || !matches!(
+            key[key.len() - 1].to_ascii_lowercase(),
+            b'y' | b'd' | b'n' | b't'
+        )
+    {
+        return false;
+    }
+    SECRET_LABELS.iter().any(|label| {
+        let label = label.as_bytes();
+        key.len() >= label.len() && {
+            let (before, end) = key.split_at(key.len() - label.len());
+            end.eq_ignore_ascii_case(label)
+                && before.last().is_none_or(|b| matches!(b, b'_' | b'-'))
+        }
+    })
+}
+
+/// Whether `value`, in a field named for a secret, is one: long enough to be a key or a
+/// password (not `string`, or empty), and not redacted already.
+fn labelled_secret(value: &str) -> bool {
+    value.len() >= 8 && !value.starts_with("[REDACTED:")
 }
 
 /// The length from which a text of only plain bytes (see [`is_plain`]) can hold a match: `xoxb-`
@@ -1253,6 +1366,15 @@ mod tests {
         }
     }
 
+    /// Object keys: [`secretish`], or a field named for a secret.
+    fn json_key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => secretish(),
+            1 => prop::sample::select(vec!["api_key", "DB_PASSWORD", "x-api-key", "client_secret"])
+                .prop_map(str::to_string),
+        ]
+    }
+
     /// JSON values whose strings and keys are [`secretish`].
     fn any_json() -> impl Strategy<Value = Value> {
         let leaf = prop_oneof![
@@ -1266,7 +1388,7 @@ mod tests {
         leaf.prop_recursive(4, 32, 6, |inner| {
             prop_oneof![
                 prop::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
-                prop::collection::btree_map(secretish(), inner, 0..6)
+                prop::collection::btree_map(json_key(), inner, 0..6)
                     .prop_map(|m| Value::Object(m.into_iter().collect())),
             ]
         })
@@ -1443,6 +1565,21 @@ mod tests {
             ),
             ("xoxb-123456789012-abcdefghijkl", "slack_token"),
             ("client_secret=\"Zk3q-9Lm2Pq8\"", "credential"),
+            // Environment variables: the label after an underscore.
+            (
+                "AZURE_OPENAI_API_KEY=0123456789abcdef0123456789abcdef",
+                "credential",
+            ),
+            ("DB_PASSWORD=hunter2hunter2", "credential"),
+            // The AWS secret, quoted as in a config file or JSON.
+            (
+                "aws_secret_access_key = \"wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\"",
+                "aws_key",
+            ),
+            (
+                "{\"aws_secret_access_key\": \"wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\"}",
+                "aws_key",
+            ),
         ];
         for (text, kind) in cases {
             let out = redact(text);
@@ -1459,5 +1596,31 @@ mod tests {
         ] {
             assert_eq!(redact(prose), prose);
         }
+    }
+
+    #[test]
+    fn a_field_named_for_a_secret_loses_its_value() {
+        let redactor = Redactor::default();
+        let text = r#"{"api_key":"0123456789abcdef0123456789abcdef","extra_headers":{"x-api-key":"fedcba9876543210fedcba9876543210"},"AZURE_PASSWORD":"correcthorse","password":"short","max_tokens":5,"note":"api_key","schema":{"api_key":{"type":"string"}}}"#;
+        let mut value: Value = serde_json::from_str(text).unwrap();
+        redactor.redact_json(&mut value);
+        let marker = "[REDACTED:credential]";
+        assert_eq!(value["api_key"], marker);
+        assert_eq!(value["extra_headers"]["x-api-key"], marker);
+        assert_eq!(value["AZURE_PASSWORD"], marker);
+        // Too short for a key, a label used as a value, and a label naming an object: kept.
+        assert_eq!(value["password"], "short");
+        assert_eq!(value["note"], "api_key");
+        assert_eq!(value["schema"]["api_key"]["type"], "string");
+        assert_eq!(value["max_tokens"], 5);
+        // Neither fast check calls such JSON clean; without the secret, both do.
+        let raw = RawValue::from_string(text.to_string()).unwrap();
+        assert!(!redactor.json_is_clean(&raw));
+        assert!(!redactor.json_walk_is_clean(text));
+        let harmless =
+            r#"{"password":"short","note":"api_key","schema":{"api_key":{"type":"string"}}}"#;
+        let raw = RawValue::from_string(harmless.to_string()).unwrap();
+        assert!(redactor.json_is_clean(&raw));
+        assert!(redactor.json_walk_is_clean(harmless));
     }
 }

@@ -142,6 +142,19 @@ fn sample(kind: Kind, rng: &mut StdRng) -> String {
         }
         Kind::OpenaiKey => format!("sk-proj-{}", alnum(rng, 40)),
         Kind::AnthropicKey => format!("sk-ant-api03-{}", alnum(rng, 40)),
+        Kind::AwsKey if rng.random_bool(0.3) => format!(
+            "{}{}{}",
+            pick(
+                rng,
+                &[
+                    "aws_secret_access_key = \"",
+                    "AWS_SECRET_ACCESS_KEY=",
+                    "\"aws_secret_access_key\": \""
+                ]
+            ),
+            alnum(rng, 40),
+            pick(rng, &["\"", ""])
+        ),
         Kind::AwsKey => format!("AKIA{}", alnum(rng, 16).to_uppercase()),
         Kind::GithubToken => format!("ghp_{}", alnum(rng, 36)),
         Kind::Jwt => format!(
@@ -156,7 +169,17 @@ fn sample(kind: Kind, rng: &mut StdRng) -> String {
         Kind::SlackToken => format!("xoxb-{}-{}", digits(rng, 12), alnum(rng, 24)),
         Kind::Credential => format!(
             "{}: {}{}",
-            pick(rng, &["api-key", "password", "client_secret", "x-api-key"]),
+            pick(
+                rng,
+                &[
+                    "api-key",
+                    "password",
+                    "client_secret",
+                    "x-api-key",
+                    "AZURE_OPENAI_API_KEY",
+                    "DB_PASSWORD"
+                ]
+            ),
             digits(rng, 1),
             alnum(rng, 31).to_lowercase()
         ),
