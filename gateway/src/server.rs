@@ -311,6 +311,11 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         exchange: CaptureLayer::new(sink, max_response_bytes).layer(UpstreamCall),
         capture_enabled: store.is_some(),
         store: store.clone(),
+        redactor: config
+            .capture
+            .as_ref()
+            .map(|c| c.writer.redactor.clone())
+            .unwrap_or_default(),
         keys: ClientKeys::new(&config.clients),
         guard: guard.clone(),
     };

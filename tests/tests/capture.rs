@@ -726,7 +726,9 @@ async fn client_keys_map_to_tenants_and_secrets_never_reach_the_store() {
     );
 
     // Tenant B cannot attach feedback to tenant A's trace: it does not exist for B.
-    let fb = json!({"trace_id": id, "score": 99});
+    // A person's comment may quote a key or an address too.
+    let comment_secret = "sk-proj-COMMENTsecretKEY0123456789abcd";
+    let fb = json!({"trace_id": id, "score": 99, "comment": format!("it echoed {comment_secret}; ask someone@example.com")});
     let as_b = http
         .post(format!("{}/feedback", gw.base_url()))
         .bearer_auth(key_b)
@@ -848,7 +850,7 @@ async fn client_keys_map_to_tenants_and_secrets_never_reach_the_store() {
 
     let dir = gw.shutdown().await;
     let bytes = std::fs::read(dir.path().join(forge_layer::store::STORE_FILE)).unwrap();
-    for needle in [secret, key_a, key_b, "someone@example.com"] {
+    for needle in [secret, key_a, key_b, "someone@example.com", comment_secret] {
         assert!(
             !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
             "{needle} found in the redb file"

@@ -82,7 +82,10 @@ async fn record(state: &ProxyState, caller: Caller, body: Body) -> Result<Respon
         trace_id,
         score: request.score,
         approved: request.approved,
-        comment: request.comment,
+        // Written by a person, and as likely as a prompt to hold a pasted key or an address.
+        comment: request
+            .comment
+            .map(|c| state.redactor.redact_str(&c).unwrap_or(c)),
         time_ms: now_ms(),
     };
     let score = feedback.score;

@@ -53,6 +53,8 @@ pub struct ProxyState {
     pub guard: Option<Arc<forge_layer::guard::Guard>>,
     /// The trace store, when capture is on.
     pub store: Option<forge_layer::store::Store>,
+    /// What capture redacts, applied to feedback comments too.
+    pub redactor: forge_layer::redact::Redactor,
     /// App keys; empty means no authentication.
     pub keys: ClientKeys,
 }
