@@ -1072,3 +1072,89 @@ async fn a_request_no_json_tree_can_hold_leaves_its_trace_and_the_others_readabl
     }
     gw.shutdown().await;
 }
+
+/// An exchange still under way holds back the scans that keep a cursor (the judge's, the
+/// datasets'), not the admin API's listings.
+#[tokio::test]
+async fn a_long_exchange_hides_no_trace_from_the_golden_listing() {
+    let slow = ModelBehavior {
+        first_byte_delay: Duration::from_secs(600),
+        ..ModelBehavior::default()
+    };
+    let sim = start_sim(behaviors(&[
+        ("fast", ModelBehavior::default()),
+        ("slow", slow),
+    ]))
+    .await;
+    let gw = start_gateway_with(
+        &config_text(&sim.base_url(), "", &[("f", "fast"), ("s", "slow")]),
+        |c| c.server.admin_token = Some(forge_gateway::auth::Secret::new("admin-secret")),
+    )
+    .await;
+    let http = client();
+    let url = format!("{}/chat/completions", gw.base_url());
+    let ask_and_approve = |prompt: &'static str| {
+        let (http, url, feedback) = (
+            http.clone(),
+            url.clone(),
+            format!("{}/feedback", gw.base_url()),
+        );
+        async move {
+            let resp = http
+                .post(&url)
+                .json(&chat_body("f", prompt, false))
+                .send()
+                .await
+                .unwrap();
+            let id = trace_id_of(&resp).to_string();
+            resp.text().await.unwrap();
+            let fb = json!({"trace_id": id, "approved": true});
+            // Feedback waits for its trace to be stored.
+            assert_eq!(
+                http.post(&feedback)
+                    .json(&fb)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status(),
+                200
+            );
+            id
+        }
+    };
+    let before = ask_and_approve("before").await;
+    let waiting = tokio::spawn({
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            http.post(&url)
+                .json(&chat_body("s", "slow", false))
+                .send()
+                .await
+        }
+    });
+    eventually("the slow exchange reaches the upstream", || {
+        sim.requests()
+            .iter()
+            .any(|r| r.body.windows(4).any(|w| w == b"slow"))
+    })
+    .await;
+    let after = ask_and_approve("after").await;
+    let listed = http
+        .get(format!(
+            "http://{}/admin/traces?golden=true",
+            gw.admin_addr().unwrap()
+        ))
+        .bearer_auth("admin-secret")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        listed.contains(&before) && listed.contains(&after),
+        "{listed}"
+    );
+    waiting.abort();
+    gw.shutdown().await;
+}

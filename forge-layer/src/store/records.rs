@@ -181,13 +181,15 @@ impl GradedScan {
     }
 
     /// Calls `f` on the traces before `before` (all, without it), newest first, with the
-    /// feedback in force and the latest evaluation; `f` returns `false` to stop.
+    /// feedback in force and the latest evaluation; `f` returns `false` to stop. Every trace
+    /// in the snapshot, settled or not: a listing keeps no cursor that a trace still on its way
+    /// could fall behind, and one long stream must not hide every trace that came after it.
     pub fn newest_first(
         &self,
         before: Option<TraceId>,
         mut f: impl FnMut(Trace, Option<Feedback>, Option<Evaluation>) -> bool,
     ) -> Result<(), StoreError> {
-        let end = before.map_or(self.settled, |id| self.settled.min(id.as_u128()));
+        let end = before.map_or(u128::MAX, TraceId::as_u128);
         for entry in self.traces.range(..end).map_err(db_err)?.rev() {
             let (k, v) = entry.map_err(db_err)?;
             let (trace, feedback, evaluation) = self.graded(k.value(), v.value())?;
