@@ -301,3 +301,96 @@ async fn secrets_stay_out_of_logs_store_and_exports_and_the_cli_reads_both_ways(
         );
     }
 }
+
+#[tokio::test]
+async fn the_cli_lists_past_one_admin_page() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let sim = SimUpstream::start(SimConfig::default(), ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // More traces than the admin API's largest page (1,000).
+    let traces: Vec<(TraceId, Vec<u8>)> = (0..1005)
+        .map(|i| {
+            let trace = forge_layer::trace::Trace {
+                id: TraceId::generate(),
+                time_ms: i,
+                tenant: None,
+                key_id: None,
+                alias: "m".into(),
+                upstream: "sim".into(),
+                model: "gpt-4o".into(),
+                arm: forge_router::Arm::Teacher,
+                route_version: 1,
+                stream: false,
+                request: serde_json::json!({"n": i}),
+                response: Default::default(),
+                status: 200,
+                latency_us: 1,
+                ttfb_us: 1,
+                outcome: forge_layer::trace::Outcome::Completed,
+            };
+            (trace.id, serde_json::to_vec(&trace).unwrap())
+        })
+        .collect();
+    let store = Store::open_dir(&data).unwrap();
+    store
+        .insert_encoded(traces.iter().map(|(id, bytes)| (*id, bytes.as_slice())))
+        .unwrap();
+    drop(store);
+    let (mut forge, _) = serve(
+        &config(&sim.base_url(), &data, "async"),
+        dir.path(),
+        &[("FORGE_ADMIN_TOKEN", "adm1n-t0ken")],
+    );
+    let log = std::fs::read_to_string(dir.path().join("forge.log")).unwrap();
+    let admin = log
+        .lines()
+        .find(|l| l.contains("admin API listening"))
+        .and_then(|l| l.split("addr=").nth(1))
+        .map(|a| a.split_whitespace().next().unwrap().to_string())
+        .expect("admin address in the log");
+    let cli = |args: &'static [&'static str]| {
+        let admin = admin.clone();
+        tokio::task::spawn_blocking(move || {
+            let output = Command::new(FORGE)
+                .arg("traces")
+                .args(args)
+                .args(["--admin", &admin])
+                .env("FORGE_ADMIN_TOKEN", "adm1n-t0ken")
+                .output()
+                .unwrap();
+            assert!(
+                output.status.success(),
+                "{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            String::from_utf8(output.stdout).unwrap()
+        })
+    };
+    let listed = cli(&["list", "--limit", "1003"]).await.unwrap();
+    let ids: Vec<&str> = listed
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 1003);
+    // Newest first, none twice, across the page boundary.
+    let expected: Vec<String> = traces
+        .iter()
+        .rev()
+        .take(1003)
+        .map(|(id, _)| id.to_string())
+        .collect();
+    assert_eq!(ids, expected);
+    let exported = cli(&["export"]).await.unwrap();
+    assert_eq!(exported.lines().count(), 1005);
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &forge.0.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(forge.0.wait().unwrap().success());
+}

@@ -141,6 +141,39 @@ fn from_store(store: &Store, action: Action) -> Result<(), TracesError> {
     Ok(())
 }
 
+/// Calls `f` on the admin API's traces, newest first, page by page (`before` walks back), until
+/// `limit` of them (all, without one).
+async fn walk_pages<G, F>(
+    get: &G,
+    limit: Option<u64>,
+    mut f: impl FnMut(&serde_json::Value) -> std::io::Result<()>,
+) -> Result<(), TracesError>
+where
+    G: Fn(String) -> F,
+    F: std::future::Future<Output = Result<serde_json::Value, TracesError>>,
+{
+    // The admin API's largest page.
+    const PAGE: u64 = 1000;
+    let mut before: Option<String> = None;
+    let mut left = limit.unwrap_or(u64::MAX);
+    while left > 0 {
+        let cursor = before
+            .as_deref()
+            .map(|b| format!("&before={b}"))
+            .unwrap_or_default();
+        let page = get(format!("/admin/traces?limit={}{cursor}", left.min(PAGE))).await?;
+        for value in page["data"].as_array().into_iter().flatten() {
+            f(value)?;
+            left = left.saturating_sub(1);
+        }
+        match page["last_id"].as_str() {
+            Some(last) if page["has_more"] == true => before = Some(last.to_string()),
+            _ => break,
+        }
+    }
+    Ok(())
+}
+
 async fn from_admin(base: &str, action: Action) -> Result<(), TracesError> {
     let admin = AdminClient::new(base).map_err(TracesError::Admin)?;
     let get = |path: String| {
@@ -150,12 +183,14 @@ async fn from_admin(base: &str, action: Action) -> Result<(), TracesError> {
     let mut out = std::io::stdout().lock();
     match action {
         Action::List { limit } => {
-            let page = get(format!("/admin/traces?limit={limit}")).await?;
-            for value in page["data"].as_array().into_iter().flatten() {
-                if let Ok(t) = serde_json::from_value::<Trace>(value.clone()) {
-                    writeln!(out, "{}", line(&t))?;
+            walk_pages(&get, Some(limit as u64), |value| {
+                match serde_json::from_value::<Trace>(value.clone()) {
+                    Ok(t) => writeln!(out, "{}", line(&t)),
+                    // A newer gateway's trace, say: still listed, by its id.
+                    Err(e) => writeln!(out, "{}  (not read: {e})", value["id"]),
                 }
-            }
+            })
+            .await?;
         }
         Action::Show { id } => {
             let trace = get(format!("/admin/traces/{}", segment(&id))).await?;
@@ -174,25 +209,16 @@ async fn from_admin(base: &str, action: Action) -> Result<(), TracesError> {
             )?;
         }
         Action::Export => {
-            // Pages go newest first; `before` walks back to the oldest.
-            let mut before: Option<String> = None;
             let mut done = 0u64;
-            loop {
-                let cursor = before
-                    .as_deref()
-                    .map(|b| format!("&before={b}"))
-                    .unwrap_or_default();
-                let page = get(format!("/admin/traces?limit=1000{cursor}")).await?;
-                for value in page["data"].as_array().into_iter().flatten() {
-                    writeln!(out, "{value}")?;
-                    done += 1;
+            walk_pages(&get, None, |value| {
+                done += 1;
+                if done.is_multiple_of(10_000) {
+                    eprintln!("exported {done}");
                 }
-                eprintln!("exported {done}");
-                match page["last_id"].as_str() {
-                    Some(last) if page["has_more"] == true => before = Some(last.to_string()),
-                    _ => break,
-                }
-            }
+                writeln!(out, "{value}")
+            })
+            .await?;
+            eprintln!("exported {done} traces");
         }
     }
     Ok(())
