@@ -37,6 +37,12 @@ async fn non_stream_and_stream_reach_the_client_byte_for_byte() {
             via.headers()["content-type"],
             direct.headers()["content-type"]
         );
+        // The upstream's request id reaches the client; Forge's account there does not.
+        assert!(via.headers().contains_key("x-request-id"));
+        for name in ["openai-organization", "openai-project", "set-cookie"] {
+            assert!(direct.headers().contains_key(name), "{name}");
+            assert!(!via.headers().contains_key(name), "{name}");
+        }
         let via = via.text().await.unwrap();
         let direct = direct.text().await.unwrap();
         assert_eq!(align_ids(&via, &direct), direct, "stream={stream}");
@@ -777,6 +783,12 @@ async fn other_v1_paths_pass_through_to_the_upstream() {
         .unwrap();
     assert_eq!(file["object"], "file", "{file}");
     let id = file["id"].as_str().unwrap();
+    let listed = http
+        .get(format!("{}/files", gw.base_url()))
+        .send()
+        .await
+        .unwrap();
+    assert!(!listed.headers().contains_key("openai-organization"));
     let content = http
         .get(format!("{}/files/{id}/content", gw.base_url()))
         .send()

@@ -269,6 +269,14 @@ async fn intake(State(state): State<Arc<SimState>>, request: Request, next: Next
     if let Ok(id) = HeaderValue::from_str(&format!("req_{}", ulid::Ulid::new())) {
         response.headers_mut().insert("x-request-id", id);
     }
+    // As OpenAI's answers carry them: the account behind the key, and its edge's cookie.
+    let headers = response.headers_mut();
+    headers.insert("openai-organization", HeaderValue::from_static("org-sim"));
+    headers.insert("openai-project", HeaderValue::from_static("proj_sim"));
+    headers.insert(
+        http::header::SET_COOKIE,
+        HeaderValue::from_static("__cf_bm=sim; path=/; domain=.api.openai.com; HttpOnly; Secure"),
+    );
     response
 }
 

@@ -169,6 +169,7 @@ impl Upstream {
         let (mut parts, body) = response.into_parts();
         let body = DrivenBody::new(body, conn, Arc::clone(&self.pool));
         strip_hop_by_hop(&mut parts.headers);
+        strip_account_headers(&mut parts.headers);
         let is_sse = parts
             .headers
             .get(header::CONTENT_TYPE)
@@ -326,6 +327,15 @@ pub fn strip_credentials(headers: &mut HeaderMap) {
     for name in ["api-key", "openai-organization", "openai-project"] {
         headers.remove(name);
     }
+}
+
+/// Removes from an upstream's answer what belongs to Forge's account there, not to the client:
+/// the organization and project behind Forge's key, and the cookies the upstream's edge sets for
+/// Forge's connection.
+fn strip_account_headers(headers: &mut HeaderMap) {
+    headers.remove(header::SET_COOKIE);
+    headers.remove("openai-organization");
+    headers.remove("openai-project");
 }
 
 /// Removes the hop-by-hop headers (RFC 9110 §7.6.1), including any the `Connection` header names.
