@@ -22,6 +22,35 @@ fn config(sim_url: &str, data_dir: &Path, mode: &str) -> String {
     )
 }
 
+async fn start_sim() -> forge_gateway::sim::SimHandle {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    SimUpstream::start(SimConfig::default(), ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap()
+}
+
+/// The admin API's address, as the gateway logged it in `dir/forge.log`.
+fn admin_addr(dir: &Path) -> String {
+    let log = std::fs::read_to_string(dir.join("forge.log")).unwrap();
+    log.lines()
+        .find(|l| l.contains("admin API listening"))
+        .and_then(|l| l.split("addr=").nth(1))
+        .map(|a| a.split_whitespace().next().unwrap().to_string())
+        .expect("admin address in the log")
+}
+
+/// Stops the gateway as an operator does (SIGTERM); it must exit cleanly.
+fn stop(forge: &mut common::Forge) {
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &forge.0.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(forge.0.wait().unwrap().success());
+}
+
 fn chat(prompt: &str, stream: bool) -> serde_json::Value {
     serde_json::json!({"model": "m", "messages": [{"role": "user", "content": prompt}], "stream": stream})
 }
@@ -83,10 +112,7 @@ async fn load_then_kill_9(
 
 #[tokio::test]
 async fn durable_mode_keeps_every_answered_exchange_across_repeated_kill_9() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let sim = SimUpstream::start(SimConfig::default(), ([127, 0, 0, 1], 0).into())
-        .await
-        .unwrap();
+    let sim = start_sim().await;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     // Several rounds on one store, each killed at a different point of its load.
@@ -138,10 +164,7 @@ fn forge_tests_deadline() -> std::time::Duration {
 
 #[tokio::test]
 async fn secrets_stay_out_of_logs_store_and_exports_and_the_cli_reads_both_ways() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let sim = SimUpstream::start(SimConfig::default(), ([127, 0, 0, 1], 0).into())
-        .await
-        .unwrap();
+    let sim = start_sim().await;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let text = config(&sim.base_url(), &data, "async");
@@ -190,13 +213,7 @@ async fn secrets_stay_out_of_logs_store_and_exports_and_the_cli_reads_both_ways(
         String::from_utf8_lossy(&busy.stderr)
     );
     // …and through it, the export holds both traces, redacted.
-    let log = std::fs::read_to_string(dir.path().join("forge.log")).unwrap();
-    let admin_addr = log
-        .lines()
-        .find(|l| l.contains("admin API listening"))
-        .and_then(|l| l.split("addr=").nth(1))
-        .map(|a| a.split_whitespace().next().unwrap().to_string())
-        .expect("admin address in the log");
+    let admin_addr = admin_addr(dir.path());
     // `async` capture commits every 50 ms or so: poll the live export until both traces are in.
     let export_live = || {
         let admin_addr = admin_addr.clone();
@@ -245,14 +262,7 @@ async fn secrets_stay_out_of_logs_store_and_exports_and_the_cli_reads_both_ways(
         String::from_utf8_lossy(&bare.stderr)
     );
 
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &forge.0.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    assert!(forge.0.wait().unwrap().success());
+    stop(&mut forge);
     // With the gateway gone, the error says where and why.
     let gone = admin_stats(format!("http://{admin_addr}")).await.unwrap();
     assert!(!gone.status.success());
@@ -304,10 +314,7 @@ async fn secrets_stay_out_of_logs_store_and_exports_and_the_cli_reads_both_ways(
 
 #[tokio::test]
 async fn the_cli_lists_past_one_admin_page() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let sim = SimUpstream::start(SimConfig::default(), ([127, 0, 0, 1], 0).into())
-        .await
-        .unwrap();
+    let sim = start_sim().await;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     // More traces than the admin API's largest page (1,000).
@@ -344,13 +351,7 @@ async fn the_cli_lists_past_one_admin_page() {
         dir.path(),
         &[("FORGE_ADMIN_TOKEN", "adm1n-t0ken")],
     );
-    let log = std::fs::read_to_string(dir.path().join("forge.log")).unwrap();
-    let admin = log
-        .lines()
-        .find(|l| l.contains("admin API listening"))
-        .and_then(|l| l.split("addr=").nth(1))
-        .map(|a| a.split_whitespace().next().unwrap().to_string())
-        .expect("admin address in the log");
+    let admin = admin_addr(dir.path());
     let cli = |args: &'static [&'static str]| {
         let admin = admin.clone();
         tokio::task::spawn_blocking(move || {
@@ -385,12 +386,5 @@ async fn the_cli_lists_past_one_admin_page() {
     assert_eq!(ids, expected);
     let exported = cli(&["export"]).await.unwrap();
     assert_eq!(exported.lines().count(), 1005);
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &forge.0.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    assert!(forge.0.wait().unwrap().success());
+    stop(&mut forge);
 }

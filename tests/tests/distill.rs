@@ -985,26 +985,38 @@ async fn an_admin_cancel_stops_the_run_at_the_provider_and_fails_the_job() {
     gw.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_cancelled_run_is_not_started_again_by_the_threshold() {
-    let sim = start_sim(ten_minute_training()).await;
-    let gw = start_gateway_with(&config(&sim, "", ""), admin).await;
-    // Over the threshold of 20: a job starts by itself.
-    traffic(&gw, 25, "threshold", None).await;
-    let id = submitted_job(&gw).await;
-    let cancelled = admin_post(&gw, &format!("/admin/jobs/{id}/cancel")).await;
+/// Starts a job by the threshold (25 approved traces, over 20), waits until its run is
+/// submitted, and cancels it through the admin API; returns the job's id.
+async fn threshold_job_cancelled(gw: &TestGateway) -> String {
+    traffic(gw, 25, "threshold", None).await;
+    let id = submitted_job(gw).await;
+    let cancelled = admin_post(gw, &format!("/admin/jobs/{id}/cancel")).await;
     assert_eq!(cancelled.status(), 202);
-    let failed = wait_for_job(&gw, "FAILED").await;
+    id
+}
+
+/// The cancelled job `id` is FAILED and marked cancelled, and for two seconds (ten checks) no
+/// other job starts, though its examples still meet the threshold.
+async fn cancel_holds(gw: &TestGateway, id: &str) {
+    let failed = wait_for_job(gw, "FAILED").await;
+    assert_eq!(failed["id"], id);
     assert_eq!(failed["cancelled"], true, "{failed}");
-    // Its examples are still past the cut, so the threshold is still met; the checks (every
-    // 0.2 s) hold off all the same, where a failure of another kind would be retried soon.
     tokio::time::sleep(Duration::from_millis(2000)).await;
-    let jobs = list_jobs(&gw).await;
+    let jobs = list_jobs(gw).await;
     assert_eq!(
         jobs["data"].as_array().unwrap().len(),
         1,
         "the threshold undid the cancel: {jobs}"
     );
+}
+
+#[tokio::test]
+async fn a_cancelled_run_is_not_started_again_by_the_threshold() {
+    let sim = start_sim(ten_minute_training()).await;
+    let gw = start_gateway_with(&config(&sim, "", ""), admin).await;
+    let id = threshold_job_cancelled(&gw).await;
+    // A failure of another kind would be retried two checks (0.4 s) later.
+    cancel_holds(&gw, &id).await;
     // An operator can still start one at once.
     assert_eq!(admin_post(&gw, "/admin/distill/chat").await.status(), 202);
     gw.shutdown().await;
@@ -1017,25 +1029,13 @@ async fn a_cancel_holds_the_route_even_when_a_restart_finds_the_run_gone() {
     let slow_polls =
         config(&sim, "", "").replace("poll_initial_secs = 0.05", "poll_initial_secs = 30");
     let gw = start_gateway_with(&slow_polls, admin).await;
-    traffic(&gw, 25, "threshold", None).await;
-    let id = submitted_job(&gw).await;
-    let cancelled = admin_post(&gw, &format!("/admin/jobs/{id}/cancel")).await;
-    assert_eq!(cancelled.status(), 202);
+    let id = threshold_job_cancelled(&gw).await;
     // Back up against a provider that has no record of the run (as Kubernetes has none of a
     // deleted Job): the job fails as gone, yet it was cancelled, and the route holds.
     let other = start_sim(ten_minute_training()).await;
     let dir = gw.shutdown().await;
     let gw = start_on(&config(&other, "", ""), &dir).await;
-    let failed = wait_for_job(&gw, "FAILED").await;
-    assert_eq!(failed["id"], id.as_str());
-    assert_eq!(failed["cancelled"], true, "{failed}");
-    tokio::time::sleep(Duration::from_millis(2000)).await;
-    let jobs = list_jobs(&gw).await;
-    assert_eq!(
-        jobs["data"].as_array().unwrap().len(),
-        1,
-        "the threshold undid the cancel: {jobs}"
-    );
+    cancel_holds(&gw, &id).await;
     gw.shutdown().await;
 }
 
