@@ -397,54 +397,101 @@ async fn openai_429_gives_the_retry_after_duration() {
     sim.shutdown().await;
 }
 
+/// A planned answer: its status, headers and JSON body.
+type Answer = (StatusCode, &'static [(&'static str, &'static str)], Value);
+
+/// A stand-in for OpenAI's Files and fine-tuning jobs endpoints that answers job lookups with
+/// `list` and job creations with `creates` in turn (then success), and counts the calls: the
+/// simulated upstream's "next n requests" injection can't single out one endpoint.
+#[derive(Clone)]
+struct ScriptedOpenAi {
+    list: StatusCode,
+    creates: Arc<std::sync::Mutex<Vec<Answer>>>,
+    uploads: Arc<AtomicUsize>,
+    created: Arc<AtomicUsize>,
+}
+
+impl ScriptedOpenAi {
+    fn new(list: StatusCode, creates: Vec<Answer>) -> Self {
+        Self {
+            list,
+            creates: Arc::new(std::sync::Mutex::new(creates)),
+            uploads: Arc::default(),
+            created: Arc::default(),
+        }
+    }
+
+    /// Serves it; returns a provider pointed at it, and the server's task.
+    async fn start(&self) -> (OpenAiProvider, tokio::task::JoinHandle<()>) {
+        async fn list(State(fake): State<ScriptedOpenAi>) -> Response {
+            if fake.list != StatusCode::OK {
+                let body = json!({"error": {"message": "not now", "type": "server_error", "param": null, "code": null}});
+                return (fake.list, Json(body)).into_response();
+            }
+            Json(json!({"object": "list", "data": [], "has_more": false})).into_response()
+        }
+        // The body is read whole, as a real server does: answering before the upload is sent
+        // makes the client's write fail with a broken pipe.
+        async fn upload(
+            State(fake): State<ScriptedOpenAi>,
+            _file: axum::body::Bytes,
+        ) -> Json<Value> {
+            let n = fake.uploads.fetch_add(1, Ordering::SeqCst);
+            Json(json!({"id": format!("file-{n}"), "object": "file", "status": "processed"}))
+        }
+        async fn create(State(fake): State<ScriptedOpenAi>) -> Response {
+            fake.created.fetch_add(1, Ordering::SeqCst);
+            let planned = {
+                let mut creates = fake.creates.lock().unwrap();
+                (!creates.is_empty()).then(|| creates.remove(0))
+            };
+            match planned {
+                Some((status, headers, body)) => {
+                    let mut response = (status, Json(body)).into_response();
+                    for (name, value) in headers {
+                        response.headers_mut().insert(*name, value.parse().unwrap());
+                    }
+                    response
+                }
+                None => Json(json!({"id": "ftjob-1", "object": "fine_tuning.job", "status": "validating_files"}))
+                    .into_response(),
+            }
+        }
+        let app = Router::new()
+            .route("/v1/files", post(upload))
+            .route("/v1/fine_tuning/jobs", get(list).post(create))
+            .with_state(self.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base_url = format!("http://{}/v1", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        let provider = OpenAiProvider::new(&OpenAiConfig {
+            base_url: Some(base_url),
+            api_key: Some(SecretString::new(API_KEY)),
+            ..OpenAiConfig::default()
+        })
+        .unwrap();
+        (provider, server)
+    }
+}
+
+/// An OpenAI error body with `code`.
+fn openai_error(message: &str, code: &str) -> Value {
+    json!({"error": {"message": message, "type": code, "param": null, "code": code}})
+}
+
 #[tokio::test]
 async fn openai_job_creation_waits_out_a_short_429_without_reuploading() {
-    // A stand-in for OpenAI that refuses the first job creation only, which the simulated
-    // upstream's "next n requests" injection can't single out.
-    #[derive(Clone, Default)]
-    struct Counts {
-        uploads: Arc<AtomicUsize>,
-        creates: Arc<AtomicUsize>,
-    }
-    async fn list() -> Json<Value> {
-        Json(json!({"object": "list", "data": [], "has_more": false}))
-    }
-    // The body is read whole, as a real server does: answering before the upload is sent makes
-    // the client's write fail with a broken pipe.
-    async fn upload(State(counts): State<Counts>, _file: axum::body::Bytes) -> Json<Value> {
-        counts.uploads.fetch_add(1, Ordering::SeqCst);
-        Json(json!({"id": "file-1", "object": "file", "status": "processed"}))
-    }
-    async fn create(State(counts): State<Counts>) -> Response {
-        if counts.creates.fetch_add(1, Ordering::SeqCst) == 0 {
-            let body = json!({"error": {"message": "Rate limit reached", "type": "requests", "param": null, "code": "rate_limit_exceeded"}});
-            return (
-                StatusCode::TOO_MANY_REQUESTS,
-                [("retry-after", "1")],
-                Json(body),
-            )
-                .into_response();
-        }
-        Json(json!({"id": "ftjob-1", "object": "fine_tuning.job", "status": "validating_files"}))
-            .into_response()
-    }
-    let counts = Counts::default();
-    let app = Router::new()
-        .route("/v1/files", post(upload))
-        .route("/v1/fine_tuning/jobs", get(list).post(create))
-        .with_state(counts.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base_url = format!("http://{}/v1", listener.local_addr().unwrap());
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app).await.unwrap();
-    });
-
-    let provider = OpenAiProvider::new(&OpenAiConfig {
-        base_url: Some(base_url),
-        api_key: Some(SecretString::new(API_KEY)),
-        ..OpenAiConfig::default()
-    })
-    .unwrap();
+    let fake = ScriptedOpenAi::new(
+        StatusCode::OK,
+        vec![(
+            StatusCode::TOO_MANY_REQUESTS,
+            &[("retry-after", "1")],
+            openai_error("Rate limit reached", "rate_limit_exceeded"),
+        )],
+    );
+    let (provider, server) = fake.start().await;
     let dir = tempfile::tempdir().unwrap();
     let submitted = provider
         .submit(&request(
@@ -456,12 +503,104 @@ async fn openai_job_creation_waits_out_a_short_429_without_reuploading() {
         .await
         .unwrap();
     assert_eq!(submitted.provider_job_id, "ftjob-1");
-    assert_eq!(counts.creates.load(Ordering::SeqCst), 2);
+    assert_eq!(fake.created.load(Ordering::SeqCst), 2);
     assert_eq!(
-        counts.uploads.load(Ordering::SeqCst),
+        fake.uploads.load(Ordering::SeqCst),
         1,
         "the file must not be uploaded twice"
     );
+    server.abort();
+}
+
+#[tokio::test]
+async fn a_submission_tried_again_after_its_create_failed_sends_no_file_twice() {
+    // The create fails for good this time (a 500, which the distiller tries again later).
+    let fake = ScriptedOpenAi::new(
+        StatusCode::OK,
+        vec![(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &[],
+            openai_error("The server had an error", "server_error"),
+        )],
+    );
+    let (provider, server) = fake.start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let request = request(
+        "01JOBRESUBMIT",
+        jsonl(dir.path(), "t.jsonl", 12),
+        Some(jsonl(dir.path(), "v.jsonl", 3)),
+        "gpt-4o-mini",
+    );
+    let failed = provider.submit(&request).await.unwrap_err();
+    assert!(failed.is_transient(), "{failed:?}");
+    assert_eq!(fake.uploads.load(Ordering::SeqCst), 2);
+    let submitted = provider.submit(&request).await.unwrap();
+    assert_eq!(submitted.provider_job_id, "ftjob-1");
+    assert_eq!(
+        fake.uploads.load(Ordering::SeqCst),
+        2,
+        "the second attempt reuses both files"
+    );
+    server.abort();
+}
+
+#[tokio::test]
+async fn an_exhausted_quota_is_not_waited_out_and_its_message_is_kept() {
+    for (headers, body) in [
+        (
+            &[][..],
+            openai_error(
+                "You exceeded your current quota, please check your plan and billing details.",
+                "insufficient_quota",
+            ),
+        ),
+        (
+            &[("x-should-retry", "false")][..],
+            openai_error("You exceeded your current quota.", "rate_limit_exceeded"),
+        ),
+    ] {
+        let fake = ScriptedOpenAi::new(
+            StatusCode::OK,
+            vec![(StatusCode::TOO_MANY_REQUESTS, headers, body)],
+        );
+        let (provider, server) = fake.start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let err = provider
+            .submit(&request(
+                "01JOBQUOTA",
+                jsonl(dir.path(), "t.jsonl", 12),
+                None,
+                "gpt-4o-mini",
+            ))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, ProviderError::Http { status: 429, message } if message.contains("exceeded your current quota")),
+            "{err:?}"
+        );
+        assert!(!err.is_transient());
+        server.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_failed_lookup_of_an_earlier_run_starts_no_second_one() {
+    // A timeout from the lookup leaves it unknown whether a run exists.
+    let fake = ScriptedOpenAi::new(StatusCode::REQUEST_TIMEOUT, vec![]);
+    let (provider, server) = fake.start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let err = provider
+        .submit(&request(
+            "01JOBLOOKUP",
+            jsonl(dir.path(), "t.jsonl", 12),
+            None,
+            "gpt-4o-mini",
+        ))
+        .await
+        .unwrap_err();
+    assert!(err.is_transient(), "tried again later: {err:?}");
+    assert_eq!(fake.uploads.load(Ordering::SeqCst), 0);
+    assert_eq!(fake.created.load(Ordering::SeqCst), 0);
     server.abort();
 }
 

@@ -169,14 +169,13 @@ impl AzureProvider {
     }
 
     async fn submit_run(&self, request: &TrainingRequest) -> Result<Submitted, ProviderError> {
-        let training = self
-            .upload(&request.train_file, &upload_name(&request.job_id, "train"))
-            .await?;
+        let names = [
+            upload_name(&request.job_id, "train"),
+            upload_name(&request.job_id, "validation"),
+        ];
+        let training = self.upload(&request.train_file, &names[0]).await?;
         let validation = match &request.validation_file {
-            Some(path) => Some(
-                self.upload(path, &upload_name(&request.job_id, "validation"))
-                    .await?,
-            ),
+            Some(path) => Some(self.upload(path, &names[1]).await?),
             None => None,
         };
         let body = self.api.job_body(request, &training, validation.as_deref());
@@ -189,6 +188,7 @@ impl AzureProvider {
             )),
             e => e,
         })?;
+        self.api.forget_uploads(&[&names[0], &names[1]]);
         tracing::info!(job_id = %request.job_id, provider_job_id = %job.id, "Azure fine-tuning job created");
         Ok(Submitted {
             provider_job_id: job.id,
@@ -202,8 +202,11 @@ impl AzureProvider {
         path: &std::path::Path,
         filename: &str,
     ) -> Result<String, ProviderError> {
-        let marked = with_bom(path).await?;
-        let mut file = self.api.upload(&marked, filename).await?;
+        let mut file = match self.api.uploaded(filename) {
+            // Uploaded by an earlier attempt: its processing is waited for again below.
+            Some(file) => file,
+            None => self.api.upload(&with_bom(path).await?, filename).await?,
+        };
         let mut backoff = Backoff::new(FIRST_WAIT, MAX_FILE_WAIT_STEP, self.file_wait);
         loop {
             let status = file.status.as_deref().unwrap_or("pending");

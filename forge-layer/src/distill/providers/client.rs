@@ -173,16 +173,19 @@ pub(super) async fn read_body(
 }
 
 /// Maps an error answer: 429, and 503 with `retry-after`, say when to come back; anything else
-/// carries the provider's own message.
+/// carries the provider's own message. A 429 for an exhausted quota (`insufficient_quota`), or
+/// any answer with `x-should-retry: false`, is not waited out: no wait ends it, and its message
+/// says what does (billing, say).
 pub(super) async fn error_from(mut response: reqwest::Response) -> ProviderError {
     let status = response.status();
     let wait = retry_after(response.headers());
-    match (status, wait) {
-        (StatusCode::TOO_MANY_REQUESTS, wait) => {
-            return ProviderError::RateLimited(wait.unwrap_or(DEFAULT_RETRY_AFTER));
-        }
-        (StatusCode::SERVICE_UNAVAILABLE, Some(wait)) => return ProviderError::RateLimited(wait),
-        _ => {}
+    let no_retry = response
+        .headers()
+        .get("x-should-retry")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("false"));
+    if let (StatusCode::SERVICE_UNAVAILABLE, Some(wait), false) = (status, wait, no_retry) {
+        return ProviderError::RateLimited(wait);
     }
     let mut body = Vec::new();
     // A broken error body still leaves the status to report.
@@ -193,10 +196,24 @@ pub(super) async fn error_from(mut response: reqwest::Response) -> ProviderError
             break;
         }
     }
+    if status == StatusCode::TOO_MANY_REQUESTS && !no_retry && !quota_exhausted(&body) {
+        return ProviderError::RateLimited(wait.unwrap_or(DEFAULT_RETRY_AFTER));
+    }
     ProviderError::Http {
         status: status.as_u16(),
         message: error_message(&body, status),
     }
+}
+
+/// Whether an error body says the account's quota is used up (OpenAI's `insufficient_quota`,
+/// as its `code` or its `type`).
+fn quota_exhausted(body: &[u8]) -> bool {
+    let Ok(json) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return false;
+    };
+    ["/error/code", "/error/type"].iter().any(|field| {
+        json.pointer(field).and_then(serde_json::Value::as_str) == Some("insufficient_quota")
+    })
 }
 
 /// The message of an error body: OpenAI's and Azure's `error.message`, the flat `message` of

@@ -46,6 +46,10 @@ pub(super) struct FineTuningApi {
     timeout: Duration,
     upload_timeout: Duration,
     dialect: Dialect,
+    /// Files uploaded, by upload name, for job creations not yet accepted: a submission tried
+    /// again after its create failed (a 5xx, rate limits) reuses them instead of sending up to
+    /// half a gigabyte again.
+    uploaded: std::sync::Mutex<std::collections::HashMap<String, FileObject>>,
 }
 
 /// A File object; only what Forge reads.
@@ -106,6 +110,28 @@ impl FineTuningApi {
             timeout,
             upload_timeout,
             dialect,
+            uploaded: Default::default(),
+        }
+    }
+
+    fn lock_uploaded(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, FileObject>> {
+        self.uploaded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The file an earlier attempt uploaded as `filename`, if its job was not created.
+    pub(super) fn uploaded(&self, filename: &str) -> Option<FileObject> {
+        self.lock_uploaded().get(filename).cloned()
+    }
+
+    /// Forgets the uploads of `filenames` once their job exists.
+    pub(super) fn forget_uploads(&self, filenames: &[&str]) {
+        let mut uploaded = self.lock_uploaded();
+        for name in filenames {
+            uploaded.remove(*name);
         }
     }
 
@@ -126,12 +152,24 @@ impl FineTuningApi {
     }
 
     /// Uploads a JSONL file for fine-tuning, streamed from disk; one over
-    /// [`MAX_UPLOAD_BYTES`] is refused before it is sent.
+    /// [`MAX_UPLOAD_BYTES`] is refused before it is sent. A file an earlier attempt uploaded
+    /// under the same name (see [`FineTuningApi::uploaded`]) is not sent again.
     pub(super) async fn upload(
         &self,
         path: &Path,
         filename: &str,
     ) -> Result<FileObject, ProviderError> {
+        if let Some(file) = self.uploaded(filename) {
+            tracing::info!(file = %file.id, %filename, "reusing the file an earlier attempt uploaded");
+            return Ok(file);
+        }
+        let file = self.send_file(path, filename).await?;
+        self.lock_uploaded()
+            .insert(filename.to_owned(), file.clone());
+        Ok(file)
+    }
+
+    async fn send_file(&self, path: &Path, filename: &str) -> Result<FileObject, ProviderError> {
         let file = tokio::fs::File::open(path).await.map_err(|err| {
             ProviderError::Invalid(format!("cannot open {}: {err}", path.display()))
         })?;

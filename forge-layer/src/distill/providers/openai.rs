@@ -94,7 +94,9 @@ impl OpenAiProvider {
         let earlier = match self.api.find_job(&request.job_id).await {
             Ok(found) => found,
             // A service that cannot filter jobs on metadata: nothing to find, so create one.
-            Err(ProviderError::Http { status, message }) if status < 500 => {
+            // Any other failure (a timeout, a refused key) leaves it unknown whether a run
+            // exists, and a second one would be paid for: the submission is tried again later.
+            Err(ProviderError::Http { status, message }) if matches!(status, 400 | 404) => {
                 tracing::debug!(status, %message, "cannot look up earlier fine-tuning jobs; creating one");
                 None
             }
@@ -107,16 +109,13 @@ impl OpenAiProvider {
                 training_file_id: job.training_file,
             });
         }
-        let training = self
-            .api
-            .upload(&request.train_file, &upload_name(&request.job_id, "train"))
-            .await?;
+        let names = [
+            upload_name(&request.job_id, "train"),
+            upload_name(&request.job_id, "validation"),
+        ];
+        let training = self.api.upload(&request.train_file, &names[0]).await?;
         let validation = match &request.validation_file {
-            Some(path) => Some(
-                self.api
-                    .upload(path, &upload_name(&request.job_id, "validation"))
-                    .await?,
-            ),
+            Some(path) => Some(self.api.upload(path, &names[1]).await?),
             None => None,
         };
         let body = self.api.job_body(
@@ -125,6 +124,7 @@ impl OpenAiProvider {
             validation.as_ref().map(|file| file.id.as_str()),
         );
         let job = self.api.create_job(&body).await?;
+        self.api.forget_uploads(&[&names[0], &names[1]]);
         tracing::info!(job_id = %request.job_id, provider_job_id = %job.id, provider = self.name, "fine-tuning job created");
         Ok(Submitted {
             provider_job_id: job.id,
