@@ -65,6 +65,20 @@ fn student_index(route: &Route, model: Option<&str>) -> Result<usize, RouteUpdat
     }
 }
 
+/// Restarts the guard's step of every student whose share differs between `before` and
+/// `after` (or that is new), whoever changed it: the guard judges a step on its own traffic.
+fn restart_changed_steps(guard: &Guard, before: &RoutingTable, after: &RoutingTable) {
+    for route in after.routes() {
+        let old = before.route(&route.alias);
+        for student in &route.students {
+            let was = old.and_then(|r| r.students.iter().find(|s| s.target == student.target));
+            if was.is_none_or(|s| s.share != student.share) {
+                guard.restart_step(&route.alias, &student.target.model);
+            }
+        }
+    }
+}
+
 /// The store's key for the aliases in manual guard mode.
 const GUARD_MANUAL: &str = "guard_manual";
 
@@ -122,6 +136,7 @@ impl RouteControl {
     {
         let router = self.router.clone();
         let store = self.store.clone();
+        let guard = self.guard.clone();
         let actor = actor.to_string();
         let result = tokio::task::spawn_blocking(move || {
             router.update_with(
@@ -137,6 +152,12 @@ impl RouteControl {
                     edit(routes)
                 },
                 |next| {
+                    // Before the swap, under the writer lock: a guard check in between sees the
+                    // old share with a step that starts now, never the new share with an old
+                    // step's clock and traffic.
+                    if let Some(guard) = &guard {
+                        restart_changed_steps(guard, &router.load(), next);
+                    }
                     let Some(store) = &store else { return Ok(()) };
                     let change = RouteChange {
                         version: next.version(),
@@ -269,8 +290,6 @@ impl RouteControl {
             share.percent(),
             model.map(|m| format!(" for {m}")).unwrap_or_default()
         );
-        let chosen = Arc::new(std::sync::Mutex::new(String::new()));
-        let chosen_in = Arc::clone(&chosen);
         let table = self
             .apply(
                 actor,
@@ -296,16 +315,10 @@ impl RouteControl {
                         }
                     }
                     route.students[i].share = share;
-                    if let Ok(mut c) = chosen_in.lock() {
-                        c.clone_from(&route.students[i].target.model);
-                    }
                     Ok(())
                 },
             )
             .await?;
-        if let (Some(guard), Ok(model)) = (&self.guard, chosen.lock()) {
-            guard.restart_step(alias, &model);
-        }
         Ok(table)
     }
 
@@ -638,6 +651,44 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(share_now(&control), pct(10.0));
+    }
+
+    /// Traffic enough for a check, and a check past the step's interval: what the guard does
+    /// with it (`None`: nothing judged yet, or not verified).
+    async fn judged_after_traffic(control: &RouteControl, guard: &Guard) -> Option<EventKind> {
+        for _ in 0..200 {
+            guard.record("a", "t", 1000, false);
+            guard.record("a", "s", 1000, false);
+        }
+        tokio::time::advance(GuardConfig::default().interval / 2).await;
+        let actions = guard.check(&control.router().load(), 0);
+        actions.first().map(|a| a.kind)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_share_changed_by_any_means_is_judged_on_a_step_of_its_own() {
+        let (control, guard) = control(5.0);
+        // The step at 5% starts, and half an interval of healthy traffic comes.
+        assert!(guard.check(&control.router().load(), 0).is_empty());
+        assert_eq!(judged_after_traffic(&control, &guard).await, None);
+        // An operator sets 25% by replacing the route: a step at 25% starts at the next check,
+        // so it is not judged then, on the 5% step's clock and traffic.
+        let mut spec = RouteSpec::from(control.router().load().route("a").unwrap());
+        spec.students[0].percent = 25.0;
+        control.put_route(spec, "operator", None).await.unwrap();
+        assert_eq!(judged_after_traffic(&control, &guard).await, None);
+        // A full interval into its own step, it is.
+        assert_eq!(judged_after_traffic(&control, &guard).await, None);
+        assert_eq!(
+            judged_after_traffic(&control, &guard).await,
+            Some(EventKind::SteppedUp)
+        );
+        // Back from manual mode, the same: the old clock does not count.
+        guard.set_manual("a", true);
+        assert_eq!(judged_after_traffic(&control, &guard).await, None);
+        guard.set_manual("a", false);
+        assert_eq!(judged_after_traffic(&control, &guard).await, None);
+        assert_eq!(judged_after_traffic(&control, &guard).await, None);
     }
 
     #[tokio::test]

@@ -181,13 +181,16 @@ impl Guard {
         }
     }
 
-    /// Puts an alias in manual mode (`true`) or back under the guard.
+    /// Puts an alias in manual mode (`true`) or back under the guard. Back under the guard, its
+    /// students start their steps afresh: their clocks, failed checks and windows are from
+    /// before the operator took over, and may not match the shares set since.
     pub fn set_manual(&self, alias: &str, manual: bool) {
         let mut state = self.lock();
         if manual {
             state.manual.insert(alias.to_string());
-        } else {
-            state.manual.remove(alias);
+        } else if state.manual.remove(alias) {
+            state.students.retain(|(a, _), _| a != alias);
+            state.stats.remove(alias);
         }
     }
 
