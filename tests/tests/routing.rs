@@ -449,6 +449,7 @@ async fn admin_errors_are_openai_shaped_json() {
         ),
         (http.get(format!("{admin}/admin/traces/%FF")), 400),
         (http.get(format!("{admin}/admin/routes/chat")), 405),
+        (http.post(format!("{admin}/admin/datasets/dj_x.jsonl")), 405),
         (
             http.put(format!("{admin}/admin/routes/chat"))
                 .body(vec![b' '; 3 << 20]),

@@ -65,6 +65,7 @@ pub fn app(state: AdminState, token: Secret) -> Router {
         .merge(
             Router::new()
                 .route("/admin/datasets/{file}", get(distill::dataset))
+                .method_not_allowed_fallback(crate::proxy::method_not_allowed)
                 .layer(middleware::from_fn_with_state(token, require_dataset_token)),
         )
         .with_state(state)

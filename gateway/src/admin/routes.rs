@@ -155,16 +155,15 @@ pub async fn put(
         );
     }
     let spec = RouteSpec {
-        alias,
+        alias: alias.clone(),
         teacher: request.teacher,
         students: request.students,
     };
-    applied(
-        state
-            .control
-            .put_route(spec, "admin", request.expected_version)
-            .await,
-    )
+    let result = state
+        .control
+        .put_route(spec, "admin", request.expected_version)
+        .await;
+    recorded(&state, &alias, result, "put route").await
 }
 
 #[derive(Debug, Deserialize)]
