@@ -16,8 +16,11 @@ pub enum RouteError {
     /// A target names an upstream that the config does not define.
     #[error("route `{alias}` names unknown upstream `{upstream}`")]
     UnknownUpstream { alias: String, upstream: String },
-    /// The same student target appears twice, or a student is the teacher itself.
-    #[error("route `{alias}` lists target `{upstream}/{model}` twice")]
+    /// A model appears twice among a route's teacher and students (on one upstream or two):
+    /// the admin API, the guard's statistics and the registry tell arms apart by model name.
+    #[error(
+        "route `{alias}` names model `{model}` twice (the second time on upstream `{upstream}`); a route's teacher and students must be different models"
+    )]
     DuplicateTarget {
         alias: String,
         upstream: String,

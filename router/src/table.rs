@@ -101,7 +101,7 @@ impl Route {
                     upstream: target.upstream.clone(),
                 });
             }
-            if !seen.insert(target) {
+            if !seen.insert(&target.model) {
                 return Err(RouteError::DuplicateTarget {
                     alias: alias.clone(),
                     upstream: target.upstream.clone(),
@@ -314,6 +314,16 @@ mod tests {
         ));
         assert!(matches!(
             RoutingTable::new(1, vec![same], &ups).unwrap_err(),
+            RouteError::DuplicateTarget { .. }
+        ));
+        // The same model on another upstream is the same arm to everything that names arms.
+        let ups2: HashSet<String> = ["up".to_string(), "other".to_string()].into();
+        let elsewhere = route(10.0).with_student(Student::new(
+            Target::new("other", "student"),
+            CanaryShare::ZERO,
+        ));
+        assert!(matches!(
+            RoutingTable::new(1, vec![elsewhere], &ups2).unwrap_err(),
             RouteError::DuplicateTarget { .. }
         ));
         assert!(matches!(
