@@ -566,6 +566,9 @@ async fn run_guard(
                 }
                 Err(e) => {
                     tracing::error!(alias = %action.alias, model = %action.model, error = %e, decision = %kind, "guard decision could not be applied");
+                    if action.kind == EventKind::RolledBack {
+                        guard.rollback_not_applied(&action.alias, &action.model);
+                    }
                     continue;
                 }
             }

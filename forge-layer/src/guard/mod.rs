@@ -218,6 +218,22 @@ impl Guard {
         }
     }
 
+    /// Takes back a rollback that could not be applied (the store failed, say): the student
+    /// stays one failed check from it, with its step due, so the next check with enough
+    /// traffic that fails rolls it back, not `max_failed_checks` intervals later.
+    pub fn rollback_not_applied(&self, alias: &str, model: &str) {
+        let due = Instant::now()
+            .checked_sub(self.config.interval)
+            .unwrap_or_else(Instant::now);
+        self.lock().students.insert(
+            (alias.to_string(), model.to_string()),
+            StudentState {
+                step_started: due,
+                failed_checks: self.config.max_failed_checks.saturating_sub(1),
+            },
+        );
+    }
+
     /// The most recent events, newest last.
     pub fn events(&self) -> Vec<GuardEvent> {
         self.lock().events.iter().cloned().collect()

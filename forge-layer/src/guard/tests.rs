@@ -309,3 +309,26 @@ async fn students_that_enter_canary_together_are_not_judged_on_the_teacher_s_pas
         "{events:?}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_rollback_that_could_not_be_applied_is_decided_again_at_the_next_failing_check() {
+    let guard = Guard::new(config());
+    guard.check(&table(10.0), 0);
+    for _ in 0..2 {
+        tokio::time::advance(Duration::from_secs(11)).await;
+        traffic(&guard, Some(20));
+        guard.check(&table(10.0), 0);
+    }
+    assert_eq!(guard.events().last().unwrap().kind, EventKind::RolledBack);
+    // The route change failed: the student still has its 10%.
+    guard.rollback_not_applied("a", "student");
+    // The next failing traffic decides it at once, not two intervals later.
+    traffic(&guard, Some(20));
+    let actions = guard.check(&table(10.0), 0);
+    assert_eq!(
+        actions.iter().map(|a| a.kind).collect::<Vec<_>>(),
+        vec![EventKind::RolledBack],
+        "{:?}",
+        guard.events()
+    );
+}
