@@ -98,6 +98,44 @@ fn in_use(routes: &[&Route], alias: &str, target: &forge_router::Target) -> bool
     })
 }
 
+/// Sets student `i`'s share. One that had none takes a range of its own, from the teacher's
+/// keys ([`Route::place`]); one already serving keeps its range's start, so its users stay.
+fn set_share(route: &mut Route, i: usize, share: CanaryShare) {
+    if route.students[i].share == CanaryShare::ZERO && share != CanaryShare::ZERO {
+        route.place(i);
+    }
+    route.students[i].share = share;
+}
+
+/// Gives the students of a route replaced by `spec` the places their ranges had in `before`,
+/// when the spec does not say where they start: a replaced route moves no user whose arm keeps
+/// its share, whatever the students' order. Those that had no range take one of their own.
+fn keep_places(route: &mut Route, spec: &forge_router::RouteSpec, before: Option<&Route>) {
+    let mut unplaced = Vec::new();
+    for (k, student) in spec.students.iter().enumerate() {
+        if student.start.is_some() {
+            continue;
+        }
+        let kept = before
+            .and_then(|b| {
+                b.students
+                    .iter()
+                    .find(|o| o.target.model == student.model && o.share != CanaryShare::ZERO)
+            })
+            .map(|o| o.start);
+        match kept {
+            Some(start) => route.students[k].start = start,
+            None => {
+                unplaced.push((k, route.students[k].share));
+                route.students[k].share = CanaryShare::ZERO;
+            }
+        }
+    }
+    for (k, share) in unplaced {
+        set_share(route, k, share);
+    }
+}
+
 fn route_mut<'r>(routes: &'r mut [Route], alias: &str) -> Result<&'r mut Route, RouteUpdateError> {
     routes
         .iter_mut()
@@ -188,7 +226,7 @@ impl RouteControl {
         actor: &str,
         expected_version: Option<u64>,
     ) -> Result<Arc<RoutingTable>, RouteUpdateError> {
-        let route = spec.to_route()?;
+        let mut route = spec.to_route()?;
         let alias = spec.alias.clone();
         self.apply(
             actor,
@@ -197,8 +235,14 @@ impl RouteControl {
             expected_version,
             move |routes| {
                 match routes.iter_mut().find(|r| r.alias == alias) {
-                    Some(existing) => *existing = route,
-                    None => routes.push(route),
+                    Some(existing) => {
+                        keep_places(&mut route, &spec, Some(existing));
+                        *existing = route;
+                    }
+                    None => {
+                        keep_places(&mut route, &spec, None);
+                        routes.push(route);
+                    }
                 }
                 Ok(())
             },
@@ -314,7 +358,7 @@ impl RouteControl {
                             )));
                         }
                     }
-                    route.students[i].share = share;
+                    set_share(route, i, share);
                     Ok(())
                 },
             )
@@ -339,12 +383,11 @@ impl RouteControl {
                 let route = route_mut(routes, &alias_owned)?;
                 let i = student_index(route, model_owned.as_deref())?;
                 for (j, s) in route.students.iter_mut().enumerate() {
-                    s.share = if i == j {
-                        CanaryShare::FULL
-                    } else {
-                        CanaryShare::ZERO
-                    };
+                    if j != i {
+                        s.share = CanaryShare::ZERO;
+                    }
                 }
+                set_share(route, i, CanaryShare::FULL);
                 Ok(())
             },
         )
@@ -541,8 +584,8 @@ impl RouteControl {
                         other.share = CanaryShare::ZERO;
                     }
                 }
-                match route.students.iter_mut().find(|s| s.target == target) {
-                    Some(s) => s.share = share,
+                match route.students.iter().position(|s| s.target == target) {
+                    Some(i) => set_share(route, i, share),
                     None => {
                         // A route holds at most MAX_STUDENTS, and each distillation adds one:
                         // make room by dropping the oldest students that carry no traffic. Their
@@ -559,7 +602,9 @@ impl RouteControl {
                         }
                         route
                             .students
-                            .push(forge_router::Student::new(target, share));
+                            .push(forge_router::Student::new(target, CanaryShare::ZERO));
+                        let i = route.students.len() - 1;
+                        set_share(route, i, share);
                     }
                 }
                 Ok(())
@@ -689,6 +734,51 @@ mod tests {
         guard.set_manual("a", false);
         assert_eq!(judged_after_traffic(&control, &guard).await, None);
         assert_eq!(judged_after_traffic(&control, &guard).await, None);
+    }
+
+    /// Which model serves each key point of route `a`.
+    fn arms(control: &RouteControl) -> Vec<String> {
+        let table = control.router().load();
+        (0..10_000u16)
+            .map(|p| {
+                let d = table.pick("a", forge_router::StickyKey::Point(p)).unwrap();
+                d.target.model.clone()
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn rollbacks_route_replacements_and_new_students_move_no_other_student_s_users() {
+        let route = Route::new("a", Target::new("up", "t"))
+            .with_student(Student::new(Target::new("up", "s0"), pct(10.0)))
+            .with_student(Student::new(Target::new("up", "s1"), pct(10.0)));
+        let router = Router::new(vec![route], ["up"]).unwrap();
+        let control = RouteControl::new(router, None, None);
+        let s1_keys = |arms: &[String]| -> Vec<usize> {
+            (0..arms.len()).filter(|&p| arms[p] == "s1").collect()
+        };
+        let before = arms(&control);
+        // s0 rolled back: its users go to the teacher, s1 keeps exactly its own.
+        control.rollback("a", Some("s0"), "operator").await.unwrap();
+        let after = arms(&control);
+        assert_eq!(s1_keys(&after), s1_keys(&before));
+        assert!(after.iter().all(|m| m != "s0"));
+        // The route replaced with its students in the other order: every key keeps its model.
+        let mut spec = RouteSpec::from(control.router().load().route("a").unwrap());
+        spec.students.reverse();
+        for s in &mut spec.students {
+            s.start = None;
+        }
+        control.put_route(spec, "operator", None).await.unwrap();
+        assert_eq!(arms(&control), after);
+        // s0 back at 5%: it takes teacher keys, and s1 keeps its users.
+        control
+            .set_share("a", Some("s0"), pct(5.0), "operator", None)
+            .await
+            .unwrap();
+        let back = arms(&control);
+        assert_eq!(s1_keys(&back), s1_keys(&before));
+        assert_eq!(back.iter().filter(|m| *m == "s0").count(), 500);
     }
 
     #[tokio::test]

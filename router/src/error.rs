@@ -38,15 +38,21 @@ pub enum RouteError {
     /// The alias is not in the table.
     #[error("no route for alias `{0}`")]
     UnknownAlias(String),
-    /// Raising a student's share would shift the key range of a student after it, moving
-    /// that student's users to another arm.
+    /// Two students' key ranges overlap: raising one would take the other's users.
     #[error(
-        "route `{alias}`: raising `{raised}` would move keys from `{later}`, which comes after it and has a share; raise the last student, or set `{later}` to 0 first"
+        "route `{alias}`: the range of `{first}` would reach into that of `{second}`, whose users would move; lower or roll back `{second}` first"
     )]
-    RaiseMovesStudent {
+    RangesOverlap {
         alias: String,
-        raised: String,
-        later: String,
+        first: String,
+        second: String,
+    },
+    /// A student's range starts outside the key space.
+    #[error("route `{alias}`: student `{model}` starts at {start}, outside 0-9999")]
+    StartOutOfRange {
+        alias: String,
+        model: String,
+        start: u16,
     },
     /// More students than a trace can name: [`crate::Arm::Student`] holds the index in a byte.
     #[error("route `{alias}` has {count} students; at most {max} fit, so retire some first", max = crate::table::MAX_STUDENTS)]

@@ -80,7 +80,6 @@ impl Router {
             routes,
             &self.known_upstreams,
         )?);
-        current.check_raises(&next)?;
         persist(&next)?;
         self.current.store(Arc::clone(&next));
         Ok(next)
@@ -133,7 +132,7 @@ mod tests {
     }
 
     #[test]
-    fn raising_a_share_never_moves_another_student_s_keys() {
+    fn no_change_of_one_student_s_share_moves_another_student_s_keys() {
         let pct = |p: f64| CanaryShare::from_percent(p).unwrap();
         let route = Route::new("a", Target::new("up", "t"))
             .with_student(Student::new(Target::new("up", "s0"), pct(10.0)))
@@ -145,29 +144,52 @@ mod tests {
                 Ok(())
             })
         };
-        // s0's range grows into s1's: s1's users would move. Refused; the table stays.
+        // Every point whose arm changed went to or came from the teacher, or the student whose
+        // share changed: no other student's users moved.
+        let only_moves = |before: &RoutingTable, after: &RoutingTable, changed: u8| {
+            for point in 0..10_000u16 {
+                let (old, new) = (
+                    before.pick("a", StickyKey::Point(point)).unwrap().arm,
+                    after.pick("a", StickyKey::Point(point)).unwrap().arm,
+                );
+                let involved = |arm: Arm| arm == Arm::Teacher || arm == Arm::Student(changed);
+                assert!(
+                    old == new || (involved(old) && involved(new)),
+                    "point {point}: {old:?} -> {new:?}"
+                );
+            }
+        };
+        // s0's range would grow into s1's: refused; the table stays.
         let err = set(0, 20.0).unwrap_err();
         assert!(
-            matches!(&err, RouteError::RaiseMovesStudent { raised, later, .. } if raised == "s0" && later == "s1"),
+            matches!(&err, RouteError::RangesOverlap { first, second, .. } if first == "s0" && second == "s1"),
             "{err}"
         );
         assert_eq!(router.load().version(), 1);
-        // The last student grows into the teacher's range only.
+        // s1 grows into the teacher's range only.
         let before = router.load();
         set(1, 30.0).unwrap();
+        only_moves(&before, &router.load(), 1);
+        // Rolling back s0, the first, gives its users to the teacher; s1's stay with s1.
+        let before = router.load();
+        set(0, 0.0).unwrap();
+        only_moves(&before, &router.load(), 0);
+        // And the order of the students is not their place: listed the other way round, every
+        // key keeps its arm's model.
+        let before = router.load();
+        router
+            .update(|routes| {
+                routes[0].students.reverse();
+                Ok(())
+            })
+            .unwrap();
         let after = router.load();
         for point in 0..10_000u16 {
             let (old, new) = (
-                before.pick("a", StickyKey::Point(point)).unwrap().arm,
-                after.pick("a", StickyKey::Point(point)).unwrap().arm,
+                before.pick("a", StickyKey::Point(point)).unwrap().target,
+                after.pick("a", StickyKey::Point(point)).unwrap().target,
             );
-            assert!(
-                old == new || old == Arm::Teacher,
-                "point {point}: {old:?} -> {new:?}"
-            );
+            assert_eq!(old, new, "point {point}");
         }
-        // Lowering (a rollback) is always allowed; with s1 at 0, s0 may rise again.
-        set(1, 0.0).unwrap();
-        set(0, 40.0).unwrap();
     }
 }

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{CanaryShare, Route, RouteError, Student, Target};
 
-/// A student as written in config and JSON: `{ upstream, model, percent }`.
+/// A student as written in config and JSON: `{ upstream, model, percent, start? }`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StudentSpec {
@@ -15,6 +15,11 @@ pub struct StudentSpec {
     /// Its share of the alias's traffic, 0–100.
     #[serde(default)]
     pub percent: f64,
+    /// Where its range of the key space begins, in basis points (0–9999). Left out, students
+    /// take consecutive ranges in their order (and a route replaced through the admin API keeps
+    /// the places its students had).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<u16>,
 }
 
 /// A route as written in config and JSON.
@@ -40,6 +45,9 @@ impl RouteSpec {
                 Target::new(s.upstream.clone(), s.model.clone()),
                 CanaryShare::from_percent(s.percent)?,
             ));
+            if let (Some(start), Some(student)) = (s.start, route.students.last_mut()) {
+                student.start = start;
+            }
         }
         Ok(route)
     }
@@ -57,6 +65,7 @@ impl From<&Route> for RouteSpec {
                     upstream: s.target.upstream.clone(),
                     model: s.target.model.clone(),
                     percent: s.share.percent(),
+                    start: Some(s.start),
                 })
                 .collect(),
         }
@@ -69,11 +78,21 @@ mod tests {
 
     #[test]
     fn spec_round_trips_through_a_route_and_json() {
-        let json = r#"{"alias":"a","teacher":{"upstream":"u","model":"t"},"students":[{"upstream":"u","model":"s","percent":12.5}]}"#;
+        let json = r#"{"alias":"a","teacher":{"upstream":"u","model":"t"},"students":[{"upstream":"u","model":"s","percent":12.5,"start":300}]}"#;
         let spec: RouteSpec = serde_json::from_str(json).unwrap();
         let route = spec.to_route().unwrap();
         assert_eq!(route.students[0].share.basis_points(), 1250);
+        assert_eq!(route.students[0].start, 300);
         assert_eq!(RouteSpec::from(&route), spec);
+        // Without starts (a config file, a table stored before they were kept), students take
+        // consecutive ranges in their order.
+        let old = r#"{"alias":"a","teacher":{"upstream":"u","model":"t"},"students":[{"upstream":"u","model":"s","percent":12.5},{"upstream":"u","model":"r","percent":5}]}"#;
+        let route = serde_json::from_str::<RouteSpec>(old)
+            .unwrap()
+            .to_route()
+            .unwrap();
+        let starts: Vec<u16> = route.students.iter().map(|s| s.start).collect();
+        assert_eq!(starts, vec![0, 1250]);
         assert!(
             serde_json::from_str::<RouteSpec>(
                 r#"{"alias":"a","teacher":{"upstream":"u","model":"t"},"x":1}"#

@@ -33,14 +33,32 @@ pub struct Student {
     pub target: Target,
     /// Its share of the alias's traffic.
     pub share: CanaryShare,
+    /// Where its range of the key space begins, in basis points (`0..10000`): it serves the
+    /// keys from there for `share` points, wrapping past the end. Fixed while it serves, so
+    /// that no change to another student's share moves its users.
+    pub start: u16,
 }
 
 impl Student {
-    /// A student with a share.
+    /// A student with a share; [`Route::with_student`] gives it its start.
     pub fn new(target: Target, share: CanaryShare) -> Self {
-        Self { target, share }
+        Self {
+            target,
+            share,
+            start: 0,
+        }
+    }
+
+    /// Whether key point `point` falls in its range.
+    fn serves(&self, point: u16) -> bool {
+        let offset =
+            (u32::from(point) + u32::from(POINTS) - u32::from(self.start)) % u32::from(POINTS);
+        offset < u32::from(self.share.basis_points())
     }
 }
+
+/// The key space's size in basis points.
+const POINTS: u16 = crate::share::POINTS;
 
 /// Everything an alias resolves to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,7 +67,7 @@ pub struct Route {
     pub alias: String,
     /// The expensive model that answers by default.
     pub teacher: Target,
-    /// Students in order; each takes the next `share` points of the alias's key space.
+    /// Students in order; each serves `share` points of the alias's key space from its `start`.
     pub students: Vec<Student>,
     salt: u64,
 }
@@ -68,10 +86,32 @@ impl Route {
         }
     }
 
-    /// Adds a student after the existing ones.
-    pub fn with_student(mut self, student: Student) -> Self {
+    /// Adds a student after the existing ones, its range starting where theirs end together:
+    /// students listed in order take consecutive ranges.
+    pub fn with_student(mut self, mut student: Student) -> Self {
+        let before: u32 = self.student_share();
+        student.start = (before % u32::from(POINTS)) as u16;
         self.students.push(student);
         self
+    }
+
+    /// Moves student `i`'s start to just after the range that starts last among the other
+    /// students with a share (or to 0 when none has one): where a student that had no users
+    /// takes its new ones from the teacher. A student already serving keeps its place.
+    pub fn place(&mut self, i: usize) {
+        let start = self
+            .students
+            .iter()
+            .enumerate()
+            .filter(|&(j, s)| j != i && s.share != CanaryShare::ZERO)
+            .max_by_key(|(_, s)| s.start)
+            .map_or(0, |(_, s)| {
+                let end = u32::from(s.start) + u32::from(s.share.basis_points());
+                (end % u32::from(POINTS)) as u16
+            });
+        if let Some(student) = self.students.get_mut(i) {
+            student.start = start;
+        }
     }
 
     /// The total share of all students.
@@ -121,6 +161,42 @@ impl Route {
                 alias: alias.clone(),
                 total_bp,
             });
+        }
+        self.check_ranges()
+    }
+
+    /// Refuses students whose ranges overlap, or that start off the key space: a key must have
+    /// one arm, and a student's range must not reach into another's users.
+    fn check_ranges(&self) -> Result<(), RouteError> {
+        let mut serving: Vec<&Student> = self
+            .students
+            .iter()
+            .filter(|s| s.share != CanaryShare::ZERO)
+            .collect();
+        if let Some(off) = self.students.iter().find(|s| s.start >= POINTS) {
+            return Err(RouteError::StartOutOfRange {
+                alias: self.alias.clone(),
+                model: off.target.model.clone(),
+                start: off.start,
+            });
+        }
+        serving.sort_by_key(|s| s.start);
+        // Each range ends by the next one's start; the last, wrapping, by the first's.
+        for (k, s) in serving.iter().enumerate() {
+            let next = serving[(k + 1) % serving.len()];
+            let end = u32::from(s.start) + u32::from(s.share.basis_points());
+            let limit = if k + 1 < serving.len() {
+                u32::from(next.start)
+            } else {
+                u32::from(next.start) + u32::from(POINTS)
+            };
+            if serving.len() > 1 && end > limit {
+                return Err(RouteError::RangesOverlap {
+                    alias: self.alias.clone(),
+                    first: s.target.model.clone(),
+                    second: next.target.model.clone(),
+                });
+            }
         }
         Ok(())
     }
@@ -208,42 +284,11 @@ impl RoutingTable {
         self.order.iter().filter_map(|a| self.routes.get(a))
     }
 
-    /// Refuses `next` if it raises a student's share while a student after it has a share:
-    /// students take consecutive ranges of the key space, so that raise would shift the later
-    /// student's range and move its users, where raising a share may only take keys from the
-    /// teacher. Lowering a share (a rollback) is always allowed.
-    pub fn check_raises(&self, next: &RoutingTable) -> Result<(), RouteError> {
-        for route in next.routes() {
-            let before = self.route(&route.alias);
-            let old_share = |model: &Target| {
-                before
-                    .and_then(|r| r.students.iter().find(|s| &s.target == model))
-                    .map_or(0, |s| s.share.basis_points())
-            };
-            for (i, raised) in route.students.iter().enumerate() {
-                if raised.share.basis_points() <= old_share(&raised.target) {
-                    continue;
-                }
-                if let Some(later) = route.students[i + 1..]
-                    .iter()
-                    .find(|s| s.share.basis_points() > 0)
-                {
-                    return Err(RouteError::RaiseMovesStudent {
-                        alias: route.alias.clone(),
-                        raised: raised.target.model.clone(),
-                        later: later.target.model.clone(),
-                    });
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// Picks the arm for one request. It allocates nothing: the decision borrows the table.
     ///
-    /// The key's point in `0..10000` is compared with the students' cumulative shares; points
-    /// past the last student go to the teacher. Raising the last student's share therefore only
-    /// takes points from the teacher.
+    /// The key's point in `0..10000` goes to the student whose range holds it, else to the
+    /// teacher. Ranges are fixed where they start: raising a share takes points from the
+    /// teacher only, and lowering one gives them back to the teacher, never to another student.
     pub fn pick(&self, alias: &str, key: StickyKey<'_>) -> Option<Decision<'_>> {
         let route = self.routes.get(alias)?;
         let mut decision = Decision {
@@ -255,15 +300,15 @@ impl RoutingTable {
             return Some(decision);
         }
         let point = key.point(route.salt);
-        let mut upper = 0u16;
-        for (i, student) in route.students.iter().enumerate() {
-            upper += student.share.basis_points();
-            if point < upper {
-                decision.target = &student.target;
-                // Validation caps a route at MAX_STUDENTS, so the index fits.
-                decision.arm = Arm::Student(u8::try_from(i).unwrap_or(u8::MAX));
-                break;
-            }
+        if let Some((i, student)) = route
+            .students
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.serves(point))
+        {
+            decision.target = &student.target;
+            // Validation caps a route at MAX_STUDENTS, so the index fits.
+            decision.arm = Arm::Student(u8::try_from(i).unwrap_or(u8::MAX));
         }
         Some(decision)
     }
@@ -365,6 +410,55 @@ mod tests {
             );
         }
         assert!(zero.pick("missing", StickyKey::Point(0)).is_none());
+    }
+
+    #[test]
+    fn ranges_start_where_they_are_placed_wrap_round_and_never_overlap() {
+        let ups = upstreams();
+        let at = |model: &str, percent: f64, start: u16| Student {
+            start,
+            ..Student::new(
+                Target::new("up", model),
+                CanaryShare::from_percent(percent).unwrap(),
+            )
+        };
+        let with = |students: Vec<Student>| {
+            let mut route = Route::new("a", Target::new("up", "teacher"));
+            route.students = students;
+            RoutingTable::new(1, vec![route], &ups)
+        };
+        // 10% from 9500: the last 500 points and the first 500.
+        let table = with(vec![at("w", 10.0, 9500), at("s", 5.0, 500)]).unwrap();
+        let arm = |p: u16| {
+            table
+                .pick("a", StickyKey::Point(p))
+                .unwrap()
+                .target
+                .model
+                .clone()
+        };
+        for (point, model) in [
+            (9499, "teacher"),
+            (9500, "w"),
+            (9999, "w"),
+            (0, "w"),
+            (499, "w"),
+            (500, "s"),
+            (999, "s"),
+            (1000, "teacher"),
+        ] {
+            assert_eq!(arm(point), model, "point {point}");
+        }
+        assert!(matches!(
+            with(vec![at("w", 10.0, 9500), at("s", 5.0, 400)]).unwrap_err(),
+            RouteError::RangesOverlap { .. }
+        ));
+        assert!(matches!(
+            with(vec![at("w", 10.0, 10_000)]).unwrap_err(),
+            RouteError::StartOutOfRange { .. }
+        ));
+        // A student at 0 holds no range, wherever it starts.
+        with(vec![at("w", 10.0, 9500), at("idle", 0.0, 9600)]).unwrap();
     }
 
     #[test]
