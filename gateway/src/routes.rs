@@ -101,10 +101,11 @@ fn in_use(routes: &[&Route], alias: &str, target: &forge_router::Target) -> bool
 /// Sets student `i`'s share. One that had none takes a range of its own, from the teacher's
 /// keys ([`Route::place`]); one already serving keeps its range's start, so its users stay.
 fn set_share(route: &mut Route, i: usize, share: CanaryShare) {
-    if route.students[i].share == CanaryShare::ZERO && share != CanaryShare::ZERO {
+    let joining = route.students[i].share == CanaryShare::ZERO && share != CanaryShare::ZERO;
+    route.students[i].share = share;
+    if joining {
         route.place(i);
     }
-    route.students[i].share = share;
 }
 
 /// Gives the students of a route replaced by `spec` the places their ranges had in `before`,
@@ -779,6 +780,38 @@ mod tests {
         let back = arms(&control);
         assert_eq!(s1_keys(&back), s1_keys(&before));
         assert_eq!(back.iter().filter(|m| *m == "s0").count(), 500);
+    }
+
+    #[tokio::test]
+    async fn a_student_that_joins_takes_whatever_room_the_teacher_has() {
+        let route = Route::new("a", Target::new("up", "t"))
+            .with_student(Student::new(Target::new("up", "s0"), pct(50.0)))
+            .with_student(Student::new(Target::new("up", "s1"), pct(50.0)))
+            .with_student(Student::new(Target::new("up", "s2"), CanaryShare::ZERO));
+        let router = Router::new(vec![route], ["up"]).unwrap();
+        let control = RouteControl::new(router, None, None);
+        // s0 lowered to 10%: the room it gave back lies between s0 and s1, not after s1.
+        control
+            .set_share("a", Some("s0"), pct(10.0), "operator", None)
+            .await
+            .unwrap();
+        control
+            .set_share("a", Some("s2"), pct(1.0), "operator", None)
+            .await
+            .unwrap();
+        let joined = arms(&control);
+        assert_eq!(joined.iter().filter(|m| *m == "s2").count(), 100);
+        assert_eq!(joined.iter().filter(|m| *m == "s1").count(), 5000);
+        // What GET shows, edited and put back: s0 rolled back and brought back at 5% finds
+        // room too, without the place it had.
+        control.rollback("a", Some("s0"), "operator").await.unwrap();
+        let mut spec = RouteSpec::from(control.router().load().route("a").unwrap());
+        assert_eq!(spec.students[0].start, None, "a student at 0% has no place");
+        spec.students[0].percent = 5.0;
+        control.put_route(spec, "operator", None).await.unwrap();
+        let again = arms(&control);
+        assert_eq!(again.iter().filter(|m| *m == "s0").count(), 500);
+        assert_eq!(again.iter().filter(|m| *m == "s1").count(), 5000);
     }
 
     #[tokio::test]

@@ -65,7 +65,9 @@ impl From<&Route> for RouteSpec {
                     upstream: s.target.upstream.clone(),
                     model: s.target.model.clone(),
                     percent: s.share.percent(),
-                    start: Some(s.start),
+                    // Only a serving student's place means anything: one at 0% takes a new one
+                    // when it serves again.
+                    start: (s.share != CanaryShare::ZERO).then_some(s.start),
                 })
                 .collect(),
         }

@@ -49,11 +49,20 @@ impl Student {
         }
     }
 
-    /// Whether key point `point` falls in its range.
+    /// Whether key point `point` falls in its range. On every request, for each student until
+    /// one serves: no division, and a student at 0% is out at once.
     fn serves(&self, point: u16) -> bool {
-        let offset =
-            (u32::from(point) + u32::from(POINTS) - u32::from(self.start)) % u32::from(POINTS);
-        offset < u32::from(self.share.basis_points())
+        let share = self.share.basis_points();
+        if share == 0 {
+            return false;
+        }
+        // Both below POINTS, so neither form overflows.
+        let offset = if point >= self.start {
+            point - self.start
+        } else {
+            point + POINTS - self.start
+        };
+        offset < share
     }
 }
 
@@ -95,22 +104,45 @@ impl Route {
         self
     }
 
-    /// Moves student `i`'s start to just after the range that starts last among the other
-    /// students with a share (or to 0 when none has one): where a student that had no users
-    /// takes its new ones from the teacher. A student already serving keeps its place.
+    /// Gives student `i` a start where its share fits in the teacher's points: the first gap
+    /// between the other serving students' ranges, looking on from the end of the range that
+    /// starts last (so students that join in turn take consecutive ranges), that holds its
+    /// share; 0 when no other student serves. With no such gap, the largest, which validation
+    /// then refuses as an overlap. For a student that had no users: one already serving keeps
+    /// its place.
     pub fn place(&mut self, i: usize) {
-        let start = self
+        let Some(share) = self
+            .students
+            .get(i)
+            .map(|s| u32::from(s.share.basis_points()))
+        else {
+            return;
+        };
+        let mut ranges: Vec<(u32, u32)> = self
             .students
             .iter()
             .enumerate()
             .filter(|&(j, s)| j != i && s.share != CanaryShare::ZERO)
-            .max_by_key(|(_, s)| s.start)
-            .map_or(0, |(_, s)| {
-                let end = u32::from(s.start) + u32::from(s.share.basis_points());
-                (end % u32::from(POINTS)) as u16
-            });
+            .map(|(_, s)| (u32::from(s.start), u32::from(s.share.basis_points())))
+            .collect();
+        ranges.sort_unstable();
+        let (n, points) = (ranges.len(), u32::from(POINTS));
+        // The gap after each range, (where it starts, how long it is): the last range's first.
+        let gaps: Vec<(u32, u32)> = (0..n)
+            .map(|j| (j + n - 1) % n)
+            .map(|k| {
+                let (start, len) = ranges[k];
+                let next = ranges[(k + 1) % n].0 + if k + 1 < n { 0 } else { points };
+                ((start + len) % points, next.saturating_sub(start + len))
+            })
+            .collect();
+        let chosen = gaps
+            .iter()
+            .find(|&&(_, room)| room >= share)
+            .or_else(|| gaps.iter().max_by_key(|&&(_, room)| room))
+            .map_or(0, |&(start, _)| start);
         if let Some(student) = self.students.get_mut(i) {
-            student.start = start;
+            student.start = u16::try_from(chosen).unwrap_or(0);
         }
     }
 
