@@ -227,7 +227,8 @@ pub trait TrainingProvider: Send + Sync + std::fmt::Debug {
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// Reads a `retry-after-ms` or `retry-after` header: milliseconds, or seconds, or an HTTP date
-/// (then "a second"); at most an hour.
+/// (the time until then; a date past, or one that cannot be read, is "a second"); at most an
+/// hour.
 pub fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
     if let Some(ms) = headers
         .get("retry-after-ms")
@@ -241,7 +242,11 @@ pub fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
         Ok(secs) if secs.is_finite() && secs >= 0.0 => {
             Duration::from_secs_f64(secs.min(MAX_RETRY_AFTER.as_secs_f64()))
         }
-        _ => Duration::from_secs(1),
+        _ => httpdate::parse_http_date(value.trim())
+            .ok()
+            .and_then(|at| at.duration_since(std::time::SystemTime::now()).ok())
+            .filter(|wait| *wait >= Duration::from_secs(1))
+            .map_or(Duration::from_secs(1), |wait| wait.min(MAX_RETRY_AFTER)),
     })
 }
 
@@ -265,10 +270,24 @@ mod tests {
             wait("retry-after", "2.5"),
             Some(Duration::from_millis(2500))
         );
+        // A date past: a second.
         assert_eq!(
             wait("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT"),
             Some(Duration::from_secs(1))
         );
+        // A date to come: the time until then, at most an hour.
+        let at = |ahead: Duration| {
+            let mut headers = http::HeaderMap::new();
+            let date = httpdate::fmt_http_date(std::time::SystemTime::now() + ahead);
+            headers.insert(http::header::RETRY_AFTER, date.parse().unwrap());
+            retry_after(&headers).unwrap()
+        };
+        let two_minutes = at(Duration::from_secs(120));
+        assert!(
+            (Duration::from_secs(60)..=Duration::from_secs(120)).contains(&two_minutes),
+            "{two_minutes:?}"
+        );
+        assert_eq!(at(Duration::from_secs(86_400)), MAX_RETRY_AFTER);
         assert_eq!(wait("retry-after-ms", "86400000000"), Some(MAX_RETRY_AFTER));
         assert_eq!(wait("retry-after", "1e12"), Some(MAX_RETRY_AFTER));
         assert_eq!(retry_after(&http::HeaderMap::new()), None);
