@@ -530,13 +530,29 @@ async fn restart(
     edit: impl FnOnce(&forge_layer::store::Store),
 ) -> (TestGateway, tempfile::TempDir) {
     let dir = gw.shutdown().await;
-    edit(&forge_layer::store::Store::open_dir(dir.path()).unwrap());
+    edit(&reopened(&dir).await);
     let again = start_on(text, &dir).await;
     (again, dir)
 }
 
+/// The store a stopped gateway left in `dir`, once it can be opened: a stop does not wait for
+/// the distiller's count of a route's traces, which may hold the store a moment longer on its
+/// blocking thread.
+async fn reopened(dir: &tempfile::TempDir) -> forge_layer::store::Store {
+    let start = tokio::time::Instant::now();
+    loop {
+        match forge_layer::store::Store::open_dir(dir.path()) {
+            Err(forge_layer::store::StoreError::InUse(_)) if start.elapsed() < DEADLINE => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            opened => return opened.unwrap(),
+        }
+    }
+}
+
 /// A gateway with config `text` on the data a stopped one left in `dir`.
 async fn start_on(text: &str, dir: &tempfile::TempDir) -> TestGateway {
+    drop(reopened(dir).await);
     let data_dir = dir.path().display().to_string();
     start_gateway_with(
         &format!("{text}\n[capture]\ndata_dir = {data_dir:?}\n"),
