@@ -493,6 +493,72 @@ async fn a_client_that_leaves_mid_stream_is_recorded_as_cancelled() {
     gw.shutdown().await;
 }
 
+/// An upstream whose streams end cleanly but early: chat completions without `[DONE]`, and a
+/// Responses stream, which has no `[DONE]` at all.
+async fn stream_cutting_upstream() -> String {
+    const CHAT: &str = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"Half an\"},\"finish_reason\":null}]}\n\n";
+    const RESPONSES: &str =
+        "event: response.completed\ndata: {\"type\":\"response.completed\"}\n\n";
+    let sse = |body: &'static str| ([(http::header::CONTENT_TYPE, "text/event-stream")], body);
+    let app = axum::Router::new()
+        .route(
+            "/v1/chat/completions",
+            axum::routing::post(move || async move { sse(CHAT) }),
+        )
+        .route(
+            "/v1/responses",
+            axum::routing::post(move || async move { sse(RESPONSES) }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}/v1")
+}
+
+#[tokio::test]
+async fn a_chat_stream_cut_before_done_is_reported_and_recorded_as_errored() {
+    let upstream = stream_cutting_upstream().await;
+    let gw = start_gateway(&config_text(&upstream, "", &[("a", "m")])).await;
+    let http = client();
+    let resp = http
+        .post(format!("{}/chat/completions", gw.base_url()))
+        .json(&chat_body("a", "x", true))
+        .send()
+        .await
+        .unwrap();
+    let id = trace_id_of(&resp);
+    let events = sse_events(&resp.text().await.unwrap());
+    assert_eq!(events.len(), 2, "{events:?}");
+    let error: Value = serde_json::from_str(&events[1]).unwrap();
+    assert_eq!(error["error"]["code"], "upstream_error", "{error}");
+    // A stream other than chat completions passes as it came.
+    let responses = http
+        .post(format!("{}/responses", gw.base_url()))
+        .json(&json!({"model": "m", "input": "x", "stream": true}))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        responses,
+        "event: response.completed\ndata: {\"type\":\"response.completed\"}\n\n"
+    );
+    eventually("the trace is committed", || {
+        gw.capture_counters().unwrap().captured == 1
+    })
+    .await;
+    let trace = gw.store().unwrap().trace(id).unwrap().unwrap();
+    assert_eq!((trace.outcome, trace.status), (Outcome::Errored, 200));
+    assert_eq!(
+        trace.response.choices[0].message.content.as_deref(),
+        Some("Half an"),
+        "the part that came is kept"
+    );
+    gw.shutdown().await;
+}
+
 #[tokio::test]
 async fn upstream_errors_are_captured_as_errored() {
     let failing = ModelBehavior {

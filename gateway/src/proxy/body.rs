@@ -57,6 +57,11 @@ pin_project! {
         at_boundary: bool,
         // The last bytes passed on, to see whether they end with the `data: [DONE]` event.
         tail: Tail,
+        // Whether a clean end must come after `[DONE]` (chat completions streams): one that
+        // does not was cut short by the upstream, and the client is told so.
+        needs_done: bool,
+        // Whether the upstream already sent an error event, which then explains the end.
+        saw_error: bool,
     }
 }
 
@@ -132,7 +137,22 @@ impl<B> UpstreamBody<B> {
             end: None,
             at_boundary: true,
             tail: Tail::default(),
+            needs_done: false,
+            saw_error: false,
         }
+    }
+
+    /// Whether a clean end now would still need the error event of [`Self::expecting_done`].
+    fn owes_error_event(&self) -> bool {
+        self.needs_done && !self.saw_error && !self.tail.is_done()
+    }
+
+    /// Makes a clean end of an SSE body without `[DONE]` end with an error event, as a failure
+    /// does. For chat completions, whose streams always end with `[DONE]`: the SDKs stop at the
+    /// end of the body without complaint, so a cut answer would pass for a whole one.
+    pub fn expecting_done(mut self) -> Self {
+        self.needs_done = self.is_sse;
+        self
     }
 }
 
@@ -178,6 +198,17 @@ impl Tail {
         field.is_some_and(|before| {
             before.is_empty() || before.ends_with(b"\n") || before.ends_with(b"\r")
         })
+    }
+}
+
+/// An error event to pass on after what was sent. Cut mid-event, the error must not join the
+/// event's last line: a blank line ends what was sent (an SSE client then sees a broken event,
+/// as it would have anyway), and the error event stands on its own.
+fn framed(event: Bytes, at_boundary: bool) -> Bytes {
+    if at_boundary {
+        event
+    } else {
+        Bytes::from([&b"\n\n"[..], &event].concat())
     }
 }
 
@@ -232,11 +263,25 @@ where
             if *this.is_sse {
                 *this.at_boundary = ends_an_event(&data);
                 this.tail.push(&data);
+                if *this.needs_done && !*this.saw_error {
+                    // Inside a JSON string a quote is escaped, so this is an error object.
+                    *this.saw_error = memchr::memmem::find(&data, b"{\"error\"").is_some();
+                }
             }
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }
         // The loop ends with data gathered or with the end known, so `end` is set here.
         match this.end.replace(End::Done) {
+            Some(End::Complete(trailers))
+                if *this.needs_done && !*this.saw_error && !this.tail.is_done() =>
+            {
+                tracing::warn!("upstream stream ended without [DONE]");
+                *this.needs_done = false;
+                // The trailers, if any, follow the error event.
+                *this.end = Some(trailers.map_or(End::Done, |t| End::Complete(Some(t))));
+                let event = sse_error_event("The upstream stream ended before [DONE].");
+                Poll::Ready(Some(Ok(Frame::data(framed(event, *this.at_boundary)))))
+            }
             None | Some(End::Done) | Some(End::Complete(None)) => Poll::Ready(None),
             Some(End::Complete(Some(trailers))) => Poll::Ready(Some(Ok(trailers))),
             // The stream's last event has been passed on: what failed after it (the connection
@@ -260,15 +305,7 @@ where
                         }
                     };
                     let event = sse_error_event(&message);
-                    // Cut mid-event, the error must not join the event's last line: a blank
-                    // line ends what was sent (an SSE client then sees a broken event, as it
-                    // would have anyway), and the error event stands on its own.
-                    let event = if *this.at_boundary {
-                        event
-                    } else {
-                        Bytes::from([&b"\n\n"[..], &event].concat())
-                    };
-                    Poll::Ready(Some(Ok(Frame::data(event))))
+                    Poll::Ready(Some(Ok(Frame::data(framed(event, *this.at_boundary)))))
                 } else {
                     Poll::Ready(Some(Err(failure)))
                 }
@@ -278,6 +315,7 @@ where
 
     fn is_end_stream(&self) -> bool {
         self.burst.is_empty()
+            && !self.owes_error_event()
             && match &self.end {
                 Some(End::Done) | Some(End::Complete(None)) => true,
                 Some(End::Complete(Some(_))) | Some(End::Failed(_)) => false,
@@ -403,6 +441,52 @@ mod tests {
             let got = frames(UpstreamBody::new(inner, IDLE, true)).await.concat();
             assert!(got.contains("upstream_error"), "{sent:?}: {got:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_chat_stream_cut_before_done_ends_with_an_error_event() {
+        let error =
+            String::from_utf8(sse_error_event("The upstream stream ended before [DONE].").to_vec())
+                .unwrap();
+        let chunk = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}";
+        for (sent, blank) in [
+            (format!("{chunk}\n\n"), ""),
+            (format!("{chunk}\r\n\r\n"), ""),
+            (chunk.to_string(), "\n\n"),
+        ] {
+            let inner = at_hand(vec![data(&sent)]);
+            let got = frames(UpstreamBody::new(inner, IDLE, true).expecting_done()).await;
+            assert_eq!(got.concat(), format!("{sent}{blank}{error}"));
+        }
+        // Trailers still follow, after the error event.
+        let inner = at_hand(vec![
+            data(&format!("{chunk}\n\n")),
+            Ok(Frame::trailers(HeaderMap::new())),
+        ]);
+        let got = frames(UpstreamBody::new(inner, IDLE, true).expecting_done()).await;
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(got[1], error);
+        assert_eq!(got[2], "trailers: 0");
+    }
+
+    #[tokio::test]
+    async fn a_clean_end_needs_no_error_event_when_it_is_explained() {
+        let with_done = "data: {}\n\ndata: [DONE]\n\n";
+        let upstream_error = "data: {}\n\ndata: {\"error\":{\"message\":\"overloaded\"}}\n\n";
+        for sent in [with_done, upstream_error] {
+            let inner = at_hand(vec![data(sent)]);
+            let got = frames(UpstreamBody::new(inner, IDLE, true).expecting_done()).await;
+            assert_eq!(got.concat(), sent);
+        }
+        // Other streams (the Responses API's, say) have no `[DONE]` to wait for; nor has JSON.
+        for is_sse in [true, false] {
+            let inner = at_hand(vec![data("data: {}\n\n")]);
+            let got = frames(UpstreamBody::new(inner, IDLE, is_sse)).await;
+            assert_eq!(got.concat(), "data: {}\n\n");
+        }
+        let inner = at_hand(vec![data("{\"a\":1}")]);
+        let got = frames(UpstreamBody::new(inner, IDLE, false).expecting_done()).await;
+        assert_eq!(got.concat(), "{\"a\":1}");
     }
 
     #[tokio::test]

@@ -181,6 +181,11 @@ impl Upstream {
             parts.headers.remove(header::CONTENT_LENGTH);
         }
         let body = UpstreamBody::new(body, self.timeouts.idle, is_sse);
+        let body = if path == CHAT_PATH {
+            body.expecting_done()
+        } else {
+            body
+        };
         Ok(http::Response::from_parts(parts, body))
     }
 
