@@ -118,6 +118,9 @@ pub enum ProviderError {
     /// Forge's side is wrong (a missing file, a bad setting).
     #[error("{0}")]
     Invalid(String),
+    /// The run has already ended (succeeded or failed), so there is nothing left to stop.
+    #[error("{0}")]
+    Ended(String),
     /// A call that may or may not have taken effect (the answer to a create was lost), which
     /// the provider cannot look up: not retried, so that nothing is started twice.
     #[error("{0}")]
@@ -132,7 +135,9 @@ impl ProviderError {
             ProviderError::Http { status, .. } => {
                 *status >= 500 || *status == 408 || *status == 409
             }
-            ProviderError::Invalid(_) | ProviderError::Ambiguous(_) => false,
+            ProviderError::Invalid(_) | ProviderError::Ended(_) | ProviderError::Ambiguous(_) => {
+                false
+            }
         }
     }
 }

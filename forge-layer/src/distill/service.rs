@@ -877,10 +877,15 @@ impl DistillationService {
                     tracing::info!(job = %job.id, provider_job, "the run succeeded as its deadline passed; it is kept");
                     return Some(model);
                 }
-                tracing::error!(job = %job.id, provider_job, error = %e, "training deadline passed, and the run could not be cancelled: it may still be running, and billed, at the provider");
-                format!(
-                    "cancelling the run at the provider failed ({e}): it may still be running there"
-                )
+                if let ProviderError::Ended(why) = &e {
+                    tracing::warn!(job = %job.id, provider_job, "training deadline passed as the run ended without a model: {why}");
+                    format!("the run had ended at the provider ({why})")
+                } else {
+                    tracing::error!(job = %job.id, provider_job, error = %e, "training deadline passed, and the run could not be cancelled: it may still be running, and billed, at the provider");
+                    format!(
+                        "cancelling the run at the provider failed ({e}): it may still be running there"
+                    )
+                }
             }
         };
         self.fail(

@@ -75,9 +75,12 @@ pub async fn cancel(State(state): State<AdminState>, JsonPath(id): JsonPath<Stri
         // The provider answered that it will not (the run ended meanwhile, say). Any other
         // refusal (a bad key, a job it does not know) is a fault between Forge and it: 502.
         Err(
-            e @ CancelError::Provider(ProviderError::Http {
-                status: 400 | 409, ..
-            }),
+            e @ CancelError::Provider(
+                ProviderError::Http {
+                    status: 400 | 409, ..
+                }
+                | ProviderError::Ended(_),
+            ),
         ) => error(StatusCode::CONFLICT, "provider_refused", e.to_string()),
         Err(e @ CancelError::Provider(_)) => {
             error(StatusCode::BAD_GATEWAY, "provider_error", e.to_string())

@@ -335,10 +335,9 @@ impl KubernetesProvider {
             ..
         }) = progress
         {
-            return Err(ProviderError::Http {
-                status: 409,
-                message: format!("the Job {name} has finished ({provider_status})"),
-            });
+            return Err(ProviderError::Ended(format!(
+                "the Job {name} has finished ({provider_status})"
+            )));
         }
         self.deleted().insert(name.to_owned());
         let mut url = self.jobs_url(Some(name));
