@@ -341,6 +341,19 @@ async fn the_cli_lists_past_one_admin_page() {
             (trace.id, serde_json::to_vec(&trace).unwrap())
         })
         .collect();
+    // And the newest, a request nested deeper than a JSON tree holds once inside a page of
+    // the admin API (the parser's limit is 128 levels).
+    let mut traces = traces;
+    let deep_id = TraceId::generate();
+    let nested = format!("{}1{}", "{\"a\":".repeat(126), "}".repeat(126));
+    let mut deep =
+        serde_json::to_value(forge_layer::trace::Trace::decode(&traces[0].1).unwrap()).unwrap();
+    deep["id"] = serde_json::json!(deep_id.to_string());
+    deep["request"] = serde_json::Value::Null;
+    let deep = serde_json::to_string(&deep)
+        .unwrap()
+        .replace("\"request\":null", &format!("\"request\":{nested}"));
+    traces.push((deep_id, deep.into_bytes()));
     let store = Store::open_dir(&data).unwrap();
     store
         .insert_encoded(traces.iter().map(|(id, bytes)| (*id, bytes.as_slice())))
@@ -385,6 +398,29 @@ async fn the_cli_lists_past_one_admin_page() {
         .collect();
     assert_eq!(ids, expected);
     let exported = cli(&["export"]).await.unwrap();
-    assert_eq!(exported.lines().count(), 1005);
+    assert_eq!(exported.lines().count(), 1006);
+    let first = exported.lines().next().unwrap();
+    assert!(first.contains(&deep_id.to_string()), "{first:.100}");
+    assert!(first.contains(&format!("\"request\":{nested}")));
+    let shown = tokio::task::spawn_blocking(move || {
+        Command::new(FORGE)
+            .args(["traces", "show", &deep_id.to_string(), "--admin", &admin])
+            .env("FORGE_ADMIN_TOKEN", "adm1n-t0ken")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        shown.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shown.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&shown.stdout)
+            .matches("\"a\":")
+            .count(),
+        126
+    );
     stop(&mut forge);
 }

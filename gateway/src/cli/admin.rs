@@ -56,6 +56,13 @@ impl AdminClient {
             .await
     }
 
+    /// `GET path`, the JSON answer's text unparsed, or the admin API's error message. For
+    /// traces: a JSON tree has a depth limit, and a trace's request may nest deeper still.
+    pub async fn get_text(&self, path: &str) -> Result<String, String> {
+        self.send_text(self.http.get(format!("{}{path}", self.base)))
+            .await
+    }
+
     /// `method path` with a JSON body.
     pub async fn send_json(
         &self,
@@ -74,6 +81,19 @@ impl AdminClient {
     /// Sends the request; the answer's JSON, or a message that says what went wrong, with
     /// the underlying causes (a refused connection, a timeout) and the status.
     async fn send(&self, request: reqwest::RequestBuilder) -> Result<serde_json::Value, String> {
+        let text = self.send_text(request).await?;
+        serde_json::from_str(&text).map_err(|e| {
+            format!(
+                "admin API at {}: the answer is not JSON ({e}): {}",
+                self.base,
+                text.chars().take(200).collect::<String>()
+            )
+        })
+    }
+
+    /// [`Self::send`], with a successful answer's text returned as it came, once it has been
+    /// found to be JSON of any depth.
+    async fn send_text(&self, request: reqwest::RequestBuilder) -> Result<String, String> {
         let at = format!("admin API at {}", self.base);
         let response = request
             .bearer_auth(&self.token)
@@ -85,18 +105,22 @@ impl AdminClient {
             .text()
             .await
             .map_err(|e| with_causes(&format!("{at}: {status}"), &e))?;
-        match serde_json::from_str::<serde_json::Value>(&text) {
-            Ok(body) if status.is_success() => Ok(body),
-            Ok(body) => Err(format!(
-                "{at}: {status}: {}",
-                body["error"]["message"].as_str().unwrap_or("error")
-            )),
+        // Skipped over rather than parsed into a tree, which would have a depth limit.
+        if serde_json::from_str::<&serde_json::value::RawValue>(&text).is_err() {
             // Not Forge's answer: a proxy's error page, or not the admin port.
-            Err(_) => Err(format!(
+            return Err(format!(
                 "{at}: {status}: the answer is not JSON (is this the admin address?): {}",
                 text.chars().take(200).collect::<String>()
-            )),
+            ));
         }
+        if status.is_success() {
+            return Ok(text);
+        }
+        let body: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        Err(format!(
+            "{at}: {status}: {}",
+            body["error"]["message"].as_str().unwrap_or("error")
+        ))
     }
 }
 

@@ -141,16 +141,40 @@ fn from_store(store: &Store, action: Action) -> Result<(), TracesError> {
     Ok(())
 }
 
+/// JSON text indented, when a JSON tree can hold it; else as it is.
+fn pretty(text: String) -> String {
+    serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|value| serde_json::to_string_pretty(&value).ok())
+        .unwrap_or(text)
+}
+
+/// A trace's id, read from a trace that cannot be read whole.
+#[derive(serde::Deserialize)]
+struct IdOnly {
+    id: String,
+}
+
+/// One page of `GET /admin/traces`, its traces left as text: a JSON tree has a depth limit,
+/// and a trace's request may nest deeper than the page's own levels leave room for.
+#[derive(serde::Deserialize)]
+struct Page<'a> {
+    #[serde(borrow)]
+    data: Vec<&'a serde_json::value::RawValue>,
+    has_more: bool,
+    last_id: Option<String>,
+}
+
 /// Calls `f` on the admin API's traces, newest first, page by page (`before` walks back), until
 /// `limit` of them (all, without one).
 async fn walk_pages<G, F>(
     get: &G,
     limit: Option<u64>,
-    mut f: impl FnMut(&serde_json::Value) -> std::io::Result<()>,
+    mut f: impl FnMut(&serde_json::value::RawValue) -> std::io::Result<()>,
 ) -> Result<(), TracesError>
 where
     G: Fn(String) -> F,
-    F: std::future::Future<Output = Result<serde_json::Value, TracesError>>,
+    F: std::future::Future<Output = Result<String, TracesError>>,
 {
     // The admin API's largest page.
     const PAGE: u64 = 1000;
@@ -161,13 +185,15 @@ where
             .as_deref()
             .map(|b| format!("&before={b}"))
             .unwrap_or_default();
-        let page = get(format!("/admin/traces?limit={}{cursor}", left.min(PAGE))).await?;
-        for value in page["data"].as_array().into_iter().flatten() {
-            f(value)?;
+        let text = get(format!("/admin/traces?limit={}{cursor}", left.min(PAGE))).await?;
+        let page: Page = serde_json::from_str(&text)
+            .map_err(|e| TracesError::Admin(format!("a page of traces cannot be read: {e}")))?;
+        for trace in page.data {
+            f(trace)?;
             left = left.saturating_sub(1);
         }
-        match page["last_id"].as_str() {
-            Some(last) if page["has_more"] == true => before = Some(last.to_string()),
+        match page.last_id {
+            Some(last) if page.has_more => before = Some(last),
             _ => break,
         }
     }
@@ -178,44 +204,39 @@ async fn from_admin(base: &str, action: Action) -> Result<(), TracesError> {
     let admin = AdminClient::new(base).map_err(TracesError::Admin)?;
     let get = |path: String| {
         let admin = &admin;
-        async move { admin.get(&path).await.map_err(TracesError::Admin) }
+        async move { admin.get_text(&path).await.map_err(TracesError::Admin) }
     };
     let mut out = std::io::stdout().lock();
     match action {
         Action::List { limit } => {
-            walk_pages(&get, Some(limit as u64), |value| {
-                match serde_json::from_value::<Trace>(value.clone()) {
+            walk_pages(&get, Some(limit as u64), |raw| {
+                match Trace::decode(raw.get().as_bytes()) {
                     Ok(t) => writeln!(out, "{}", line(&t)),
                     // A newer gateway's trace, say: still listed, by its id.
-                    Err(e) => writeln!(out, "{}  (not read: {e})", value["id"]),
+                    Err(e) => {
+                        let id = serde_json::from_str::<IdOnly>(raw.get()).map(|t| t.id);
+                        writeln!(out, "{}  (not read: {e})", id.unwrap_or_default())
+                    }
                 }
             })
             .await?;
         }
         Action::Show { id } => {
             let trace = get(format!("/admin/traces/{}", segment(&id))).await?;
-            writeln!(
-                out,
-                "{}",
-                serde_json::to_string_pretty(&trace).unwrap_or_default()
-            )?;
+            writeln!(out, "{}", pretty(trace))?;
         }
         Action::Stats => {
             let stats = get("/admin/stats".to_string()).await?;
-            writeln!(
-                out,
-                "{}",
-                serde_json::to_string_pretty(&stats).unwrap_or_default()
-            )?;
+            writeln!(out, "{}", pretty(stats))?;
         }
         Action::Export => {
             let mut done = 0u64;
-            walk_pages(&get, None, |value| {
+            walk_pages(&get, None, |raw| {
                 done += 1;
                 if done.is_multiple_of(10_000) {
                     eprintln!("exported {done}");
                 }
-                writeln!(out, "{value}")
+                writeln!(out, "{}", raw.get())
             })
             .await?;
             eprintln!("exported {done} traces");
