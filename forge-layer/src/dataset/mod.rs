@@ -60,8 +60,8 @@ pub struct DatasetSpec {
     /// The largest file the provider takes, in bytes, when it has a limit. The build stops
     /// before a line that would take the training or validation file past it; its cut is then
     /// the last trace read before that line, so the route's next dataset goes on from there.
-    /// Late traces (behind the previous cut) are always taken, since no later build would
-    /// find them again; they only leave less room for new ones.
+    /// Late traces (behind the previous cut) come first; a build stopped among them reads no
+    /// new trace, and the next dataset goes on from the late trace it stopped at.
     pub max_file_bytes: Option<u64>,
 }
 
@@ -98,6 +98,18 @@ pub struct EarlierBuild {
     pub cut: TraceId,
     /// Its [`Manifest::feedback_mark`].
     pub feedback_mark: TraceId,
+    /// Its [`Manifest::late_stop`].
+    pub late_stop: Option<TraceId>,
+}
+
+impl EarlierBuild {
+    /// Where the next build's look behind the cut starts: after this build's mark, or, when it
+    /// stopped among its late traces, at the one it stopped at.
+    fn late_since(&self) -> TraceId {
+        self.late_stop.map_or(self.feedback_mark, |stop| {
+            TraceId::from_u128(stop.as_u128().saturating_sub(1))
+        })
+    }
 }
 
 /// One output file.
@@ -155,6 +167,12 @@ pub struct Manifest {
     /// for the next dataset.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub full: bool,
+    /// When the build stopped among its late traces (so it read no new one): the latest
+    /// feedback of the late trace it stopped at. It read the late traces whose latest feedback
+    /// up to `feedback_mark` came before this one, and none of the others, which the next
+    /// dataset reads late.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub late_stop: Option<TraceId>,
 }
 
 impl Manifest {
@@ -251,23 +269,23 @@ fn candidate(trace: &Trace, spec: &DatasetSpec, seen: &mut Seen) -> Candidate {
 
 /// Walks the traces a build of `spec` reads, with the feedback in force and the latest
 /// evaluation: first those up to the previous cut that feedback after the previous build made
-/// golden, and that no earlier build took (`late`), then every trace after the cut. `f`
-/// returns `false` to stop.
+/// golden, and that no earlier build took (late: with the id of the trace's latest feedback, in
+/// that order), then every trace after the cut (`None`). `f` returns `false` to stop.
 fn walk(
     scan: &GradedScan,
     spec: &DatasetSpec,
-    mut f: impl FnMut(Trace, Option<Feedback>, Option<Evaluation>, bool) -> bool,
+    mut f: impl FnMut(Trace, Option<Feedback>, Option<Evaluation>, Option<TraceId>) -> bool,
 ) -> Result<(), StoreError> {
     let mut go_on = true;
     if let (Some(cut), Some(previous)) = (spec.after, spec.earlier.last()) {
         let mut failed = None;
-        scan.late(previous.feedback_mark, cut, |trace, fb, ev| {
+        scan.late(previous.late_since(), cut, |trace, fb, ev, feedback_id| {
             if !spec.selects(&trace) || !spec.policy.is_golden(&trace, fb.as_ref(), ev.as_ref()) {
                 return true;
             }
             match taken_before(scan, spec, &trace) {
                 Ok(true) => {}
-                Ok(false) => go_on = f(trace, fb, ev, true),
+                Ok(false) => go_on = f(trace, fb, ev, Some(feedback_id)),
                 Err(e) => {
                     failed = Some(e);
                     go_on = false;
@@ -281,7 +299,7 @@ fn walk(
     }
     if go_on {
         scan.for_each(spec.after, spec.until, |trace, fb, ev| {
-            f(trace, fb, ev, false)
+            f(trace, fb, ev, None)
         })?;
     }
     Ok(())
@@ -290,9 +308,17 @@ fn walk(
 /// Whether an earlier build took `trace`: one whose cut had reached it, at whose feedback mark
 /// it was golden (the build that first read it, or a later one that found it late). Golden
 /// then is golden under the feedback and evaluation of that moment, exactly: a rejection and a
-/// new approval in between do not bring it back a second time.
+/// new approval in between do not bring it back a second time. A build that stopped among its
+/// late traces did not read those from the one it stopped at on.
 fn taken_before(scan: &GradedScan, spec: &DatasetSpec, trace: &Trace) -> Result<bool, StoreError> {
     for build in spec.earlier.iter().filter(|b| b.cut >= trace.id) {
+        if let Some(stop) = build.late_stop
+            && scan
+                .latest_feedback(trace.id, build.feedback_mark)?
+                .is_some_and(|latest| latest >= stop)
+        {
+            continue;
+        }
         let (fb, ev) = scan.graded_at(trace.id, build.feedback_mark)?;
         if spec.policy.is_golden(trace, fb.as_ref(), ev.as_ref()) {
             return Ok(true);
@@ -303,9 +329,9 @@ fn taken_before(scan: &GradedScan, spec: &DatasetSpec, trace: &Trace) -> Result<
 
 /// Each key's lines, after the rules and duplicates (which would otherwise count towards a
 /// key's allowance and leave it more than its share of what is written), as a walk writing at
-/// most `cap` lines a key sees them. With `max_bytes`, the walk stops at the first new trace
-/// whose line, written, would take its file past that size (returned as `stop`), and counts
-/// only the lines before it.
+/// most `cap` lines a key sees them. With `max_bytes`, the walk stops at the first trace whose
+/// line, written, would take its file past that size (returned as `stop`), and counts only the
+/// lines before it.
 fn lines_per_key(
     scan: &GradedScan,
     spec: &DatasetSpec,
@@ -316,7 +342,7 @@ fn lines_per_key(
     let mut seen = Seen::default();
     let mut bytes = [0u64; 2];
     let validation_bp = validation_basis_points(spec);
-    walk(scan, spec, |trace, fb, ev, late| {
+    walk(scan, spec, |trace, fb, ev, _| {
         if !spec.selects(&trace) || !spec.policy.is_golden(&trace, fb.as_ref(), ev.as_ref()) {
             return true;
         }
@@ -327,7 +353,7 @@ fn lines_per_key(
         if cap.is_none_or(|c| *lines < c) {
             let file = &mut bytes[usize::from(is_validation(&hash, validation_bp))];
             let after = *file + line.len() as u64 + 1;
-            if !late && max_bytes.is_some_and(|max| after > max) {
+            if max_bytes.is_some_and(|max| after > max) {
                 counted.stop = Some(trace.id);
                 return false;
             }
@@ -486,6 +512,7 @@ pub fn build(
         cut: spec.after,
         feedback_mark: None,
         full: false,
+        late_stop: None,
     };
     let validation_bp = validation_basis_points(spec);
     let mut read = 0u64;
@@ -501,8 +528,8 @@ pub fn build(
             }
             // Whether the walk goes on; the cut moves past a trace only once it is dealt with.
             let go_on = 'trace: {
-                if !late && stop == Some(trace.id) {
-                    manifest.full = true;
+                if stop == Some(trace.id) {
+                    stop_at(&mut manifest, late);
                     break 'trace false;
                 }
                 if !spec.selects(&trace) {
@@ -513,7 +540,7 @@ pub fn build(
                     break 'trace true;
                 }
                 manifest.golden += 1;
-                manifest.late += u64::from(late);
+                manifest.late += u64::from(late.is_some());
                 let (bytes, hash) = match candidate(&trace, spec, &mut seen) {
                     Candidate::Line { bytes, hash } => (bytes, hash),
                     Candidate::Skipped(reason) => {
@@ -535,12 +562,12 @@ pub fn build(
                 } else {
                     ("train", &mut train)
                 };
-                // A late trace is always taken: the next dataset would not find it again.
-                if !late && file.would_pass(&bytes, spec.max_file_bytes) {
+                if file.would_pass(&bytes, spec.max_file_bytes) {
                     // Not read after all: the next dataset starts with it.
                     manifest.considered -= 1;
                     manifest.golden -= 1;
-                    manifest.full = true;
+                    manifest.late -= u64::from(late.is_some());
+                    stop_at(&mut manifest, late);
                     break 'trace false;
                 }
                 *contributed += 1;
@@ -556,7 +583,7 @@ pub fn build(
                 }
                 true
             };
-            if go_on && !late {
+            if go_on && late.is_none() {
                 manifest.cut = Some(trace.id);
             }
             go_on
@@ -572,6 +599,14 @@ pub fn build(
     let file = File::create(out.join("manifest.json"))?;
     serde_json::to_writer_pretty(BufWriter::new(file), &manifest).map_err(std::io::Error::other)?;
     Ok(manifest)
+}
+
+/// Ends a build short of a file size limit, before a trace: a new one (`late` is `None`) is
+/// where the next dataset's cut starts; a late one, with the late traces after it, is found
+/// late again by the next dataset ([`Manifest::late_stop`]).
+fn stop_at(manifest: &mut Manifest, late: Option<TraceId>) {
+    manifest.full = true;
+    manifest.late_stop = late;
 }
 
 /// Recomputes a file's SHA-256, to verify a manifest.

@@ -60,6 +60,11 @@ pub struct DistillationJob {
     /// to `cut` that feedback after this made golden.
     #[serde(default)]
     pub feedback_mark: Option<TraceId>,
+    /// When the dataset stopped at the file size limit among traces feedback had made golden
+    /// behind the previous cut: where the route's next dataset goes on with them (the
+    /// manifest's `late_stop`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub late_stop: Option<TraceId>,
     /// The model the provider trained, once training succeeded. A job that fails after that
     /// (its deployment or the registry) keeps its cut: its examples are trained on already, and
     /// a new job on them would pay for the same run again.

@@ -410,6 +410,7 @@ impl DistillationService {
             dataset: None,
             cut: None,
             feedback_mark: None,
+            late_stop: None,
             trained_model: None,
             resulting_model_id: None,
             eval_metrics: BTreeMap::new(),
@@ -448,6 +449,7 @@ impl DistillationService {
                     feedback_mark: j
                         .feedback_mark
                         .unwrap_or_else(|| TraceId::earliest_at(j.created_ms)),
+                    late_stop: j.late_stop,
                 })
             })
             .collect())
@@ -721,6 +723,7 @@ impl DistillationService {
         job.dataset_size = manifest.examples();
         job.cut = manifest.cut;
         job.feedback_mark = manifest.feedback_mark;
+        job.late_stop = manifest.late_stop;
         job.dataset = serde_json::to_value(&manifest).ok();
         if manifest.full {
             tracing::info!(job = %job.id, examples = manifest.examples(), "the dataset reached the provider's file size limit; the traces after its cut wait for the route's next job");

@@ -210,35 +210,60 @@ impl GradedScan {
         Ok(super::feedback::evaluation_mark(&self.meta)?.map_or(feedback, |e| e.max(feedback)))
     }
 
-    /// Calls `f`, oldest trace first, on each trace up to `upto` that got feedback after the
-    /// mark `since` (see [`GradedScan::feedback_mark`]), with the feedback in force and its
-    /// latest evaluation; `f` returns `false` to stop. A dataset's cut passes traces whose
-    /// feedback is still to come: this is how a later dataset finds them.
+    /// Calls `f` on each trace up to `upto` that got feedback after the mark `since` (see
+    /// [`GradedScan::feedback_mark`]), with the feedback in force, its latest evaluation and the
+    /// id of its latest feedback; `f` returns `false` to stop. A dataset's cut passes traces
+    /// whose feedback is still to come: this is how a later dataset finds them.
+    ///
+    /// Traces come in the order of their latest feedback, so a walk stopped at a trace has dealt
+    /// with exactly the traces whose latest feedback came before that trace's latest (see
+    /// [`GradedScan::latest_feedback`]).
     pub fn late(
         &self,
         since: TraceId,
         upto: TraceId,
-        mut f: impl FnMut(Trace, Option<Feedback>, Option<Evaluation>) -> bool,
+        mut f: impl FnMut(Trace, Option<Feedback>, Option<Evaluation>, TraceId) -> bool,
     ) -> Result<(), StoreError> {
         let from = since.as_u128().saturating_add(1);
-        let mut traces = std::collections::BTreeSet::new();
+        // Each trace's latest feedback: the arrival order is ascending, so the last one wins.
+        let mut latest = std::collections::HashMap::new();
         for entry in self.feedback_order.range(from..).map_err(db_err)? {
-            let trace = entry.map_err(db_err)?.1.value();
-            if trace <= upto.as_u128() {
-                traces.insert(trace);
+            let (feedback, trace) = entry.map_err(db_err)?;
+            if trace.value() <= upto.as_u128() {
+                latest.insert(trace.value(), feedback.value());
             }
         }
-        for key in traces {
+        let mut order: Vec<(u128, u128)> = latest.into_iter().map(|(t, f)| (f, t)).collect();
+        order.sort_unstable();
+        for (feedback_id, key) in order {
             // Expired since its feedback came.
             let Some(stored) = self.traces.get(key).map_err(db_err)? else {
                 continue;
             };
             let (trace, feedback, evaluation) = self.graded(key, stored.value())?;
-            if !f(trace, feedback, evaluation) {
+            if !f(trace, feedback, evaluation, TraceId::from_u128(feedback_id)) {
                 break;
             }
         }
         Ok(())
+    }
+
+    /// The id of the latest feedback on `trace` up to the mark `until`, if it has any.
+    pub fn latest_feedback(
+        &self,
+        trace: TraceId,
+        until: TraceId,
+    ) -> Result<Option<TraceId>, StoreError> {
+        let key = trace.as_u128();
+        let last = self
+            .feedback
+            .range((key, 0)..=(key, until.as_u128()))
+            .map_err(db_err)?
+            .next_back();
+        Ok(match last {
+            Some(entry) => Some(TraceId::from_u128(entry.map_err(db_err)?.0.value().1)),
+            None => None,
+        })
     }
 
     /// The feedback in force for `trace` and its latest evaluation as they stood at `mark` (see
