@@ -20,7 +20,7 @@ use prometheus_client::registry::Registry;
 /// Labels of `forge_requests_total`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    /// `chat`, `models` or `passthrough`.
+    /// `chat`, `feedback`, `models` or `passthrough`.
     pub endpoint: &'static str,
     /// The HTTP status the client received.
     pub status: u16,

@@ -1042,3 +1042,81 @@ async fn account_apis_are_not_passed_through_unless_allowed() {
         gw.shutdown().await;
     }
 }
+
+#[tokio::test]
+async fn every_v1_answer_is_counted_refusals_included() {
+    let held = ModelBehavior {
+        first_byte_delay: Duration::from_secs(2),
+        ..ModelBehavior::default()
+    };
+    let sim = start_sim(behaviors(&[("held", held)])).await;
+    let text = format!(
+        "{}{}",
+        config_text(
+            &sim.base_url(),
+            "max_in_flight = 1",
+            &[("held", "held"), ("fast", "gpt-4o")]
+        ),
+        forge_tests::clients_toml(&[("app", None, "sk-app-0123456789")])
+    );
+    let gw = start_gateway(&text).await;
+    let http = client();
+    let url = format!("{}/chat/completions", gw.base_url());
+    let unauthenticated = http
+        .post(&url)
+        .json(&chat_body("fast", "x", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthenticated.status(), 401);
+    let first = tokio::spawn(
+        http.post(&url)
+            .bearer_auth("sk-app-0123456789")
+            .json(&chat_body("held", "one", false))
+            .send(),
+    );
+    eventually("the slow request reaches the upstream", || {
+        sim.request_count() == 1
+    })
+    .await;
+    let overloaded = http
+        .post(&url)
+        .bearer_auth("sk-app-0123456789")
+        .json(&chat_body("fast", "two", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(overloaded.status(), 503);
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
+    let feedback = http
+        .post(format!("{}/feedback", gw.base_url()))
+        .bearer_auth("sk-app-0123456789")
+        .json(&json!({"trace_id": "not-an-id", "score": 50}))
+        .send()
+        .await
+        .unwrap();
+    let feedback_status = feedback.status().as_u16();
+    let metrics = http
+        .get(format!("http://{}/metrics", gw.addr()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let count = |endpoint: &str, status: u16| {
+        metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "forge_requests_total{{endpoint=\"{endpoint}\",status=\"{status}\"}} "
+                ))
+            })
+            .map(|n| n.parse::<u64>().unwrap())
+    };
+    assert_eq!(count("chat", 401), Some(1), "{metrics}");
+    assert_eq!(count("chat", 503), Some(1), "{metrics}");
+    assert_eq!(count("chat", 200), Some(1), "{metrics}");
+    assert_eq!(count("feedback", feedback_status), Some(1), "{metrics}");
+    gw.shutdown().await;
+}

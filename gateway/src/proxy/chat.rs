@@ -26,12 +26,10 @@ pub async fn completions(
     body: Body,
 ) -> Response {
     let caller = caller.map(|axum::Extension(c)| c).unwrap_or_default();
-    let response = match forward(&state, caller, &headers, body).await {
+    match forward(&state, caller, &headers, body).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
-    };
-    state.metrics.record("chat", response.status());
-    response
+    }
 }
 
 async fn forward(

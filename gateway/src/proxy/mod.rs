@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{MatchedPath, State};
 use axum::http::{Method, StatusCode, Uri, header};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
@@ -75,6 +75,11 @@ pub fn app(state: ProxyState, max_in_flight: usize) -> Router {
         // Checked before the cap, so unauthenticated traffic cannot take the slots.
         v1 = v1.route_layer(middleware::from_fn_with_state(keys, auth::authenticate));
     }
+    // Outermost, so the refusals of the key check and the cap are counted too.
+    let v1 = v1.route_layer(middleware::from_fn_with_state(
+        Arc::clone(&state.metrics),
+        count_answers,
+    ));
     Router::new()
         .merge(v1)
         .route(
@@ -86,6 +91,28 @@ pub fn app(state: ProxyState, max_in_flight: usize) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         // Shared, not cloned: axum hands every handler its own copy of the state.
         .with_state(Arc::new(state))
+}
+
+/// Middleware: counts every answer of the `/v1` endpoints in `forge_requests_total`, by
+/// endpoint and status, when its head goes out.
+async fn count_answers(
+    State(metrics): State<Arc<Metrics>>,
+    request: axum::extract::Request,
+    next: middleware::Next,
+) -> Response {
+    let endpoint = match request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str)
+    {
+        Some("/v1/chat/completions") => "chat",
+        Some("/v1/feedback") => "feedback",
+        Some("/v1/models" | "/v1/models/{model}") => "models",
+        _ => "passthrough",
+    };
+    let response = next.run(request).await;
+    metrics.record(endpoint, response.status());
+    response
 }
 
 /// Reads a whole request body, refusing it with a 413 as soon as it passes the size limit, and
@@ -143,7 +170,6 @@ fn model_object(alias: &str) -> ModelObject<'_> {
 async fn list_models(State(state): State<Arc<ProxyState>>) -> Response {
     let table = state.router.load();
     let data: Vec<ModelObject<'_>> = table.routes().map(|r| model_object(&r.alias)).collect();
-    state.metrics.record("models", StatusCode::OK);
     axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()
 }
 
@@ -152,12 +178,10 @@ async fn get_model(
     JsonPath(model): JsonPath<String>,
 ) -> Response {
     let table = state.router.load();
-    let response = match table.route(&model) {
+    match table.route(&model) {
         Some(route) => axum::Json(model_object(&route.alias)).into_response(),
         None => Error::ModelNotFound(model).into_response(),
-    };
-    state.metrics.record("models", response.status());
-    response
+    }
 }
 
 async fn metrics(State(state): State<Arc<ProxyState>>) -> Response {

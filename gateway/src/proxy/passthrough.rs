@@ -12,12 +12,10 @@ use crate::error::Error;
 use crate::upstream::strip_hop_by_hop;
 
 pub async fn forward(State(state): State<Arc<ProxyState>>, request: Request) -> Response {
-    let response = match send(&state, request).await {
+    match send(&state, request).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
-    };
-    state.metrics.record("passthrough", response.status());
-    response
+    }
 }
 
 async fn send(state: &ProxyState, request: Request) -> Result<Response, Error> {
