@@ -708,9 +708,7 @@ impl Config {
             server: ServerConfig {
                 admin_listen,
                 routes_from_config: raw.server.routes_from_config,
-                admin_token: std::env::var(crate::env::ENV_FORGE_ADMIN_TOKEN)
-                    .ok()
-                    .filter(|t| !t.is_empty())
+                admin_token: crate::env::secret(crate::env::ENV_FORGE_ADMIN_TOKEN)
                     .map(|t| crate::auth::Secret::new(&t)),
                 listen,
                 max_body_bytes: raw.server.max_body_bytes,
@@ -1104,15 +1102,12 @@ fn validate_clients(raw: Vec<RawClient>) -> Result<Vec<ClientConfig>, ConfigErro
         }
         let key_sha256 = match (c.key_env, c.key_sha256) {
             (Some(var), None) => {
-                let key = std::env::var(&var).map_err(|_| {
+                let key = crate::env::secret(&var).ok_or_else(|| {
                     invalid(format!(
-                        "client `{}`: environment variable {var} (key_env) is not set",
+                        "client `{}`: environment variable {var} (key_env) is not set or is empty",
                         c.id
                     ))
                 })?;
-                if key.is_empty() {
-                    return Err(invalid(format!("client `{}`: {var} is empty", c.id)));
-                }
                 crate::auth::sha256(key.as_bytes())
             }
             (None, Some(hex_digest)) => hex::decode(hex_digest.trim())

@@ -192,9 +192,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         let key = match &up.api_key_env {
             // An empty key would start a gateway whose every request the upstream refuses.
             Some(var) => Some(
-                std::env::var(var)
-                    .ok()
-                    .filter(|key| !key.is_empty())
+                crate::env::secret(var)
                     .ok_or_else(|| {
                         StartError::Upstream(format!(
                             "upstream `{}`: environment variable {var} (api_key_env) is not set or is empty",

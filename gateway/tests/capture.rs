@@ -424,3 +424,55 @@ async fn the_cli_lists_past_one_admin_page() {
     );
     stop(&mut forge);
 }
+
+#[tokio::test]
+async fn keys_from_a_file_with_a_trailing_newline_still_authenticate() {
+    // As `kubectl create secret --from-file` leaves them.
+    let sim = start_sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "{}\n[[clients]]\nid = \"app\"\nkey_env = \"APP_KEY\"\n",
+        config(&sim.base_url(), &dir.path().join("data"), "async")
+    );
+    let (mut forge, url) = serve(
+        &text,
+        dir.path(),
+        &[
+            ("APP_KEY", "sk-app-0123456789\n"),
+            ("FORGE_ADMIN_TOKEN", " adm1n-t0ken\n"),
+        ],
+    );
+    let http = reqwest::Client::new();
+    let answered = http
+        .post(format!("{url}/chat/completions"))
+        .bearer_auth("sk-app-0123456789")
+        .json(&chat("hi", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answered.status(), 200);
+    let admin = admin_addr(dir.path());
+    let stats = http
+        .get(format!("http://{admin}/admin/stats"))
+        .bearer_auth("adm1n-t0ken")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stats.status(), 200);
+    // The CLI reads its token the same way.
+    let cli = tokio::task::spawn_blocking(move || {
+        Command::new(FORGE)
+            .args(["traces", "stats", "--admin", &admin])
+            .env("FORGE_ADMIN_TOKEN", "adm1n-t0ken\n")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        cli.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    stop(&mut forge);
+}

@@ -33,8 +33,8 @@ pub struct AdminClient {
 impl AdminClient {
     /// `base` is the admin address, e.g. `http://127.0.0.1:8081`; without a scheme, `http://`.
     pub fn new(base: &str) -> Result<Self, String> {
-        let token = std::env::var(ENV_FORGE_ADMIN_TOKEN)
-            .map_err(|_| format!("set {ENV_FORGE_ADMIN_TOKEN} to the gateway's admin token"))?;
+        let token = crate::env::secret(ENV_FORGE_ADMIN_TOKEN)
+            .ok_or_else(|| format!("set {ENV_FORGE_ADMIN_TOKEN} to the gateway's admin token"))?;
         let _ = rustls::crypto::ring::default_provider().install_default();
         let base = base.trim_end_matches('/');
         let base = if base.contains("://") {
