@@ -177,6 +177,8 @@ struct RawUpstream {
     #[serde(default)]
     sim: bool,
     api_key_env: Option<String>,
+    #[serde(default)]
+    api_key_header: KeyHeader,
     #[serde(default = "default_connect_ms")]
     connect_timeout_ms: u64,
     #[serde(default = "default_first_byte_ms")]
@@ -530,8 +532,22 @@ pub struct UpstreamConfig {
     pub endpoint: Endpoint,
     /// The environment variable holding its API key, read at start-up.
     pub api_key_env: Option<String>,
+    /// The header the key goes in.
+    pub api_key_header: KeyHeader,
     /// Its timeouts.
     pub timeouts: Timeouts,
+}
+
+/// The header an upstream takes its key in (`api_key_header`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum KeyHeader {
+    /// `Authorization: Bearer <key>`: OpenAI, vLLM, and most OpenAI-compatible servers.
+    #[default]
+    #[serde(rename = "authorization")]
+    Authorization,
+    /// `api-key: <key>`: Azure OpenAI's own key header.
+    #[serde(rename = "api-key")]
+    ApiKey,
 }
 
 /// The three upstream timeouts. None is a total timeout: streams may run for as long as the
@@ -641,6 +657,7 @@ impl Config {
                 name: up.name,
                 endpoint,
                 api_key_env: up.api_key_env.filter(|v| !v.is_empty()),
+                api_key_header: up.api_key_header,
                 timeouts: Timeouts {
                     connect: Duration::from_millis(up.connect_timeout_ms),
                     first_byte: Duration::from_millis(up.first_byte_timeout_ms),
@@ -1562,6 +1579,11 @@ key_sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
         assert_eq!(c.server.admin_listen, "127.0.0.1:8081".parse().unwrap());
         assert_eq!(c.server.passthrough_upstream.as_deref(), Some("a"));
         assert_eq!(c.upstreams[0].timeouts.idle, Duration::from_secs(60));
+        assert_eq!(c.upstreams[0].api_key_header, KeyHeader::Authorization);
+        let azure = "[[upstreams]]\nname = \"a\"\nbase_url = \"https://r.openai.azure.com/openai/v1\"\napi_key_header = ";
+        let c = Config::from_toml(&format!("{azure}\"api-key\"\n")).unwrap();
+        assert_eq!(c.upstreams[0].api_key_header, KeyHeader::ApiKey);
+        assert!(Config::from_toml(&format!("{azure}\"bearer\"\n")).is_err());
         assert_eq!(c.server.send_timeout, Duration::from_secs(60));
         assert_eq!(
             (c.server.max_headers, c.server.max_header_bytes),

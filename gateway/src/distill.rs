@@ -181,8 +181,16 @@ mod tests {
             idle: Duration::from_secs(30),
         };
         let mut upstreams = Upstreams::default();
-        upstreams
-            .insert(Upstream::new("big", &format!("http://{addr}/v1"), None, timeouts).unwrap());
+        upstreams.insert(
+            Upstream::new(
+                "big",
+                &format!("http://{addr}/v1"),
+                None,
+                crate::config::KeyHeader::default(),
+                timeouts,
+            )
+            .unwrap(),
+        );
         let chat = UpstreamChat::new(upstreams);
         let err = chat
             .complete("big", "m", &serde_json::json!([]), None)

@@ -202,8 +202,14 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             ),
             None => None,
         };
-        let upstream = Upstream::new(&up.name, &base_url, key.as_deref(), up.timeouts)
-            .map_err(|e| StartError::Upstream(e.to_string()))?;
+        let upstream = Upstream::new(
+            &up.name,
+            &base_url,
+            key.as_deref(),
+            up.api_key_header,
+            up.timeouts,
+        )
+        .map_err(|e| StartError::Upstream(e.to_string()))?;
         upstreams.insert(upstream);
         resolved.insert(up.name.clone(), (base_url, key));
     }

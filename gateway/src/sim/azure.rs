@@ -132,11 +132,42 @@ pub(crate) async fn chat_completions(
     Path(deployment): Path<String>,
     body: Bytes,
 ) -> Response {
+    match reply::json_object(&body) {
+        Ok(request) => deployment_chat(&state, &deployment, &request).await,
+        Err(err) => err.into_response(),
+    }
+}
+
+/// `POST /openai/v1/chat/completions` (the v1 API, with no `api-version`): the body's `model`
+/// names the deployment, as OpenAI's clients send it.
+pub(crate) async fn v1_chat_completions(
+    State(state): State<Arc<SimState>>,
+    body: Bytes,
+) -> Response {
+    let request = match reply::json_object(&body) {
+        Ok(request) => request,
+        Err(err) => return err.into_response(),
+    };
+    let Some(deployment) = request.get("model").and_then(|m| m.as_str()) else {
+        return ApiError::invalid_request("you must provide a model parameter")
+            .with_param("model")
+            .into_response();
+    };
+    deployment_chat(&state, deployment, &request).await
+}
+
+/// The chat answer of the model `deployment` serves, or Azure's 404 for a deployment that does
+/// not exist or is still provisioning.
+async fn deployment_chat(
+    state: &SimState,
+    deployment: &str,
+    request: &serde_json::Map<String, serde_json::Value>,
+) -> Response {
     let serving = state
         .storage()
         .azure
         .deployments
-        .serving(&deployment, Instant::now());
+        .serving(deployment, Instant::now());
     let Some(model) = serving else {
         return ApiError::not_found(
             "The API deployment for this resource does not exist. If you created the deployment \
@@ -145,10 +176,7 @@ pub(crate) async fn chat_completions(
         .with_code("DeploymentNotFound")
         .into_response();
     };
-    match reply::json_object(&body) {
-        Ok(request) => chat::respond(&state, &model, &request).await,
-        Err(err) => err.into_response(),
-    }
+    chat::respond(state, &model, request).await
 }
 
 /// Azure's answer to an unknown `/openai/…` path.

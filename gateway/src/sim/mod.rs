@@ -21,7 +21,8 @@
 //! - Azure OpenAI (§5) under `/openai/…`, with `api-key` auth and a required `api-version`:
 //!   files that are `pending` for a while, fine-tuning jobs whose models are named
 //!   `<base>.ft-<32 hex>` (a job on a `pending` file fails), and chat through a deployment,
-//!   `POST /openai/deployments/{name}/chat/completions`. Deployments are made through ARM,
+//!   `POST /openai/deployments/{name}/chat/completions`, or through the v1 API, with no
+//!   `api-version` and the deployment as `model`, `POST /openai/v1/chat/completions`. Deployments are made through ARM,
 //!   `PUT /subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.CognitiveServices/accounts/{acct}/deployments/{name}`,
 //!   with a bearer token; they are `Creating` for [`AzureTimings::deployment`], then
 //!   `Succeeded`, and only then answer chat.

@@ -89,6 +89,10 @@ pub(crate) fn build(config: SimConfig) -> (Router, Arc<SimState>) {
             post(azure::chat_completions),
         )
         .route(
+            "/openai/v1/chat/completions",
+            post(azure::v1_chat_completions),
+        )
+        .route(
             "/subscriptions/{subscription}/resourceGroups/{group}/providers/\
              Microsoft.CognitiveServices/accounts/{account}/deployments/{name}",
             put(arm::put).get(arm::get).delete(arm::delete),
@@ -204,7 +208,8 @@ fn admit(state: &SimState, parts: &http::request::Parts) -> Option<Response> {
             .map(IntoResponse::into_response),
         Service::Azure => match state.check_azure_key(&parts.headers) {
             Err(err) => Some(err.into_response()),
-            Ok(()) if !has_api_version(&parts.uri) => {
+            // The v1 API has no dated versions.
+            Ok(()) if !path.starts_with("/openai/v1/") && !has_api_version(&parts.uri) => {
                 Some(azure::missing_api_version().into_response())
             }
             Ok(()) => None,

@@ -1362,3 +1362,74 @@ async fn deleting_a_k8s_job_orphans_its_pod_unless_told_otherwise() {
     assert_eq!(again.status(), 404);
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_v1_api_serves_a_deployment_by_model_to_an_api_key() {
+    let sim = start(fast()).await;
+    let model = azure_fine_tuned_model(&sim).await;
+    arm(&sim, reqwest::Method::PUT, "student")
+        .json(&deployment_body(&model))
+        .send()
+        .await
+        .unwrap();
+    poll(
+        || async {
+            arm(&sim, reqwest::Method::GET, "student")
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        },
+        |deployment| deployment["properties"]["provisioningState"] == "Succeeded",
+    )
+    .await;
+    // Through the gateway's own upstream client, with the key in `api-key` and no
+    // `api-version`: the v1 API has none.
+    let upstream = |header| {
+        crate::upstream::Upstream::new(
+            "azure",
+            &format!("{}/openai/v1", sim.root_url()),
+            Some(AZURE_KEY),
+            header,
+            crate::config::Timeouts {
+                connect: Duration::from_secs(5),
+                first_byte: Duration::from_secs(30),
+                idle: Duration::from_secs(30),
+            },
+        )
+        .unwrap()
+    };
+    let body = |model: &str| {
+        bytes::Bytes::from(
+            json!({"model": model, "messages": question("Why do volcanoes erupt?")}).to_string(),
+        )
+    };
+    let send = |upstream: crate::upstream::Upstream, model: &'static str| async move {
+        let response = upstream
+            .send(
+                http::Method::POST,
+                "/chat/completions",
+                http::HeaderMap::new(),
+                body(model),
+            )
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let bytes = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        (status, serde_json::from_slice::<Value>(&bytes).unwrap())
+    };
+    let (status, answer) = send(upstream(crate::config::KeyHeader::ApiKey), "student").await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["model"], model.as_str());
+    let (status, error) = send(upstream(crate::config::KeyHeader::ApiKey), "nobody").await;
+    assert_eq!(status, 404);
+    assert_eq!(error["error"]["code"], "DeploymentNotFound");
+    // Azure does not take its key as a bearer token.
+    let (status, _) = send(upstream(crate::config::KeyHeader::Authorization), "student").await;
+    assert_eq!(status, 401);
+}

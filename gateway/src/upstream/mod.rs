@@ -15,7 +15,7 @@ use http_body_util::Full;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 
-use crate::config::Timeouts;
+use crate::config::{KeyHeader, Timeouts};
 use crate::error::Error;
 use crate::proxy::body::UpstreamBody;
 pub use pool::DrivenBody;
@@ -32,7 +32,7 @@ pub struct Upstream {
     name: String,
     base_url: String,
     /// `Authorization: Bearer …`, marked sensitive so it never shows in debug output.
-    auth: Option<HeaderValue>,
+    auth: Option<(HeaderName, HeaderValue)>,
     pool: Arc<Pool>,
     timeouts: Timeouts,
     /// The base URL's path (`/v1`), which every request target starts with.
@@ -59,11 +59,13 @@ pub struct UpstreamSetupError {
 }
 
 impl Upstream {
-    /// Builds the client. `api_key` comes from the environment variable the config names.
+    /// Builds the client. `api_key` comes from the environment variable the config names, and
+    /// goes in the `key_header` of every request.
     pub fn new(
         name: &str,
         base_url: &str,
         api_key: Option<&str>,
+        key_header: KeyHeader,
         timeouts: Timeouts,
     ) -> Result<Self, UpstreamSetupError> {
         let setup_err = |reason: String| UpstreamSetupError {
@@ -72,11 +74,15 @@ impl Upstream {
         };
         let auth = api_key
             .map(|key| {
-                let mut value = HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
+                let (name, value) = match key_header {
+                    KeyHeader::Authorization => (header::AUTHORIZATION, format!("Bearer {key}")),
+                    KeyHeader::ApiKey => (HeaderName::from_static("api-key"), key.to_string()),
+                };
+                let mut value = HeaderValue::from_str(&value).map_err(|_| {
                     setup_err("the API key has characters not allowed in a header".into())
                 })?;
                 value.set_sensitive(true);
-                Ok(value)
+                Ok((name, value))
             })
             .transpose()?;
         let base_url = base_url.trim_end_matches('/').to_string();
@@ -133,8 +139,8 @@ impl Upstream {
         body: Bytes,
     ) -> Result<http::Response<UpstreamBody<DrivenBody>>, Error> {
         strip_credentials(&mut headers);
-        if let Some(auth) = &self.auth {
-            headers.insert(header::AUTHORIZATION, auth.clone());
+        if let Some((name, value)) = &self.auth {
+            headers.insert(name.clone(), value.clone());
         }
         headers.entry(header::USER_AGENT).or_insert(USER_AGENT);
         headers.insert(header::HOST, self.host.clone());
@@ -435,7 +441,7 @@ mod tests {
     }
 
     fn upstream(url: String, connect: Duration) -> Upstream {
-        Upstream::new("test", &url, None, timeouts(connect)).unwrap()
+        Upstream::new("test", &url, None, KeyHeader::default(), timeouts(connect)).unwrap()
     }
 
     async fn send(upstream: &Upstream) -> Result<http::StatusCode, Error> {
