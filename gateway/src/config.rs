@@ -45,18 +45,30 @@ pub enum ConfigError {
     /// The file could not be read.
     #[error("cannot read config {path}: {error}")]
     Read { path: String, error: std::io::Error },
-    /// TOML syntax, an unknown key, or a value of the wrong type.
+    /// TOML syntax, an unknown key, or a value of the wrong type: where, and what. The line
+    /// itself is left out, since it may hold a key put where it does not belong.
     #[error("invalid config: {0}")]
-    Parse(toml::de::Error),
+    Parse(String),
     /// Well-formed, but inconsistent.
     #[error("invalid config: {0}")]
     Invalid(String),
 }
 
-impl From<toml::de::Error> for ConfigError {
-    fn from(error: toml::de::Error) -> Self {
-        ConfigError::Parse(error)
-    }
+/// A TOML error as its position and message, without the line it quotes: a secret written
+/// straight into the file (`api_key = "sk-…"` for `api_key_env`) would otherwise reach the
+/// log of every start that fails on it.
+fn parse_error(text: &str, error: &toml::de::Error) -> ConfigError {
+    let at = error.span().map(|span| {
+        let before = text.get(..span.start).unwrap_or(text);
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        format!("line {line}, column {column}: ")
+    });
+    ConfigError::Parse(format!(
+        "{}{}",
+        at.unwrap_or_default(),
+        error.message().trim_end()
+    ))
 }
 
 fn invalid(message: impl Into<String>) -> ConfigError {
@@ -579,7 +591,7 @@ impl Config {
 
     /// Parses and validates TOML text.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text)?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| parse_error(text, &e))?;
         Self::validate(raw)
     }
 
@@ -706,14 +718,23 @@ impl Config {
         let capture = validate_capture(raw.capture)?;
         let guard = validate_guard(raw.guard)?;
         let judge = validate_judge(raw.judge, &upstreams)?;
-        let distill = validate_distill(raw.distill, &upstreams, &routes, judge.is_some())?;
         let distiller = validate_distiller(raw.distiller)?;
+        let clients = validate_clients(raw.clients)?;
+        let distill = validate_distill(
+            raw.distill,
+            &DistillContext {
+                upstreams: &upstreams,
+                routes: &routes,
+                judge: judge.is_some(),
+                clients: &clients,
+                dataset_url: distiller.dataset_url.as_deref(),
+            },
+        )?;
         if !distill.is_empty() && capture.is_none() {
             return Err(invalid(
                 "[[distill]] needs capture: its datasets are built from captured traces",
             ));
         }
-        let clients = validate_clients(raw.clients)?;
 
         Ok(Config {
             capture,
@@ -951,12 +972,28 @@ fn validate_judge(
     }))
 }
 
+/// What the rest of the config says that `[[distill]]` entries are checked against.
+struct DistillContext<'a> {
+    upstreams: &'a [UpstreamConfig],
+    routes: &'a [Route],
+    /// Whether `[judge]` is set.
+    judge: bool,
+    clients: &'a [ClientConfig],
+    /// `[distiller] dataset_url`.
+    dataset_url: Option<&'a str>,
+}
+
 fn validate_distill(
     raw: Vec<RawDistill>,
-    upstreams: &[UpstreamConfig],
-    routes: &[Route],
-    judge: bool,
+    context: &DistillContext<'_>,
 ) -> Result<Vec<DistillConfig>, ConfigError> {
+    let DistillContext {
+        upstreams,
+        routes,
+        judge,
+        clients,
+        dataset_url,
+    } = *context;
     let mut out: Vec<DistillConfig> = Vec::new();
     for d in raw {
         let at = |key: &str| format!("distill `{}`: {key}", d.route);
@@ -972,10 +1009,40 @@ fn validate_distill(
                 d.route
             )));
         }
-        if !upstreams.iter().any(|u| u.name == d.upstream) {
+        let Some(upstream) = upstreams.iter().find(|u| u.name == d.upstream) else {
             return Err(invalid(at(&format!(
                 "upstream names unknown upstream `{}`",
                 d.upstream
+            ))));
+        };
+        // OpenAI's fine-tuning API takes the key of the upstream it lives on; there is no other.
+        if d.provider == "openai"
+            && upstream.api_key_env.is_none()
+            && matches!(upstream.endpoint, Endpoint::Url(_))
+        {
+            return Err(invalid(at(&format!(
+                "provider openai uses the key of upstream `{}`: set api_key_env there",
+                d.upstream
+            ))));
+        }
+        if d.provider == "kubernetes" {
+            // The training Job downloads its dataset from there; without it every job would
+            // build its dataset, and then fail.
+            let url = dataset_url.ok_or_else(|| {
+                invalid(at(
+                    "provider kubernetes needs [distiller] dataset_url, the admin API address the training Job downloads its dataset from",
+                ))
+            })?;
+            validate_base_url("[distiller] dataset_url", url)
+                .map_err(|_| invalid("distiller.dataset_url must be an http(s) URL with a host"))?;
+        }
+        // Traces carry a tenant only from a client key that has it: any other tenant would
+        // match nothing, and the route would never distill.
+        if let Some(tenant) = &d.tenant
+            && !clients.iter().any(|c| c.tenant.as_ref() == Some(tenant))
+        {
+            return Err(invalid(at(&format!(
+                "tenant `{tenant}` is the tenant of no [[clients]] entry, so no trace has it"
             ))));
         }
         let settings = match d.provider.as_str() {
@@ -1013,6 +1080,9 @@ fn validate_distill(
                 return Err(invalid(at(&format!("{key} must be 0–100"))));
             }
         }
+        // Checked here, not after the training run it is first used for.
+        forge_router::CanaryShare::from_percent(d.initial_canary_percent)
+            .map_err(|e| invalid(at(&format!("initial_canary_percent: {e}"))))?;
         if !(0.0..=1.0).contains(&d.max_key_share) || d.max_key_share == 0.0 {
             return Err(invalid(at(
                 "max_key_share is a fraction above 0, at most 1",
@@ -1564,6 +1634,72 @@ key_sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
             }
         }
         assert!(panics.is_empty(), "these panicked: {panics:?}");
+    }
+
+    /// A `[[distill]]` on the simulated upstream, with `extra` keys.
+    fn distill_config(extra: &str) -> String {
+        format!(
+            "[[upstreams]]\nname = \"sim\"\nsim = true\n\n[[routes]]\nalias = \"gpt-4o\"\nteacher = {{ upstream = \"sim\", model = \"gpt-4o\" }}\n\n[[distill]]\nroute = \"gpt-4o\"\nstudent_base_model = \"gpt-4o-mini\"\nprovider = \"sim\"\nupstream = \"sim\"\n{extra}"
+        )
+    }
+
+    #[test]
+    fn values_that_would_fail_only_after_a_dataset_or_a_run_are_refused_at_load() {
+        let refused = |text: String, says: &str| {
+            let err = Config::from_toml(&text).unwrap_err().to_string();
+            assert!(err.contains(says), "{says:?} not in {err}");
+        };
+        // The router takes shares in steps of 0.01%; the first use is after training.
+        refused(
+            distill_config("initial_canary_percent = 12.345\n"),
+            "initial_canary_percent",
+        );
+        assert!(Config::from_toml(&distill_config("initial_canary_percent = 12.34\n")).is_ok());
+        // Kubernetes Jobs download their dataset from `dataset_url`.
+        let kube = distill_config(
+            "[distill.kubernetes]\nimage = \"trainer\"\nvllm_url = \"http://vllm:8000\"\n",
+        )
+        .replace("provider = \"sim\"", "provider = \"kubernetes\"");
+        refused(kube.clone(), "dataset_url");
+        refused(
+            format!("[distiller]\ndataset_url = \"forge-admin:8081\"\n{kube}"),
+            "dataset_url must be an http(s) URL",
+        );
+        assert!(
+            Config::from_toml(&format!(
+                "[distiller]\ndataset_url = \"http://forge-admin:8081\"\n{kube}"
+            ))
+            .is_ok()
+        );
+        // A tenant that no client key has: no trace ever carries it.
+        refused(distill_config("tenant = \"acme\"\n"), "tenant `acme`");
+        let with_client = format!(
+            "{}\n[[clients]]\nid = \"app\"\ntenant = \"acme\"\nkey_sha256 = \"{}\"\n",
+            distill_config("tenant = \"acme\"\n"),
+            "ab".repeat(32)
+        );
+        assert!(Config::from_toml(&with_client).is_ok());
+        // OpenAI's fine-tuning API takes its upstream's key, and nothing else.
+        let openai = distill_config("")
+            .replace("sim = true", "base_url = \"https://api.openai.com/v1\"")
+            .replace("provider = \"sim\"", "provider = \"openai\"");
+        refused(openai.clone(), "set api_key_env there");
+        assert!(
+            Config::from_toml(&openai.replace(
+                "base_url = \"https://api.openai.com/v1\"",
+                "base_url = \"https://api.openai.com/v1\"\napi_key_env = \"K\""
+            ))
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_parse_error_names_the_place_not_the_line() {
+        let text = "[[upstreams]]\nname = \"openai\"\nbase_url = \"https://api.openai.com/v1\"\napi_key = \"sk-proj-SECRET123\"\n";
+        let err = Config::from_toml(text).unwrap_err().to_string();
+        assert!(err.contains("line 4, column 1"), "{err}");
+        assert!(err.contains("unknown field `api_key`"), "{err}");
+        assert!(!err.contains("SECRET"), "the key is in the error: {err}");
     }
 
     #[test]

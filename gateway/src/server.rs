@@ -452,6 +452,14 @@ fn start_distiller(
 ) -> Result<Arc<DistillationService>, StartError> {
     let mut routes = Vec::new();
     for d in &config.distill {
+        // The dataset URL is served by the admin API, which needs its token to start.
+        if d.provider == "kubernetes" && config.server.admin_token.is_none() {
+            return Err(StartError::Upstream(format!(
+                "distill `{}`: provider kubernetes needs {}: the training Job downloads its dataset from the admin API, which starts only with a token",
+                d.route,
+                crate::env::ENV_FORGE_ADMIN_TOKEN
+            )));
+        }
         let provider_config: ProviderConfig = match d.provider.as_str() {
             "openai" | "sim" => {
                 let (base_url, key) = resolved.get(&d.upstream).cloned().unwrap_or_default();
