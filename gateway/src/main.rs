@@ -117,7 +117,7 @@ async fn main() -> anyhow::Result<()> {
             print_default_config: true,
             ..
         } => {
-            print!("{}", forge_gateway::config::DEFAULT_CONFIG);
+            forge_gateway::cli::print_line(forge_gateway::config::DEFAULT_CONFIG.trim_end())?;
             Ok(())
         }
         Command::Serve { config, .. } => serve(config).await,
@@ -141,7 +141,15 @@ async fn main() -> anyhow::Result<()> {
                 Some(url) => traces::Source::Admin(url),
                 None => traces::Source::DataDir(data_dir),
             };
-            Ok(traces::run(source, action).await?)
+            match traces::run(source, action).await {
+                // The reader has gone (`forge traces list | head`): done, not failed.
+                Err(traces::TracesError::Output(e))
+                    if e.kind() == std::io::ErrorKind::BrokenPipe =>
+                {
+                    Ok(())
+                }
+                done => Ok(done?),
+            }
         }
     }
 }

@@ -388,3 +388,65 @@ fn dataset_export_builds_a_valid_dataset_with_progress() {
         assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), exported);
     }
 }
+
+#[test]
+fn output_to_a_reader_that_has_gone_ends_quietly() {
+    // A store with a trace to list.
+    let dir = tempfile::tempdir().unwrap();
+    let store = forge_layer::store::Store::open_dir(dir.path()).unwrap();
+    let trace = forge_layer::trace::Trace {
+        id: forge_layer::trace::TraceId::generate(),
+        time_ms: 1,
+        tenant: None,
+        key_id: None,
+        alias: "a".into(),
+        upstream: "sim".into(),
+        model: "m".into(),
+        arm: forge_router::Arm::Teacher,
+        route_version: 1,
+        stream: false,
+        request: serde_json::json!({}),
+        response: Default::default(),
+        status: 200,
+        latency_us: 1,
+        ttfb_us: 1,
+        outcome: forge_layer::trace::Outcome::Completed,
+    };
+    let id = trace.id;
+    store
+        .insert_encoded([(id, serde_json::to_vec(&trace).unwrap().as_slice())])
+        .unwrap();
+    drop(store);
+    let data_dir = dir.path().display().to_string();
+    for args in [
+        vec!["serve", "--print-default-config"],
+        vec!["traces", "list", "--data-dir", &data_dir],
+    ] {
+        // As `forge … | head -0`: the read end is closed before anything is written.
+        let mut child = Command::new(FORGE)
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {:?} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Read whole, the default config is one a gateway takes as it is.
+    let printed = Command::new(FORGE)
+        .args(["serve", "--print-default-config"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(printed.stdout).unwrap();
+    assert_eq!(
+        text,
+        format!("{}\n", forge_gateway::config::DEFAULT_CONFIG.trim_end())
+    );
+    forge_gateway::config::Config::from_toml(&text).unwrap();
+}

@@ -97,6 +97,6 @@ pub fn run(export: Export) -> anyhow::Result<()> {
             export.data_dir.display()
         );
     }
-    println!("{}", serde_json::to_string_pretty(&manifest)?);
+    super::print_line(serde_json::to_string_pretty(&manifest)?)?;
     Ok(())
 }

@@ -38,26 +38,27 @@ pub async fn run(base: &str, action: Action) -> Result<(), String> {
                 .await?
         }
     };
-    if let Action::List = action {
-        for job in body["data"].as_array().into_iter().flatten() {
-            println!(
-                "{}  {:<12} {:<10} {:<16} examples {:<6} {}",
-                job["id"].as_str().unwrap_or("?"),
-                job["route"].as_str().unwrap_or("?"),
-                job["status"].as_str().unwrap_or("?"),
-                job["provider_status"].as_str().unwrap_or("-"),
-                job["dataset_size"],
-                job["resulting_model_id"]
-                    .as_str()
-                    .or(job["error"].as_str())
-                    .unwrap_or("")
-            );
-        }
+    let printed = if let Action::List = action {
+        body["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .try_for_each(|job| {
+                super::print_line(format_args!(
+                    "{}  {:<12} {:<10} {:<16} examples {:<6} {}",
+                    job["id"].as_str().unwrap_or("?"),
+                    job["route"].as_str().unwrap_or("?"),
+                    job["status"].as_str().unwrap_or("?"),
+                    job["provider_status"].as_str().unwrap_or("-"),
+                    job["dataset_size"],
+                    job["resulting_model_id"]
+                        .as_str()
+                        .or(job["error"].as_str())
+                        .unwrap_or("")
+                ))
+            })
     } else {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&body).unwrap_or_default()
-        );
-    }
-    Ok(())
+        super::print_line(serde_json::to_string_pretty(&body).unwrap_or_default())
+    };
+    printed.map_err(|e| format!("output: {e}"))
 }

@@ -81,9 +81,6 @@ pub async fn run(base: &str, action: Action) -> Result<(), String> {
                 .await?
         }
     };
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&body).unwrap_or_default()
-    );
-    Ok(())
+    super::print_line(serde_json::to_string_pretty(&body).unwrap_or_default())
+        .map_err(|e| format!("output: {e}"))
 }
