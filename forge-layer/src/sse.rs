@@ -6,6 +6,25 @@
 //! and an event left incomplete at the end of the stream is dropped. Bytes are buffered until a
 //! line is complete, so a UTF-8 character cut between chunks is decoded whole.
 
+/// Whether `bytes` end with a chat stream's last event, `data: [DONE]` (its blank line and the
+/// space after the colon optional), on a line of its own: `data: say [DONE]` is not it.
+pub fn ends_with_done(bytes: &[u8]) -> bool {
+    let end = bytes
+        .iter()
+        .rposition(|b| !matches!(b, b'\r' | b'\n'))
+        .map_or(0, |i| i + 1);
+    let Some(line) = bytes[..end].strip_suffix(b"[DONE]") else {
+        return false;
+    };
+    let field = line
+        .strip_suffix(b" ")
+        .unwrap_or(line)
+        .strip_suffix(b"data:");
+    field.is_some_and(|before| {
+        before.is_empty() || before.ends_with(b"\n") || before.ends_with(b"\r")
+    })
+}
+
 /// Incremental SSE parser. Feed it chunks; it calls back once per complete event.
 #[derive(Debug)]
 pub struct SseParser {

@@ -115,14 +115,18 @@ where
             Some(Ok(frame)) => {
                 let mut last = frame.is_trailers();
                 if let Some(data) = frame.data_ref() {
+                    let mut done = false;
                     if let Some((session, _)) = this.session.as_mut() {
                         session.on_chunk(data);
+                        // A chat stream is over at `[DONE]`: the SDKs stop reading there, and
+                        // may close before the body's own end comes.
+                        done = session.is_sse() && crate::sse::ends_with_done(data);
                     }
                     if let Some(remaining) = this.remaining.as_mut() {
                         *remaining = remaining.saturating_sub(data.len() as u64);
                     }
                     // The server stops polling a body that reports its end, so finish now.
-                    last = this.inner.is_end_stream() || *this.remaining == Some(0);
+                    last = done || this.inner.is_end_stream() || *this.remaining == Some(0);
                 }
                 if last
                     && let Some(mut commit) = finish(this.session, BodyEnd::Complete)

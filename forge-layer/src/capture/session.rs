@@ -89,6 +89,11 @@ impl CaptureSession {
         self.ticket.id()
     }
 
+    /// Whether the response is an event stream.
+    pub fn is_sse(&self) -> bool {
+        self.is_sse
+    }
+
     /// The response head arrived.
     pub fn on_response(&mut self, status: u16, is_sse: bool) {
         self.status = status;

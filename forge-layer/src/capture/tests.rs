@@ -343,3 +343,62 @@ async fn durable_empty_response_is_held_until_its_commit() {
     assert!(response.body().is_end_stream());
     assert!(sink.0.lock().unwrap().is_empty(), "submitted once");
 }
+
+/// A stream whose upstream has sent its last event, `[DONE]`, and holds the body open: its end
+/// (the chunked terminator) has not come yet.
+fn done_then_held_open() -> (
+    CaptureSession,
+    impl http_body::Body<Data = Bytes, Error = std::io::Error> + Unpin,
+) {
+    let mut s = CaptureSession::new(
+        crate::store::Ticket::untracked(),
+        meta(true),
+        Bytes::from_static(b"{\"model\":\"a\",\"stream\":true,\"messages\":[]}"),
+        1 << 20,
+    );
+    s.on_response(200, true);
+    let frames: Frames = vec![
+        Ok(Frame::data(Bytes::from_static(
+            b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"},\"finish_reason\":\"stop\"}]}\n\n",
+        ))),
+        Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n"))),
+    ];
+    let open = futures_util::StreamExt::chain(
+        futures_util::stream::iter(frames),
+        futures_util::stream::pending(),
+    );
+    (s, StreamBody::new(open))
+}
+
+#[tokio::test]
+async fn durable_done_waits_for_the_commit_even_before_the_body_ends() {
+    // The SDKs take `[DONE]` for the end of the response: it must not reach the client before
+    // the commit that holds the trace, however long the body's own end takes.
+    let sink = ManualCommit::default();
+    let (session, inner) = done_then_held_open();
+    let mut body = CaptureBody::new(inner, session, sink.clone());
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(first.into_data().unwrap().starts_with(b"data: {"));
+    let mut next = Box::pin(body.frame());
+    assert!(
+        futures_util::poll!(next.as_mut()).is_pending(),
+        "[DONE] waits for the commit"
+    );
+    let ack = sink.0.lock().unwrap().pop().expect("submitted at [DONE]");
+    ack.send(true).unwrap();
+    let done = next.await.unwrap().unwrap();
+    assert_eq!(done.into_data().unwrap().as_ref(), b"data: [DONE]\n\n");
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_at_done_has_a_completed_trace() {
+    let sink = Collect::default();
+    let (session, inner) = done_then_held_open();
+    let mut body = CaptureBody::new(inner, session, sink.clone());
+    for _ in 0..2 {
+        body.frame().await.unwrap().unwrap();
+    }
+    // As the SDKs do: closed at `[DONE]`, before the body's end.
+    drop(body);
+    assert_eq!(sink.outcomes(), [Outcome::Completed]);
+}

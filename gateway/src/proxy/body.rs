@@ -183,21 +183,7 @@ impl Tail {
 
     /// Whether the stream so far ends with the `data: [DONE]` event (its blank line aside).
     fn is_done(&self) -> bool {
-        let end = self
-            .bytes
-            .iter()
-            .rposition(|b| !matches!(b, b'\r' | b'\n'))
-            .map_or(0, |i| i + 1);
-        let Some(line) = self.bytes[..end].strip_suffix(b"[DONE]") else {
-            return false;
-        };
-        let field = line
-            .strip_suffix(b" ")
-            .unwrap_or(line)
-            .strip_suffix(b"data:");
-        field.is_some_and(|before| {
-            before.is_empty() || before.ends_with(b"\n") || before.ends_with(b"\r")
-        })
+        forge_layer::sse::ends_with_done(&self.bytes)
     }
 }
 
