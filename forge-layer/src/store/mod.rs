@@ -102,6 +102,14 @@ pub enum StoreError {
     /// The file is being reopened after an I/O error or a write that panicked.
     #[error("the store {0} is being reopened after an error (see the log)")]
     Closed(PathBuf),
+    /// The file could not be opened: it cannot be read, is not a store, or is cut short.
+    #[error("cannot open the store {0}: {1}")]
+    Open(PathBuf, String),
+    /// Opening the file failed inside redb on a page it could not make sense of.
+    #[error(
+        "the store {0} is damaged ({1}): move it aside (or restore a backup), and the gateway makes a new one at its next start"
+    )]
+    Damaged(PathBuf, String),
 }
 
 impl StoreError {
@@ -146,10 +154,19 @@ impl Store {
     /// not a new empty store (a mistyped `--data-dir` would otherwise quietly show nothing).
     pub fn open_existing_dir(dir: &Path) -> Result<Self, StoreError> {
         let path = dir.join(STORE_FILE);
-        if !path.is_file() {
-            return Err(StoreError::NoStore(path));
+        match std::fs::metadata(&path) {
+            // Opening an empty file would make it a new store: it is what a copy or a restore
+            // cut short leaves, not one a gateway wrote.
+            Ok(meta) if meta.is_file() && meta.len() == 0 => Err(StoreError::Open(
+                path,
+                "the file is empty, as a copy or a restore cut short leaves one".into(),
+            )),
+            Ok(meta) if meta.is_file() => Self::open(&path, DEFAULT_CACHE_BYTES),
+            Ok(_) => Err(StoreError::NoStore(path)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(StoreError::NoStore(path)),
+            // Permission denied, say: the store is there, and this is why it cannot be read.
+            Err(e) => Err(StoreError::Open(path, e.to_string())),
         }
-        Self::open(&path, DEFAULT_CACHE_BYTES)
     }
 
     /// Like [`Store::open_dir`], with redb's page cache capped at `cache_bytes`. The cache bounds

@@ -99,7 +99,7 @@ impl OpenDb {
         opener: Opener,
         full_repairs: Arc<AtomicU64>,
     ) -> Result<Self, StoreError> {
-        let db = opener()?;
+        let db = open_guarded(path, &opener)?;
         Ok(Self {
             path: path.to_path_buf(),
             opener,
@@ -181,7 +181,7 @@ impl OpenDb {
         // Until it opens, or the store is gone (this thread holds the last reference).
         while Arc::strong_count(&self) > 1 {
             attempts += 1;
-            match (self.opener)() {
+            match open_guarded(&self.path, &self.opener) {
                 Ok(db) => {
                     let mut slot = self.lock();
                     slot.db = Some(Arc::new(db));
@@ -249,11 +249,36 @@ fn counting_repairs(
     }
 }
 
+/// Calls `opener`. A damaged file can make redb panic while it opens it ("unreachable code");
+/// that becomes an error naming the file, and a reopen after an I/O error keeps trying instead
+/// of losing its thread.
+fn open_guarded(path: &Path, opener: &Opener) -> Result<Database, StoreError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(opener)).unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("redb panicked");
+        Err(StoreError::Damaged(path.to_path_buf(), message.to_string()))
+    })
+}
+
 /// Opens (or creates) the file, telling "another process has it" apart from other failures.
 fn open_database(path: &Path, builder: &Builder) -> Result<Database, StoreError> {
     let fresh = fresh_path(path);
     // A failure to tell counts as "there": opening it then reports the real error.
     if matches!(path.try_exists(), Ok(false)) {
+        // A link to a file that is not there (a volume not mounted yet): a new store in its
+        // place would hide the real one, and the routes and jobs it holds.
+        if let Ok(target) = std::fs::read_link(path) {
+            return Err(StoreError::Open(
+                path.to_path_buf(),
+                format!(
+                    "it is a symbolic link to {}, which does not exist (not mounted yet?)",
+                    target.display()
+                ),
+            ));
+        }
         create_whole(path, &fresh)?;
     }
     // Left by a creation cut short, or the file's second name if the cut came after the link.
@@ -322,6 +347,6 @@ fn sync_dir(path: &Path) {
 fn open_error(path: &Path, e: redb::DatabaseError) -> StoreError {
     match e {
         redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(path.to_path_buf()),
-        other => super::db_err(other),
+        other => StoreError::Open(path.to_path_buf(), other.to_string()),
     }
 }

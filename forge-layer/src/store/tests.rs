@@ -978,3 +978,51 @@ fn feedback_keeps_its_arrival_order_which_a_store_from_before_gets_at_open() {
         "the open puts every piece of feedback back"
     );
 }
+
+#[test]
+fn a_damaged_store_file_is_an_error_naming_it_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_dir(dir.path()).unwrap();
+    for i in 0..50 {
+        let body = format!("{{\"n\":{i}}}");
+        store
+            .insert_encoded([(TraceId::generate(), body.as_bytes())])
+            .unwrap();
+    }
+    drop(store);
+    // One 4 KiB page zeroed, as a bad sector or a torn copy leaves it: redb panics opening it.
+    let path = dir.path().join(STORE_FILE);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[4096..8192].fill(0);
+    std::fs::write(&path, &bytes).unwrap();
+    let opened = std::panic::catch_unwind(|| Store::open_dir(dir.path()));
+    let err = opened
+        .expect("no panic out of the open")
+        .expect_err("a damaged file does not open");
+    assert!(matches!(err, StoreError::Damaged(..)), "{err:?}");
+    assert!(err.to_string().contains(&path.display().to_string()), "{err}");
+}
+
+#[test]
+fn a_store_file_that_cannot_be_what_it_seems_is_left_alone() {
+    // A link to a volume not mounted yet: no new store in its place.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(STORE_FILE);
+    let target = dir.path().join("unmounted").join(STORE_FILE);
+    std::os::unix::fs::symlink(&target, &path).unwrap();
+    let err = Store::open_dir(dir.path()).unwrap_err();
+    assert!(err.to_string().contains("symbolic link"), "{err}");
+    assert!(std::fs::symlink_metadata(&path).unwrap().is_symlink());
+    assert!(!target.exists());
+    // An empty file, as a copy cut short leaves: a reading command does not make it a store.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(STORE_FILE);
+    std::fs::write(&path, b"").unwrap();
+    let err = Store::open_existing_dir(dir.path()).unwrap_err();
+    assert!(err.to_string().contains("empty"), "{err}");
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+    // Not a store at all: the error names the file.
+    std::fs::write(&path, b"not a database").unwrap();
+    let err = Store::open_existing_dir(dir.path()).unwrap_err();
+    assert!(err.to_string().contains(&path.display().to_string()), "{err}");
+}
