@@ -213,6 +213,8 @@ impl FinalResponse {
 /// serde_json need not then check for UTF-8 one by one as it must in bytes; the same value either
 /// way.
 fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> serde_json::Result<T> {
+    // A byte order mark, which the SDKs' JSON readers skip.
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     match std::str::from_utf8(body) {
         Ok(text) => serde_json::from_str(text),
         Err(_) => serde_json::from_slice(body),
@@ -292,8 +294,9 @@ impl StreamReassembler {
             if let Some(e) = chunk.error.filter(|e| !e.is_null()) {
                 *error = Some(e);
             }
-            if model.is_none() {
-                *model = chunk.model.map(Cow::into_owned);
+            // Azure's first chunk (its prompt filter results) names no model: `""`.
+            if model.as_deref().is_none_or(str::is_empty) {
+                *model = chunk.model.filter(|m| !m.is_empty()).map(Cow::into_owned);
             }
             if let Some(u) = chunk.usage.and_then(RawObject::of) {
                 *usage = Some(u);
@@ -520,6 +523,30 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use serde_json::json;
+
+    #[test]
+    fn a_body_with_a_byte_order_mark_keeps_its_answer() {
+        let body = b"\xEF\xBB\xBF{\"model\":\"gpt-4o\",\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":\"hi\"},\"finish_reason\":\"stop\"}]}";
+        let r = FinalResponse::from_json(body);
+        assert_eq!(r.choices.len(), 1, "{r:?}");
+        assert_eq!(r.choices[0].message.content.as_deref(), Some("hi"));
+        assert!(r.complete);
+    }
+
+    #[test]
+    fn azures_prompt_filter_chunk_does_not_blank_the_model() {
+        let stream = concat!(
+            "data: {\"choices\":[],\"created\":0,\"id\":\"\",\"model\":\"\",\"object\":\"\",\"prompt_filter_results\":[{\"prompt_index\":0,\"content_filter_results\":{}}]}\n\n",
+            "data: {\"choices\":[{\"content_filter_results\":{},\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null,\"index\":0}],\"created\":1,\"id\":\"chatcmpl-1\",\"model\":\"gpt-4o-2024-08-06\",\"object\":\"chat.completion.chunk\"}\n\n",
+            "data: {\"choices\":[{\"content_filter_results\":{},\"delta\":{\"content\":\"hi\"},\"finish_reason\":\"stop\",\"index\":0}],\"created\":1,\"id\":\"chatcmpl-1\",\"model\":\"gpt-4o-2024-08-06\",\"object\":\"chat.completion.chunk\"}\n\n",
+            "data: [DONE]\n\n"
+        );
+        let mut r = StreamReassembler::new(1 << 20);
+        r.feed(stream.as_bytes());
+        let r = r.finish();
+        assert_eq!(r.choices[0].message.content.as_deref(), Some("hi"));
+        assert_eq!(r.model.as_deref(), Some("gpt-4o-2024-08-06"));
+    }
 
     /// A stream with two choices, text with multi-byte characters, parallel tool calls, a
     /// refusal, and a usage chunk, framed with the given line ending.

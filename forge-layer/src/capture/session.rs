@@ -225,6 +225,11 @@ impl PendingTrace {
         let response = if self.is_sse {
             let mut r = StreamReassembler::new(max_event_bytes);
             r.feed(&self.body);
+            if crate::sse::ends_with_done(&self.body) {
+                // `[DONE]` without its blank line: the trace was finished at `[DONE]`, and the
+                // line end came in a later frame (or never). The stream is over all the same.
+                r.feed(b"\n\n");
+            }
             r.finish()
         } else {
             FinalResponse::from_json(&self.body)

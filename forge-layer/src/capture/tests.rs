@@ -402,3 +402,31 @@ async fn a_client_that_leaves_at_done_has_a_completed_trace() {
     drop(body);
     assert_eq!(sink.outcomes(), [Outcome::Completed]);
 }
+
+#[tokio::test]
+async fn done_apart_from_its_blank_line_is_a_completed_stream() {
+    // The trace is finished at `[DONE]`; its line end comes in the next frame, or never.
+    for tail in [&b"\n\n"[..], b""] {
+        let sink = Collect::default();
+        let mut s = CaptureSession::new(
+            crate::store::Ticket::untracked(),
+            meta(true),
+            Bytes::from_static(b"{\"model\":\"a\",\"stream\":true,\"messages\":[]}"),
+            1 << 20,
+        );
+        s.on_response(200, true);
+        let mut frames: Frames = vec![Ok(Frame::data(Bytes::from_static(
+            b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]",
+        )))];
+        if !tail.is_empty() {
+            frames.push(Ok(Frame::data(Bytes::from_static(tail))));
+        }
+        let bytes = CaptureBody::new(streamed(frames), s, sink.clone())
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        assert!(bytes.ends_with(tail), "the client got every byte");
+        assert_eq!(sink.outcomes(), [Outcome::Completed]);
+    }
+}
