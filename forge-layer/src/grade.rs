@@ -23,7 +23,9 @@ impl GoldenPolicy {
     pub fn is_candidate(&self, trace: &Trace) -> bool {
         trace.outcome == Outcome::Completed
             && (200..300).contains(&trace.status)
-            && trace.finish_reason() != Some("length")
+            // Cut short, by the token limit or the content filter: the teacher never meant to
+            // stop there, and a student trained on it would learn to.
+            && !matches!(trace.finish_reason(), Some("length" | "content_filter"))
             && trace.is_teacher()
             && !trace.response.choices.is_empty()
     }
@@ -135,6 +137,7 @@ mod tests {
             trace(Outcome::Errored, 200, "stop", Arm::Teacher),
             trace(Outcome::Completed, 500, "stop", Arm::Teacher),
             trace(Outcome::Completed, 200, "length", Arm::Teacher),
+            trace(Outcome::Completed, 200, "content_filter", Arm::Teacher),
             trace(Outcome::Completed, 200, "stop", Arm::Student(0)),
             trace(Outcome::Truncated, 200, "stop", Arm::Teacher),
         ] {

@@ -35,7 +35,7 @@ pub fn check(line: &Value, max_tokens: usize) -> Result<(), &'static str> {
             .and_then(Value::as_str)
             .ok_or("missing_role")?;
         let content = m.get("content");
-        chars += content.map_or(0, |c| c.to_string().len()) + 12;
+        chars += content.map_or(0, content_chars) + 12;
         match role {
             "system" | "user" => {
                 check_keys(m, &["role", "content", "name"])?;
@@ -109,6 +109,23 @@ pub fn check(line: &Value, max_tokens: usize) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// The characters `content` counts for in the token estimate. An image part counts for the most
+/// tokens an image costs (about 1,105 at high detail on gpt-4o), not for the length of its URL:
+/// an inline image's base64 text would otherwise make any vision example too long.
+fn content_chars(content: &Value) -> usize {
+    const IMAGE_CHARS: usize = 1105 * 4;
+    match content {
+        Value::Array(parts) => parts
+            .iter()
+            .map(|part| match part["type"].as_str() {
+                Some("image_url") => IMAGE_CHARS,
+                _ => part.to_string().len(),
+            })
+            .sum(),
+        other => other.to_string().len(),
+    }
+}
+
 fn check_keys(m: &serde_json::Map<String, Value>, allowed: &[&str]) -> Result<(), &'static str> {
     if m.keys().all(|k| allowed.contains(&k.as_str())) {
         Ok(())
@@ -176,6 +193,22 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn an_inline_image_counts_as_image_tokens_not_as_its_base64_text() {
+        let url = format!("data:image/jpeg;base64,{}", "A".repeat(400_000));
+        let line = json!({"messages": [
+            {"role": "user", "content": [
+                {"type": "text", "text": "What is in this picture?"},
+                {"type": "image_url", "image_url": {"url": url, "detail": "low"}}]},
+            {"role": "assistant", "content": "A cat."}]});
+        assert_eq!(check(&line, DEFAULT_MAX_TOKENS), Ok(()));
+        // The text around it still counts.
+        let long = json!({"messages": [
+            {"role": "user", "content": [{"type": "text", "text": "x".repeat(400_000)}]},
+            {"role": "assistant", "content": "A cat."}]});
+        assert_eq!(check(&long, DEFAULT_MAX_TOKENS), Err("too_many_tokens"));
+    }
 
     #[test]
     fn good_lines_pass() {

@@ -1000,7 +1000,10 @@ fn a_damaged_store_file_is_an_error_naming_it_not_a_panic() {
         .expect("no panic out of the open")
         .expect_err("a damaged file does not open");
     assert!(matches!(err, StoreError::Damaged(..)), "{err:?}");
-    assert!(err.to_string().contains(&path.display().to_string()), "{err}");
+    assert!(
+        err.to_string().contains(&path.display().to_string()),
+        "{err}"
+    );
 }
 
 #[test]
@@ -1024,5 +1027,8 @@ fn a_store_file_that_cannot_be_what_it_seems_is_left_alone() {
     // Not a store at all: the error names the file.
     std::fs::write(&path, b"not a database").unwrap();
     let err = Store::open_existing_dir(dir.path()).unwrap_err();
-    assert!(err.to_string().contains(&path.display().to_string()), "{err}");
+    assert!(
+        err.to_string().contains(&path.display().to_string()),
+        "{err}"
+    );
 }
