@@ -123,6 +123,8 @@ struct RouteStats {
 struct StudentState {
     step_started: Instant,
     failed_checks: u32,
+    /// When the step was last reported short of traffic.
+    last_unverified: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -173,10 +175,15 @@ impl Guard {
         }
     }
 
-    /// Records a feedback score for an exchange of `model` on `alias`.
-    pub fn record_feedback(&self, alias: &str, model: &str, score: f64) {
+    /// Records a feedback score for an exchange of `model` on `alias` that began at
+    /// `exchange_ms` (Unix milliseconds). Feedback on an exchange from before the current step
+    /// is left out: scores on old traces (given to make them golden, say) would otherwise judge
+    /// a step they have nothing to do with.
+    pub fn record_feedback(&self, alias: &str, model: &str, exchange_ms: u64, score: f64) {
         let mut state = self.lock();
-        if let Some(w) = window(&mut state, alias, model) {
+        if let Some(w) = window(&mut state, alias, model)
+            && exchange_ms >= w.since_ms()
+        {
             w.record_feedback(score);
         }
     }
@@ -230,6 +237,7 @@ impl Guard {
             StudentState {
                 step_started: due,
                 failed_checks: self.config.max_failed_checks.saturating_sub(1),
+                last_unverified: None,
             },
         );
     }
@@ -270,9 +278,10 @@ impl Guard {
                             StudentState {
                                 step_started: now,
                                 failed_checks: 0,
+                                last_unverified: None,
                             },
                         );
-                        restart_windows(&mut state, route, &student.target.model, now);
+                        restart_windows(&mut state, route, &student.target.model, now, now_ms);
                         now
                     }
                 };
@@ -304,6 +313,15 @@ impl Guard {
                     .into_iter()
                     .find(|(_, w)| w.requests < self.config.min_requests);
                 if let Some((side, w)) = short {
+                    // Said once an interval, not at every check: a quiet canary can wait for
+                    // hours, and its notes would push real decisions out of the event log.
+                    let last = state.students.get(&key).and_then(|s| s.last_unverified);
+                    if last.is_some_and(|t| now.duration_since(t) < self.config.interval) {
+                        continue;
+                    }
+                    if let Some(s) = state.students.get_mut(&key) {
+                        s.last_unverified = Some(now);
+                    }
                     let e = event(
                         EventKind::Unverified,
                         share,
@@ -319,6 +337,7 @@ impl Guard {
                 let student_state = state.students.entry(key.clone()).or_insert(StudentState {
                     step_started: now,
                     failed_checks: 0,
+                    last_unverified: None,
                 });
                 student_state.step_started = now;
                 let (kind, next) = match verdict {
@@ -342,7 +361,7 @@ impl Guard {
                     }
                 };
                 // The next step is judged on fresh traffic.
-                restart_windows(&mut state, route, &student.target.model, now);
+                restart_windows(&mut state, route, &student.target.model, now, now_ms);
                 match kind {
                     Some((kind, share)) => {
                         if kind == EventKind::RolledBack {
@@ -452,11 +471,18 @@ fn window<'s>(state: &'s mut State, alias: &str, model: &str) -> Option<&'s mut 
     route.arms.get_mut(model)
 }
 
-/// Restarts `model`'s window for a step that starts at `now` (this check), and the teacher's
-/// too, unless another student's step that began before this check is still measured on it.
-/// Students whose steps start in the same check share the restart: whichever comes last clears
-/// the teacher's window, so none of them is judged against the teacher's past.
-fn restart_windows(state: &mut State, route: &forge_router::Route, model: &str, now: Instant) {
+/// Restarts `model`'s window for a step that starts at `now` (this check, at `now_ms` on the
+/// wall clock, which traces' times are on), and the teacher's too, unless another student's
+/// step that began before this check is still measured on it. Students whose steps start in
+/// the same check share the restart: whichever comes last clears the teacher's window, so none
+/// of them is judged against the teacher's past.
+fn restart_windows(
+    state: &mut State,
+    route: &forge_router::Route,
+    model: &str,
+    now: Instant,
+    now_ms: u64,
+) {
     let teacher_in_use = route.students.iter().any(|other| {
         other.target.model != model
             && other.share != CanaryShare::ZERO
@@ -466,11 +492,14 @@ fn restart_windows(state: &mut State, route: &forge_router::Route, model: &str, 
                 .get(&(route.alias.clone(), other.target.model.clone()))
                 .is_some_and(|s| s.step_started < now)
     });
-    if let Some(route_stats) = state.stats.get_mut(&route.alias) {
-        route_stats.arms.remove(model);
-        if !teacher_in_use {
-            route_stats.arms.remove(&route.teacher.model);
-        }
+    let route_stats = state.stats.entry(route.alias.clone()).or_default();
+    route_stats
+        .arms
+        .insert(model.to_string(), ArmWindow::since(now_ms));
+    if !teacher_in_use {
+        route_stats
+            .arms
+            .insert(route.teacher.model.clone(), ArmWindow::since(now_ms));
     }
 }
 

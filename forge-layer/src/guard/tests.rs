@@ -6,6 +6,7 @@ use std::time::Duration;
 use forge_router::{CanaryShare, Route, RoutingTable, Student, Target};
 
 use super::*;
+use crate::trace::now_ms;
 
 fn table(percent: f64) -> RoutingTable {
     let route = Route::new("a", Target::new("up", "teacher")).with_student(Student::new(
@@ -101,10 +102,12 @@ async fn no_traffic_is_unverified_not_passed() {
     let last = guard.events().last().cloned().unwrap();
     assert_eq!(last.kind, EventKind::Unverified);
     assert!(last.detail.contains("10 student requests"));
-    // The traffic keeps counting toward the same step; the teacher needs enough too.
+    // The traffic keeps counting toward the same step; the teacher needs enough too. (A step
+    // short of traffic is noted once an interval.)
     for _ in 0..40 {
         guard.record("a", "student", 1000, false);
     }
+    tokio::time::advance(Duration::from_secs(10)).await;
     assert!(guard.check(&table(5.0), 0).is_empty());
     let last = guard.events().last().cloned().unwrap();
     assert_eq!(last.kind, EventKind::Unverified);
@@ -171,14 +174,14 @@ async fn slow_or_worse_rated_students_fail_their_gates() {
     tokio::time::advance(Duration::from_secs(11)).await;
     traffic(&guard, None);
     // One score each is one person's mood, not a verdict: the step passes.
-    guard.record_feedback("a", "teacher", 95.0);
-    guard.record_feedback("a", "student", 70.0);
+    guard.record_feedback("a", "teacher", now_ms(), 95.0);
+    guard.record_feedback("a", "student", now_ms(), 70.0);
     assert_eq!(guard.check(&table(5.0), 0)[0].kind, EventKind::SteppedUp);
     tokio::time::advance(Duration::from_secs(11)).await;
     traffic(&guard, None);
     for _ in 0..10 {
-        guard.record_feedback("a", "teacher", 95.0);
-        guard.record_feedback("a", "student", 70.0);
+        guard.record_feedback("a", "teacher", now_ms(), 95.0);
+        guard.record_feedback("a", "student", now_ms(), 70.0);
     }
     let actions = guard.check(&table(10.0), 0);
     assert_eq!(actions[0].kind, EventKind::RolledBack);
@@ -330,5 +333,66 @@ async fn a_rollback_that_could_not_be_applied_is_decided_again_at_the_next_faili
         vec![EventKind::RolledBack],
         "{:?}",
         guard.events()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn feedback_on_exchanges_from_before_a_step_does_not_judge_it() {
+    let guard = Guard::new(config());
+    let before = now_ms().saturating_sub(60_000);
+    assert!(
+        guard.check(&table(10.0), now_ms()).is_empty(),
+        "the step starts"
+    );
+    tokio::time::advance(Duration::from_secs(11)).await;
+    traffic(&guard, None);
+    // Scores on old traces, as a team grading its backlog for datasets gives them.
+    for _ in 0..20 {
+        guard.record_feedback("a", "teacher", before, 100.0);
+        guard.record_feedback("a", "student", before, 0.0);
+    }
+    let actions = guard.check(&table(10.0), now_ms());
+    assert_eq!(actions.len(), 1, "{:?}", guard.events());
+    assert_eq!(actions[0].kind, EventKind::SteppedUp);
+    // The same scores on exchanges of the step do judge it.
+    tokio::time::advance(Duration::from_secs(11)).await;
+    traffic(&guard, None);
+    for _ in 0..20 {
+        guard.record_feedback("a", "teacher", now_ms(), 100.0);
+        guard.record_feedback("a", "student", now_ms(), 0.0);
+    }
+    assert!(guard.check(&table(25.0), now_ms()).is_empty());
+    let last = guard.events().last().cloned().unwrap();
+    assert_eq!(last.kind, EventKind::FailedCheck);
+    assert!(last.detail.contains("feedback"), "{}", last.detail);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_step_short_of_traffic_says_so_once_an_interval() {
+    let guard = Guard::new(config());
+    guard.check(&table(10.0), now_ms());
+    for _ in 0..2 {
+        tokio::time::advance(Duration::from_secs(11)).await;
+        traffic(&guard, Some(20));
+        guard.check(&table(10.0), now_ms());
+    }
+    assert_eq!(guard.events().last().unwrap().kind, EventKind::RolledBack);
+    // A quiet 1% canary: checks every 2.5 s for most of an hour, and no traffic.
+    guard.check(&table(1.0), 0);
+    tokio::time::advance(Duration::from_secs(11)).await;
+    for _ in 0..1000 {
+        guard.check(&table(1.0), 0);
+        tokio::time::advance(Duration::from_millis(2500)).await;
+    }
+    let events = guard.events();
+    let unverified = events
+        .iter()
+        .filter(|e| e.kind == EventKind::Unverified)
+        .count();
+    // 2,500 s at one note per 10 s interval.
+    assert!((240..=260).contains(&unverified), "{unverified} notes");
+    assert!(
+        events.iter().any(|e| e.kind == EventKind::RolledBack),
+        "the rollback is still in the log"
     );
 }

@@ -16,9 +16,25 @@ pub struct ArmWindow {
     feedback_n: u64,
     /// State of the sampler (xorshift), so sampling needs no global RNG.
     seed: u64,
+    /// When the window began (Unix milliseconds): feedback on an exchange from before then
+    /// belongs to an earlier step, not to this one.
+    since_ms: u64,
 }
 
 impl ArmWindow {
+    /// An empty window that begins at `since_ms`.
+    pub fn since(since_ms: u64) -> Self {
+        Self {
+            since_ms,
+            ..Self::default()
+        }
+    }
+
+    /// When the window began (Unix milliseconds).
+    pub fn since_ms(&self) -> u64 {
+        self.since_ms
+    }
+
     /// Records one finished exchange.
     pub fn record(&mut self, latency_us: u64, failed: bool) {
         self.requests += 1;

@@ -94,7 +94,7 @@ async fn record(state: &ProxyState, caller: Caller, body: Body) -> Result<Respon
         Ok((trace, first_score)) => {
             // The guard counts one score per trace: posting again must not outvote others.
             if let (Some(guard), Some(score), true) = (&state.guard, score, first_score) {
-                guard.record_feedback(&trace.alias, &trace.model, score);
+                guard.record_feedback(&trace.alias, &trace.model, trace.time_ms, score);
             }
             Ok((
             StatusCode::OK,
