@@ -303,20 +303,30 @@ impl RouteControl {
 
     /// Applies a canary guard decision, unless the student's share is no longer the one it
     /// judged, or the route went to manual mode, since: an operator's (or the distiller's)
-    /// change made meanwhile wins, and the decision is a conflict.
+    /// change made meanwhile wins, and the decision is a conflict. A decision not applied is
+    /// noted in the guard's events, after the decision itself.
     pub async fn apply_guard_decision(
         &self,
         action: &forge_layer::guard::Action,
     ) -> Result<Arc<RoutingTable>, RouteUpdateError> {
-        self.set_share_from(
-            &action.alias,
-            Some(&action.model),
-            action.share,
-            "guard",
-            None,
-            Some(action.judged),
-        )
-        .await
+        let applied = self
+            .set_share_from(
+                &action.alias,
+                Some(&action.model),
+                action.share,
+                "guard",
+                None,
+                Some(action.judged),
+            )
+            .await;
+        if let (Err(e), Some(guard)) = (&applied, &self.guard) {
+            let why = match e {
+                RouteUpdateError::Conflict(why) => format!("the route changed meanwhile ({why})"),
+                other => other.to_string(),
+            };
+            guard.not_applied(action, &why);
+        }
+        applied
     }
 
     async fn set_share_from(
@@ -677,6 +687,14 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, RouteUpdateError::Conflict(_)), "{err}");
         assert_eq!(share_now(&control), CanaryShare::ZERO);
+        // The guard's log says so, rather than showing a share the route never had.
+        let last = guard.events().pop().unwrap();
+        assert_eq!((last.kind, last.percent), (EventKind::NotApplied, 5.0));
+        assert!(
+            last.detail.contains("step to 10% was not applied"),
+            "{}",
+            last.detail
+        );
         // Nor a route an operator took into manual mode.
         control
             .set_share("a", Some("s"), pct(5.0), "operator", None)

@@ -94,6 +94,8 @@ pub enum EventKind {
     FailedCheck,
     /// Gates failed too often: the share is back to 0.
     RolledBack,
+    /// A decision above was not applied: the route changed meanwhile, or the change failed.
+    NotApplied,
 }
 
 /// One decision, as the admin API shows it and the log records it.
@@ -223,6 +225,28 @@ impl Guard {
         if let Some(route) = state.stats.get_mut(alias) {
             route.arms.remove(model);
         }
+    }
+
+    /// Notes that `action`, whose event is in the log, was not applied, and why: so that the
+    /// log does not show a share the route never had.
+    pub fn not_applied(&self, action: &Action, why: &str) {
+        let decision = match action.kind {
+            EventKind::Promoted => "promotion",
+            EventKind::RolledBack => "rollback",
+            _ => "step",
+        };
+        let event = GuardEvent {
+            time_ms: crate::trace::now_ms(),
+            alias: action.alias.clone(),
+            model: action.model.clone(),
+            kind: EventKind::NotApplied,
+            percent: action.judged.percent(),
+            detail: format!(
+                "the {decision} to {}% was not applied: {why}",
+                action.share.percent()
+            ),
+        };
+        push_event(&mut self.lock(), event);
     }
 
     /// Takes back a rollback that could not be applied (the store failed, say): the student
@@ -514,6 +538,8 @@ fn push_event(state: &mut State, event: GuardEvent) {
         EventKind::RolledBack => {
             tracing::warn!(alias = %event.alias, model = %event.model, detail = %event.detail, "canary rolled back to 0%")
         }
+        // The caller logs why, with the error.
+        EventKind::NotApplied => {}
         EventKind::SteppedUp | EventKind::Promoted => {
             tracing::info!(alias = %event.alias, model = %event.model, percent = event.percent, detail = %event.detail, "canary stepped up")
         }
