@@ -117,8 +117,29 @@ pub struct GuardEvent {
 
 #[derive(Debug, Default)]
 struct RouteStats {
-    /// By model: the teacher's and each student's window.
+    /// The route's teacher, as the last check saw it.
+    teacher: Option<String>,
+    /// By student model: its window.
     arms: HashMap<String, ArmWindow>,
+    /// By student model: the teacher's window since that student's step began. Each student
+    /// has its own, so steps that start at different times are each judged against the
+    /// teacher's traffic of the same time, never its past.
+    baselines: HashMap<String, ArmWindow>,
+}
+
+impl RouteStats {
+    /// The windows an exchange of `model` counts in: the student's own, or, for the teacher,
+    /// every student's baseline.
+    fn windows_of<'a>(&'a mut self, model: &str) -> Vec<&'a mut ArmWindow> {
+        if self.teacher.as_deref() == Some(model) {
+            return self.baselines.values_mut().collect();
+        }
+        // Look up before inserting, so the common case allocates nothing.
+        if !self.arms.contains_key(model) {
+            self.arms.insert(model.to_string(), ArmWindow::default());
+        }
+        self.arms.get_mut(model).into_iter().collect()
+    }
 }
 
 #[derive(Debug)]
@@ -172,8 +193,10 @@ impl Guard {
     /// Records one finished exchange of `model` on `alias`.
     pub fn record(&self, alias: &str, model: &str, latency_us: u64, failed: bool) {
         let mut state = self.lock();
-        if let Some(w) = window(&mut state, alias, model) {
-            w.record(latency_us, failed);
+        if let Some(stats) = route_stats(&mut state, alias) {
+            for w in stats.windows_of(model) {
+                w.record(latency_us, failed);
+            }
         }
     }
 
@@ -183,10 +206,12 @@ impl Guard {
     /// a step they have nothing to do with.
     pub fn record_feedback(&self, alias: &str, model: &str, exchange_ms: u64, score: f64) {
         let mut state = self.lock();
-        if let Some(w) = window(&mut state, alias, model)
-            && exchange_ms >= w.since_ms()
-        {
-            w.record_feedback(score);
+        if let Some(stats) = route_stats(&mut state, alias) {
+            for w in stats.windows_of(model) {
+                if exchange_ms >= w.since_ms() {
+                    w.record_feedback(score);
+                }
+            }
         }
     }
 
@@ -224,6 +249,7 @@ impl Guard {
             .remove(&(alias.to_string(), model.to_string()));
         if let Some(route) = state.stats.get_mut(alias) {
             route.arms.remove(model);
+            route.baselines.remove(model);
         }
     }
 
@@ -282,6 +308,20 @@ impl Guard {
             if state.manual.contains(&route.alias) {
                 continue;
             }
+            if let Some(stats) = route_stats(&mut state, &route.alias) {
+                if stats.teacher.as_deref() != Some(route.teacher.model.as_str()) {
+                    stats.teacher = Some(route.teacher.model.clone());
+                }
+                // Every teacher exchange goes into each baseline: keep only those of students
+                // still in canary.
+                stats.baselines.retain(|model, _| {
+                    route.students.iter().any(|s| {
+                        &s.target.model == model
+                            && s.share != CanaryShare::ZERO
+                            && s.share != CanaryShare::FULL
+                    })
+                });
+            }
             for student in &route.students {
                 let share = student.share;
                 let key = (route.alias.clone(), student.target.model.clone());
@@ -294,9 +334,8 @@ impl Guard {
                 let started = match state.students.get(&key) {
                     Some(s) => s.step_started,
                     None => {
-                        // A step starts: it is judged on what comes from now on. The teacher's
-                        // window may hold days of traffic from before (while a student sat at
-                        // 0%), and would otherwise meet `min_requests` at once and set the bar.
+                        // A step starts: it is judged on what comes from now on, the teacher's
+                        // traffic included.
                         state.students.insert(
                             key.clone(),
                             StudentState {
@@ -305,7 +344,7 @@ impl Guard {
                                 last_unverified: None,
                             },
                         );
-                        restart_windows(&mut state, route, &student.target.model, now, now_ms);
+                        restart_windows(&mut state, &route.alias, &student.target.model, now_ms);
                         now
                     }
                 };
@@ -319,8 +358,8 @@ impl Guard {
                     .cloned()
                     .unwrap_or_default();
                 let teacher_w = stats
-                    .arms
-                    .get(&route.teacher.model)
+                    .baselines
+                    .get(&student.target.model)
                     .cloned()
                     .unwrap_or_default();
                 let event = |kind: EventKind, share: CanaryShare, detail: String| GuardEvent {
@@ -385,7 +424,7 @@ impl Guard {
                     }
                 };
                 // The next step is judged on fresh traffic.
-                restart_windows(&mut state, route, &student.target.model, now, now_ms);
+                restart_windows(&mut state, &route.alias, &student.target.model, now_ms);
                 match kind {
                     Some((kind, share)) => {
                         if kind == EventKind::RolledBack {
@@ -483,48 +522,28 @@ impl Guard {
     }
 }
 
-fn window<'s>(state: &'s mut State, alias: &str, model: &str) -> Option<&'s mut ArmWindow> {
+/// `alias`'s statistics, made empty if there were none. (An `Option` only because the borrow
+/// checker cannot see that the lookup after the insert finds it.)
+fn route_stats<'s>(state: &'s mut State, alias: &str) -> Option<&'s mut RouteStats> {
     // Look up before inserting, so the common case allocates nothing.
     if !state.stats.contains_key(alias) {
         state.stats.insert(alias.to_string(), RouteStats::default());
     }
-    let route = state.stats.get_mut(alias)?;
-    if !route.arms.contains_key(model) {
-        route.arms.insert(model.to_string(), ArmWindow::default());
-    }
-    route.arms.get_mut(model)
+    state.stats.get_mut(alias)
 }
 
-/// Restarts `model`'s window for a step that starts at `now` (this check, at `now_ms` on the
-/// wall clock, which traces' times are on), and the teacher's too, unless another student's
-/// step that began before this check is still measured on it. Students whose steps start in
-/// the same check share the restart: whichever comes last clears the teacher's window, so none
-/// of them is judged against the teacher's past.
-fn restart_windows(
-    state: &mut State,
-    route: &forge_router::Route,
-    model: &str,
-    now: Instant,
-    now_ms: u64,
-) {
-    let teacher_in_use = route.students.iter().any(|other| {
-        other.target.model != model
-            && other.share != CanaryShare::ZERO
-            && other.share != CanaryShare::FULL
-            && state
-                .students
-                .get(&(route.alias.clone(), other.target.model.clone()))
-                .is_some_and(|s| s.step_started < now)
-    });
-    let route_stats = state.stats.entry(route.alias.clone()).or_default();
-    route_stats
+/// Restarts `model`'s window, and its baseline of the teacher's, for a step that starts at
+/// `now_ms` (this check, on the wall clock that traces' times are on).
+fn restart_windows(state: &mut State, alias: &str, model: &str, now_ms: u64) {
+    let Some(stats) = route_stats(state, alias) else {
+        return;
+    };
+    stats
         .arms
         .insert(model.to_string(), ArmWindow::since(now_ms));
-    if !teacher_in_use {
-        route_stats
-            .arms
-            .insert(route.teacher.model.clone(), ArmWindow::since(now_ms));
-    }
+    stats
+        .baselines
+        .insert(model.to_string(), ArmWindow::since(now_ms));
 }
 
 fn push_event(state: &mut State, event: GuardEvent) {

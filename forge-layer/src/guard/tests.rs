@@ -396,3 +396,50 @@ async fn a_step_short_of_traffic_says_so_once_an_interval() {
         "the rollback is still in the log"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_step_is_judged_on_the_teachers_traffic_of_its_own_time() {
+    // Two students whose steps start at different times.
+    let two = |p0: f64, p1: f64| {
+        let s = |p: f64| CanaryShare::from_percent(p).unwrap();
+        let mut route = Route::new("a", Target::new("up", "teacher"))
+            .with_student(Student::new(Target::new("up", "s0"), s(p0)))
+            .with_student(Student::new(Target::new("up", "s1"), CanaryShare::ZERO));
+        route.students[1].share = s(p1);
+        route.students[1].start = 5000;
+        RoutingTable::new(1, vec![route], &HashSet::from(["up".to_string()])).unwrap()
+    };
+    let guard = Guard::new(config());
+    assert!(guard.check(&two(5.0, 0.0), 0).is_empty());
+    // The teacher has a slow spell during s0's step, before s1's begins.
+    for _ in 0..100 {
+        guard.record("a", "teacher", 10_000_000, false);
+        guard.record("a", "s0", 1_000, false);
+    }
+    tokio::time::advance(Duration::from_secs(5)).await;
+    assert!(
+        guard.check(&two(5.0, 5.0), 0).is_empty(),
+        "s1's step starts"
+    );
+    tokio::time::advance(Duration::from_secs(6)).await;
+    let judged = guard.check(&two(5.0, 5.0), 0);
+    assert_eq!(judged.len(), 1);
+    assert_eq!(
+        (judged[0].model.as_str(), judged[0].kind),
+        ("s0", EventKind::SteppedUp)
+    );
+    // Then the teacher is fast again, and s1 is slow.
+    for _ in 0..100 {
+        guard.record("a", "teacher", 1_000, false);
+        guard.record("a", "s1", 2_000_000, false);
+    }
+    tokio::time::advance(Duration::from_secs(5)).await;
+    assert!(guard.check(&two(10.0, 5.0), 0).is_empty());
+    let last = guard.events().last().cloned().unwrap();
+    assert_eq!(
+        (last.model.as_str(), last.kind),
+        ("s1", EventKind::FailedCheck),
+        "{last:?}"
+    );
+    assert!(last.detail.contains("p99"), "{}", last.detail);
+}
