@@ -25,6 +25,9 @@ pub fn ends_with_done(bytes: &[u8]) -> bool {
     })
 }
 
+/// UTF-8's byte order mark.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
 /// Incremental SSE parser. Feed it chunks; it calls back once per complete event.
 #[derive(Debug)]
 pub struct SseParser {
@@ -38,6 +41,9 @@ pub struct SseParser {
     line_dropped: bool,
     event_dropped: bool,
     overflowed: bool,
+    /// No line has ended yet: the first may begin with a byte order mark, which the rules say
+    /// to skip.
+    first_line: bool,
 }
 
 impl SseParser {
@@ -53,6 +59,7 @@ impl SseParser {
             line_dropped: false,
             event_dropped: false,
             overflowed: false,
+            first_line: true,
         }
     }
 
@@ -123,7 +130,10 @@ impl SseParser {
             self.event_dropped = false;
             return;
         }
-        let line = std::mem::take(&mut self.line);
+        let mut line = std::mem::take(&mut self.line);
+        if std::mem::take(&mut self.first_line) && line.starts_with(BOM) {
+            line.drain(..BOM.len());
+        }
         let (field, value) = match line.iter().position(|&b| b == b':') {
             Some(0) => (&line[..0], &line[..0]), // a comment
             Some(i) => {
@@ -182,6 +192,20 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_byte_order_mark_at_the_start_is_skipped_however_it_is_split() {
+        let stream = b"\xEF\xBB\xBFdata: {\"first\":1}\n\ndata: b\n\n";
+        for i in 0..=stream.len() {
+            assert_eq!(
+                parse_in(&[&stream[..i], &stream[i..]]),
+                ["{\"first\":1}", "b"],
+                "split at {i}"
+            );
+        }
+        // Only at the start: elsewhere it is data.
+        assert_eq!(parse_in(&[b"data: a\n\n\xEF\xBB\xBFdata: b\n\n"]), ["a"]);
     }
 
     #[test]
