@@ -242,8 +242,12 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     )?;
     let guard = config.guard.clone().map(|g| Arc::new(Guard::new(g)));
     let control = RouteControl::new(router.clone(), store.clone(), guard.clone());
-    if store.is_none() && config.server.admin_token.is_some() {
-        // Route changes and guard modes are kept in the capture store.
+    // Route changes and guard modes are kept in the capture store.
+    if store.is_none() && guard.is_some() {
+        tracing::warn!(
+            "capture is off: the guard's rollbacks and promotions, and route changes made through the admin API, last until the next restart, which starts from the config"
+        );
+    } else if store.is_none() && config.server.admin_token.is_some() {
         tracing::warn!(
             "capture is off: route changes and guard modes made through the admin API last until the next restart, which starts from the config"
         );

@@ -450,3 +450,19 @@ fn output_to_a_reader_that_has_gone_ends_quietly() {
     );
     forge_gateway::config::Config::from_toml(&text).unwrap();
 }
+
+#[test]
+fn without_a_store_the_log_says_guard_decisions_are_not_kept() {
+    // Capture off, the guard on, and no admin token: the guard's rollbacks still change the
+    // routes, and a restart undoes them.
+    let (forge, _url, dir) = serve(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[capture]\nenabled = false\n\n[guard]\n\n[[upstreams]]\nname = \"sim\"\nsim = true\n\n[[routes]]\nalias = \"a\"\nteacher = { upstream = \"sim\", model = \"gpt-4o\" }\n",
+        &[],
+    );
+    drop(forge);
+    let log = std::fs::read_to_string(dir.path().join("forge.log")).unwrap();
+    assert!(
+        log.contains("the guard's rollbacks and promotions") && log.contains("next restart"),
+        "{log}"
+    );
+}
