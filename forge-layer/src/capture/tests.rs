@@ -59,6 +59,18 @@ fn session() -> CaptureSession {
     s
 }
 
+/// A session of a streamed exchange whose response head has come.
+fn stream_session() -> CaptureSession {
+    let mut s = CaptureSession::new(
+        crate::store::Ticket::untracked(),
+        meta(true),
+        Bytes::from_static(b"{\"model\":\"a\",\"stream\":true,\"messages\":[]}"),
+        1 << 20,
+    );
+    s.on_response(200, true);
+    s
+}
+
 type Frames = Vec<Result<Frame<Bytes>, std::io::Error>>;
 type Streamed = StreamBody<
     futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, std::io::Error>>>,
@@ -350,13 +362,6 @@ fn done_then_held_open() -> (
     CaptureSession,
     impl http_body::Body<Data = Bytes, Error = std::io::Error> + Unpin,
 ) {
-    let mut s = CaptureSession::new(
-        crate::store::Ticket::untracked(),
-        meta(true),
-        Bytes::from_static(b"{\"model\":\"a\",\"stream\":true,\"messages\":[]}"),
-        1 << 20,
-    );
-    s.on_response(200, true);
     let frames: Frames = vec![
         Ok(Frame::data(Bytes::from_static(
             b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"},\"finish_reason\":\"stop\"}]}\n\n",
@@ -367,7 +372,7 @@ fn done_then_held_open() -> (
         futures_util::stream::iter(frames),
         futures_util::stream::pending(),
     );
-    (s, StreamBody::new(open))
+    (stream_session(), StreamBody::new(open))
 }
 
 #[tokio::test]
@@ -408,20 +413,13 @@ async fn done_apart_from_its_blank_line_is_a_completed_stream() {
     // The trace is finished at `[DONE]`; its line end comes in the next frame, or never.
     for tail in [&b"\n\n"[..], b""] {
         let sink = Collect::default();
-        let mut s = CaptureSession::new(
-            crate::store::Ticket::untracked(),
-            meta(true),
-            Bytes::from_static(b"{\"model\":\"a\",\"stream\":true,\"messages\":[]}"),
-            1 << 20,
-        );
-        s.on_response(200, true);
         let mut frames: Frames = vec![Ok(Frame::data(Bytes::from_static(
             b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]",
         )))];
         if !tail.is_empty() {
             frames.push(Ok(Frame::data(Bytes::from_static(tail))));
         }
-        let bytes = CaptureBody::new(streamed(frames), s, sink.clone())
+        let bytes = CaptureBody::new(streamed(frames), stream_session(), sink.clone())
             .collect()
             .await
             .unwrap()

@@ -260,6 +260,23 @@ fn arm(sim: &SimHandle, method: reqwest::Method, name: &str) -> reqwest::Request
         .bearer_auth("entra-token")
 }
 
+/// Deployment `name` once provisioned.
+async fn provisioned(sim: &SimHandle, name: &str) -> Value {
+    poll(
+        || async {
+            arm(sim, reqwest::Method::GET, name)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        },
+        |deployment| deployment["properties"]["provisioningState"] == "Succeeded",
+    )
+    .await
+}
+
 fn deployment_body(model: &str) -> Value {
     json!({"sku": {"name": "standard", "capacity": 1},
            "properties": {"model": {"format": "OpenAI", "name": model, "version": "1"}}})
@@ -601,19 +618,7 @@ async fn a_deployment_answers_chat_only_once_provisioned() {
     assert_eq!(status, 404, "not before provisioning ends");
     assert_eq!(error["error"]["code"], "DeploymentNotFound");
 
-    let ready = poll(
-        || async {
-            arm(&sim, reqwest::Method::GET, "student")
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()
-        },
-        |deployment| deployment["properties"]["provisioningState"] == "Succeeded",
-    )
-    .await;
+    let ready = provisioned(&sim, "student").await;
     assert_eq!(ready["properties"]["model"]["name"], model.as_str());
     let (status, answer) =
         azure_json(azure(&sim, reqwest::Method::POST, chat_path).json(&request)).await;
@@ -1372,19 +1377,7 @@ async fn the_v1_api_serves_a_deployment_by_model_to_an_api_key() {
         .send()
         .await
         .unwrap();
-    poll(
-        || async {
-            arm(&sim, reqwest::Method::GET, "student")
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()
-        },
-        |deployment| deployment["properties"]["provisioningState"] == "Succeeded",
-    )
-    .await;
+    provisioned(&sim, "student").await;
     // Through the gateway's own upstream client, with the key in `api-key` and no
     // `api-version`: the v1 API has none.
     let upstream = |header| {
