@@ -128,17 +128,20 @@ struct RouteStats {
 }
 
 impl RouteStats {
-    /// The windows an exchange of `model` counts in: the student's own, or, for the teacher,
-    /// every student's baseline.
-    fn windows_of<'a>(&'a mut self, model: &str) -> Vec<&'a mut ArmWindow> {
+    /// Calls `f` on each window an exchange of `model` counts in: the student's own, or, for
+    /// the teacher, every student's baseline.
+    fn for_windows_of(&mut self, model: &str, mut f: impl FnMut(&mut ArmWindow)) {
         if self.teacher.as_deref() == Some(model) {
-            return self.baselines.values_mut().collect();
+            self.baselines.values_mut().for_each(f);
+            return;
         }
         // Look up before inserting, so the common case allocates nothing.
         if !self.arms.contains_key(model) {
             self.arms.insert(model.to_string(), ArmWindow::default());
         }
-        self.arms.get_mut(model).into_iter().collect()
+        if let Some(w) = self.arms.get_mut(model) {
+            f(w);
+        }
     }
 }
 
@@ -194,9 +197,7 @@ impl Guard {
     pub fn record(&self, alias: &str, model: &str, latency_us: u64, failed: bool) {
         let mut state = self.lock();
         if let Some(stats) = route_stats(&mut state, alias) {
-            for w in stats.windows_of(model) {
-                w.record(latency_us, failed);
-            }
+            stats.for_windows_of(model, |w| w.record(latency_us, failed));
         }
     }
 
@@ -207,11 +208,11 @@ impl Guard {
     pub fn record_feedback(&self, alias: &str, model: &str, exchange_ms: u64, score: f64) {
         let mut state = self.lock();
         if let Some(stats) = route_stats(&mut state, alias) {
-            for w in stats.windows_of(model) {
+            stats.for_windows_of(model, |w| {
                 if exchange_ms >= w.since_ms() {
                     w.record_feedback(score);
                 }
-            }
+            });
         }
     }
 
