@@ -519,6 +519,43 @@ fn a_trace_golden_by_the_judge_alone_is_not_taken_again_when_feedback_comes() {
     assert_eq!((second.examples(), second.late), (0, 0));
 }
 
+/// Builds route `chat`'s datasets under a file limit of `limit` bytes, each after `earlier` and
+/// the parts before it, until one is not full (ten at most). Checks each part's files against
+/// the limit and calls `each` on it; returns the parts and the trace ids they wrote.
+fn build_in_parts(
+    store: &Store,
+    dir: &Path,
+    earlier: &[Manifest],
+    limit: u64,
+    mut each: impl FnMut(&Manifest),
+) -> (Vec<Manifest>, Vec<Value>) {
+    let mut builds = earlier.to_vec();
+    let mut written = Vec::new();
+    for n in 0..10 {
+        let mut spec = match builds.last() {
+            Some(_) => after(&builds.iter().collect::<Vec<_>>()),
+            None => DatasetSpec::new("chat"),
+        };
+        spec.max_file_bytes = Some(limit);
+        let m = build(store, &spec, dir, &format!("part{n}"), |_| {}).unwrap();
+        for f in [&m.train, &m.validation] {
+            assert!(std::fs::metadata(&f.path).unwrap().len() <= limit, "{m:?}");
+        }
+        written.extend(
+            lines(&m.provenance.path)
+                .into_iter()
+                .map(|p| p["trace_id"].clone()),
+        );
+        each(&m);
+        let done = !m.full;
+        builds.push(m);
+        if done {
+            break;
+        }
+    }
+    (builds.split_off(earlier.len()), written)
+}
+
 #[test]
 fn a_build_stops_at_the_file_limit_and_the_next_goes_on_from_its_cut() {
     let traces: Vec<Trace> = (0..60)
@@ -537,30 +574,9 @@ fn a_build_stops_at_the_file_limit_and_the_next_goes_on_from_its_cut() {
     let line_bytes = std::fs::metadata(&whole.train.path).unwrap().len() / whole.train.lines;
     // Room for about a third of the lines in each file.
     let limit = line_bytes * 20;
-    let mut builds: Vec<Manifest> = Vec::new();
-    let mut written = Vec::new();
-    for n in 0..10 {
-        let mut spec = match builds.last() {
-            Some(_) => after(&builds.iter().collect::<Vec<_>>()),
-            None => DatasetSpec::new("chat"),
-        };
-        spec.max_file_bytes = Some(limit);
-        let m = build(&store, &spec, dir.path(), &format!("part{n}"), |_| {}).unwrap();
-        for f in [&m.train, &m.validation] {
-            assert!(std::fs::metadata(&f.path).unwrap().len() <= limit, "{m:?}");
-        }
-        written.extend(
-            lines(&m.provenance.path)
-                .into_iter()
-                .map(|p| p["trace_id"].clone()),
-        );
-        let done = !m.full;
+    let (builds, written) = build_in_parts(&store, dir.path(), &[], limit, |m| {
         assert_eq!(m.examples(), m.golden, "{m:?}");
-        builds.push(m);
-        if done {
-            break;
-        }
-    }
+    });
     assert!(builds.len() >= 3, "the limit split the traces: {builds:?}");
     assert!(builds[..builds.len() - 1].iter().all(|m| m.full));
     // Every trace once, in order, across the parts: none lost at a stop, none taken twice.
@@ -658,29 +674,18 @@ fn late_traces_past_the_file_limit_go_on_in_the_next_build_each_once() {
     };
     // Room for about a third of the late lines in each file.
     let limit = line_bytes * 20;
-    let mut builds = vec![first];
-    let mut written = Vec::new();
-    for n in 0..10 {
-        let mut spec = after(&builds.iter().collect::<Vec<_>>());
-        spec.max_file_bytes = Some(limit);
-        let m = build(&store, &spec, dir.path(), &format!("part{n}"), |_| {}).unwrap();
-        for f in [&m.train, &m.validation] {
-            assert!(std::fs::metadata(&f.path).unwrap().len() <= limit, "{m:?}");
-        }
-        written.extend(
-            lines(&m.provenance.path)
-                .into_iter()
-                .map(|p| p["trace_id"].clone()),
-        );
-        let done = !m.full;
-        if !done {
-            assert_eq!(m.cut, builds[0].cut, "no new trace read: {m:?}");
-        }
-        builds.push(m);
-        if done {
-            break;
-        }
-    }
+    let (parts, written) = build_in_parts(
+        &store,
+        dir.path(),
+        std::slice::from_ref(&first),
+        limit,
+        |m| {
+            if m.full {
+                assert_eq!(m.cut, first.cut, "no new trace read: {m:?}");
+            }
+        },
+    );
+    let builds: Vec<Manifest> = [first].into_iter().chain(parts).collect();
     assert!(
         builds.len() >= 4,
         "the limit split the late traces: {builds:?}"
