@@ -55,6 +55,13 @@ pub enum Error {
     /// The upstream did not answer in time.
     #[error("The upstream did not respond within {0} ms.")]
     UpstreamTimeout(u64),
+    /// The upstream answered 401 or 403: it refused Forge's own key (revoked, expired, wrong,
+    /// or without access), which the client can do nothing about. Its answer is not passed on:
+    /// it would tell the client its own key is wrong, and OpenAI's echoes part of Forge's key.
+    #[error(
+        "The upstream refused Forge's credentials (HTTP {0}); the gateway's operator must check its upstream key."
+    )]
+    UpstreamRefusedCredentials(u16),
     /// The client must send a valid key.
     #[error("Incorrect or missing API key.")]
     Unauthorized,
@@ -105,7 +112,9 @@ impl Error {
             Error::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Error::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Error::Overloaded | Error::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Error::UpstreamUnreachable | Error::UpstreamRedirect => StatusCode::BAD_GATEWAY,
+            Error::UpstreamUnreachable
+            | Error::UpstreamRedirect
+            | Error::UpstreamRefusedCredentials(_) => StatusCode::BAD_GATEWAY,
             Error::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Error::Unauthorized => StatusCode::UNAUTHORIZED,
             Error::AccountApi(_) => StatusCode::FORBIDDEN,
@@ -116,9 +125,10 @@ impl Error {
     /// Who was at fault.
     pub fn fault(&self) -> Fault {
         match self {
-            Error::UpstreamUnreachable | Error::UpstreamRedirect | Error::UpstreamTimeout(_) => {
-                Fault::Upstream
-            }
+            Error::UpstreamUnreachable
+            | Error::UpstreamRedirect
+            | Error::UpstreamTimeout(_)
+            | Error::UpstreamRefusedCredentials(_) => Fault::Upstream,
             Error::Overloaded | Error::StoreUnavailable | Error::Internal => Fault::Gateway,
             _ => Fault::Client,
         }
@@ -145,6 +155,7 @@ impl Error {
             Error::UpstreamUnreachable => "upstream_unreachable",
             Error::UpstreamRedirect => "upstream_redirect",
             Error::UpstreamTimeout(_) => "upstream_timeout",
+            Error::UpstreamRefusedCredentials(_) => "upstream_credentials_refused",
             Error::Unauthorized => "invalid_api_key",
             Error::AccountApi(_) => "passthrough_refused",
             Error::TraceNotFound(_) => "trace_not_found",
@@ -218,6 +229,10 @@ impl IntoResponse for Error {
         if matches!(self, Error::Overloaded | Error::StoreUnavailable) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             headers.insert("x-should-retry", HeaderValue::from_static("true"));
+        }
+        if matches!(self, Error::UpstreamRefusedCredentials(_)) {
+            // OpenAI's SDKs retry a 502 unless told not to; a refused key stays refused.
+            headers.insert("x-should-retry", HeaderValue::from_static("false"));
         }
         response
     }

@@ -460,6 +460,93 @@ async fn upstream_failures_map_to_502_504_or_pass_through() {
 }
 
 #[tokio::test]
+async fn an_upstream_refusing_forges_key_is_a_502_that_passes_none_of_its_answer_on() {
+    // The simulated upstream wants a key that only the `keyed` upstream's variable holds.
+    let key = std::env::var("PATH").unwrap();
+    let forbidden = ModelBehavior {
+        fail_status: Some(403),
+        ..ModelBehavior::default()
+    };
+    let sim = start_sim(SimConfig {
+        api_key: Some(key.clone()),
+        ..behaviors(&[("forbidden", forbidden)])
+    })
+    .await;
+    let mut text = config_text(&sim.base_url(), "", &[("keyless", "m")]);
+    text.push_str(&format!(
+        "\n[[upstreams]]\nname = \"keyed\"\nbase_url = \"{}\"\napi_key_env = \"PATH\"\n\n[[routes]]\nalias = \"keyed\"\nteacher = {{ upstream = \"keyed\", model = \"m\" }}\n\n[[routes]]\nalias = \"forbidden\"\nteacher = {{ upstream = \"keyed\", model = \"forbidden\" }}\n",
+        sim.base_url()
+    ));
+    let gw = start_gateway(&text).await;
+    let http = client();
+    let url = format!("{}/chat/completions", gw.base_url());
+    let post = |model: &str, stream: bool| {
+        http.post(&url)
+            .json(&chat_body(model, "hello", stream))
+            .send()
+    };
+    assert_eq!(post("keyed", false).await.unwrap().status(), 200);
+
+    let mut answers = Vec::new();
+    for (alias, stream, status) in [
+        ("keyless", false, 401),
+        ("keyless", true, 401),
+        ("forbidden", false, 403),
+        ("forbidden", true, 403),
+    ] {
+        let resp = post(alias, stream).await.unwrap();
+        assert_eq!(resp.headers()["x-should-retry"], "false", "{alias}");
+        let (got, err) = error_of(resp).await;
+        assert_eq!(
+            (
+                got,
+                err["error"]["code"].as_str(),
+                err["error"]["type"].as_str()
+            ),
+            (
+                502,
+                Some("upstream_credentials_refused"),
+                Some("server_error")
+            ),
+            "{alias} stream {stream}: {err}"
+        );
+        assert!(
+            err["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("HTTP {status}")),
+            "{err}"
+        );
+        answers.push(err.to_string());
+    }
+    // The passthrough goes out with the same key, and is answered the same way.
+    let resp = http
+        .post(format!("{}/embeddings", gw.base_url()))
+        .json(&json!({"model": "m", "input": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    let (got, err) = error_of(resp).await;
+    assert_eq!(
+        (got, err["error"]["code"].as_str()),
+        (502, Some("upstream_credentials_refused"))
+    );
+    answers.push(err.to_string());
+    // Each request reached the upstream and was refused there, but nothing of its answer (which
+    // says the key is the client's, and for a wrong key shows part of it) reached the client.
+    assert_eq!(sim.request_count(), 6);
+    for answer in &answers {
+        for upstream_words in ["API key", "Country", "region"] {
+            assert!(!answer.contains(upstream_words), "{answer}");
+        }
+    }
+    // The traces record what the clients saw.
+    let counters = gw.settled_capture_counters().await;
+    assert_eq!(counters.captured, 5);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
 async fn body_limit_is_a_413_and_in_flight_cap_a_fast_503() {
     let held = ModelBehavior {
         first_byte_delay: Duration::from_secs(3),

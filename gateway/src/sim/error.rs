@@ -181,6 +181,13 @@ impl ApiError {
                 "The simulated upstream rejects every request for model `{model}`."
             )),
             401 => Self::incorrect_api_key(""),
+            // What OpenAI answers an account in a place it does not serve.
+            403 => Self::new(
+                status,
+                "request_forbidden",
+                "Country, region, or territory not supported",
+            )
+            .with_code("unsupported_country_region_territory"),
             404 => Self::model_not_found(model),
             429 => Self::new(
                 status,

@@ -1422,7 +1422,21 @@ async fn the_v1_api_serves_a_deployment_by_model_to_an_api_key() {
     let (status, error) = send(upstream(crate::config::KeyHeader::ApiKey), "nobody").await;
     assert_eq!(status, 404);
     assert_eq!(error["error"]["code"], "DeploymentNotFound");
-    // Azure does not take its key as a bearer token.
-    let (status, _) = send(upstream(crate::config::KeyHeader::Authorization), "student").await;
-    assert_eq!(status, 401);
+    // Azure does not take its key as a bearer token: its 401 is a refusal of Forge's key.
+    let refused = upstream(crate::config::KeyHeader::Authorization)
+        .send(
+            http::Method::POST,
+            "/chat/completions",
+            http::HeaderMap::new(),
+            body("student"),
+        )
+        .await;
+    assert!(
+        matches!(
+            refused,
+            Err(crate::error::Error::UpstreamRefusedCredentials(401))
+        ),
+        "{:?}",
+        refused.map(|r| r.status())
+    );
 }

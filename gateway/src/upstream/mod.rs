@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use http_body_util::Full;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -173,6 +173,19 @@ impl Upstream {
             Ok(Ok(exchanged)) => exchanged,
         };
         let (mut parts, body) = response.into_parts();
+        if matches!(
+            parts.status,
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+        ) {
+            // Clients never bring their own key for an upstream: this one is Forge's. The body
+            // is dropped unread, and the connection with it.
+            tracing::error!(
+                upstream = %self.name,
+                status = parts.status.as_u16(),
+                "the upstream refused Forge's credentials; check the key its `api_key_env` names"
+            );
+            return Err(Error::UpstreamRefusedCredentials(parts.status.as_u16()));
+        }
         let body = DrivenBody::new(body, conn, Arc::clone(&self.pool));
         strip_hop_by_hop(&mut parts.headers);
         strip_account_headers(&mut parts.headers);
