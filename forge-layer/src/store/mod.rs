@@ -57,6 +57,14 @@ const MODELS: TableDefinition<&str, &[u8]> = TableDefinition::new("models");
 /// Small named values: cursors and the like.
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
+/// The META key of the store's format version.
+const FORMAT_KEY: &str = "format";
+
+/// The version of the store's layout (its tables, keys and values) that this build writes. A
+/// change that an older build would misread raises it; a store from a newer build is refused
+/// rather than misread or written to. Stores from before the version was kept are format 1.
+pub const STORE_FORMAT: u64 = 1;
+
 /// redb's page cache unless configured (`capture.cache_mb`): enough for the writer's working
 /// set; scans of a large file stay within it.
 pub const DEFAULT_CACHE_BYTES: usize = 128 * 1024 * 1024;
@@ -110,6 +118,11 @@ pub enum StoreError {
         "the store {0} is damaged ({1}): move it aside (or restore a backup), and the gateway makes a new one at its next start"
     )]
     Damaged(PathBuf, String),
+    /// The store was written by a newer Forge, in a layout this build does not know.
+    #[error(
+        "the store {path} has format {found}, and this build of Forge reads format {STORE_FORMAT} at most: run the newer Forge that wrote it, or point `capture.data_dir` elsewhere"
+    )]
+    NewerFormat { path: PathBuf, found: u64 },
 }
 
 impl StoreError {
@@ -130,6 +143,16 @@ impl StoreError {
             StoreError::Redb(redb::Error::Io(_) | redb::Error::PreviousIo)
         )
     }
+}
+
+/// The format version a store's META table records, if it records one.
+fn format_of(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<Option<u64>, StoreError> {
+    let Some(value) = meta.get(FORMAT_KEY).map_err(db_err)? else {
+        return Ok(None);
+    };
+    Ok(Some(serde_json::from_slice(value.value())?))
 }
 
 fn db_err<E: Into<redb::Error>>(e: E) -> StoreError {
@@ -217,13 +240,36 @@ impl Store {
             txn.open_table(ROUTE_HISTORY).map_err(db_err)?;
             txn.open_table(JOBS).map_err(db_err)?;
             txn.open_table(MODELS).map_err(db_err)?;
-            txn.open_table(META).map_err(db_err)?;
-            Ok(())
+            let mut meta = txn.open_table(META).map_err(db_err)?;
+            match format_of(&meta).map_err(|e| {
+                StoreError::Damaged(
+                    store.path().to_path_buf(),
+                    format!("its format version is unreadable: {e}"),
+                )
+            })? {
+                Some(found) if found > STORE_FORMAT => Err(StoreError::NewerFormat {
+                    path: store.path().to_path_buf(),
+                    found,
+                }),
+                Some(_) => Ok(()),
+                None => {
+                    let current = STORE_FORMAT.to_string();
+                    meta.insert(FORMAT_KEY, current.as_bytes())
+                        .map_err(db_err)?;
+                    Ok(())
+                }
+            }
         })?;
         if let Some(floor) = store.id_floor()? {
             TraceId::keep_above(floor);
         }
         Ok(store)
+    }
+
+    /// The format version the store is written in ([`STORE_FORMAT`] once this build opened it).
+    pub fn format(&self) -> Result<u64, StoreError> {
+        self.read(|txn| format_of(&txn.open_table(META).map_err(db_err)?))
+            .map(|found| found.unwrap_or(STORE_FORMAT))
     }
 
     /// The file path.

@@ -693,6 +693,76 @@ fn new_ids_stay_above_expired_ones_across_a_reopen() {
 }
 
 #[test]
+fn a_store_from_a_newer_forge_is_refused_and_left_as_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(STORE_FILE);
+    let id = TraceId::earliest_at(5_000);
+    {
+        let store = Store::open_dir(dir.path()).unwrap();
+        assert_eq!(store.format().unwrap(), STORE_FORMAT);
+        store.insert_encoded([(id, &b"{}"[..])]).unwrap();
+    }
+    // A store from before the version was kept opens, and is marked with this build's format.
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        assert!(
+            txn.open_table(META)
+                .unwrap()
+                .remove(FORMAT_KEY)
+                .unwrap()
+                .is_some()
+        );
+        txn.commit().unwrap();
+    }
+    let store = Store::open_dir(dir.path()).unwrap();
+    assert_eq!(store.meta::<u64>(FORMAT_KEY).unwrap(), Some(STORE_FORMAT));
+    store.put_meta(FORMAT_KEY, &(STORE_FORMAT + 1)).unwrap();
+    drop(store);
+
+    let refused = Store::open_dir(dir.path()).unwrap_err();
+    assert!(
+        matches!(&refused, StoreError::NewerFormat { path: p, found } if *p == path && *found == STORE_FORMAT + 1),
+        "{refused:?}"
+    );
+    assert!(refused.to_string().contains("newer Forge"), "{refused}");
+    // Nothing was written: the newer format stays, and so does the trace.
+    let db = redb::Database::create(&path).unwrap();
+    let txn = db.begin_read().unwrap();
+    let format = txn
+        .open_table(META)
+        .unwrap()
+        .get(FORMAT_KEY)
+        .unwrap()
+        .unwrap()
+        .value()
+        .to_vec();
+    assert_eq!(format, (STORE_FORMAT + 1).to_string().as_bytes());
+    assert!(
+        txn.open_table(TRACES)
+            .unwrap()
+            .get(id.as_u128())
+            .unwrap()
+            .is_some()
+    );
+    drop(txn);
+    drop(db);
+
+    // A version that is not a number is not guessed at either.
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .insert(FORMAT_KEY, &b"two"[..])
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let refused = Store::open_dir(dir.path()).unwrap_err();
+    assert!(matches!(refused, StoreError::Damaged(..)), "{refused:?}");
+}
+
+#[test]
 fn an_unreadable_expiry_mark_does_not_keep_the_store_from_opening() {
     let dir = tempfile::tempdir().unwrap();
     let newest = TraceId::earliest_at(5_000);
