@@ -41,6 +41,23 @@ pub struct AssistantMessage {
     /// Tool calls, in index order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tool_calls: Vec<ToolCall>,
+    /// A call of the deprecated `functions` API, which older apps still send: `finish_reason`
+    /// is then `function_call`, and the call is the whole answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function_call: Option<FunctionCall>,
+}
+
+impl AssistantMessage {
+    /// The answer as text, for a judge or a comparison: the content, or else the calls as JSON.
+    pub fn answer_text(&self) -> String {
+        match (&self.content, &self.function_call) {
+            (Some(text), _) => text.clone(),
+            (None, Some(call)) if self.tool_calls.is_empty() => {
+                serde_json::to_string(call).unwrap_or_default()
+            }
+            (None, _) => serde_json::to_string(&self.tool_calls).unwrap_or_default(),
+        }
+    }
 }
 
 /// One choice of the final response.
@@ -194,12 +211,19 @@ impl FinalResponse {
                     },
                 })
                 .collect();
+            let function_call = message["function_call"]
+                .as_object()
+                .map(|call| FunctionCall {
+                    name: call.get("name").map(str_of).unwrap_or_default(),
+                    arguments: call.get("arguments").map(str_of).unwrap_or_default(),
+                });
             out.choices.push(FinalChoice {
                 index: index_of(choice),
                 message: AssistantMessage {
                     content: message["content"].as_str().map(str::to_string),
                     refusal: message["refusal"].as_str().map(str::to_string),
                     tool_calls,
+                    function_call,
                 },
                 finish_reason: choice["finish_reason"].as_str().map(str::to_string),
             });
@@ -245,6 +269,7 @@ struct ChoiceAcc {
     content: Option<String>,
     refusal: Option<String>,
     tool_calls: BTreeMap<u32, ToolAcc>,
+    function_call: Option<FunctionCall>,
     finish_reason: Option<String>,
 }
 
@@ -338,6 +363,7 @@ impl StreamReassembler {
                             },
                         })
                         .collect(),
+                    function_call: acc.function_call,
                 },
                 finish_reason: acc.finish_reason,
             })
@@ -361,6 +387,9 @@ fn apply_delta(acc: &mut ChoiceAcc, choice: ChoiceView<'_>) {
         if let Some(text) = delta.refusal {
             acc.refusal.get_or_insert_with(String::new).push_str(&text);
         }
+        if let Some(fragment) = delta.function_call {
+            apply_function_delta(acc, fragment);
+        }
         for frag in delta.tool_calls.into_iter().flatten() {
             let tool = acc.tool_calls.entry(frag.index).or_default();
             // id, type and name come with the first fragment of an index; later ones add arguments.
@@ -382,6 +411,20 @@ fn apply_delta(acc: &mut ChoiceAcc, choice: ChoiceView<'_>) {
     }
     if let Some(reason) = choice.finish_reason {
         acc.finish_reason = Some(reason.into_owned());
+    }
+}
+
+/// A fragment of a deprecated `function_call`: the name comes first, then the arguments in pieces.
+fn apply_function_delta(acc: &mut ChoiceAcc, fragment: FunctionView<'_>) {
+    let call = acc.function_call.get_or_insert_with(|| FunctionCall {
+        name: String::new(),
+        arguments: String::new(),
+    });
+    if let Some(name) = fragment.name.filter(|_| call.name.is_empty()) {
+        call.name = name.into_owned();
+    }
+    if let Some(args) = fragment.arguments {
+        call.arguments.push_str(&args);
     }
 }
 
@@ -441,6 +484,10 @@ impl CompletionView<'_> {
                                     }
                                 })
                                 .collect(),
+                            function_call: m.function_call.map(|f| FunctionCall {
+                                name: f.name.unwrap_or_default().into_owned(),
+                                arguments: f.arguments.unwrap_or_default().into_owned(),
+                            }),
                         }
                     });
                     FinalChoice {
@@ -496,6 +543,8 @@ struct MessageView<'a> {
     refusal: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     tool_calls: Option<Vec<ToolDeltaView<'a>>>,
+    #[serde(borrow, default)]
+    function_call: Option<FunctionView<'a>>,
 }
 
 #[derive(Deserialize)]
@@ -548,6 +597,60 @@ mod tests {
         assert_eq!(r.model.as_deref(), Some("gpt-4o-2024-08-06"));
     }
 
+    #[test]
+    fn a_deprecated_function_call_is_kept_from_a_stream_and_from_a_body() {
+        let chunk = |delta: Value, finish: Value| {
+            format!(
+                "data: {}\n\n",
+                json!({"object": "chat.completion.chunk", "model": "gpt-4o", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+            )
+        };
+        let stream = [
+            chunk(
+                json!({"role": "assistant", "content": null, "function_call": {"name": "get_weather", "arguments": ""}}),
+                Value::Null,
+            ),
+            chunk(json!({"function_call": {"arguments": "{\"city\":"}}), Value::Null),
+            chunk(json!({"function_call": {"arguments": "\"Zürich\"}"}}), Value::Null),
+            chunk(json!({}), json!("function_call")),
+            "data: [DONE]\n\n".to_string(),
+        ]
+        .concat();
+        let expected = FinalChoice {
+            index: 0,
+            message: AssistantMessage {
+                function_call: Some(FunctionCall {
+                    name: "get_weather".into(),
+                    arguments: "{\"city\":\"Zürich\"}".into(),
+                }),
+                ..Default::default()
+            },
+            finish_reason: Some("function_call".into()),
+        };
+        for at in 0..=stream.len() {
+            let (a, b) = stream.as_bytes().split_at(at);
+            assert_eq!(
+                reassemble(&[a, b]).choices,
+                std::slice::from_ref(&expected),
+                "split at {at}"
+            );
+        }
+        let body = json!({"object": "chat.completion", "model": "gpt-4o", "choices": [{"index": 0, "finish_reason": "function_call",
+            "message": {"role": "assistant", "content": null, "function_call": {"name": "get_weather", "arguments": "{\"city\":\"Zürich\"}"}}}]}).to_string();
+        assert_eq!(
+            FinalResponse::from_json(body.as_bytes()).choices,
+            std::slice::from_ref(&expected)
+        );
+        assert_eq!(
+            FinalResponse::from_any_json(body.as_bytes()).choices,
+            std::slice::from_ref(&expected)
+        );
+        assert_eq!(
+            expected.message.answer_text(),
+            r#"{"name":"get_weather","arguments":"{\"city\":\"Zürich\"}"}"#
+        );
+    }
+
     /// A stream with two choices, text with multi-byte characters, parallel tool calls, a
     /// refusal, and a usage chunk, framed with the given line ending.
     fn stream(eol: &str) -> Vec<u8> {
@@ -592,6 +695,7 @@ mod tests {
                         content: Some("Grüße, 世界 😀".into()),
                         refusal: None,
                         tool_calls: vec![],
+                        function_call: None,
                     },
                     finish_reason: Some("stop".into()),
                 },
@@ -618,6 +722,7 @@ mod tests {
                                 },
                             },
                         ],
+                        function_call: None,
                     },
                     finish_reason: Some("tool_calls".into()),
                 },

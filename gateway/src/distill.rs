@@ -72,10 +72,7 @@ impl ChatClient for UpstreamChat {
             }
             let parsed = FinalResponse::from_json(&body);
             let choice = parsed.choices.first().ok_or("no choices in the answer")?;
-            Ok(match &choice.message.content {
-                Some(text) => text.clone(),
-                None => serde_json::to_string(&choice.message.tool_calls).unwrap_or_default(),
-            })
+            Ok(choice.message.answer_text())
         })
     }
 }

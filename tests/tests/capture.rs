@@ -13,9 +13,9 @@ use forge_tests::{
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-/// What the client received, reduced to (content, tool calls as (name, arguments), finish) per
-/// choice, parsed here independently of the gateway's reassembler.
-/// Per choice index: content, tool calls as (name, arguments), finish reason.
+/// What the client received, parsed here independently of the gateway's reassembler. Per choice
+/// index: content, calls as (name, arguments), finish reason. A deprecated `function_call` is
+/// a call named `legacy:<name>`.
 type ChoiceView = (Option<String>, Vec<(String, String)>, Option<String>);
 
 fn client_view(body: &str, stream: bool) -> BTreeMap<u64, ChoiceView> {
@@ -33,6 +33,12 @@ fn client_view(body: &str, stream: bool) -> BTreeMap<u64, ChoiceView> {
                         t["function"]["arguments"].as_str().unwrap().to_string(),
                     )
                 })
+                .chain(c["message"]["function_call"].as_object().map(|f| {
+                    (
+                        format!("legacy:{}", f["name"].as_str().unwrap()),
+                        f["arguments"].as_str().unwrap().to_string(),
+                    )
+                }))
                 .collect();
             out.insert(
                 c["index"].as_u64().unwrap(),
@@ -67,6 +73,18 @@ fn client_view(body: &str, stream: bool) -> BTreeMap<u64, ChoiceView> {
                     .1
                     .push_str(frag["function"]["arguments"].as_str().unwrap_or_default());
             }
+            if let Some(f) = c["delta"]["function_call"].as_object() {
+                if let Some(name) = f.get("name").and_then(Value::as_str) {
+                    entry.1.push((format!("legacy:{name}"), String::new()));
+                }
+                let args = f.get("arguments").and_then(Value::as_str);
+                entry
+                    .1
+                    .last_mut()
+                    .unwrap()
+                    .1
+                    .push_str(args.unwrap_or_default());
+            }
             if let Some(r) = c["finish_reason"].as_str() {
                 entry.2 = Some(r.to_string());
             }
@@ -88,6 +106,10 @@ async fn every_exchange_becomes_one_trace_equal_to_what_the_client_got() {
         let mut body = chat_body("gpt-4o", &format!("question number {i} about Rust"), stream);
         if i % 3 == 0 {
             body["tools"] = tools.clone();
+        }
+        // Older apps still call functions through the deprecated `functions` API.
+        if i % 3 == 1 {
+            body["functions"] = json!([{"name": "lookup", "parameters": {"type": "object"}}]);
         }
         if i % 4 == 1 {
             body["n"] = json!(2);
@@ -114,6 +136,7 @@ async fn every_exchange_becomes_one_trace_equal_to_what_the_client_got() {
     .await;
     let store = gw.store().unwrap();
     assert_eq!(store.trace_count().unwrap(), 12);
+    let mut legacy_calls = 0;
     for (id, stream, body) in &seen {
         let trace = store
             .trace(*id)
@@ -134,6 +157,12 @@ async fn every_exchange_becomes_one_trace_equal_to_what_the_client_got() {
                     .tool_calls
                     .iter()
                     .map(|t| (t.function.name.clone(), t.function.arguments.clone()))
+                    .chain(
+                        c.message
+                            .function_call
+                            .as_ref()
+                            .map(|f| (format!("legacy:{}", f.name), f.arguments.clone())),
+                    )
                     .collect();
                 (
                     u64::from(c.index),
@@ -143,7 +172,15 @@ async fn every_exchange_becomes_one_trace_equal_to_what_the_client_got() {
             .collect();
         assert_eq!(stored, client_view(body, *stream), "trace {id}");
         assert!(trace.ttfb_us <= trace.latency_us);
+        legacy_calls += trace
+            .response
+            .choices
+            .iter()
+            .filter(|c| c.finish_reason.as_deref() == Some("function_call"))
+            .count();
     }
+    // Requests 1 (two choices), 4, 7 and 10 called a function the old way, streamed and not.
+    assert_eq!(legacy_calls, 5);
     let c = gw.capture_counters().unwrap();
     assert_eq!(
         (c.eligible, c.captured, c.dropped, c.failed),

@@ -359,6 +359,10 @@ fn redact_response(redactor: &Redactor, response: &mut FinalResponse) {
             fix(&mut call.function.name);
             fix(&mut call.function.arguments);
         }
+        if let Some(call) = &mut m.function_call {
+            fix(&mut call.name);
+            fix(&mut call.arguments);
+        }
     }
     if let Some(usage) = &mut response.usage {
         usage.redact(redactor);

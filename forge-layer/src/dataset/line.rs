@@ -49,6 +49,9 @@ pub fn to_line(trace: &Trace) -> Result<Value, &'static str> {
         .get("messages")
         .and_then(Value::as_array)
         .ok_or("no_messages")?;
+    if uses_legacy_functions(trace, messages) {
+        return Err("legacy_function_call");
+    }
     let mut out = Vec::with_capacity(messages.len() + 1);
     for message in messages {
         let obj = message.as_object().ok_or("bad_message")?;
@@ -108,4 +111,18 @@ pub fn to_line(trace: &Trace) -> Result<Value, &'static str> {
         line.insert("parallel_tool_calls".into(), parallel.clone());
     }
     Ok(Value::Object(line))
+}
+
+/// Whether the exchange used the deprecated `functions` API: a line could not hold it beside
+/// the `tools` shape the rest of a dataset is in, so such a trace is counted and left out.
+fn uses_legacy_functions(trace: &Trace, messages: &[Value]) -> bool {
+    trace
+        .response
+        .choices
+        .first()
+        .is_some_and(|c| c.message.function_call.is_some())
+        || trace.request.get("functions").is_some_and(|f| !f.is_null())
+        || messages.iter().any(|m| {
+            m["role"] == "function" || m.get("function_call").is_some_and(|f| !f.is_null())
+        })
 }

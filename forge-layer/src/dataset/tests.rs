@@ -325,6 +325,7 @@ fn tool_use_traces_become_valid_tool_lines() {
                 arguments: "{\"city\":\"Rome\"}".into(),
             },
         }],
+        function_call: None,
     };
     calling.response.choices[0].finish_reason = Some("tool_calls".into());
     calling.request["tools"] = t.request["tools"].clone();
@@ -363,6 +364,47 @@ fn tool_use_traces_become_valid_tool_lines() {
         all[1]["messages"][2]["tool_calls"][0]["function"]["arguments"],
         "{\"city\":\"Rome\"}"
     );
+}
+
+#[test]
+fn traces_of_the_deprecated_functions_api_are_left_out_by_name() {
+    let call = FunctionCall {
+        name: "get_weather".into(),
+        arguments: "{\"city\":\"Rome\"}".into(),
+    };
+    // The answer is a legacy call; the request defines `functions`; an earlier turn called one.
+    let mut answer = trace("chat", Arm::Teacher, None, None, "weather in Rome?");
+    answer.response.choices[0].message = AssistantMessage {
+        content: None,
+        function_call: Some(call),
+        ..Default::default()
+    };
+    answer.response.choices[0].finish_reason = Some("function_call".into());
+    let mut defined = trace("chat", Arm::Teacher, None, None, "what can you call?");
+    defined.request["functions"] =
+        json!([{"name": "get_weather", "parameters": {"type": "object"}}]);
+    let mut earlier = trace("chat", Arm::Teacher, None, None, "and then?");
+    earlier.request["messages"] = json!([
+        {"role": "user", "content": "weather in Oslo?"},
+        {"role": "assistant", "content": null, "function_call": {"name": "get_weather", "arguments": "{}"}},
+        {"role": "function", "name": "get_weather", "content": "3C"},
+        {"role": "user", "content": "and then?"}
+    ]);
+    let plain = trace("chat", Arm::Teacher, None, None, "hello");
+    let (dir, store) = store_with(&[answer, defined, earlier, plain], |_| true);
+    let m = build(
+        &store,
+        &DatasetSpec {
+            validation_percent: 0.0,
+            ..DatasetSpec::new("chat")
+        },
+        dir.path(),
+        "t",
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(m.examples(), 1, "{m:?}");
+    assert_eq!(m.skipped.get("legacy_function_call"), Some(&3), "{m:?}");
 }
 
 fn feedback(trace: &Trace, score: Option<f64>, approved: Option<bool>) -> Feedback {

@@ -120,10 +120,7 @@ pub async fn run(
                 .response
                 .choices
                 .first()
-                .map(|c| match &c.message.content {
-                    Some(text) => text.clone(),
-                    None => serde_json::to_string(&c.message.tool_calls).unwrap_or_default(),
-                });
+                .map(|c| c.message.answer_text());
             let question = question_of(&trace.request["messages"]);
             let prompt = judge_messages(&question, &answer.unwrap_or_default(), None);
             let reply = tokio::select! {

@@ -81,6 +81,9 @@ pub(crate) struct ChatRequest<'a> {
     pub(crate) max_words: Option<usize>,
     /// Functions to call instead of answering in text; empty for a text answer.
     pub(crate) calls: Vec<&'a Map<String, Value>>,
+    /// Whether `calls` came from the deprecated `functions` (answered with one `function_call`)
+    /// rather than `tools`.
+    pub(crate) legacy_functions: bool,
 }
 
 impl<'a> ChatRequest<'a> {
@@ -118,7 +121,15 @@ impl<'a> ChatRequest<'a> {
         .into_iter()
         .flatten()
         .min();
-        let calls = plan_tool_calls(request, messages)?;
+        let has_tools = request.get("tools").is_some_and(|tools| !tools.is_null());
+        let (calls, legacy_functions) = if has_tools {
+            (plan_tool_calls(request, messages)?, false)
+        } else {
+            match plan_function_call(request, messages)? {
+                Some(call) => (vec![call], true),
+                None => (plan_tool_calls(request, messages)?, false),
+            }
+        };
         Ok(Self {
             model,
             messages,
@@ -127,6 +138,7 @@ impl<'a> ChatRequest<'a> {
             n,
             max_words,
             calls,
+            legacy_functions,
         })
     }
 }
@@ -319,6 +331,112 @@ fn plan_tool_calls<'a>(
     Ok(candidates)
 }
 
+/// The deprecated `functions` API: the one function called, chosen by `function_call` (`auto`,
+/// the default, calls the first), or none for a text answer, as after a `function` result.
+fn plan_function_call<'a>(
+    request: &'a Map<String, Value>,
+    messages: &'a [Value],
+) -> Result<Option<&'a Map<String, Value>>, ApiError> {
+    let choice = request
+        .get("function_call")
+        .filter(|choice| !choice.is_null());
+    let functions = match request.get("functions") {
+        None | Some(Value::Null) => {
+            if choice.is_some() {
+                return Err(ApiError::invalid_value(
+                    "function_call",
+                    "Invalid value for 'function_call': 'function_call' is only allowed when \
+                     'functions' are specified.",
+                ));
+            }
+            return Ok(None);
+        }
+        Some(Value::Array(functions)) if !functions.is_empty() => functions,
+        Some(Value::Array(_)) => {
+            return Err(ApiError::invalid_request(
+                "Invalid 'functions': empty array. Expected an array with minimum length 1, but \
+                 got an empty array instead.",
+            )
+            .with_param("functions")
+            .with_code("empty_array"));
+        }
+        Some(other) => {
+            return Err(ApiError::invalid_type(
+                "functions",
+                "an array of objects",
+                other,
+            ));
+        }
+    };
+    let mut parsed = Vec::with_capacity(functions.len());
+    for (i, function) in functions.iter().enumerate() {
+        let Some(function) = function.as_object() else {
+            return Err(ApiError::invalid_type(
+                format!("functions[{i}]"),
+                "an object",
+                function,
+            ));
+        };
+        let name = function
+            .get("name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ApiError::missing_parameter(format!("functions[{i}].name")))?;
+        if !is_valid_function_name(name) {
+            return Err(ApiError::invalid_value(
+                format!("functions[{i}].name"),
+                format!(
+                    "Invalid 'functions[{i}].name': string does not match pattern. Expected a \
+                     string that matches the pattern '^[a-zA-Z0-9_-]{{1,64}}$'."
+                ),
+            ));
+        }
+        parsed.push(function);
+    }
+    let chosen = match choice {
+        None => parsed.first().copied(),
+        Some(Value::String(choice)) => match choice.as_str() {
+            "none" => None,
+            "auto" => parsed.first().copied(),
+            other => {
+                return Err(ApiError::invalid_value(
+                    "function_call",
+                    format!("Invalid value: '{other}'. Supported values are: 'none' and 'auto'."),
+                ));
+            }
+        },
+        Some(Value::Object(choice)) => {
+            let name = choice
+                .get("name")
+                .and_then(Value::as_str)
+                .ok_or_else(|| ApiError::missing_parameter("function_call.name"))?;
+            let found = parsed
+                .iter()
+                .copied()
+                .find(|function| function_name(function) == name);
+            Some(found.ok_or_else(|| {
+                ApiError::invalid_value(
+                    "function_call",
+                    format!(
+                        "Invalid value for 'function_call': function '{name}' not found in \
+                         'functions' parameter."
+                    ),
+                )
+            })?)
+        }
+        Some(other) => {
+            return Err(ApiError::invalid_type(
+                "function_call",
+                "a string or an object",
+                other,
+            ));
+        }
+    };
+    if messages.last().and_then(answer::role) == Some("function") {
+        return Ok(None);
+    }
+    Ok(chosen)
+}
+
 /// The `function` objects of the function tools; `None` when there is no `tools` array.
 fn parse_tools(value: Option<&Value>) -> Result<Option<Vec<&Map<String, Value>>>, ApiError> {
     let tools = match value {
@@ -447,6 +565,8 @@ fn optional_integer(
 pub(crate) enum Reply {
     Text(TextAnswer),
     ToolCalls(Vec<ToolCall>),
+    /// A call of the deprecated `functions` API (its `id` unused: the wire has none).
+    FunctionCall(ToolCall),
 }
 
 impl Reply {
@@ -455,13 +575,24 @@ impl Reply {
             Reply::Text(text) if text.truncated => "length",
             Reply::Text(_) => "stop",
             Reply::ToolCalls(_) => "tool_calls",
+            Reply::FunctionCall(_) => "function_call",
+        }
+    }
+
+    /// The calls the reply makes, of either API.
+    pub(crate) fn calls(&self) -> &[ToolCall] {
+        match self {
+            Reply::Text(_) => &[],
+            Reply::ToolCalls(calls) => calls,
+            Reply::FunctionCall(call) => std::slice::from_ref(call),
         }
     }
 
     fn completion_tokens(&self) -> u64 {
         match self {
             Reply::Text(text) => text.words as u64,
-            Reply::ToolCalls(calls) => calls
+            Reply::ToolCalls(_) | Reply::FunctionCall(_) => self
+                .calls()
                 .iter()
                 .map(|call| {
                     answer::approx_tokens(&call.name) + answer::approx_tokens(&call.arguments)
@@ -514,7 +645,12 @@ impl Completion {
                         request.messages,
                     ))
                 } else {
-                    Reply::ToolCalls(answer::tool_calls(seed, choice, &request.calls, &question))
+                    let mut calls = answer::tool_calls(seed, choice, &request.calls, &question);
+                    if request.legacy_functions && !calls.is_empty() {
+                        Reply::FunctionCall(calls.swap_remove(0))
+                    } else {
+                        Reply::ToolCalls(calls)
+                    }
                 }
             })
             .collect();
@@ -546,12 +682,24 @@ impl Completion {
                         content: Some(&text.content),
                         refusal: None,
                         tool_calls: None,
+                        function_call: None,
                     },
                     Reply::ToolCalls(calls) => MessageView {
                         role: "assistant",
                         content: None,
                         refusal: None,
                         tool_calls: Some(calls.iter().map(ToolCallView::from).collect()),
+                        function_call: None,
+                    },
+                    Reply::FunctionCall(call) => MessageView {
+                        role: "assistant",
+                        content: None,
+                        refusal: None,
+                        tool_calls: None,
+                        function_call: Some(FunctionView {
+                            name: &call.name,
+                            arguments: &call.arguments,
+                        }),
                     },
                 },
                 logprobs: None,
@@ -599,6 +747,8 @@ struct MessageView<'a> {
     refusal: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tool_calls: Option<Vec<ToolCallView<'a>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    function_call: Option<FunctionView<'a>>,
 }
 
 #[derive(Serialize)]

@@ -141,7 +141,8 @@ fn choice_steps(choice: usize, reply: &Reply) -> Vec<Step> {
                 start = end;
             }
         }
-        Reply::ToolCalls(calls) => {
+        Reply::ToolCalls(_) | Reply::FunctionCall(_) => {
+            let calls = reply.calls();
             for (call, tool_call) in calls.iter().enumerate() {
                 steps.push(Step::ToolOpen { choice, call });
                 let arguments = tool_call.arguments.as_str();
@@ -185,18 +186,21 @@ impl ChunkStream {
             Step::Word { choice, start, end } => {
                 let text = match &self.completion.replies[choice] {
                     Reply::Text(text) => &text.content[start..end],
-                    Reply::ToolCalls(_) => "",
+                    Reply::ToolCalls(_) | Reply::FunctionCall(_) => "",
                 };
                 self.chunk(Some(self.choice(choice, Delta::Content(text), None)), None)
             }
             Step::ToolOpen { choice, call } => {
-                let delta = match self.call(choice, call) {
-                    Some(tool_call) => Delta::ToolOpen {
+                let delta = match (self.call(choice, call), self.legacy(choice)) {
+                    (Some(function_call), true) => Delta::FunctionOpen {
+                        name: &function_call.name,
+                    },
+                    (Some(tool_call), false) => Delta::ToolOpen {
                         index: call,
                         id: &tool_call.id,
                         name: &tool_call.name,
                     },
-                    None => Delta::Empty,
+                    (None, _) => Delta::Empty,
                 };
                 self.chunk(Some(self.choice(choice, delta, None)), None)
             }
@@ -206,12 +210,15 @@ impl ChunkStream {
                 start,
                 end,
             } => {
-                let delta = match self.call(choice, call) {
-                    Some(tool_call) => Delta::ToolArguments {
+                let delta = match (self.call(choice, call), self.legacy(choice)) {
+                    (Some(function_call), true) => {
+                        Delta::FunctionArguments(&function_call.arguments[start..end])
+                    }
+                    (Some(tool_call), false) => Delta::ToolArguments {
                         index: call,
                         fragment: &tool_call.arguments[start..end],
                     },
-                    None => Delta::Empty,
+                    (None, _) => Delta::Empty,
                 };
                 self.chunk(Some(self.choice(choice, delta, None)), None)
             }
@@ -224,10 +231,12 @@ impl ChunkStream {
     }
 
     fn call(&self, choice: usize, call: usize) -> Option<&super::answer::ToolCall> {
-        match &self.completion.replies[choice] {
-            Reply::ToolCalls(calls) => calls.get(call),
-            Reply::Text(_) => None,
-        }
+        self.completion.replies[choice].calls().get(call)
+    }
+
+    /// Whether the choice answers with the deprecated `function_call`.
+    fn legacy(&self, choice: usize) -> bool {
+        matches!(self.completion.replies[choice], Reply::FunctionCall(_))
     }
 
     fn choice<'a>(
@@ -308,6 +317,11 @@ enum Delta<'a> {
         index: usize,
         fragment: &'a str,
     },
+    /// The first chunk of a deprecated `function_call`: the role, null content, the name.
+    FunctionOpen {
+        name: &'a str,
+    },
+    FunctionArguments(&'a str),
     Empty,
 }
 
@@ -362,6 +376,31 @@ impl Serialize for Delta<'_> {
                 }];
                 let mut map = serializer.serialize_map(Some(1))?;
                 map.serialize_entry("tool_calls", &call)?;
+                map.end()
+            }
+            Delta::FunctionOpen { name } => {
+                let mut map = serializer.serialize_map(Some(4))?;
+                map.serialize_entry("role", "assistant")?;
+                map.serialize_entry("content", &None::<&str>)?;
+                map.serialize_entry(
+                    "function_call",
+                    &FunctionDelta {
+                        name: Some(name),
+                        arguments: "",
+                    },
+                )?;
+                map.serialize_entry("refusal", &None::<&str>)?;
+                map.end()
+            }
+            Delta::FunctionArguments(fragment) => {
+                let mut map = serializer.serialize_map(Some(1))?;
+                map.serialize_entry(
+                    "function_call",
+                    &FunctionDelta {
+                        name: None,
+                        arguments: fragment,
+                    },
+                )?;
                 map.end()
             }
             Delta::Empty => serializer.serialize_map(Some(0))?.end(),

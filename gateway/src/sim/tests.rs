@@ -391,6 +391,90 @@ async fn tool_choice_decides_which_tools_are_called() {
 }
 
 #[tokio::test]
+async fn deprecated_functions_are_answered_with_one_function_call_either_way() {
+    let sim = start(SimConfig::default()).await;
+    let functions = json!([
+        {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
+        {"name": "get_time"}
+    ]);
+    let base =
+        json!({"model": "m", "messages": question("Weather in Oslo?"), "functions": functions});
+    let whole = chat(&sim, &base).await;
+    let choice = &whole["choices"][0];
+    assert_eq!(choice["finish_reason"], "function_call");
+    assert!(choice["message"]["content"].is_null());
+    assert!(choice["message"].get("tool_calls").is_none(), "{whole}");
+    let call = &choice["message"]["function_call"];
+    assert_eq!(call["name"], "get_weather");
+    assert_eq!(
+        call.as_object().unwrap().len(),
+        2,
+        "name and arguments only"
+    );
+
+    // Streamed: the name and the role first, then the arguments in pieces.
+    let chunks =
+        json_chunks(&chat_stream(&sim, &with(base.clone(), json!({"stream": true}))).await);
+    let deltas: Vec<&Value> = chunks.iter().map(|c| &c["choices"][0]["delta"]).collect();
+    assert_eq!(deltas[0]["role"], "assistant");
+    assert_eq!(
+        deltas[0]["function_call"],
+        json!({"name": "get_weather", "arguments": ""})
+    );
+    let mut arguments = String::new();
+    for delta in &deltas[1..deltas.len() - 1] {
+        assert_eq!(delta.as_object().unwrap().len(), 1, "{delta}");
+        assert!(delta["function_call"].get("name").is_none());
+        arguments.push_str(delta["function_call"]["arguments"].as_str().unwrap());
+    }
+    assert!(deltas.len() > 3, "arguments come in pieces");
+    assert_eq!(arguments, call["arguments"].as_str().unwrap());
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "function_call"
+    );
+
+    let named = chat(
+        &sim,
+        &with(base.clone(), json!({"function_call": {"name": "get_time"}})),
+    )
+    .await;
+    assert_eq!(
+        named["choices"][0]["message"]["function_call"]["name"],
+        "get_time"
+    );
+    let none = chat(&sim, &with(base.clone(), json!({"function_call": "none"}))).await;
+    assert_eq!(none["choices"][0]["finish_reason"], "stop");
+    let answered = chat(
+        &sim,
+        &with(
+            base.clone(),
+            json!({"messages": [
+                {"role": "user", "content": "Weather in Oslo?"},
+                {"role": "assistant", "content": null, "function_call": {"name": "get_weather", "arguments": "{}"}},
+                {"role": "function", "name": "get_weather", "content": "Minus three"}
+            ]}),
+        ),
+    )
+    .await;
+    assert_eq!(answered["choices"][0]["finish_reason"], "stop");
+    for (extra, param) in [
+        (json!({"function_call": {"name": "nope"}}), "function_call"),
+        (json!({"functions": []}), "functions"),
+        (
+            json!({"functions": [{"name": "bad name"}]}),
+            "functions[0].name",
+        ),
+    ] {
+        let refused = post_json(&sim, "/chat/completions", &with(base.clone(), extra)).await;
+        assert_eq!(refused.status(), 400);
+        let body: Value = refused.json().await.unwrap();
+        assert_eq!(body["error"]["param"], param, "{body}");
+    }
+    sim.shutdown().await;
+}
+
+#[tokio::test]
 async fn after_a_tool_result_the_answer_is_text_that_uses_it() {
     let sim = start(SimConfig::default()).await;
     let whole = chat(
