@@ -639,7 +639,7 @@ impl RouteControl {
 
 #[cfg(test)]
 mod tests {
-    use forge_layer::guard::{Action, EventKind, GuardConfig};
+    use forge_layer::guard::{Action, EventKind, GuardConfig, ResponseKind};
     use forge_router::{Student, Target};
 
     use super::*;
@@ -721,8 +721,8 @@ mod tests {
     /// with it (`None`: nothing judged yet, or not verified).
     async fn judged_after_traffic(control: &RouteControl, guard: &Guard) -> Option<EventKind> {
         for _ in 0..200 {
-            guard.record("a", "t", 1000, false);
-            guard.record("a", "s", 1000, false);
+            guard.record("a", "t", ResponseKind::Json, 1000, false);
+            guard.record("a", "s", ResponseKind::Json, 1000, false);
         }
         tokio::time::advance(GuardConfig::default().interval / 2).await;
         let actions = guard.check(&control.router().load(), 0);

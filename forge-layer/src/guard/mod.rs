@@ -3,10 +3,11 @@
 //!
 //! Exchanges and feedback are recorded per arm as they finish. At each check, a student whose
 //! step has lasted the interval and seen the minimum traffic is judged on three gates: success
-//! rate, p99 latency against the teacher's, and mean feedback against the teacher's. Passing
-//! moves it to the next step of the plan; failing `max_failed_checks` times in a row rolls it
-//! back to 0. A step without enough traffic is *unverified*: neither passed nor failed.
-//! [`Guard::check`] only decides; the caller applies each [`Action`] through the router.
+//! rate, p99 latency against the teacher's (at the student's mix of streams and JSON answers),
+//! and mean feedback against the teacher's. Passing moves it to the next step of the plan;
+//! failing `max_failed_checks` times in a row rolls it back to 0. A step without enough traffic
+//! is *unverified*: neither passed nor failed. [`Guard::check`] only decides; the caller applies
+//! each [`Action`] through the router.
 
 mod window;
 
@@ -18,7 +19,7 @@ use forge_router::{CanaryShare, RoutingTable};
 use serde::Serialize;
 use tokio::time::Instant;
 
-pub use window::ArmWindow;
+pub use window::{ArmWindow, Mix, ResponseKind};
 
 /// The fewest feedback scores, on each side, for the feedback gate to count.
 const MIN_FEEDBACK: u64 = 10;
@@ -194,10 +195,17 @@ impl Guard {
     }
 
     /// Records one finished exchange of `model` on `alias`.
-    pub fn record(&self, alias: &str, model: &str, latency_us: u64, failed: bool) {
+    pub fn record(
+        &self,
+        alias: &str,
+        model: &str,
+        kind: ResponseKind,
+        latency_us: u64,
+        failed: bool,
+    ) {
         let mut state = self.lock();
         if let Some(stats) = route_stats(&mut state, alias) {
-            stats.for_windows_of(model, |w| w.record(latency_us, failed));
+            stats.for_windows_of(model, |w| w.record(kind, latency_us, failed));
         }
     }
 
@@ -478,7 +486,9 @@ impl Guard {
                 self.config.min_success_rate * 100.0
             ));
         }
-        match (student.p99_us(), teacher.p99_us()) {
+        // The teacher's p99 as it would be with the student's mix of streams and JSON answers:
+        // sticky keys can send one arm more streams, whose latency runs to their last event.
+        match (student.p99_us(), teacher.p99_us_at(student.mix())) {
             (Some(s), Some(t)) => {
                 let slack =
                     u64::try_from(self.config.latency_slack.as_micros()).unwrap_or(u64::MAX);

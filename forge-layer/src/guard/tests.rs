@@ -26,9 +26,9 @@ fn config() -> GuardConfig {
 
 fn traffic(guard: &Guard, student_errors_every: Option<u64>) {
     for i in 0..100 {
-        guard.record("a", "teacher", 1000, false);
+        guard.record("a", "teacher", ResponseKind::Json, 1000, false);
         let failed = student_errors_every.is_some_and(|n| i % n == 0);
-        guard.record("a", "student", 1000, failed);
+        guard.record("a", "student", ResponseKind::Json, 1000, failed);
     }
 }
 
@@ -96,7 +96,7 @@ async fn no_traffic_is_unverified_not_passed() {
     guard.check(&table(5.0), 0);
     tokio::time::advance(Duration::from_secs(11)).await;
     for _ in 0..10 {
-        guard.record("a", "student", 1000, false);
+        guard.record("a", "student", ResponseKind::Json, 1000, false);
     }
     assert!(guard.check(&table(5.0), 0).is_empty());
     let last = guard.events().last().cloned().unwrap();
@@ -105,7 +105,7 @@ async fn no_traffic_is_unverified_not_passed() {
     // The traffic keeps counting toward the same step; the teacher needs enough too. (A step
     // short of traffic is noted once an interval.)
     for _ in 0..40 {
-        guard.record("a", "student", 1000, false);
+        guard.record("a", "student", ResponseKind::Json, 1000, false);
     }
     tokio::time::advance(Duration::from_secs(10)).await;
     assert!(guard.check(&table(5.0), 0).is_empty());
@@ -117,7 +117,7 @@ async fn no_traffic_is_unverified_not_passed() {
         last.detail
     );
     for _ in 0..50 {
-        guard.record("a", "teacher", 1000, false);
+        guard.record("a", "teacher", ResponseKind::Json, 1000, false);
     }
     assert_eq!(guard.check(&table(5.0), 0)[0].kind, EventKind::SteppedUp);
 }
@@ -138,9 +138,9 @@ async fn two_students_in_canary_are_each_judged_on_their_own_traffic() {
     assert!(guard.check(&table, 0).is_empty());
     tokio::time::advance(Duration::from_secs(11)).await;
     for _ in 0..100 {
-        guard.record("a", "teacher", 1000, false);
-        guard.record("a", "s0", 1000, false);
-        guard.record("a", "s1", 1000, false);
+        guard.record("a", "teacher", ResponseKind::Json, 1000, false);
+        guard.record("a", "s0", ResponseKind::Json, 1000, false);
+        guard.record("a", "s1", ResponseKind::Json, 1000, false);
     }
     // Judging s0 must not wipe what s1 and the teacher did.
     let actions = guard.check(&table, 0);
@@ -163,8 +163,8 @@ async fn slow_or_worse_rated_students_fail_their_gates() {
     guard.check(&table(5.0), 0);
     tokio::time::advance(Duration::from_secs(11)).await;
     for _ in 0..100 {
-        guard.record("a", "teacher", 100_000, false);
-        guard.record("a", "student", 200_000, false);
+        guard.record("a", "teacher", ResponseKind::Json, 100_000, false);
+        guard.record("a", "student", ResponseKind::Json, 200_000, false);
     }
     let actions = guard.check(&table(5.0), 0);
     assert_eq!(actions[0].kind, EventKind::RolledBack);
@@ -204,17 +204,17 @@ async fn a_step_is_judged_on_traffic_from_its_start_not_on_the_teacher_s_past() 
     // The student sits at 0% (rolled back) while the teacher serves the route for a long time.
     guard.check(&table(0.0), 0);
     for _ in 0..1000 {
-        guard.record("a", "teacher", 1000, false);
+        guard.record("a", "teacher", ResponseKind::Json, 1000, false);
     }
     tokio::time::advance(Duration::from_secs(3600)).await;
     // Back in canary: its step starts now, and the teacher's old traffic does not count.
     assert!(guard.check(&table(10.0), 0).is_empty());
     tokio::time::advance(Duration::from_secs(11)).await;
     for _ in 0..60 {
-        guard.record("a", "student", 1000, false);
+        guard.record("a", "student", ResponseKind::Json, 1000, false);
     }
     for _ in 0..10 {
-        guard.record("a", "teacher", 1000, false);
+        guard.record("a", "teacher", ResponseKind::Json, 1000, false);
     }
     assert!(guard.check(&table(10.0), 0).is_empty());
     let last = guard.events().last().cloned().unwrap();
@@ -264,18 +264,18 @@ async fn students_that_enter_canary_together_are_not_judged_on_the_teacher_s_pas
     // Both sit at 0% while the teacher serves the route alone for a long time.
     guard.check(&two(0.0), 0);
     for _ in 0..1000 {
-        guard.record("a", "teacher", 1000, false);
+        guard.record("a", "teacher", ResponseKind::Json, 1000, false);
     }
     tokio::time::advance(Duration::from_secs(3600)).await;
     // Both enter canary in the same check: their steps start now, on fresh teacher traffic.
     assert!(guard.check(&two(5.0), 0).is_empty());
     tokio::time::advance(Duration::from_secs(11)).await;
     for _ in 0..60 {
-        guard.record("a", "s0", 1000, false);
-        guard.record("a", "s1", 1000, false);
+        guard.record("a", "s0", ResponseKind::Json, 1000, false);
+        guard.record("a", "s1", ResponseKind::Json, 1000, false);
     }
     for _ in 0..10 {
-        guard.record("a", "teacher", 1000, false);
+        guard.record("a", "teacher", ResponseKind::Json, 1000, false);
     }
     assert!(guard.check(&two(5.0), 0).is_empty(), "{:?}", guard.events());
     let events = guard.events();
@@ -295,13 +295,13 @@ async fn students_that_enter_canary_together_are_not_judged_on_the_teacher_s_pas
 
     // Judged together, both step up; their next steps are judged on fresh teacher traffic too.
     for _ in 0..100 {
-        guard.record("a", "teacher", 1000, false);
+        guard.record("a", "teacher", ResponseKind::Json, 1000, false);
     }
     assert_eq!(guard.check(&two(5.0), 0).len(), 2, "{:?}", guard.events());
     tokio::time::advance(Duration::from_secs(11)).await;
     for _ in 0..60 {
-        guard.record("a", "s0", 1000, false);
-        guard.record("a", "s1", 1000, false);
+        guard.record("a", "s0", ResponseKind::Json, 1000, false);
+        guard.record("a", "s1", ResponseKind::Json, 1000, false);
     }
     assert!(guard.check(&two(10.0), 0).is_empty());
     let events = guard.events();
@@ -413,8 +413,8 @@ async fn a_step_is_judged_on_the_teachers_traffic_of_its_own_time() {
     assert!(guard.check(&two(5.0, 0.0), 0).is_empty());
     // The teacher has a slow spell during s0's step, before s1's begins.
     for _ in 0..100 {
-        guard.record("a", "teacher", 10_000_000, false);
-        guard.record("a", "s0", 1_000, false);
+        guard.record("a", "teacher", ResponseKind::Json, 10_000_000, false);
+        guard.record("a", "s0", ResponseKind::Json, 1_000, false);
     }
     tokio::time::advance(Duration::from_secs(5)).await;
     assert!(
@@ -430,8 +430,8 @@ async fn a_step_is_judged_on_the_teachers_traffic_of_its_own_time() {
     );
     // Then the teacher is fast again, and s1 is slow.
     for _ in 0..100 {
-        guard.record("a", "teacher", 1_000, false);
-        guard.record("a", "s1", 2_000_000, false);
+        guard.record("a", "teacher", ResponseKind::Json, 1_000, false);
+        guard.record("a", "s1", ResponseKind::Json, 2_000_000, false);
     }
     tokio::time::advance(Duration::from_secs(5)).await;
     assert!(guard.check(&two(10.0, 5.0), 0).is_empty());
@@ -442,4 +442,55 @@ async fn a_step_is_judged_on_the_teachers_traffic_of_its_own_time() {
         "{last:?}"
     );
     assert!(last.detail.contains("p99"), "{}", last.detail);
+}
+
+#[tokio::test(start_paused = true)]
+async fn latency_is_compared_at_the_student_s_mix_of_streams() {
+    // Each kind takes the same time on either arm (1 ms answers, 100 ms streams), but sticky
+    // keys sent the student 10% streams and the teacher 0.5%. Over pooled samples the teacher's
+    // p99 would be 1 ms and the student's 100 ms: a rollback of a student as fast as its teacher.
+    let run = |student_stream_us: u64| {
+        let guard = Guard::new(GuardConfig {
+            max_failed_checks: 1,
+            ..config()
+        });
+        guard.check(&table(5.0), 0);
+        for i in 0..1000 {
+            let (kind, latency) = if i % 200 == 0 {
+                (ResponseKind::Stream, 100_000)
+            } else {
+                (ResponseKind::Json, 1_000)
+            };
+            guard.record("a", "teacher", kind, latency, false);
+        }
+        for i in 0..100 {
+            let (kind, latency) = if i % 10 == 0 {
+                (ResponseKind::Stream, student_stream_us)
+            } else {
+                (ResponseKind::Json, 1_000)
+            };
+            guard.record("a", "student", kind, latency, false);
+        }
+        guard
+    };
+    let same_speed = run(100_000);
+    tokio::time::advance(Duration::from_secs(11)).await;
+    let actions = same_speed.check(&table(5.0), 0);
+    let detail = same_speed.events().last().unwrap().detail.clone();
+    assert_eq!(actions[0].kind, EventKind::SteppedUp, "{detail}");
+    assert!(
+        detail.contains("p99 100.0 ms vs teacher 100.0 ms"),
+        "{detail}"
+    );
+
+    // Streams twice as slow as the teacher's are still caught.
+    let slower = run(200_000);
+    tokio::time::advance(Duration::from_secs(11)).await;
+    let actions = slower.check(&table(5.0), 0);
+    assert_eq!(
+        actions[0].kind,
+        EventKind::RolledBack,
+        "{:?}",
+        slower.events()
+    );
 }

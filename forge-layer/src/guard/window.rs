@@ -1,8 +1,49 @@
 //! Rolling per-arm statistics between two guard checks.
 
-/// The most latency samples kept per window; past that, reservoir sampling keeps a fair sample
-/// in fixed memory.
-const MAX_SAMPLES: usize = 20_000;
+/// The most latency samples kept per kind of response in a window; past that, reservoir
+/// sampling keeps a fair sample in fixed memory.
+const MAX_SAMPLES: usize = 10_000;
+
+/// How an exchange was answered. A stream's latency runs to its last event and a JSON body's
+/// to its whole answer, so the two are sampled apart and compared like with like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseKind {
+    /// A whole JSON body.
+    Json,
+    /// An SSE stream.
+    Stream,
+}
+
+/// A fair sample of latencies, in fixed memory.
+#[derive(Debug, Clone, Default)]
+struct Reservoir {
+    /// Every latency offered, kept or not.
+    seen: u64,
+    samples_us: Vec<u64>,
+    /// State of the sampler (xorshift), so sampling needs no global RNG.
+    seed: u64,
+}
+
+impl Reservoir {
+    fn add(&mut self, latency_us: u64) {
+        self.seen += 1;
+        if self.samples_us.len() < MAX_SAMPLES {
+            self.samples_us.push(latency_us);
+            return;
+        }
+        self.seed ^= self.seed << 13 | 1;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        let slot = self.seed % self.seen;
+        if let Some(s) = self.samples_us.get_mut(slot as usize) {
+            *s = latency_us;
+        }
+    }
+}
+
+/// The share of each kind of response (JSON, stream) in some traffic.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Mix([f64; 2]);
 
 /// What one arm did since the last check.
 #[derive(Debug, Clone, Default)]
@@ -11,11 +52,10 @@ pub struct ArmWindow {
     pub requests: u64,
     /// Of those, upstream 5xx, gateway timeouts and broken bodies.
     pub errors: u64,
-    latencies_us: Vec<u64>,
+    /// Latencies by [`ResponseKind`]: JSON, then stream.
+    latencies: [Reservoir; 2],
     feedback_sum: f64,
     feedback_n: u64,
-    /// State of the sampler (xorshift), so sampling needs no global RNG.
-    seed: u64,
     /// When the window began (Unix milliseconds): feedback on an exchange from before then
     /// belongs to an earlier step, not to this one.
     since_ms: u64,
@@ -36,22 +76,12 @@ impl ArmWindow {
     }
 
     /// Records one finished exchange.
-    pub fn record(&mut self, latency_us: u64, failed: bool) {
+    pub fn record(&mut self, kind: ResponseKind, latency_us: u64, failed: bool) {
         self.requests += 1;
         if failed {
             self.errors += 1;
         }
-        if self.latencies_us.len() < MAX_SAMPLES {
-            self.latencies_us.push(latency_us);
-        } else {
-            self.seed ^= self.seed << 13 | 1;
-            self.seed ^= self.seed >> 7;
-            self.seed ^= self.seed << 17;
-            let slot = self.seed % self.requests;
-            if let Some(s) = self.latencies_us.get_mut(slot as usize) {
-                *s = latency_us;
-            }
-        }
+        self.latencies[kind as usize].add(latency_us);
     }
 
     /// Records a feedback score (0–100).
@@ -65,15 +95,44 @@ impl ArmWindow {
         (self.requests > 0).then(|| 1.0 - self.errors as f64 / self.requests as f64)
     }
 
-    /// The 99th-percentile latency in microseconds (nearest rank).
+    /// This window's own mix of JSON and stream responses.
+    pub fn mix(&self) -> Mix {
+        let share = |r: &Reservoir| r.seen as f64 / self.requests.max(1) as f64;
+        Mix([share(&self.latencies[0]), share(&self.latencies[1])])
+    }
+
+    /// The 99th-percentile latency in microseconds (nearest rank) of this window's traffic.
     pub fn p99_us(&self) -> Option<u64> {
-        if self.latencies_us.is_empty() {
-            return None;
+        self.p99_us_at(self.mix())
+    }
+
+    /// The 99th-percentile latency this arm would have had with `mix` of JSON and stream
+    /// responses: each kind's samples weighted by its share in `mix`. The teacher's p99 at a
+    /// student's mix is what the student's is judged against, so that an arm that happened to
+    /// get more long streams is not taken for a slower one. A kind this window has no samples
+    /// of is left out, and the rest stand for the whole.
+    pub fn p99_us_at(&self, mix: Mix) -> Option<u64> {
+        let mut weighted: Vec<(u64, f64)> = Vec::new();
+        for (reservoir, share) in self.latencies.iter().zip(mix.0) {
+            if reservoir.samples_us.is_empty() || share <= 0.0 {
+                continue;
+            }
+            let weight = share / reservoir.samples_us.len() as f64;
+            weighted.extend(reservoir.samples_us.iter().map(|&l| (l, weight)));
         }
-        let mut sorted = self.latencies_us.clone();
-        sorted.sort_unstable();
-        let rank = (sorted.len() as f64 * 0.99).ceil() as usize;
-        sorted.get(rank.saturating_sub(1)).copied()
+        weighted.sort_unstable_by_key(|&(latency, _)| latency);
+        let total: f64 = weighted.iter().map(|&(_, w)| w).sum();
+        // The relative slack absorbs rounding in the sum: with equal weights this is the
+        // nearest-rank percentile exactly.
+        let rank = total * 0.99 * (1.0 - 1e-9);
+        let mut below = 0.0;
+        for &(latency, weight) in &weighted {
+            below += weight;
+            if below >= rank {
+                return Some(latency);
+            }
+        }
+        weighted.last().map(|&(latency, _)| latency)
     }
 
     /// The mean feedback score, if any feedback came in.
@@ -95,8 +154,9 @@ mod tests {
     fn rates_and_percentiles() {
         let mut w = ArmWindow::default();
         assert_eq!(w.success_rate(), None);
+        assert_eq!(w.p99_us(), None);
         for i in 1..=100 {
-            w.record(i * 1000, i % 20 == 0);
+            w.record(ResponseKind::Json, i * 1000, i % 20 == 0);
         }
         assert_eq!(w.success_rate(), Some(0.95));
         assert_eq!(w.p99_us(), Some(99_000));
@@ -109,11 +169,34 @@ mod tests {
     fn memory_stays_bounded_past_the_sample_cap() {
         let mut w = ArmWindow::default();
         for i in 0..(MAX_SAMPLES as u64 * 3) {
-            w.record(i, false);
+            w.record(ResponseKind::Stream, i, false);
         }
-        assert_eq!(w.latencies_us.len(), MAX_SAMPLES);
+        assert_eq!(w.latencies[1].samples_us.len(), MAX_SAMPLES);
         assert_eq!(w.requests, MAX_SAMPLES as u64 * 3);
-        // A fair sample of 0..60000 has its p99 near the top.
+        // A fair sample of 0..30000 has its p99 near the top.
         assert!(w.p99_us().unwrap() > (MAX_SAMPLES as u64 * 3) * 9 / 10);
+    }
+
+    #[test]
+    fn a_p99_at_another_mix_weighs_each_kind_by_its_share_there() {
+        // 900 fast JSON answers (1–900 µs) and 100 slow streams (100.001–100.1 ms).
+        let mut w = ArmWindow::default();
+        for i in 1..=900 {
+            w.record(ResponseKind::Json, i, false);
+        }
+        for i in 1..=100 {
+            w.record(ResponseKind::Stream, 100_000 + i, false);
+        }
+        // Its own mix, 10% streams: the p99 is among the streams, and a plain nearest rank.
+        assert_eq!(w.p99_us(), Some(100_090));
+        // With only 0.5% streams, the 99th percentile falls among the JSON answers.
+        let mostly_json = Mix([0.995, 0.005]);
+        let p99 = w.p99_us_at(mostly_json).unwrap();
+        assert!((890..=900).contains(&p99), "{p99}");
+        // A kind the window never saw is left out, whatever its share in the mix.
+        let mut json_only = ArmWindow::default();
+        json_only.record(ResponseKind::Json, 7, false);
+        assert_eq!(json_only.p99_us_at(Mix([0.0, 1.0])), None);
+        assert_eq!(json_only.p99_us_at(Mix([0.5, 0.5])), Some(7));
     }
 }

@@ -10,7 +10,7 @@ use axum::body::Body;
 use axum::response::IntoResponse;
 use bytes::Bytes;
 use forge_layer::capture::{Capture, DurableAck, PendingTrace, TraceSink};
-use forge_layer::guard::Guard;
+use forge_layer::guard::{Guard, ResponseKind};
 use forge_layer::store::{Ticket, TraceWriter};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, header};
 use tower::Service;
@@ -102,9 +102,15 @@ impl TraceSink for Sink {
         if meta.canary
             && let Some(guard) = &self.0.guard
         {
+            let kind = if meta.stream {
+                ResponseKind::Stream
+            } else {
+                ResponseKind::Json
+            };
             guard.record(
                 &meta.alias,
                 &meta.model,
+                kind,
                 trace.latency_us(),
                 trace.failed_upstream(),
             );
