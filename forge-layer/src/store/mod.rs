@@ -19,7 +19,7 @@ use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use redb::{Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use crate::trace::{Trace, TraceId};
 use open::{Handle, OpenDb};
@@ -118,6 +118,14 @@ pub enum StoreError {
         "the store {0} is damaged ({1}): move it aside (or restore a backup), and the gateway makes a new one at its next start"
     )]
     Damaged(PathBuf, String),
+    /// A command that only reads met a store a crash left unrecovered, and may not write it.
+    #[error(
+        "the store {0} was not closed cleanly, and recovering it writes to it: run the command as a user who may write the file, or start the gateway on it once"
+    )]
+    NeedsRecovery(PathBuf),
+    /// The store was opened read-only (by a command that only reads), and something wrote.
+    #[error("the store {0} was opened read-only")]
+    ReadOnly(PathBuf),
     /// The store was written by a newer Forge, in a layout this build does not know.
     #[error(
         "the store {path} has format {found}, and this build of Forge reads format {STORE_FORMAT} at most: run the newer Forge that wrote it, or point `capture.data_dir` elsewhere"
@@ -173,8 +181,11 @@ impl Store {
         Self::open_dir_with_cache(dir, DEFAULT_CACHE_BYTES)
     }
 
-    /// Opens `DIR/forge.redb` for a command that reads it: a directory without one is an error,
-    /// not a new empty store (a mistyped `--data-dir` would otherwise quietly show nothing).
+    /// Opens `DIR/forge.redb` read-only, for a command that reads it: it then needs only read
+    /// access to the file, and changes nothing in it. A store a crash left unrecovered is opened
+    /// for writing instead, which recovers it, as the gateway's next start would. A directory
+    /// without one is an error, not a new empty store (a mistyped `--data-dir` would otherwise
+    /// quietly show nothing).
     pub fn open_existing_dir(dir: &Path) -> Result<Self, StoreError> {
         let path = dir.join(STORE_FILE);
         match std::fs::metadata(&path) {
@@ -184,7 +195,19 @@ impl Store {
                 path,
                 "the file is empty, as a copy or a restore cut short leaves one".into(),
             )),
-            Ok(meta) if meta.is_file() => Self::open(&path, DEFAULT_CACHE_BYTES),
+            Ok(meta) if meta.is_file() => {
+                match OpenDb::open_read_only(&path, DEFAULT_CACHE_BYTES) {
+                    Ok(db) => Self::from_db(db),
+                    // Left by a crash: open it as the gateway does, which recovers it (quickly,
+                    // from the allocator state every commit saves), if this user may write it.
+                    Err(StoreError::NeedsRecovery(_)) => Self::open(&path, DEFAULT_CACHE_BYTES)
+                        .map_err(|e| match e {
+                            StoreError::Open(..) => StoreError::NeedsRecovery(path),
+                            other => other,
+                        }),
+                    Err(e) => Err(e),
+                }
+            }
             Ok(_) => Err(StoreError::NoStore(path)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(StoreError::NoStore(path)),
             // Permission denied, say: the store is there, and this is why it cannot be read.
@@ -222,6 +245,16 @@ impl Store {
             db: Arc::new(db),
             unsettled: Arc::default(),
         };
+        if store.db.is_read_only() {
+            let found = store.format()?;
+            if found > STORE_FORMAT {
+                return Err(StoreError::NewerFormat {
+                    path: store.path().to_path_buf(),
+                    found,
+                });
+            }
+            return Ok(store);
+        }
         // Create the tables up front so that readers never meet a missing table.
         store.write(|txn| {
             txn.open_table(TRACES).map_err(db_err)?;
@@ -266,10 +299,20 @@ impl Store {
         Ok(store)
     }
 
-    /// The format version the store is written in ([`STORE_FORMAT`] once this build opened it).
+    /// The format version the store is written in ([`STORE_FORMAT`] once this build opened it
+    /// for writing; 1 for a store from before the version was kept).
     pub fn format(&self) -> Result<u64, StoreError> {
-        self.read(|txn| format_of(&txn.open_table(META).map_err(db_err)?))
-            .map(|found| found.unwrap_or(STORE_FORMAT))
+        self.read(|txn| match txn.open_table(META) {
+            Ok(meta) => format_of(&meta).map_err(|e| {
+                StoreError::Damaged(
+                    self.path().to_path_buf(),
+                    format!("its format version is unreadable: {e}"),
+                )
+            }),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+            Err(e) => Err(db_err(e)),
+        })
+        .map(|found| found.unwrap_or(1))
     }
 
     /// The file path.
@@ -298,7 +341,10 @@ impl Store {
         f: impl FnOnce(&redb::WriteTransaction) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let Handle { db, generation } = self.db.handle()?;
-        let begun = db.begin_write().map_err(db_err);
+        let begun = match db.writable() {
+            Some(db) => db.begin_write().map_err(db_err),
+            None => Err(StoreError::ReadOnly(self.path().to_path_buf())),
+        };
         drop(db);
         let written = std::panic::catch_unwind(AssertUnwindSafe(|| {
             begun.and_then(|mut txn| {
@@ -341,6 +387,9 @@ impl Store {
     /// fault-injection tests (a stalled store) and maintenance.
     pub fn hold_write_lock(&self) -> Result<WriteLock, StoreError> {
         let Handle { db, .. } = self.db.handle()?;
+        let db = db
+            .writable()
+            .ok_or_else(|| StoreError::ReadOnly(self.path().to_path_buf()))?;
         Ok(WriteLock(Some(db.begin_write().map_err(db_err)?)))
     }
 

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockWriteGuard};
 use std::time::Duration;
 
-use redb::{Builder, Database, RepairSession};
+use redb::{Builder, Database, ReadOnlyDatabase, ReadableDatabase, RepairSession};
 
 use super::StoreError;
 
@@ -23,7 +23,40 @@ const FIRST_PAUSE: Duration = Duration::from_millis(10);
 const MAX_PAUSE: Duration = Duration::from_secs(1);
 
 /// Opens the database: its file, or another redb storage backend.
-type Opener = Box<dyn Fn() -> Result<Database, StoreError> + Send + Sync>;
+type Opener = Box<dyn Fn() -> Result<Db, StoreError> + Send + Sync>;
+
+/// An open database: writable, as the gateway has it, or read-only, as the CLI's reading
+/// commands open it (they then need only read access to the file, and change nothing in it).
+pub(super) enum Db {
+    Writable(Database),
+    ReadOnly(ReadOnlyDatabase),
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Db::Writable(_) => "Db::Writable",
+            Db::ReadOnly(_) => "Db::ReadOnly",
+        })
+    }
+}
+
+impl Db {
+    pub(super) fn begin_read(&self) -> Result<redb::ReadTransaction, redb::TransactionError> {
+        match self {
+            Db::Writable(db) => db.begin_read(),
+            Db::ReadOnly(db) => db.begin_read(),
+        }
+    }
+
+    /// The database to write to; `None` when it was opened read-only.
+    pub(super) fn writable(&self) -> Option<&Database> {
+        match self {
+            Db::Writable(db) => Some(db),
+            Db::ReadOnly(_) => None,
+        }
+    }
+}
 
 /// The database file and, while it is open, its handle.
 pub(super) struct OpenDb {
@@ -31,6 +64,7 @@ pub(super) struct OpenDb {
     opener: Opener,
     slot: RwLock<Slot>,
     full_repairs: Arc<AtomicU64>,
+    read_only: bool,
 }
 
 impl std::fmt::Debug for OpenDb {
@@ -44,7 +78,7 @@ impl std::fmt::Debug for OpenDb {
 #[derive(Debug)]
 struct Slot {
     /// `None` while a reopen runs.
-    db: Option<Arc<Database>>,
+    db: Option<Arc<Db>>,
     /// Counts the openings, so that a failure reported late never closes a newer opening.
     generation: u64,
 }
@@ -52,7 +86,7 @@ struct Slot {
 /// The database for one operation, and the opening it belongs to. Drop `db` as soon as the
 /// transaction has begun: a reopen waits for every handle to be gone before it closes the file.
 pub(super) struct Handle {
-    pub(super) db: Arc<Database>,
+    pub(super) db: Arc<Db>,
     pub(super) generation: u64,
 }
 
@@ -64,9 +98,34 @@ impl OpenDb {
         let file = path.to_path_buf();
         Self::with_opener(
             path,
-            Box::new(move || open(&|builder| open_database(&file, &builder))),
+            Box::new(move || open(&|builder| open_database(&file, &builder).map(Db::Writable))),
             full_repairs,
         )
+    }
+
+    /// Opens an existing file read-only. A file that was not closed cleanly is refused
+    /// ([`StoreError::NeedsRecovery`]): even the quick recovery writes to it.
+    pub(super) fn open_read_only(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
+        let full_repairs = Arc::default();
+        let open = counting_repairs(path, cache_bytes, &full_repairs);
+        let file = path.to_path_buf();
+        Self::with_opener(
+            path,
+            Box::new(move || {
+                open(&|builder| {
+                    builder
+                        .open_read_only(&file)
+                        .map(Db::ReadOnly)
+                        .map_err(|e| open_error(&file, e))
+                })
+            }),
+            full_repairs,
+        )
+    }
+
+    /// Whether the database was opened read-only.
+    pub(super) fn is_read_only(&self) -> bool {
+        self.read_only
     }
 
     /// Opens (or creates) a database on `backend`, named `name` in messages. A reopen starts
@@ -87,6 +146,7 @@ impl OpenDb {
                 open(&|builder| {
                     builder
                         .create_with_backend(backend.clone())
+                        .map(Db::Writable)
                         .map_err(super::db_err)
                 })
             }),
@@ -103,6 +163,7 @@ impl OpenDb {
         Ok(Self {
             path: path.to_path_buf(),
             opener,
+            read_only: db.writable().is_none(),
             slot: RwLock::new(Slot {
                 db: Some(Arc::new(db)),
                 generation: 0,
@@ -163,7 +224,7 @@ impl OpenDb {
         }
     }
 
-    fn reopen(self: Arc<Self>, mut old: Arc<Database>) {
+    fn reopen(self: Arc<Self>, mut old: Arc<Db>) {
         // Others hold a handle only until they have begun a transaction.
         let db = loop {
             match Arc::try_unwrap(old) {
@@ -219,10 +280,8 @@ fn counting_repairs(
     name: &Path,
     cache_bytes: usize,
     full_repairs: &Arc<AtomicU64>,
-) -> impl Fn(&dyn Fn(Builder) -> Result<Database, StoreError>) -> Result<Database, StoreError>
-+ Send
-+ Sync
-+ 'static {
+) -> impl Fn(&dyn Fn(Builder) -> Result<Db, StoreError>) -> Result<Db, StoreError> + Send + Sync + 'static
+{
     let name = name.to_path_buf();
     let full_repairs = Arc::clone(full_repairs);
     move |open| {
@@ -252,7 +311,7 @@ fn counting_repairs(
 /// Calls `opener`. A damaged file can make redb panic while it opens it ("unreachable code");
 /// that becomes an error naming the file, and a reopen after an I/O error keeps trying instead
 /// of losing its thread.
-fn open_guarded(path: &Path, opener: &Opener) -> Result<Database, StoreError> {
+fn open_guarded(path: &Path, opener: &Opener) -> Result<Db, StoreError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(opener)).unwrap_or_else(|panic| {
         let message = panic
             .downcast_ref::<String>()
@@ -347,6 +406,8 @@ fn sync_dir(path: &Path) {
 fn open_error(path: &Path, e: redb::DatabaseError) -> StoreError {
     match e {
         redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(path.to_path_buf()),
+        // Only a read-only open declines a recovery.
+        redb::DatabaseError::RepairAborted => StoreError::NeedsRecovery(path.to_path_buf()),
         other => StoreError::Open(path.to_path_buf(), other.to_string()),
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use forge_router::Arm;
+use redb::ReadableDatabase;
 
 use super::*;
 use crate::capture::{BodyEnd, CaptureSession, ExchangeMeta};
@@ -184,6 +185,45 @@ async fn second_open_of_a_busy_file_says_how_to_read_it() {
     assert!(matches!(err, StoreError::InUse(_)));
     assert!(err.to_string().contains("--admin"), "{err}");
     assert!(err.to_string().contains("capture.data_dir"), "{err}");
+}
+
+#[test]
+fn a_command_that_only_reads_opens_the_store_read_only_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(STORE_FILE);
+    let id = TraceId::earliest_at(5_000);
+    {
+        let store = Store::open_dir(dir.path()).unwrap();
+        store.insert_encoded([(id, &b"{}"[..])]).unwrap();
+    }
+    // From before the format was kept: a writable open would add it.
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(META).unwrap().remove(FORMAT_KEY).unwrap();
+        txn.commit().unwrap();
+    }
+    let before = std::fs::read(&path).unwrap();
+
+    let store = Store::open_existing_dir(dir.path()).unwrap();
+    assert_eq!(store.trace_count().unwrap(), 1);
+    assert_eq!(store.format().unwrap(), 1);
+    assert_eq!(store.meta::<u64>(FORMAT_KEY).unwrap(), None);
+    let refused = store.put_meta("x", &1).unwrap_err();
+    assert!(matches!(refused, StoreError::ReadOnly(_)), "{refused:?}");
+    // Readers share the file; a writer cannot have it meanwhile, nor it a writer's.
+    let second = Store::open_existing_dir(dir.path()).unwrap();
+    assert_eq!(second.trace_count().unwrap(), 1);
+    assert!(matches!(
+        Store::open_dir(dir.path()),
+        Err(StoreError::InUse(_))
+    ));
+    drop((store, second));
+    assert_eq!(std::fs::read(&path).unwrap(), before, "not a byte changed");
+
+    let _writer = Store::open_dir(dir.path()).unwrap();
+    let busy = Store::open_existing_dir(dir.path()).unwrap_err();
+    assert!(matches!(busy, StoreError::InUse(_)), "{busy:?}");
 }
 
 #[tokio::test]
