@@ -44,6 +44,9 @@ pub(crate) async fn respond(
     model: &str,
     request: &Map<String, Value>,
 ) -> Response {
+    if let Some(refusal) = state.refuse_unknown_model(model) {
+        return refusal;
+    }
     let behavior = state.behavior(model);
     if !behavior.first_byte_delay.is_zero() {
         tokio::time::sleep(behavior.first_byte_delay).await;

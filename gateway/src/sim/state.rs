@@ -159,6 +159,36 @@ impl SimState {
         }
     }
 
+    /// The answer to a chat request for a model this upstream does not serve: an OpenAI
+    /// fine-tuned name (`ft:`) that no succeeded job produced (yet), or a LoRA adapter vLLM has
+    /// unloaded. Other names are served as base models; a model with a configured behaviour is
+    /// always served.
+    pub(crate) fn refuse_unknown_model(&self, model: &str) -> Option<axum::response::Response> {
+        use axum::response::IntoResponse;
+        if self
+            .behaviors
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(model)
+        {
+            return None;
+        }
+        let mut guard = self.storage();
+        let storage = &mut *guard;
+        if model.starts_with("ft:") {
+            let trained = storage
+                .jobs
+                .succeeded_models(tokio::time::Instant::now(), &mut storage.files)
+                .into_iter()
+                .any(|(name, _)| name == model);
+            return (!trained).then(|| ApiError::model_not_found(model).into_response());
+        }
+        storage
+            .lora
+            .was_unloaded(model)
+            .then(|| super::vllm::model_not_found(model))
+    }
+
     /// Whether this request to `model` is one that `fail_every` makes fail.
     pub(crate) fn fails_now(&self, model: &str, every: Option<u64>) -> bool {
         let every = every.unwrap_or(1).max(1);

@@ -859,7 +859,7 @@ async fn models_lists_configured_and_base_models() {
 }
 
 #[tokio::test]
-async fn poor_quality_is_generic_and_fine_tuned_models_answer_well() {
+async fn poor_quality_is_generic_and_an_untrained_fine_tuned_name_is_not_found() {
     let sim = start(SimConfig {
         default_behavior: ModelBehavior {
             quality: Quality::Poor,
@@ -879,17 +879,16 @@ async fn poor_quality_is_generic_and_fine_tuned_models_answer_well() {
         "{poor}"
     );
     assert!(!poor.contains("volcanoes"));
-    let tuned = chat(
+    // No job produced this model (a route to a student whose job has not succeeded, say).
+    let untrained = post_json(
         &sim,
+        "/chat/completions",
         &json!({"model": "ft:gpt-4o-mini:forge-sim::abcd1234", "messages": messages}),
     )
     .await;
-    assert!(
-        tuned["choices"][0]["message"]["content"]
-            .as_str()
-            .unwrap()
-            .contains("volcanoes")
-    );
+    assert_eq!(untrained.status(), 404);
+    let error: Value = untrained.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "model_not_found");
     sim.shutdown().await;
 }
 
@@ -1100,7 +1099,15 @@ pub(super) async fn wait_for_final(sim: &SimHandle, id: &str) -> Value {
 
 #[tokio::test]
 async fn fine_tuning_job_succeeds_and_its_model_is_served() {
-    let sim = start(tiny_timings()).await;
+    // Base models answer poorly here, so a good answer is the fine-tuned model's own.
+    let sim = start(SimConfig {
+        default_behavior: ModelBehavior {
+            quality: Quality::Poor,
+            ..ModelBehavior::default()
+        },
+        ..tiny_timings()
+    })
+    .await;
     let file = upload_ok(&sim, "train.jsonl", "fine-tune", training_file(12)).await;
     let file_id = file["id"].as_str().unwrap();
     let job = create_job(

@@ -6,8 +6,8 @@ use reqwest::multipart::{Form, Part};
 use serde_json::{Value, json};
 
 use super::tests::{
-    DEADLINE, chat, client, create_job, get_json, question, start, tiny_timings, training_file,
-    upload_ok, wait_for_final,
+    DEADLINE, chat, client, create_job, get_json, post_json, question, start, tiny_timings,
+    training_file, upload_ok, wait_for_final,
 };
 use super::*;
 
@@ -837,6 +837,19 @@ async fn lora_adapters_load_from_known_paths_and_serve_chat() {
     let (status, body) = lora(&sim, "unload", &json!({"lora_name": "student-v1"})).await;
     assert_eq!(status, 404);
     assert!(body.contains("cannot be found"));
+    // Unloaded, it is served no more.
+    let gone = post_json(
+        &sim,
+        "/chat/completions",
+        &json!({"model": "student-v1", "messages": question("Why do volcanoes erupt?")}),
+    )
+    .await;
+    assert_eq!(gone.status(), 404);
+    let error: Value = gone.json().await.unwrap();
+    assert_eq!(
+        error["error"]["message"],
+        "The model `student-v1` does not exist."
+    );
     let (_, models) = get_json(&sim, "/models").await;
     assert!(!models.to_string().contains("student-v1"));
     sim.shutdown().await;

@@ -23,6 +23,8 @@ use super::state::SimState;
 pub(crate) struct LoraStore {
     adapters: Vec<Adapter>,
     paths: BTreeSet<String>,
+    /// Adapters unloaded and not loaded again: vLLM serves them no more.
+    unloaded: BTreeSet<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -35,6 +37,11 @@ pub(crate) struct Adapter {
 impl LoraStore {
     pub(crate) fn is_loaded(&self, name: &str) -> bool {
         self.adapters.iter().any(|adapter| adapter.name == name)
+    }
+
+    /// Whether `name` is an adapter that was unloaded (and not loaded again).
+    pub(crate) fn was_unloaded(&self, name: &str) -> bool {
+        self.unloaded.contains(name)
     }
 
     /// The loaded adapters, in load order.
@@ -67,6 +74,15 @@ fn error(status: StatusCode, kind: &str, message: String) -> Response {
             "param": null,
             "code": status.as_u16(),
         }}),
+    )
+}
+
+/// What vLLM answers a request for a model it does not serve.
+pub(crate) fn model_not_found(model: &str) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "NotFoundError",
+        format!("The model `{model}` does not exist."),
     )
 }
 
@@ -136,6 +152,7 @@ pub(crate) async fn load(State(state): State<Arc<SimState>>, body: Bytes) -> Res
         );
     }
     storage.lora.adapters.retain(|adapter| adapter.name != name);
+    storage.lora.unloaded.remove(name);
     storage.lora.adapters.push(Adapter {
         name: name.to_owned(),
         path: path.to_owned(),
@@ -167,6 +184,7 @@ pub(crate) async fn unload(State(state): State<Arc<SimState>>, body: Bytes) -> R
         );
     }
     storage.lora.adapters.retain(|adapter| adapter.name != name);
+    storage.lora.unloaded.insert(name.to_owned());
     text(format!(
         "Success: LoRA adapter '{name}' removed successfully."
     ))
