@@ -68,6 +68,7 @@ fn sim_config() -> SimConfig {
         cluster: ClusterTimings {
             pending: tiny,
             running: tiny * 2,
+            finishing: tiny,
         },
         api_key: Some(API_KEY.into()),
         arm_token: Some(ARM_TOKEN.into()),
@@ -1046,6 +1047,52 @@ async fn kubernetes_backoff_limit_exceeded_is_a_failure() {
         "{error}"
     );
 
+    server.abort();
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn kubernetes_interim_conditions_are_running_not_final() {
+    // Long enough to be seen: the Job shows only its interim condition for two seconds.
+    let mut config = sim_config();
+    config.cluster.finishing = Duration::from_secs(2);
+    let sim = start(config).await;
+    let dataset: String = (0..12).map(|i| line(i) + "\n").collect();
+    let (dataset_url, server) = dataset_server(dataset).await;
+    for (env, job_id, interim, terminal) in [
+        (&[][..], "01JOBKINTERIMOK", "SuccessCriteriaMet", "Complete"),
+        (
+            &[("FORGE_SIM_FAIL", "1")][..],
+            "01JOBKINTERIMFAIL",
+            "FailureTarget",
+            "Failed",
+        ),
+    ] {
+        let provider = kubernetes(&sim, env);
+        let submitted = provider
+            .submit(&k8s_request(job_id, &dataset_url, DATASET_TOKEN))
+            .await
+            .unwrap();
+        let deadline = Instant::now() + DEADLINE;
+        let seen = loop {
+            assert!(Instant::now() < deadline, "{interim} never seen");
+            let progress = provider.poll(&submitted.provider_job_id).await.unwrap();
+            if progress.provider_status == interim {
+                break progress;
+            }
+            assert!(
+                matches!(
+                    progress.state,
+                    ProviderState::Queued | ProviderState::Running
+                ),
+                "final before {interim}: {progress:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        };
+        assert_eq!(seen.state, ProviderState::Running, "{seen:?}");
+        let done = until_final(&provider, &submitted.provider_job_id).await;
+        assert_eq!(done.provider_status, terminal, "{done:?}");
+    }
     server.abort();
     sim.shutdown().await;
 }

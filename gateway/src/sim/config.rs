@@ -152,6 +152,10 @@ pub struct ClusterTimings {
     pub pending: Duration,
     /// How long the training container runs. A dataset fetch that takes longer extends it.
     pub running: Duration,
+    /// From the container's exit until the Job's terminal condition (`Complete`, `Failed`):
+    /// meanwhile the Job shows only the interim one (`SuccessCriteriaMet`, `FailureTarget`),
+    /// which is not final, and the adapter is not yet in place.
+    pub finishing: Duration,
 }
 
 impl Default for ClusterTimings {
@@ -159,6 +163,7 @@ impl Default for ClusterTimings {
         Self {
             pending: Duration::from_secs(1),
             running: Duration::from_secs(3),
+            finishing: Duration::from_millis(500),
         }
     }
 }
@@ -198,6 +203,7 @@ impl SimConfig {
     /// [cluster]
     /// pending_ms = 1000               # Kubernetes Job: pod pending
     /// running_ms = 3000               # Kubernetes Job: pod running
+    /// finishing_ms = 500              # Kubernetes Job: interim condition before the final one
     /// ```
     pub fn from_toml_str(text: &str) -> Result<SimConfig, String> {
         let raw: RawSimConfig = toml::from_str(text)
@@ -233,6 +239,7 @@ struct RawAzureTimings {
 struct RawClusterTimings {
     pending_ms: Option<u64>,
     running_ms: Option<u64>,
+    finishing_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -293,6 +300,7 @@ impl RawSimConfig {
             ClusterTimings {
                 pending: millis_or(raw.pending_ms, defaults.pending),
                 running: millis_or(raw.running_ms, defaults.running),
+                finishing: millis_or(raw.finishing_ms, defaults.finishing),
             }
         });
         Ok(SimConfig {

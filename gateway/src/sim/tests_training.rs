@@ -26,6 +26,7 @@ fn fast() -> SimConfig {
         cluster: ClusterTimings {
             pending: Duration::from_millis(20),
             running: Duration::from_millis(50),
+            finishing: Duration::from_millis(20),
         },
         ..tiny_timings()
     }
@@ -969,6 +970,69 @@ async fn dataset_url(sim: &SimHandle, key: &str, content: Vec<u8>) -> String {
 }
 
 #[tokio::test]
+async fn a_k8s_job_shows_its_interim_condition_alone_before_the_final_one() {
+    let sim = start(SimConfig {
+        cluster_token: Some(SA_TOKEN.into()),
+        cluster: ClusterTimings {
+            pending: Duration::from_millis(20),
+            running: Duration::from_millis(50),
+            // Long enough to be seen by a poll every 10 ms.
+            finishing: Duration::from_secs(2),
+        },
+        ..fast()
+    })
+    .await;
+    for (name, env, interim, terminal) in [
+        (
+            "forge-lora-ok",
+            json!([{"name": "FORGE_OUTPUT_DIR", "value": "/data/adapters/ok"}]),
+            "SuccessCriteriaMet",
+            "Complete",
+        ),
+        (
+            "forge-lora-bad",
+            json!([{"name": "FORGE_SIM_FAIL", "value": "1"}]),
+            "FailureTarget",
+            "Failed",
+        ),
+    ] {
+        let (status, created) = create_k8s_job(&sim, &manifest(name, env)).await;
+        assert_eq!(status, 201, "{created}");
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        let job = loop {
+            let job = read_k8s_job(&sim, name).await;
+            if job["status"]["conditions"].is_array() {
+                break job;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{job}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(condition_types(&job), [interim], "{job}");
+        assert!(job["status"].get("completionTime").is_none(), "{job}");
+        if terminal == "Complete" {
+            // The adapter is in place only once the Job is complete.
+            let (status, _) = lora(
+                &sim,
+                "load",
+                &json!({"lora_name": "ok", "lora_path": "/data/adapters/ok"}),
+            )
+            .await;
+            assert_eq!(status, 404);
+        }
+        let (job, _) = wait_for_k8s_job(&sim, name).await;
+        assert_eq!(condition_types(&job), [interim, terminal], "{job}");
+    }
+    let (status, _) = lora(
+        &sim,
+        "load",
+        &json!({"lora_name": "ok", "lora_path": "/data/adapters/ok"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_k8s_job_fetches_its_dataset_trains_and_leaves_an_adapter() {
     let key = "sk-dataset-key";
     let sim = start(SimConfig {
@@ -978,6 +1042,7 @@ async fn a_k8s_job_fetches_its_dataset_trains_and_leaves_an_adapter() {
             // Long enough that the first read sees the pod pending.
             pending: Duration::from_secs(1),
             running: Duration::from_millis(50),
+            finishing: Duration::from_millis(20),
         },
         ..fast()
     })

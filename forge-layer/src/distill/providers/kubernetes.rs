@@ -664,6 +664,13 @@ impl Job {
             };
             return (state, "Complete".into());
         }
+        // Decided but not final: the Job's pods are still being cleaned up, and on success the
+        // adapter may not be in place yet. Still running, not back to pending.
+        for interim in ["SuccessCriteriaMet", "FailureTarget"] {
+            if holds(interim).is_some() {
+                return (ProviderState::Running, interim.into());
+            }
+        }
         if holds("Suspended").is_some() {
             return (ProviderState::Queued, "Suspended".into());
         }

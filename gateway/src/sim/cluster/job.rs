@@ -49,8 +49,19 @@ pub(super) enum Fetch {
 pub(super) enum Stage {
     Pending,
     Running,
-    Succeeded { at: Instant },
-    Failed { at: Instant, reason: String },
+    /// The container exited at `at` (with `failure`, if it failed), and the Job controller
+    /// has set only the interim condition: not final yet.
+    Finishing {
+        at: Instant,
+        failure: Option<String>,
+    },
+    Succeeded {
+        at: Instant,
+    },
+    Failed {
+        at: Instant,
+        reason: String,
+    },
 }
 
 impl Stage {
@@ -58,7 +69,18 @@ impl Stage {
         match self {
             Stage::Pending => 0,
             Stage::Running => 1,
-            Stage::Succeeded { .. } | Stage::Failed { .. } => 2,
+            Stage::Finishing { .. } => 2,
+            Stage::Succeeded { .. } | Stage::Failed { .. } => 3,
+        }
+    }
+
+    /// How the container ended, for what the pod and its log show: `None` while it runs.
+    fn exit(&self) -> Option<(Instant, Option<&str>)> {
+        match self {
+            Stage::Pending | Stage::Running => None,
+            Stage::Finishing { at, failure } => Some((*at, failure.as_deref())),
+            Stage::Succeeded { at } => Some((*at, None)),
+            Stage::Failed { at, reason } => Some((*at, Some(reason))),
         }
     }
 }
@@ -381,35 +403,29 @@ impl ClusterJob {
             return Stage::Pending;
         }
         let run_end = start + self.timings.running;
-        let end = match &self.fetch {
+        let (end, failure) = match &self.fetch {
             Fetch::Waiting => return Stage::Running,
             Fetch::Done {
                 at,
                 result: Err(reason),
-            } => {
-                return if now >= *at {
-                    Stage::Failed {
-                        at: *at,
-                        reason: reason.clone(),
-                    }
-                } else {
-                    Stage::Running
-                };
-            }
-            Fetch::Done { at, result: Ok(_) } => run_end.max(*at),
-            Fetch::NotNeeded => run_end,
+            } => (*at, Some(reason.clone())),
+            Fetch::Done { at, result: Ok(_) } => (run_end.max(*at), None),
+            Fetch::NotNeeded => (run_end, None),
         };
+        let failure = failure.or_else(|| {
+            self.fail_injected.then(|| {
+                format!("{ENV_FORGE_SIM_FAIL} is set: the training container exited with code 1")
+            })
+        });
         if now < end {
             Stage::Running
-        } else if self.fail_injected {
-            Stage::Failed {
-                at: end,
-                reason: format!(
-                    "{ENV_FORGE_SIM_FAIL} is set: the training container exited with code 1"
-                ),
-            }
+        } else if now < end + self.timings.finishing {
+            Stage::Finishing { at: end, failure }
         } else {
-            Stage::Succeeded { at: end }
+            match failure {
+                Some(reason) => Stage::Failed { at: end, reason },
+                None => Stage::Succeeded { at: end },
+            }
         }
     }
 
@@ -452,6 +468,31 @@ impl ClusterJob {
                 "startTime": start_time,
                 "uncountedTerminatedPods": {},
             }),
+            // Kubernetes sets the interim condition first; the terminal one follows once the
+            // Job's pods are gone (openai-wire.md §7).
+            Stage::Finishing { at, failure: None } => json!({
+                "succeeded": 1,
+                "ready": 0,
+                "terminating": 0,
+                "startTime": start_time,
+                "uncountedTerminatedPods": {},
+                "conditions": [
+                    self.condition("SuccessCriteriaMet", "CompletionsReached", COMPLETIONS_MESSAGE, *at),
+                ],
+            }),
+            Stage::Finishing {
+                at,
+                failure: Some(reason),
+            } => json!({
+                "failed": self.backoff_limit + 1,
+                "ready": 0,
+                "terminating": 1,
+                "startTime": start_time,
+                "uncountedTerminatedPods": {},
+                "conditions": [
+                    self.condition("FailureTarget", "BackoffLimitExceeded", &self.failure_message(reason), *at),
+                ],
+            }),
             Stage::Succeeded { at } => json!({
                 "succeeded": 1,
                 "ready": 0,
@@ -465,12 +506,7 @@ impl ClusterJob {
                 ],
             }),
             Stage::Failed { at, reason } => {
-                // Kubernetes' message, then why the last pod failed, so that a provider can
-                // show the cause without reading pod logs.
-                let message = format!(
-                    "{BACKOFF_LIMIT_MESSAGE}: pod {} failed: {reason}",
-                    self.pod_name
-                );
+                let message = self.failure_message(reason);
                 json!({
                     "failed": self.backoff_limit + 1,
                     "ready": 0,
@@ -484,6 +520,15 @@ impl ClusterJob {
                 })
             }
         }
+    }
+
+    /// Kubernetes' message, then why the last pod failed, so that a provider can show the
+    /// cause without reading pod logs.
+    fn failure_message(&self, reason: &str) -> String {
+        format!(
+            "{BACKOFF_LIMIT_MESSAGE}: pod {} failed: {reason}",
+            self.pod_name
+        )
     }
 
     /// The Job's own labels, for label selectors.
@@ -524,24 +569,24 @@ impl ClusterJob {
             .and_then(|container| container.get("image"))
             .cloned()
             .unwrap_or(Value::Null);
-        let (phase, state) = match &stage {
-            Stage::Pending => (
+        let (phase, state) = match stage.exit() {
+            None if stage == Stage::Pending => (
                 "Pending",
                 json!({"waiting": {"reason": "ContainerCreating"}}),
             ),
-            Stage::Running => (
+            None => (
                 "Running",
                 json!({"running": {"startedAt": self.wall(start)}}),
             ),
-            Stage::Succeeded { at } => (
+            Some((at, None)) => (
                 "Succeeded",
                 json!({"terminated": {"exitCode": 0, "reason": "Completed",
-                    "startedAt": self.wall(start), "finishedAt": self.wall(*at)}}),
+                    "startedAt": self.wall(start), "finishedAt": self.wall(at)}}),
             ),
-            Stage::Failed { at, reason } => (
+            Some((at, Some(reason))) => (
                 "Failed",
                 json!({"terminated": {"exitCode": 1, "reason": "Error", "message": reason,
-                    "startedAt": self.wall(start), "finishedAt": self.wall(*at)}}),
+                    "startedAt": self.wall(start), "finishedAt": self.wall(at)}}),
             ),
         };
         let pod_spec = self
@@ -601,14 +646,13 @@ impl ClusterJob {
                 log.push_str(&format!("dataset valid: {examples} examples\n"));
             }
         }
-        match stage {
-            Stage::Pending => {}
-            Stage::Running => log.push_str("training\n"),
-            Stage::Succeeded { .. } => {
+        match stage.exit() {
+            None => log.push_str("training\n"),
+            Some((_, None)) => {
                 log.push_str("training\n");
                 log.push_str(&format!("adapter saved to {}\n", self.output_path));
             }
-            Stage::Failed { reason, .. } => log.push_str(&format!("error: {reason}\n")),
+            Some((_, Some(reason))) => log.push_str(&format!("error: {reason}\n")),
         }
         Some(log)
     }
