@@ -153,14 +153,34 @@ impl StoreError {
     }
 }
 
-/// The format version a store's META table records, if it records one.
+/// The format version the META table of the store at `path` records, if it records one. One
+/// that cannot be read is damage: no build can tell what the store holds.
 fn format_of(
+    path: &Path,
     meta: &impl ReadableTable<&'static str, &'static [u8]>,
 ) -> Result<Option<u64>, StoreError> {
     let Some(value) = meta.get(FORMAT_KEY).map_err(db_err)? else {
         return Ok(None);
     };
-    Ok(Some(serde_json::from_slice(value.value())?))
+    serde_json::from_slice(value.value())
+        .map(Some)
+        .map_err(|e| {
+            StoreError::Damaged(
+                path.to_path_buf(),
+                format!("its format version is unreadable: {e}"),
+            )
+        })
+}
+
+/// Refuses the store at `path` if a newer build wrote it.
+fn check_format(path: &Path, found: u64) -> Result<(), StoreError> {
+    if found > STORE_FORMAT {
+        return Err(StoreError::NewerFormat {
+            path: path.to_path_buf(),
+            found,
+        });
+    }
+    Ok(())
 }
 
 fn db_err<E: Into<redb::Error>>(e: E) -> StoreError {
@@ -246,13 +266,7 @@ impl Store {
             unsettled: Arc::default(),
         };
         if store.db.is_read_only() {
-            let found = store.format()?;
-            if found > STORE_FORMAT {
-                return Err(StoreError::NewerFormat {
-                    path: store.path().to_path_buf(),
-                    found,
-                });
-            }
+            check_format(store.path(), store.format()?)?;
             return Ok(store);
         }
         // Create the tables up front so that readers never meet a missing table.
@@ -274,17 +288,8 @@ impl Store {
             txn.open_table(JOBS).map_err(db_err)?;
             txn.open_table(MODELS).map_err(db_err)?;
             let mut meta = txn.open_table(META).map_err(db_err)?;
-            match format_of(&meta).map_err(|e| {
-                StoreError::Damaged(
-                    store.path().to_path_buf(),
-                    format!("its format version is unreadable: {e}"),
-                )
-            })? {
-                Some(found) if found > STORE_FORMAT => Err(StoreError::NewerFormat {
-                    path: store.path().to_path_buf(),
-                    found,
-                }),
-                Some(_) => Ok(()),
+            match format_of(store.path(), &meta)? {
+                Some(found) => check_format(store.path(), found),
                 None => {
                     let current = STORE_FORMAT.to_string();
                     meta.insert(FORMAT_KEY, current.as_bytes())
@@ -303,12 +308,7 @@ impl Store {
     /// for writing; 1 for a store from before the version was kept).
     pub fn format(&self) -> Result<u64, StoreError> {
         self.read(|txn| match txn.open_table(META) {
-            Ok(meta) => format_of(&meta).map_err(|e| {
-                StoreError::Damaged(
-                    self.path().to_path_buf(),
-                    format!("its format version is unreadable: {e}"),
-                )
-            }),
+            Ok(meta) => format_of(self.path(), &meta),
             Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
             Err(e) => Err(db_err(e)),
         })

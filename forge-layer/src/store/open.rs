@@ -93,32 +93,34 @@ pub(super) struct Handle {
 impl OpenDb {
     /// Opens (or creates) the file.
     pub(super) fn open(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
-        let full_repairs = Arc::default();
-        let open = counting_repairs(path, cache_bytes, &full_repairs);
-        let file = path.to_path_buf();
-        Self::with_opener(
-            path,
-            Box::new(move || open(&|builder| open_database(&file, &builder).map(Db::Writable))),
-            full_repairs,
-        )
+        Self::on_file(path, cache_bytes, |file, builder| {
+            open_database(file, &builder).map(Db::Writable)
+        })
     }
 
     /// Opens an existing file read-only. A file that was not closed cleanly is refused
     /// ([`StoreError::NeedsRecovery`]): even the quick recovery writes to it.
     pub(super) fn open_read_only(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
+        Self::on_file(path, cache_bytes, |file, builder| {
+            builder
+                .open_read_only(file)
+                .map(Db::ReadOnly)
+                .map_err(|e| open_error(file, e))
+        })
+    }
+
+    /// Opens the file at `path` with `open_file`, given a builder set up for it.
+    fn on_file(
+        path: &Path,
+        cache_bytes: usize,
+        open_file: fn(&Path, Builder) -> Result<Db, StoreError>,
+    ) -> Result<Self, StoreError> {
         let full_repairs = Arc::default();
         let open = counting_repairs(path, cache_bytes, &full_repairs);
         let file = path.to_path_buf();
         Self::with_opener(
             path,
-            Box::new(move || {
-                open(&|builder| {
-                    builder
-                        .open_read_only(&file)
-                        .map(Db::ReadOnly)
-                        .map_err(|e| open_error(&file, e))
-                })
-            }),
+            Box::new(move || open(&|builder| open_file(&file, builder))),
             full_repairs,
         )
     }

@@ -187,22 +187,31 @@ async fn second_open_of_a_busy_file_says_how_to_read_it() {
     assert!(err.to_string().contains("capture.data_dir"), "{err}");
 }
 
+/// A store in `dir` holding one trace, written before stores kept their format version: the
+/// file, and the trace's id.
+fn store_from_before_the_format_mark(dir: &std::path::Path) -> (std::path::PathBuf, TraceId) {
+    let id = TraceId::earliest_at(5_000);
+    {
+        let store = Store::open_dir(dir).unwrap();
+        assert_eq!(store.format().unwrap(), STORE_FORMAT);
+        store.insert_encoded([(id, &b"{}"[..])]).unwrap();
+    }
+    let path = dir.join(STORE_FILE);
+    let db = redb::Database::create(&path).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let mut meta = txn.open_table(META).unwrap();
+        assert!(meta.remove(FORMAT_KEY).unwrap().is_some());
+    }
+    txn.commit().unwrap();
+    (path, id)
+}
+
 #[test]
 fn a_command_that_only_reads_opens_the_store_read_only_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join(STORE_FILE);
-    let id = TraceId::earliest_at(5_000);
-    {
-        let store = Store::open_dir(dir.path()).unwrap();
-        store.insert_encoded([(id, &b"{}"[..])]).unwrap();
-    }
     // From before the format was kept: a writable open would add it.
-    {
-        let db = redb::Database::create(&path).unwrap();
-        let txn = db.begin_write().unwrap();
-        txn.open_table(META).unwrap().remove(FORMAT_KEY).unwrap();
-        txn.commit().unwrap();
-    }
+    let (path, _) = store_from_before_the_format_mark(dir.path());
     let before = std::fs::read(&path).unwrap();
 
     let store = Store::open_existing_dir(dir.path()).unwrap();
@@ -735,26 +744,8 @@ fn new_ids_stay_above_expired_ones_across_a_reopen() {
 #[test]
 fn a_store_from_a_newer_forge_is_refused_and_left_as_it_is() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join(STORE_FILE);
-    let id = TraceId::earliest_at(5_000);
-    {
-        let store = Store::open_dir(dir.path()).unwrap();
-        assert_eq!(store.format().unwrap(), STORE_FORMAT);
-        store.insert_encoded([(id, &b"{}"[..])]).unwrap();
-    }
     // A store from before the version was kept opens, and is marked with this build's format.
-    {
-        let db = redb::Database::create(&path).unwrap();
-        let txn = db.begin_write().unwrap();
-        assert!(
-            txn.open_table(META)
-                .unwrap()
-                .remove(FORMAT_KEY)
-                .unwrap()
-                .is_some()
-        );
-        txn.commit().unwrap();
-    }
+    let (path, id) = store_from_before_the_format_mark(dir.path());
     let store = Store::open_dir(dir.path()).unwrap();
     assert_eq!(store.meta::<u64>(FORMAT_KEY).unwrap(), Some(STORE_FORMAT));
     store.put_meta(FORMAT_KEY, &(STORE_FORMAT + 1)).unwrap();
