@@ -547,41 +547,53 @@ async fn a_submission_tried_again_after_its_create_failed_sends_no_file_twice() 
 
 #[tokio::test]
 async fn an_exhausted_quota_is_not_waited_out_and_its_message_is_kept() {
-    for (headers, body) in [
-        (
-            &[][..],
-            openai_error(
-                "You exceeded your current quota, please check your plan and billing details.",
-                "insufficient_quota",
-            ),
-        ),
-        (
+    // OpenAI's `insufficient_quota`: its headers say to retry, as every 429's do; its code says
+    // that no wait ends it.
+    let sim = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let provider = sim_provider(&sim);
+    sim.exhaust_quota(1);
+    let err = provider
+        .submit(&request(
+            "01JOBQUOTA",
+            jsonl(dir.path(), "t.jsonl", 12),
+            None,
+            "gpt-4o-mini",
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ProviderError::Http { status: 429, message } if message.contains("exceeded your current quota")),
+        "{err:?}"
+    );
+    assert!(!err.is_transient());
+    sim.shutdown().await;
+
+    // Any 429 that says not to retry is not waited out either.
+    let fake = ScriptedOpenAi::new(
+        StatusCode::OK,
+        vec![(
+            StatusCode::TOO_MANY_REQUESTS,
             &[("x-should-retry", "false")][..],
             openai_error("You exceeded your current quota.", "rate_limit_exceeded"),
-        ),
-    ] {
-        let fake = ScriptedOpenAi::new(
-            StatusCode::OK,
-            vec![(StatusCode::TOO_MANY_REQUESTS, headers, body)],
-        );
-        let (provider, server) = fake.start().await;
-        let dir = tempfile::tempdir().unwrap();
-        let err = provider
-            .submit(&request(
-                "01JOBQUOTA",
-                jsonl(dir.path(), "t.jsonl", 12),
-                None,
-                "gpt-4o-mini",
-            ))
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(&err, ProviderError::Http { status: 429, message } if message.contains("exceeded your current quota")),
-            "{err:?}"
-        );
-        assert!(!err.is_transient());
-        server.abort();
-    }
+        )],
+    );
+    let (provider, server) = fake.start().await;
+    let err = provider
+        .submit(&request(
+            "01JOBNORETRY",
+            jsonl(dir.path(), "t2.jsonl", 12),
+            None,
+            "gpt-4o-mini",
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ProviderError::Http { status: 429, message } if message.contains("exceeded your current quota")),
+        "{err:?}"
+    );
+    assert!(!err.is_transient());
+    server.abort();
 }
 
 #[tokio::test]

@@ -223,6 +223,18 @@ impl ApiError {
         }
     }
 
+    /// OpenAI's answer to an account out of credit.
+    pub(crate) fn insufficient_quota() -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "insufficient_quota",
+            "You exceeded your current quota, please check your plan and billing details. For \
+             more information on this error, read the docs: \
+             https://platform.openai.com/docs/guides/error-codes/api-errors.",
+        )
+        .with_code("insufficient_quota")
+    }
+
     pub(crate) fn server_error() -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,

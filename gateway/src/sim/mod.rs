@@ -212,6 +212,14 @@ impl SimHandle {
         self.state.inject_rate_limit(n, retry_after_secs);
     }
 
+    /// Makes the next `n` requests to OpenAI's training APIs (`/v1/files*`,
+    /// `/v1/fine_tuning/*`) answer as an account out of credit does: 429 `insufficient_quota`,
+    /// which no wait ends, though its headers say to retry as every 429's do. Checked before an
+    /// injected rate limit. Replaces any earlier count.
+    pub fn exhaust_quota(&self, n: usize) {
+        self.state.exhaust_quota(n);
+    }
+
     /// How many requests an injected rate limit has refused so far.
     pub fn rate_limited_count(&self) -> usize {
         self.state.rate_limited_count()

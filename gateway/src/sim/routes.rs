@@ -230,6 +230,9 @@ fn admit(state: &SimState, parts: &http::request::Parts) -> Option<Response> {
     if refusal.is_some() || !service.is_rate_limited(path) {
         return refusal;
     }
+    if service == Service::OpenAi && state.take_quota_refusal() {
+        return Some(ApiError::insufficient_quota().into_response());
+    }
     let seconds = state.take_rate_limit()?;
     Some(match service {
         Service::OpenAi => ApiError::rate_limited(

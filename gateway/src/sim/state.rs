@@ -48,6 +48,8 @@ pub(crate) struct SimState {
     rate_limited: AtomicUsize,
     /// How many of the next fine-tuning jobs fail while running.
     failing_jobs: AtomicUsize,
+    /// How many of the next requests to OpenAI's training APIs meet an exhausted quota.
+    quota_refusals: AtomicUsize,
     /// Background work (dataset fetches) to stop when the server stops.
     tasks: Mutex<Vec<AbortHandle>>,
 }
@@ -119,6 +121,7 @@ impl SimState {
             rate_limit: Mutex::new(RateLimit::default()),
             rate_limited: AtomicUsize::new(0),
             failing_jobs: AtomicUsize::new(0),
+            quota_refusals: AtomicUsize::new(0),
             tasks: Mutex::new(Vec::new()),
         }
     }
@@ -256,6 +259,17 @@ impl SimState {
 
     pub(crate) fn fail_next_fine_tuning_jobs(&self, n: usize) {
         self.failing_jobs.store(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn exhaust_quota(&self, n: usize) {
+        self.quota_refusals.store(n, Ordering::Relaxed);
+    }
+
+    /// Whether this request is one that an exhausted quota refuses; uses one up if so.
+    pub(crate) fn take_quota_refusal(&self) -> bool {
+        self.quota_refusals
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
     }
 
     /// Whether the job being created is one of those told to fail; uses one up if so.

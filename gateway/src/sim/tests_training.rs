@@ -65,6 +65,36 @@ fn timestamps_are_rfc3339_utc() {
 // ---- Rate limits and training failures ----
 
 #[tokio::test]
+async fn an_exhausted_quota_refuses_openai_training_calls_until_it_is_used_up() {
+    let sim = start(SimConfig::default()).await;
+    sim.exhaust_quota(1);
+    // Chat is not a training API.
+    chat(
+        &sim,
+        &json!({"model": "gpt-4o", "messages": question("Hello?")}),
+    )
+    .await;
+    let refused = client()
+        .get(format!("{}/files", sim.base_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 429);
+    let error: Value = refused.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "insufficient_quota");
+    assert_eq!(error["error"]["type"], "insufficient_quota");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("You exceeded your current quota")
+    );
+    let (status, _) = get_json(&sim, "/files").await;
+    assert_eq!(status, 200);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
 async fn injected_rate_limits_answer_429_in_each_services_shape() {
     let sim = start(SimConfig::default()).await;
     let root = sim.root_url();
