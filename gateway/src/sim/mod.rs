@@ -3,9 +3,11 @@
 //! It speaks the wire formats of `shared/docs/openai-wire.md` and checks what it receives the
 //! way the real services do. OpenAI (§1–4):
 //!
-//! - `POST /v1/chat/completions`, streamed and not, with tool calls and deterministic answers:
-//!   the same model and messages always get the same text and tool arguments. Each model's
-//!   [`ModelBehavior`] sets delays, quality, length, and injected failures, also mid-stream.
+//! - `POST /v1/chat/completions`, streamed and not, with tool calls (and the deprecated
+//!   `functions`) and deterministic answers: the same model and messages always get the same
+//!   text and tool arguments. Each model's [`ModelBehavior`] sets delays, quality, length, and
+//!   injected failures, also mid-stream. Any model name is served as a base model, except an
+//!   `ft:` name no succeeded job produced (404 `model_not_found`) and an unloaded adapter.
 //! - `GET /v1/models`, which lists the configured models, `gpt-4o`, `gpt-4o-mini`, and every
 //!   `ft:` model whose fine-tuning job has succeeded.
 //! - The Files API: multipart upload, list, retrieve, raw content, delete.
@@ -29,21 +31,23 @@
 //! - vLLM's LoRA endpoints (§6): `POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter`.
 //!   Adapters exist where a test put them ([`SimHandle::add_adapter_path`]) or where a
 //!   succeeded Kubernetes Job wrote them; loaded ones are listed by `/v1/models` with `root`
-//!   and `parent`, and answer chat well.
+//!   and `parent`, and answer chat well; once unloaded, chat with them is vLLM's 404.
 //! - A Kubernetes API server (§7): `batch/v1` Jobs under `/apis/batch/v1/namespaces/{ns}/jobs`,
 //!   pods and pod logs under `/api/v1/namespaces/{ns}/pods`, with bearer-token auth and `Status`
-//!   errors. A Job runs for [`ClusterTimings`]; its container really downloads
-//!   `FORGE_DATASET_URL` (bearer `FORGE_DATASET_TOKEN`) and fails the Job with
-//!   `BackoffLimitExceeded` if that fails or the data is invalid; `FORGE_SIM_FAIL=1` fails it
-//!   too; on success the adapter is at `FORGE_OUTPUT_DIR` (or `/adapters/<job name>`). See
-//!   [`SimHandle::k8s_fetches`].
+//!   errors. A Job runs for [`ClusterTimings`], and shows its interim condition
+//!   (`SuccessCriteriaMet`, `FailureTarget`) alone for a while before its final one; its
+//!   container really downloads `FORGE_DATASET_URL` (bearer `FORGE_DATASET_TOKEN`) and fails
+//!   the Job with `BackoffLimitExceeded` if that fails or the data is invalid;
+//!   `FORGE_SIM_FAIL=1` fails it too; on success the adapter is at `FORGE_OUTPUT_DIR` (or
+//!   `/adapters/<job name>`). See [`SimHandle::k8s_fetches`].
 //!
 //! Every error, including unknown paths and wrong methods, has the shape of the service the
 //! path belongs to: OpenAI's JSON for `/v1` and Azure, ARM's `{"error":{code,message}}`, and
 //! Kubernetes' `Status`. With [`SimConfig::api_key`] set, every `/v1` request needs
 //! `Authorization: Bearer <key>`. [`SimHandle::inject_rate_limit`] makes the next requests to
 //! the training APIs (`/v1/files*`, `/v1/fine_tuning/*`, Azure, ARM, Kubernetes) answer 429
-//! with `retry-after` and `x-should-retry: true`, each in its service's error shape. vLLM's
+//! with `retry-after` and `x-should-retry: true`, each in its service's error shape;
+//! [`SimHandle::exhaust_quota`] makes OpenAI's answer 429 `insufficient_quota`. vLLM's
 //! endpoints sit under `/v1` and so take the `/v1` key; a Job's dataset download pointed at
 //! this server's own Files API is a request like any other, key and injected 429s included.
 //!
