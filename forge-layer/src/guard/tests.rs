@@ -447,7 +447,7 @@ async fn a_step_is_judged_on_the_teachers_traffic_of_its_own_time() {
 #[tokio::test(start_paused = true)]
 async fn latency_is_compared_at_the_student_s_mix_of_streams() {
     // Each kind takes the same time on either arm (1 ms answers, 100 ms streams), but sticky
-    // keys sent the student 10% streams and the teacher 0.5%. Over pooled samples the teacher's
+    // keys sent the student 10% streams and the teacher 1%. Over pooled samples the teacher's
     // p99 would be 1 ms and the student's 100 ms: a rollback of a student as fast as its teacher.
     let run = |student_stream_us: u64| {
         let guard = Guard::new(GuardConfig {
@@ -455,8 +455,8 @@ async fn latency_is_compared_at_the_student_s_mix_of_streams() {
             ..config()
         });
         guard.check(&table(5.0), 0);
-        for i in 0..1000 {
-            let (kind, latency) = if i % 200 == 0 {
+        for i in 0..2000 {
+            let (kind, latency) = if i % 100 == 0 {
                 (ResponseKind::Stream, 100_000)
             } else {
                 (ResponseKind::Json, 1_000)

@@ -4,6 +4,9 @@
 /// sampling keeps a fair sample in fixed memory.
 const MAX_SAMPLES: usize = 10_000;
 
+/// The fewest samples of a kind for it to stand for its share of another arm's mix.
+pub const MIN_KIND_SAMPLES: usize = 20;
+
 /// How an exchange was answered. A stream's latency runs to its last event and a JSON body's
 /// to its whole answer, so the two are sampled apart and compared like with like.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,21 +106,30 @@ impl ArmWindow {
 
     /// The 99th-percentile latency in microseconds (nearest rank) of this window's traffic.
     pub fn p99_us(&self) -> Option<u64> {
-        self.p99_us_at(self.mix())
+        self.weighted_p99_us(self.mix(), 1)
     }
 
     /// The 99th-percentile latency this arm would have had with `mix` of JSON and stream
     /// responses: each kind's samples weighted by its share in `mix`. The teacher's p99 at a
     /// student's mix is what the student's is judged against, so that an arm that happened to
-    /// get more long streams is not taken for a slower one. A kind this window has no samples
-    /// of is left out, and the rest stand for the whole.
+    /// get more long streams is not taken for a slower one. A kind with fewer than
+    /// [`MIN_KIND_SAMPLES`] samples here is left out (a handful would decide its whole share),
+    /// and the rest stand for the whole; with no kind left, this arm's own p99 is the answer.
     pub fn p99_us_at(&self, mix: Mix) -> Option<u64> {
+        self.weighted_p99_us(mix, MIN_KIND_SAMPLES)
+            .or_else(|| self.p99_us())
+    }
+
+    /// The weighted nearest-rank p99 over the kinds with at least `min_samples` samples and a
+    /// share in `mix`; `None` if there are none.
+    fn weighted_p99_us(&self, mix: Mix, min_samples: usize) -> Option<u64> {
         let mut weighted: Vec<(u64, f64)> = Vec::new();
         for (reservoir, share) in self.latencies.iter().zip(mix.0) {
-            if reservoir.samples_us.is_empty() || share <= 0.0 {
+            let n = reservoir.samples_us.len();
+            if n == 0 || n < min_samples || share <= 0.0 {
                 continue;
             }
-            let weight = share / reservoir.samples_us.len() as f64;
+            let weight = share / n as f64;
             weighted.extend(reservoir.samples_us.iter().map(|&l| (l, weight)));
         }
         weighted.sort_unstable_by_key(|&(latency, _)| latency);
@@ -193,10 +205,15 @@ mod tests {
         let mostly_json = Mix([0.995, 0.005]);
         let p99 = w.p99_us_at(mostly_json).unwrap();
         assert!((890..=900).contains(&p99), "{p99}");
-        // A kind the window never saw is left out, whatever its share in the mix.
+        // A kind the window has too few samples of is left out, whatever its share in the mix;
+        // with none left, the window's own p99 answers.
         let mut json_only = ArmWindow::default();
-        json_only.record(ResponseKind::Json, 7, false);
-        assert_eq!(json_only.p99_us_at(Mix([0.0, 1.0])), None);
-        assert_eq!(json_only.p99_us_at(Mix([0.5, 0.5])), Some(7));
+        for i in 1..=100 {
+            json_only.record(ResponseKind::Json, i, false);
+        }
+        json_only.record(ResponseKind::Stream, 1_000_000, false);
+        assert_eq!(json_only.p99_us_at(Mix([0.5, 0.5])), Some(99));
+        assert_eq!(json_only.p99_us_at(Mix([0.0, 1.0])), json_only.p99_us());
+        assert_eq!(ArmWindow::default().p99_us_at(Mix([0.5, 0.5])), None);
     }
 }
