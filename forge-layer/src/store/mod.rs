@@ -57,6 +57,19 @@ const MODELS: TableDefinition<&str, &[u8]> = TableDefinition::new("models");
 /// Small named values: cursors and the like.
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
+/// Every table's name, as [`Store::from_db`] creates them.
+const TABLES: [&str; 9] = [
+    "traces",
+    "feedback",
+    "feedback_order",
+    "evaluations",
+    "routes",
+    "route_history",
+    "jobs",
+    "models",
+    "meta",
+];
+
 /// The META key of the store's format version.
 const FORMAT_KEY: &str = "format";
 
@@ -172,6 +185,17 @@ fn format_of(
         })
 }
 
+/// Whether this process may open `path` for writing (opening it so changes nothing).
+fn may_write(path: &Path) -> bool {
+    !matches!(
+        std::fs::OpenOptions::new().read(true).write(true).open(path),
+        Err(e) if matches!(
+            e.kind(),
+            std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+        )
+    )
+}
+
 /// Refuses the store at `path` if a newer build wrote it.
 fn check_format(path: &Path, found: u64) -> Result<(), StoreError> {
     if found > STORE_FORMAT {
@@ -216,16 +240,21 @@ impl Store {
                 "the file is empty, as a copy or a restore cut short leaves one".into(),
             )),
             Ok(meta) if meta.is_file() => {
-                match OpenDb::open_read_only(&path, DEFAULT_CACHE_BYTES) {
-                    Ok(db) => Self::from_db(db),
-                    // Left by a crash: open it as the gateway does, which recovers it (quickly,
-                    // from the allocator state every commit saves), if this user may write it.
-                    Err(StoreError::NeedsRecovery(_)) => Self::open(&path, DEFAULT_CACHE_BYTES)
-                        .map_err(|e| match e {
-                            StoreError::Open(..) => StoreError::NeedsRecovery(path),
-                            other => other,
-                        }),
-                    Err(e) => Err(e),
+                let read_only = OpenDb::open_read_only(&path, DEFAULT_CACHE_BYTES)
+                    .and_then(Self::from_db)
+                    .and_then(|store| match store.missing_table()? {
+                        None => Ok(store),
+                        Some(_) => Err(StoreError::NeedsRecovery(path.clone())),
+                    });
+                match read_only {
+                    // Left by a crash, or by a build that had fewer tables: open it as the
+                    // gateway does, which recovers it (quickly, from the allocator state every
+                    // commit saves) and adds the tables, if this user may write it.
+                    Err(StoreError::NeedsRecovery(_)) if !may_write(&path) => {
+                        Err(StoreError::NeedsRecovery(path))
+                    }
+                    Err(StoreError::NeedsRecovery(_)) => Self::open(&path, DEFAULT_CACHE_BYTES),
+                    other => other,
                 }
             }
             Ok(_) => Err(StoreError::NoStore(path)),
@@ -302,6 +331,21 @@ impl Store {
             TraceId::keep_above(floor);
         }
         Ok(store)
+    }
+
+    /// The first of this build's tables the store lacks, if any: a store last opened for
+    /// writing by a build from before that table.
+    fn missing_table(&self) -> Result<Option<&'static str>, StoreError> {
+        let present: Vec<String> = self.read(|txn| {
+            Ok(txn
+                .list_tables()
+                .map_err(db_err)?
+                .map(|table| redb::TableHandle::name(&table).to_string())
+                .collect())
+        })?;
+        Ok(TABLES
+            .into_iter()
+            .find(|name| !present.iter().any(|p| p == name)))
     }
 
     /// The format version the store is written in ([`STORE_FORMAT`] once this build opened it

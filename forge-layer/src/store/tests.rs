@@ -208,6 +208,49 @@ fn store_from_before_the_format_mark(dir: &std::path::Path) -> (std::path::PathB
 }
 
 #[test]
+fn the_list_of_tables_names_every_table_the_store_creates() {
+    use redb::TableHandle;
+    let defined = [
+        TRACES.name(),
+        FEEDBACK.name(),
+        FEEDBACK_ORDER.name(),
+        EVALUATIONS.name(),
+        ROUTES.name(),
+        ROUTE_HISTORY.name(),
+        JOBS.name(),
+        MODELS.name(),
+        META.name(),
+    ];
+    assert_eq!(TABLES, defined);
+    let dir = tempfile::tempdir().unwrap();
+    drop(Store::open_dir(dir.path()).unwrap());
+    let store = Store::open_existing_dir(dir.path()).unwrap();
+    assert_eq!(store.missing_table().unwrap(), None);
+}
+
+#[test]
+fn a_store_from_before_a_table_existed_is_read_after_the_table_is_added() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open_dir(dir.path()).unwrap();
+        store
+            .insert_encoded([(TraceId::earliest_at(5_000), &b"{}"[..])])
+            .unwrap();
+    }
+    {
+        let db = redb::Database::create(dir.path().join(STORE_FILE)).unwrap();
+        let txn = db.begin_write().unwrap();
+        assert!(txn.delete_table(FEEDBACK_ORDER).unwrap());
+        txn.commit().unwrap();
+    }
+    // A reading command that needs the table (a dataset's snapshot) finds it.
+    let store = Store::open_existing_dir(dir.path()).unwrap();
+    assert_eq!(store.missing_table().unwrap(), None);
+    store.with_graded_snapshot(|_| Ok(())).unwrap();
+    assert_eq!(store.trace_count().unwrap(), 1);
+}
+
+#[test]
 fn a_command_that_only_reads_opens_the_store_read_only_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     // From before the format was kept: a writable open would add it.
