@@ -48,14 +48,18 @@ pub struct AssistantMessage {
 }
 
 impl AssistantMessage {
-    /// The answer as text, for a judge or a comparison: the content, or else the calls as JSON.
+    /// The answer as text, for a judge or a comparison: the content, or else the calls as JSON
+    /// (some servers send an empty content beside a call).
     pub fn answer_text(&self) -> String {
-        match (&self.content, &self.function_call) {
-            (Some(text), _) => text.clone(),
-            (None, Some(call)) if self.tool_calls.is_empty() => {
-                serde_json::to_string(call).unwrap_or_default()
-            }
-            (None, _) => serde_json::to_string(&self.tool_calls).unwrap_or_default(),
+        let calls = match (&self.function_call, self.tool_calls.is_empty()) {
+            (_, false) => serde_json::to_string(&self.tool_calls).ok(),
+            (Some(call), true) => serde_json::to_string(call).ok(),
+            (None, true) => None,
+        };
+        match (self.content.as_deref(), calls) {
+            (Some(text), _) if !text.is_empty() => text.to_string(),
+            (_, Some(calls)) => calls,
+            (text, None) => text.unwrap_or_default().to_string(),
         }
     }
 }
@@ -211,12 +215,11 @@ impl FinalResponse {
                     },
                 })
                 .collect();
-            let function_call = message["function_call"]
-                .as_object()
-                .map(|call| FunctionCall {
-                    name: call.get("name").map(str_of).unwrap_or_default(),
-                    arguments: call.get("arguments").map(str_of).unwrap_or_default(),
-                });
+            // Read as the typed view reads it, so that both readings agree.
+            let function_call = message.get("function_call").and_then(|call| {
+                let text = call.to_string();
+                function_call_of(serde_json::from_str(&text).ok()).map(FunctionView::into_owned)
+            });
             out.choices.push(FinalChoice {
                 index: index_of(choice),
                 message: AssistantMessage {
@@ -387,7 +390,7 @@ fn apply_delta(acc: &mut ChoiceAcc, choice: ChoiceView<'_>) {
         if let Some(text) = delta.refusal {
             acc.refusal.get_or_insert_with(String::new).push_str(&text);
         }
-        if let Some(fragment) = delta.function_call {
+        if let Some(fragment) = function_call_of(delta.function_call) {
             apply_function_delta(acc, fragment);
         }
         for frag in delta.tool_calls.into_iter().flatten() {
@@ -484,10 +487,8 @@ impl CompletionView<'_> {
                                     }
                                 })
                                 .collect(),
-                            function_call: m.function_call.map(|f| FunctionCall {
-                                name: f.name.unwrap_or_default().into_owned(),
-                                arguments: f.arguments.unwrap_or_default().into_owned(),
-                            }),
+                            function_call: function_call_of(m.function_call)
+                                .map(FunctionView::into_owned),
                         }
                     });
                     FinalChoice {
@@ -543,8 +544,15 @@ struct MessageView<'a> {
     refusal: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     tool_calls: Option<Vec<ToolDeltaView<'a>>>,
+    /// Read only when it is there, and leniently: a malformed one (a field this parser did not
+    /// read before it knew the deprecated API) must not cost the chunk its content.
     #[serde(borrow, default)]
-    function_call: Option<FunctionView<'a>>,
+    function_call: Option<&'a RawValue>,
+}
+
+/// A `function_call` object or fragment, if it has the expected shape.
+fn function_call_of(raw: Option<&RawValue>) -> Option<FunctionView<'_>> {
+    serde_json::from_str(raw?.get()).ok()
 }
 
 #[derive(Deserialize)]
@@ -565,6 +573,15 @@ struct FunctionView<'a> {
     name: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     arguments: Option<Cow<'a, str>>,
+}
+
+impl FunctionView<'_> {
+    fn into_owned(self) -> FunctionCall {
+        FunctionCall {
+            name: self.name.unwrap_or_default().into_owned(),
+            arguments: self.arguments.unwrap_or_default().into_owned(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -649,6 +666,34 @@ mod tests {
             expected.message.answer_text(),
             r#"{"name":"get_weather","arguments":"{\"city\":\"Zürich\"}"}"#
         );
+        // Some servers send an empty content beside the call: the call is still the answer.
+        let beside_empty = AssistantMessage {
+            content: Some(String::new()),
+            ..expected.message.clone()
+        };
+        assert_eq!(beside_empty.answer_text(), expected.message.answer_text());
+
+        // A malformed one costs its chunk nothing else.
+        let odd = chunk(
+            json!({"content": "hi", "function_call": "oops"}),
+            json!("stop"),
+        );
+        let r = reassemble(&[odd.as_bytes()]);
+        assert_eq!(r.choices[0].message.content.as_deref(), Some("hi"));
+        assert_eq!(r.choices[0].message.function_call, None);
+        assert_eq!(r.choices[0].finish_reason.as_deref(), Some("stop"));
+        for body in [
+            r#"{"choices":[{"message":{"content":"hi","function_call":"oops"}}]}"#,
+            r#"{"choices":[{"message":{"content":"hi","function_call":{"name":1}}}]}"#,
+        ] {
+            let fast = FinalResponse::from_json(body.as_bytes());
+            assert_eq!(
+                fast,
+                FinalResponse::from_any_json(body.as_bytes()),
+                "{body}"
+            );
+            assert_eq!(fast.choices[0].message.content.as_deref(), Some("hi"));
+        }
     }
 
     /// A stream with two choices, text with multi-byte characters, parallel tool calls, a
