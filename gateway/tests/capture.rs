@@ -483,3 +483,50 @@ async fn keys_from_a_file_with_a_trailing_newline_still_authenticate() {
     );
     stop(&mut forge);
 }
+
+#[tokio::test]
+async fn a_refused_upstream_key_is_logged_with_the_answer_s_code_and_nothing_of_the_key() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let sim = SimUpstream::start(
+        SimConfig {
+            api_key: Some("sk-proj-RIGHTkey0123456789Ab1c".into()),
+            ..SimConfig::default()
+        },
+        ([127, 0, 0, 1], 0).into(),
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let text = config(&sim.base_url(), &dir.path().join("data"), "async").replace(
+        "name = \"sim\"\n",
+        "name = \"sim\"\napi_key_env = \"FORGE_TEST_UPSTREAM_KEY\"\n",
+    );
+    let wrong = "sk-proj-WRONGkey0123456789Zq9x";
+    let (forge, base) = serve(&text, dir.path(), &[("FORGE_TEST_UPSTREAM_KEY", wrong)]);
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/chat/completions"))
+        .json(&chat("hello", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    let answer = resp.text().await.unwrap();
+    drop(forge);
+    let log = std::fs::read_to_string(dir.path().join("forge.log")).unwrap();
+    let refusal = log
+        .lines()
+        .find(|l| l.contains("refused Forge's credentials"))
+        .unwrap_or_else(|| panic!("no refusal in the log:\n{log}"));
+    // The simulated OpenAI answers a wrong key with `invalid_api_key`, quoting the key masked.
+    assert!(
+        refusal.contains("sim") && refusal.contains("401") && refusal.contains("invalid_api_key"),
+        "{refusal}"
+    );
+    for text in [&log, &answer] {
+        assert!(
+            !text.contains("Zq9x") && !text.contains("WRONGkey"),
+            "{text}"
+        );
+        assert!(!text.contains("Incorrect API key"), "{text}");
+    }
+}

@@ -173,20 +173,22 @@ impl Upstream {
             Ok(Ok(exchanged)) => exchanged,
         };
         let (mut parts, body) = response.into_parts();
+        let body = DrivenBody::new(body, conn, Arc::clone(&self.pool));
         if matches!(
             parts.status,
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
         ) {
-            // Clients never bring their own key for an upstream: this one is Forge's. The body
-            // is dropped unread, and the connection with it.
+            // Clients never bring their own key for an upstream: this one is Forge's. Only the
+            // answer's error code is logged: its message may quote part of the key.
+            let code = refusal_code(body).await;
             tracing::error!(
                 upstream = %self.name,
                 status = parts.status.as_u16(),
+                code = code.as_deref().unwrap_or("-"),
                 "the upstream refused Forge's credentials; check the key its `api_key_env` names"
             );
             return Err(Error::UpstreamRefusedCredentials(parts.status.as_u16()));
         }
-        let body = DrivenBody::new(body, conn, Arc::clone(&self.pool));
         strip_hop_by_hop(&mut parts.headers);
         strip_account_headers(&mut parts.headers);
         let is_sse = parts
@@ -351,6 +353,30 @@ pub fn strip_credentials(headers: &mut HeaderMap) {
     for name in ["api-key", "openai-organization", "openai-project"] {
         headers.remove(name);
     }
+}
+
+/// The error code of an upstream's refusal (OpenAI's and Azure's `error.code` or `error.type`,
+/// vLLM's `error` string), read from at most 16 KiB within a second. Only a word made of the
+/// characters a code is made of is taken, so that no sentence of the answer reaches the log.
+async fn refusal_code(body: DrivenBody) -> Option<String> {
+    use http_body_util::BodyExt;
+    let read = http_body_util::Limited::new(body, 16 * 1024).collect();
+    let bytes = tokio::time::timeout(Duration::from_secs(1), read)
+        .await
+        .ok()?
+        .ok()?
+        .to_bytes();
+    let answer: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let error = answer.get("error")?;
+    let code = ["code", "type"]
+        .into_iter()
+        .find_map(|field| error.get(field)?.as_str())
+        .or_else(|| error.as_str())?;
+    let is_code = (1..=64).contains(&code.len())
+        && code
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
+    is_code.then(|| code.to_string())
 }
 
 /// Removes from an upstream's answer what belongs to Forge's account there, not to the client:
