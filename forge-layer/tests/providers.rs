@@ -547,26 +547,12 @@ async fn a_submission_tried_again_after_its_create_failed_sends_no_file_twice() 
 
 #[tokio::test]
 async fn an_exhausted_quota_is_not_waited_out_and_its_message_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
     // OpenAI's `insufficient_quota`: its headers say to retry, as every 429's do; its code says
     // that no wait ends it.
     let sim = sim().await;
-    let dir = tempfile::tempdir().unwrap();
-    let provider = sim_provider(&sim);
     sim.exhaust_quota(1);
-    let err = provider
-        .submit(&request(
-            "01JOBQUOTA",
-            jsonl(dir.path(), "t.jsonl", 12),
-            None,
-            "gpt-4o-mini",
-        ))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&err, ProviderError::Http { status: 429, message } if message.contains("exceeded your current quota")),
-        "{err:?}"
-    );
-    assert!(!err.is_transient());
+    refused_for_good(&*sim_provider(&sim), "01JOBQUOTA", dir.path()).await;
     sim.shutdown().await;
 
     // Any 429 that says not to retry is not waited out either.
@@ -579,13 +565,16 @@ async fn an_exhausted_quota_is_not_waited_out_and_its_message_is_kept() {
         )],
     );
     let (provider, server) = fake.start().await;
+    refused_for_good(&provider, "01JOBNORETRY", dir.path()).await;
+    server.abort();
+}
+
+/// Submits a job and checks that the provider's quota refusal ends it: its message is kept,
+/// and it is not an error to wait out.
+async fn refused_for_good(provider: &dyn TrainingProvider, job_id: &str, dir: &Path) {
+    let train = jsonl(dir, &format!("{job_id}.jsonl"), 12);
     let err = provider
-        .submit(&request(
-            "01JOBNORETRY",
-            jsonl(dir.path(), "t2.jsonl", 12),
-            None,
-            "gpt-4o-mini",
-        ))
+        .submit(&request(job_id, train, None, "gpt-4o-mini"))
         .await
         .unwrap_err();
     assert!(
@@ -593,7 +582,6 @@ async fn an_exhausted_quota_is_not_waited_out_and_its_message_is_kept() {
         "{err:?}"
     );
     assert!(!err.is_transient());
-    server.abort();
 }
 
 #[tokio::test]

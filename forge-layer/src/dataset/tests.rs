@@ -301,6 +301,15 @@ fn the_share_cap_is_the_largest_that_keeps_every_key_within_its_share() {
     }
 }
 
+/// Builds the `chat` route's dataset with every line in the train file.
+fn train_only(store: &Store, dir: &Path) -> Manifest {
+    let spec = DatasetSpec {
+        validation_percent: 0.0,
+        ..DatasetSpec::new("chat")
+    };
+    build(store, &spec, dir, "t", |_| {}).unwrap()
+}
+
 #[test]
 fn tool_use_traces_become_valid_tool_lines() {
     let mut t = trace("chat", Arm::Teacher, None, None, "weather in Paris?");
@@ -330,17 +339,7 @@ fn tool_use_traces_become_valid_tool_lines() {
     calling.response.choices[0].finish_reason = Some("tool_calls".into());
     calling.request["tools"] = t.request["tools"].clone();
     let (dir, store) = store_with(&[t, calling], |_| true);
-    let m = build(
-        &store,
-        &DatasetSpec {
-            validation_percent: 0.0,
-            ..DatasetSpec::new("chat")
-        },
-        dir.path(),
-        "t",
-        |_| {},
-    )
-    .unwrap();
+    let m = train_only(&store, dir.path());
     assert_eq!((m.examples(), m.skipped.len()), (2, 0), "{m:?}");
     let all = lines(&m.train.path);
     let first = &all[0];
@@ -392,17 +391,7 @@ fn traces_of_the_deprecated_functions_api_are_left_out_by_name() {
     ]);
     let plain = trace("chat", Arm::Teacher, None, None, "hello");
     let (dir, store) = store_with(&[answer, defined, earlier, plain], |_| true);
-    let m = build(
-        &store,
-        &DatasetSpec {
-            validation_percent: 0.0,
-            ..DatasetSpec::new("chat")
-        },
-        dir.path(),
-        "t",
-        |_| {},
-    )
-    .unwrap();
+    let m = train_only(&store, dir.path());
     assert_eq!(m.examples(), 1, "{m:?}");
     assert_eq!(m.skipped.get("legacy_function_call"), Some(&3), "{m:?}");
 }
