@@ -93,6 +93,16 @@ fn client_view(body: &str, stream: bool) -> BTreeMap<u64, ChoiceView> {
     out
 }
 
+/// The model the answer names: the JSON body's, or the first chunk's of a stream.
+fn answered_model(body: &str, stream: bool) -> String {
+    let answer: Value = if stream {
+        serde_json::from_str(&sse_events(body)[0]).unwrap()
+    } else {
+        serde_json::from_str(body).unwrap()
+    };
+    answer["model"].as_str().unwrap().to_owned()
+}
+
 #[tokio::test]
 async fn every_exchange_becomes_one_trace_equal_to_what_the_client_got() {
     let sim = start_sim(SimConfig::default()).await;
@@ -171,6 +181,13 @@ async fn every_exchange_becomes_one_trace_equal_to_what_the_client_got() {
             })
             .collect();
         assert_eq!(stored, client_view(body, *stream), "trace {id}");
+        // OpenAI answers an alias with the snapshot it resolved to: the trace keeps both.
+        assert_eq!(trace.model, "gpt-4o", "the model Forge asked for");
+        assert_eq!(
+            trace.response.model.as_deref(),
+            Some(answered_model(body, *stream).as_str())
+        );
+        assert_eq!(trace.response.model.as_deref(), Some("gpt-4o-2024-08-06"));
         assert!(trace.ttfb_us <= trace.latency_us);
         legacy_calls += trace
             .response

@@ -662,7 +662,7 @@ impl Completion {
         Self {
             id: reply::random_id("chatcmpl-", 29),
             created: reply::unix_now(),
-            model: request.model.to_owned(),
+            model: super::models::snapshot_of(request.model).to_owned(),
             replies,
             usage: Usage {
                 prompt_tokens,

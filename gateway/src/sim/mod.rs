@@ -8,12 +8,15 @@
 //!   text and tool arguments. Each model's [`ModelBehavior`] sets delays, quality, length, and
 //!   injected failures, also mid-stream. Any model name is served as a base model, except an
 //!   `ft:` name no succeeded job produced (404 `model_not_found`) and an unloaded adapter.
-//! - `GET /v1/models`, which lists the configured models, `gpt-4o`, `gpt-4o-mini`, and every
-//!   `ft:` model whose fine-tuning job has succeeded.
+//!   An OpenAI alias (`gpt-4o`) is answered under the dated snapshot it resolves to
+//!   (`gpt-4o-2024-08-06`), as OpenAI answers; other names are answered under their own.
+//! - `GET /v1/models`, which lists the configured models, `gpt-4o`, `gpt-4o-mini` and their
+//!   snapshots, and every `ft:` model whose fine-tuning job has succeeded.
 //! - The Files API: multipart upload, list, retrieve, raw content, delete.
 //! - Fine-tuning jobs as a timed state machine (`validating_files → queued → running →
 //!   succeeded | failed | cancelled`, plus pause and resume) paced by [`FineTuneTimings`], with
-//!   events, checkpoints and a result CSV. The training file is checked with
+//!   events, checkpoints and a result CSV. The job's `model` and the trained model's name
+//!   (`ft:gpt-4o-mini-2024-07-18:forge-sim:…`) carry the base's snapshot. The training file is checked with
 //!   [`validate_training_jsonl`]; a bad file fails the job at the end of `validating_files`.
 //!   A job fails half-way through `running` with `error.code = "training_failed"` when its
 //!   `suffix` contains `fail-training`, or when [`SimHandle::fail_next_fine_tuning_jobs`] said so.

@@ -14,6 +14,25 @@ use super::state::SimState;
 
 /// Always listed, so that a default config still looks like OpenAI.
 const BASE_MODELS: &[&str] = &["gpt-4o", "gpt-4o-mini"];
+/// OpenAI's aliases and the dated snapshot each resolves to. An answer names the snapshot, not
+/// the alias asked for, and so does a fine-tuning job's `model` and the model it trains
+/// (openai-wire.md); `/v1/models` lists both names.
+const SNAPSHOTS: &[(&str, &str)] = &[
+    ("gpt-4o", "gpt-4o-2024-08-06"),
+    ("gpt-4o-mini", "gpt-4o-mini-2024-07-18"),
+    ("gpt-4.1", "gpt-4.1-2025-04-14"),
+    ("gpt-4.1-mini", "gpt-4.1-mini-2025-04-14"),
+    ("gpt-4.1-nano", "gpt-4.1-nano-2025-04-14"),
+    ("gpt-3.5-turbo", "gpt-3.5-turbo-0125"),
+];
+
+/// The dated snapshot `model` resolves to; any other name is its own.
+pub(crate) fn snapshot_of(model: &str) -> &str {
+    SNAPSHOTS
+        .iter()
+        .find(|(alias, _)| *alias == model)
+        .map_or(model, |(_, snapshot)| snapshot)
+}
 /// A fixed creation time for models the simulated upstream did not train.
 const BASE_CREATED: u64 = 1_715_367_049;
 
@@ -53,6 +72,7 @@ fn all_models(state: &SimState) -> Vec<ModelView> {
     };
     for base in BASE_MODELS {
         add((*base).to_owned(), BASE_CREATED, "system");
+        add(snapshot_of(base).to_owned(), BASE_CREATED, "system");
     }
     for configured in state.configured_models() {
         add(configured, BASE_CREATED, "system");

@@ -135,7 +135,10 @@ async fn stream_content_matches_the_non_streamed_answer() {
         "a good answer refers to the question: {content}"
     );
     assert_eq!(whole["object"], "chat.completion");
-    assert_eq!(whole["model"], "gpt-4o");
+    assert_eq!(
+        whole["model"], "gpt-4o-2024-08-06",
+        "the snapshot the alias resolves to"
+    );
     assert_eq!(whole["system_fingerprint"], "fp_sim");
     assert!(whole["id"].as_str().unwrap().starts_with("chatcmpl-"));
     assert_eq!(message["role"], "assistant");
@@ -178,7 +181,7 @@ async fn stream_content_matches_the_non_streamed_answer() {
         assert_eq!(&chunk["id"], id);
         assert_eq!(chunk["object"], "chat.completion.chunk");
         assert_eq!(chunk["created"], chunks[0]["created"]);
-        assert_eq!(chunk["model"], "gpt-4o");
+        assert_eq!(chunk["model"], "gpt-4o-2024-08-06");
         assert_eq!(chunk["system_fingerprint"], "fp_sim");
         assert_eq!(chunk["usage"], Value::Null);
         assert!(chunk.as_object().unwrap().contains_key("usage"));
@@ -846,7 +849,16 @@ async fn models_lists_configured_and_base_models() {
         .iter()
         .map(|model| model["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, ["gpt-4o", "gpt-4o-mini", "teacher-x"]);
+    assert_eq!(
+        ids,
+        [
+            "gpt-4o",
+            "gpt-4o-2024-08-06",
+            "gpt-4o-mini",
+            "gpt-4o-mini-2024-07-18",
+            "teacher-x"
+        ]
+    );
     assert_eq!(list["data"][0]["object"], "model");
     assert!(list["data"][0]["created"].is_u64());
     assert!(list["data"][0]["owned_by"].is_string());
@@ -1148,6 +1160,7 @@ async fn fine_tuning_job_succeeds_and_its_model_is_served() {
     }
     assert_eq!(job["object"], "fine_tuning.job");
     assert_eq!(job["status"], "validating_files");
+    assert_eq!(job["model"], "gpt-4o-mini-2024-07-18");
     assert_eq!(job["fine_tuned_model"], Value::Null);
     assert_eq!(job["finished_at"], Value::Null);
     assert_eq!(job["trained_tokens"], Value::Null);
@@ -1164,7 +1177,8 @@ async fn fine_tuning_job_succeeds_and_its_model_is_served() {
     let model = done["fine_tuned_model"].as_str().unwrap().to_owned();
     assert_eq!(
         model,
-        format!("ft:gpt-4o-mini:forge-sim:support:{}", &id[6..14])
+        format!("ft:gpt-4o-mini-2024-07-18:forge-sim:support:{}", &id[6..14]),
+        "named after the snapshot the base resolved to"
     );
     assert!(done["finished_at"].as_u64().unwrap() >= done["created_at"].as_u64().unwrap());
     assert!(done["trained_tokens"].as_u64().unwrap() > 0);

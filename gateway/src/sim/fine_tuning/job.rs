@@ -14,6 +14,7 @@ use crate::sim::config::FineTuneTimings;
 use crate::sim::error::ApiError;
 use crate::sim::files::FileStore;
 use crate::sim::jsonl::{self, DatasetStats, MIN_TRAINING_EXAMPLES};
+use crate::sim::models::snapshot_of;
 use crate::sim::reply;
 use crate::sim::state::Flavor;
 
@@ -195,7 +196,7 @@ impl FineTuneJob {
                 // Continuing from a fine-tuned model names the result after the original base.
                 let base = match request.model.strip_prefix("ft:") {
                     Some(rest) => rest.split(':').next().unwrap_or(rest),
-                    None => request.model.as_str(),
+                    None => snapshot_of(&request.model),
                 };
                 let short_id = id.get(6..14).unwrap_or(&id);
                 let output_model = format!(
@@ -210,6 +211,11 @@ impl FineTuneJob {
                 (reply::random_hex("ftjob-", 32), output_model)
             }
         };
+        // OpenAI names the snapshot it resolved the base to; Azure takes only dated names.
+        let model = match flavor {
+            Flavor::OpenAi => snapshot_of(&request.model).to_owned(),
+            Flavor::Azure => request.model,
+        };
         let born_wall = SystemTime::now();
         let mut job = Self {
             created_at: reply::unix_seconds(born_wall),
@@ -218,7 +224,7 @@ impl FineTuneJob {
             seed: request
                 .seed
                 .unwrap_or_else(|| rand::rng().random_range(0..=2_147_483_647)),
-            model: request.model,
+            model,
             training_file: request.training_file,
             validation_file: request.validation_file,
             suffix: request.suffix,
