@@ -166,6 +166,25 @@ pub fn sse_events(body: &str) -> Vec<String> {
         .collect()
 }
 
+/// Replaces each stream chunk's `obfuscation` padding, random in every answer, with `*`, so
+/// that two streams can be compared byte for byte everywhere else.
+pub fn mask_padding(stream: &str) -> String {
+    const KEY: &str = "\"obfuscation\":\"";
+    let mut out = String::with_capacity(stream.len());
+    let mut rest = stream;
+    while let Some(at) = rest.find(KEY) {
+        let value = at + KEY.len();
+        out.push_str(&rest[..value]);
+        out.push('*');
+        let end = rest[value..]
+            .find('"')
+            .map_or(rest.len(), |len| value + len);
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Replaces each occurrence of the response id and `created` timestamp of `from` with those of
 /// `to`, so that two answers to the same request can be compared byte for byte.
 pub fn align_ids(from: &str, to: &str) -> String {

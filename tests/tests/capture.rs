@@ -93,14 +93,25 @@ fn client_view(body: &str, stream: bool) -> BTreeMap<u64, ChoiceView> {
     out
 }
 
-/// The model the answer names: the JSON body's, or the first chunk's of a stream.
-fn answered_model(body: &str, stream: bool) -> String {
-    let answer: Value = if stream {
-        serde_json::from_str(&sse_events(body)[0]).unwrap()
+/// The model the answer names and its usage object: the JSON body's, or a stream's first
+/// chunk's model and its usage chunk's usage.
+fn answered_model_and_usage(body: &str, stream: bool) -> (String, Option<Value>) {
+    let (first, usage) = if stream {
+        let chunks: Vec<Value> = sse_events(body)
+            .iter()
+            .filter(|e| *e != "[DONE]")
+            .map(|e| serde_json::from_str(e).unwrap())
+            .collect();
+        let usage = chunks
+            .iter()
+            .find_map(|c| c.get("usage").filter(|u| !u.is_null()).cloned());
+        (chunks[0].clone(), usage)
     } else {
-        serde_json::from_str(body).unwrap()
+        let answer: Value = serde_json::from_str(body).unwrap();
+        let usage = answer.get("usage").cloned();
+        (answer, usage)
     };
-    answer["model"].as_str().unwrap().to_owned()
+    (first["model"].as_str().unwrap().to_owned(), usage)
 }
 
 #[tokio::test]
@@ -124,11 +135,10 @@ async fn every_exchange_becomes_one_trace_equal_to_what_the_client_got() {
         if i % 4 == 1 {
             body["n"] = json!(2);
         }
-        if i % 5 == 0 {
-            body["stream_options"] = json!({"include_usage": stream});
-            if !stream {
-                body.as_object_mut().unwrap().remove("stream_options");
-            }
+        // Streams carry `obfuscation` padding unless the client turns it off.
+        if stream {
+            body["stream_options"] =
+                json!({"include_usage": i % 4 == 0, "include_obfuscation": i % 8 == 0});
         }
         let resp = http
             .post(format!("{}/chat/completions", gw.base_url()))
@@ -182,12 +192,15 @@ async fn every_exchange_becomes_one_trace_equal_to_what_the_client_got() {
             .collect();
         assert_eq!(stored, client_view(body, *stream), "trace {id}");
         // OpenAI answers an alias with the snapshot it resolved to: the trace keeps both.
+        let (answered, usage) = answered_model_and_usage(body, *stream);
         assert_eq!(trace.model, "gpt-4o", "the model Forge asked for");
-        assert_eq!(
-            trace.response.model.as_deref(),
-            Some(answered_model(body, *stream).as_str())
-        );
+        assert_eq!(trace.response.model.as_deref(), Some(answered.as_str()));
         assert_eq!(trace.response.model.as_deref(), Some("gpt-4o-2024-08-06"));
+        // The usage object as it came, token details included.
+        let stored_usage = trace.response.usage.as_ref().map(|u| {
+            serde_json::from_str::<Value>(serde_json::to_string(u).unwrap().as_str()).unwrap()
+        });
+        assert_eq!(stored_usage, usage, "trace {id}");
         assert!(trace.ttfb_us <= trace.latency_us);
         legacy_calls += trace
             .response

@@ -17,6 +17,8 @@ use super::stream;
 
 /// What `system_fingerprint` says in every response and chunk.
 pub(crate) const SYSTEM_FINGERPRINT: &str = "fp_sim";
+/// The processing tier OpenAI reports for a request that asked for none.
+pub(crate) const SERVICE_TIER: &str = "default";
 
 const ROLES: &str = "'system', 'assistant', 'user', 'function', 'tool', and 'developer'";
 
@@ -62,9 +64,14 @@ pub(crate) async fn respond(
     };
     let completion = Completion::answer(&request, behavior.quality, behavior.words);
     if request.stream {
+        let shape = stream::Shape {
+            include_usage: request.include_usage,
+            obfuscation: request.include_obfuscation,
+            null_usage: !behavior.omit_null_usage,
+        };
         stream::response(
             completion,
-            request.include_usage,
+            shape,
             behavior.chunk_delay,
             behavior.error_after_chunks,
         )
@@ -79,6 +86,8 @@ pub(crate) struct ChatRequest<'a> {
     pub(crate) messages: &'a [Value],
     pub(crate) stream: bool,
     pub(crate) include_usage: bool,
+    /// Streams: whether each chunk with a choice carries `obfuscation` padding.
+    pub(crate) include_obfuscation: bool,
     pub(crate) n: usize,
     /// The smaller of `max_tokens` and `max_completion_tokens`, counted in words here.
     pub(crate) max_words: Option<usize>,
@@ -93,25 +102,19 @@ impl<'a> ChatRequest<'a> {
     pub(crate) fn parse(model: &'a str, request: &'a Map<String, Value>) -> Result<Self, ApiError> {
         let messages = parse_messages(request.get("messages"))?;
         let stream = optional_bool(request, "stream")?.unwrap_or(false);
-        let include_usage = match request.get("stream_options") {
-            None | Some(Value::Null) => false,
+        // Obfuscation is on unless the client turns it off (openai-wire.md §1.1).
+        let (include_usage, include_obfuscation) = match request.get("stream_options") {
+            None | Some(Value::Null) => (false, true),
             Some(_) if !stream => {
                 return Err(ApiError::invalid_request(
                     "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                 )
                 .with_param("stream_options"));
             }
-            Some(Value::Object(options)) => match options.get("include_usage") {
-                None | Some(Value::Null) => false,
-                Some(Value::Bool(include)) => *include,
-                Some(other) => {
-                    return Err(ApiError::invalid_type(
-                        "stream_options.include_usage",
-                        "a boolean",
-                        other,
-                    ));
-                }
-            },
+            Some(Value::Object(options)) => (
+                stream_option(options, "include_usage")?.unwrap_or(false),
+                stream_option(options, "include_obfuscation")?.unwrap_or(true),
+            ),
             Some(other) => {
                 return Err(ApiError::invalid_type("stream_options", "an object", other));
             }
@@ -138,6 +141,7 @@ impl<'a> ChatRequest<'a> {
             messages,
             stream,
             include_usage,
+            include_obfuscation,
             n,
             max_words,
             calls,
@@ -520,6 +524,19 @@ fn function_name(function: &Map<String, Value>) -> &str {
         .unwrap_or_default()
 }
 
+/// A boolean key of `stream_options`, or `None` when absent or null.
+fn stream_option(options: &Map<String, Value>, key: &str) -> Result<Option<bool>, ApiError> {
+    match options.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(value)) => Ok(Some(*value)),
+        Some(other) => Err(ApiError::invalid_type(
+            format!("stream_options.{key}"),
+            "a boolean",
+            other,
+        )),
+    }
+}
+
 fn optional_bool(
     request: &Map<String, Value>,
     key: &'static str,
@@ -605,11 +622,41 @@ impl Reply {
     }
 }
 
+/// OpenAI's usage object, token details included (openai-wire.md §1.2). This model caches no
+/// prompt and neither reasons nor speaks, so every detail is 0, as OpenAI reports them then.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub(crate) struct Usage {
     pub(crate) prompt_tokens: u64,
     pub(crate) completion_tokens: u64,
     pub(crate) total_tokens: u64,
+    prompt_tokens_details: PromptTokensDetails,
+    completion_tokens_details: CompletionTokensDetails,
+}
+
+impl Usage {
+    fn new(prompt_tokens: u64, completion_tokens: u64) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+            prompt_tokens_details: PromptTokensDetails::default(),
+            completion_tokens_details: CompletionTokensDetails::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+struct PromptTokensDetails {
+    cached_tokens: u64,
+    audio_tokens: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+struct CompletionTokensDetails {
+    reasoning_tokens: u64,
+    audio_tokens: u64,
+    accepted_prediction_tokens: u64,
+    rejected_prediction_tokens: u64,
 }
 
 /// A whole answer to one request, before it is put on the wire either way.
@@ -664,11 +711,7 @@ impl Completion {
             created: reply::unix_now(),
             model: super::models::snapshot_of(request.model).to_owned(),
             replies,
-            usage: Usage {
-                prompt_tokens,
-                completion_tokens,
-                total_tokens: prompt_tokens + completion_tokens,
-            },
+            usage: Usage::new(prompt_tokens, completion_tokens),
         }
     }
 
@@ -718,6 +761,7 @@ impl Completion {
                 model: &self.model,
                 choices,
                 usage: self.usage,
+                service_tier: SERVICE_TIER,
                 system_fingerprint: SYSTEM_FINGERPRINT,
             },
         )
@@ -732,6 +776,7 @@ struct CompletionView<'a> {
     model: &'a str,
     choices: Vec<ChoiceView<'a>>,
     usage: Usage,
+    service_tier: &'static str,
     system_fingerprint: &'static str,
 }
 

@@ -79,6 +79,9 @@ pub struct ModelBehavior {
     pub quality: Quality,
     /// Words in a text answer; a stream sends one content chunk per word.
     pub words: usize,
+    /// Streams: leave the `usage` key out of the chunks before the usage chunk, as OpenAI's
+    /// recorded 2024 streams do, instead of `"usage": null`, as its spec says.
+    pub omit_null_usage: bool,
 }
 
 impl Default for ModelBehavior {
@@ -91,6 +94,7 @@ impl Default for ModelBehavior {
             error_after_chunks: None,
             quality: Quality::Good,
             words: 24,
+            omit_null_usage: false,
         }
     }
 }
@@ -187,6 +191,7 @@ impl SimConfig {
     /// error_after_chunks = 5          # streams: error event after this many content chunks
     /// quality = "good"                # "good" or "poor"
     /// words = 24                      # words per text answer (at least 1)
+    /// omit_null_usage = false         # streams: no `usage` key before the usage chunk
     ///
     /// [models."gpt-4o-mini"]          # same keys as [default_behavior]; unset keys take the
     /// quality = "poor"                # built-in defaults, not those of [default_behavior]
@@ -252,6 +257,7 @@ struct RawBehavior {
     error_after_chunks: Option<usize>,
     quality: Option<Quality>,
     words: Option<usize>,
+    omit_null_usage: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -349,6 +355,7 @@ impl RawBehavior {
             error_after_chunks: self.error_after_chunks,
             quality: self.quality.unwrap_or(defaults.quality),
             words: self.words.unwrap_or(defaults.words),
+            omit_null_usage: self.omit_null_usage.unwrap_or(defaults.omit_null_usage),
         })
     }
 }
@@ -385,6 +392,7 @@ mod tests {
             error_after_chunks = 3
             quality = "poor"
             words = 9
+            omit_null_usage = true
             [models."gpt-4o"]
             fail_status = 503
             [fine_tune]
@@ -405,6 +413,7 @@ mod tests {
                 error_after_chunks: Some(3),
                 quality: Quality::Poor,
                 words: 9,
+                omit_null_usage: true,
             }
         );
         let gpt4o = &config.models["gpt-4o"];

@@ -8,6 +8,9 @@
 //!   text and tool arguments. Each model's [`ModelBehavior`] sets delays, quality, length, and
 //!   injected failures, also mid-stream. Any model name is served as a base model, except an
 //!   `ft:` name no succeeded job produced (404 `model_not_found`) and an unloaded adapter.
+//!   Answers carry `service_tier` and usage with its token details; stream chunks carry
+//!   `obfuscation` padding unless `stream_options.include_obfuscation` is false, and
+//!   `usage: null` before the usage chunk unless [`ModelBehavior::omit_null_usage`] is set.
 //!   An OpenAI alias (`gpt-4o`) is answered under the dated snapshot it resolves to
 //!   (`gpt-4o-2024-08-06`), as OpenAI answers; other names are answered under their own.
 //! - `GET /v1/models`, which lists the configured models, `gpt-4o`, `gpt-4o-mini` and their

@@ -10,7 +10,7 @@ use http::{HeaderValue, header};
 use serde::Serialize;
 use serde::ser::SerializeMap;
 
-use super::chat::{Completion, Reply, SYSTEM_FINGERPRINT, Usage};
+use super::chat::{Completion, Reply, SERVICE_TIER, SYSTEM_FINGERPRINT, Usage};
 use super::error::ApiError;
 
 /// Argument fragments are about this many characters, like the token-sized pieces OpenAI sends.
@@ -55,16 +55,32 @@ impl Step {
     }
 }
 
+/// What varies in a stream's chunks besides the answer (openai-wire.md §1.3).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Shape {
+    /// `stream_options.include_usage`: a usage chunk before `[DONE]`.
+    pub(crate) include_usage: bool,
+    /// `stream_options.include_obfuscation`: random padding in each chunk with a choice.
+    pub(crate) obfuscation: bool,
+    /// `usage: null` on every other chunk, as the spec says; without it the key is left out, as
+    /// in OpenAI's recorded 2024 streams.
+    pub(crate) null_usage: bool,
+}
+
+/// The longest `obfuscation` padding, in characters.
+const OBFUSCATION_MAX_CHARS: usize = 16;
+
 pub(crate) fn response(
     completion: Completion,
-    include_usage: bool,
+    shape: Shape,
     chunk_delay: Duration,
     error_after_chunks: Option<usize>,
 ) -> Response {
-    let steps = plan(&completion.replies, include_usage, error_after_chunks);
+    let steps = plan(&completion.replies, shape.include_usage, error_after_chunks);
     let events = ChunkStream {
         completion,
         steps,
+        shape,
         chunk_delay,
     };
     let body = futures_util::stream::unfold((events, 0_usize), |(events, next)| async move {
@@ -173,6 +189,7 @@ fn choice_steps(choice: usize, reply: &Reply) -> Vec<Step> {
 struct ChunkStream {
     completion: Completion,
     steps: Vec<Step>,
+    shape: Shape,
     chunk_delay: Duration,
 }
 
@@ -254,16 +271,28 @@ impl ChunkStream {
     }
 
     fn chunk<'a>(&'a self, choice: Option<ChunkChoice<'a>>, usage: Option<&'a Usage>) -> Chunk<'a> {
+        let obfuscation = (self.shape.obfuscation && choice.is_some()).then(padding);
         Chunk {
             id: &self.completion.id,
             object: "chat.completion.chunk",
             created: self.completion.created,
             model: &self.completion.model,
+            service_tier: SERVICE_TIER,
             system_fingerprint: SYSTEM_FINGERPRINT,
             choices: choice,
-            usage,
+            usage: usage.map(Some).or(self.shape.null_usage.then_some(None)),
+            obfuscation,
         }
     }
+}
+
+/// Random characters of a random length, as OpenAI pads chunks to hide their sizes.
+fn padding() -> String {
+    use rand::Rng;
+    use rand::distr::{Alphanumeric, SampleString};
+    let mut rng = rand::rng();
+    let len = rng.random_range(1..=OBFUSCATION_MAX_CHARS);
+    Alphanumeric.sample_string(&mut rng, len)
 }
 
 fn frame(chunk: &Chunk<'_>) -> Bytes {
@@ -282,11 +311,16 @@ struct Chunk<'a> {
     object: &'static str,
     created: u64,
     model: &'a str,
+    service_tier: &'static str,
     system_fingerprint: &'static str,
     /// At most one choice per chunk; none in the usage chunk.
     #[serde(serialize_with = "as_list")]
     choices: Option<ChunkChoice<'a>>,
-    usage: Option<&'a Usage>,
+    /// Absent, `null`, or the usage object (in the usage chunk).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Option<&'a Usage>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    obfuscation: Option<String>,
 }
 
 fn as_list<S: serde::Serializer>(

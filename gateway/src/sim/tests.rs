@@ -149,8 +149,12 @@ async fn stream_content_matches_the_non_streamed_answer() {
     // 3 per message, plus the words "Be helpful." and "How do tides work?".
     assert_eq!(
         whole["usage"],
-        json!({"prompt_tokens": 12, "completion_tokens": 24, "total_tokens": 36})
+        json!({"prompt_tokens": 12, "completion_tokens": 24, "total_tokens": 36,
+               "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+               "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+                   "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}})
     );
+    assert_eq!(whole["service_tier"], "default");
 
     // Role first, one chunk per word, then an empty delta with the finish reason.
     assert_eq!(chunks.len(), 1 + 24 + 1);
@@ -183,9 +187,21 @@ async fn stream_content_matches_the_non_streamed_answer() {
         assert_eq!(chunk["created"], chunks[0]["created"]);
         assert_eq!(chunk["model"], "gpt-4o-2024-08-06");
         assert_eq!(chunk["system_fingerprint"], "fp_sim");
+        assert_eq!(chunk["service_tier"], "default");
         assert_eq!(chunk["usage"], Value::Null);
         assert!(chunk.as_object().unwrap().contains_key("usage"));
+        // On by default: random padding that hides the size of each chunk.
+        let padding = chunk["obfuscation"].as_str().unwrap();
+        assert!(
+            (1..=16).contains(&padding.len()) && padding.bytes().all(|b| b.is_ascii_alphanumeric()),
+            "{chunk}"
+        );
     }
+    let paddings: std::collections::HashSet<&str> = chunks
+        .iter()
+        .map(|chunk| chunk["obfuscation"].as_str().unwrap())
+        .collect();
+    assert!(paddings.len() > 1, "the padding varies from chunk to chunk");
     assert_eq!(stream_contents(&chunks)[&0], content);
     sim.shutdown().await;
 }
@@ -210,6 +226,56 @@ async fn usage_chunk_comes_after_the_finish_chunk_and_before_done() {
     let finish = &chunks[chunks.len() - 2];
     assert_eq!(finish["choices"][0]["finish_reason"], "stop");
     assert_eq!(finish["usage"], Value::Null);
+    assert!(usage_chunk.get("obfuscation").is_none(), "no delta to pad");
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn stream_options_turn_obfuscation_off_and_a_model_may_leave_null_usage_out() {
+    let recorded_2024 = ModelBehavior {
+        omit_null_usage: true,
+        ..ModelBehavior::default()
+    };
+    let sim = start(SimConfig {
+        models: HashMap::from([("recorded-2024".to_string(), recorded_2024)]),
+        ..SimConfig::default()
+    })
+    .await;
+    let request = |model: &str, options: Value| {
+        json!({"model": model, "messages": question("What is rust?"), "stream": true,
+               "stream_options": options})
+    };
+    let plain = json_chunks(
+        &chat_stream(
+            &sim,
+            &request(
+                "m",
+                json!({"include_obfuscation": false, "include_usage": true}),
+            ),
+        )
+        .await,
+    );
+    assert!(plain.iter().all(|chunk| chunk.get("obfuscation").is_none()));
+    assert!(
+        plain[..plain.len() - 1]
+            .iter()
+            .all(|c| c["usage"].is_null())
+    );
+
+    let recorded = json_chunks(
+        &chat_stream(
+            &sim,
+            &request("recorded-2024", json!({"include_usage": true})),
+        )
+        .await,
+    );
+    let (usage_chunk, before) = recorded.split_last().unwrap();
+    assert!(
+        before.iter().all(|chunk| chunk.get("usage").is_none()),
+        "the key is left out"
+    );
+    assert!(before.iter().all(|chunk| chunk["obfuscation"].is_string()));
+    assert_eq!(usage_chunk["usage"]["completion_tokens"], 24);
     sim.shutdown().await;
 }
 
@@ -553,6 +619,11 @@ async fn invalid_requests_get_openai_errors_naming_the_parameter() {
         (
             json!({"model": "m", "messages": question("hi"), "stream_options": {"include_usage": true}}),
             "stream_options",
+        ),
+        (
+            json!({"model": "m", "messages": question("hi"), "stream": true,
+                   "stream_options": {"include_obfuscation": "no"}}),
+            "stream_options.include_obfuscation",
         ),
         (
             json!({"model": "m", "messages": question("hi"), "n": 0}),
