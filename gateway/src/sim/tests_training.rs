@@ -464,6 +464,39 @@ async fn azure_files_are_pending_then_processed_and_jobs_name_models_the_azure_w
         events["data"][1]["message"],
         format!("New fine-tuned model created: {model}")
     );
+    // The result file uses Azure's column names, not OpenAI's, and has its two more columns.
+    let (_, job) = azure_json(azure(
+        &sim,
+        reqwest::Method::GET,
+        &format!("/openai/fine_tuning/jobs/{job_id}"),
+    ))
+    .await;
+    let result_id = job["result_files"][0].as_str().unwrap();
+    let csv = azure(
+        &sim,
+        reqwest::Method::GET,
+        &format!("/openai/files/{result_id}/content"),
+    )
+    .send()
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(
+        lines.next(),
+        Some(
+            "step,train_loss,train_mean_token_accuracy,valid_loss,validation_mean_token_accuracy,full_valid_loss,full_valid_mean_token_accuracy"
+        )
+    );
+    let row: Vec<&str> = lines.next().unwrap().split(',').collect();
+    assert_eq!(
+        row,
+        ["1", row[1], row[2], "", "", "", ""],
+        "no validation file"
+    );
+    assert!(row[1].parse::<f64>().is_ok() && row[2].parse::<f64>().is_ok());
     // Azure's models are served through deployments, not in OpenAI's model list.
     let models = client()
         .get(format!("{}/models", sim.base_url()))

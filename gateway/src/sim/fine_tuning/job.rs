@@ -414,7 +414,7 @@ impl FineTuneJob {
 
     fn succeed(&mut self, at: Instant, plan: &TrainingPlan, files: &mut FileStore) {
         let finished_at = self.unix_at(at);
-        let csv = result_csv(plan);
+        let csv = result_csv(plan, self.flavor);
         let file = files.add(
             RESULT_FILENAME.to_owned(),
             "fine-tune-results",

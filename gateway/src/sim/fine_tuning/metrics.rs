@@ -3,8 +3,11 @@
 use serde::Serialize;
 
 use super::job::TrainingPlan;
+use crate::sim::state::Flavor;
 
-const RESULT_HEADER: &str = "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n";
+const OPENAI_RESULT_HEADER: &str =
+    "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n";
+const AZURE_RESULT_HEADER: &str = "step,train_loss,train_mean_token_accuracy,valid_loss,validation_mean_token_accuracy,full_valid_loss,full_valid_mean_token_accuracy\n";
 
 /// The loss curve: deterministic, decreasing, and flattening out, like a healthy run.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -68,20 +71,30 @@ impl From<&StepMetrics> for CheckpointMetrics {
     }
 }
 
-/// `step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy`, a row per step, with
-/// empty validation cells when the job has no validation file.
-pub(super) fn result_csv(plan: &TrainingPlan) -> String {
-    let mut csv = String::from(RESULT_HEADER);
+/// The result file: a header, then a row per step, with empty validation cells when the job has
+/// no validation file. OpenAI's guide and Azure's docs name and count the columns differently
+/// (openai-wire.md §4), and each service writes its own.
+pub(super) fn result_csv(plan: &TrainingPlan, flavor: Flavor) -> String {
+    let mut csv = String::from(match flavor {
+        Flavor::OpenAi => OPENAI_RESULT_HEADER,
+        Flavor::Azure => AZURE_RESULT_HEADER,
+    });
     for step in 1..=plan.resolved.total_steps {
         let metrics = StepMetrics::at(step, plan);
         let cell = |value: Option<f64>| value.map(|v| format!("{v:.6}")).unwrap_or_default();
-        csv.push_str(&format!(
-            "{step},{:.6},{:.6},{},{}\n",
-            metrics.train_loss,
-            metrics.train_mean_token_accuracy,
+        let (valid_loss, valid_accuracy) = (
             cell(metrics.valid_loss),
             cell(metrics.valid_mean_token_accuracy),
+        );
+        csv.push_str(&format!(
+            "{step},{:.6},{:.6},{valid_loss},{valid_accuracy}",
+            metrics.train_loss, metrics.train_mean_token_accuracy,
         ));
+        if flavor == Flavor::Azure {
+            // The simulated validation set is always evaluated in full.
+            csv.push_str(&format!(",{valid_loss},{valid_accuracy}"));
+        }
+        csv.push('\n');
     }
     csv
 }
