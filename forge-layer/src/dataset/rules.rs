@@ -36,6 +36,9 @@ pub fn check(line: &Value, max_tokens: usize) -> Result<(), &'static str> {
             .ok_or("missing_role")?;
         let content = m.get("content");
         chars += content.map_or(0, content_chars) + 12;
+        if m.get("name").is_some_and(|name| !name.is_string()) {
+            return Err("bad_name");
+        }
         match role {
             "system" | "user" => {
                 check_keys(m, &["role", "content", "name"])?;
@@ -93,6 +96,7 @@ pub fn check(line: &Value, max_tokens: usize) -> Result<(), &'static str> {
                 return Err("bad_tools");
             }
             function_name(&tool["function"]["name"])?;
+            check_function_definition(&tool["function"])?;
             chars += tool.to_string().len();
         }
     }
@@ -177,6 +181,21 @@ fn check_tool_call(call: &Value) -> Result<String, &'static str> {
     Ok(id.to_string())
 }
 
+/// A tool's `function` beyond its name: `parameters` a JSON Schema object, `description` a
+/// string, `strict` a boolean, each optional. A request may carry `"parameters": null`, which
+/// the chat API takes, but the fine-tuning API refuses the whole file for it.
+fn check_function_definition(function: &Value) -> Result<(), &'static str> {
+    let absent_or = |key: &str, ok: fn(&Value) -> bool| function.get(key).is_none_or(ok);
+    if absent_or("parameters", Value::is_object)
+        && absent_or("description", Value::is_string)
+        && absent_or("strict", Value::is_boolean)
+    {
+        Ok(())
+    } else {
+        Err("bad_tools")
+    }
+}
+
 /// `a-zA-Z0-9_-`, 1–64 characters.
 fn function_name(name: &Value) -> Result<(), &'static str> {
     let name = name.as_str().ok_or("bad_function_name")?;
@@ -244,6 +263,20 @@ mod tests {
                 "bad_tool_call",
             ),
             (json!([1]), "not_an_object"),
+            (
+                json!({"messages": [{"role": "user", "content": "q", "name": 42}, {"role": "assistant", "content": "a"}]}),
+                "bad_name",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                       "tools": [{"type": "function", "function": {"name": "f", "parameters": null}}]}),
+                "bad_tools",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                       "tools": [{"type": "function", "function": {"name": "f", "description": 7}}]}),
+                "bad_tools",
+            ),
             (json!({"messages": []}), "missing_messages"),
             (
                 json!({"messages": [{"role": "developer", "content": "x"}, {"role": "assistant", "content": "a"}]}),

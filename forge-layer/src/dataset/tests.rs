@@ -746,3 +746,19 @@ fn late_traces_past_the_file_limit_go_on_in_the_next_build_each_once() {
     let spec = after(&builds.iter().collect::<Vec<_>>());
     assert_eq!(lines_ready(&store, &spec).unwrap(), 0);
 }
+
+#[test]
+fn requests_the_chat_api_takes_but_a_training_file_may_not_hold_are_skipped() {
+    // The chat API answers these; one such line would make the fine-tuning API refuse the file.
+    let mut null_parameters = trace("chat", Arm::Teacher, None, None, "call nothing");
+    null_parameters.request["tools"] =
+        json!([{"type": "function", "function": {"name": "f", "parameters": null}}]);
+    let mut numeric_name = trace("chat", Arm::Teacher, None, None, "who am I?");
+    numeric_name.request["messages"][0]["name"] = json!(42);
+    let plain = trace("chat", Arm::Teacher, None, None, "hello");
+    let (dir, store) = store_with(&[null_parameters, numeric_name, plain], |_| true);
+    let m = train_only(&store, dir.path());
+    assert_eq!(m.examples(), 1, "{m:?}");
+    assert_eq!(m.skipped.get("bad_tools"), Some(&1), "{m:?}");
+    assert_eq!(m.skipped.get("bad_name"), Some(&1), "{m:?}");
+}
