@@ -1092,6 +1092,12 @@ fn validate_distill(
         if d.validation_percent > 50.0 {
             return Err(invalid(at("validation_percent is at most 50")));
         }
+        // The gate scores the student only on lines it was not trained on.
+        if d.eval_min_score > 0.0 && d.validation_percent == 0.0 {
+            return Err(invalid(at(
+                "eval_min_score needs held-out lines: set validation_percent above 0, or eval_min_score = 0 to turn the gate off",
+            )));
+        }
         if d.min_examples < 10 {
             return Err(invalid(at(
                 "min_examples must be at least 10 (the fine-tuning minimum)",
@@ -1668,6 +1674,18 @@ key_sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
         assert!(
             Config::from_toml(&format!(
                 "[distiller]\ndataset_url = \"http://forge-admin:8081\"\n{kube}"
+            ))
+            .is_ok()
+        );
+        // The gate (on by default) scores only held-out lines: none would leave every model
+        // a candidate.
+        refused(
+            distill_config("validation_percent = 0.0\n"),
+            "eval_min_score needs held-out lines",
+        );
+        assert!(
+            Config::from_toml(&distill_config(
+                "validation_percent = 0.0\neval_min_score = 0.0\n"
             ))
             .is_ok()
         );

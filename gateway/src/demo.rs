@@ -89,6 +89,8 @@ min_examples = 40
 schedule = ""
 eval_min_score = 70.0
 eval_max_prompts = 8
+# A quarter held out: even a 40-example dataset has lines the gate can score the student on.
+validation_percent = 25.0
 initial_canary_percent = 10.0
 suffix = "forge-demo"
 "#,

@@ -2,7 +2,7 @@
 //! distiller uses, so forge-layer never talks HTTP to Forge's own parts.
 
 use bytes::Bytes;
-use forge_layer::distill::{BoxFuture, ChatClient, Deployer};
+use forge_layer::distill::{BoxFuture, ChatClient, ChatError, Deployer};
 use forge_layer::reassemble::FinalResponse;
 use forge_router::{CanaryShare, Target};
 use http::{HeaderMap, HeaderValue, Method, header};
@@ -35,12 +35,12 @@ impl ChatClient for UpstreamChat {
         model: &'a str,
         messages: &'a serde_json::Value,
         tools: Option<&'a serde_json::Value>,
-    ) -> BoxFuture<'a, Result<String, String>> {
+    ) -> BoxFuture<'a, Result<String, ChatError>> {
         Box::pin(async move {
             let up = self
                 .upstreams
                 .get(upstream)
-                .ok_or_else(|| format!("unknown upstream `{upstream}`"))?;
+                .ok_or_else(|| ChatError::transient(format!("unknown upstream `{upstream}`")))?;
             let mut body = serde_json::json!({"model": model, "messages": messages});
             if let Some(tools) = tools {
                 body["tools"] = tools.clone();
@@ -50,31 +50,48 @@ impl ChatClient for UpstreamChat {
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
             );
-            let bytes = Bytes::from(serde_json::to_vec(&body).map_err(|e| e.to_string())?);
+            let bytes = Bytes::from(
+                serde_json::to_vec(&body).map_err(|e| ChatError::refused(e.to_string()))?,
+            );
             let response = up
                 .send(Method::POST, CHAT_PATH, headers, bytes)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| ChatError::transient(e.to_string()))?;
             let status = response.status();
             let body = http_body_util::Limited::new(response.into_body(), MAX_ANSWER_BYTES)
                 .collect()
                 .await
-                .map_err(|e| format!("{model}'s answer: {e}"))?
+                .map_err(|e| ChatError::transient(format!("{model}'s answer: {e}")))?
                 .to_bytes();
             if !status.is_success() {
-                return Err(format!(
+                let message = format!(
                     "{model} answered {status}: {}",
                     String::from_utf8_lossy(&body)
                         .chars()
                         .take(200)
                         .collect::<String>()
-                ));
+                );
+                return Err(if refuses_the_request(status) {
+                    ChatError::refused(message)
+                } else {
+                    ChatError::transient(message)
+                });
             }
             let parsed = FinalResponse::from_json(&body);
-            let choice = parsed.choices.first().ok_or("no choices in the answer")?;
+            let choice = parsed
+                .choices
+                .first()
+                .ok_or_else(|| ChatError::refused(format!("{model} answered no choices")))?;
             Ok(choice.message.answer_text())
         })
     }
+}
+
+/// Whether `status` refuses the request itself, so that sending it again gets the same answer: a
+/// 4xx other than those about Forge's key or account (401, 403), a model not there yet (404),
+/// a timeout (408), a conflict (409) or a rate limit (429).
+fn refuses_the_request(status: http::StatusCode) -> bool {
+    status.is_client_error() && !matches!(status.as_u16(), 401 | 403 | 404 | 408 | 409 | 429)
 }
 
 /// Adds trained students to routes through the validated, persisted routing control.
@@ -193,6 +210,20 @@ mod tests {
             .complete("big", "m", &serde_json::json!([]), None)
             .await
             .unwrap_err();
-        assert!(err.contains("length limit"), "{err}");
+        assert!(err.message.contains("length limit"), "{err}");
+    }
+
+    #[test]
+    fn only_a_refusal_of_the_request_itself_is_final() {
+        for status in [400, 413, 415, 422] {
+            let status = http::StatusCode::from_u16(status).unwrap();
+            assert!(refuses_the_request(status), "{status}");
+        }
+        // Forge's key, a model not deployed yet, a timeout, a rate limit, the server: none of
+        // them is about the request, so the same request is tried again later.
+        for status in [401, 403, 404, 408, 409, 429, 500, 502, 503] {
+            let status = http::StatusCode::from_u16(status).unwrap();
+            assert!(!refuses_the_request(status), "{status}");
+        }
     }
 }

@@ -164,9 +164,17 @@ pub async fn run(
                         tracing::warn!(trace_id = %trace.id, reply = %reply.chars().take(80).collect::<String>(), "judge: no score in the reply")
                     }
                 },
-                // The judge is down or refusing: this trace and the rest wait for the next
-                // round, behind the cursor. Passing over them would keep each from ever being
-                // scored, and so from becoming golden through the judge.
+                // The judge refused this trace itself (a 400: longer than its context, say),
+                // and would refuse it again: passed over, or every later trace would wait
+                // behind it for good, and with them every dataset. The call cost nothing.
+                Err(e) if e.refused => {
+                    tracing::warn!(trace_id = %trace.id, error = %e, "judge: it refused this trace; passing over it");
+                    day.1 = day.1.saturating_sub(1);
+                    store_meta(&store, DAY_COUNT, day).await;
+                }
+                // The judge is down or refusing Forge: this trace and the rest wait for the
+                // next round, behind the cursor. Passing over them would keep each from ever
+                // being scored, and so from becoming golden through the judge.
                 Err(e) => {
                     tracing::warn!(trace_id = %trace.id, error = %e, "judge: request failed; trying again next round");
                     // No judgement was had: given back, or a judge that is down for hours
@@ -248,4 +256,170 @@ async fn pending(
     })
     .await
     .map_err(|e| e.to_string())?
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use forge_router::Arm;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::distill::{BoxFuture, ChatError};
+    use crate::reassemble::{AssistantMessage, FinalChoice, FinalResponse};
+    use crate::trace::Outcome;
+
+    /// A judge that scores every answer 95, except a question holding `refused_word`, which it
+    /// refuses (as a judge with a shorter context refuses a long trace), and everything while
+    /// `down`.
+    #[derive(Debug)]
+    struct Judge {
+        refused_word: &'static str,
+        down: bool,
+        calls: Mutex<u32>,
+    }
+
+    impl ChatClient for Judge {
+        fn complete<'a>(
+            &'a self,
+            _upstream: &'a str,
+            _model: &'a str,
+            messages: &'a Value,
+            _tools: Option<&'a Value>,
+        ) -> BoxFuture<'a, Result<String, ChatError>> {
+            *self.calls.lock().unwrap() += 1;
+            let prompt = messages[1]["content"].as_str().unwrap_or_default();
+            let answer = if self.down {
+                Err(ChatError::transient(
+                    "judge answered 503 Service Unavailable",
+                ))
+            } else if prompt.contains(self.refused_word) {
+                Err(ChatError::refused(
+                    "judge answered 400 Bad Request: context_length_exceeded",
+                ))
+            } else {
+                Ok("95".to_string())
+            };
+            Box::pin(async move { answer })
+        }
+    }
+
+    fn trace(question: &str) -> Trace {
+        Trace {
+            id: TraceId::generate(),
+            time_ms: now_ms(),
+            tenant: None,
+            key_id: None,
+            alias: "a".into(),
+            upstream: "u".into(),
+            model: "m".into(),
+            arm: Arm::Teacher,
+            route_version: 1,
+            stream: false,
+            request: json!({"messages": [{"role": "user", "content": question}]}),
+            response: FinalResponse {
+                choices: vec![FinalChoice {
+                    index: 0,
+                    message: AssistantMessage {
+                        content: Some("an answer".into()),
+                        ..Default::default()
+                    },
+                    finish_reason: Some("stop".into()),
+                }],
+                complete: true,
+                ..Default::default()
+            },
+            status: 200,
+            latency_us: 1,
+            ttfb_us: 1,
+            outcome: Outcome::Completed,
+        }
+    }
+
+    /// A store holding a trace asking `first`, then three more; and the judge started on it.
+    async fn judging(
+        first: &str,
+        judge: Judge,
+    ) -> (
+        tempfile::TempDir,
+        Store,
+        Vec<Trace>,
+        Arc<Judge>,
+        watch::Sender<bool>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_dir(dir.path()).unwrap();
+        let traces: Vec<Trace> = std::iter::once(trace(first))
+            .chain((0..3).map(|i| trace(&format!("question {i}"))))
+            .collect();
+        for t in &traces {
+            let bytes = serde_json::to_vec(t).unwrap();
+            store.insert_encoded([(t.id, bytes.as_slice())]).unwrap();
+        }
+        let judge = Arc::new(judge);
+        let settings = JudgeSettings {
+            model: JudgeModel {
+                upstream: "u".into(),
+                model: "judge".into(),
+            },
+            sample_percent: 100.0,
+            max_per_minute: 1000,
+            max_per_day: 100_000,
+            every: Duration::from_millis(20),
+        };
+        let (stop, stopped) = watch::channel(false);
+        tokio::spawn(run(store.clone(), judge.clone(), settings, stopped));
+        (dir, store, traces, judge, stop)
+    }
+
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_trace_the_judge_refuses_is_passed_over_and_the_later_ones_are_judged() {
+        let judge = Judge {
+            refused_word: "HUGE",
+            down: false,
+            calls: Mutex::new(0),
+        };
+        let (_dir, store, traces, _judge, stop) = judging("a HUGE prompt", judge).await;
+        let evaluated = |t: &Trace| store.latest_evaluation(t.id).unwrap().is_some();
+        until("the later traces' evaluations", || {
+            traces[1..].iter().all(evaluated)
+        })
+        .await;
+        assert!(!evaluated(&traces[0]), "a refusal records no score");
+        assert_eq!(judged_until(&store).unwrap(), Some(traces[3].id));
+        // The refusal cost nothing: only the three judgements are counted.
+        let (_, count): (u64, u32) = store.meta(DAY_COUNT).unwrap().unwrap();
+        assert_eq!(count, 3);
+        stop.send(true).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_judge_that_is_down_leaves_every_trace_for_later() {
+        let judge = Judge {
+            refused_word: "HUGE",
+            down: true,
+            calls: Mutex::new(0),
+        };
+        let (_dir, store, traces, judge, stop) = judging("question", judge).await;
+        until("three rounds of calls", || {
+            *judge.calls.lock().unwrap() >= 3
+        })
+        .await;
+        assert!(
+            traces
+                .iter()
+                .all(|t| store.latest_evaluation(t.id).unwrap().is_none())
+        );
+        assert_eq!(judged_until(&store).unwrap(), None, "nothing passed over");
+        stop.send(true).unwrap();
+    }
 }

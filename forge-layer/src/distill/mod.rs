@@ -10,7 +10,7 @@ mod service;
 mod undeploy;
 
 pub use dataset_token::{dataset_token, dataset_token_matches};
-pub use evaluate::{ChatClient, EvalMethod};
+pub use evaluate::{ChatClient, ChatError, EvalMethod};
 pub use job::{DistillationJob, JobStatus, ModelRecord, ModelStatus};
 pub use service::{
     CancelError, Deployer, DistillError, DistillSettings, DistillationService, JudgeModel,

@@ -10,7 +10,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use super::evaluate::{
-    ChatClient, EvalMethod, held_out, judge_messages, parse_score, question_of, similarity,
+    ChatClient, ChatError, EvalMethod, exact_score, held_out, judge_messages, parse_score,
+    question_of, similarity,
 };
 use super::job::{DistillationJob, JobStatus, ModelRecord, ModelStatus};
 use super::undeploy::Undeploys;
@@ -1136,24 +1137,34 @@ impl DistillationService {
         model: &str,
     ) -> Result<f64, String> {
         let dir = self.settings.data_dir.join("datasets").join(&job.id);
-        let mut examples = held_out(&dir.join("validation.jsonl"), route.eval_max_prompts)
+        // Only lines the student was not trained on: a score on its own training data would
+        // pass a student that learnt them by heart.
+        let examples = held_out(&dir.join("validation.jsonl"), route.eval_max_prompts)
             .map_err(|e| e.to_string())?;
         if examples.is_empty() {
-            examples = held_out(&dir.join("train.jsonl"), route.eval_max_prompts)
-                .map_err(|e| e.to_string())?;
+            return Err(
+                "no held-out prompts: the dataset held no line out for validation (raise validation_percent or min_examples)"
+                    .into(),
+            );
         }
-        if examples.is_empty() {
-            return Err("no held-out prompts".into());
-        }
-        let mut total = 0.0;
+        let mut scores = Vec::with_capacity(examples.len());
         for example in &examples {
-            let answer = self
+            let answer = match self
                 .complete_patiently(upstream, model, &example.messages, example.tools.as_ref())
-                .await?;
-            total += match route.eval_method {
-                EvalMethod::Exact => {
-                    f64::from(u8::from(answer.trim() == example.reference.trim())) * 100.0
+                .await
+            {
+                Ok(answer) => answer,
+                // The student cannot answer this prompt (too long for its context, say): a
+                // prompt the teacher answered and it cannot scores nothing.
+                Err(e) if e.refused => {
+                    tracing::warn!(job = %job.id, %model, error = %e, "the student refused a held-out prompt; it scores 0");
+                    scores.push(0.0);
+                    continue;
                 }
+                Err(e) => return Err(e.to_string()),
+            };
+            let score = match route.eval_method {
+                EvalMethod::Exact => exact_score(&answer, &example.reference),
                 EvalMethod::Similarity => similarity(&answer, &example.reference),
                 EvalMethod::Judge => {
                     let judge = self
@@ -1163,15 +1174,38 @@ impl DistillationService {
                         .ok_or("eval_method = judge needs a [judge]")?;
                     let question = question_of(&example.messages);
                     let prompt = judge_messages(&question, &answer, Some(&example.reference));
-                    let reply = self
+                    let reply = match self
                         .complete_patiently(&judge.upstream, &judge.model, &prompt, None)
-                        .await?;
-                    parse_score(&reply)
-                        .ok_or_else(|| format!("the judge's reply has no score: {reply:.80}"))?
+                        .await
+                    {
+                        Ok(reply) => reply,
+                        Err(e) if e.refused => {
+                            tracing::warn!(job = %job.id, error = %e, "the judge refused a held-out answer; left out of the score");
+                            continue;
+                        }
+                        Err(e) => return Err(e.to_string()),
+                    };
+                    // One wordy reply says nothing of the student: left out, as long as most
+                    // answers are scored.
+                    match parse_score(&reply) {
+                        Some(score) => score,
+                        None => {
+                            tracing::warn!(job = %job.id, reply = %reply.chars().take(80).collect::<String>(), "the judge's reply has no score; left out of the score");
+                            continue;
+                        }
+                    }
                 }
             };
+            scores.push(score);
         }
-        Ok(total / examples.len() as f64)
+        if scores.len() * 2 <= examples.len() {
+            return Err(format!(
+                "the judge scored only {} of {} held-out answers",
+                scores.len(),
+                examples.len()
+            ));
+        }
+        Ok(scores.iter().sum::<f64>() / scores.len() as f64)
     }
 
     /// One chat call of the evaluation gate, tried up to [`EVAL_ATTEMPTS`] times: a freshly
@@ -1183,13 +1217,13 @@ impl DistillationService {
         model: &str,
         messages: &serde_json::Value,
         tools: Option<&serde_json::Value>,
-    ) -> Result<String, String> {
+    ) -> Result<String, ChatError> {
         let mut pause = self.settings.poll_initial;
         let mut attempt = 1;
         loop {
             match self.chat.complete(upstream, model, messages, tools).await {
                 Ok(answer) => return Ok(answer),
-                Err(e) if attempt < EVAL_ATTEMPTS => {
+                Err(e) if !e.refused && attempt < EVAL_ATTEMPTS => {
                     tracing::warn!(%model, error = %e, attempt, "evaluation call failed; retrying");
                     tokio::time::sleep(pause).await;
                     pause = pause.mul_f64(2.0).min(self.settings.poll_max);
@@ -1357,5 +1391,208 @@ mod tests {
             Some((1_000 + cap_ms, 1))
         );
         assert_eq!(backoff(&[failed, cancelled]), Some((241_000, 2)));
+    }
+
+    /// The evaluation gate's tests need no provider or route table: each call says so.
+    #[derive(Debug)]
+    struct Unused;
+
+    impl TrainingProvider for Unused {
+        fn name(&self) -> &'static str {
+            "unused"
+        }
+        fn submit<'a>(
+            &'a self,
+            _: &'a TrainingRequest,
+        ) -> BoxFuture<'a, Result<super::super::Submitted, ProviderError>> {
+            Box::pin(async { Err(ProviderError::Invalid("not in this test".into())) })
+        }
+        fn poll<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<Progress, ProviderError>> {
+            Box::pin(async { Err(ProviderError::Invalid("not in this test".into())) })
+        }
+        fn cancel<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<(), ProviderError>> {
+            Box::pin(async { Err(ProviderError::Invalid("not in this test".into())) })
+        }
+        fn deploy<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a str,
+        ) -> BoxFuture<'a, Result<super::super::Deployed, ProviderError>> {
+            Box::pin(async { Err(ProviderError::Invalid("not in this test".into())) })
+        }
+    }
+
+    impl Deployer for Unused {
+        fn add_student<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a str,
+            _: &'a str,
+            _: f64,
+        ) -> BoxFuture<'a, Result<(), String>> {
+            Box::pin(async { Err("not in this test".into()) })
+        }
+        fn canary_in_progress(&self, _: &str) -> bool {
+            false
+        }
+        fn share(&self, _: &str, _: &str) -> Option<forge_router::CanaryShare> {
+            None
+        }
+        fn remove_idle_student<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a str,
+            _: &'a str,
+            _: Duration,
+        ) -> BoxFuture<'a, Result<bool, String>> {
+            Box::pin(async { Err("not in this test".into()) })
+        }
+    }
+
+    /// The student answers `q<i>` with `a<i>`, word for word, but refuses `q<refused>`; the
+    /// judge gives 95 to each answer but that of `q<wordy>`, which it praises without a number.
+    #[derive(Debug)]
+    struct Scripted {
+        refused: Option<usize>,
+        wordy: Option<usize>,
+    }
+
+    impl ChatClient for Scripted {
+        fn complete<'a>(
+            &'a self,
+            _: &'a str,
+            model: &'a str,
+            messages: &'a serde_json::Value,
+            _: Option<&'a serde_json::Value>,
+        ) -> BoxFuture<'a, Result<String, ChatError>> {
+            let asked = |i: usize| {
+                let text = messages.to_string();
+                text.contains(&format!("q{i}\\n")) || text.contains(&format!("\"q{i}\""))
+            };
+            let answer = if model == "judge" {
+                Ok(if self.wordy.is_some_and(asked) {
+                    "A thorough, excellent answer.".to_string()
+                } else {
+                    "95".to_string()
+                })
+            } else if self.refused.is_some_and(asked) {
+                Err(ChatError::refused(
+                    "student answered 400: context_length_exceeded",
+                ))
+            } else {
+                let question = messages[0]["content"].as_str().unwrap_or_default();
+                Ok(question.replacen('q', "a", 1))
+            };
+            Box::pin(async move { answer })
+        }
+    }
+
+    /// The gate's score of a student over `validation` lines `q<i>` → `a<i>`.
+    async fn gate(
+        validation: usize,
+        method: EvalMethod,
+        chat: Scripted,
+    ) -> (tempfile::TempDir, Result<f64, String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_dir(&dir.path().join("store")).unwrap();
+        let job: DistillationJob = serde_json::from_value(serde_json::json!({
+            "id": "dj_gate", "route": "chat", "trigger": "threshold", "status": "TRAINING",
+            "provider": "unused", "base_model": "m", "dataset_size": 12, "created_ms": 0,
+            "updated_ms": 0
+        }))
+        .unwrap();
+        let data = dir.path().join("datasets").join(&job.id);
+        std::fs::create_dir_all(&data).unwrap();
+        let line = |i: usize| {
+            serde_json::json!({"messages": [{"role": "user", "content": format!("q{i}")},
+                                            {"role": "assistant", "content": format!("a{i}")}]})
+            .to_string()
+                + "\n"
+        };
+        // What the student was trained on: it answers these perfectly too.
+        std::fs::write(
+            data.join("train.jsonl"),
+            (100..112).map(line).collect::<String>(),
+        )
+        .unwrap();
+        std::fs::write(
+            data.join("validation.jsonl"),
+            (0..validation).map(line).collect::<String>(),
+        )
+        .unwrap();
+        let settings = DistillSettings {
+            data_dir: dir.path().into(),
+            check_every: Duration::from_secs(1),
+            poll_initial: Duration::from_millis(1),
+            poll_max: Duration::from_millis(1),
+            grading_window: Duration::ZERO,
+            max_training: None,
+            undeploy_after: None,
+            dataset_url: None,
+            judge: Some(JudgeModel {
+                upstream: "u".into(),
+                model: "judge".into(),
+            }),
+        };
+        let route = RouteDistill {
+            route: "chat".into(),
+            base_model: "m".into(),
+            provider: Arc::new(Unused),
+            trigger_threshold: 10,
+            min_examples: 10,
+            schedule: None,
+            suffix: None,
+            hyperparameters: Hyperparameters::default(),
+            initial_canary_percent: 10.0,
+            eval_min_score: 80.0,
+            eval_method: method,
+            eval_max_prompts: 20,
+            dataset: DatasetSpec::new("chat"),
+        };
+        let service = DistillationService::new(
+            store,
+            settings,
+            vec![route.clone()],
+            Arc::new(Unused),
+            Arc::new(chat),
+        );
+        let score = service.evaluate(&route, &job, "u", "student").await;
+        (dir, score)
+    }
+
+    #[tokio::test]
+    async fn the_gate_never_scores_a_student_on_what_it_was_trained_on() {
+        let chat = Scripted {
+            refused: None,
+            wordy: None,
+        };
+        let (_dir, score) = gate(0, EvalMethod::Exact, chat).await;
+        let error = score.unwrap_err();
+        assert!(error.contains("no held-out prompts"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_prompt_the_student_refuses_scores_nothing_and_a_wordy_judge_reply_is_left_out() {
+        let refusing = Scripted {
+            refused: Some(3),
+            wordy: None,
+        };
+        assert_eq!(gate(4, EvalMethod::Exact, refusing).await.1, Ok(75.0));
+        let wordy = Scripted {
+            refused: None,
+            wordy: Some(2),
+        };
+        assert_eq!(gate(20, EvalMethod::Judge, wordy).await.1, Ok(95.0));
+        // With most replies unscored, the judge has said nothing of the student.
+        let (_dir, score) = gate(
+            1,
+            EvalMethod::Judge,
+            Scripted {
+                refused: None,
+                wordy: Some(0),
+            },
+        )
+        .await;
+        assert!(score.unwrap_err().contains("scored only 0 of 1"));
     }
 }
