@@ -94,6 +94,58 @@ pub struct FinalResponse {
     pub complete: bool,
 }
 
+/// The deepest nesting of arrays and objects an upstream's usage or error object is stored
+/// with. serde_json reads at most 128 levels, and a trace holds these two levels down (the
+/// admin API's listing two more): an error body nested 126 deep parses when it arrives, but a
+/// trace holding it could not be read back, and every dataset build reads every trace.
+const MAX_STORED_NESTING: usize = 64;
+
+/// How deep arrays and objects nest in the JSON `text`, strings aside.
+fn nesting(text: &str) -> usize {
+    let bytes = text.as_bytes();
+    // Most objects (a usage object: three) have fewer brackets than the limit in all.
+    if memchr::memchr2_iter(b'{', b'[', bytes).count() <= MAX_STORED_NESTING {
+        return 0;
+    }
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in bytes {
+        match (in_string, escaped, b) {
+            (true, true, _) => escaped = false,
+            (true, false, b'\\') => escaped = true,
+            (true, false, b'"') => in_string = false,
+            (true, false, _) => {}
+            (false, _, b'"') => in_string = true,
+            (false, _, b'{' | b'[') => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            (false, _, b'}' | b']') => depth = depth.saturating_sub(1),
+            (false, _, _) => {}
+        }
+    }
+    deepest
+}
+
+/// How deep arrays and objects nest in `value`.
+fn value_nesting(value: &Value) -> usize {
+    match value {
+        Value::Array(items) => 1 + items.iter().map(value_nesting).max().unwrap_or(0),
+        Value::Object(fields) => 1 + fields.values().map(value_nesting).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// An upstream's error object as stored: as it came, or, nested past [`MAX_STORED_NESTING`],
+/// as its JSON text, which keeps what it said and leaves the trace readable.
+fn storable_error(error: Option<Value>) -> Option<Value> {
+    let error = error.filter(|e| !e.is_null())?;
+    Some(if value_nesting(&error) > MAX_STORED_NESTING {
+        Value::String(error.to_string())
+    } else {
+        error
+    })
+}
+
 /// A JSON object kept as the text it came in. The usage object is read, checked for secrets and
 /// stored this way: OpenAI's, with its token details, took more than half of a response body's
 /// parse as a tree of values, and more again to walk and serialise (`benches/ROUNDS.md`).
@@ -107,7 +159,7 @@ impl RawObject {
     /// line of `forge traces export`.
     fn of(raw: &RawValue) -> Option<Self> {
         let text = raw.get();
-        if !text.starts_with('{') {
+        if !text.starts_with('{') || nesting(text) > MAX_STORED_NESTING {
             return None;
         }
         let bytes = text.as_bytes();
@@ -121,7 +173,7 @@ impl RawObject {
 
     /// From a tree of values, if it is an object.
     pub fn from_value(value: &Value) -> Option<Self> {
-        if !value.is_object() {
+        if !value.is_object() || value_nesting(value) > MAX_STORED_NESTING {
             return None;
         }
         serde_json::value::to_raw_value(value).ok().map(Self)
@@ -196,7 +248,7 @@ impl FinalResponse {
         let mut out = FinalResponse {
             model: value["model"].as_str().map(str::to_string),
             usage: value.get("usage").and_then(RawObject::from_value),
-            error: value.get("error").filter(|e| !e.is_null()).cloned(),
+            error: storable_error(value.get("error").cloned()),
             complete: true,
             choices: Vec::new(),
         };
@@ -375,7 +427,7 @@ impl StreamReassembler {
             model: self.model,
             choices,
             usage: self.usage,
-            error: self.error,
+            error: storable_error(self.error),
             // An event dropped for its size took part of the message with it.
             complete: self.done && !self.parser.overflowed(),
         }
@@ -506,7 +558,7 @@ impl CompletionView<'_> {
             model: self.model.map(Cow::into_owned),
             choices,
             usage: self.usage.and_then(RawObject::of),
-            error: self.error.filter(|e| !e.is_null()),
+            error: storable_error(self.error),
             complete: true,
         }
     }
@@ -871,6 +923,30 @@ mod tests {
                 FinalResponse::from_any_json(wrapped.as_bytes())
             );
         }
+    }
+
+    #[test]
+    fn an_error_or_usage_nested_too_deep_to_read_back_is_kept_as_text_or_left_out() {
+        let deep = format!("{}{}", "[".repeat(120), "]".repeat(120));
+        let body = format!(r#"{{"error":{deep},"usage":{{"x":{deep}}}}}"#);
+        let r = FinalResponse::from_json(body.as_bytes());
+        assert_eq!(r.error, Some(Value::String(deep.clone())));
+        assert!(r.usage.is_none());
+        let event = format!("data: {{\"error\":{{\"detail\":{deep}}}}}\n\n");
+        let streamed = reassemble(&[event.as_bytes()]);
+        assert_eq!(
+            streamed.error,
+            Some(Value::String(format!("{{\"detail\":{deep}}}")))
+        );
+        // Shallower values, brackets inside strings included, are kept as they came.
+        let fine = r#"{"error":{"message":"[[[[","nested":[[[1]]]},"usage":{"prompt_tokens":1}}"#;
+        let r = FinalResponse::from_json(fine.as_bytes());
+        assert_eq!(r.error.unwrap()["nested"], serde_json::json!([[[1]]]));
+        assert_eq!(r.usage.unwrap().get(), r#"{"prompt_tokens":1}"#);
+        assert_eq!(
+            nesting(&format!(r#"{{"s":"{}","a":[[1]]}}"#, "[".repeat(200))),
+            3
+        );
     }
 
     #[test]

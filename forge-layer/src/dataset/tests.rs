@@ -762,3 +762,18 @@ fn requests_the_chat_api_takes_but_a_training_file_may_not_hold_are_skipped() {
     assert_eq!(m.skipped.get("bad_tools"), Some(&1), "{m:?}");
     assert_eq!(m.skipped.get("bad_name"), Some(&1), "{m:?}");
 }
+
+#[test]
+fn an_upstream_error_nested_past_what_serde_reads_back_fails_no_build() {
+    // Such a body parses when it arrives; a trace holding it as a tree would not.
+    let depth = 126;
+    let body = format!(r#"{{"error":{}{}}}"#, "[".repeat(depth), "]".repeat(depth));
+    let mut errored = trace("other-route", Arm::Teacher, None, None, "boom");
+    errored.response = FinalResponse::from_json(body.as_bytes());
+    errored.status = 500;
+    errored.outcome = Outcome::Errored;
+    let fine = trace("chat", Arm::Teacher, None, None, "fine");
+    let (dir, store) = store_with(&[errored, fine], |_| true);
+    let m = train_only(&store, dir.path());
+    assert_eq!(m.examples(), 1, "{m:?}");
+}
