@@ -146,7 +146,12 @@ fn check_content(content: Option<&Value>, user: bool) -> Result<(), &'static str
             for part in parts {
                 match part["type"].as_str() {
                     Some("text") if part["text"].is_string() => {}
-                    Some("image_url") if user && part["image_url"]["url"].is_string() => {}
+                    Some("image_url")
+                        if user
+                            && part["image_url"]["url"].is_string()
+                            && part["image_url"].get("detail").is_none_or(|d| {
+                                matches!(d.as_str(), Some("auto" | "low" | "high"))
+                            }) => {}
                     _ => return Err("bad_content_part"),
                 }
             }
@@ -263,6 +268,10 @@ mod tests {
                 "bad_tool_call",
             ),
             (json!([1]), "not_an_object"),
+            (
+                json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/c.png", "detail": "max"}}]}, {"role": "assistant", "content": "a"}]}),
+                "bad_content_part",
+            ),
             (
                 json!({"messages": [{"role": "user", "content": "q", "name": 42}, {"role": "assistant", "content": "a"}]}),
                 "bad_name",

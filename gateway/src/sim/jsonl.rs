@@ -316,10 +316,19 @@ fn check_parts(parts: &[Value], allowed: &[&str]) -> Result<(), String> {
         match kind {
             Some(kind) if allowed.contains(&kind) => {
                 // Each part carries its payload under the key named by its type.
-                if part.get(kind).is_none_or(Value::is_null) {
-                    return Err(format!(
-                        "content[{i}] of type \"{kind}\" is missing \"{kind}\""
-                    ));
+                match part.get(kind) {
+                    None | Some(Value::Null) => {
+                        return Err(format!(
+                            "content[{i}] of type \"{kind}\" is missing \"{kind}\""
+                        ));
+                    }
+                    Some(payload) if !payload_has_its_shape(kind, payload) => {
+                        return Err(format!(
+                            "content[{i}]: \"{kind}\" must be {}",
+                            payload_shape(kind)
+                        ));
+                    }
+                    Some(_) => {}
                 }
             }
             Some(kind) => {
@@ -332,6 +341,39 @@ fn check_parts(parts: &[Value], allowed: &[&str]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Whether a content part's payload has the shape OpenAI's schema gives its type.
+fn payload_has_its_shape(kind: &str, payload: &Value) -> bool {
+    let string = |key: &str| payload.get(key).is_some_and(Value::is_string);
+    match kind {
+        "text" | "refusal" => payload.is_string(),
+        "image_url" => {
+            string("url")
+                && payload
+                    .get("detail")
+                    .is_none_or(|d| matches!(d.as_str(), Some("auto" | "low" | "high")))
+        }
+        "input_audio" => {
+            string("data")
+                && matches!(
+                    payload.get("format").and_then(Value::as_str),
+                    Some("wav" | "mp3")
+                )
+        }
+        "file" => string("file_data") || string("file_id"),
+        _ => false,
+    }
+}
+
+/// The shape [`payload_has_its_shape`] wants, for its error message.
+fn payload_shape(kind: &str) -> &'static str {
+    match kind {
+        "image_url" => "an object with a string \"url\" and \"detail\" auto, low or high",
+        "input_audio" => "an object with a string \"data\" and \"format\" wav or mp3",
+        "file" => "an object with a string \"file_data\" or \"file_id\"",
+        _ => "a string",
+    }
 }
 
 fn check_tools(tools: &Value) -> Result<(), String> {
@@ -645,6 +687,48 @@ mod tests {
             err.starts_with("line 1: messages[0]: content[0] has type \"image_url\""),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_part_whose_payload_has_the_wrong_shape_is_refused() {
+        let with_part = |part: Value| {
+            let line = json!({"messages": [
+                {"role": "user", "content": [part]},
+                {"role": "assistant", "content": "A cat."}
+            ]});
+            validate_training_jsonl(file_with(1, &line.to_string()).as_bytes())
+        };
+        for (part, expected) in [
+            (json!({"type": "text", "text": 42}), "a string"),
+            (json!({"type": "text", "text": {"value": "hi"}}), "a string"),
+            (json!({"type": "image_url", "image_url": true}), "\"url\""),
+            (
+                json!({"type": "image_url", "image_url": "https://x/cat.png"}),
+                "\"url\"",
+            ),
+            (
+                json!({"type": "image_url", "image_url": {"url": "https://x/cat.png", "detail": "max"}}),
+                "\"detail\"",
+            ),
+            (
+                json!({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "ogg"}}),
+                "wav or mp3",
+            ),
+            (
+                json!({"type": "file", "file": {"filename": "a.pdf"}}),
+                "\"file_id\"",
+            ),
+        ] {
+            let err = with_part(part.clone()).unwrap_err();
+            assert!(err.contains(expected), "{part}: {err}");
+        }
+        for part in [
+            json!({"type": "image_url", "image_url": {"url": "https://x/cat.png", "detail": "low"}}),
+            json!({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}),
+            json!({"type": "file", "file": {"file_id": "file-abc"}}),
+        ] {
+            assert_eq!(with_part(part.clone()), Ok(10), "{part}");
+        }
     }
 
     #[test]
