@@ -73,6 +73,7 @@ pub fn to_line(trace: &Trace) -> Result<Value, &'static str> {
         }
         kept.insert("role".into(), Value::String(role.into()));
         if role == "assistant" {
+            drop_empty_content_beside_calls(&mut kept);
             kept.insert("weight".into(), json!(0));
         }
         out.push(Value::Object(kept));
@@ -89,6 +90,7 @@ pub fn to_line(trace: &Trace) -> Result<Value, &'static str> {
             serde_json::to_value(&choice.message.tool_calls).map_err(|_| "bad_tool_call")?,
         );
     }
+    drop_empty_content_beside_calls(&mut answer);
     out.push(Value::Object(answer));
 
     let mut line = Map::new();
@@ -103,14 +105,24 @@ pub fn to_line(trace: &Trace) -> Result<Value, &'static str> {
             line.insert("tools".into(), Value::Array(functions));
         }
     }
+    // Only beside the tools it is about: a request whose tools were all custom ones has none
+    // left in the line.
     if let Some(parallel) = trace
         .request
         .get("parallel_tool_calls")
-        .filter(|v| v.is_boolean())
+        .filter(|v| v.is_boolean() && line.contains_key("tools"))
     {
         line.insert("parallel_tool_calls".into(), parallel.clone());
     }
     Ok(Value::Object(line))
+}
+
+/// Leaves out an assistant message's empty content beside its tool calls: some servers send
+/// `""` there, where OpenAI's own messages have none (openai-wire.md §1.2).
+fn drop_empty_content_beside_calls(message: &mut Map<String, Value>) {
+    if message.contains_key("tool_calls") && message.get("content").is_some_and(|c| c == "") {
+        message.remove("content");
+    }
 }
 
 /// Whether the exchange used the deprecated `functions` API: a line could not hold it beside

@@ -318,13 +318,14 @@ fn tool_use_traces_become_valid_tool_lines() {
         // As a client that rebuilt the turn from a stream sends it: with the fragments' `index`.
         {"role": "assistant", "content": null, "tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "18C, sunny"},
-        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_0", "type": "function", "function": {"name": "log_visit", "arguments": "{}"}}]},
+        // Some servers send an empty content beside a call.
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "call_0", "type": "function", "function": {"name": "log_visit", "arguments": "{}"}}]},
         // A function that returns nothing.
         {"role": "tool", "tool_call_id": "call_0", "content": ""}
     ], "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}], "parallel_tool_calls": true});
     let mut calling = trace("chat", Arm::Teacher, None, None, "and in Rome?");
     calling.response.choices[0].message = AssistantMessage {
-        content: None,
+        content: Some(String::new()),
         refusal: None,
         tool_calls: vec![ToolCall {
             id: "call_2".into(),
@@ -338,9 +339,14 @@ fn tool_use_traces_become_valid_tool_lines() {
     };
     calling.response.choices[0].finish_reason = Some("tool_calls".into());
     calling.request["tools"] = t.request["tools"].clone();
-    let (dir, store) = store_with(&[t, calling], |_| true);
+    // Only custom tools, which a line cannot hold: `parallel_tool_calls` has nothing to be about.
+    let mut custom = trace("chat", Arm::Teacher, None, None, "grep the logs");
+    custom.request["tools"] =
+        json!([{"type": "custom", "custom": {"name": "grep", "description": "Searches logs"}}]);
+    custom.request["parallel_tool_calls"] = json!(false);
+    let (dir, store) = store_with(&[t, calling, custom], |_| true);
     let m = train_only(&store, dir.path());
-    assert_eq!((m.examples(), m.skipped.len()), (2, 0), "{m:?}");
+    assert_eq!((m.examples(), m.skipped.len()), (3, 0), "{m:?}");
     let all = lines(&m.train.path);
     let first = &all[0];
     assert_eq!(
@@ -363,6 +369,11 @@ fn tool_use_traces_become_valid_tool_lines() {
         all[1]["messages"][2]["tool_calls"][0]["function"]["arguments"],
         "{\"city\":\"Rome\"}"
     );
+    // An empty content beside calls is left out, in earlier turns and in the answer.
+    assert!(first["messages"][3].get("content").is_none(), "{first}");
+    assert!(all[1]["messages"][2].get("content").is_none(), "{}", all[1]);
+    assert!(first.get("parallel_tool_calls").is_some());
+    assert!(all[2].get("tools").is_none() && all[2].get("parallel_tool_calls").is_none());
 }
 
 #[test]
