@@ -55,42 +55,18 @@ impl GoldenPolicy {
 #[cfg(test)]
 mod tests {
     use forge_router::Arm;
-    use serde_json::json;
 
     use super::*;
-    use crate::reassemble::{AssistantMessage, FinalChoice, FinalResponse};
-    use crate::trace::TraceId;
 
     fn trace(outcome: Outcome, status: u16, finish: &str, arm: Arm) -> Trace {
-        Trace {
-            id: TraceId::generate(),
-            time_ms: 0,
-            tenant: None,
-            key_id: None,
-            alias: "a".into(),
-            upstream: "u".into(),
-            model: "m".into(),
-            arm,
-            route_version: 1,
-            stream: false,
-            request: json!({}),
-            response: FinalResponse {
-                choices: vec![FinalChoice {
-                    index: 0,
-                    message: AssistantMessage {
-                        content: Some("x".into()),
-                        ..Default::default()
-                    },
-                    finish_reason: Some(finish.into()),
-                }],
-                complete: true,
-                ..Default::default()
-            },
-            status,
-            latency_us: 1,
-            ttfb_us: 1,
+        let mut trace = Trace {
             outcome,
-        }
+            status,
+            arm,
+            ..Trace::sample("a", "q")
+        };
+        trace.response.choices[0].finish_reason = Some(finish.into());
+        trace
     }
 
     fn feedback(t: &Trace, score: Option<f64>, approved: Option<bool>) -> Feedback {

@@ -250,6 +250,47 @@ impl Trace {
 }
 
 #[cfg(test)]
+impl Trace {
+    /// A test's exchange: `prompt` sent to `alias` (after a developer message), answered
+    /// `answer to <prompt>`, completed with a 200 on the teacher arm.
+    pub(crate) fn sample(alias: &str, prompt: &str) -> Trace {
+        use crate::reassemble::{AssistantMessage, FinalChoice};
+        Trace {
+            id: TraceId::generate(),
+            time_ms: 0,
+            tenant: None,
+            key_id: None,
+            alias: alias.into(),
+            upstream: "u".into(),
+            model: "teacher".into(),
+            arm: Arm::Teacher,
+            route_version: 1,
+            stream: false,
+            request: serde_json::json!({"model": alias, "messages": [
+                {"role": "developer", "content": "Be brief."},
+                {"role": "user", "content": prompt}
+            ]}),
+            response: FinalResponse {
+                choices: vec![FinalChoice {
+                    index: 0,
+                    message: AssistantMessage {
+                        content: Some(format!("answer to {prompt}")),
+                        ..Default::default()
+                    },
+                    finish_reason: Some("stop".into()),
+                }],
+                complete: true,
+                ..Default::default()
+            },
+            status: 200,
+            latency_us: 1,
+            ttfb_us: 1,
+            outcome: Outcome::Completed,
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

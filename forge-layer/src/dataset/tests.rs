@@ -4,42 +4,16 @@ use forge_router::Arm;
 use serde_json::{Value, json};
 
 use super::*;
-use crate::reassemble::{AssistantMessage, FinalChoice, FinalResponse, FunctionCall, ToolCall};
+use crate::reassemble::{AssistantMessage, FinalResponse, FunctionCall, ToolCall};
 use crate::store::Feedback;
 use crate::trace::Outcome;
 
 fn trace(alias: &str, arm: Arm, key: Option<&str>, tenant: Option<&str>, prompt: &str) -> Trace {
     Trace {
-        id: TraceId::generate(),
-        time_ms: 0,
-        tenant: tenant.map(str::to_string),
-        key_id: key.map(str::to_string),
-        alias: alias.into(),
-        upstream: "u".into(),
-        model: "teacher".into(),
         arm,
-        route_version: 1,
-        stream: false,
-        request: json!({"model": alias, "messages": [
-            {"role": "developer", "content": "Be brief."},
-            {"role": "user", "content": prompt}
-        ]}),
-        response: FinalResponse {
-            choices: vec![FinalChoice {
-                index: 0,
-                message: AssistantMessage {
-                    content: Some(format!("answer to {prompt}")),
-                    ..Default::default()
-                },
-                finish_reason: Some("stop".into()),
-            }],
-            complete: true,
-            ..Default::default()
-        },
-        status: 200,
-        latency_us: 1,
-        ttfb_us: 1,
-        outcome: Outcome::Completed,
+        key_id: key.map(str::to_string),
+        tenant: tenant.map(str::to_string),
+        ..Trace::sample(alias, prompt)
     }
 }
 

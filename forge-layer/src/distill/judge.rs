@@ -262,13 +262,10 @@ async fn pending(
 mod tests {
     use std::sync::Mutex;
 
-    use forge_router::Arm;
-    use serde_json::{Value, json};
+    use serde_json::Value;
 
     use super::*;
     use crate::distill::{BoxFuture, ChatError};
-    use crate::reassemble::{AssistantMessage, FinalChoice, FinalResponse};
-    use crate::trace::Outcome;
 
     /// A judge that scores every answer 95, except a question holding `refused_word`, which it
     /// refuses (as a judge with a shorter context refuses a long trace), and everything while
@@ -305,38 +302,6 @@ mod tests {
         }
     }
 
-    fn trace(question: &str) -> Trace {
-        Trace {
-            id: TraceId::generate(),
-            time_ms: now_ms(),
-            tenant: None,
-            key_id: None,
-            alias: "a".into(),
-            upstream: "u".into(),
-            model: "m".into(),
-            arm: Arm::Teacher,
-            route_version: 1,
-            stream: false,
-            request: json!({"messages": [{"role": "user", "content": question}]}),
-            response: FinalResponse {
-                choices: vec![FinalChoice {
-                    index: 0,
-                    message: AssistantMessage {
-                        content: Some("an answer".into()),
-                        ..Default::default()
-                    },
-                    finish_reason: Some("stop".into()),
-                }],
-                complete: true,
-                ..Default::default()
-            },
-            status: 200,
-            latency_us: 1,
-            ttfb_us: 1,
-            outcome: Outcome::Completed,
-        }
-    }
-
     /// A store holding a trace asking `first`, then three more; and the judge started on it.
     async fn judging(
         first: &str,
@@ -350,8 +315,8 @@ mod tests {
     ) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_dir(dir.path()).unwrap();
-        let traces: Vec<Trace> = std::iter::once(trace(first))
-            .chain((0..3).map(|i| trace(&format!("question {i}"))))
+        let traces: Vec<Trace> = std::iter::once(Trace::sample("a", first))
+            .chain((0..3).map(|i| Trace::sample("a", &format!("question {i}"))))
             .collect();
         for t in &traces {
             let bytes = serde_json::to_vec(t).unwrap();
