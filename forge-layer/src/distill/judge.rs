@@ -30,6 +30,9 @@ pub struct JudgeSettings {
 }
 
 const CURSOR: &str = "judge_cursor";
+/// Traces the judge may refuse one after another (each then passed over) before it is taken for
+/// a judge that takes no request, and the traces wait for it instead.
+const MAX_REFUSALS_IN_A_ROW: u32 = 20;
 /// The day (days since the epoch, UTC) and the judgements made in it, kept in the store: the
 /// daily cap is a cost cap, and a gateway restarted in a loop must not spend it afresh each time.
 const DAY_COUNT: &str = "judge_day";
@@ -51,6 +54,7 @@ pub async fn run(
     // The day's count, read from the store before the first judgement.
     let mut day = (0u64, 0u32);
     let mut day_read = false;
+    let mut refused_in_a_row = 0u32;
     let mut ticks = tokio::time::interval(settings.every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -135,6 +139,9 @@ pub async fn run(
                 // trace, behind the cursor, is judged after a restart.
                 _ = stop.changed() => return,
             };
+            if reply.is_ok() {
+                refused_in_a_row = 0;
+            }
             match reply {
                 Ok(reply) => match parse_score(&reply) {
                     Some(score) => {
@@ -167,7 +174,10 @@ pub async fn run(
                 // The judge refused this trace itself (a 400: longer than its context, say),
                 // and would refuse it again: passed over, or every later trace would wait
                 // behind it for good, and with them every dataset. The call cost nothing.
-                Err(e) if e.refused => {
+                // Many refusals in a row say more of the judge (a model that takes no such
+                // request at all) than of the traces: then they wait, as for a judge that is down.
+                Err(e) if e.refused && refused_in_a_row < MAX_REFUSALS_IN_A_ROW => {
+                    refused_in_a_row += 1;
                     tracing::warn!(trace_id = %trace.id, error = %e, "judge: it refused this trace; passing over it");
                     day.1 = day.1.saturating_sub(1);
                     store_meta(&store, DAY_COUNT, day).await;
@@ -176,7 +186,11 @@ pub async fn run(
                 // next round, behind the cursor. Passing over them would keep each from ever
                 // being scored, and so from becoming golden through the judge.
                 Err(e) => {
-                    tracing::warn!(trace_id = %trace.id, error = %e, "judge: request failed; trying again next round");
+                    if e.refused {
+                        tracing::error!(trace_id = %trace.id, error = %e, "judge: {MAX_REFUSALS_IN_A_ROW} traces refused in a row; judging waits until it takes one (check [judge] model)");
+                    } else {
+                        tracing::warn!(trace_id = %trace.id, error = %e, "judge: request failed; trying again next round");
+                    }
                     // No judgement was had: given back, or a judge that is down for hours
                     // (one failed call a round) would spend the day's cap on nothing.
                     day.1 = day.1.saturating_sub(1);
@@ -323,7 +337,13 @@ mod tests {
             store.insert_encoded([(t.id, bytes.as_slice())]).unwrap();
         }
         let judge = Arc::new(judge);
-        let settings = JudgeSettings {
+        let (stop, stopped) = watch::channel(false);
+        tokio::spawn(run(store.clone(), judge.clone(), settings(), stopped));
+        (dir, store, traces, judge, stop)
+    }
+
+    fn settings() -> JudgeSettings {
+        JudgeSettings {
             model: JudgeModel {
                 upstream: "u".into(),
                 model: "judge".into(),
@@ -332,10 +352,7 @@ mod tests {
             max_per_minute: 1000,
             max_per_day: 100_000,
             every: Duration::from_millis(20),
-        };
-        let (stop, stopped) = watch::channel(false);
-        tokio::spawn(run(store.clone(), judge.clone(), settings, stopped));
-        (dir, store, traces, judge, stop)
+        }
     }
 
     async fn until(what: &str, mut done: impl FnMut() -> bool) {
@@ -364,6 +381,35 @@ mod tests {
         // The refusal cost nothing: only the three judgements are counted.
         let (_, count): (u64, u32) = store.meta(DAY_COUNT).unwrap().unwrap();
         assert_eq!(count, 3);
+        stop.send(true).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_judge_that_refuses_every_trace_stops_passing_them_over() {
+        let judge = Judge {
+            refused_word: "question",
+            down: false,
+            calls: Mutex::new(0),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_dir(dir.path()).unwrap();
+        let traces: Vec<Trace> = (0..MAX_REFUSALS_IN_A_ROW + 5)
+            .map(|i| Trace::sample("a", &format!("question {i}")))
+            .collect();
+        for t in &traces {
+            let bytes = serde_json::to_vec(t).unwrap();
+            store.insert_encoded([(t.id, bytes.as_slice())]).unwrap();
+        }
+        let judge = Arc::new(judge);
+        let (stop, stopped) = watch::channel(false);
+        tokio::spawn(run(store.clone(), judge.clone(), settings(), stopped));
+        let limit = MAX_REFUSALS_IN_A_ROW as usize;
+        until("the refusals past the limit", || {
+            *judge.calls.lock().unwrap() >= MAX_REFUSALS_IN_A_ROW + 3
+        })
+        .await;
+        // The first twenty are passed over; the rest wait behind the cursor.
+        assert_eq!(judged_until(&store).unwrap(), Some(traces[limit - 1].id));
         stop.send(true).unwrap();
     }
 
