@@ -210,6 +210,13 @@ fn parse_messages(value: Option<&Value>) -> Result<&[Value], ApiError> {
                 return Err(ApiError::missing_parameter(format!("messages[{i}].{key}")));
             }
         }
+        if let Some(name) = message.get("name").filter(|name| !name.is_string()) {
+            return Err(ApiError::invalid_type(
+                format!("messages[{i}].name"),
+                "a string",
+                name,
+            ));
+        }
         if role == "tool" && !answering_tool_calls {
             return Err(ApiError::invalid_request(
                 "Invalid parameter: messages with role 'tool' must be a response to a preceeding \

@@ -617,6 +617,10 @@ async fn invalid_requests_get_openai_errors_naming_the_parameter() {
             "messages[0].content",
         ),
         (
+            json!({"model": "m", "messages": [{"role": "user", "content": "hi", "name": 42}]}),
+            "messages[0].name",
+        ),
+        (
             json!({"model": "m", "messages": question("hi"), "stream_options": {"include_usage": true}}),
             "stream_options",
         ),
