@@ -388,6 +388,34 @@ async fn only_teacher_traces_and_only_the_tenant_s_traces_are_trained_on() {
 }
 
 #[tokio::test]
+async fn a_dataset_that_holds_nothing_out_for_the_gate_is_not_trained_on() {
+    let sim = start_sim(sim_config()).await;
+    // One line in ten thousand held out. The split goes by each line's hash, and these lines
+    // are the same in every run (the simulator answers deterministically): none is held out.
+    let text = admin_triggered(&config(&sim, "validation_percent = 0.01", ""))
+        .replace("eval_min_score = 0.0", "eval_min_score = 70.0");
+    let gw = start_gateway_with(&text, admin).await;
+    traffic(&gw, 20, "unheld", None).await;
+    assert_eq!(admin_post(&gw, "/admin/distill/chat").await.status(), 202);
+    let failed = wait_for_job(&gw, "FAILED").await;
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains("held none of its"),
+        "{failed}"
+    );
+    // Nothing was uploaded or trained.
+    assert!(
+        !sim.requests()
+            .iter()
+            .any(|r| r.method == "POST" && r.path.starts_with("/v1/f")),
+        "the provider heard of the job"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
 async fn admin_trigger_needs_enough_examples_and_allows_one_job_per_route() {
     let sim = start_sim(sim_config()).await;
     let gw = start_gateway_with(&admin_triggered(&config(&sim, "", "")), admin).await;

@@ -210,38 +210,181 @@ pub fn judge_messages(question: &str, answer: &str, reference: Option<&str>) -> 
 }
 
 /// The score in the judge's reply, 0–100. The rubric asks for the number alone, but judges
-/// often wrap it: `Score: 87`, `92.5/100`, `87 out of 100`. A reply whose numbers disagree
-/// (`Out of 100, I'd give it 20`) has no score: a wrong guess could make a trace golden. A
-/// number past 100, or below 0, is no score either.
+/// wrap it: `**87**`, `Score: 87/100`, `87 out of 100`, `8/10`, `The answer scores 87.`, or a
+/// number and then their reasons, which may hold numbers of their own. The score is, in order:
+/// the number the reply opens with (after a `Score:` label), standing alone; the number after
+/// the word "score"; or else the only number in the reply. A scale (`/100`, `out of 100`, `/10`)
+/// is never taken for a score, and a score over 10 is read on it. Anything else, a negative
+/// number, or one past 100, is no score: a wrong guess could make a trace golden.
 pub fn parse_score(reply: &str) -> Option<f64> {
-    let mut scores = Vec::new();
-    let mut rest = reply;
-    while let Some(start) = rest.find(|c: char| c.is_ascii_digit()) {
-        let negative = rest[..start].ends_with('-');
-        let tail = &rest[start..];
-        let len = tail
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(tail.len());
-        let number = tail[..len].trim_end_matches('.');
-        let after = tail[len..].trim_start();
-        rest = &tail[len..];
-        // The scale itself, written after a score: `/100`, `out of 100`.
-        if after.starts_with("/100") || after.starts_with("out of 100") {
-            rest = after
-                .trim_start_matches("/100")
-                .trim_start_matches("out of 100");
-        }
-        let value = number.parse::<f64>().ok().filter(|_| !negative)?;
-        if !(0.0..=100.0).contains(&value) {
-            return None;
-        }
-        scores.push(value);
+    let numbers = numbers_in(reply);
+    let in_range =
+        |n: &Number| (!n.negative && (0.0..=100.0).contains(&n.score())).then(|| n.score());
+    // The number the reply opens with, after markdown and a `Score:` label.
+    let opening =
+        reply.trim_start_matches(|c: char| c.is_whitespace() || matches!(c, '*' | '#' | '_' | '`'));
+    let opening = strip_label(opening, "score").unwrap_or(opening);
+    let offset = reply.len() - opening.len();
+    if let Some(first) = numbers.first()
+        && first.start == offset
+        && first.stands_alone
+    {
+        return in_range(first);
     }
+    // The number right after the word "score" ("scores 87", "a score of 87").
+    let lower = reply.to_ascii_lowercase();
+    for (at, _) in lower.match_indices("score") {
+        let after = &lower[at + "score".len()..];
+        let after = after.strip_prefix('s').unwrap_or(after);
+        let rest = strip_label(after, "").unwrap_or(after);
+        let rest = rest.strip_prefix("of ").unwrap_or(rest);
+        let rest = rest.trim_start_matches(['*', ' ']);
+        let start = reply.len() - rest.len();
+        if let Some(number) = numbers.iter().find(|n| n.start == start) {
+            return in_range(number);
+        }
+    }
+    let mut scores: Vec<f64> = numbers.iter().map(Number::score).collect();
     scores.dedup();
-    match scores.as_slice() {
-        [score] => Some(*score),
+    match (scores.as_slice(), numbers.as_slice()) {
+        ([_], [first, ..]) => in_range(first),
         _ => None,
     }
+}
+
+/// `text` after a label (`Score:`, `score is`), if it opens with `label`; `label` "" takes only
+/// what may follow one.
+fn strip_label<'a>(text: &'a str, label: &str) -> Option<&'a str> {
+    let rest = text.get(..label.len())?;
+    if !rest.eq_ignore_ascii_case(label) {
+        return None;
+    }
+    let rest = text[label.len()..]
+        .trim_start_matches(|c: char| c.is_whitespace() || matches!(c, '*' | ':' | '='));
+    Some(rest.strip_prefix("is ").unwrap_or(rest))
+}
+
+/// A number in a judge's reply.
+#[derive(Debug)]
+struct Number {
+    value: f64,
+    /// Byte offset of its first digit (or of the `.` before it).
+    start: usize,
+    /// Preceded by a minus sign (not a hyphen inside a word: `GPT-4`).
+    negative: bool,
+    /// The scale written after it: `/100` or `out of 100`; `/10` or `out of 10`.
+    scale: Option<Scale>,
+    /// Followed by the end of the reply, a line break, punctuation or a scale, not by more words
+    /// (`2 out of 3 criteria`).
+    stands_alone: bool,
+}
+
+impl Number {
+    /// The value on a 0–100 scale.
+    fn score(&self) -> f64 {
+        match self.scale {
+            Some(Scale::Ten) => self.value * 10.0,
+            Some(Scale::Hundred) | None => self.value,
+        }
+    }
+}
+
+/// A scale a judge writes beside its score.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scale {
+    Hundred,
+    Ten,
+}
+
+/// The numbers in `reply`, with each scale read as part of the number before it and a scale
+/// with none before it (`Out of 100, …`) left out.
+fn numbers_in(reply: &str) -> Vec<Number> {
+    let bytes = reply.as_bytes();
+    let mut numbers = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        let b = bytes[at];
+        let decimal_start = b == b'.' && bytes.get(at + 1).is_some_and(u8::is_ascii_digit);
+        if !b.is_ascii_digit() && !decimal_start {
+            at += 1;
+            continue;
+        }
+        // Part of a word or name (`gpt4o`, `step2`): not a number of its own.
+        let glued = at > 0 && bytes[at - 1].is_ascii_alphabetic();
+        let start = at;
+        let len = reply[at..]
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(reply.len() - at);
+        let text = reply[at..at + len].trim_end_matches('.');
+        at += len;
+        let before = reply[..start].trim_end();
+        let negative = start > 0
+            && bytes[start - 1] == b'-'
+            && (start < 2 || !bytes[start - 2].is_ascii_alphanumeric());
+        if glued || before.to_ascii_lowercase().ends_with("out of") {
+            continue;
+        }
+        let Ok(value) = text.parse::<f64>() else {
+            continue;
+        };
+        let (scale, scale_len) = scale_after(&reply[start + text.len()..]);
+        let tail = &reply[start + text.len() + scale_len..];
+        let stands_alone = tail
+            .trim_start_matches([' ', '\t', '*', '`'])
+            .chars()
+            .next()
+            .is_none_or(|c| {
+                matches!(
+                    c,
+                    '\n' | '\r' | '.' | ',' | ';' | ':' | ')' | '!' | '-' | '–' | '—' | '('
+                )
+            });
+        at = at.max(start + text.len() + scale_len);
+        numbers.push(Number {
+            value,
+            start,
+            negative,
+            scale,
+            stands_alone,
+        });
+    }
+    numbers
+}
+
+/// The scale at the start of `text` (`/100`, ` / 10`, ` out of 100`, ` (out of 100)`), and
+/// how many bytes it takes.
+fn scale_after(text: &str) -> (Option<Scale>, usize) {
+    let trimmed = text.trim_start();
+    let (rest, opened) = match trimmed.strip_prefix('(') {
+        Some(rest) => (rest.trim_start(), true),
+        None => (trimmed, false),
+    };
+    let rest = if let Some(r) = rest.strip_prefix('/') {
+        r.trim_start()
+    } else if rest
+        .get(..6)
+        .is_some_and(|s| s.eq_ignore_ascii_case("out of"))
+    {
+        rest[6..].trim_start()
+    } else {
+        return (None, 0);
+    };
+    let digits = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    let scale = match &rest[..digits] {
+        "100" => Scale::Hundred,
+        "10" => Scale::Ten,
+        _ => return (None, 0),
+    };
+    let mut end = &rest[digits..];
+    if opened {
+        match end.trim_start().strip_prefix(')') {
+            Some(after) => end = after,
+            None => return (None, 0),
+        }
+    }
+    (Some(scale), text.len() - end.len())
 }
 
 /// The last user message's text, for the judge's QUESTION.
@@ -289,23 +432,67 @@ mod tests {
     fn a_score_is_read_only_when_the_reply_names_one() {
         for (reply, score) in [
             ("87", Some(87.0)),
+            ("85\n", Some(85.0)),
+            ("**85**", Some(85.0)),
+            ("85.0", Some(85.0)),
             ("Score: 87", Some(87.0)),
             ("92.5/100", Some(92.5)),
             ("Score: 87/100.", Some(87.0)),
+            ("Score: 85 / 100", Some(85.0)),
+            ("Score: 95 (out of 100)", Some(95.0)),
+            ("95 Out of 100", Some(95.0)),
             ("I'd give it 90 out of 100", Some(90.0)),
+            ("I rate this 8/10", Some(80.0)),
+            ("I'd rate it 9 out of 10", Some(90.0)),
+            ("Score: 8/10", Some(80.0)),
+            ("**Score:** 90", Some(90.0)),
+            ("Score:95", Some(95.0)),
+            ("Rating: 88", Some(88.0)),
+            ("The answer is correct and complete. 95", Some(95.0)),
+            ("95%", Some(95.0)),
+            ("gpt-4o would score this 85, gpt4 less", None),
             ("100", Some(100.0)),
             ("0", Some(0.0)),
             ("9.5", Some(9.5)),
             ("95. It is 95 because it is right.", Some(95.0)),
-            // The scale first, then the score: no guess.
-            ("Out of 100, I'd give this answer a 20.", None),
-            ("Score: 95, with 3 errors", None),
+            // The score first, then reasons with numbers of their own.
+            ("Score: 85/100 - the answer is good", Some(85.0)),
+            ("95 - the answer correctly says 2+2=4", Some(95.0)),
+            ("95/100\n\nThe answer covers all 3 points.", Some(95.0)),
+            ("Score: 92\n\nStep 1 and step 2 are right.", Some(92.0)),
+            ("Score: 95, with 3 errors", Some(95.0)),
+            (
+                "Score: 95. Compared with GPT-4 style answers it is good.",
+                Some(95.0),
+            ),
+            ("The answer scores 72. Reference: 2+2=4", Some(72.0)),
+            (
+                "I'd give it a score of 64, since 2 steps are missing",
+                Some(64.0),
+            ),
+            // The scale first, then the score.
+            ("Out of 100, I'd give this answer a 20.", Some(20.0)),
+            // No telling which number is the score, or none in range.
+            ("2 out of 3 criteria are met, so 60", None),
+            ("It gets 70, or maybe 80", None),
+            (".85", Some(0.85)),
             ("-3", None),
+            ("Score: -3", None),
             ("I'd say 140", None),
             ("no idea", None),
             ("", None),
         ] {
             assert_eq!(parse_score(reply), score, "{reply:?}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Any reply, of any characters: a score from 0 to 100, or none, never a panic.
+        #[test]
+        fn any_reply_gives_a_score_in_range_or_none(reply in "(?s).{0,80}|[0-9 ./()%*:a-zA-Z\\n-]{0,40}") {
+            if let Some(score) = parse_score(&reply) {
+                proptest::prop_assert!((0.0..=100.0).contains(&score), "{reply:?}: {score}");
+            }
         }
     }
 

@@ -30,9 +30,6 @@ pub struct JudgeSettings {
 }
 
 const CURSOR: &str = "judge_cursor";
-/// Traces the judge may refuse one after another (each then passed over) before it is taken for
-/// a judge that takes no request, and the traces wait for it instead.
-const MAX_REFUSALS_IN_A_ROW: u32 = 20;
 /// The day (days since the epoch, UTC) and the judgements made in it, kept in the store: the
 /// daily cap is a cost cap, and a gateway restarted in a loop must not spend it afresh each time.
 const DAY_COUNT: &str = "judge_day";
@@ -54,7 +51,9 @@ pub async fn run(
     // The day's count, read from the store before the first judgement.
     let mut day = (0u64, 0u32);
     let mut day_read = false;
-    let mut refused_in_a_row = 0u32;
+    // Whether the judge has taken a request since start. Until it has, a refusal may be the
+    // judge's own fault (a model that takes no such request at all), so nothing is passed over.
+    let mut judge_answers = false;
     let mut ticks = tokio::time::interval(settings.every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -103,6 +102,9 @@ pub async fn run(
             }
         };
         let mut finished = true;
+        // Set by a refusal that is not passed over: the cursor stays before that trace, and the
+        // traces after it are still judged, which shows whether the judge takes any.
+        let mut held = false;
         for trace in batch {
             if minute.0.elapsed() >= Duration::from_secs(60) {
                 minute = (Instant::now(), 0);
@@ -139,9 +141,7 @@ pub async fn run(
                 // trace, behind the cursor, is judged after a restart.
                 _ = stop.changed() => return,
             };
-            if reply.is_ok() {
-                refused_in_a_row = 0;
-            }
+            judge_answers |= reply.is_ok();
             match reply {
                 Ok(reply) => match parse_score(&reply) {
                     Some(score) => {
@@ -172,25 +172,26 @@ pub async fn run(
                     }
                 },
                 // The judge refused this trace itself (a 400: longer than its context, say),
-                // and would refuse it again: passed over, or every later trace would wait
-                // behind it for good, and with them every dataset. The call cost nothing.
-                // Many refusals in a row say more of the judge (a model that takes no such
-                // request at all) than of the traces: then they wait, as for a judge that is down.
-                Err(e) if e.refused && refused_in_a_row < MAX_REFUSALS_IN_A_ROW => {
-                    refused_in_a_row += 1;
-                    tracing::warn!(trace_id = %trace.id, error = %e, "judge: it refused this trace; passing over it");
+                // and would refuse it again. Once the judge has taken other requests, the
+                // trace is passed over: else every later trace would wait behind it for good,
+                // and with them every dataset. The call cost nothing.
+                Err(e) if e.refused => {
                     day.1 = day.1.saturating_sub(1);
                     store_meta(&store, DAY_COUNT, day).await;
+                    if judge_answers {
+                        tracing::warn!(trace_id = %trace.id, error = %e, "judge: it refused this trace; passing over it");
+                    } else {
+                        tracing::warn!(trace_id = %trace.id, error = %e, "judge: it refused this trace and has taken no request yet; the trace waits, and the next ones are tried (check [judge] model if this goes on)");
+                        held = true;
+                        finished = false;
+                        continue;
+                    }
                 }
                 // The judge is down or refusing Forge: this trace and the rest wait for the
                 // next round, behind the cursor. Passing over them would keep each from ever
                 // being scored, and so from becoming golden through the judge.
                 Err(e) => {
-                    if e.refused {
-                        tracing::error!(trace_id = %trace.id, error = %e, "judge: {MAX_REFUSALS_IN_A_ROW} traces refused in a row; judging waits until it takes one (check [judge] model)");
-                    } else {
-                        tracing::warn!(trace_id = %trace.id, error = %e, "judge: request failed; trying again next round");
-                    }
+                    tracing::warn!(trace_id = %trace.id, error = %e, "judge: request failed; trying again next round");
                     // No judgement was had: given back, or a judge that is down for hours
                     // (one failed call a round) would spend the day's cap on nothing.
                     day.1 = day.1.saturating_sub(1);
@@ -199,7 +200,9 @@ pub async fn run(
                     break;
                 }
             }
-            store_meta(&store, CURSOR, trace.id).await;
+            if !held {
+                store_meta(&store, CURSOR, trace.id).await;
+            }
         }
         // Traces that were not sampled are passed over for good.
         if finished && let Some(last) = scanned {
@@ -316,32 +319,6 @@ mod tests {
         }
     }
 
-    /// A store holding a trace asking `first`, then three more; and the judge started on it.
-    async fn judging(
-        first: &str,
-        judge: Judge,
-    ) -> (
-        tempfile::TempDir,
-        Store,
-        Vec<Trace>,
-        Arc<Judge>,
-        watch::Sender<bool>,
-    ) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_dir(dir.path()).unwrap();
-        let traces: Vec<Trace> = std::iter::once(Trace::sample("a", first))
-            .chain((0..3).map(|i| Trace::sample("a", &format!("question {i}"))))
-            .collect();
-        for t in &traces {
-            let bytes = serde_json::to_vec(t).unwrap();
-            store.insert_encoded([(t.id, bytes.as_slice())]).unwrap();
-        }
-        let judge = Arc::new(judge);
-        let (stop, stopped) = watch::channel(false);
-        tokio::spawn(run(store.clone(), judge.clone(), settings(), stopped));
-        (dir, store, traces, judge, stop)
-    }
-
     fn settings() -> JudgeSettings {
         JudgeSettings {
             model: JudgeModel {
@@ -363,64 +340,84 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_trace_the_judge_refuses_is_passed_over_and_the_later_ones_are_judged() {
-        let judge = Judge {
-            refused_word: "HUGE",
-            down: false,
-            calls: Mutex::new(0),
-        };
-        let (_dir, store, traces, _judge, stop) = judging("a HUGE prompt", judge).await;
-        let evaluated = |t: &Trace| store.latest_evaluation(t.id).unwrap().is_some();
-        until("the later traces' evaluations", || {
-            traces[1..].iter().all(evaluated)
-        })
-        .await;
-        assert!(!evaluated(&traces[0]), "a refusal records no score");
-        assert_eq!(judged_until(&store).unwrap(), Some(traces[3].id));
-        // The refusal cost nothing: only the three judgements are counted.
-        let (_, count): (u64, u32) = store.meta(DAY_COUNT).unwrap().unwrap();
-        assert_eq!(count, 3);
-        stop.send(true).unwrap();
-    }
-
-    #[tokio::test]
-    async fn a_judge_that_refuses_every_trace_stops_passing_them_over() {
-        let judge = Judge {
-            refused_word: "question",
-            down: false,
-            calls: Mutex::new(0),
-        };
+    /// Stores `traces` and starts the judge on them.
+    fn judging(
+        traces: &[Trace],
+        judge: Judge,
+    ) -> (tempfile::TempDir, Store, Arc<Judge>, watch::Sender<bool>) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_dir(dir.path()).unwrap();
-        let traces: Vec<Trace> = (0..MAX_REFUSALS_IN_A_ROW + 5)
-            .map(|i| Trace::sample("a", &format!("question {i}")))
-            .collect();
-        for t in &traces {
+        for t in traces {
             let bytes = serde_json::to_vec(t).unwrap();
             store.insert_encoded([(t.id, bytes.as_slice())]).unwrap();
         }
         let judge = Arc::new(judge);
         let (stop, stopped) = watch::channel(false);
         tokio::spawn(run(store.clone(), judge.clone(), settings(), stopped));
-        let limit = MAX_REFUSALS_IN_A_ROW as usize;
-        until("the refusals past the limit", || {
-            *judge.calls.lock().unwrap() >= MAX_REFUSALS_IN_A_ROW + 3
+        (dir, store, judge, stop)
+    }
+
+    fn questions(word: &str, n: usize) -> Vec<Trace> {
+        (0..n)
+            .map(|i| Trace::sample("a", &format!("{word} {i}")))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn traces_the_judge_refuses_are_passed_over_and_the_later_ones_are_judged() {
+        // More refused traces in a row than any fixed allowance, before the first it takes.
+        let mut traces = questions("HUGE", 25);
+        traces.extend(questions("question", 3));
+        let judge = Judge {
+            refused_word: "HUGE",
+            down: false,
+            calls: Mutex::new(0),
+        };
+        let (_dir, store, _judge, stop) = judging(&traces, judge);
+        let last = traces.last().unwrap().id;
+        until("every trace judged or passed over", || {
+            judged_until(&store).unwrap() == Some(last)
         })
         .await;
-        // The first twenty are passed over; the rest wait behind the cursor.
-        assert_eq!(judged_until(&store).unwrap(), Some(traces[limit - 1].id));
+        let evaluated = |t: &Trace| store.latest_evaluation(t.id).unwrap().is_some();
+        assert!(traces[25..].iter().all(evaluated));
+        assert!(
+            !traces[..25].iter().any(evaluated),
+            "a refusal records no score"
+        );
+        // The refusals cost nothing: only the three judgements are counted.
+        let (_, count): (u64, u32) = store.meta(DAY_COUNT).unwrap().unwrap();
+        assert_eq!(count, 3);
+        stop.send(true).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_judge_that_refuses_every_trace_passes_none_over() {
+        let traces = questions("question", 5);
+        let judge = Judge {
+            refused_word: "question",
+            down: false,
+            calls: Mutex::new(0),
+        };
+        let (_dir, store, judge, stop) = judging(&traces, judge);
+        // Every trace tried in three rounds.
+        until("three rounds of refusals", || {
+            *judge.calls.lock().unwrap() >= 15
+        })
+        .await;
+        assert_eq!(judged_until(&store).unwrap(), None, "nothing passed over");
         stop.send(true).unwrap();
     }
 
     #[tokio::test]
     async fn a_judge_that_is_down_leaves_every_trace_for_later() {
+        let traces = questions("question", 4);
         let judge = Judge {
             refused_word: "HUGE",
             down: true,
             calls: Mutex::new(0),
         };
-        let (_dir, store, traces, judge, stop) = judging("question", judge).await;
+        let (_dir, store, judge, stop) = judging(&traces, judge);
         until("three rounds of calls", || {
             *judge.calls.lock().unwrap() >= 3
         })

@@ -750,6 +750,19 @@ impl DistillationService {
                 ),
             );
         }
+        // The gate scores the student only on held-out lines: with none, a paid run would end in
+        // a model it cannot judge. The cut stays, so the next job, with more examples, splits
+        // them anew.
+        if route.eval_min_score > 0.0 && manifest.validation.lines == 0 {
+            return self.fail(
+                &mut job,
+                format!(
+                    "the dataset held none of its {} examples out for the evaluation gate (validation_percent {}); the next job, with more examples, tries again",
+                    manifest.examples(),
+                    route.dataset.validation_percent
+                ),
+            );
+        }
         // Recorded before the provider hears of it: a crash from here on is visible at restart.
         job.status = JobStatus::Training;
         if !self.save(&mut job) {
