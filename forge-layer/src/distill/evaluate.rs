@@ -210,58 +210,90 @@ pub fn judge_messages(question: &str, answer: &str, reference: Option<&str>) -> 
 }
 
 /// The score in the judge's reply, 0–100. The rubric asks for the number alone, but judges
-/// wrap it: `**87**`, `Score: 87/100`, `87 out of 100`, `8/10`, `The answer scores 87.`, or a
-/// number and then their reasons, which may hold numbers of their own. The score is, in order:
-/// the number the reply opens with (after a `Score:` label), standing alone; the number after
-/// the word "score"; or else the only number in the reply. A scale (`/100`, `out of 100`, `/10`)
-/// is never taken for a score, and a score over 10 is read on it. Anything else, a negative
-/// number, or one past 100, is no score: a wrong guess could make a trace golden.
+/// wrap it (`**87**`, `Score: 87/100`, `87 out of 100`, `8/10`) and add reasons, lists and
+/// arithmetic with numbers of their own. The score is, in order: the number after the last
+/// `Score:` (or `Overall:`, `Rating:`, `Grade:`) label that ends there; the number the reply
+/// opens with, when nothing but its scale and a line break or a closing stop follows it; or the
+/// reply's only number. A scale (`/100`, `out of 100`, `/10`, read as tenths) is never the score.
+/// Anything else is no score, as is a negative number, one past 100, or a fraction below 10 with
+/// no scale (`9.5`, `.85`: another scale): a wrong guess could make a trace golden.
 pub fn parse_score(reply: &str) -> Option<f64> {
     let numbers = numbers_in(reply);
-    let in_range =
-        |n: &Number| (!n.negative && (0.0..=100.0).contains(&n.score())).then(|| n.score());
-    // The number the reply opens with, after markdown and a `Score:` label.
-    let opening =
-        reply.trim_start_matches(|c: char| c.is_whitespace() || matches!(c, '*' | '#' | '_' | '`'));
-    let opening = strip_label(opening, "score").unwrap_or(opening);
-    let offset = reply.len() - opening.len();
-    if let Some(first) = numbers.first()
-        && first.start == offset
-        && first.stands_alone
-    {
-        return in_range(first);
+    let at = |offset: usize| numbers.iter().find(|n| n.start == offset);
+    // The last labelled score: judges that explain first give their verdict last.
+    let labelled = label_ends(reply)
+        .filter_map(at)
+        .filter(|n| n.alone >= Alone::Loosely)
+        .last();
+    if let Some(number) = labelled {
+        return number.in_range();
     }
-    // The number right after the word "score" ("scores 87", "a score of 87").
-    let lower = reply.to_ascii_lowercase();
-    for (at, _) in lower.match_indices("score") {
-        let after = &lower[at + "score".len()..];
-        let after = after.strip_prefix('s').unwrap_or(after);
-        let rest = strip_label(after, "").unwrap_or(after);
-        let rest = rest.strip_prefix("of ").unwrap_or(rest);
-        let rest = rest.trim_start_matches(['*', ' ']);
-        let start = reply.len() - rest.len();
-        if let Some(number) = numbers.iter().find(|n| n.start == start) {
-            return in_range(number);
-        }
+    let opening = reply.len()
+        - reply
+            .trim_start_matches(|c: char| c.is_whitespace() || matches!(c, '*' | '#' | '_' | '`'))
+            .len();
+    if let Some(number) = at(opening).filter(|n| n.alone == Alone::Strictly) {
+        return number.in_range();
     }
-    let mut scores: Vec<f64> = numbers.iter().map(Number::score).collect();
-    scores.dedup();
-    match (scores.as_slice(), numbers.as_slice()) {
-        ([_], [first, ..]) => in_range(first),
-        _ => None,
-    }
+    let first = numbers.first()?;
+    let only = numbers.iter().all(|n| n.score() == first.score());
+    (only && first.alone >= Alone::Loosely)
+        .then(|| first.in_range())
+        .flatten()
 }
 
-/// `text` after a label (`Score:`, `score is`), if it opens with `label`; `label` "" takes only
-/// what may follow one.
-fn strip_label<'a>(text: &'a str, label: &str) -> Option<&'a str> {
-    let rest = text.get(..label.len())?;
-    if !rest.eq_ignore_ascii_case(label) {
-        return None;
+/// The offsets just past each `Score:`-like label in `reply`, in order: the word (any case),
+/// then `:` or `=`, with spaces and markdown around them.
+fn label_ends(reply: &str) -> impl Iterator<Item = usize> {
+    const LABELS: &[&str] = &["score", "overall", "rating", "grade"];
+    let decoration = |c: char| c.is_whitespace() || matches!(c, '*' | '_' | '`');
+    let lower = reply.to_ascii_lowercase();
+    let mut ends = Vec::new();
+    for label in LABELS {
+        for (at, _) in lower.match_indices(label) {
+            let after = reply[at + label.len()..].trim_start_matches(decoration);
+            if let Some(after) = after.strip_prefix([':', '=']) {
+                ends.push(reply.len() - after.trim_start_matches(decoration).len());
+            }
+        }
     }
-    let rest = text[label.len()..]
-        .trim_start_matches(|c: char| c.is_whitespace() || matches!(c, '*' | ':' | '='));
-    Some(rest.strip_prefix("is ").unwrap_or(rest))
+    ends.sort_unstable();
+    ends.into_iter()
+}
+
+/// How a number stands in its reply, by what follows it (after its scale).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Alone {
+    /// More words follow (`3 sources`, `1. Correctness`, `1) Correct`, `100 - 15`, `4/5`).
+    No,
+    /// Punctuation follows, then more (`95, with 3 errors`, `85 (good)`).
+    Loosely,
+    /// Nothing follows on its line but a stop, or a comment after a dash (`87`, `87.`,
+    /// `87/100 - good`).
+    Strictly,
+}
+
+impl Alone {
+    /// How a number followed by `tail` stands.
+    fn of(tail: &str) -> Alone {
+        const DECORATION: [char; 5] = [' ', '\t', '*', '`', '_'];
+        let tail = tail.trim_start_matches(DECORATION);
+        let Some(next) = tail.chars().next() else {
+            return Alone::Strictly;
+        };
+        let rest = tail[next.len_utf8()..].trim_start_matches(DECORATION);
+        let line_ends = rest.is_empty() || rest.starts_with(['\n', '\r']);
+        match next {
+            '\n' | '\r' => Alone::Strictly,
+            '.' | ',' | '!' | '%' | ';' if line_ends => Alone::Strictly,
+            '.' | ',' | '!' | '%' | ';' | '(' => Alone::Loosely,
+            // A comment after a dash; not arithmetic or a range (`100 - 15`, `80-90`).
+            '-' | '–' | '—' if !rest.starts_with(|c: char| c.is_ascii_digit()) => {
+                Alone::Strictly
+            }
+            _ => Alone::No,
+        }
+    }
 }
 
 /// A number in a judge's reply.
@@ -274,9 +306,8 @@ struct Number {
     negative: bool,
     /// The scale written after it: `/100` or `out of 100`; `/10` or `out of 10`.
     scale: Option<Scale>,
-    /// Followed by the end of the reply, a line break, punctuation or a scale, not by more words
-    /// (`2 out of 3 criteria`).
-    stands_alone: bool,
+    /// How it stands: by itself, or inside more words.
+    alone: Alone,
 }
 
 impl Number {
@@ -286,6 +317,14 @@ impl Number {
             Some(Scale::Ten) => self.value * 10.0,
             Some(Scale::Hundred) | None => self.value,
         }
+    }
+
+    /// The score, if it can be one: 0–100, not negative, and not a fraction below 10 with no
+    /// scale, which is a score on some other scale.
+    fn in_range(&self) -> Option<f64> {
+        let other_scale = self.scale.is_none() && self.value < 10.0 && self.value.fract() != 0.0;
+        let score = self.score();
+        (!self.negative && !other_scale && (0.0..=100.0).contains(&score)).then_some(score)
     }
 }
 
@@ -329,23 +368,14 @@ fn numbers_in(reply: &str) -> Vec<Number> {
         };
         let (scale, scale_len) = scale_after(&reply[start + text.len()..]);
         let tail = &reply[start + text.len() + scale_len..];
-        let stands_alone = tail
-            .trim_start_matches([' ', '\t', '*', '`'])
-            .chars()
-            .next()
-            .is_none_or(|c| {
-                matches!(
-                    c,
-                    '\n' | '\r' | '.' | ',' | ';' | ':' | ')' | '!' | '-' | '–' | '—' | '('
-                )
-            });
+        let alone = Alone::of(tail);
         at = at.max(start + text.len() + scale_len);
         numbers.push(Number {
             value,
             start,
             negative,
             scale,
-            stands_alone,
+            alone,
         });
     }
     numbers
@@ -435,27 +465,26 @@ mod tests {
             ("85\n", Some(85.0)),
             ("**85**", Some(85.0)),
             ("85.0", Some(85.0)),
+            ("100", Some(100.0)),
+            ("0", Some(0.0)),
+            ("0/100", Some(0.0)),
+            ("95%", Some(95.0)),
             ("Score: 87", Some(87.0)),
+            ("Score:95", Some(95.0)),
+            ("**Score:** 90", Some(90.0)),
+            ("Rating: 88", Some(88.0)),
             ("92.5/100", Some(92.5)),
             ("Score: 87/100.", Some(87.0)),
             ("Score: 85 / 100", Some(85.0)),
             ("Score: 95 (out of 100)", Some(95.0)),
+            ("Score: 85 (good)", Some(85.0)),
             ("95 Out of 100", Some(95.0)),
             ("I'd give it 90 out of 100", Some(90.0)),
             ("I rate this 8/10", Some(80.0)),
             ("I'd rate it 9 out of 10", Some(90.0)),
             ("Score: 8/10", Some(80.0)),
-            ("**Score:** 90", Some(90.0)),
-            ("Score:95", Some(95.0)),
-            ("Rating: 88", Some(88.0)),
             ("The answer is correct and complete. 95", Some(95.0)),
-            ("95%", Some(95.0)),
-            ("gpt-4o would score this 85, gpt4 less", None),
-            ("100", Some(100.0)),
-            ("0", Some(0.0)),
-            ("9.5", Some(9.5)),
-            ("95. It is 95 because it is right.", Some(95.0)),
-            // The score first, then reasons with numbers of their own.
+            // The score, then reasons with numbers of their own.
             ("Score: 85/100 - the answer is good", Some(85.0)),
             ("95 - the answer correctly says 2+2=4", Some(95.0)),
             ("95/100\n\nThe answer covers all 3 points.", Some(95.0)),
@@ -465,20 +494,50 @@ mod tests {
                 "Score: 95. Compared with GPT-4 style answers it is good.",
                 Some(95.0),
             ),
-            ("The answer scores 72. Reference: 2+2=4", Some(72.0)),
+            ("95. It is 95 because it is right.", Some(95.0)),
+            // Reasons first, in a numbered list, then the verdict.
             (
-                "I'd give it a score of 64, since 2 steps are missing",
-                Some(64.0),
+                "1. Correctness: the answer is right.\n2. Completeness: it misses one case.\n\nScore: 70",
+                Some(70.0),
+            ),
+            (
+                "### 1. Accuracy\nThe answer is accurate.\n\nScore: 70",
+                Some(70.0),
+            ),
+            ("1) Correct\n2) Complete\nScore: 60", Some(60.0)),
+            (
+                "Score: 10/10 for accuracy, 4/10 for completeness. Overall: 70",
+                Some(70.0),
+            ),
+            (
+                "Score: 85\nOn reflection, one step is wrong.\nFinal score: 60",
+                Some(60.0),
             ),
             // The scale first, then the score.
             ("Out of 100, I'd give this answer a 20.", Some(20.0)),
-            // No telling which number is the score, or none in range.
+            // Arithmetic, ranges, hypotheticals, counts, other scales: no telling.
+            ("100 - 15 (missing edge case) = 85", None),
+            ("Score: 100 - 20 for the missing step = 80", None),
+            ("0-100 scale: 75", None),
+            ("80-90", None),
+            (
+                "A perfect score of 100 would require citing the source; I give it 70.",
+                None,
+            ),
+            ("The reference would score 100; this answer gets 60.", None),
+            ("The answer cites 3 sources and is mostly right.", None),
             ("2 out of 3 criteria are met, so 60", None),
             ("It gets 70, or maybe 80", None),
-            (".85", Some(0.85)),
+            ("Score: 4/5", None),
+            ("Score: 19/20", None),
+            ("Score (0-100): 85", None),
+            ("Score: 1e2", None),
+            ("9.5", None),
+            (".85", None),
             ("-3", None),
             ("Score: -3", None),
             ("I'd say 140", None),
+            ("gpt-4o would score this 85, gpt4 less", None),
             ("no idea", None),
             ("", None),
         ] {
