@@ -60,6 +60,9 @@ pub async fn run(
     let mut judge_answers = false;
     // Meanwhile, the traces it refused: each waits, and is not asked again until it has.
     let mut refused: HashSet<TraceId> = HashSet::new();
+    // Traces answered with no score while the cursor was held: passed over, never asked again,
+    // though the cursor has yet to pass them.
+    let mut unscored: HashSet<TraceId> = HashSet::new();
     let mut ticks = tokio::time::interval(settings.every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -104,14 +107,19 @@ pub async fn run(
         if judge_answers {
             refused.clear();
         }
-        let (batch, scanned) =
-            match pending(&store, cursor, settings.sample_percent, refused.clone()).await {
+        unscored.retain(|id| cursor.is_none_or(|c| *id > c));
+        let skip = refused.union(&unscored).copied().collect();
+        let source = format!("judge:{}", settings.model.model);
+        let (batch, scanned, scored_before) =
+            match pending(&store, cursor, settings.sample_percent, skip, source).await {
                 Ok(found) => found,
                 Err(e) => {
                     tracing::error!(error = %e, "judge: cannot read traces");
                     continue;
                 }
             };
+        // Its scores past the cursor, from before a restart, show the judge takes requests.
+        judge_answers |= scored_before;
         // Held by a refusal that is not passed over (this round's, or one still waiting): the
         // cursor stays before that trace, and the traces after it are still judged, which shows
         // whether the judge takes any.
@@ -186,7 +194,10 @@ pub async fn run(
                         }
                     }
                     None => {
-                        tracing::warn!(trace_id = %trace.id, reply = %reply.chars().take(80).collect::<String>(), "judge: no score in the reply")
+                        tracing::warn!(trace_id = %trace.id, reply = %reply.chars().take(80).collect::<String>(), "judge: no score in the reply; passing over it");
+                        if held {
+                            unscored.insert(trace.id);
+                        }
                     }
                 },
                 // The judge refused this trace itself (a 400: longer than its context, say),
@@ -278,25 +289,29 @@ async fn store_meta<T: serde::Serialize + Send + 'static>(
 
 /// Teacher traces after the cursor that could be golden, sampled, without an evaluation yet;
 /// and the last trace looked at.
-/// Traces in `waiting` (refused, and waiting for the judge's first answer) are left out, so that
-/// a run of them cannot fill every batch.
+/// Traces in `skip` (refused and waiting for the judge's first answer, or answered with no
+/// score) are left out, so that a run of them cannot fill every batch; and whether a trace
+/// after the cursor holds a score from `source`, this judge.
 async fn pending(
     store: &Store,
     cursor: Option<TraceId>,
     sample_percent: f64,
-    waiting: HashSet<TraceId>,
-) -> Result<(Vec<Trace>, Option<TraceId>), String> {
+    skip: HashSet<TraceId>,
+    source: String,
+) -> Result<(Vec<Trace>, Option<TraceId>, bool), String> {
     let store = store.clone();
     tokio::task::spawn_blocking(move || {
         let policy = GoldenPolicy::default();
         let threshold = (sample_percent.clamp(0.0, 100.0) * 100.0) as u128;
         let mut out = Vec::new();
         let mut last = None;
+        let mut scored_here = false;
         store
             .for_each_graded_trace(cursor, |trace, _, evaluation| {
                 last = Some(trace.id);
+                scored_here |= evaluation.as_ref().is_some_and(|e| e.source == source);
                 if evaluation.is_none()
-                    && !waiting.contains(&trace.id)
+                    && !skip.contains(&trace.id)
                     && policy.is_candidate(&trace)
                     && trace.id.as_u128() % 10_000 < threshold
                 {
@@ -305,7 +320,7 @@ async fn pending(
                 out.len() < 500
             })
             .map_err(|e| e.to_string())?;
-        Ok((out, last))
+        Ok((out, last, scored_here))
     })
     .await
     .map_err(|e| e.to_string())?
@@ -321,13 +336,32 @@ mod tests {
     use crate::distill::{BoxFuture, ChatError};
 
     /// A judge that scores every answer 95, except a question holding `refused_word`, which it
-    /// refuses (as a judge with a shorter context refuses a long trace), and everything while
-    /// `down`.
+    /// refuses (as a judge with a shorter context refuses a long trace), one holding `MUMBLE`,
+    /// which it answers with no score, and everything while `down`. It keeps every prompt.
     #[derive(Debug)]
     struct Judge {
         refused_word: &'static str,
         down: bool,
-        calls: Mutex<u32>,
+        prompts: Mutex<Vec<String>>,
+    }
+
+    impl Judge {
+        fn new(refused_word: &'static str, down: bool) -> Self {
+            Self {
+                refused_word,
+                down,
+                prompts: Mutex::new(Vec::new()),
+            }
+        }
+
+        fn calls(&self) -> usize {
+            self.prompts.lock().unwrap().len()
+        }
+
+        fn asked(&self, word: &str) -> usize {
+            let prompts = self.prompts.lock().unwrap();
+            prompts.iter().filter(|p| p.contains(word)).count()
+        }
     }
 
     impl ChatClient for Judge {
@@ -338,8 +372,8 @@ mod tests {
             messages: &'a Value,
             _tools: Option<&'a Value>,
         ) -> BoxFuture<'a, Result<String, ChatError>> {
-            *self.calls.lock().unwrap() += 1;
             let prompt = messages[1]["content"].as_str().unwrap_or_default();
+            self.prompts.lock().unwrap().push(prompt.to_string());
             let answer = if self.down {
                 Err(ChatError::transient(
                     "judge answered 503 Service Unavailable",
@@ -348,6 +382,8 @@ mod tests {
                 Err(ChatError::refused(
                     "judge answered 400 Bad Request: context_length_exceeded",
                 ))
+            } else if prompt.contains("MUMBLE") {
+                Ok("I cannot tell.".to_string())
             } else {
                 Ok("95".to_string())
             };
@@ -387,10 +423,19 @@ mod tests {
             let bytes = serde_json::to_vec(t).unwrap();
             store.insert_encoded([(t.id, bytes.as_slice())]).unwrap();
         }
+        let (judge, stop) = start(&store, judge, settings());
+        (dir, store, judge, stop)
+    }
+
+    fn start(
+        store: &Store,
+        judge: Judge,
+        settings: JudgeSettings,
+    ) -> (Arc<Judge>, watch::Sender<bool>) {
         let judge = Arc::new(judge);
         let (stop, stopped) = watch::channel(false);
-        tokio::spawn(run(store.clone(), judge.clone(), settings(), stopped));
-        (dir, store, judge, stop)
+        tokio::spawn(run(store.clone(), judge.clone(), settings, stopped));
+        (judge, stop)
     }
 
     fn questions(word: &str, n: usize) -> Vec<Trace> {
@@ -404,11 +449,7 @@ mod tests {
         // More refused traces in a row than a batch holds, before the first it takes.
         let mut traces = questions("HUGE", 505);
         traces.extend(questions("question", 3));
-        let judge = Judge {
-            refused_word: "HUGE",
-            down: false,
-            calls: Mutex::new(0),
-        };
+        let judge = Judge::new("HUGE", false);
         let (_dir, store, _judge, stop) = judging(&traces, judge);
         let last = traces.last().unwrap().id;
         until("every trace judged or passed over", || {
@@ -431,20 +472,12 @@ mod tests {
     #[tokio::test]
     async fn a_judge_that_refuses_every_trace_passes_none_over() {
         let traces = questions("question", 5);
-        let judge = Judge {
-            refused_word: "question",
-            down: false,
-            calls: Mutex::new(0),
-        };
+        let judge = Judge::new("question", false);
         let (_dir, store, judge, stop) = judging(&traces, judge);
-        until("every trace tried", || *judge.calls.lock().unwrap() >= 5).await;
+        until("every trace tried", || judge.calls() >= 5).await;
         // Rounds go on (every 20 ms); none asks again, and none passes a trace over.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(
-            *judge.calls.lock().unwrap(),
-            5,
-            "each refused trace asked once"
-        );
+        assert_eq!(judge.calls(), 5, "each refused trace asked once");
         assert_eq!(judged_until(&store).unwrap(), None, "nothing passed over");
         stop.send(true).unwrap();
     }
@@ -452,22 +485,68 @@ mod tests {
     #[tokio::test]
     async fn a_judge_that_is_down_leaves_every_trace_for_later() {
         let traces = questions("question", 4);
-        let judge = Judge {
-            refused_word: "HUGE",
-            down: true,
-            calls: Mutex::new(0),
-        };
+        let judge = Judge::new("HUGE", true);
         let (_dir, store, judge, stop) = judging(&traces, judge);
-        until("three rounds of calls", || {
-            *judge.calls.lock().unwrap() >= 3
-        })
-        .await;
+        until("three rounds of calls", || judge.calls() >= 3).await;
         assert!(
             traces
                 .iter()
                 .all(|t| store.latest_evaluation(t.id).unwrap().is_none())
         );
         assert_eq!(judged_until(&store).unwrap(), None, "nothing passed over");
+        stop.send(true).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_reply_with_no_score_is_asked_once_while_a_refused_trace_waits() {
+        let mut traces = questions("HUGE", 1);
+        traces.extend(questions("MUMBLE", 1));
+        traces.extend(questions("question", 1));
+        let (_dir, store, judge, stop) = judging(&traces, Judge::new("HUGE", false));
+        let last = traces.last().unwrap().id;
+        until("every trace judged or passed over", || {
+            judged_until(&store).unwrap() == Some(last)
+        })
+        .await;
+        assert_eq!(
+            judge.asked("MUMBLE"),
+            1,
+            "a trace answered is not asked again"
+        );
+        assert_eq!(judge.asked("question"), 1);
+        stop.send(true).unwrap();
+    }
+
+    #[tokio::test]
+    async fn after_a_restart_the_judges_own_scores_let_a_waiting_trace_be_passed_over() {
+        let mut traces = questions("HUGE", 1);
+        traces.extend(questions("question", 3));
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_dir(dir.path()).unwrap();
+        for t in &traces {
+            let bytes = serde_json::to_vec(t).unwrap();
+            store.insert_encoded([(t.id, bytes.as_slice())]).unwrap();
+        }
+        // One round (the next is a minute away): the refused trace waits, the others are scored.
+        let once = JudgeSettings {
+            every: Duration::from_secs(60),
+            ..settings()
+        };
+        let (_, stop) = start(&store, Judge::new("HUGE", false), once);
+        let evaluated = |t: &Trace| store.latest_evaluation(t.id).unwrap().is_some();
+        until("the later traces scored", || {
+            traces[1..].iter().all(evaluated)
+        })
+        .await;
+        stop.send(true).unwrap();
+        assert_eq!(judged_until(&store).unwrap(), None, "held by the refusal");
+        // Restarted, with no new trace to show that the judge answers: its scores show it.
+        let (_, stop) = start(&store, Judge::new("HUGE", false), settings());
+        let last = traces.last().unwrap().id;
+        until("the refused trace passed over", || {
+            judged_until(&store).unwrap() == Some(last)
+        })
+        .await;
         stop.send(true).unwrap();
     }
 }
