@@ -417,14 +417,20 @@ mod tests {
         traces: &[Trace],
         judge: Judge,
     ) -> (tempfile::TempDir, Store, Arc<Judge>, watch::Sender<bool>) {
+        let (dir, store) = stored(traces);
+        let (judge, stop) = start(&store, judge, settings());
+        (dir, store, judge, stop)
+    }
+
+    /// A store holding `traces`.
+    fn stored(traces: &[Trace]) -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_dir(dir.path()).unwrap();
         for t in traces {
             let bytes = serde_json::to_vec(t).unwrap();
             store.insert_encoded([(t.id, bytes.as_slice())]).unwrap();
         }
-        let (judge, stop) = start(&store, judge, settings());
-        (dir, store, judge, stop)
+        (dir, store)
     }
 
     fn start(
@@ -521,12 +527,7 @@ mod tests {
     async fn after_a_restart_the_judges_own_scores_let_a_waiting_trace_be_passed_over() {
         let mut traces = questions("HUGE", 1);
         traces.extend(questions("question", 3));
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_dir(dir.path()).unwrap();
-        for t in &traces {
-            let bytes = serde_json::to_vec(t).unwrap();
-            store.insert_encoded([(t.id, bytes.as_slice())]).unwrap();
-        }
+        let (_dir, store) = stored(&traces);
         // One round (the next is a minute away): the refused trace waits, the others are scored.
         let once = JudgeSettings {
             every: Duration::from_secs(60),
