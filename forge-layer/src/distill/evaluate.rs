@@ -452,6 +452,7 @@ mod tests {
         assert!(partial > 40.0 && partial < 100.0, "{partial}");
         // Every word counts: a short answer that is wrong scores nothing.
         assert_eq!(similarity("12", "42"), 0.0);
+        assert_eq!(similarity("12 apples", "42 apples"), 50.0);
         assert_eq!(similarity("42", "42"), 100.0);
         assert_eq!(similarity("", "42"), 0.0);
         assert_eq!(similarity("", ""), 100.0);
