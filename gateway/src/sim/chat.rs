@@ -101,7 +101,7 @@ pub(crate) struct ChatRequest<'a> {
 impl<'a> ChatRequest<'a> {
     pub(crate) fn parse(model: &'a str, request: &'a Map<String, Value>) -> Result<Self, ApiError> {
         let messages = parse_messages(request.get("messages"))?;
-        let stream = optional_bool(request, "stream")?.unwrap_or(false);
+        let stream = optional_bool(request, "", "stream")?.unwrap_or(false);
         // Obfuscation is on unless the client turns it off (openai-wire.md §1.1).
         let (include_usage, include_obfuscation) = match request.get("stream_options") {
             None | Some(Value::Null) => (false, true),
@@ -112,8 +112,8 @@ impl<'a> ChatRequest<'a> {
                 .with_param("stream_options"));
             }
             Some(Value::Object(options)) => (
-                stream_option(options, "include_usage")?.unwrap_or(false),
-                stream_option(options, "include_obfuscation")?.unwrap_or(true),
+                optional_bool(options, "stream_options", "include_usage")?.unwrap_or(false),
+                optional_bool(options, "stream_options", "include_obfuscation")?.unwrap_or(true),
             ),
             Some(other) => {
                 return Err(ApiError::invalid_type("stream_options", "an object", other));
@@ -246,7 +246,7 @@ fn plan_tool_calls<'a>(
     let tool_choice = request
         .get("tool_choice")
         .filter(|choice| !choice.is_null());
-    let parallel = optional_bool(request, "parallel_tool_calls")?.unwrap_or(true);
+    let parallel = optional_bool(request, "", "parallel_tool_calls")?.unwrap_or(true);
     let Some(functions) = functions else {
         if tool_choice.is_some() {
             return Err(ApiError::invalid_value(
@@ -531,27 +531,22 @@ fn function_name(function: &Map<String, Value>) -> &str {
         .unwrap_or_default()
 }
 
-/// A boolean key of `stream_options`, or `None` when absent or null.
-fn stream_option(options: &Map<String, Value>, key: &str) -> Result<Option<bool>, ApiError> {
-    match options.get(key) {
+/// The boolean at `key` of `object`, or `None` when absent or null. `within` names the object
+/// in the error's `param` (`stream_options`), or is empty for the request itself.
+fn optional_bool(
+    object: &Map<String, Value>,
+    within: &str,
+    key: &'static str,
+) -> Result<Option<bool>, ApiError> {
+    match object.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Bool(value)) => Ok(Some(*value)),
+        Some(other) if within.is_empty() => Err(ApiError::invalid_type(key, "a boolean", other)),
         Some(other) => Err(ApiError::invalid_type(
-            format!("stream_options.{key}"),
+            format!("{within}.{key}"),
             "a boolean",
             other,
         )),
-    }
-}
-
-fn optional_bool(
-    request: &Map<String, Value>,
-    key: &'static str,
-) -> Result<Option<bool>, ApiError> {
-    match request.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Bool(value)) => Ok(Some(*value)),
-        Some(other) => Err(ApiError::invalid_type(key, "a boolean", other)),
     }
 }
 

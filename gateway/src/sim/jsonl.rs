@@ -322,13 +322,11 @@ fn check_parts(parts: &[Value], allowed: &[&str]) -> Result<(), String> {
                             "content[{i}] of type \"{kind}\" is missing \"{kind}\""
                         ));
                     }
-                    Some(payload) if !payload_has_its_shape(kind, payload) => {
-                        return Err(format!(
-                            "content[{i}]: \"{kind}\" must be {}",
-                            payload_shape(kind)
-                        ));
+                    Some(payload) => {
+                        if let Some(shape) = wrong_payload(kind, payload) {
+                            return Err(format!("content[{i}]: \"{kind}\" must be {shape}"));
+                        }
                     }
-                    Some(_) => {}
                 }
             }
             Some(kind) => {
@@ -343,37 +341,34 @@ fn check_parts(parts: &[Value], allowed: &[&str]) -> Result<(), String> {
     Ok(())
 }
 
-/// Whether a content part's payload has the shape OpenAI's schema gives its type.
-fn payload_has_its_shape(kind: &str, payload: &Value) -> bool {
+/// The shape OpenAI's schema gives the payload of a content part of type `kind`, when
+/// `payload` does not have it.
+fn wrong_payload(kind: &str, payload: &Value) -> Option<&'static str> {
     let string = |key: &str| payload.get(key).is_some_and(Value::is_string);
-    match kind {
-        "text" | "refusal" => payload.is_string(),
-        "image_url" => {
+    let (fits, shape) = match kind {
+        "text" | "refusal" => (payload.is_string(), "a string"),
+        "image_url" => (
             string("url")
                 && payload
                     .get("detail")
-                    .is_none_or(|d| matches!(d.as_str(), Some("auto" | "low" | "high")))
-        }
-        "input_audio" => {
+                    .is_none_or(|d| matches!(d.as_str(), Some("auto" | "low" | "high"))),
+            "an object with a string \"url\" and \"detail\" auto, low or high",
+        ),
+        "input_audio" => (
             string("data")
                 && matches!(
                     payload.get("format").and_then(Value::as_str),
                     Some("wav" | "mp3")
-                )
-        }
-        "file" => string("file_data") || string("file_id"),
-        _ => false,
-    }
-}
-
-/// The shape [`payload_has_its_shape`] wants, for its error message.
-fn payload_shape(kind: &str) -> &'static str {
-    match kind {
-        "image_url" => "an object with a string \"url\" and \"detail\" auto, low or high",
-        "input_audio" => "an object with a string \"data\" and \"format\" wav or mp3",
-        "file" => "an object with a string \"file_data\" or \"file_id\"",
-        _ => "a string",
-    }
+                ),
+            "an object with a string \"data\" and \"format\" wav or mp3",
+        ),
+        "file" => (
+            string("file_data") || string("file_id"),
+            "an object with a string \"file_data\" or \"file_id\"",
+        ),
+        _ => (false, "a string"),
+    };
+    (!fits).then_some(shape)
 }
 
 fn check_tools(tools: &Value) -> Result<(), String> {

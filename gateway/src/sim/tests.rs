@@ -41,6 +41,11 @@ pub(super) async fn get_json(sim: &SimHandle, path: &str) -> (u16, Value) {
     (status, response.json().await.unwrap())
 }
 
+/// Sends `request` and reads its answer's body as text, whatever its status.
+pub(super) async fn body_text(request: reqwest::RequestBuilder) -> String {
+    request.send().await.unwrap().text().await.unwrap()
+}
+
 pub(super) async fn chat(sim: &SimHandle, body: &Value) -> Value {
     let response = post_json(sim, "/chat/completions", body).await;
     assert_eq!(response.status(), 200);
@@ -1269,14 +1274,8 @@ async fn fine_tuning_job_succeeds_and_its_model_is_served() {
     let result_id = done["result_files"][0].as_str().unwrap();
     let (_, result) = get_json(&sim, &format!("/files/{result_id}")).await;
     assert_eq!(result["purpose"], "fine-tune-results");
-    let csv = client()
-        .get(format!("{}/files/{result_id}/content", sim.base_url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let csv =
+        body_text(client().get(format!("{}/files/{result_id}/content", sim.base_url()))).await;
     let mut lines = csv.lines();
     assert_eq!(
         lines.next(),
@@ -1537,18 +1536,12 @@ async fn validation_file_fills_the_valid_columns() {
         done["fine_tuned_model"].as_str().unwrap().split(':').nth(3),
         Some("")
     );
-    let csv = client()
-        .get(format!(
-            "{}/files/{}/content",
-            sim.base_url(),
-            done["result_files"][0].as_str().unwrap()
-        ))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let csv = body_text(client().get(format!(
+        "{}/files/{}/content",
+        sim.base_url(),
+        done["result_files"][0].as_str().unwrap()
+    )))
+    .await;
     let row: Vec<&str> = csv.lines().nth(1).unwrap().split(',').collect();
     assert_eq!(row.len(), 5);
     assert!(

@@ -6,8 +6,8 @@ use reqwest::multipart::{Form, Part};
 use serde_json::{Value, json};
 
 use super::tests::{
-    DEADLINE, chat, client, create_job, get_json, post_json, question, start, tiny_timings,
-    training_file, upload_ok, wait_for_final,
+    DEADLINE, body_text, chat, client, create_job, get_json, post_json, question, start,
+    tiny_timings, training_file, upload_ok, wait_for_final,
 };
 use super::*;
 
@@ -74,13 +74,8 @@ async fn an_exhausted_quota_refuses_openai_training_calls_until_it_is_used_up() 
         &json!({"model": "gpt-4o", "messages": question("Hello?")}),
     )
     .await;
-    let refused = client()
-        .get(format!("{}/files", sim.base_url()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(refused.status(), 429);
-    let error: Value = refused.json().await.unwrap();
+    let (status, error) = get_json(&sim, "/files").await;
+    assert_eq!(status, 429);
     assert_eq!(error["error"]["code"], "insufficient_quota");
     assert_eq!(error["error"]["type"], "insufficient_quota");
     assert!(
@@ -472,17 +467,12 @@ async fn azure_files_are_pending_then_processed_and_jobs_name_models_the_azure_w
     ))
     .await;
     let result_id = job["result_files"][0].as_str().unwrap();
-    let csv = azure(
+    let csv = body_text(azure(
         &sim,
         reqwest::Method::GET,
         &format!("/openai/files/{result_id}/content"),
-    )
-    .send()
-    .await
-    .unwrap()
-    .text()
-    .await
-    .unwrap();
+    ))
+    .await;
     let mut lines = csv.lines();
     assert_eq!(
         lines.next(),
@@ -1188,17 +1178,12 @@ async fn a_k8s_job_fetches_its_dataset_trains_and_leaves_an_adapter() {
     assert_eq!(items[0]["status"]["phase"], "Succeeded");
     let pod = items[0]["metadata"]["name"].as_str().unwrap();
     assert!(pod.starts_with("forge-lora-run1-"));
-    let log = kube(
+    let log = body_text(kube(
         &sim,
         reqwest::Method::GET,
         &format!("/api/v1/namespaces/{NAMESPACE}/pods/{pod}/log"),
-    )
-    .send()
-    .await
-    .unwrap()
-    .text()
-    .await
-    .unwrap();
+    ))
+    .await;
     assert!(
         log.contains("adapter saved to /data/adapters/run1"),
         "{log}"
