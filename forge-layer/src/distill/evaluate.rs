@@ -356,11 +356,10 @@ fn numbers_in(reply: &str) -> Vec<Number> {
             .unwrap_or(reply.len() - at);
         let text = reply[at..at + len].trim_end_matches('.');
         at += len;
-        let before = reply[..start].trim_end();
         let negative = start > 0
             && bytes[start - 1] == b'-'
             && (start < 2 || !bytes[start - 2].is_ascii_alphanumeric());
-        if glued || before.to_ascii_lowercase().ends_with("out of") {
+        if glued || ends_with_out_of(reply[..start].trim_end()) {
             continue;
         }
         let Ok(value) = text.parse::<f64>() else {
@@ -381,6 +380,22 @@ fn numbers_in(reply: &str) -> Vec<Number> {
     numbers
 }
 
+/// `text` after an opening `out of` (any case).
+fn strip_out_of(text: &str) -> Option<&str> {
+    let (head, rest) = (text.get(..OUT_OF.len())?, text.get(OUT_OF.len()..)?);
+    head.eq_ignore_ascii_case(OUT_OF).then_some(rest)
+}
+
+/// Whether `text` ends with `out of` (any case): the number after it is a scale.
+fn ends_with_out_of(text: &str) -> bool {
+    text.len()
+        .checked_sub(OUT_OF.len())
+        .and_then(|at| text.get(at..))
+        .is_some_and(|tail| tail.eq_ignore_ascii_case(OUT_OF))
+}
+
+const OUT_OF: &str = "out of";
+
 /// The scale at the start of `text` (`/100`, ` / 10`, ` out of 100`, ` (out of 100)`), and
 /// how many bytes it takes.
 fn scale_after(text: &str) -> (Option<Scale>, usize) {
@@ -391,11 +406,8 @@ fn scale_after(text: &str) -> (Option<Scale>, usize) {
     };
     let rest = if let Some(r) = rest.strip_prefix('/') {
         r.trim_start()
-    } else if rest
-        .get(..6)
-        .is_some_and(|s| s.eq_ignore_ascii_case("out of"))
-    {
-        rest[6..].trim_start()
+    } else if let Some(r) = strip_out_of(rest) {
+        r.trim_start()
     } else {
         return (None, 0);
     };

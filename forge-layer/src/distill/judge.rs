@@ -63,6 +63,8 @@ pub async fn run(
     // Traces answered with no score while the cursor was held: passed over, never asked again,
     // though the cursor has yet to pass them.
     let mut unscored: HashSet<TraceId> = HashSet::new();
+    // What this judge's evaluations are recorded as.
+    let source = format!("judge:{}", settings.model.model);
     let mut ticks = tokio::time::interval(settings.every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -109,15 +111,21 @@ pub async fn run(
         }
         unscored.retain(|id| cursor.is_none_or(|c| *id > c));
         let skip = refused.union(&unscored).copied().collect();
-        let source = format!("judge:{}", settings.model.model);
-        let (batch, scanned, scored_before) =
-            match pending(&store, cursor, settings.sample_percent, skip, source).await {
-                Ok(found) => found,
-                Err(e) => {
-                    tracing::error!(error = %e, "judge: cannot read traces");
-                    continue;
-                }
-            };
+        let (batch, scanned, scored_before) = match pending(
+            &store,
+            cursor,
+            settings.sample_percent,
+            skip,
+            source.clone(),
+        )
+        .await
+        {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::error!(error = %e, "judge: cannot read traces");
+                continue;
+            }
+        };
         // Its scores past the cursor, from before a restart, show the judge takes requests.
         judge_answers |= scored_before;
         // Held by a refusal that is not passed over (this round's, or one still waiting): the
@@ -174,7 +182,7 @@ pub async fn run(
                         let evaluation = Evaluation {
                             trace_id: trace.id,
                             score,
-                            source: format!("judge:{}", settings.model.model),
+                            source: source.clone(),
                             time_ms: now_ms(),
                         };
                         let writer = store.clone();
@@ -213,7 +221,6 @@ pub async fn run(
                         // Stored with the next judgement or at the round's end: asking again
                         // after a crash costs nothing, and a run of refusals costs no commits.
                         passed_over = Some(trace.id);
-                        continue;
                     } else {
                         tracing::warn!(trace_id = %trace.id, error = %e, "judge: it refused this trace and has taken no request yet; the trace waits, and the next ones are tried (check [judge] model if this goes on)");
                         refused.insert(trace.id);
@@ -224,8 +231,8 @@ pub async fn run(
                                 "judge: {MAX_WAITING_REFUSALS} traces refused and none taken; no more judging until a restart (check [judge] model)"
                             );
                         }
-                        continue;
                     }
+                    continue;
                 }
                 // The judge is down or refusing Forge: this trace and the rest wait for the
                 // next round, behind the cursor. Passing over them would keep each from ever
@@ -287,11 +294,10 @@ async fn store_meta<T: serde::Serialize + Send + 'static>(
     }
 }
 
-/// Teacher traces after the cursor that could be golden, sampled, without an evaluation yet;
-/// and the last trace looked at.
-/// Traces in `skip` (refused and waiting for the judge's first answer, or answered with no
-/// score) are left out, so that a run of them cannot fill every batch; and whether a trace
-/// after the cursor holds a score from `source`, this judge.
+/// Teacher traces after the cursor that could be golden, sampled, without an evaluation yet,
+/// and not in `skip` (refused and waiting for the judge's first answer, or answered with no
+/// score: left out, so that a run of them cannot fill every batch); the last trace looked at;
+/// and whether a trace after the cursor holds a score from `source`, this judge.
 async fn pending(
     store: &Store,
     cursor: Option<TraceId>,
