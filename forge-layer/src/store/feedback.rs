@@ -20,9 +20,9 @@ pub(super) fn evaluation_mark(
     }
 }
 
-/// One piece of feedback on a trace. Grading uses each field's latest value across a trace's
-/// feedback ([`Store::current_feedback`]): a score sent after a rejection leaves the rejection
-/// in force, and a later approval lifts it.
+/// One piece of feedback on a trace. Grading uses the latest piece alone
+/// ([`Store::current_feedback`]): a score of 20 sent after an approval withdraws it, and a score
+/// of 95 sent after a rejection lifts it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Feedback {
     /// The trace judged.
@@ -105,10 +105,10 @@ impl Store {
         })
     }
 
-    /// The feedback in force for a trace: each field's latest value across its feedback.
+    /// The feedback in force for a trace: the latest piece of it.
     pub fn current_feedback(&self, trace: TraceId) -> Result<Option<Feedback>, StoreError> {
         self.read(|txn| {
-            current_of(
+            latest_of(
                 &txn.open_table(FEEDBACK).map_err(db_err)?,
                 trace.as_u128(),
                 u128::MAX,
@@ -217,30 +217,6 @@ fn feedback_so_far(
         }
     }
     Ok((count, scored))
-}
-
-/// Each field's latest value across the feedback keyed `(trace, *)` whose id is at most
-/// `until` (`u128::MAX`: all of it), oldest first.
-pub(super) fn current_of(
-    table: &impl ReadableTable<(u128, u128), &'static [u8]>,
-    trace: u128,
-    until: u128,
-) -> Result<Option<Feedback>, StoreError> {
-    let mut current: Option<Feedback> = None;
-    for entry in table.range((trace, 0)..=(trace, until)).map_err(db_err)? {
-        let newer: Feedback = serde_json::from_slice(entry.map_err(db_err)?.1.value())?;
-        current = Some(match current {
-            None => newer,
-            Some(older) => Feedback {
-                trace_id: newer.trace_id,
-                score: newer.score.or(older.score),
-                approved: newer.approved.or(older.approved),
-                comment: newer.comment.or(older.comment),
-                time_ms: newer.time_ms,
-            },
-        });
-    }
-    Ok(current)
 }
 
 /// The last record keyed `(trace, *)` whose id is at most `until` (`u128::MAX`: of all) in a

@@ -4,7 +4,7 @@ use redb::{ReadOnlyTable, ReadableTable};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::feedback::{current_of, latest_of};
+use super::feedback::latest_of;
 use super::{
     EVALUATIONS, FEEDBACK, FEEDBACK_ORDER, JOBS, META, MODELS, Store, StoreError, TRACES, db_err,
 };
@@ -275,7 +275,7 @@ impl GradedScan {
     ) -> Result<(Option<Feedback>, Option<Evaluation>), StoreError> {
         let (key, until) = (trace.as_u128(), mark.as_u128());
         Ok((
-            current_of(&self.feedback, key, until)?,
+            latest_of(&self.feedback, key, until)?,
             latest_of(&self.evaluations, key, until)?,
         ))
     }

@@ -140,18 +140,16 @@ async fn feedback_needs_a_trace_and_the_latest_wins() {
         store.add_feedback(&approval).unwrap();
     }
     assert!(matches!(
-        store.add_feedback(&approval),
+        store.add_feedback(&fb(5.0)),
         Err(StoreError::FeedbackFull(_))
     ));
     assert_eq!(
         store.feedback(id).unwrap().len(),
         crate::store::MAX_FEEDBACK_PER_TRACE
     );
-    // What was in force stays so.
-    assert_eq!(
-        store.current_feedback(id).unwrap().unwrap().score,
-        Some(95.0)
-    );
+    // What was in force stays so: the last approval, not the refused score.
+    let current = store.current_feedback(id).unwrap().unwrap();
+    assert_eq!((current.score, current.approved), (None, Some(true)));
 }
 
 #[tokio::test]
@@ -334,7 +332,7 @@ async fn feedback_batches_are_all_or_nothing() {
 }
 
 #[tokio::test]
-async fn a_rejection_stays_in_force_until_an_approval_whatever_scores_follow() {
+async fn the_latest_feedback_alone_decides_grading() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open_dir(dir.path()).unwrap();
     let t = pending("hello");
@@ -366,11 +364,18 @@ async fn a_rejection_stays_in_force_until_an_approval_whatever_scores_follow() {
     store.add_feedback(&fb(None, Some(false))).unwrap();
     assert!(!golden(), "a person rejected it");
     store.add_feedback(&fb(Some(97.0), None)).unwrap();
-    assert!(!golden(), "a later score does not lift a rejection");
+    assert!(golden(), "a later score lifts the rejection");
     let current = store.current_feedback(id).unwrap().unwrap();
-    assert_eq!((current.score, current.approved), (Some(97.0), Some(false)));
+    assert_eq!((current.score, current.approved), (Some(97.0), None));
     store.add_feedback(&fb(None, Some(true))).unwrap();
-    assert!(golden(), "a later approval does");
+    assert!(golden());
+    store.add_feedback(&fb(Some(20.0), None)).unwrap();
+    assert!(!golden(), "a later low score withdraws the approval");
+    store.add_feedback(&fb(Some(40.0), Some(true))).unwrap();
+    assert!(
+        golden(),
+        "an approval with a low score is still an approval"
+    );
 }
 
 #[test]

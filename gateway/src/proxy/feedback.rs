@@ -104,9 +104,7 @@ async fn record(state: &ProxyState, caller: Caller, body: Body) -> Result<Respon
         }
         Err(StoreError::NoSuchTrace(_)) => Err(Error::TraceNotFound(request.trace_id)),
         Err(e @ StoreError::FeedbackFull(_)) => Err(Error::invalid(
-            format!(
-                "{e}; the latest of each field is what counts, so later feedback would change nothing the earlier could not."
-            ),
+            format!("{e}; the latest of them stays the one grading uses."),
             Some("trace_id"),
         )),
         Err(e) => Err(Error::from_store(&e)),
