@@ -63,6 +63,9 @@ pub async fn run(
     // Traces answered with no score while the cursor was held: passed over, never asked again,
     // though the cursor has yet to pass them.
     let mut unscored: HashSet<TraceId> = HashSet::new();
+    // A score the store failed to take. It is stored before anything else: the judgement was
+    // paid for, and asking again would pay twice.
+    let mut unstored: Option<Evaluation> = None;
     // What this judge's evaluations are recorded as.
     let source = format!("judge:{}", settings.model.model);
     let mut ticks = tokio::time::interval(settings.every);
@@ -71,6 +74,12 @@ pub async fn run(
         tokio::select! {
             _ = stop.changed() => return,
             _ = ticks.tick() => {}
+        }
+        if let Some(evaluation) = unstored.take()
+            && !store_evaluation(&store, &evaluation).await
+        {
+            unstored = Some(evaluation);
+            continue;
         }
         let cursor: Option<TraceId> = match store.meta(CURSOR) {
             Ok(cursor) => cursor,
@@ -185,20 +194,12 @@ pub async fn run(
                             source: source.clone(),
                             time_ms: now_ms(),
                         };
-                        let writer = store.clone();
-                        let added =
-                            tokio::task::spawn_blocking(move || writer.add_evaluation(&evaluation))
-                                .await;
-                        match added {
-                            Ok(Ok(())) => {}
-                            // Deleted for its age while the judge was at it: nothing to grade.
-                            Ok(Err(StoreError::NoSuchTrace(_))) => {
-                                tracing::debug!(trace_id = %trace.id, "judge: the trace expired before its evaluation");
-                            }
-                            Ok(Err(e)) => {
-                                tracing::error!(error = %e, "judge: evaluation not stored")
-                            }
-                            Err(e) => tracing::error!(error = %e, "judge: evaluation task failed"),
+                        if !store_evaluation(&store, &evaluation).await {
+                            // The cursor stays before the trace, and the round ends: the
+                            // store is failing, and the next round stores this score first.
+                            unstored = Some(evaluation);
+                            finished = false;
+                            break;
                         }
                     }
                     None => {
@@ -279,6 +280,28 @@ async fn stored_day_count(
     }))
 }
 
+/// Stores a score off the async runtime. False when the store failed to take it: the caller
+/// keeps it for later. A trace deleted for its age meanwhile needs no score.
+async fn store_evaluation(store: &Store, evaluation: &Evaluation) -> bool {
+    let (writer, evaluation) = (store.clone(), evaluation.clone());
+    let trace = evaluation.trace_id;
+    match tokio::task::spawn_blocking(move || writer.add_evaluation(&evaluation)).await {
+        Ok(Ok(())) => true,
+        Ok(Err(StoreError::NoSuchTrace(_))) => {
+            tracing::debug!(trace_id = %trace, "judge: the trace expired before its evaluation");
+            true
+        }
+        Ok(Err(e)) => {
+            tracing::error!(trace_id = %trace, error = %e, "judge: evaluation not stored; trying again next round");
+            false
+        }
+        Err(e) => {
+            tracing::error!(trace_id = %trace, error = %e, "judge: evaluation task failed; trying again next round");
+            false
+        }
+    }
+}
+
 /// Stores the judge's cursor or count off the async runtime: a write waits for its commit's
 /// fsyncs, and on a small machine a runtime thread held there is half of what serves requests.
 async fn store_meta<T: serde::Serialize + Send + 'static>(
@@ -335,6 +358,7 @@ async fn pending(
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     use serde_json::Value;
 
@@ -349,6 +373,8 @@ mod tests {
         refused_word: &'static str,
         down: bool,
         prompts: Mutex<Vec<String>>,
+        /// Armed by each call, when set: the disk's next sync fails.
+        disk_fault: Option<Arc<AtomicBool>>,
     }
 
     impl Judge {
@@ -357,6 +383,7 @@ mod tests {
                 refused_word,
                 down,
                 prompts: Mutex::new(Vec::new()),
+                disk_fault: None,
             }
         }
 
@@ -380,6 +407,9 @@ mod tests {
         ) -> BoxFuture<'a, Result<String, ChatError>> {
             let prompt = messages[1]["content"].as_str().unwrap_or_default();
             self.prompts.lock().unwrap().push(prompt.to_string());
+            if let Some(fault) = &self.disk_fault {
+                fault.store(true, Ordering::SeqCst);
+            }
             let answer = if self.down {
                 Err(ChatError::transient(
                     "judge answered 503 Service Unavailable",
@@ -554,6 +584,81 @@ mod tests {
             judged_until(&store).unwrap() == Some(last)
         })
         .await;
+        stop.send(true).unwrap();
+    }
+
+    /// An in-memory disk whose next sync fails while `fault` is set (the flag then clears), as
+    /// a full or failing disk fails a commit. Clones share it, so the store can reopen on it.
+    #[derive(Debug, Clone, Default)]
+    struct FaultyDisk {
+        bytes: Arc<Mutex<Vec<u8>>>,
+        fault: Arc<AtomicBool>,
+    }
+
+    impl redb::StorageBackend for FaultyDisk {
+        fn len(&self) -> Result<u64, std::io::Error> {
+            Ok(self.bytes.lock().unwrap().len() as u64)
+        }
+
+        fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+            let bytes = self.bytes.lock().unwrap();
+            let start = usize::try_from(offset).unwrap();
+            out.copy_from_slice(&bytes[start..start + out.len()]);
+            Ok(())
+        }
+
+        fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+            let len = usize::try_from(len).unwrap();
+            self.bytes.lock().unwrap().resize(len, 0);
+            Ok(())
+        }
+
+        fn sync_data(&self) -> Result<(), std::io::Error> {
+            if self.fault.swap(false, Ordering::SeqCst) {
+                return Err(std::io::Error::other("injected: the disk failed a sync"));
+            }
+            Ok(())
+        }
+
+        fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+            let mut bytes = self.bytes.lock().unwrap();
+            let start = usize::try_from(offset).unwrap();
+            if bytes.len() < start + data.len() {
+                bytes.resize(start + data.len(), 0);
+            }
+            bytes[start..start + data.len()].copy_from_slice(data);
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_score_the_store_fails_to_take_is_stored_later_without_asking_again() {
+        let traces = questions("question", 1);
+        let disk = FaultyDisk::default();
+        drop(
+            redb::Database::builder()
+                .create_with_backend(disk.clone())
+                .unwrap(),
+        );
+        let store = Store::open_backend(std::path::Path::new("faulty-disk"), disk.clone(), 1 << 20)
+            .unwrap();
+        let bytes = serde_json::to_vec(&traces[0]).unwrap();
+        store
+            .insert_encoded([(traces[0].id, bytes.as_slice())])
+            .unwrap();
+        // The call arms the fault, so the commit of its score fails.
+        let judge = Judge {
+            disk_fault: Some(disk.fault.clone()),
+            ..Judge::new("HUGE", false)
+        };
+        let (judge, stop) = start(&store, judge, settings());
+        until("the trace judged", || {
+            judged_until(&store).ok().flatten() == Some(traces[0].id)
+        })
+        .await;
+        let evaluation = store.latest_evaluation(traces[0].id).unwrap();
+        assert_eq!(evaluation.map(|e| e.score), Some(95.0), "the score is kept");
+        assert_eq!(judge.calls(), 1, "and not paid for twice");
         stop.send(true).unwrap();
     }
 }
