@@ -382,8 +382,9 @@ struct Plan {
 /// Works out `spec`'s [`Plan`]. The cap is the largest that keeps every key within its share
 /// of the lines written. Under a file size limit, what is written is a prefix: the build
 /// capped over all the lines stops at some trace, and the cap over the lines before it may be
-/// smaller (say, one key's traces all come first). The smaller of the two keeps the share over
-/// what is written, and since it only leaves more lines out, the build still fits.
+/// smaller. The smaller of the two keeps the share over what is written, and since it only
+/// leaves more lines out, the build still fits. When one key's lines fill that whole prefix,
+/// no cap over it keeps the share, and the cap is searched for ([`cap_for_one_key_prefix`]).
 fn plan(scan: &GradedScan, spec: &DatasetSpec) -> Result<Plan, StoreError> {
     if spec.max_key_share >= 1.0 {
         // No cap: the build's own size check is all it takes.
@@ -403,13 +404,52 @@ fn plan(scan: &GradedScan, spec: &DatasetSpec) -> Result<Plan, StoreError> {
         });
     };
     let prefix = lines_per_key(scan, spec, all, Some(max))?;
-    let cap = match (all, key_cap(&prefix.per_key, spec.max_key_share)) {
-        (Some(a), Some(p)) if prefix.stop.is_some() => Some(a.min(p)),
-        (a, _) => a,
+    let (Some(all), Some(_)) = (all, prefix.stop) else {
+        // No cap (lines from one key alone), or no stop: the prefix is all there is.
+        return Ok(Plan {
+            cap: all,
+            stop: prefix.stop,
+        });
     };
+    match key_cap(&prefix.per_key, spec.max_key_share) {
+        Some(cap) => Ok(Plan {
+            cap: Some(all.min(cap)),
+            stop: prefix.stop,
+        }),
+        None => cap_for_one_key_prefix(scan, spec, all, max),
+    }
+}
+
+/// The plan when the build capped at `most` fills its file with one key's lines alone. A
+/// smaller cap leaves room for other keys' lines, so the largest cap at most `most` under which
+/// the build, stopping where its file fills, keeps every key within its share, found by
+/// bisection: a walk of the snapshot a step, so about log2(`most`) walks, which only a store
+/// whose one key's golden lines in a row fill a whole file (512 MB at OpenAI) pays. A cap found
+/// keeps the share for certain, since each step checks what the build would write; when the
+/// share cannot hold at any cap it is 0, and nothing is written, as over a whole store.
+fn cap_for_one_key_prefix(
+    scan: &GradedScan,
+    spec: &DatasetSpec,
+    most: u64,
+    max: u64,
+) -> Result<Plan, StoreError> {
+    // `lo` keeps the share (0 writes nothing, so it always does); `hi` does not.
+    let (mut lo, mut hi) = (0u64, most);
+    let mut stop = None;
+    while hi - lo > 1 {
+        let cap = lo + (hi - lo) / 2;
+        let walk = lines_per_key(scan, spec, Some(cap), Some(max))?;
+        let written = walk.per_key.values().map(|&n| n.min(cap));
+        let (total, largest) = written.fold((0, 0), |(t, l), n| (t + n, l.max(n)));
+        if largest as f64 <= spec.max_key_share * total as f64 {
+            (lo, stop) = (cap, walk.stop);
+        } else {
+            hi = cap;
+        }
+    }
     Ok(Plan {
-        cap,
-        stop: prefix.stop,
+        cap: Some(lo),
+        stop,
     })
 }
 

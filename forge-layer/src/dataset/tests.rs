@@ -603,9 +603,10 @@ fn a_build_stops_at_the_file_limit_and_the_next_goes_on_from_its_cut() {
     assert_eq!(builds.last().unwrap().cut, whole.cut);
 }
 
-#[test]
-fn a_build_stopped_by_the_file_limit_keeps_every_key_within_its_share() {
-    // One loud key's traces all come first, then a quiet key's.
+/// Builds from 40 traces of a loud key, then 20 of a quiet one, under a file limit with room
+/// for `room` lines, and checks that neither key passes half of what was written. Returns each
+/// key's lines written.
+fn built_under_a_limit_loud_key_first(room: u64) -> BTreeMap<String, u64> {
     let mut traces: Vec<Trace> = (0..40)
         .map(|i| {
             trace(
@@ -631,12 +632,9 @@ fn a_build_stopped_by_the_file_limit_keeps_every_key_within_its_share() {
     spec.validation_percent = 0.0;
     let whole = build(&store, &spec, dir.path(), "whole", |_| {}).unwrap();
     assert_eq!(whole.examples(), 40, "20 a key: {whole:?}");
-    // Room for about 30 lines: capped over everything (20 a key), the loud key's 20 and then
-    // 10 of the quiet key's would fit, two thirds from one key.
     let line_bytes = std::fs::metadata(&whole.train.path).unwrap().len() / 40;
-    spec.max_file_bytes = Some(line_bytes * 30);
+    spec.max_file_bytes = Some(line_bytes * room);
     let part = build(&store, &spec, dir.path(), "part", |_| {}).unwrap();
-    assert!(part.full, "{part:?}");
     let mut per_key: BTreeMap<String, u64> = BTreeMap::new();
     for p in lines(&part.provenance.path) {
         *per_key
@@ -644,13 +642,30 @@ fn a_build_stopped_by_the_file_limit_keeps_every_key_within_its_share() {
             .or_default() += 1;
     }
     let written: u64 = per_key.values().sum();
-    assert!(written >= 10, "{per_key:?}");
     for (key, n) in &per_key {
         assert!(
             *n as f64 <= 0.5 * written as f64,
             "{key}: {n} of {written} lines"
         );
     }
+    per_key
+}
+
+#[test]
+fn a_build_stopped_by_the_file_limit_keeps_every_key_within_its_share() {
+    // Capped over everything (20 a key), the loud key's 20 and then 10 of the quiet key's
+    // would fit, two thirds from one key.
+    let per_key = built_under_a_limit_loud_key_first(30);
+    assert!(per_key.values().sum::<u64>() >= 10, "{per_key:?}");
+}
+
+#[test]
+fn a_file_one_key_would_fill_alone_takes_the_other_keys_too() {
+    // Capped over everything (20 a key), the loud key's first 15 fill the file alone. At 7 a
+    // key, both keys' 7 fit; at 8, the quiet key's eighth line does not.
+    let per_key = built_under_a_limit_loud_key_first(15);
+    let expected = BTreeMap::from([("loud".to_string(), 7), ("quiet".to_string(), 7)]);
+    assert_eq!(per_key, expected);
 }
 
 #[test]
