@@ -192,6 +192,17 @@ pub enum DatasetError {
     /// Writing files failed.
     #[error("dataset file: {0}")]
     Io(#[from] std::io::Error),
+    /// Under the file size limit, no build keeps every client key within its share: one line
+    /// a key takes more room than the file has. Nothing is written and the cut stays.
+    #[error(
+        "a {max_bytes}-byte dataset file holds too few lines to keep each client key within max_key_share = {share}"
+    )]
+    NoRoomForKeyShare {
+        /// The share asked for.
+        share: f64,
+        /// The file size limit.
+        max_bytes: u64,
+    },
 }
 
 /// A file being written, hashed as it goes.
@@ -349,17 +360,18 @@ fn lines_per_key(
         let Candidate::Line { bytes: line, hash } = candidate(&trace, spec, &mut seen) else {
             return true;
         };
-        let lines = counted.per_key.entry(trace.key_id).or_default();
-        if cap.is_none_or(|c| *lines < c) {
+        let so_far = counted.per_key.get(&trace.key_id).copied().unwrap_or(0);
+        if cap.is_none_or(|c| so_far < c) {
             let file = &mut bytes[usize::from(is_validation(&hash, validation_bp))];
             let after = *file + line.len() as u64 + 1;
             if max_bytes.is_some_and(|max| after > max) {
+                // Not counted: a key whose first line is the one that does not fit wrote none.
                 counted.stop = Some(trace.id);
                 return false;
             }
             *file = after;
         }
-        *lines += 1;
+        counted.per_key.insert(trace.key_id, so_far + 1);
         true
     })?;
     Ok(counted)
@@ -379,60 +391,61 @@ struct Plan {
     stop: Option<TraceId>,
 }
 
-/// Works out `spec`'s [`Plan`]. The cap is the largest that keeps every key within its share
-/// of the lines written. Under a file size limit, what is written is a prefix: the build
-/// capped over all the lines stops at some trace, and the cap over the lines before it may be
-/// smaller. The smaller of the two keeps the share over what is written, and since it only
-/// leaves more lines out, the build still fits. When one key's lines fill that whole prefix,
-/// no cap over it keeps the share, and the cap is searched for ([`cap_for_one_key_prefix`]).
-fn plan(scan: &GradedScan, spec: &DatasetSpec) -> Result<Plan, StoreError> {
+/// Works out `spec`'s [`Plan`]; `None` when no cap keeps the share under the file size limit.
+/// The cap is the largest that keeps every key within its share of the lines written. Under a
+/// file size limit, what is written is a prefix: the build capped over all the lines stops at
+/// some trace, and the cap over the lines before it may be smaller. The smaller of the two
+/// keeps the share over what is written, and since it only leaves more lines out, the build
+/// still fits. When no cap over that prefix keeps the share (one key's lines fill it alone),
+/// the cap is searched for ([`searched_cap`]).
+fn plan(scan: &GradedScan, spec: &DatasetSpec) -> Result<Option<Plan>, StoreError> {
     if spec.max_key_share >= 1.0 {
         // No cap: the build's own size check is all it takes.
-        return Ok(Plan {
+        return Ok(Some(Plan {
             cap: None,
             stop: None,
-        });
+        }));
     }
     let all = key_cap(
         &lines_per_key(scan, spec, None, None)?.per_key,
         spec.max_key_share,
     );
     let Some(max) = spec.max_file_bytes else {
-        return Ok(Plan {
+        return Ok(Some(Plan {
             cap: all,
             stop: None,
-        });
+        }));
     };
     let prefix = lines_per_key(scan, spec, all, Some(max))?;
     let (Some(all), Some(_)) = (all, prefix.stop) else {
         // No cap (lines from one key alone), or no stop: the prefix is all there is.
-        return Ok(Plan {
+        return Ok(Some(Plan {
             cap: all,
             stop: prefix.stop,
-        });
+        }));
     };
     match key_cap(&prefix.per_key, spec.max_key_share) {
-        Some(cap) => Ok(Plan {
+        Some(cap) if cap > 0 => Ok(Some(Plan {
             cap: Some(all.min(cap)),
             stop: prefix.stop,
-        }),
-        None => cap_for_one_key_prefix(scan, spec, all, max),
+        })),
+        _ => searched_cap(scan, spec, all, max),
     }
 }
 
-/// The plan when the build capped at `most` fills its file with one key's lines alone. A
+/// The plan when no cap over the prefix the build capped at `most` writes keeps the share. A
 /// smaller cap leaves room for other keys' lines, so the largest cap at most `most` under which
 /// the build, stopping where its file fills, keeps every key within its share, found by
 /// bisection: a walk of the snapshot a step, so about log2(`most`) walks, which only a store
 /// whose one key's golden lines in a row fill a whole file (512 MB at OpenAI) pays. A cap found
-/// keeps the share for certain, since each step checks what the build would write; when the
-/// share cannot hold at any cap it is 0, and nothing is written, as over a whole store.
-fn cap_for_one_key_prefix(
+/// keeps the share for certain, since each step checks what the build would write. `None` when
+/// not even one line a key does: the file holds too few lines.
+fn searched_cap(
     scan: &GradedScan,
     spec: &DatasetSpec,
     most: u64,
     max: u64,
-) -> Result<Plan, StoreError> {
+) -> Result<Option<Plan>, StoreError> {
     // `lo` keeps the share (0 writes nothing, so it always does); `hi` does not.
     let (mut lo, mut hi) = (0u64, most);
     let mut stop = None;
@@ -447,10 +460,10 @@ fn cap_for_one_key_prefix(
             hi = cap;
         }
     }
-    Ok(Plan {
+    Ok((lo > 0).then_some(Plan {
         cap: Some(lo),
         stop,
-    })
+    }))
 }
 
 /// `spec`'s validation share in basis points.
@@ -558,8 +571,12 @@ pub fn build(
     let mut read = 0u64;
     let mut failure = None;
     // Both walks in one snapshot: the cap is worked out from exactly the lines then written.
+    let mut no_room = false;
     store.with_graded_snapshot(|scan| {
-        let Plan { cap, stop } = plan(scan, spec)?;
+        let Some(Plan { cap, stop }) = plan(scan, spec)? else {
+            no_room = true;
+            return Ok(());
+        };
         manifest.feedback_mark = Some(scan.feedback_mark()?);
         walk(scan, spec, |trace, fb, ev, late| {
             read += 1;
@@ -629,6 +646,12 @@ pub fn build(
             go_on
         })
     })?;
+    if no_room {
+        return Err(DatasetError::NoRoomForKeyShare {
+            share: spec.max_key_share,
+            max_bytes: spec.max_file_bytes.unwrap_or_default(),
+        });
+    }
     if let Some(e) = failure {
         return Err(e.into());
     }

@@ -605,8 +605,8 @@ fn a_build_stops_at_the_file_limit_and_the_next_goes_on_from_its_cut() {
 
 /// Builds from 40 traces of a loud key, then 20 of a quiet one, under a file limit with room
 /// for `room` lines, and checks that neither key passes half of what was written. Returns each
-/// key's lines written.
-fn built_under_a_limit_loud_key_first(room: u64) -> BTreeMap<String, u64> {
+/// key's lines written, or the build's error.
+fn built_under_a_limit_loud_key_first(room: u64) -> Result<BTreeMap<String, u64>, DatasetError> {
     let mut traces: Vec<Trace> = (0..40)
         .map(|i| {
             trace(
@@ -634,7 +634,7 @@ fn built_under_a_limit_loud_key_first(room: u64) -> BTreeMap<String, u64> {
     assert_eq!(whole.examples(), 40, "20 a key: {whole:?}");
     let line_bytes = std::fs::metadata(&whole.train.path).unwrap().len() / 40;
     spec.max_file_bytes = Some(line_bytes * room);
-    let part = build(&store, &spec, dir.path(), "part", |_| {}).unwrap();
+    let part = build(&store, &spec, dir.path(), "part", |_| {})?;
     let mut per_key: BTreeMap<String, u64> = BTreeMap::new();
     for p in lines(&part.provenance.path) {
         *per_key
@@ -648,24 +648,37 @@ fn built_under_a_limit_loud_key_first(room: u64) -> BTreeMap<String, u64> {
             "{key}: {n} of {written} lines"
         );
     }
-    per_key
+    Ok(per_key)
 }
 
 #[test]
 fn a_build_stopped_by_the_file_limit_keeps_every_key_within_its_share() {
     // Capped over everything (20 a key), the loud key's 20 and then 10 of the quiet key's
     // would fit, two thirds from one key.
-    let per_key = built_under_a_limit_loud_key_first(30);
+    let per_key = built_under_a_limit_loud_key_first(30).unwrap();
     assert!(per_key.values().sum::<u64>() >= 10, "{per_key:?}");
 }
 
 #[test]
 fn a_file_one_key_would_fill_alone_takes_the_other_keys_too() {
+    let per_key = |room| built_under_a_limit_loud_key_first(room).unwrap();
+    let both = |n| BTreeMap::from([("loud".to_string(), n), ("quiet".to_string(), n)]);
     // Capped over everything (20 a key), the loud key's first 15 fill the file alone. At 7 a
     // key, both keys' 7 fit; at 8, the quiet key's eighth line does not.
-    let per_key = built_under_a_limit_loud_key_first(15);
-    let expected = BTreeMap::from([("loud".to_string(), 7), ("quiet".to_string(), 7)]);
-    assert_eq!(per_key, expected);
+    assert_eq!(per_key(15), both(7));
+    // The loud key's 20 fill it exactly, and the quiet key's first line is the one that does
+    // not fit. At 10 a key, both keys' 10 fit.
+    assert_eq!(per_key(20), both(10));
+}
+
+#[test]
+fn a_file_too_small_to_keep_the_key_share_fails_the_build() {
+    // Room for one line: whatever the cap, one key writes all of what is written.
+    let err = built_under_a_limit_loud_key_first(1).unwrap_err();
+    assert!(
+        matches!(err, DatasetError::NoRoomForKeyShare { .. }),
+        "{err}"
+    );
 }
 
 #[test]

@@ -72,7 +72,13 @@ pub async fn run(
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = stop.changed() => return,
+            _ = stop.changed() => {
+                // A last try: after a restart the trace, with no score, is judged again.
+                if let Some(evaluation) = unstored.take() {
+                    store_evaluation(&store, &evaluation).await;
+                }
+                return;
+            }
             _ = ticks.tick() => {}
         }
         if let Some(evaluation) = unstored.take()
@@ -631,9 +637,12 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_score_the_store_fails_to_take_is_stored_later_without_asking_again() {
-        let traces = questions("question", 1);
+    /// A store on a [`FaultyDisk`] holding `trace`, and a judge whose call arms the disk's
+    /// fault, so that the commit of its score fails.
+    fn judged_on_a_faulty_disk(
+        trace: &Trace,
+        settings: JudgeSettings,
+    ) -> (Store, FaultyDisk, Arc<Judge>, watch::Sender<bool>) {
         let disk = FaultyDisk::default();
         drop(
             redb::Database::builder()
@@ -642,16 +651,22 @@ mod tests {
         );
         let store = Store::open_backend(std::path::Path::new("faulty-disk"), disk.clone(), 1 << 20)
             .unwrap();
-        let bytes = serde_json::to_vec(&traces[0]).unwrap();
+        let bytes = serde_json::to_vec(trace).unwrap();
         store
-            .insert_encoded([(traces[0].id, bytes.as_slice())])
+            .insert_encoded([(trace.id, bytes.as_slice())])
             .unwrap();
-        // The call arms the fault, so the commit of its score fails.
         let judge = Judge {
             disk_fault: Some(disk.fault.clone()),
             ..Judge::new("HUGE", false)
         };
-        let (judge, stop) = start(&store, judge, settings());
+        let (judge, stop) = start(&store, judge, settings);
+        (store, disk, judge, stop)
+    }
+
+    #[tokio::test]
+    async fn a_score_the_store_fails_to_take_is_stored_later_without_asking_again() {
+        let traces = questions("question", 1);
+        let (store, _disk, judge, stop) = judged_on_a_faulty_disk(&traces[0], settings());
         until("the trace judged", || {
             judged_until(&store).ok().flatten() == Some(traces[0].id)
         })
@@ -660,5 +675,31 @@ mod tests {
         assert_eq!(evaluation.map(|e| e.score), Some(95.0), "the score is kept");
         assert_eq!(judge.calls(), 1, "and not paid for twice");
         stop.send(true).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_score_not_stored_yet_gets_a_last_try_at_shutdown() {
+        let traces = questions("question", 1);
+        // One round: the next is a minute away, after the shutdown.
+        let once = JudgeSettings {
+            every: Duration::from_secs(60),
+            ..settings()
+        };
+        let (store, disk, judge, stop) = judged_on_a_faulty_disk(&traces[0], once);
+        until("the score's commit failed", || {
+            judge.calls() == 1 && !disk.fault.load(Ordering::SeqCst)
+        })
+        .await;
+        // The store takes writes again (it reopens on its disk after the error).
+        until("the store writable", || store.put_meta("probe", &1).is_ok()).await;
+        stop.send(true).unwrap();
+        until("the score stored", || {
+            store
+                .latest_evaluation(traces[0].id)
+                .ok()
+                .flatten()
+                .is_some()
+        })
+        .await;
     }
 }
