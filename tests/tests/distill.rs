@@ -529,6 +529,48 @@ async fn a_job_stopped_before_its_run_id_was_recorded_finds_its_run_after_a_rest
     drop(dir);
 }
 
+#[tokio::test]
+async fn a_poll_refused_for_its_key_keeps_the_job_training_until_the_key_works() {
+    // The gateway's key is the value of PATH, an environment variable every test run has.
+    let key = std::env::var("PATH").unwrap();
+    let mut slow = sim_config();
+    slow.fine_tune.running = Duration::from_secs(2);
+    slow.api_key = Some(key.clone());
+    let sim = start_sim(slow).await;
+    let text = config(&sim, "", "").replacen(
+        "name = \"sim\"\n",
+        "name = \"sim\"\napi_key_env = \"PATH\"\n",
+        1,
+    );
+    let gw = start_gateway_with(&text, admin).await;
+    traffic(&gw, 24, "rotated", None).await;
+    let id = submitted_job(&gw).await;
+    let run = job(&gw, &id).await["provider_job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let polls = || {
+        sim.requests()
+            .into_iter()
+            .filter(|r| r.method == "GET" && r.path == format!("/v1/fine_tuning/jobs/{run}"))
+            .count()
+    };
+    // The key is rotated at the provider: every poll now gets a 401.
+    sim.set_api_key(Some("sk-rotated"));
+    let before = polls();
+    eventually("three polls refused", || polls() >= before + 3).await;
+    assert_eq!(
+        job(&gw, &id).await["status"],
+        "TRAINING",
+        "the run goes on at the provider"
+    );
+    // The key works again: the job goes on from its run, which was never abandoned.
+    sim.set_api_key(Some(&key));
+    completed(&gw, &id).await;
+    assert_eq!(runs_created(&sim), 1);
+    gw.shutdown().await;
+}
+
 /// Waits until the one job in TRAINING has its provider run id; returns the job's id.
 async fn submitted_job(gw: &TestGateway) -> String {
     let training = wait_for_job(gw, "TRAINING").await;

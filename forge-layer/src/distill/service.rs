@@ -995,7 +995,16 @@ impl DistillationService {
                     tracing::warn!(job = %job.id, error = %e, "poll failed; retrying");
                     wait = wait.mul_f64(2.0).min(self.settings.poll_max);
                 }
-                Err(e) => return self.fail(&mut job, format!("poll: {e}")),
+                // A refused poll (a key rotated at the provider, a token file being renewed, a
+                // 404 for a run the provider has lost track of for now) says nothing of the run,
+                // which goes on and is billed. Failing the job would abandon it, and its
+                // examples would be paid for again by the next job. So the poll is tried again,
+                // slowly, until the training deadline cancels the run; an operator can cancel
+                // the job before then.
+                Err(e) => {
+                    tracing::error!(job = %job.id, error = %e, "poll refused; trying again until the training deadline (or cancel the job)");
+                    wait = self.settings.poll_max;
+                }
             }
             // After the poll, so that a run that has just succeeded (say, while Forge was down)
             // is kept, not cancelled.

@@ -214,6 +214,12 @@ impl SimHandle {
         format!("http://{}", self.addr)
     }
 
+    /// Rotates the account's API key ([`SimConfig::api_key`]), as a provider's console does:
+    /// `/v1` and Azure requests with the key before get 401 from then on; `None` opens `/v1`.
+    pub fn set_api_key(&self, key: Option<&str>) {
+        self.state.set_api_key(key.map(str::to_owned));
+    }
+
     /// Makes the next `n` requests to the training APIs (`/v1/files*`, `/v1/fine_tuning/*`,
     /// Azure `/openai/…`, ARM `/subscriptions/…`, Kubernetes `/api/…` and `/apis/…`) answer 429
     /// with `retry-after: <retry_after_secs>` and `x-should-retry: true`. Credentials are

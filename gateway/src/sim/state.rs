@@ -37,7 +37,8 @@ pub(crate) struct SimState {
     pub(crate) azure: AzureTimings,
     pub(crate) cluster: ClusterTimings,
     pub(crate) lora_base_model: String,
-    api_key: Option<String>,
+    /// Changed by [`SimState::set_api_key`], as a key rotated at the provider.
+    api_key: RwLock<Option<String>>,
     arm_token: Option<String>,
     cluster_token: Option<String>,
     pub(crate) journal: RequestJournal,
@@ -112,7 +113,7 @@ impl SimState {
             lora_base_model: config
                 .lora_base_model
                 .unwrap_or_else(|| DEFAULT_LORA_BASE_MODEL.to_owned()),
-            api_key: config.api_key,
+            api_key: RwLock::new(config.api_key),
             arm_token: config.arm_token,
             cluster_token: config.cluster_token,
             journal: RequestJournal::default(),
@@ -301,7 +302,7 @@ impl SimState {
             .and_then(|value| value.to_str().ok())
             .map(str::trim)
             .filter(|key| !key.is_empty());
-        match (presented, &self.api_key) {
+        match (presented, self.api_key().as_deref()) {
             (None, _) => Err(ApiError::azure_access_denied()),
             (Some(presented), Some(key)) if presented != key => {
                 Err(ApiError::azure_access_denied())
@@ -320,8 +321,21 @@ impl SimState {
         check_bearer(headers, self.cluster_token.as_deref())
     }
 
+    /// The account's key now.
+    fn api_key(&self) -> Option<String> {
+        self.api_key
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the account's key: requests with the one before get 401 from then on.
+    pub(crate) fn set_api_key(&self, key: Option<String>) {
+        *self.api_key.write().unwrap_or_else(PoisonError::into_inner) = key;
+    }
+
     pub(crate) fn check_api_key(&self, headers: &HeaderMap) -> Result<(), ApiError> {
-        let Some(key) = &self.api_key else {
+        let Some(key) = self.api_key() else {
             return Ok(());
         };
         let presented = headers
@@ -331,7 +345,7 @@ impl SimState {
             .map(str::trim);
         match presented {
             None | Some("") => Err(ApiError::missing_api_key()),
-            Some(presented) if presented == key => Ok(()),
+            Some(presented) if presented == key.as_str() => Ok(()),
             Some(presented) => Err(ApiError::incorrect_api_key(presented)),
         }
     }
