@@ -1071,6 +1071,22 @@ async fn account_apis_are_not_passed_through_unless_allowed() {
             .send()
             .await
             .unwrap();
+        // The same, by the ids of stored files, vector stores, containers and items.
+        let mut by_id = Vec::new();
+        for body in [
+            json!({"model": "a", "input": "x", "tools": [{"type": "file_search", "vector_store_ids": ["vs_x"]}]}),
+            json!({"model": "a", "input": [{"type": "item_reference", "id": "msg_x"}]}),
+            json!({"model": "a", "input": [{"role": "user", "content": [{"type": "input_file", "file_id": "file-x"}]}]}),
+            json!({"model": "a", "input": "x", "tools": [{"type": "code_interpreter", "container": "cntr_x"}]}),
+        ] {
+            by_id.push(
+                http.post(format!("{}/responses", gw.base_url()))
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap(),
+            );
+        }
         let others = [
             job,
             unload,
@@ -1079,7 +1095,9 @@ async fn account_apis_are_not_passed_through_unless_allowed() {
             continued,
             videos,
             secret,
-        ];
+        ]
+        .into_iter()
+        .chain(by_id);
         if allowed {
             assert_eq!(files.status(), 200);
             for resp in others {

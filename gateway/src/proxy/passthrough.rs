@@ -132,10 +132,11 @@ fn is_account_api(path: &str) -> bool {
         || (first == "responses" && !RESPONSE_COMPUTATIONS.contains(&rest))
 }
 
-/// The field by which a Responses API computation would build on state the account stored
-/// (`previous_response_id`, `conversation`): another client's, given its id. The body is read
-/// strictly (a JSON object, no key twice, no byte order mark), since the upstream's parser
-/// might find a field this one missed.
+/// The field by which a Responses API computation would build on state the account stored:
+/// another client's, given its id. At the top level, `previous_response_id` and
+/// `conversation`; inside `input` and `tools`, whatever [`stored_reference`] finds (a file, a
+/// vector store, a container, a stored item). The body is read strictly (a JSON object, no key
+/// twice, no byte order mark), since the upstream's parser might find a field this one missed.
 fn reads_stored_state(path: &str, body: &[u8]) -> Result<Option<&'static str>, Error> {
     let Some(rest) = path.strip_prefix("/v1/") else {
         return Ok(None);
@@ -144,13 +145,54 @@ fn reads_stored_state(path: &str, body: &[u8]) -> Result<Option<&'static str>, E
         return Ok(None);
     }
     let entries = super::request::top_level(body)?;
-    Ok(["previous_response_id", "conversation"]
-        .into_iter()
-        .find(|field| {
-            entries
-                .iter()
-                .any(|(key, value)| key == field && value.get().trim() != "null")
-        }))
+    for (key, value) in &entries {
+        let text = value.get().trim();
+        match key.as_str() {
+            "previous_response_id" if text != "null" => return Ok(Some("previous_response_id")),
+            "conversation" if text != "null" => return Ok(Some("conversation")),
+            field @ ("input" | "tools") => {
+                let field = if field == "input" { "input" } else { "tools" };
+                // Keys spelt with escapes (`file\u005fid`) are decoded here as upstream. Valid
+                // JSON already; what fails here is nesting past serde_json's 128 levels.
+                let tree: serde_json::Value = serde_json::from_str(text).map_err(|_| {
+                    Error::invalid(format!("`{field}` is nested too deeply."), Some(field))
+                })?;
+                if let Some(found) = stored_reference(&tree) {
+                    return Ok(Some(found));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(None)
+}
+
+/// A reference, anywhere in `value`, to something the account stored: a file (`file_id`,
+/// `file_ids`: an `input_file` or `input_image` part, a code interpreter's files), a vector
+/// store (`file_search`'s `vector_store_ids`), a container by id (`"container": "cntr_…"`),
+/// or a stored item (`{"type": "item_reference"}`).
+fn stored_reference(value: &serde_json::Value) -> Option<&'static str> {
+    use serde_json::Value;
+    match value {
+        Value::Object(object) => {
+            let set = |key: &str| object.get(key).is_some_and(|v| !v.is_null());
+            if set("file_id") || set("file_ids") {
+                return Some("file_id");
+            }
+            if set("vector_store_ids") {
+                return Some("vector_store_ids");
+            }
+            if object.get("container").is_some_and(Value::is_string) {
+                return Some("container");
+            }
+            if object.get("type").and_then(Value::as_str) == Some("item_reference") {
+                return Some("item_reference");
+            }
+            object.values().find_map(stored_reference)
+        }
+        Value::Array(items) => items.iter().find_map(stored_reference),
+        _ => None,
+    }
 }
 
 /// Whether `segment` percent-encodes a character that never needs it (RFC 3986's unreserved).
