@@ -15,6 +15,9 @@ use serde::Deserialize;
 /// the timer's deadline must stay within what a clock can add.
 const MAX_SEND_TIMEOUT_SECS: u64 = 86_400;
 
+/// The longest `server.feedback_wait_secs`: feedback is a request a client waits on.
+const MAX_FEEDBACK_WAIT_SECS: u64 = 600;
+
 /// The most `server.max_headers` may allow: the parser reads up to [`PARSED_HEADERS`] so that
 /// a request over the limit still gets a JSON 431.
 pub const MAX_HEADERS_LIMIT: usize = 1000;
@@ -153,6 +156,7 @@ struct RawServer {
     max_in_flight: usize,
     body_timeout_secs: u64,
     send_timeout_secs: u64,
+    feedback_wait_secs: u64,
     max_headers: usize,
     max_header_bytes: usize,
     shutdown_grace_secs: u64,
@@ -170,6 +174,7 @@ impl Default for RawServer {
             max_in_flight: 1024,
             body_timeout_secs: 60,
             send_timeout_secs: 60,
+            feedback_wait_secs: 30,
             max_headers: 100,
             max_header_bytes: 64 * 1024,
             shutdown_grace_secs: 30,
@@ -507,6 +512,8 @@ pub struct ServerConfig {
     /// How long a response write may wait for the client to take bytes; then the connection is
     /// closed (a client that stops reading would otherwise hold its exchange open for good).
     pub send_timeout: Duration,
+    /// How long feedback on a trace still on its way to the store waits for it; then a 409.
+    pub feedback_wait: Duration,
     /// Requests with more headers get a 431.
     pub max_headers: usize,
     /// Requests whose header names and values add up to more bytes get a 431.
@@ -612,6 +619,11 @@ impl Config {
         }
         if raw.server.body_timeout_secs == 0 {
             return Err(invalid("server.body_timeout_secs must be at least 1"));
+        }
+        if !(1..=MAX_FEEDBACK_WAIT_SECS).contains(&raw.server.feedback_wait_secs) {
+            return Err(invalid(format!(
+                "server.feedback_wait_secs must be from 1 to {MAX_FEEDBACK_WAIT_SECS}"
+            )));
         }
         if !(1..=MAX_SEND_TIMEOUT_SECS).contains(&raw.server.send_timeout_secs) {
             return Err(invalid(format!(
@@ -753,6 +765,7 @@ impl Config {
                 max_in_flight: raw.server.max_in_flight,
                 body_timeout: Duration::from_secs(raw.server.body_timeout_secs),
                 send_timeout: Duration::from_secs(raw.server.send_timeout_secs),
+                feedback_wait: Duration::from_secs(raw.server.feedback_wait_secs),
                 max_headers: raw.server.max_headers,
                 max_header_bytes: raw.server.max_header_bytes,
                 shutdown_grace: Duration::from_secs(raw.server.shutdown_grace_secs),
@@ -1313,6 +1326,14 @@ mod tests {
                 "server.send_timeout_secs must be from 1",
             ),
             (
+                format!("[server]\nfeedback_wait_secs = 0\n{up}"),
+                "server.feedback_wait_secs must be from 1",
+            ),
+            (
+                format!("[server]\nfeedback_wait_secs = 601\n{up}"),
+                "server.feedback_wait_secs must be from 1",
+            ),
+            (
                 format!("[server]\nsend_timeout_secs = 9223372036854775807\n{up}"),
                 "server.send_timeout_secs must be from 1",
             ),
@@ -1370,6 +1391,7 @@ admin_listen = "127.0.0.1:0"
 max_body_bytes = 10485760
 body_timeout_secs = 60
 send_timeout_secs = 60
+feedback_wait_secs = 30
 max_headers = 100
 max_header_bytes = 65536
 max_in_flight = 1024
@@ -1739,6 +1761,7 @@ key_sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
         assert_eq!(c.upstreams[0].api_key_header, KeyHeader::ApiKey);
         assert!(Config::from_toml(&format!("{azure}\"bearer\"\n")).is_err());
         assert_eq!(c.server.send_timeout, Duration::from_secs(60));
+        assert_eq!(c.server.feedback_wait, Duration::from_secs(30));
         assert_eq!(
             (c.server.max_headers, c.server.max_header_bytes),
             (100, 65536)

@@ -73,6 +73,12 @@ pub enum Error {
     /// No trace with this id (or not one the caller's tenant may see).
     #[error("No trace with id `{0}`.")]
     TraceNotFound(String),
+    /// The trace is still on its way to the store: its exchange is running (a long stream), or
+    /// it waits for the writer. Feedback on it can be sent again once it has landed.
+    #[error(
+        "The exchange of trace `{0}` has not ended, or its trace is not stored yet; send the feedback again once it has (server.feedback_wait_secs is how long this request waited)."
+    )]
+    TraceInProgress(String),
     /// The trace store is being reopened after an I/O error (a full disk, say); the client
     /// should retry shortly.
     #[error("The trace store is briefly unavailable; retry shortly.")]
@@ -118,6 +124,7 @@ impl Error {
             Error::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Error::Unauthorized => StatusCode::UNAUTHORIZED,
             Error::AccountApi(_) => StatusCode::FORBIDDEN,
+            Error::TraceInProgress(_) => StatusCode::CONFLICT,
             Error::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -159,6 +166,7 @@ impl Error {
             Error::Unauthorized => "invalid_api_key",
             Error::AccountApi(_) => "passthrough_refused",
             Error::TraceNotFound(_) => "trace_not_found",
+            Error::TraceInProgress(_) => "trace_in_progress",
             Error::StoreUnavailable => "store_unavailable",
             Error::Internal => "internal_error",
         })
@@ -168,7 +176,7 @@ impl Error {
         match self {
             Error::InvalidRequest { param, .. } => *param,
             Error::ModelNotFound(_) => Some("model"),
-            Error::TraceNotFound(_) => Some("trace_id"),
+            Error::TraceNotFound(_) | Error::TraceInProgress(_) => Some("trace_id"),
             _ => None,
         }
     }

@@ -321,6 +321,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         passthrough_account_apis: config.server.passthrough_account_apis,
         max_body_bytes: config.server.max_body_bytes,
         body_timeout: config.server.body_timeout,
+        feedback_wait: config.server.feedback_wait,
         metrics: Arc::new(metrics),
         exchange: CaptureLayer::new(sink, max_response_bytes).layer(UpstreamCall),
         capture_enabled: store.is_some(),

@@ -1206,6 +1206,47 @@ async fn a_request_no_json_tree_can_hold_leaves_its_trace_and_the_others_readabl
     gw.shutdown().await;
 }
 
+/// Feedback on a stream still running waits `server.feedback_wait_secs` for its trace, then
+/// says so with a 409 the client can act on, not a 404 that says the trace will never be.
+#[tokio::test]
+async fn feedback_on_a_stream_still_running_is_a_409_then_lands_once_it_ends() {
+    let slow = ModelBehavior {
+        chunk_delay: Duration::from_millis(200),
+        ..ModelBehavior::default()
+    };
+    let sim = start_sim(behaviors(&[("slow", slow)])).await;
+    let gw = start_gateway(&config_text(
+        &sim.base_url(),
+        "feedback_wait_secs = 1",
+        &[("s", "slow")],
+    ))
+    .await;
+    let http = client();
+    let resp = http
+        .post(format!("{}/chat/completions", gw.base_url()))
+        .json(&chat_body("s", "tell me a long story", true))
+        .send()
+        .await
+        .unwrap();
+    let id = trace_id_of(&resp).to_string();
+    let feedback = || {
+        http.post(format!("{}/feedback", gw.base_url()))
+            .json(&json!({"trace_id": id, "score": 95}))
+            .send()
+    };
+    // About 25 chunks, 0.2 s apart: the stream outlasts the one second feedback waits.
+    let refused = feedback().await.unwrap();
+    let status = refused.status();
+    let err: Value = refused.json().await.unwrap();
+    assert_eq!(status, 409, "{err}");
+    assert_eq!(err["error"]["code"], "trace_in_progress");
+    assert_eq!(err["error"]["param"], "trace_id");
+    let body = resp.text().await.unwrap();
+    assert!(body.contains("[DONE]"), "{body}");
+    assert_eq!(feedback().await.unwrap().status(), 200);
+    gw.shutdown().await;
+}
+
 /// An exchange still under way holds back the scans that keep a cursor (the judge's, the
 /// datasets'), not the admin API's listings.
 #[tokio::test]

@@ -19,10 +19,6 @@ use crate::error::Error;
 /// The longest comment kept.
 const MAX_COMMENT_CHARS: usize = 4096;
 
-/// How long feedback waits for a trace that is still on its way to the store (its exchange
-/// still running, or the trace queued for the writer).
-const WAIT_FOR_TRACE: Duration = Duration::from_secs(30);
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FeedbackRequest {
@@ -89,7 +85,7 @@ async fn record(state: &ProxyState, caller: Caller, body: Body) -> Result<Respon
         time_ms: now_ms(),
     };
     let score = feedback.score;
-    let result = save(store, caller, feedback).await?;
+    let result = save(store, caller, feedback, state.feedback_wait).await?;
     match result {
         Ok((trace, first_score)) => {
             // The guard counts one score per trace: posting again must not outvote others.
@@ -120,18 +116,20 @@ async fn blocking<T: Send + 'static>(
         .map_err(|_| Error::Internal)
 }
 
-/// Checks the trace belongs to the caller's tenant, then stores the feedback. A trace from the
-/// last few seconds may still be in the writer's queue, so it is waited for briefly: on the
-/// runtime, between reads, so that many feedbacks waiting for one long stream's trace hold no
-/// blocking thread (commits and route changes run on that pool). Also says whether this is the
-/// trace's first score.
+/// Checks the trace belongs to the caller's tenant, then stores the feedback. A trace still on
+/// its way to the store (its exchange running, or queued for the writer) is waited for, on the
+/// runtime between reads, so that many feedbacks waiting for one long stream's trace hold no
+/// blocking thread (commits and route changes run on that pool); past `wait`
+/// (`server.feedback_wait_secs`) the answer is [`Error::TraceInProgress`]. Also says whether
+/// this is the trace's first score.
 async fn save(
     store: Store,
     caller: Caller,
     feedback: Feedback,
+    wait: Duration,
 ) -> Result<Result<(Trace, bool), StoreError>, Error> {
     let id = feedback.trace_id;
-    let deadline = tokio::time::Instant::now() + WAIT_FOR_TRACE;
+    let deadline = tokio::time::Instant::now() + wait;
     let trace = loop {
         let reader = store.clone();
         let found = blocking(move || {
@@ -145,7 +143,10 @@ async fn save(
             Ok((None, true)) if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            Ok((None, _)) => return Ok(Err(StoreError::NoSuchTrace(id))),
+            // Still on its way: a 404 would say it never will be, and the feedback be lost.
+            // (Which tenant it is for cannot be known yet; an id is a random ULID.)
+            Ok((None, true)) => return Err(Error::TraceInProgress(id.to_string())),
+            Ok((None, false)) => return Ok(Err(StoreError::NoSuchTrace(id))),
             Err(e) => return Ok(Err(e)),
         }
     };

@@ -42,6 +42,8 @@ pub struct ProxyState {
     pub max_body_bytes: usize,
     /// `server.body_timeout_secs`.
     pub body_timeout: std::time::Duration,
+    /// `server.feedback_wait_secs`.
+    pub feedback_wait: std::time::Duration,
     /// Counters and gauges.
     pub metrics: Arc<Metrics>,
     /// The upstream call, wrapped by the capture layer.
