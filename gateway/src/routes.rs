@@ -20,6 +20,9 @@ pub enum RouteUpdateError {
     /// No route has this alias.
     #[error("no route for alias `{0}`")]
     UnknownAlias(String),
+    /// The route has no student by the name given.
+    #[error("{0}")]
+    UnknownStudent(String),
     /// The change does not fit the route's current state (no student, several students and
     /// none named, or the table moved on since the version the caller expected).
     #[error("{0}")]
@@ -51,7 +54,10 @@ fn student_index(route: &Route, model: Option<&str>) -> Result<usize, RouteUpdat
             .iter()
             .position(|s| s.target.model == m)
             .ok_or_else(|| {
-                RouteUpdateError::Conflict(format!("route `{}` has no student `{m}`", route.alias))
+                RouteUpdateError::UnknownStudent(format!(
+                    "route `{}` has no student `{m}`",
+                    route.alias
+                ))
             }),
         (None, 0) => Err(RouteUpdateError::Conflict(format!(
             "route `{}` has no student",
@@ -321,7 +327,9 @@ impl RouteControl {
             .await;
         if let (Err(e), Some(guard)) = (&applied, &self.guard) {
             let why = match e {
-                RouteUpdateError::Conflict(why) => format!("the route changed meanwhile ({why})"),
+                RouteUpdateError::Conflict(why) | RouteUpdateError::UnknownStudent(why) => {
+                    format!("the route changed meanwhile ({why})")
+                }
                 other => other.to_string(),
             };
             guard.not_applied(action, &why);

@@ -576,8 +576,9 @@ async fn run_guard(
             let kind = format!("{:?}", action.kind).to_lowercase();
             match control.apply_guard_decision(&action).await {
                 Ok(_) => {}
-                // Someone changed the share (or set manual mode) since the guard judged it.
-                Err(RouteUpdateError::Conflict(why)) => {
+                // Someone changed the share (or set manual mode, or removed the student) since
+                // the guard judged it.
+                Err(RouteUpdateError::Conflict(why) | RouteUpdateError::UnknownStudent(why)) => {
                     tracing::info!(alias = %action.alias, model = %action.model, decision = %kind, %why, "guard decision dropped: the route changed meanwhile");
                     continue;
                 }

@@ -564,6 +564,14 @@ async fn a_poll_refused_for_its_key_keeps_the_job_training_until_the_key_works()
         "TRAINING",
         "the run goes on at the provider"
     );
+    // A cancel meanwhile is refused too, and its answer carries none of the provider's text,
+    // which echoes part of the key.
+    let cancel = admin_post(&gw, &format!("/admin/jobs/{id}/cancel")).await;
+    assert_eq!(cancel.status(), 502);
+    let err: Value = cancel.json().await.unwrap();
+    let message = err["error"]["message"].as_str().unwrap();
+    assert!(message.contains("401"), "{message}");
+    assert!(!message.contains("Incorrect API key"), "{message}");
     // The key works again: the job goes on from its run, which was never abandoned.
     sim.set_api_key(Some(&key));
     completed(&gw, &id).await;

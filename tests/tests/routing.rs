@@ -297,6 +297,15 @@ async fn admin_api_validates_authenticates_and_survives_a_restart() {
             .status(),
         404
     );
+    let no_such_student = put(
+        "/admin/routes/chat/canary",
+        json!({"percent": 5, "model": "nope"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(no_such_student.status(), 404);
+    let err: Value = no_such_student.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "student_not_found");
     assert_eq!(
         put(
             "/admin/routes/chat/canary",

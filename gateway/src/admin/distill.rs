@@ -106,6 +106,8 @@ pub async fn distill(
         Ok(Err(e @ DistillError::Busy(..))) => {
             error(StatusCode::CONFLICT, "job_active", e.to_string())
         }
+        // A store being reopened is a 503 to retry, as on every other endpoint.
+        Ok(Err(DistillError::Store(e))) => crate::error::Error::from_store(&e).into_response(),
         Ok(Err(e)) => internal(&e),
         Err(e) => internal(&e),
     }

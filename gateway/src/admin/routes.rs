@@ -23,6 +23,9 @@ fn update_error(e: &RouteUpdateError) -> Response {
         RouteUpdateError::UnknownAlias(_) => {
             error(StatusCode::NOT_FOUND, "route_not_found", e.to_string())
         }
+        RouteUpdateError::UnknownStudent(_) => {
+            error(StatusCode::NOT_FOUND, "student_not_found", e.to_string())
+        }
         RouteUpdateError::Conflict(_) => error(StatusCode::CONFLICT, "conflict", e.to_string()),
         RouteUpdateError::Store(store) => crate::error::Error::from_store(store).into_response(),
         RouteUpdateError::Internal(why) => {

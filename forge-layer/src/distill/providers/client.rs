@@ -199,9 +199,16 @@ pub(super) async fn error_from(mut response: reqwest::Response) -> ProviderError
     if status == StatusCode::TOO_MANY_REQUESTS && !no_retry && !quota_exhausted(&body) {
         return ProviderError::RateLimited(wait.unwrap_or(DEFAULT_RETRY_AFTER));
     }
+    let message = if status == StatusCode::UNAUTHORIZED {
+        // OpenAI's says "Incorrect API key provided: sk-ab***wXyZ": part of Forge's key, which
+        // this message would carry into logs, job records and admin answers.
+        "the provider refused Forge's credentials: check the key or token it is given".to_owned()
+    } else {
+        error_message(&body, status)
+    };
     ProviderError::Http {
         status: status.as_u16(),
-        message: error_message(&body, status),
+        message,
     }
 }
 
