@@ -1114,10 +1114,10 @@ async fn kubernetes_refusals_map_to_provider_errors() {
     assert!(matches!(err, ProviderError::Invalid(_)), "{err:?}");
 
     // A Job Forge did not delete is missing for a reason it does not know (a TTL, a changed
-    // namespace, a hand): the 404 as it is, not "cancelled".
+    // namespace, a hand): ended, with the 404's reason, not "cancelled".
     let err = provider.poll("forge-train-missing").await.unwrap_err();
     assert!(
-        matches!(err, ProviderError::Http { status: 404, .. }),
+        matches!(&err, ProviderError::Ended(why) if why.contains("is gone")),
         "{err:?}"
     );
 
@@ -1175,10 +1175,7 @@ async fn kubernetes_token_file_is_reread_on_every_call() {
     // The kubelet rotates the token in place.
     std::fs::write(&token_file, format!("{CLUSTER_TOKEN}\n")).unwrap();
     let err = provider.poll("forge-train-x").await.unwrap_err();
-    assert!(
-        matches!(err, ProviderError::Http { status: 404, .. }),
-        "{err:?}"
-    );
+    assert!(matches!(err, ProviderError::Ended(_)), "{err:?}");
     sim.shutdown().await;
 }
 

@@ -217,6 +217,11 @@ async fn traffic_becomes_a_student_serving_canary_traffic() {
     let job = wait_for_job(&gw, "COMPLETED").await;
     assert_eq!(job["trigger"], "threshold");
     assert!(job["dataset_size"].as_u64().unwrap() >= 20, "{job}");
+    assert_eq!(
+        training_files_left(&sim).await,
+        Vec::<Value>::new(),
+        "the uploads (every client's traces) are deleted once the run has ended"
+    );
     let model = job["resulting_model_id"].as_str().unwrap().to_string();
     assert!(model.starts_with("ft:student-base"), "{model}");
     assert!(
@@ -579,6 +584,26 @@ async fn a_poll_refused_for_its_key_keeps_the_job_training_until_the_key_works()
     gw.shutdown().await;
 }
 
+/// The training files the simulated OpenAI account still holds.
+async fn training_files_left(sim: &SimHandle) -> Vec<Value> {
+    let list: Value = client()
+        .get(format!("{}/v1/files", sim.root_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["object"], "list", "{list}");
+    list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["purpose"] == "fine-tune")
+        .cloned()
+        .collect()
+}
+
 /// Waits until the one job in TRAINING has its provider run id; returns the job's id.
 async fn submitted_job(gw: &TestGateway) -> String {
     let training = wait_for_job(gw, "TRAINING").await;
@@ -792,6 +817,7 @@ async fn a_failed_training_run_fails_the_job_and_leaves_routes_alone() {
         job["error"].as_str().unwrap().contains("training_failed"),
         "the provider's error: {job}"
     );
+    assert_eq!(training_files_left(&sim).await, Vec::<Value>::new());
     assert!(
         job["provider_job_id"]
             .as_str()
@@ -1186,11 +1212,20 @@ async fn a_run_that_succeeded_while_forge_was_down_is_kept_past_the_deadline() {
 /// The sim, whose ARM API takes `arm_token`, and a config whose `chat` route is distilled on
 /// Azure, with ARM calls made with `token`.
 async fn azure_setup(arm_token: &str, token: &str) -> (SimHandle, String) {
+    azure_setup_deploying_in(arm_token, token, Duration::from_millis(50)).await
+}
+
+/// [`azure_setup`], with deployments that take `deployment` to provision.
+async fn azure_setup_deploying_in(
+    arm_token: &str,
+    token: &str,
+    deployment: Duration,
+) -> (SimHandle, String) {
     let sim = start_sim(SimConfig {
         arm_token: Some(arm_token.into()),
         azure: forge_gateway::sim::AzureTimings {
             file_processing: Duration::from_millis(50),
-            deployment: Duration::from_millis(50),
+            deployment,
         },
         ..sim_config()
     })
@@ -1206,7 +1241,7 @@ async fn azure_setup(arm_token: &str, token: &str) -> (SimHandle, String) {
 #[tokio::test]
 async fn a_job_that_fails_after_training_keeps_its_examples_from_a_second_run() {
     // Azure trains, then its deployment is refused: the token is not the one ARM wants.
-    let (_sim, text) = azure_setup("the-right-token", "a-wrong-token").await;
+    let (sim, text) = azure_setup("the-right-token", "a-wrong-token").await;
     let gw = start_gateway_with(&text, admin).await;
     traffic(&gw, 25, "paid-for", None).await;
     let failed = wait_for_job(&gw, "FAILED").await;
@@ -1215,10 +1250,63 @@ async fn a_job_that_fails_after_training_keeps_its_examples_from_a_second_run() 
         "{failed}"
     );
     assert!(failed["trained_model"].is_string(), "{failed}");
+    // The run ended: its uploads are deleted from the Azure resource.
+    let azure = |path: String| {
+        client()
+            .get(format!(
+                "{}/openai/{path}?api-version=2024-10-21",
+                sim.root_url()
+            ))
+            .header("api-key", "k")
+            .send()
+    };
+    let run = failed["provider_job_id"].as_str().unwrap();
+    let run: Value = azure(format!("fine_tuning/jobs/{run}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for file in [&run["training_file"], &run["validation_file"]] {
+        let file = file.as_str().unwrap();
+        assert_eq!(
+            azure(format!("files/{file}")).await.unwrap().status(),
+            404,
+            "{run}"
+        );
+    }
     // Many checks later (every 0.2 s), no second job has trained on the same examples.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let jobs = list_jobs(&gw).await;
     assert_eq!(jobs["data"].as_array().unwrap().len(), 1, "{jobs}");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_azure_deployment_that_outlasts_its_wait_is_deleted_and_the_job_fails() {
+    let (sim, text) =
+        azure_setup_deploying_in("arm-token", "arm-token", Duration::from_secs(600)).await;
+    let text = text.replace(
+        "token = \"arm-token\"\n",
+        "token = \"arm-token\"\nwait_secs = 1\n",
+    );
+    let gw = start_gateway_with(&text, admin).await;
+    traffic(&gw, 25, "slow-deploy", None).await;
+    let failed = wait_for_job(&gw, "FAILED").await;
+    let error = failed["error"].as_str().unwrap();
+    assert!(
+        error.contains("deployment.wait_secs") && error.contains("deleted"),
+        "{failed}"
+    );
+    assert!(failed["trained_model"].is_string(), "{failed}");
+    // Deleted, so that it does not go on to bill by the hour; put once, not again.
+    let calls = |method: &str| {
+        sim.requests()
+            .iter()
+            .filter(|r| r.method == method && r.path.contains("/deployments/forge-"))
+            .count()
+    };
+    assert_eq!((calls("PUT"), calls("DELETE")), (1, 1));
     gw.shutdown().await;
 }
 

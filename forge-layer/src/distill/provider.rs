@@ -166,6 +166,16 @@ pub trait TrainingProvider: Send + Sync + std::fmt::Debug {
         None
     }
 
+    /// Deletes what the submission of run `provider_job_id` uploaded (its training and
+    /// validation files), once the run has ended and its model, if any, is recorded: the files
+    /// hold every client's traces, and count against the account's storage.
+    fn release<'a>(
+        &'a self,
+        _provider_job_id: &'a str,
+    ) -> BoxFuture<'a, Result<(), ProviderError>> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// Whether [`TrainingProvider::submit`] finds a run an earlier submission of the same Forge
     /// job started, rather than starting a second one. Only then is a submission that a restart
     /// interrupted made again.

@@ -952,6 +952,8 @@ impl DistillationService {
         // ends), so the job goes on from its model instead of polling for it.
         if let Some(trained) = job.trained_model.clone() {
             tracing::info!(job = %job.id, model = %trained, "resuming after training: the model is already trained");
+            // The restart may have come before the uploads were deleted.
+            self.release(&route, &job, &provider_job).await;
             return self.after_training(job, route, trained).await;
         }
         let mut wait = self.settings.poll_initial;
@@ -975,9 +977,11 @@ impl DistillationService {
                     match progress.state {
                         ProviderState::Succeeded { model } => break model,
                         ProviderState::Failed { error } => {
+                            self.release(&route, &job, &provider_job).await;
                             return self.fail(&mut job, format!("training failed: {error}"));
                         }
                         ProviderState::Cancelled => {
+                            self.release(&route, &job, &provider_job).await;
                             job.cancelled = true;
                             return self.fail(
                                 &mut job,
@@ -995,8 +999,19 @@ impl DistillationService {
                     tracing::warn!(job = %job.id, error = %e, "poll failed; retrying");
                     wait = wait.mul_f64(2.0).min(self.settings.poll_max);
                 }
-                // A refused poll (a key rotated at the provider, a token file being renewed, a
-                // 404 for a run the provider has lost track of for now) says nothing of the run,
+                // A run that is gone (a Kubernetes Job deleted), or one an operator cancelled:
+                // there is nothing left to follow.
+                Err(e)
+                    if matches!(e, ProviderError::Ended(_))
+                        || matches!(
+                            self.store.meta::<bool>(&cancel_key(&job.id)),
+                            Ok(Some(true))
+                        ) =>
+                {
+                    return self.fail(&mut job, format!("poll: {e}"));
+                }
+                // Any other refused poll (a key rotated at the provider, a token file being
+                // renewed, a 404 from an account that is not the run's) says nothing of the run,
                 // which goes on and is billed. Failing the job would abandon it, and its
                 // examples would be paid for again by the next job. So the poll is tried again,
                 // slowly, until the training deadline cancels the run; an operator can cancel
@@ -1019,7 +1034,26 @@ impl DistillationService {
         // again (see `last_cut`), and the model's name stays on the job for a manual deployment.
         job.trained_model = Some(trained.clone());
         self.save(&mut job);
+        self.release(&route, &job, &provider_job).await;
         self.after_training(job, route, trained).await;
+    }
+
+    /// Deletes what job's run uploaded, once the run has ended ([`TrainingProvider::release`]).
+    /// A failure leaves the files at the provider, which the log says, and nothing else.
+    async fn release(&self, route: &RouteDistill, job: &DistillationJob, provider_job: &str) {
+        match retrying(
+            || route.provider.release(provider_job),
+            self.settings.poll_initial,
+        )
+        .await
+        {
+            Ok(()) => {
+                tracing::debug!(job = %job.id, provider_job, "uploaded training files deleted")
+            }
+            Err(e) => {
+                tracing::warn!(job = %job.id, provider_job, error = %e, "the uploaded training files could not be deleted; they stay at the provider")
+            }
+        }
     }
 
     /// TRAINING, trained → COMPLETED: deploys the model, registers it, evaluates it and lets

@@ -67,6 +67,14 @@ pub(crate) async fn retrieve_file(
     files::retrieve_from(&state.storage().azure.files, &id)
 }
 
+/// `DELETE /openai/files/{id}?api-version=…`.
+pub(crate) async fn delete_file(
+    State(state): State<Arc<SimState>>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<files::Deleted>, ApiError> {
+    files::delete_from(&mut state.storage().azure.files, &id)
+}
+
 /// `GET /openai/files/{id}/content?api-version=…`.
 pub(crate) async fn file_content(
     State(state): State<Arc<SimState>>,

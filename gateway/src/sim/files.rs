@@ -382,14 +382,17 @@ pub(crate) async fn delete(
     State(state): State<Arc<SimState>>,
     Path(id): Path<String>,
 ) -> Result<Json<Deleted>, ApiError> {
-    let mut storage = state.storage();
-    let position = storage
-        .files
+    delete_from(&mut state.storage().files, &id)
+}
+
+/// Deletes file `id` from `store`: OpenAI's or Azure's.
+pub(crate) fn delete_from(store: &mut FileStore, id: &str) -> Result<Json<Deleted>, ApiError> {
+    let position = store
         .files
         .iter()
         .position(|file| file.id == id)
-        .ok_or_else(|| no_such_file(&id))?;
-    let removed = storage.files.files.remove(position);
+        .ok_or_else(|| no_such_file(id))?;
+    let removed = store.files.remove(position);
     Ok(Json(Deleted {
         id: removed.id,
         object: "file",

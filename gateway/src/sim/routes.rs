@@ -62,7 +62,10 @@ pub(crate) fn build(config: SimConfig) -> (Router, Arc<SimState>) {
         .route("/v1/load_lora_adapter", post(vllm::load))
         .route("/v1/unload_lora_adapter", post(vllm::unload))
         .route("/openai/files", post(azure::upload))
-        .route("/openai/files/{file_id}", get(azure::retrieve_file))
+        .route(
+            "/openai/files/{file_id}",
+            get(azure::retrieve_file).delete(azure::delete_file),
+        )
         .route("/openai/files/{file_id}/content", get(azure::file_content))
         .route(
             "/openai/fine_tuning/jobs",

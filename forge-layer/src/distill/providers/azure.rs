@@ -292,9 +292,15 @@ impl AzureProvider {
             }
             loop {
                 if !backoff.wait(hint.take()).await {
-                    return Err(ProviderError::Transport(format!(
-                        "the Azure deployment {name} is still {state} after {}s",
-                        arm.wait.as_secs()
+                    // Left there, it would finish and bill by the hour with nothing in Forge's
+                    // registry to take it down. Not retried: a second wait would end alike.
+                    let deleted = match self.delete_deployment(&name).await {
+                        Ok(()) => "deleted".to_string(),
+                        Err(e) => format!("deleting it failed ({e}): delete it by hand"),
+                    };
+                    return Err(ProviderError::Invalid(format!(
+                        "the Azure deployment {name} is still {state} after {}s (deployment.wait_secs); {deleted}",
+                        arm.wait.as_secs_f64()
                     )));
                 }
                 match client::send(self.arm_request(Method::GET, url.clone()).await?).await {
@@ -396,6 +402,10 @@ impl TrainingProvider for AzureProvider {
 
     fn cancel<'a>(&'a self, provider_job_id: &'a str) -> BoxFuture<'a, Result<(), ProviderError>> {
         Box::pin(self.api.cancel_job(provider_job_id))
+    }
+
+    fn release<'a>(&'a self, provider_job_id: &'a str) -> BoxFuture<'a, Result<(), ProviderError>> {
+        Box::pin(self.api.delete_job_files(provider_job_id))
     }
 
     fn deploy<'a>(

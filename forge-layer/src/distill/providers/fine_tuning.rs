@@ -72,6 +72,8 @@ pub(super) struct JobObject {
     #[serde(default)]
     pub(super) training_file: Option<String>,
     #[serde(default)]
+    pub(super) validation_file: Option<String>,
+    #[serde(default)]
     pub(super) result_files: Option<Vec<String>>,
     #[serde(default)]
     pub(super) error: Option<JobError>,
@@ -234,6 +236,24 @@ impl FineTuningApi {
         client::send_json::<JobObject>(self.request(Method::POST, url, self.timeout))
             .await
             .map(drop)
+    }
+
+    /// Deletes the training and validation files job `id` was created with: they hold every
+    /// client's traces, and count against the account's storage. A file already gone is fine.
+    pub(super) async fn delete_job_files(&self, id: &str) -> Result<(), ProviderError> {
+        let job = self.job(id).await?;
+        for file in [job.training_file, job.validation_file]
+            .into_iter()
+            .flatten()
+        {
+            let url = self.url(&["files", &file], &[]);
+            match client::send_json::<Value>(self.request(Method::DELETE, url, self.timeout)).await
+            {
+                Ok(_) | Err(ProviderError::Http { status: 404, .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     pub(super) async fn job(&self, id: &str) -> Result<JobObject, ProviderError> {

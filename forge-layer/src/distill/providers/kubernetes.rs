@@ -729,11 +729,23 @@ impl TrainingProvider for KubernetesProvider {
         Box::pin(self.find_job(job_id))
     }
 
+    /// A Job that is gone (and that this provider did not delete) has ended for good: its pod
+    /// went with it, and nothing of its run can be followed.
     fn poll<'a>(
         &'a self,
         provider_job_id: &'a str,
     ) -> BoxFuture<'a, Result<Progress, ProviderError>> {
-        Box::pin(self.poll_job(provider_job_id))
+        Box::pin(async move {
+            match self.poll_job(provider_job_id).await {
+                Err(ProviderError::Http {
+                    status: 404,
+                    message,
+                }) => Err(ProviderError::Ended(format!(
+                    "the Job {provider_job_id} is gone ({message}): deleted by its TTL, by hand, or in another namespace"
+                ))),
+                other => other,
+            }
+        })
     }
 
     fn cancel<'a>(&'a self, provider_job_id: &'a str) -> BoxFuture<'a, Result<(), ProviderError>> {

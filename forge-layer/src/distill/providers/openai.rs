@@ -176,6 +176,10 @@ impl TrainingProvider for OpenAiProvider {
         Box::pin(self.api.cancel_job(provider_job_id))
     }
 
+    fn release<'a>(&'a self, provider_job_id: &'a str) -> BoxFuture<'a, Result<(), ProviderError>> {
+        Box::pin(self.api.delete_job_files(provider_job_id))
+    }
+
     fn deploy<'a>(
         &'a self,
         _job_id: &'a str,
