@@ -225,6 +225,42 @@ async fn error_of(resp: reqwest::Response) -> (u16, Value) {
 }
 
 #[tokio::test]
+async fn a_model_alias_with_slashes_is_answered_by_forge() {
+    let sim = start_sim(SimConfig::default()).await;
+    let gw = start_gateway(&config_text(
+        &sim.base_url(),
+        "",
+        &[("meta-llama/Llama-3-8B", "gpt-4o")],
+    ))
+    .await;
+    let http = client();
+    let model = |path: &str| http.get(format!("{}/models/{path}", gw.base_url())).send();
+    let seen = sim.request_count();
+    let found: Value = model("meta-llama/Llama-3-8B")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(found["id"], "meta-llama/Llama-3-8B", "{found}");
+    assert_eq!(found["object"], "model");
+    let (status, err) = error_of(model("meta-llama/Llama-3-70B").await.unwrap()).await;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (404, Some("model_not_found"))
+    );
+    // Nor does another method reach the upstream (OpenAI's deletes a fine-tuned model).
+    let deleted = http
+        .delete(format!("{}/models/meta-llama/Llama-3-8B", gw.base_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 405);
+    assert_eq!(sim.request_count(), seen, "none reached the upstream");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
 async fn malformed_requests_get_openai_shaped_400s_and_404s() {
     let sim = start_sim(SimConfig::default()).await;
     let gw = start_gateway(&config_text(&sim.base_url(), "", &[("a", "gpt-4o")])).await;

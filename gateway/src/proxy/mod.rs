@@ -70,7 +70,9 @@ pub fn app(state: ProxyState, max_in_flight: usize) -> Router {
         .route("/v1/chat/completions", post(chat::completions))
         .route("/v1/feedback", post(feedback::submit))
         .route("/v1/models", get(list_models))
-        .route("/v1/models/{model}", get(get_model))
+        // Any depth: an alias may hold slashes (`meta-llama/Llama-3-8B`), and a deeper path
+        // must not fall through to the passthrough, with Forge's key.
+        .route("/v1/models/{*model}", get(get_model))
         .route("/v1/{*rest}", any(passthrough::forward))
         .route_layer(middleware::from_fn_with_state(cap, limit::limit_in_flight));
     if keys.enabled() {
