@@ -182,7 +182,10 @@ impl KubernetesProvider {
                         format!("must be at most {}", i32::MAX),
                     ));
                 }
-                ttl => ttl.unwrap_or(86_400),
+                // A week, the longest `max_training_secs`: a Job that ends while Forge is down
+                // must still be there, with its adapter's path, when Forge is back; one
+                // collected before is a run Forge can no longer follow.
+                ttl => ttl.unwrap_or(604_800),
             },
         };
 
