@@ -1163,6 +1163,19 @@ async fn account_apis_are_not_passed_through_unless_allowed() {
                 assert_eq!(err["error"]["type"], "invalid_request_error");
             }
         }
+        // A function of the client's own whose parameters include a `file_id`, and a file sent
+        // inline, are not references to the account's files: they pass either way.
+        let own_schema = http
+            .post(format!("{}/responses", gw.base_url()))
+            .json(&json!({
+                "model": "a",
+                "input": [{"role": "user", "content": [{"type": "input_file", "filename": "a.txt", "file_data": "data:text/plain;base64,aGk="}]}],
+                "tools": [{"type": "function", "name": "get_file", "parameters": {"type": "object", "properties": {"file_id": {"type": "string"}, "container": {"type": "string"}}}}],
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_ne!(own_schema.status(), 403);
         // Computations and the model list pass either way.
         let embeddings = http
             .post(format!("{}/embeddings", gw.base_url()))
