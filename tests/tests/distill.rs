@@ -217,11 +217,7 @@ async fn traffic_becomes_a_student_serving_canary_traffic() {
     let job = wait_for_job(&gw, "COMPLETED").await;
     assert_eq!(job["trigger"], "threshold");
     assert!(job["dataset_size"].as_u64().unwrap() >= 20, "{job}");
-    assert_eq!(
-        training_files_left(&sim).await,
-        Vec::<Value>::new(),
-        "the uploads (every client's traces) are deleted once the run has ended"
-    );
+    no_training_files_left(&sim).await;
     let model = job["resulting_model_id"].as_str().unwrap().to_string();
     assert!(model.starts_with("ft:student-base"), "{model}");
     assert!(
@@ -534,8 +530,9 @@ async fn a_job_stopped_before_its_run_id_was_recorded_finds_its_run_after_a_rest
     drop(dir);
 }
 
-#[tokio::test]
-async fn a_poll_refused_for_its_key_keeps_the_job_training_until_the_key_works() {
+/// A job in training whose polls the provider now refuses: the account's key was rotated, so
+/// every poll gets a 401. Returns the sim, the gateway, the job's id and the key that works.
+async fn training_with_a_rotated_key(tag: &str) -> (SimHandle, TestGateway, String, String) {
     // The gateway's key is the value of PATH, an environment variable every test run has.
     let key = std::env::var("PATH").unwrap();
     let mut slow = sim_config();
@@ -548,7 +545,7 @@ async fn a_poll_refused_for_its_key_keeps_the_job_training_until_the_key_works()
         1,
     );
     let gw = start_gateway_with(&text, admin).await;
-    traffic(&gw, 24, "rotated", None).await;
+    traffic(&gw, 24, tag, None).await;
     let id = submitted_job(&gw).await;
     let run = job(&gw, &id).await["provider_job_id"]
         .as_str()
@@ -560,23 +557,20 @@ async fn a_poll_refused_for_its_key_keeps_the_job_training_until_the_key_works()
             .filter(|r| r.method == "GET" && r.path == format!("/v1/fine_tuning/jobs/{run}"))
             .count()
     };
-    // The key is rotated at the provider: every poll now gets a 401.
     sim.set_api_key(Some("sk-rotated"));
     let before = polls();
     eventually("three polls refused", || polls() >= before + 3).await;
+    (sim, gw, id, key)
+}
+
+#[tokio::test]
+async fn a_poll_refused_for_its_key_keeps_the_job_training_until_the_key_works() {
+    let (sim, gw, id, key) = training_with_a_rotated_key("rotated").await;
     assert_eq!(
         job(&gw, &id).await["status"],
         "TRAINING",
         "the run goes on at the provider"
     );
-    // A cancel meanwhile is refused too, and its answer carries none of the provider's text,
-    // which echoes part of the key.
-    let cancel = admin_post(&gw, &format!("/admin/jobs/{id}/cancel")).await;
-    assert_eq!(cancel.status(), 502);
-    let err: Value = cancel.json().await.unwrap();
-    let message = err["error"]["message"].as_str().unwrap();
-    assert!(message.contains("401"), "{message}");
-    assert!(!message.contains("Incorrect API key"), "{message}");
     // The key works again: the job goes on from its run, which was never abandoned.
     sim.set_api_key(Some(&key));
     completed(&gw, &id).await;
@@ -584,24 +578,52 @@ async fn a_poll_refused_for_its_key_keeps_the_job_training_until_the_key_works()
     gw.shutdown().await;
 }
 
-/// The training files the simulated OpenAI account still holds.
-async fn training_files_left(sim: &SimHandle) -> Vec<Value> {
-    let list: Value = client()
-        .get(format!("{}/v1/files", sim.root_url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(list["object"], "list", "{list}");
-    list["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|f| f["purpose"] == "fine-tune")
-        .cloned()
-        .collect()
+#[tokio::test]
+async fn a_cancel_the_provider_refuses_too_still_ends_a_job_whose_polls_are_refused() {
+    let (_sim, gw, id, _key) = training_with_a_rotated_key("cancelled").await;
+    // The cancel is refused too, and its answer carries none of the provider's text, which
+    // echoes part of the key.
+    let cancel = admin_post(&gw, &format!("/admin/jobs/{id}/cancel")).await;
+    assert_eq!(cancel.status(), 502);
+    let err: Value = cancel.json().await.unwrap();
+    let message = err["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("401") && message.contains("recorded"),
+        "{message}"
+    );
+    assert!(!message.contains("Incorrect API key"), "{message}");
+    // Recorded all the same: the next refused poll ends the job, cancelled, and the route
+    // holds against the threshold.
+    cancel_holds(&gw, &id).await;
+    gw.shutdown().await;
+}
+
+/// Waits until the simulated OpenAI account holds no training file: the uploads (every
+/// client's traces) are deleted, in the background, once their run has ended.
+async fn no_training_files_left(sim: &SimHandle) {
+    let start = tokio::time::Instant::now();
+    loop {
+        let list: Value = client()
+            .get(format!("{}/v1/files", sim.root_url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(list["object"], "list", "{list}");
+        let left: Vec<&Value> = list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["purpose"] == "fine-tune")
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        assert!(start.elapsed() < DEADLINE, "training files left: {left:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Waits until the one job in TRAINING has its provider run id; returns the job's id.
@@ -817,7 +839,7 @@ async fn a_failed_training_run_fails_the_job_and_leaves_routes_alone() {
         job["error"].as_str().unwrap().contains("training_failed"),
         "the provider's error: {job}"
     );
-    assert_eq!(training_files_left(&sim).await, Vec::<Value>::new());
+    no_training_files_left(&sim).await;
     assert!(
         job["provider_job_id"]
             .as_str()
@@ -1182,6 +1204,7 @@ async fn a_run_past_the_training_deadline_is_cancelled_and_its_job_failed() {
     let run = failed["provider_job_id"].as_str().unwrap();
     let at_provider = provider_job(&sim, run).await;
     assert_eq!(at_provider["status"], "cancelled", "{at_provider}");
+    no_training_files_left(&sim).await;
     gw.shutdown().await;
 }
 
@@ -1269,11 +1292,11 @@ async fn a_job_that_fails_after_training_keeps_its_examples_from_a_second_run() 
         .unwrap();
     for file in [&run["training_file"], &run["validation_file"]] {
         let file = file.as_str().unwrap();
-        assert_eq!(
-            azure(format!("files/{file}")).await.unwrap().status(),
-            404,
-            "{run}"
-        );
+        let start = tokio::time::Instant::now();
+        while azure(format!("files/{file}")).await.unwrap().status() != 404 {
+            assert!(start.elapsed() < DEADLINE, "{file} left: {run}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
     // Many checks later (every 0.2 s), no second job has trained on the same examples.
     tokio::time::sleep(Duration::from_millis(1500)).await;

@@ -1114,6 +1114,9 @@ async fn account_apis_are_not_passed_through_unless_allowed() {
             json!({"model": "a", "input": [{"type": "item_reference", "id": "msg_x"}]}),
             json!({"model": "a", "input": [{"role": "user", "content": [{"type": "input_file", "file_id": "file-x"}]}]}),
             json!({"model": "a", "input": "x", "tools": [{"type": "code_interpreter", "container": "cntr_x"}]}),
+            json!({"model": "a", "input": [{"type": "function_call_output", "call_id": "c", "output": [{"type": "input_file", "file_id": "file-x"}]}]}),
+            json!({"model": "a", "input": "x", "prompt": {"id": "pmpt_x", "variables": {"doc": {"type": "input_file", "file_id": "file-x"}}}}),
+            json!({"model": "a", "input": "x", "tools": [{"type": "image_generation", "input_image_mask": {"file_id": "file-x"}}]}),
         ] {
             by_id.push(
                 http.post(format!("{}/responses", gw.base_url()))

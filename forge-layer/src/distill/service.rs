@@ -173,6 +173,12 @@ pub enum CancelError {
     /// The provider refused, or could not be reached.
     #[error("the provider did not cancel the run: {0}")]
     Provider(ProviderError),
+    /// The provider refused for good (its key rotated, say). The cancel is recorded: the job
+    /// fails, cancelled, at its next poll the provider refuses too.
+    #[error(
+        "the provider refused to cancel the run ({0}); the cancel is recorded, and the job fails at its next poll the provider refuses too: the run may still be running there"
+    )]
+    RecordedButRefused(ProviderError),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -258,19 +264,37 @@ impl DistillationService {
         let (Some(route), Some(run)) = (self.routes.get(&job.route), &job.provider_job_id) else {
             return Err(not_training("not submitted to the provider yet"));
         };
-        route
-            .provider
-            .cancel(run)
-            .await
-            .map_err(CancelError::Provider)?;
-        tracing::info!(job = %id, provider_job = %run, "training run cancelled at the provider");
+        let refused = match route.provider.cancel(run).await {
+            Ok(()) => None,
+            // The run has ended, or the provider may take the cancel later: nothing to record.
+            Err(
+                e @ (ProviderError::Ended(_)
+                | ProviderError::Http {
+                    status: 400 | 409, ..
+                }),
+            ) => return Err(CancelError::Provider(e)),
+            Err(e) if e.is_transient() => return Err(CancelError::Provider(e)),
+            // Refused for good (a key rotated, a 403): the operator's wish is recorded all the
+            // same, or a job whose polls are refused alike would wait for good (for ever, with
+            // no training deadline), holding its route.
+            Err(e) => Some(e),
+        };
         // Kept apart from the job, which its own loop writes: however the job then ends (a
         // Kubernetes Job deleted before a restart reads as gone, not cancelled), it ends
         // cancelled, and holds the route's automatic triggers.
         if let Err(e) = self.store.put_meta(&cancel_key(id), &true) {
             tracing::error!(job = %id, error = %e, "the cancel could not be recorded; the route's triggers may start a job again soon");
         }
-        Ok(job)
+        match refused {
+            None => {
+                tracing::info!(job = %id, provider_job = %run, "training run cancelled at the provider");
+                Ok(job)
+            }
+            Some(e) => {
+                tracing::warn!(job = %id, provider_job = %run, error = %e, "the provider refused to cancel the run; the cancel is recorded, and the job ends at its next refused poll");
+                Err(CancelError::RecordedButRefused(e))
+            }
+        }
     }
 
     /// Every registered model, newest first.
@@ -884,7 +908,10 @@ impl DistillationService {
         )
         .await;
         let run = match cancelled {
-            Ok(()) => "the run was cancelled at the provider".to_string(),
+            Ok(()) => {
+                self.release(route, job, provider_job);
+                "the run was cancelled at the provider".to_string()
+            }
             Err(e) => {
                 if let Ok(Progress {
                     state: ProviderState::Succeeded { model },
@@ -948,12 +975,12 @@ impl DistillationService {
             return self.fail(&mut job, "no provider job id".into());
         };
         // Trained before a restart that came during the deploy or the evaluation: the run is
-        // done, and may be gone at the provider (a Kubernetes Job is deleted a day after it
+        // done, and may be gone at the provider (a Kubernetes Job is deleted some time after it
         // ends), so the job goes on from its model instead of polling for it.
         if let Some(trained) = job.trained_model.clone() {
             tracing::info!(job = %job.id, model = %trained, "resuming after training: the model is already trained");
             // The restart may have come before the uploads were deleted.
-            self.release(&route, &job, &provider_job).await;
+            self.release(&route, &job, &provider_job);
             return self.after_training(job, route, trained).await;
         }
         let mut wait = self.settings.poll_initial;
@@ -977,11 +1004,11 @@ impl DistillationService {
                     match progress.state {
                         ProviderState::Succeeded { model } => break model,
                         ProviderState::Failed { error } => {
-                            self.release(&route, &job, &provider_job).await;
+                            self.release(&route, &job, &provider_job);
                             return self.fail(&mut job, format!("training failed: {error}"));
                         }
                         ProviderState::Cancelled => {
-                            self.release(&route, &job, &provider_job).await;
+                            self.release(&route, &job, &provider_job);
                             job.cancelled = true;
                             return self.fail(
                                 &mut job,
@@ -1008,6 +1035,7 @@ impl DistillationService {
                             Ok(Some(true))
                         ) =>
                 {
+                    self.release(&route, &job, &provider_job);
                     return self.fail(&mut job, format!("poll: {e}"));
                 }
                 // Any other refused poll (a key rotated at the provider, a token file being
@@ -1034,26 +1062,30 @@ impl DistillationService {
         // again (see `last_cut`), and the model's name stays on the job for a manual deployment.
         job.trained_model = Some(trained.clone());
         self.save(&mut job);
-        self.release(&route, &job, &provider_job).await;
+        self.release(&route, &job, &provider_job);
         self.after_training(job, route, trained).await;
     }
 
-    /// Deletes what job's run uploaded, once the run has ended ([`TrainingProvider::release`]).
-    /// A failure leaves the files at the provider, which the log says, and nothing else.
-    async fn release(&self, route: &RouteDistill, job: &DistillationJob, provider_job: &str) {
-        match retrying(
-            || route.provider.release(provider_job),
-            self.settings.poll_initial,
-        )
-        .await
-        {
-            Ok(()) => {
-                tracing::debug!(job = %job.id, provider_job, "uploaded training files deleted")
+    /// Deletes what job's run uploaded, once the run has ended ([`TrainingProvider::release`]),
+    /// in the background: retried through rate limits, it must not hold up the deploy or the
+    /// route. A failure leaves the files at the provider, which the log says, and nothing else.
+    fn release(&self, route: &RouteDistill, job: &DistillationJob, provider_job: &str) {
+        let (provider, job, run) = (
+            Arc::clone(&route.provider),
+            job.id.clone(),
+            provider_job.to_owned(),
+        );
+        let first_wait = self.settings.poll_initial;
+        tokio::spawn(async move {
+            match retrying(|| provider.release(&run), first_wait).await {
+                Ok(()) => {
+                    tracing::debug!(job = %job, provider_job = %run, "uploaded training files deleted")
+                }
+                Err(e) => {
+                    tracing::warn!(job = %job, provider_job = %run, error = %e, "the uploaded training files could not be deleted; they stay at the provider")
+                }
             }
-            Err(e) => {
-                tracing::warn!(job = %job.id, provider_job, error = %e, "the uploaded training files could not be deleted; they stay at the provider")
-            }
-        }
+        });
     }
 
     /// TRAINING, trained → COMPLETED: deploys the model, registers it, evaluates it and lets

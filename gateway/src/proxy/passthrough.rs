@@ -134,8 +134,8 @@ fn is_account_api(path: &str) -> bool {
 
 /// The field by which a Responses API computation would build on state the account stored:
 /// another client's, given its id. At the top level, `previous_response_id` and
-/// `conversation`; in `input` and `tools`, what [`input_reference`] and [`tool_reference`] find
-/// (a stored item, a file, a vector store, a container). The body is read strictly (a JSON object, no key
+/// `conversation`; in `input`, `tools` and `prompt`, what [`stored_reference`] finds (a stored
+/// item, a file, a vector store, a container). The body is read strictly (a JSON object, no key
 /// twice, no byte order mark), since the upstream's parser might find a field this one missed.
 fn reads_stored_state(path: &str, body: &[u8]) -> Result<Option<&'static str>, Error> {
     let Some(rest) = path.strip_prefix("/v1/") else {
@@ -150,18 +150,18 @@ fn reads_stored_state(path: &str, body: &[u8]) -> Result<Option<&'static str>, E
         match key.as_str() {
             "previous_response_id" if text != "null" => return Ok(Some("previous_response_id")),
             "conversation" if text != "null" => return Ok(Some("conversation")),
-            field @ ("input" | "tools") => {
-                let field = if field == "input" { "input" } else { "tools" };
+            field @ ("input" | "tools" | "prompt") => {
+                let field = match field {
+                    "input" => "input",
+                    "tools" => "tools",
+                    _ => "prompt",
+                };
                 // Keys spelt with escapes (`file\u005fid`) are decoded here as upstream. Valid
                 // JSON already; what fails here is nesting past serde_json's 128 levels.
                 let tree: serde_json::Value = serde_json::from_str(text).map_err(|_| {
                     Error::invalid(format!("`{field}` is nested too deeply."), Some(field))
                 })?;
-                let found = if field == "input" {
-                    items(&tree).find_map(input_reference)
-                } else {
-                    items(&tree).find_map(tool_reference)
-                };
+                let found = stored_reference(&tree, field == "tools");
                 if found.is_some() {
                     return Ok(found);
                 }
@@ -172,39 +172,36 @@ fn reads_stored_state(path: &str, body: &[u8]) -> Result<Option<&'static str>, E
     Ok(None)
 }
 
-/// The elements of `value` when it is an array (`input` may also be a plain string).
-fn items(value: &serde_json::Value) -> impl Iterator<Item = &serde_json::Value> {
-    value.as_array().into_iter().flatten()
-}
-
-/// Whether `value`'s field `key` is there and not null.
-fn has(value: &serde_json::Value, key: &str) -> bool {
-    value.get(key).is_some_and(|v| !v.is_null())
-}
-
-/// A stored object an `input` item names: a stored item (`{"type": "item_reference"}`), or a
-/// file by id in one of its content parts (`input_file`, `input_image`). Only those places are
-/// looked at: elsewhere, a `file_id` may be the client's own data.
-fn input_reference(item: &serde_json::Value) -> Option<&'static str> {
-    if item.get("type").and_then(serde_json::Value::as_str) == Some("item_reference") {
-        return Some("item_reference");
-    }
-    let mut content = item.get("content").map(items)?;
-    content
-        .any(|part| has(part, "file_id"))
-        .then_some("file_id")
-}
-
-/// A stored object a tool names: `file_search`'s `vector_store_ids`, or a code interpreter's
-/// container by id or its `file_ids`. A function's `parameters` are the client's own schema,
-/// where a property may well be called `file_id`, so they are not looked into.
-fn tool_reference(tool: &serde_json::Value) -> Option<&'static str> {
-    if has(tool, "vector_store_ids") {
-        return Some("vector_store_ids");
-    }
-    match tool.get("container") {
-        Some(serde_json::Value::String(_)) => Some("container"),
-        Some(container) if has(container, "file_ids") => Some("file_id"),
+/// A reference, anywhere in `value`, to something the account stored: a file (`file_id`,
+/// `file_ids`: an `input_file` or `input_image` part, in a message or a tool's output, an
+/// image mask, a prompt's variable, a code interpreter's files), a vector store
+/// (`vector_store_ids`), a container by id (`"container": "cntr_…"`) or a stored item
+/// (`{"type": "item_reference"}`). The client's own data in these fields are strings, never
+/// objects, except a tool's `parameters`, a JSON schema where a property may well be called
+/// `file_id`: with `in_tools`, those are not looked into.
+fn stored_reference(value: &serde_json::Value, in_tools: bool) -> Option<&'static str> {
+    use serde_json::Value;
+    match value {
+        Value::Object(object) => {
+            let set = |key: &str| object.get(key).is_some_and(|v| !v.is_null());
+            if set("file_id") || set("file_ids") {
+                return Some("file_id");
+            }
+            if set("vector_store_ids") {
+                return Some("vector_store_ids");
+            }
+            if object.get("container").is_some_and(Value::is_string) {
+                return Some("container");
+            }
+            if object.get("type").and_then(Value::as_str) == Some("item_reference") {
+                return Some("item_reference");
+            }
+            object
+                .iter()
+                .filter(|(key, _)| !(in_tools && *key == "parameters"))
+                .find_map(|(_, v)| stored_reference(v, in_tools))
+        }
+        Value::Array(items) => items.iter().find_map(|v| stored_reference(v, in_tools)),
         _ => None,
     }
 }

@@ -162,7 +162,9 @@ impl AzureProvider {
                 token,
                 sku: name_or("deployment.sku", deployment.sku.as_deref(), "standard")?,
                 capacity,
-                wait: seconds("deployment.wait_secs", deployment.wait_secs, 1800)?,
+                // Three hours, as long as six waits of half an hour took before a deployment
+                // still provisioning was deleted: a healthy one can take over an hour.
+                wait: seconds("deployment.wait_secs", deployment.wait_secs, 10_800)?,
                 timeout,
             },
         })
