@@ -505,6 +505,53 @@ async fn a_job_in_training_resumes_after_a_restart_and_completes() {
 }
 
 #[tokio::test]
+async fn a_job_resumed_after_its_student_joined_the_route_is_not_gated_again() {
+    let sim = start_sim(sim_config()).await;
+    let judge = "[judge]\nupstream = \"sim\"\nmodel = \"judge\"\nsample_percent = 0.0\n";
+    let text = config(&sim, "validation_percent = 50.0", judge)
+        .replace("eval_min_score = 0.0", "eval_min_score = 70.0");
+    let gw = start_gateway_with(&text, admin).await;
+    traffic(&gw, 24, "joined", None).await;
+    let done = wait_for_job(&gw, "COMPLETED").await;
+    let (id, model) = (
+        done["id"].as_str().unwrap().to_string(),
+        done["resulting_model_id"].as_str().unwrap().to_string(),
+    );
+    // As if Forge had stopped after the student joined its route, before the job was marked
+    // done: the job still training, its model recorded as the candidate it was before it
+    // joined. And a second evaluation would now fail the gate.
+    sim.set_behavior(
+        forge_gateway::sim::FINE_TUNED,
+        ModelBehavior {
+            quality: Quality::Poor,
+            ..ModelBehavior::default()
+        },
+    );
+    let (again, dir) = restart(gw, &text, |store| {
+        let mut job: Value = store.job(&id).unwrap().unwrap();
+        job["status"] = "TRAINING".into();
+        job["finished_ms"] = Value::Null;
+        store.put_job(&id, &job).unwrap();
+        let mut record: Value = store.model(&model).unwrap().unwrap();
+        record["status"] = "candidate".into();
+        store.put_model(&model, &record).unwrap();
+    })
+    .await;
+    let job = completed(&again, &id).await;
+    assert!(job["error"].is_null(), "{job}");
+    let models: Value = admin_get(&again, "/admin/models")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"][0]["status"], "canary", "{models}");
+    let table = again.router().load();
+    assert_eq!(table.route("chat").unwrap().students[0].target.model, model);
+    again.shutdown().await;
+    drop(dir);
+}
+
+#[tokio::test]
 async fn a_job_stopped_before_its_run_id_was_recorded_finds_its_run_after_a_restart() {
     let mut slow = sim_config();
     slow.fine_tune.running = Duration::from_secs(3);

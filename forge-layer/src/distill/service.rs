@@ -16,7 +16,7 @@ use super::evaluate::{
 use super::job::{DistillationJob, JobStatus, ModelRecord, ModelStatus};
 use super::undeploy::Undeploys;
 use super::{
-    BoxFuture, Hyperparameters, Progress, ProviderError, ProviderState, TrainingProvider,
+    BoxFuture, Deployed, Hyperparameters, Progress, ProviderError, ProviderState, TrainingProvider,
     TrainingRequest,
 };
 use crate::dataset::{self, DatasetSpec, EarlierBuild, Manifest};
@@ -1105,6 +1105,9 @@ impl DistillationService {
             Ok(d) => d,
             Err(e) => return self.fail(&mut job, format!("deploy {trained}: {e}")),
         };
+        if self.deployer.share(&job.route, &deployed.model).is_some() {
+            return self.already_joined(job, &route, &deployed);
+        }
         let mut record = ModelRecord {
             id: deployed.model.clone(),
             route: job.route.clone(),
@@ -1180,6 +1183,46 @@ impl DistillationService {
             }
         }
         let _ = self.store.put_model(&record.id.clone(), &record);
+        self.complete(&mut job);
+    }
+
+    /// TRAINING → COMPLETED for a job resumed after its student joined the route (a restart
+    /// came before the job was marked done). The student serves already: the gate is not run
+    /// again, since a second score could differ and leave a serving student a candidate, and
+    /// its share, which the guard may have moved since, is left as it is.
+    fn already_joined(&self, mut job: DistillationJob, route: &RouteDistill, deployed: &Deployed) {
+        tracing::info!(job = %job.id, model = %deployed.model, "resuming a job whose student has joined its route already");
+        let stored = self
+            .store
+            .model::<ModelRecord>(&deployed.model)
+            .ok()
+            .flatten();
+        let mut record = stored.unwrap_or_else(|| ModelRecord {
+            id: deployed.model.clone(),
+            route: job.route.clone(),
+            upstream: deployed.upstream.clone(),
+            job_id: job.id.clone(),
+            base_model: route.base_model.clone(),
+            provider: route.provider.name().to_string(),
+            metrics: job.eval_metrics.clone(),
+            created_ms: now_ms(),
+            status: ModelStatus::Candidate,
+            reason: None,
+            status_ms: None,
+            undeployed_ms: None,
+        });
+        // Written as a candidate before it joined; what the guard or an operator made of it
+        // since stays.
+        if record.status == ModelStatus::Candidate {
+            record.status = ModelStatus::Canary;
+            record.status_ms = Some(now_ms());
+            record.reason = Some(format!("joined `{}` before a restart", job.route));
+            self.retire_replaced(&job.route, &record.id);
+        }
+        if let Err(e) = self.store.put_model(&record.id.clone(), &record) {
+            tracing::error!(job = %job.id, model = %record.id, error = %e, "registry: the serving student's record could not be written");
+        }
+        job.resulting_model_id = Some(deployed.model.clone());
         self.complete(&mut job);
     }
 
