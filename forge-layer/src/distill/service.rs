@@ -1108,20 +1108,7 @@ impl DistillationService {
         if self.deployer.share(&job.route, &deployed.model).is_some() {
             return self.already_joined(job, &route, &deployed);
         }
-        let mut record = ModelRecord {
-            id: deployed.model.clone(),
-            route: job.route.clone(),
-            upstream: deployed.upstream.clone(),
-            job_id: job.id.clone(),
-            base_model: route.base_model.clone(),
-            provider: route.provider.name().to_string(),
-            metrics: job.eval_metrics.clone(),
-            created_ms: now_ms(),
-            status: ModelStatus::Candidate,
-            reason: None,
-            status_ms: Some(now_ms()),
-            undeployed_ms: None,
-        };
+        let mut record = candidate(&job, &route, &deployed);
         job.resulting_model_id = Some(deployed.model.clone());
         if let Err(e) = self.store.put_model(&record.id.clone(), &record) {
             return self.fail(&mut job, format!("registry: {e}"));
@@ -1197,20 +1184,7 @@ impl DistillationService {
             .model::<ModelRecord>(&deployed.model)
             .ok()
             .flatten();
-        let mut record = stored.unwrap_or_else(|| ModelRecord {
-            id: deployed.model.clone(),
-            route: job.route.clone(),
-            upstream: deployed.upstream.clone(),
-            job_id: job.id.clone(),
-            base_model: route.base_model.clone(),
-            provider: route.provider.name().to_string(),
-            metrics: job.eval_metrics.clone(),
-            created_ms: now_ms(),
-            status: ModelStatus::Candidate,
-            reason: None,
-            status_ms: None,
-            undeployed_ms: None,
-        });
+        let mut record = stored.unwrap_or_else(|| candidate(&job, route, deployed));
         // Written as a candidate before it joined; what the guard or an operator made of it
         // since stays.
         if record.status == ModelStatus::Candidate {
@@ -1371,6 +1345,24 @@ const EVAL_ATTEMPTS: u32 = 4;
 
 /// The fewest lines fine-tuning accepts in a training file.
 const MIN_TRAINING_LINES: u64 = 10;
+
+/// The registry's record of `job`'s model as deployed, before the gate has judged it.
+fn candidate(job: &DistillationJob, route: &RouteDistill, deployed: &Deployed) -> ModelRecord {
+    ModelRecord {
+        id: deployed.model.clone(),
+        route: job.route.clone(),
+        upstream: deployed.upstream.clone(),
+        job_id: job.id.clone(),
+        base_model: route.base_model.clone(),
+        provider: route.provider.name().to_string(),
+        metrics: job.eval_metrics.clone(),
+        created_ms: now_ms(),
+        status: ModelStatus::Candidate,
+        reason: None,
+        status_ms: Some(now_ms()),
+        undeployed_ms: None,
+    }
+}
 
 /// Calls `f` until it succeeds or fails for good: waits out rate limits, and retries transient
 /// errors a few times with growing pauses.
