@@ -1126,6 +1126,16 @@ async fn account_apis_are_not_passed_through_unless_allowed() {
                     .unwrap(),
             );
         }
+        // Together's fine-tuning jobs, their weights, and its billed dedicated endpoints.
+        let mut together = Vec::new();
+        for path in ["fine-tunes", "finetune/download?ft_id=ft-x", "endpoints"] {
+            together.push(
+                http.get(format!("{}/{path}", gw.base_url()))
+                    .send()
+                    .await
+                    .unwrap(),
+            );
+        }
         let others = [
             job,
             unload,
@@ -1136,7 +1146,8 @@ async fn account_apis_are_not_passed_through_unless_allowed() {
             secret,
         ]
         .into_iter()
-        .chain(by_id);
+        .chain(by_id)
+        .chain(together);
         if allowed {
             assert_eq!(files.status(), 200);
             for resp in others {

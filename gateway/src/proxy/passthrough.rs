@@ -96,10 +96,15 @@ fn check_path(path: &str) -> Result<(), Error> {
 /// distiller's uploaded datasets (every client's traces) and jobs among it, and vLLM's adapter
 /// loading, which would let a client unload a canary's student or swap its weights.
 /// (`/v1/models` is Forge's own: it lists the aliases, and never reaches the passthrough.)
-const ACCOUNT_APIS: [&str; 16] = [
+const ACCOUNT_APIS: [&str; 19] = [
     "files",
     "uploads",
     "fine_tuning",
+    // Together's fine-tuning jobs, their weights' download, and dedicated endpoints (billed
+    // while they run).
+    "fine-tunes",
+    "finetune",
+    "endpoints",
     "batches",
     "vector_stores",
     "assistants",
