@@ -650,14 +650,7 @@ async fn a_cancel_the_provider_refuses_too_still_ends_a_job_whose_polls_are_refu
 async fn no_training_files_left(sim: &SimHandle) {
     let start = tokio::time::Instant::now();
     loop {
-        let list: Value = client()
-            .get(format!("{}/v1/files", sim.root_url()))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let list = sim_json(sim, "/v1/files").await;
         assert_eq!(list["object"], "list", "{list}");
         let left: Vec<&Value> = list["data"]
             .as_array()
@@ -1129,8 +1122,13 @@ fn ten_minute_training() -> SimConfig {
 
 /// The simulated provider's own record of fine-tuning run `run`.
 async fn provider_job(sim: &SimHandle, run: &str) -> Value {
+    sim_json(sim, &format!("/v1/fine_tuning/jobs/{run}")).await
+}
+
+/// The simulated provider's answer to `GET path`, as JSON.
+async fn sim_json(sim: &SimHandle, path: &str) -> Value {
     client()
-        .get(format!("{}/v1/fine_tuning/jobs/{run}", sim.root_url()))
+        .get(format!("{}{path}", sim.root_url()))
         .send()
         .await
         .unwrap()

@@ -593,47 +593,36 @@ mod tests {
         stop.send(true).unwrap();
     }
 
-    /// An in-memory disk whose next sync fails while `fault` is set (the flag then clears), as
-    /// a full or failing disk fails a commit. Clones share it, so the store can reopen on it.
+    /// redb's in-memory disk, whose next sync fails while `fault` is set (the flag then clears),
+    /// as a full or failing disk fails a commit. Clones share it, so the store can reopen on it.
     #[derive(Debug, Clone, Default)]
     struct FaultyDisk {
-        bytes: Arc<Mutex<Vec<u8>>>,
+        disk: Arc<redb::backends::InMemoryBackend>,
         fault: Arc<AtomicBool>,
     }
 
     impl redb::StorageBackend for FaultyDisk {
         fn len(&self) -> Result<u64, std::io::Error> {
-            Ok(self.bytes.lock().unwrap().len() as u64)
+            self.disk.len()
         }
 
         fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
-            let bytes = self.bytes.lock().unwrap();
-            let start = usize::try_from(offset).unwrap();
-            out.copy_from_slice(&bytes[start..start + out.len()]);
-            Ok(())
+            self.disk.read(offset, out)
         }
 
         fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
-            let len = usize::try_from(len).unwrap();
-            self.bytes.lock().unwrap().resize(len, 0);
-            Ok(())
+            self.disk.set_len(len)
         }
 
         fn sync_data(&self) -> Result<(), std::io::Error> {
             if self.fault.swap(false, Ordering::SeqCst) {
                 return Err(std::io::Error::other("injected: the disk failed a sync"));
             }
-            Ok(())
+            self.disk.sync_data()
         }
 
         fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
-            let mut bytes = self.bytes.lock().unwrap();
-            let start = usize::try_from(offset).unwrap();
-            if bytes.len() < start + data.len() {
-                bytes.resize(start + data.len(), 0);
-            }
-            bytes[start..start + data.len()].copy_from_slice(data);
-            Ok(())
+            self.disk.write(offset, data)
         }
     }
 
