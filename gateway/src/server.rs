@@ -26,6 +26,7 @@ use crate::admin::{self, AdminState};
 use crate::auth::ClientKeys;
 use crate::config::{Config, Endpoint, PARSED_HEAD_BYTES, PARSED_HEADERS, RoutesFromConfig};
 use crate::distill::{RouteDeployer, UpstreamChat};
+use crate::extract::BodyLimits;
 use crate::head_limit::{HeadLimit, HeadLimits};
 use crate::metrics::Metrics;
 use crate::proxy::exchange::{Sink, UpstreamCall};
@@ -319,8 +320,10 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         upstreams,
         passthrough,
         passthrough_account_apis: config.server.passthrough_account_apis,
-        max_body_bytes: config.server.max_body_bytes,
-        body_timeout: config.server.body_timeout,
+        body: BodyLimits {
+            max_bytes: config.server.max_body_bytes,
+            timeout: config.server.body_timeout,
+        },
         feedback_wait: config.server.feedback_wait,
         metrics: Arc::new(metrics),
         exchange: CaptureLayer::new(sink, max_response_bytes).layer(UpstreamCall),
@@ -370,6 +373,10 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
                     counters: counters.clone(),
                     guard: guard.clone(),
                     distiller: distiller.clone(),
+                    body: BodyLimits {
+                        max_bytes: admin::MAX_BODY_BYTES,
+                        timeout: config.server.body_timeout,
+                    },
                 },
                 token.clone(),
             );

@@ -158,6 +158,34 @@ pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
+/// Sends `head` (a request line and headers promising 100 bytes of body), then 10 bytes of body
+/// and nothing more, and returns what comes back before the first JSON error body ends. The
+/// connection stays open all the while, as a client that stalls mid-body keeps it.
+pub async fn answer_to_a_stalled_body(addr: std::net::SocketAddr, head: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut slow = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the gateway");
+    slow.write_all(format!("{head}content-length: 100\r\n\r\n{{\"model\":").as_bytes())
+        .await
+        .expect("send the head and part of the body");
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains("}}") {
+        let n = tokio::time::timeout(DEADLINE, slow.read(&mut buf))
+            .await
+            .expect("an answer before the deadline")
+            .expect("read the answer");
+        assert!(
+            n > 0,
+            "closed without an answer: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        answer.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 /// The `data:` payloads of an SSE body, in order.
 pub fn sse_events(body: &str) -> Vec<String> {
     body.split("\n\n")

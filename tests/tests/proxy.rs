@@ -720,7 +720,6 @@ async fn a_stream_holds_its_slot_until_it_ends() {
 
 #[tokio::test]
 async fn a_body_that_never_finishes_is_a_408_and_frees_its_slot() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let sim = start_sim(SimConfig::default()).await;
     let gw = start_gateway(&config_text(
         &sim.base_url(),
@@ -728,28 +727,11 @@ async fn a_body_that_never_finishes_is_a_408_and_frees_its_slot() {
         &[("fast", "gpt-4o")],
     ))
     .await;
-    // Headers promise 100 bytes; 10 come, then nothing. The connection stays open.
-    let mut slow = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
-    slow.write_all(
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: forge\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"model\":",
+    let answer = forge_tests::answer_to_a_stalled_body(
+        gw.addr(),
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: forge\r\ncontent-type: application/json\r\n",
     )
-    .await
-    .unwrap();
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&answer).contains("}}") {
-        let n = tokio::time::timeout(forge_tests::DEADLINE, slow.read(&mut buf))
-            .await
-            .expect("an answer before the deadline")
-            .unwrap();
-        assert!(
-            n > 0,
-            "closed without an answer: {}",
-            String::from_utf8_lossy(&answer)
-        );
-        answer.extend_from_slice(&buf[..n]);
-    }
-    let answer = String::from_utf8_lossy(&answer);
+    .await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("\"code\":\"request_timeout\""), "{answer}");
     // Its in-flight slot is free again: the cap is one.

@@ -476,6 +476,24 @@ async fn admin_errors_are_openai_shaped_json() {
 }
 
 #[tokio::test]
+async fn an_admin_body_that_never_finishes_is_a_408() {
+    let sim = start_sim(SimConfig::default()).await;
+    let gw = start_gateway_with(
+        &canary_config(&sim.base_url(), 5.0, "body_timeout_secs = 1"),
+        with_admin,
+    )
+    .await;
+    let answer = forge_tests::answer_to_a_stalled_body(
+        gw.admin_addr().unwrap(),
+        &format!("PUT /admin/routes/chat HTTP/1.1\r\nhost: forge\r\nauthorization: Bearer {TOKEN}\r\ncontent-type: application/json\r\n"),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"code\":\"request_timeout\""), "{answer}");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_guard_mode_set_by_an_operator_survives_a_restart() {
     let sim = start_sim(SimConfig::default()).await;
     let text = canary_config(&sim.base_url(), 5.0, "[guard]\ninterval_secs = 3600\n");

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Query, Request, State};
+use axum::extract::{FromRef, Query, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -19,7 +19,7 @@ use forge_layer::guard::Guard;
 mod distill;
 mod routes;
 use crate::error::Error;
-use crate::extract::JsonPath;
+use crate::extract::{BodyLimits, JsonPath};
 
 /// What the admin handlers share.
 #[derive(Debug, Clone)]
@@ -34,6 +34,17 @@ pub struct AdminState {
     pub store: Option<Store>,
     /// The capture counters, when capture is on.
     pub counters: Option<Arc<CaptureCounters>>,
+    /// What a request body may be: [`MAX_BODY_BYTES`] within `server.body_timeout_secs`.
+    pub body: BodyLimits,
+}
+
+/// The largest admin request body. Route specs and the like are small; this is axum's default.
+pub const MAX_BODY_BYTES: usize = 2 << 20;
+
+impl FromRef<AdminState> for BodyLimits {
+    fn from_ref(state: &AdminState) -> Self {
+        state.body
+    }
 }
 
 /// The admin routes, all behind the token.

@@ -10,9 +10,9 @@ use forge_layer::capture::ExchangeMeta;
 use forge_router::StickyKey;
 use tower::ServiceExt;
 
+use super::ProxyState;
 use super::exchange::Routed;
 use super::request::ChatRequest;
-use super::{ProxyState, check_declared_length, read_body};
 use crate::auth::Caller;
 use crate::error::Error;
 
@@ -38,8 +38,8 @@ async fn forward(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, Error> {
-    check_declared_length(headers, state.max_body_bytes)?;
-    let bytes = read_body(body, state).await?;
+    state.body.check_declared(headers)?;
+    let bytes = state.body.read(body).await?;
     let request = ChatRequest::parse(&bytes)?;
 
     // One snapshot for the whole request: the route and the version recorded come from it.

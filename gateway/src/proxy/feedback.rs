@@ -12,7 +12,7 @@ use forge_layer::trace::{Trace, TraceId, now_ms};
 use http::StatusCode;
 use serde::Deserialize;
 
-use super::{ProxyState, read_body};
+use super::ProxyState;
 use crate::auth::Caller;
 use crate::error::Error;
 
@@ -41,7 +41,7 @@ pub async fn submit(
 }
 
 async fn record(state: &ProxyState, caller: Caller, body: Body) -> Result<Response, Error> {
-    let bytes = read_body(body, state).await?;
+    let bytes = state.body.read(body).await?;
     let request: FeedbackRequest = serde_json::from_slice(&bytes)
         .map_err(|e| Error::invalid(format!("Invalid feedback body: {e}."), None))?;
     let trace_id: TraceId = request.trace_id.parse().map_err(|_| {

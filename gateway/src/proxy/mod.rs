@@ -11,17 +11,15 @@ pub mod request;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Body;
 use axum::extract::{MatchedPath, State};
 use axum::http::{Method, StatusCode, Uri, header};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use crate::auth::{self, ClientKeys};
 use crate::error::Error;
-use crate::extract::JsonPath;
+use crate::extract::{BodyLimits, JsonPath};
 use crate::metrics::Metrics;
 use crate::upstream::{Upstream, Upstreams};
 
@@ -38,10 +36,8 @@ pub struct ProxyState {
     pub passthrough: Option<Arc<Upstream>>,
     /// `server.passthrough_account_apis`.
     pub passthrough_account_apis: bool,
-    /// `server.max_body_bytes`.
-    pub max_body_bytes: usize,
-    /// `server.body_timeout_secs`.
-    pub body_timeout: std::time::Duration,
+    /// `server.max_body_bytes` and `server.body_timeout_secs`.
+    pub body: BodyLimits,
     /// `server.feedback_wait_secs`.
     pub feedback_wait: std::time::Duration,
     /// Counters and gauges.
@@ -117,41 +113,6 @@ async fn count_answers(
     let response = next.run(request).await;
     metrics.record(endpoint, response.status());
     response
-}
-
-/// Reads a whole request body, refusing it with a 413 as soon as it passes the size limit, and
-/// with a 408 when it has not all come within the time limit: a client that trickles its body
-/// would otherwise hold an in-flight slot for as long as it likes.
-pub async fn read_body(body: Body, state: &ProxyState) -> Result<bytes::Bytes, Error> {
-    let limit = state.max_body_bytes;
-    let reading = tokio::time::timeout(state.body_timeout, Limited::new(body, limit).collect());
-    let Ok(read) = reading.await else {
-        return Err(Error::BodyTimeout {
-            secs: state.body_timeout.as_secs(),
-        });
-    };
-    match read {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(Error::BodyTooLarge { limit })
-        }
-        Err(_) => Err(Error::invalid(
-            "The request body could not be read completely.",
-            None,
-        )),
-    }
-}
-
-/// A 413 before reading anything, when `Content-Length` already says too much.
-pub fn check_declared_length(headers: &http::HeaderMap, limit: usize) -> Result<(), Error> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    match declared {
-        Some(n) if n > limit as u64 => Err(Error::BodyTooLarge { limit }),
-        _ => Ok(()),
-    }
 }
 
 #[derive(serde::Serialize)]

@@ -7,7 +7,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
 
-use super::{ProxyState, check_declared_length, read_body};
+use super::ProxyState;
 use crate::error::Error;
 use crate::upstream::strip_hop_by_hop;
 
@@ -34,9 +34,9 @@ async fn send(state: &ProxyState, request: Request) -> Result<Response, Error> {
             parts.uri.path()
         )));
     }
-    check_declared_length(&parts.headers, state.max_body_bytes)?;
+    state.body.check_declared(&parts.headers)?;
     // Bounded by the body limit, so holding it whole costs at most that much per request.
-    let bytes = read_body(body, state).await?;
+    let bytes = state.body.read(body).await?;
     if !state.passthrough_account_apis
         && let Some(field) = reads_stored_state(parts.uri.path(), &bytes)?
     {
