@@ -1108,6 +1108,20 @@ async fn account_apis_are_not_passed_through_unless_allowed() {
                     .unwrap(),
             );
         }
+        // A chat message that names a file on the account by id, its key spelt plainly or not.
+        for key in ["file_id", "file\\u005fid"] {
+            let body = format!(
+                r#"{{"model":"a","messages":[{{"role":"user","content":[{{"type":"text","text":"sum it up"}},{{"type":"file","file":{{"{key}":"file-x"}}}}]}}]}}"#
+            );
+            by_id.push(
+                http.post(format!("{}/chat/completions", gw.base_url()))
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap(),
+            );
+        }
         // Together's fine-tuning jobs, their weights, and its billed dedicated endpoints.
         let mut together = Vec::new();
         for path in ["fine-tunes", "finetune/download?ft_id=ft-x", "endpoints"] {
@@ -1172,6 +1186,16 @@ async fn account_apis_are_not_passed_through_unless_allowed() {
             .await
             .unwrap();
         assert_ne!(own_schema.status(), 403);
+        let inline_file = http
+            .post(format!("{}/chat/completions", gw.base_url()))
+            .json(&json!({
+                "model": "a",
+                "messages": [{"role": "user", "content": [{"type": "file", "file": {"filename": "a.pdf", "file_data": "data:application/pdf;base64,JVBERi0="}}]}],
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(inline_file.status(), 200);
         // Computations and the model list pass either way.
         let embeddings = http
             .post(format!("{}/embeddings", gw.base_url()))

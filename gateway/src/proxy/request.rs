@@ -100,6 +100,27 @@ impl<'a> ChatRequest<'a> {
             .and_then(|(_, v)| serde_json::from_str::<String>(v.get()).ok())
     }
 
+    /// Whether a message names a file by id (a `file` content part's `file_id`): a file on the
+    /// account behind Forge's upstream key, which may be another client's upload, or a training
+    /// file holding every client's traces. A file sent inline (`file_data`) is not one.
+    pub fn names_stored_file(&self) -> Result<bool, Error> {
+        let Some((_, messages)) = self.entries.iter().find(|(key, _)| key == "messages") else {
+            return Ok(false);
+        };
+        let text = messages.get().as_bytes();
+        // The key is spelt `file_id`, or with escapes the upstream decodes (`file\u005fid`);
+        // most bodies have neither, and are not read again.
+        if memchr::memmem::find(text, b"file_id").is_none()
+            && memchr::memmem::find(text, b"\\u").is_none()
+        {
+            return Ok(false);
+        }
+        // Valid JSON already; what fails here is nesting past serde_json's 128 levels.
+        let NamesFileId(found) = serde_json::from_slice(text)
+            .map_err(|_| Error::invalid("`messages` is nested too deeply.", Some("messages")))?;
+        Ok(found)
+    }
+
     /// The body to send upstream: the same keys and values, with `model` replaced.
     pub fn with_model(&self, model: &str) -> Bytes {
         let extra = model.len() + 2;
@@ -189,6 +210,89 @@ impl<'de> de::Deserialize<'de> for TopLevel<'de> {
             }
         }
         deserializer.deserialize_map(EntriesVisitor)
+    }
+}
+
+/// Whether any object in a JSON value has a non-null `file_id` or `file_ids`; read in one pass
+/// with keys decoded, building nothing.
+struct NamesFileId(bool);
+
+impl<'de> de::Deserialize<'de> for NamesFileId {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(NamesFileIdVisitor)
+    }
+}
+
+struct NamesFileIdVisitor;
+
+impl<'de> Visitor<'de> for NamesFileIdVisitor {
+    type Value = NamesFileId;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(NamesFileId(false))
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(NamesFileId(false))
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(NamesFileId(false))
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(NamesFileId(false))
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(NamesFileId(false))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(NamesFileId(false))
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut found = false;
+        while let Some(NamesFileId(inside)) = seq.next_element()? {
+            found |= inside;
+        }
+        Ok(NamesFileId(found))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found = false;
+        while let Some(FileIdKey(is_file_id)) = map.next_key()? {
+            found |= if is_file_id {
+                map.next_value::<Option<de::IgnoredAny>>()?.is_some()
+            } else {
+                map.next_value::<NamesFileId>()?.0
+            };
+        }
+        Ok(NamesFileId(found))
+    }
+}
+
+/// Whether an object key, decoded, is `file_id` or `file_ids`.
+struct FileIdKey(bool);
+
+impl<'de> de::Deserialize<'de> for FileIdKey {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl Visitor<'_> for KeyVisitor {
+            type Value = FileIdKey;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object key")
+            }
+            fn visit_str<E: de::Error>(self, key: &str) -> Result<Self::Value, E> {
+                Ok(FileIdKey(matches!(key, "file_id" | "file_ids")))
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
     }
 }
 
@@ -385,5 +489,46 @@ mod tests {
             .unwrap();
         assert_eq!(req.string_field("user").as_deref(), Some("u-1"));
         assert!(!req.is_stream());
+    }
+
+    #[test]
+    fn a_file_named_by_id_is_found_however_it_is_spelled() {
+        let names = |messages: &str| {
+            let body = format!(r#"{{"model":"m","messages":{messages}}}"#);
+            ChatRequest::parse(body.as_bytes())
+                .unwrap()
+                .names_stored_file()
+                .unwrap()
+        };
+        let part = r#"{"type":"file","file":{"file_id":"file-x"}}"#;
+        assert!(names(&format!(r#"[{{"role":"user","content":[{part}]}}]"#)));
+        assert!(names(
+            r#"[{"role":"user","content":[{"type":"file","file":{"file\u005fid":"file-x"}}]}]"#
+        ));
+        assert!(names(
+            r#"[{"role":"user","content":"hi"},{"role":"user","content":[{"type":"text","text":"\u00e9"},{"file":{"file_ids":["f"]}}]}]"#
+        ));
+        // Inline data, a null id, and the words in text are no reference.
+        assert!(!names(
+            r#"[{"role":"user","content":[{"type":"file","file":{"filename":"a.pdf","file_data":"data:application/pdf;base64,JVBE"}}]}]"#
+        ));
+        assert!(!names(
+            r#"[{"role":"user","content":[{"type":"file","file":{"file_id":null,"file_data":"x"}}]}]"#
+        ));
+        assert!(!names(
+            r#"[{"role":"user","content":"what is a file_id? \u00e9"}]"#
+        ));
+        // Past serde_json's nesting limit: a 400, not a pass.
+        let deep = format!(
+            r#"[{}{{"file_id":"file-x"}}{}]"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        let body = format!(r#"{{"model":"m","messages":{deep}}}"#);
+        let error = ChatRequest::parse(body.as_bytes())
+            .unwrap()
+            .names_stored_file()
+            .unwrap_err();
+        assert_eq!(error.status(), http::StatusCode::BAD_REQUEST);
     }
 }
