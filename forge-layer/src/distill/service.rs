@@ -212,13 +212,28 @@ impl DistillationService {
         chat: Arc<dyn ChatClient>,
     ) -> Arc<Self> {
         let (queue, queued) = mpsc::unbounded_channel();
+        let routes: HashMap<String, RouteDistill> =
+            routes.into_iter().map(|r| (r.route.clone(), r)).collect();
+        // A route whose job a restart interrupted is held from the start, not from when `run`
+        // resumes the job: a trigger that came first would start a second job beside it.
+        let active = match store.jobs::<DistillationJob>() {
+            Ok(jobs) => jobs
+                .into_iter()
+                .filter(|j| j.status.is_active() && routes.contains_key(&j.route))
+                .map(|j| j.route)
+                .collect(),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the jobs a restart interrupted; a trigger before they resume could start a second job on their route");
+                HashSet::new()
+            }
+        };
         Arc::new(Self {
             store,
             settings,
-            routes: routes.into_iter().map(|r| (r.route.clone(), r)).collect(),
+            routes,
             deployer,
             chat,
-            active: Mutex::new(HashSet::new()),
+            active: Mutex::new(active),
             queue,
             queued: Mutex::new(Some(queued)),
             undeploys: Mutex::default(),
@@ -1610,6 +1625,74 @@ mod tests {
         }
     }
 
+    /// Settings for a service in `dir` that nothing waits on.
+    fn settings(dir: &std::path::Path) -> DistillSettings {
+        DistillSettings {
+            data_dir: dir.into(),
+            check_every: Duration::from_secs(1),
+            poll_initial: Duration::from_millis(1),
+            poll_max: Duration::from_millis(1),
+            grading_window: Duration::ZERO,
+            max_training: None,
+            undeploy_after: None,
+            dataset_url: None,
+            judge: Some(JudgeModel {
+                upstream: "u".into(),
+                model: "judge".into(),
+            }),
+        }
+    }
+
+    /// The route `chat`, gated at 80 by exact match, with no provider behind it.
+    fn chat_route() -> RouteDistill {
+        RouteDistill {
+            route: "chat".into(),
+            base_model: "m".into(),
+            provider: Arc::new(Unused),
+            trigger_threshold: 10,
+            min_examples: 10,
+            schedule: None,
+            suffix: None,
+            hyperparameters: Hyperparameters::default(),
+            initial_canary_percent: 10.0,
+            eval_min_score: 80.0,
+            eval_method: EvalMethod::Exact,
+            eval_max_prompts: 20,
+            dataset: DatasetSpec::new("chat"),
+        }
+    }
+
+    #[test]
+    fn a_route_whose_job_a_restart_interrupted_is_busy_before_the_job_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_dir(&dir.path().join("store")).unwrap();
+        let training: DistillationJob = serde_json::from_value(serde_json::json!({
+            "id": "dj_before", "route": "chat", "trigger": "threshold", "status": "TRAINING",
+            "provider": "unused", "base_model": "m", "provider_job_id": "ftjob-1",
+            "dataset_size": 12, "created_ms": 0, "updated_ms": 0
+        }))
+        .unwrap();
+        store.put_job(&training.id, &training).unwrap();
+        // `run` is never called: the job has not resumed yet.
+        let service = DistillationService::new(
+            store,
+            settings(dir.path()),
+            vec![chat_route()],
+            Arc::new(Unused),
+            Arc::new(Scripted {
+                refused: None,
+                wordy: None,
+            }),
+        );
+        match service.trigger("chat", "manual") {
+            Err(DistillError::Busy(route, job)) => {
+                assert_eq!((route.as_str(), job.as_str()), ("chat", "dj_before"));
+            }
+            other => panic!("a second job beside the interrupted one: {other:?}"),
+        }
+        assert_eq!(service.jobs().unwrap().len(), 1);
+    }
+
     /// The gate's score of a student over `validation` lines `q<i>` → `a<i>`.
     async fn gate(
         validation: usize,
@@ -1643,38 +1726,13 @@ mod tests {
             (0..validation).map(line).collect::<String>(),
         )
         .unwrap();
-        let settings = DistillSettings {
-            data_dir: dir.path().into(),
-            check_every: Duration::from_secs(1),
-            poll_initial: Duration::from_millis(1),
-            poll_max: Duration::from_millis(1),
-            grading_window: Duration::ZERO,
-            max_training: None,
-            undeploy_after: None,
-            dataset_url: None,
-            judge: Some(JudgeModel {
-                upstream: "u".into(),
-                model: "judge".into(),
-            }),
-        };
         let route = RouteDistill {
-            route: "chat".into(),
-            base_model: "m".into(),
-            provider: Arc::new(Unused),
-            trigger_threshold: 10,
-            min_examples: 10,
-            schedule: None,
-            suffix: None,
-            hyperparameters: Hyperparameters::default(),
-            initial_canary_percent: 10.0,
-            eval_min_score: 80.0,
             eval_method: method,
-            eval_max_prompts: 20,
-            dataset: DatasetSpec::new("chat"),
+            ..chat_route()
         };
         let service = DistillationService::new(
             store,
-            settings,
+            settings(dir.path()),
             vec![route.clone()],
             Arc::new(Unused),
             Arc::new(chat),
