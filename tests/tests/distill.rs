@@ -578,12 +578,26 @@ async fn a_job_stopped_before_its_run_id_was_recorded_finds_its_run_after_a_rest
 }
 
 /// A job in training whose polls the provider now refuses: the account's key was rotated, so
-/// every poll gets a 401. Returns the sim, the gateway, the job's id and the key that works.
-async fn training_with_a_rotated_key(tag: &str) -> (SimHandle, TestGateway, String, String) {
+/// every poll gets a 401.
+struct RotatedKey {
+    sim: SimHandle,
+    gw: TestGateway,
+    /// The gateway's config.
+    text: String,
+    /// The job's id.
+    id: String,
+    /// The provider's run.
+    run: String,
+    /// The key that works.
+    key: String,
+}
+
+/// Starts a [`RotatedKey`] whose run takes `running` to train.
+async fn training_with_a_rotated_key(tag: &str, running: Duration) -> RotatedKey {
     // The gateway's key is the value of PATH, an environment variable every test run has.
     let key = std::env::var("PATH").unwrap();
     let mut slow = sim_config();
-    slow.fine_tune.running = Duration::from_secs(2);
+    slow.fine_tune.running = running;
     slow.api_key = Some(key.clone());
     let sim = start_sim(slow).await;
     let text = config(&sim, "", "").replacen(
@@ -598,21 +612,35 @@ async fn training_with_a_rotated_key(tag: &str) -> (SimHandle, TestGateway, Stri
         .as_str()
         .unwrap()
         .to_string();
-    let polls = || {
-        sim.requests()
-            .into_iter()
-            .filter(|r| r.method == "GET" && r.path == format!("/v1/fine_tuning/jobs/{run}"))
-            .count()
-    };
     sim.set_api_key(Some("sk-rotated"));
-    let before = polls();
-    eventually("three polls refused", || polls() >= before + 3).await;
-    (sim, gw, id, key)
+    let before = calls(&sim, "GET", &format!("/v1/fine_tuning/jobs/{run}"));
+    eventually("three polls refused", || {
+        calls(&sim, "GET", &format!("/v1/fine_tuning/jobs/{run}")) >= before + 3
+    })
+    .await;
+    RotatedKey {
+        sim,
+        gw,
+        text,
+        id,
+        run,
+        key,
+    }
+}
+
+/// How many `method path` requests `sim` has received.
+fn calls(sim: &SimHandle, method: &str, path: &str) -> usize {
+    sim.requests()
+        .into_iter()
+        .filter(|r| r.method == method && r.path == path)
+        .count()
 }
 
 #[tokio::test]
 async fn a_poll_refused_for_its_key_keeps_the_job_training_until_the_key_works() {
-    let (sim, gw, id, key) = training_with_a_rotated_key("rotated").await;
+    let RotatedKey {
+        sim, gw, id, key, ..
+    } = training_with_a_rotated_key("rotated", Duration::from_secs(2)).await;
     assert_eq!(
         job(&gw, &id).await["status"],
         "TRAINING",
@@ -627,7 +655,9 @@ async fn a_poll_refused_for_its_key_keeps_the_job_training_until_the_key_works()
 
 #[tokio::test]
 async fn a_cancel_the_provider_refuses_too_still_ends_a_job_whose_polls_are_refused() {
-    let (_sim, gw, id, _key) = training_with_a_rotated_key("cancelled").await;
+    let RotatedKey {
+        sim: _sim, gw, id, ..
+    } = training_with_a_rotated_key("cancelled", Duration::from_secs(2)).await;
     // The cancel is refused too, and its answer carries none of the provider's text, which
     // echoes part of the key.
     let cancel = admin_post(&gw, &format!("/admin/jobs/{id}/cancel")).await;
@@ -643,6 +673,47 @@ async fn a_cancel_the_provider_refuses_too_still_ends_a_job_whose_polls_are_refu
     // holds against the threshold.
     cancel_holds(&gw, &id).await;
     gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_cancel_refused_at_the_training_deadline_is_tried_again_until_it_is_taken() {
+    let RotatedKey {
+        sim,
+        gw,
+        text,
+        id,
+        run,
+        key,
+    } = training_with_a_rotated_key("overdue", Duration::from_secs(600)).await;
+    // Back with a deadline that has passed: the run must be cancelled, and the provider refuses.
+    let dir = gw.shutdown().await;
+    let gw = start_on(&with_distiller(&text, "max_training_secs = 1"), &dir).await;
+    let cancel = format!("/v1/fine_tuning/jobs/{run}/cancel");
+    eventually("two cancels refused", || calls(&sim, "POST", &cancel) >= 2).await;
+    // Failed now, the job would leave the run going on, and billed, with its examples free for
+    // the next job to train on again.
+    assert_eq!(job(&gw, &id).await["status"], "TRAINING");
+    sim.set_api_key(Some(&key));
+    let failed = wait_for_job(&gw, "FAILED").await;
+    assert_eq!(failed["id"], id.as_str());
+    let error = failed["error"].as_str().unwrap();
+    assert!(
+        error.contains("max_training_secs") && error.contains("cancelled at the provider"),
+        "{failed}"
+    );
+    let at_provider: Value = client()
+        .get(format!("{}/fine_tuning/jobs/{run}", sim.base_url()))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(at_provider["status"], "cancelled", "{at_provider}");
+    assert_eq!(runs_created(&sim), 1);
+    gw.shutdown().await;
+    drop(dir);
 }
 
 /// Waits until the simulated OpenAI account holds no training file: the uploads (every

@@ -909,13 +909,16 @@ impl DistillationService {
     /// TRAINING → FAILED once the deadline has passed: cancels the run at the provider and fails
     /// the job. Its examples are not cut, so the route's next job trains on them. A cancel the
     /// provider refuses may mean the run has just succeeded: then one more poll says so, and the
-    /// trained model is returned to be deployed after all.
+    /// trained model is kept. A cancel that fails otherwise (an outage, a rotated key) leaves
+    /// the job following its run, to cancel it at the next try: failed now, with the run going
+    /// on and billed, its examples would be trained again by the next job, and the model the
+    /// run might still make would be lost. An operator's cancel of the job ends that wait.
     async fn give_up_training(
         &self,
         job: &mut DistillationJob,
         route: &RouteDistill,
         provider_job: &str,
-    ) -> Option<String> {
+    ) -> AtDeadline {
         let limit = self.settings.max_training.unwrap_or_default().as_secs_f64();
         let cancelled = retrying(
             || route.provider.cancel(provider_job),
@@ -934,16 +937,23 @@ impl DistillationService {
                 }) = route.provider.poll(provider_job).await
                 {
                     tracing::info!(job = %job.id, provider_job, "the run succeeded as its deadline passed; it is kept");
-                    return Some(model);
+                    return AtDeadline::Trained(model);
                 }
+                let operator_cancelled = matches!(
+                    self.store.meta::<bool>(&cancel_key(&job.id)),
+                    Ok(Some(true))
+                );
                 if let ProviderError::Ended(why) = &e {
                     tracing::warn!(job = %job.id, provider_job, "training deadline passed as the run ended without a model: {why}");
                     format!("the run had ended at the provider ({why})")
-                } else {
-                    tracing::error!(job = %job.id, provider_job, error = %e, "training deadline passed, and the run could not be cancelled: it may still be running, and billed, at the provider");
+                } else if operator_cancelled {
+                    tracing::error!(job = %job.id, provider_job, error = %e, "training deadline passed, the job was cancelled, and the provider refuses the cancel: the run may still be running, and billed, at the provider");
                     format!(
                         "cancelling the run at the provider failed ({e}): it may still be running there"
                     )
+                } else {
+                    tracing::error!(job = %job.id, provider_job, error = %e, "training deadline passed, and the run could not be cancelled; trying again at the next poll (or cancel the job)");
+                    return AtDeadline::StillRunning;
                 }
             }
         };
@@ -953,7 +963,7 @@ impl DistillationService {
                 "training took longer than distiller.max_training_secs ({limit} s) allows; {run}"
             ),
         );
-        None
+        AtDeadline::Failed
     }
 
     async fn collect(
@@ -1068,8 +1078,9 @@ impl DistillationService {
             // is kept, not cancelled.
             if deadline.is_some_and(|at| now_ms() >= at) {
                 match self.give_up_training(&mut job, &route, &provider_job).await {
-                    Some(model) => break model,
-                    None => return,
+                    AtDeadline::Trained(model) => break model,
+                    AtDeadline::Failed => return,
+                    AtDeadline::StillRunning => wait = self.settings.poll_max,
                 }
             }
         };
@@ -1377,6 +1388,17 @@ fn candidate(job: &DistillationJob, route: &RouteDistill, deployed: &Deployed) -
         status_ms: Some(now_ms()),
         undeployed_ms: None,
     }
+}
+
+/// What became of a run whose training deadline passed.
+#[derive(Debug)]
+enum AtDeadline {
+    /// It had succeeded: the model is kept.
+    Trained(String),
+    /// It was cancelled, or had ended, and the job failed.
+    Failed,
+    /// It could not be cancelled, and may still be running: the job follows it still.
+    StillRunning,
 }
 
 /// Calls `f` until it succeeds or fails for good: waits out rate limits, and retries transient
