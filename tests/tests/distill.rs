@@ -1351,30 +1351,76 @@ async fn a_run_that_succeeded_while_forge_was_down_is_kept_past_the_deadline() {
 /// The sim, whose ARM API takes `arm_token`, and a config whose `chat` route is distilled on
 /// Azure, with ARM calls made with `token`.
 async fn azure_setup(arm_token: &str, token: &str) -> (SimHandle, String) {
-    azure_setup_deploying_in(arm_token, token, Duration::from_millis(50)).await
+    azure_setup_with(arm_token, token, |_| {}).await
 }
 
-/// [`azure_setup`], with deployments that take `deployment` to provision.
-async fn azure_setup_deploying_in(
+/// [`azure_setup`], on a simulator `adjust`ed first (its deployments take 50 ms to provision).
+async fn azure_setup_with(
     arm_token: &str,
     token: &str,
-    deployment: Duration,
+    adjust: impl FnOnce(&mut SimConfig),
 ) -> (SimHandle, String) {
-    let sim = start_sim(SimConfig {
+    let mut sim = SimConfig {
         arm_token: Some(arm_token.into()),
         azure: forge_gateway::sim::AzureTimings {
             file_processing: Duration::from_millis(50),
-            deployment,
+            deployment: Duration::from_millis(50),
         },
         ..sim_config()
-    })
-    .await;
+    };
+    adjust(&mut sim);
+    let sim = start_sim(sim).await;
     let azure = format!(
         "[distill.azure]\nendpoint = \"{root}\"\napi_key = \"k\"\nupstream = \"sim\"\n\n[distill.azure.deployment]\nmanagement_url = \"{root}\"\nsubscription_id = \"s\"\nresource_group = \"g\"\naccount = \"acct\"\ntoken = \"{token}\"\n",
         root = sim.root_url()
     );
     let text = config(&sim, "", &azure).replace("provider = \"sim\"", "provider = \"azure\"");
     (sim, text)
+}
+
+/// How many fine-tuning jobs Forge asked the simulated Azure resource to create.
+fn azure_runs_created(sim: &SimHandle) -> usize {
+    sim.requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path.starts_with("/openai/fine_tuning/jobs?"))
+        .count()
+}
+
+#[tokio::test]
+async fn an_azure_run_whose_create_answer_was_lost_is_found_not_started_again() {
+    let (sim, text) = azure_setup("arm-token", "arm-token").await;
+    // Azure creates the job, and its answer is lost on the way back: a 500.
+    sim.lose_next_job_creates(1);
+    let gw = start_gateway_with(&text, admin).await;
+    traffic(&gw, 25, "lost-answer", None).await;
+    let id = submitted_job(&gw).await;
+    let done = completed(&gw, &id).await;
+    assert_eq!(azure_runs_created(&sim), 1, "{done}");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_azure_submission_a_restart_interrupted_finds_its_run() {
+    let (sim, text) = azure_setup_with("arm-token", "arm-token", |sim| {
+        sim.fine_tune.running = Duration::from_secs(5)
+    })
+    .await;
+    let gw = start_gateway_with(&text, admin).await;
+    traffic(&gw, 25, "interrupted", None).await;
+    let id = submitted_job(&gw).await;
+    let run = job(&gw, &id).await["provider_job_id"].clone();
+    // Stopped as if while submitting: the run exists, its id unrecorded.
+    let (again, dir) = restart(gw, &admin_triggered(&text), |store| {
+        let mut job: Value = store.job(&id).unwrap().unwrap();
+        job["provider_job_id"] = Value::Null;
+        store.put_job(&id, &job).unwrap();
+    })
+    .await;
+    let done = completed(&again, &id).await;
+    assert_eq!(done["provider_job_id"], run, "{done}");
+    assert_eq!(azure_runs_created(&sim), 1);
+    again.shutdown().await;
+    drop(dir);
 }
 
 #[tokio::test]
@@ -1423,8 +1469,10 @@ async fn a_job_that_fails_after_training_keeps_its_examples_from_a_second_run() 
 
 #[tokio::test]
 async fn an_azure_deployment_that_outlasts_its_wait_is_deleted_and_the_job_fails() {
-    let (sim, text) =
-        azure_setup_deploying_in("arm-token", "arm-token", Duration::from_secs(600)).await;
+    let (sim, text) = azure_setup_with("arm-token", "arm-token", |sim| {
+        sim.azure.deployment = Duration::from_secs(600)
+    })
+    .await;
     let text = text.replace(
         "token = \"arm-token\"\n",
         "token = \"arm-token\"\nwait_secs = 1\n",

@@ -10,7 +10,8 @@
 use std::sync::Arc;
 
 use axum::extract::multipart::{Multipart, MultipartRejection};
-use axum::extract::{Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, header};
@@ -57,6 +58,14 @@ pub(crate) async fn upload(
         response.headers_mut().insert(header::LOCATION, location);
     }
     Ok(response)
+}
+
+/// `GET /openai/files?api-version=…`: the resource's files, in OpenAI's list shape.
+pub(crate) async fn list_files(
+    State(state): State<Arc<SimState>>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    files::list_from(&state.storage().azure.files, query)
 }
 
 /// `GET /openai/files/{id}?api-version=…`.

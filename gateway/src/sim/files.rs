@@ -303,6 +303,14 @@ pub(crate) async fn list(
     State(state): State<Arc<SimState>>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    list_from(&state.storage().files, query)
+}
+
+/// A page of `files`, newest first unless `order=asc`, of one `purpose` if asked.
+pub(crate) fn list_from(
+    files: &FileStore,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Response, ApiError> {
     let query = ListQuery::new(
         query
             .map_err(|err| ApiError::invalid_request(err.body_text()))?
@@ -320,9 +328,7 @@ pub(crate) async fn list(
         }
     };
     let purpose = query.get("purpose");
-    let storage = state.storage();
-    let mut files: Vec<&StoredFile> = storage
-        .files
+    let mut files: Vec<&StoredFile> = files
         .files
         .iter()
         .filter(|file| purpose.is_none_or(|purpose| file.purpose == purpose))

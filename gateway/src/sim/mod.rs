@@ -248,6 +248,13 @@ impl SimHandle {
         self.state.fail_next_fine_tuning_jobs(n);
     }
 
+    /// Makes the next `n` fine-tuning job creations (OpenAI or Azure) create the job and then
+    /// answer 500, as when the answer is lost on its way back (a front end's timeout). Replaces
+    /// any earlier count.
+    pub fn lose_next_job_creates(&self, n: usize) {
+        self.state.lose_next_job_creates(n);
+    }
+
     /// Every dataset download a Kubernetes Job's container made, oldest first.
     pub fn k8s_fetches(&self) -> Vec<DatasetFetch> {
         self.state.storage().cluster.fetches()

@@ -61,7 +61,7 @@ pub(crate) fn build(config: SimConfig) -> (Router, Arc<SimState>) {
         )
         .route("/v1/load_lora_adapter", post(vllm::load))
         .route("/v1/unload_lora_adapter", post(vllm::unload))
-        .route("/openai/files", post(azure::upload))
+        .route("/openai/files", post(azure::upload).get(azure::list_files))
         .route(
             "/openai/files/{file_id}",
             get(azure::retrieve_file).delete(azure::delete_file),

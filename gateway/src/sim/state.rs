@@ -49,6 +49,8 @@ pub(crate) struct SimState {
     rate_limited: AtomicUsize,
     /// How many of the next fine-tuning jobs fail while running.
     failing_jobs: AtomicUsize,
+    /// How many of the next fine-tuning job creations are answered with a 500 all the same.
+    lost_creates: AtomicUsize,
     /// How many of the next requests to OpenAI's training APIs meet an exhausted quota.
     quota_refusals: AtomicUsize,
     /// Background work (dataset fetches) to stop when the server stops.
@@ -121,6 +123,7 @@ impl SimState {
             served: Mutex::new(HashMap::new()),
             rate_limit: Mutex::new(RateLimit::default()),
             rate_limited: AtomicUsize::new(0),
+            lost_creates: AtomicUsize::new(0),
             failing_jobs: AtomicUsize::new(0),
             quota_refusals: AtomicUsize::new(0),
             tasks: Mutex::new(Vec::new()),
@@ -260,6 +263,17 @@ impl SimState {
 
     pub(crate) fn fail_next_fine_tuning_jobs(&self, n: usize) {
         self.failing_jobs.store(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn lose_next_job_creates(&self, n: usize) {
+        self.lost_creates.store(n, Ordering::Relaxed);
+    }
+
+    /// Whether the answer to the job just created is to be lost; uses one up if so.
+    pub(crate) fn take_lost_create(&self) -> bool {
+        self.lost_creates
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
     }
 
     pub(crate) fn exhaust_quota(&self, n: usize) {

@@ -12,7 +12,7 @@ use super::config::{
     AzureConfig, Env, ProviderSetupError, name_or, process_env, required, resolve_secret, seconds,
     setting,
 };
-use super::fine_tuning::{Dialect, FineTuningApi, details, upload_name};
+use super::fine_tuning::{Dialect, FineTuningApi, JobObject, details, upload_name};
 use super::naming::dns_label;
 use crate::distill::provider::{
     BoxFuture, Deployed, Progress, ProviderError, Submitted, TrainingProvider, TrainingRequest,
@@ -170,7 +170,32 @@ impl AzureProvider {
         })
     }
 
+    /// The run an earlier submission of Forge job `job_id` created, found by its training
+    /// file's name: Azure jobs carry no metadata.
+    async fn earlier_run(&self, job_id: &str) -> Result<Option<JobObject>, ProviderError> {
+        self.api
+            .find_job_by_training_file(&upload_name(job_id, "train"))
+            .await
+    }
+
     async fn submit_run(&self, request: &TrainingRequest) -> Result<Submitted, ProviderError> {
+        // A crash between creating the job and recording it would otherwise train twice.
+        let earlier = match self.earlier_run(&request.job_id).await {
+            Ok(found) => found,
+            // A resource that cannot list its files or jobs: nothing to find, so create one.
+            Err(ProviderError::Http { status, message }) if matches!(status, 400 | 404) => {
+                tracing::debug!(status, %message, "cannot look up earlier Azure fine-tuning jobs; creating one");
+                None
+            }
+            Err(err) => return Err(err),
+        };
+        if let Some(job) = earlier {
+            tracing::info!(job_id = %request.job_id, provider_job_id = %job.id, "Azure fine-tuning job already exists; resuming it");
+            return Ok(Submitted {
+                provider_job_id: job.id,
+                training_file_id: job.training_file,
+            });
+        }
         let names = [
             upload_name(&request.job_id, "train"),
             upload_name(&request.job_id, "validation"),
@@ -181,15 +206,26 @@ impl AzureProvider {
             None => None,
         };
         let body = self.api.job_body(request, &training, validation.as_deref());
-        // Azure jobs carry no metadata to find them by: a create whose answer was lost may
-        // have started a run, and trying again could start a second paid one.
-        let job = self.api.create_job(&body).await.map_err(|e| match e {
-            ProviderError::RateLimited(_) => e,
-            e if e.is_transient() => ProviderError::Ambiguous(format!(
-                "creating the fine-tuning job failed ({e}); it may have been created all the same: check the Azure resource before starting another"
-            )),
-            e => e,
-        })?;
+        let job = match self.api.create_job(&body).await {
+            Ok(job) => job,
+            // A create whose answer was lost may have started a run: it is looked for before
+            // the submission is tried again (which looks first too), or a second run is paid for.
+            Err(e) if e.is_transient() && !matches!(e, ProviderError::RateLimited(_)) => {
+                match self.earlier_run(&request.job_id).await {
+                    Ok(Some(job)) => {
+                        tracing::info!(job_id = %request.job_id, provider_job_id = %job.id, error = %e, "the fine-tuning job's create failed, but the job was created");
+                        job
+                    }
+                    Ok(None) => return Err(e),
+                    Err(lookup) => {
+                        return Err(ProviderError::Ambiguous(format!(
+                            "creating the fine-tuning job failed ({e}), and looking for it failed too ({lookup}); it may have been created all the same: check the Azure resource before starting another"
+                        )));
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        };
         self.api.forget_uploads(&[&names[0], &names[1]]);
         tracing::info!(job_id = %request.job_id, provider_job_id = %job.id, "Azure fine-tuning job created");
         Ok(Submitted {
@@ -393,6 +429,18 @@ impl TrainingProvider for AzureProvider {
 
     fn serving_upstream(&self) -> Option<&str> {
         Some(&self.upstream)
+    }
+
+    /// Jobs are found by their training file's name, and `submit` looks for one first.
+    fn finds_earlier_submissions(&self) -> bool {
+        true
+    }
+
+    fn earlier_submission<'a>(
+        &'a self,
+        job_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<String>, ProviderError>> {
+        Box::pin(async move { Ok(self.earlier_run(job_id).await?.map(|job| job.id)) })
     }
 
     fn poll<'a>(

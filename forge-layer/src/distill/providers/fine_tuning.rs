@@ -25,6 +25,8 @@ const CREATE_ATTEMPTS: usize = 3;
 const MAX_CREATE_WAIT: Duration = Duration::from_secs(60);
 /// Metrics events are near the top of the newest-first list once a job has finished.
 const EVENTS_PAGE: &str = "100";
+/// Jobs read per page when looking for one by its training file.
+const JOBS_PAGE: &str = "100";
 
 /// The two spellings of the same API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +59,11 @@ pub(super) struct FineTuningApi {
 pub(super) struct FileObject {
     pub(super) id: String,
     #[serde(default)]
+    pub(super) filename: Option<String>,
+    /// Unix seconds.
+    #[serde(default)]
+    pub(super) created_at: Option<u64>,
+    #[serde(default)]
     pub(super) status: Option<String>,
     #[serde(default)]
     pub(super) status_details: Option<Value>,
@@ -67,6 +74,9 @@ pub(super) struct FileObject {
 pub(super) struct JobObject {
     pub(super) id: String,
     pub(super) status: String,
+    /// Unix seconds.
+    #[serde(default)]
+    pub(super) created_at: Option<u64>,
     #[serde(default)]
     pub(super) fine_tuned_model: Option<String>,
     #[serde(default)]
@@ -92,6 +102,8 @@ pub(super) struct JobError {
 #[derive(Deserialize)]
 struct ListOf<T> {
     data: Vec<T>,
+    #[serde(default)]
+    has_more: bool,
 }
 
 impl FineTuningApi {
@@ -287,6 +299,58 @@ impl FineTuningApi {
                     .and_then(Value::as_str)
                     == Some(forge_job_id)
         }))
+    }
+
+    /// The job, not failed or cancelled, created from a training file uploaded as `filename`:
+    /// how a job that carries no metadata (Azure's) is found again after its create's answer
+    /// was lost, or a restart came before its id was stored. Jobs are listed newest first, back
+    /// to the oldest such upload, before which none of them can have been created.
+    pub(super) async fn find_job_by_training_file(
+        &self,
+        filename: &str,
+    ) -> Result<Option<JobObject>, ProviderError> {
+        let url = self.url(&["files"], &[]);
+        let files: ListOf<FileObject> =
+            client::send_json(self.request(Method::GET, url, self.timeout)).await?;
+        let uploads: Vec<FileObject> = files
+            .data
+            .into_iter()
+            .filter(|file| file.filename.as_deref() == Some(filename))
+            .collect();
+        let Some(oldest) = uploads
+            .iter()
+            .map(|file| file.created_at.unwrap_or(0))
+            .min()
+        else {
+            return Ok(None);
+        };
+        let mut after: Option<String> = None;
+        loop {
+            let mut query = vec![("limit", JOBS_PAGE)];
+            if let Some(after) = &after {
+                query.push(("after", after.as_str()));
+            }
+            let url = self.url(&["fine_tuning", "jobs"], &query);
+            let page: ListOf<JobObject> =
+                client::send_json(self.request(Method::GET, url, self.timeout)).await?;
+            let found = page.data.iter().find(|job| {
+                !matches!(job.status.as_str(), "failed" | "cancelled")
+                    && job
+                        .training_file
+                        .as_ref()
+                        .is_some_and(|id| uploads.iter().any(|file| file.id == *id))
+            });
+            if let Some(job) = found {
+                return Ok(Some(job.clone()));
+            }
+            let Some(last) = page.data.last() else {
+                return Ok(None);
+            };
+            if !page.has_more || last.created_at.is_some_and(|at| at < oldest) {
+                return Ok(None);
+            }
+            after = Some(last.id.clone());
+        }
     }
 
     /// The request body of `POST /fine_tuning/jobs`. "auto" hyperparameters are left out.

@@ -174,6 +174,9 @@ pub(crate) fn create_in(
     let mut storage = state.storage();
     let (_, jobs) = storage.account(flavor);
     jobs.jobs.push(job);
+    if state.take_lost_create() {
+        return Err(ApiError::server_error());
+    }
     Ok(response)
 }
 
