@@ -1011,8 +1011,7 @@ impl DistillationService {
         let mut wait = self.settings.poll_initial;
         let deadline = self.training_deadline(&job);
         let trained = loop {
-            let left = deadline.map(|at| Duration::from_millis(at.saturating_sub(now_ms())));
-            tokio::time::sleep(left.map_or(wait, |left| wait.min(left))).await;
+            tokio::time::sleep(poll_pause(wait, deadline, now_ms())).await;
             match route.provider.poll(&provider_job).await {
                 Ok(progress) => {
                     let changed =
@@ -1390,6 +1389,16 @@ fn candidate(job: &DistillationJob, route: &RouteDistill, deployed: &Deployed) -
     }
 }
 
+/// How long to wait before the next poll: `wait`, cut short so that the poll comes right at the
+/// training deadline. Once it has passed (a run whose cancel failed is still followed), `wait`
+/// whole, or the provider would be polled, and asked to cancel, without a pause.
+fn poll_pause(wait: Duration, deadline: Option<u64>, now_ms: u64) -> Duration {
+    match deadline {
+        Some(at) if now_ms < at => wait.min(Duration::from_millis(at - now_ms)),
+        _ => wait,
+    }
+}
+
 /// What became of a run whose training deadline passed.
 #[derive(Debug)]
 enum AtDeadline {
@@ -1551,6 +1560,19 @@ mod tests {
             Some((1_000 + cap_ms, 1))
         );
         assert_eq!(backoff(&[failed, cancelled]), Some((241_000, 2)));
+    }
+
+    #[test]
+    fn polls_come_at_the_deadline_and_keep_their_pace_after_it() {
+        let wait = Duration::from_secs(60);
+        assert_eq!(poll_pause(wait, None, 1_000), wait);
+        assert_eq!(poll_pause(wait, Some(1_000_000), 1_000), wait);
+        assert_eq!(
+            poll_pause(wait, Some(11_000), 1_000),
+            Duration::from_secs(10)
+        );
+        assert_eq!(poll_pause(wait, Some(1_000), 1_000), wait);
+        assert_eq!(poll_pause(wait, Some(1_000), 5_000), wait);
     }
 
     /// The evaluation gate's tests need no provider or route table: each call says so.
