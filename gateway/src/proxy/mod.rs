@@ -7,6 +7,7 @@ pub mod feedback;
 mod limit;
 mod passthrough;
 pub mod request;
+mod stored;
 
 use std::sync::Arc;
 

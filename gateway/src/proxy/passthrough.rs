@@ -139,7 +139,7 @@ fn is_account_api(path: &str) -> bool {
 
 /// The field by which a Responses API computation would build on state the account stored:
 /// another client's, given its id. At the top level, `previous_response_id` and
-/// `conversation`; in `input`, `tools` and `prompt`, what [`stored_reference`] finds (a stored
+/// `conversation`; in `input`, `tools` and `prompt`, what [`super::stored::responses_reference`] finds (a stored
 /// item, a file, a vector store, a container). The body is read strictly (a JSON object, no key
 /// twice, no byte order mark), since the upstream's parser might find a field this one missed.
 fn reads_stored_state(path: &str, body: &[u8]) -> Result<Option<&'static str>, Error> {
@@ -161,12 +161,8 @@ fn reads_stored_state(path: &str, body: &[u8]) -> Result<Option<&'static str>, E
                     "tools" => "tools",
                     _ => "prompt",
                 };
-                // Keys spelt with escapes (`file\u005fid`) are decoded here as upstream. Valid
-                // JSON already; what fails here is nesting past serde_json's 128 levels.
-                let tree: serde_json::Value = serde_json::from_str(text).map_err(|_| {
-                    Error::invalid(format!("`{field}` is nested too deeply."), Some(field))
-                })?;
-                let found = stored_reference(&tree, field == "tools");
+                // Keys spelt with escapes (`file\u005fid`) are decoded there as upstream.
+                let found = super::stored::responses_reference(field, value)?;
                 if found.is_some() {
                     return Ok(found);
                 }
@@ -175,40 +171,6 @@ fn reads_stored_state(path: &str, body: &[u8]) -> Result<Option<&'static str>, E
         }
     }
     Ok(None)
-}
-
-/// A reference, anywhere in `value`, to something the account stored: a file (`file_id`,
-/// `file_ids`: an `input_file` or `input_image` part, in a message or a tool's output, an
-/// image mask, a prompt's variable, a code interpreter's files), a vector store
-/// (`vector_store_ids`), a container by id (`"container": "cntr_…"`) or a stored item
-/// (`{"type": "item_reference"}`). The client's own data in these fields are strings, never
-/// objects, except a tool's `parameters`, a JSON schema where a property may well be called
-/// `file_id`: with `in_tools`, those are not looked into.
-fn stored_reference(value: &serde_json::Value, in_tools: bool) -> Option<&'static str> {
-    use serde_json::Value;
-    match value {
-        Value::Object(object) => {
-            let set = |key: &str| object.get(key).is_some_and(|v| !v.is_null());
-            if set("file_id") || set("file_ids") {
-                return Some("file_id");
-            }
-            if set("vector_store_ids") {
-                return Some("vector_store_ids");
-            }
-            if object.get("container").is_some_and(Value::is_string) {
-                return Some("container");
-            }
-            if object.get("type").and_then(Value::as_str) == Some("item_reference") {
-                return Some("item_reference");
-            }
-            object
-                .iter()
-                .filter(|(key, _)| !(in_tools && *key == "parameters"))
-                .find_map(|(_, v)| stored_reference(v, in_tools))
-        }
-        Value::Array(items) => items.iter().find_map(|v| stored_reference(v, in_tools)),
-        _ => None,
-    }
 }
 
 /// Whether `segment` percent-encodes a character that never needs it (RFC 3986's unreserved).

@@ -107,18 +107,7 @@ impl<'a> ChatRequest<'a> {
         let Some((_, messages)) = self.entries.iter().find(|(key, _)| key == "messages") else {
             return Ok(false);
         };
-        let text = messages.get().as_bytes();
-        // The key is spelt `file_id`, or with escapes the upstream decodes (`file\u005fid`);
-        // most bodies have neither, and are not read again.
-        if memchr::memmem::find(text, b"file_id").is_none()
-            && memchr::memmem::find(text, b"\\u").is_none()
-        {
-            return Ok(false);
-        }
-        // Valid JSON already; what fails here is nesting past serde_json's 128 levels.
-        let NamesFileId(found) = serde_json::from_slice(text)
-            .map_err(|_| Error::invalid("`messages` is nested too deeply.", Some("messages")))?;
-        Ok(found)
+        super::stored::names_file(messages)
     }
 
     /// The body to send upstream: the same keys and values, with `model` replaced.
@@ -153,7 +142,7 @@ impl<'a> ChatRequest<'a> {
 /// JSON object, or repeats a key: two parsers may pick different duplicates, so Forge refuses
 /// rather than guess which one the upstream will honour.
 pub(crate) fn top_level(body: &[u8]) -> Result<Vec<(String, &RawValue)>, Error> {
-    let TopLevel(entries) = serde_json::from_slice(body).map_err(|e| {
+    let Entries(entries) = serde_json::from_slice(body).map_err(|e| {
         Error::invalid(
             format!("We could not parse the JSON body of your request: {e}."),
             None,
@@ -191,13 +180,15 @@ fn write_json_string(out: &mut Vec<u8>, s: &str) {
     let _ = serde_json::to_writer(&mut *out, s);
 }
 
-struct TopLevel<'a>(Vec<(String, &'a RawValue)>);
+/// A JSON object's keys, decoded, each with its value as raw JSON text, in order and with any
+/// repeats.
+pub(crate) struct Entries<'a>(pub(crate) Vec<(String, &'a RawValue)>);
 
-impl<'de> de::Deserialize<'de> for TopLevel<'de> {
+impl<'de> de::Deserialize<'de> for Entries<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct EntriesVisitor;
         impl<'de> Visitor<'de> for EntriesVisitor {
-            type Value = TopLevel<'de>;
+            type Value = Entries<'de>;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("a JSON object")
             }
@@ -206,93 +197,10 @@ impl<'de> de::Deserialize<'de> for TopLevel<'de> {
                 while let Some(entry) = map.next_entry::<String, &'de RawValue>()? {
                     entries.push(entry);
                 }
-                Ok(TopLevel(entries))
+                Ok(Entries(entries))
             }
         }
         deserializer.deserialize_map(EntriesVisitor)
-    }
-}
-
-/// Whether any object in a JSON value has a non-null `file_id` or `file_ids`; read in one pass
-/// with keys decoded, building nothing.
-struct NamesFileId(bool);
-
-impl<'de> de::Deserialize<'de> for NamesFileId {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(NamesFileIdVisitor)
-    }
-}
-
-struct NamesFileIdVisitor;
-
-impl<'de> Visitor<'de> for NamesFileIdVisitor {
-    type Value = NamesFileId;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("any JSON value")
-    }
-
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(NamesFileId(false))
-    }
-
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(NamesFileId(false))
-    }
-
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(NamesFileId(false))
-    }
-
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(NamesFileId(false))
-    }
-
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(NamesFileId(false))
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(NamesFileId(false))
-    }
-
-    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        let mut found = false;
-        while let Some(NamesFileId(inside)) = seq.next_element()? {
-            found |= inside;
-        }
-        Ok(NamesFileId(found))
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut found = false;
-        while let Some(FileIdKey(is_file_id)) = map.next_key()? {
-            found |= if is_file_id {
-                map.next_value::<Option<de::IgnoredAny>>()?.is_some()
-            } else {
-                map.next_value::<NamesFileId>()?.0
-            };
-        }
-        Ok(NamesFileId(found))
-    }
-}
-
-/// Whether an object key, decoded, is `file_id` or `file_ids`.
-struct FileIdKey(bool);
-
-impl<'de> de::Deserialize<'de> for FileIdKey {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct KeyVisitor;
-        impl Visitor<'_> for KeyVisitor {
-            type Value = FileIdKey;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("an object key")
-            }
-            fn visit_str<E: de::Error>(self, key: &str) -> Result<Self::Value, E> {
-                Ok(FileIdKey(matches!(key, "file_id" | "file_ids")))
-            }
-        }
-        deserializer.deserialize_str(KeyVisitor)
     }
 }
 
@@ -518,17 +426,5 @@ mod tests {
         assert!(!names(
             r#"[{"role":"user","content":"what is a file_id? \u00e9"}]"#
         ));
-        // Past serde_json's nesting limit: a 400, not a pass.
-        let deep = format!(
-            r#"[{}{{"file_id":"file-x"}}{}]"#,
-            "[".repeat(200),
-            "]".repeat(200)
-        );
-        let body = format!(r#"{{"model":"m","messages":{deep}}}"#);
-        let error = ChatRequest::parse(body.as_bytes())
-            .unwrap()
-            .names_stored_file()
-            .unwrap_err();
-        assert_eq!(error.status(), http::StatusCode::BAD_REQUEST);
     }
 }
