@@ -693,6 +693,12 @@ async fn a_cancel_refused_at_the_training_deadline_is_tried_again_until_it_is_ta
     // Failed now, the job would leave the run going on, and billed, with its examples free for
     // the next job to train on again.
     assert_eq!(job(&gw, &id).await["status"], "TRAINING");
+    // Asked again at the pace of the polls (0.2 s apart here), not in a loop with no pause: at
+    // most ten in a second, with room for a slow machine to stretch the second.
+    let before = calls(&sim, "POST", &cancel);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let asked = calls(&sim, "POST", &cancel) - before;
+    assert!(asked <= 50, "{asked} cancels in about a second");
     sim.set_api_key(Some(&key));
     let failed = wait_for_job(&gw, "FAILED").await;
     assert_eq!(failed["id"], id.as_str());
@@ -1268,6 +1274,29 @@ async fn cancel_holds(gw: &TestGateway, id: &str) {
         1,
         "the threshold undid the cancel: {jobs}"
     );
+}
+
+#[tokio::test]
+async fn a_cancel_made_while_the_provider_is_down_ends_the_job() {
+    let sim = start_sim(ten_minute_training()).await;
+    let gw = start_gateway_with(&config(&sim, "", ""), admin).await;
+    traffic(&gw, 25, "outage", None).await;
+    let id = submitted_job(&gw).await;
+    // The provider cannot be reached from here on: every poll fails as an outage does.
+    sim.shutdown().await;
+    let cancel = admin_post(&gw, &format!("/admin/jobs/{id}/cancel")).await;
+    assert_eq!(cancel.status(), 502);
+    let err: Value = cancel.json().await.unwrap();
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("recorded"),
+        "{err}"
+    );
+    // Without the record, the job would poll the outage until its deadline, holding the route.
+    cancel_holds(&gw, &id).await;
+    gw.shutdown().await;
 }
 
 #[tokio::test]

@@ -173,12 +173,13 @@ pub enum CancelError {
     /// The provider refused, or could not be reached.
     #[error("the provider did not cancel the run: {0}")]
     Provider(ProviderError),
-    /// The provider refused for good (its key rotated, say). The cancel is recorded: the job
-    /// fails, cancelled, at its next poll the provider refuses too.
+    /// The provider did not take the cancel: it refused (its key rotated, say) or could not be
+    /// reached. The cancel is recorded: the job asks again at each poll, and fails, cancelled,
+    /// at its first poll that fails.
     #[error(
-        "the provider refused to cancel the run ({0}); the cancel is recorded, and the job fails at its next poll the provider refuses too: the run may still be running there"
+        "the provider did not take the cancel ({0}); it is recorded: Forge asks again at each poll, and the job fails at its first poll that fails, though the run may still be running there"
     )]
-    RecordedButRefused(ProviderError),
+    RecordedButNotTaken(ProviderError),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -279,7 +280,7 @@ impl DistillationService {
         let (Some(route), Some(run)) = (self.routes.get(&job.route), &job.provider_job_id) else {
             return Err(not_training("not submitted to the provider yet"));
         };
-        let refused = match route.provider.cancel(run).await {
+        let not_taken = match route.provider.cancel(run).await {
             Ok(()) => None,
             // The run has ended, or the provider may take the cancel later: nothing to record.
             Err(
@@ -288,10 +289,10 @@ impl DistillationService {
                     status: 400 | 409, ..
                 }),
             ) => return Err(CancelError::Provider(e)),
-            Err(e) if e.is_transient() => return Err(CancelError::Provider(e)),
-            // Refused for good (a key rotated, a 403): the operator's wish is recorded all the
-            // same, or a job whose polls are refused alike would wait for good (for ever, with
-            // no training deadline), holding its route.
+            // Refused (a key rotated, a 403) or unreachable (an outage): the operator's wish is
+            // recorded all the same. The job's loop asks again while the run goes on, and ends
+            // the job at its first failed poll: otherwise a job whose polls fail alike would wait
+            // for its deadline (for ever, without one), holding its route.
             Err(e) => Some(e),
         };
         // Kept apart from the job, which its own loop writes: however the job then ends (a
@@ -300,14 +301,14 @@ impl DistillationService {
         if let Err(e) = self.store.put_meta(&cancel_key(id), &true) {
             tracing::error!(job = %id, error = %e, "the cancel could not be recorded; the route's triggers may start a job again soon");
         }
-        match refused {
+        match not_taken {
             None => {
                 tracing::info!(job = %id, provider_job = %run, "training run cancelled at the provider");
                 Ok(job)
             }
             Some(e) => {
-                tracing::warn!(job = %id, provider_job = %run, error = %e, "the provider refused to cancel the run; the cancel is recorded, and the job ends at its next refused poll");
-                Err(CancelError::RecordedButRefused(e))
+                tracing::warn!(job = %id, provider_job = %run, error = %e, "the provider did not take the cancel; it is recorded, asked again at each poll, and the job ends at its first failed poll");
+                Err(CancelError::RecordedButNotTaken(e))
             }
         }
     }
@@ -738,12 +739,15 @@ impl DistillationService {
         }
     }
 
+    /// Whether an operator cancelled job `id` (`POST /admin/jobs/{id}/cancel`), whether or not
+    /// the provider took the cancel.
+    fn cancel_recorded(&self, id: &str) -> bool {
+        matches!(self.store.meta::<bool>(&cancel_key(id)), Ok(Some(true)))
+    }
+
     fn fail(&self, job: &mut DistillationJob, error: String) {
         tracing::warn!(job = %job.id, route = %job.route, error = %error, "distillation job failed");
-        job.cancelled |= matches!(
-            self.store.meta::<bool>(&cancel_key(&job.id)),
-            Ok(Some(true))
-        );
+        job.cancelled |= self.cancel_recorded(&job.id);
         job.status = JobStatus::Failed;
         job.error = Some(error);
         job.finished_ms = Some(now_ms());
@@ -939,10 +943,7 @@ impl DistillationService {
                     tracing::info!(job = %job.id, provider_job, "the run succeeded as its deadline passed; it is kept");
                     return AtDeadline::Trained(model);
                 }
-                let operator_cancelled = matches!(
-                    self.store.meta::<bool>(&cancel_key(&job.id)),
-                    Ok(Some(true))
-                );
+                let operator_cancelled = self.cancel_recorded(&job.id);
                 if let ProviderError::Ended(why) = &e {
                     tracing::warn!(job = %job.id, provider_job, "training deadline passed as the run ended without a model: {why}");
                     format!("the run had ended at the provider ({why})")
@@ -1040,8 +1041,22 @@ impl DistillationService {
                                     .into(),
                             );
                         }
-                        ProviderState::Queued | ProviderState::Running => {}
+                        ProviderState::Queued | ProviderState::Running => {
+                            // An operator's cancel that the provider did not take (refused, or
+                            // unreachable then) is asked again while the run goes on.
+                            if self.cancel_recorded(&job.id) {
+                                self.cancel_again(&job, &route, &provider_job).await;
+                            }
+                        }
                     }
+                }
+                // A run that is gone (a Kubernetes Job deleted), or one an operator cancelled:
+                // there is nothing left to follow. After a cancel, any failed poll ends the job
+                // (a refusal, an outage, a rate limit), or an outage would hold the route
+                // against the operator until the deadline, or for ever without one.
+                Err(e) if matches!(e, ProviderError::Ended(_)) || self.cancel_recorded(&job.id) => {
+                    self.release(&route, &job, &provider_job);
+                    return self.fail(&mut job, format!("poll: {e}"));
                 }
                 Err(ProviderError::RateLimited(after)) => {
                     wait = after.max(self.settings.poll_initial)
@@ -1049,18 +1064,6 @@ impl DistillationService {
                 Err(e) if e.is_transient() => {
                     tracing::warn!(job = %job.id, error = %e, "poll failed; retrying");
                     wait = wait.mul_f64(2.0).min(self.settings.poll_max);
-                }
-                // A run that is gone (a Kubernetes Job deleted), or one an operator cancelled:
-                // there is nothing left to follow.
-                Err(e)
-                    if matches!(e, ProviderError::Ended(_))
-                        || matches!(
-                            self.store.meta::<bool>(&cancel_key(&job.id)),
-                            Ok(Some(true))
-                        ) =>
-                {
-                    self.release(&route, &job, &provider_job);
-                    return self.fail(&mut job, format!("poll: {e}"));
                 }
                 // Any other refused poll (a key rotated at the provider, a token file being
                 // renewed, a 404 from an account that is not the run's) says nothing of the run,
@@ -1089,6 +1092,22 @@ impl DistillationService {
         self.save(&mut job);
         self.release(&route, &job, &provider_job);
         self.after_training(job, route, trained).await;
+    }
+
+    /// Asks the provider once more to cancel a run an operator cancelled. A 400 or 409 says the
+    /// run is ending already, which the next poll reads.
+    async fn cancel_again(&self, job: &DistillationJob, route: &RouteDistill, provider_job: &str) {
+        match route.provider.cancel(provider_job).await {
+            Ok(()) => {
+                tracing::info!(job = %job.id, provider_job, "the recorded cancel was taken");
+            }
+            Err(ProviderError::Http {
+                status: 400 | 409, ..
+            }) => {}
+            Err(e) => {
+                tracing::warn!(job = %job.id, provider_job, error = %e, "the recorded cancel was not taken; asking again at the next poll");
+            }
+        }
     }
 
     /// Deletes what job's run uploaded, once the run has ended ([`TrainingProvider::release`]),
@@ -1629,6 +1648,105 @@ mod tests {
         ) -> BoxFuture<'a, Result<bool, String>> {
             Box::pin(async { Err("not in this test".into()) })
         }
+    }
+
+    /// A run that trains until cancelled, and whose first cancel finds the provider down.
+    #[derive(Debug, Default)]
+    struct DownAtFirstCancel {
+        cancels: std::sync::atomic::AtomicUsize,
+    }
+
+    impl TrainingProvider for DownAtFirstCancel {
+        fn name(&self) -> &'static str {
+            "down-at-first-cancel"
+        }
+        fn submit<'a>(
+            &'a self,
+            _: &'a TrainingRequest,
+        ) -> BoxFuture<'a, Result<super::super::Submitted, ProviderError>> {
+            Box::pin(async { Err(ProviderError::Invalid("not in this test".into())) })
+        }
+        fn poll<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<Progress, ProviderError>> {
+            let cancelled = self.cancels.load(std::sync::atomic::Ordering::SeqCst) > 1;
+            Box::pin(async move {
+                Ok(Progress {
+                    state: if cancelled {
+                        ProviderState::Cancelled
+                    } else {
+                        ProviderState::Running
+                    },
+                    provider_status: if cancelled { "cancelled" } else { "running" }.into(),
+                    metrics: BTreeMap::new(),
+                })
+            })
+        }
+        fn cancel<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<(), ProviderError>> {
+            let first = self
+                .cancels
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                == 0;
+            Box::pin(async move {
+                if first {
+                    Err(ProviderError::Transport("connection refused".into()))
+                } else {
+                    Ok(())
+                }
+            })
+        }
+        fn deploy<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a str,
+        ) -> BoxFuture<'a, Result<super::super::Deployed, ProviderError>> {
+            Box::pin(async { Err(ProviderError::Invalid("not in this test".into())) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cancel_the_provider_did_not_take_is_asked_again_while_the_run_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_dir(&dir.path().join("store")).unwrap();
+        let training: DistillationJob = serde_json::from_value(serde_json::json!({
+            "id": "dj_cancelled", "route": "chat", "trigger": "threshold", "status": "TRAINING",
+            "provider": "down-at-first-cancel", "base_model": "m", "provider_job_id": "run-1",
+            "dataset_size": 12, "created_ms": now_ms(), "updated_ms": 0
+        }))
+        .unwrap();
+        store.put_job(&training.id, &training).unwrap();
+        let provider = Arc::new(DownAtFirstCancel::default());
+        let service = DistillationService::new(
+            store,
+            settings(dir.path()),
+            vec![RouteDistill {
+                provider: provider.clone(),
+                ..chat_route()
+            }],
+            Arc::new(Unused),
+            Arc::new(Scripted {
+                refused: None,
+                wordy: None,
+            }),
+        );
+        // The operator's cancel meets an outage: recorded all the same.
+        match service.cancel("dj_cancelled").await {
+            Err(CancelError::RecordedButNotTaken(ProviderError::Transport(_))) => {}
+            other => panic!("{other:?}"),
+        }
+        // The provider is back, and its polls say the run goes on: the job asks again.
+        let job = service.job("dj_cancelled").unwrap().unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            Arc::clone(&service).finish_training(job),
+        )
+        .await
+        .expect("the job ends");
+        let ended = service.job("dj_cancelled").unwrap().unwrap();
+        assert_eq!(ended.status, JobStatus::Failed);
+        assert!(ended.cancelled, "{ended:?}");
+        assert_eq!(
+            provider.cancels.load(std::sync::atomic::Ordering::SeqCst),
+            2
+        );
     }
 
     /// The student answers `q<i>` with `a<i>`, word for word, but refuses `q<refused>`; the

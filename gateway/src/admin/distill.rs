@@ -82,7 +82,7 @@ pub async fn cancel(State(state): State<AdminState>, JsonPath(id): JsonPath<Stri
                 | ProviderError::Ended(_),
             ),
         ) => error(StatusCode::CONFLICT, "provider_refused", e.to_string()),
-        Err(e @ (CancelError::Provider(_) | CancelError::RecordedButRefused(_))) => {
+        Err(e @ (CancelError::Provider(_) | CancelError::RecordedButNotTaken(_))) => {
             error(StatusCode::BAD_GATEWAY, "provider_error", e.to_string())
         }
         Err(CancelError::Store(e)) => crate::error::Error::from_store(&e).into_response(),
