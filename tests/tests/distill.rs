@@ -1429,6 +1429,22 @@ async fn an_azure_run_whose_create_answer_was_lost_is_found_not_started_again() 
 }
 
 #[tokio::test]
+async fn an_azure_create_that_failed_with_no_run_is_not_tried_again() {
+    let (sim, text) = azure_setup("arm-token", "arm-token").await;
+    // A 500 that made no job: looked for, not found, and not created again, since a run
+    // that shows up late would then be paid for twice.
+    sim.fail_next_job_creates(1);
+    let gw = start_gateway_with(&admin_triggered(&text), admin).await;
+    traffic(&gw, 25, "failed-create", None).await;
+    assert_eq!(admin_post(&gw, "/admin/distill/chat").await.status(), 202);
+    let failed = wait_for_job(&gw, "FAILED").await;
+    let error = failed["error"].as_str().unwrap();
+    assert!(error.contains("made all the same"), "{failed}");
+    assert_eq!(azure_runs_created(&sim), 1);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
 async fn an_azure_submission_a_restart_interrupted_finds_its_run() {
     let (sim, text) = azure_setup_with("arm-token", "arm-token", |sim| {
         sim.fine_tune.running = Duration::from_secs(5)
@@ -1439,17 +1455,97 @@ async fn an_azure_submission_a_restart_interrupted_finds_its_run() {
     let id = submitted_job(&gw).await;
     let run = job(&gw, &id).await["provider_job_id"].clone();
     // Stopped as if while submitting: the run exists, its id unrecorded.
-    let (again, dir) = restart(gw, &admin_triggered(&text), |store| {
-        let mut job: Value = store.job(&id).unwrap().unwrap();
-        job["provider_job_id"] = Value::Null;
-        store.put_job(&id, &job).unwrap();
-    })
-    .await;
+    let dir = gw.shutdown().await;
+    let store = reopened(&dir).await;
+    let mut stored: Value = store.job(&id).unwrap().unwrap();
+    stored["provider_job_id"] = Value::Null;
+    store.put_job(&id, &stored).unwrap();
+    drop(store);
+    // Meanwhile another user of the resource makes 120 jobs: the run is no longer on the first
+    // page of the job list (100 a page), and its upload not the newest file.
+    let theirs = azure_upload(&sim, "theirs.jsonl").await;
+    for _ in 0..120 {
+        azure_create(&sim, &theirs).await;
+    }
+    let again = start_on(&admin_triggered(&text), &dir).await;
     let done = completed(&again, &id).await;
     assert_eq!(done["provider_job_id"], run, "{done}");
+    // Forge's one run, and the other user's.
+    assert_eq!(azure_runs_created(&sim), 1 + 120);
+    again.shutdown().await;
+    drop(dir);
+}
+
+#[tokio::test]
+async fn an_azure_submission_stopped_between_upload_and_create_uses_its_upload_again() {
+    // Files take 5 s to process: the gateway stops while it waits for the training file's.
+    let (sim, text) = azure_setup_with("arm-token", "arm-token", |sim| {
+        sim.azure.file_processing = Duration::from_secs(5)
+    })
+    .await;
+    let gw = start_gateway_with(&text, admin).await;
+    traffic(&gw, 25, "orphan", None).await;
+    let uploads = || {
+        sim.requests()
+            .into_iter()
+            .filter(|r| r.method == "POST" && r.path.starts_with("/openai/files?"))
+            .count()
+    };
+    eventually("the training file uploaded", || uploads() >= 1).await;
+    let id = wait_for_job(&gw, "TRAINING").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dir = gw.shutdown().await;
+    assert_eq!(uploads(), 1, "the gateway stopped too late");
+    // Back: the upload is found with no job made from it, and used; only the validation file
+    // is sent.
+    let again = start_on(&admin_triggered(&text), &dir).await;
+    completed(&again, &id).await;
+    assert_eq!(uploads(), 2);
     assert_eq!(azure_runs_created(&sim), 1);
     again.shutdown().await;
     drop(dir);
+}
+
+/// Uploads a one-line training file to the simulated Azure resource, as another user of it
+/// would; returns its id.
+async fn azure_upload(sim: &SimHandle, name: &str) -> String {
+    let line = "\u{feff}{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"},{\"role\":\"assistant\",\"content\":\"hello\"}]}\n";
+    let form = reqwest::multipart::Form::new()
+        .text("purpose", "fine-tune")
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(line.as_bytes().to_vec()).file_name(name.to_string()),
+        );
+    let resp = client()
+        .post(format!(
+            "{}/openai/files?api-version=2024-10-21",
+            sim.root_url()
+        ))
+        .header("api-key", "k")
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let file: Value = resp.json().await.unwrap();
+    file["id"].as_str().unwrap().to_string()
+}
+
+/// Makes a fine-tuning job on the simulated Azure resource from `file`, as another user would.
+async fn azure_create(sim: &SimHandle, file: &str) {
+    let resp = client()
+        .post(format!(
+            "{}/openai/fine_tuning/jobs?api-version=2024-10-21",
+            sim.root_url()
+        ))
+        .header("api-key", "k")
+        .json(&json!({"model": "gpt-4o-mini-2024-07-18", "training_file": file}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
 }
 
 #[tokio::test]

@@ -255,6 +255,12 @@ impl SimHandle {
         self.state.lose_next_job_creates(n);
     }
 
+    /// Makes the next `n` fine-tuning job creations (OpenAI or Azure) answer 500 and make no
+    /// job. Replaces any earlier count.
+    pub fn fail_next_job_creates(&self, n: usize) {
+        self.state.fail_next_job_creates(n);
+    }
+
     /// Every dataset download a Kubernetes Job's container made, oldest first.
     pub fn k8s_fetches(&self) -> Vec<DatasetFetch> {
         self.state.storage().cluster.fetches()

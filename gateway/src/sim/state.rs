@@ -51,6 +51,8 @@ pub(crate) struct SimState {
     failing_jobs: AtomicUsize,
     /// How many of the next fine-tuning job creations are answered with a 500 all the same.
     lost_creates: AtomicUsize,
+    /// How many of the next fine-tuning job creations fail with a 500, making no job.
+    failed_creates: AtomicUsize,
     /// How many of the next requests to OpenAI's training APIs meet an exhausted quota.
     quota_refusals: AtomicUsize,
     /// Background work (dataset fetches) to stop when the server stops.
@@ -124,6 +126,7 @@ impl SimState {
             rate_limit: Mutex::new(RateLimit::default()),
             rate_limited: AtomicUsize::new(0),
             lost_creates: AtomicUsize::new(0),
+            failed_creates: AtomicUsize::new(0),
             failing_jobs: AtomicUsize::new(0),
             quota_refusals: AtomicUsize::new(0),
             tasks: Mutex::new(Vec::new()),
@@ -271,9 +274,16 @@ impl SimState {
 
     /// Whether the answer to the job just created is to be lost; uses one up if so.
     pub(crate) fn take_lost_create(&self) -> bool {
-        self.lost_creates
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-            .is_ok()
+        take_one(&self.lost_creates)
+    }
+
+    pub(crate) fn fail_next_job_creates(&self, n: usize) {
+        self.failed_creates.store(n, Ordering::Relaxed);
+    }
+
+    /// Whether the job about to be created is to fail instead; uses one up if so.
+    pub(crate) fn take_failed_create(&self) -> bool {
+        take_one(&self.failed_creates)
     }
 
     pub(crate) fn exhaust_quota(&self, n: usize) {
@@ -282,16 +292,12 @@ impl SimState {
 
     /// Whether this request is one that an exhausted quota refuses; uses one up if so.
     pub(crate) fn take_quota_refusal(&self) -> bool {
-        self.quota_refusals
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-            .is_ok()
+        take_one(&self.quota_refusals)
     }
 
     /// Whether the job being created is one of those told to fail; uses one up if so.
     pub(crate) fn take_failing_job(&self) -> bool {
-        self.failing_jobs
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-            .is_ok()
+        take_one(&self.failing_jobs)
     }
 
     /// Keeps `task` so that stopping the server stops it too.
@@ -387,4 +393,11 @@ fn check_bearer(headers: &HeaderMap, expected: Option<&str>) -> Result<(), Beare
         (Some(token), Some(expected)) if token != expected => Err(BearerRefusal::Wrong),
         (Some(_), _) => Ok(()),
     }
+}
+
+/// Counts one down from `count`; false when it is at zero already.
+fn take_one(count: &AtomicUsize) -> bool {
+    count
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+        .is_ok()
 }

@@ -12,7 +12,9 @@ use super::config::{
     AzureConfig, Env, ProviderSetupError, name_or, process_env, required, resolve_secret, seconds,
     setting,
 };
-use super::fine_tuning::{Dialect, FineTuningApi, JobObject, details, upload_name};
+use super::fine_tuning::{
+    Dialect, EarlierSubmission, FineTuningApi, JobObject, details, upload_name,
+};
 use super::naming::dns_label;
 use crate::distill::provider::{
     BoxFuture, Deployed, Progress, ProviderError, Submitted, TrainingProvider, TrainingRequest,
@@ -27,6 +29,13 @@ const MAX_DEPLOYMENT_NAME: usize = 64;
 const FIRST_WAIT: Duration = Duration::from_millis(250);
 const MAX_FILE_WAIT_STEP: Duration = Duration::from_secs(5);
 const MAX_DEPLOY_WAIT_STEP: Duration = Duration::from_secs(15);
+/// The pauses before each look for the job a failed create may have made: at once, then
+/// twice more, as a create still in flight when its answer was lost may show up late.
+const LOST_CREATE_LOOKS: [Duration; 3] = [
+    Duration::ZERO,
+    Duration::from_secs(2),
+    Duration::from_secs(10),
+];
 
 /// Trains on Azure OpenAI. Uploads are processed asynchronously there and a job on a `pending`
 /// file fails, so `submit` waits (bounded) for `processed`. A trained model can't be called
@@ -170,31 +179,22 @@ impl AzureProvider {
         })
     }
 
-    /// The run an earlier submission of Forge job `job_id` created, found by its training
-    /// file's name: Azure jobs carry no metadata.
-    async fn earlier_run(&self, job_id: &str) -> Result<Option<JobObject>, ProviderError> {
-        self.api
-            .find_job_by_training_file(&upload_name(job_id, "train"))
-            .await
-    }
-
     async fn submit_run(&self, request: &TrainingRequest) -> Result<Submitted, ProviderError> {
-        // A crash between creating the job and recording it would otherwise train twice.
-        let earlier = match self.earlier_run(&request.job_id).await {
-            Ok(found) => found,
-            // A resource that cannot list its files or jobs: nothing to find, so create one.
-            Err(ProviderError::Http { status, message }) if matches!(status, 400 | 404) => {
-                tracing::debug!(status, %message, "cannot look up earlier Azure fine-tuning jobs; creating one");
-                None
-            }
-            Err(err) => return Err(err),
-        };
-        if let Some(job) = earlier {
+        // Azure jobs carry no metadata: an earlier submission's run (a crash came between its
+        // create and its record) is found by its training file's name, or it would train twice.
+        // A lookup that fails fails the submission: creating without it could pay twice.
+        let earlier = self.api.earlier_submission(&request.job_id).await?;
+        if let Some(job) = earlier.job {
             tracing::info!(job_id = %request.job_id, provider_job_id = %job.id, "Azure fine-tuning job already exists; resuming it");
             return Ok(Submitted {
                 provider_job_id: job.id,
                 training_file_id: job.training_file,
             });
+        }
+        // Its files, if it got no further, are used again rather than uploaded a second time
+        // and left behind: only a run's own files are deleted once it ends.
+        for file in earlier.uploads {
+            self.api.reuse_upload(file);
         }
         let names = [
             upload_name(&request.job_id, "train"),
@@ -208,21 +208,11 @@ impl AzureProvider {
         let body = self.api.job_body(request, &training, validation.as_deref());
         let job = match self.api.create_job(&body).await {
             Ok(job) => job,
-            // A create whose answer was lost may have started a run: it is looked for before
-            // the submission is tried again (which looks first too), or a second run is paid for.
+            // A create whose answer was lost (a 5xx, a timeout) may have made the job: it is
+            // looked for, a few times as it may show up late. Not found, the submission is not
+            // tried again: that could pay for a second run.
             Err(e) if e.is_transient() && !matches!(e, ProviderError::RateLimited(_)) => {
-                match self.earlier_run(&request.job_id).await {
-                    Ok(Some(job)) => {
-                        tracing::info!(job_id = %request.job_id, provider_job_id = %job.id, error = %e, "the fine-tuning job's create failed, but the job was created");
-                        job
-                    }
-                    Ok(None) => return Err(e),
-                    Err(lookup) => {
-                        return Err(ProviderError::Ambiguous(format!(
-                            "creating the fine-tuning job failed ({e}), and looking for it failed too ({lookup}); it may have been created all the same: check the Azure resource before starting another"
-                        )));
-                    }
-                }
+                self.created_all_the_same(&request.job_id, &e).await?
             }
             Err(e) => return Err(e),
         };
@@ -232,6 +222,33 @@ impl AzureProvider {
             provider_job_id: job.id,
             training_file_id: Some(training),
         })
+    }
+
+    /// The job a create that failed with `error` made all the same, or an ambiguous error.
+    async fn created_all_the_same(
+        &self,
+        job_id: &str,
+        error: &ProviderError,
+    ) -> Result<JobObject, ProviderError> {
+        let mut lookup = None;
+        for pause in LOST_CREATE_LOOKS {
+            tokio::time::sleep(pause).await;
+            match self.api.earlier_submission(job_id).await {
+                Ok(EarlierSubmission { job: Some(job), .. }) => {
+                    tracing::info!(job_id, provider_job_id = %job.id, %error, "the fine-tuning job's create failed, but the job was made");
+                    return Ok(job);
+                }
+                Ok(_) => lookup = None,
+                Err(e) => lookup = Some(e),
+            }
+        }
+        let looked = match lookup {
+            None => "no job made from its training file shows".to_string(),
+            Some(e) => format!("looking for it failed too ({e})"),
+        };
+        Err(ProviderError::Ambiguous(format!(
+            "creating the fine-tuning job failed ({error}), and {looked}; it may have been made all the same: check the Azure resource before starting another"
+        )))
     }
 
     /// Uploads with a byte order mark, then waits until Azure has processed the file.
@@ -440,7 +457,14 @@ impl TrainingProvider for AzureProvider {
         &'a self,
         job_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<String>, ProviderError>> {
-        Box::pin(async move { Ok(self.earlier_run(job_id).await?.map(|job| job.id)) })
+        Box::pin(async move {
+            Ok(self
+                .api
+                .earlier_submission(job_id)
+                .await?
+                .job
+                .map(|job| job.id))
+        })
     }
 
     fn poll<'a>(

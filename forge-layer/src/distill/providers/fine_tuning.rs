@@ -25,8 +25,8 @@ const CREATE_ATTEMPTS: usize = 3;
 const MAX_CREATE_WAIT: Duration = Duration::from_secs(60);
 /// Metrics events are near the top of the newest-first list once a job has finished.
 const EVENTS_PAGE: &str = "100";
-/// Jobs read per page when looking for one by its training file.
-const JOBS_PAGE: &str = "100";
+/// Objects read per page of a list.
+const LIST_PAGE: &str = "100";
 
 /// The two spellings of the same API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +99,32 @@ pub(super) struct JobError {
     message: Option<String>,
 }
 
+/// What an earlier submission of a Forge job left at the provider.
+#[derive(Debug)]
+pub(super) struct EarlierSubmission {
+    /// The run made from its training file, if any, not failed or cancelled.
+    pub(super) job: Option<JobObject>,
+    /// The files it uploaded, newest first.
+    pub(super) uploads: Vec<FileObject>,
+}
+
+/// An object of a list endpoint, paged by id.
+trait HasId {
+    fn id(&self) -> &str;
+}
+
+impl HasId for FileObject {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl HasId for JobObject {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
 #[derive(Deserialize)]
 struct ListOf<T> {
     data: Vec<T>,
@@ -139,6 +165,14 @@ impl FineTuningApi {
     /// The file an earlier attempt uploaded as `filename`, if its job was not created.
     pub(super) fn uploaded(&self, filename: &str) -> Option<FileObject> {
         self.lock_uploaded().get(filename).cloned()
+    }
+
+    /// Takes `file`, which an earlier submission uploaded under its name, as this one's upload
+    /// under that name, unless one is known already (the newest comes first).
+    pub(super) fn reuse_upload(&self, file: FileObject) {
+        if let Some(name) = file.filename.clone() {
+            self.lock_uploaded().entry(name).or_insert(file);
+        }
     }
 
     /// Forgets the uploads of `filenames` once their job exists.
@@ -301,55 +335,87 @@ impl FineTuningApi {
         }))
     }
 
-    /// The job, not failed or cancelled, created from a training file uploaded as `filename`:
-    /// how a job that carries no metadata (Azure's) is found again after its create's answer
-    /// was lost, or a restart came before its id was stored. Jobs are listed newest first, back
-    /// to the oldest such upload, before which none of them can have been created.
-    pub(super) async fn find_job_by_training_file(
+    /// What an earlier submission of Forge job `job_id` left at the provider, found by its
+    /// uploads' names ([`upload_name`]): how a job that carries no metadata (Azure's) is found
+    /// again after its create's answer was lost, or a restart came before its id was stored.
+    /// Jobs are listed newest first, back to the oldest such upload, before which none of them
+    /// can have been created.
+    pub(super) async fn earlier_submission(
         &self,
-        filename: &str,
-    ) -> Result<Option<JobObject>, ProviderError> {
-        let url = self.url(&["files"], &[]);
-        let files: ListOf<FileObject> =
-            client::send_json(self.request(Method::GET, url, self.timeout)).await?;
-        let uploads: Vec<FileObject> = files
-            .data
+        job_id: &str,
+    ) -> Result<EarlierSubmission, ProviderError> {
+        let names = [
+            upload_name(job_id, "train"),
+            upload_name(job_id, "validation"),
+        ];
+        let uploads: Vec<FileObject> = self
+            .list_all(&["files"], None, |_: &FileObject| true)
+            .await?
             .into_iter()
-            .filter(|file| file.filename.as_deref() == Some(filename))
+            .filter(|file| {
+                file.filename
+                    .as_ref()
+                    .is_some_and(|name| names.contains(name))
+            })
             .collect();
-        let Some(oldest) = uploads
+        let training: Vec<&FileObject> = uploads
+            .iter()
+            .filter(|file| file.filename.as_ref() == Some(&names[0]))
+            .collect();
+        let made_from_it = |job: &JobObject| {
+            !matches!(job.status.as_str(), "failed" | "cancelled")
+                && job
+                    .training_file
+                    .as_ref()
+                    .is_some_and(|id| training.iter().any(|file| file.id == *id))
+        };
+        let job = match training
             .iter()
             .map(|file| file.created_at.unwrap_or(0))
             .min()
-        else {
-            return Ok(None);
+        {
+            None => None,
+            Some(oldest) => self
+                .list_all(&["fine_tuning", "jobs"], Some(LIST_PAGE), |job| {
+                    !made_from_it(job) && job.created_at.is_none_or(|at| at >= oldest)
+                })
+                .await?
+                .into_iter()
+                .find(made_from_it),
         };
-        let mut after: Option<String> = None;
+        Ok(EarlierSubmission { job, uploads })
+    }
+
+    /// Every object of a list endpoint, page by page (`after` the last one's id, while
+    /// `has_more`), until `more` says to stop after the object it was shown. `limit` is sent
+    /// only where given: Azure documents it for jobs, not for files.
+    async fn list_all<T: serde::de::DeserializeOwned + HasId>(
+        &self,
+        segments: &[&str],
+        limit: Option<&str>,
+        mut more: impl FnMut(&T) -> bool,
+    ) -> Result<Vec<T>, ProviderError> {
+        let mut all = Vec::new();
         loop {
-            let mut query = vec![("limit", JOBS_PAGE)];
+            let mut query: Vec<(&str, &str)> = limit.map(|n| ("limit", n)).into_iter().collect();
+            let after = all.last().map(|last: &T| last.id().to_owned());
             if let Some(after) = &after {
                 query.push(("after", after.as_str()));
             }
-            let url = self.url(&["fine_tuning", "jobs"], &query);
-            let page: ListOf<JobObject> =
+            let url = self.url(segments, &query);
+            let page: ListOf<T> =
                 client::send_json(self.request(Method::GET, url, self.timeout)).await?;
-            let found = page.data.iter().find(|job| {
-                !matches!(job.status.as_str(), "failed" | "cancelled")
-                    && job
-                        .training_file
-                        .as_ref()
-                        .is_some_and(|id| uploads.iter().any(|file| file.id == *id))
-            });
-            if let Some(job) = found {
-                return Ok(Some(job.clone()));
+            let last_page = !page.has_more || page.data.is_empty();
+            for item in page.data {
+                let go_on = more(&item);
+                all.push(item);
+                if !go_on {
+                    return Ok(all);
+                }
             }
-            let Some(last) = page.data.last() else {
-                return Ok(None);
-            };
-            if !page.has_more || last.created_at.is_some_and(|at| at < oldest) {
-                return Ok(None);
+            if last_page {
+                return Ok(all);
             }
-            after = Some(last.id.clone());
         }
     }
 

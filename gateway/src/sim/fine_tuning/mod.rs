@@ -106,6 +106,9 @@ pub(crate) fn create_in(
     flavor: Flavor,
     body: &[u8],
 ) -> Result<Response, ApiError> {
+    if state.take_failed_create() {
+        return Err(ApiError::server_error());
+    }
     let request = JobRequest::parse(&reply::json_object(body)?)?;
     if flavor == Flavor::Azure
         && request
