@@ -9,6 +9,12 @@ use crate::error::Error;
 /// How deep a walk goes: serde_json's own parser stops at 128 levels too.
 const MAX_DEPTH: usize = 128;
 
+/// How many times over a walk may read its text. Each level reads the text of the containers
+/// in it again, so a walk reads about its depth times the text: a chat message or a Responses
+/// item is a few levels deep, while a body nested 127 levels just to be read 127 times would
+/// cost a worker a second or more at the body limit.
+const READS_PER_BYTE: usize = 16;
+
 /// Looks at one object's keys and raw values, and names the reference it makes, if any.
 type Check<'c> = &'c dyn Fn(&[(String, &RawValue)]) -> Option<&'static str>;
 
@@ -74,20 +80,23 @@ fn names_any(object: &[(String, &RawValue)], keys: &[&str]) -> bool {
 /// each object's keys (decoded, as the upstream decodes them) and raw values, outermost first;
 /// the walk then goes into the object's values, but not those under the key `skip`, and into
 /// arrays. Strings are never decoded, so any valid text (an unpaired surrogate escape included)
-/// can be walked. A 400 naming `field` past [`MAX_DEPTH`] levels.
+/// can be walked. A 400 naming `field` past [`MAX_DEPTH`] levels, or past [`READS_PER_BYTE`]
+/// readings of the text.
 fn find(
     value: &RawValue,
     field: &'static str,
     skip: Option<&str>,
     check: Check<'_>,
 ) -> Result<Option<&'static str>, Error> {
-    walk(value, 0, skip, check)
+    let mut budget = value.get().len().saturating_mul(READS_PER_BYTE);
+    walk(value, 0, &mut budget, skip, check)
         .map_err(|why| Error::invalid(format!("`{field}` {why}."), Some(field)))
 }
 
 fn walk(
     value: &RawValue,
     depth: usize,
+    budget: &mut usize,
     skip: Option<&str>,
     check: Check<'_>,
 ) -> Result<Option<&'static str>, String> {
@@ -95,6 +104,11 @@ fn walk(
     let nested = matches!(text.as_bytes().first(), Some(b'{' | b'['));
     if nested && depth >= MAX_DEPTH {
         return Err(format!("is nested more than {MAX_DEPTH} levels deep"));
+    }
+    if nested {
+        *budget = budget.checked_sub(text.len()).ok_or_else(|| {
+            format!("is nested too deeply to be checked (more than {READS_PER_BYTE} readings of its text)")
+        })?;
     }
     let inner: Vec<&RawValue> = match text.as_bytes().first() {
         Some(b'{') => {
@@ -113,7 +127,7 @@ fn walk(
         _ => return Ok(None),
     };
     for value in inner {
-        if let Some(found) = walk(value, depth + 1, skip, check)? {
+        if let Some(found) = walk(value, depth + 1, budget, skip, check)? {
             return Ok(Some(found));
         }
     }
@@ -203,8 +217,17 @@ mod tests {
         let error = names_file(&raw(&deep)).unwrap_err();
         assert_eq!(error.status(), http::StatusCode::BAD_REQUEST);
         assert!(error.to_string().contains("`messages`"), "{error}");
-        // Within it, found at any depth.
-        let deep = format!(r#"{}{{"file_id":"x"}}{}"#, "[".repeat(100), "]".repeat(100));
+        // Within it, found at any depth the readings allow: each level reads the text again.
+        let deep = format!(r#"{}{{"file_id":"x"}}{}"#, "[".repeat(10), "]".repeat(10));
         assert!(names_file(&raw(&deep)).unwrap());
+        // A body nested only to be read many times over is refused before it is.
+        let padding = "0,".repeat(100_000);
+        let deep = format!(
+            "{}{padding}{{\"file_id\":\"x\"}}{}",
+            "[".repeat(100),
+            "]".repeat(100)
+        );
+        let error = names_file(&raw(&deep)).unwrap_err();
+        assert!(error.to_string().contains("readings"), "{error}");
     }
 }
