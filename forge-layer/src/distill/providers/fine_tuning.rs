@@ -405,6 +405,14 @@ impl FineTuningApi {
             let url = self.url(segments, &query);
             let page: ListOf<T> =
                 client::send_json(self.request(Method::GET, url, self.timeout)).await?;
+            // A service that ignores `after` sends the same page again, and would be read for
+            // ever: what follows the last object seen must not end with it.
+            if after.is_some() && page.data.last().map(HasId::id) == after.as_deref() {
+                return Err(ProviderError::Invalid(format!(
+                    "the provider's list of {} does not go on past a page (`after` ignored)",
+                    segments.join("/")
+                )));
+            }
             let last_page = !page.has_more || page.data.is_empty();
             for item in page.data {
                 let go_on = more(&item);

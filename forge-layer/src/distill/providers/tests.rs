@@ -352,8 +352,12 @@ fn request(hyperparameters: Hyperparameters) -> TrainingRequest {
 }
 
 fn api(dialect: Dialect) -> FineTuningApi {
+    api_at("http://127.0.0.1:1/v1", dialect)
+}
+
+fn api_at(base: &str, dialect: Dialect) -> FineTuningApi {
     let client = client::build_client(None).unwrap();
-    let base = client::parse_base("http://127.0.0.1:1/v1").unwrap();
+    let base = client::parse_base(base).unwrap();
     FineTuningApi::new(
         client,
         base,
@@ -711,4 +715,37 @@ async fn a_file_over_the_files_api_limit_is_refused_before_it_is_sent() {
         "{err:?}"
     );
     assert!(!err.is_transient());
+}
+
+#[tokio::test]
+async fn a_list_that_ignores_after_is_an_error_not_a_loop() {
+    // Every request gets the first page again, which says more follow.
+    let app = axum::Router::new().route(
+        "/v1/files",
+        axum::routing::get(|| async {
+            axum::Json(serde_json::json!({
+                "object": "list",
+                "data": [
+                    {"id": "file-b", "filename": "forge-01job-train.jsonl", "created_at": 2},
+                    {"id": "file-a", "filename": "other.jsonl", "created_at": 1},
+                ],
+                "has_more": true,
+            }))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}/v1", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let lookup = tokio::time::timeout(
+        Duration::from_secs(30),
+        api_at(&base, Dialect::Azure).earlier_submission("01JOB"),
+    )
+    .await
+    .expect("the lookup ends");
+    let err = lookup.unwrap_err();
+    assert!(
+        matches!(&err, ProviderError::Invalid(m) if m.contains("`after` ignored")),
+        "{err:?}"
+    );
+    server.abort();
 }
