@@ -182,7 +182,7 @@ fn write_json_string(out: &mut Vec<u8>, s: &str) {
 
 /// A JSON object's keys, decoded, each with its value as raw JSON text, in order and with any
 /// repeats.
-pub(crate) struct Entries<'a>(pub(crate) Vec<(String, &'a RawValue)>);
+struct Entries<'a>(Vec<(String, &'a RawValue)>);
 
 impl<'de> de::Deserialize<'de> for Entries<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {

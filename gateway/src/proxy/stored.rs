@@ -1,22 +1,29 @@
 //! References, in a request body, to what the account behind Forge's upstream key has stored:
 //! files, vector stores, containers and items, which may be another client's.
 
+use std::borrow::Cow;
+
 use serde_json::value::RawValue;
 
-use super::request::Entries;
 use crate::error::Error;
 
-/// How deep a walk goes: serde_json's own parser stops at 128 levels too.
+/// How deep a scan goes: serde_json's own parser stops at 128 levels too.
 const MAX_DEPTH: usize = 128;
 
-/// How many times over a walk may read its text. Each level reads the text of the containers
-/// in it again, so a walk reads about its depth times the text: a chat message or a Responses
-/// item is a few levels deep, while a body nested 127 levels just to be read 127 times would
-/// cost a worker a second or more at the body limit.
-const READS_PER_BYTE: usize = 16;
+/// The keys whose values the checks look at; the values of others are not kept.
+const KEYS: [&str; 5] = [
+    "file_id",
+    "file_ids",
+    "vector_store_ids",
+    "container",
+    "type",
+];
 
-/// Looks at one object's keys and raw values, and names the reference it makes, if any.
-type Check<'c> = &'c dyn Fn(&[(String, &RawValue)]) -> Option<&'static str>;
+/// One object's entries under [`KEYS`]: the key, and its value as raw JSON text.
+type Object<'a> = [(&'static str, &'a str)];
+
+/// Looks at one object's entries, and names the reference it makes, if any.
+type Check<'c> = &'c dyn Fn(&Object<'_>) -> Option<&'static str>;
 
 /// A chat request's `messages` name a file by id (a `file` content part's `file_id`). A file
 /// sent inline (`file_data`) is not one.
@@ -54,12 +61,11 @@ pub(crate) fn responses_reference(
             Some("vector_store_ids")
         } else if object
             .iter()
-            .any(|(key, value)| key == "container" && value.get().trim_start().starts_with('"'))
+            .any(|(key, value)| *key == "container" && value.starts_with('"'))
         {
             Some("container")
         } else if object.iter().any(|(key, value)| {
-            key == "type"
-                && serde_json::from_str::<String>(value.get()).is_ok_and(|t| t == "item_reference")
+            *key == "type" && value.starts_with('"') && decode(value) == "item_reference"
         }) {
             Some("item_reference")
         } else {
@@ -70,68 +76,200 @@ pub(crate) fn responses_reference(
 
 /// Whether the object sets one of `keys` to anything but `null`. A key given twice counts if
 /// either is set: parsers differ on which one wins.
-fn names_any(object: &[(String, &RawValue)], keys: &[&str]) -> bool {
+fn names_any(object: &Object<'_>, keys: &[&str]) -> bool {
     object
         .iter()
-        .any(|(key, value)| keys.contains(&key.as_str()) && value.get().trim() != "null")
+        .any(|(key, value)| keys.contains(key) && *value != "null")
 }
 
-/// What `check` finds first in the objects of `value`, JSON text already validated: it sees
-/// each object's keys (decoded, as the upstream decodes them) and raw values, outermost first;
-/// the walk then goes into the object's values, but not those under the key `skip`, and into
-/// arrays. Strings are never decoded, so any valid text (an unpaired surrogate escape included)
-/// can be walked. A 400 naming `field` past [`MAX_DEPTH`] levels, or past [`READS_PER_BYTE`]
-/// readings of the text.
+/// What `check` finds first in the objects of `value`, JSON text already validated, read in
+/// one pass: `check` sees each object's entries under [`KEYS`] (keys decoded, as the upstream
+/// decodes them) once the object ends, but not in the values under the key `skip`. Strings
+/// other than keys are not decoded, so any valid text (an unpaired surrogate escape included)
+/// is read. A 400 naming `field` past [`MAX_DEPTH`] levels.
 fn find(
     value: &RawValue,
     field: &'static str,
     skip: Option<&str>,
     check: Check<'_>,
 ) -> Result<Option<&'static str>, Error> {
-    let mut budget = value.get().len().saturating_mul(READS_PER_BYTE);
-    walk(value, 0, &mut budget, skip, check)
-        .map_err(|why| Error::invalid(format!("`{field}` {why}."), Some(field)))
+    scan(value.get(), skip, check).map_err(|()| {
+        Error::invalid(
+            format!("`{field}` is nested more than {MAX_DEPTH} levels deep."),
+            Some(field),
+        )
+    })
 }
 
-fn walk(
-    value: &RawValue,
-    depth: usize,
-    budget: &mut usize,
+/// What an object's next value is to its scan.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Key {
+    /// One of [`KEYS`]: kept.
+    Kept(&'static str),
+    /// The key not looked into.
+    Skip,
+    /// Any other key, or none yet.
+    Other,
+}
+
+/// An open object or array.
+#[derive(Debug)]
+struct Frame<'a> {
+    /// Where it starts in the text.
+    start: usize,
+    /// For an object, its entries under [`KEYS`] so far; `None` for an array.
+    entries: Option<Vec<(&'static str, &'a str)>>,
+    /// The key of the value that comes next, in an object.
+    key: Key,
+    /// Whether the next string in it is a key.
+    expect_key: bool,
+    /// Whether it lies in a value not looked into.
+    skipped: bool,
+}
+
+fn scan<'a>(
+    text: &'a str,
     skip: Option<&str>,
     check: Check<'_>,
-) -> Result<Option<&'static str>, String> {
-    let text = value.get().trim_start();
-    let nested = matches!(text.as_bytes().first(), Some(b'{' | b'['));
-    if nested && depth >= MAX_DEPTH {
-        return Err(format!("is nested more than {MAX_DEPTH} levels deep"));
-    }
-    if nested {
-        *budget = budget.checked_sub(text.len()).ok_or_else(|| {
-            format!("is nested too deeply to be checked (more than {READS_PER_BYTE} readings of its text)")
-        })?;
-    }
-    let inner: Vec<&RawValue> = match text.as_bytes().first() {
-        Some(b'{') => {
-            let Entries(object) = serde_json::from_str(text)
-                .map_err(|e| format!("holds a key that cannot be read ({e})"))?;
-            if let Some(found) = check(&object) {
-                return Ok(Some(found));
+) -> Result<Option<&'static str>, ()> {
+    let bytes = text.as_bytes();
+    let mut stack: Vec<Frame<'a>> = Vec::new();
+    let mut at = 0;
+    while let Some(&byte) = bytes.get(at) {
+        match byte {
+            b' ' | b'\t' | b'\n' | b'\r' | b':' => at += 1,
+            b',' => {
+                if let Some(frame) = stack.last_mut() {
+                    frame.expect_key = frame.entries.is_some();
+                }
+                at += 1;
             }
-            object
-                .into_iter()
-                .filter(|(key, _)| skip != Some(key.as_str()))
-                .map(|(_, value)| value)
-                .collect()
-        }
-        Some(b'[') => serde_json::from_str(text).map_err(|e| format!("cannot be read ({e})"))?,
-        _ => return Ok(None),
-    };
-    for value in inner {
-        if let Some(found) = walk(value, depth + 1, budget, skip, check)? {
-            return Ok(Some(found));
+            b'{' | b'[' => {
+                if stack.len() >= MAX_DEPTH {
+                    return Err(());
+                }
+                let skipped = stack
+                    .last()
+                    .is_some_and(|frame| frame.skipped || frame.key == Key::Skip);
+                stack.push(Frame {
+                    start: at,
+                    entries: (byte == b'{').then(Vec::new),
+                    key: Key::Other,
+                    expect_key: byte == b'{',
+                    skipped,
+                });
+                at += 1;
+            }
+            b'}' | b']' => {
+                at += 1;
+                let Some(frame) = stack.pop() else {
+                    return Ok(None);
+                };
+                if let (Some(entries), false) = (&frame.entries, frame.skipped)
+                    && let Some(found) = check(entries)
+                {
+                    return Ok(Some(found));
+                }
+                value_ends(&mut stack, text.get(frame.start..at).unwrap_or_default());
+            }
+            b'"' => {
+                let end = string_end(bytes, at);
+                let string = text.get(at..end).unwrap_or_default();
+                match stack.last_mut() {
+                    Some(frame) if frame.expect_key => {
+                        let key = decode(string);
+                        frame.key = match KEYS.iter().find(|k| **k == key) {
+                            Some(kept) => Key::Kept(kept),
+                            None if skip == Some(&*key) => Key::Skip,
+                            None => Key::Other,
+                        };
+                        frame.expect_key = false;
+                    }
+                    _ => value_ends(&mut stack, string),
+                }
+                at = end;
+            }
+            // A number, `true`, `false` or `null`: up to the next delimiter.
+            _ => {
+                let end = bytes[at..]
+                    .iter()
+                    .position(|b| matches!(b, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r'))
+                    .map_or(bytes.len(), |len| at + len);
+                value_ends(&mut stack, text.get(at..end).unwrap_or_default());
+                at = end;
+            }
         }
     }
     Ok(None)
+}
+
+/// A value has ended: kept in its object if its key is one of [`KEYS`].
+fn value_ends<'a>(stack: &mut [Frame<'a>], value: &'a str) {
+    if let Some(frame) = stack.last_mut() {
+        if let (Some(entries), Key::Kept(key)) = (&mut frame.entries, frame.key) {
+            entries.push((key, value));
+        }
+        frame.key = Key::Other;
+    }
+}
+
+/// Where the string that opens at `open` ends: just past its closing quote.
+fn string_end(bytes: &[u8], open: usize) -> usize {
+    let mut at = open + 1;
+    loop {
+        match bytes
+            .get(at..)
+            .and_then(|rest| memchr::memchr2(b'"', b'\\', rest))
+        {
+            Some(len) if bytes[at + len] == b'\\' => at += len + 2,
+            Some(len) => return at + len + 1,
+            None => return bytes.len(),
+        }
+    }
+}
+
+/// A JSON string (with its quotes) decoded, as the upstream decodes it. An unpaired surrogate
+/// escape, which no key Forge looks for holds, becomes U+FFFD.
+fn decode(quoted: &str) -> Cow<'_, str> {
+    let inner = quoted
+        .strip_prefix('"')
+        .and_then(|s| s.strip_suffix('"'))
+        .unwrap_or(quoted);
+    if !inner.contains('\\') {
+        return Cow::Borrowed(inner);
+    }
+    let mut out = String::with_capacity(inner.len());
+    let mut units: Vec<u16> = Vec::new();
+    let mut rest = inner;
+    while !rest.is_empty() {
+        if let Some(hex) = rest.strip_prefix("\\u")
+            && let Some(unit) = hex.get(..4).and_then(|h| u16::from_str_radix(h, 16).ok())
+        {
+            units.push(unit);
+            rest = &hex[4..];
+            continue;
+        }
+        out.extend(char::decode_utf16(units.drain(..)).map(|c| c.unwrap_or('\u{FFFD}')));
+        let mut chars = rest.chars();
+        match chars.next() {
+            Some('\\') => {
+                out.push(match chars.next() {
+                    Some('n') => '\n',
+                    Some('t') => '\t',
+                    Some('r') => '\r',
+                    Some('b') => '\u{8}',
+                    Some('f') => '\u{c}',
+                    Some(other) => other,
+                    None => '\\',
+                });
+            }
+            Some(c) => out.push(c),
+            None => {}
+        }
+        rest = chars.as_str();
+    }
+    out.extend(char::decode_utf16(units).map(|c| c.unwrap_or('\u{FFFD}')));
+    Cow::Owned(out)
 }
 
 #[cfg(test)]
@@ -217,17 +355,144 @@ mod tests {
         let error = names_file(&raw(&deep)).unwrap_err();
         assert_eq!(error.status(), http::StatusCode::BAD_REQUEST);
         assert!(error.to_string().contains("`messages`"), "{error}");
-        // Within it, found at any depth the readings allow: each level reads the text again.
-        let deep = format!(r#"{}{{"file_id":"x"}}{}"#, "[".repeat(10), "]".repeat(10));
-        assert!(names_file(&raw(&deep)).unwrap());
-        // A body nested only to be read many times over is refused before it is.
+        // Within it, found at any depth, past any amount of other values.
         let padding = "0,".repeat(100_000);
         let deep = format!(
             "{}{padding}{{\"file_id\":\"x\"}}{}",
-            "[".repeat(100),
-            "]".repeat(100)
+            "[".repeat(127),
+            "]".repeat(127)
         );
-        let error = names_file(&raw(&deep)).unwrap_err();
-        assert!(error.to_string().contains("readings"), "{error}");
+        assert!(names_file(&raw(&deep)).unwrap());
+    }
+
+    #[test]
+    fn keys_are_decoded_as_the_upstream_decodes_them() {
+        for key in [
+            r#""file_id""#,
+            r#""file\u005fid""#,
+            r#""fil\u0065_id""#,
+            r#""file\u005Fids""#,
+        ] {
+            let messages = raw(&format!(r#"[{{"content":[{{"file":{{{key}:"f"}}}}]}}]"#));
+            assert!(names_file(&messages).unwrap(), "{key}");
+        }
+        // Keys that only look alike, and one holding an unpaired surrogate, are no reference,
+        // nor an error.
+        for key in [
+            r#""file_id ""#,
+            r#""File_id""#,
+            r#""\ud800""#,
+            r#""file_id\ud800""#,
+        ] {
+            let messages = raw(&format!(r#"[{{"role":"user",{key}:"f"}}]"#));
+            assert!(!names_file(&messages).unwrap(), "{key}");
+        }
+        // Escaped quotes and backslashes inside strings do not end them early.
+        let messages = raw(r#"[{"content":"a \" \\","x":{"file_id":"f"}}]"#);
+        assert!(names_file(&messages).unwrap());
+        let messages = raw(r#"[{"content":"{\"file_id\":\"f\"}"}]"#);
+        assert!(!names_file(&messages).unwrap());
+    }
+
+    mod against_a_tree {
+        use proptest::prelude::*;
+        use serde_json::Value;
+
+        use super::super::*;
+        use super::raw;
+
+        /// JSON whose objects use a few keys, the ones looked for among them, and strings that
+        /// hold the same words.
+        fn json() -> impl Strategy<Value = Value> {
+            let words = prop_oneof![
+                Just("file_id"),
+                Just("file_ids"),
+                Just("type"),
+                Just("item_reference"),
+                Just("parameters"),
+                Just("a"),
+                Just("\u{e9}\"\\"),
+            ];
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i32>().prop_map(Value::from),
+                words.clone().prop_map(Value::from),
+            ];
+            leaf.prop_recursive(6, 48, 5, move |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+                    prop::collection::btree_map(words.clone(), inner, 0..5).prop_map(|m| {
+                        Value::Object(m.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+                    }),
+                ]
+            })
+        }
+
+        /// The same question, asked of a parsed tree.
+        fn tree_names_file(value: &Value) -> bool {
+            match value {
+                Value::Object(object) => {
+                    ["file_id", "file_ids"]
+                        .iter()
+                        .any(|k| object.get(*k).is_some_and(|v| !v.is_null()))
+                        || object.values().any(tree_names_file)
+                }
+                Value::Array(items) => items.iter().any(tree_names_file),
+                _ => false,
+            }
+        }
+
+        /// `value` as JSON text, with every key's letters escaped as `\uXXXX` when `escape`.
+        fn write(value: &Value, escape: bool, out: &mut String) {
+            match value {
+                Value::Object(object) => {
+                    out.push('{');
+                    for (i, (key, value)) in object.iter().enumerate() {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        if escape {
+                            out.push('"');
+                            for unit in key.encode_utf16() {
+                                out.push_str(&format!("\\u{unit:04x}"));
+                            }
+                            out.push('"');
+                        } else {
+                            out.push_str(&Value::from(key.as_str()).to_string());
+                        }
+                        out.push_str(" : ");
+                        write(value, escape, out);
+                    }
+                    out.push('}');
+                }
+                Value::Array(items) => {
+                    out.push_str("[ ");
+                    for (i, item) in items.iter().enumerate() {
+                        if i > 0 {
+                            out.push_str(" ,\n");
+                        }
+                        write(item, escape, out);
+                    }
+                    out.push(']');
+                }
+                other => out.push_str(&other.to_string()),
+            }
+        }
+
+        proptest! {
+            #[test]
+            fn the_scan_answers_as_a_parsed_tree_does(value in json(), escape in any::<bool>()) {
+                let mut text = String::new();
+                write(&value, escape, &mut text);
+                let wrapped = format!("[{text}]");
+                prop_assert_eq!(
+                    names_file(&raw(&wrapped)).unwrap(),
+                    tree_names_file(&value),
+                    "{}",
+                    wrapped
+                );
+            }
+        }
     }
 }
