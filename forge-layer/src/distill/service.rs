@@ -170,7 +170,8 @@ pub enum CancelError {
     /// The job is not training: collecting, trained already, or ended.
     #[error("job `{0}` is not training ({1}); only a run at the provider can be cancelled")]
     NotTraining(String, String),
-    /// The provider refused, or could not be reached.
+    /// The provider answered that the run has ended, or is ending (a 400 or 409): nothing is
+    /// recorded.
     #[error("the provider did not cancel the run: {0}")]
     Provider(ProviderError),
     /// The provider did not take the cancel: it refused (its key rotated, say) or could not be
@@ -297,8 +298,13 @@ impl DistillationService {
         };
         // Kept apart from the job, which its own loop writes: however the job then ends (a
         // Kubernetes Job deleted before a restart reads as gone, not cancelled), it ends
-        // cancelled, and holds the route's automatic triggers.
-        if let Err(e) = self.store.put_meta(&cancel_key(id), &true) {
+        // cancelled, and holds the route's automatic triggers. Whether the provider took it is
+        // kept too: only one it did not take is asked again.
+        let recorded = self.store.put_meta(&cancel_key(id), &true).and_then(|()| {
+            self.store
+                .put_meta(&cancel_pending_key(id), &not_taken.is_some())
+        });
+        if let Err(e) = recorded {
             tracing::error!(job = %id, error = %e, "the cancel could not be recorded; the route's triggers may start a job again soon");
         }
         match not_taken {
@@ -745,6 +751,14 @@ impl DistillationService {
         matches!(self.store.meta::<bool>(&cancel_key(id)), Ok(Some(true)))
     }
 
+    /// Whether an operator's cancel of job `id` is recorded and the provider has not taken it.
+    fn cancel_pending(&self, id: &str) -> bool {
+        matches!(
+            self.store.meta::<bool>(&cancel_pending_key(id)),
+            Ok(Some(true))
+        )
+    }
+
     fn fail(&self, job: &mut DistillationJob, error: String) {
         tracing::warn!(job = %job.id, route = %job.route, error = %error, "distillation job failed");
         job.cancelled |= self.cancel_recorded(&job.id);
@@ -1044,22 +1058,23 @@ impl DistillationService {
                         ProviderState::Queued | ProviderState::Running => {
                             // An operator's cancel that the provider did not take (refused, or
                             // unreachable then) is asked again while the run goes on.
-                            if self.cancel_recorded(&job.id) {
+                            if self.cancel_pending(&job.id) {
                                 self.cancel_again(&job, &route, &provider_job).await;
                             }
                         }
                     }
                 }
+                // A rate limit says nothing of the run: waited out, whatever else holds.
+                Err(ProviderError::RateLimited(after)) => {
+                    wait = after.max(self.settings.poll_initial)
+                }
                 // A run that is gone (a Kubernetes Job deleted), or one an operator cancelled:
-                // there is nothing left to follow. After a cancel, any failed poll ends the job
-                // (a refusal, an outage, a rate limit), or an outage would hold the route
-                // against the operator until the deadline, or for ever without one.
+                // there is nothing left to follow. After a cancel, any other failed poll ends
+                // the job (a refusal, an outage), or an outage would hold the route against the
+                // operator until the deadline, or for ever without one.
                 Err(e) if matches!(e, ProviderError::Ended(_)) || self.cancel_recorded(&job.id) => {
                     self.release(&route, &job, &provider_job);
                     return self.fail(&mut job, format!("poll: {e}"));
-                }
-                Err(ProviderError::RateLimited(after)) => {
-                    wait = after.max(self.settings.poll_initial)
                 }
                 Err(e) if e.is_transient() => {
                     tracing::warn!(job = %job.id, error = %e, "poll failed; retrying");
@@ -1100,6 +1115,9 @@ impl DistillationService {
         match route.provider.cancel(provider_job).await {
             Ok(()) => {
                 tracing::info!(job = %job.id, provider_job, "the recorded cancel was taken");
+                if let Err(e) = self.store.put_meta(&cancel_pending_key(&job.id), &false) {
+                    tracing::warn!(job = %job.id, error = %e, "the cancel's being taken could not be recorded; it may be asked again");
+                }
             }
             Err(ProviderError::Http {
                 status: 400 | 409, ..
@@ -1140,6 +1158,15 @@ impl DistillationService {
         route: RouteDistill,
         trained: String,
     ) {
+        // The run succeeded before an operator's cancel could stop it: paid for, so its
+        // examples stay cut and the model's name stays on the job, but it is not deployed
+        // against the operator's wish.
+        if self.cancel_recorded(&job.id) {
+            return self.fail(
+                &mut job,
+                format!("cancelled by an operator, but the run had succeeded: its model {trained} is recorded as trained_model and not deployed"),
+            );
+        }
         let deployed = match retrying(
             || route.provider.deploy(&job.id, &trained),
             self.settings.poll_initial,
@@ -1474,6 +1501,11 @@ fn cancel_key(id: &str) -> String {
     format!("cancel_requested_{id}")
 }
 
+/// Where an operator's cancel that the provider has not taken yet is marked.
+fn cancel_pending_key(id: &str) -> String {
+    format!("cancel_pending_{id}")
+}
+
 /// The store's record of the routes whose schedule came due during a back-off.
 const DEFERRED_SCHEDULES: &str = "deferred_schedules";
 
@@ -1594,6 +1626,9 @@ mod tests {
         assert_eq!(poll_pause(wait, Some(1_000), 5_000), wait);
     }
 
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::Ordering::SeqCst;
+
     /// The evaluation gate's tests need no provider or route table: each call says so.
     #[derive(Debug)]
     struct Unused;
@@ -1650,15 +1685,28 @@ mod tests {
         }
     }
 
-    /// A run that trains until cancelled, and whose first cancel finds the provider down.
+    /// A run at a provider scripted for the cancel tests: it trains (or has succeeded, with
+    /// `succeeded`) until a cancel is taken, then reads `cancelling` for two polls before it
+    /// reads cancelled. The first cancel finds the provider down with `first_cancel_fails`;
+    /// the first `rate_limited` polls get a 429.
     #[derive(Debug, Default)]
-    struct DownAtFirstCancel {
-        cancels: std::sync::atomic::AtomicUsize,
+    struct CancelScript {
+        first_cancel_fails: bool,
+        succeeded: bool,
+        rate_limited: AtomicUsize,
+        cancels: AtomicUsize,
+        polls_since_taken: AtomicUsize,
     }
 
-    impl TrainingProvider for DownAtFirstCancel {
+    impl CancelScript {
+        fn taken(&self) -> bool {
+            self.cancels.load(SeqCst) > usize::from(self.first_cancel_fails)
+        }
+    }
+
+    impl TrainingProvider for CancelScript {
         fn name(&self) -> &'static str {
-            "down-at-first-cancel"
+            "scripted"
         }
         fn submit<'a>(
             &'a self,
@@ -1667,26 +1715,42 @@ mod tests {
             Box::pin(async { Err(ProviderError::Invalid("not in this test".into())) })
         }
         fn poll<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<Progress, ProviderError>> {
-            let cancelled = self.cancels.load(std::sync::atomic::Ordering::SeqCst) > 1;
-            Box::pin(async move {
-                Ok(Progress {
-                    state: if cancelled {
-                        ProviderState::Cancelled
-                    } else {
-                        ProviderState::Running
+            let limited = self
+                .rate_limited
+                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            let (state, status) = if self.succeeded {
+                (
+                    ProviderState::Succeeded {
+                        model: "ft:m:run-1".into(),
                     },
-                    provider_status: if cancelled { "cancelled" } else { "running" }.into(),
+                    "succeeded",
+                )
+            } else if self.taken() && self.polls_since_taken.fetch_add(1, SeqCst) >= 2 {
+                (ProviderState::Cancelled, "cancelled")
+            } else if self.taken() {
+                (ProviderState::Running, "cancelling")
+            } else {
+                (ProviderState::Running, "running")
+            };
+            Box::pin(async move {
+                if limited {
+                    return Err(ProviderError::RateLimited(Duration::from_millis(1)));
+                }
+                Ok(Progress {
+                    state,
+                    provider_status: status.into(),
                     metrics: BTreeMap::new(),
                 })
             })
         }
         fn cancel<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<(), ProviderError>> {
-            let first = self
-                .cancels
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-                == 0;
+            let fails = self.first_cancel_fails && self.cancels.fetch_add(1, SeqCst) == 0;
+            if !self.first_cancel_fails {
+                self.cancels.fetch_add(1, SeqCst);
+            }
             Box::pin(async move {
-                if first {
+                if fails {
                     Err(ProviderError::Transport("connection refused".into()))
                 } else {
                     Ok(())
@@ -1698,27 +1762,29 @@ mod tests {
             _: &'a str,
             _: &'a str,
         ) -> BoxFuture<'a, Result<super::super::Deployed, ProviderError>> {
-            Box::pin(async { Err(ProviderError::Invalid("not in this test".into())) })
+            Box::pin(async { Err(ProviderError::Invalid("deployed in this test".into())) })
         }
     }
 
-    #[tokio::test]
-    async fn a_cancel_the_provider_did_not_take_is_asked_again_while_the_run_goes_on() {
+    /// Job `dj_cancelled` in TRAINING on `provider`, cancelled by an operator, then followed to
+    /// its end; returns the ended job and what the operator's cancel answered.
+    async fn cancelled_on(
+        provider: Arc<CancelScript>,
+    ) -> (DistillationJob, Result<DistillationJob, CancelError>) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_dir(&dir.path().join("store")).unwrap();
         let training: DistillationJob = serde_json::from_value(serde_json::json!({
             "id": "dj_cancelled", "route": "chat", "trigger": "threshold", "status": "TRAINING",
-            "provider": "down-at-first-cancel", "base_model": "m", "provider_job_id": "run-1",
+            "provider": "scripted", "base_model": "m", "provider_job_id": "run-1",
             "dataset_size": 12, "created_ms": now_ms(), "updated_ms": 0
         }))
         .unwrap();
         store.put_job(&training.id, &training).unwrap();
-        let provider = Arc::new(DownAtFirstCancel::default());
         let service = DistillationService::new(
             store,
             settings(dir.path()),
             vec![RouteDistill {
-                provider: provider.clone(),
+                provider,
                 ..chat_route()
             }],
             Arc::new(Unused),
@@ -1727,12 +1793,7 @@ mod tests {
                 wordy: None,
             }),
         );
-        // The operator's cancel meets an outage: recorded all the same.
-        match service.cancel("dj_cancelled").await {
-            Err(CancelError::RecordedButNotTaken(ProviderError::Transport(_))) => {}
-            other => panic!("{other:?}"),
-        }
-        // The provider is back, and its polls say the run goes on: the job asks again.
+        let answer = service.cancel("dj_cancelled").await;
         let job = service.job("dj_cancelled").unwrap().unwrap();
         tokio::time::timeout(
             Duration::from_secs(30),
@@ -1740,13 +1801,62 @@ mod tests {
         )
         .await
         .expect("the job ends");
-        let ended = service.job("dj_cancelled").unwrap().unwrap();
+        (service.job("dj_cancelled").unwrap().unwrap(), answer)
+    }
+
+    #[tokio::test]
+    async fn a_cancel_the_provider_did_not_take_is_asked_again_while_the_run_goes_on() {
+        // Down at the operator's cancel, then a 429: neither ends the job before the run does.
+        let provider = Arc::new(CancelScript {
+            first_cancel_fails: true,
+            rate_limited: AtomicUsize::new(1),
+            ..CancelScript::default()
+        });
+        let (ended, answer) = cancelled_on(Arc::clone(&provider)).await;
+        assert!(
+            matches!(
+                answer,
+                Err(CancelError::RecordedButNotTaken(ProviderError::Transport(
+                    _
+                )))
+            ),
+            "{answer:?}"
+        );
         assert_eq!(ended.status, JobStatus::Failed);
         assert!(ended.cancelled, "{ended:?}");
-        assert_eq!(
-            provider.cancels.load(std::sync::atomic::Ordering::SeqCst),
-            2
+        assert!(
+            ended
+                .error
+                .as_deref()
+                .unwrap_or("")
+                .contains("training cancelled"),
+            "{ended:?}"
         );
+        // Asked again once, and not while the run was cancelling.
+        assert_eq!(provider.cancels.load(SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_cancel_the_provider_took_is_not_asked_again() {
+        let provider = Arc::new(CancelScript::default());
+        let (ended, answer) = cancelled_on(Arc::clone(&provider)).await;
+        assert!(answer.is_ok(), "{answer:?}");
+        assert!(ended.cancelled, "{ended:?}");
+        assert_eq!(provider.cancels.load(SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_run_that_succeeded_despite_a_cancel_is_kept_but_not_deployed() {
+        let provider = Arc::new(CancelScript {
+            succeeded: true,
+            ..CancelScript::default()
+        });
+        let (ended, _) = cancelled_on(provider).await;
+        assert_eq!(ended.status, JobStatus::Failed);
+        assert!(ended.cancelled, "{ended:?}");
+        assert_eq!(ended.trained_model.as_deref(), Some("ft:m:run-1"));
+        let error = ended.error.unwrap_or_default();
+        assert!(error.contains("not deployed"), "{error}");
     }
 
     /// The student answers `q<i>` with `a<i>`, word for word, but refuses `q<refused>`; the
