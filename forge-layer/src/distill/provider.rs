@@ -115,6 +115,10 @@ pub enum ProviderError {
     /// The provider could not be reached, or its answer could not be read.
     #[error("provider unreachable: {0}")]
     Transport(String),
+    /// No connection could be made, so the request was never sent: unlike
+    /// [`ProviderError::Transport`], it cannot have taken effect.
+    #[error("provider unreachable: {0}")]
+    NotSent(String),
     /// Forge's side is wrong (a missing file, a bad setting).
     #[error("{0}")]
     Invalid(String),
@@ -131,7 +135,9 @@ impl ProviderError {
     /// Whether trying again later may succeed.
     pub fn is_transient(&self) -> bool {
         match self {
-            ProviderError::RateLimited(_) | ProviderError::Transport(_) => true,
+            ProviderError::RateLimited(_)
+            | ProviderError::Transport(_)
+            | ProviderError::NotSent(_) => true,
             ProviderError::Http { status, .. } => {
                 *status >= 500 || *status == 408 || *status == 409
             }

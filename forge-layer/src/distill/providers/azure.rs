@@ -13,7 +13,7 @@ use super::config::{
     setting,
 };
 use super::fine_tuning::{
-    Dialect, EarlierSubmission, FineTuningApi, JobObject, details, upload_name,
+    Dialect, EarlierSubmission, FineTuningApi, JobObject, details, upload_names,
 };
 use super::naming::dns_label;
 use crate::distill::provider::{
@@ -196,10 +196,7 @@ impl AzureProvider {
         for file in earlier.uploads {
             self.api.reuse_upload(file);
         }
-        let names = [
-            upload_name(&request.job_id, "train"),
-            upload_name(&request.job_id, "validation"),
-        ];
+        let names = upload_names(&request.job_id);
         let training = self.upload(&request.train_file, &names[0]).await?;
         let validation = match &request.validation_file {
             Some(path) => Some(self.upload(path, &names[1]).await?),
@@ -210,8 +207,12 @@ impl AzureProvider {
             Ok(job) => job,
             // A create whose answer was lost (a 5xx, a timeout) may have made the job: it is
             // looked for, a few times as it may show up late. Not found, the submission is not
-            // tried again: that could pay for a second run.
-            Err(e) if e.is_transient() && !matches!(e, ProviderError::RateLimited(_)) => {
+            // tried again: that could pay for a second run. One never sent (no connection, a
+            // rate limit) is tried again as it is.
+            Err(e)
+                if e.is_transient()
+                    && !matches!(e, ProviderError::RateLimited(_) | ProviderError::NotSent(_)) =>
+            {
                 self.created_all_the_same(&request.job_id, &e).await?
             }
             Err(e) => return Err(e),

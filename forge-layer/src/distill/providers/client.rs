@@ -250,7 +250,11 @@ pub(super) fn error_message(body: &[u8], status: StatusCode) -> String {
 
 /// A reqwest error with its causes ("connection refused" is in the source, not the top).
 pub(super) fn transport(err: &reqwest::Error) -> ProviderError {
-    ProviderError::Transport(chain(err))
+    if err.is_connect() {
+        ProviderError::NotSent(chain(err))
+    } else {
+        ProviderError::Transport(chain(err))
+    }
 }
 
 fn chain(err: &dyn std::error::Error) -> String {

@@ -108,20 +108,10 @@ pub(super) struct EarlierSubmission {
     pub(super) uploads: Vec<FileObject>,
 }
 
-/// An object of a list endpoint, paged by id.
-trait HasId {
-    fn id(&self) -> &str;
-}
-
-impl HasId for FileObject {
-    fn id(&self) -> &str {
-        &self.id
-    }
-}
-
-impl HasId for JobObject {
-    fn id(&self) -> &str {
-        &self.id
+impl JobObject {
+    /// Not failed or cancelled: a run that is going, or has made its model.
+    pub(super) fn is_live(&self) -> bool {
+        !matches!(self.status.as_str(), "failed" | "cancelled")
     }
 }
 
@@ -168,9 +158,14 @@ impl FineTuningApi {
     }
 
     /// Takes `file`, which an earlier submission uploaded under its name, as this one's upload
-    /// under that name, unless one is known already (the newest comes first).
+    /// under that name, unless one is known already (the newest is offered first), or the
+    /// provider could not process it (then the file is uploaded again).
     pub(super) fn reuse_upload(&self, file: FileObject) {
-        if let Some(name) = file.filename.clone() {
+        let unusable = matches!(
+            file.status.as_deref(),
+            Some("error" | "failed" | "deleting" | "deleted")
+        );
+        if let (Some(name), false) = (file.filename.clone(), unusable) {
             self.lock_uploaded().entry(name).or_insert(file);
         }
     }
@@ -325,7 +320,7 @@ impl FineTuningApi {
             client::send_json(self.request(Method::GET, url, self.timeout)).await?;
         // Checked here too: a service that ignores the filter lists every job.
         Ok(list.data.into_iter().find(|job| {
-            !matches!(job.status.as_str(), "failed" | "cancelled")
+            job.is_live()
                 && job
                     .metadata
                     .as_ref()
@@ -336,7 +331,7 @@ impl FineTuningApi {
     }
 
     /// What an earlier submission of Forge job `job_id` left at the provider, found by its
-    /// uploads' names ([`upload_name`]): how a job that carries no metadata (Azure's) is found
+    /// uploads' names ([`upload_names`]): how a job that carries no metadata (Azure's) is found
     /// again after its create's answer was lost, or a restart came before its id was stored.
     /// Jobs are listed newest first, back to the oldest such upload, before which none of them
     /// can have been created.
@@ -344,12 +339,9 @@ impl FineTuningApi {
         &self,
         job_id: &str,
     ) -> Result<EarlierSubmission, ProviderError> {
-        let names = [
-            upload_name(job_id, "train"),
-            upload_name(job_id, "validation"),
-        ];
-        let uploads: Vec<FileObject> = self
-            .list_all(&["files"], None, |_: &FileObject| true)
+        let names = upload_names(job_id);
+        let mut uploads: Vec<FileObject> = self
+            .list_all(&["files"], None, |file: &FileObject| &file.id, |_| true)
             .await?
             .into_iter()
             .filter(|file| {
@@ -358,12 +350,14 @@ impl FineTuningApi {
                     .is_some_and(|name| names.contains(name))
             })
             .collect();
+        // Newest first, whatever order the list came in: the newest is the one used again.
+        uploads.sort_by_key(|file| std::cmp::Reverse(file.created_at));
         let training: Vec<&FileObject> = uploads
             .iter()
             .filter(|file| file.filename.as_ref() == Some(&names[0]))
             .collect();
         let made_from_it = |job: &JobObject| {
-            !matches!(job.status.as_str(), "failed" | "cancelled")
+            job.is_live()
                 && job
                     .training_file
                     .as_ref()
@@ -376,9 +370,12 @@ impl FineTuningApi {
         {
             None => None,
             Some(oldest) => self
-                .list_all(&["fine_tuning", "jobs"], Some(LIST_PAGE), |job| {
-                    !made_from_it(job) && job.created_at.is_none_or(|at| at >= oldest)
-                })
+                .list_all(
+                    &["fine_tuning", "jobs"],
+                    Some(LIST_PAGE),
+                    |job: &JobObject| &job.id,
+                    |job| !made_from_it(job) && job.created_at.is_none_or(|at| at >= oldest),
+                )
                 .await?
                 .into_iter()
                 .find(made_from_it),
@@ -389,16 +386,17 @@ impl FineTuningApi {
     /// Every object of a list endpoint, page by page (`after` the last one's id, while
     /// `has_more`), until `more` says to stop after the object it was shown. `limit` is sent
     /// only where given: Azure documents it for jobs, not for files.
-    async fn list_all<T: serde::de::DeserializeOwned + HasId>(
+    async fn list_all<T: serde::de::DeserializeOwned>(
         &self,
         segments: &[&str],
         limit: Option<&str>,
+        id: fn(&T) -> &str,
         mut more: impl FnMut(&T) -> bool,
     ) -> Result<Vec<T>, ProviderError> {
         let mut all = Vec::new();
         loop {
             let mut query: Vec<(&str, &str)> = limit.map(|n| ("limit", n)).into_iter().collect();
-            let after = all.last().map(|last: &T| last.id().to_owned());
+            let after = all.last().map(|last| id(last).to_owned());
             if let Some(after) = &after {
                 query.push(("after", after.as_str()));
             }
@@ -407,7 +405,7 @@ impl FineTuningApi {
                 client::send_json(self.request(Method::GET, url, self.timeout)).await?;
             // A service that ignores `after` sends the same page again, and would be read for
             // ever: what follows the last object seen must not end with it.
-            if after.is_some() && page.data.last().map(HasId::id) == after.as_deref() {
+            if after.is_some() && page.data.last().map(id) == after.as_deref() {
                 return Err(ProviderError::Invalid(format!(
                     "the provider's list of {} does not go on past a page (`after` ignored)",
                     segments.join("/")
@@ -500,7 +498,11 @@ impl FineTuningApi {
                 Ok(_) => {
                     tracing::debug!(job = %job.id, file = %file_id, "result file has no known metrics")
                 }
-                Err(err @ (ProviderError::RateLimited(_) | ProviderError::Transport(_))) => {
+                Err(
+                    err @ (ProviderError::RateLimited(_)
+                    | ProviderError::Transport(_)
+                    | ProviderError::NotSent(_)),
+                ) => {
                     return Err(err);
                 }
                 Err(err) => {
@@ -515,7 +517,11 @@ impl FineTuningApi {
         match client::send_json::<ListOf<Value>>(self.request(Method::GET, url, self.timeout)).await
         {
             Ok(events) => Ok(metrics_from_events(&events.data)),
-            Err(err @ (ProviderError::RateLimited(_) | ProviderError::Transport(_))) => Err(err),
+            Err(
+                err @ (ProviderError::RateLimited(_)
+                | ProviderError::Transport(_)
+                | ProviderError::NotSent(_)),
+            ) => Err(err),
             Err(err) => {
                 tracing::warn!(job = %job.id, %err, "cannot read the job's events; no metrics");
                 Ok(BTreeMap::new())
@@ -610,9 +616,17 @@ fn failure_message(error: Option<&JobError>) -> String {
     }
 }
 
+/// The names a Forge job's training and validation files are uploaded under.
+pub(super) fn upload_names(job_id: &str) -> [String; 2] {
+    [
+        upload_name(job_id, "train"),
+        upload_name(job_id, "validation"),
+    ]
+}
+
 /// `forge-<job>-train.jsonl`: the `.jsonl` ending is required, and the name says where the
 /// file came from on the provider's console.
-pub(super) fn upload_name(job_id: &str, part: &str) -> String {
+fn upload_name(job_id: &str, part: &str) -> String {
     let job = slug(job_id);
     if job.is_empty() {
         format!("forge-{part}.jsonl")

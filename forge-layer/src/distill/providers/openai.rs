@@ -6,7 +6,7 @@ use super::client::{self, sensitive_header};
 use super::config::{
     Env, OpenAiConfig, ProviderSetupError, name_or, process_env, resolve_secret, seconds, setting,
 };
-use super::fine_tuning::{Dialect, FineTuningApi, upload_name};
+use super::fine_tuning::{Dialect, FineTuningApi, upload_names};
 use crate::distill::provider::{
     BoxFuture, Deployed, Progress, ProviderError, Submitted, TrainingProvider, TrainingRequest,
 };
@@ -109,10 +109,7 @@ impl OpenAiProvider {
                 training_file_id: job.training_file,
             });
         }
-        let names = [
-            upload_name(&request.job_id, "train"),
-            upload_name(&request.job_id, "validation"),
-        ];
+        let names = upload_names(&request.job_id);
         let training = self.api.upload(&request.train_file, &names[0]).await?;
         let validation = match &request.validation_file {
             Some(path) => Some(self.api.upload(path, &names[1]).await?),
