@@ -606,7 +606,7 @@ async fn a_failed_lookup_of_an_earlier_run_starts_no_second_one() {
 }
 
 #[tokio::test]
-async fn unreachable_provider_is_a_transport_error() {
+async fn an_unreachable_provider_is_an_error_known_never_to_have_been_sent() {
     // A port nothing listens on: bound, then released.
     let port = {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -625,11 +625,13 @@ async fn unreachable_provider_is_a_transport_error() {
         None,
         "gpt-4o-mini",
     );
+    // The connection is refused: nothing was sent, so a create cannot have been made, and may
+    // be tried again without looking for it first.
     let err = provider.submit(&req).await.unwrap_err();
-    assert!(matches!(err, ProviderError::Transport(_)), "{err:?}");
+    assert!(matches!(err, ProviderError::NotSent(_)), "{err:?}");
     assert!(err.is_transient());
     let err = provider.poll("ftjob-x").await.unwrap_err();
-    assert!(matches!(err, ProviderError::Transport(_)), "{err:?}");
+    assert!(matches!(err, ProviderError::NotSent(_)), "{err:?}");
 }
 
 #[tokio::test]

@@ -751,12 +751,22 @@ impl DistillationService {
         matches!(self.store.meta::<bool>(&cancel_key(id)), Ok(Some(true)))
     }
 
-    /// Whether an operator's cancel of job `id` is recorded and the provider has not taken it.
+    /// Whether an operator's cancel of job `id` is recorded and the provider may not have taken
+    /// it. Only a cancel known to be taken is not: one recorded by a build before this mark, or
+    /// whose mark a crash or a store error lost, is asked again, which costs at most a 400.
     fn cancel_pending(&self, id: &str) -> bool {
-        matches!(
-            self.store.meta::<bool>(&cancel_pending_key(id)),
-            Ok(Some(true))
-        )
+        self.cancel_recorded(id)
+            && !matches!(
+                self.store.meta::<bool>(&cancel_pending_key(id)),
+                Ok(Some(false))
+            )
+    }
+
+    /// Marks an operator's cancel of job `id` as taken by the provider: not asked again.
+    fn cancel_taken(&self, id: &str) {
+        if let Err(e) = self.store.put_meta(&cancel_pending_key(id), &false) {
+            tracing::warn!(job = %id, error = %e, "the cancel's being taken could not be recorded; it may be asked again");
+        }
     }
 
     fn fail(&self, job: &mut DistillationJob, error: String) {
@@ -1106,6 +1116,16 @@ impl DistillationService {
         job.trained_model = Some(trained.clone());
         self.save(&mut job);
         self.release(&route, &job, &provider_job);
+        // The run succeeded before an operator's cancel could stop it: paid for, so its
+        // examples stay cut and the model's name stays on the job, but it is not deployed
+        // against the operator's wish. (A job resumed past this point, with its model, may be
+        // deployed already, and goes on.)
+        if self.cancel_recorded(&job.id) {
+            return self.fail(
+                &mut job,
+                format!("cancelled by an operator, but the run had succeeded: its model {trained} is recorded as trained_model and not deployed"),
+            );
+        }
         self.after_training(job, route, trained).await;
     }
 
@@ -1115,13 +1135,11 @@ impl DistillationService {
         match route.provider.cancel(provider_job).await {
             Ok(()) => {
                 tracing::info!(job = %job.id, provider_job, "the recorded cancel was taken");
-                if let Err(e) = self.store.put_meta(&cancel_pending_key(&job.id), &false) {
-                    tracing::warn!(job = %job.id, error = %e, "the cancel's being taken could not be recorded; it may be asked again");
-                }
+                self.cancel_taken(&job.id);
             }
             Err(ProviderError::Http {
                 status: 400 | 409, ..
-            }) => {}
+            }) => self.cancel_taken(&job.id),
             Err(e) => {
                 tracing::warn!(job = %job.id, provider_job, error = %e, "the recorded cancel was not taken; asking again at the next poll");
             }
@@ -1158,15 +1176,6 @@ impl DistillationService {
         route: RouteDistill,
         trained: String,
     ) {
-        // The run succeeded before an operator's cancel could stop it: paid for, so its
-        // examples stay cut and the model's name stays on the job, but it is not deployed
-        // against the operator's wish.
-        if self.cancel_recorded(&job.id) {
-            return self.fail(
-                &mut job,
-                format!("cancelled by an operator, but the run had succeeded: its model {trained} is recorded as trained_model and not deployed"),
-            );
-        }
         let deployed = match retrying(
             || route.provider.deploy(&job.id, &trained),
             self.settings.poll_initial,
@@ -1767,10 +1776,16 @@ mod tests {
     }
 
     /// Job `dj_cancelled` in TRAINING on `provider`, cancelled by an operator, then followed to
-    /// its end; returns the ended job and what the operator's cancel answered.
+    /// its end; returns the ended job and what the operator's cancel answered. With
+    /// `by_an_earlier_build`, the cancel is only recorded, as builds before the mark of a cancel
+    /// not taken recorded every cancel, and answered `None`.
     async fn cancelled_on(
         provider: Arc<CancelScript>,
-    ) -> (DistillationJob, Result<DistillationJob, CancelError>) {
+        by_an_earlier_build: bool,
+    ) -> (
+        DistillationJob,
+        Option<Result<DistillationJob, CancelError>>,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_dir(&dir.path().join("store")).unwrap();
         let training: DistillationJob = serde_json::from_value(serde_json::json!({
@@ -1793,7 +1808,15 @@ mod tests {
                 wordy: None,
             }),
         );
-        let answer = service.cancel("dj_cancelled").await;
+        let answer = if by_an_earlier_build {
+            service
+                .store
+                .put_meta(&cancel_key("dj_cancelled"), &true)
+                .unwrap();
+            None
+        } else {
+            Some(service.cancel("dj_cancelled").await)
+        };
         let job = service.job("dj_cancelled").unwrap().unwrap();
         tokio::time::timeout(
             Duration::from_secs(30),
@@ -1812,12 +1835,12 @@ mod tests {
             rate_limited: AtomicUsize::new(1),
             ..CancelScript::default()
         });
-        let (ended, answer) = cancelled_on(Arc::clone(&provider)).await;
+        let (ended, answer) = cancelled_on(Arc::clone(&provider), false).await;
         assert!(
             matches!(
                 answer,
-                Err(CancelError::RecordedButNotTaken(ProviderError::Transport(
-                    _
+                Some(Err(CancelError::RecordedButNotTaken(
+                    ProviderError::Transport(_)
                 )))
             ),
             "{answer:?}"
@@ -1839,9 +1862,27 @@ mod tests {
     #[tokio::test]
     async fn a_cancel_the_provider_took_is_not_asked_again() {
         let provider = Arc::new(CancelScript::default());
-        let (ended, answer) = cancelled_on(Arc::clone(&provider)).await;
-        assert!(answer.is_ok(), "{answer:?}");
+        let (ended, answer) = cancelled_on(Arc::clone(&provider), false).await;
+        assert!(matches!(answer, Some(Ok(_))), "{answer:?}");
         assert!(ended.cancelled, "{ended:?}");
+        assert_eq!(provider.cancels.load(SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_cancel_an_earlier_build_recorded_is_asked_until_it_is_taken() {
+        // That build recorded a cancel the provider did not take as it did one it took: asked
+        // again, it ends the run, and only then is it not asked again.
+        let provider = Arc::new(CancelScript::default());
+        let (ended, _) = cancelled_on(Arc::clone(&provider), true).await;
+        assert!(ended.cancelled, "{ended:?}");
+        assert!(
+            ended
+                .error
+                .as_deref()
+                .unwrap_or("")
+                .contains("training cancelled"),
+            "{ended:?}"
+        );
         assert_eq!(provider.cancels.load(SeqCst), 1);
     }
 
@@ -1851,7 +1892,7 @@ mod tests {
             succeeded: true,
             ..CancelScript::default()
         });
-        let (ended, _) = cancelled_on(provider).await;
+        let (ended, _) = cancelled_on(provider, false).await;
         assert_eq!(ended.status, JobStatus::Failed);
         assert!(ended.cancelled, "{ended:?}");
         assert_eq!(ended.trained_model.as_deref(), Some("ft:m:run-1"));

@@ -4,8 +4,9 @@
 //! config names one with [`ProviderConfig`], and [`ProviderConfig::build`] checks the settings
 //! and makes the provider. Every provider maps errors the same way: a 429 (or a 503 with
 //! `retry-after`) is [`ProviderError::RateLimited`](crate::distill::provider::ProviderError)
-//! with the provider's wait, another error status is `Http` with the provider's message, and a
-//! connection failure or unreadable answer is `Transport`. No provider follows redirects, and
+//! with the provider's wait, another error status is `Http` with the provider's message, a
+//! connection that could not be made (so nothing was sent) is `NotSent`, and a connection that
+//! failed later, or an unreadable answer, is `Transport`. No provider follows redirects, and
 //! credentials travel only in headers marked sensitive.
 
 mod azure;

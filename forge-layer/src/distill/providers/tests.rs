@@ -749,12 +749,3 @@ async fn a_list_that_ignores_after_is_an_error_not_a_loop() {
     );
     server.abort();
 }
-
-#[tokio::test]
-async fn a_request_that_found_no_listener_is_known_never_to_have_been_sent() {
-    // Nothing listens on port 1: the connection is refused, so a create cannot have been made,
-    // and may be tried again without looking for it first.
-    let err = api(Dialect::Azure).job("ftjob-x").await.unwrap_err();
-    assert!(matches!(err, ProviderError::NotSent(_)), "{err:?}");
-    assert!(err.is_transient());
-}
