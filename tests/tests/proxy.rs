@@ -1099,6 +1099,7 @@ async fn account_apis_are_not_passed_through_unless_allowed() {
             json!({"model": "a", "input": [{"type": "function_call_output", "call_id": "c", "output": [{"type": "input_file", "file_id": "file-x"}]}]}),
             json!({"model": "a", "input": "x", "prompt": {"id": "pmpt_x", "variables": {"doc": {"type": "input_file", "file_id": "file-x"}}}}),
             json!({"model": "a", "input": "x", "tools": [{"type": "image_generation", "input_image_mask": {"file_id": "file-x"}}]}),
+            json!({"model": "a", "input": [{"id": "msg_x"}]}),
         ] {
             by_id.push(
                 http.post(format!("{}/responses", gw.base_url()))
@@ -1108,6 +1109,17 @@ async fn account_apis_are_not_passed_through_unless_allowed() {
                     .unwrap(),
             );
         }
+        // A chat message that names an earlier audio answer, stored on the account, by id.
+        by_id.push(
+            http.post(format!("{}/chat/completions", gw.base_url()))
+                .json(&json!({"model": "a", "messages": [
+                    {"role": "assistant", "audio": {"id": "audio_x"}},
+                    {"role": "user", "content": "and again?"},
+                ]}))
+                .send()
+                .await
+                .unwrap(),
+        );
         // A chat message that names a file on the account by id, its key spelt plainly or not.
         for key in ["file_id", "file\\u005fid"] {
             let body = format!(

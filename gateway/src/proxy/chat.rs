@@ -41,10 +41,12 @@ async fn forward(
     state.body.check_declared(headers)?;
     let bytes = state.body.read(body).await?;
     let request = ChatRequest::parse(&bytes)?;
-    if !state.passthrough_account_apis && request.names_stored_file()? {
-        return Err(Error::AccountApi(
-            "POST /v1/chat/completions with file_id".into(),
-        ));
+    if !state.passthrough_account_apis
+        && let Some(field) = request.stored_reference()?
+    {
+        return Err(Error::AccountApi(format!(
+            "POST /v1/chat/completions with {field}"
+        )));
     }
 
     // One snapshot for the whole request: the route and the version recorded come from it.

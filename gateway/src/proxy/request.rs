@@ -100,14 +100,14 @@ impl<'a> ChatRequest<'a> {
             .and_then(|(_, v)| serde_json::from_str::<String>(v.get()).ok())
     }
 
-    /// Whether a message names a file by id (a `file` content part's `file_id`): a file on the
-    /// account behind Forge's upstream key, which may be another client's upload, or a training
-    /// file holding every client's traces. A file sent inline (`file_data`) is not one.
-    pub fn names_stored_file(&self) -> Result<bool, Error> {
+    /// The field by which a message names something stored on the account behind Forge's
+    /// upstream key, which may be another client's: a file by id (another client's upload, or a
+    /// training file holding every client's traces), or an earlier audio answer by id.
+    pub fn stored_reference(&self) -> Result<Option<&'static str>, Error> {
         let Some((_, messages)) = self.entries.iter().find(|(key, _)| key == "messages") else {
-            return Ok(false);
+            return Ok(None);
         };
-        super::stored::names_file(messages)
+        super::stored::chat_reference(messages)
     }
 
     /// The body to send upstream: the same keys and values, with `model` replaced.
@@ -405,8 +405,9 @@ mod tests {
             let body = format!(r#"{{"model":"m","messages":{messages}}}"#);
             ChatRequest::parse(body.as_bytes())
                 .unwrap()
-                .names_stored_file()
+                .stored_reference()
                 .unwrap()
+                .is_some()
         };
         let part = r#"{"type":"file","file":{"file_id":"file-x"}}"#;
         assert!(names(&format!(r#"[{{"role":"user","content":[{part}]}}]"#)));

@@ -11,50 +11,68 @@ use crate::error::Error;
 const MAX_DEPTH: usize = 128;
 
 /// The keys whose values the checks look at; the values of others are not kept.
-const KEYS: [&str; 5] = [
+const KEYS: [&str; 8] = [
     "file_id",
     "file_ids",
     "vector_store_ids",
     "container",
     "type",
+    "id",
+    "role",
+    "audio",
 ];
 
 /// One object's entries under [`KEYS`]: the key, and its value as raw JSON text.
 type Object<'a> = [(&'static str, &'a str)];
 
-/// Looks at one object's entries, and names the reference it makes, if any.
-type Check<'c> = &'c dyn Fn(&Object<'_>) -> Option<&'static str>;
+/// Looks at one object's entries and its depth (how many arrays and objects hold it), and
+/// names the reference it makes, if any.
+type Check<'c> = &'c dyn Fn(&Object<'_>, usize) -> Option<&'static str>;
 
-/// A chat request's `messages` name a file by id (a `file` content part's `file_id`). A file
-/// sent inline (`file_data`) is not one.
-pub(crate) fn names_file(messages: &RawValue) -> Result<bool, Error> {
+/// The reference to a stored object in a chat request's `messages`, by the field that makes
+/// it: a file by id (a `file` content part's `file_id`; a file sent inline, `file_data`, is not
+/// one), or an earlier audio answer by id (an assistant message's `"audio": {"id": …}`).
+pub(crate) fn chat_reference(messages: &RawValue) -> Result<Option<&'static str>, Error> {
     let text = messages.get().as_bytes();
-    // The key is spelt `file_id`, or with escapes the upstream decodes (`file\u005fid`); a body
-    // with neither is not read again.
-    if memchr::memmem::find(text, b"file_id").is_none()
-        && memchr::memmem::find(text, b"\\u").is_none()
+    // The keys are spelt plainly, or with escapes the upstream decodes (`file\u005fid`); a
+    // body with none of them is not read again.
+    let needles: [&[u8]; 3] = [b"file_id", b"audio", b"\\u"];
+    if needles
+        .iter()
+        .all(|needle| memchr::memmem::find(text, needle).is_none())
     {
-        return Ok(false);
+        return Ok(None);
     }
-    let found = find(messages, "messages", None, &|object| {
-        names_any(object, &["file_id", "file_ids"]).then_some("file_id")
-    })?;
-    Ok(found.is_some())
+    find(messages, "messages", None, &|object, depth| {
+        if names_any(object, &["file_id", "file_ids"]) {
+            Some("file_id")
+        } else if depth == 1
+            && object
+                .iter()
+                .any(|(key, value)| *key == "audio" && value.starts_with('{'))
+        {
+            Some("audio")
+        } else {
+            None
+        }
+    })
 }
 
 /// The reference to a stored object in a Responses API `field` (`input`, `tools`, `prompt`),
 /// by the name of the field that makes it: a file (`file_id`, `file_ids`: an `input_file` or
 /// `input_image` part, in a message or a tool's output, an image mask, a prompt's variable, a
 /// code interpreter's files), a vector store (`vector_store_ids`), a container by id
-/// (`"container": "cntr_…"`) or a stored item (`{"type": "item_reference"}`). The client's own
-/// data in these fields are strings, never objects, except a function's `parameters`, a JSON
-/// schema where a property may well be called `file_id`: in `tools`, those are not looked into.
+/// (`"container": "cntr_…"`) or a stored item (`{"type": "item_reference"}`, or an `input`
+/// item with an `id` and neither `type` nor `role`, which the API reads as one). The client's
+/// own data in these fields are strings, never objects, except a function's `parameters`, a
+/// JSON schema where a property may well be called `file_id`: in `tools`, those are not looked
+/// into.
 pub(crate) fn responses_reference(
     field: &'static str,
     value: &RawValue,
 ) -> Result<Option<&'static str>, Error> {
     let skip = (field == "tools").then_some("parameters");
-    find(value, field, skip, &|object| {
+    find(value, field, skip, &|object, depth| {
         if names_any(object, &["file_id", "file_ids"]) {
             Some("file_id")
         } else if names_any(object, &["vector_store_ids"]) {
@@ -66,7 +84,11 @@ pub(crate) fn responses_reference(
             Some("container")
         } else if object.iter().any(|(key, value)| {
             *key == "type" && value.starts_with('"') && decode(value) == "item_reference"
-        }) {
+        }) || (field == "input"
+            && depth == 1
+            && names_any(object, &["id"])
+            && !names_any(object, &["type", "role"]))
+        {
             Some("item_reference")
         } else {
             None
@@ -166,7 +188,7 @@ fn scan<'a>(
                     return Ok(None);
                 };
                 if let (Some(entries), false) = (&frame.entries, frame.skipped)
-                    && let Some(found) = check(entries)
+                    && let Some(found) = check(entries, stack.len())
                 {
                     return Ok(Some(found));
                 }
@@ -280,6 +302,11 @@ mod tests {
         RawValue::from_string(text.to_string()).unwrap()
     }
 
+    /// Whether chat `messages` make any reference.
+    fn names_file(messages: &RawValue) -> Result<bool, Error> {
+        chat_reference(messages).map(|found| found.is_some())
+    }
+
     #[test]
     fn text_that_serde_would_not_decode_is_walked_and_passes() {
         // An unpaired surrogate escape is valid JSON text; clients that cut a string mid-pair
@@ -288,6 +315,20 @@ mod tests {
         assert!(!names_file(&messages).unwrap());
         let input = raw(r#"[{"role":"user","content":[{"type":"input_text","text":"\udc00"}]}]"#);
         assert_eq!(responses_reference("input", &input).unwrap(), None);
+    }
+
+    #[test]
+    fn an_earlier_audio_answer_by_id_is_a_reference_and_audio_sent_inline_is_not() {
+        let by_id = raw(
+            r#"[{"role":"user","content":"hi"},{"role":"assistant","audio":{"id":"audio_x"}}]"#,
+        );
+        assert_eq!(chat_reference(&by_id).unwrap(), Some("audio"));
+        let inline = raw(
+            r#"[{"role":"user","content":[{"type":"input_audio","input_audio":{"data":"UklG","format":"wav"}}]}]"#,
+        );
+        assert_eq!(chat_reference(&inline).unwrap(), None);
+        let no_audio = raw(r#"[{"role":"assistant","content":"hi","audio":null}]"#);
+        assert_eq!(chat_reference(&no_audio).unwrap(), None);
     }
 
     #[test]
@@ -339,6 +380,25 @@ mod tests {
                 r#"[{"type":"input_file","file_data":"data:x"}]"#,
                 None,
             ),
+            // An item by id alone, or with a null type, is a reference; a message with an id
+            // is the client's own.
+            ("input", r#"[{"id":"msg_x"}]"#, Some("item_reference")),
+            (
+                "input",
+                r#"["hi", {"type":null,"id":"msg_x"}]"#,
+                Some("item_reference"),
+            ),
+            (
+                "input",
+                r#"[{"role":"user","id":"msg_1","content":"hi"}]"#,
+                None,
+            ),
+            (
+                "input",
+                r#"[{"type":"message","role":"user","id":"m","content":[]}]"#,
+                None,
+            ),
+            ("prompt", r#"{"id":"pmpt_x","variables":{"a":"b"}}"#, None),
         ];
         for (field, text, expected) in cases {
             assert_eq!(
@@ -398,8 +458,7 @@ mod tests {
         use proptest::prelude::*;
         use serde_json::Value;
 
-        use super::super::*;
-        use super::raw;
+        use super::{names_file, raw};
 
         /// JSON whose objects use a few keys, the ones looked for among them, and strings that
         /// hold the same words.
