@@ -749,3 +749,49 @@ async fn a_list_that_ignores_after_is_an_error_not_a_loop() {
     );
     server.abort();
 }
+
+#[tokio::test]
+async fn the_newest_usable_upload_of_an_earlier_submission_is_used_again() {
+    // Listed oldest first; the newest could not be processed. No job was made from any.
+    let files = json!({
+        "object": "list",
+        "has_more": false,
+        "data": [
+            {"id": "file-old", "filename": "forge-01job-train.jsonl", "created_at": 1, "status": "processed"},
+            {"id": "file-new", "filename": "forge-01job-train.jsonl", "created_at": 5, "status": "processed"},
+            {"id": "file-bad", "filename": "forge-01job-train.jsonl", "created_at": 9, "status": "error"},
+            {"id": "file-other", "filename": "theirs.jsonl", "created_at": 7, "status": "processed"},
+        ],
+    });
+    let app = axum::Router::new()
+        .route(
+            "/v1/files",
+            axum::routing::get(move || {
+                let files = files.clone();
+                async move { axum::Json(files) }
+            }),
+        )
+        .route(
+            "/v1/fine_tuning/jobs",
+            axum::routing::get(|| async {
+                axum::Json(json!({"object": "list", "data": [], "has_more": false}))
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}/v1", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let api = api_at(&base, Dialect::Azure);
+    let earlier = api.earlier_submission("01JOB").await.unwrap();
+    assert!(earlier.job.is_none());
+    let ids: Vec<&str> = earlier.uploads.iter().map(|f| f.id.as_str()).collect();
+    assert_eq!(ids, ["file-bad", "file-new", "file-old"]);
+    for file in earlier.uploads {
+        api.reuse_upload(file);
+    }
+    let [train, _] = fine_tuning::upload_names("01JOB");
+    assert_eq!(
+        api.uploaded(&train).map(|f| f.id).as_deref(),
+        Some("file-new")
+    );
+    server.abort();
+}
