@@ -49,7 +49,7 @@ pub(crate) fn chat_reference(messages: &RawValue) -> Result<Option<&'static str>
         } else if depth == 1
             && object
                 .iter()
-                .any(|(key, value)| *key == "audio" && value.starts_with('{'))
+                .any(|(key, value)| *key == "audio" && value.starts_with('{') && has_id(value))
         {
             Some("audio")
         } else {
@@ -73,7 +73,24 @@ pub(crate) fn responses_reference(
 ) -> Result<Option<&'static str>, Error> {
     let skip = (field == "tools").then_some("parameters");
     find(value, field, skip, &|object, depth| {
-        if names_any(object, &["file_id", "file_ids"]) {
+        // Every `type` the object gives: parsers differ on which of two wins.
+        let kinds: Vec<Cow<'_, str>> = object
+            .iter()
+            .filter(|(key, value)| *key == "type" && value.starts_with('"'))
+            .map(|(_, value)| decode(value))
+            .collect();
+        // An annotation on an output the client replays cites a file; the API reads nothing
+        // through it.
+        let annotation = !kinds.is_empty()
+            && kinds.iter().all(|kind| {
+                matches!(
+                    kind.as_ref(),
+                    "file_citation" | "container_file_citation" | "file_path"
+                )
+            });
+        if annotation {
+            None
+        } else if names_any(object, &["file_id", "file_ids"]) {
             Some("file_id")
         } else if names_any(object, &["vector_store_ids"]) {
             Some("vector_store_ids")
@@ -82,18 +99,26 @@ pub(crate) fn responses_reference(
             .any(|(key, value)| *key == "container" && value.starts_with('"'))
         {
             Some("container")
-        } else if object.iter().any(|(key, value)| {
-            *key == "type" && value.starts_with('"') && decode(value) == "item_reference"
-        }) || (field == "input"
-            && depth == 1
-            && names_any(object, &["id"])
-            && !names_any(object, &["type", "role"]))
+        } else if kinds.iter().any(|kind| kind == "item_reference")
+            || (field == "input"
+                && depth == 1
+                && names_any(object, &["id"])
+                && !names_any(object, &["type", "role"]))
         {
             Some("item_reference")
         } else {
             None
         }
     })
+}
+
+/// Whether `object`, an object's JSON text, has an `id` that is not `null`.
+fn has_id(object: &str) -> bool {
+    // Nested no deeper than the text it came from, which was scanned already.
+    scan(object, None, &|object, depth| {
+        (depth == 0 && names_any(object, &["id"])).then_some("id")
+    })
+    .map_or(true, |found| found.is_some())
 }
 
 /// Whether the object sets one of `keys` to anything but `null`. A key given twice counts if
@@ -329,6 +354,10 @@ mod tests {
         assert_eq!(chat_reference(&inline).unwrap(), None);
         let no_audio = raw(r#"[{"role":"assistant","content":"hi","audio":null}]"#);
         assert_eq!(chat_reference(&no_audio).unwrap(), None);
+        for no_id in [r#"{}"#, r#"{"id":null}"#, r#"{"data":{"id":"x"}}"#] {
+            let audio = raw(&format!(r#"[{{"role":"assistant","audio":{no_id}}}]"#));
+            assert_eq!(chat_reference(&audio).unwrap(), None, "{no_id}");
+        }
     }
 
     #[test]
@@ -399,6 +428,24 @@ mod tests {
                 None,
             ),
             ("prompt", r#"{"id":"pmpt_x","variables":{"a":"b"}}"#, None),
+            // Below an item, an object with an id alone is the item's own data.
+            (
+                "input",
+                r#"[{"type":"computer_call_output","call_id":"c","output":{"type":"computer_screenshot","image_url":"data:x"},"acknowledged_safety_checks":[{"id":"cu_sc_1","code":"c","message":"m"}]}]"#,
+                None,
+            ),
+            // An output replayed with its citations: the files they name are not read.
+            (
+                "input",
+                r#"[{"type":"message","role":"assistant","content":[{"type":"output_text","text":"t","annotations":[{"type":"container_file_citation","container_id":"cntr_1","file_id":"cfile_1"},{"type":"file_citation","file_id":"file-1","index":0}]}]}]"#,
+                None,
+            ),
+            // A second `type` does not make a file part an annotation.
+            (
+                "input",
+                r#"[{"role":"user","content":[{"type":"input_file","type":"file_citation","file_id":"file-x"}]}]"#,
+                Some("file_id"),
+            ),
         ];
         for (field, text, expected) in cases {
             assert_eq!(
