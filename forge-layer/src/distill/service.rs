@@ -1114,32 +1114,33 @@ impl DistillationService {
         // From here on the run is paid for: whatever fails next, its examples are not trained on
         // again (see `last_cut`), and the model's name stays on the job for a manual deployment.
         job.trained_model = Some(trained.clone());
-        self.save(&mut job);
         self.release(&route, &job, &provider_job);
         // The run succeeded before an operator's cancel could stop it: paid for, so its
         // examples stay cut and the model's name stays on the job, but it is not deployed
-        // against the operator's wish. (A job resumed past this point, with its model, may be
-        // deployed already, and goes on.)
+        // against the operator's wish. The model and the failure are saved together: a job
+        // saved with its model alone would be resumed, after a restart, from the deploy on.
         if self.cancel_recorded(&job.id) {
             return self.fail(
                 &mut job,
                 format!("cancelled by an operator, but the run had succeeded: its model {trained} is recorded as trained_model and not deployed"),
             );
         }
+        self.save(&mut job);
         self.after_training(job, route, trained).await;
     }
 
-    /// Asks the provider once more to cancel a run an operator cancelled. A 400 or 409 says the
-    /// run is ending already, which the next poll reads.
+    /// Asks the provider once more to cancel a run an operator cancelled.
     async fn cancel_again(&self, job: &DistillationJob, route: &RouteDistill, provider_job: &str) {
         match route.provider.cancel(provider_job).await {
             Ok(()) => {
                 tracing::info!(job = %job.id, provider_job, "the recorded cancel was taken");
                 self.cancel_taken(&job.id);
             }
+            // The run may be ending already, or not ready to be cancelled: asked again at the
+            // next poll, which reads the run ended once it has.
             Err(ProviderError::Http {
                 status: 400 | 409, ..
-            }) => self.cancel_taken(&job.id),
+            }) => {}
             Err(e) => {
                 tracing::warn!(job = %job.id, provider_job, error = %e, "the recorded cancel was not taken; asking again at the next poll");
             }
