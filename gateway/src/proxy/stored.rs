@@ -25,9 +25,17 @@ const KEYS: [&str; 8] = [
 /// One object's entries under [`KEYS`]: the key, and its value as raw JSON text.
 type Object<'a> = [(&'static str, &'a str)];
 
-/// Looks at one object's entries and its depth (how many arrays and objects hold it), and
-/// names the reference it makes, if any.
-type Check<'c> = &'c dyn Fn(&Object<'_>, usize) -> Option<&'static str>;
+/// Where an object lies.
+#[derive(Debug, Clone, Copy)]
+struct Place {
+    /// How many arrays and objects hold it.
+    depth: usize,
+    /// Whether it is an element of an `annotations` array.
+    annotation: bool,
+}
+
+/// Looks at one object's entries and place, and names the reference it makes, if any.
+type Check<'c> = &'c dyn Fn(&Object<'_>, Place) -> Option<&'static str>;
 
 /// The reference to a stored object in a chat request's `messages`, by the field that makes
 /// it: a file by id (a `file` content part's `file_id`; a file sent inline, `file_data`, is not
@@ -43,10 +51,10 @@ pub(crate) fn chat_reference(messages: &RawValue) -> Result<Option<&'static str>
     {
         return Ok(None);
     }
-    find(messages, "messages", None, &|object, depth| {
+    find(messages, "messages", None, &|object, place| {
         if names_any(object, &["file_id", "file_ids"]) {
             Some("file_id")
-        } else if depth == 1
+        } else if place.depth == 1
             && object
                 .iter()
                 .any(|(key, value)| *key == "audio" && value.starts_with('{') && has_id(value))
@@ -72,7 +80,7 @@ pub(crate) fn responses_reference(
     value: &RawValue,
 ) -> Result<Option<&'static str>, Error> {
     let skip = (field == "tools").then_some("parameters");
-    find(value, field, skip, &|object, depth| {
+    find(value, field, skip, &|object, place| {
         // Every `type` the object gives: parsers differ on which of two wins.
         let kinds: Vec<Cow<'_, str>> = object
             .iter()
@@ -80,8 +88,9 @@ pub(crate) fn responses_reference(
             .map(|(_, value)| decode(value))
             .collect();
         // An annotation on an output the client replays cites a file; the API reads nothing
-        // through it.
-        let annotation = !kinds.is_empty()
+        // through it. Only in an `annotations` list: elsewhere such a `type` proves nothing.
+        let annotation = place.annotation
+            && !kinds.is_empty()
             && kinds.iter().all(|kind| {
                 matches!(
                     kind.as_ref(),
@@ -101,7 +110,7 @@ pub(crate) fn responses_reference(
             Some("container")
         } else if kinds.iter().any(|kind| kind == "item_reference")
             || (field == "input"
-                && depth == 1
+                && place.depth == 1
                 && names_any(object, &["id"])
                 && !names_any(object, &["type", "role"]))
         {
@@ -115,8 +124,8 @@ pub(crate) fn responses_reference(
 /// Whether `object`, an object's JSON text, has an `id` that is not `null`.
 fn has_id(object: &str) -> bool {
     // Nested no deeper than the text it came from, which was scanned already.
-    scan(object, None, &|object, depth| {
-        (depth == 0 && names_any(object, &["id"])).then_some("id")
+    scan(object, None, &|object, place| {
+        (place.depth == 0 && names_any(object, &["id"])).then_some("id")
     })
     .map_or(true, |found| found.is_some())
 }
@@ -155,6 +164,8 @@ enum Key {
     Kept(&'static str),
     /// The key not looked into.
     Skip,
+    /// `annotations`, whose list holds citations.
+    Annotations,
     /// Any other key, or none yet.
     Other,
 }
@@ -172,6 +183,9 @@ struct Frame<'a> {
     expect_key: bool,
     /// Whether it lies in a value not looked into.
     skipped: bool,
+    /// For an array, whether it is an `annotations` list; for an object, whether it is an
+    /// element of one.
+    annotations: bool,
 }
 
 fn scan<'a>(
@@ -195,15 +209,19 @@ fn scan<'a>(
                 if stack.len() >= MAX_DEPTH {
                     return Err(());
                 }
-                let skipped = stack
-                    .last()
-                    .is_some_and(|frame| frame.skipped || frame.key == Key::Skip);
+                let parent = stack.last();
+                let skipped = parent.is_some_and(|frame| frame.skipped || frame.key == Key::Skip);
+                let annotations = parent.is_some_and(|frame| match byte {
+                    b'[' => frame.key == Key::Annotations,
+                    _ => frame.entries.is_none() && frame.annotations,
+                });
                 stack.push(Frame {
                     start: at,
                     entries: (byte == b'{').then(Vec::new),
                     key: Key::Other,
                     expect_key: byte == b'{',
                     skipped,
+                    annotations,
                 });
                 at += 1;
             }
@@ -213,7 +231,13 @@ fn scan<'a>(
                     return Ok(None);
                 };
                 if let (Some(entries), false) = (&frame.entries, frame.skipped)
-                    && let Some(found) = check(entries, stack.len())
+                    && let Some(found) = check(
+                        entries,
+                        Place {
+                            depth: stack.len(),
+                            annotation: frame.annotations,
+                        },
+                    )
                 {
                     return Ok(Some(found));
                 }
@@ -228,6 +252,7 @@ fn scan<'a>(
                         frame.key = match KEYS.iter().find(|k| **k == key) {
                             Some(kept) => Key::Kept(kept),
                             None if skip == Some(&*key) => Key::Skip,
+                            None if key == "annotations" => Key::Annotations,
                             None => Key::Other,
                         };
                         frame.expect_key = false;
@@ -439,6 +464,12 @@ mod tests {
                 "input",
                 r#"[{"type":"message","role":"assistant","content":[{"type":"output_text","text":"t","annotations":[{"type":"container_file_citation","container_id":"cntr_1","file_id":"cfile_1"},{"type":"file_citation","file_id":"file-1","index":0}]}]}]"#,
                 None,
+            ),
+            // Outside an `annotations` list, a citation's `type` exempts nothing.
+            (
+                "tools",
+                r#"[{"type":"image_generation","input_image_mask":{"type":"file_citation","file_id":"file-x"}}]"#,
+                Some("file_id"),
             ),
             // A second `type` does not make a file part an annotation.
             (
