@@ -753,7 +753,7 @@ impl DistillationService {
 
     /// Whether an operator's cancel of job `id` is recorded and the provider may not have taken
     /// it. Only a cancel known to be taken is not: one recorded by a build before this mark, or
-    /// whose mark a crash or a store error lost, is asked again, which costs at most a 400.
+    /// whose mark a crash or a store error lost, is asked again while the run goes on.
     fn cancel_pending(&self, id: &str) -> bool {
         self.cancel_recorded(id)
             && !matches!(
@@ -1114,18 +1114,19 @@ impl DistillationService {
         // From here on the run is paid for: whatever fails next, its examples are not trained on
         // again (see `last_cut`), and the model's name stays on the job for a manual deployment.
         job.trained_model = Some(trained.clone());
-        self.release(&route, &job, &provider_job);
         // The run succeeded before an operator's cancel could stop it: paid for, so its
         // examples stay cut and the model's name stays on the job, but it is not deployed
         // against the operator's wish. The model and the failure are saved together: a job
         // saved with its model alone would be resumed, after a restart, from the deploy on.
         if self.cancel_recorded(&job.id) {
-            return self.fail(
+            self.fail(
                 &mut job,
                 format!("cancelled by an operator, but the run had succeeded: its model {trained} is recorded as trained_model and not deployed"),
             );
+            return self.release(&route, &job, &provider_job);
         }
         self.save(&mut job);
+        self.release(&route, &job, &provider_job);
         self.after_training(job, route, trained).await;
     }
 
@@ -1138,9 +1139,13 @@ impl DistillationService {
             }
             // The run may be ending already, or not ready to be cancelled: asked again at the
             // next poll, which reads the run ended once it has.
-            Err(ProviderError::Http {
-                status: 400 | 409, ..
-            }) => {}
+            Err(
+                e @ ProviderError::Http {
+                    status: 400 | 409, ..
+                },
+            ) => {
+                tracing::debug!(job = %job.id, provider_job, error = %e, "the recorded cancel was not taken now; asking again at the next poll");
+            }
             Err(e) => {
                 tracing::warn!(job = %job.id, provider_job, error = %e, "the recorded cancel was not taken; asking again at the next poll");
             }
