@@ -630,9 +630,14 @@ async fn training_with_a_rotated_key(tag: &str, running: Duration) -> RotatedKey
 
 /// How many `method path` requests `sim` has received.
 fn calls(sim: &SimHandle, method: &str, path: &str) -> usize {
+    calls_where(sim, method, |p| p == path)
+}
+
+/// How many `method` requests `sim` has received whose path (with its query) `path` accepts.
+fn calls_where(sim: &SimHandle, method: &str, path: impl Fn(&str) -> bool) -> usize {
     sim.requests()
-        .into_iter()
-        .filter(|r| r.method == method && r.path == path)
+        .iter()
+        .filter(|r| r.method == method && path(&r.path))
         .count()
 }
 
@@ -707,15 +712,7 @@ async fn a_cancel_refused_at_the_training_deadline_is_tried_again_until_it_is_ta
         error.contains("max_training_secs") && error.contains("cancelled at the provider"),
         "{failed}"
     );
-    let at_provider: Value = client()
-        .get(format!("{}/fine_tuning/jobs/{run}", sim.base_url()))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let at_provider = sim_json_as(&sim, &format!("/v1/fine_tuning/jobs/{run}"), Some(&key)).await;
     assert_eq!(at_provider["status"], "cancelled", "{at_provider}");
     assert_eq!(runs_created(&sim), 1);
     gw.shutdown().await;
@@ -827,10 +824,7 @@ async fn ended_as(gw: &TestGateway, id: &str, status: &str) -> Value {
 
 /// How many fine-tuning runs the simulated provider was asked to create.
 fn runs_created(sim: &SimHandle) -> usize {
-    sim.requests()
-        .into_iter()
-        .filter(|r| r.method == "POST" && r.path == "/v1/fine_tuning/jobs")
-        .count()
+    calls(sim, "POST", "/v1/fine_tuning/jobs")
 }
 
 /// Stops `gw` as if it had stopped while submitting job `id`, before recording the run's id,
@@ -1204,14 +1198,22 @@ async fn provider_job(sim: &SimHandle, run: &str) -> Value {
 
 /// The simulated provider's answer to `GET path`, as JSON.
 async fn sim_json(sim: &SimHandle, path: &str) -> Value {
-    client()
-        .get(format!("{}{path}", sim.root_url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    sim_json_as(sim, path, None).await
+}
+
+/// [`sim_json`], with `key` as the bearer token if given.
+async fn sim_json_as(sim: &SimHandle, path: &str, key: Option<&str>) -> Value {
+    let request = client().get(format!("{}{path}", sim.root_url()));
+    match key {
+        Some(key) => request.bearer_auth(key),
+        None => request,
+    }
+    .send()
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap()
 }
 
 #[tokio::test]
@@ -1409,10 +1411,7 @@ async fn azure_setup_with(
 
 /// How many fine-tuning jobs Forge asked the simulated Azure resource to create.
 fn azure_runs_created(sim: &SimHandle) -> usize {
-    sim.requests()
-        .into_iter()
-        .filter(|r| r.method == "POST" && r.path.starts_with("/openai/fine_tuning/jobs?"))
-        .count()
+    calls_where(sim, "POST", |p| p.starts_with("/openai/fine_tuning/jobs?"))
 }
 
 #[tokio::test]
@@ -1485,12 +1484,7 @@ async fn an_azure_submission_stopped_between_upload_and_create_uses_its_upload_a
     .await;
     let gw = start_gateway_with(&text, admin).await;
     traffic(&gw, 25, "orphan", None).await;
-    let uploads = || {
-        sim.requests()
-            .into_iter()
-            .filter(|r| r.method == "POST" && r.path.starts_with("/openai/files?"))
-            .count()
-    };
+    let uploads = || calls_where(&sim, "POST", |p| p.starts_with("/openai/files?"));
     eventually("the training file uploaded", || uploads() >= 1).await;
     let id = wait_for_job(&gw, "TRAINING").await["id"]
         .as_str()
@@ -1612,12 +1606,7 @@ async fn an_azure_deployment_that_outlasts_its_wait_is_deleted_and_the_job_fails
     );
     assert!(failed["trained_model"].is_string(), "{failed}");
     // Deleted, so that it does not go on to bill by the hour; put once, not again.
-    let calls = |method: &str| {
-        sim.requests()
-            .iter()
-            .filter(|r| r.method == method && r.path.contains("/deployments/forge-"))
-            .count()
-    };
+    let calls = |method| calls_where(&sim, method, |p| p.contains("/deployments/forge-"));
     assert_eq!((calls("PUT"), calls("DELETE")), (1, 1));
     gw.shutdown().await;
 }
