@@ -670,6 +670,11 @@ impl DistillationService {
         now: chrono::DateTime<chrono::Utc>,
         deferred: &mut HashSet<String>,
     ) {
+        // Taken before the jobs are read: a job is saved at its end before its route is
+        // released, so a route free here has its last job's end in the read below. Checked
+        // only after the read, a job ending between the two would look still running in the
+        // read and free in the check, and its failure (a cancel) would not hold the route.
+        let busy = self.lock_active().clone();
         let this = Arc::clone(self);
         let jobs = match tokio::task::spawn_blocking(move || this.jobs()).await {
             Ok(Ok(jobs)) => jobs,
@@ -679,7 +684,10 @@ impl DistillationService {
             Err(e) => return tracing::error!(error = %e, "jobs read task failed"),
         };
         for (alias, route) in &self.routes {
-            if self.lock_active().contains(alias) || self.deployer.canary_in_progress(alias) {
+            if busy.contains(alias)
+                || self.lock_active().contains(alias)
+                || self.deployer.canary_in_progress(alias)
+            {
                 // A schedule stands for one job at a time: the one running, or the canary's.
                 deferred.remove(alias);
                 continue;
