@@ -1243,6 +1243,12 @@ async fn feedback_on_a_stream_still_running_is_a_409_then_lands_once_it_ends() {
     assert_eq!(err["error"]["param"], "trace_id");
     let body = resp.text().await.unwrap();
     assert!(body.contains("[DONE]"), "{body}");
+    // Once committed, it takes feedback at once: not left to the one second of waiting, which
+    // a slow disk's commit could outlast.
+    eventually("the trace is committed", || {
+        gw.capture_counters().unwrap().captured == 1
+    })
+    .await;
     assert_eq!(feedback().await.unwrap().status(), 200);
     gw.shutdown().await;
 }

@@ -645,7 +645,7 @@ fn calls_where(sim: &SimHandle, method: &str, path: impl Fn(&str) -> bool) -> us
 async fn a_poll_refused_for_its_key_keeps_the_job_training_until_the_key_works() {
     let RotatedKey {
         sim, gw, id, key, ..
-    } = training_with_a_rotated_key("rotated", Duration::from_secs(2)).await;
+    } = training_with_a_rotated_key("rotated", Duration::from_secs(8)).await;
     assert_eq!(
         job(&gw, &id).await["status"],
         "TRAINING",
@@ -662,7 +662,7 @@ async fn a_poll_refused_for_its_key_keeps_the_job_training_until_the_key_works()
 async fn a_cancel_the_provider_refuses_too_still_ends_a_job_whose_polls_are_refused() {
     let RotatedKey {
         sim: _sim, gw, id, ..
-    } = training_with_a_rotated_key("cancelled", Duration::from_secs(2)).await;
+    } = training_with_a_rotated_key("cancelled", Duration::from_secs(600)).await;
     // The cancel is refused too, and its answer carries none of the provider's text, which
     // echoes part of the key.
     let cancel = admin_post(&gw, &format!("/admin/jobs/{id}/cancel")).await;
@@ -692,7 +692,10 @@ async fn a_cancel_refused_at_the_training_deadline_is_tried_again_until_it_is_ta
     } = training_with_a_rotated_key("overdue", Duration::from_secs(600)).await;
     // Back with a deadline that has passed: the run must be cancelled, and the provider refuses.
     let dir = gw.shutdown().await;
-    let gw = start_on(&with_distiller(&text, "max_training_secs = 1"), &dir).await;
+    // Only the operator starts jobs from here on: the failed job's examples would meet the
+    // threshold again once its short back-off ends, and a second run would be made.
+    let overdue = with_distiller(&admin_triggered(&text), "max_training_secs = 1");
+    let gw = start_on(&overdue, &dir).await;
     let cancel = format!("/v1/fine_tuning/jobs/{run}/cancel");
     eventually("two cancels refused", || calls(&sim, "POST", &cancel) >= 2).await;
     // Failed now, the job would leave the run going on, and billed, with its examples free for
@@ -1358,9 +1361,10 @@ async fn a_run_past_the_training_deadline_is_cancelled_and_its_job_failed() {
 #[tokio::test]
 async fn a_run_that_succeeded_while_forge_was_down_is_kept_past_the_deadline() {
     let mut short = sim_config();
-    short.fine_tune.running = Duration::from_secs(2);
+    // Long enough that a slow machine still looks before the run ends.
+    short.fine_tune.running = Duration::from_secs(6);
     let sim = start_sim(short).await;
-    let text = with_distiller(&config(&sim, "", ""), "max_training_secs = 3");
+    let text = with_distiller(&config(&sim, "", ""), "max_training_secs = 7");
     let gw = start_gateway_with(&text, admin).await;
     traffic(&gw, 24, "late", None).await;
     let id = submitted_job(&gw).await;
@@ -1371,7 +1375,7 @@ async fn a_run_that_succeeded_while_forge_was_down_is_kept_past_the_deadline() {
     );
     // Down while the run finishes, and until the deadline has passed.
     let dir = gw.shutdown().await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
     let again = start_on(&text, &dir).await;
     // The first poll finds the run done: the paid-for model is deployed, not cancelled.
     let job = completed(&again, &id).await;
@@ -1477,9 +1481,9 @@ async fn an_azure_submission_a_restart_interrupted_finds_its_run() {
 
 #[tokio::test]
 async fn an_azure_submission_stopped_between_upload_and_create_uses_its_upload_again() {
-    // Files take 5 s to process: the gateway stops while it waits for the training file's.
+    // Files take 12 s to process: the gateway stops while it waits for the training file's.
     let (sim, text) = azure_setup_with("arm-token", "arm-token", |sim| {
-        sim.azure.file_processing = Duration::from_secs(5)
+        sim.azure.file_processing = Duration::from_secs(12)
     })
     .await;
     let gw = start_gateway_with(&text, admin).await;
