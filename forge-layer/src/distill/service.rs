@@ -194,8 +194,8 @@ pub struct DistillationService {
     pub(super) routes: HashMap<String, RouteDistill>,
     pub(super) deployer: Arc<dyn Deployer>,
     chat: Arc<dyn ChatClient>,
-    /// Routes with an active job: at most one each.
-    active: Mutex<HashSet<String>>,
+    /// Routes with an active job (at most one each), and how many jobs have ended.
+    active: Mutex<ActiveRoutes>,
     queue: mpsc::UnboundedSender<DistillationJob>,
     queued: Mutex<Option<mpsc::UnboundedReceiver<DistillationJob>>>,
     /// Where taking down idle students stands ([`super::undeploy`]).
@@ -235,7 +235,10 @@ impl DistillationService {
             routes,
             deployer,
             chat,
-            active: Mutex::new(active),
+            active: Mutex::new(ActiveRoutes {
+                routes: active,
+                ended: 0,
+            }),
             queue,
             queued: Mutex::new(Some(queued)),
             undeploys: Mutex::default(),
@@ -420,7 +423,7 @@ impl DistillationService {
             .join("train.jsonl")
     }
 
-    fn lock_active(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    fn lock_active(&self) -> std::sync::MutexGuard<'_, ActiveRoutes> {
         self.active.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -431,18 +434,25 @@ impl DistillationService {
             .routes
             .get(alias)
             .ok_or_else(|| DistillError::NotConfigured(alias.to_string()))?;
-        {
-            let mut active = self.lock_active();
-            if active.contains(alias) {
-                let running = self
-                    .jobs()?
-                    .into_iter()
-                    .find(|j| j.route == alias && j.status.is_active())
-                    .map_or_else(|| "starting".to_string(), |j| j.id);
-                return Err(DistillError::Busy(alias.to_string(), running));
-            }
-            active.insert(alias.to_string());
+        if !self.lock_active().routes.insert(alias.to_string()) {
+            let running = self
+                .jobs()?
+                .into_iter()
+                .find(|j| j.route == alias && j.status.is_active())
+                .map_or_else(|| "starting".to_string(), |j| j.id);
+            return Err(DistillError::Busy(alias.to_string(), running));
         }
+        self.start_claimed(alias, route, trigger)
+    }
+
+    /// Records and queues a job for `alias`, which the caller has claimed in `active`; the
+    /// claim is let go if the job cannot be recorded.
+    fn start_claimed(
+        &self,
+        alias: &str,
+        route: &RouteDistill,
+        trigger: &str,
+    ) -> Result<DistillationJob, DistillError> {
         let now = now_ms();
         let job = DistillationJob {
             id: format!("dj_{}", TraceId::generate()),
@@ -468,7 +478,7 @@ impl DistillationService {
             finished_ms: None,
         };
         if let Err(e) = self.store.put_job(&job.id, &job) {
-            self.lock_active().remove(alias);
+            self.lock_active().routes.remove(alias);
             return Err(e.into());
         }
         tracing::info!(job = %job.id, route = alias, trigger, "distillation job created");
@@ -621,14 +631,14 @@ impl DistillationService {
             match (&job.status, &job.provider_job_id, manifest) {
                 (JobStatus::Training, Some(_), _) => {
                     tracing::info!(job = %job.id, "resuming a training job after restart");
-                    self.lock_active().insert(job.route.clone());
+                    self.lock_active().routes.insert(job.route.clone());
                     let this = Arc::clone(self);
                     running.spawn(async move { this.finish_training(job).await });
                 }
                 // Interrupted while submitting: the run may exist with its id unrecorded. A
                 // provider that finds it is asked again and answers with it (or starts it).
                 (JobStatus::Training, None, Some(manifest)) if finds_earlier => {
-                    self.lock_active().insert(job.route.clone());
+                    self.lock_active().routes.insert(job.route.clone());
                     let this = Arc::clone(self);
                     running.spawn(async move { this.resubmit(job, manifest).await });
                 }
@@ -670,11 +680,10 @@ impl DistillationService {
         now: chrono::DateTime<chrono::Utc>,
         deferred: &mut HashSet<String>,
     ) {
-        // Taken before the jobs are read: a job is saved at its end before its route is
-        // released, so a route free here has its last job's end in the read below. Checked
-        // only after the read, a job ending between the two would look still running in the
-        // read and free in the check, and its failure (a cancel) would not hold the route.
-        let busy = self.lock_active().clone();
+        // Counted before the jobs are read: a job that ends after this (saved, then its route
+        // let go) may look still running in the read, which then cannot tell whether its end
+        // (a cancel, a failure) holds the route. No job is started on such a read.
+        let ended = self.lock_active().ended;
         let this = Arc::clone(self);
         let jobs = match tokio::task::spawn_blocking(move || this.jobs()).await {
             Ok(Ok(jobs)) => jobs,
@@ -684,9 +693,7 @@ impl DistillationService {
             Err(e) => return tracing::error!(error = %e, "jobs read task failed"),
         };
         for (alias, route) in &self.routes {
-            if busy.contains(alias)
-                || self.lock_active().contains(alias)
-                || self.deployer.canary_in_progress(alias)
+            if self.lock_active().routes.contains(alias) || self.deployer.canary_in_progress(alias)
             {
                 // A schedule stands for one job at a time: the one running, or the canary's.
                 deferred.remove(alias);
@@ -734,9 +741,16 @@ impl DistillationService {
                 }
                 None
             };
-            if let Some(trigger) = trigger
-                && let Err(e) = self.trigger(alias, trigger)
-            {
+            let Some(trigger) = trigger else { continue };
+            if !self.lock_active().claim_unchanged(alias, ended) {
+                // A job ended or started since the read: the next check decides on a fresh
+                // one, and a schedule that came due waits for it.
+                if due {
+                    deferred.insert(alias.clone());
+                }
+                continue;
+            }
+            if let Err(e) = self.start_claimed(alias, route, trigger) {
                 tracing::warn!(error = %e, route = %alias, "distillation not started");
             }
         }
@@ -784,7 +798,7 @@ impl DistillationService {
         job.error = Some(error);
         job.finished_ms = Some(now_ms());
         self.save(job);
-        self.lock_active().remove(&job.route);
+        self.lock_active().release(&job.route);
     }
 
     /// COLLECTING → TRAINING → …: builds the dataset, submits it, then follows the run.
@@ -1322,7 +1336,7 @@ impl DistillationService {
         job.status = JobStatus::Completed;
         job.finished_ms = Some(now_ms());
         self.save(job);
-        self.lock_active().remove(&job.route);
+        self.lock_active().release(&job.route);
         tracing::info!(job = %job.id, route = %job.route, model = ?job.resulting_model_id, "distillation job completed");
     }
 
@@ -1514,6 +1528,29 @@ pub fn parse_schedule(text: &str) -> Result<Option<cron::Schedule>, String> {
         .map_err(|e| format!("schedule `{text}`: {e}"))
 }
 
+/// The routes with a job under way, and a count of the jobs that have ended.
+#[derive(Debug)]
+struct ActiveRoutes {
+    routes: HashSet<String>,
+    /// Jobs ended since start: a decision made on a read of the jobs taken when this was
+    /// lower may have missed how one ended.
+    ended: u64,
+}
+
+impl ActiveRoutes {
+    /// Lets `route` go at the end of its job, which is saved first.
+    fn release(&mut self, route: &str) {
+        self.routes.remove(route);
+        self.ended += 1;
+    }
+
+    /// Claims `route` for a job decided on a read of the jobs taken when `ended` jobs had
+    /// ended: refused if it is busy, or if a job has ended since.
+    fn claim_unchanged(&mut self, route: &str, ended: u64) -> bool {
+        self.ended == ended && self.routes.insert(route.to_string())
+    }
+}
+
 /// The golden rule with a threshold.
 pub fn policy(min_score: f64) -> GoldenPolicy {
     GoldenPolicy { min_score }
@@ -1571,6 +1608,26 @@ fn failure_backoff<'j>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_claim_decided_before_a_job_ended_is_refused() {
+        let mut active = ActiveRoutes {
+            routes: HashSet::from(["chat".to_string()]),
+            ended: 0,
+        };
+        let read_at = active.ended;
+        assert!(!active.claim_unchanged("chat", read_at), "busy");
+        // The job ends after the read: a decision made on that read may not start another.
+        active.release("chat");
+        assert!(!active.claim_unchanged("chat", read_at));
+        assert!(!active.claim_unchanged("other", read_at));
+        // A decision on a read taken after the end may.
+        assert!(active.claim_unchanged("chat", active.ended));
+        assert!(
+            !active.claim_unchanged("chat", active.ended),
+            "claimed once"
+        );
+    }
 
     #[test]
     fn settings_debug_shows_the_dataset_url_but_not_the_admin_token() {
