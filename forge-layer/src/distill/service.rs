@@ -343,14 +343,13 @@ impl DistillationService {
         status: ModelStatus,
         reason: &str,
     ) -> Result<(), StoreError> {
-        if let Some(mut record) = self.store.model::<ModelRecord>(model)?
-            && record.status != status
-        {
-            record.status = status;
-            record.reason = Some(reason.to_string());
-            record.status_ms = Some(now_ms());
-            self.store.put_model(&record.id.clone(), &record)?;
-        }
+        self.store.update_model(model, |record: &mut ModelRecord| {
+            if record.status != status {
+                record.status = status;
+                record.reason = Some(reason.to_string());
+                record.status_ms = Some(now_ms());
+            }
+        })?;
         Ok(())
     }
 
@@ -1252,6 +1251,18 @@ impl DistillationService {
                 }
             }
         }
+        // Recorded as serving before it joins: a share change made as soon as it has joined
+        // (the guard's, an operator's) is recorded over this, and nothing written after the
+        // join can undo it.
+        record.status = ModelStatus::Canary;
+        record.status_ms = Some(now_ms());
+        record.reason = Some(format!(
+            "joined `{}` at {}%",
+            job.route, route.initial_canary_percent
+        ));
+        if let Err(e) = self.store.put_model(&record.id.clone(), &record) {
+            return self.fail(&mut job, format!("registry: {e}"));
+        }
         match self
             .deployer
             .add_student(
@@ -1263,21 +1274,23 @@ impl DistillationService {
             .await
         {
             Ok(()) => {
-                record.status = ModelStatus::Canary;
-                record.status_ms = Some(now_ms());
-                record.reason = Some(format!(
-                    "joined `{}` at {}%",
-                    job.route, route.initial_canary_percent
-                ));
                 self.retire_replaced(&job.route, &record.id);
                 tracing::info!(job = %job.id, model = %record.id, percent = route.initial_canary_percent, "student joined the route");
             }
             Err(e) => {
-                record.reason = Some(format!("could not join the route: {e}"));
-                job.error = record.reason.clone();
+                let reason = format!("could not join the route: {e}");
+                // Not in the route, no share change can have been recorded on it since.
+                let back = self.store.update_model(&record.id, |r: &mut ModelRecord| {
+                    r.status = ModelStatus::Candidate;
+                    r.status_ms = Some(now_ms());
+                    r.reason = Some(reason.clone());
+                });
+                if let Err(e) = back {
+                    tracing::error!(job = %job.id, model = %record.id, error = %e, "registry: the student that could not join is still recorded as serving");
+                }
+                job.error = Some(reason);
             }
         }
-        let _ = self.store.put_model(&record.id.clone(), &record);
         self.complete(&mut job);
     }
 
@@ -1287,22 +1300,30 @@ impl DistillationService {
     /// its share, which the guard may have moved since, is left as it is.
     fn already_joined(&self, mut job: DistillationJob, route: &RouteDistill, deployed: &Deployed) {
         tracing::info!(job = %job.id, model = %deployed.model, "resuming a job whose student has joined its route already");
-        let stored = self
-            .store
-            .model::<ModelRecord>(&deployed.model)
-            .ok()
-            .flatten();
-        let mut record = stored.unwrap_or_else(|| candidate(&job, route, deployed));
-        // Written as a candidate before it joined; what the guard or an operator made of it
-        // since stays.
-        if record.status == ModelStatus::Candidate {
-            record.status = ModelStatus::Canary;
-            record.status_ms = Some(now_ms());
-            record.reason = Some(format!("joined `{}` before a restart", job.route));
-            self.retire_replaced(&job.route, &record.id);
-        }
-        if let Err(e) = self.store.put_model(&record.id.clone(), &record) {
-            tracing::error!(job = %job.id, model = %record.id, error = %e, "registry: the serving student's record could not be written");
+        // Written as a candidate before it joined (by a build that wrote it serving only after
+        // the join), or lost: it serves. What the guard or an operator made of it since stays.
+        let joined = |record: &mut ModelRecord| {
+            if record.status == ModelStatus::Candidate {
+                record.status = ModelStatus::Canary;
+                record.status_ms = Some(now_ms());
+                record.reason = Some(format!("joined `{}` before a restart", job.route));
+            }
+        };
+        let written = match self.store.update_model(&deployed.model, joined) {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                let mut record = candidate(&job, route, deployed);
+                joined(&mut record);
+                self.store.put_model(&record.id.clone(), &record)
+            }
+            Err(e) => Err(e),
+        };
+        match written {
+            // The restart may have come before the students it replaced were marked so.
+            Ok(()) => self.retire_replaced(&job.route, &deployed.model),
+            Err(e) => {
+                tracing::error!(job = %job.id, model = %deployed.model, error = %e, "registry: the serving student's record could not be written");
+            }
         }
         job.resulting_model_id = Some(deployed.model.clone());
         self.complete(&mut job);
@@ -1969,6 +1990,133 @@ mod tests {
         assert_eq!(ended.trained_model.as_deref(), Some("ft:m:run-1"));
         let error = ended.error.unwrap_or_default();
         assert!(error.contains("not deployed"), "{error}");
+    }
+
+    /// Deploys every trained model on upstream `students`; nothing else is asked of it.
+    #[derive(Debug)]
+    struct DeploysOnly;
+
+    impl TrainingProvider for DeploysOnly {
+        fn name(&self) -> &'static str {
+            "deploys"
+        }
+        fn submit<'a>(
+            &'a self,
+            _: &'a TrainingRequest,
+        ) -> BoxFuture<'a, Result<super::super::Submitted, ProviderError>> {
+            Box::pin(async { Err(ProviderError::Invalid("not in this test".into())) })
+        }
+        fn poll<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<Progress, ProviderError>> {
+            Box::pin(async { Err(ProviderError::Invalid("not in this test".into())) })
+        }
+        fn cancel<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<(), ProviderError>> {
+            Box::pin(async { Err(ProviderError::Invalid("not in this test".into())) })
+        }
+        fn deploy<'a>(
+            &'a self,
+            _: &'a str,
+            trained: &'a str,
+        ) -> BoxFuture<'a, Result<super::super::Deployed, ProviderError>> {
+            Box::pin(async move {
+                Ok(super::super::Deployed {
+                    upstream: "students".into(),
+                    model: trained.into(),
+                })
+            })
+        }
+    }
+
+    /// A route table that a student joins, unless it `refuses`, and whose share a rollback
+    /// (the guard's, an operator's) takes away at once: recorded in the registry as
+    /// [`DistillationService::record_shares`] records it.
+    #[derive(Debug)]
+    struct RolledBackOnJoin {
+        store: Store,
+        refuses: bool,
+    }
+
+    impl Deployer for RolledBackOnJoin {
+        fn add_student<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a str,
+            model: &'a str,
+            _: f64,
+        ) -> BoxFuture<'a, Result<(), String>> {
+            let joined = if self.refuses {
+                Err("the route table refused it".to_string())
+            } else {
+                let rolled_back = self.store.update_model(model, |r: &mut ModelRecord| {
+                    r.status = ModelStatus::RolledBack;
+                });
+                assert!(rolled_back.unwrap(), "recorded before it joins");
+                Ok(())
+            };
+            Box::pin(async move { joined })
+        }
+        fn canary_in_progress(&self, _: &str) -> bool {
+            false
+        }
+        fn share(&self, _: &str, _: &str) -> Option<forge_router::CanaryShare> {
+            None
+        }
+        fn remove_idle_student<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a str,
+            _: &'a str,
+            _: Duration,
+        ) -> BoxFuture<'a, Result<bool, String>> {
+            Box::pin(async { Err("not in this test".into()) })
+        }
+    }
+
+    /// The registry record of a student trained as `ft:m:run-1` once its job has ended, on
+    /// a [`RolledBackOnJoin`] route table.
+    async fn record_after_join(refuses: bool) -> ModelRecord {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_dir(&dir.path().join("store")).unwrap();
+        let job: DistillationJob = serde_json::from_value(serde_json::json!({
+            "id": "dj_join", "route": "chat", "trigger": "threshold", "status": "TRAINING",
+            "provider": "deploys", "base_model": "m", "provider_job_id": "run-1",
+            "dataset_size": 12, "created_ms": now_ms(), "updated_ms": 0
+        }))
+        .unwrap();
+        store.put_job(&job.id, &job).unwrap();
+        let route = RouteDistill {
+            provider: Arc::new(DeploysOnly),
+            eval_min_score: 0.0,
+            ..chat_route()
+        };
+        let service = DistillationService::new(
+            store.clone(),
+            settings(dir.path()),
+            vec![route.clone()],
+            Arc::new(RolledBackOnJoin { store, refuses }),
+            Arc::new(Scripted {
+                refused: None,
+                wordy: None,
+            }),
+        );
+        Arc::clone(&service)
+            .after_training(job, route, "ft:m:run-1".into())
+            .await;
+        assert_eq!(
+            service.job("dj_join").unwrap().unwrap().status,
+            JobStatus::Completed
+        );
+        service.store.model("ft:m:run-1").unwrap().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_rollback_recorded_as_the_student_joins_is_not_written_over() {
+        let record = record_after_join(false).await;
+        assert_eq!(record.status, ModelStatus::RolledBack, "{record:?}");
+        // One that could not join is a candidate again, and says why.
+        let record = record_after_join(true).await;
+        assert_eq!(record.status, ModelStatus::Candidate, "{record:?}");
+        let reason = record.reason.unwrap_or_default();
+        assert!(reason.contains("could not join"), "{reason}");
     }
 
     /// The student answers `q<i>` with `a<i>`, word for word, but refuses `q<refused>`; the

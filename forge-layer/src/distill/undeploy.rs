@@ -202,10 +202,9 @@ fn serves_nothing(record: &ModelRecord, running: &HashSet<&str>) -> bool {
 async fn mark_undeployed(store: &Store, model: &str) {
     let (store, id) = (store.clone(), model.to_string());
     let marked = tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
-        if let Some(mut record) = store.model::<ModelRecord>(&id)? {
+        store.update_model(&id, |record: &mut ModelRecord| {
             record.undeployed_ms = Some(now_ms());
-            store.put_model(&id, &record)?;
-        }
+        })?;
         Ok(())
     })
     .await;

@@ -77,6 +77,31 @@ impl Store {
         self.put_json(MODELS, id, model)
     }
 
+    /// Changes registry record `id` with `f` in one write transaction, so that two changes of
+    /// different fields (a status, an undeploy mark) made at once cannot undo each other.
+    /// Returns whether the record exists.
+    pub fn update_model<T: Serialize + DeserializeOwned>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut T),
+    ) -> Result<bool, StoreError> {
+        self.write(|txn| {
+            let mut table = txn.open_table(MODELS).map_err(db_err)?;
+            let Some(mut record) = table
+                .get(id)
+                .map_err(db_err)?
+                .map(|v| serde_json::from_slice::<T>(v.value()))
+                .transpose()?
+            else {
+                return Ok(false);
+            };
+            f(&mut record);
+            let bytes = serde_json::to_vec(&record)?;
+            table.insert(id, bytes.as_slice()).map_err(db_err)?;
+            Ok(true)
+        })
+    }
+
     /// One registry record.
     pub fn model<T: DeserializeOwned>(&self, id: &str) -> Result<Option<T>, StoreError> {
         self.get_json(MODELS, id)

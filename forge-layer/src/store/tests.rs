@@ -1181,3 +1181,39 @@ fn a_store_file_that_cannot_be_what_it_seems_is_left_alone() {
         "{err}"
     );
 }
+
+#[test]
+fn registry_updates_of_different_fields_made_at_once_keep_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_dir(dir.path()).unwrap();
+    store
+        .put_model("m", &serde_json::json!({"status": 0, "undeploys": 0}))
+        .unwrap();
+    // Two writers, as the guard's status changes and the undeploy loop's marks are: each
+    // changes its own field of the same record.
+    const EACH: u64 = 40;
+    std::thread::scope(|scope| {
+        for field in ["status", "undeploys"] {
+            let store = &store;
+            scope.spawn(move || {
+                for _ in 0..EACH {
+                    let found = store
+                        .update_model("m", |record: &mut serde_json::Value| {
+                            record[field] = (record[field].as_u64().unwrap() + 1).into();
+                        })
+                        .unwrap();
+                    assert!(found);
+                }
+            });
+        }
+    });
+    let record: serde_json::Value = store.model("m").unwrap().unwrap();
+    assert_eq!(
+        record,
+        serde_json::json!({"status": EACH, "undeploys": EACH})
+    );
+    let absent = store
+        .update_model("none", |_: &mut serde_json::Value| unreachable!())
+        .unwrap();
+    assert!(!absent);
+}
