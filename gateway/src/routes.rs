@@ -522,12 +522,14 @@ impl RouteControl {
         }
         let action = format!("remove student {}/{} (idle)", target.upstream, target.model);
         let alias_owned = alias.to_string();
+        // Only on the table the history was read against: a share given and taken away since
+        // would restart the idle time, and the next pass decides on it.
         let removed = self
             .apply(
                 actor,
                 action,
                 Some(alias.to_string()),
-                None,
+                Some(table.version()),
                 move |routes| {
                     // Checked again in the update itself: a share or a use given meanwhile keeps it.
                     if in_use(&routes.iter().collect::<Vec<_>>(), &alias_owned, &target) {
