@@ -1867,6 +1867,18 @@ mod tests {
         }
     }
 
+    /// Stores job `id` of route `chat`, in TRAINING on `provider`'s run `run-1`, and returns it.
+    fn training_on_run_1(store: &Store, id: &str, provider: &str) -> DistillationJob {
+        let job: DistillationJob = serde_json::from_value(serde_json::json!({
+            "id": id, "route": "chat", "trigger": "threshold", "status": "TRAINING",
+            "provider": provider, "base_model": "m", "provider_job_id": "run-1",
+            "dataset_size": 12, "created_ms": now_ms(), "updated_ms": 0
+        }))
+        .unwrap();
+        store.put_job(&job.id, &job).unwrap();
+        job
+    }
+
     /// Job `dj_cancelled` in TRAINING on `provider`, cancelled by an operator, then followed to
     /// its end; returns the ended job and what the operator's cancel answered. With
     /// `by_an_earlier_build`, the cancel is only recorded, as builds before the mark of a cancel
@@ -1880,13 +1892,7 @@ mod tests {
     ) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_dir(&dir.path().join("store")).unwrap();
-        let training: DistillationJob = serde_json::from_value(serde_json::json!({
-            "id": "dj_cancelled", "route": "chat", "trigger": "threshold", "status": "TRAINING",
-            "provider": "scripted", "base_model": "m", "provider_job_id": "run-1",
-            "dataset_size": 12, "created_ms": now_ms(), "updated_ms": 0
-        }))
-        .unwrap();
-        store.put_job(&training.id, &training).unwrap();
+        training_on_run_1(&store, "dj_cancelled", "scripted");
         let service = DistillationService::new(
             store,
             settings(dir.path()),
@@ -2002,15 +2008,15 @@ mod tests {
         }
         fn submit<'a>(
             &'a self,
-            _: &'a TrainingRequest,
+            request: &'a TrainingRequest,
         ) -> BoxFuture<'a, Result<super::super::Submitted, ProviderError>> {
-            Box::pin(async { Err(ProviderError::Invalid("not in this test".into())) })
+            Unused.submit(request)
         }
-        fn poll<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<Progress, ProviderError>> {
-            Box::pin(async { Err(ProviderError::Invalid("not in this test".into())) })
+        fn poll<'a>(&'a self, run: &'a str) -> BoxFuture<'a, Result<Progress, ProviderError>> {
+            Unused.poll(run)
         }
-        fn cancel<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<(), ProviderError>> {
-            Box::pin(async { Err(ProviderError::Invalid("not in this test".into())) })
+        fn cancel<'a>(&'a self, run: &'a str) -> BoxFuture<'a, Result<(), ProviderError>> {
+            Unused.cancel(run)
         }
         fn deploy<'a>(
             &'a self,
@@ -2054,20 +2060,20 @@ mod tests {
             };
             Box::pin(async move { joined })
         }
-        fn canary_in_progress(&self, _: &str) -> bool {
-            false
+        fn canary_in_progress(&self, alias: &str) -> bool {
+            Unused.canary_in_progress(alias)
         }
-        fn share(&self, _: &str, _: &str) -> Option<forge_router::CanaryShare> {
-            None
+        fn share(&self, alias: &str, model: &str) -> Option<forge_router::CanaryShare> {
+            Unused.share(alias, model)
         }
         fn remove_idle_student<'a>(
             &'a self,
-            _: &'a str,
-            _: &'a str,
-            _: &'a str,
-            _: Duration,
+            alias: &'a str,
+            upstream: &'a str,
+            model: &'a str,
+            idle_for: Duration,
         ) -> BoxFuture<'a, Result<bool, String>> {
-            Box::pin(async { Err("not in this test".into()) })
+            Unused.remove_idle_student(alias, upstream, model, idle_for)
         }
     }
 
@@ -2076,13 +2082,7 @@ mod tests {
     async fn record_after_join(refuses: bool) -> ModelRecord {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_dir(&dir.path().join("store")).unwrap();
-        let job: DistillationJob = serde_json::from_value(serde_json::json!({
-            "id": "dj_join", "route": "chat", "trigger": "threshold", "status": "TRAINING",
-            "provider": "deploys", "base_model": "m", "provider_job_id": "run-1",
-            "dataset_size": 12, "created_ms": now_ms(), "updated_ms": 0
-        }))
-        .unwrap();
-        store.put_job(&job.id, &job).unwrap();
+        let job = training_on_run_1(&store, "dj_join", "deploys");
         let route = RouteDistill {
             provider: Arc::new(DeploysOnly),
             eval_min_score: 0.0,
