@@ -1620,9 +1620,11 @@ async fn a_newer_student_retires_the_one_it_replaces() {
     let sim = start_sim(sim_config()).await;
     let gw = start_gateway_with(
         // Idle students are taken down after 0.3 s, but an OpenAI-style model costs nothing
-        // idle, so the replaced one stays in its route at 0%.
+        // idle, so the replaced one stays in its route at 0%. Students join at 0%: with a
+        // share, the first would answer some of the second round, whose examples (teacher
+        // answers only) could then fall below min_examples.
         &with_distiller(
-            &admin_triggered(&config(&sim, "", "")),
+            &no_canary(&admin_triggered(&config(&sim, "", ""))),
             "undeploy_after_secs = 0.3",
         ),
         admin,
