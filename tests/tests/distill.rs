@@ -86,7 +86,9 @@ fn admin(config: &mut forge_gateway::config::Config) {
 async fn traffic(gw: &TestGateway, n: usize, tag: &str, key: Option<&str>) -> Vec<String> {
     let mut ids = Vec::new();
     for i in 0..n {
-        let mut body = json!({"model": "chat", "messages": [{"role": "user", "content": format!("{tag} question {i} about distributed systems")}]});
+        // A user of its own: with a student in the route, requests spread over both arms (by
+        // the hash of the user, the same in every run) rather than all following the client.
+        let mut body = json!({"model": "chat", "user": format!("{tag}-{i}"), "messages": [{"role": "user", "content": format!("{tag} question {i} about distributed systems")}]});
         if i % 4 == 0 {
             body["tools"] = json!([{"type": "function", "function": {"name": "search", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}]);
         }
@@ -375,6 +377,18 @@ async fn only_teacher_traces_and_only_the_tenant_s_traces_are_trained_on() {
         lines += 1;
     }
     assert!(lines >= 12, "{lines}");
+    // The student answered some of A's approved requests: there were traces to leave out.
+    let from_the_student = a_ids
+        .iter()
+        .filter(|id| {
+            !store
+                .trace(id.parse().unwrap())
+                .unwrap()
+                .unwrap()
+                .is_teacher()
+        })
+        .count();
+    assert!(from_the_student > 0, "every answer was the teacher's");
     // What was uploaded to the provider holds none of B's text either.
     let uploads: Vec<_> = sim
         .requests()
@@ -1048,7 +1062,9 @@ async fn a_dataset_reads_only_what_the_judge_has_looked_at() {
 async fn the_schedule_starts_a_job_once_there_is_enough_data() {
     let sim = start_sim(sim_config()).await;
     // Every second, and a threshold that is never reached: only the schedule can start a job.
-    let text = admin_triggered(&config(&sim, "", ""))
+    // Nothing held out for validation: the job may start at any of 12 to 17 lines, and the
+    // training file must keep the 10 lines fine-tuning needs at every one.
+    let text = admin_triggered(&config(&sim, "validation_percent = 0.0", ""))
         .replace("schedule = \"\"", "schedule = \"* * * * * *\"");
     let gw = start_gateway_with(&text, admin).await;
     traffic(&gw, 5, "too-few", None).await;
@@ -1071,7 +1087,9 @@ async fn a_threshold_below_min_examples_waits_for_min_examples() {
     let sim = start_sim(sim_config()).await;
     // A threshold of 3 with min_examples 12: a job started at 3 would fail, leave the cut where
     // it was, and be started again at every check (every 0.2 s here).
-    let text = config(&sim, "", "").replace("trigger_threshold = 20", "trigger_threshold = 3");
+    // Nothing held out for validation, as in the schedule's test.
+    let text = config(&sim, "validation_percent = 0.0", "")
+        .replace("trigger_threshold = 20", "trigger_threshold = 3");
     let gw = start_gateway_with(&text, admin).await;
     traffic(&gw, 5, "too-few", None).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
