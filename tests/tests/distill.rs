@@ -1459,6 +1459,60 @@ async fn an_azure_run_whose_create_answer_was_lost_is_found_not_started_again() 
     gw.shutdown().await;
 }
 
+/// The simulated Azure resource's list of files.
+async fn azure_files(sim: &SimHandle) -> Value {
+    client()
+        .get(format!(
+            "{}/openai/files?api-version=2024-10-21",
+            sim.root_url()
+        ))
+        .header("api-key", "k")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Starts a job from the admin API whose run the provider refuses to create (a 400), and
+/// waits until it fails; returns the failed job.
+async fn refused_run(sim: &SimHandle, text: &str) -> (TestGateway, Value) {
+    sim.refuse_next_job_creates(1);
+    let gw = start_gateway_with(&admin_triggered(text), admin).await;
+    traffic(&gw, 25, "refused", None).await;
+    assert_eq!(admin_post(&gw, "/admin/distill/chat").await.status(), 202);
+    let failed = wait_for_job(&gw, "FAILED").await;
+    assert!(
+        failed["error"].as_str().unwrap().contains("400"),
+        "{failed}"
+    );
+    (gw, failed)
+}
+
+#[tokio::test]
+async fn a_run_the_provider_refuses_leaves_none_of_its_uploads_behind() {
+    let sim = start_sim(sim_config()).await;
+    let (gw, _) = refused_run(&sim, &config(&sim, "", "")).await;
+    // Uploaded, then deleted: they hold every client's traces.
+    assert_eq!(calls(&sim, "POST", "/v1/files"), 2);
+    no_training_files_left(&sim).await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_azure_run_refused_leaves_none_of_its_uploads_behind() {
+    let (sim, text) = azure_setup("arm-token", "arm-token").await;
+    let (gw, _) = refused_run(&sim, &text).await;
+    assert_eq!(
+        calls_where(&sim, "POST", |p| p.starts_with("/openai/files?")),
+        2
+    );
+    let files = azure_files(&sim).await;
+    assert_eq!(files["data"], json!([]), "{files}");
+    gw.shutdown().await;
+}
+
 #[tokio::test]
 async fn an_azure_create_that_failed_with_no_run_is_not_tried_again() {
     let (sim, text) = azure_setup("arm-token", "arm-token").await;
@@ -1472,6 +1526,9 @@ async fn an_azure_create_that_failed_with_no_run_is_not_tried_again() {
     let error = failed["error"].as_str().unwrap();
     assert!(error.contains("made all the same"), "{failed}");
     assert_eq!(azure_runs_created(&sim), 1);
+    // Its uploads stay: they are what the operator checks a late run against.
+    let files = azure_files(&sim).await;
+    assert_eq!(files["data"].as_array().unwrap().len(), 2, "{files}");
     gw.shutdown().await;
 }
 

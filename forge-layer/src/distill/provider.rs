@@ -182,6 +182,14 @@ pub trait TrainingProvider: Send + Sync + std::fmt::Debug {
         Box::pin(async { Ok(()) })
     }
 
+    /// Deletes the files that submissions of Forge job `job_id` uploaded and no run took: called
+    /// when the job fails before a run holds them, as they hold every client's traces. Only the
+    /// uploads this process knows of are found. The default uploads nothing, and deletes
+    /// nothing.
+    fn discard_uploads<'a>(&'a self, _job_id: &'a str) -> BoxFuture<'a, Result<(), ProviderError>> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// Whether [`TrainingProvider::submit`] finds a run an earlier submission of the same Forge
     /// job started, rather than starting a second one. Only then is a submission that a restart
     /// interrupted made again.

@@ -895,7 +895,18 @@ impl DistillationService {
         .await
         {
             Ok(s) => s,
-            Err(e) => return self.fail(&mut job, format!("submit: {e}")),
+            Err(e) => {
+                // Refused for good, no run holds what was uploaded: it goes, as it holds every
+                // client's traces. After an outage or an ambiguous create a run may exist all
+                // the same: then the files are the operator's to check it against.
+                if !e.is_transient()
+                    && !matches!(e, ProviderError::Ambiguous(_))
+                    && let Err(e) = route.provider.discard_uploads(&job.id).await
+                {
+                    tracing::warn!(job = %job.id, error = %e, "the failed submission's uploads could not be deleted; they stay at the provider");
+                }
+                return self.fail(&mut job, format!("submit: {e}"));
+            }
         };
         tracing::info!(job = %job.id, provider_job = %submitted.provider_job_id, examples = job.dataset_size, "training submitted");
         job.provider_job_id = Some(submitted.provider_job_id);

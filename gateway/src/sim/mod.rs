@@ -261,6 +261,12 @@ impl SimHandle {
         self.state.fail_next_job_creates(n);
     }
 
+    /// Makes the next `n` fine-tuning job creations (OpenAI or Azure) answer 400, as for a base
+    /// model the account may not fine-tune, and make no job. Replaces any earlier count.
+    pub fn refuse_next_job_creates(&self, n: usize) {
+        self.state.refuse_next_job_creates(n);
+    }
+
     /// Every dataset download a Kubernetes Job's container made, oldest first.
     pub fn k8s_fetches(&self) -> Vec<DatasetFetch> {
         self.state.storage().cluster.fetches()

@@ -53,6 +53,8 @@ pub(crate) struct SimState {
     lost_creates: AtomicUsize,
     /// How many of the next fine-tuning job creations fail with a 500, making no job.
     failed_creates: AtomicUsize,
+    /// How many of the next fine-tuning job creations are refused with a 400.
+    refused_creates: AtomicUsize,
     /// How many of the next requests to OpenAI's training APIs meet an exhausted quota.
     quota_refusals: AtomicUsize,
     /// Background work (dataset fetches) to stop when the server stops.
@@ -127,6 +129,7 @@ impl SimState {
             rate_limited: AtomicUsize::new(0),
             lost_creates: AtomicUsize::new(0),
             failed_creates: AtomicUsize::new(0),
+            refused_creates: AtomicUsize::new(0),
             failing_jobs: AtomicUsize::new(0),
             quota_refusals: AtomicUsize::new(0),
             tasks: Mutex::new(Vec::new()),
@@ -284,6 +287,15 @@ impl SimState {
     /// Whether the job about to be created is to fail instead; uses one up if so.
     pub(crate) fn take_failed_create(&self) -> bool {
         take_one(&self.failed_creates)
+    }
+
+    pub(crate) fn refuse_next_job_creates(&self, n: usize) {
+        self.refused_creates.store(n, Ordering::Relaxed);
+    }
+
+    /// Whether the job about to be created is to be refused instead; uses one up if so.
+    pub(crate) fn take_refused_create(&self) -> bool {
+        take_one(&self.refused_creates)
     }
 
     pub(crate) fn exhaust_quota(&self, n: usize) {

@@ -479,6 +479,10 @@ impl TrainingProvider for AzureProvider {
         Box::pin(self.api.cancel_job(provider_job_id))
     }
 
+    fn discard_uploads<'a>(&'a self, job_id: &'a str) -> BoxFuture<'a, Result<(), ProviderError>> {
+        Box::pin(async move { self.api.discard_uploads(&upload_names(job_id)).await })
+    }
+
     fn release<'a>(&'a self, provider_job_id: &'a str) -> BoxFuture<'a, Result<(), ProviderError>> {
         Box::pin(self.api.delete_job_files(provider_job_id))
     }

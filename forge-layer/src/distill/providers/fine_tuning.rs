@@ -287,14 +287,30 @@ impl FineTuningApi {
             .into_iter()
             .flatten()
         {
-            let url = self.url(&["files", &file], &[]);
-            match client::send_json::<Value>(self.request(Method::DELETE, url, self.timeout)).await
-            {
-                Ok(_) | Err(ProviderError::Http { status: 404, .. }) => {}
-                Err(e) => return Err(e),
+            self.delete_file(&file).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the files uploaded under `filenames` whose job was not created, and forgets
+    /// them: nothing is to use them again.
+    pub(super) async fn discard_uploads(&self, filenames: &[String]) -> Result<(), ProviderError> {
+        for name in filenames {
+            if let Some(file) = self.uploaded(name) {
+                self.delete_file(&file.id).await?;
+                self.lock_uploaded().remove(name);
             }
         }
         Ok(())
+    }
+
+    /// `DELETE /files/{id}`; a file already gone is fine.
+    async fn delete_file(&self, id: &str) -> Result<(), ProviderError> {
+        let url = self.url(&["files", id], &[]);
+        match client::send_json::<Value>(self.request(Method::DELETE, url, self.timeout)).await {
+            Ok(_) | Err(ProviderError::Http { status: 404, .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     pub(super) async fn job(&self, id: &str) -> Result<JobObject, ProviderError> {

@@ -109,6 +109,12 @@ pub(crate) fn create_in(
     if state.take_failed_create() {
         return Err(ApiError::server_error());
     }
+    if state.take_refused_create() {
+        return Err(ApiError::invalid_value(
+            "model",
+            "Model is not available for fine-tuning or does not exist.",
+        ));
+    }
     let request = JobRequest::parse(&reply::json_object(body)?)?;
     if flavor == Flavor::Azure
         && request
