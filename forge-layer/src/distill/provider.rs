@@ -132,6 +132,18 @@ pub enum ProviderError {
 }
 
 impl ProviderError {
+    /// Whether the call may have done what it asked all the same: its answer was lost (a
+    /// timeout, a broken connection) or was a server error, a timeout or a conflict.
+    pub fn may_have_taken_effect(&self) -> bool {
+        match self {
+            ProviderError::Transport(_) => true,
+            ProviderError::Http { status, .. } => {
+                *status >= 500 || *status == 408 || *status == 409
+            }
+            _ => false,
+        }
+    }
+
     /// Whether trying again later may succeed.
     pub fn is_transient(&self) -> bool {
         match self {

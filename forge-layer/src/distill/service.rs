@@ -194,7 +194,7 @@ pub struct DistillationService {
     pub(super) routes: HashMap<String, RouteDistill>,
     pub(super) deployer: Arc<dyn Deployer>,
     chat: Arc<dyn ChatClient>,
-    /// Routes with an active job (at most one each), and how many jobs have ended.
+    /// Routes with an active job (at most one each), and how many jobs of each have ended.
     active: Mutex<ActiveRoutes>,
     queue: mpsc::UnboundedSender<DistillationJob>,
     queued: Mutex<Option<mpsc::UnboundedReceiver<DistillationJob>>>,
@@ -237,7 +237,7 @@ impl DistillationService {
             chat,
             active: Mutex::new(ActiveRoutes {
                 routes: active,
-                ended: 0,
+                ended: HashMap::new(),
             }),
             queue,
             queued: Mutex::new(Some(queued)),
@@ -343,6 +343,12 @@ impl DistillationService {
         status: ModelStatus,
         reason: &str,
     ) -> Result<(), StoreError> {
+        // Read first: a change that leaves the status as it was (a canary stepped from 5% to
+        // 10%) commits nothing.
+        let current = self.store.model::<ModelRecord>(model)?;
+        if current.is_none_or(|record| record.status == status) {
+            return Ok(());
+        }
         self.store.update_model(model, |record: &mut ModelRecord| {
             if record.status != status {
                 record.status = status;
@@ -545,8 +551,9 @@ impl DistillationService {
 
     /// The lines the route's next dataset would hold now: its golden examples since the last
     /// cut, less those the rules, duplicates or the per-key cap would leave out. Counting the
-    /// same way the dataset is built means a trigger never starts a job that then fails for
-    /// too few examples, again at every check.
+    /// same way the dataset is built means a trigger does not start a job that then fails for
+    /// too few examples, again at every check. (The validation split is not counted: a job at
+    /// `min_examples` may still fail for too few training lines after it, and back off.)
     pub fn golden_since_cut(&self, alias: &str) -> Result<u64, StoreError> {
         let Some(route) = self.routes.get(alias) else {
             return Ok(0);
@@ -682,7 +689,7 @@ impl DistillationService {
         // Counted before the jobs are read: a job that ends after this (saved, then its route
         // let go) may look still running in the read, which then cannot tell whether its end
         // (a cancel, a failure) holds the route. No job is started on such a read.
-        let ended = self.lock_active().ended;
+        let ended = self.lock_active().ended.clone();
         let this = Arc::clone(self);
         let jobs = match tokio::task::spawn_blocking(move || this.jobs()).await {
             Ok(Ok(jobs)) => jobs,
@@ -741,9 +748,9 @@ impl DistillationService {
                 None
             };
             let Some(trigger) = trigger else { continue };
-            if !self.lock_active().claim_unchanged(alias, ended) {
-                // A job ended or started since the read: the next check decides on a fresh
-                // one, and a schedule that came due waits for it.
+            if !self.lock_active().claim_unchanged(alias, &ended) {
+                // A job of the route ended or started since the read: the next check decides on
+                // a fresh one, and a schedule that came due waits for it.
                 if due {
                     deferred.insert(alias.clone());
                 }
@@ -896,13 +903,14 @@ impl DistillationService {
         {
             Ok(s) => s,
             Err(e) => {
-                // Refused for good, no run holds what was uploaded: it goes, as it holds every
-                // client's traces. After an outage or an ambiguous create a run may exist all
-                // the same: then the files are the operator's to check it against.
-                if !e.is_transient()
-                    && !matches!(e, ProviderError::Ambiguous(_))
-                    && let Err(e) = route.provider.discard_uploads(&job.id).await
-                {
+                // What was uploaded goes, as it holds every client's traces; the provider keeps
+                // the files a create whose answer was lost may have made a run from.
+                let discarded = retrying(
+                    || route.provider.discard_uploads(&job.id),
+                    self.settings.poll_initial,
+                )
+                .await;
+                if let Err(e) = discarded {
                     tracing::warn!(job = %job.id, error = %e, "the failed submission's uploads could not be deleted; they stay at the provider");
                 }
                 return self.fail(&mut job, format!("submit: {e}"));
@@ -1560,26 +1568,26 @@ pub fn parse_schedule(text: &str) -> Result<Option<cron::Schedule>, String> {
         .map_err(|e| format!("schedule `{text}`: {e}"))
 }
 
-/// The routes with a job under way, and a count of the jobs that have ended.
+/// The routes with a job under way, and a count of each route's jobs that have ended.
 #[derive(Debug)]
 struct ActiveRoutes {
     routes: HashSet<String>,
-    /// Jobs ended since start: a decision made on a read of the jobs taken when this was
-    /// lower may have missed how one ended.
-    ended: u64,
+    /// Jobs ended since start, by route: a decision on a route made on a read of the jobs
+    /// taken when its count was lower may have missed how one ended.
+    ended: HashMap<String, u64>,
 }
 
 impl ActiveRoutes {
     /// Lets `route` go at the end of its job, which is saved first.
     fn release(&mut self, route: &str) {
         self.routes.remove(route);
-        self.ended += 1;
+        *self.ended.entry(route.to_string()).or_default() += 1;
     }
 
-    /// Claims `route` for a job decided on a read of the jobs taken when `ended` jobs had
-    /// ended: refused if it is busy, or if a job has ended since.
-    fn claim_unchanged(&mut self, route: &str, ended: u64) -> bool {
-        self.ended == ended && self.routes.insert(route.to_string())
+    /// Claims `route` for a job decided on a read of the jobs taken when the counts were
+    /// `ended`: refused if it is busy, or if a job of it has ended since.
+    fn claim_unchanged(&mut self, route: &str, ended: &HashMap<String, u64>) -> bool {
+        self.ended.get(route) == ended.get(route) && self.routes.insert(route.to_string())
     }
 }
 
@@ -1645,20 +1653,19 @@ mod tests {
     fn a_claim_decided_before_a_job_ended_is_refused() {
         let mut active = ActiveRoutes {
             routes: HashSet::from(["chat".to_string()]),
-            ended: 0,
+            ended: HashMap::new(),
         };
-        let read_at = active.ended;
-        assert!(!active.claim_unchanged("chat", read_at), "busy");
+        let read_at = active.ended.clone();
+        assert!(!active.claim_unchanged("chat", &read_at), "busy");
         // The job ends after the read: a decision made on that read may not start another.
         active.release("chat");
-        assert!(!active.claim_unchanged("chat", read_at));
-        assert!(!active.claim_unchanged("other", read_at));
+        assert!(!active.claim_unchanged("chat", &read_at));
+        // Another route's decision stands: its jobs are as read.
+        assert!(active.claim_unchanged("other", &read_at));
         // A decision on a read taken after the end may.
-        assert!(active.claim_unchanged("chat", active.ended));
-        assert!(
-            !active.claim_unchanged("chat", active.ended),
-            "claimed once"
-        );
+        let now = active.ended.clone();
+        assert!(active.claim_unchanged("chat", &now));
+        assert!(!active.claim_unchanged("chat", &now), "claimed once");
     }
 
     #[test]

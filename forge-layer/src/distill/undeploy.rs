@@ -84,7 +84,9 @@ impl DistillationService {
             }
             let now = now_ms();
             let settled = record.undeployed_ms.is_none()
-                && serves_nothing(record, &running)
+                && serves_nothing(record, &running, || {
+                    self.deployer.share(&record.route, &record.id).is_some()
+                })
                 // The status can only have changed since then: a quick check before the
                 // routing history, which decides.
                 && now.saturating_sub(record.status_ms.unwrap_or(record.created_ms)) >= idle_ms;
@@ -189,12 +191,19 @@ fn retry_wait(check_every: Duration, tries: u32) -> Duration {
 }
 
 /// Whether a model serves nothing by its registry status: replaced, rolled back, or a candidate
-/// whose job has ended (it failed the gate, or could not join its route).
-fn serves_nothing(record: &ModelRecord, running: &HashSet<&str>) -> bool {
+/// whose job has ended (it failed the gate, or could not join its route). A student is recorded
+/// serving just before it joins its route: one that is `in_route` nowhere once its job has
+/// ended never joined (a restart came between, and the job then failed), or was taken out.
+fn serves_nothing(
+    record: &ModelRecord,
+    running: &HashSet<&str>,
+    in_route: impl FnOnce() -> bool,
+) -> bool {
+    let job_ended = !running.contains(record.job_id.as_str());
     match record.status {
         ModelStatus::Retired | ModelStatus::RolledBack => true,
-        ModelStatus::Candidate => !running.contains(record.job_id.as_str()),
-        ModelStatus::Canary | ModelStatus::Promoted => false,
+        ModelStatus::Candidate => job_ended,
+        ModelStatus::Canary | ModelStatus::Promoted => job_ended && !in_route(),
     }
 }
 
@@ -242,15 +251,40 @@ mod tests {
     fn only_models_that_serve_nothing_are_taken_down() {
         let running = HashSet::from(["dj_1"]);
         let ended = HashSet::new();
+        let (in_route, nowhere) = (|| true, || false);
         for status in [ModelStatus::Retired, ModelStatus::RolledBack] {
-            assert!(serves_nothing(&record(status), &running), "{status:?}");
+            assert!(
+                serves_nothing(&record(status), &running, in_route),
+                "{status:?}"
+            );
         }
         for status in [ModelStatus::Canary, ModelStatus::Promoted] {
-            assert!(!serves_nothing(&record(status), &ended), "{status:?}");
+            assert!(
+                !serves_nothing(&record(status), &ended, in_route),
+                "{status:?}"
+            );
+            // Recorded serving as it joins: while its job runs, whether or not it has joined.
+            assert!(
+                !serves_nothing(&record(status), &running, nowhere),
+                "{status:?}"
+            );
+            // Its job ended, and it is in no route: it never joined, or was taken out.
+            assert!(
+                serves_nothing(&record(status), &ended, nowhere),
+                "{status:?}"
+            );
         }
         // A candidate is still being evaluated while its job runs.
-        assert!(!serves_nothing(&record(ModelStatus::Candidate), &running));
-        assert!(serves_nothing(&record(ModelStatus::Candidate), &ended));
+        assert!(!serves_nothing(
+            &record(ModelStatus::Candidate),
+            &running,
+            nowhere
+        ));
+        assert!(serves_nothing(
+            &record(ModelStatus::Candidate),
+            &ended,
+            nowhere
+        ));
     }
 
     #[test]

@@ -203,7 +203,9 @@ impl AzureProvider {
             None => None,
         };
         let body = self.api.job_body(request, &training, validation.as_deref());
-        let job = match self.api.create_job(&body).await {
+        let job = match self.api.create_job(&body).await.inspect_err(|e| {
+            self.api.keep_if_used(&names, e);
+        }) {
             Ok(job) => job,
             // A create whose answer was lost (a 5xx, a timeout) may have made the job: it is
             // looked for, a few times as it may show up late. Not found, the submission is not

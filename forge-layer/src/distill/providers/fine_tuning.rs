@@ -48,10 +48,20 @@ pub(super) struct FineTuningApi {
     timeout: Duration,
     upload_timeout: Duration,
     dialect: Dialect,
-    /// Files uploaded, by upload name, for job creations not yet accepted: a submission tried
-    /// again after its create failed (a 5xx, rate limits) reuses them instead of sending up to
-    /// half a gigabyte again.
-    uploaded: std::sync::Mutex<std::collections::HashMap<String, FileObject>>,
+    /// Files uploaded for job creations not yet accepted.
+    uploaded: std::sync::Mutex<Uploads>,
+}
+
+/// Files uploaded for job creations not yet accepted, by upload name: a submission tried again
+/// after its create failed (a 5xx, rate limits) reuses them instead of sending up to half a
+/// gigabyte again.
+#[derive(Debug, Default)]
+struct Uploads {
+    files: std::collections::HashMap<String, FileObject>,
+    /// Those this process sent that no create may have used: what a submission that failed for
+    /// good deletes. An earlier submission's file (see [`FineTuningApi::reuse_upload`]), or one
+    /// a create whose answer was lost may have made a run from, stays for that run.
+    discardable: std::collections::HashSet<String>,
 }
 
 /// A File object; only what Forge reads.
@@ -144,9 +154,7 @@ impl FineTuningApi {
         }
     }
 
-    fn lock_uploaded(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, FileObject>> {
+    fn lock_uploaded(&self) -> std::sync::MutexGuard<'_, Uploads> {
         self.uploaded
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -154,7 +162,7 @@ impl FineTuningApi {
 
     /// The file an earlier attempt uploaded as `filename`, if its job was not created.
     pub(super) fn uploaded(&self, filename: &str) -> Option<FileObject> {
-        self.lock_uploaded().get(filename).cloned()
+        self.lock_uploaded().files.get(filename).cloned()
     }
 
     /// Takes `file`, which an earlier submission uploaded under its name, as this one's upload
@@ -166,7 +174,7 @@ impl FineTuningApi {
             Some("error" | "failed" | "deleting" | "deleted")
         );
         if let (Some(name), false) = (file.filename.clone(), unusable) {
-            self.lock_uploaded().entry(name).or_insert(file);
+            self.lock_uploaded().files.entry(name).or_insert(file);
         }
     }
 
@@ -174,7 +182,19 @@ impl FineTuningApi {
     pub(super) fn forget_uploads(&self, filenames: &[&str]) {
         let mut uploaded = self.lock_uploaded();
         for name in filenames {
-            uploaded.remove(*name);
+            uploaded.files.remove(*name);
+            uploaded.discardable.remove(*name);
+        }
+    }
+
+    /// Keeps the uploads of `filenames` from [`FineTuningApi::discard_uploads`]: a create that
+    /// failed with `error` may have made a run from them all the same.
+    pub(super) fn keep_if_used(&self, filenames: &[String], error: &ProviderError) {
+        if error.may_have_taken_effect() {
+            let mut uploaded = self.lock_uploaded();
+            for name in filenames {
+                uploaded.discardable.remove(name);
+            }
         }
     }
 
@@ -207,8 +227,9 @@ impl FineTuningApi {
             return Ok(file);
         }
         let file = self.send_file(path, filename).await?;
-        self.lock_uploaded()
-            .insert(filename.to_owned(), file.clone());
+        let mut uploaded = self.lock_uploaded();
+        uploaded.files.insert(filename.to_owned(), file.clone());
+        uploaded.discardable.insert(filename.to_owned());
         Ok(file)
     }
 
@@ -292,13 +313,23 @@ impl FineTuningApi {
         Ok(())
     }
 
-    /// Deletes the files uploaded under `filenames` whose job was not created, and forgets
-    /// them: nothing is to use them again.
+    /// Deletes the files this process uploaded under `filenames` that no create may have used
+    /// (see [`Uploads::discardable`]), and forgets them: nothing is to use them again.
     pub(super) async fn discard_uploads(&self, filenames: &[String]) -> Result<(), ProviderError> {
         for name in filenames {
-            if let Some(file) = self.uploaded(name) {
-                self.delete_file(&file.id).await?;
-                self.lock_uploaded().remove(name);
+            let file = {
+                let uploaded = self.lock_uploaded();
+                uploaded
+                    .discardable
+                    .contains(name)
+                    .then(|| uploaded.files.get(name).map(|f| f.id.clone()))
+                    .flatten()
+            };
+            if let Some(id) = file {
+                self.delete_file(&id).await?;
+                let mut uploaded = self.lock_uploaded();
+                uploaded.files.remove(name);
+                uploaded.discardable.remove(name);
             }
         }
         Ok(())

@@ -120,7 +120,9 @@ impl OpenAiProvider {
             &training.id,
             validation.as_ref().map(|file| file.id.as_str()),
         );
-        let job = self.api.create_job(&body).await?;
+        let job = self.api.create_job(&body).await.inspect_err(|e| {
+            self.api.keep_if_used(&names, e);
+        })?;
         self.api.forget_uploads(&[&names[0], &names[1]]);
         tracing::info!(job_id = %request.job_id, provider_job_id = %job.id, provider = self.name, "fine-tuning job created");
         Ok(Submitted {

@@ -795,3 +795,90 @@ async fn the_newest_usable_upload_of_an_earlier_submission_is_used_again() {
     );
     server.abort();
 }
+
+#[tokio::test]
+async fn a_failed_submission_deletes_only_uploads_no_run_may_have_used() {
+    use std::sync::{Arc, Mutex};
+    // Uploads get ids in order; the first job create answers 500 (it may have made the run),
+    // the next 400 (it made none). Deletes are recorded.
+    let deleted = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (uploads, creates) = (Arc::new(Mutex::new(0)), Arc::new(Mutex::new(0)));
+    let app = axum::Router::new()
+        .route(
+            "/v1/files",
+            // The body is read: a server that answers before it has, closes on it.
+            axum::routing::post(move |_: axum::body::Bytes| {
+                let uploads = Arc::clone(&uploads);
+                async move {
+                    let mut n = uploads.lock().unwrap();
+                    *n += 1;
+                    axum::Json(json!({"id": format!("file-{n}"), "object": "file"}))
+                }
+            }),
+        )
+        .route(
+            "/v1/files/{id}",
+            axum::routing::delete({
+                let deleted = Arc::clone(&deleted);
+                move |axum::extract::Path(id): axum::extract::Path<String>| {
+                    let deleted = Arc::clone(&deleted);
+                    async move {
+                        deleted.lock().unwrap().push(id.clone());
+                        axum::Json(json!({"id": id, "object": "file", "deleted": true}))
+                    }
+                }
+            }),
+        )
+        .route(
+            "/v1/fine_tuning/jobs",
+            axum::routing::post(move |_: axum::body::Bytes| {
+                let creates = Arc::clone(&creates);
+                async move {
+                    let mut n = creates.lock().unwrap();
+                    *n += 1;
+                    let status = if *n == 1 {
+                        StatusCode::INTERNAL_SERVER_ERROR
+                    } else {
+                        StatusCode::BAD_REQUEST
+                    };
+                    (status, axum::Json(json!({"error": {"message": "no"}})))
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}/v1", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let api = api_at(&base, Dialect::OpenAi);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("train.jsonl");
+    std::fs::write(&path, "{}\n").unwrap();
+    let submit = |job: &'static str| {
+        let (api, path) = (&api, &path);
+        async move {
+            let names = fine_tuning::upload_names(job);
+            for name in &names {
+                api.upload(path, name).await.unwrap();
+            }
+            let err = api.create_job(&json!({})).await.unwrap_err();
+            api.keep_if_used(&names, &err);
+            api.discard_uploads(&names).await.unwrap();
+        }
+    };
+    // The 500: both files stay, for the run that may exist.
+    submit("01LOST").await;
+    assert!(deleted.lock().unwrap().is_empty());
+    // The 400: both go.
+    submit("01REFUSED").await;
+    assert_eq!(*deleted.lock().unwrap(), ["file-3", "file-4"]);
+    // An earlier submission's file, found at the provider, is never this process's to delete.
+    let [train, _] = fine_tuning::upload_names("01EARLIER");
+    api.reuse_upload(
+        serde_json::from_value(json!({"id": "file-9", "filename": train, "status": "processed"}))
+            .unwrap(),
+    );
+    api.discard_uploads(&fine_tuning::upload_names("01EARLIER"))
+        .await
+        .unwrap();
+    assert_eq!(deleted.lock().unwrap().len(), 2);
+    server.abort();
+}
