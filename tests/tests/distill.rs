@@ -1501,6 +1501,19 @@ async fn a_run_the_provider_refuses_leaves_none_of_its_uploads_behind() {
 }
 
 #[tokio::test]
+async fn uploads_a_lost_create_may_have_used_stay_when_the_retry_is_refused() {
+    let sim = start_sim(sim_config()).await;
+    // The first create answers 500 (whether it made a run, Forge cannot tell from that), the
+    // retry 400: the files stay, for a run that may exist.
+    sim.fail_next_job_creates(1);
+    let (gw, _) = refused_run(&sim, &config(&sim, "", "")).await;
+    assert_eq!(calls(&sim, "POST", "/v1/fine_tuning/jobs"), 2);
+    let files = sim_json(&sim, "/v1/files").await;
+    assert_eq!(files["data"].as_array().unwrap().len(), 2, "{files}");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
 async fn an_azure_run_refused_leaves_none_of_its_uploads_behind() {
     let (sim, text) = azure_setup("arm-token", "arm-token").await;
     let (gw, _) = refused_run(&sim, &text).await;

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::job::{DistillationJob, ModelRecord, ModelStatus};
+use super::job::{DistillationJob, JobStatus, ModelRecord, ModelStatus};
 use super::service::{DistillationService, RouteDistill};
 use crate::store::{Store, StoreError};
 use crate::trace::now_ms;
@@ -77,6 +77,11 @@ impl DistillationService {
             .filter(|j| j.status.is_active())
             .map(|j| j.id.as_str())
             .collect();
+        let failed: HashSet<&str> = jobs
+            .iter()
+            .filter(|j| j.status == JobStatus::Failed)
+            .map(|j| j.id.as_str())
+            .collect();
         let idle_ms = u64::try_from(idle_for.as_millis()).unwrap_or(u64::MAX);
         for record in &models {
             if *stop.borrow() {
@@ -84,7 +89,7 @@ impl DistillationService {
             }
             let now = now_ms();
             let settled = record.undeployed_ms.is_none()
-                && serves_nothing(record, &running, || {
+                && serves_nothing(record, &running, &failed, || {
                     self.deployer.share(&record.route, &record.id).is_some()
                 })
                 // The status can only have changed since then: a quick check before the
@@ -192,18 +197,20 @@ fn retry_wait(check_every: Duration, tries: u32) -> Duration {
 
 /// Whether a model serves nothing by its registry status: replaced, rolled back, or a candidate
 /// whose job has ended (it failed the gate, or could not join its route). A student is recorded
-/// serving just before it joins its route: one that is `in_route` nowhere once its job has
-/// ended never joined (a restart came between, and the job then failed), or was taken out.
+/// serving just before it joins its route, and its job completes once it has: one whose job
+/// `failed` instead, and that is `in_route` nowhere, never joined (a restart came between, and
+/// the resumed job failed).
 fn serves_nothing(
     record: &ModelRecord,
     running: &HashSet<&str>,
+    failed: &HashSet<&str>,
     in_route: impl FnOnce() -> bool,
 ) -> bool {
-    let job_ended = !running.contains(record.job_id.as_str());
+    let job = record.job_id.as_str();
     match record.status {
         ModelStatus::Retired | ModelStatus::RolledBack => true,
-        ModelStatus::Candidate => job_ended,
-        ModelStatus::Canary | ModelStatus::Promoted => job_ended && !in_route(),
+        ModelStatus::Candidate => !running.contains(job),
+        ModelStatus::Canary | ModelStatus::Promoted => failed.contains(job) && !in_route(),
     }
 }
 
@@ -249,40 +256,36 @@ mod tests {
 
     #[test]
     fn only_models_that_serve_nothing_are_taken_down() {
-        let running = HashSet::from(["dj_1"]);
-        let ended = HashSet::new();
+        let (running, none) = (HashSet::from(["dj_1"]), HashSet::new());
+        let failed = HashSet::from(["dj_1"]);
         let (in_route, nowhere) = (|| true, || false);
+        let serves_nothing = |status, running, failed, in_route: fn() -> bool| {
+            serves_nothing(&record(status), running, failed, in_route)
+        };
         for status in [ModelStatus::Retired, ModelStatus::RolledBack] {
-            assert!(
-                serves_nothing(&record(status), &running, in_route),
-                "{status:?}"
-            );
+            assert!(serves_nothing(status, &running, &none, in_route));
         }
         for status in [ModelStatus::Canary, ModelStatus::Promoted] {
-            assert!(
-                !serves_nothing(&record(status), &ended, in_route),
-                "{status:?}"
-            );
+            assert!(!serves_nothing(status, &none, &none, in_route));
             // Recorded serving as it joins: while its job runs, whether or not it has joined.
-            assert!(
-                !serves_nothing(&record(status), &running, nowhere),
-                "{status:?}"
-            );
-            // Its job ended, and it is in no route: it never joined, or was taken out.
-            assert!(
-                serves_nothing(&record(status), &ended, nowhere),
-                "{status:?}"
-            );
+            assert!(!serves_nothing(status, &running, &none, nowhere));
+            // Its job completed, and an operator took it out of its route: theirs to decide.
+            assert!(!serves_nothing(status, &none, &none, nowhere));
+            // Its job failed, and it is in no route: it never joined.
+            assert!(serves_nothing(status, &none, &failed, nowhere));
+            assert!(!serves_nothing(status, &none, &failed, in_route));
         }
         // A candidate is still being evaluated while its job runs.
         assert!(!serves_nothing(
-            &record(ModelStatus::Candidate),
+            ModelStatus::Candidate,
             &running,
+            &none,
             nowhere
         ));
         assert!(serves_nothing(
-            &record(ModelStatus::Candidate),
-            &ended,
+            ModelStatus::Candidate,
+            &none,
+            &none,
             nowhere
         ));
     }

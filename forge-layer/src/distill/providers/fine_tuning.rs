@@ -317,20 +317,21 @@ impl FineTuningApi {
     /// (see [`Uploads::discardable`]), and forgets them: nothing is to use them again.
     pub(super) async fn discard_uploads(&self, filenames: &[String]) -> Result<(), ProviderError> {
         for name in filenames {
-            let file = {
+            let (id, discardable) = {
                 let uploaded = self.lock_uploaded();
-                uploaded
-                    .discardable
-                    .contains(name)
-                    .then(|| uploaded.files.get(name).map(|f| f.id.clone()))
-                    .flatten()
+                match uploaded.files.get(name) {
+                    Some(file) => (file.id.clone(), uploaded.discardable.contains(name)),
+                    None => continue,
+                }
             };
-            if let Some(id) = file {
-                self.delete_file(&id).await?;
-                let mut uploaded = self.lock_uploaded();
-                uploaded.files.remove(name);
-                uploaded.discardable.remove(name);
+            if !discardable {
+                tracing::warn!(file = %id, filename = %name, "an upload is kept on the account: a run may have been made from it, or an earlier process uploaded it; delete it by hand once no run uses it");
+                continue;
             }
+            self.delete_file(&id).await?;
+            let mut uploaded = self.lock_uploaded();
+            uploaded.files.remove(name);
+            uploaded.discardable.remove(name);
         }
         Ok(())
     }

@@ -848,7 +848,16 @@ async fn a_failed_submission_deletes_only_uploads_no_run_may_have_used() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}/v1", listener.local_addr().unwrap());
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
-    let api = api_at(&base, Dialect::OpenAi);
+    // Timeouts no slow machine reaches: one would turn the 400 into a lost answer.
+    let api = FineTuningApi::new(
+        client::build_client(None).unwrap(),
+        client::parse_base(&base).unwrap(),
+        None,
+        None,
+        Duration::from_secs(60),
+        Duration::from_secs(60),
+        Dialect::OpenAi,
+    );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("train.jsonl");
     std::fs::write(&path, "{}\n").unwrap();
