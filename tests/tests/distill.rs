@@ -1234,17 +1234,26 @@ async fn sim_json(sim: &SimHandle, path: &str) -> Value {
 
 /// [`sim_json`], with `key` as the bearer token if given.
 async fn sim_json_as(sim: &SimHandle, path: &str, key: Option<&str>) -> Value {
-    let request = client().get(format!("{}{path}", sim.root_url()));
-    match key {
+    sim_get(sim, path, |request| match key {
         Some(key) => request.bearer_auth(key),
         None => request,
-    }
-    .send()
+    })
     .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap()
+}
+
+/// The JSON answer to a GET of `path` on `sim`, made with the credentials `auth` adds.
+async fn sim_get(
+    sim: &SimHandle,
+    path: &str,
+    auth: impl FnOnce(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
+) -> Value {
+    auth(client().get(format!("{}{path}", sim.root_url())))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -1461,18 +1470,10 @@ async fn an_azure_run_whose_create_answer_was_lost_is_found_not_started_again() 
 
 /// The simulated Azure resource's list of files.
 async fn azure_files(sim: &SimHandle) -> Value {
-    client()
-        .get(format!(
-            "{}/openai/files?api-version=2024-10-21",
-            sim.root_url()
-        ))
-        .header("api-key", "k")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    sim_get(sim, "/openai/files?api-version=2024-10-21", |request| {
+        request.header("api-key", "k")
+    })
+    .await
 }
 
 /// Starts a job from the admin API whose run the provider refuses to create (a 400), and
