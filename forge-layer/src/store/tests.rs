@@ -1031,6 +1031,26 @@ async fn a_long_commit_on_the_commit_lane_is_lifted_and_its_traces_captured() {
     assert_eq!(store.trace_count().unwrap(), 3);
 }
 
+/// A large trace is not encoded on the idle-class thread, where it could wait minutes for CPU
+/// on a saturated machine once started; small ones are.
+#[tokio::test]
+async fn a_trace_over_a_megabyte_is_encoded_on_the_blocking_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_dir(dir.path()).unwrap();
+    let (writer, task) = TraceWriter::start(store.clone(), WriterConfig::default());
+    let counters = writer.counters_handle();
+    assert!(writer.submit(pending("small")).is_none());
+    until_captured(&writer, 1).await;
+    assert_eq!(counters.heavy_encodes.load(Ordering::Acquire), 0);
+    let large = "x".repeat(1 << 21);
+    assert!(writer.submit(pending(&large)).is_none());
+    until_captured(&writer, 2).await;
+    assert_eq!(counters.heavy_encodes.load(Ordering::Acquire), 1);
+    drop(writer);
+    task.join().await;
+    assert_eq!(store.trace_count().unwrap(), 2);
+}
+
 /// A durable client waits on its commit, and `idle_priority = false` asks for normal priority:
 /// neither commits on the commit lane, where the default `async` writer does.
 #[tokio::test]

@@ -119,6 +119,9 @@ pub struct CaptureCounters {
     pub(super) lifts_done: AtomicU64,
     #[cfg(test)]
     pub(super) lifted_commits: AtomicU64,
+    /// Encodes sent to the blocking pool for their size ([`IDLE_MAX_BYTES`]).
+    #[cfg(test)]
+    pub(super) heavy_encodes: AtomicU64,
 }
 
 /// The counters at one moment.
@@ -161,6 +164,8 @@ impl CaptureCounters {
             lifts_done: AtomicU64::new(0),
             #[cfg(test)]
             lifted_commits: AtomicU64::new(0),
+            #[cfg(test)]
+            heavy_encodes: AtomicU64::new(0),
         }
     }
 
@@ -491,6 +496,11 @@ const ENCODE_MAX: usize = 256;
 /// Encodes in flight at once. More than one lets the blocking pool go on while a piece of work
 /// waits for the idle-class thread.
 const MAX_ENCODES: usize = 4;
+/// The most trace bytes one piece of work on the idle-class thread holds; a larger piece is
+/// encoded on the blocking pool. Once started there, a piece gets almost no CPU while other
+/// processes saturate the machine: a 4 MB trace stayed pending for over two minutes in a test
+/// run beside two busy loops. A full batch of 2 KB traces is half of this.
+const IDLE_MAX_BYTES: usize = 1 << 20;
 
 /// The writer's loop. Encoding and commits run off the runtime (redb is synchronous), one
 /// commit at a time, while encoding goes on; traces encoded or being encoded never outnumber
@@ -670,8 +680,13 @@ async fn run(
                     Err(_) => break,
                 }
             }
-            let urgent = !open || rx.len() >= behind_at;
             let mut jobs = std::mem::replace(&mut gathered, spare_jobs.pop().unwrap_or_default());
+            let heavy = jobs.iter().map(|j| j.trace.held_bytes()).sum::<usize>() > IDLE_MAX_BYTES;
+            let urgent = !open || rx.len() >= behind_at || heavy;
+            #[cfg(test)]
+            if heavy {
+                counters.heavy_encodes.fetch_add(1, Ordering::AcqRel);
+            }
             let mut into = spare_encoded.pop().unwrap_or_default();
             let (config, counters) = (Arc::clone(&config), Arc::clone(&counters));
             encodes.spawn(lanes.run(urgent, move || {
