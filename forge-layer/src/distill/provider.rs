@@ -140,23 +140,21 @@ impl ProviderError {
             ProviderError::Http { status, .. } => {
                 *status >= 500 || *status == 408 || *status == 409
             }
-            _ => false,
+            ProviderError::RateLimited(_)
+            | ProviderError::NotSent(_)
+            | ProviderError::Invalid(_)
+            | ProviderError::Ended(_)
+            | ProviderError::Ambiguous(_) => false,
         }
     }
 
-    /// Whether trying again later may succeed.
+    /// Whether trying again later may succeed: a call that may have taken effect, or one that
+    /// surely did not (never sent, or rate limited).
     pub fn is_transient(&self) -> bool {
-        match self {
-            ProviderError::RateLimited(_)
-            | ProviderError::Transport(_)
-            | ProviderError::NotSent(_) => true,
-            ProviderError::Http { status, .. } => {
-                *status >= 500 || *status == 408 || *status == 409
-            }
-            ProviderError::Invalid(_) | ProviderError::Ended(_) | ProviderError::Ambiguous(_) => {
-                false
-            }
-        }
+        matches!(
+            self,
+            ProviderError::RateLimited(_) | ProviderError::NotSent(_)
+        ) || self.may_have_taken_effect()
     }
 }
 

@@ -1943,6 +1943,13 @@ mod tests {
         (service.job("dj_cancelled").unwrap().unwrap(), answer)
     }
 
+    /// `ended` is marked cancelled, and says so.
+    fn ended_cancelled(ended: &DistillationJob) {
+        assert!(ended.cancelled, "{ended:?}");
+        let error = ended.error.as_deref().unwrap_or("");
+        assert!(error.contains("training cancelled"), "{ended:?}");
+    }
+
     #[tokio::test]
     async fn a_cancel_the_provider_did_not_take_is_asked_again_while_the_run_goes_on() {
         // Down at the operator's cancel, then a 429: neither ends the job before the run does.
@@ -1962,15 +1969,7 @@ mod tests {
             "{answer:?}"
         );
         assert_eq!(ended.status, JobStatus::Failed);
-        assert!(ended.cancelled, "{ended:?}");
-        assert!(
-            ended
-                .error
-                .as_deref()
-                .unwrap_or("")
-                .contains("training cancelled"),
-            "{ended:?}"
-        );
+        ended_cancelled(&ended);
         // Asked again once, and not while the run was cancelling.
         assert_eq!(provider.cancels.load(SeqCst), 2);
     }
@@ -1990,15 +1989,7 @@ mod tests {
         // again, it ends the run, and only then is it not asked again.
         let provider = Arc::new(CancelScript::default());
         let (ended, _) = cancelled_on(Arc::clone(&provider), true).await;
-        assert!(ended.cancelled, "{ended:?}");
-        assert!(
-            ended
-                .error
-                .as_deref()
-                .unwrap_or("")
-                .contains("training cancelled"),
-            "{ended:?}"
-        );
+        ended_cancelled(&ended);
         assert_eq!(provider.cancels.load(SeqCst), 1);
     }
 

@@ -72,16 +72,8 @@ impl DistillationService {
                 return tracing::error!(error = %e, "registry read failed; idle models stay deployed for now");
             }
         };
-        let running: HashSet<&str> = jobs
-            .iter()
-            .filter(|j| j.status.is_active())
-            .map(|j| j.id.as_str())
-            .collect();
-        let failed: HashSet<&str> = jobs
-            .iter()
-            .filter(|j| j.status == JobStatus::Failed)
-            .map(|j| j.id.as_str())
-            .collect();
+        let status: HashMap<&str, JobStatus> =
+            jobs.iter().map(|j| (j.id.as_str(), j.status)).collect();
         let idle_ms = u64::try_from(idle_for.as_millis()).unwrap_or(u64::MAX);
         for record in &models {
             if *stop.borrow() {
@@ -89,7 +81,7 @@ impl DistillationService {
             }
             let now = now_ms();
             let settled = record.undeployed_ms.is_none()
-                && serves_nothing(record, &running, &failed, || {
+                && serves_nothing(record, status.get(record.job_id.as_str()).copied(), || {
                     self.deployer.share(&record.route, &record.id).is_some()
                 })
                 // The status can only have changed since then: a quick check before the
@@ -195,22 +187,22 @@ fn retry_wait(check_every: Duration, tries: u32) -> Duration {
         .min(MAX_RETRY_WAIT)
 }
 
-/// Whether a model serves nothing by its registry status: replaced, rolled back, or a candidate
-/// whose job has ended (it failed the gate, or could not join its route). A student is recorded
-/// serving just before it joins its route, and its job completes once it has: one whose job
-/// `failed` instead, and that is `in_route` nowhere, never joined (a restart came between, and
-/// the resumed job failed).
+/// Whether a model serves nothing by its registry status, given its `job`'s: replaced, rolled
+/// back, or a candidate whose job has ended (it failed the gate, or could not join its route).
+/// A student is recorded serving just before it joins its route, and its job completes once it
+/// has: one whose job failed instead, and that is `in_route` nowhere, never joined (a restart
+/// came between, and the resumed job failed).
 fn serves_nothing(
     record: &ModelRecord,
-    running: &HashSet<&str>,
-    failed: &HashSet<&str>,
+    job: Option<JobStatus>,
     in_route: impl FnOnce() -> bool,
 ) -> bool {
-    let job = record.job_id.as_str();
     match record.status {
         ModelStatus::Retired | ModelStatus::RolledBack => true,
-        ModelStatus::Candidate => !running.contains(job),
-        ModelStatus::Canary | ModelStatus::Promoted => failed.contains(job) && !in_route(),
+        ModelStatus::Candidate => !job.is_some_and(JobStatus::is_active),
+        ModelStatus::Canary | ModelStatus::Promoted => {
+            job == Some(JobStatus::Failed) && !in_route()
+        }
     }
 }
 
@@ -256,38 +248,31 @@ mod tests {
 
     #[test]
     fn only_models_that_serve_nothing_are_taken_down() {
-        let (running, none) = (HashSet::from(["dj_1"]), HashSet::new());
-        let failed = HashSet::from(["dj_1"]);
+        let (running, completed, failed) = (
+            Some(JobStatus::Training),
+            Some(JobStatus::Completed),
+            Some(JobStatus::Failed),
+        );
         let (in_route, nowhere) = (|| true, || false);
-        let serves_nothing = |status, running, failed, in_route: fn() -> bool| {
-            serves_nothing(&record(status), running, failed, in_route)
-        };
+        let serves_nothing =
+            |status, job, in_route: fn() -> bool| serves_nothing(&record(status), job, in_route);
         for status in [ModelStatus::Retired, ModelStatus::RolledBack] {
-            assert!(serves_nothing(status, &running, &none, in_route));
+            assert!(serves_nothing(status, running, in_route));
         }
         for status in [ModelStatus::Canary, ModelStatus::Promoted] {
-            assert!(!serves_nothing(status, &none, &none, in_route));
+            assert!(!serves_nothing(status, completed, in_route));
             // Recorded serving as it joins: while its job runs, whether or not it has joined.
-            assert!(!serves_nothing(status, &running, &none, nowhere));
+            assert!(!serves_nothing(status, running, nowhere));
             // Its job completed, and an operator took it out of its route: theirs to decide.
-            assert!(!serves_nothing(status, &none, &none, nowhere));
+            assert!(!serves_nothing(status, completed, nowhere));
             // Its job failed, and it is in no route: it never joined.
-            assert!(serves_nothing(status, &none, &failed, nowhere));
-            assert!(!serves_nothing(status, &none, &failed, in_route));
+            assert!(serves_nothing(status, failed, nowhere));
+            assert!(!serves_nothing(status, failed, in_route));
         }
         // A candidate is still being evaluated while its job runs.
-        assert!(!serves_nothing(
-            ModelStatus::Candidate,
-            &running,
-            &none,
-            nowhere
-        ));
-        assert!(serves_nothing(
-            ModelStatus::Candidate,
-            &none,
-            &none,
-            nowhere
-        ));
+        assert!(!serves_nothing(ModelStatus::Candidate, running, nowhere));
+        assert!(serves_nothing(ModelStatus::Candidate, completed, nowhere));
+        assert!(serves_nothing(ModelStatus::Candidate, None, nowhere));
     }
 
     #[test]

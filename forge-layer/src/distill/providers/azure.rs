@@ -211,10 +211,7 @@ impl AzureProvider {
             // looked for, a few times as it may show up late. Not found, the submission is not
             // tried again: that could pay for a second run. One never sent (no connection, a
             // rate limit) is tried again as it is.
-            Err(e)
-                if e.is_transient()
-                    && !matches!(e, ProviderError::RateLimited(_) | ProviderError::NotSent(_)) =>
-            {
+            Err(e) if e.may_have_taken_effect() => {
                 self.created_all_the_same(&request.job_id, &e).await?
             }
             Err(e) => return Err(e),
