@@ -603,6 +603,69 @@ async fn the_guard_rolls_back_a_failing_student_without_failing_teacher_requests
     gw.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_student_that_never_answers_is_rolled_back_though_its_clients_give_up_first() {
+    // The student hangs; every client gives up long before the gateway's own upstream timeout.
+    // No error status is ever sent, so only the unanswered exchanges can tell the guard.
+    let hung = ModelBehavior {
+        first_byte_delay: std::time::Duration::from_secs(60),
+        ..ModelBehavior::default()
+    };
+    let sim = start_sim(behaviors(&[("student", hung)])).await;
+    // The latency gate is left out (a huge slack), so that the success gate alone decides.
+    let guard = "[guard]\ninterval_secs = 0.3\nmin_requests = 5\nsteps = [50.0, 100.0]\nlatency_slack_ms = 3600000\nmax_failed_checks = 1\n";
+    let gw = start_gateway_with(&canary_config(&sim.base_url(), 50.0, guard), with_admin).await;
+    let http = client();
+    let impatient = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_millis(150))
+        .build()
+        .unwrap();
+    let (mut i, mut gave_up) = (0u64, 0u32);
+    let start = tokio::time::Instant::now();
+    let share = loop {
+        let share = gw.router().load().route("chat").unwrap().students[0].share;
+        if share == CanaryShare::ZERO || share == CanaryShare::FULL {
+            break share;
+        }
+        assert!(
+            start.elapsed() < forge_tests::DEADLINE,
+            "no decision; guard events: {}",
+            events(&http, &gw).await
+        );
+        let sent = impatient
+            .post(format!("{}/chat/completions", gw.base_url()))
+            .header("x-forge-sticky-key", format!("k{i}"))
+            .json(&chat_body("chat", "hi", false))
+            .send()
+            .await;
+        match sent {
+            Ok(resp) => assert_eq!(resp.status(), 200, "the teacher answers"),
+            Err(e) => {
+                assert!(e.is_timeout(), "{e}");
+                gave_up += 1;
+            }
+        }
+        i += 1;
+    };
+    let log = events(&http, &gw).await;
+    assert_eq!(share, CanaryShare::ZERO, "{log}");
+    assert!(gave_up > 0);
+    let rolled_back = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "rolled_back")
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        rolled_back["detail"]
+            .as_str()
+            .unwrap()
+            .contains("success 0.00%"),
+        "{log}"
+    );
+    gw.shutdown().await;
+}
+
 async fn events(http: &reqwest::Client, gw: &forge_tests::TestGateway) -> Value {
     let routes: Value = http
         .get(format!("http://{}/admin/routes", gw.admin_addr().unwrap()))

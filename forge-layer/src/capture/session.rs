@@ -181,12 +181,15 @@ impl PendingTrace {
 
     /// Whether the exchange failed in a way that is the serving side's fault: a 5xx (including
     /// Forge's own 502/504); a 401, 403, 404 or 429, which say the deployment or adapter is gone,
-    /// refuses Forge's key or is out of capacity (a 400 or 413 is the request's own fault); a
-    /// body that broke; or a stream that ended on an `error` event (the upstream's, or the one
-    /// Forge sends when the upstream breaks or stalls mid-stream, after which the client sees a
-    /// clean end). What the canary guard counts as an error.
+    /// refuses Forge's key or is out of capacity (a 400 or 413 is the request's own fault); no
+    /// answer at all before the client gave up (a hung model must not pass for a healthy one
+    /// because its clients time out first); a body that broke; or a stream that ended on an
+    /// `error` event (the upstream's, or the one Forge sends when the upstream breaks or stalls
+    /// mid-stream, after which the client sees a clean end). What the canary guard counts as an
+    /// error.
     pub fn failed_upstream(&self) -> bool {
-        self.status >= 500
+        self.status == 0
+            || self.status >= 500
             || matches!(self.status, 401 | 403 | 404 | 429)
             || self.end == BodyEnd::Failed
             || (self.is_sse && !self.over_cap && last_event_is_error(&self.body))
@@ -450,6 +453,18 @@ mod tests {
         for status in [200, 400, 408, 413, 422] {
             assert!(!failed(status), "{status}");
         }
+    }
+
+    #[test]
+    fn a_client_that_gave_up_before_any_answer_counts_as_a_failure() {
+        let session =
+            || CaptureSession::new(Ticket::untracked(), meta(false), Bytes::new(), 1 << 20);
+        assert!(session().finish(BodyEnd::Dropped).failed_upstream());
+        // Answered, then the client left: the serving side did its part.
+        let mut answered = session();
+        answered.on_response(200, false);
+        answered.on_chunk(b"{\"id\":");
+        assert!(!answered.finish(BodyEnd::Dropped).failed_upstream());
     }
 
     #[test]
