@@ -1291,6 +1291,15 @@ async fn every_v1_answer_is_counted_refusals_included() {
         .await
         .unwrap();
     let feedback_status = feedback.status().as_u16();
+    for (model, status) in [("fast", 200), ("no-such-alias", 404)] {
+        let answer = http
+            .get(format!("{}/models/{model}", gw.base_url()))
+            .bearer_auth("sk-app-0123456789")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), status);
+    }
     let metrics = http
         .get(format!("http://{}/metrics", gw.addr()))
         .send()
@@ -1313,5 +1322,9 @@ async fn every_v1_answer_is_counted_refusals_included() {
     assert_eq!(count("chat", 503), Some(1), "{metrics}");
     assert_eq!(count("chat", 200), Some(1), "{metrics}");
     assert_eq!(count("feedback", feedback_status), Some(1), "{metrics}");
+    assert_eq!(count("models", 200), Some(1), "{metrics}");
+    assert_eq!(count("models", 404), Some(1), "{metrics}");
+    assert_eq!(count("passthrough", 200), None, "{metrics}");
+    assert_eq!(count("passthrough", 404), None, "{metrics}");
     gw.shutdown().await;
 }

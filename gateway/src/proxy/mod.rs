@@ -108,7 +108,7 @@ async fn count_answers(
     {
         Some("/v1/chat/completions") => "chat",
         Some("/v1/feedback") => "feedback",
-        Some("/v1/models" | "/v1/models/{model}") => "models",
+        Some("/v1/models" | "/v1/models/{*model}") => "models",
         _ => "passthrough",
     };
     let response = next.run(request).await;

@@ -230,7 +230,7 @@ pub struct AzureDeploymentConfig {
     /// The deployment capacity. Default 1.
     #[serde(default)]
     pub capacity: Option<u32>,
-    /// The longest wait for a deployment to reach `Succeeded`, in seconds. Default 1800.
+    /// The longest wait for a deployment to reach `Succeeded`, in seconds. Default 10800 (3 h).
     #[serde(default)]
     pub wait_secs: Option<u64>,
 }
@@ -296,7 +296,7 @@ pub struct KubernetesConfig {
     /// The Job's `activeDeadlineSeconds`: a cap on wall time. Default 21600 (6 h).
     #[serde(default)]
     pub active_deadline_secs: Option<u64>,
-    /// The Job's `ttlSecondsAfterFinished`. Default 86400 (1 day).
+    /// The Job's `ttlSecondsAfterFinished`. Default 604800 (a week).
     #[serde(default)]
     pub ttl_secs_after_finished: Option<u64>,
     /// vLLM's base URL, e.g. `http://vllm:8000/v1` (with or without `/v1`). Required. vLLM must
