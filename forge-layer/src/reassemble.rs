@@ -189,16 +189,17 @@ impl RawObject {
         serde_json::from_str(self.get()).unwrap_or(Value::Null)
     }
 
-    /// Replaces the text with the same object redacted, when redaction would change it.
-    pub(crate) fn redact(&mut self, redactor: &crate::redact::Redactor) {
+    /// The same object redacted, or `None` when it holds something to redact and cannot be
+    /// read as a tree of values (a number past f64's range, a lone surrogate escape: the raw
+    /// text is not checked for those when it is borrowed): then it is left out, never kept
+    /// with what it holds.
+    pub(crate) fn redacted(self, redactor: &crate::redact::Redactor) -> Option<Self> {
         if redactor.json_is_clean(&self.0) {
-            return;
+            return Some(self);
         }
-        let mut value = self.to_value();
+        let mut value: Value = serde_json::from_str(self.get()).ok()?;
         redactor.redact_json(&mut value);
-        if let Some(clean) = Self::from_value(&value) {
-            *self = clean;
-        }
+        Self::from_value(&value)
     }
 }
 

@@ -25,6 +25,32 @@ pub fn ends_with_done(bytes: &[u8]) -> bool {
     })
 }
 
+/// The last few bytes of a stream, enough to tell whether it ends with `data: [DONE]` however
+/// its chunks were cut: a chunk alone can hold the last half of `[DONE]`, or `data: [DONE]`
+/// that is the middle of a JSON string cut where an event would begin.
+#[derive(Debug, Default)]
+pub struct DoneTail {
+    bytes: Vec<u8>,
+}
+
+impl DoneTail {
+    /// Enough for `data: [DONE]`, its line ends and the line end before it.
+    const KEEP: usize = 24;
+
+    /// Adds the stream's next chunk.
+    pub fn push(&mut self, chunk: &[u8]) {
+        let from = chunk.len().saturating_sub(Self::KEEP);
+        self.bytes.extend_from_slice(&chunk[from..]);
+        let excess = self.bytes.len().saturating_sub(Self::KEEP);
+        self.bytes.drain(..excess);
+    }
+
+    /// Whether the stream so far ends with the `data: [DONE]` event (its blank line aside).
+    pub fn is_done(&self) -> bool {
+        ends_with_done(&self.bytes)
+    }
+}
+
 /// UTF-8's byte order mark.
 const BOM: &[u8] = b"\xEF\xBB\xBF";
 

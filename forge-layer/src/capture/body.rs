@@ -120,7 +120,7 @@ where
                         session.on_chunk(data);
                         // A chat stream is over at `[DONE]`: the SDKs stop reading there, and
                         // may close before the body's own end comes.
-                        done = session.is_sse() && crate::sse::ends_with_done(data);
+                        done = session.stream_done();
                     }
                     if let Some(remaining) = this.remaining.as_mut() {
                         *remaining = remaining.saturating_sub(data.len() as u64);

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 use crate::reassemble::{FinalResponse, StreamReassembler};
 use crate::redact::Redactor;
+use crate::sse::DoneTail;
 use crate::store::Ticket;
 use crate::trace::{Outcome, Trace, TraceId, TraceOf};
 
@@ -63,6 +64,8 @@ pub struct CaptureSession {
     body: Vec<u8>,
     cap: usize,
     over_cap: bool,
+    /// An event stream's last bytes, kept past the cap too.
+    tail: DoneTail,
 }
 
 impl CaptureSession {
@@ -81,6 +84,7 @@ impl CaptureSession {
             body: Vec::new(),
             cap,
             over_cap: false,
+            tail: DoneTail::default(),
         }
     }
 
@@ -89,9 +93,9 @@ impl CaptureSession {
         self.ticket.id()
     }
 
-    /// Whether the response is an event stream.
-    pub fn is_sse(&self) -> bool {
-        self.is_sse
+    /// Whether the response is an event stream that has sent its last event, `[DONE]`.
+    pub fn stream_done(&self) -> bool {
+        self.is_sse && self.tail.is_done()
     }
 
     /// The response head arrived.
@@ -106,6 +110,9 @@ impl CaptureSession {
     /// client would allocate a fresh buffer for every response meanwhile (measured: that cost
     /// more than the copy).
     pub fn on_chunk(&mut self, chunk: &[u8]) {
+        if self.is_sse {
+            self.tail.push(chunk);
+        }
         // Past the cap nothing more is kept, not even a smaller chunk that would fit: the kept
         // body must be a prefix of what the client got, never one with a hole in it.
         if self.over_cap || self.body.len() + chunk.len() > self.cap {
@@ -367,9 +374,7 @@ fn redact_response(redactor: &Redactor, response: &mut FinalResponse) {
             fix(&mut call.arguments);
         }
     }
-    if let Some(usage) = &mut response.usage {
-        usage.redact(redactor);
-    }
+    response.usage = response.usage.take().and_then(|u| u.redacted(redactor));
     if let Some(error) = &mut response.error {
         redactor.redact_json(error);
     }
@@ -465,6 +470,39 @@ mod tests {
         answered.on_response(200, false);
         answered.on_chunk(b"{\"id\":");
         assert!(!answered.finish(BodyEnd::Dropped).failed_upstream());
+    }
+
+    #[test]
+    fn a_usage_object_that_cannot_be_redacted_is_left_out() {
+        let key = "sk-proj-Abcdefghijklmnopqrstuvwxyz0123456789ABCD";
+        let trace = |usage: &str| {
+            let mut session =
+                CaptureSession::new(Ticket::untracked(), meta(false), Bytes::new(), 1 << 20);
+            session.on_response(200, false);
+            let body = format!(
+                r#"{{"id":"c","object":"chat.completion","model":"m","choices":[{{"index":0,"message":{{"role":"assistant","content":"hi"}},"finish_reason":"stop"}}],"usage":{usage}}}"#
+            );
+            session.on_chunk(body.as_bytes());
+            let trace = session
+                .finish(BodyEnd::Complete)
+                .into_trace(&Redactor::default(), 1 << 20);
+            serde_json::to_string(&trace).unwrap()
+        };
+        for usage in [
+            format!(r#"{{"prompt_tokens":1e400,"note":"{key}"}}"#),
+            format!(r#"{{"prompt_tokens":1,"note":"{key}","odd":"\udc00"}}"#),
+        ] {
+            let stored = trace(&usage);
+            assert!(!stored.contains("Abcdefghijklmnop"), "{stored}");
+            assert!(
+                stored.contains(r#""content":"hi""#),
+                "the rest is kept: {stored}"
+            );
+        }
+        // One that can be read is redacted and kept.
+        let stored = trace(&format!(r#"{{"prompt_tokens":1,"note":"{key}"}}"#));
+        assert!(!stored.contains("Abcdefghijklmnop"), "{stored}");
+        assert!(stored.contains(r#""prompt_tokens":1"#), "{stored}");
     }
 
     #[test]

@@ -409,6 +409,68 @@ async fn a_client_that_leaves_at_done_has_a_completed_trace() {
 }
 
 #[tokio::test]
+async fn done_is_found_however_the_stream_is_cut_into_frames() {
+    let event = |content: &str| {
+        format!(
+            "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{content}\"}},\"finish_reason\":null}}]}}\n\n"
+        )
+    };
+    let first = event("The stream ends with ");
+    let quoted = event("data: [DONE]");
+    // `[DONE]` cut across two frames; and the text `data: [DONE]` inside an event, cut where
+    // an event could begin: only the first is the end.
+    let (at, end) = (
+        quoted.find("data: [DONE]").unwrap(),
+        quoted.find("]\"").unwrap() + 1,
+    );
+    let cases: [(Vec<String>, &str); 2] = [
+        (
+            vec![first.clone(), "data: [DO".into(), "NE]\n\n".into()],
+            "The stream ends with ",
+        ),
+        (
+            vec![
+                first.clone(),
+                quoted[..at].into(),
+                quoted[at..end].into(),
+                quoted[end..].into(),
+                "data: [DONE]\n\n".into(),
+            ],
+            "The stream ends with data: [DONE]",
+        ),
+    ];
+    for (chunks, content) in cases {
+        let sink = Collect::default();
+        let frames: Frames = chunks
+            .iter()
+            .map(|c| Ok(Frame::data(Bytes::from(c.clone()))))
+            .collect();
+        // The upstream holds the body open after `[DONE]`; the client, as the SDKs do, reads up
+        // to `[DONE]` and leaves.
+        let open = futures_util::StreamExt::chain(
+            futures_util::stream::iter(frames),
+            futures_util::stream::pending(),
+        );
+        let mut body = CaptureBody::new(StreamBody::new(open), stream_session(), sink.clone());
+        for _ in &chunks {
+            body.frame().await.unwrap().unwrap();
+        }
+        drop(body);
+        let traces: Vec<_> = sink
+            .0
+            .lock()
+            .unwrap()
+            .drain(..)
+            .map(|t| t.into_trace(&Redactor::default(), 1 << 20))
+            .collect();
+        assert_eq!(traces.len(), 1, "{chunks:?}");
+        assert_eq!(traces[0].outcome, Outcome::Completed, "{chunks:?}");
+        let message = &traces[0].response.choices[0].message;
+        assert_eq!(message.content.as_deref(), Some(content), "{chunks:?}");
+    }
+}
+
+#[tokio::test]
 async fn done_apart_from_its_blank_line_is_a_completed_stream() {
     // The trace is finished at `[DONE]`; its line end comes in the next frame, or never.
     for tail in [&b"\n\n"[..], b""] {

@@ -5,6 +5,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use forge_layer::sse::DoneTail;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
@@ -56,7 +57,7 @@ pin_project! {
         // Whether what was passed on so far ends between two SSE events.
         at_boundary: bool,
         // The last bytes passed on, to see whether they end with the `data: [DONE]` event.
-        tail: Tail,
+        tail: DoneTail,
         // Whether a clean end must come after `[DONE]` (chat completions streams): one that
         // does not was cut short by the upstream, and the client is told so.
         needs_done: bool,
@@ -136,7 +137,7 @@ impl<B> UpstreamBody<B> {
             burst: Burst::default(),
             end: None,
             at_boundary: true,
-            tail: Tail::default(),
+            tail: DoneTail::default(),
             needs_done: false,
             saw_error: false,
         }
@@ -162,29 +163,6 @@ pub fn sse_error_event(message: &str) -> Bytes {
         "error": {"message": message, "type": "server_error", "param": null, "code": "upstream_error"}
     });
     Bytes::from(format!("data: {event}\n\n"))
-}
-
-/// The last few bytes of a stream passed on.
-#[derive(Default)]
-struct Tail {
-    bytes: Vec<u8>,
-}
-
-impl Tail {
-    /// Enough for `data: [DONE]` and its line ends.
-    const KEEP: usize = 24;
-
-    fn push(&mut self, data: &[u8]) {
-        let from = data.len().saturating_sub(Self::KEEP);
-        self.bytes.extend_from_slice(&data[from..]);
-        let excess = self.bytes.len().saturating_sub(Self::KEEP);
-        self.bytes.drain(..excess);
-    }
-
-    /// Whether the stream so far ends with the `data: [DONE]` event (its blank line aside).
-    fn is_done(&self) -> bool {
-        forge_layer::sse::ends_with_done(&self.bytes)
-    }
 }
 
 /// An error event to pass on after what was sent. Cut mid-event, the error must not join the
