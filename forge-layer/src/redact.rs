@@ -343,6 +343,33 @@ impl Redactor {
         out.filter(|s| s != text)
     }
 
+    /// Redacts a key's beginning left at the very end of `text` by an answer that was cut (at
+    /// `max_tokens`, by a client that left, by a broken stream or the capture cap): the
+    /// patterns need a whole key, and a GitHub token one character short, or a Google key, is
+    /// as good as whole to whoever guesses the rest. `None` when the end holds none: a key
+    /// prefix followed by at least [`CUT_KEY_MIN`] of its kind's characters, at a word's start,
+    /// running to the end; or `Bearer` and such a token. For model output, run after
+    /// [`Redactor::redact_str`].
+    pub fn redact_cut_key(&self, text: &str) -> Option<String> {
+        let key_char = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.');
+        let start = token_start(text, key_char);
+        if let Some((kind, at)) = cut_key_in(&text.as_bytes()[start..]) {
+            return Some(redacted_from(text, start + at, kind));
+        }
+        // `Bearer` and a token: the whole of it goes, as with a full match.
+        let token_char = |b: u8| key_char(b) || matches!(b, b'~' | b'+' | b'/' | b'=');
+        let start = token_start(text, token_char);
+        let before = &text[..start];
+        let spaced = before.trim_end_matches([' ', '\t']);
+        let word = spaced.len().checked_sub(b"bearer".len())?;
+        let bearer = text.len() - start >= CUT_KEY_MIN
+            && spaced.len() < before.len()
+            && spaced.is_char_boundary(word)
+            && spaced[word..].eq_ignore_ascii_case("bearer")
+            && !spaced[..word].ends_with(|c: char| c.is_ascii_alphanumeric());
+        bearer.then(|| redacted_from(text, word, Kind::BearerToken))
+    }
+
     /// Redacts every string in a JSON tree, in place: values, and object keys too (a key can
     /// be a secret, in `metadata` say).
     pub fn redact_json(&self, value: &mut Value) {
@@ -943,6 +970,84 @@ fn replace_kind(kind: Kind, regex: &Regex, text: &str) -> Option<String> {
     Some(out)
 }
 
+/// Where the run of bytes `text` ends with, each passing `part`, begins (looking back at most
+/// [`CUT_KEY_SCAN`] bytes: a key longer than that would have matched whole).
+fn token_start(text: &str, part: impl Fn(u8) -> bool) -> usize {
+    let bytes = text.as_bytes();
+    let floor = bytes.len().saturating_sub(CUT_KEY_SCAN);
+    bytes[floor..]
+        .iter()
+        .rposition(|&b| !part(b))
+        .map_or(floor, |i| floor + i + 1)
+}
+
+/// `text` up to `at` (a byte offset on a character boundary), then the marker for `kind`.
+fn redacted_from(text: &str, at: usize, kind: Kind) -> String {
+    format!("{}[REDACTED:{}]", &text[..at], kind.name())
+}
+
+/// The fewest characters after a key's prefix that [`Redactor::redact_cut_key`] takes for a
+/// key's beginning: fewer tell a guesser little (and `sk-learn` stays prose).
+const CUT_KEY_MIN: usize = 8;
+
+/// How far back from a text's end [`Redactor::redact_cut_key`] looks.
+const CUT_KEY_SCAN: usize = 4096;
+
+/// Where a key begins in `token` (a run of `[A-Za-z0-9_.-]` that ends its text), and its kind:
+/// a prefix at a word's start (or after `_`, as in `OPENAI_KEY_sk-…`) followed, to the end, by
+/// at least [`CUT_KEY_MIN`] characters its kind's keys are made of.
+fn cut_key_in(token: &[u8]) -> Option<(Kind, usize)> {
+    fn key_body(b: u8) -> bool {
+        b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-')
+    }
+    fn alnum(b: u8) -> bool {
+        b.is_ascii_alphanumeric()
+    }
+    fn upper_alnum(b: u8) -> bool {
+        b.is_ascii_uppercase() || b.is_ascii_digit()
+    }
+    fn slack_body(b: u8) -> bool {
+        b.is_ascii_alphanumeric() || b == b'-'
+    }
+    fn jwt_body(b: u8) -> bool {
+        key_body(b) || b == b'.'
+    }
+    /// A key's prefix, its kind, and the characters that may follow.
+    type Prefix = (&'static [u8], Kind, fn(u8) -> bool);
+    const PREFIXES: &[Prefix] = &[
+        (b"sk-ant-", Kind::AnthropicKey, key_body),
+        (b"sk-", Kind::OpenaiKey, key_body),
+        (b"github_pat_", Kind::GithubToken, key_body),
+        (b"ghp_", Kind::GithubToken, alnum),
+        (b"gho_", Kind::GithubToken, alnum),
+        (b"ghu_", Kind::GithubToken, alnum),
+        (b"ghs_", Kind::GithubToken, alnum),
+        (b"ghr_", Kind::GithubToken, alnum),
+        (b"AKIA", Kind::AwsKey, upper_alnum),
+        (b"ASIA", Kind::AwsKey, upper_alnum),
+        (b"AIza", Kind::GoogleKey, key_body),
+        (b"xoxa-", Kind::SlackToken, slack_body),
+        (b"xoxb-", Kind::SlackToken, slack_body),
+        (b"xoxp-", Kind::SlackToken, slack_body),
+        (b"xoxo-", Kind::SlackToken, slack_body),
+        (b"xoxs-", Kind::SlackToken, slack_body),
+        (b"xoxr-", Kind::SlackToken, slack_body),
+        // A JWT's header alone is no secret; its payload, or part of its signature, may be.
+        (b"eyJ", Kind::Jwt, jwt_body),
+    ];
+    (0..token.len())
+        .filter(|&at| at == 0 || !token[at - 1].is_ascii_alphanumeric())
+        .find_map(|at| {
+            let rest = &token[at..];
+            PREFIXES.iter().find_map(|&(prefix, kind, body)| {
+                let tail = rest.strip_prefix(prefix)?;
+                let whole = tail.len() >= CUT_KEY_MIN && tail.iter().all(|&b| body(b));
+                let jwt_ok = kind != Kind::Jwt || tail.contains(&b'.');
+                (whole && jwt_ok).then_some((kind, at))
+            })
+        })
+}
+
 fn luhn_valid(candidate: &str) -> bool {
     let digits: Vec<u32> = candidate.chars().filter_map(|c| c.to_digit(10)).collect();
     if !(13..=19).contains(&digits.len()) {
@@ -1290,6 +1395,65 @@ mod tests {
         ] {
             assert_eq!(possible_kinds(text), kinds, "{text}");
         }
+    }
+
+    #[test]
+    fn a_key_cut_at_the_end_of_a_text_is_redacted_and_prose_is_not() {
+        let cut = |text: &str| Redactor::default().redact_cut_key(text);
+        let github = "ghp_0123456789abcdefghijABCDEFGHIJ01234"; // 35 of its 36 characters
+        assert!(redact(github).contains("ghp_"), "no full pattern takes it");
+        for (text, kept, kind) in [
+            (
+                format!("Your token is {github}"),
+                "Your token is ",
+                "github_token",
+            ),
+            (
+                "export OPENAI_KEY_sk-proj-AbCd1234".into(),
+                "export OPENAI_KEY_",
+                "openai_key",
+            ),
+            ("key: sk-ant-api03-Xy12".into(), "key: ", "anthropic_key"),
+            ("AIzaSyA1b2C3d4E5f6G7h8I9".into(), "", "google_key"),
+            ("id AKIAIOSFODNN7".into(), "id ", "aws_key"),
+            ("slack xoxb-1234-5678".into(), "slack ", "slack_token"),
+            (
+                "{\"t\": \"eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0".into(),
+                "{\"t\": \"",
+                "jwt",
+            ),
+            (
+                "curl -H 'Authorization: Bearer abc/def+123".into(),
+                "curl -H 'Authorization: ",
+                "bearer_token",
+            ),
+        ] {
+            assert_eq!(
+                cut(&text),
+                Some(format!("{kept}[REDACTED:{kind}]")),
+                "{text}"
+            );
+        }
+        // Not at the end, too short to tell a guesser anything, inside a word, or not a key.
+        for text in [
+            format!("{github} is cut here"),
+            "pip install sk-learn".into(),
+            "ask-questions-freely".into(),
+            "ASIAN-FOOD-RECIPES".into(),
+            "eyJhbGciOiJIUzI1NiJ9".into(),
+            "a bearer of bad news".into(),
+            "mobearer 12345678abc".into(),
+            "ends with [REDACTED:openai_key]".into(),
+            "ünïcödé ghp_".into(),
+            String::new(),
+        ] {
+            assert_eq!(cut(&text), None, "{text}");
+        }
+        // Non-ASCII text before the key: cut on a character boundary.
+        assert_eq!(
+            cut("clé: ghp_0123456789").as_deref(),
+            Some("clé: [REDACTED:github_token]")
+        );
     }
 
     #[test]

@@ -352,26 +352,34 @@ fn clean_request(bytes: &[u8], redactor: &Redactor) -> Option<Box<RawValue>> {
 /// Redacts every string the upstream sent, not only the message text: a model can echo a key
 /// into a tool call's name or id as readily as into its arguments.
 fn redact_response(redactor: &Redactor, response: &mut FinalResponse) {
-    let mut fix = |s: &mut String| {
+    let fix = |s: &mut String| {
         if let Some(clean) = redactor.redact_str(s) {
             *s = clean;
         }
     };
-    response.model.iter_mut().for_each(&mut fix);
+    // What the model writes may have been cut mid-key (at `max_tokens`, a client that left, a
+    // broken stream, the capture cap).
+    let fix_written = |s: &mut String| {
+        fix(s);
+        if let Some(clean) = redactor.redact_cut_key(s) {
+            *s = clean;
+        }
+    };
+    response.model.iter_mut().for_each(fix);
     for choice in &mut response.choices {
-        choice.finish_reason.iter_mut().for_each(&mut fix);
+        choice.finish_reason.iter_mut().for_each(fix);
         let m = &mut choice.message;
-        m.content.iter_mut().for_each(&mut fix);
-        m.refusal.iter_mut().for_each(&mut fix);
+        m.content.iter_mut().for_each(fix_written);
+        m.refusal.iter_mut().for_each(fix_written);
         for call in &mut m.tool_calls {
             fix(&mut call.id);
             fix(&mut call.kind);
             fix(&mut call.function.name);
-            fix(&mut call.function.arguments);
+            fix_written(&mut call.function.arguments);
         }
         if let Some(call) = &mut m.function_call {
             fix(&mut call.name);
-            fix(&mut call.arguments);
+            fix_written(&mut call.arguments);
         }
     }
     response.usage = response.usage.take().and_then(|u| u.redacted(redactor));
@@ -503,6 +511,39 @@ mod tests {
         let stored = trace(&format!(r#"{{"prompt_tokens":1,"note":"{key}"}}"#));
         assert!(!stored.contains("Abcdefghijklmnop"), "{stored}");
         assert!(stored.contains(r#""prompt_tokens":1"#), "{stored}");
+    }
+
+    #[test]
+    fn a_key_the_answer_was_cut_in_is_not_stored() {
+        // 35 of the token's 36 characters: the rest is a guess away.
+        let cut = "ghp_0123456789abcdefghijABCDEFGHIJ01234";
+        let mut session =
+            CaptureSession::new(Ticket::untracked(), meta(true), Bytes::new(), 1 << 20);
+        session.on_response(200, true);
+        let events = [
+            format!(r#"{{"choices":[{{"index":0,"delta":{{"content":"Use {cut}"}}}}]}}"#),
+            format!(
+                r#"{{"choices":[{{"index":1,"delta":{{"tool_calls":[{{"index":0,"id":"c","type":"function","function":{{"name":"f","arguments":"{{\"token\": \"{cut}"}}}}]}}}}]}}"#
+            ),
+            r#"{"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}"#.to_string(),
+        ];
+        for event in events {
+            session.on_chunk(format!("data: {event}\n\n").as_bytes());
+        }
+        let trace = session
+            .finish(BodyEnd::Dropped)
+            .into_trace(&Redactor::default(), 1 << 20);
+        let stored = serde_json::to_string(&trace).unwrap();
+        assert!(!stored.contains("0123456789abcdef"), "{stored}");
+        let choices = &trace.response.choices;
+        assert_eq!(
+            choices[0].message.content.as_deref(),
+            Some("Use [REDACTED:github_token]")
+        );
+        assert_eq!(
+            choices[1].message.tool_calls[0].function.arguments,
+            r#"{"token": "[REDACTED:github_token]"#
+        );
     }
 
     #[test]
