@@ -9,6 +9,16 @@ use pin_project_lite::pin_project;
 
 use super::{BodyEnd, CaptureSession, DurableAck, TraceSink};
 
+/// The error a body passes on: the inner body's own, or [`NotStored`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// In durable mode, the commit that held the exchange's trace failed (after its retries): the
+/// response is cut before its last bytes, since a whole response promises a stored trace. The
+/// client sees a broken response, which the SDKs retry.
+#[derive(Debug, thiserror::Error)]
+#[error("durable capture: the exchange's trace could not be stored, so its response is cut short")]
+pub struct NotStored;
+
 pin_project! {
     /// The response body, teed into the capture session.
     ///
@@ -58,9 +68,10 @@ impl<B: Body, K: TraceSink> CaptureBody<B, K> {
 
 impl<B, K: TraceSink> CaptureBody<B, K> {
     /// Waits for a durable commit the body's end is holding, if any. A body that was over
-    /// before it began is never polled by the server, so its response waits here instead.
+    /// before it began is never polled by the server, so its response waits here instead (and
+    /// goes out whatever the commit's fate: it holds no answer to cut).
     pub(super) fn poll_commit(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        poll_commit(&mut self.commit, cx)
+        poll_commit(&mut self.commit, cx).map(drop)
     }
 
     /// A body that is not captured.
@@ -75,15 +86,20 @@ impl<B, K: TraceSink> CaptureBody<B, K> {
     }
 }
 
-/// Waits for the commit in `commit`, if any, and clears it.
-fn poll_commit(commit: &mut Option<DurableAck>, cx: &mut Context<'_>) -> Poll<()> {
-    if let Some(ack) = commit.as_mut() {
-        if !ready!(ack.as_mut().poll(cx)) {
-            tracing::warn!("durable capture: the trace could not be committed");
-        }
-        *commit = None;
+/// Waits for the commit in `commit`, if any, and clears it: whether it stored its traces (true
+/// with none to wait for).
+fn poll_commit(commit: &mut Option<DurableAck>, cx: &mut Context<'_>) -> Poll<bool> {
+    let Some(ack) = commit.as_mut() else {
+        return Poll::Ready(true);
+    };
+    let stored = ready!(ack.as_mut().poll(cx));
+    if !stored {
+        tracing::warn!(
+            "durable capture: the trace could not be committed; its response is cut short"
+        );
     }
-    Poll::Ready(())
+    *commit = None;
+    Poll::Ready(stored)
 }
 
 fn finish<K: TraceSink>(
@@ -97,10 +113,11 @@ fn finish<K: TraceSink>(
 impl<B, K> Body for CaptureBody<B, K>
 where
     B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
     K: TraceSink,
 {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
@@ -108,7 +125,10 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let mut this = self.project();
         if this.commit.is_some() {
-            ready!(poll_commit(this.commit, cx));
+            if !ready!(poll_commit(this.commit, cx)) {
+                this.held.take();
+                return Poll::Ready(Some(Err(NotStored.into())));
+            }
             return Poll::Ready(this.held.take().map(Ok));
         }
         match ready!(this.inner.as_mut().poll_frame(cx)) {
@@ -141,7 +161,7 @@ where
             Some(Err(e)) => {
                 // The connection is failing; don't hold the error back for the commit.
                 drop(finish(this.session, BodyEnd::Failed));
-                Poll::Ready(Some(Err(e)))
+                Poll::Ready(Some(Err(e.into())))
             }
             None => {
                 if let Some(mut commit) = finish(this.session, BodyEnd::Complete)

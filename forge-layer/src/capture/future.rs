@@ -48,6 +48,7 @@ where
     F: Future<Output = Result<Response<B>, E>>,
     K: TraceSink,
     B: http_body::Body<Data = Bytes>,
+    B::Error: Into<super::BoxError>,
 {
     type Output = Result<Response<CaptureBody<B, K>>, E>;
 

@@ -46,7 +46,7 @@ mod service;
 mod session;
 mod sink;
 
-pub use body::CaptureBody;
+pub use body::{BoxError, CaptureBody, NotStored};
 pub use future::ResponseFuture;
 pub use layer::CaptureLayer;
 pub use service::Capture;

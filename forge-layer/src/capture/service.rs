@@ -32,6 +32,7 @@ where
     S: Service<Request<Bytes>, Response = Response<B>>,
     K: TraceSink,
     B: http_body::Body<Data = Bytes>,
+    B::Error: Into<super::BoxError>,
 {
     type Response = Response<CaptureBody<B, K>>;
     type Error = S::Error;

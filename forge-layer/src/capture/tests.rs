@@ -306,6 +306,28 @@ async fn durable_end_holds_the_last_bytes_until_the_commit() {
 }
 
 #[tokio::test]
+async fn durable_end_is_cut_short_when_its_commit_fails() {
+    // A whole response promises a stored trace: when the commit fails, the client must not get
+    // the last bytes (and take the exchange for done), but a broken body.
+    let sink = ManualCommit::default();
+    let frames: Frames = vec![
+        Ok(Frame::data(Bytes::from_static(b"{\"a\":"))),
+        Ok(Frame::data(Bytes::from_static(b"1}"))),
+    ];
+    let mut body = CaptureBody::new(streamed(frames), session(), sink.clone());
+    for _ in 0..2 {
+        body.frame().await.unwrap().unwrap();
+    }
+    // Without a known length the end is the body's own: a chunked response's last chunk.
+    let mut next = Box::pin(body.frame());
+    assert!(futures_util::poll!(next.as_mut()).is_pending());
+    let ack = sink.0.lock().unwrap().pop().expect("submitted at the end");
+    ack.send(false).unwrap();
+    let error = next.await.unwrap().expect_err("the end is not sent");
+    assert!(error.is::<NotStored>(), "{error}");
+}
+
+#[tokio::test]
 async fn a_request_dropped_before_the_response_head_is_one_cancelled_trace() {
     // The client left (or shutdown cut it off) while the upstream had not answered yet.
     let sink = Collect::default();
