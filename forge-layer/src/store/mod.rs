@@ -91,7 +91,7 @@ pub const STORE_FILE: &str = "forge.redb";
 pub enum StoreError {
     /// Another process (usually a running gateway) has the file open.
     #[error(
-        "the store {0} is open in another process (a running gateway?): a second gateway needs a `capture.data_dir` of its own, and the CLI can read a running gateway's traces through its admin API (`forge traces --admin URL`)"
+        "the store {0} is open in another process (a running gateway, or a `forge traces` or `forge dataset export` still reading it): a second gateway needs a `capture.data_dir` of its own, and the CLI can read a running gateway's traces through its admin API (`forge traces --admin URL`)"
     )]
     InUse(PathBuf),
     /// The data directory could not be created.
