@@ -348,26 +348,18 @@ impl Redactor {
     /// patterns need a whole key, and a GitHub token one character short, or a Google key, is
     /// as good as whole to whoever guesses the rest. `None` when the end holds none: a key
     /// prefix followed by at least [`CUT_KEY_MIN`] of its kind's characters, at a word's start,
-    /// running to the end; or `Bearer` and such a token. For model output, run after
-    /// [`Redactor::redact_str`].
+    /// running to the end; or such a run of a labelled secret's characters after its label
+    /// (`Bearer`, `aws_secret_access_key =`). Read, as the patterns are, in
+    /// [`unescaped_view`]: text can hold JSON of its own. For the text of an answer that was
+    /// cut, after [`Redactor::redact_str`].
     pub fn redact_cut_key(&self, text: &str) -> Option<String> {
-        let key_char = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.');
-        let start = token_start(text, key_char);
-        if let Some((kind, at)) = cut_key_in(&text.as_bytes()[start..]) {
-            return Some(redacted_from(text, start + at, kind));
+        // Only the end is read: a key longer than this would have matched whole.
+        let mut floor = text.len().saturating_sub(CUT_KEY_SCAN);
+        while !text.is_char_boundary(floor) {
+            floor += 1;
         }
-        // `Bearer` and a token: the whole of it goes, as with a full match.
-        let token_char = |b: u8| key_char(b) || matches!(b, b'~' | b'+' | b'/' | b'=');
-        let start = token_start(text, token_char);
-        let before = &text[..start];
-        let spaced = before.trim_end_matches([' ', '\t']);
-        let word = spaced.len().checked_sub(b"bearer".len())?;
-        let bearer = text.len() - start >= CUT_KEY_MIN
-            && spaced.len() < before.len()
-            && spaced.is_char_boundary(word)
-            && spaced[word..].eq_ignore_ascii_case("bearer")
-            && !spaced[..word].ends_with(|c: char| c.is_ascii_alphanumeric());
-        bearer.then(|| redacted_from(text, word, Kind::BearerToken))
+        let (kind, at) = cut_key_at(&unescaped_view(&text[floor..]))?;
+        Some(format!("{}[REDACTED:{}]", &text[..floor + at], kind.name()))
     }
 
     /// Redacts every string in a JSON tree, in place: values, and object keys too (a key can
@@ -970,20 +962,56 @@ fn replace_kind(kind: Kind, regex: &Regex, text: &str) -> Option<String> {
     Some(out)
 }
 
-/// Where the run of bytes `text` ends with, each passing `part`, begins (looking back at most
-/// [`CUT_KEY_SCAN`] bytes: a key longer than that would have matched whole).
+/// Where the run of bytes `text` ends with, each passing `part`, begins.
 fn token_start(text: &str, part: impl Fn(u8) -> bool) -> usize {
-    let bytes = text.as_bytes();
-    let floor = bytes.len().saturating_sub(CUT_KEY_SCAN);
-    bytes[floor..]
+    text.as_bytes()
         .iter()
         .rposition(|&b| !part(b))
-        .map_or(floor, |i| floor + i + 1)
+        .map_or(0, |i| i + 1)
 }
 
-/// `text` up to `at` (a byte offset on a character boundary), then the marker for `kind`.
-fn redacted_from(text: &str, at: usize, kind: Kind) -> String {
-    format!("{}[REDACTED:{}]", &text[..at], kind.name())
+/// The kind and start (a byte offset) of a key cut off at the end of `view`, if any: see
+/// [`Redactor::redact_cut_key`].
+fn cut_key_at(view: &str) -> Option<(Kind, usize)> {
+    let key_char = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.');
+    let start = token_start(view, key_char);
+    if let Some((kind, at)) = cut_key_in(&view.as_bytes()[start..]) {
+        return Some((kind, start + at));
+    }
+    // A labelled secret: redacted from its label on, as a whole match is.
+    let token_char = |b: u8| key_char(b) || matches!(b, b'~' | b'+' | b'/' | b'=');
+    let start = token_start(view, token_char);
+    let token = &view.as_bytes()[start..];
+    if token.len() < CUT_KEY_MIN {
+        return None;
+    }
+    let before = &view[..start];
+    let quoted = |c: char| matches!(c, ' ' | '\t' | '"' | '\'');
+    let spaced = before.trim_end_matches([' ', '\t']);
+    // A token is random: a digit, or both cases (`Bearer authentication` is prose).
+    let random = token.iter().any(u8::is_ascii_digit)
+        || (token.iter().any(u8::is_ascii_uppercase) && token.iter().any(u8::is_ascii_lowercase));
+    if spaced.len() < before.len()
+        && random
+        && let Some(at) = ends_with_word(spaced, "bearer")
+    {
+        return Some((Kind::BearerToken, at));
+    }
+    let value = before.trim_end_matches(quoted).strip_suffix([':', '='])?;
+    let at = ends_with_word(value.trim_end_matches(quoted), "aws_secret_access_key")?;
+    let base64 = token
+        .iter()
+        .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'+' | b'='));
+    base64.then_some((Kind::AwsKey, at))
+}
+
+/// Where `word` (any case) begins, if `text` ends with it at a word's start.
+fn ends_with_word(text: &str, word: &str) -> Option<usize> {
+    let at = text.len().checked_sub(word.len())?;
+    let whole = text.is_char_boundary(at)
+        && text[at..].eq_ignore_ascii_case(word)
+        && !text[..at].ends_with(|c: char| c.is_ascii_alphanumeric());
+    whole.then_some(at)
 }
 
 /// The fewest characters after a key's prefix that [`Redactor::redact_cut_key`] takes for a
@@ -1042,8 +1070,13 @@ fn cut_key_in(token: &[u8]) -> Option<(Kind, usize)> {
             PREFIXES.iter().find_map(|&(prefix, kind, body)| {
                 let tail = rest.strip_prefix(prefix)?;
                 let whole = tail.len() >= CUT_KEY_MIN && tail.iter().all(|&b| body(b));
-                let jwt_ok = kind != Kind::Jwt || tail.contains(&b'.');
-                (whole && jwt_ok).then_some((kind, at))
+                let shaped = match kind {
+                    Kind::Jwt => tail.contains(&b'.'),
+                    // Slack's tokens go on with a team id's digits (`xoxo-Sam…` is a letter's end).
+                    Kind::SlackToken => tail[0].is_ascii_digit(),
+                    _ => true,
+                };
+                (whole && shaped).then_some((kind, at))
             })
         })
 }
@@ -1427,6 +1460,22 @@ mod tests {
                 "curl -H 'Authorization: ",
                 "bearer_token",
             ),
+            // Inside JSON of its own: an escape before the key is not a word character.
+            (
+                format!(r#"{{\"content\":\"old\n{github}"#),
+                r#"{\"content\":\"old\n"#,
+                "github_token",
+            ),
+            (
+                r#"aws_secret_access_key = "wJalrXUtnFEMI/K7MDENG"#.into(),
+                "",
+                "aws_key",
+            ),
+            (
+                r#"{\"AWS_SECRET_ACCESS_KEY\": \"wJalrXUtnFEMI/K7MDENG"#.into(),
+                r#"{\""#,
+                "aws_key",
+            ),
         ] {
             assert_eq!(
                 cut(&text),
@@ -1442,6 +1491,9 @@ mod tests {
             "ASIAN-FOOD-RECIPES".into(),
             "eyJhbGciOiJIUzI1NiJ9".into(),
             "a bearer of bad news".into(),
+            "The API expects Bearer authentication.".into(),
+            "with love, xoxo-Samantha".into(),
+            "aws_secret_access_key is the second half".into(),
             "mobearer 12345678abc".into(),
             "ends with [REDACTED:openai_key]".into(),
             "ünïcödé ghp_".into(),

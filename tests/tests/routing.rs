@@ -660,7 +660,7 @@ async fn a_student_that_never_answers_is_rolled_back_though_its_clients_give_up_
         rolled_back["detail"]
             .as_str()
             .unwrap()
-            .contains("success 0.00%"),
+            .contains("100.00% of its clients gave up before an answer"),
         "{log}"
     );
     gw.shutdown().await;

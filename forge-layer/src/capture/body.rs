@@ -102,6 +102,22 @@ fn poll_commit(commit: &mut Option<DurableAck>, cx: &mut Context<'_>) -> Poll<bo
     Poll::Ready(stored)
 }
 
+/// The body's end (its last frame in `held`, or none for the end itself) once the durable
+/// commit in `commit`, if any, has stored its trace; a failed commit cuts the response short
+/// instead, whether it failed at once (a writer that has stopped) or later.
+fn end_after_commit(
+    commit: &mut Option<DurableAck>,
+    held: &mut Option<Frame<Bytes>>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    let stored = ready!(poll_commit(commit, cx));
+    let end = held.take();
+    if !stored {
+        return Poll::Ready(Some(Err(NotStored.into())));
+    }
+    Poll::Ready(end.map(Ok))
+}
+
 fn finish<K: TraceSink>(
     session: &mut Option<(CaptureSession, K)>,
     end: BodyEnd,
@@ -125,11 +141,7 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let mut this = self.project();
         if this.commit.is_some() {
-            if !ready!(poll_commit(this.commit, cx)) {
-                this.held.take();
-                return Poll::Ready(Some(Err(NotStored.into())));
-            }
-            return Poll::Ready(this.held.take().map(Ok));
+            return end_after_commit(this.commit, this.held, cx);
         }
         match ready!(this.inner.as_mut().poll_frame(cx)) {
             Some(Ok(frame)) => {
@@ -148,13 +160,10 @@ where
                     // The server stops polling a body that reports its end, so finish now.
                     last = done || this.inner.is_end_stream() || *this.remaining == Some(0);
                 }
-                if last
-                    && let Some(mut commit) = finish(this.session, BodyEnd::Complete)
-                    && commit.as_mut().poll(cx).is_pending()
-                {
-                    *this.commit = Some(commit);
+                if last {
+                    *this.commit = finish(this.session, BodyEnd::Complete);
                     *this.held = Some(frame);
-                    return Poll::Pending;
+                    return end_after_commit(this.commit, this.held, cx);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -164,13 +173,8 @@ where
                 Poll::Ready(Some(Err(e.into())))
             }
             None => {
-                if let Some(mut commit) = finish(this.session, BodyEnd::Complete)
-                    && commit.as_mut().poll(cx).is_pending()
-                {
-                    *this.commit = Some(commit);
-                    return Poll::Pending;
-                }
-                Poll::Ready(None)
+                *this.commit = finish(this.session, BodyEnd::Complete);
+                end_after_commit(this.commit, this.held, cx)
             }
         }
     }

@@ -171,6 +171,12 @@ impl PendingTrace {
         self.request.len() + self.body.capacity()
     }
 
+    /// Whether the client gave up before any answer came (no response head): the canary guard
+    /// judges these apart, against the teacher's share of them.
+    pub fn unanswered(&self) -> bool {
+        self.status == 0 && self.end == BodyEnd::Dropped
+    }
+
     /// Who asked and where it went.
     pub fn meta(&self) -> &ExchangeMeta {
         &self.meta
@@ -188,15 +194,12 @@ impl PendingTrace {
 
     /// Whether the exchange failed in a way that is the serving side's fault: a 5xx (including
     /// Forge's own 502/504); a 401, 403, 404 or 429, which say the deployment or adapter is gone,
-    /// refuses Forge's key or is out of capacity (a 400 or 413 is the request's own fault); no
-    /// answer at all before the client gave up (a hung model must not pass for a healthy one
-    /// because its clients time out first); a body that broke; or a stream that ended on an
-    /// `error` event (the upstream's, or the one Forge sends when the upstream breaks or stalls
-    /// mid-stream, after which the client sees a clean end). What the canary guard counts as an
-    /// error.
+    /// refuses Forge's key or is out of capacity (a 400 or 413 is the request's own fault); a
+    /// body that broke; or a stream that ended on an `error` event (the upstream's, or the one
+    /// Forge sends when the upstream breaks or stalls mid-stream, after which the client sees a
+    /// clean end). What the canary guard counts as an error.
     pub fn failed_upstream(&self) -> bool {
-        self.status == 0
-            || self.status >= 500
+        self.status >= 500
             || matches!(self.status, 401 | 403 | 404 | 429)
             || self.end == BodyEnd::Failed
             || (self.is_sse && !self.over_cap && last_event_is_error(&self.body))
@@ -357,16 +360,20 @@ fn redact_response(redactor: &Redactor, response: &mut FinalResponse) {
             *s = clean;
         }
     };
-    // What the model writes may have been cut mid-key (at `max_tokens`, a client that left, a
-    // broken stream, the capture cap).
-    let fix_written = |s: &mut String| {
-        fix(s);
-        if let Some(clean) = redactor.redact_cut_key(s) {
-            *s = clean;
-        }
-    };
     response.model.iter_mut().for_each(fix);
     for choice in &mut response.choices {
+        // An answer that did not end as the model chose (at `max_tokens`, a client that left, a
+        // broken stream, the capture cap) may have been cut mid-key.
+        let cut = !matches!(
+            choice.finish_reason.as_deref(),
+            Some("stop" | "tool_calls" | "function_call")
+        );
+        let fix_written = |s: &mut String| {
+            fix(s);
+            if cut && let Some(clean) = redactor.redact_cut_key(s) {
+                *s = clean;
+            }
+        };
         choice.finish_reason.iter_mut().for_each(fix);
         let m = &mut choice.message;
         m.content.iter_mut().for_each(fix_written);
@@ -469,15 +476,17 @@ mod tests {
     }
 
     #[test]
-    fn a_client_that_gave_up_before_any_answer_counts_as_a_failure() {
+    fn a_client_that_gave_up_before_any_answer_is_unanswered_not_failed() {
         let session =
             || CaptureSession::new(Ticket::untracked(), meta(false), Bytes::new(), 1 << 20);
-        assert!(session().finish(BodyEnd::Dropped).failed_upstream());
+        let gone = session().finish(BodyEnd::Dropped);
+        assert!(gone.unanswered() && !gone.failed_upstream());
         // Answered, then the client left: the serving side did its part.
         let mut answered = session();
         answered.on_response(200, false);
         answered.on_chunk(b"{\"id\":");
-        assert!(!answered.finish(BodyEnd::Dropped).failed_upstream());
+        let answered = answered.finish(BodyEnd::Dropped);
+        assert!(!answered.unanswered() && !answered.failed_upstream());
     }
 
     #[test]
@@ -526,6 +535,8 @@ mod tests {
                 r#"{{"choices":[{{"index":1,"delta":{{"tool_calls":[{{"index":0,"id":"c","type":"function","function":{{"name":"f","arguments":"{{\"token\": \"{cut}"}}}}]}}}}]}}"#
             ),
             r#"{"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}"#.to_string(),
+            // An answer the model ended itself was not cut: its last word is its own.
+            r#"{"choices":[{"index":2,"delta":{"content":"Sign it xoxb-12345678"},"finish_reason":"stop"}]}"#.to_string(),
         ];
         for event in events {
             session.on_chunk(format!("data: {event}\n\n").as_bytes());
@@ -543,6 +554,10 @@ mod tests {
         assert_eq!(
             choices[1].message.tool_calls[0].function.arguments,
             r#"{"token": "[REDACTED:github_token]"#
+        );
+        assert_eq!(
+            choices[2].message.content.as_deref(),
+            Some("Sign it xoxb-12345678")
         );
     }
 

@@ -327,6 +327,40 @@ async fn durable_end_is_cut_short_when_its_commit_fails() {
     assert!(error.is::<NotStored>(), "{error}");
 }
 
+/// A durable sink whose commits have failed already (its writer stopped, say).
+#[derive(Clone, Default)]
+struct Refusing;
+
+impl TraceSink for Refusing {
+    fn submit(&self, _trace: PendingTrace) -> Option<DurableAck> {
+        Some(Box::pin(std::future::ready(false)))
+    }
+}
+
+#[tokio::test]
+async fn durable_end_is_cut_short_when_its_commit_failed_at_once() {
+    for shape in ["sized", "chunked"] {
+        let frames: Frames = vec![
+            Ok(Frame::data(Bytes::from_static(b"{\"a\":"))),
+            Ok(Frame::data(Bytes::from_static(b"1}"))),
+        ];
+        let inner = if shape == "sized" {
+            http_body_util::combinators::UnsyncBoxBody::new(
+                Full::new(Bytes::from_static(b"{\"a\":1}")).map_err(
+                    |never: std::convert::Infallible| -> std::io::Error { match never {} },
+                ),
+            )
+        } else {
+            http_body_util::combinators::UnsyncBoxBody::new(streamed(frames))
+        };
+        let error = CaptureBody::new(inner, session(), Refusing)
+            .collect()
+            .await
+            .expect_err(shape);
+        assert!(error.is::<NotStored>(), "{shape}: {error}");
+    }
+}
+
 #[tokio::test]
 async fn a_request_dropped_before_the_response_head_is_one_cancelled_trace() {
     // The client left (or shutdown cut it off) while the upstream had not answered yet.

@@ -209,6 +209,15 @@ impl Guard {
         }
     }
 
+    /// Records one exchange of `model` on `alias` whose client gave up before any answer came,
+    /// after waiting `latency_us`.
+    pub fn record_unanswered(&self, alias: &str, model: &str, kind: ResponseKind, latency_us: u64) {
+        let mut state = self.lock();
+        if let Some(stats) = route_stats(&mut state, alias) {
+            stats.for_windows_of(model, |w| w.record_unanswered(kind, latency_us));
+        }
+    }
+
     /// Records a feedback score for an exchange of `model` on `alias` that began at
     /// `exchange_ms` (Unix milliseconds). Feedback on an exchange from before the current step
     /// is left out: scores on old traces (given to make them golden, say) would otherwise judge
@@ -473,17 +482,35 @@ impl Guard {
     fn judge(&self, student: &ArmWindow, teacher: &ArmWindow) -> Result<String, String> {
         let mut failed = Vec::new();
         let mut notes = Vec::new();
-        let success = student.success_rate().unwrap_or(0.0);
-        notes.push(format!(
-            "success {:.2}% over {} requests",
-            success * 100.0,
-            student.requests
-        ));
-        if success < self.config.min_success_rate {
-            failed.push(format!(
-                "success {:.2}% < {:.2}%",
+        if let Some(success) = student.success_rate() {
+            notes.push(format!(
+                "success {:.2}% over {} answered requests",
                 success * 100.0,
-                self.config.min_success_rate * 100.0
+                student.requests - student.unanswered
+            ));
+            if success < self.config.min_success_rate {
+                failed.push(format!(
+                    "success {:.2}% < {:.2}%",
+                    success * 100.0,
+                    self.config.min_success_rate * 100.0
+                ));
+            }
+        }
+        // Clients that gave up before any answer. A hung student fails no request: its clients
+        // time out first. But a teacher's clients leave early too (a user's stop, an SDK
+        // timeout shorter than a long answer), so the student is judged against the teacher's
+        // share, with the success gate's tolerance and three standard errors of the student's
+        // sample on top, so that a healthy student is not rolled back for chance.
+        let (gone, teacher_gone) = (student.unanswered_rate(), teacher.unanswered_rate());
+        let noise =
+            3.0 * (teacher_gone * (1.0 - teacher_gone) / student.requests.max(1) as f64).sqrt();
+        let allowed = teacher_gone + (1.0 - self.config.min_success_rate) + noise;
+        if gone > allowed {
+            failed.push(format!(
+                "{:.2}% of its clients gave up before an answer, against the teacher's {:.2}% ({:.2}% allowed)",
+                gone * 100.0,
+                teacher_gone * 100.0,
+                allowed * 100.0
             ));
         }
         // The teacher's p99 as it would be with the student's mix of streams and JSON answers:

@@ -32,6 +32,42 @@ fn traffic(guard: &Guard, student_errors_every: Option<u64>) {
     }
 }
 
+/// One check of a student after 100 exchanges on each arm, of which the teacher's and the
+/// student's clients gave up on `teacher_gone` and `student_gone` before any answer.
+async fn judged_with_unanswered(teacher_gone: u64, student_gone: u64) -> GuardEvent {
+    let guard = Guard::new(config());
+    assert!(guard.check(&table(10.0), 0).is_empty());
+    tokio::time::advance(Duration::from_secs(11)).await;
+    for i in 0..100 {
+        for (model, gone) in [("teacher", teacher_gone), ("student", student_gone)] {
+            if i < gone {
+                guard.record_unanswered("a", model, ResponseKind::Json, 30_000_000);
+            } else {
+                guard.record("a", model, ResponseKind::Json, 1000, false);
+            }
+        }
+    }
+    guard.check(&table(10.0), 0);
+    guard.events().pop().unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn clients_that_give_up_count_against_a_student_only_beyond_the_teacher_s_share() {
+    // A hung student: every client gives up first, and no request ever fails.
+    let hung = judged_with_unanswered(0, 100).await;
+    assert_eq!(hung.kind, EventKind::FailedCheck, "{hung:?}");
+    assert!(
+        hung.detail.contains("100.00% of its clients gave up"),
+        "{hung:?}"
+    );
+    // Impatient users leave both arms alike: no reason to roll the student back.
+    let impatient = judged_with_unanswered(5, 6).await;
+    assert_eq!(impatient.kind, EventKind::SteppedUp, "{impatient:?}");
+    // Well beyond the teacher's share, and beyond chance in 100 exchanges.
+    let worse = judged_with_unanswered(5, 20).await;
+    assert_eq!(worse.kind, EventKind::FailedCheck, "{worse:?}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn healthy_student_climbs_the_plan_to_promotion() {
     let guard = Guard::new(config());

@@ -55,6 +55,9 @@ pub struct ArmWindow {
     pub requests: u64,
     /// Of those, upstream 5xx, gateway timeouts and broken bodies.
     pub errors: u64,
+    /// Of those, exchanges whose client gave up before any answer came: neither a success nor
+    /// an error, since the arm had not answered yet.
+    pub unanswered: u64,
     /// Latencies by [`ResponseKind`]: JSON, then stream.
     latencies: [Reservoir; 2],
     feedback_sum: f64,
@@ -87,15 +90,28 @@ impl ArmWindow {
         self.latencies[kind as usize].add(latency_us);
     }
 
+    /// Records one exchange whose client gave up before any answer came; its latency is how
+    /// long the client waited.
+    pub fn record_unanswered(&mut self, kind: ResponseKind, latency_us: u64) {
+        self.record(kind, latency_us, false);
+        self.unanswered += 1;
+    }
+
     /// Records a feedback score (0–100).
     pub fn record_feedback(&mut self, score: f64) {
         self.feedback_sum += score;
         self.feedback_n += 1;
     }
 
-    /// The share of exchanges that did not fail; `None` with no traffic.
+    /// The share of answered exchanges that did not fail; `None` with none answered.
     pub fn success_rate(&self) -> Option<f64> {
-        (self.requests > 0).then(|| 1.0 - self.errors as f64 / self.requests as f64)
+        let answered = self.requests - self.unanswered;
+        (answered > 0).then(|| 1.0 - self.errors as f64 / answered as f64)
+    }
+
+    /// The share of exchanges whose client gave up before any answer; 0 with no traffic.
+    pub fn unanswered_rate(&self) -> f64 {
+        self.unanswered as f64 / self.requests.max(1) as f64
     }
 
     /// This window's own mix of JSON and stream responses.
@@ -172,6 +188,12 @@ mod tests {
         }
         assert_eq!(w.success_rate(), Some(0.95));
         assert_eq!(w.p99_us(), Some(99_000));
+        // Unanswered exchanges count apart: they leave the success rate as it was.
+        for _ in 0..25 {
+            w.record_unanswered(ResponseKind::Json, 500);
+        }
+        assert_eq!(w.success_rate(), Some(0.95));
+        assert_eq!(w.unanswered_rate(), 0.2);
         w.record_feedback(80.0);
         w.record_feedback(90.0);
         assert_eq!(w.mean_feedback(), Some(85.0));

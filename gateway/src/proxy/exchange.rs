@@ -107,13 +107,17 @@ impl TraceSink for Sink {
             } else {
                 ResponseKind::Json
             };
-            guard.record(
-                &meta.alias,
-                &meta.model,
-                kind,
-                trace.latency_us(),
-                trace.failed_upstream(),
-            );
+            if trace.unanswered() {
+                guard.record_unanswered(&meta.alias, &meta.model, kind, trace.latency_us());
+            } else {
+                guard.record(
+                    &meta.alias,
+                    &meta.model,
+                    kind,
+                    trace.latency_us(),
+                    trace.failed_upstream(),
+                );
+            }
         }
         self.0.writer.as_ref().and_then(|w| w.submit(trace))
     }
