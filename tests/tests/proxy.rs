@@ -855,14 +855,24 @@ async fn upstream_redirects_are_never_followed() {
         assert_eq!(status, 502, "stream {stream}");
         assert_eq!(err["error"]["code"], "upstream_redirect");
     }
-    let passthrough = http
+    // Other paths: a request with content (a prompt to embed) must not be sent on by a client
+    // that follows redirects, so the redirect is an error as for chat; one without content
+    // passes through as it is, the redirect included, but unfollowed.
+    let with_content = http
         .post(format!("{}/embeddings", gw.base_url()))
         .json(&json!({"model": "a", "input": "hi"}))
         .send()
         .await
         .unwrap();
-    // Other paths pass through as they are, the redirect included, but unfollowed.
-    assert_eq!(passthrough.status(), 307);
+    let (status, err) = error_of(with_content).await;
+    assert_eq!(status, 502);
+    assert_eq!(err["error"]["code"], "upstream_redirect");
+    let without = http
+        .get(format!("{}/embeddings", gw.base_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(without.status(), 307);
     // Not one request, so not the upstream's key either, went where the redirect pointed.
     assert_eq!(attacker.request_count(), 0);
     gw.shutdown().await;
@@ -1137,6 +1147,38 @@ async fn account_apis_are_not_passed_through_unless_allowed() {
                     .unwrap(),
             );
         }
+        // The same APIs in another case, for upstreams whose routers ignore it.
+        let mut cased = Vec::new();
+        for path in [
+            "Files",
+            "FILES/file-x/content",
+            "chat/Completions/chatcmpl-x",
+        ] {
+            cased.push(
+                http.get(format!("{}/{path}", gw.base_url()))
+                    .send()
+                    .await
+                    .unwrap(),
+            );
+        }
+        // Forge's own routes in another case would reach the upstream past routing and capture.
+        for path in ["Chat/Completions", "Models"] {
+            let resp = http
+                .post(format!("{}/{path}", gw.base_url()))
+                .json(&chat_body("a", "hi", false))
+                .send()
+                .await
+                .unwrap();
+            let (status, err) = error_of(resp).await;
+            assert_eq!(status, 400, "{path}: {err}");
+            assert!(
+                err["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("another case"),
+                "{err}"
+            );
+        }
         // Together's fine-tuning jobs, their weights, and its billed dedicated endpoints.
         let mut together = Vec::new();
         for path in ["fine-tunes", "finetune/download?ft_id=ft-x", "endpoints"] {
@@ -1158,6 +1200,7 @@ async fn account_apis_are_not_passed_through_unless_allowed() {
         ]
         .into_iter()
         .chain(by_id)
+        .chain(cased)
         .chain(together);
         if allowed {
             assert_eq!(files.status(), 200);

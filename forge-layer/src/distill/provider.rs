@@ -27,7 +27,7 @@ pub struct Hyperparameters {
 }
 
 /// One training run to start.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct TrainingRequest {
     /// Forge's job id; providers use it to name what they create (idempotency, tracing).
     pub job_id: String,
@@ -44,6 +44,24 @@ pub struct TrainingRequest {
     /// Where a remote trainer (a Kubernetes Job) can download the training file from Forge,
     /// and the bearer token that URL needs.
     pub dataset_url: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for TrainingRequest {
+    /// Without the dataset's token: it opens the job's dataset, every client's traces.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrainingRequest")
+            .field("job_id", &self.job_id)
+            .field("train_file", &self.train_file)
+            .field("validation_file", &self.validation_file)
+            .field("base_model", &self.base_model)
+            .field("suffix", &self.suffix)
+            .field("hyperparameters", &self.hyperparameters)
+            .field(
+                "dataset_url",
+                &self.dataset_url.as_ref().map(|(url, _)| (url, "[token]")),
+            )
+            .finish()
+    }
 }
 
 /// What a provider returns once a run is accepted.
@@ -292,6 +310,27 @@ pub fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_training_request_s_debug_leaves_out_the_dataset_token() {
+        let request = TrainingRequest {
+            job_id: "job-1".into(),
+            train_file: "train.jsonl".into(),
+            validation_file: None,
+            base_model: "m".into(),
+            suffix: None,
+            hyperparameters: Hyperparameters::default(),
+            dataset_url: Some((
+                "http://forge:8081/admin/datasets/job-1.jsonl".into(),
+                "tok-secret-123".into(),
+            )),
+        };
+        let shown = format!("{request:?}");
+        assert!(
+            shown.contains("job-1.jsonl") && !shown.contains("tok-secret-123"),
+            "{shown}"
+        );
+    }
 
     fn wait(name: &'static str, value: &'static str) -> Option<Duration> {
         let mut headers = http::HeaderMap::new();

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, Method, header};
+use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
 
 use super::ProxyState;
@@ -27,6 +27,12 @@ async fn send(state: &ProxyState, request: Request) -> Result<Response, Error> {
     };
     let (parts, body) = request.into_parts();
     check_path(parts.uri.path())?;
+    if let Some(own) = own_route_in_another_case(parts.uri.path()) {
+        return Err(Error::invalid(
+            format!("The request path is Forge's own `{own}` in another case; send it as `{own}`."),
+            None,
+        ));
+    }
     if !state.passthrough_account_apis && is_account_api(parts.uri.path()) {
         return Err(Error::AccountApi(format!(
             "{} {}",
@@ -54,6 +60,19 @@ async fn send(state: &ProxyState, request: Request) -> Result<Response, Error> {
     strip_hop_by_hop(&mut headers);
     headers.remove(header::HOST);
     headers.remove(header::ACCEPT_ENCODING);
+    // The body is read whole already; what a client says of its own address is its word alone;
+    // the sticky key is for Forge's router.
+    for name in [
+        header::EXPECT,
+        header::FORWARDED,
+        HeaderName::from_static("x-forwarded-for"),
+        HeaderName::from_static("x-forwarded-host"),
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderName::from_static("x-real-ip"),
+        HeaderName::from_static(super::chat::STICKY_HEADER),
+    ] {
+        headers.remove(name);
+    }
     // The length of what is sent, which the body limit may have checked against a declared one.
     // A bodyless POST keeps its `Content-Length: 0`: strict servers answer 411 without one.
     if bytes.is_empty() && !matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
@@ -61,7 +80,16 @@ async fn send(state: &ProxyState, request: Request) -> Result<Response, Error> {
     } else {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
     }
+    let sends_content =
+        !bytes.is_empty() || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
     let response = upstream.send(parts.method, suffix, headers, bytes).await?;
+    // A redirect passed on would have the client send its content (a prompt, a document)
+    // wherever it points, with the SDKs that follow a 307 or 308: as for chat, it is an error.
+    // One for a request without content (a download sent to storage, say) is passed on.
+    let status = response.status();
+    if sends_content && status.is_redirection() && status != http::StatusCode::NOT_MODIFIED {
+        return Err(Error::UpstreamRedirect);
+    }
     Ok(response.map(Body::new))
 }
 
@@ -126,15 +154,35 @@ const ACCOUNT_APIS: [&str; 19] = [
 const RESPONSE_COMPUTATIONS: [&str; 3] =
     ["responses", "responses/input_tokens", "responses/compact"];
 
+/// The part of a passthrough path after `/v1/`, in lower case: the API it names is compared so,
+/// since some upstreams' routers ignore case (ASP.NET's, as Azure's may; Express's by
+/// default), and `/v1/Files` must not slip past what `/v1/files` may not do.
+fn api_path(path: &str) -> String {
+    path.strip_prefix("/v1/").unwrap_or("").to_ascii_lowercase()
+}
+
+/// Forge's own `/v1` route that `path` names in another case, if any: such a request would
+/// reach the upstream past routing and capture (a chat completion), or list the account's own
+/// models.
+fn own_route_in_another_case(path: &str) -> Option<&'static str> {
+    let rest = api_path(path);
+    match rest.split('/').next() {
+        _ if rest == "chat/completions" => Some("/v1/chat/completions"),
+        Some("feedback") => Some("/v1/feedback"),
+        Some("models") => Some("/v1/models"),
+        _ => None,
+    }
+}
+
 /// Whether a passthrough request acts on the account rather than asking for a computation.
 /// Stored chat completions and responses, by id, are the account's too: what it kept of every
 /// client's exchanges. (`POST /v1/chat/completions` is routed before the passthrough.)
 fn is_account_api(path: &str) -> bool {
-    let rest = path.strip_prefix("/v1/").unwrap_or("");
+    let rest = api_path(path);
     let first = rest.split('/').next().unwrap_or("");
     ACCOUNT_APIS.contains(&first)
         || rest.starts_with("chat/completions/")
-        || (first == "responses" && !RESPONSE_COMPUTATIONS.contains(&rest))
+        || (first == "responses" && !RESPONSE_COMPUTATIONS.contains(&rest.as_str()))
 }
 
 /// The field by which a Responses API computation would build on state the account stored:
@@ -143,10 +191,7 @@ fn is_account_api(path: &str) -> bool {
 /// item, a file, a vector store, a container). The body is read strictly (a JSON object, no key
 /// twice, no byte order mark), since the upstream's parser might find a field this one missed.
 fn reads_stored_state(path: &str, body: &[u8]) -> Result<Option<&'static str>, Error> {
-    let Some(rest) = path.strip_prefix("/v1/") else {
-        return Ok(None);
-    };
-    if !RESPONSE_COMPUTATIONS.contains(&rest) {
+    if !RESPONSE_COMPUTATIONS.contains(&api_path(path).as_str()) {
         return Ok(None);
     }
     let entries = super::request::top_level(body)?;
@@ -185,7 +230,38 @@ fn encodes_unreserved(segment: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::check_path;
+    use super::{check_path, is_account_api, own_route_in_another_case, reads_stored_state};
+
+    #[test]
+    fn an_api_is_the_same_api_in_any_case() {
+        for path in [
+            "/v1/Files",
+            "/v1/FILES/file-AbC/content",
+            "/v1/Fine_Tuning/jobs",
+            "/v1/chat/COMPLETIONS/chatcmpl-x",
+            "/v1/Responses/resp_x",
+        ] {
+            assert!(is_account_api(path), "{path}");
+        }
+        // A computation keeps its ids' case, and is checked as the lower-case one is.
+        assert!(!is_account_api("/v1/Embeddings"));
+        let continued = br#"{"model":"a","input":"x","previous_response_id":"resp_x"}"#;
+        assert!(
+            reads_stored_state("/v1/Responses", continued)
+                .unwrap()
+                .is_some()
+        );
+        for (path, own) in [
+            ("/v1/Chat/Completions", Some("/v1/chat/completions")),
+            ("/v1/Models", Some("/v1/models")),
+            ("/v1/MODELS/gpt-4o", Some("/v1/models")),
+            ("/v1/Feedback", Some("/v1/feedback")),
+            ("/v1/chat/completions/chatcmpl-x", None),
+            ("/v1/embeddings", None),
+        ] {
+            assert_eq!(own_route_in_another_case(path), own, "{path}");
+        }
+    }
 
     #[test]
     fn paths_that_could_be_read_two_ways_are_refused() {

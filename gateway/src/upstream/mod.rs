@@ -400,6 +400,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
+    // A message framed by `Transfer-Encoding` has no length of its own (RFC 9112 §6.3): a
+    // `Content-Length` beside it, passed on, would frame the body anew, cut or short.
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     for name in [
         header::CONNECTION,
         header::TRANSFER_ENCODING,
@@ -651,6 +656,28 @@ mod tests {
             send(&upstream).await.unwrap(),
             http::StatusCode::IM_A_TEAPOT
         );
+    }
+
+    #[tokio::test]
+    async fn a_chunked_answer_with_a_length_too_is_passed_on_without_the_length() {
+        // Both framings: the chunks win, and the length must not frame the body anew for the
+        // client (it would cut it to 4 bytes here).
+        let addr = server(Some(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\ncontent-length: 4\r\n\r\nb\r\n{\"ok\":true}\r\n0\r\n\r\n",
+        ))
+        .await;
+        let upstream = upstream(format!("http://{addr}/v1"), Duration::from_secs(5));
+        let response = upstream
+            .send(Method::POST, CHAT_PATH, HeaderMap::new(), Bytes::new())
+            .await
+            .unwrap();
+        assert!(
+            !response.headers().contains_key(header::CONTENT_LENGTH),
+            "{:?}",
+            response.headers()
+        );
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body.as_ref(), b"{\"ok\":true}");
     }
 
     #[test]
