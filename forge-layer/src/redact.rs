@@ -986,23 +986,42 @@ fn cut_key_at(view: &str) -> Option<(Kind, usize)> {
         return None;
     }
     let before = &view[..start];
-    let quoted = |c: char| matches!(c, ' ' | '\t' | '"' | '\'');
     let spaced = before.trim_end_matches([' ', '\t']);
-    // A token is random: a digit, or both cases (`Bearer authentication` is prose).
-    let random = token.iter().any(u8::is_ascii_digit)
-        || (token.iter().any(u8::is_ascii_uppercase) && token.iter().any(u8::is_ascii_lowercase));
+    // A token is random: a digit, or a capital past its first letter (`Bearer Authentication`
+    // is prose).
+    let random =
+        token.iter().any(u8::is_ascii_digit) || token.iter().skip(1).any(u8::is_ascii_uppercase);
     if spaced.len() < before.len()
         && random
         && let Some(at) = ends_with_word(spaced, "bearer")
     {
         return Some((Kind::BearerToken, at));
     }
-    let value = before.trim_end_matches(quoted).strip_suffix([':', '='])?;
-    let at = ends_with_word(value.trim_end_matches(quoted), "aws_secret_access_key")?;
-    let base64 = token
-        .iter()
-        .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'+' | b'='));
-    base64.then_some((Kind::AwsKey, at))
+    // The label before the token (`aws_secret_access_key = "…`), or in it (`KEY=…`: `=` is
+    // one of a token's characters).
+    let in_token = token.iter().position(|&b| b == b'=').map(|i| start + i + 1);
+    [Some(start), in_token]
+        .into_iter()
+        .flatten()
+        .find_map(|value| aws_secret_from(view, value))
+        .map(|at| (Kind::AwsKey, at))
+}
+
+/// Where the `aws_secret_access_key` label begins, if the text before `value` (a byte offset in
+/// `view`) ends with it and a `:` or `=`, with spaces and quotes around them, and what follows
+/// is at least [`CUT_KEY_MIN`] of a secret key's base64 characters to the end.
+fn aws_secret_from(view: &str, value: usize) -> Option<usize> {
+    let quoted = |c: char| matches!(c, ' ' | '\t' | '"' | '\'');
+    let secret = &view.as_bytes()[value..];
+    let base64 = secret.len() >= CUT_KEY_MIN
+        && secret
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'+' | b'='));
+    let label = view[..value]
+        .trim_end_matches(quoted)
+        .strip_suffix([':', '='])?;
+    let at = ends_with_word(label.trim_end_matches(quoted), "aws_secret_access_key")?;
+    base64.then_some(at)
 }
 
 /// Where `word` (any case) begins, if `text` ends with it at a word's start.
@@ -1073,7 +1092,7 @@ fn cut_key_in(token: &[u8]) -> Option<(Kind, usize)> {
                 let shaped = match kind {
                     Kind::Jwt => tail.contains(&b'.'),
                     // Slack's tokens go on with a team id's digits (`xoxo-Sam…` is a letter's end).
-                    Kind::SlackToken => tail[0].is_ascii_digit(),
+                    Kind::SlackToken => tail.first().is_some_and(u8::is_ascii_digit),
                     _ => true,
                 };
                 (whole && shaped).then_some((kind, at))
@@ -1472,6 +1491,11 @@ mod tests {
                 "aws_key",
             ),
             (
+                "export AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG".into(),
+                "export ",
+                "aws_key",
+            ),
+            (
                 r#"{\"AWS_SECRET_ACCESS_KEY\": \"wJalrXUtnFEMI/K7MDENG"#.into(),
                 r#"{\""#,
                 "aws_key",
@@ -1493,6 +1517,9 @@ mod tests {
             "a bearer of bad news".into(),
             "The API expects Bearer authentication.".into(),
             "with love, xoxo-Samantha".into(),
+            "tokens start with xoxb-".into(),
+            "see xoxp-".into(),
+            "send Bearer Authentication.".into(),
             "aws_secret_access_key is the second half".into(),
             "mobearer 12345678abc".into(),
             "ends with [REDACTED:openai_key]".into(),

@@ -116,6 +116,7 @@ struct RawCapture {
     cache_mb: usize,
     idle_priority: bool,
     retention_days: f64,
+    durable_wait_secs: f64,
 }
 
 impl Default for RawCapture {
@@ -135,6 +136,7 @@ impl Default for RawCapture {
             cache_mb: forge_layer::store::DEFAULT_CACHE_BYTES / (1024 * 1024),
             idle_priority: writer.idle_priority,
             retention_days: 0.0,
+            durable_wait_secs: writer.durable_wait.as_secs_f64(),
         }
     }
 }
@@ -786,6 +788,9 @@ const MAX_INTERVAL_SECS: f64 = 7.0 * 86_400.0;
 /// that wants only the shutdown flush to store traces uses ten minutes).
 const MAX_FLUSH_INTERVAL_MS: u64 = 3_600_000;
 
+/// The longest `capture.durable_wait_secs`: an hour.
+const MAX_DURABLE_WAIT_SECS: f64 = 3600.0;
+
 /// The largest `capture.queue_mb`: just under 4 GiB.
 const MAX_QUEUE_MB: usize = 4095;
 /// The most requests served at once, and the most traces waiting for the writer: far above
@@ -817,6 +822,11 @@ fn validate_capture(raw: RawCapture) -> Result<Option<CaptureConfig>, ConfigErro
     if raw.flush_interval_ms > MAX_FLUSH_INTERVAL_MS {
         return Err(invalid(format!(
             "capture.flush_interval_ms must be from 0 to {MAX_FLUSH_INTERVAL_MS} (an hour)"
+        )));
+    }
+    if !(0.001..=MAX_DURABLE_WAIT_SECS).contains(&raw.durable_wait_secs) {
+        return Err(invalid(format!(
+            "capture.durable_wait_secs must be from 0.001 to {MAX_DURABLE_WAIT_SECS} (an hour)"
         )));
     }
     // The budget is counted in a u32 of bytes.
@@ -860,6 +870,7 @@ fn validate_capture(raw: RawCapture) -> Result<Option<CaptureConfig>, ConfigErro
             redactor: forge_layer::redact::Redactor::with_pii(&pii),
             max_event_bytes: raw.max_event_bytes,
             idle_priority: raw.idle_priority,
+            durable_wait: Duration::from_secs_f64(raw.durable_wait_secs),
         },
     }))
 }
@@ -1373,6 +1384,14 @@ mod tests {
                 format!("[capture]\nqueue_mb = 4096\n{up}"),
                 "capture.queue_mb must be from 1 to 4095",
             ),
+            (
+                format!("[capture]\ndurable_wait_secs = 0\n{up}"),
+                "capture.durable_wait_secs must be from 0.001 to 3600",
+            ),
+            (
+                format!("[capture]\ndurable_wait_secs = 3601\n{up}"),
+                "capture.durable_wait_secs must be from 0.001 to 3600",
+            ),
         ];
         for (text, needle) in cases {
             let err = Config::from_toml(&text).unwrap_err().to_string();
@@ -1431,6 +1450,7 @@ max_event_bytes = 1048576
 cache_mb = 128
 idle_priority = true
 retention_days = 30.0
+durable_wait_secs = 30.0
 
 [guard]
 enabled = true

@@ -945,6 +945,38 @@ async fn other_v1_paths_pass_through_to_the_upstream() {
         "{:?}",
         cancel.headers
     );
+    // What a client says of its address, of the path or method it meant, and its sticky key
+    // stay here; its own headers of the request pass.
+    let seen = sim.request_count();
+    let mut asked = http.get(format!("{}/files", gw.base_url()));
+    for name in [
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-prefix",
+        "x-real-ip",
+        "x-original-url",
+        "x-http-method-override",
+        "x-forge-sticky-key",
+    ] {
+        asked = asked.header(name, "/v1/elsewhere");
+    }
+    asked.header("x-app-trace", "kept").send().await.unwrap();
+    let forwarded = &sim.requests()[seen];
+    assert_eq!(forwarded.header("x-app-trace"), Some("kept"));
+    for (name, _) in &forwarded.headers {
+        assert!(
+            !(name.starts_with("x-forwarded")
+                || [
+                    "forwarded",
+                    "x-real-ip",
+                    "x-original-url",
+                    "x-http-method-override",
+                    "x-forge-sticky-key"
+                ]
+                .contains(&name.as_str())),
+            "{name} was forwarded"
+        );
+    }
     // Paths a server on the way could read as another path (with Forge's key attached), or
     // that would slip the chat endpoint past routing and capture, never leave.
     let seen = sim.request_count();

@@ -209,12 +209,11 @@ impl Guard {
         }
     }
 
-    /// Records one exchange of `model` on `alias` whose client gave up before any answer came,
-    /// after waiting `latency_us`.
-    pub fn record_unanswered(&self, alias: &str, model: &str, kind: ResponseKind, latency_us: u64) {
+    /// Records one exchange of `model` on `alias` whose client gave up before any answer came.
+    pub fn record_unanswered(&self, alias: &str, model: &str) {
         let mut state = self.lock();
         if let Some(stats) = route_stats(&mut state, alias) {
-            stats.for_windows_of(model, |w| w.record_unanswered(kind, latency_us));
+            stats.for_windows_of(model, ArmWindow::record_unanswered);
         }
     }
 
@@ -499,11 +498,18 @@ impl Guard {
         // Clients that gave up before any answer. A hung student fails no request: its clients
         // time out first. But a teacher's clients leave early too (a user's stop, an SDK
         // timeout shorter than a long answer), so the student is judged against the teacher's
-        // share, with the success gate's tolerance and three standard errors of the student's
-        // sample on top, so that a healthy student is not rolled back for chance.
+        // share: it may exceed it by the success gate's tolerance, plus two standard errors of
+        // the difference of the two shares, so that a healthy student is not rolled back for
+        // chance. The pooled share is floored at one exchange in both samples: none seen on
+        // either side is no proof of none at all.
         let (gone, teacher_gone) = (student.unanswered_rate(), teacher.unanswered_rate());
-        let noise =
-            3.0 * (teacher_gone * (1.0 - teacher_gone) / student.requests.max(1) as f64).sqrt();
+        let (n_student, n_teacher) = (
+            student.requests.max(1) as f64,
+            teacher.requests.max(1) as f64,
+        );
+        let pooled = ((student.unanswered + teacher.unanswered) as f64 / (n_student + n_teacher))
+            .max(1.0 / (n_student + n_teacher));
+        let noise = 2.0 * (pooled * (1.0 - pooled) * (1.0 / n_student + 1.0 / n_teacher)).sqrt();
         let allowed = teacher_gone + (1.0 - self.config.min_success_rate) + noise;
         if gone > allowed {
             failed.push(format!(

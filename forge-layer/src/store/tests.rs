@@ -306,6 +306,30 @@ async fn dropped_durable_wait_counts_as_dropped() {
 }
 
 #[tokio::test]
+async fn a_durable_wait_past_its_bound_fails_and_the_trace_is_still_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_dir(dir.path()).unwrap();
+    let stall = store.hold_write_lock().unwrap();
+    let config = WriterConfig {
+        mode: CaptureMode::Durable,
+        durable_wait: Duration::from_millis(100),
+        ..Default::default()
+    };
+    let (writer, task) = TraceWriter::start(store.clone(), config);
+    let counters = writer.counters_handle();
+    let ack = writer.submit(pending("stalled")).unwrap();
+    // The store is held: only the bound can end the wait, and it ends it as a failure.
+    let waited = tokio::time::timeout(Duration::from_secs(60), ack).await;
+    assert_eq!(waited, Ok(false), "a wait past the bound is not a commit");
+    drop(stall);
+    drop(writer);
+    task.join().await;
+    let c = counters.snapshot();
+    assert_eq!((c.eligible, c.captured), (1, 1), "{c:?}");
+    assert_eq!(store.trace_count().unwrap(), 1);
+}
+
+#[tokio::test]
 async fn feedback_batches_are_all_or_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open_dir(dir.path()).unwrap();

@@ -67,6 +67,12 @@ pub struct WriterConfig {
     /// `store/lanes.rs`), and commit on another, lifted to the normal class when a commit must
     /// not wait (see `store/commit_lane.rs`). Off: on tokio's blocking pool, at normal priority.
     pub idle_priority: bool,
+    /// In `durable` mode, the longest a response's end waits for the commit of its trace (and
+    /// first, when the queue is full, for room in it); past it the wait counts as a failed
+    /// commit, and the response is cut short. A stalled disk would otherwise hold every
+    /// response, and the in-flight slots with them, for good. A trace already queued is still
+    /// written.
+    pub durable_wait: Duration,
 }
 
 impl Default for WriterConfig {
@@ -83,6 +89,7 @@ impl Default for WriterConfig {
             redactor: Redactor::default(),
             max_event_bytes: 1 << 20,
             idle_priority: true,
+            durable_wait: Duration::from_secs(30),
         }
     }
 }
@@ -226,6 +233,7 @@ pub struct TraceWriter {
     tx: mpsc::Sender<Job>,
     counters: Arc<CaptureCounters>,
     mode: CaptureMode,
+    durable_wait: Duration,
     unsettled: Arc<Unsettled>,
 }
 
@@ -259,6 +267,7 @@ impl TraceWriter {
             tx,
             counters: Arc::clone(&counters),
             mode: config.mode,
+            durable_wait: config.durable_wait,
             unsettled: Arc::clone(store.unsettled()),
         };
         let task = tokio::spawn(run(store, config, rx, counters));
@@ -306,9 +315,7 @@ impl TraceWriter {
         let waiting = match Arc::clone(&self.counters.room).try_acquire_many_owned(need) {
             Ok(room) => match self.tx.try_send(Job { trace, ack, room }) {
                 Ok(()) => {
-                    return done.map(|rx| {
-                        Box::pin(async move { rx.await.unwrap_or(false) }) as DurableAck
-                    });
+                    return done.map(|rx| self.bounded(async move { rx.await.unwrap_or(false) }));
                 }
                 Err(mpsc::error::TrySendError::Full(job)) if durable => Waiting::Slot(job),
                 Err(
@@ -322,7 +329,7 @@ impl TraceWriter {
         };
         let (tx, room) = (self.tx.clone(), Arc::clone(&self.counters.room));
         let unsent = Unsent(Some(Arc::clone(&self.counters)));
-        Some(Box::pin(async move {
+        Some(self.bounded(async move {
             let mut unsent = unsent;
             let job = match waiting {
                 Waiting::Slot(job) => Some(job),
@@ -344,6 +351,21 @@ impl TraceWriter {
                 _ => false,
             }
         }))
+    }
+
+    /// `commit`, as a durable response's end waits for it: at most `durable_wait`.
+    fn bounded(&self, commit: impl Future<Output = bool> + Send + 'static) -> DurableAck {
+        let wait = self.durable_wait;
+        Box::pin(async move {
+            let stored = tokio::time::timeout(wait, commit).await;
+            if stored.is_err() {
+                tracing::warn!(
+                    wait_secs = wait.as_secs_f64(),
+                    "durable capture: no commit within `capture.durable_wait_secs`; the response is cut short"
+                );
+            }
+            stored.unwrap_or(false)
+        })
     }
 
     /// Counts a trace dropped, and says why.

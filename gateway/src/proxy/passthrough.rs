@@ -60,19 +60,7 @@ async fn send(state: &ProxyState, request: Request) -> Result<Response, Error> {
     strip_hop_by_hop(&mut headers);
     headers.remove(header::HOST);
     headers.remove(header::ACCEPT_ENCODING);
-    // The body is read whole already; what a client says of its own address is its word alone;
-    // the sticky key is for Forge's router.
-    for name in [
-        header::EXPECT,
-        header::FORWARDED,
-        HeaderName::from_static("x-forwarded-for"),
-        HeaderName::from_static("x-forwarded-host"),
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderName::from_static("x-real-ip"),
-        HeaderName::from_static(super::chat::STICKY_HEADER),
-    ] {
-        headers.remove(name);
-    }
+    strip_client_routing(&mut headers);
     // The length of what is sent, which the body limit may have checked against a declared one.
     // A bodyless POST keeps its `Content-Length: 0`: strict servers answer 411 without one.
     if bytes.is_empty() && !matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
@@ -91,6 +79,39 @@ async fn send(state: &ProxyState, request: Request) -> Result<Response, Error> {
         return Err(Error::UpstreamRedirect);
     }
     Ok(response.map(Body::new))
+}
+
+/// Headers a client sends that are no business of the upstream, or that some servers route
+/// by: the body is read whole already (`Expect`); what a client says of its own address or of
+/// the path it meant is its word alone, and a framework that honours `X-Original-URL` or a
+/// method override would serve another API than the one the account-API check passed; the
+/// sticky key is for Forge's router.
+fn strip_client_routing(headers: &mut http::HeaderMap) {
+    const NAMES: [&str; 10] = [
+        "expect",
+        "forwarded",
+        "x-real-ip",
+        "true-client-ip",
+        "x-client-ip",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+    ];
+    let names: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            let name = name.as_str();
+            NAMES.contains(&name)
+                || name.starts_with("x-forwarded-")
+                || name == super::chat::STICKY_HEADER
+        })
+        .cloned()
+        .collect();
+    for name in names {
+        headers.remove(name);
+    }
 }
 
 /// Refuses paths a server on the way may read differently from the router: dot segments (in
@@ -166,6 +187,9 @@ fn api_path(path: &str) -> String {
 /// models.
 fn own_route_in_another_case(path: &str) -> Option<&'static str> {
     let rest = api_path(path);
+    if rest.as_str() == path.strip_prefix("/v1/").unwrap_or("") {
+        return None;
+    }
     match rest.split('/').next() {
         _ if rest == "chat/completions" => Some("/v1/chat/completions"),
         Some("feedback") => Some("/v1/feedback"),
@@ -257,6 +281,7 @@ mod tests {
             ("/v1/MODELS/gpt-4o", Some("/v1/models")),
             ("/v1/Feedback", Some("/v1/feedback")),
             ("/v1/chat/completions/chatcmpl-x", None),
+            ("/v1/feedback/x", None),
             ("/v1/embeddings", None),
         ] {
             assert_eq!(own_route_in_another_case(path), own, "{path}");
