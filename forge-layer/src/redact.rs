@@ -999,10 +999,13 @@ fn cut_key_at(view: &str) -> Option<(Kind, usize)> {
     }
     // The label before the token (`aws_secret_access_key = "…`), or in it (`KEY=…`: `=` is
     // one of a token's characters).
-    let in_token = token.iter().position(|&b| b == b'=').map(|i| start + i + 1);
-    [Some(start), in_token]
-        .into_iter()
-        .flatten()
+    let in_token = token
+        .iter()
+        .enumerate()
+        .filter(|&(_, &b)| b == b'=')
+        .map(|(i, _)| start + i + 1);
+    std::iter::once(start)
+        .chain(in_token)
         .find_map(|value| aws_secret_from(view, value))
         .map(|at| (Kind::AwsKey, at))
 }
@@ -1493,6 +1496,11 @@ mod tests {
             (
                 "export AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG".into(),
                 "export ",
+                "aws_key",
+            ),
+            (
+                "docker run --env=AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG".into(),
+                "docker run --env=",
                 "aws_key",
             ),
             (

@@ -824,9 +824,11 @@ fn validate_capture(raw: RawCapture) -> Result<Option<CaptureConfig>, ConfigErro
             "capture.flush_interval_ms must be from 0 to {MAX_FLUSH_INTERVAL_MS} (an hour)"
         )));
     }
-    if !(0.001..=MAX_DURABLE_WAIT_SECS).contains(&raw.durable_wait_secs) {
+    // At least a second: a durable commit takes two fsyncs, and a bound near that would cut
+    // responses whenever the disk is a little slow.
+    if !(1.0..=MAX_DURABLE_WAIT_SECS).contains(&raw.durable_wait_secs) {
         return Err(invalid(format!(
-            "capture.durable_wait_secs must be from 0.001 to {MAX_DURABLE_WAIT_SECS} (an hour)"
+            "capture.durable_wait_secs must be from 1 to {MAX_DURABLE_WAIT_SECS} (an hour)"
         )));
     }
     // The budget is counted in a u32 of bytes.
@@ -1385,12 +1387,12 @@ mod tests {
                 "capture.queue_mb must be from 1 to 4095",
             ),
             (
-                format!("[capture]\ndurable_wait_secs = 0\n{up}"),
-                "capture.durable_wait_secs must be from 0.001 to 3600",
+                format!("[capture]\ndurable_wait_secs = 0.5\n{up}"),
+                "capture.durable_wait_secs must be from 1 to 3600",
             ),
             (
                 format!("[capture]\ndurable_wait_secs = 3601\n{up}"),
-                "capture.durable_wait_secs must be from 0.001 to 3600",
+                "capture.durable_wait_secs must be from 1 to 3600",
             ),
         ];
         for (text, needle) in cases {

@@ -94,12 +94,32 @@ fn poll_commit(commit: &mut Option<DurableAck>, cx: &mut Context<'_>) -> Poll<bo
     };
     let stored = ready!(ack.as_mut().poll(cx));
     if !stored {
-        tracing::warn!(
-            "durable capture: the trace could not be committed; its response is cut short"
-        );
+        warn_cut_short();
     }
     *commit = None;
     Poll::Ready(stored)
+}
+
+/// Logs a response cut short, at most once a second, with the count since the last line: a
+/// full or stalled disk in durable mode cuts every response.
+fn warn_cut_short() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static UNREPORTED: AtomicU64 = AtomicU64::new(0);
+    static LAST_MS: AtomicU64 = AtomicU64::new(0);
+    UNREPORTED.fetch_add(1, Ordering::AcqRel);
+    let now = crate::trace::now_ms();
+    let last = LAST_MS.load(Ordering::Acquire);
+    if now.saturating_sub(last) >= 1000
+        && LAST_MS
+            .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    {
+        let responses = UNREPORTED.swap(0, Ordering::AcqRel);
+        tracing::warn!(
+            responses,
+            "durable capture: responses cut short before their last bytes, their traces not committed (the commit failed, or did not come within `capture.durable_wait_secs`)"
+        );
+    }
 }
 
 /// The body's end (its last frame in `held`, or none for the end itself) once the durable

@@ -87,14 +87,20 @@ async fn send(state: &ProxyState, request: Request) -> Result<Response, Error> {
 /// method override would serve another API than the one the account-API check passed; the
 /// sticky key is for Forge's router.
 fn strip_client_routing(headers: &mut http::HeaderMap) {
-    const NAMES: [&str; 10] = [
+    const NAMES: [&str; 16] = [
         "expect",
         "forwarded",
         "x-real-ip",
         "true-client-ip",
         "x-client-ip",
+        "x-cluster-client-ip",
+        "cf-connecting-ip",
         "x-original-url",
+        "x-original-uri",
         "x-rewrite-url",
+        "x-original-host",
+        "x-host",
+        "x-original-method",
         "x-http-method-override",
         "x-http-method",
         "x-method-override",
@@ -105,6 +111,7 @@ fn strip_client_routing(headers: &mut http::HeaderMap) {
             let name = name.as_str();
             NAMES.contains(&name)
                 || name.starts_with("x-forwarded-")
+                || name.starts_with("x-envoy-")
                 || name == super::chat::STICKY_HEADER
         })
         .cloned()
@@ -186,16 +193,19 @@ fn api_path(path: &str) -> String {
 /// reach the upstream past routing and capture (a chat completion), or list the account's own
 /// models.
 fn own_route_in_another_case(path: &str) -> Option<&'static str> {
-    let rest = api_path(path);
-    if rest.as_str() == path.strip_prefix("/v1/").unwrap_or("") {
+    let rest = path.strip_prefix("/v1/").unwrap_or("");
+    let first = rest.split('/').next().unwrap_or("");
+    // The route's own part of the path, as sent; what follows it (an id) keeps its case.
+    let (own, named) = if rest.eq_ignore_ascii_case("chat/completions") {
+        ("/v1/chat/completions", rest)
+    } else if first.eq_ignore_ascii_case("feedback") {
+        ("/v1/feedback", first)
+    } else if first.eq_ignore_ascii_case("models") {
+        ("/v1/models", first)
+    } else {
         return None;
-    }
-    match rest.split('/').next() {
-        _ if rest == "chat/completions" => Some("/v1/chat/completions"),
-        Some("feedback") => Some("/v1/feedback"),
-        Some("models") => Some("/v1/models"),
-        _ => None,
-    }
+    };
+    (named != &own["/v1/".len()..]).then_some(own)
 }
 
 /// Whether a passthrough request acts on the account rather than asking for a computation.
@@ -282,6 +292,8 @@ mod tests {
             ("/v1/Feedback", Some("/v1/feedback")),
             ("/v1/chat/completions/chatcmpl-x", None),
             ("/v1/feedback/x", None),
+            ("/v1/feedback/X", None),
+            ("/v1/Feedback/X", Some("/v1/feedback")),
             ("/v1/embeddings", None),
         ] {
             assert_eq!(own_route_in_another_case(path), own, "{path}");
