@@ -1015,15 +1015,17 @@ fn cut_key_at(view: &str) -> Option<(Kind, usize)> {
 /// is at least [`CUT_KEY_MIN`] of a secret key's base64 characters to the end.
 fn aws_secret_from(view: &str, value: usize) -> Option<usize> {
     let quoted = |c: char| matches!(c, ' ' | '\t' | '"' | '\'');
+    // The label first: it rules out almost every candidate without reading the rest (a token
+    // of thousands of `=` would otherwise be read once for each).
+    let label = view[..value]
+        .trim_end_matches(quoted)
+        .strip_suffix([':', '='])?;
+    let at = ends_with_word(label.trim_end_matches(quoted), "aws_secret_access_key")?;
     let secret = &view.as_bytes()[value..];
     let base64 = secret.len() >= CUT_KEY_MIN
         && secret
             .iter()
             .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'+' | b'='));
-    let label = view[..value]
-        .trim_end_matches(quoted)
-        .strip_suffix([':', '='])?;
-    let at = ends_with_word(label.trim_end_matches(quoted), "aws_secret_access_key")?;
     base64.then_some(at)
 }
 

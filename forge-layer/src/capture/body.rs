@@ -93,9 +93,6 @@ fn poll_commit(commit: &mut Option<DurableAck>, cx: &mut Context<'_>) -> Poll<bo
         return Poll::Ready(true);
     };
     let stored = ready!(ack.as_mut().poll(cx));
-    if !stored {
-        warn_cut_short();
-    }
     *commit = None;
     Poll::Ready(stored)
 }
@@ -105,11 +102,17 @@ fn poll_commit(commit: &mut Option<DurableAck>, cx: &mut Context<'_>) -> Poll<bo
 fn warn_cut_short() {
     use std::sync::atomic::{AtomicU64, Ordering};
     static UNREPORTED: AtomicU64 = AtomicU64::new(0);
+    // Milliseconds since the first call, plus one, when the last line was written; 0 for never.
+    // A monotonic clock: a wall clock set back would silence the warning until it caught up.
     static LAST_MS: AtomicU64 = AtomicU64::new(0);
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     UNREPORTED.fetch_add(1, Ordering::AcqRel);
-    let now = crate::trace::now_ms();
+    let elapsed = START.get_or_init(std::time::Instant::now).elapsed();
+    let now = u64::try_from(elapsed.as_millis())
+        .unwrap_or(u64::MAX)
+        .saturating_add(1);
     let last = LAST_MS.load(Ordering::Acquire);
-    if now.saturating_sub(last) >= 1000
+    if (last == 0 || now.saturating_sub(last) >= 1000)
         && LAST_MS
             .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
@@ -133,6 +136,7 @@ fn end_after_commit(
     let stored = ready!(poll_commit(commit, cx));
     let end = held.take();
     if !stored {
+        warn_cut_short();
         return Poll::Ready(Some(Err(NotStored.into())));
     }
     Poll::Ready(end.map(Ok))

@@ -209,12 +209,11 @@ impl Guard {
         }
     }
 
-    /// Records one exchange of `model` on `alias` whose client gave up before any answer came,
-    /// after waiting `latency_us`.
-    pub fn record_unanswered(&self, alias: &str, model: &str, kind: ResponseKind, latency_us: u64) {
+    /// Records one exchange of `model` on `alias` whose client gave up before any answer came.
+    pub fn record_unanswered(&self, alias: &str, model: &str) {
         let mut state = self.lock();
         if let Some(stats) = route_stats(&mut state, alias) {
-            stats.for_windows_of(model, |w| w.record_unanswered(kind, latency_us));
+            stats.for_windows_of(model, ArmWindow::record_unanswered);
         }
     }
 
@@ -501,15 +500,16 @@ impl Guard {
         // timeout shorter than a long answer), so the student is judged against the teacher's
         // share: it may exceed it by the success gate's tolerance, plus two standard errors of
         // the difference of two samples of the teacher's share, so that a healthy student is
-        // not rolled back for chance. That share is taken as at least one exchange of the
-        // teacher's sample (none seen is no proof of none at all), and never from the student's
-        // own, whose excess would widen its allowance.
+        // not rolled back for chance. For the errors that share is estimated with two more
+        // exchanges of each kind (Agresti and Coull's), since a small sample that saw none or
+        // one would all but close the allowance; never from the student's own, whose excess
+        // would widen it.
         let (gone, teacher_gone) = (student.unanswered_rate(), teacher.unanswered_rate());
         let (n_student, n_teacher) = (
             student.requests.max(1) as f64,
             teacher.requests.max(1) as f64,
         );
-        let share = teacher_gone.max(1.0 / n_teacher);
+        let share = (teacher.unanswered as f64 + 2.0) / (n_teacher + 4.0);
         let noise = 2.0 * (share * (1.0 - share) * (1.0 / n_student + 1.0 / n_teacher)).sqrt();
         let allowed = teacher_gone + (1.0 - self.config.min_success_rate) + noise;
         if gone > allowed {

@@ -34,15 +34,15 @@ fn traffic(guard: &Guard, student_errors_every: Option<u64>) {
 
 /// One check of a student after 100 exchanges on each arm (answered in 1 ms), of which the
 /// teacher's and the student's clients gave up on `teacher_gone` and `student_gone` before any
-/// answer, after `waited` µs.
-async fn judged_with_unanswered(teacher_gone: u64, student_gone: u64, waited: u64) -> GuardEvent {
+/// answer.
+async fn judged_with_unanswered(teacher_gone: u64, student_gone: u64) -> GuardEvent {
     let guard = Guard::new(config());
     assert!(guard.check(&table(10.0), 0).is_empty());
     tokio::time::advance(Duration::from_secs(11)).await;
     for i in 0..100 {
         for (model, gone) in [("teacher", teacher_gone), ("student", student_gone)] {
             if i < gone {
-                guard.record_unanswered("a", model, ResponseKind::Json, waited);
+                guard.record_unanswered("a", model);
             } else {
                 guard.record("a", model, ResponseKind::Json, 1000, false);
             }
@@ -55,32 +55,29 @@ async fn judged_with_unanswered(teacher_gone: u64, student_gone: u64, waited: u6
 #[tokio::test(start_paused = true)]
 async fn clients_that_give_up_count_against_a_student_only_beyond_the_teacher_s_share() {
     // A hung student: every client gives up first, and no request ever fails.
-    let hung = judged_with_unanswered(0, 100, 30_000_000).await;
+    let hung = judged_with_unanswered(0, 100).await;
     assert_eq!(hung.kind, EventKind::FailedCheck, "{hung:?}");
     assert!(
         hung.detail.contains("100.00% of its clients gave up"),
         "{hung:?}"
     );
-    // Impatient users, who stop answers early, leave both arms alike: no reason to roll the
-    // student back.
-    let impatient = judged_with_unanswered(5, 6, 500).await;
+    // Users who stop answers, and SDKs that time out, leave both arms alike: no reason to
+    // roll the student back.
+    let impatient = judged_with_unanswered(5, 6).await;
     assert_eq!(impatient.kind, EventKind::SteppedUp, "{impatient:?}");
-    // None seen on the teacher's side in 100 is no proof that its clients never leave.
-    let few = judged_with_unanswered(0, 2, 500).await;
-    assert_eq!(few.kind, EventKind::SteppedUp, "{few:?}");
+    // None seen on the teacher's side in 100 is no proof that its clients never leave (and a
+    // p99 of 100 would be the longest two waits, by chance on one arm).
+    for gone in [2, 4] {
+        let few = judged_with_unanswered(0, gone).await;
+        assert_eq!(few.kind, EventKind::SteppedUp, "{few:?}");
+    }
     // Well beyond the teacher's share, and beyond chance in 100 exchanges.
-    let worse = judged_with_unanswered(1, 5, 500).await;
+    let worse = judged_with_unanswered(1, 10).await;
     assert_eq!(worse.kind, EventKind::FailedCheck, "{worse:?}");
     assert!(
         worse.detail.contains("gave up before an answer"),
         "{worse:?}"
     );
-    // A student whose clients time out on a few slow answers, each a 30 s wait where the
-    // teacher answered everything in 1 ms: within the share allowed, but the waits are its
-    // tail, and the latency gate sees them.
-    let slow = judged_with_unanswered(0, 2, 30_000_000).await;
-    assert_eq!(slow.kind, EventKind::FailedCheck, "{slow:?}");
-    assert!(slow.detail.contains("p99"), "{slow:?}");
 }
 
 #[tokio::test(start_paused = true)]

@@ -90,12 +90,11 @@ impl ArmWindow {
         self.latencies[kind as usize].add(latency_us);
     }
 
-    /// Records one exchange whose client gave up before any answer came, after `latency_us`.
-    /// The wait is a latency sample: the answer would have taken at least that long, and the
-    /// slowest answers are the ones clients give up on (a user's early stop is short, and
-    /// leaves the tail alone).
-    pub fn record_unanswered(&mut self, kind: ResponseKind, latency_us: u64) {
-        self.record(kind, latency_us, false);
+    /// Records one exchange whose client gave up before any answer came. Its wait is not a
+    /// latency sample: with a p99 of a hundred exchanges, two such waits on one arm and none on
+    /// the other decide the gate by chance alone. The share of them is judged on its own.
+    pub fn record_unanswered(&mut self) {
+        self.requests += 1;
         self.unanswered += 1;
     }
 
@@ -116,9 +115,10 @@ impl ArmWindow {
         self.unanswered as f64 / self.requests.max(1) as f64
     }
 
-    /// This window's own mix of JSON and stream responses.
+    /// This window's own mix of JSON and stream responses (of the answered exchanges).
     pub fn mix(&self) -> Mix {
-        let share = |r: &Reservoir| r.seen as f64 / self.requests.max(1) as f64;
+        let answered = (self.requests - self.unanswered).max(1) as f64;
+        let share = |r: &Reservoir| r.seen as f64 / answered;
         Mix([share(&self.latencies[0]), share(&self.latencies[1])])
     }
 
@@ -192,11 +192,11 @@ mod tests {
         assert_eq!(w.p99_us(), Some(99_000));
         // Unanswered exchanges count apart: they leave the success rate as it was.
         for _ in 0..25 {
-            w.record_unanswered(ResponseKind::Json, 500);
+            w.record_unanswered();
         }
         assert_eq!(w.success_rate(), Some(0.95));
         assert_eq!(w.unanswered_rate(), 0.2);
-        assert_eq!(w.p99_us(), Some(99_000), "short waits leave the tail alone");
+        assert_eq!(w.p99_us(), Some(99_000), "and the latencies as they were");
         w.record_feedback(80.0);
         w.record_feedback(90.0);
         assert_eq!(w.mean_feedback(), Some(85.0));

@@ -108,7 +108,7 @@ impl TraceSink for Sink {
                 ResponseKind::Json
             };
             if trace.unanswered() {
-                guard.record_unanswered(&meta.alias, &meta.model, kind, trace.latency_us());
+                guard.record_unanswered(&meta.alias, &meta.model);
             } else {
                 guard.record(
                     &meta.alias,
