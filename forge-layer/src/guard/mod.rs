@@ -485,7 +485,7 @@ impl Guard {
             notes.push(format!(
                 "success {:.2}% over {} answered requests",
                 success * 100.0,
-                student.requests - student.unanswered
+                student.answered()
             ));
             if success < self.config.min_success_rate {
                 failed.push(format!(

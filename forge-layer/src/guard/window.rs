@@ -104,9 +104,14 @@ impl ArmWindow {
         self.feedback_n += 1;
     }
 
+    /// Exchanges that had an answer (whole or not) before they ended.
+    pub fn answered(&self) -> u64 {
+        self.requests - self.unanswered
+    }
+
     /// The share of answered exchanges that did not fail; `None` with none answered.
     pub fn success_rate(&self) -> Option<f64> {
-        let answered = self.requests - self.unanswered;
+        let answered = self.answered();
         (answered > 0).then(|| 1.0 - self.errors as f64 / answered as f64)
     }
 
@@ -117,7 +122,7 @@ impl ArmWindow {
 
     /// This window's own mix of JSON and stream responses (of the answered exchanges).
     pub fn mix(&self) -> Mix {
-        let answered = (self.requests - self.unanswered).max(1) as f64;
+        let answered = self.answered().max(1) as f64;
         let share = |r: &Reservoir| r.seen as f64 / answered;
         Mix([share(&self.latencies[0]), share(&self.latencies[1])])
     }

@@ -63,13 +63,13 @@ async fn send(state: &ProxyState, request: Request) -> Result<Response, Error> {
     strip_client_routing(&mut headers);
     // The length of what is sent, which the body limit may have checked against a declared one.
     // A bodyless POST keeps its `Content-Length: 0`: strict servers answer 411 without one.
-    if bytes.is_empty() && !matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
-        headers.remove(header::CONTENT_LENGTH);
-    } else {
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-    }
     let sends_content =
         !bytes.is_empty() || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
+    if sends_content {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    } else {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     let response = upstream.send(parts.method, suffix, headers, bytes).await?;
     // A redirect passed on would have the client send its content (a prompt, a document)
     // wherever it points, with the SDKs that follow a 307 or 308: as for chat, it is an error.
